@@ -1,0 +1,51 @@
+"""The whole pipeline for a catalog: spec -> derivation -> plan -> lowering -> module text.
+
+Everything is rendered in memory; `files.py` decides what reaches the disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import naming
+from .derivation import Derivation, derive
+from .emit import render_module
+from .lower import STYLES, LoweredOp, lower
+from .model import Catalog, OpSpec
+from .plan import plan
+
+STYLE_DIRS = {"contraction": "", "broadcast": "broadcast/"}
+
+
+@dataclass(frozen=True)
+class Built:
+    """One op carried through every stage, kept for code, docs, explain and bench alike."""
+
+    derivation: Derivation
+    lowered: dict[str, LoweredOp]     # style -> lowered op
+
+    @property
+    def op(self) -> OpSpec:
+        return self.derivation.op
+
+
+def build_op(op: OpSpec, styles=STYLES) -> Built:
+    derivation = derive(op)
+    op_plan = plan(derivation)
+    return Built(derivation, {style: lower(op_plan, style) for style in styles})
+
+
+def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
+                   out_arg: str = "generated") -> dict[str, str]:
+    """Relative path -> file text for every generated file of the catalog."""
+    if spec_arg is None:
+        source, command = "the built-in catalog (derive/catalog/ops.toml)", "derive generate"
+    else:
+        source, command = spec_arg, f"derive generate --spec {spec_arg} --out {out_arg}"
+    files = {}
+    for op in catalog.ops:
+        built = build_op(op, styles)
+        for style in styles:
+            path = STYLE_DIRS[style] + naming.module_file(op.name)
+            files[path] = render_module(built.derivation, built.lowered[style], source, command)
+    return files

@@ -1,0 +1,247 @@
+"""Stage 2, model -> derivation: SymPy computes each input's vector-Jacobian product.
+
+For an input X[d...] and a result y[o...] with upstream gradient grad_y[o...]:
+
+    grad_X[d...] = sum over o of grad_y[o...] * d y[o...] / d X[d...]
+
+`sympy.diff` on `Indexed` objects gives the partial derivative with Kronecker deltas
+inside `Sum`s. SymPy only removes those for some orders of the summation limits and
+wraps what it removes in `Piecewise` range guards, so this module eliminates every
+delta itself: any delta with a summed index substitutes the other index for it. No
+range guard is needed because both indices range over the same declared dim.
+Non-smooth points follow PyTorch: the unit step takes the op's `step_at_zero` value.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import sympy
+
+from . import naming
+from .model import OpSpec, SpecError
+from .spec import index_symbol, scalar_symbol, tensor_symbol
+
+
+@dataclass(frozen=True)
+class Term:
+    """One summand of an index expression: coefficient * sum over `summed` of prod(factors)."""
+
+    coefficient: sympy.Expr              # index-free scalar: numbers, sizes, params
+    factors: tuple[sympy.Expr, ...]      # factors that depend on tensors (accesses or elementwise expressions)
+    summed: tuple[sympy.Idx, ...]        # indices the term sums over, in the order they were bound
+
+    def to_expr(self) -> sympy.Expr:
+        body = sympy.Mul(*self.factors)
+        if self.summed:
+            body = sympy.Sum(body, *[(i, 0, i.upper) for i in self.summed])
+        return self.coefficient * body
+
+
+@dataclass(frozen=True)
+class GradientDerivation:
+    """How one input's gradient was obtained, step by step."""
+
+    input: str                    # the input X
+    indices: tuple[str, ...]      # X's dims: the gradient's index order
+    wrt: sympy.Expr               # X[d'...] with fresh indices, the variable of differentiation
+    partial: sympy.Expr           # d y[o...] / d X[d'...] as SymPy gives it, deltas included
+    vjp_raw: sympy.Expr           # sum over o of grad_y[o...] * partial, before delta elimination
+    vjp: sympy.Expr               # grad_X[d...] after delta elimination and the kink convention
+    terms: tuple[Term, ...]       # vjp split into canonical terms for the shape planner
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """Everything derived for one op; code, docs and `explain` all render this one record."""
+
+    op: OpSpec
+    forward_terms: tuple[Term, ...]           # the forward right-hand side as canonical terms
+    gradients: tuple[GradientDerivation, ...]  # one per differentiable input, in input order
+
+    @property
+    def grad_output(self) -> str:
+        return naming.grad(self.op.output)
+
+
+def tensor_symbols(op: OpSpec) -> frozenset[sympy.Symbol]:
+    """The 0-d tensors of an op (as opposed to hyperparameters and sizes)."""
+    names = [t.name for t in op.inputs if not t.indices] + [op.output]
+    if not op.output_indices:
+        names.append(naming.grad(op.output))
+    return frozenset(scalar_symbol(n) for n in names)
+
+
+def depends_on_tensor(expr: sympy.Expr, scalars: frozenset[sympy.Symbol]) -> bool:
+    return bool(expr.atoms(sympy.Indexed)) or bool(expr.free_symbols & scalars)
+
+
+def derive(op: OpSpec) -> Derivation:
+    scalars = tensor_symbols(op)
+    gradients = tuple(_derive_input(op, tensor.name, scalars) for tensor in op.inputs if tensor.differentiable)
+    forward_terms = tuple(expand_terms(op.rhs, scalars))
+    return Derivation(op=op, forward_terms=forward_terms, gradients=gradients)
+
+
+def _derive_input(op: OpSpec, name: str, scalars) -> GradientDerivation:
+    tensor = op.input(name)
+    primed = {d: index_symbol(f"{d}'", op.size_of(d)) for d in tensor.indices}
+    wrt = tensor_symbol(name)[tuple(primed.values())] if tensor.indices else scalar_symbol(name)
+    partial = _explicit_kinks(sympy.diff(op.rhs, wrt), op.step_at_zero)
+
+    out_indices = [index_symbol(o, op.size_of(o)) for o in op.output_indices]
+    grad_out = naming.grad(op.output)
+    upstream = tensor_symbol(grad_out)[tuple(out_indices)] if out_indices else scalar_symbol(grad_out)
+    vjp_raw = upstream * partial
+    if out_indices:
+        vjp_raw = sympy.Sum(vjp_raw, *[(o, 0, o.upper) for o in out_indices])
+
+    terms = []
+    for term in expand_terms(vjp_raw, scalars):
+        term = _eliminate_deltas(term, op, name)
+        if term is not None:
+            terms.append(_rename_primed(term, primed, op))
+    terms = _combine(terms)
+    vjp = sympy.Add(*[t.to_expr() for t in terms])
+    terms = [Term(t.coefficient, tuple(_lower_kinks(f) for f in t.factors), t.summed) for t in terms]
+    return GradientDerivation(input=name, indices=tensor.indices, wrt=wrt, partial=partial,
+                              vjp_raw=vjp_raw, vjp=vjp, terms=tuple(terms))
+
+
+def _explicit_kinks(expr: sympy.Expr, step_at_zero: sympy.Expr) -> sympy.Expr:
+    """Heaviside(a) -> Heaviside(a, step_at_zero): the value at the kink becomes part of the math."""
+    return expr.replace(lambda e: isinstance(e, sympy.Heaviside),
+                        lambda e: sympy.Heaviside(e.args[0], step_at_zero))
+
+
+def _lower_kinks(expr: sympy.Expr) -> sympy.Expr:
+    """Heaviside(a, h0) -> Piecewise, ordered so that NaN takes the last branch (gradient passes, as in torch)."""
+    def piecewise(step):
+        arg, at_zero = step.args
+        if at_zero == 0:
+            return sympy.Piecewise((0, arg <= 0), (1, True))
+        if at_zero == 1:
+            return sympy.Piecewise((0, arg < 0), (1, True))
+        return sympy.Piecewise((0, arg < 0), (at_zero, sympy.Eq(arg, 0)), (1, True))
+    return expr.replace(lambda e: isinstance(e, sympy.Heaviside), piecewise)
+
+
+# --- canonical terms -------------------------------------------------------------------------
+
+def expand_terms(expr: sympy.Expr, scalars: frozenset[sympy.Symbol]) -> list[Term]:
+    """Split `expr` into terms with every Sum pulled to the top of its term.
+
+    Products distribute over sums only where a summand holds a Sum or a delta; other
+    sums such as (pred - target) stay whole, as one elementwise factor.
+    """
+    expr = sympy.sympify(expr)
+    if isinstance(expr, sympy.Add):
+        return [t for arg in expr.args for t in expand_terms(arg, scalars)]
+    if isinstance(expr, sympy.Mul):
+        terms = [Term(sympy.Integer(1), (), ())]
+        for arg in expr.args:
+            terms = [_multiply(a, b) for a, b in itertools.product(terms, _arg_terms(arg, scalars))]
+        return terms
+    if isinstance(expr, sympy.Sum):
+        bound = []
+        for limit in expr.limits:
+            index, lower, upper = limit
+            if lower != 0 or not isinstance(index, sympy.Idx) or upper != index.upper:
+                raise ValueError(f"unexpected summation limits {limit}")
+            bound.append(index)
+        return [_multiply(Term(sympy.Integer(1), (), tuple(bound)), t) for t in expand_terms(expr.function, scalars)]
+    return [_atom(expr, scalars)]
+
+
+def _arg_terms(arg, scalars):
+    """Terms of one factor of a product; a plain sum such as (pred - target) stays one factor."""
+    if isinstance(arg, sympy.Add) and not arg.has(sympy.Sum, sympy.KroneckerDelta):
+        return [_atom(arg, scalars)]
+    return expand_terms(arg, scalars)
+
+
+def _atom(expr, scalars) -> Term:
+    if depends_on_tensor(expr, scalars) or expr.has(sympy.KroneckerDelta):
+        return Term(sympy.Integer(1), (expr,), ())
+    return Term(expr, (), ())
+
+
+def _multiply(a: Term, b: Term) -> Term:
+    """Product of two terms; b's summation indices are renamed where they clash with a's."""
+    taken = {s.name for s in a.to_expr().free_symbols | set(a.summed)} | {i.name for i in a.summed}
+    factors, summed = b.factors, list(b.summed)
+    for position, index in enumerate(summed):
+        if index.name in taken or index in a.summed:
+            fresh = _fresh_index(index, taken | {i.name for i in summed})
+            factors = tuple(f.xreplace({index: fresh}) for f in factors)
+            summed[position] = fresh
+    return Term(a.coefficient * b.coefficient, a.factors + factors, a.summed + tuple(summed))
+
+
+def _fresh_index(index: sympy.Idx, taken: set[str]) -> sympy.Idx:
+    for n in itertools.count(1):
+        name = f"{index.name}_{n}"
+        if name not in taken:
+            return sympy.Idx(name, index.upper + 1)
+
+
+def _eliminate_deltas(term: Term, op: OpSpec, name: str) -> Term | None:
+    """Remove every KroneckerDelta from a term whatever the order of its sums; None if the term is zero."""
+    factors, summed = list(term.factors), list(term.summed)
+    while True:
+        delta = next((d for f in factors for d in sympy.Mul.make_args(f) if isinstance(d, sympy.KroneckerDelta)), None)
+        if delta is None:
+            break
+        a, b = delta.args[:2]
+        if a in summed:
+            old, new = a, b
+        elif b in summed:
+            old, new = b, a
+        else:
+            raise SpecError(f"the gradient of '{name}' keeps a Kronecker delta {delta} between two free indices",
+                            path=op.source, op=op.name)
+        summed.remove(old)
+        replaced = []
+        for factor in factors:
+            factor = factor.xreplace({old: new})
+            if factor == 0:
+                return None
+            replaced.append(factor)
+        factors = [f for f in replaced if f != 1]
+    coefficient = term.coefficient
+    tensor_factors = []
+    for factor in factors:
+        if factor.is_number:
+            coefficient *= factor
+        else:
+            tensor_factors.append(factor)
+    if coefficient == 0:
+        return None
+    return Term(coefficient, tuple(tensor_factors), tuple(summed))
+
+
+def _rename_primed(term: Term, primed: dict[str, sympy.Idx], op: OpSpec) -> Term:
+    """Give the gradient the input's own index names, renaming sums that would capture them."""
+    factors, summed = term.factors, list(term.summed)
+    taken = {s.name for s in term.to_expr().free_symbols} | set(primed) | {i.name for i in summed}
+    for position, index in enumerate(summed):
+        if index.name in primed:
+            fresh = _fresh_index(index, taken)
+            taken.add(fresh.name)
+            factors = tuple(f.xreplace({index: fresh}) for f in factors)
+            summed[position] = fresh
+    back = {p: index_symbol(d, op.size_of(d)) for d, p in primed.items()}
+    return Term(term.coefficient, tuple(f.xreplace(back) for f in factors), tuple(summed))
+
+
+def _combine(terms: list[Term]) -> list[Term]:
+    """Add the coefficients of terms that have the same factors and sums."""
+    merged: dict[tuple, Term] = {}
+    for term in terms:
+        key = (tuple(sorted(term.factors, key=sympy.default_sort_key)), term.summed)
+        if key in merged:
+            previous = merged[key]
+            term = Term(previous.coefficient + term.coefficient, previous.factors, previous.summed)
+        merged[key] = term
+    return [t for t in merged.values() if t.coefficient != 0]

@@ -1,0 +1,225 @@
+"""Stage 4, shape plan -> tensor ops: each term becomes a small tree of PyTorch operations.
+
+Two styles:
+
+* ``broadcast`` is the seed's teaching form: line every operand up in the aligned
+  order with ``unsqueeze``, multiply, and ``sum`` the contracted dims away.
+* ``contraction`` (the default) never builds the full broadcast product. Operands
+  whose dims nest are multiplied elementwise, dims only one operand has are summed
+  first, and a product of two tensors summed over a shared dim becomes ``@`` (batched
+  where both carry the same leading dims) or, when it is no matrix product,
+  ``torch.einsum``; three or more operands go to ``torch.einsum`` as one contraction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import sympy
+
+from .plan import ExprPlan, OpPlan, TermPlan
+
+STYLES = ("contraction", "broadcast")
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """An elementwise SymPy expression, evaluated with dims `indices`."""
+
+    expr: sympy.Expr
+    indices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Product:
+    """Broadcast product of `factors`, each lined up in `indices` first."""
+
+    factors: tuple["Node", ...]
+    indices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Reduce:
+    """`source` summed (or averaged) over `summed`."""
+
+    source: "Node"
+    summed: tuple[str, ...]
+    mean: bool
+
+    @property
+    def indices(self) -> tuple[str, ...]:
+        return tuple(i for i in self.source.indices if i not in self.summed)
+
+
+@dataclass(frozen=True)
+class MatMul:
+    """`left @ right` after arranging them as (batch..., free?, contracted) and (batch..., contracted, free?)."""
+
+    left: "Node"
+    right: "Node"
+    left_layout: tuple[str, ...]
+    right_layout: tuple[str, ...]
+    indices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Einsum:
+    """`torch.einsum` of `operands` (each in its own dims) into `indices`."""
+
+    operands: tuple["Node", ...]
+    indices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """An index-free coefficient times `source`."""
+
+    coefficient: sympy.Expr
+    source: "Node"
+
+    @property
+    def indices(self) -> tuple[str, ...]:
+        return self.source.indices
+
+
+Node = Union[Leaf, Product, Reduce, MatMul, Einsum, Scaled]
+
+
+@dataclass(frozen=True)
+class LoweredExpr:
+    """One ExprPlan in one style: a node per term, summed, then shaped like the target."""
+
+    plan: ExprPlan
+    terms: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class LoweredOp:
+    plan: OpPlan
+    style: str
+    forward: LoweredExpr
+    gradients: tuple[LoweredExpr, ...]
+
+
+def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; choose one of {STYLES}")
+    term = _broadcast_term if style == "broadcast" else _contraction_term
+
+    def lower_expr(expr_plan: ExprPlan) -> LoweredExpr:
+        return LoweredExpr(expr_plan, tuple(term(t) for t in expr_plan.terms))
+
+    return LoweredOp(op_plan, style, lower_expr(op_plan.forward), tuple(lower_expr(g) for g in op_plan.gradients))
+
+
+def _broadcast_term(term: TermPlan) -> Node:
+    leaves = [Leaf(o.expr, o.indices) for o in term.operands]
+    used = {i for leaf in leaves for i in leaf.indices}
+    node = leaves[0] if len(leaves) == 1 else Product(tuple(leaves), tuple(i for i in term.aligned if i in used))
+    return _finish(node, term.summed, term)
+
+
+def _contraction_term(term: TermPlan) -> Node:
+    nodes = [Leaf(o.expr, o.indices) for o in term.operands]
+    summed = list(term.summed)
+    nodes = _merge_nested(nodes)
+    # A summed dim that only one operand has is reduced before anything is multiplied.
+    for position, node in enumerate(nodes):
+        others = {i for other in nodes if other is not node for i in other.indices}
+        alone = tuple(i for i in node.indices if i in summed and i not in others)
+        if alone and len(nodes) > 1:
+            nodes[position] = Reduce(node, alone, mean=False)
+            summed = [i for i in summed if i not in alone]
+    if len(nodes) == 1:
+        return _finish(nodes[0], tuple(summed), term)
+    result = tuple(i for i in term.aligned if i not in summed and any(i in n.indices for n in nodes))
+    if len(nodes) == 2:
+        return _finish(_pair(nodes[0], nodes[1], set(summed), result), (), term)
+    return _finish(Einsum(tuple(nodes), result), (), term)
+
+
+def _merge_nested(nodes: list[Node]) -> list[Node]:
+    """Multiply operands whose dims are a subset of another's into it: no intermediate grows."""
+    nodes = list(nodes)
+    merged = True
+    while merged and len(nodes) > 1:
+        merged = False
+        for small in nodes:
+            big = next((b for b in nodes if b is not small and set(small.indices) <= set(b.indices)), None)
+            if big is not None:
+                nodes.remove(small)
+                nodes[nodes.index(big)] = Leaf(small.expr * big.expr, big.indices)
+                merged = True
+                break
+    return nodes
+
+
+def _pair(a: Node, b: Node, summed: set[str], result: tuple[str, ...]) -> Node:
+    contracted = tuple(i for i in a.indices if i in summed and i in b.indices)
+    if not contracted:
+        return Product((a, b), result)
+    batch = tuple(i for i in result if i in a.indices and i in b.indices)
+    a_free = [i for i in result if i in a.indices and i not in b.indices]
+    b_free = [i for i in result if i in b.indices and i not in a.indices]
+    matrix = len(contracted) == 1 and len(a_free) <= 1 and len(b_free) <= 1 and (not batch or (a_free and b_free))
+    if not matrix:
+        return Einsum((a, b), result)
+    # The operand whose free dim comes first in the result goes on the left.
+    left, right, left_free, right_free = a, b, a_free, b_free
+    if a_free and b_free and result.index(b_free[0]) < result.index(a_free[0]):
+        left, right, left_free, right_free = b, a, b_free, a_free
+    return MatMul(left, right, left_layout=batch + tuple(left_free) + contracted,
+                  right_layout=batch + contracted + tuple(right_free),
+                  indices=batch + tuple(left_free) + tuple(right_free))
+
+
+def _finish(node: Node, summed: tuple[str, ...], term: TermPlan) -> Node:
+    """Reduce over `summed` (as a mean when the coefficient divides by their sizes), then scale."""
+    coefficient = term.coefficient
+    if summed:
+        sizes = dict(term.sizes)
+        count = sympy.Mul(*[sizes[i] for i in summed])
+        ratio = sympy.cancel(coefficient * count)
+        mean = not (ratio.free_symbols & count.free_symbols)
+        if mean:
+            coefficient = ratio
+        node = Reduce(node, summed, mean)
+    return node if coefficient == 1 else Scaled(coefficient, node)
+
+
+def children(node: Node) -> tuple[Node, ...]:
+    if isinstance(node, Product):
+        return node.factors
+    if isinstance(node, Einsum):
+        return node.operands
+    if isinstance(node, MatMul):
+        return node.left, node.right
+    if isinstance(node, (Reduce, Scaled)):
+        return (node.source,)
+    return ()
+
+
+def walk(node: Node):
+    """Every node of a tree, parents first."""
+    yield node
+    for child in children(node):
+        yield from walk(child)
+
+
+def largest_intermediate_violations(lowered: LoweredOp) -> list[str]:
+    """Intermediates whose dims are not a subset of a tensor the op already holds.
+
+    The tensors held are the inputs, the output and the upstream gradient (which has
+    the output's dims). An intermediate whose dims are a subset of one of theirs can
+    never be larger than it, whatever the sizes: this is the static memory guarantee.
+    """
+    op = lowered.plan.op
+    held = [set(t.indices) for t in op.inputs] + [set(op.output_indices)]
+    problems = []
+    for expr in (lowered.forward, *lowered.gradients):
+        for term in expr.terms:
+            for node in walk(term):
+                if not any(set(node.indices) <= h for h in held):
+                    problems.append(f"{expr.plan.target}: {type(node).__name__} over {node.indices}")
+    return problems

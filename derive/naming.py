@@ -1,0 +1,50 @@
+"""Every name that generated code uses, in one place."""
+
+from __future__ import annotations
+
+import builtins
+import keyword
+
+# Names generated code relies on; a spec may not use them for tensors, indices or params.
+RESERVED = frozenset({"torch", "F", "math", "ctx", "needs_input_grad"}) | frozenset(dir(builtins))
+
+
+def grad(name: str) -> str:
+    """Gradient of a tensor: `grad_x` for `x`, `grad_y` for the upstream gradient of `y`."""
+    return f"grad_{name}"
+
+
+def size(index: str) -> str:
+    """The runtime length of the dim an index ranges over."""
+    return f"size_{index}"
+
+
+def forward(op: str) -> str:
+    return f"{op}_forward"
+
+
+def backward(op: str) -> str:
+    return f"{op}_backward"
+
+
+def module_file(op: str) -> str:
+    return f"{op}.py"
+
+
+def is_generated_name(name: str) -> bool:
+    return name.startswith(("grad_", "size_")) or name.endswith(("_forward", "_backward"))
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be used in a spec, or None when it can."""
+    if not name.isidentifier() or not name.isascii():
+        return f"'{name}' is not a valid identifier"
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name):
+        return f"'{name}' is a Python keyword"
+    if name.startswith("_"):
+        return f"'{name}' starts with an underscore (reserved for dunder and private names)"
+    if name in RESERVED:
+        return f"'{name}' shadows a Python or torch name used in generated code"
+    if is_generated_name(name):
+        return f"'{name}' collides with generated names (grad_*, size_*, *_forward, *_backward)"
+    return None

@@ -1,0 +1,128 @@
+"""Stage 3, derivation -> shape plan: which tensors each term multiplies and how they line up.
+
+A term `c * sum over s of prod(factors)` becomes a `TermPlan`: its operands (each a
+tensor with an index tuple), the aligned index order in which the operands broadcast
+against each other, and the indices summed away. The order is the op's own index
+order (first appearance in the inputs), which is exactly how the seed lines tensors up:
+for linear, grad_y[n, m] and w[k, m] meet in (n, k, m).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from .derivation import Derivation, Term, tensor_symbols
+from .model import OpSpec, SpecError
+from .spec import size_symbol
+
+
+@dataclass(frozen=True)
+class Operand:
+    """A tensor a term multiplies: an access such as w[k, m], or an elementwise expression of accesses."""
+
+    expr: sympy.Expr            # the SymPy expression it evaluates
+    indices: tuple[str, ...]    # its dims, in the op's index order (() for a scalar tensor)
+
+
+@dataclass(frozen=True)
+class TermPlan:
+    """One term, lined up for broadcasting."""
+
+    coefficient: sympy.Expr           # index-free scalar factor
+    operands: tuple[Operand, ...]     # in reading order: declaration order, grad_out where the input stood
+    aligned: tuple[str, ...]          # index order of the broadcast product
+    summed: tuple[str, ...]           # indices reduced away, in aligned order
+    sizes: tuple[tuple[str, sympy.Expr], ...]  # size of each summed or target index
+
+    @property
+    def indices(self) -> tuple[str, ...]:
+        """Dims of the term's value after the sum, in aligned order."""
+        return tuple(i for i in self.aligned if i not in self.summed)
+
+
+@dataclass(frozen=True)
+class ExprPlan:
+    """A whole tensor expression: the forward result or one input's gradient."""
+
+    target: str                       # variable it is assigned to (`y`, `grad_x`)
+    like: str | None                  # input whose exact shape it must have (None for the forward)
+    indices: tuple[str, ...]          # its dims, in order
+    terms: tuple[TermPlan, ...]       # summands (empty: identically zero)
+
+
+@dataclass(frozen=True)
+class OpPlan:
+    derivation: Derivation
+    forward: ExprPlan
+    gradients: tuple[ExprPlan, ...]   # one per differentiable input, in input order
+
+    @property
+    def op(self) -> OpSpec:
+        return self.derivation.op
+
+
+def plan(derivation: Derivation) -> OpPlan:
+    op = derivation.op
+    order = op.index_order
+    forward = _plan_expr(op, derivation.forward_terms, op.output, None, op.output_indices, order, stand_in=None)
+    gradients = tuple(
+        _plan_expr(op, g.terms, f"grad_{g.input}", g.input, g.indices, order, stand_in=g.input)
+        for g in derivation.gradients)
+    return OpPlan(derivation=derivation, forward=forward, gradients=gradients)
+
+
+def _plan_expr(op, terms, target, like, indices, order, stand_in) -> ExprPlan:
+    scalars = tensor_symbols(op)
+    reading = {t.name: position for position, t in enumerate(op.inputs)}
+    if stand_in is not None:
+        reading[f"grad_{op.output}"] = reading[stand_in]
+    plans = [_plan_term(op, term, indices, order, scalars, reading) for term in terms]
+    plans.sort(key=lambda t: min((_reading_position(o.expr, reading, scalars) for o in t.operands), default=0))
+    return ExprPlan(target=target, like=like, indices=indices, terms=tuple(plans))
+
+
+def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, reading) -> TermPlan:
+    for factor in term.factors:
+        if factor.has(sympy.Sum):
+            raise SpecError(f"a reduction nested inside a nonlinear function ({factor}) is not supported yet",
+                            path=op.source, op=op.name)
+    factors = _fold_piecewise(list(term.factors))
+    operands = [Operand(f, _ordered(free_indices(f), order)) for f in factors]
+    operands.sort(key=lambda o: (_reading_position(o.expr, reading, scalars), sympy.default_sort_key(o.expr)))
+    present = {i for o in operands for i in o.indices}
+    # Summing something constant along an index is multiplying by that index's size.
+    coefficient = term.coefficient * sympy.Mul(*[i.upper + 1 for i in term.summed if i.name not in present])
+    summed = {i.name for i in term.summed} & present
+    aligned = _ordered(set(target) | present, order)
+    sizes = {i.name: i.upper + 1 for i in term.summed} | {i: size_symbol(op.size_of(i)) for i in target}
+    return TermPlan(coefficient=coefficient, operands=tuple(operands), aligned=aligned,
+                    sizes=tuple((i, sizes[i]) for i in aligned if i in sizes),
+                    summed=tuple(i for i in aligned if i in summed))
+
+
+def free_indices(expr: sympy.Expr) -> set[str]:
+    return {i.name for access in expr.atoms(sympy.Indexed) for i in access.indices}
+
+
+def _ordered(indices, order) -> tuple[str, ...]:
+    """`indices` in the op's order; indices the derivation renamed (k_1) go last, by name."""
+    known = [i for i in order if i in indices]
+    return tuple(known + sorted(set(indices) - set(known)))
+
+
+def _reading_position(expr, reading, scalars) -> int:
+    names = [a.base.label.name for a in expr.atoms(sympy.Indexed)] + [s.name for s in expr.free_symbols & scalars]
+    return min((reading.get(n, len(reading)) for n in names), default=len(reading))
+
+
+def _fold_piecewise(factors: list[sympy.Expr]) -> list[sympy.Expr]:
+    """Multiply factors into a Piecewise they fit in, so grad * step(x) becomes one torch.where."""
+    pieces = [f for f in factors if isinstance(f, sympy.Piecewise)]
+    if not pieces:
+        return factors
+    room = set().union(*(free_indices(p) for p in pieces))
+    inside = [f for f in factors if free_indices(f) <= room]
+    outside = [f for f in factors if not free_indices(f) <= room]
+    return [sympy.piecewise_fold(sympy.Mul(*inside))] + outside

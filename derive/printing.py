@@ -1,0 +1,266 @@
+"""Stage 5a, tensor ops -> Python source: print lowered nodes as PyTorch expressions.
+
+Elementwise math goes through `TorchCodePrinter`, a subclass of SymPy's own PyTorch
+printer; the only strings built here are the tensor-method calls (`unsqueeze`,
+`sum`, `@`, `permute`) that line tensors up, which SymPy has no notion of.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+from sympy.printing.precedence import PRECEDENCE, precedence
+from sympy.printing.pytorch import TorchPrinter
+
+from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, walk
+from .model import OpSpec
+from .spec import size_symbol
+
+ATOM, MUL, ADD = PRECEDENCE["Atom"], PRECEDENCE["Mul"], PRECEDENCE["Add"]
+
+
+@dataclass(frozen=True)
+class Code:
+    """Python source of a tensor expression and the dims of the tensor it evaluates to."""
+
+    text: str
+    indices: tuple[str, ...]
+    precedence: int = ATOM
+
+    def atom(self) -> str:
+        """The text, parenthesized if a method call or operator would bind into it."""
+        return self.text if self.precedence >= ATOM else f"({self.text})"
+
+    def operand(self, level: int) -> str:
+        return self.text if self.precedence >= level else f"({self.text})"
+
+
+def align(code: Code, want: tuple[str, ...]) -> Code:
+    """Rearrange `code` so that it broadcasts in the index order `want`.
+
+    Its own dims are permuted into `want`'s order, then every dim of `want` it lacks
+    gets an `unsqueeze`, except leading ones, which broadcasting adds by itself.
+    """
+    extra = set(code.indices) - set(want)
+    if extra:
+        raise ValueError(f"cannot line up dims {code.indices} in {want}")
+    present = tuple(i for i in want if i in code.indices)
+    text, level = code.text, code.precedence
+    if present != code.indices:
+        text = code.atom() + _permutation(code.indices, present)
+        level = ATOM
+    if not present:
+        return Code(text, present, level)
+    first = want.index(present[0])
+    for position in range(first, len(want)):
+        if want[position] not in code.indices:
+            dim = -1 if position == len(want) - 1 else position - first
+            text = (text if level >= ATOM else f"({text})") + f".unsqueeze({dim})"
+            level = ATOM
+    return Code(text, want[first:], level)
+
+
+def _permutation(have: tuple[str, ...], want: tuple[str, ...]) -> str:
+    order = [have.index(i) for i in want]
+    if len(order) == 2:
+        return ".T"
+    if order[:-2] == list(range(len(order) - 2)):
+        return ".mT"
+    return f".permute({', '.join(map(str, order))})"
+
+
+class TorchCodePrinter(TorchPrinter):
+    """SymPy's PyTorch printer, with each tensor access lined up for one broadcast layout."""
+
+    def __init__(self, layout: tuple[str, ...]):
+        super().__init__({"strict": True})
+        self.layout = layout
+
+    def _print_Indexed(self, expr):
+        access = Code(expr.base.label.name, tuple(i.name for i in expr.indices))
+        return align(access, self.layout).text
+
+    def _print_Relational(self, expr):
+        left = self.parenthesize(expr.lhs, PRECEDENCE["Relational"] + 1)
+        right = self.parenthesize(expr.rhs, PRECEDENCE["Relational"] + 1)
+        return f"{left} {expr.rel_op} {right}"
+
+    def _print_Pow(self, expr):
+        base, exponent = expr.args
+        if exponent == sympy.S.Half:
+            return f"torch.sqrt({self._print(base)})"
+        if exponent == -sympy.S.Half:
+            return f"torch.rsqrt({self._print(base)})"
+        if exponent == -1:
+            return f"1 / {self.parenthesize(base, MUL + 1)}"
+        return f"{self.parenthesize(base, PRECEDENCE['Pow'] + 1)}**{self.parenthesize(exponent, PRECEDENCE['Pow'] + 1)}"
+
+    def _print_Mul(self, expr):
+        coefficient, factors = expr.as_coeff_mul()
+        numerator, denominator = [], []
+        for factor in expr.as_ordered_factors():
+            if factor.is_number:
+                continue
+            if factor.is_Pow and factor.exp.is_number and factor.exp < 0 and factor.exp != -sympy.S.Half:
+                denominator.append(factor.base ** -factor.exp)
+            else:
+                numerator.append(factor)
+        sign = "-" if coefficient < 0 else ""
+        coefficient = abs(coefficient)
+        top_number, bottom_number = sympy.fraction(coefficient)
+        top = ([self._print(top_number)] if top_number != 1 or not numerator else []) + \
+              [self.parenthesize(f, MUL) for f in numerator]
+        bottom = ([self._print(bottom_number)] if bottom_number != 1 else []) + \
+                 [self.parenthesize(f, MUL + 1) for f in denominator]
+        text = " * ".join(top)
+        if bottom:
+            text += " / " + (bottom[0] if len(bottom) == 1 else "(" + " * ".join(bottom) + ")")
+        return sign + text
+
+    def _print_Max(self, expr):
+        return self._extremum(expr, "torch.maximum", "torch.clamp_min")
+
+    def _print_Min(self, expr):
+        return self._extremum(expr, "torch.minimum", "torch.clamp_max")
+
+    def _extremum(self, expr, pairwise: str, clamp: str) -> str:
+        numbers = [a for a in expr.args if a.is_number]
+        tensors = [a for a in expr.args if not a.is_number]
+        text = self._print(tensors[0])
+        for other in tensors[1:]:
+            text = f"{pairwise}({text}, {self._print(other)})"
+        if numbers:
+            text = f"{clamp}({text}, {self._print(numbers[0])})"
+        return text
+
+
+def print_leaf(expr: sympy.Expr, layout: tuple[str, ...]) -> Code:
+    text = TorchCodePrinter(layout).doprint(expr)
+    level = ATOM if isinstance(expr, (sympy.Indexed, sympy.Symbol, sympy.Function, sympy.Piecewise)) \
+        else min(precedence(expr), MUL)
+    if isinstance(expr, sympy.Pow) and expr.exp not in (sympy.S.Half, -sympy.S.Half):
+        level = MUL
+    return Code(text, layout, level)
+
+
+def print_scalar(expr: sympy.Expr) -> str:
+    return TorchCodePrinter(()).doprint(expr)
+
+
+def render(node: Node) -> Code:
+    """Python source for one lowered node."""
+    if isinstance(node, Leaf):
+        return print_leaf(node.expr, node.indices)
+    if isinstance(node, Product):
+        factors = [align(render(f), node.indices).operand(MUL) for f in node.factors]
+        return Code(" * ".join(factors), node.indices, MUL)
+    if isinstance(node, Reduce):
+        source = render(node.source)
+        method = "mean" if node.mean else "sum"
+        if set(node.summed) == set(source.indices):
+            return Code(f"{source.atom()}.{method}()", node.indices)
+        dims = [_dim(source.indices.index(i), len(source.indices)) for i in node.summed]
+        dim = dims[0] if len(dims) == 1 else f"({', '.join(dims)})"
+        argument = dim if isinstance(node.source, Leaf) else f"dim={dim}"
+        return Code(f"{source.atom()}.{method}({argument})", node.indices)
+    if isinstance(node, MatMul):
+        left = _arranged(render(node.left), node.left_layout)
+        right = _arranged(render(node.right), node.right_layout)
+        return Code(f"{left.operand(MUL)} @ {right.operand(MUL + 1)}", node.indices, MUL)
+    if isinstance(node, Einsum):
+        operands = [render(o) for o in node.operands]
+        letters = _letters([i for o in operands for i in o.indices] + list(node.indices))
+        spec = ",".join("".join(letters[i] for i in o.indices) for o in operands)
+        spec += "->" + "".join(letters[i] for i in node.indices)
+        return Code(f"torch.einsum(\"{spec}\", {', '.join(o.text for o in operands)})", node.indices)
+    if isinstance(node, Scaled):
+        source = render(node.source)
+        return Code(_scale(node.coefficient, source), source.indices, MUL)
+    raise TypeError(f"unknown node {node!r}")
+
+
+def _arranged(code: Code, layout: tuple[str, ...]) -> Code:
+    if code.indices == layout:
+        return code
+    return Code(code.atom() + _permutation(code.indices, layout), layout)
+
+
+def _dim(position: int, ndim: int) -> str:
+    return "-1" if position == ndim - 1 and ndim > 1 else str(position)
+
+
+def _letters(indices: list[str]) -> dict[str, str]:
+    """einsum subscripts: an index keeps its name when that is one free letter."""
+    letters: dict[str, str] = {}
+    for index in dict.fromkeys(indices):
+        if len(index) == 1 and index.isalpha() and index not in letters.values():
+            letters[index] = index
+    spare = (c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in letters.values())
+    for index in dict.fromkeys(indices):
+        letters.setdefault(index, next(spare))
+    return letters
+
+
+def _scale(coefficient: sympy.Expr, code: Code) -> str:
+    """`coefficient * code`, written with the number in front and divisors behind."""
+    numerator, denominator = sympy.fraction(coefficient)
+    sign = ""
+    if numerator.could_extract_minus_sign():
+        sign, numerator = "-", -numerator
+    text = code.operand(MUL)
+    if numerator != 1:
+        text = f"{TorchCodePrinter(()).parenthesize(numerator, MUL)} * {text}"
+    text = sign + text
+    if denominator != 1:
+        text = f"{text} / {TorchCodePrinter(()).parenthesize(denominator, MUL + 1)}"
+    return text
+
+
+def render_expr(lowered: LoweredExpr) -> str:
+    """The right-hand side that assigns one whole expression, shaped exactly like its target."""
+    plan = lowered.plan
+    if not lowered.terms:
+        return f"torch.zeros_like({plan.like})"
+    parts = [align(render(term), plan.indices) for term in lowered.terms]
+    text = parts[0].operand(ADD)
+    for part in parts[1:]:
+        if part.text.startswith("-"):
+            text += " - " + part.text[1:]
+        else:
+            text += " + " + part.operand(ADD + 1)
+    covered = set().union(*(p.indices for p in parts))
+    if covered != set(plan.indices):
+        text = f"({text}).expand_as({plan.like})" if len(parts) > 1 or parts[0].precedence < ATOM \
+            else f"{text}.expand_as({plan.like})"
+    return text
+
+
+def size_bindings(op: OpSpec, exprs: list[LoweredExpr]) -> list[tuple[str, str]]:
+    """`size_n = x.shape[0]` for every size the code uses, read off the first input that has that dim."""
+    used = set()
+    for expr in exprs:
+        for term in expr.terms:
+            for node in walk(term):
+                if isinstance(node, Leaf):
+                    used |= node.expr.free_symbols
+                elif isinstance(node, Scaled):
+                    used |= node.coefficient.free_symbols
+    bindings = []
+    for index, representative in sorted(dict(op.index_sizes).items()):
+        if index == representative and size_symbol(index) in used:
+            tensor = next(t for t in op.inputs if index in t.indices)
+            bindings.append((size_symbol(index).name, f"{tensor.name}.shape[{tensor.indices.index(index)}]"))
+    return bindings
+
+
+class IndexNotationPrinter(sympy.printing.str.StrPrinter):
+    """Math in the spec's own index notation: Sum(f, (k, 0, size_k - 1)) prints as sum(f, k)."""
+
+    def _print_Sum(self, expr):
+        indices = ", ".join(self._print(limit[0]) for limit in expr.limits)
+        return f"sum({self._print(expr.function)}, {indices})"
+
+
+def index_notation(expr: sympy.Expr) -> str:
+    return IndexNotationPrinter().doprint(expr)

@@ -1,0 +1,502 @@
+"""Stage 1, spec -> model: read a TOML catalog and parse each op into SymPy.
+
+Nothing in a spec is ever executed. Equations are parsed with `ast` and the SymPy
+tree is built node by node from a whitelist; torch reference expressions are
+checked against a whitelist and re-printed from their AST.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import sympy
+
+from . import naming
+from .model import Catalog, OpSpec, Param, SpecError, TensorInput
+
+MAX_SOURCE_CHARS = 4000
+MAX_AST_NODES = 600
+MAX_AST_DEPTH = 40
+
+OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "params", "step_at_zero"}
+REQUIRED_KEYS = ("inputs", "equation", "reference")
+
+
+def _sigmoid(arg):
+    return 1 / (1 + sympy.exp(-arg))
+
+
+# Spec function name -> SymPy constructor. Everything else is refused.
+FUNCTIONS = {
+    "exp": sympy.exp, "log": sympy.log, "sqrt": sympy.sqrt, "tanh": sympy.tanh,
+    "sin": sympy.sin, "cos": sympy.cos, "erf": sympy.erf, "sigmoid": _sigmoid,
+    "Abs": sympy.Abs, "abs": sympy.Abs,
+    "Max": sympy.Max, "max": sympy.Max, "Min": sympy.Min, "min": sympy.Min,
+}
+REDUCTIONS = ("sum", "mean")
+NOT_DIFFERENTIABLE = {"floor", "ceil", "round", "sign", "trunc", "argmax", "argmin"}
+CONSTANTS = {"pi": sympy.pi}
+COMPARISONS = {ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge}
+
+
+def size_symbol(index: str) -> sympy.Symbol:
+    return sympy.Symbol(naming.size(index), integer=True, positive=True)
+
+
+def index_symbol(index: str, size_index: str | None = None) -> sympy.Idx:
+    return sympy.Idx(index, size_symbol(size_index or index))
+
+
+def tensor_symbol(name: str) -> sympy.IndexedBase:
+    return sympy.IndexedBase(name, real=True)
+
+
+def scalar_symbol(name: str) -> sympy.Symbol:
+    """A 0-d tensor or a hyperparameter."""
+    return sympy.Symbol(name, real=True)
+
+
+@dataclass
+class _Locator:
+    """Finds the line (and column) of an op's key in the TOML text, for messages."""
+
+    path: str
+    lines: list[str]
+
+    def line_of(self, op: str, key: str | None = None) -> int | None:
+        header = re.compile(rf"^\s*\[\s*ops\s*\.\s*\"?{re.escape(op)}\"?\s*\]")
+        start = next((i for i, text in enumerate(self.lines) if header.match(text)), None)
+        if start is None or key is None:
+            return None if start is None else start + 1
+        key_line = re.compile(rf"^\s*{re.escape(key)}\s*=")
+        for i in range(start + 1, len(self.lines)):
+            if self.lines[i].lstrip().startswith("["):
+                break
+            if key_line.match(self.lines[i]):
+                return i + 1
+        return start + 1
+
+    def error(self, message: str, op: str, key: str | None = None, node: ast.AST | None = None):
+        line = self.line_of(op, key)
+        column = None
+        if node is not None and line is not None and hasattr(node, "col_offset"):
+            text = self.lines[line - 1]
+            quote = min((i for i in (text.find('"'), text.find("'")) if i >= 0), default=-1)
+            if quote >= 0:
+                column = quote + 2 + node.col_offset
+        return SpecError(message, path=self.path, line=line, column=column, op=op)
+
+
+def default_catalog_path() -> Path:
+    return Path(str(resources.files("derive") / "catalog" / "ops.toml"))
+
+
+def load_catalog(path: str | Path | None = None) -> Catalog:
+    path = Path(path) if path is not None else default_catalog_path()
+    shown = path.name if path == default_catalog_path() else str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read spec file: {exc}", path=shown) from None
+    return parse_catalog(text, shown)
+
+
+def parse_catalog(text: str, path: str = "<spec>") -> Catalog:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"at line (\d+), column (\d+)", str(exc))
+        line, column = (int(match[1]), int(match[2])) if match else (None, None)
+        raise SpecError(f"TOML syntax error: {exc}", path=path, line=line, column=column) from None
+    extra = set(data) - {"ops"}
+    if extra:
+        raise SpecError(f"unknown top-level key(s) {sorted(extra)}; ops go under [ops.<name>]", path=path)
+    ops = data.get("ops")
+    if not isinstance(ops, dict) or not ops:
+        raise SpecError("empty catalog: no [ops.<name>] tables", path=path)
+    locator = _Locator(path, text.splitlines())
+    parsed = [_parse_op(name, entry, locator) for name, entry in ops.items()]
+    return Catalog(path=path, ops=tuple(sorted(parsed, key=lambda op: op.name)))
+
+
+def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
+    problem = naming.name_problem(name)
+    if problem:
+        raise locator.error(f"bad op name: {problem}", name)
+    if not isinstance(entry, dict):
+        raise locator.error("an op must be a table of keys", name)
+    unknown = set(entry) - OP_KEYS
+    if unknown:
+        raise locator.error(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(OP_KEYS)}", name, sorted(unknown)[0])
+    for key in REQUIRED_KEYS:
+        if key not in entry:
+            raise locator.error(f"missing required key '{key}'", name)
+    _expect(entry, "doc", str, name, locator)
+    _expect(entry, "equation", str, name, locator)
+    _expect(entry, "reference", str, name, locator)
+    if not isinstance(entry["inputs"], list) or not entry["inputs"] or not all(isinstance(s, str) for s in entry["inputs"]):
+        raise locator.error("'inputs' must be a non-empty list of strings such as \"x[n, k]\"", name, "inputs")
+
+    inputs = [_parse_declaration(text, name, locator) for text in entry["inputs"]]
+    names = [tensor.name for tensor, _ in inputs]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise locator.error(f"input '{duplicated[0]}' is declared twice", name, "inputs")
+
+    params = []
+    raw_params = entry.get("params", {})
+    if not isinstance(raw_params, dict):
+        raise locator.error("'params' must be a table of name = default value", name, "params")
+    for param, default in raw_params.items():
+        problem = naming.name_problem(param)
+        if problem:
+            raise locator.error(f"bad param name: {problem}", name, "params")
+        if param in names:
+            raise locator.error(f"param '{param}' has the name of an input", name, "params")
+        if isinstance(default, bool) or not isinstance(default, (int, float)):
+            raise locator.error(f"param '{param}' needs a number as default", name, "params")
+        params.append(Param(param, float(default)))
+
+    differentiable = entry.get("differentiable", names)
+    if not isinstance(differentiable, list) or not all(isinstance(d, str) for d in differentiable):
+        raise locator.error("'differentiable' must be a list of input names", name, "differentiable")
+    for item in differentiable:
+        if item not in names:
+            raise locator.error(f"'differentiable' names '{item}', which is not an input", name, "differentiable")
+    if not differentiable:
+        raise locator.error("no differentiable input: there is no backward to derive", name, "differentiable")
+
+    step = entry.get("step_at_zero", 0)
+    if isinstance(step, bool) or not isinstance(step, (int, float)):
+        raise locator.error("'step_at_zero' must be a number", name, "step_at_zero")
+
+    tensors = tuple(TensorInput(t.name, t.indices, t.name in differentiable) for t, _ in inputs)
+    parser = _EquationParser(name, tensors, tuple(p.name for p in params), locator)
+    output, output_indices, rhs = parser.parse(entry["equation"])
+    if output in names or output in {p.name for p in params}:
+        raise locator.error(f"the result '{output}' has the name of an input or param", name, "equation")
+    for index in parser.sizes:
+        problem = naming.name_problem(index)
+        if problem:
+            raise locator.error(f"bad index name: {problem}", name, "equation")
+        if index in names or index == output or index in {p.name for p in params}:
+            raise locator.error(f"index '{index}' has the name of a tensor or param", name, "equation")
+
+    reference = _check_reference(entry["reference"], names, [p.name for p in params], name, locator)
+    return OpSpec(
+        name=name,
+        doc=entry.get("doc", "").strip(),
+        inputs=tensors,
+        params=tuple(params),
+        output=output,
+        output_indices=output_indices,
+        rhs=rhs,
+        equation=entry["equation"].strip(),
+        reference=reference,
+        index_sizes=tuple(sorted(parser.sizes.items())),
+        step_at_zero=sympy.nsimplify(step),
+        source=locator.path,
+    )
+
+
+def _expect(entry, key, kind, op, locator):
+    if key in entry and not isinstance(entry[key], kind):
+        raise locator.error(f"'{key}' must be a {kind.__name__}", op, key)
+
+
+def _parse_declaration(text: str, op: str, locator: _Locator):
+    """`x[n, k]` -> TensorInput(x, (n, k)); a bare `s` is a 0-d tensor."""
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        raise locator.error(f"bad input declaration {text!r}: expected name[index, ...]", op, "inputs") from None
+    if isinstance(node, ast.Name):
+        name, indices = node.id, ()
+    elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
+        elements = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if not all(isinstance(e, ast.Name) for e in elements):
+            raise locator.error(f"bad input declaration {text!r}: indices must be names", op, "inputs")
+        name, indices = node.value.id, tuple(e.id for e in elements)
+    else:
+        raise locator.error(f"bad input declaration {text!r}: expected name[index, ...]", op, "inputs")
+    for item in (name, *indices):
+        problem = naming.name_problem(item)
+        if problem:
+            raise locator.error(f"bad input declaration {text!r}: {problem}", op, "inputs")
+    if len(set(indices)) != len(indices):
+        raise locator.error(f"input '{name}' repeats an index; each dim needs its own index name", op, "inputs")
+    return TensorInput(name, indices, True), None
+
+
+@dataclass
+class _EquationParser:
+    """Builds the SymPy right-hand side from the equation's AST, checking indices as it goes."""
+
+    op: str
+    inputs: tuple[TensorInput, ...]
+    params: tuple[str, ...]
+    locator: _Locator
+    sizes: dict[str, str] = field(default_factory=dict)   # index -> declared index whose size it has
+
+    def error(self, message: str, node: ast.AST | None = None) -> SpecError:
+        return self.locator.error(message, self.op, "equation", node)
+
+    def parse(self, source: str):
+        for tensor in self.inputs:
+            for index in tensor.indices:
+                self.sizes.setdefault(index, index)
+        if len(source) > MAX_SOURCE_CHARS:
+            raise self.error(f"equation is {len(source)} characters long; the limit is {MAX_SOURCE_CHARS}")
+        try:
+            tree = ast.parse(source.strip(), mode="exec")
+        except SyntaxError as exc:
+            raise self.error(f"equation is not valid syntax: {exc.msg}") from None
+        except (RecursionError, MemoryError):
+            raise self.error(f"equation is nested too deeply (limit {MAX_AST_DEPTH} levels)") from None
+        _check_size(tree, self.error)
+        if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assign) or len(tree.body[0].targets) != 1:
+            raise self.error("equation must be one assignment: out[i, ...] = expression")
+        statement = tree.body[0]
+        output, output_indices = self._target(statement.targets[0])
+        rhs, free = self._expr(statement.value)
+        for index in output_indices:
+            if index not in self.sizes:
+                raise self.error(f"index '{index}' on the left-hand side is not provided by any right-hand term")
+        missing = sorted(set(output_indices) - free)
+        if missing:
+            raise self.error(f"index '{missing[0]}' on the left-hand side is not provided by any right-hand term")
+        extra = sorted(free - set(output_indices))
+        if extra:
+            raise self.error(f"index '{extra[0]}' is neither on the left-hand side nor summed over "
+                             f"(add it to the result or reduce it with sum/mean)")
+        return output, output_indices, rhs
+
+    def _target(self, node):
+        if isinstance(node, ast.Name):
+            return node.id, ()
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
+            elements = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+            if all(isinstance(e, ast.Name) for e in elements):
+                indices = tuple(e.id for e in elements)
+                if len(set(indices)) != len(indices):
+                    raise self.error("the left-hand side repeats an index", node)
+                problem = naming.name_problem(node.value.id)
+                if problem:
+                    raise self.error(f"bad result name: {problem}", node)
+                return node.value.id, indices
+        raise self.error("left-hand side must be name or name[index, ...]", node)
+
+    def _expr(self, node) -> tuple[sympy.Expr, set[str]]:
+        """SymPy expression for `node` and the set of its free index names."""
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
+                raise self.error(f"constant {node.value!r} is not a number", node)
+            return sympy.nsimplify(node.value, rational=True), set()
+        if isinstance(node, ast.Name):
+            if node.id in self.params:
+                return scalar_symbol(node.id), set()
+            if node.id in CONSTANTS:
+                return CONSTANTS[node.id], set()
+            tensor = self._tensor(node.id, node)
+            if tensor.indices:
+                raise self.error(f"input '{node.id}' has {len(tensor.indices)} dim(s); index it as "
+                                 f"{node.id}[{', '.join(tensor.indices)}]", node)
+            return scalar_symbol(node.id), set()
+        if isinstance(node, ast.Subscript):
+            return self._access(node)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            value, free = self._expr(node.operand)
+            return (-value if isinstance(node.op, ast.USub) else value), free
+        if isinstance(node, ast.BinOp):
+            return self._binop(node)
+        if isinstance(node, ast.Call):
+            return self._call(node)
+        if isinstance(node, ast.Compare):
+            raise self.error("comparisons are not differentiable; use them only as where(condition, a, b)", node)
+        raise self.error(f"'{type(node).__name__}' is not allowed in an equation", node)
+
+    def _tensor(self, name: str, node) -> TensorInput:
+        for tensor in self.inputs:
+            if tensor.name == name:
+                return tensor
+        if name in FUNCTIONS or name in REDUCTIONS:
+            raise self.error(f"'{name}' is a function; call it as {name}(...)", node)
+        raise self.error(f"unknown name '{name}' (not an input, param or index)", node)
+
+    def _access(self, node: ast.Subscript):
+        if not isinstance(node.value, ast.Name):
+            raise self.error("only inputs can be indexed, as name[index, ...]", node)
+        tensor = self._tensor(node.value.id, node)
+        elements = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if not all(isinstance(e, ast.Name) for e in elements):
+            raise self.error(f"'{tensor.name}' must be indexed by index names", node)
+        indices = tuple(e.id for e in elements)
+        if len(indices) != len(tensor.indices):
+            raise self.error(f"input '{tensor.name}' is declared with {len(tensor.indices)} dim(s) "
+                             f"[{', '.join(tensor.indices)}] but indexed with {len(indices)}", node)
+        if len(set(indices)) != len(indices):
+            raise self.error(f"'{tensor.name}' is indexed with a repeated index (diagonals are not supported)", node)
+        for index, declared in zip(indices, tensor.indices):
+            if index in (t.name for t in self.inputs) or index in self.params:
+                raise self.error(f"'{index}' is a tensor or param, not an index", node)
+            size = self.sizes.setdefault(index, self.sizes[declared])
+            if size != self.sizes[declared]:
+                raise self.error(f"index '{index}' is used with two different sizes: "
+                                 f"'{size}' and '{self.sizes[declared]}' (dim of {tensor.name})", node)
+        idx = [index_symbol(i, self.sizes[i]) for i in indices]
+        return tensor_symbol(tensor.name)[tuple(idx)], set(indices)
+
+    def _binop(self, node: ast.BinOp):
+        left, left_free = self._expr(node.left)
+        right, right_free = self._expr(node.right)
+        free = left_free | right_free
+        if isinstance(node.op, ast.Add):
+            return left + right, free
+        if isinstance(node.op, ast.Sub):
+            return left - right, free
+        if isinstance(node.op, ast.Mult):
+            return left * right, free
+        if isinstance(node.op, ast.Div):
+            if right == 0:
+                raise self.error("division by zero", node)
+            return left / right, free
+        if isinstance(node.op, ast.Pow):
+            if right_free:
+                raise self.error("an exponent must not depend on indices", node)
+            return left ** right, free
+        raise self.error(f"operator '{type(node.op).__name__}' is not allowed", node)
+
+    def _call(self, node: ast.Call):
+        if not isinstance(node.func, ast.Name):
+            raise self.error("only plain function names can be called (no attributes or methods)", node)
+        name = node.func.id
+        if node.keywords:
+            raise self.error(f"{name}() takes no keyword arguments", node)
+        if name in REDUCTIONS:
+            return self._reduction(name, node)
+        if name == "where":
+            if len(node.args) != 3:
+                raise self.error("where(condition, a, b) takes three arguments", node)
+            condition, condition_free = self._condition(node.args[0])
+            a, a_free = self._expr(node.args[1])
+            b, b_free = self._expr(node.args[2])
+            return sympy.Piecewise((a, condition), (b, True)), condition_free | a_free | b_free
+        if name in NOT_DIFFERENTIABLE:
+            raise self.error(f"'{name}' is not differentiable (its derivative is zero almost everywhere "
+                             f"and undefined at its jumps)", node)
+        if name not in FUNCTIONS:
+            known = ", ".join(sorted(set(FUNCTIONS) | set(REDUCTIONS) | {"where"}))
+            raise self.error(f"unknown function '{name}' (known: {known})", node)
+        if not node.args:
+            raise self.error(f"{name}() needs an argument", node)
+        args = [self._expr(arg) for arg in node.args]
+        free = set().union(*(f for _, f in args))
+        values = [v for v, _ in args]
+        if name in ("Max", "max", "Min", "min"):
+            if len(values) < 2:
+                raise self.error(f"{name}() needs at least two arguments", node)
+            return FUNCTIONS[name](*values), free
+        if len(values) != 1:
+            raise self.error(f"{name}() takes one argument", node)
+        return FUNCTIONS[name](values[0]), free
+
+    def _condition(self, node):
+        if not (isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in COMPARISONS):
+            raise self.error("a where() condition must be one comparison: <, <=, > or >=", node)
+        left, left_free = self._expr(node.left)
+        right, right_free = self._expr(node.comparators[0])
+        return COMPARISONS[type(node.ops[0])](left, right), left_free | right_free
+
+    def _reduction(self, name: str, node: ast.Call):
+        if len(node.args) < 2:
+            raise self.error(f"{name}(expression, index, ...) needs an expression and at least one index", node)
+        body, free = self._expr(node.args[0])
+        limits, count = [], sympy.Integer(1)
+        for arg in node.args[1:]:
+            if not isinstance(arg, ast.Name):
+                raise self.error(f"{name}() reduces over index names, not expressions", arg)
+            if arg.id not in free:
+                raise self.error(f"{name}() over index '{arg.id}', which its operand does not use", arg)
+            idx = index_symbol(arg.id, self.sizes[arg.id])
+            limits.append((idx, 0, idx.upper))
+            count *= idx.upper + 1
+            free = free - {arg.id}
+        total = sympy.Sum(body, *limits)
+        return (total / count if name == "mean" else total), free
+
+
+def _check_size(tree: ast.AST, error) -> None:
+    nodes = 0
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_AST_NODES:
+            raise error(f"expression is too large (over {MAX_AST_NODES} syntax nodes)")
+        if depth > MAX_AST_DEPTH:
+            raise error(f"expression is nested too deeply (over {MAX_AST_DEPTH} levels)")
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+
+
+# --- torch reference expressions ------------------------------------------------------------
+
+# Namespaces a reference may call into; everything there is pure tensor math.
+REFERENCE_NAMESPACES = ("torch", "torch.nn.functional", "torch.special", "torch.linalg")
+# torch functions that touch files, processes or global state: never allowed.
+REFERENCE_DENIED = {"load", "save", "from_file", "hub", "ops", "utils", "compile", "jit", "set_default_dtype",
+                    "manual_seed", "set_printoptions", "library", "backends", "cuda", "distributed",
+                    "autograd", "classes", "package", "onnx", "export", "fx"}
+REFERENCE_NODES = (ast.Expression, ast.Call, ast.Name, ast.Attribute, ast.Load, ast.Constant, ast.BinOp,
+                   ast.UnaryOp, ast.Tuple, ast.List, ast.keyword, ast.Subscript, ast.Slice,
+                   ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.MatMult, ast.USub, ast.UAdd)
+
+
+def _check_reference(source: str, inputs: list[str], params: list[str], op: str, locator: _Locator) -> str:
+    """Validate a torch reference expression; return it re-printed from its AST."""
+    def error(message, node=None):
+        return locator.error(f"reference: {message}", op, "reference", node)
+
+    if len(source) > MAX_SOURCE_CHARS:
+        raise error(f"expression is longer than {MAX_SOURCE_CHARS} characters")
+    try:
+        tree = ast.parse(source.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise error(f"not a valid expression: {exc.msg}") from None
+    except (RecursionError, MemoryError):
+        raise error("nested too deeply") from None
+    _check_size(tree, error)
+    allowed_names = set(inputs) | set(params) | {"torch"}
+    for node in ast.walk(tree):
+        if not isinstance(node, REFERENCE_NODES):
+            raise error(f"'{type(node).__name__}' is not allowed", node)
+        if isinstance(node, ast.Name) and node.id not in allowed_names:
+            raise error(f"unknown name '{node.id}' (only inputs, params and torch)", node)
+        if isinstance(node, ast.Attribute):
+            if node.attr.startswith("_"):
+                raise error(f"attribute '{node.attr}' is not allowed", node)
+            dotted = _dotted(node)
+            if dotted is not None and dotted.startswith("torch."):
+                namespace, _, attr = dotted.rpartition(".")
+                if (dotted not in REFERENCE_NAMESPACES and namespace not in REFERENCE_NAMESPACES) \
+                        or attr in REFERENCE_DENIED:
+                    raise error(f"'{dotted}' is not an allowed torch function", node)
+        if isinstance(node, ast.Constant) and not isinstance(node.value, (int, float, str, type(None))):
+            raise error(f"constant {node.value!r} is not allowed", node)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and not node.value.isidentifier():
+            raise error(f"string {node.value!r} is not allowed (only option names such as 'sum')", node)
+    return ast.unparse(tree)
+
+
+def _dotted(node: ast.AST) -> str | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        return ".".join([node.id, *reversed(parts)])
+    return None

@@ -1,0 +1,153 @@
+"""Test helpers: verify generated backward code against torch.autograd.
+
+Call these from your own pytest with your own spec, so you need not copy derive's
+tests::
+
+    from derive.testing import verify_op
+    def test_my_ops():
+        verify_op("my_ops.toml", "softsign", "my_project/grads/softsign.py")
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import sympy
+import torch
+
+from . import naming
+from .model import OpSpec
+from .spec import load_catalog
+
+# Distinct sizes per index, so that a transposed or unreduced gradient cannot pass by accident.
+DEFAULT_SIZES = (3, 4, 5, 6, 7, 2)
+
+
+def load_module(path: str | Path) -> ModuleType:
+    """Import a generated module from its file path."""
+    path = Path(path)
+    name = f"derive_generated_{path.parent.name}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference(op: OpSpec):
+    """The op's torch reference expression as a function of its inputs (params as keywords).
+
+    The expression was checked against a whitelist when the spec was parsed; it is
+    compiled here without builtins.
+    """
+    code = compile(ast.parse(op.reference, mode="eval"), f"<reference of {op.name}>", "eval")
+    names = [t.name for t in op.inputs]
+    defaults = {p.name: p.default for p in op.params}
+
+    def function(*tensors, **params):
+        scope = {"torch": torch, **defaults, **params, **dict(zip(names, tensors))}
+        return eval(code, {"__builtins__": {}}, scope)  # noqa: S307 - whitelisted AST, no builtins
+
+    return function
+
+
+def sizes_for(op: OpSpec, sizes: dict[str, int] | None = None) -> dict[str, int]:
+    """A concrete length for every size an op's indices range over."""
+    representatives = sorted(set(dict(op.index_sizes).values()))
+    chosen = dict(zip(representatives, DEFAULT_SIZES * (1 + len(representatives) // len(DEFAULT_SIZES))))
+    chosen.update(sizes or {})
+    return chosen
+
+
+def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.float64, seed: int = 0,
+                kinks: bool = False, requires_grad: bool = False) -> list[torch.Tensor]:
+    """Random inputs; with `kinks`, a third of the entries are exactly 0 (where step functions jump)."""
+    sizes = sizes_for(op, sizes)
+    index_sizes = dict(op.index_sizes)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = []
+    for tensor in op.inputs:
+        shape = tuple(sizes[index_sizes[i]] for i in tensor.indices)
+        value = torch.randn(shape, generator=generator, dtype=torch.float64)
+        if kinks:
+            value = torch.where(torch.rand(shape, generator=generator, dtype=torch.float64) < 1 / 3, 0.0, value)
+        tensors.append(value.to(dtype).requires_grad_(requires_grad))
+    return tensors
+
+
+def autograd_gradients(function, inputs, grad_output, differentiable):
+    """Gradients of `function` by torch.autograd, for the inputs flagged differentiable (None elsewhere)."""
+    leaves = [t.detach().requires_grad_(flag) for t, flag in zip(inputs, differentiable)]
+    output = function(*leaves)
+    wanted = [t for t in leaves if t.requires_grad]
+    grads = iter(torch.autograd.grad(output, wanted, grad_output))
+    return [next(grads) if flag else None for flag in differentiable]
+
+
+def check_gradients(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=None, seed: int = 0,
+                    kinks: bool = False) -> None:
+    """The generated backward equals autograd of the torch reference, with exactly each input's shape."""
+    forward = getattr(module, naming.forward(op.name))
+    backward = getattr(module, naming.backward(op.name))
+    inputs = make_inputs(op, sizes, dtype, seed, kinks)
+    expected_output = reference(op)(*inputs)
+    output = forward(*inputs)
+    torch.testing.assert_close(output, expected_output)
+    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed + 1),
+                              dtype=torch.float64).to(dtype)
+    differentiable = [t.differentiable for t in op.inputs]
+    expected = autograd_gradients(reference(op), inputs, grad_output, differentiable)
+    actual = backward(grad_output, *inputs)
+    assert len(actual) == len(op.inputs), f"{op.name}: backward returned {len(actual)} values for {len(op.inputs)} inputs"
+    for tensor, flag, got, want in zip(op.inputs, differentiable, actual, expected):
+        if not flag:
+            assert got is None, f"{op.name}: gradient of non-differentiable {tensor.name} should be None"
+            continue
+        assert got.shape == want.shape, f"{op.name}: grad_{tensor.name} has shape {tuple(got.shape)}, " \
+                                        f"expected {tuple(want.shape)}"
+        assert got.dtype == dtype, f"{op.name}: grad_{tensor.name} is {got.dtype}, expected {dtype}"
+        torch.testing.assert_close(got, want, msg=lambda m: f"{op.name}: grad_{tensor.name}: {m}")
+
+
+def gradcheck_op(op: OpSpec, module: ModuleType, sizes=None, seed: int = 0) -> None:
+    """float64 torch.autograd.gradcheck of forward + generated backward (via an autograd.Function)."""
+    forward = getattr(module, naming.forward(op.name))
+    backward = getattr(module, naming.backward(op.name))
+
+    class Generated(torch.autograd.Function):
+        @staticmethod
+        def forward(*tensors):
+            return forward(*tensors)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return backward(grad_output, *ctx.saved_tensors, needs_input_grad=ctx.needs_input_grad)
+
+    inputs = make_inputs(op, sizes, torch.float64, seed, requires_grad=False)
+    inputs = [t.requires_grad_(meta.differentiable) for t, meta in zip(inputs, op.inputs)]
+    assert torch.autograd.gradcheck(Generated.apply, inputs)
+
+
+def has_kinks(op: OpSpec) -> bool:
+    """Whether the op's derivative jumps somewhere (a step, a sign or a Piecewise)."""
+    from .derivation import derive
+    return any(g.vjp.has(sympy.Heaviside, sympy.sign, sympy.Piecewise) for g in derive(op).gradients)
+
+
+def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
+    """Everything derive checks for its own catalog, for one op of your spec and its generated module."""
+    op = load_catalog(spec).op(op_name)
+    module = load_module(module_path)
+    gradcheck_op(op, module)
+    for dtype in (torch.float64, torch.float32):
+        check_gradients(op, module, dtype)
+    if has_kinks(op):
+        check_gradients(op, module, torch.float64, kinks=True)

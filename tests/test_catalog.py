@@ -1,0 +1,52 @@
+"""Every catalog op, in both styles: generated gradients against torch.autograd."""
+
+import pytest
+import torch
+
+from derive import naming
+from derive.testing import check_gradients, gradcheck_op, make_inputs
+
+from conftest import CATALOG, KINK_OPS, generated_module
+
+
+def test_gradcheck_float64(op, style):
+    gradcheck_op(op, generated_module(op.name, style))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_matches_autograd_of_reference(op, style, dtype):
+    check_gradients(op, generated_module(op.name, style), dtype)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("op_name", KINK_OPS)
+def test_matches_autograd_at_kinks(op_name, style, seed):
+    """A third of the inputs sit exactly on the kink, where PyTorch's convention decides."""
+    check_gradients(CATALOG.op(op_name), generated_module(op_name, style), torch.float64, seed=seed, kinks=True)
+
+
+def test_gradient_shapes_exact(op, style):
+    """Called directly, so autograd cannot sum an unreduced gradient down for us."""
+    module = generated_module(op.name, style)
+    sizes = {rep: 1 for rep in set(dict(op.index_sizes).values())}
+    for chosen in ({}, sizes):
+        inputs = make_inputs(op, chosen)
+        output = getattr(module, naming.forward(op.name))(*inputs)
+        grads = getattr(module, naming.backward(op.name))(torch.ones_like(output), *inputs)
+        for tensor, grad in zip(inputs, grads):
+            assert grad.shape == tensor.shape
+
+
+def test_needs_input_grad_skips_gradients(op):
+    module = generated_module(op.name)
+    inputs = make_inputs(op)
+    output = getattr(module, naming.forward(op.name))(*inputs)
+    backward = getattr(module, naming.backward(op.name))
+    for skipped in range(len(inputs)):
+        flags = tuple(position != skipped for position in range(len(inputs)))
+        grads = backward(torch.ones_like(output), *inputs, needs_input_grad=flags)
+        assert grads[skipped] is None
+        full = backward(torch.ones_like(output), *inputs)
+        for position, (grad, reference) in enumerate(zip(grads, full)):
+            if position != skipped and reference is not None:
+                torch.testing.assert_close(grad, reference)
