@@ -14,7 +14,7 @@ import jinja2
 from . import naming
 from .derivation import Derivation
 from .lower import LoweredOp
-from .printing import index_notation, render_expr, size_bindings
+from .printing import index_notation, render, render_expr, size_bindings
 
 
 
@@ -58,6 +58,7 @@ class GradientView:
     access: str
     vjp: str
     code: str
+    shared: tuple[tuple[str, str], ...]   # values only this gradient uses, computed just before it
 
 
 def render_module(derivation: Derivation, lowered: LoweredOp, source: str, command: str) -> str:
@@ -71,7 +72,8 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
             target=naming.grad(g.input), position=position,
             shape=f"shape of {g.input}: {_tuple(g.indices)}",
             wrt=index_notation(g.wrt), partial=index_notation(g.partial),
-            access=access, vjp=index_notation(g.vjp), code=render_expr(expr)))
+            access=access, vjp=index_notation(g.vjp), code=render_expr(expr),
+            shared=tuple((s.name, render(s.value).text) for s in lowered.shared if s.users == (position,))))
     outputs = [naming.grad(t.name) for t in op.inputs if t.differentiable]
     returns = [naming.grad(t.name) if t.differentiable else "None" for t in op.inputs]
     output_access = f"{op.output}[{', '.join(op.output_indices)}]" if op.output_indices else op.output
@@ -90,9 +92,22 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
         backward=dict(name=naming.backward(op.name), grad_output=derivation.grad_output,
                       sizes=size_bindings(op, list(lowered.gradients)),
                       none_line=" = ".join(outputs) + " = None",
-                      gradients=gradients, returns=_tuple(returns)),
+                      shared=_shared_blocks(lowered), gradients=gradients, returns=_tuple(returns)),
     )
     return environment().get_template("module.py.jinja").render(context)
+
+
+def _shared_blocks(lowered: LoweredOp) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Values several gradients use, grouped under the condition that any of them is needed."""
+    blocks: list[tuple[str, list[tuple[str, str]]]] = []
+    for shared in lowered.shared:
+        if len(shared.users) < 2:
+            continue
+        condition = " or ".join(f"needs_input_grad[{u}]" for u in shared.users)
+        if not blocks or blocks[-1][0] != condition:
+            blocks.append((condition, []))
+        blocks[-1][1].append((shared.name, render(shared.value).text))
+    return blocks
 
 
 def _tuple(items: list[str] | tuple[str, ...]) -> str:

@@ -13,12 +13,15 @@ Two styles:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Union
 
 import sympy
 
-from .plan import ExprPlan, OpPlan, TermPlan
+from . import naming
+from .derivation import depends_on_tensor, tensor_symbols
+from .plan import ExprPlan, OpPlan, TermPlan, free_indices
+from .spec import tensor_symbol
 
 STYLES = ("contraction", "broadcast")
 
@@ -95,11 +98,21 @@ class LoweredExpr:
 
 
 @dataclass(frozen=True)
+class Shared:
+    """A subexpression the backward computes once and reuses (found by `sympy.cse`)."""
+
+    name: str                  # variable holding it
+    value: Leaf                # what it computes, in terms of inputs and earlier shared values
+    users: tuple[int, ...]     # positions (in the op's inputs) of the gradients that need it
+
+
+@dataclass(frozen=True)
 class LoweredOp:
     plan: OpPlan
     style: str
     forward: LoweredExpr
     gradients: tuple[LoweredExpr, ...]
+    shared: tuple[Shared, ...]         # computed before the gradients that use them, in dependency order
 
 
 def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
@@ -110,7 +123,60 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
     def lower_expr(expr_plan: ExprPlan) -> LoweredExpr:
         return LoweredExpr(expr_plan, tuple(term(t) for t in expr_plan.terms))
 
-    return LoweredOp(op_plan, style, lower_expr(op_plan.forward), tuple(lower_expr(g) for g in op_plan.gradients))
+    gradients, shared = _share_common(op_plan, [lower_expr(g) for g in op_plan.gradients])
+    return LoweredOp(op_plan, style, lower_expr(op_plan.forward), gradients, shared)
+
+
+def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr]):
+    """Hoist subexpressions that occur more than once across the backward's elementwise leaves."""
+    leaves = [(g, node) for g, expr in enumerate(gradients) for term in expr.terms
+              for node in walk(term) if isinstance(node, Leaf)]
+    symbols = sympy.numbered_symbols(naming.SHARED_PREFIX, real=True)
+    replacements, reduced = sympy.cse([leaf.expr for _, leaf in leaves], symbols=symbols, order="none")
+    scalars = tensor_symbols(op_plan.op)
+    order = op_plan.op.index_order
+    accesses, values = {}, []
+    for symbol, expr in replacements:
+        expr = expr.xreplace(accesses)
+        if not depends_on_tensor(expr, scalars | {sympy.Symbol(n, real=True) for n, _ in values}):
+            accesses[symbol] = expr      # a plain number or size: stays inline
+            continue
+        indices = tuple(i for i in order if i in free_indices(expr))
+        idx = [next(j for j in expr.atoms(sympy.Idx) if j.name == i) for i in indices]
+        accesses[symbol] = tensor_symbol(symbol.name)[tuple(idx)] if idx else symbol
+        values.append((symbol.name, Leaf(expr, indices)))
+    if not values:
+        return tuple(gradients), ()
+    rewritten = {id(leaf): Leaf(expr.xreplace(accesses), leaf.indices) for (_, leaf), expr in zip(leaves, reduced)}
+    # Who needs each shared value: the gradients using it directly or through a later shared value.
+    positions = [t.name for t in op_plan.op.inputs]
+    users = {name: set() for name, _ in values}
+    for g, leaf in leaves:
+        for name in _shared_names(rewritten[id(leaf)].expr, users):
+            users[name].add(positions.index(gradients[g].plan.like))
+    for name, value in reversed(values):
+        for used in _shared_names(value.expr, users):
+            users[used] |= users[name]
+    gradients = [LoweredExpr(g.plan, tuple(_replace_leaves(t, rewritten) for t in g.terms)) for g in gradients]
+    shared = tuple(Shared(name, value, tuple(sorted(users[name]))) for name, value in values)
+    return tuple(gradients), shared
+
+
+def _shared_names(expr: sympy.Expr, known) -> list[str]:
+    names = {a.base.label.name for a in expr.atoms(sympy.Indexed)} | {s.name for s in expr.free_symbols}
+    return [n for n in names if n in known]
+
+
+def _replace_leaves(node: Node, rewritten: dict[int, Leaf]) -> Node:
+    if isinstance(node, Leaf):
+        return rewritten.get(id(node), node)
+    if isinstance(node, Product):
+        return replace(node, factors=tuple(_replace_leaves(f, rewritten) for f in node.factors))
+    if isinstance(node, Einsum):
+        return replace(node, operands=tuple(_replace_leaves(o, rewritten) for o in node.operands))
+    if isinstance(node, MatMul):
+        return replace(node, left=_replace_leaves(node.left, rewritten), right=_replace_leaves(node.right, rewritten))
+    return replace(node, source=_replace_leaves(node.source, rewritten))
 
 
 def _broadcast_term(term: TermPlan) -> Node:

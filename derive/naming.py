@@ -19,6 +19,9 @@ def size(index: str) -> str:
     return f"size_{index}"
 
 
+SHARED_PREFIX = "shared_"   # values the backward computes once for several gradients: shared_0, shared_1, ...
+
+
 def forward(op: str) -> str:
     return f"{op}_forward"
 
@@ -32,7 +35,7 @@ def module_file(op: str) -> str:
 
 
 def is_generated_name(name: str) -> bool:
-    return name.startswith(("grad_", "size_")) or name.endswith(("_forward", "_backward"))
+    return name.startswith(("grad_", "size_", SHARED_PREFIX)) or name.endswith(("_forward", "_backward"))
 
 
 def name_problem(name: str) -> str | None:
@@ -46,5 +49,5 @@ def name_problem(name: str) -> str | None:
     if name in RESERVED:
         return f"'{name}' shadows a Python or torch name used in generated code"
     if is_generated_name(name):
-        return f"'{name}' collides with generated names (grad_*, size_*, *_forward, *_backward)"
+        return f"'{name}' collides with generated names (grad_*, size_*, shared_*, *_forward, *_backward)"
     return None

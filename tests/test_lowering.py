@@ -1,0 +1,119 @@
+"""Derivation, shape plans and lowering: the structure of what is generated, not just its values."""
+
+import textwrap
+
+import pytest
+import sympy
+import torch
+
+from derive.build import build_op, render_catalog
+from derive.lower import Einsum, MatMul, largest_intermediate_violations, walk
+from derive.printing import render_expr
+from derive.spec import parse_catalog
+from derive.testing import check_gradients, gradcheck_op, load_module
+
+from conftest import CATALOG, OPS
+
+
+def code_lines(op_name, style):
+    lowered = build_op(CATALOG.op(op_name)).lowered[style]
+    return {g.plan.target: render_expr(g) for g in lowered.gradients}
+
+
+def test_broadcast_style_reproduces_the_seed_patterns():
+    assert code_lines("linear", "broadcast") == {
+        "grad_x": "(grad_y.unsqueeze(1) * w).sum(dim=-1)",
+        "grad_w": "(x.unsqueeze(-1) * grad_y.unsqueeze(1)).sum(dim=0)",
+        "grad_b": "grad_y.sum(0)",
+    }
+
+
+def test_contraction_style_uses_matrix_products():
+    assert code_lines("linear", "contraction") == {
+        "grad_x": "grad_y @ w.T",
+        "grad_w": "x.T @ grad_y",
+        "grad_b": "grad_y.sum(0)",
+    }
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_contraction_style_never_outgrows_the_tensors_it_holds(op_name):
+    assert largest_intermediate_violations(build_op(CATALOG.op(op_name)).lowered["contraction"]) == []
+
+
+def test_memory_check_flags_the_broadcast_product():
+    violations = largest_intermediate_violations(build_op(CATALOG.op("linear")).lowered["broadcast"])
+    assert "grad_x: Product over ('n', 'k', 'm')" in violations
+
+
+def test_relu_kink_is_explicit_and_follows_torch():
+    gradient = build_op(CATALOG.op("relu")).derivation.gradients[0]
+    steps = gradient.partial.atoms(sympy.Heaviside)
+    assert steps and all(step.args[1] == 0 for step in steps)
+    assert code_lines("relu", "contraction") == {"grad_x": "torch.where(x <= 0, 0, grad_y)"}
+
+
+def test_relu_backward_passes_the_gradient_where_x_is_nan():
+    module = load_module_for("relu")
+    x = torch.tensor([float("nan"), 0.0, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    grad_y = torch.arange(1.0, 5.0, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(torch.relu(x), x, grad_y)
+    (actual,) = module.relu_backward(grad_y, x.detach())
+    torch.testing.assert_close(actual, expected, equal_nan=True)
+
+
+def load_module_for(op_name, style="contraction"):
+    from conftest import generated_module
+    return generated_module(op_name, style)
+
+
+def spec_module(tmp_path, text, style="contraction"):
+    catalog = parse_catalog(textwrap.dedent(text), "test.toml")
+    files = render_catalog(catalog, (style,))
+    (path, source), = [(p, s) for p, s in files.items()]
+    target = tmp_path / path.replace("/", "_")
+    target.write_text(source)
+    return catalog.ops[0], load_module(target)
+
+
+@pytest.mark.parametrize("order", ["k, j", "j, k", "nested_kj", "nested_jk"])
+def test_deltas_are_eliminated_whatever_the_sum_order(tmp_path, order):
+    body = "x[n, k] * w[k, j] * v[j, m]"
+    summed = {"k, j": f"sum({body}, k, j)", "j, k": f"sum({body}, j, k)",
+              "nested_kj": f"sum(sum({body}, k), j)", "nested_jk": f"sum(sum({body}, j), k)"}[order]
+    op, module = spec_module(tmp_path, f'''
+        [ops.chain]
+        inputs = ["x[n, k]", "w[k, j]", "v[j, m]"]
+        equation = "y[n, m] = {summed}"
+        reference = "x @ w @ v"
+    ''')
+    built = build_op(op)
+    for gradient in built.derivation.gradients:
+        assert not gradient.vjp.has(sympy.KroneckerDelta, sympy.Piecewise), gradient.vjp
+    nodes = [n for g in built.lowered["contraction"].gradients for t in g.terms for n in walk(t)]
+    assert any(isinstance(n, (Einsum, MatMul)) for n in nodes)
+    gradcheck_op(op, module)
+    check_gradients(op, module)
+
+
+@pytest.mark.parametrize("step, reference", [(0, "torch.relu(x)"), (0.5, "(x + torch.abs(x)) / 2"),
+                                             (1, "torch.clamp_min(x, 0)")])
+def test_value_at_the_kink_follows_the_spec(tmp_path, step, reference):
+    op, module = spec_module(tmp_path, f'''
+        [ops.ramp]
+        inputs = ["x[i]"]
+        equation = "y[i] = Max(x[i], 0)"
+        reference = "{reference}"
+        step_at_zero = {step}
+    ''')
+    check_gradients(op, module, kinks=True)
+
+
+def test_summing_a_constant_multiplies_by_the_size(tmp_path):
+    op, module = spec_module(tmp_path, '''
+        [ops.spread]
+        inputs = ["x[n]", "w[k]"]
+        equation = "y[n] = sum(x[n] * 2 + w[k], k)"
+        reference = "x * 2 * w.shape[0] + w.sum()"
+    ''')
+    check_gradients(op, module)
