@@ -21,6 +21,7 @@ import sympy
 
 from . import naming
 from .model import OpSpec, SpecError
+from .functions import stabilize
 from .spec import index_symbol, scalar_symbol, tensor_symbol
 
 
@@ -57,19 +58,27 @@ class Derivation:
     """Everything derived for one op; code, docs and `explain` all render this one record."""
 
     op: OpSpec
-    forward_terms: tuple[Term, ...]           # the forward right-hand side as canonical terms
+    forward: sympy.Expr                       # the right-hand side in numerically stable form (functions.py)
+    forward_terms: tuple[Term, ...]           # ... as canonical terms
     gradients: tuple[GradientDerivation, ...]  # one per differentiable input, in input order
 
     @property
     def grad_output(self) -> str:
         return naming.grad(self.op.output)
 
+    @property
+    def uses_output(self) -> bool:
+        """Whether some gradient reuses the forward's result."""
+        output = self.op.output
+        return any(output in {a.base.label.name for a in g.vjp.atoms(sympy.Indexed)}
+                   | {s.name for s in g.vjp.free_symbols} for g in self.gradients)
+
 
 def tensor_symbols(op: OpSpec) -> frozenset[sympy.Symbol]:
     """The 0-d tensors of an op (as opposed to hyperparameters and sizes)."""
-    names = [t.name for t in op.inputs if not t.indices] + [op.output]
+    names = [t.name for t in op.inputs if not t.indices]
     if not op.output_indices:
-        names.append(naming.grad(op.output))
+        names += [op.output, naming.grad(op.output)]
     return frozenset(scalar_symbol(n) for n in names)
 
 
@@ -79,16 +88,18 @@ def depends_on_tensor(expr: sympy.Expr, scalars: frozenset[sympy.Symbol]) -> boo
 
 def derive(op: OpSpec) -> Derivation:
     scalars = tensor_symbols(op)
-    gradients = tuple(_derive_input(op, tensor.name, scalars) for tensor in op.inputs if tensor.differentiable)
-    forward_terms = tuple(expand_terms(op.rhs, scalars))
-    return Derivation(op=op, forward_terms=forward_terms, gradients=gradients)
+    forward = stabilize(op.rhs)
+    gradients = tuple(_derive_input(op, forward, tensor.name, scalars)
+                      for tensor in op.inputs if tensor.differentiable)
+    return Derivation(op=op, forward=forward, forward_terms=tuple(expand_terms(forward, scalars)),
+                      gradients=gradients)
 
 
-def _derive_input(op: OpSpec, name: str, scalars) -> GradientDerivation:
+def _derive_input(op: OpSpec, forward: sympy.Expr, name: str, scalars) -> GradientDerivation:
     tensor = op.input(name)
     primed = {d: index_symbol(f"{d}'", op.size_of(d)) for d in tensor.indices}
     wrt = tensor_symbol(name)[tuple(primed.values())] if tensor.indices else scalar_symbol(name)
-    partial = _explicit_kinks(sympy.diff(op.rhs, wrt), op.step_at_zero)
+    partial = _explicit_kinks(sympy.diff(forward, wrt), op.step_at_zero)
 
     out_indices = [index_symbol(o, op.size_of(o)) for o in op.output_indices]
     grad_out = naming.grad(op.output)
@@ -102,7 +113,7 @@ def _derive_input(op: OpSpec, name: str, scalars) -> GradientDerivation:
         term = _eliminate_deltas(term, op, name)
         if term is not None:
             terms.append(_rename_primed(term, primed, op))
-    terms = _combine(terms)
+    terms = [_reuse_output(t, op, forward) for t in _combine(terms)]
     vjp = sympy.Add(*[t.to_expr() for t in terms])
     terms = [Term(t.coefficient, tuple(_lower_kinks(f) for f in t.factors), t.summed) for t in terms]
     return GradientDerivation(input=name, indices=tensor.indices, wrt=wrt, partial=partial,
@@ -125,6 +136,27 @@ def _lower_kinks(expr: sympy.Expr) -> sympy.Expr:
             return sympy.Piecewise((0, arg < 0), (1, True))
         return sympy.Piecewise((0, arg < 0), (at_zero, sympy.Eq(arg, 0)), (1, True))
     return expr.replace(lambda e: isinstance(e, sympy.Heaviside), piecewise)
+
+
+def _reuse_output(term: Term, op: OpSpec, forward: sympy.Expr) -> Term:
+    """Replace each occurrence of the forward expression (at any indices) by the saved result."""
+    if isinstance(forward, (sympy.Indexed, sympy.Symbol)) or not forward.has(sympy.Function, sympy.Pow):
+        return term
+    indices = [index_symbol(o, op.size_of(o)) for o in op.output_indices]
+    output = tensor_symbol(op.output) if indices else scalar_symbol(op.output)
+
+    def as_output(expr):
+        if expr.func != forward.func:
+            return None
+        candidates = [i for i in expr.atoms(sympy.Idx)]
+        for chosen in itertools.permutations(candidates, len(indices)):
+            renaming = dict(zip(indices, chosen))
+            if all(a.upper == b.upper for a, b in renaming.items()) and forward.xreplace(renaming) == expr:
+                return output[chosen] if chosen else output
+        return None
+
+    factors = tuple(f.replace(lambda e: as_output(e) is not None, as_output) for f in term.factors)
+    return Term(term.coefficient, factors, term.summed)
 
 
 # --- canonical terms -------------------------------------------------------------------------

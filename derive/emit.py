@@ -76,6 +76,7 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
             shared=tuple((s.name, render(s.value).text) for s in lowered.shared if s.users == (position,))))
     outputs = [naming.grad(t.name) for t in op.inputs if t.differentiable]
     returns = [naming.grad(t.name) if t.differentiable else "None" for t in op.inputs]
+    params = [f"{p.name}={p.default!r}" for p in op.params]
     output_access = f"{op.output}[{', '.join(op.output_indices)}]" if op.output_indices else op.output
     context = dict(
         source=comment_safe(source),
@@ -83,10 +84,13 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
         op=op,
         doc=docstring_safe(op.doc),
         equation=docstring_safe(op.equation),
-        signature=", ".join([t.name for t in op.inputs] + [f"{p.name}={p.default!r}" for p in op.params]),
+        signature=", ".join([t.name for t in op.inputs] + params),
+        backward_signature=", ".join([derivation.grad_output] + [t.name for t in op.inputs]
+                                     + ([op.output] if derivation.uses_output else []) + params),
         input_list=", ".join(t.name for t in op.inputs),
         needs_default=_tuple(["True"] * len(op.inputs)),
         output_access=output_access,
+        uses_output=derivation.uses_output,
         forward=dict(name=naming.forward(op.name), code=forward_code,
                      sizes=size_bindings(op, [lowered.forward])),
         backward=dict(name=naming.backward(op.name), grad_output=derivation.grad_output,

@@ -20,6 +20,7 @@ import sympy
 
 from . import naming
 from .derivation import depends_on_tensor, tensor_symbols
+from .naming import BATCH
 from .plan import ExprPlan, OpPlan, TermPlan, free_indices
 from .spec import tensor_symbol
 
@@ -121,7 +122,7 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
     term = _broadcast_term if style == "broadcast" else _contraction_term
 
     def lower_expr(expr_plan: ExprPlan) -> LoweredExpr:
-        return LoweredExpr(expr_plan, tuple(term(t) for t in expr_plan.terms))
+        return LoweredExpr(expr_plan, tuple(term(t, expr_plan.indices) for t in expr_plan.terms))
 
     gradients, shared = _share_common(op_plan, [lower_expr(g) for g in op_plan.gradients])
     return LoweredOp(op_plan, style, lower_expr(op_plan.forward), gradients, shared)
@@ -179,14 +180,14 @@ def _replace_leaves(node: Node, rewritten: dict[int, Leaf]) -> Node:
     return replace(node, source=_replace_leaves(node.source, rewritten))
 
 
-def _broadcast_term(term: TermPlan) -> Node:
+def _broadcast_term(term: TermPlan, target: tuple[str, ...]) -> Node:
     leaves = [Leaf(o.expr, o.indices) for o in term.operands]
     used = {i for leaf in leaves for i in leaf.indices}
     node = leaves[0] if len(leaves) == 1 else Product(tuple(leaves), tuple(i for i in term.aligned if i in used))
     return _finish(node, term.summed, term)
 
 
-def _contraction_term(term: TermPlan) -> Node:
+def _contraction_term(term: TermPlan, target: tuple[str, ...]) -> Node:
     nodes = [Leaf(o.expr, o.indices) for o in term.operands]
     summed = list(term.summed)
     nodes = _merge_nested(nodes)
@@ -199,7 +200,8 @@ def _contraction_term(term: TermPlan) -> Node:
             summed = [i for i in summed if i not in alone]
     if len(nodes) == 1:
         return _finish(nodes[0], tuple(summed), term)
-    result = tuple(i for i in term.aligned if i not in summed and any(i in n.indices for n in nodes))
+    # Contractions may produce any dim order: produce the target's, so no transpose follows.
+    result = tuple(i for i in target if any(i in n.indices for n in nodes))
     if len(nodes) == 2:
         return _finish(_pair(nodes[0], nodes[1], set(summed), result), (), term)
     return _finish(Einsum(tuple(nodes), result), (), term)
@@ -228,7 +230,7 @@ def _pair(a: Node, b: Node, summed: set[str], result: tuple[str, ...]) -> Node:
     batch = tuple(i for i in result if i in a.indices and i in b.indices)
     a_free = [i for i in result if i in a.indices and i not in b.indices]
     b_free = [i for i in result if i in b.indices and i not in a.indices]
-    matrix = len(contracted) == 1 and len(a_free) <= 1 and len(b_free) <= 1 and (not batch or (a_free and b_free))
+    matrix = contracted != (BATCH,) and len(contracted) == 1 and len(a_free) <= 1 and len(b_free) <= 1 and (not batch or (a_free and b_free))
     if not matrix:
         return Einsum((a, b), result)
     # The operand whose free dim comes first in the result goes on the left.

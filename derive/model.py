@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import sympy
 
+from .naming import BATCH
+
 
 class SpecError(Exception):
     """A problem with a spec, reported to the user as one line (no traceback)."""
@@ -70,6 +72,8 @@ class OpSpec:
     def index_order(self) -> tuple[str, ...]:
         """Every index in order of first appearance: inputs, then output."""
         seen: dict[str, None] = {}
+        if any(BATCH in t.indices for t in self.inputs) or BATCH in self.output_indices:
+            seen[BATCH] = None    # batch dims always lead
         for tensor in self.inputs:
             seen.update(dict.fromkeys(tensor.indices))
         seen.update(dict.fromkeys(self.output_indices))

@@ -14,9 +14,12 @@ def grad(name: str) -> str:
     return f"grad_{name}"
 
 
+BATCH = "..."   # the ellipsis index: any number of leading (batch) dims
+
+
 def size(index: str) -> str:
-    """The runtime length of the dim an index ranges over."""
-    return f"size_{index}"
+    """The runtime length of the dim an index ranges over (for `...`, the product of the batch dims)."""
+    return "size_batch" if index == BATCH else f"size_{index}"
 
 
 SHARED_PREFIX = "shared_"   # values the backward computes once for several gradients: shared_0, shared_1, ...

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import sympy
 
 from .derivation import Derivation, Term, tensor_symbols
-from .model import OpSpec, SpecError
+from .functions import bound_indices
+from .model import OpSpec
+from .naming import BATCH
 from .spec import size_symbol
 
 
@@ -50,6 +52,7 @@ class ExprPlan:
     like: str | None                  # input whose exact shape it must have (None for the forward)
     indices: tuple[str, ...]          # its dims, in order
     terms: tuple[TermPlan, ...]       # summands (empty: identically zero)
+    unbroadcast: bool = False         # batch dims broadcast against another input's: sum back to `like`'s shape
 
 
 @dataclass(frozen=True)
@@ -80,16 +83,14 @@ def _plan_expr(op, terms, target, like, indices, order, stand_in) -> ExprPlan:
         reading[f"grad_{op.output}"] = reading[stand_in]
     plans = [_plan_term(op, term, indices, order, scalars, reading) for term in terms]
     plans.sort(key=lambda t: min((_reading_position(o.expr, reading, scalars) for o in t.operands), default=0))
-    return ExprPlan(target=target, like=like, indices=indices, terms=tuple(plans))
+    unbroadcast = like is not None and BATCH in indices and \
+        any(BATCH in t.indices for t in op.inputs if t.name != like)
+    return ExprPlan(target=target, like=like, indices=indices, terms=tuple(plans), unbroadcast=unbroadcast)
 
 
 def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, reading) -> TermPlan:
-    for factor in term.factors:
-        if factor.has(sympy.Sum):
-            raise SpecError(f"a reduction nested inside a nonlinear function ({factor}) is not supported yet",
-                            path=op.source, op=op.name)
     factors = _fold_piecewise(list(term.factors))
-    operands = [Operand(f, _ordered(free_indices(f), order)) for f in factors]
+    operands = [Operand(f, _own_order(f, order)) for f in factors]
     operands.sort(key=lambda o: (_reading_position(o.expr, reading, scalars), sympy.default_sort_key(o.expr)))
     present = {i for o in operands for i in o.indices}
     # Summing something constant along an index is multiplying by that index's size.
@@ -103,7 +104,20 @@ def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, 
 
 
 def free_indices(expr: sympy.Expr) -> set[str]:
-    return {i.name for access in expr.atoms(sympy.Indexed) for i in access.indices}
+    """Index names `expr` depends on, leaving out those a sum, logsumexp or softmax binds."""
+    if isinstance(expr, sympy.Idx):
+        return {expr.name}
+    if isinstance(expr, sympy.Indexed):
+        return set().union(*(free_indices(i) for i in expr.indices))
+    inner = set().union(*(free_indices(a) for a in expr.args)) if expr.args else set()
+    return inner - bound_indices(expr)
+
+
+def _own_order(expr: sympy.Expr, order) -> tuple[str, ...]:
+    """A plain access keeps its tensor's dim order; an elementwise expression takes the op's order."""
+    if isinstance(expr, sympy.Indexed):
+        return tuple(i.name for i in expr.indices)
+    return _ordered(free_indices(expr), order)
 
 
 def _ordered(indices, order) -> tuple[str, ...]:

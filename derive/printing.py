@@ -15,6 +15,7 @@ from sympy.printing.pytorch import TorchPrinter
 
 from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, walk
 from .model import OpSpec
+from .naming import BATCH
 from .spec import size_symbol
 
 ATOM, MUL, ADD = PRECEDENCE["Atom"], PRECEDENCE["Mul"], PRECEDENCE["Add"]
@@ -41,6 +42,7 @@ def align(code: Code, want: tuple[str, ...]) -> Code:
 
     Its own dims are permuted into `want`'s order, then every dim of `want` it lacks
     gets an `unsqueeze`, except leading ones, which broadcasting adds by itself.
+    With batch dims (`...`) the rank is unknown, so dims are counted from the end.
     """
     extra = set(code.indices) - set(want)
     if extra:
@@ -53,20 +55,30 @@ def align(code: Code, want: tuple[str, ...]) -> Code:
     if not present:
         return Code(text, present, level)
     first = want.index(present[0])
-    for position in range(first, len(want)):
-        if want[position] not in code.indices:
-            dim = -1 if position == len(want) - 1 else position - first
-            text = (text if level >= ATOM else f"({text})") + f".unsqueeze({dim})"
-            level = ATOM
+    missing = [p for p in range(first, len(want)) if want[p] not in code.indices]
+    if BATCH in want:
+        # right to left, so that each negative position is already final when it is used
+        dims = [p - len(want) for p in reversed(missing)]
+    else:
+        dims = [-1 if p == len(want) - 1 else p - first for p in missing]
+    for dim in dims:
+        text = (text if level >= ATOM else f"({text})") + f".unsqueeze({dim})"
+        level = ATOM
     return Code(text, want[first:], level)
 
 
 def _permutation(have: tuple[str, ...], want: tuple[str, ...]) -> str:
     order = [have.index(i) for i in want]
-    if len(order) == 2:
+    if len(order) == 2 and BATCH not in have:
         return ".T"
     if order[:-2] == list(range(len(order) - 2)):
         return ".mT"
+    if BATCH in have:
+        if order[0] != 0:
+            raise ValueError(f"batch dims '...' must lead: cannot permute {have} into {want}")
+        source = tuple(p - len(order) for p in order[1:])
+        target = tuple(p - len(order) for p in range(1, len(order)))
+        return f".movedim({source}, {target})"
     return f".permute({', '.join(map(str, order))})"
 
 
@@ -160,10 +172,20 @@ def render(node: Node) -> Code:
         method = "mean" if node.mean else "sum"
         if set(node.summed) == set(source.indices):
             return Code(f"{source.atom()}.{method}()", node.indices)
-        dims = [_dim(source.indices.index(i), len(source.indices)) for i in node.summed]
-        dim = dims[0] if len(dims) == 1 else f"({', '.join(dims)})"
-        argument = dim if isinstance(node.source, Leaf) else f"dim={dim}"
-        return Code(f"{source.atom()}.{method}({argument})", node.indices)
+        named = [i for i in node.summed if i != BATCH]
+        text = source.atom()
+        if named:
+            batched = BATCH in source.indices
+            dims = [_dim(source.indices.index(i), len(source.indices), batched) for i in named]
+            dim = dims[0] if len(dims) == 1 else f"({', '.join(dims)})"
+            argument = dim if isinstance(node.source, Leaf) else f"dim={dim}"
+            text += f".{method}({argument})"
+        if BATCH in node.summed:
+            if node.mean:
+                raise ValueError("a mean over the batch dims '...' together with other dims is not supported")
+            # sum_to_size reduces however many leading dims the batch has, none included
+            text += f".sum_to_size({_tuple([size_symbol(i).name for i in node.indices])})"
+        return Code(text, node.indices)
     if isinstance(node, MatMul):
         left = _arranged(render(node.left), node.left_layout)
         right = _arranged(render(node.right), node.right_layout)
@@ -186,13 +208,19 @@ def _arranged(code: Code, layout: tuple[str, ...]) -> Code:
     return Code(code.atom() + _permutation(code.indices, layout), layout)
 
 
-def _dim(position: int, ndim: int) -> str:
+def _dim(position: int, ndim: int, batched: bool = False) -> str:
+    if batched:
+        return str(position - ndim)
     return "-1" if position == ndim - 1 and ndim > 1 else str(position)
+
+
+def _tuple(items: list[str]) -> str:
+    return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
 
 
 def _letters(indices: list[str]) -> dict[str, str]:
     """einsum subscripts: an index keeps its name when that is one free letter."""
-    letters: dict[str, str] = {}
+    letters: dict[str, str] = {BATCH: "..."}
     for index in dict.fromkeys(indices):
         if len(index) == 1 and index.isalpha() and index not in letters.values():
             letters[index] = index
@@ -229,10 +257,13 @@ def render_expr(lowered: LoweredExpr) -> str:
             text += " - " + part.text[1:]
         else:
             text += " + " + part.operand(ADD + 1)
+    atomic = len(parts) == 1 and parts[0].precedence >= ATOM
     covered = set().union(*(p.indices for p in parts))
     if covered != set(plan.indices):
-        text = f"({text}).expand_as({plan.like})" if len(parts) > 1 or parts[0].precedence < ATOM \
-            else f"{text}.expand_as({plan.like})"
+        text = (text if atomic else f"({text})") + f".expand_as({plan.like})"
+        atomic = True
+    if plan.unbroadcast:
+        text = (text if atomic else f"({text})") + f".sum_to_size({plan.like}.shape)"
     return text
 
 
@@ -246,12 +277,23 @@ def size_bindings(op: OpSpec, exprs: list[LoweredExpr]) -> list[tuple[str, str]]
                     used |= node.expr.free_symbols
                 elif isinstance(node, Scaled):
                     used |= node.coefficient.free_symbols
+                elif isinstance(node, Reduce) and BATCH in node.summed:
+                    used |= {size_symbol(i) for i in node.indices}
     bindings = []
     for index, representative in sorted(dict(op.index_sizes).items()):
         if index == representative and size_symbol(index) in used:
             tensor = next(t for t in op.inputs if index in t.indices)
-            bindings.append((size_symbol(index).name, f"{tensor.name}.shape[{tensor.indices.index(index)}]"))
+            bindings.append((size_symbol(index).name, _shape_of(tensor.name, tensor.indices, index)))
     return bindings
+
+
+def _shape_of(name: str, indices: tuple[str, ...], index: str) -> str:
+    """Source for the length of `index` in a tensor with dims `indices`."""
+    named = len(indices) - 1 if BATCH in indices else len(indices)
+    if index == BATCH:
+        return f"{name}.shape[:-{named}].numel()" if named else f"{name}.numel()"
+    position = indices.index(index)
+    return f"{name}.shape[{position - len(indices) if BATCH in indices else position}]"
 
 
 class IndexNotationPrinter(sympy.printing.str.StrPrinter):

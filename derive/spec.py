@@ -16,8 +16,9 @@ from pathlib import Path
 
 import sympy
 
-from . import naming
+from . import functions, naming
 from .model import Catalog, OpSpec, Param, SpecError, TensorInput
+from .naming import BATCH
 
 MAX_SOURCE_CHARS = 4000
 MAX_AST_NODES = 600
@@ -27,18 +28,15 @@ OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "params",
 REQUIRED_KEYS = ("inputs", "equation", "reference")
 
 
-def _sigmoid(arg):
-    return 1 / (1 + sympy.exp(-arg))
-
-
 # Spec function name -> SymPy constructor. Everything else is refused.
 FUNCTIONS = {
     "exp": sympy.exp, "log": sympy.log, "sqrt": sympy.sqrt, "tanh": sympy.tanh,
-    "sin": sympy.sin, "cos": sympy.cos, "erf": sympy.erf, "sigmoid": _sigmoid,
+    "sin": sympy.sin, "cos": sympy.cos, "erf": sympy.erf,
+    "sigmoid": functions.sigmoid, "softplus": functions.softplus, "log1p": functions.log1p,
     "Abs": sympy.Abs, "abs": sympy.Abs,
     "Max": sympy.Max, "max": sympy.Max, "Min": sympy.Min, "min": sympy.Min,
 }
-REDUCTIONS = ("sum", "mean")
+REDUCTIONS = ("sum", "mean", "logsumexp", "softmax")
 NOT_DIFFERENTIABLE = {"floor", "ceil", "round", "sign", "trunc", "argmax", "argmin"}
 CONSTANTS = {"pi": sympy.pi}
 COMPARISONS = {ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge}
@@ -180,7 +178,7 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
     output, output_indices, rhs = parser.parse(entry["equation"])
     if output in names or output in {p.name for p in params}:
         raise locator.error(f"the result '{output}' has the name of an input or param", name, "equation")
-    for index in parser.sizes:
+    for index in set(parser.sizes) - {BATCH}:
         problem = naming.name_problem(index)
         if problem:
             raise locator.error(f"bad index name: {problem}", name, "equation")
@@ -218,19 +216,34 @@ def _parse_declaration(text: str, op: str, locator: _Locator):
     if isinstance(node, ast.Name):
         name, indices = node.id, ()
     elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
-        elements = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
-        if not all(isinstance(e, ast.Name) for e in elements):
-            raise locator.error(f"bad input declaration {text!r}: indices must be names", op, "inputs")
-        name, indices = node.value.id, tuple(e.id for e in elements)
+        indices = _index_names(node)
+        if indices is None:
+            raise locator.error(f"bad input declaration {text!r}: indices must be names, "
+                                f"optionally after a leading '...'", op, "inputs")
+        name = node.value.id
     else:
         raise locator.error(f"bad input declaration {text!r}: expected name[index, ...]", op, "inputs")
-    for item in (name, *indices):
+    for item in (name, *[i for i in indices if i != BATCH]):
         problem = naming.name_problem(item)
         if problem:
             raise locator.error(f"bad input declaration {text!r}: {problem}", op, "inputs")
     if len(set(indices)) != len(indices):
         raise locator.error(f"input '{name}' repeats an index; each dim needs its own index name", op, "inputs")
     return TensorInput(name, indices, True), None
+
+
+def _index_names(node: ast.Subscript) -> tuple[str, ...] | None:
+    """The index names of `t[i, j]` or `t[..., i]`; None when something else is inside the brackets."""
+    elements = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+    names = []
+    for position, element in enumerate(elements):
+        if isinstance(element, ast.Constant) and element.value is Ellipsis and position == 0:
+            names.append(BATCH)
+        elif isinstance(element, ast.Name):
+            names.append(element.id)
+        else:
+            return None
+    return tuple(names)
 
 
 @dataclass
@@ -280,9 +293,8 @@ class _EquationParser:
         if isinstance(node, ast.Name):
             return node.id, ()
         if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
-            elements = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
-            if all(isinstance(e, ast.Name) for e in elements):
-                indices = tuple(e.id for e in elements)
+            indices = _index_names(node)
+            if indices is not None:
                 if len(set(indices)) != len(indices):
                     raise self.error("the left-hand side repeats an index", node)
                 problem = naming.name_problem(node.value.id)
@@ -332,16 +344,20 @@ class _EquationParser:
         if not isinstance(node.value, ast.Name):
             raise self.error("only inputs can be indexed, as name[index, ...]", node)
         tensor = self._tensor(node.value.id, node)
-        elements = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
-        if not all(isinstance(e, ast.Name) for e in elements):
-            raise self.error(f"'{tensor.name}' must be indexed by index names", node)
-        indices = tuple(e.id for e in elements)
+        indices = _index_names(node)
+        if indices is None:
+            raise self.error(f"'{tensor.name}' must be indexed by index names (and a leading '...')", node)
+        if (BATCH in indices) != (BATCH in tensor.indices):
+            raise self.error(f"input '{tensor.name}' is declared {'with' if BATCH in tensor.indices else 'without'} "
+                             f"batch dims '...' and must be indexed the same way", node)
         if len(indices) != len(tensor.indices):
             raise self.error(f"input '{tensor.name}' is declared with {len(tensor.indices)} dim(s) "
                              f"[{', '.join(tensor.indices)}] but indexed with {len(indices)}", node)
         if len(set(indices)) != len(indices):
             raise self.error(f"'{tensor.name}' is indexed with a repeated index (diagonals are not supported)", node)
         for index, declared in zip(indices, tensor.indices):
+            if (index == BATCH) != (declared == BATCH):
+                raise self.error(f"'...' must stand where '{tensor.name}' declares it", node)
             if index in (t.name for t in self.inputs) or index in self.params:
                 raise self.error(f"'{index}' is a tensor or param, not an index", node)
             size = self.sizes.setdefault(index, self.sizes[declared])
@@ -418,14 +434,25 @@ class _EquationParser:
         body, free = self._expr(node.args[0])
         limits, count = [], sympy.Integer(1)
         for arg in node.args[1:]:
-            if not isinstance(arg, ast.Name):
+            if isinstance(arg, ast.Constant) and arg.value is Ellipsis:
+                index = BATCH
+            elif isinstance(arg, ast.Name):
+                index = arg.id
+            else:
                 raise self.error(f"{name}() reduces over index names, not expressions", arg)
-            if arg.id not in free:
-                raise self.error(f"{name}() over index '{arg.id}', which its operand does not use", arg)
-            idx = index_symbol(arg.id, self.sizes[arg.id])
+            if index not in free:
+                raise self.error(f"{name}() over index '{index}', which its operand does not use", arg)
+            idx = index_symbol(index, self.sizes[index])
             limits.append((idx, 0, idx.upper))
             count *= idx.upper + 1
-            free = free - {arg.id}
+            free = free - {index}
+        if name in ("logsumexp", "softmax"):
+            if len(limits) != 1:
+                raise self.error(f"{name}() takes an expression and exactly one index", node)
+            index = limits[0][0]
+            if name == "softmax":
+                return functions.softmax(body, index), free | {index.name}
+            return functions.logsumexp(body, index), free
         total = sympy.Sum(body, *limits)
         return (total / count if name == "mean" else total), free
 

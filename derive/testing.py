@@ -79,6 +79,21 @@ def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.flo
     return tensors
 
 
+def uses_output(op: OpSpec) -> bool:
+    from .derivation import derive
+    return derive(op).uses_output
+
+
+def call_backward(op: OpSpec, module: ModuleType, grad_output, inputs, output=None, **keywords):
+    """`<op>_backward(grad_output, *inputs[, output])`: the forward's result is passed when the backward reuses it."""
+    backward = getattr(module, naming.backward(op.name))
+    if uses_output(op):
+        if output is None:
+            output = getattr(module, naming.forward(op.name))(*inputs)
+        return backward(grad_output, *inputs, output, **keywords)
+    return backward(grad_output, *inputs, **keywords)
+
+
 def autograd_gradients(function, inputs, grad_output, differentiable):
     """Gradients of `function` by torch.autograd, for the inputs flagged differentiable (None elsewhere)."""
     leaves = [t.detach().requires_grad_(flag) for t, flag in zip(inputs, differentiable)]
@@ -92,7 +107,6 @@ def check_gradients(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=N
                     kinks: bool = False) -> None:
     """The generated backward equals autograd of the torch reference, with exactly each input's shape."""
     forward = getattr(module, naming.forward(op.name))
-    backward = getattr(module, naming.backward(op.name))
     inputs = make_inputs(op, sizes, dtype, seed, kinks)
     expected_output = reference(op)(*inputs)
     output = forward(*inputs)
@@ -101,7 +115,7 @@ def check_gradients(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=N
                               dtype=torch.float64).to(dtype)
     differentiable = [t.differentiable for t in op.inputs]
     expected = autograd_gradients(reference(op), inputs, grad_output, differentiable)
-    actual = backward(grad_output, *inputs)
+    actual = call_backward(op, module, grad_output, inputs, output)
     assert len(actual) == len(op.inputs), f"{op.name}: backward returned {len(actual)} values for {len(op.inputs)} inputs"
     for tensor, flag, got, want in zip(op.inputs, differentiable, actual, expected):
         if not flag:
@@ -116,7 +130,6 @@ def check_gradients(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=N
 def gradcheck_op(op: OpSpec, module: ModuleType, sizes=None, seed: int = 0) -> None:
     """float64 torch.autograd.gradcheck of forward + generated backward (via an autograd.Function)."""
     forward = getattr(module, naming.forward(op.name))
-    backward = getattr(module, naming.backward(op.name))
 
     class Generated(torch.autograd.Function):
         @staticmethod
@@ -125,11 +138,12 @@ def gradcheck_op(op: OpSpec, module: ModuleType, sizes=None, seed: int = 0) -> N
 
         @staticmethod
         def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(*inputs)
+            ctx.save_for_backward(*inputs, output)
 
         @staticmethod
         def backward(ctx, grad_output):
-            return backward(grad_output, *ctx.saved_tensors, needs_input_grad=ctx.needs_input_grad)
+            *inputs, output = ctx.saved_tensors
+            return call_backward(op, module, grad_output, inputs, output, needs_input_grad=ctx.needs_input_grad)
 
     inputs = make_inputs(op, sizes, torch.float64, seed, requires_grad=False)
     inputs = [t.requires_grad_(meta.differentiable) for t, meta in zip(inputs, op.inputs)]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from derive import naming
-from derive.testing import check_gradients, gradcheck_op, make_inputs
+from derive.testing import call_backward, check_gradients, gradcheck_op, make_inputs
 
 from conftest import CATALOG, KINK_OPS, generated_module
 
@@ -32,7 +32,7 @@ def test_gradient_shapes_exact(op, style):
     for chosen in ({}, sizes):
         inputs = make_inputs(op, chosen)
         output = getattr(module, naming.forward(op.name))(*inputs)
-        grads = getattr(module, naming.backward(op.name))(torch.ones_like(output), *inputs)
+        grads = call_backward(op, module, torch.ones_like(output), inputs, output)
         for tensor, grad in zip(inputs, grads):
             assert grad.shape == tensor.shape
 
@@ -41,12 +41,11 @@ def test_needs_input_grad_skips_gradients(op):
     module = generated_module(op.name)
     inputs = make_inputs(op)
     output = getattr(module, naming.forward(op.name))(*inputs)
-    backward = getattr(module, naming.backward(op.name))
     for skipped in range(len(inputs)):
         flags = tuple(position != skipped for position in range(len(inputs)))
-        grads = backward(torch.ones_like(output), *inputs, needs_input_grad=flags)
+        grads = call_backward(op, module, torch.ones_like(output), inputs, output, needs_input_grad=flags)
         assert grads[skipped] is None
-        full = backward(torch.ones_like(output), *inputs)
+        full = call_backward(op, module, torch.ones_like(output), inputs, output)
         for position, (grad, reference) in enumerate(zip(grads, full)):
             if position != skipped and reference is not None:
                 torch.testing.assert_close(grad, reference)

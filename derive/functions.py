@@ -1,0 +1,193 @@
+"""The function table: SymPy functions derive adds, and the rewrites that make specs stable.
+
+Each function states its derivative in terms of itself, so a backward that needs
+sigmoid(x) or softmax(x) again can reuse the forward's result. The rewrites turn
+numerically fragile spellings of a spec into these functions before differentiation:
+
+    log(1 + exp(a))            -> softplus(a)          (no overflow for large a)
+    1 / (1 + exp(-a))          -> sigmoid(a)
+    log(sum(exp(a), c))        -> logsumexp(a, c)      (max-shifted by torch.logsumexp)
+    exp(a) / sum(exp(a), c)    -> softmax(a, c)        (max-shifted by torch.softmax)
+    log(softmax(a, c))         -> a - logsumexp(a, c)
+    log(sigmoid(a))            -> -softplus(-a)
+    log(1 + a)                 -> log1p(a)
+
+They apply to any spec, matched structurally on the SymPy tree.
+"""
+
+from __future__ import annotations
+
+import sympy
+from sympy.codegen.cfunctions import log1p
+
+
+class sigmoid(sympy.Function):  # noqa: N801 - named like the math
+    """1 / (1 + exp(-a))."""
+
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return self * (1 - self)
+
+    def _eval_rewrite_as_exp(self, arg, **kwargs):
+        return 1 / (1 + sympy.exp(-arg))
+
+
+class softplus(sympy.Function):  # noqa: N801
+    """log(1 + exp(a))."""
+
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return sigmoid(self.args[0])
+
+
+def _fresh(index: sympy.Idx, expr: sympy.Expr) -> sympy.Idx:
+    """A new index over the same range as `index`, unused in `expr`."""
+    taken = {s.name for s in expr.free_symbols} | {i.name for i in expr.atoms(sympy.Idx)}
+    name = index.name + "'"
+    while name in taken:
+        name += "'"
+    return sympy.Idx(name, index.upper + 1)
+
+
+class logsumexp(sympy.Function):  # noqa: N801
+    """log(sum(exp(body), index)): `index` is bound."""
+
+    nargs = 2
+    is_real = True
+
+    @property
+    def body(self):
+        return self.args[0]
+
+    @property
+    def index(self):
+        return self.args[1]
+
+    def _eval_derivative(self, symbol):
+        return sympy.Sum(softmax(self.body, self.index) * self.body.diff(symbol), (self.index, 0, self.index.upper))
+
+
+class softmax(sympy.Function):  # noqa: N801
+    """exp(body) / sum(exp(body), index), at the position `index` (which stays free)."""
+
+    nargs = 2
+    is_real = True
+
+    @property
+    def body(self):
+        return self.args[0]
+
+    @property
+    def index(self):
+        return self.args[1]
+
+    def _eval_derivative(self, symbol):
+        other = _fresh(self.index, self)
+        moved = self.body.xreplace({self.index: other})
+        rest = sympy.Sum(softmax(moved, other) * moved.diff(symbol), (other, 0, other.upper))
+        return self * (self.body.diff(symbol) - rest)
+
+
+class one_hot(sympy.Function):  # noqa: N801
+    """1 where the integer tensor value `target` equals the index `position`, else 0 (a Kronecker delta)."""
+
+    nargs = 2
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return sympy.S.Zero
+
+
+BINDING = (sympy.Sum, logsumexp)       # constructs that bind an index
+STABLE_FUNCTIONS = (sigmoid, softplus, logsumexp, softmax, log1p)
+
+
+def bound_indices(expr) -> set[str]:
+    if isinstance(expr, sympy.Sum):
+        return {limit[0].name for limit in expr.limits}
+    if isinstance(expr, logsumexp):
+        return {expr.index.name}
+    return set()
+
+
+def stabilize(expr: sympy.Expr) -> sympy.Expr:
+    """Apply the rewrites above until nothing changes."""
+    previous = None
+    while previous != expr:
+        previous = expr
+        expr = expr.replace(_is_softplus, lambda e: softplus(_exp_argument(_one_plus_rest(e.args[0]))))
+        expr = expr.replace(_is_sigmoid, lambda e: sigmoid(-_exp_argument(_one_plus_rest(e.base))))
+        expr = expr.replace(_is_logsumexp, lambda e: logsumexp(e.args[0].function.args[0], e.args[0].limits[0][0]))
+        expr = expr.replace(lambda e: isinstance(e, sympy.Mul), _softmax_in_product)
+        expr = expr.replace(lambda e: isinstance(e, sympy.log) and isinstance(e.args[0], softmax),
+                            lambda e: e.args[0].body - logsumexp(e.args[0].body, e.args[0].index))
+        expr = expr.replace(lambda e: isinstance(e, sympy.log) and isinstance(e.args[0], sigmoid),
+                            lambda e: -softplus(-e.args[0].args[0]))
+        expr = expr.replace(lambda e: isinstance(e, sympy.log) and _one_plus_rest(e.args[0]) is not None,
+                            lambda e: log1p(_one_plus_rest(e.args[0])))
+    return expr
+
+
+def _one_plus_rest(expr):
+    """`a` when expr is 1 + a, else None."""
+    if isinstance(expr, sympy.Add) and sympy.S.One in expr.args:
+        return expr - 1
+    return None
+
+
+def _exp_argument(expr):
+    return expr.args[0] if isinstance(expr, sympy.exp) else None
+
+
+def _is_softplus(expr) -> bool:
+    return isinstance(expr, sympy.log) and _exp_argument(_one_plus_rest(expr.args[0])) is not None
+
+
+def _is_sigmoid(expr) -> bool:
+    return (isinstance(expr, sympy.Pow) and expr.exp == -1
+            and _exp_argument(_one_plus_rest(expr.base)) is not None)
+
+
+def _is_logsumexp(expr) -> bool:
+    return (isinstance(expr, sympy.log) and isinstance(expr.args[0], sympy.Sum)
+            and len(expr.args[0].limits) == 1 and isinstance(expr.args[0].function, sympy.exp))
+
+
+def _softmax_in_product(product: sympy.Mul) -> sympy.Expr:
+    """exp(a[c]) * sum(exp(a[c']), c')**-k  ->  softmax(a, c) * sum(...)**-(k-1), pairing each exp with one sum."""
+    factors = list(sympy.Mul.make_args(product))
+    changed = True
+    while changed:
+        changed = False
+        for position, factor in enumerate(factors):
+            base, power = factor.as_base_exp()
+            if not (isinstance(base, sympy.Sum) and power.is_negative and len(base.limits) == 1
+                    and isinstance(base.function, sympy.exp)):
+                continue
+            bound = base.limits[0][0]
+            for other_position, other in enumerate(factors):
+                if not isinstance(other, sympy.exp):
+                    continue
+                match = _index_renaming(base.function.args[0], other.args[0], bound)
+                if match is not None:
+                    factors[other_position] = softmax(other.args[0], match)
+                    factors[position] = base ** (power + 1)
+                    changed = True
+                    break
+            if changed:
+                break
+    return sympy.Mul(*factors)
+
+
+def _index_renaming(pattern: sympy.Expr, candidate: sympy.Expr, bound: sympy.Idx):
+    """The index `i` with pattern[bound -> i] == candidate, if there is one."""
+    for index in candidate.atoms(sympy.Idx):
+        if index.upper == bound.upper and pattern.xreplace({bound: index}) == candidate:
+            return index
+    return None
+
+
+__all__ = ["sigmoid", "softplus", "logsumexp", "softmax", "one_hot", "log1p", "stabilize", "bound_indices",
+           "BINDING", "STABLE_FUNCTIONS"]
