@@ -21,7 +21,7 @@ import sympy
 
 from . import naming
 from .model import OpSpec, SpecError
-from .functions import stabilize
+from .functions import one_hot, stabilize
 from .spec import index_symbol, scalar_symbol, tensor_symbol
 
 
@@ -230,6 +230,11 @@ def _eliminate_deltas(term: Term, op: OpSpec, name: str) -> Term | None:
             old, new = a, b
         elif b in summed:
             old, new = b, a
+        elif isinstance(a, sympy.Idx) != isinstance(b, sympy.Idx):
+            # delta(idx[n], v) with v not summed: 1 where the integer tensor's value is v
+            value, position = (b, a) if isinstance(a, sympy.Idx) else (a, b)
+            factors = [f.xreplace({delta: one_hot(value, position)}) for f in factors]
+            continue
         else:
             raise SpecError(f"the gradient of '{name}' keeps a Kronecker delta {delta} between two free indices",
                             path=op.source, op=op.name)

@@ -20,6 +20,7 @@ import sympy
 
 from . import naming
 from .derivation import depends_on_tensor, tensor_symbols
+from .functions import one_hot
 from .naming import BATCH
 from .plan import ExprPlan, OpPlan, TermPlan, free_indices
 from .spec import tensor_symbol
@@ -76,6 +77,17 @@ class Einsum:
 
 
 @dataclass(frozen=True)
+class Scatter:
+    """Rows of `source` (dims rows + rest) added into a zero tensor shaped like `like` at the rows `index` names."""
+
+    source: "Node"
+    index: str                     # integer input holding the row numbers, with dims `rows`
+    rows: tuple[str, ...]
+    like: str                      # input whose shape (and dtype, device) the result has
+    indices: tuple[str, ...]       # the result's dims: the gathered dim first
+
+
+@dataclass(frozen=True)
 class Scaled:
     """An index-free coefficient times `source`."""
 
@@ -87,7 +99,7 @@ class Scaled:
         return self.source.indices
 
 
-Node = Union[Leaf, Product, Reduce, MatMul, Einsum, Scaled]
+Node = Union[Leaf, Product, Reduce, MatMul, Einsum, Scatter, Scaled]
 
 
 @dataclass(frozen=True)
@@ -122,7 +134,7 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
     term = _broadcast_term if style == "broadcast" else _contraction_term
 
     def lower_expr(expr_plan: ExprPlan) -> LoweredExpr:
-        return LoweredExpr(expr_plan, tuple(term(t, expr_plan.indices) for t in expr_plan.terms))
+        return LoweredExpr(expr_plan, tuple(term(t, expr_plan.indices, expr_plan.like) for t in expr_plan.terms))
 
     gradients, shared = _share_common(op_plan, [lower_expr(g) for g in op_plan.gradients])
     return LoweredOp(op_plan, style, lower_expr(op_plan.forward), gradients, shared)
@@ -177,19 +189,47 @@ def _replace_leaves(node: Node, rewritten: dict[int, Leaf]) -> Node:
         return replace(node, operands=tuple(_replace_leaves(o, rewritten) for o in node.operands))
     if isinstance(node, MatMul):
         return replace(node, left=_replace_leaves(node.left, rewritten), right=_replace_leaves(node.right, rewritten))
-    return replace(node, source=_replace_leaves(node.source, rewritten))
+    return replace(node, source=_replace_leaves(node.source, rewritten))  # Reduce, Scaled, Scatter
 
 
-def _broadcast_term(term: TermPlan, target: tuple[str, ...]) -> Node:
+def _broadcast_term(term: TermPlan, target: tuple[str, ...], like: str | None) -> Node:
     leaves = [Leaf(o.expr, o.indices) for o in term.operands]
     used = {i for leaf in leaves for i in leaf.indices}
     node = leaves[0] if len(leaves) == 1 else Product(tuple(leaves), tuple(i for i in term.aligned if i in used))
     return _finish(node, term.summed, term)
 
 
-def _contraction_term(term: TermPlan, target: tuple[str, ...]) -> Node:
+def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None) -> Node:
     nodes = [Leaf(o.expr, o.indices) for o in term.operands]
-    summed = list(term.summed)
+    scatter = _scatter(nodes, set(term.summed), target, like)
+    if scatter is not None:
+        return _finish(scatter, (), term)
+    node, summed = _contract(nodes, list(term.summed), target)
+    return _finish(node, tuple(summed), term)
+
+
+def _scatter(nodes: list[Node], summed: set[str], target: tuple[str, ...], like: str | None) -> Node | None:
+    """sum over n of one_hot(idx[n], v) * f[n, d]  ->  index_add of f's rows into row idx[n] of a zero tensor."""
+    for node in nodes:
+        if not (isinstance(node.expr, one_hot) and like is not None):
+            continue
+        value, position = node.expr.args
+        rows = tuple(i.name for i in value.indices)
+        rest = tuple(i for i in target if i != position.name)
+        if target[:1] != (position.name,) or not set(rows) <= summed:
+            continue
+        others = [n for n in nodes if n is not node]
+        source, left = _contract(others, [i for i in summed if i not in rows], rows + rest)
+        if left or set(source.indices) != set(rows + rest):
+            continue
+        return Scatter(source, value.base.label.name, rows, like, target)
+    return None
+
+
+def _contract(nodes: list[Node], summed: list[str], target: tuple[str, ...]) -> tuple[Node, list[str]]:
+    """Contract operands over `summed`; returns the node and the indices it still has to sum."""
+    if not nodes:
+        raise ValueError("nothing to contract")
     nodes = _merge_nested(nodes)
     # A summed dim that only one operand has is reduced before anything is multiplied.
     for position, node in enumerate(nodes):
@@ -199,12 +239,12 @@ def _contraction_term(term: TermPlan, target: tuple[str, ...]) -> Node:
             nodes[position] = Reduce(node, alone, mean=False)
             summed = [i for i in summed if i not in alone]
     if len(nodes) == 1:
-        return _finish(nodes[0], tuple(summed), term)
+        return nodes[0], summed
     # Contractions may produce any dim order: produce the target's, so no transpose follows.
     result = tuple(i for i in target if any(i in n.indices for n in nodes))
     if len(nodes) == 2:
-        return _finish(_pair(nodes[0], nodes[1], set(summed), result), (), term)
-    return _finish(Einsum(tuple(nodes), result), (), term)
+        return _pair(nodes[0], nodes[1], set(summed), result), []
+    return Einsum(tuple(nodes), result), []
 
 
 def _merge_nested(nodes: list[Node]) -> list[Node]:
@@ -263,7 +303,7 @@ def children(node: Node) -> tuple[Node, ...]:
         return node.operands
     if isinstance(node, MatMul):
         return node.left, node.right
-    if isinstance(node, (Reduce, Scaled)):
+    if isinstance(node, (Reduce, Scaled, Scatter)):
         return (node.source,)
     return ()
 

@@ -41,6 +41,8 @@ class TensorInput:
     name: str                    # argument name in the generated functions
     indices: tuple[str, ...]     # one index name per dim, as declared in `inputs`
     differentiable: bool         # whether the backward returns a gradient for it
+    integer: bool = False        # an integer tensor whose values index another input (a gather)
+    value_range: str | None = None  # for an integer input: the size its values range over
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,9 @@ def _plan_expr(op, terms, target, like, indices, order, stand_in) -> ExprPlan:
 
 def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, reading) -> TermPlan:
     factors = _fold_piecewise(list(term.factors))
-    operands = [Operand(f, _own_order(f, order)) for f in factors]
+    # Elementwise operands take the target's dim order where they can, so that no transpose follows.
+    preferred = tuple(target) + tuple(i for i in order if i not in target)
+    operands = [Operand(f, _own_order(f, preferred)) for f in factors]
     operands.sort(key=lambda o: (_reading_position(o.expr, reading, scalars), sympy.default_sort_key(o.expr)))
     present = {i for o in operands for i in o.indices}
     # Summing something constant along an index is multiplying by that index's size.
@@ -115,7 +117,7 @@ def free_indices(expr: sympy.Expr) -> set[str]:
 
 def _own_order(expr: sympy.Expr, order) -> tuple[str, ...]:
     """A plain access keeps its tensor's dim order; an elementwise expression takes the op's order."""
-    if isinstance(expr, sympy.Indexed):
+    if isinstance(expr, sympy.Indexed) and all(isinstance(i, sympy.Idx) for i in expr.indices):
         return tuple(i.name for i in expr.indices)
     return _ordered(free_indices(expr), order)
 

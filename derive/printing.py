@@ -13,8 +13,10 @@ import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.pytorch import TorchPrinter
 
-from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, walk
+from .plan import free_indices
+from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, walk
 from .model import OpSpec
+from .functions import one_hot
 from .naming import BATCH
 from .spec import size_symbol
 
@@ -90,8 +92,85 @@ class TorchCodePrinter(TorchPrinter):
         self.layout = layout
 
     def _print_Indexed(self, expr):
-        access = Code(expr.base.label.name, tuple(i.name for i in expr.indices))
+        if all(isinstance(i, sympy.Idx) for i in expr.indices):
+            access = Code(expr.base.label.name, tuple(i.name for i in expr.indices))
+        else:
+            access = self._gather(expr)
         return align(access, self.layout).text
+
+    def _gather(self, expr) -> Code:
+        """`w[idx[n], d]` -> `w[idx]`;  `x[n, t[n]]` -> `x.gather(1, t.unsqueeze(1)).squeeze(1)`."""
+        name = expr.base.label.name
+        positions = [p for p, i in enumerate(expr.indices) if not isinstance(i, sympy.Idx)]
+        plain = tuple(i.name for i in expr.indices if isinstance(i, sympy.Idx))
+        index_tensors = [expr.indices[p] for p in positions]
+        if positions == list(range(len(positions))) and len(positions) == 1:
+            value = index_tensors[0]
+            value_dims = tuple(i.name for i in value.indices)
+            if not set(value_dims) & set(plain):
+                return Code(f"{name}[{value.base.label.name}]", value_dims + plain)
+        if len(positions) == 1:
+            value = index_tensors[0]
+            if tuple(i.name for i in value.indices) == plain:
+                position = positions[0] - len(expr.indices) if BATCH in plain else positions[0]
+                return Code(f"{name}.gather({position}, {value.base.label.name}.unsqueeze({position}))"
+                            f".squeeze({position})", plain)
+        raise ValueError(f"unsupported gather pattern {expr}: index the leading dim (w[idx[n], d]) "
+                         f"or one dim by a tensor over the others (x[n, t[n]])")
+
+    def _sub(self, expr, layout: tuple[str, ...]) -> Code:
+        """`expr` printed in its own layout, for a reduction or softmax to work on."""
+        return Code(TorchCodePrinter(layout)._print(expr), layout, precedence(expr))
+
+    def _own_layout(self, expr, last: tuple[str, ...] = ()) -> tuple[str, ...]:
+        free = free_indices(expr)
+        return tuple(i for i in self.layout if i in free and i not in last) + last
+
+    def _reduced(self, body, bound: tuple[str, ...], method: str, keep: tuple[str, ...]) -> str:
+        layout = self._own_layout(body, bound)
+        inner = self._sub(body, layout)
+        text = f"{inner.atom()}.{method}" if method != "torch.logsumexp" else ""
+        if len(bound) == len(layout) and method != "torch.logsumexp":
+            return align(Code(f"{text}()", ()), self.layout).text
+        batched = BATCH in layout
+        dims = [_dim(layout.index(i), len(layout), batched) for i in bound]
+        if BATCH in bound:
+            raise ValueError("a reduction over the batch dims '...' inside another expression is not supported")
+        dim = dims[0] if len(dims) == 1 else f"({', '.join(dims)})"
+        result = f"torch.logsumexp({inner.text}, dim={dim})" if method == "torch.logsumexp" else f"{text}({dim})"
+        return align(Code(result, keep), self.layout).text
+
+    def _print_Sum(self, expr):
+        bound = tuple(limit[0].name for limit in expr.limits)
+        keep = tuple(i for i in self._own_layout(expr.function) if i not in bound)
+        return self._reduced(expr.function, bound, "sum", keep)
+
+    def _print_logsumexp(self, expr):
+        bound = (expr.index.name,)
+        keep = tuple(i for i in self._own_layout(expr.body) if i not in bound)
+        return self._reduced(expr.body, bound, "torch.logsumexp", keep)
+
+    def _print_softmax(self, expr):
+        layout = self._own_layout(expr.body)
+        inner = self._sub(expr.body, layout)
+        dim = _dim(layout.index(expr.index.name), len(layout), BATCH in layout)
+        return align(Code(f"torch.softmax({inner.text}, dim={dim})", layout), self.layout).text
+
+    def _print_one_hot(self, expr):
+        value, position = expr.args
+        size = self._print(position.upper + 1)
+        dims = tuple(i.name for i in value.indices) + (position.name,)
+        code = Code(f"torch.nn.functional.one_hot({value.base.label.name}, {size})", dims)
+        return align(code, self.layout).text
+
+    def _print_sigmoid(self, expr):
+        return f"torch.sigmoid({self._print(expr.args[0])})"
+
+    def _print_softplus(self, expr):
+        return f"torch.nn.functional.softplus({self._print(expr.args[0])})"
+
+    def _print_log1p(self, expr):
+        return f"torch.log1p({self._print(expr.args[0])})"
 
     def _print_Relational(self, expr):
         left = self.parenthesize(expr.lhs, PRECEDENCE["Relational"] + 1)
@@ -196,6 +275,14 @@ def render(node: Node) -> Code:
         spec = ",".join("".join(letters[i] for i in o.indices) for o in operands)
         spec += "->" + "".join(letters[i] for i in node.indices)
         return Code(f"torch.einsum(\"{spec}\", {', '.join(o.text for o in operands)})", node.indices)
+    if isinstance(node, Scatter):
+        layout = node.rows + node.indices[1:]
+        source = _arranged(render(node.source), layout)
+        rest = [size_symbol(i).name for i in node.indices[1:]]
+        flat = len(node.rows) == 1
+        rows = source.text if flat else f"{source.atom()}.reshape({', '.join(['-1'] + rest)})"
+        index = node.index if flat else f"{node.index}.reshape(-1)"
+        return Code(f"torch.zeros_like({node.like}).index_add(0, {index}, {rows})", node.indices)
     if isinstance(node, Scaled):
         source = render(node.source)
         return Code(_scale(node.coefficient, source), source.indices, MUL)
@@ -274,11 +361,13 @@ def size_bindings(op: OpSpec, exprs: list[LoweredExpr]) -> list[tuple[str, str]]
         for term in expr.terms:
             for node in walk(term):
                 if isinstance(node, Leaf):
-                    used |= node.expr.free_symbols
+                    used |= node.expr.free_symbols | {h.args[1].upper + 1 for h in node.expr.atoms(one_hot)}
                 elif isinstance(node, Scaled):
                     used |= node.coefficient.free_symbols
                 elif isinstance(node, Reduce) and BATCH in node.summed:
                     used |= {size_symbol(i) for i in node.indices}
+                elif isinstance(node, Scatter) and len(node.rows) > 1:
+                    used |= {size_symbol(i) for i in node.indices[1:]}
     bindings = []
     for index, representative in sorted(dict(op.index_sizes).items()):
         if index == representative and size_symbol(index) in used:

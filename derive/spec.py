@@ -24,7 +24,7 @@ MAX_SOURCE_CHARS = 4000
 MAX_AST_NODES = 600
 MAX_AST_DEPTH = 40
 
-OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "params", "step_at_zero"}
+OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "integer", "params", "step_at_zero"}
 REQUIRED_KEYS = ("inputs", "equation", "reference")
 
 
@@ -160,12 +160,17 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
             raise locator.error(f"param '{param}' needs a number as default", name, "params")
         params.append(Param(param, float(default)))
 
-    differentiable = entry.get("differentiable", names)
+    integer = entry.get("integer", [])
+    if not isinstance(integer, list) or not all(isinstance(d, str) and d in names for d in integer):
+        raise locator.error("'integer' must be a list of input names", name, "integer")
+    differentiable = entry.get("differentiable", [n for n in names if n not in integer])
     if not isinstance(differentiable, list) or not all(isinstance(d, str) for d in differentiable):
         raise locator.error("'differentiable' must be a list of input names", name, "differentiable")
     for item in differentiable:
         if item not in names:
             raise locator.error(f"'differentiable' names '{item}', which is not an input", name, "differentiable")
+        if item in integer:
+            raise locator.error(f"integer input '{item}' cannot be differentiable", name, "differentiable")
     if not differentiable:
         raise locator.error("no differentiable input: there is no backward to derive", name, "differentiable")
 
@@ -173,9 +178,14 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
     if isinstance(step, bool) or not isinstance(step, (int, float)):
         raise locator.error("'step_at_zero' must be a number", name, "step_at_zero")
 
-    tensors = tuple(TensorInput(t.name, t.indices, t.name in differentiable) for t, _ in inputs)
+    tensors = tuple(TensorInput(t.name, t.indices, t.name in differentiable, t.name in integer) for t, _ in inputs)
     parser = _EquationParser(name, tensors, tuple(p.name for p in params), locator)
     output, output_indices, rhs = parser.parse(entry["equation"])
+    for tensor in tensors:
+        if tensor.integer and tensor.name not in parser.value_ranges:
+            raise locator.error(f"integer input '{tensor.name}' is never used as an index", name, "integer")
+    tensors = tuple(TensorInput(t.name, t.indices, t.differentiable, t.integer, parser.value_ranges.get(t.name))
+                    for t in tensors)
     if output in names or output in {p.name for p in params}:
         raise locator.error(f"the result '{output}' has the name of an input or param", name, "equation")
     for index in set(parser.sizes) - {BATCH}:
@@ -255,6 +265,7 @@ class _EquationParser:
     params: tuple[str, ...]
     locator: _Locator
     sizes: dict[str, str] = field(default_factory=dict)   # index -> declared index whose size it has
+    value_ranges: dict[str, str] = field(default_factory=dict)  # integer input -> size its values index
 
     def error(self, message: str, node: ast.AST | None = None) -> SpecError:
         return self.locator.error(message, self.op, "equation", node)
@@ -320,7 +331,11 @@ class _EquationParser:
                                  f"{node.id}[{', '.join(tensor.indices)}]", node)
             return scalar_symbol(node.id), set()
         if isinstance(node, ast.Subscript):
-            return self._access(node)
+            access, free = self._access(node)
+            if self._tensor(node.value.id, node).integer:
+                raise self.error(f"integer input '{node.value.id}' can only be used as an index, "
+                                 f"as in w[{node.value.id}[...], d]", node)
+            return access, free
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             value, free = self._expr(node.operand)
             return (-value if isinstance(node.op, ast.USub) else value), free
@@ -344,6 +359,10 @@ class _EquationParser:
         if not isinstance(node.value, ast.Name):
             raise self.error("only inputs can be indexed, as name[index, ...]", node)
         tensor = self._tensor(node.value.id, node)
+        elements = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        gathered = {p: e for p, e in enumerate(elements) if isinstance(e, ast.Subscript)}
+        if gathered:
+            return self._gather(node, tensor, elements, gathered)
         indices = _index_names(node)
         if indices is None:
             raise self.error(f"'{tensor.name}' must be indexed by index names (and a leading '...')", node)
@@ -366,6 +385,38 @@ class _EquationParser:
                                  f"'{size}' and '{self.sizes[declared]}' (dim of {tensor.name})", node)
         idx = [index_symbol(i, self.sizes[i]) for i in indices]
         return tensor_symbol(tensor.name)[tuple(idx)], set(indices)
+
+    def _gather(self, node, tensor: TensorInput, elements, gathered):
+        """`w[idx[n], d]`: positions indexed by the values of an integer input."""
+        if len(elements) != len(tensor.indices):
+            raise self.error(f"input '{tensor.name}' is declared with {len(tensor.indices)} dim(s) "
+                             f"but indexed with {len(elements)}", node)
+        indices, free = [], set()
+        for position, (element, declared) in enumerate(zip(elements, tensor.indices)):
+            if position in gathered:
+                index_tensor = self._tensor(getattr(element.value, "id", ""), element)
+                if not index_tensor.integer:
+                    raise self.error(f"'{index_tensor.name}' indexes '{tensor.name}' but is not listed in 'integer'",
+                                     element)
+                value, value_free = self._access(element)
+                previous = self.value_ranges.setdefault(index_tensor.name, self.sizes[declared])
+                if previous != self.sizes[declared]:
+                    raise self.error(f"integer input '{index_tensor.name}' indexes dims of two different sizes",
+                                     element)
+                indices.append(value)
+                free |= value_free
+            elif isinstance(element, ast.Constant) and element.value is Ellipsis and declared == BATCH:
+                indices.append(index_symbol(BATCH, self.sizes[BATCH]))
+                free.add(BATCH)
+            elif isinstance(element, ast.Name):
+                size = self.sizes.setdefault(element.id, self.sizes[declared])
+                if size != self.sizes[declared]:
+                    raise self.error(f"index '{element.id}' is used with two different sizes", element)
+                indices.append(index_symbol(element.id, size))
+                free.add(element.id)
+            else:
+                raise self.error(f"'{tensor.name}' must be indexed by index names or integer inputs", element)
+        return tensor_symbol(tensor.name)[tuple(indices)], free
 
     def _binop(self, node: ast.BinOp):
         left, left_free = self._expr(node.left)

@@ -72,6 +72,9 @@ def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.flo
     tensors = []
     for tensor in op.inputs:
         shape = tuple(sizes[index_sizes[i]] for i in tensor.indices)
+        if tensor.integer:
+            tensors.append(torch.randint(0, sizes[tensor.value_range], shape, generator=generator))
+            continue
         value = torch.randn(shape, generator=generator, dtype=torch.float64)
         if kinks:
             value = torch.where(torch.rand(shape, generator=generator, dtype=torch.float64) < 1 / 3, 0.0, value)

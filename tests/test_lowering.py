@@ -70,7 +70,7 @@ def load_module_for(op_name, style="contraction"):
 def spec_module(tmp_path, text, style="contraction"):
     catalog = parse_catalog(textwrap.dedent(text), "test.toml")
     files = render_catalog(catalog, (style,))
-    (path, source), = [(p, s) for p, s in files.items()]
+    (path, source), = [(p, s) for p, s in files.items() if p.endswith(".py")]
     target = tmp_path / path.replace("/", "_")
     target.write_text(source)
     return catalog.ops[0], load_module(target)
