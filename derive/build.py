@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from . import naming
 from .derivation import Derivation, derive
 from .emit import render_module
+from .explain import DERIVATIONS_FILE, explain, render_derivations
 from .lower import STYLES, LoweredOp, lower
 from .model import Catalog, OpSpec
 from .plan import plan
@@ -43,9 +44,14 @@ def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
     else:
         source, command = spec_arg, f"derive generate --spec {spec_arg} --out {out_arg}"
     files = {}
+    explanations = []
     for op in catalog.ops:
-        built = build_op(op, styles)
+        built = build_op(op)     # every style: the derivations document shows both
         for style in styles:
             path = STYLE_DIRS[style] + naming.module_file(op.name)
             files[path] = render_module(built.derivation, built.lowered[style], source, command)
+        if "contraction" in styles:
+            explanations.append(explain(built))
+    if explanations:    # beside the contraction-style modules, once per catalog
+        files[DERIVATIONS_FILE] = render_derivations(explanations, source, command)
     return files
