@@ -21,7 +21,7 @@ import sympy
 
 from . import naming
 from .model import OpSpec, SpecError
-from .functions import one_hot, stabilize
+from .functions import canonical, one_hot, stabilize
 from .spec import index_symbol, scalar_symbol, tensor_symbol
 
 
@@ -99,7 +99,7 @@ def _derive_input(op: OpSpec, forward: sympy.Expr, name: str, scalars) -> Gradie
     tensor = op.input(name)
     primed = {d: index_symbol(f"{d}'", op.size_of(d)) for d in tensor.indices}
     wrt = tensor_symbol(name)[tuple(primed.values())] if tensor.indices else scalar_symbol(name)
-    partial = _explicit_kinks(sympy.diff(forward, wrt), op.step_at_zero)
+    partial = _explicit_kinks(_deltas_out_of_piecewise(sympy.diff(forward, wrt)), op.step_at_zero)
 
     out_indices = [index_symbol(o, op.size_of(o)) for o in op.output_indices]
     grad_out = naming.grad(op.output)
@@ -118,6 +118,25 @@ def _derive_input(op: OpSpec, forward: sympy.Expr, name: str, scalars) -> Gradie
     terms = [Term(t.coefficient, tuple(_lower_kinks(f) for f in t.factors), t.summed) for t in terms]
     return GradientDerivation(input=name, indices=tensor.indices, wrt=wrt, partial=partial,
                               vjp_raw=vjp_raw, vjp=vjp, terms=tuple(terms))
+
+
+def _split_piecewise(piecewise: sympy.Piecewise) -> tuple[list[sympy.Expr], sympy.Expr]:
+    """Piecewise((d * a, c), (d * b, True)) -> ([d], Piecewise((a, c), (b, True))) for deltas d in every branch."""
+    branches = [set(sympy.Mul.make_args(value)) for value, _ in piecewise.args if value != 0]
+    common = set.intersection(*branches) if branches else set()
+    deltas = sorted((f for f in common if isinstance(f, sympy.KroneckerDelta)), key=sympy.default_sort_key)
+    if not deltas:
+        return [], piecewise
+    rest = sympy.Piecewise(*[(value / sympy.Mul(*deltas), condition) for value, condition in piecewise.args])
+    return deltas, rest
+
+
+def _deltas_out_of_piecewise(expr: sympy.Expr) -> sympy.Expr:
+    """The partial derivative with deltas moved out of Piecewise branches, for display and elimination."""
+    def pull(piecewise):
+        deltas, rest = _split_piecewise(piecewise)
+        return sympy.Mul(*deltas) * rest
+    return expr.replace(lambda e: isinstance(e, sympy.Piecewise) and _split_piecewise(e)[0], pull)
 
 
 def _explicit_kinks(expr: sympy.Expr, step_at_zero: sympy.Expr) -> sympy.Expr:
@@ -162,10 +181,10 @@ def _reuse_output(term: Term, op: OpSpec, forward: sympy.Expr) -> Term:
 # --- canonical terms -------------------------------------------------------------------------
 
 def expand_terms(expr: sympy.Expr, scalars: frozenset[sympy.Symbol]) -> list[Term]:
-    """Split `expr` into terms with every Sum pulled to the top of its term.
+    """Split `expr` into terms with every Sum that is a factor pulled to the top of its term.
 
-    Products distribute over sums only where a summand holds a Sum or a delta; other
-    sums such as (pred - target) stay whole, as one elementwise factor.
+    Products distribute over sums only where a summand holds a delta; other sums such
+    as (pred - target) or (x - mean(x)) stay whole, as one elementwise factor.
     """
     expr = sympy.sympify(expr)
     if isinstance(expr, sympy.Add):
@@ -182,33 +201,50 @@ def expand_terms(expr: sympy.Expr, scalars: frozenset[sympy.Symbol]) -> list[Ter
             if lower != 0 or not isinstance(index, sympy.Idx) or upper != index.upper:
                 raise ValueError(f"unexpected summation limits {limit}")
             bound.append(index)
-        return [_multiply(Term(sympy.Integer(1), (), tuple(bound)), t) for t in expand_terms(expr.function, scalars)]
+        terms = [_rename_bound(t, {i.name for i in bound}) for t in expand_terms(expr.function, scalars)]
+        return [Term(t.coefficient, t.factors, tuple(bound) + t.summed) for t in terms]
     return [_atom(expr, scalars)]
 
 
 def _arg_terms(arg, scalars):
     """Terms of one factor of a product; a plain sum such as (pred - target) stays one factor."""
-    if isinstance(arg, sympy.Add) and not arg.has(sympy.Sum, sympy.KroneckerDelta):
+    if isinstance(arg, sympy.Add) and not arg.has(sympy.KroneckerDelta):
         return [_atom(arg, scalars)]
     return expand_terms(arg, scalars)
 
 
 def _atom(expr, scalars) -> Term:
+    if isinstance(expr, sympy.Piecewise):
+        deltas, rest = _split_piecewise(expr)
+        if deltas:   # SymPy folds products into Piecewise branches; the deltas must stay visible
+            return Term(sympy.Integer(1), (*deltas, rest), ())
     if depends_on_tensor(expr, scalars) or expr.has(sympy.KroneckerDelta):
         return Term(sympy.Integer(1), (expr,), ())
     return Term(expr, (), ())
 
 
 def _multiply(a: Term, b: Term) -> Term:
-    """Product of two terms; b's summation indices are renamed where they clash with a's."""
-    taken = {s.name for s in a.to_expr().free_symbols | set(a.summed)} | {i.name for i in a.summed}
-    factors, summed = b.factors, list(b.summed)
+    """Product of two terms; summation indices of either that clash with the other's are renamed."""
+    a = _rename_bound(a, _index_names(b))
+    b = _rename_bound(b, _index_names(a))
+    return Term(a.coefficient * b.coefficient, a.factors + b.factors, a.summed + b.summed)
+
+
+def _index_names(term: Term) -> set[str]:
+    """Every index name a term mentions, free or bound."""
+    return {i.name for f in term.factors for i in f.atoms(sympy.Idx)} | {i.name for i in term.summed}
+
+
+def _rename_bound(term: Term, avoid: set[str]) -> Term:
+    factors, summed = term.factors, list(term.summed)
+    taken = avoid | _index_names(term)
     for position, index in enumerate(summed):
-        if index.name in taken or index in a.summed:
-            fresh = _fresh_index(index, taken | {i.name for i in summed})
+        if index.name in avoid:
+            fresh = _fresh_index(index, taken)
+            taken.add(fresh.name)
             factors = tuple(f.xreplace({index: fresh}) for f in factors)
             summed[position] = fresh
-    return Term(a.coefficient * b.coefficient, a.factors + factors, a.summed + tuple(summed))
+    return Term(term.coefficient, factors, tuple(summed))
 
 
 def _fresh_index(index: sympy.Idx, taken: set[str]) -> sympy.Idx:
@@ -274,9 +310,9 @@ def _rename_primed(term: Term, primed: dict[str, sympy.Idx], op: OpSpec) -> Term
 
 def _combine(terms: list[Term]) -> list[Term]:
     """Add the coefficients of terms that have the same factors and sums."""
-    merged: dict[tuple, Term] = {}
+    merged: dict[sympy.Expr, Term] = {}
     for term in terms:
-        key = (tuple(sorted(term.factors, key=sympy.default_sort_key)), term.summed)
+        key = canonical(Term(sympy.Integer(1), term.factors, term.summed).to_expr())
         if key in merged:
             previous = merged[key]
             term = Term(previous.coefficient + term.coefficient, previous.factors, previous.summed)

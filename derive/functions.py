@@ -42,12 +42,12 @@ class softplus(sympy.Function):  # noqa: N801
         return sigmoid(self.args[0])
 
 
-def _fresh(index: sympy.Idx, expr: sympy.Expr) -> sympy.Idx:
-    """A new index over the same range as `index`, unused in `expr`."""
-    taken = {s.name for s in expr.free_symbols} | {i.name for i in expr.atoms(sympy.Idx)}
-    name = index.name + "'"
+def _fresh(index: sympy.Idx, *exprs: sympy.Expr) -> sympy.Idx:
+    """A new index over the same range as `index`, unused in any of `exprs`."""
+    taken = {i.name for e in exprs for i in e.atoms(sympy.Idx)}
+    name = index.name + "_s"
     while name in taken:
-        name += "'"
+        name += "s"
     return sympy.Idx(name, index.upper + 1)
 
 
@@ -84,7 +84,7 @@ class softmax(sympy.Function):  # noqa: N801
         return self.args[1]
 
     def _eval_derivative(self, symbol):
-        other = _fresh(self.index, self)
+        other = _fresh(self.index, self, symbol)
         moved = self.body.xreplace({self.index: other})
         rest = sympy.Sum(softmax(moved, other) * moved.diff(symbol), (other, 0, other.upper))
         return self * (self.body.diff(symbol) - rest)
@@ -110,6 +110,20 @@ def bound_indices(expr) -> set[str]:
     if isinstance(expr, logsumexp):
         return {expr.index.name}
     return set()
+
+
+def canonical(expr: sympy.Expr, depth: int = 0) -> sympy.Expr:
+    """Rename every bound index by its nesting depth, so expressions equal up to renaming compare equal."""
+    if isinstance(expr, sympy.Sum):
+        renaming = {limit[0]: sympy.Idx(f"_{depth}_{k}", limit[0].upper + 1) for k, limit in enumerate(expr.limits)}
+        body = canonical(expr.function.xreplace(renaming), depth + 1)
+        return sympy.Sum(body, *[(renaming[l[0]], 0, l[0].upper) for l in expr.limits])
+    if isinstance(expr, logsumexp):
+        index = sympy.Idx(f"_{depth}_0", expr.index.upper + 1)
+        return logsumexp(canonical(expr.body.xreplace({expr.index: index}), depth + 1), index)
+    if not expr.args or isinstance(expr, (sympy.Indexed, sympy.Idx)):
+        return expr
+    return expr.func(*[canonical(a, depth) for a in expr.args])
 
 
 def stabilize(expr: sympy.Expr) -> sympy.Expr:

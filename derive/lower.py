@@ -13,6 +13,7 @@ Two styles:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Union
 
@@ -22,7 +23,7 @@ from . import naming
 from .derivation import depends_on_tensor, tensor_symbols
 from .functions import one_hot
 from .naming import BATCH
-from .plan import ExprPlan, OpPlan, TermPlan, free_indices
+from .plan import ExprPlan, OpPlan, TermPlan, free_indices, ordered
 from .spec import tensor_symbol
 
 STYLES = ("contraction", "broadcast")
@@ -154,7 +155,7 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr]):
         if not depends_on_tensor(expr, scalars | {sympy.Symbol(n, real=True) for n, _ in values}):
             accesses[symbol] = expr      # a plain number or size: stays inline
             continue
-        indices = tuple(i for i in order if i in free_indices(expr))
+        indices = ordered(free_indices(expr), order)
         idx = [next(j for j in expr.atoms(sympy.Idx) if j.name == i) for i in indices]
         accesses[symbol] = tensor_symbol(symbol.name)[tuple(idx)] if idx else symbol
         values.append((symbol.name, Leaf(expr, indices)))
@@ -323,11 +324,16 @@ def largest_intermediate_violations(lowered: LoweredOp) -> list[str]:
     never be larger than it, whatever the sizes: this is the static memory guarantee.
     """
     op = lowered.plan.op
-    held = [set(t.indices) for t in op.inputs] + [set(op.output_indices)]
+
+    def extent(indices) -> Counter:
+        """The sizes a tensor's dims range over; the derivation's copies of an index (c_1) share c's."""
+        return Counter(op.size_of(i) for i in indices)
+
+    held = [extent(t.indices) for t in op.inputs] + [extent(op.output_indices)]
     problems = []
     for expr in (lowered.forward, *lowered.gradients):
         for term in expr.terms:
             for node in walk(term):
-                if not any(set(node.indices) <= h for h in held):
+                if not any(extent(node.indices) <= h for h in held):
                     problems.append(f"{expr.plan.target}: {type(node).__name__} over {node.indices}")
     return problems

@@ -68,6 +68,7 @@ class OpSpec:
     reference: str                     # torch reference expression, validated and re-printed from its AST
     index_sizes: tuple[tuple[str, str], ...]  # index name -> name of the size it ranges over
     step_at_zero: sympy.Expr           # value of the unit step at 0 (derivative of a kink such as Max(x, 0))
+    ranges: tuple[tuple[str, float, float], ...]  # input -> (low, high) where the op is defined, for test inputs
     source: str                        # "<file>" the op came from, for messages
 
     @property
@@ -82,7 +83,17 @@ class OpSpec:
         return tuple(seen)
 
     def size_of(self, index: str) -> str:
-        return dict(self.index_sizes)[index]
+        """The declared index whose size `index` has; copies the derivation makes (k', k_1) share it."""
+        sizes = dict(self.index_sizes)
+        name = index
+        while name not in sizes:
+            stripped = name.rstrip("'")
+            if stripped == name:
+                stripped, _, suffix = name.rpartition("_")
+                if not stripped or not suffix.isdigit():
+                    raise KeyError(index)
+            name = stripped
+        return sizes[name]
 
     def input(self, name: str) -> TensorInput:
         return next(t for t in self.inputs if t.name == name)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import sympy
 
 from .derivation import Derivation, Term, tensor_symbols
-from .functions import bound_indices
+from .functions import bound_indices, canonical
 from .model import OpSpec
 from .naming import BATCH
 from .spec import size_symbol
@@ -89,7 +89,7 @@ def _plan_expr(op, terms, target, like, indices, order, stand_in) -> ExprPlan:
 
 
 def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, reading) -> TermPlan:
-    factors = _fold_piecewise(list(term.factors))
+    factors = _fold_piecewise([canonical(f) for f in term.factors])
     # Elementwise operands take the target's dim order where they can, so that no transpose follows.
     preferred = tuple(target) + tuple(i for i in order if i not in target)
     operands = [Operand(f, _own_order(f, preferred)) for f in factors]
@@ -98,7 +98,7 @@ def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, 
     # Summing something constant along an index is multiplying by that index's size.
     coefficient = term.coefficient * sympy.Mul(*[i.upper + 1 for i in term.summed if i.name not in present])
     summed = {i.name for i in term.summed} & present
-    aligned = _ordered(set(target) | present, order)
+    aligned = ordered(set(target) | present, order)
     sizes = {i.name: i.upper + 1 for i in term.summed} | {i: size_symbol(op.size_of(i)) for i in target}
     return TermPlan(coefficient=coefficient, operands=tuple(operands), aligned=aligned,
                     sizes=tuple((i, sizes[i]) for i in aligned if i in sizes),
@@ -119,10 +119,10 @@ def _own_order(expr: sympy.Expr, order) -> tuple[str, ...]:
     """A plain access keeps its tensor's dim order; an elementwise expression takes the op's order."""
     if isinstance(expr, sympy.Indexed) and all(isinstance(i, sympy.Idx) for i in expr.indices):
         return tuple(i.name for i in expr.indices)
-    return _ordered(free_indices(expr), order)
+    return ordered(free_indices(expr), order)
 
 
-def _ordered(indices, order) -> tuple[str, ...]:
+def ordered(indices, order) -> tuple[str, ...]:
     """`indices` in the op's order; indices the derivation renamed (k_1) go last, by name."""
     known = [i for i in order if i in indices]
     return tuple(known + sorted(set(indices) - set(known)))

@@ -178,6 +178,8 @@ class TorchCodePrinter(TorchPrinter):
         return f"{left} {expr.rel_op} {right}"
 
     def _print_Pow(self, expr):
+        if expr.is_number:
+            return self._print_irrational(expr)
         base, exponent = expr.args
         if exponent == sympy.S.Half:
             return f"torch.sqrt({self._print(base)})"
@@ -188,9 +190,10 @@ class TorchCodePrinter(TorchPrinter):
         return f"{self.parenthesize(base, PRECEDENCE['Pow'] + 1)}**{self.parenthesize(exponent, PRECEDENCE['Pow'] + 1)}"
 
     def _print_Mul(self, expr):
-        coefficient, factors = expr.as_coeff_mul()
+        factors = expr.as_ordered_factors()
+        coefficient = sympy.Mul(*[f for f in factors if f.is_number])
         numerator, denominator = [], []
-        for factor in expr.as_ordered_factors():
+        for factor in factors:
             if factor.is_number:
                 continue
             if factor.is_Pow and factor.exp.is_number and factor.exp < 0 and factor.exp != -sympy.S.Half:
@@ -199,8 +202,12 @@ class TorchCodePrinter(TorchPrinter):
                 numerator.append(factor)
         sign = "-" if coefficient < 0 else ""
         coefficient = abs(coefficient)
-        top_number, bottom_number = sympy.fraction(coefficient)
-        top = ([self._print(top_number)] if top_number != 1 or not numerator else []) + \
+        if coefficient.is_Rational:
+            top_number, bottom_number = sympy.fraction(coefficient)
+            top_text = self._print(top_number)
+        else:   # sqrt(2) / 2 and the like: one float
+            top_number, bottom_number, top_text = coefficient, 1, self._print_irrational(coefficient)
+        top = ([top_text] if top_number != 1 or not numerator else []) + \
               [self.parenthesize(f, MUL) for f in numerator]
         bottom = ([self._print(bottom_number)] if bottom_number != 1 else []) + \
                  [self.parenthesize(f, MUL + 1) for f in denominator]
@@ -208,6 +215,12 @@ class TorchCodePrinter(TorchPrinter):
         if bottom:
             text += " / " + (bottom[0] if len(bottom) == 1 else "(" + " * ".join(bottom) + ")")
         return sign + text
+
+    def _print_irrational(self, expr):
+        """An exact number such as sqrt(2) or pi, as a Python float literal."""
+        return repr(float(sympy.N(expr, 20)))
+
+    _print_NumberSymbol = _print_irrational
 
     def _print_Max(self, expr):
         return self._extremum(expr, "torch.maximum", "torch.clamp_min")
@@ -319,17 +332,8 @@ def _letters(indices: list[str]) -> dict[str, str]:
 
 def _scale(coefficient: sympy.Expr, code: Code) -> str:
     """`coefficient * code`, written with the number in front and divisors behind."""
-    numerator, denominator = sympy.fraction(coefficient)
-    sign = ""
-    if numerator.could_extract_minus_sign():
-        sign, numerator = "-", -numerator
-    text = code.operand(MUL)
-    if numerator != 1:
-        text = f"{TorchCodePrinter(()).parenthesize(numerator, MUL)} * {text}"
-    text = sign + text
-    if denominator != 1:
-        text = f"{text} / {TorchCodePrinter(()).parenthesize(denominator, MUL + 1)}"
-    return text
+    # The tensor expression stands in as a symbol, so SymPy's printer lays out the product.
+    return TorchCodePrinter(()).doprint(coefficient * sympy.Symbol(code.operand(MUL)))
 
 
 def render_expr(lowered: LoweredExpr) -> str:

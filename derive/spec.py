@@ -24,7 +24,7 @@ MAX_SOURCE_CHARS = 4000
 MAX_AST_NODES = 600
 MAX_AST_DEPTH = 40
 
-OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "integer", "params", "step_at_zero"}
+OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "integer", "params", "step_at_zero", "ranges"}
 REQUIRED_KEYS = ("inputs", "equation", "reference")
 
 
@@ -174,6 +174,16 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
     if not differentiable:
         raise locator.error("no differentiable input: there is no backward to derive", name, "differentiable")
 
+    ranges = entry.get("ranges", {})
+    if not isinstance(ranges, dict):
+        raise locator.error("'ranges' must be a table of input = [low, high]", name, "ranges")
+    for item, bounds in ranges.items():
+        if item not in names or not (isinstance(bounds, list) and len(bounds) == 2
+                                     and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+                                     and bounds[0] < bounds[1]):
+            raise locator.error(f"'ranges' entry '{item}' must name an input and give [low, high] with low < high",
+                                name, "ranges")
+
     step = entry.get("step_at_zero", 0)
     if isinstance(step, bool) or not isinstance(step, (int, float)):
         raise locator.error("'step_at_zero' must be a number", name, "step_at_zero")
@@ -208,6 +218,7 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
         reference=reference,
         index_sizes=tuple(sorted(parser.sizes.items())),
         step_at_zero=sympy.nsimplify(step),
+        ranges=tuple(sorted((k, float(v[0]), float(v[1])) for k, v in ranges.items())),
         source=locator.path,
     )
 

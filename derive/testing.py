@@ -68,6 +68,7 @@ def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.flo
     """Random inputs; with `kinks`, a third of the entries are exactly 0 (where step functions jump)."""
     sizes = sizes_for(op, sizes)
     index_sizes = dict(op.index_sizes)
+    ranges = {name: (low, high) for name, low, high in op.ranges}
     generator = torch.Generator().manual_seed(seed)
     tensors = []
     for tensor in op.inputs:
@@ -76,6 +77,9 @@ def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.flo
             tensors.append(torch.randint(0, sizes[tensor.value_range], shape, generator=generator))
             continue
         value = torch.randn(shape, generator=generator, dtype=torch.float64)
+        if tensor.name in ranges:
+            low, high = ranges[tensor.name]
+            value = low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
         if kinks:
             value = torch.where(torch.rand(shape, generator=generator, dtype=torch.float64) < 1 / 3, 0.0, value)
         tensors.append(value.to(dtype).requires_grad_(requires_grad))

@@ -2,16 +2,16 @@
 # Regenerate with: derive generate
 """relu: forward and backward, derived from the spec
 
-    y[i] = Max(x[i], 0)
+    y[...] = Max(x[...], 0)
 
-Rectified linear unit. The gradient at x == 0 is 0, as in torch.relu.
+Rectified linear unit, elementwise over any shape. The gradient at x == 0 is 0, as in torch.relu.
 """
 
 import torch
 
 
 def relu_forward(x):
-    """relu forward: y[i] = Max(x[i], 0)"""
+    """relu forward: y[...] = Max(x[...], 0)"""
     return torch.clamp_min(x, 0)
 
 
@@ -22,9 +22,9 @@ def relu_backward(grad_y, x, *, needs_input_grad=(True,)):
     grad_X[d...] = sum over the output's indices of grad_y[...] * d y[...] / d X[d...],
     with the Kronecker deltas of the partial derivative summed away.
 
-    grad_x (shape of x: (i,)):
-        d y[i] / d x[i'] = Heaviside(x[i], 0)*KroneckerDelta(i, i')
-        grad_x[i] = Heaviside(x[i], 0)*grad_y[i]
+    grad_x (shape of x: (...,)):
+        d y[...] / d x[...'] = Heaviside(x[...], 0)*KroneckerDelta(..., ...')
+        grad_x[...] = Heaviside(x[...], 0)*grad_y[...]
 
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
