@@ -15,6 +15,7 @@ from .lower import STYLES, LoweredOp, lower
 from .model import Catalog, OpSpec
 from .plan import plan
 
+DEFAULT_NAMESPACE = "derive"   # torch.library namespace of the generated custom ops
 STYLE_DIRS = {"contraction": "", "broadcast": "broadcast/"}
 
 
@@ -37,19 +38,21 @@ def build_op(op: OpSpec, styles=STYLES) -> Built:
 
 
 def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
-                   out_arg: str = "generated") -> dict[str, str]:
+                   out_arg: str = "generated", namespace: str = DEFAULT_NAMESPACE) -> dict[str, str]:
     """Relative path -> file text for every generated file of the catalog."""
     if spec_arg is None:
         source, command = "the built-in catalog (derive/catalog/ops.toml)", "derive generate"
     else:
         source, command = spec_arg, f"derive generate --spec {spec_arg} --out {out_arg}"
+    if namespace != DEFAULT_NAMESPACE:
+        command += f" --namespace {namespace}"
     files = {}
     explanations = []
     for op in catalog.ops:
         built = build_op(op)     # every style: the derivations document shows both
         for style in styles:
             path = STYLE_DIRS[style] + naming.module_file(op.name)
-            files[path] = render_module(built.derivation, built.lowered[style], source, command)
+            files[path] = render_module(built.derivation, built.lowered[style], source, command, namespace)
         if "contraction" in styles:
             explanations.append(explain(built))
     if explanations:    # beside the contraction-style modules, once per catalog

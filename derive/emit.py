@@ -13,8 +13,8 @@ import jinja2
 
 from . import naming
 from .derivation import Derivation
-from .lower import LoweredOp
-from .printing import index_notation, render, render_expr, size_bindings
+from .lower import LoweredOp, backward_reads
+from .printing import index_notation, render, render_expr, size_bindings, size_source, sizes_used
 
 
 
@@ -61,7 +61,8 @@ class GradientView:
     shared: tuple[tuple[str, str], ...]   # values only this gradient uses, computed just before it
 
 
-def render_module(derivation: Derivation, lowered: LoweredOp, source: str, command: str) -> str:
+def render_module(derivation: Derivation, lowered: LoweredOp, source: str, command: str,
+                  namespace: str = "derive") -> str:
     op = derivation.op
     forward_code = render_expr(lowered.forward)
     gradients = []
@@ -77,6 +78,32 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
     outputs = [naming.grad(t.name) for t in op.inputs if t.differentiable]
     returns = [naming.grad(t.name) if t.differentiable else "None" for t in op.inputs]
     params = [f"{p.name}={p.default!r}" for p in op.params]
+    # The backward reads sizes off grad_out first, then off inputs it reads anyway.
+    reads = backward_reads(lowered)
+    inputs = [(t.name, t.indices) for t in op.inputs]
+    sources = [(derivation.grad_output, op.output_indices)] + \
+        sorted(inputs, key=lambda source: source[0] not in reads)
+    shared_leaves = tuple(s.value for s in lowered.shared)
+    reads |= {size_source(i, sources)[0] for i in sizes_used(op, list(lowered.gradients), shared_leaves)}
+    saved = [t.name for t in op.inputs if t.name in reads] + ([op.output] if derivation.uses_output else [])
+    tensor_args = [t.name for t in op.inputs]
+    function = dict(
+        cls=naming.function_class(op.name),
+        custom_op=naming.custom_op(op.name),
+        custom_op_name=naming.custom_op_name(namespace, op.name, lowered.style),
+        apply_name=op.name,
+        forward_args=", ".join(tensor_args + [p.name for p in op.params]),
+        typed_args=", ".join([f"{t}: torch.Tensor" for t in tensor_args]
+                             + [f"{p.name}: float = {p.default!r}" for p in op.params]),
+        unpack_inputs=_unpack([t if t in reads else "_" for t in tensor_args] + [p.name for p in op.params]),
+        saved=", ".join("output" if name == op.output else name for name in saved),
+        unpack_saved=_unpack(saved) if saved else "",
+        params=[p.name for p in op.params],
+        backward_call=", ".join([derivation.grad_output] + [t if t in saved else "None" for t in tensor_args]
+                                + ([op.output] if derivation.uses_output else [])
+                                + [f"ctx.{p.name}" for p in op.params]),
+        inputs_count=len(op.inputs),
+    )
     output_access = f"{op.output}[{', '.join(op.output_indices)}]" if op.output_indices else op.output
     context = dict(
         source=comment_safe(source),
@@ -91,10 +118,11 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
         needs_default=_tuple(["True"] * len(op.inputs)),
         output_access=output_access,
         uses_output=derivation.uses_output,
+        function=function,
         forward=dict(name=naming.forward(op.name), code=forward_code,
                      sizes=size_bindings(op, [lowered.forward])),
         backward=dict(name=naming.backward(op.name), grad_output=derivation.grad_output,
-                      sizes=size_bindings(op, list(lowered.gradients)),
+                      sizes=size_bindings(op, list(lowered.gradients), sources, shared_leaves),
                       none_line=" = ".join(outputs) + " = None",
                       shared=_shared_blocks(lowered), gradients=gradients, returns=_tuple(returns)),
     )
@@ -112,6 +140,11 @@ def _shared_blocks(lowered: LoweredOp) -> list[tuple[str, list[tuple[str, str]]]
             blocks.append((condition, []))
         blocks[-1][1].append((shared.name, render(shared.value).text))
     return blocks
+
+
+def _unpack(names: list[str]) -> str:
+    """Left-hand side that unpacks a sequence: `a, b` or `(a,)`."""
+    return f"({names[0]},)" if len(names) == 1 else ", ".join(names)
 
 
 def _tuple(items: list[str] | tuple[str, ...]) -> str:

@@ -297,6 +297,26 @@ def _finish(node: Node, summed: tuple[str, ...], term: TermPlan) -> Node:
     return node if coefficient == 1 else Scaled(coefficient, node)
 
 
+def backward_reads(lowered: LoweredOp) -> set[str]:
+    """Names of the inputs and output whose values or shapes the backward's code reads."""
+    names: set[str] = set()
+    leaves = [s.value for s in lowered.shared]
+    for expr in lowered.gradients:
+        covered = set().union(*(t.indices for t in expr.terms)) if expr.terms else set()
+        if expr.plan.unbroadcast or covered != set(expr.plan.indices):
+            names.add(expr.plan.like)      # sum_to_size / expand_as / zeros_like
+        for term in expr.terms:
+            for node in walk(term):
+                if isinstance(node, Leaf):
+                    leaves.append(node)
+                elif isinstance(node, Scatter):
+                    names |= {node.like, node.index}
+    for leaf in leaves:
+        names |= {a.base.label.name for a in leaf.expr.atoms(sympy.Indexed)}
+        names |= {s.name for s in leaf.expr.free_symbols}
+    return names
+
+
 def children(node: Node) -> tuple[Node, ...]:
     if isinstance(node, Product):
         return node.factors

@@ -6,7 +6,8 @@ import builtins
 import keyword
 
 # Names generated code relies on; a spec may not use them for tensors, indices or params.
-RESERVED = frozenset({"torch", "F", "math", "ctx", "needs_input_grad"}) | frozenset(dir(builtins))
+RESERVED = frozenset({"torch", "F", "math", "ctx", "needs_input_grad", "inputs", "output", "gradients"}) \
+    | frozenset(dir(builtins))
 
 
 def grad(name: str) -> str:
@@ -31,6 +32,21 @@ def forward(op: str) -> str:
 
 def backward(op: str) -> str:
     return f"{op}_backward"
+
+
+def function_class(op: str) -> str:
+    """The torch.autograd.Function subclass: `LinearFunction` for `linear`."""
+    return "".join(part[:1].upper() + part[1:] for part in op.split("_")) + "Function"
+
+
+def custom_op(op: str) -> str:
+    """The torch.library custom op's Python handle: `linear_op`."""
+    return f"{op}_op"
+
+
+def custom_op_name(namespace: str, op: str, style: str) -> str:
+    """The registered name: `derive::linear`, `derive::linear_broadcast` for the broadcast style."""
+    return f"{namespace}::{op}" if style == "contraction" else f"{namespace}::{op}_{style}"
 
 
 def module_file(op: str) -> str:

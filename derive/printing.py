@@ -358,26 +358,40 @@ def render_expr(lowered: LoweredExpr) -> str:
     return text
 
 
-def size_bindings(op: OpSpec, exprs: list[LoweredExpr]) -> list[tuple[str, str]]:
-    """`size_n = x.shape[0]` for every size the code uses, read off the first input that has that dim."""
+def size_bindings(op: OpSpec, exprs: list[LoweredExpr],
+                  sources: list[tuple[str, tuple[str, ...]]] | None = None,
+                  shared: tuple[Leaf, ...] = ()) -> list[tuple[str, str]]:
+    """`size_n = x.shape[0]` for every size the code uses, read off the first of `sources` with that dim.
+
+    `sources` are (tensor name, dims) pairs; by default the op's inputs.
+    """
+    if sources is None:
+        sources = [(t.name, t.indices) for t in op.inputs]
+    return [(size_symbol(index).name, _shape_of(*size_source(index, sources), index))
+            for index in sizes_used(op, exprs, shared)]
+
+
+def size_source(index: str, sources: list[tuple[str, tuple[str, ...]]]) -> tuple[str, tuple[str, ...]]:
+    """The first (tensor, dims) among `sources` that has the dim `index`."""
+    return next((name, dims) for name, dims in sources if index in dims)
+
+
+def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = ()) -> list[str]:
+    """The declared indices whose sizes the code of `exprs` (and of shared values) mentions."""
     used = set()
-    for expr in exprs:
-        for term in expr.terms:
-            for node in walk(term):
-                if isinstance(node, Leaf):
-                    used |= node.expr.free_symbols | {h.args[1].upper + 1 for h in node.expr.atoms(one_hot)}
-                elif isinstance(node, Scaled):
-                    used |= node.coefficient.free_symbols
-                elif isinstance(node, Reduce) and BATCH in node.summed:
-                    used |= {size_symbol(i) for i in node.indices}
-                elif isinstance(node, Scatter) and len(node.rows) > 1:
-                    used |= {size_symbol(i) for i in node.indices[1:]}
-    bindings = []
-    for index, representative in sorted(dict(op.index_sizes).items()):
-        if index == representative and size_symbol(index) in used:
-            tensor = next(t for t in op.inputs if index in t.indices)
-            bindings.append((size_symbol(index).name, _shape_of(tensor.name, tensor.indices, index)))
-    return bindings
+    roots = [term for expr in exprs for term in expr.terms] + list(shared)
+    for root in roots:
+        for node in walk(root):
+            if isinstance(node, Leaf):
+                used |= node.expr.free_symbols | {h.args[1].upper + 1 for h in node.expr.atoms(one_hot)}
+            elif isinstance(node, Scaled):
+                used |= node.coefficient.free_symbols
+            elif isinstance(node, Reduce) and BATCH in node.summed:
+                used |= {size_symbol(i) for i in node.indices}
+            elif isinstance(node, Scatter) and len(node.rows) > 1:
+                used |= {size_symbol(i) for i in node.indices[1:]}
+    return [index for index, representative in sorted(dict(op.index_sizes).items())
+            if index == representative and size_symbol(index) in used]
 
 
 def _shape_of(name: str, indices: tuple[str, ...], index: str) -> str:

@@ -11,6 +11,7 @@ tests::
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -29,8 +30,11 @@ DEFAULT_SIZES = (3, 4, 5, 6, 7, 2)
 
 def load_module(path: str | Path) -> ModuleType:
     """Import a generated module from its file path."""
-    path = Path(path)
-    name = f"derive_generated_{path.parent.name}_{path.stem}"
+    path = Path(path).resolve()
+    # One module per file: importing twice would register its custom op twice.
+    name = f"derive_generated_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

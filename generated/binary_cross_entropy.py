@@ -40,3 +40,46 @@ def binary_cross_entropy_backward(grad_loss, pred, target, *, needs_input_grad=(
     if needs_input_grad[1]:
         grad_target = (grad_loss * torch.log1p(-pred) / size_batch - grad_loss * torch.log(pred) / size_batch).sum_to_size(target.shape)
     return (grad_pred, grad_target)
+
+
+class BinaryCrossEntropyFunction(torch.autograd.Function):
+    """binary_cross_entropy as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (pred, target); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(pred, target):
+        return binary_cross_entropy_forward(pred, target)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pred, target = inputs
+        ctx.save_for_backward(pred, target)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        pred, target = ctx.saved_tensors
+        return binary_cross_entropy_backward(grad_loss, pred, target, needs_input_grad=ctx.needs_input_grad)
+
+
+def binary_cross_entropy(pred, target):
+    """binary_cross_entropy with the generated backward, through BinaryCrossEntropyFunction."""
+    return BinaryCrossEntropyFunction.apply(pred, target)
+
+
+@torch.library.custom_op("derive::binary_cross_entropy", mutates_args=())
+def binary_cross_entropy_op(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """binary_cross_entropy as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return binary_cross_entropy_forward(pred, target)
+
+
+@binary_cross_entropy_op.register_fake
+def _binary_cross_entropy_fake(pred, target):
+    return binary_cross_entropy_forward(pred, target)
+
+
+binary_cross_entropy_op.register_autograd(BinaryCrossEntropyFunction.backward, setup_context=BinaryCrossEntropyFunction.setup_context)

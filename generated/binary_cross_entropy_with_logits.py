@@ -40,3 +40,46 @@ def binary_cross_entropy_with_logits_backward(grad_loss, logits, target, *, need
     if needs_input_grad[1]:
         grad_target = (-grad_loss * logits / size_batch).sum_to_size(target.shape)
     return (grad_logits, grad_target)
+
+
+class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
+    """binary_cross_entropy_with_logits as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (logits, target); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target):
+        return binary_cross_entropy_with_logits_forward(logits, target)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target = inputs
+        ctx.save_for_backward(logits, target)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, target = ctx.saved_tensors
+        return binary_cross_entropy_with_logits_backward(grad_loss, logits, target, needs_input_grad=ctx.needs_input_grad)
+
+
+def binary_cross_entropy_with_logits(logits, target):
+    """binary_cross_entropy_with_logits with the generated backward, through BinaryCrossEntropyWithLogitsFunction."""
+    return BinaryCrossEntropyWithLogitsFunction.apply(logits, target)
+
+
+@torch.library.custom_op("derive::binary_cross_entropy_with_logits", mutates_args=())
+def binary_cross_entropy_with_logits_op(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """binary_cross_entropy_with_logits as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return binary_cross_entropy_with_logits_forward(logits, target)
+
+
+@binary_cross_entropy_with_logits_op.register_fake
+def _binary_cross_entropy_with_logits_fake(logits, target):
+    return binary_cross_entropy_with_logits_forward(logits, target)
+
+
+binary_cross_entropy_with_logits_op.register_autograd(BinaryCrossEntropyWithLogitsFunction.backward, setup_context=BinaryCrossEntropyWithLogitsFunction.setup_context)

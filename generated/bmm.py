@@ -39,3 +39,46 @@ def bmm_backward(grad_c, a, b, *, needs_input_grad=(True, True)):
     if needs_input_grad[1]:
         grad_b = a.mT @ grad_c
     return (grad_a, grad_b)
+
+
+class BmmFunction(torch.autograd.Function):
+    """bmm as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (a, b); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, b):
+        return bmm_forward(a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, b = inputs
+        ctx.save_for_backward(a, b)
+
+    @staticmethod
+    def backward(ctx, grad_c):
+        a, b = ctx.saved_tensors
+        return bmm_backward(grad_c, a, b, needs_input_grad=ctx.needs_input_grad)
+
+
+def bmm(a, b):
+    """bmm with the generated backward, through BmmFunction."""
+    return BmmFunction.apply(a, b)
+
+
+@torch.library.custom_op("derive::bmm", mutates_args=())
+def bmm_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bmm as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return bmm_forward(a, b)
+
+
+@bmm_op.register_fake
+def _bmm_fake(a, b):
+    return bmm_forward(a, b)
+
+
+bmm_op.register_autograd(BmmFunction.backward, setup_context=BmmFunction.setup_context)

@@ -35,3 +35,46 @@ def cross_entropy_backward(grad_loss, logits, target, *, needs_input_grad=(True,
     if needs_input_grad[0]:
         grad_logits = -grad_loss * torch.nn.functional.one_hot(target, size_c) / size_n + grad_loss * torch.softmax(logits, dim=-1) / size_n
     return (grad_logits, None)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """cross_entropy as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (logits, target); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target):
+        return cross_entropy_forward(logits, target)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target = inputs
+        ctx.save_for_backward(logits, target)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, target = ctx.saved_tensors
+        return cross_entropy_backward(grad_loss, logits, target, needs_input_grad=ctx.needs_input_grad)
+
+
+def cross_entropy(logits, target):
+    """cross_entropy with the generated backward, through CrossEntropyFunction."""
+    return CrossEntropyFunction.apply(logits, target)
+
+
+@torch.library.custom_op("derive::cross_entropy", mutates_args=())
+def cross_entropy_op(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """cross_entropy as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return cross_entropy_forward(logits, target)
+
+
+@cross_entropy_op.register_fake
+def _cross_entropy_fake(logits, target):
+    return cross_entropy_forward(logits, target)
+
+
+cross_entropy_op.register_autograd(CrossEntropyFunction.backward, setup_context=CrossEntropyFunction.setup_context)

@@ -33,3 +33,46 @@ def embedding_backward(grad_y, table, idx, *, needs_input_grad=(True, True)):
     if needs_input_grad[0]:
         grad_table = torch.zeros_like(table).index_add(0, idx, grad_y)
     return (grad_table, None)
+
+
+class EmbeddingFunction(torch.autograd.Function):
+    """embedding as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (table, idx); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(table, idx):
+        return embedding_forward(table, idx)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        table, idx = inputs
+        ctx.save_for_backward(table, idx)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        table, idx = ctx.saved_tensors
+        return embedding_backward(grad_y, table, idx, needs_input_grad=ctx.needs_input_grad)
+
+
+def embedding(table, idx):
+    """embedding with the generated backward, through EmbeddingFunction."""
+    return EmbeddingFunction.apply(table, idx)
+
+
+@torch.library.custom_op("derive::embedding", mutates_args=())
+def embedding_op(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """embedding as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return embedding_forward(table, idx)
+
+
+@embedding_op.register_fake
+def _embedding_fake(table, idx):
+    return embedding_forward(table, idx)
+
+
+embedding_op.register_autograd(EmbeddingFunction.backward, setup_context=EmbeddingFunction.setup_context)

@@ -34,3 +34,46 @@ def exp_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     if needs_input_grad[0]:
         grad_x = grad_y * y
     return (grad_x,)
+
+
+class ExpFunction(torch.autograd.Function):
+    """exp as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (output); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return exp_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (_,) = inputs
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        return exp_backward(grad_y, None, y, needs_input_grad=ctx.needs_input_grad)
+
+
+def exp(x):
+    """exp with the generated backward, through ExpFunction."""
+    return ExpFunction.apply(x)
+
+
+@torch.library.custom_op("derive::exp", mutates_args=())
+def exp_op(x: torch.Tensor) -> torch.Tensor:
+    """exp as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return exp_forward(x)
+
+
+@exp_op.register_fake
+def _exp_fake(x):
+    return exp_forward(x)
+
+
+exp_op.register_autograd(ExpFunction.backward, setup_context=ExpFunction.setup_context)

@@ -33,3 +33,46 @@ def gelu_backward(grad_y, x, *, needs_input_grad=(True,)):
     if needs_input_grad[0]:
         grad_x = (torch.erf(0.7071067811865476 * x) / 2 + 1/2) * grad_y + 0.3989422804014327 * torch.exp(-x**2 / 2) * grad_y * x
     return (grad_x,)
+
+
+class GeluFunction(torch.autograd.Function):
+    """gelu as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (x); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return gelu_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x,) = inputs
+        ctx.save_for_backward(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        return gelu_backward(grad_y, x, needs_input_grad=ctx.needs_input_grad)
+
+
+def gelu(x):
+    """gelu with the generated backward, through GeluFunction."""
+    return GeluFunction.apply(x)
+
+
+@torch.library.custom_op("derive::gelu", mutates_args=())
+def gelu_op(x: torch.Tensor) -> torch.Tensor:
+    """gelu as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return gelu_forward(x)
+
+
+@gelu_op.register_fake
+def _gelu_fake(x):
+    return gelu_forward(x)
+
+
+gelu_op.register_autograd(GeluFunction.backward, setup_context=GeluFunction.setup_context)

@@ -33,3 +33,49 @@ def leaky_relu_backward(grad_y, x, slope=0.01, *, needs_input_grad=(True,)):
     if needs_input_grad[0]:
         grad_x = torch.where(x > 0, grad_y, slope * grad_y)
     return (grad_x,)
+
+
+class LeakyReluFunction(torch.autograd.Function):
+    """leaky_relu as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (x); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, slope):
+        return leaky_relu_forward(x, slope)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, slope = inputs
+        ctx.save_for_backward(x)
+        ctx.slope = slope
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        gradients = leaky_relu_backward(grad_y, x, ctx.slope,
+                                       needs_input_grad=ctx.needs_input_grad[:1])
+        return gradients + (None,)
+
+
+def leaky_relu(x, slope=0.01):
+    """leaky_relu with the generated backward, through LeakyReluFunction."""
+    return LeakyReluFunction.apply(x, slope)
+
+
+@torch.library.custom_op("derive::leaky_relu", mutates_args=())
+def leaky_relu_op(x: torch.Tensor, slope: float = 0.01) -> torch.Tensor:
+    """leaky_relu as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return leaky_relu_forward(x, slope)
+
+
+@leaky_relu_op.register_fake
+def _leaky_relu_fake(x, slope=0.01):
+    return leaky_relu_forward(x, slope)
+
+
+leaky_relu_op.register_autograd(LeakyReluFunction.backward, setup_context=LeakyReluFunction.setup_context)

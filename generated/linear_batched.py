@@ -37,7 +37,7 @@ def linear_batched_backward(grad_y, x, w, b, *, needs_input_grad=(True, True, Tr
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
-    size_m = w.shape[0]
+    size_m = grad_y.shape[-1]
     grad_x = grad_w = grad_b = None
     if needs_input_grad[0]:
         grad_x = grad_y @ w
@@ -46,3 +46,46 @@ def linear_batched_backward(grad_y, x, w, b, *, needs_input_grad=(True, True, Tr
     if needs_input_grad[2]:
         grad_b = grad_y.sum_to_size((size_m,))
     return (grad_x, grad_w, grad_b)
+
+
+class LinearBatchedFunction(torch.autograd.Function):
+    """linear_batched as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (x, w); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w, b):
+        return linear_batched_forward(x, w, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, _ = inputs
+        ctx.save_for_backward(x, w)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w = ctx.saved_tensors
+        return linear_batched_backward(grad_y, x, w, None, needs_input_grad=ctx.needs_input_grad)
+
+
+def linear_batched(x, w, b):
+    """linear_batched with the generated backward, through LinearBatchedFunction."""
+    return LinearBatchedFunction.apply(x, w, b)
+
+
+@torch.library.custom_op("derive::linear_batched", mutates_args=())
+def linear_batched_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """linear_batched as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return linear_batched_forward(x, w, b)
+
+
+@linear_batched_op.register_fake
+def _linear_batched_fake(x, w, b):
+    return linear_batched_forward(x, w, b)
+
+
+linear_batched_op.register_autograd(LinearBatchedFunction.backward, setup_context=LinearBatchedFunction.setup_context)

@@ -33,3 +33,46 @@ def log_backward(grad_y, x, *, needs_input_grad=(True,)):
     if needs_input_grad[0]:
         grad_x = grad_y / x
     return (grad_x,)
+
+
+class LogFunction(torch.autograd.Function):
+    """log as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (x); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return log_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x,) = inputs
+        ctx.save_for_backward(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        return log_backward(grad_y, x, needs_input_grad=ctx.needs_input_grad)
+
+
+def log(x):
+    """log with the generated backward, through LogFunction."""
+    return LogFunction.apply(x)
+
+
+@torch.library.custom_op("derive::log", mutates_args=())
+def log_op(x: torch.Tensor) -> torch.Tensor:
+    """log as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return log_forward(x)
+
+
+@log_op.register_fake
+def _log_fake(x):
+    return log_forward(x)
+
+
+log_op.register_autograd(LogFunction.backward, setup_context=LogFunction.setup_context)

@@ -39,3 +39,46 @@ def matmul_backward(grad_c, a, b, *, needs_input_grad=(True, True)):
     if needs_input_grad[1]:
         grad_b = (a.mT @ grad_c).sum_to_size(b.shape)
     return (grad_a, grad_b)
+
+
+class MatmulFunction(torch.autograd.Function):
+    """matmul as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (a, b); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, b):
+        return matmul_forward(a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, b = inputs
+        ctx.save_for_backward(a, b)
+
+    @staticmethod
+    def backward(ctx, grad_c):
+        a, b = ctx.saved_tensors
+        return matmul_backward(grad_c, a, b, needs_input_grad=ctx.needs_input_grad)
+
+
+def matmul(a, b):
+    """matmul with the generated backward, through MatmulFunction."""
+    return MatmulFunction.apply(a, b)
+
+
+@torch.library.custom_op("derive::matmul", mutates_args=())
+def matmul_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """matmul as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return matmul_forward(a, b)
+
+
+@matmul_op.register_fake
+def _matmul_fake(a, b):
+    return matmul_forward(a, b)
+
+
+matmul_op.register_autograd(MatmulFunction.backward, setup_context=MatmulFunction.setup_context)

@@ -42,3 +42,46 @@ def mse_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
     if needs_input_grad[1]:
         grad_target = -2 * shared_0 / size_n
     return (grad_pred, grad_target)
+
+
+class MseFunction(torch.autograd.Function):
+    """mse as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (pred, target); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(pred, target):
+        return mse_forward(pred, target)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pred, target = inputs
+        ctx.save_for_backward(pred, target)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        pred, target = ctx.saved_tensors
+        return mse_backward(grad_loss, pred, target, needs_input_grad=ctx.needs_input_grad)
+
+
+def mse(pred, target):
+    """mse with the generated backward, through MseFunction."""
+    return MseFunction.apply(pred, target)
+
+
+@torch.library.custom_op("derive::mse", mutates_args=())
+def mse_op(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mse as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return mse_forward(pred, target)
+
+
+@mse_op.register_fake
+def _mse_fake(pred, target):
+    return mse_forward(pred, target)
+
+
+mse_op.register_autograd(MseFunction.backward, setup_context=MseFunction.setup_context)

@@ -41,3 +41,46 @@ def mse_sum_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
     if needs_input_grad[1]:
         grad_target = (-2 * shared_0).sum_to_size(target.shape)
     return (grad_pred, grad_target)
+
+
+class MseSumFunction(torch.autograd.Function):
+    """mse_sum as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (pred, target); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(pred, target):
+        return mse_sum_forward(pred, target)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pred, target = inputs
+        ctx.save_for_backward(pred, target)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        pred, target = ctx.saved_tensors
+        return mse_sum_backward(grad_loss, pred, target, needs_input_grad=ctx.needs_input_grad)
+
+
+def mse_sum(pred, target):
+    """mse_sum with the generated backward, through MseSumFunction."""
+    return MseSumFunction.apply(pred, target)
+
+
+@torch.library.custom_op("derive::mse_sum", mutates_args=())
+def mse_sum_op(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mse_sum as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return mse_sum_forward(pred, target)
+
+
+@mse_sum_op.register_fake
+def _mse_sum_fake(pred, target):
+    return mse_sum_forward(pred, target)
+
+
+mse_sum_op.register_autograd(MseSumFunction.backward, setup_context=MseSumFunction.setup_context)

@@ -34,3 +34,46 @@ def softmax_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     if needs_input_grad[0]:
         grad_x = -y * (grad_y * y).sum(-1).unsqueeze(-1) + grad_y * y
     return (grad_x,)
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """softmax as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (output); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return softmax_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (_,) = inputs
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        return softmax_backward(grad_y, None, y, needs_input_grad=ctx.needs_input_grad)
+
+
+def softmax(x):
+    """softmax with the generated backward, through SoftmaxFunction."""
+    return SoftmaxFunction.apply(x)
+
+
+@torch.library.custom_op("derive::softmax", mutates_args=())
+def softmax_op(x: torch.Tensor) -> torch.Tensor:
+    """softmax as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return softmax_forward(x)
+
+
+@softmax_op.register_fake
+def _softmax_fake(x):
+    return softmax_forward(x)
+
+
+softmax_op.register_autograd(SoftmaxFunction.backward, setup_context=SoftmaxFunction.setup_context)

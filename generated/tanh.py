@@ -34,3 +34,46 @@ def tanh_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     if needs_input_grad[0]:
         grad_x = (1 - y**2) * grad_y
     return (grad_x,)
+
+
+class TanhFunction(torch.autograd.Function):
+    """tanh as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (output); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return tanh_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (_,) = inputs
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        return tanh_backward(grad_y, None, y, needs_input_grad=ctx.needs_input_grad)
+
+
+def tanh(x):
+    """tanh with the generated backward, through TanhFunction."""
+    return TanhFunction.apply(x)
+
+
+@torch.library.custom_op("derive::tanh", mutates_args=())
+def tanh_op(x: torch.Tensor) -> torch.Tensor:
+    """tanh as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return tanh_forward(x)
+
+
+@tanh_op.register_fake
+def _tanh_fake(x):
+    return tanh_forward(x)
+
+
+tanh_op.register_autograd(TanhFunction.backward, setup_context=TanhFunction.setup_context)

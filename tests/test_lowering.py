@@ -69,7 +69,8 @@ def load_module_for(op_name, style="contraction"):
 
 def spec_module(tmp_path, text, style="contraction"):
     catalog = parse_catalog(textwrap.dedent(text), "test.toml")
-    files = render_catalog(catalog, (style,))
+    # each test registers its custom ops in a namespace of its own
+    files = render_catalog(catalog, (style,), namespace=f"test_{tmp_path.name}".replace("-", "_"))
     (path, source), = [(p, s) for p, s in files.items() if p.endswith(".py")]
     target = tmp_path / path.replace("/", "_")
     target.write_text(source)

@@ -55,3 +55,33 @@ def test_seed_network_matches_autograd(style, dtype):
         assert actual[name].dtype == dtype, name
         assert actual[name].abs().max() > 0, f"{name}: an all-zero gradient would prove nothing"
         torch.testing.assert_close(actual[name], expected[name], msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_sgd_training_with_generated_functions_tracks_torch():
+    """A few SGD steps through the generated autograd Functions give torch's losses step by step."""
+    data = seed_data(torch.float64)
+    linear, relu, mse = (generated_module(name) for name in ("linear", "relu", "mse"))
+    names = ("w1", "b1", "w2", "b2")
+    generated = {name: data[name].clone().requires_grad_() for name in names}
+    plain = {name: data[name].clone().requires_grad_() for name in names}
+
+    def generated_loss(p):
+        hidden = relu.relu(linear.linear(data["input"], p["w1"], p["b1"]))
+        return mse.mse(linear.linear(hidden, p["w2"], p["b2"]).squeeze(-1), data["target"])
+
+    def plain_loss(p):
+        hidden = torch.relu(data["input"] @ p["w1"] + p["b1"])
+        return torch.nn.functional.mse_loss((hidden @ p["w2"] + p["b2"]).squeeze(-1), data["target"])
+
+    losses = []
+    for _ in range(5):
+        for params, loss_fn in ((generated, generated_loss), (plain, plain_loss)):
+            loss = loss_fn(params)
+            loss.backward()
+            with torch.no_grad():
+                for value in params.values():
+                    value -= 0.05 * value.grad
+                    value.grad = None
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[-2], losses[-1])
+    assert losses[-1] < losses[0], "training should reduce the loss, or the comparison proves little"

@@ -41,3 +41,46 @@ def cross_entropy_probs_backward(grad_loss, logits, target, *, needs_input_grad=
     if needs_input_grad[1]:
         grad_target = (torch.logsumexp(logits, dim=-1).unsqueeze(-1) - logits) * grad_loss / size_n
     return (grad_logits, grad_target)
+
+
+class CrossEntropyProbsFunction(torch.autograd.Function):
+    """cross_entropy_probs as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (logits, target); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target):
+        return cross_entropy_probs_forward(logits, target)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target = inputs
+        ctx.save_for_backward(logits, target)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, target = ctx.saved_tensors
+        return cross_entropy_probs_backward(grad_loss, logits, target, needs_input_grad=ctx.needs_input_grad)
+
+
+def cross_entropy_probs(logits, target):
+    """cross_entropy_probs with the generated backward, through CrossEntropyProbsFunction."""
+    return CrossEntropyProbsFunction.apply(logits, target)
+
+
+@torch.library.custom_op("derive::cross_entropy_probs_broadcast", mutates_args=())
+def cross_entropy_probs_op(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """cross_entropy_probs as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return cross_entropy_probs_forward(logits, target)
+
+
+@cross_entropy_probs_op.register_fake
+def _cross_entropy_probs_fake(logits, target):
+    return cross_entropy_probs_forward(logits, target)
+
+
+cross_entropy_probs_op.register_autograd(CrossEntropyProbsFunction.backward, setup_context=CrossEntropyProbsFunction.setup_context)

@@ -42,3 +42,46 @@ def l1_loss_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
     if needs_input_grad[1]:
         grad_target = (-shared_0 * grad_loss / size_batch).sum_to_size(target.shape)
     return (grad_pred, grad_target)
+
+
+class L1LossFunction(torch.autograd.Function):
+    """l1_loss as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (pred, target); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(pred, target):
+        return l1_loss_forward(pred, target)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pred, target = inputs
+        ctx.save_for_backward(pred, target)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        pred, target = ctx.saved_tensors
+        return l1_loss_backward(grad_loss, pred, target, needs_input_grad=ctx.needs_input_grad)
+
+
+def l1_loss(pred, target):
+    """l1_loss with the generated backward, through L1LossFunction."""
+    return L1LossFunction.apply(pred, target)
+
+
+@torch.library.custom_op("derive::l1_loss_broadcast", mutates_args=())
+def l1_loss_op(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """l1_loss as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return l1_loss_forward(pred, target)
+
+
+@l1_loss_op.register_fake
+def _l1_loss_fake(pred, target):
+    return l1_loss_forward(pred, target)
+
+
+l1_loss_op.register_autograd(L1LossFunction.backward, setup_context=L1LossFunction.setup_context)

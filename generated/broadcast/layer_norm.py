@@ -38,7 +38,7 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
-    size_d = x.shape[-1]
+    size_d = grad_y.shape[-1]
     grad_x = grad_w = grad_b = None
     if needs_input_grad[0] or needs_input_grad[1]:
         shared_2 = eps + ((x - x.sum(-1).unsqueeze(-1) / size_d)**2).sum(-1) / size_d
@@ -54,3 +54,49 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
     if needs_input_grad[2]:
         grad_b = grad_y.sum_to_size((size_d,))
     return (grad_x, grad_w, grad_b)
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """layer_norm as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (x, w); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w, b, eps):
+        return layer_norm_forward(x, w, b, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, _, eps = inputs
+        ctx.save_for_backward(x, w)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w = ctx.saved_tensors
+        gradients = layer_norm_backward(grad_y, x, w, None, ctx.eps,
+                                       needs_input_grad=ctx.needs_input_grad[:3])
+        return gradients + (None,)
+
+
+def layer_norm(x, w, b, eps=1e-05):
+    """layer_norm with the generated backward, through LayerNormFunction."""
+    return LayerNormFunction.apply(x, w, b, eps)
+
+
+@torch.library.custom_op("derive::layer_norm_broadcast", mutates_args=())
+def layer_norm_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float = 1e-05) -> torch.Tensor:
+    """layer_norm as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return layer_norm_forward(x, w, b, eps)
+
+
+@layer_norm_op.register_fake
+def _layer_norm_fake(x, w, b, eps=1e-05):
+    return layer_norm_forward(x, w, b, eps)
+
+
+layer_norm_op.register_autograd(LayerNormFunction.backward, setup_context=LayerNormFunction.setup_context)

@@ -45,3 +45,46 @@ def linear_backward(grad_y, x, w, b, *, needs_input_grad=(True, True, True)):
     if needs_input_grad[2]:
         grad_b = grad_y.sum(0)
     return (grad_x, grad_w, grad_b)
+
+
+class LinearFunction(torch.autograd.Function):
+    """linear as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (x, w); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w, b):
+        return linear_forward(x, w, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, _ = inputs
+        ctx.save_for_backward(x, w)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w = ctx.saved_tensors
+        return linear_backward(grad_y, x, w, None, needs_input_grad=ctx.needs_input_grad)
+
+
+def linear(x, w, b):
+    """linear with the generated backward, through LinearFunction."""
+    return LinearFunction.apply(x, w, b)
+
+
+@torch.library.custom_op("derive::linear_broadcast", mutates_args=())
+def linear_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """linear as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return linear_forward(x, w, b)
+
+
+@linear_op.register_fake
+def _linear_fake(x, w, b):
+    return linear_forward(x, w, b)
+
+
+linear_op.register_autograd(LinearFunction.backward, setup_context=LinearFunction.setup_context)

@@ -33,3 +33,46 @@ def log_softmax_backward(grad_y, x, *, needs_input_grad=(True,)):
     if needs_input_grad[0]:
         grad_x = -(torch.softmax(x, dim=-1).unsqueeze(-1) * grad_y.unsqueeze(-2)).sum(dim=-1) + grad_y
     return (grad_x,)
+
+
+class LogSoftmaxFunction(torch.autograd.Function):
+    """log_softmax as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (x); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return log_softmax_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x,) = inputs
+        ctx.save_for_backward(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        return log_softmax_backward(grad_y, x, needs_input_grad=ctx.needs_input_grad)
+
+
+def log_softmax(x):
+    """log_softmax with the generated backward, through LogSoftmaxFunction."""
+    return LogSoftmaxFunction.apply(x)
+
+
+@torch.library.custom_op("derive::log_softmax_broadcast", mutates_args=())
+def log_softmax_op(x: torch.Tensor) -> torch.Tensor:
+    """log_softmax as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return log_softmax_forward(x)
+
+
+@log_softmax_op.register_fake
+def _log_softmax_fake(x):
+    return log_softmax_forward(x)
+
+
+log_softmax_op.register_autograd(LogSoftmaxFunction.backward, setup_context=LogSoftmaxFunction.setup_context)

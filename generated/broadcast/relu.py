@@ -33,3 +33,46 @@ def relu_backward(grad_y, x, *, needs_input_grad=(True,)):
     if needs_input_grad[0]:
         grad_x = torch.where(x <= 0, 0, grad_y)
     return (grad_x,)
+
+
+class ReluFunction(torch.autograd.Function):
+    """relu as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (x); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return relu_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x,) = inputs
+        ctx.save_for_backward(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        return relu_backward(grad_y, x, needs_input_grad=ctx.needs_input_grad)
+
+
+def relu(x):
+    """relu with the generated backward, through ReluFunction."""
+    return ReluFunction.apply(x)
+
+
+@torch.library.custom_op("derive::relu_broadcast", mutates_args=())
+def relu_op(x: torch.Tensor) -> torch.Tensor:
+    """relu as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return relu_forward(x)
+
+
+@relu_op.register_fake
+def _relu_fake(x):
+    return relu_forward(x)
+
+
+relu_op.register_autograd(ReluFunction.backward, setup_context=ReluFunction.setup_context)

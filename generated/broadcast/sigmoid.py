@@ -34,3 +34,46 @@ def sigmoid_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     if needs_input_grad[0]:
         grad_x = grad_y * (1 - y) * y
     return (grad_x,)
+
+
+class SigmoidFunction(torch.autograd.Function):
+    """sigmoid as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (output); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return sigmoid_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (_,) = inputs
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        return sigmoid_backward(grad_y, None, y, needs_input_grad=ctx.needs_input_grad)
+
+
+def sigmoid(x):
+    """sigmoid with the generated backward, through SigmoidFunction."""
+    return SigmoidFunction.apply(x)
+
+
+@torch.library.custom_op("derive::sigmoid_broadcast", mutates_args=())
+def sigmoid_op(x: torch.Tensor) -> torch.Tensor:
+    """sigmoid as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return sigmoid_forward(x)
+
+
+@sigmoid_op.register_fake
+def _sigmoid_fake(x):
+    return sigmoid_forward(x)
+
+
+sigmoid_op.register_autograd(SigmoidFunction.backward, setup_context=SigmoidFunction.setup_context)

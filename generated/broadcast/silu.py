@@ -34,3 +34,46 @@ def silu_backward(grad_y, x, *, needs_input_grad=(True,)):
         shared_0 = torch.sigmoid(x)
         grad_x = shared_0 * grad_y + (1 - shared_0) * shared_0 * grad_y * x
     return (grad_x,)
+
+
+class SiluFunction(torch.autograd.Function):
+    """silu as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (x); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return silu_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x,) = inputs
+        ctx.save_for_backward(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        return silu_backward(grad_y, x, needs_input_grad=ctx.needs_input_grad)
+
+
+def silu(x):
+    """silu with the generated backward, through SiluFunction."""
+    return SiluFunction.apply(x)
+
+
+@torch.library.custom_op("derive::silu_broadcast", mutates_args=())
+def silu_op(x: torch.Tensor) -> torch.Tensor:
+    """silu as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return silu_forward(x)
+
+
+@silu_op.register_fake
+def _silu_fake(x):
+    return silu_forward(x)
+
+
+silu_op.register_autograd(SiluFunction.backward, setup_context=SiluFunction.setup_context)

@@ -33,3 +33,49 @@ def softplus_backward(grad_y, x, beta=1.0, *, needs_input_grad=(True,)):
     if needs_input_grad[0]:
         grad_x = torch.sigmoid(beta * x) * grad_y
     return (grad_x,)
+
+
+class SoftplusFunction(torch.autograd.Function):
+    """softplus as a torch.autograd.Function: the generated forward and backward.
+
+    Saves only what the backward reads (x); works with
+    torch.func.grad and torch.vmap.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, beta):
+        return softplus_forward(x, beta)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, beta = inputs
+        ctx.save_for_backward(x)
+        ctx.beta = beta
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        gradients = softplus_backward(grad_y, x, ctx.beta,
+                                     needs_input_grad=ctx.needs_input_grad[:1])
+        return gradients + (None,)
+
+
+def softplus(x, beta=1.0):
+    """softplus with the generated backward, through SoftplusFunction."""
+    return SoftplusFunction.apply(x, beta)
+
+
+@torch.library.custom_op("derive::softplus_broadcast", mutates_args=())
+def softplus_op(x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """softplus as a torch.library custom op, opaque to torch.compile(fullgraph=True)."""
+    return softplus_forward(x, beta)
+
+
+@softplus_op.register_fake
+def _softplus_fake(x, beta=1.0):
+    return softplus_forward(x, beta)
+
+
+softplus_op.register_autograd(SoftplusFunction.backward, setup_context=SoftplusFunction.setup_context)

@@ -1,0 +1,108 @@
+"""Generated ops inside PyTorch: autograd.Function, torch.library custom op, compile, vmap, dtypes."""
+
+import pytest
+import torch
+
+from derive import naming
+from derive.testing import autograd_gradients, call_backward, make_inputs, reference
+
+from conftest import CATALOG, OPS, generated_module
+
+SMALL = {"...": 2}
+
+
+def differentiable_inputs(op, dtype=torch.float64, seed=0):
+    inputs = make_inputs(op, SMALL, dtype, seed)
+    return [t.requires_grad_(meta.differentiable) for t, meta in zip(inputs, op.inputs)]
+
+
+def function(op):
+    return getattr(generated_module(op.name), op.name)
+
+
+def custom_op(op):
+    return getattr(generated_module(op.name), naming.custom_op(op.name))
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_function_gradcheck_and_gradgradcheck(op_name):
+    op = CATALOG.op(op_name)
+    inputs = differentiable_inputs(op)
+    assert torch.autograd.gradcheck(function(op), inputs)
+    assert torch.autograd.gradgradcheck(function(op), inputs)
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_custom_op_passes_opcheck(op_name):
+    op = CATALOG.op(op_name)
+    torch.library.opcheck(custom_op(op), tuple(differentiable_inputs(op)))
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_custom_op_gradients_match_reference(op_name):
+    op = CATALOG.op(op_name)
+    inputs = differentiable_inputs(op)
+    output = custom_op(op)(*inputs)
+    grad_output = torch.randn_like(output)
+    flags = [meta.differentiable for meta in op.inputs]
+    expected = autograd_gradients(reference(op), inputs, grad_output, flags)
+    actual = autograd_gradients(custom_op(op), inputs, grad_output, flags)
+    for want, got in zip(expected, actual):
+        if want is not None:
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_func_grad_and_vmap(op_name):
+    op = CATALOG.op(op_name)
+    fn = function(op)
+    inputs = differentiable_inputs(op)
+    first = next(p for p, meta in enumerate(op.inputs) if meta.differentiable)
+
+    def loss(value):
+        arguments = list(inputs)
+        arguments[first] = value
+        return fn(*arguments).sum()
+
+    expected = autograd_gradients(lambda *xs: reference(op)(*xs).sum(), inputs, None,
+                                  [p == first for p in range(len(inputs))])[first]
+    torch.testing.assert_close(torch.func.grad(loss)(inputs[first].detach()), expected)
+
+    batch = [torch.stack([t.detach(), t.detach() * 0.5 + 0.25 if t.is_floating_point() else t.flip(-1)])
+             for t in inputs]
+    in_dims = tuple(0 for _ in batch)
+    mapped = torch.vmap(fn, in_dims=in_dims)(*batch)
+    looped = torch.stack([fn(*[b[i] for b in batch]) for i in range(2)])
+    torch.testing.assert_close(mapped, looped)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("op_name", OPS)
+def test_gradients_keep_the_input_dtype(op_name, dtype):
+    op = CATALOG.op(op_name)
+    module = generated_module(op.name)
+    inputs = make_inputs(op, SMALL, dtype)
+    output = getattr(module, naming.forward(op.name))(*inputs)
+    assert output.dtype == dtype
+    grads = call_backward(op, module, torch.ones_like(output), inputs, output)
+    for meta, tensor, grad in zip(op.inputs, inputs, grads):
+        if meta.differentiable:
+            assert grad.dtype == dtype and grad.shape == tensor.shape
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op_name", OPS)
+def test_compiled_custom_op_matches_eager(op_name):
+    op = CATALOG.op(op_name)
+    torch._dynamo.reset()
+    inputs = differentiable_inputs(op)
+    flags = [meta.differentiable for meta in op.inputs]
+    grad_output = torch.randn_like(custom_op(op)(*inputs))
+    compiled = torch.compile(custom_op(op), fullgraph=True)
+    eager = autograd_gradients(custom_op(op), inputs, grad_output, flags)
+    actual = autograd_gradients(compiled, inputs, grad_output, flags)
+    torch.testing.assert_close(compiled(*inputs), custom_op(op)(*inputs))
+    for want, got in zip(eager, actual):
+        if want is not None:
+            torch.testing.assert_close(got, want)
