@@ -92,6 +92,7 @@ def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, 
     factors = _fold_piecewise([canonical(f) for f in term.factors])
     # Elementwise operands take the target's dim order where they can, so that no transpose follows.
     preferred = tuple(target) + tuple(i for i in order if i not in target)
+    preferred = tuple(sorted(preferred, key=lambda i: i != BATCH))     # batch dims always lead
     operands = [Operand(f, _own_order(f, preferred)) for f in factors]
     operands.sort(key=lambda o: (_reading_position(o.expr, reading, scalars), sympy.default_sort_key(o.expr)))
     present = {i for o in operands for i in o.indices}

@@ -17,7 +17,7 @@ from .plan import free_indices
 from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, walk
 from .model import OpSpec
 from .functions import one_hot
-from .naming import BATCH
+from .naming import BATCH, grad
 from .spec import size_symbol
 
 ATOM, MUL, ADD = PRECEDENCE["Atom"], PRECEDENCE["Mul"], PRECEDENCE["Add"]
@@ -367,8 +367,21 @@ def size_bindings(op: OpSpec, exprs: list[LoweredExpr],
     """
     if sources is None:
         sources = [(t.name, t.indices) for t in op.inputs]
-    return [(size_symbol(index).name, _shape_of(*size_source(index, sources), index))
+    return [(size_symbol(index).name, _batch_size(sources, grad(op.output)) if index == BATCH else
+             _shape_of(*size_source(index, sources), index))
             for index in sizes_used(op, exprs, shared)]
+
+
+def _batch_size(sources: list[tuple[str, tuple[str, ...]]], grad_output: str) -> str:
+    """The number of batch positions: one tensor's, or that of the batch shape several broadcast to."""
+    batched = [(name, dims) for name, dims in sources if BATCH in dims]
+    if len(batched) == 1 or batched[0][0] == grad_output:
+        return _shape_of(*batched[0], BATCH)
+    shapes = []
+    for name, dims in batched:
+        named = len(dims) - 1
+        shapes.append(f"{name}.shape[:-{named}]" if named else f"{name}.shape")
+    return f"torch.broadcast_shapes({', '.join(shapes)}).numel()"
 
 
 def size_source(index: str, sources: list[tuple[str, tuple[str, ...]]]) -> tuple[str, tuple[str, ...]]:

@@ -22,6 +22,7 @@ import torch
 
 from . import naming
 from .model import OpSpec
+from .naming import BATCH
 from .spec import load_catalog
 
 # Distinct sizes per index, so that a transposed or unreduced gradient cannot pass by accident.
@@ -54,7 +55,9 @@ def reference(op: OpSpec):
 
     def function(*tensors, **params):
         scope = {"torch": torch, **defaults, **params, **dict(zip(names, tensors))}
-        return eval(code, {"__builtins__": {}}, scope)  # noqa: S307 - whitelisted AST, no builtins
+        # The expression can name nothing but inputs, params and torch; `__import__` is there only
+        # for torch's own C code, which imports through the calling frame's builtins.
+        return eval(code, {"__builtins__": {"__import__": __import__}}, scope)  # noqa: S307
 
     return function
 
@@ -68,15 +71,25 @@ def sizes_for(op: OpSpec, sizes: dict[str, int] | None = None) -> dict[str, int]
 
 
 def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.float64, seed: int = 0,
-                kinks: bool = False, requires_grad: bool = False) -> list[torch.Tensor]:
-    """Random inputs; with `kinks`, a third of the entries are exactly 0 (where step functions jump)."""
+                kinks: bool = False, requires_grad: bool = False,
+                batch_shapes: dict[str, tuple[int, ...]] | None = None) -> list[torch.Tensor]:
+    """Random inputs; with `kinks`, a third of the entries are exactly 0 (where step functions jump).
+
+    `batch_shapes` gives the dims `...` stands for in each input (default: one dim of
+    the size chosen for `...`); they may differ as long as they broadcast.
+    """
     sizes = sizes_for(op, sizes)
     index_sizes = dict(op.index_sizes)
     ranges = {name: (low, high) for name, low, high in op.ranges}
     generator = torch.Generator().manual_seed(seed)
     tensors = []
     for tensor in op.inputs:
-        shape = tuple(sizes[index_sizes[i]] for i in tensor.indices)
+        shape = ()
+        for index in tensor.indices:
+            if index == BATCH:
+                shape += (batch_shapes or {}).get(tensor.name, (sizes[BATCH],))
+            else:
+                shape += (sizes[index_sizes[index]],)
         if tensor.integer:
             tensors.append(torch.randint(0, sizes[tensor.value_range], shape, generator=generator))
             continue
@@ -115,13 +128,17 @@ def autograd_gradients(function, inputs, grad_output, differentiable):
 
 
 def check_gradients(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=None, seed: int = 0,
-                    kinks: bool = False) -> None:
-    """The generated backward equals autograd of the torch reference, with exactly each input's shape."""
+                    kinks: bool = False, inputs: list[torch.Tensor] | None = None, equal_nan: bool = False) -> None:
+    """The generated backward equals autograd of the torch reference, with exactly each input's shape.
+
+    `inputs` overrides the random ones; `equal_nan` accepts NaN where the reference has NaN too.
+    """
     forward = getattr(module, naming.forward(op.name))
-    inputs = make_inputs(op, sizes, dtype, seed, kinks)
+    if inputs is None:
+        inputs = make_inputs(op, sizes, dtype, seed, kinks)
     expected_output = reference(op)(*inputs)
     output = forward(*inputs)
-    torch.testing.assert_close(output, expected_output)
+    torch.testing.assert_close(output, expected_output, equal_nan=equal_nan)
     grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed + 1),
                               dtype=torch.float64).to(dtype)
     differentiable = [t.differentiable for t in op.inputs]
@@ -135,7 +152,7 @@ def check_gradients(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=N
         assert got.shape == want.shape, f"{op.name}: grad_{tensor.name} has shape {tuple(got.shape)}, " \
                                         f"expected {tuple(want.shape)}"
         assert got.dtype == dtype, f"{op.name}: grad_{tensor.name} is {got.dtype}, expected {dtype}"
-        torch.testing.assert_close(got, want, msg=lambda m: f"{op.name}: grad_{tensor.name}: {m}")
+        torch.testing.assert_close(got, want, equal_nan=equal_nan, msg=lambda m: f"{op.name}: grad_{tensor.name}: {m}")
 
 
 def gradcheck_op(op: OpSpec, module: ModuleType, sizes=None, seed: int = 0) -> None:

@@ -33,7 +33,7 @@ def binary_cross_entropy_backward(grad_loss, pred, target, *, needs_input_grad=(
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
-    size_batch = pred.numel()
+    size_batch = torch.broadcast_shapes(pred.shape, target.shape).numel()
     grad_pred = grad_target = None
     if needs_input_grad[0]:
         grad_pred = (-grad_loss * (target - 1) / (1 - pred) / size_batch - grad_loss * target / pred / size_batch).sum_to_size(pred.shape)

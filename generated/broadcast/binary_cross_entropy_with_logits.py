@@ -33,7 +33,7 @@ def binary_cross_entropy_with_logits_backward(grad_loss, logits, target, *, need
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
-    size_batch = logits.numel()
+    size_batch = torch.broadcast_shapes(logits.shape, target.shape).numel()
     grad_logits = grad_target = None
     if needs_input_grad[0]:
         grad_logits = (grad_loss * torch.sigmoid(logits) / size_batch - grad_loss * target / size_batch).sum_to_size(logits.shape)
