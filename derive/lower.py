@@ -145,11 +145,12 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr]):
     """Hoist subexpressions that occur more than once across the backward's elementwise leaves."""
     leaves = [(g, node) for g, expr in enumerate(gradients) for term in expr.terms
               for node in walk(term) if isinstance(node, Leaf)]
-    symbols = sympy.numbered_symbols(naming.SHARED_PREFIX, real=True)
+    symbols = sympy.numbered_symbols("cse_", real=True)
     replacements, reduced = sympy.cse([leaf.expr for _, leaf in leaves], symbols=symbols, order="none")
     scalars = tensor_symbols(op_plan.op)
     order = op_plan.op.index_order
     accesses, values = {}, []
+    seen: dict[sympy.Expr, str] = {}     # value with its dims renamed by position -> shared name
     for symbol, expr in replacements:
         expr = expr.xreplace(accesses)
         if not depends_on_tensor(expr, scalars | {sympy.Symbol(n, real=True) for n, _ in values}):
@@ -157,8 +158,13 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr]):
             continue
         indices = ordered(free_indices(expr), order)
         idx = [next(j for j in expr.atoms(sympy.Idx) if j.name == i) for i in indices]
-        accesses[symbol] = tensor_symbol(symbol.name)[tuple(idx)] if idx else symbol
-        values.append((symbol.name, Leaf(expr, indices)))
+        # the same tensor under other index names (x[..., d] and x[..., d_1]) is computed once
+        key = expr.xreplace({j: sympy.Idx(f"_{p}", j.upper + 1) for p, j in enumerate(idx)})
+        if key not in seen:
+            seen[key] = f"{naming.SHARED_PREFIX}{len(values)}"
+            values.append((seen[key], Leaf(expr, indices)))
+        name = seen[key]
+        accesses[symbol] = tensor_symbol(name)[tuple(idx)] if idx else sympy.Symbol(name, real=True)
     if not values:
         return tuple(gradients), ()
     rewritten = {id(leaf): Leaf(expr.xreplace(accesses), leaf.indices) for (_, leaf), expr in zip(leaves, reduced)}

@@ -41,18 +41,18 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
     size_d = grad_y.shape[-1]
     grad_x = grad_w = grad_b = None
     if needs_input_grad[0] or needs_input_grad[1]:
-        shared_2 = eps + ((x - x.sum(-1).unsqueeze(-1) / size_d)**2).sum(-1) / size_d
-        shared_3 = torch.rsqrt(shared_2)
-        shared_4 = grad_y * shared_3.unsqueeze(-1)
-        shared_6 = -x.sum(-1) / size_d
-        shared_9 = shared_6.unsqueeze(-1) + x
+        shared_0 = eps + ((x - x.sum(-1).unsqueeze(-1) / size_d)**2).sum(-1) / size_d
+        shared_1 = torch.rsqrt(shared_0)
+        shared_2 = grad_y * shared_1.unsqueeze(-1)
+        shared_4 = -x.sum(-1) / size_d
+        shared_7 = shared_4.unsqueeze(-1) + x
     if needs_input_grad[0]:
-        shared_5 = grad_y * w
-        shared_7 = shared_2**(-3/2)
-        shared_8 = (shared_6.unsqueeze(-1) + x) * shared_5
-        grad_x = shared_4 * w + (-(shared_3.unsqueeze(-1) * shared_5).mean(-1)).unsqueeze(-1) + ((shared_6.unsqueeze(-1) + x).sum(-1) * (shared_7.unsqueeze(-1) * shared_8).sum(-1) / size_d**2).unsqueeze(-1) - shared_7.unsqueeze(-1) * shared_9 * shared_8.sum(-1).unsqueeze(-1) / size_d
+        shared_3 = grad_y * w
+        shared_5 = shared_0**(-3/2)
+        shared_6 = (shared_4.unsqueeze(-1) + x) * shared_3
+        grad_x = shared_2 * w + (-(shared_1.unsqueeze(-1) * shared_3).mean(-1)).unsqueeze(-1) + ((shared_4.unsqueeze(-1) + x).sum(-1) * (shared_5.unsqueeze(-1) * shared_6).sum(-1) / size_d**2).unsqueeze(-1) - shared_5.unsqueeze(-1) * shared_7 * shared_6.sum(-1).unsqueeze(-1) / size_d
     if needs_input_grad[1]:
-        grad_w = (shared_4 * shared_9).sum_to_size((size_d,))
+        grad_w = (shared_2 * shared_7).sum_to_size((size_d,))
     if needs_input_grad[2]:
         grad_b = grad_y.sum_to_size((size_d,))
     return (grad_x, grad_w, grad_b)

@@ -41,16 +41,15 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
     size_d = grad_y.shape[-1]
     grad_x = grad_w = grad_b = None
     if needs_input_grad[0] or needs_input_grad[1]:
-        shared_2 = eps + ((x - x.sum(-1).unsqueeze(-1) / size_d)**2).sum(-1) / size_d
-        shared_3 = torch.rsqrt(shared_2)
-        shared_5 = -x.sum(-1) / size_d
-        shared_7 = shared_5.unsqueeze(-1) + x
+        shared_0 = eps + ((x - x.sum(-1).unsqueeze(-1) / size_d)**2).sum(-1) / size_d
+        shared_1 = torch.rsqrt(shared_0)
+        shared_3 = -x.sum(-1) / size_d
+        shared_4 = shared_3.unsqueeze(-1) + x
     if needs_input_grad[0]:
-        shared_4 = shared_2**(-3/2)
-        shared_6 = shared_5.unsqueeze(-1) + x
-        grad_x = shared_3.unsqueeze(-1) * grad_y * w + (-(shared_3.unsqueeze(-1) * grad_y * w).mean(dim=-1)).unsqueeze(-1) + (shared_4.unsqueeze(-1).unsqueeze(-2) * shared_6.unsqueeze(-1) * (shared_5.unsqueeze(-1) + x).unsqueeze(-2) * grad_y.unsqueeze(-1) * w.unsqueeze(-1)).mean(dim=(-2, -1)).unsqueeze(-1) - (shared_4.unsqueeze(-1).unsqueeze(-2) * shared_7.unsqueeze(-1) * shared_6.unsqueeze(-2) * grad_y.unsqueeze(-2) * w).mean(dim=-1)
+        shared_2 = shared_0**(-3/2)
+        grad_x = shared_1.unsqueeze(-1) * grad_y * w + (-(shared_1.unsqueeze(-1) * grad_y * w).mean(dim=-1)).unsqueeze(-1) + (shared_2.unsqueeze(-1).unsqueeze(-2) * shared_4.unsqueeze(-1) * (shared_3.unsqueeze(-1) + x).unsqueeze(-2) * grad_y.unsqueeze(-1) * w.unsqueeze(-1)).mean(dim=(-2, -1)).unsqueeze(-1) - (shared_2.unsqueeze(-1).unsqueeze(-2) * shared_4.unsqueeze(-1) * shared_4.unsqueeze(-2) * grad_y.unsqueeze(-2) * w).mean(dim=-1)
     if needs_input_grad[1]:
-        grad_w = (shared_3.unsqueeze(-1) * shared_7 * grad_y).sum_to_size((size_d,))
+        grad_w = (shared_1.unsqueeze(-1) * shared_4 * grad_y).sum_to_size((size_d,))
     if needs_input_grad[2]:
         grad_b = grad_y.sum_to_size((size_d,))
     return (grad_x, grad_w, grad_b)
