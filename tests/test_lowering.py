@@ -118,3 +118,17 @@ def test_summing_a_constant_multiplies_by_the_size(tmp_path):
         reference = "x * 2 * w.shape[0] + w.sum()"
     ''')
     check_gradients(op, module)
+
+
+def test_three_operand_contractions_get_an_optimized_path(tmp_path):
+    """The chain x @ w @ v is one einsum, and torch.einsum orders it with opt_einsum."""
+    import torch
+    assert torch.backends.opt_einsum.is_available() and torch.backends.opt_einsum.enabled
+    op, _ = spec_module(tmp_path, '''
+        [ops.chain3]
+        inputs = ["x[n, k]", "w[k, j]", "v[j, m]"]
+        equation = "y[n, m] = sum(x[n, k] * w[k, j] * v[j, m], k, j)"
+        reference = "x @ w @ v"
+    ''')
+    forward = build_op(op).lowered["contraction"].forward
+    assert isinstance(forward.terms[0], Einsum) and len(forward.terms[0].operands) == 3
