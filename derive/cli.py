@@ -1,4 +1,4 @@
-"""The `derive` command line: generate, check, list, explain."""
+"""The `derive` command line: generate, check, list, bench, explain."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from . import bench
 from . import explain
 from .build import STYLE_DIRS, render_catalog
 from .files import compare, write_tree
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                              help="contraction (matrix products, into DIR) or broadcast (the seed's "
                                   "unsqueeze/sum form, into DIR/broadcast); default: both")
     catalog_command("list", "list the ops of a catalog", _list)
+    bench.add_parser(commands)
     explain.add_parser(commands)
     return parser
 

@@ -1,0 +1,67 @@
+"""`derive bench --quick`: its table, the gradients it compares, and its memory measure. No timing assertions."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from derive import bench
+
+from conftest import GENERATED, OPS, ROOT, STYLES
+
+QUICK = bench.SIZE_PRESETS["quick"]
+ROWS = [*OPS, bench.SEED_NETWORK, f"{bench.SEED_NETWORK}, {bench.HANDWRITTEN}"]
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_quick_bench_has_a_row_per_op_and_the_seed_network(style):
+    report = bench.run_bench(quick=True, style=style, generated_dir=GENERATED)
+    assert [row.case for row in report.rows] == ROWS
+    assert all(row.seconds > 0 and row.autograd_seconds > 0 for row in report.rows)
+    text = bench.format_report(report)
+    assert all(case in text for case in ROWS)
+    assert "generated / hand-written" in text and "derive generate" in text
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_every_contender_computes_autograds_gradients(style):
+    for case in bench.cases(style, QUICK, GENERATED):
+        expected = case.contenders[bench.AUTOGRAD]()
+        for name, contender in case.contenders.items():
+            actual = contender()
+            assert len(actual) == len(expected), (case.name, name)
+            for got, want in zip(actual, expected):
+                assert got.abs().max() > 0, f"{case.name} ({name}): an all-zero gradient would prove nothing"
+                torch.testing.assert_close(got, want)
+
+
+def test_verify_refuses_a_contender_that_computes_something_else():
+    case = bench.cases("contraction", QUICK, GENERATED)[-1]
+    generated = case.contenders[bench.GENERATED]
+    wrong = dataclasses.replace(case, contenders={**case.contenders,
+                                                  bench.GENERATED: lambda: [2 * g for g in generated()]})
+    bench.verify(case)
+    with pytest.raises(AssertionError, match="seed network"):
+        bench.verify(wrong)
+
+
+def test_peak_memory_sees_the_broadcast_intermediate():
+    def linear_peak(style):
+        case = next(c for c in bench.cases(style, QUICK, GENERATED) if c.name == "linear")
+        return bench.peak_bytes(case.contenders[bench.GENERATED])
+
+    n, k, m = QUICK["n"], QUICK["k"], QUICK["m"]
+    assert linear_peak("contraction") < n * k * m * 4 <= linear_peak("broadcast")
+    assert bench.peak_bytes(lambda: [torch.ones(1000, dtype=torch.float32)]) >= 4000
+
+
+def test_cli_bench_quick():
+    result = subprocess.run([sys.executable, "-m", "derive", "bench", "--quick", "--style", "broadcast"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert all(case in result.stdout for case in ROWS)
+    bad = subprocess.run([sys.executable, "-m", "derive", "bench", "--sizes", "huge"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown size preset" in bad.stderr
