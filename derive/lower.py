@@ -311,6 +311,7 @@ def backward_reads(lowered: LoweredOp) -> set[str]:
         covered = set().union(*(t.indices for t in expr.terms)) if expr.terms else set()
         if expr.plan.unbroadcast or covered != set(expr.plan.indices):
             names.add(expr.plan.like)      # sum_to_size / expand_as / zeros_like
+        names |= {s.name for s in expr.plan.scale.free_symbols}
         for term in expr.terms:
             for node in walk(term):
                 if isinstance(node, Leaf):

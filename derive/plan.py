@@ -9,7 +9,8 @@ for linear, grad_y[n, m] and w[k, m] meet in (n, k, m).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 
 import sympy
 
@@ -53,6 +54,7 @@ class ExprPlan:
     indices: tuple[str, ...]          # its dims, in order
     terms: tuple[TermPlan, ...]       # summands (empty: identically zero)
     unbroadcast: bool = False         # batch dims broadcast against another input's: sum back to `like`'s shape
+    scale: sympy.Expr = sympy.S.One   # index-free factor common to every term, applied once to their sum
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,22 @@ def _plan_expr(op, terms, target, like, indices, order, stand_in) -> ExprPlan:
     plans.sort(key=lambda t: min((_reading_position(o.expr, reading, scalars) for o in t.operands), default=0))
     unbroadcast = like is not None and BATCH in indices and \
         any(BATCH in t.indices for t in op.inputs if t.name != like)
-    return ExprPlan(target=target, like=like, indices=indices, terms=tuple(plans), unbroadcast=unbroadcast)
+    scale, plans = _factor_out(plans)
+    return ExprPlan(target=target, like=like, indices=indices, terms=tuple(plans), unbroadcast=unbroadcast,
+                    scale=scale)
+
+
+def _factor_out(plans: list[TermPlan]) -> tuple[sympy.Expr, list[TermPlan]]:
+    """Pull the coefficient and the scalar tensors (such as grad_loss) every term has out of the sum,
+    so that a full-size tensor is scaled once instead of once per term."""
+    if len(plans) < 2:
+        return sympy.S.One, plans
+    coefficient = functools.reduce(sympy.gcd, [t.coefficient for t in plans])
+    scalars = set.intersection(*[{o for o in t.operands if not o.indices} for t in plans])
+    scalars = {o for o in scalars if all(len(t.operands) > len(scalars) for t in plans)}
+    plans = [replace(t, coefficient=sympy.cancel(t.coefficient / coefficient),
+                     operands=tuple(o for o in t.operands if o not in scalars)) for t in plans]
+    return coefficient * sympy.Mul(*[o.expr for o in sorted(scalars, key=lambda o: o.expr.name)]), plans
 
 
 def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, reading) -> TermPlan:

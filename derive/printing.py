@@ -87,9 +87,10 @@ def _permutation(have: tuple[str, ...], want: tuple[str, ...]) -> str:
 class TorchCodePrinter(TorchPrinter):
     """SymPy's PyTorch printer, with each tensor access lined up for one broadcast layout."""
 
-    def __init__(self, layout: tuple[str, ...]):
+    def __init__(self, layout: tuple[str, ...], tensors: frozenset = frozenset()):
         super().__init__({"strict": True})
         self.layout = layout
+        self.tensors = tensors      # symbols that stand for whole tensors (not scalars)
 
     def _print_Indexed(self, expr):
         if all(isinstance(i, sympy.Idx) for i in expr.indices):
@@ -190,31 +191,43 @@ class TorchCodePrinter(TorchPrinter):
         return f"{self.parenthesize(base, PRECEDENCE['Pow'] + 1)}**{self.parenthesize(exponent, PRECEDENCE['Pow'] + 1)}"
 
     def _print_Mul(self, expr):
+        """Scalars first, so that Python's left-to-right evaluation scales a tensor only once:
+        `2 * grad_loss / size_n * (pred - target)`, not `2 * grad_loss * (pred - target) / size_n`."""
         factors = expr.as_ordered_factors()
-        coefficient = sympy.Mul(*[f for f in factors if f.is_number])
-        numerator, denominator = [], []
+        number = sympy.Mul(*[f for f in factors if f.is_number])
+        groups = {(tensor, below): [] for tensor in (False, True) for below in (False, True)}
         for factor in factors:
             if factor.is_number:
                 continue
-            if factor.is_Pow and factor.exp.is_number and factor.exp < 0 and factor.exp != -sympy.S.Half:
-                denominator.append(factor.base ** -factor.exp)
-            else:
-                numerator.append(factor)
-        sign = "-" if coefficient < 0 else ""
-        coefficient = abs(coefficient)
-        if coefficient.is_Rational:
-            top_number, bottom_number = sympy.fraction(coefficient)
-            top_text = self._print(top_number)
+            below = factor.is_Pow and factor.exp.is_number and factor.exp < 0 and factor.exp != -sympy.S.Half
+            base = factor.base ** -factor.exp if below else factor
+            # a size may be 0 (an empty batch): divide a tensor by it, never a Python number
+            groups[(self._is_tensor(base) or (below and bool(base.is_integer)), below)].append(base)
+        sign = "-" if number < 0 else ""
+        number = abs(number)
+        if number.is_Rational and not groups[(False, False)] + groups[(False, True)] \
+                and sympy.fraction(number)[0] == 1 and sympy.fraction(number)[1] != 1 and groups[(True, False)]:
+            # only a number to apply: `x / 2` scales once too, and reads better than `1 / 2 * x`
+            groups[(True, True)] = [sympy.fraction(number)[1]] + groups[(True, True)]
+            number = sympy.S.One
+        if number.is_Rational:
+            top, bottom = sympy.fraction(number)
+            top_text = self._print(top)
         else:   # sqrt(2) / 2 and the like: one float
-            top_number, bottom_number, top_text = coefficient, 1, self._print_irrational(coefficient)
-        top = ([top_text] if top_number != 1 or not numerator else []) + \
-              [self.parenthesize(f, MUL) for f in numerator]
-        bottom = ([self._print(bottom_number)] if bottom_number != 1 else []) + \
-                 [self.parenthesize(f, MUL + 1) for f in denominator]
-        text = " * ".join(top)
-        if bottom:
-            text += " / " + (bottom[0] if len(bottom) == 1 else "(" + " * ".join(bottom) + ")")
+            top, bottom, top_text = number, 1, self._print_irrational(number)
+        above = groups[(False, False)] + groups[(True, False)]
+        text = " * ".join(([top_text] if top != 1 or not above else [])
+                          + [self.parenthesize(f, MUL) for f in groups[(False, False)]])
+        for divisor in ([bottom] if bottom != 1 else []) + groups[(False, True)]:
+            text = (text or "1") + " / " + self.parenthesize(divisor, MUL + 1)
+        for factor in groups[(True, False)]:
+            text = (text + " * " if text else "") + self.parenthesize(factor, MUL)
+        for divisor in groups[(True, True)]:
+            text = (text or "1") + " / " + self.parenthesize(divisor, MUL + 1)
         return sign + text
+
+    def _is_tensor(self, expr) -> bool:
+        return bool(expr.atoms(sympy.Indexed)) or bool(expr.free_symbols & self.tensors)
 
     def _print_irrational(self, expr):
         """An exact number such as sqrt(2) or pi, as a Python float literal."""
@@ -333,7 +346,8 @@ def _letters(indices: list[str]) -> dict[str, str]:
 def _scale(coefficient: sympy.Expr, code: Code) -> str:
     """`coefficient * code`, written with the number in front and divisors behind."""
     # The tensor expression stands in as a symbol, so SymPy's printer lays out the product.
-    return TorchCodePrinter(()).doprint(coefficient * sympy.Symbol(code.operand(MUL)))
+    placeholder = sympy.Symbol(code.operand(MUL))
+    return TorchCodePrinter((), frozenset({placeholder})).doprint(coefficient * placeholder)
 
 
 def render_expr(lowered: LoweredExpr) -> str:
@@ -342,6 +356,8 @@ def render_expr(lowered: LoweredExpr) -> str:
     if not lowered.terms:
         return f"torch.zeros_like({plan.like})"
     parts = [align(render(term), plan.indices) for term in lowered.terms]
+    # lead with a term that is not negated: `b - a`, not `-a + b`
+    parts.sort(key=lambda part: part.text.startswith("-"))
     text = parts[0].operand(ADD)
     for part in parts[1:]:
         if part.text.startswith("-"):
@@ -349,6 +365,9 @@ def render_expr(lowered: LoweredExpr) -> str:
         else:
             text += " + " + part.operand(ADD + 1)
     atomic = len(parts) == 1 and parts[0].precedence >= ATOM
+    if plan.scale != 1:
+        text = _scale(plan.scale, Code(text, plan.indices, ADD if len(parts) > 1 else parts[0].precedence))
+        atomic = False
     covered = set().union(*(p.indices for p in parts))
     if covered != set(plan.indices):
         text = (text if atomic else f"({text})") + f".expand_as({plan.like})"
@@ -391,7 +410,7 @@ def size_source(index: str, sources: list[tuple[str, tuple[str, ...]]]) -> tuple
 
 def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = ()) -> list[str]:
     """The declared indices whose sizes the code of `exprs` (and of shared values) mentions."""
-    used = set()
+    used = set().union(*(expr.plan.scale.free_symbols for expr in exprs))
     roots = [term for expr in exprs for term in expr.terms] + list(shared)
     for root in roots:
         for node in walk(root):

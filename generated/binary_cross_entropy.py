@@ -12,7 +12,8 @@ import torch
 
 def binary_cross_entropy_forward(pred, target):
     """binary_cross_entropy forward: loss = mean(-(target[...] * log(pred[...]) + (1 - target[...]) * log(1 - pred[...])), ...)"""
-    return -((1 - target) * torch.log1p(-pred)).mean() - (torch.log(pred) * target).mean()
+    size_batch = torch.broadcast_shapes(pred.shape, target.shape).numel()
+    return (-((1 - target) * torch.log1p(-pred)).sum() - (torch.log(pred) * target).sum()) / size_batch
 
 
 def binary_cross_entropy_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
@@ -36,9 +37,9 @@ def binary_cross_entropy_backward(grad_loss, pred, target, *, needs_input_grad=(
     size_batch = torch.broadcast_shapes(pred.shape, target.shape).numel()
     grad_pred = grad_target = None
     if needs_input_grad[0]:
-        grad_pred = (-grad_loss * (target - 1) / (1 - pred) / size_batch - grad_loss * target / pred / size_batch).sum_to_size(pred.shape)
+        grad_pred = (grad_loss * (-(target - 1) / (1 - pred) - target / pred) / size_batch).sum_to_size(pred.shape)
     if needs_input_grad[1]:
-        grad_target = (grad_loss * torch.log1p(-pred) / size_batch - grad_loss * torch.log(pred) / size_batch).sum_to_size(target.shape)
+        grad_target = (grad_loss * (torch.log1p(-pred) - torch.log(pred)) / size_batch).sum_to_size(target.shape)
     return (grad_pred, grad_target)
 
 

@@ -12,7 +12,8 @@ import torch
 
 def binary_cross_entropy_forward(pred, target):
     """binary_cross_entropy forward: loss = mean(-(target[...] * log(pred[...]) + (1 - target[...]) * log(1 - pred[...])), ...)"""
-    return -(torch.log1p(-pred) * (1 - target)).mean() - (torch.log(pred) * target).mean()
+    size_batch = torch.broadcast_shapes(pred.shape, target.shape).numel()
+    return (-(torch.log1p(-pred) * (1 - target)).sum() - (torch.log(pred) * target).sum()) / size_batch
 
 
 def binary_cross_entropy_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
@@ -36,9 +37,9 @@ def binary_cross_entropy_backward(grad_loss, pred, target, *, needs_input_grad=(
     size_batch = torch.broadcast_shapes(pred.shape, target.shape).numel()
     grad_pred = grad_target = None
     if needs_input_grad[0]:
-        grad_pred = (-grad_loss * 1 / (1 - pred) * (target - 1) / size_batch - grad_loss * 1 / pred * target / size_batch).sum_to_size(pred.shape)
+        grad_pred = (grad_loss * (-1 / (1 - pred) * (target - 1) - 1 / pred * target) / size_batch).sum_to_size(pred.shape)
     if needs_input_grad[1]:
-        grad_target = (torch.log1p(-pred) * grad_loss / size_batch - torch.log(pred) * grad_loss / size_batch).sum_to_size(target.shape)
+        grad_target = (grad_loss * (torch.log1p(-pred) - torch.log(pred)) / size_batch).sum_to_size(target.shape)
     return (grad_pred, grad_target)
 
 

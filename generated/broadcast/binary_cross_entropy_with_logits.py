@@ -12,7 +12,8 @@ import torch
 
 def binary_cross_entropy_with_logits_forward(logits, target):
     """binary_cross_entropy_with_logits forward: loss = mean(log(1 + exp(logits[...])) - logits[...] * target[...], ...)"""
-    return -(logits * target).mean() + torch.nn.functional.softplus(logits).mean()
+    size_batch = torch.broadcast_shapes(logits.shape, target.shape).numel()
+    return (torch.nn.functional.softplus(logits).sum() - (logits * target).sum()) / size_batch
 
 
 def binary_cross_entropy_with_logits_backward(grad_loss, logits, target, *, needs_input_grad=(True, True)):
@@ -36,7 +37,7 @@ def binary_cross_entropy_with_logits_backward(grad_loss, logits, target, *, need
     size_batch = torch.broadcast_shapes(logits.shape, target.shape).numel()
     grad_logits = grad_target = None
     if needs_input_grad[0]:
-        grad_logits = (grad_loss * torch.sigmoid(logits) / size_batch - grad_loss * target / size_batch).sum_to_size(logits.shape)
+        grad_logits = (grad_loss * (torch.sigmoid(logits) - target) / size_batch).sum_to_size(logits.shape)
     if needs_input_grad[1]:
         grad_target = (-logits * grad_loss / size_batch).sum_to_size(target.shape)
     return (grad_logits, grad_target)

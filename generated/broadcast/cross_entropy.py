@@ -12,7 +12,8 @@ import torch
 
 def cross_entropy_forward(logits, target):
     """cross_entropy forward: loss = mean(logsumexp(logits[n, c], c) - logits[n, target[n]], n)"""
-    return -logits.gather(1, target.unsqueeze(1)).squeeze(1).mean() + torch.logsumexp(logits, dim=-1).mean()
+    size_n = logits.shape[0]
+    return (torch.logsumexp(logits, dim=-1).sum() - logits.gather(1, target.unsqueeze(1)).squeeze(1).sum()) / size_n
 
 
 def cross_entropy_backward(grad_loss, logits, target, *, needs_input_grad=(True, True)):
@@ -33,7 +34,7 @@ def cross_entropy_backward(grad_loss, logits, target, *, needs_input_grad=(True,
     size_n = logits.shape[0]
     grad_logits = None
     if needs_input_grad[0]:
-        grad_logits = -grad_loss * torch.nn.functional.one_hot(target, size_c) / size_n + grad_loss * torch.softmax(logits, dim=-1) / size_n
+        grad_logits = grad_loss * (torch.softmax(logits, dim=-1) - torch.nn.functional.one_hot(target, size_c)) / size_n
     return (grad_logits, None)
 
 

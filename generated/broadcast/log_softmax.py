@@ -31,7 +31,7 @@ def log_softmax_backward(grad_y, x, *, needs_input_grad=(True,)):
     """
     grad_x = None
     if needs_input_grad[0]:
-        grad_x = -(torch.softmax(x, dim=-1).unsqueeze(-1) * grad_y.unsqueeze(-2)).sum(dim=-1) + grad_y
+        grad_x = grad_y - (torch.softmax(x, dim=-1).unsqueeze(-1) * grad_y.unsqueeze(-2)).sum(dim=-1)
     return (grad_x,)
 
 

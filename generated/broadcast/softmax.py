@@ -32,7 +32,7 @@ def softmax_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     """
     grad_x = None
     if needs_input_grad[0]:
-        grad_x = -(grad_y.unsqueeze(-2) * y.unsqueeze(-1) * y.unsqueeze(-2)).sum(dim=-1) + grad_y * y
+        grad_x = grad_y * y - (grad_y.unsqueeze(-2) * y.unsqueeze(-1) * y.unsqueeze(-2)).sum(dim=-1)
     return (grad_x,)
 
 

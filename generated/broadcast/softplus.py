@@ -12,7 +12,7 @@ import torch
 
 def softplus_forward(x, beta=1.0):
     """softplus forward: y[...] = log(1 + exp(beta * x[...])) / beta"""
-    return torch.nn.functional.softplus(beta * x) / beta
+    return 1 / beta * torch.nn.functional.softplus(beta * x)
 
 
 def softplus_backward(grad_y, x, beta=1.0, *, needs_input_grad=(True,)):
