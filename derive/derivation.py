@@ -113,7 +113,7 @@ def _derive_input(op: OpSpec, forward: sympy.Expr, name: str, scalars) -> Gradie
         term = _eliminate_deltas(term, op, name)
         if term is not None:
             terms.append(_rename_primed(term, primed, op))
-    terms = [_reuse_output(t, op, forward) for t in _combine(terms)]
+    terms = [_reuse_output(t, op, forward) for t in _combine(terms) if not _vanishes(t)]
     vjp = sympy.Add(*[t.to_expr() for t in terms])
     terms = [Term(t.coefficient, tuple(_lower_kinks(f) for f in t.factors), t.summed) for t in terms]
     return GradientDerivation(input=name, indices=tensor.indices, wrt=wrt, partial=partial,
@@ -155,6 +155,25 @@ def _lower_kinks(expr: sympy.Expr) -> sympy.Expr:
             return sympy.Piecewise((0, arg < 0), (1, True))
         return sympy.Piecewise((0, arg < 0), (at_zero, sympy.Eq(arg, 0)), (1, True))
     return expr.replace(lambda e: isinstance(e, sympy.Heaviside), piecewise)
+
+
+def _vanishes(term: Term) -> bool:
+    """Whether a summed index meets only one factor and that factor sums to zero over it.
+
+    This is the case of a centered value, sum over d of (x[d] - mean(x)) = 0, which
+    layer_norm's derivative produces and SymPy does not see.
+    """
+    for index in term.summed:
+        depending = [f for f in term.factors if index in f.atoms(sympy.Idx)]
+        if len(depending) != 1:
+            continue
+        total = sympy.Integer(0)
+        for part in sympy.Add.make_args(sympy.expand(canonical(depending[0], depth=1))):
+            total += sympy.Sum(part, (index, 0, index.upper)) if index in part.atoms(sympy.Idx) \
+                else part * (index.upper + 1)
+        if canonical(total) == 0:
+            return True
+    return False
 
 
 def _reuse_output(term: Term, op: OpSpec, forward: sympy.Expr) -> Term:

@@ -25,7 +25,7 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
 
     grad_x (shape of x: (..., d)):
         d y[..., d] / d x[...', d'] = (KroneckerDelta(..., ...')*KroneckerDelta(d, d') - sum(KroneckerDelta(..., ...')*KroneckerDelta(d, d'), d)/size_d)*w[d]/sqrt(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d) - (x[..., d] - sum(x[..., d], d)/size_d)*w[d]*sum((2*KroneckerDelta(..., ...')*KroneckerDelta(d, d') - 2*sum(KroneckerDelta(..., ...')*KroneckerDelta(d, d'), d)/size_d)*(x[..., d] - sum(x[..., d], d)/size_d), d)/(2*size_d*(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d)**(3/2))
-        grad_x[..., d] = grad_y[..., d]*w[d]/sqrt(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d) - sum(grad_y[..., d_1]*w[d_1]/sqrt(eps + sum((x[..., d_1] - sum(x[..., d_1], d_1)/size_d)**2, d_1)/size_d), d_1)/size_d - sum((x[..., d] - sum(x[..., d], d)/size_d)*(x[..., d_1] - sum(x[..., d_1], d_1)/size_d)*grad_y[..., d_1]*w[d_1]/(eps + sum((x[..., d_1] - sum(x[..., d_1], d_1)/size_d)**2, d_1)/size_d)**(3/2), d_1)/size_d + sum((x[..., d_1] - sum(x[..., d_1], d_1)/size_d)*(x[..., d_2] - sum(x[..., d_2], d_2)/size_d)*grad_y[..., d_1]*w[d_1]/(eps + sum((x[..., d_1] - sum(x[..., d_1], d_1)/size_d)**2, d_1)/size_d)**(3/2), d_1, d_2)/size_d**2
+        grad_x[..., d] = grad_y[..., d]*w[d]/sqrt(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d) - sum(grad_y[..., d_1]*w[d_1]/sqrt(eps + sum((x[..., d_1] - sum(x[..., d_1], d_1)/size_d)**2, d_1)/size_d), d_1)/size_d - sum((x[..., d] - sum(x[..., d], d)/size_d)*(x[..., d_1] - sum(x[..., d_1], d_1)/size_d)*grad_y[..., d_1]*w[d_1]/(eps + sum((x[..., d_1] - sum(x[..., d_1], d_1)/size_d)**2, d_1)/size_d)**(3/2), d_1)/size_d
 
     grad_w (shape of w: (d,)):
         d y[..., d] / d w[d'] = (x[..., d] - sum(x[..., d], d)/size_d)*KroneckerDelta(d, d')/sqrt(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d)
@@ -45,14 +45,12 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
         shared_1 = torch.rsqrt(shared_0)
         shared_2 = grad_y * shared_1.unsqueeze(-1)
         shared_4 = -x.sum(-1) / size_d
-        shared_7 = shared_4.unsqueeze(-1) + x
+        shared_5 = shared_4.unsqueeze(-1) + x
     if needs_input_grad[0]:
         shared_3 = grad_y * w
-        shared_5 = shared_0**(-3/2)
-        shared_6 = (shared_4.unsqueeze(-1) + x) * shared_3
-        grad_x = shared_2 * w + (-(shared_1.unsqueeze(-1) * shared_3).mean(-1)).unsqueeze(-1) + ((shared_4.unsqueeze(-1) + x).sum(-1) * (shared_5.unsqueeze(-1) * shared_6).sum(-1) / size_d**2).unsqueeze(-1) - shared_5.unsqueeze(-1) * shared_7 * shared_6.sum(-1).unsqueeze(-1) / size_d
+        grad_x = shared_2 * w + (-(shared_1.unsqueeze(-1) * shared_3).mean(-1)).unsqueeze(-1) - shared_5 / shared_0.unsqueeze(-1)**(3/2) * ((shared_4.unsqueeze(-1) + x) * shared_3).sum(-1).unsqueeze(-1) / size_d
     if needs_input_grad[1]:
-        grad_w = (shared_2 * shared_7).sum_to_size((size_d,))
+        grad_w = (shared_2 * shared_5).sum_to_size((size_d,))
     if needs_input_grad[2]:
         grad_b = grad_y.sum_to_size((size_d,))
     return (grad_x, grad_w, grad_b)

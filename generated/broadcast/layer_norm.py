@@ -25,7 +25,7 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
 
     grad_x (shape of x: (..., d)):
         d y[..., d] / d x[...', d'] = (KroneckerDelta(..., ...')*KroneckerDelta(d, d') - sum(KroneckerDelta(..., ...')*KroneckerDelta(d, d'), d)/size_d)*w[d]/sqrt(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d) - (x[..., d] - sum(x[..., d], d)/size_d)*w[d]*sum((2*KroneckerDelta(..., ...')*KroneckerDelta(d, d') - 2*sum(KroneckerDelta(..., ...')*KroneckerDelta(d, d'), d)/size_d)*(x[..., d] - sum(x[..., d], d)/size_d), d)/(2*size_d*(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d)**(3/2))
-        grad_x[..., d] = grad_y[..., d]*w[d]/sqrt(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d) - sum(grad_y[..., d_1]*w[d_1]/sqrt(eps + sum((x[..., d_1] - sum(x[..., d_1], d_1)/size_d)**2, d_1)/size_d), d_1)/size_d - sum((x[..., d] - sum(x[..., d], d)/size_d)*(x[..., d_1] - sum(x[..., d_1], d_1)/size_d)*grad_y[..., d_1]*w[d_1]/(eps + sum((x[..., d_1] - sum(x[..., d_1], d_1)/size_d)**2, d_1)/size_d)**(3/2), d_1)/size_d + sum((x[..., d_1] - sum(x[..., d_1], d_1)/size_d)*(x[..., d_2] - sum(x[..., d_2], d_2)/size_d)*grad_y[..., d_1]*w[d_1]/(eps + sum((x[..., d_1] - sum(x[..., d_1], d_1)/size_d)**2, d_1)/size_d)**(3/2), d_1, d_2)/size_d**2
+        grad_x[..., d] = grad_y[..., d]*w[d]/sqrt(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d) - sum(grad_y[..., d_1]*w[d_1]/sqrt(eps + sum((x[..., d_1] - sum(x[..., d_1], d_1)/size_d)**2, d_1)/size_d), d_1)/size_d - sum((x[..., d] - sum(x[..., d], d)/size_d)*(x[..., d_1] - sum(x[..., d_1], d_1)/size_d)*grad_y[..., d_1]*w[d_1]/(eps + sum((x[..., d_1] - sum(x[..., d_1], d_1)/size_d)**2, d_1)/size_d)**(3/2), d_1)/size_d
 
     grad_w (shape of w: (d,)):
         d y[..., d] / d w[d'] = (x[..., d] - sum(x[..., d], d)/size_d)*KroneckerDelta(d, d')/sqrt(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d)
@@ -43,13 +43,12 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
     if needs_input_grad[0] or needs_input_grad[1]:
         shared_0 = eps + ((x - x.sum(-1).unsqueeze(-1) / size_d)**2).sum(-1) / size_d
         shared_1 = torch.rsqrt(shared_0)
-        shared_3 = -x.sum(-1) / size_d
-        shared_4 = shared_3.unsqueeze(-1) + x
+        shared_2 = -x.sum(-1) / size_d
+        shared_3 = shared_2.unsqueeze(-1) + x
     if needs_input_grad[0]:
-        shared_2 = shared_0**(-3/2)
-        grad_x = shared_1.unsqueeze(-1) * grad_y * w + (-(shared_1.unsqueeze(-1) * grad_y * w).mean(dim=-1)).unsqueeze(-1) + (shared_2.unsqueeze(-1).unsqueeze(-2) * shared_4.unsqueeze(-1) * (shared_3.unsqueeze(-1) + x).unsqueeze(-2) * grad_y.unsqueeze(-1) * w.unsqueeze(-1)).mean(dim=(-2, -1)).unsqueeze(-1) - (shared_2.unsqueeze(-1).unsqueeze(-2) * shared_4.unsqueeze(-1) * shared_4.unsqueeze(-2) * grad_y.unsqueeze(-2) * w).mean(dim=-1)
+        grad_x = shared_1.unsqueeze(-1) * grad_y * w + (-(shared_1.unsqueeze(-1) * grad_y * w).mean(dim=-1)).unsqueeze(-1) - ((shared_0**(-3/2)).unsqueeze(-1).unsqueeze(-2) * shared_3.unsqueeze(-1) * (shared_2.unsqueeze(-1) + x).unsqueeze(-2) * grad_y.unsqueeze(-2) * w).mean(dim=-1)
     if needs_input_grad[1]:
-        grad_w = (shared_1.unsqueeze(-1) * shared_4 * grad_y).sum_to_size((size_d,))
+        grad_w = (shared_1.unsqueeze(-1) * shared_3 * grad_y).sum_to_size((size_d,))
     if needs_input_grad[2]:
         grad_b = grad_y.sum_to_size((size_d,))
     return (grad_x, grad_w, grad_b)
