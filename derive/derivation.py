@@ -21,7 +21,7 @@ import sympy
 
 from . import naming
 from .model import OpSpec, SpecError
-from .functions import canonical, one_hot, stabilize
+from .functions import canonical, logsumexp, one_hot, softmax, stabilize
 from .spec import index_symbol, scalar_symbol, tensor_symbol
 
 
@@ -193,7 +193,15 @@ def _reuse_output(term: Term, op: OpSpec, forward: sympy.Expr) -> Term:
                 return output[chosen] if chosen else output
         return None
 
-    factors = tuple(f.replace(lambda e: as_output(e) is not None, as_output) for f in term.factors)
+    def via_log(expr):
+        """softmax(a, c) = exp(y) when the forward is y = a - logsumexp(a, c) (log_softmax)."""
+        if isinstance(expr, softmax):
+            saved = as_output(expr.body - logsumexp(expr.body, expr.index))
+            return None if saved is None else sympy.exp(saved)
+        return None
+
+    factors = tuple(f.replace(lambda e: as_output(e) is not None, as_output)
+                     .replace(lambda e: via_log(e) is not None, via_log) for f in term.factors)
     return Term(term.coefficient, factors, term.summed)
 
 

@@ -173,6 +173,26 @@ class TorchCodePrinter(TorchPrinter):
     def _print_log1p(self, expr):
         return f"torch.log1p({self._print(expr.args[0])})"
 
+    def _print_Piecewise(self, expr):
+        """Steps that PyTorch has a fused backward kernel for use it; everything else is torch.where.
+
+        where(a <= c, 0, g)      -> threshold_backward(g, a, c)            (ReLU's own backward)
+        where(a > 0, g, s * g)   -> leaky_relu_backward(g, a, s, False)    (leaky ReLU's)
+        torch.where is several times slower on the CPU, and these keep its NaN behaviour.
+        """
+        if len(expr.args) == 2 and expr.args[1].cond == sympy.true:
+            (first, condition), (second, _) = expr.args
+            if isinstance(condition, sympy.LessThan) and condition.rhs.is_number and first == 0 \
+                    and self._is_tensor(second):
+                return (f"torch.ops.aten.threshold_backward({self._print(second)}, "
+                        f"{self._print(condition.lhs)}, {self._print(condition.rhs)})")
+            if isinstance(condition, sympy.StrictGreaterThan) and condition.rhs == 0 and self._is_tensor(first):
+                slope = sympy.cancel(second / first)
+                if not self._is_tensor(slope):
+                    return (f"torch.ops.aten.leaky_relu_backward({self._print(first)}, "
+                            f"{self._print(condition.lhs)}, {self._print(slope)}, False)")
+        return super()._print_Piecewise(expr)
+
     def _print_Relational(self, expr):
         left = self.parenthesize(expr.lhs, PRECEDENCE["Relational"] + 1)
         right = self.parenthesize(expr.rhs, PRECEDENCE["Relational"] + 1)

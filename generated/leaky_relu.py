@@ -12,7 +12,7 @@ import torch
 
 def leaky_relu_forward(x, slope=0.01):
     """leaky_relu forward: y[...] = where(x[...] > 0, x[...], slope * x[...])"""
-    return torch.where(x > 0, x, slope * x)
+    return torch.ops.aten.leaky_relu_backward(x, x, slope, False)
 
 
 def leaky_relu_backward(grad_y, x, slope=0.01, *, needs_input_grad=(True,)):
@@ -31,7 +31,7 @@ def leaky_relu_backward(grad_y, x, slope=0.01, *, needs_input_grad=(True,)):
     """
     grad_x = None
     if needs_input_grad[0]:
-        grad_x = torch.where(x > 0, grad_y, slope * grad_y)
+        grad_x = torch.ops.aten.leaky_relu_backward(grad_y, x, slope, False)
     return (grad_x,)
 
 

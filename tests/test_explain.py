@@ -117,7 +117,7 @@ def test_explain_relu_states_the_kink_value(capsys):
     assert code == 0, err
     assert "step_at_zero = 0" in out
     assert "θ(x[" in out
-    assert "grad_x = torch.where(x <= 0, 0, grad_y)" in out
+    assert "grad_x = torch.ops.aten.threshold_backward(grad_y, x, 0)" in out
     assert "saved from the forward: x" in out
 
 

@@ -15,7 +15,7 @@ def log_softmax_forward(x):
     return (-torch.logsumexp(x, dim=-1)).unsqueeze(-1) + x
 
 
-def log_softmax_backward(grad_y, x, *, needs_input_grad=(True,)):
+def log_softmax_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     """Gradients of log_softmax with respect to x, in that order.
 
     Each gradient is the vector-Jacobian product
@@ -24,21 +24,22 @@ def log_softmax_backward(grad_y, x, *, needs_input_grad=(True,)):
 
     grad_x (shape of x: (..., c)):
         d y[..., c] / d x[...', c'] = KroneckerDelta(..., ...')*KroneckerDelta(c, c') - sum(KroneckerDelta(..., ...')*KroneckerDelta(c, c')*softmax(x[..., c], c), c)
-        grad_x[..., c] = grad_y[..., c] - sum(softmax(x[..., c], c)*grad_y[..., c_1], c_1)
+        grad_x[..., c] = grad_y[..., c] - sum(exp(y[..., c])*grad_y[..., c_1], c_1)
 
+    y is the forward's result, which the gradients reuse.
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
     grad_x = None
     if needs_input_grad[0]:
-        grad_x = grad_y - (torch.softmax(x, dim=-1).unsqueeze(-1) * grad_y.unsqueeze(-2)).sum(dim=-1)
+        grad_x = grad_y - (grad_y.unsqueeze(-2) * torch.exp(y).unsqueeze(-1)).sum(dim=-1)
     return (grad_x,)
 
 
 class LogSoftmaxFunction(torch.autograd.Function):
     """log_softmax as a torch.autograd.Function: the generated forward and backward.
 
-    Saves only what the backward reads (x); works with
+    Saves only what the backward reads (output); works with
     torch.func.grad and torch.vmap.
     """
 
@@ -50,13 +51,13 @@ class LogSoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        (x,) = inputs
-        ctx.save_for_backward(x)
+        (_,) = inputs
+        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, grad_y):
-        (x,) = ctx.saved_tensors
-        return log_softmax_backward(grad_y, x, needs_input_grad=ctx.needs_input_grad)
+        (y,) = ctx.saved_tensors
+        return log_softmax_backward(grad_y, None, y, needs_input_grad=ctx.needs_input_grad)
 
 
 def log_softmax(x):

@@ -31,7 +31,7 @@ def relu_backward(grad_y, x, *, needs_input_grad=(True,)):
     """
     grad_x = None
     if needs_input_grad[0]:
-        grad_x = torch.where(x <= 0, 0, grad_y)
+        grad_x = torch.ops.aten.threshold_backward(grad_y, x, 0)
     return (grad_x,)
 
 
