@@ -5,6 +5,7 @@ Everything is rendered in memory; `files.py` decides what reaches the disk.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from . import naming
@@ -12,8 +13,9 @@ from .derivation import Derivation, derive
 from .emit import render_module
 from .explain import DERIVATIONS_FILE, explain, render_derivations
 from .lower import STYLES, LoweredOp, lower
-from .model import Catalog, OpSpec
+from .model import Catalog, OpSpec, SpecError
 from .plan import plan
+from .spec import line_of_op
 
 DEFAULT_NAMESPACE = "derive"   # torch.library namespace of the generated custom ops
 STYLE_DIRS = {"contraction": "", "broadcast": "broadcast/"}
@@ -32,9 +34,35 @@ class Built:
 
 
 def build_op(op: OpSpec, styles=STYLES) -> Built:
-    derivation = derive(op)
-    op_plan = plan(derivation)
-    return Built(derivation, {style: lower(op_plan, style) for style in styles})
+    with spec_errors(op):
+        derivation = derive(op)
+        op_plan = plan(derivation)
+        return Built(derivation, {style: lower(op_plan, style) for style in styles})
+
+
+@contextmanager
+def spec_errors(op: OpSpec | None, path: str | None = None):
+    """Report a failure of the later stages as a SpecError naming the op: the user gets one line."""
+    try:
+        yield
+    except SpecError:
+        raise
+    except RecursionError:
+        raise _op_error(op, path, "the equation is too complex to derive (recursion limit reached)") from None
+    except ValueError as exc:
+        raise _op_error(op, path, f"derive cannot handle this equation: {exc}") from exc
+    except Exception as exc:
+        raise _op_error(op, path, f"internal error while generating ({type(exc).__name__}: {exc}); "
+                                  f"--debug shows the traceback") from exc
+
+
+def _op_error(op: OpSpec | None, path: str | None, message: str) -> SpecError:
+    message = " ".join(message.split())    # one line, of a readable length
+    if len(message) > 400:
+        message = message[:397] + "..."
+    if op is None:
+        return SpecError(message, path=path or "<spec>")
+    return SpecError(message, path=op.source, line=line_of_op(op.source, op.name, "equation"), op=op.name)
 
 
 def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
@@ -50,11 +78,13 @@ def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
     explanations = []
     for op in catalog.ops:
         built = build_op(op)     # every style: the derivations document shows both
-        for style in styles:
-            path = STYLE_DIRS[style] + naming.module_file(op.name)
-            files[path] = render_module(built.derivation, built.lowered[style], source, command, namespace)
-        if "contraction" in styles:
-            explanations.append(explain(built))
+        with spec_errors(op):
+            for style in styles:
+                path = STYLE_DIRS[style] + naming.module_file(op.name)
+                files[path] = render_module(built.derivation, built.lowered[style], source, command, namespace)
+            if "contraction" in styles:
+                explanations.append(explain(built))
     if explanations:    # beside the contraction-style modules, once per catalog
-        files[DERIVATIONS_FILE] = render_derivations(explanations, source, command)
+        with spec_errors(None, catalog.path):
+            files[DERIVATIONS_FILE] = render_derivations(explanations, source, command)
     return files

@@ -3,35 +3,97 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tomllib
 import traceback
 from pathlib import Path
 
 from . import bench
 from . import explain
-from .build import STYLE_DIRS, render_catalog
+from .build import DEFAULT_NAMESPACE, STYLE_DIRS, render_catalog
 from .files import compare, write_tree
 from .lower import STYLES
 from .model import SpecError
-from .spec import load_catalog
+from .spec import load_catalog, toml_error
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        apply_config(args, Path.cwd())
         return args.handler(args)
     except SpecError as exc:
-        if args.debug:
+        if args.debug or args.debug_anywhere:
+            traceback.print_exc()
+        print(f"derive: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:     # an output file that cannot be read or written
+        if args.debug or args.debug_anywhere:
             traceback.print_exc()
         print(f"derive: error: {exc}", file=sys.stderr)
         return 2
 
 
+# [tool.derive] keys -> their defaults when neither the command line nor pyproject.toml sets them.
+CONFIG_DEFAULTS = {"spec": None, "out": "generated", "style": "all", "namespace": DEFAULT_NAMESPACE}
+
+
+def apply_config(args: argparse.Namespace, cwd: Path) -> None:
+    """Fill each option the command line left unset from [tool.derive] of the nearest pyproject.toml,
+    then from CONFIG_DEFAULTS. Paths in pyproject.toml are relative to its directory; the generated
+    headers name them as written there, so output does not depend on the directory derive runs in."""
+    config, root = load_config(cwd)
+    args.given = []    # options set on the command line, to repeat in hints
+    for key, default in CONFIG_DEFAULTS.items():
+        if not hasattr(args, key) or getattr(args, key) is not None:
+            setattr(args, f"{key}_label", getattr(args, key, None))
+            if getattr(args, key, None) is not None:
+                args.given.append(f"--{key} {getattr(args, key)}")
+            continue
+        value = config.get(key, default)
+        setattr(args, f"{key}_label", value)
+        if key in ("spec", "out") and key in config and root != cwd:
+            value = os.path.relpath(root / value, cwd) if root.drive == cwd.drive else str(root / value)
+        setattr(args, key, value)
+
+
+def load_config(cwd: Path) -> tuple[dict, Path]:
+    """[tool.derive] of the nearest pyproject.toml at or above `cwd` (empty if none) and that file's directory."""
+    for folder in (cwd, *cwd.parents):
+        path = folder / "pyproject.toml"
+        if path.is_file():
+            break
+    else:
+        return {}, cwd
+    shown = str(path) if folder != cwd else path.name
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read: {exc}", path=shown) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise toml_error(exc, text, shown) from None
+    table = data.get("tool", {}).get("derive", {})
+    if not isinstance(table, dict):
+        raise SpecError("[tool.derive] must be a table", path=shown)
+    for key, value in table.items():
+        if key not in CONFIG_DEFAULTS:
+            raise SpecError(f"[tool.derive]: unknown key '{key}' (known: {', '.join(CONFIG_DEFAULTS)})", path=shown)
+        if not isinstance(value, str) or not value:
+            raise SpecError(f"[tool.derive]: '{key}' must be a non-empty string", path=shown)
+    if table.get("style", "all") not in ("all", *STYLES):
+        raise SpecError(f"[tool.derive]: style must be one of {', '.join(('all', *STYLES))}", path=shown)
+    if not table.get("namespace", "derive").isidentifier():
+        raise SpecError("[tool.derive]: namespace must be a Python identifier", path=shown)
+    return table, folder
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="derive", description="Derive readable, verified PyTorch backward code "
                                      "from index-notation specs.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--debug", dest="debug_anywhere", action="store_true", help="show tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def catalog_command(name, help_text, handler):
@@ -42,16 +104,27 @@ def _parser() -> argparse.ArgumentParser:
         return command
 
     for name, help_text, handler in (("generate", "write the generated modules", _generate),
-                                     ("check", "exit 1 with a diff if the generated modules are stale", _check)):
+                                     ("check", "exit 0 when the generated modules are up to date, 1 when stale, "
+                                               "2 on a spec error", _check)):
         command = catalog_command(name, help_text, handler)
-        command.add_argument("--out", metavar="DIR", default="generated", help="output directory (default: generated)")
-        command.add_argument("--style", choices=("all", *STYLES), default="all",
+        command.add_argument("--out", metavar="DIR", help="output directory (default: generated)")
+        command.add_argument("--style", choices=("all", *STYLES),
                              help="contraction (matrix products, into DIR) or broadcast (the seed's "
-                                  "unsqueeze/sum form, into DIR/broadcast); default: both")
+                                  "unsqueeze/sum form, into DIR/broadcast); default: all, both")
+        command.add_argument("--namespace", metavar="NAME", type=_identifier,
+                             help=f"torch.library namespace of the generated custom ops (default: {DEFAULT_NAMESPACE})")
+        if name == "check":
+            command.add_argument("--diff", action="store_true", help="also print a unified diff of what would change")
     catalog_command("list", "list the ops of a catalog", _list)
     bench.add_parser(commands)
     explain.add_parser(commands)
     return parser
+
+
+def _identifier(text: str) -> str:
+    if not text.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Python identifier")
+    return text
 
 
 def _styles(args) -> tuple[str, ...]:
@@ -61,7 +134,8 @@ def _styles(args) -> tuple[str, ...]:
 def _render(args):
     catalog = load_catalog(args.spec)
     styles = _styles(args)
-    files = render_catalog(catalog, styles, spec_arg=args.spec, out_arg=args.out)
+    files = render_catalog(catalog, styles, spec_arg=args.spec_label, out_arg=args.out_label,
+                           namespace=args.namespace)
     return files, [STYLE_DIRS[s] for s in styles]
 
 
@@ -84,12 +158,13 @@ def _check(args) -> int:
     if status.clean:
         print(f"{args.out}: {len(files)} files up to date")
         return 0
-    sys.stdout.write(status.diff)
+    if args.diff:
+        sys.stdout.write(status.diff)
     for label, paths in (("stale", status.stale), ("missing", status.missing), ("extra", status.extra)):
         for relative in paths:
             print(f"{label}: {Path(args.out) / relative}", file=sys.stderr)
-    print("derive: generated code is out of date; run `derive generate`"
-          + (f" --spec {args.spec} --out {args.out}" if args.spec else ""), file=sys.stderr)
+    print(f"derive: generated code is out of date; run `{' '.join(['derive generate', *args.given])}`",
+          file=sys.stderr)
     return 1
 
 

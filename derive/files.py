@@ -2,9 +2,11 @@
 
 A file belongs to derive when its first line carries the generated marker; only such
 files are ever reported as extra or removed. Everything is rendered before the first
-write, and each write goes to a temporary file in the same directory that replaces
-the target in one `os.replace`, so a failure or a kill leaves every file either as
-it was or complete.
+write; every changed file is then written to a temporary file in its own directory,
+and only when all of them are on disk does each replace its target in one
+`os.replace`. An exception puts back the files already replaced, so the tree is as it
+was; a kill leaves every file either as it was or complete (and any temporary file
+left behind carries the marker, so the next `generate` removes it).
 """
 
 from __future__ import annotations
@@ -60,16 +62,17 @@ def compare(out: Path, files: dict[str, str], scopes: list[str]) -> TreeStatus:
             status.missing.append(relative)
             old = ""
         else:
-            old = target.read_text(encoding="utf-8")
-            if old == text:
+            raw = target.read_bytes()
+            if raw == text.encode("utf-8"):
                 continue
+            old = raw.decode("utf-8", errors="replace")
             status.stale.append(relative)
         diff += difflib.unified_diff(old.splitlines(keepends=True), text.splitlines(keepends=True),
                                      f"a/{relative}", f"b/{relative}")
     for relative in owned_files(out, scopes):
         if relative not in files:
             status.extra.append(relative)
-            old = (out / relative).read_text(encoding="utf-8")
+            old = (out / relative).read_bytes().decode("utf-8", errors="replace")
             diff += difflib.unified_diff(old.splitlines(keepends=True), [], f"a/{relative}", "/dev/null")
     status.diff = "".join(diff)
     return status
@@ -78,22 +81,50 @@ def compare(out: Path, files: dict[str, str], scopes: list[str]) -> TreeStatus:
 def write_tree(out: Path, files: dict[str, str], scopes: list[str]) -> TreeStatus:
     """Make `out` match `files`: write what changed, remove derive's files no spec produces."""
     status = compare(out, files, scopes)
-    for relative in status.missing + status.stale:
-        atomic_write(out / relative, files[relative])
+    staged: list[tuple[Path, Path]] = []      # (temporary, target)
+    replaced: list[tuple[Path, bytes | None]] = []   # (target, its previous bytes) for the rollback
+    try:
+        for relative in status.missing + status.stale:
+            staged.append((stage(out / relative, files[relative]), out / relative))
+        for temporary, target in staged:
+            previous = target.read_bytes() if target.exists() else None
+            os.replace(temporary, target)
+            replaced.append((target, previous))
+    except BaseException:
+        for target, previous in reversed(replaced):
+            if previous is None:
+                target.unlink(missing_ok=True)
+            else:
+                os.replace(stage(target, previous), target)
+        raise
+    finally:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
     for relative in status.extra:
         (out / relative).unlink()
     return status
 
 
-def atomic_write(target: Path, text: str) -> None:
+def stage(target: Path, content: str | bytes) -> Path:
+    """Write `content` to a new temporary file beside `target` and flush it to disk; return its path."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(content.encode("utf-8") if isinstance(content, str) else content)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
+        raise
+    return Path(temporary)
+
+
+def atomic_write(target: Path, text: str) -> None:
+    """Replace `target` with `text` in one step: readers see the old file or the new one, never a part."""
+    temporary = stage(target, text)
+    try:
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
         raise

@@ -8,8 +8,14 @@ checked against a whitelist and re-printed from their AST.
 from __future__ import annotations
 
 import ast
+import io
+import keyword
+import math
 import re
+import tokenize
 import tomllib
+import unicodedata
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,6 +29,10 @@ from .naming import BATCH
 MAX_SOURCE_CHARS = 4000
 MAX_AST_NODES = 600
 MAX_AST_DEPTH = 40
+MAX_WHERE = 2                 # where() calls per equation: their derivatives' cases multiply
+MAX_BRANCHES = 6              # where, Max, Min and Abs calls per equation
+MAX_EXPONENT = 1000           # |constant exponent|; larger powers overflow float64 anyway
+MAX_CONSTANT_BITS = 4096      # numerator and denominator of any constant
 
 OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "integer", "params", "step_at_zero", "ranges"}
 REQUIRED_KEYS = ("inputs", "equation", "reference")
@@ -94,6 +104,22 @@ def default_catalog_path() -> Path:
     return Path(str(resources.files("derive") / "catalog" / "ops.toml"))
 
 
+def line_of_op(source: str, op: str, key: str | None = None) -> int | None:
+    """The line of an op's key in the spec file `source` names (as in messages), when that file can be read."""
+    candidates = [Path(source)]
+    if source == default_catalog_path().name:
+        candidates.append(default_catalog_path())
+    for path in candidates:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        line = _Locator(str(path), lines).line_of(op, key)
+        if line is not None:
+            return line
+    return None
+
+
 def load_catalog(path: str | Path | None = None) -> Catalog:
     path = Path(path) if path is not None else default_catalog_path()
     shown = path.name if path == default_catalog_path() else str(path)
@@ -108,9 +134,7 @@ def parse_catalog(text: str, path: str = "<spec>") -> Catalog:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        match = re.search(r"at line (\d+), column (\d+)", str(exc))
-        line, column = (int(match[1]), int(match[2])) if match else (None, None)
-        raise SpecError(f"TOML syntax error: {exc}", path=path, line=line, column=column) from None
+        raise toml_error(exc, text, path) from None
     extra = set(data) - {"ops"}
     if extra:
         raise SpecError(f"unknown top-level key(s) {sorted(extra)}; ops go under [ops.<name>]", path=path)
@@ -118,8 +142,36 @@ def parse_catalog(text: str, path: str = "<spec>") -> Catalog:
     if not isinstance(ops, dict) or not ops:
         raise SpecError("empty catalog: no [ops.<name>] tables", path=path)
     locator = _Locator(path, text.splitlines())
+    by_folded: dict[str, str] = {}
+    for name in ops:
+        other = by_folded.setdefault(name.casefold(), name)
+        if other != name:
+            raise locator.error(f"op names '{other}' and '{name}' differ only in case; their files would "
+                                f"collide on case-insensitive file systems", name)
     parsed = [_parse_op(name, entry, locator) for name, entry in ops.items()]
     return Catalog(path=path, ops=tuple(sorted(parsed, key=lambda op: op.name)))
+
+
+def toml_error(exc: tomllib.TOMLDecodeError, text: str, path: str) -> SpecError:
+    """tomllib's message, with its position moved into the `path:line:col` prefix and duplicates named."""
+    message = str(exc)
+    match = re.search(r" \(at line (\d+), column (\d+)\)$", message)
+    if match:
+        line, column = int(match[1]), int(match[2])
+    elif message.endswith(" (at end of document)"):
+        line, column = max(1, len(text.splitlines())), None
+    else:
+        line, column = None, None
+    message = re.sub(r" \(at (line \d+, column \d+|end of document)\)$", "", message)
+    duplicate = re.fullmatch(r"Cannot declare \('ops', '([^']*)'\) twice", message)
+    if duplicate:
+        return SpecError(f"duplicate op name: [ops.{duplicate[1]}] is declared twice",
+                         path=path, line=line, op=duplicate[1])
+    if message == "Cannot overwrite a value" and line is not None:
+        key = re.match(r"\s*([^\s=]+)\s*=", text.splitlines()[line - 1])
+        if key:
+            message = f"key '{key[1]}' is set twice"
+    return SpecError(f"TOML syntax error: {message}", path=path, line=line, column=column)
 
 
 def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
@@ -137,6 +189,7 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
     _expect(entry, "doc", str, name, locator)
     _expect(entry, "equation", str, name, locator)
     _expect(entry, "reference", str, name, locator)
+    _check_text(entry, name, locator)
     if not isinstance(entry["inputs"], list) or not entry["inputs"] or not all(isinstance(s, str) for s in entry["inputs"]):
         raise locator.error("'inputs' must be a non-empty list of strings such as \"x[n, k]\"", name, "inputs")
 
@@ -156,8 +209,8 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
             raise locator.error(f"bad param name: {problem}", name, "params")
         if param in names:
             raise locator.error(f"param '{param}' has the name of an input", name, "params")
-        if isinstance(default, bool) or not isinstance(default, (int, float)):
-            raise locator.error(f"param '{param}' needs a number as default", name, "params")
+        if not _is_finite_number(default):
+            raise locator.error(f"param '{param}' needs a finite number as default", name, "params")
         params.append(Param(param, float(default)))
 
     integer = entry.get("integer", [])
@@ -179,14 +232,15 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
         raise locator.error("'ranges' must be a table of input = [low, high]", name, "ranges")
     for item, bounds in ranges.items():
         if item not in names or not (isinstance(bounds, list) and len(bounds) == 2
-                                     and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+                                     and all(_is_finite_number(b) for b in bounds)
                                      and bounds[0] < bounds[1]):
-            raise locator.error(f"'ranges' entry '{item}' must name an input and give [low, high] with low < high",
+            raise locator.error(f"'ranges' entry '{item}' must name an input and give finite [low, high] with "
+                                f"low < high",
                                 name, "ranges")
 
     step = entry.get("step_at_zero", 0)
-    if isinstance(step, bool) or not isinstance(step, (int, float)):
-        raise locator.error("'step_at_zero' must be a number", name, "step_at_zero")
+    if not _is_finite_number(step):
+        raise locator.error("'step_at_zero' must be a finite number", name, "step_at_zero")
 
     tensors = tuple(TensorInput(t.name, t.indices, t.name in differentiable, t.name in integer) for t, _ in inputs)
     parser = _EquationParser(name, tensors, tuple(p.name for p in params), locator)
@@ -204,6 +258,14 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
             raise locator.error(f"bad index name: {problem}", name, "equation")
         if index in names or index == output or index in {p.name for p in params}:
             raise locator.error(f"index '{index}' has the name of a tensor or param", name, "equation")
+    used = _value_names(rhs)
+    for tensor in tensors:
+        if tensor.differentiable and tensor.name not in used:
+            how = ("depends on it only through where() conditions, and comparisons are not differentiable"
+                   if tensor.name in _names(rhs) else "does not use it")
+            raise locator.error(f"input '{tensor.name}' is differentiable but the equation {how} (its gradient "
+                                f"would be zero everywhere); list only inputs that get a gradient in "
+                                f"'differentiable'", name, "equation")
 
     reference = _check_reference(entry["reference"], names, [p.name for p in params], name, locator)
     return OpSpec(
@@ -223,6 +285,44 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
     )
 
 
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_text(entry: dict, op: str, locator: _Locator) -> None:
+    """Refuse control characters (other than newline and tab) in every string of an op's entry."""
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, list):
+            for item in value:
+                yield from strings(item)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                yield key
+                yield from strings(item)
+
+    for key, value in entry.items():
+        for text in strings(value):
+            bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Cs") and c not in "\n\t"), None)
+            if bad is not None:
+                raise locator.error(f"'{key}' contains the control character U+{ord(bad):04X}", op, key)
+
+
+def _names(expr: sympy.Expr) -> set[str]:
+    """Names of the tensors and scalars in `expr`."""
+    return {a.name for a in expr.atoms(sympy.Symbol, sympy.IndexedBase)}
+
+
+def _value_names(expr: sympy.Expr) -> set[str]:
+    """Names of the tensors and scalars `expr` depends on other than through where() conditions."""
+    if isinstance(expr, sympy.Piecewise):
+        return set().union(*(_value_names(value) for value, _ in expr.args))
+    if isinstance(expr, (sympy.Symbol, sympy.IndexedBase)):
+        return {expr.name}
+    return set().union(*(_value_names(arg) for arg in expr.args))
+
+
 def _expect(entry, key, kind, op, locator):
     if key in entry and not isinstance(entry[key], kind):
         raise locator.error(f"'{key}' must be a {kind.__name__}", op, key)
@@ -231,9 +331,11 @@ def _expect(entry, key, kind, op, locator):
 def _parse_declaration(text: str, op: str, locator: _Locator):
     """`x[n, k]` -> TensorInput(x, (n, k)); a bare `s` is a 0-d tensor."""
     try:
-        node = ast.parse(text.strip(), mode="eval").body
-    except SyntaxError:
-        raise locator.error(f"bad input declaration {text!r}: expected name[index, ...]", op, "inputs") from None
+        node = _parse_python(text, "eval").body
+    except (SyntaxError, ValueError) as exc:
+        problem = _keyword_in(text) if isinstance(exc, SyntaxError) else None
+        raise locator.error(f"bad input declaration {text!r}: {problem or 'expected name[index, ...]'}",
+                            op, "inputs") from None
     if isinstance(node, ast.Name):
         name, indices = node.id, ()
     elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
@@ -251,6 +353,36 @@ def _parse_declaration(text: str, op: str, locator: _Locator):
     if len(set(indices)) != len(indices):
         raise locator.error(f"input '{name}' repeats an index; each dim needs its own index name", op, "inputs")
     return TensorInput(name, indices, True), None
+
+
+def _parse_python(source: str, mode: str) -> ast.AST:
+    """`ast.parse` of spec text, without the SyntaxWarnings (such as "invalid escape sequence") that Python
+    would print on stderr: a spec problem is reported once, as a SpecError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ast.parse(source.strip(), mode=mode)
+
+
+def _keyword_in(source: str) -> str | None:
+    """'<kw>' is a Python keyword ...: why a spec text that fails to parse may have failed."""
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.NAME and keyword.iskeyword(token.string):
+                return f"'{token.string}' is a Python keyword and cannot be a name"
+    except (tokenize.TokenError, SyntaxError):
+        pass
+    return None
+
+
+def _column(offset: int) -> ast.AST:
+    """A stand-in node that carries only a column, for messages."""
+    return ast.Pass(col_offset=offset)
+
+
+def _first_use(tree: ast.AST, name: str) -> ast.AST | None:
+    """The leftmost use of `name` in `tree`, for the column of a message."""
+    uses = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == name]
+    return min(uses, key=lambda n: (n.lineno, n.col_offset), default=None)
 
 
 def _index_names(node: ast.Subscript) -> tuple[str, ...] | None:
@@ -277,6 +409,7 @@ class _EquationParser:
     locator: _Locator
     sizes: dict[str, str] = field(default_factory=dict)   # index -> declared index whose size it has
     value_ranges: dict[str, str] = field(default_factory=dict)  # integer input -> size its values index
+    branches: dict[str, int] = field(default_factory=dict)   # 'where' / 'kink' -> how many the equation has
 
     def error(self, message: str, node: ast.AST | None = None) -> SpecError:
         return self.locator.error(message, self.op, "equation", node)
@@ -288,27 +421,40 @@ class _EquationParser:
         if len(source) > MAX_SOURCE_CHARS:
             raise self.error(f"equation is {len(source)} characters long; the limit is {MAX_SOURCE_CHARS}")
         try:
-            tree = ast.parse(source.strip(), mode="exec")
+            tree = _parse_python(source, "exec")
         except SyntaxError as exc:
-            raise self.error(f"equation is not valid syntax: {exc.msg}") from None
+            at = _column(exc.offset - 1 + len(source) - len(source.lstrip())) if exc.offset and exc.lineno == 1 else None
+            raise self.error(f"equation is not valid syntax: {_keyword_in(source) or exc.msg}", at) from None
+        except ValueError as exc:
+            raise self.error(f"equation is not valid syntax: {exc}") from None
         except (RecursionError, MemoryError):
             raise self.error(f"equation is nested too deeply (limit {MAX_AST_DEPTH} levels)") from None
         _check_size(tree, self.error)
+        comment = next((t for t in tokenize.generate_tokens(io.StringIO(source.strip()).readline)
+                        if t.type == tokenize.COMMENT), None)
+        if comment is not None:
+            raise self.error("comments are not allowed in an equation (it is copied into the generated docstrings)",
+                             _column(comment.start[1] + len(source) - len(source.lstrip()))
+                             if comment.start[0] == 1 else None)
         if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assign) or len(tree.body[0].targets) != 1:
             raise self.error("equation must be one assignment: out[i, ...] = expression")
         statement = tree.body[0]
         output, output_indices = self._target(statement.targets[0])
         rhs, free = self._expr(statement.value)
-        for index in output_indices:
-            if index not in self.sizes:
-                raise self.error(f"index '{index}' on the left-hand side is not provided by any right-hand term")
-        missing = sorted(set(output_indices) - free)
+        missing = [index for index in output_indices if index not in free]
         if missing:
-            raise self.error(f"index '{missing[0]}' on the left-hand side is not provided by any right-hand term")
+            raise self.error(f"index '{missing[0]}' on the left-hand side is not provided by any right-hand term",
+                             _first_use(statement.targets[0], missing[0]))
         extra = sorted(free - set(output_indices))
         if extra:
-            raise self.error(f"index '{extra[0]}' is neither on the left-hand side nor summed over "
-                             f"(add it to the result or reduce it with sum/mean)")
+            index = extra[0]
+            owners = sorted({a.base.name for a in rhs.atoms(sympy.Indexed)
+                             if any(getattr(i, "name", None) == index for i in a.indices)})
+            owner = owners[0] if owners else "the tensor"
+            raise self.error(f"index '{index}' of {owner} is neither on the left-hand side nor summed over: add it "
+                             f"to the result or reduce it with sum/mean (for a size-1 dim, declare {owner} without "
+                             f"it: derive does not broadcast (N, 1) against (N))",
+                             _first_use(statement.value, index))
         return output, output_indices, rhs
 
     def _target(self, node):
@@ -327,9 +473,21 @@ class _EquationParser:
 
     def _expr(self, node) -> tuple[sympy.Expr, set[str]]:
         """SymPy expression for `node` and the set of its free index names."""
+        value, free = self._node(node)
+        if value.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan):
+            raise self.error(f"{ast.unparse(node)} is infinite or undefined", node)
+        if any(max(abs(n.p).bit_length(), n.q.bit_length()) > MAX_CONSTANT_BITS for n in value.atoms(sympy.Rational)):
+            raise self.error(f"a constant in {ast.unparse(node)[:40]} is too large (over {MAX_CONSTANT_BITS} bits)", node)
+        return value, free
+
+    def _node(self, node) -> tuple[sympy.Expr, set[str]]:
         if isinstance(node, ast.Constant):
             if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
                 raise self.error(f"constant {node.value!r} is not a number", node)
+            if not math.isfinite(node.value):
+                raise self.error(f"constant {ast.unparse(node)} is not finite", node)
+            if isinstance(node.value, int) and node.value.bit_length() > MAX_CONSTANT_BITS:
+                raise self.error(f"constant is too large (over {MAX_CONSTANT_BITS} bits)", node)
             return sympy.nsimplify(node.value, rational=True), set()
         if isinstance(node, ast.Name):
             if node.id in self.params:
@@ -446,6 +604,8 @@ class _EquationParser:
         if isinstance(node.op, ast.Pow):
             if right_free:
                 raise self.error("an exponent must not depend on indices", node)
+            if right.is_number and abs(right) > MAX_EXPONENT:
+                raise self.error(f"exponent {right} is too large (the limit is {MAX_EXPONENT})", node)
             return left ** right, free
         raise self.error(f"operator '{type(node.op).__name__}' is not allowed", node)
 
@@ -457,6 +617,8 @@ class _EquationParser:
             raise self.error(f"{name}() takes no keyword arguments", node)
         if name in REDUCTIONS:
             return self._reduction(name, node)
+        if name in ("where", "Max", "max", "Min", "min", "Abs", "abs"):
+            self._count_branch("where" if name == "where" else "kink", node)
         if name == "where":
             if len(node.args) != 3:
                 raise self.error("where(condition, a, b) takes three arguments", node)
@@ -482,6 +644,15 @@ class _EquationParser:
         if len(values) != 1:
             raise self.error(f"{name}() takes one argument", node)
         return FUNCTIONS[name](values[0]), free
+
+    def _count_branch(self, kind: str, node) -> None:
+        """Each piecewise function multiplies the cases SymPy must reconcile: a fixed limit, not a hang."""
+        self.branches[kind] = self.branches.get(kind, 0) + 1
+        if self.branches.get("where", 0) > MAX_WHERE:
+            raise self.error(f"too many where() calls (the limit is {MAX_WHERE} per equation)", node)
+        if sum(self.branches.values()) > MAX_BRANCHES:
+            raise self.error(f"too many piecewise functions: where, Max, Min and Abs together "
+                             f"(the limit is {MAX_BRANCHES} per equation)", node)
 
     def _condition(self, node):
         if not (isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in COMPARISONS):
@@ -528,7 +699,8 @@ def _check_size(tree: ast.AST, error) -> None:
         if nodes > MAX_AST_NODES:
             raise error(f"expression is too large (over {MAX_AST_NODES} syntax nodes)")
         if depth > MAX_AST_DEPTH:
-            raise error(f"expression is nested too deeply (over {MAX_AST_DEPTH} levels)")
+            raise error(f"expression is nested too deeply (over {MAX_AST_DEPTH} levels; "
+                        f"each operator of a chain such as a + b + c adds one)")
         stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
 
 
@@ -536,49 +708,98 @@ def _check_size(tree: ast.AST, error) -> None:
 
 # Namespaces a reference may call into; everything there is pure tensor math.
 REFERENCE_NAMESPACES = ("torch", "torch.nn.functional", "torch.special", "torch.linalg")
-# torch functions that touch files, processes or global state: never allowed.
-REFERENCE_DENIED = {"load", "save", "from_file", "hub", "ops", "utils", "compile", "jit", "set_default_dtype",
-                    "manual_seed", "set_printoptions", "library", "backends", "cuda", "distributed",
-                    "autograd", "classes", "package", "onnx", "export", "fx"}
+# torch values (not functions) a reference may name.
+REFERENCE_VALUES = {f"torch.{name}" for name in ("pi", "e", "inf", "nan", "float16", "bfloat16", "float32", "float64",
+                                                 "half", "float", "double", "int32", "int64", "int", "long", "bool")}
+# Tensor attributes that are values rather than methods.
+TENSOR_PROPERTIES = {"T", "mT", "H", "mH", "shape", "ndim", "dtype"}
+# Functions and methods that touch files, processes or global state, or lead from a tensor to another kind of
+# object (a numpy array, a storage, a module): never allowed. So are classes (capitalized), in-place methods
+# (trailing '_') and the prefixes below.
+REFERENCE_DENIED = {"load", "save", "from_file", "frombuffer", "hub", "ops", "utils", "compile", "jit", "library",
+                    "backends", "cuda", "xpu", "mps", "distributed", "autograd", "classes", "package", "onnx",
+                    "export", "fx", "importlib", "serialization", "storage", "untyped_storage", "threading",
+                    "warnings", "futures", "fork", "wait", "seed", "initial_seed", "compiler", "profiler", "mode",
+                    "trace", "random", "testing", "overrides", "multiprocessing", "numpy", "tolist", "item",
+                    "tofile", "data_ptr", "register_hook", "backward", "grad_fn", "grad", "pin_memory",
+                    "record_stream", "retain_grad"}
+REFERENCE_DENIED_PREFIXES = ("set_", "use_", "manual_", "get_", "import", "register", "sym_", "init_")
 REFERENCE_NODES = (ast.Expression, ast.Call, ast.Name, ast.Attribute, ast.Load, ast.Constant, ast.BinOp,
                    ast.UnaryOp, ast.Tuple, ast.List, ast.keyword, ast.Subscript, ast.Slice,
                    ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.MatMult, ast.USub, ast.UAdd)
 
 
 def _check_reference(source: str, inputs: list[str], params: list[str], op: str, locator: _Locator) -> str:
-    """Validate a torch reference expression; return it re-printed from its AST."""
+    """Validate a torch reference expression; return it re-printed from its AST.
+
+    Only calls of torch functions (in REFERENCE_NAMESPACES) and of tensor methods, tensor properties, and the
+    inputs and params by name: no other value can be reached, so nothing but tensor math can run.
+    """
     def error(message, node=None):
         return locator.error(f"reference: {message}", op, "reference", node)
 
     if len(source) > MAX_SOURCE_CHARS:
         raise error(f"expression is longer than {MAX_SOURCE_CHARS} characters")
     try:
-        tree = ast.parse(source.strip(), mode="eval")
+        tree = _parse_python(source, "eval")
     except SyntaxError as exc:
-        raise error(f"not a valid expression: {exc.msg}") from None
+        raise error(f"not a valid expression: {_keyword_in(source) or exc.msg}") from None
+    except ValueError as exc:
+        raise error(f"not a valid expression: {exc}") from None
     except (RecursionError, MemoryError):
         raise error("nested too deeply") from None
     _check_size(tree, error)
     allowed_names = set(inputs) | set(params) | {"torch"}
+    parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
+    namespaces = {prefix for namespace in REFERENCE_NAMESPACES for prefix in _prefixes(namespace)}
     for node in ast.walk(tree):
+        parent = parents.get(node)
+        called = isinstance(parent, ast.Call) and parent.func is node
+        qualified = isinstance(parent, ast.Attribute) and parent.value is node   # `node` is followed by `.name`
         if not isinstance(node, REFERENCE_NODES):
             raise error(f"'{type(node).__name__}' is not allowed", node)
-        if isinstance(node, ast.Name) and node.id not in allowed_names:
-            raise error(f"unknown name '{node.id}' (only inputs, params and torch)", node)
+        if isinstance(node, ast.Call) and not isinstance(node.func, ast.Attribute):
+            raise error("only torch functions and tensor methods can be called", node)
+        if isinstance(node, ast.Name):
+            if node.id not in allowed_names:
+                raise error(f"unknown name '{node.id}' (only inputs, params and torch)", node)
+            if node.id == "torch" and not qualified:
+                raise error("'torch' can only be used as torch.<function>", node)
         if isinstance(node, ast.Attribute):
             if node.attr.startswith("_"):
                 raise error(f"attribute '{node.attr}' is not allowed", node)
             dotted = _dotted(node)
             if dotted is not None and dotted.startswith("torch."):
-                namespace, _, attr = dotted.rpartition(".")
-                if (dotted not in REFERENCE_NAMESPACES and namespace not in REFERENCE_NAMESPACES) \
-                        or attr in REFERENCE_DENIED:
-                    raise error(f"'{dotted}' is not an allowed torch function", node)
+                namespace = dotted.rpartition(".")[0]
+                if qualified and dotted in namespaces:
+                    continue
+                if called and namespace in REFERENCE_NAMESPACES and _callable_name(node.attr):
+                    continue
+                if not called and dotted in REFERENCE_VALUES:
+                    continue
+                raise error(f"'{dotted}' is not an allowed torch {'function' if called else 'value'}", node)
+            if called and not _callable_name(node.attr):
+                raise error(f"method '{node.attr}' is not allowed", node)
+            if not called and node.attr not in TENSOR_PROPERTIES:
+                raise error(f"attribute '{node.attr}' is not allowed (only {', '.join(sorted(TENSOR_PROPERTIES))} "
+                            f"and method calls)", node)
         if isinstance(node, ast.Constant) and not isinstance(node.value, (int, float, str, type(None))):
             raise error(f"constant {node.value!r} is not allowed", node)
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and not node.value.isidentifier():
             raise error(f"string {node.value!r} is not allowed (only option names such as 'sum')", node)
     return ast.unparse(tree)
+
+
+def _callable_name(name: str) -> bool:
+    """Whether a reference may call a torch function or tensor method of this name."""
+    return not (name[:1].isupper() or name.endswith("_") or name in REFERENCE_DENIED
+                or name.startswith(REFERENCE_DENIED_PREFIXES))
+
+
+def _prefixes(dotted: str) -> list[str]:
+    """torch.nn.functional -> [torch.nn, torch.nn.functional]"""
+    parts = dotted.split(".")
+    return [".".join(parts[:i]) for i in range(2, len(parts) + 1)]
 
 
 def _dotted(node: ast.AST) -> str | None:

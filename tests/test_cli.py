@@ -50,6 +50,9 @@ def test_check_exit_codes(tmp_path):
     (tmp_path / "relu.py").write_text((tmp_path / "relu.py").read_text() + "# edited by hand\n")
     stale = run("check", "--out", str(tmp_path))
     assert stale.returncode == 1
+    assert stale.stdout == "" and "stale" in stale.stderr
+    stale = run("check", "--diff", "--out", str(tmp_path))
+    assert stale.returncode == 1
     assert "+# edited by hand" not in stale.stdout and "-# edited by hand" in stale.stdout
     assert "stale" in stale.stderr
 
