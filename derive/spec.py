@@ -485,7 +485,7 @@ class _EquationParser:
             if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
                 raise self.error(f"constant {node.value!r} is not a number", node)
             if not math.isfinite(node.value):
-                raise self.error(f"constant {ast.unparse(node)} is not finite", node)
+                raise self.error("number is too large for a float (it overflows to infinity)", node)
             if isinstance(node.value, int) and node.value.bit_length() > MAX_CONSTANT_BITS:
                 raise self.error(f"constant is too large (over {MAX_CONSTANT_BITS} bits)", node)
             return sympy.nsimplify(node.value, rational=True), set()
