@@ -153,8 +153,9 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr]):
     seen: dict[sympy.Expr, str] = {}     # value with its dims renamed by position -> shared name
     for symbol, expr in replacements:
         expr = expr.xreplace(accesses)
-        if not depends_on_tensor(expr, scalars | {sympy.Symbol(n, real=True) for n, _ in values}):
-            accesses[symbol] = expr      # a plain number or size: stays inline
+        if isinstance(expr, sympy.logic.boolalg.Boolean) or \
+                not depends_on_tensor(expr, scalars | {sympy.Symbol(n, real=True) for n, _ in values}):
+            accesses[symbol] = expr      # a condition, a plain number or a size: stays inline
             continue
         indices = ordered(free_indices(expr), order)
         idx = [next(j for j in expr.atoms(sympy.Idx) if j.name == i) for i in indices]
@@ -200,6 +201,8 @@ def _replace_leaves(node: Node, rewritten: dict[int, Leaf]) -> Node:
 
 
 def _broadcast_term(term: TermPlan, target: tuple[str, ...], like: str | None) -> Node:
+    if not term.operands:
+        return _constant(term)
     leaves = [Leaf(o.expr, o.indices) for o in term.operands]
     used = {i for leaf in leaves for i in leaf.indices}
     node = leaves[0] if len(leaves) == 1 else Product(tuple(leaves), tuple(i for i in term.aligned if i in used))
@@ -207,12 +210,19 @@ def _broadcast_term(term: TermPlan, target: tuple[str, ...], like: str | None) -
 
 
 def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None) -> Node:
+    if not term.operands:
+        return _constant(term)
     nodes = [Leaf(o.expr, o.indices) for o in term.operands]
     scatter = _scatter(nodes, set(term.summed), target, like)
     if scatter is not None:
         return _finish(scatter, (), term)
     node, summed = _contract(nodes, list(term.summed), target)
     return _finish(node, tuple(summed), term)
+
+
+def _constant(term: TermPlan) -> Node:
+    """A term with no tensor in it, such as the 2 in y = s + 2: it broadcasts against the others."""
+    return Leaf(term.coefficient, ())
 
 
 def _scatter(nodes: list[Node], summed: set[str], target: tuple[str, ...], like: str | None) -> Node | None:

@@ -659,6 +659,11 @@ class _EquationParser:
             raise self.error("a where() condition must be one comparison: <, <=, > or >=", node)
         left, left_free = self._expr(node.left)
         right, right_free = self._expr(node.comparators[0])
+        tensors = {t.name for t in self.inputs}
+        if not ((left - right).atoms(sympy.Indexed)
+                or {s.name for s in (left - right).free_symbols} & tensors):
+            raise self.error("a where() condition must compare a tensor: one on params and numbers alone "
+                             "is the same everywhere, so write the branch it picks directly", node)
         return COMPARISONS[type(node.ops[0])](left, right), left_free | right_free
 
     def _reduction(self, name: str, node: ast.Call):

@@ -155,6 +155,9 @@ CASES = [
     ("step-function-through-where", op("y[n, k] = where(x[n, k] > 0, 1, 0)"),
      "bad.toml:3: op 'bad': input 'x' is differentiable but the equation depends on it only through where() "
      f"conditions, and comparisons are not differentiable {DIFFERENTIABLE_HINT}"),
+    ("where-condition-without-tensor", op("y[n, k] = where(2 > 1, x[n, k], 0)"),
+     "bad.toml:3:29: op 'bad': a where() condition must compare a tensor: one on params and numbers alone "
+     "is the same everywhere, so write the branch it picks directly"),
     ("where-condition-not-comparison", op("y[n, k] = where(x[n, k], 1, x[n, k])"),
      "bad.toml:3:29: op 'bad': a where() condition must be one comparison: <, <=, > or >="),
     ("differentiable-input-unused", op("y[n, k] = x[n, k]", inputs='["x[n, k]", "w[k]"]'),

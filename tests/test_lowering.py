@@ -132,3 +132,30 @@ def test_three_operand_contractions_get_an_optimized_path(tmp_path):
     ''')
     forward = build_op(op).lowered["contraction"].forward
     assert isinstance(forward.terms[0], Einsum) and len(forward.terms[0].operands) == 3
+
+
+@pytest.mark.parametrize("equation, reference", [
+    ("y[n, k] = where(x[n, k] > 0, x[n, k], u[k])", "torch.where(torch.gt(x, 0), x, u)"),
+    ("y[n, k] = Max(x[n, k] * u[k], 0)", "torch.relu(x * u)"),
+])
+def test_steps_whose_branches_broadcast(tmp_path, equation, reference):
+    """Conditions are never hoisted into shared values; branches of different shapes line up."""
+    op, module = spec_module(tmp_path, f'''
+        [ops.step]
+        inputs = ["x[n, k]", "u[k]"]
+        equation = "{equation}"
+        reference = "{reference}"
+    ''')
+    check_gradients(op, module)
+    check_gradients(op, module, kinks=True)
+
+
+def test_constant_terms_and_scalar_inputs(tmp_path):
+    op, module = spec_module(tmp_path, '''
+        [ops.shift]
+        inputs = ["s"]
+        equation = "y = s + 2"
+        reference = "s + 2"
+    ''')
+    gradcheck_op(op, module)
+    check_gradients(op, module)
