@@ -106,3 +106,19 @@ def test_compiled_custom_op_matches_eager(op_name):
     for want, got in zip(eager, actual):
         if want is not None:
             torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
+@pytest.mark.parametrize("op_name", OPS)
+def test_gradients_on_cuda_match_the_cpu(op_name):
+    op = CATALOG.op(op_name)
+    module = generated_module(op.name)
+    inputs = make_inputs(op, SMALL)
+    output = getattr(module, naming.forward(op.name))(*inputs)
+    grad_output = torch.randn_like(output)
+    on_cpu = call_backward(op, module, grad_output, inputs, output)
+    on_gpu = call_backward(op, module, grad_output.cuda(), [t.cuda() for t in inputs], output.cuda())
+    for want, got in zip(on_cpu, on_gpu):
+        if want is not None:
+            assert got.device.type == "cuda"
+            torch.testing.assert_close(got.cpu(), want)
