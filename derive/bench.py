@@ -34,9 +34,12 @@ Contract:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import random
 import statistics
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -270,7 +273,7 @@ def median_seconds(contenders: dict[str, Callable[[], Gradients]], rounds: int, 
 
 def peak_bytes(call: Callable[[], Gradients]) -> int:
     """Peak of the running total of CPU allocations minus frees during one call (see the module docstring)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         call()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     running = peak = 0
@@ -278,6 +281,20 @@ def peak_bytes(call: Callable[[], Gradients]) -> int:
         running += event.nbytes()
         peak = max(peak, running)
     return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side prints two trace lines per session straight to fd 2; hide them."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def generate_seconds() -> float:
