@@ -51,8 +51,8 @@ def _fresh(index: sympy.Idx, *exprs: sympy.Expr) -> sympy.Idx:
     return sympy.Idx(name, index.upper + 1)
 
 
-class logsumexp(sympy.Function):  # noqa: N801
-    """log(sum(exp(body), index)): `index` is bound."""
+class _OverIndex(sympy.Function):
+    """A function of an expression along one of its indices: f(body, index)."""
 
     nargs = 2
     is_real = True
@@ -64,24 +64,17 @@ class logsumexp(sympy.Function):  # noqa: N801
     @property
     def index(self):
         return self.args[1]
+
+
+class logsumexp(_OverIndex):  # noqa: N801
+    """log(sum(exp(body), index)): `index` is bound."""
 
     def _eval_derivative(self, symbol):
         return sympy.Sum(softmax(self.body, self.index) * self.body.diff(symbol), (self.index, 0, self.index.upper))
 
 
-class softmax(sympy.Function):  # noqa: N801
+class softmax(_OverIndex):  # noqa: N801
     """exp(body) / sum(exp(body), index), at the position `index` (which stays free)."""
-
-    nargs = 2
-    is_real = True
-
-    @property
-    def body(self):
-        return self.args[0]
-
-    @property
-    def index(self):
-        return self.args[1]
 
     def _eval_derivative(self, symbol):
         other = _fresh(self.index, self, symbol)
