@@ -97,6 +97,7 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
                              + [f"{p.name}: float = {p.default!r}" for p in op.params]),
         unpack_inputs=_unpack([t if t in reads else "_" for t in tensor_args] + [p.name for p in op.params]),
         saved=", ".join("output" if name == op.output else name for name in saved),
+        saved_names=", ".join(saved),
         unpack_saved=_unpack(saved) if saved else "",
         params=[p.name for p in op.params],
         backward_call=", ".join([derivation.grad_output] + [t if t in saved else "None" for t in tensor_args]

@@ -39,7 +39,7 @@ def sigmoid_backward(grad_y, x, y, *, needs_input_grad=(True,)):
 class SigmoidFunction(torch.autograd.Function):
     """sigmoid as a torch.autograd.Function: the generated forward and backward.
 
-    Saves only what the backward reads (output); works with
+    Saves only what the backward reads (y); works with
     torch.func.grad and torch.vmap.
     """
 
