@@ -21,7 +21,7 @@ import sympy
 
 from . import naming
 from .model import OpSpec, SpecError
-from .functions import canonical, logsumexp, one_hot, softmax, stabilize
+from .functions import canonical, logsumexp, one_hot, renamed_match, softmax, stabilize
 from .spec import index_symbol, scalar_symbol, tensor_symbol
 
 
@@ -184,14 +184,10 @@ def _reuse_output(term: Term, op: OpSpec, forward: sympy.Expr) -> Term:
     output = tensor_symbol(op.output) if indices else scalar_symbol(op.output)
 
     def as_output(expr):
-        if expr.func != forward.func:
+        chosen = renamed_match(forward, indices, expr)
+        if chosen is None:
             return None
-        candidates = [i for i in expr.atoms(sympy.Idx)]
-        for chosen in itertools.permutations(candidates, len(indices)):
-            renaming = dict(zip(indices, chosen))
-            if all(a.upper == b.upper for a, b in renaming.items()) and forward.xreplace(renaming) == expr:
-                return output[chosen] if chosen else output
-        return None
+        return output[chosen] if chosen else output
 
     def via_log(expr):
         """softmax(a, c) = exp(y) when the forward is y = a - logsumexp(a, c) (log_softmax)."""

@@ -17,6 +17,8 @@ They apply to any spec, matched structurally on the SymPy tree.
 
 from __future__ import annotations
 
+import itertools
+
 import sympy
 from sympy.codegen.cfunctions import log1p
 
@@ -106,17 +108,40 @@ def bound_indices(expr) -> set[str]:
 
 
 def canonical(expr: sympy.Expr, depth: int = 0) -> sympy.Expr:
-    """Rename every bound index by its nesting depth, so expressions equal up to renaming compare equal."""
-    if isinstance(expr, sympy.Sum):
-        renaming = {limit[0]: sympy.Idx(f"_{depth}_{k}", limit[0].upper + 1) for k, limit in enumerate(expr.limits)}
-        body = canonical(expr.function.xreplace(renaming), depth + 1)
-        return sympy.Sum(body, *[(renaming[l[0]], 0, l[0].upper) for l in expr.limits])
-    if isinstance(expr, logsumexp):
-        index = sympy.Idx(f"_{depth}_0", expr.index.upper + 1)
-        return logsumexp(canonical(expr.body.xreplace({expr.index: index}), depth + 1), index)
+    """Rename every bound index by how many binders it encloses (`_h_k`), so that expressions equal up
+    to renaming compare equal, and so does a reduction wherever it stands (mean(x) alone or inside a
+    variance). An enclosed binder always encloses fewer, so no renaming captures another index.
+    `depth` offsets the names, to keep them apart from an outer expression's."""
+    return _canonical(expr, depth)[0]
+
+
+def _canonical(expr: sympy.Expr, offset: int) -> tuple[sympy.Expr, int]:
+    """(canonical expr, number of nested binder levels in it)."""
+    if isinstance(expr, (sympy.Sum, logsumexp)):
+        limits = [(l[0], l[0].upper) for l in expr.limits] if isinstance(expr, sympy.Sum) \
+            else [(expr.index, expr.index.upper)]
+        body, height = _canonical(expr.function if isinstance(expr, sympy.Sum) else expr.body, offset)
+        renaming = {index: sympy.Idx(f"_{height + offset}_{k}", upper + 1) for k, (index, upper) in enumerate(limits)}
+        body = body.xreplace(renaming)
+        if isinstance(expr, sympy.Sum):
+            return sympy.Sum(body, *[(renaming[i], 0, upper) for i, upper in limits]), height + 1
+        return logsumexp(body, renaming[expr.index]), height + 1
     if not expr.args or isinstance(expr, (sympy.Indexed, sympy.Idx)):
-        return expr
-    return expr.func(*[canonical(a, depth) for a in expr.args])
+        return expr, 0
+    parts = [_canonical(a, offset) for a in expr.args]
+    return expr.func(*[p for p, _ in parts]), max((h for _, h in parts), default=0)
+
+
+def renamed_match(pattern: sympy.Expr, indices, candidate: sympy.Expr):
+    """The indices of `candidate` that `pattern`'s free `indices` must be renamed to for the two to be
+    equal, or None: x[n, k] - m[n] matches x[n, k_1] - m[n] with (n, k_1)."""
+    if candidate.func != pattern.func:
+        return None
+    for chosen in itertools.permutations(candidate.atoms(sympy.Idx), len(indices)):
+        renaming = dict(zip(indices, chosen))
+        if all(a.upper == b.upper for a, b in renaming.items()) and pattern.xreplace(renaming) == candidate:
+            return chosen
+    return None
 
 
 def stabilize(expr: sympy.Expr) -> sympy.Expr:

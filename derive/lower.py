@@ -21,7 +21,7 @@ import sympy
 
 from . import naming
 from .derivation import depends_on_tensor, tensor_symbols
-from .functions import one_hot
+from .functions import one_hot, renamed_match
 from .naming import BATCH
 from .plan import ExprPlan, OpPlan, TermPlan, free_indices, ordered
 from .spec import tensor_symbol
@@ -127,6 +127,7 @@ class LoweredOp:
     forward: LoweredExpr
     gradients: tuple[LoweredExpr, ...]
     shared: tuple[Shared, ...]         # computed before the gradients that use them, in dependency order
+    forward_shared: tuple[Shared, ...] = ()   # the same for the forward (users left empty)
 
 
 def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
@@ -138,11 +139,13 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
         return LoweredExpr(expr_plan, tuple(term(t, expr_plan.indices, expr_plan.like) for t in expr_plan.terms))
 
     gradients, shared = _share_common(op_plan, [lower_expr(g) for g in op_plan.gradients])
-    return LoweredOp(op_plan, style, lower_expr(op_plan.forward), gradients, shared)
+    (forward,), forward_shared = _share_common(op_plan, [lower_expr(op_plan.forward)])
+    return LoweredOp(op_plan, style, forward, gradients, shared, forward_shared)
 
 
 def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr]):
-    """Hoist subexpressions that occur more than once across the backward's elementwise leaves."""
+    """Hoist subexpressions that occur more than once across the elementwise leaves of `gradients`
+    (the backward's, or the forward alone)."""
     leaves = [(g, node) for g, expr in enumerate(gradients) for term in expr.terms
               for node in walk(term) if isinstance(node, Leaf)]
     symbols = sympy.numbered_symbols("cse_", real=True)
@@ -168,19 +171,54 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr]):
         accesses[symbol] = tensor_symbol(name)[tuple(idx)] if idx else sympy.Symbol(name, real=True)
     if not values:
         return tuple(gradients), ()
-    rewritten = {id(leaf): Leaf(expr.xreplace(accesses), leaf.indices) for (_, leaf), expr in zip(leaves, reduced)}
+
+    def use_shared(expr):
+        """expr with every occurrence of a shared value, under any index names, read from it."""
+        for name, value in values:
+            pattern = [next(j for j in value.expr.atoms(sympy.Idx) if j.name == i) for i in value.indices]
+            if not pattern:
+                continue
+            found = lambda e: e != value.expr and renamed_match(value.expr, pattern, e) is not None  # noqa: E731
+            expr = expr.replace(found, lambda e: tensor_symbol(name)[renamed_match(value.expr, pattern, e)])
+        return expr
+
+    values = [(name, Leaf(use_shared(value.expr), value.indices)) if position else (name, value)
+              for position, (name, value) in enumerate(values)]
+    rewritten = {id(leaf): Leaf(use_shared(expr.xreplace(accesses)), leaf.indices)
+                 for (_, leaf), expr in zip(leaves, reduced)}
+    values, renaming = _in_dependency_order(values)
+    rewritten = {key: Leaf(leaf.expr.xreplace(renaming), leaf.indices) for key, leaf in rewritten.items()}
     # Who needs each shared value: the gradients using it directly or through a later shared value.
     positions = [t.name for t in op_plan.op.inputs]
     users = {name: set() for name, _ in values}
     for g, leaf in leaves:
         for name in _shared_names(rewritten[id(leaf)].expr, users):
-            users[name].add(positions.index(gradients[g].plan.like))
+            if gradients[g].plan.like is not None:     # the forward has no needs_input_grad to consult
+                users[name].add(positions.index(gradients[g].plan.like))
     for name, value in reversed(values):
         for used in _shared_names(value.expr, users):
             users[used] |= users[name]
     gradients = [LoweredExpr(g.plan, tuple(_replace_leaves(t, rewritten) for t in g.terms)) for g in gradients]
     shared = tuple(Shared(name, value, tuple(sorted(users[name]))) for name, value in values)
     return tuple(gradients), shared
+
+
+def _in_dependency_order(values: list[tuple[str, Leaf]]):
+    """Values sorted so that each comes after those it reads, renumbered in that order; with the renaming."""
+    known = {name for name, _ in values}
+    pending, ordered_values = list(values), []
+    while pending:
+        done = {name for name, _ in ordered_values}
+        ready = next(v for v in pending if set(_shared_names(v[1].expr, known)) - {v[0]} <= done)
+        pending.remove(ready)
+        ordered_values.append(ready)
+    renaming = {}
+    for position, (name, value) in enumerate(ordered_values):
+        new = f"{naming.SHARED_PREFIX}{position}"
+        renaming[tensor_symbol(name)] = tensor_symbol(new)
+        renaming[sympy.Symbol(name, real=True)] = sympy.Symbol(new, real=True)
+    return [(renaming[tensor_symbol(name)].name, Leaf(value.expr.xreplace(renaming), value.indices))
+            for name, value in ordered_values], renaming
 
 
 def _shared_names(expr: sympy.Expr, known) -> list[str]:

@@ -13,7 +13,8 @@ import torch
 def layer_norm_forward(x, w, b, eps=1e-05):
     """layer_norm forward: y[..., d] = (x[..., d] - mean(x[..., d], d)) / sqrt(mean((x[..., d] - mean(x[..., d], d))**2, d) + eps) * w[d] + b[d]"""
     size_d = x.shape[-1]
-    return torch.rsqrt(eps + ((x - x.sum(-1).unsqueeze(-1) / size_d)**2).sum(-1).unsqueeze(-1) / size_d) * (x - x.sum(-1).unsqueeze(-1) / size_d) * w + b
+    shared_0 = -x.sum(-1) / size_d
+    return torch.rsqrt(eps + ((shared_0.unsqueeze(-1) + x)**2).sum(-1).unsqueeze(-1) / size_d) * (shared_0.unsqueeze(-1) + x) * w + b
 
 
 def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, True, True)):
@@ -41,14 +42,14 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
     size_d = grad_y.shape[-1]
     grad_x = grad_w = grad_b = None
     if needs_input_grad[0] or needs_input_grad[1]:
-        shared_0 = eps + ((x - x.sum(-1).unsqueeze(-1) / size_d)**2).sum(-1) / size_d
-        shared_1 = torch.rsqrt(shared_0)
-        shared_2 = grad_y * shared_1.unsqueeze(-1)
-        shared_4 = -x.sum(-1) / size_d
-        shared_5 = shared_4.unsqueeze(-1) + x
+        shared_0 = -x.sum(-1) / size_d
+        shared_2 = shared_0.unsqueeze(-1) + x
+        shared_3 = eps + (shared_2**2).sum(-1) / size_d
+        shared_4 = torch.rsqrt(shared_3)
+        shared_5 = grad_y * shared_4.unsqueeze(-1)
     if needs_input_grad[0]:
-        shared_3 = grad_y * w
-        grad_x = shared_2 * w + (-(shared_1.unsqueeze(-1) * shared_3).mean(-1)).unsqueeze(-1) - shared_5 / shared_0.unsqueeze(-1)**(3/2) * ((shared_4.unsqueeze(-1) + x) * shared_3).sum(-1).unsqueeze(-1) / size_d
+        shared_1 = grad_y * w
+        grad_x = shared_5 * w + (-(shared_1 * shared_4.unsqueeze(-1)).mean(-1)).unsqueeze(-1) - shared_2 / shared_3.unsqueeze(-1)**(3/2) * (shared_1 * shared_2).sum(-1).unsqueeze(-1) / size_d
     if needs_input_grad[1]:
         grad_w = (shared_2 * shared_5).sum_to_size((size_d,))
     if needs_input_grad[2]:

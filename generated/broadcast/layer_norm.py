@@ -13,7 +13,8 @@ import torch
 def layer_norm_forward(x, w, b, eps=1e-05):
     """layer_norm forward: y[..., d] = (x[..., d] - mean(x[..., d], d)) / sqrt(mean((x[..., d] - mean(x[..., d], d))**2, d) + eps) * w[d] + b[d]"""
     size_d = x.shape[-1]
-    return (torch.rsqrt(eps + ((x - x.sum(-1).unsqueeze(-1) / size_d)**2).sum(-1) / size_d)).unsqueeze(-1) * (x - x.sum(-1).unsqueeze(-1) / size_d) * w + b
+    shared_0 = -x.sum(-1) / size_d
+    return (torch.rsqrt(eps + ((shared_0.unsqueeze(-1) + x)**2).sum(-1) / size_d)).unsqueeze(-1) * (shared_0.unsqueeze(-1) + x) * w + b
 
 
 def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, True, True)):
@@ -41,14 +42,14 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
     size_d = grad_y.shape[-1]
     grad_x = grad_w = grad_b = None
     if needs_input_grad[0] or needs_input_grad[1]:
-        shared_0 = eps + ((x - x.sum(-1).unsqueeze(-1) / size_d)**2).sum(-1) / size_d
-        shared_1 = torch.rsqrt(shared_0)
-        shared_2 = -x.sum(-1) / size_d
-        shared_3 = shared_2.unsqueeze(-1) + x
+        shared_0 = -x.sum(-1) / size_d
+        shared_1 = shared_0.unsqueeze(-1) + x
+        shared_2 = eps + (shared_1**2).sum(-1) / size_d
+        shared_3 = torch.rsqrt(shared_2)
     if needs_input_grad[0]:
-        grad_x = shared_1.unsqueeze(-1) * grad_y * w + (-(shared_1.unsqueeze(-1) * grad_y * w).mean(dim=-1)).unsqueeze(-1) - ((shared_0**(-3/2)).unsqueeze(-1).unsqueeze(-2) * shared_3.unsqueeze(-1) * (shared_2.unsqueeze(-1) + x).unsqueeze(-2) * grad_y.unsqueeze(-2) * w).mean(dim=-1)
+        grad_x = shared_3.unsqueeze(-1) * grad_y * w + (-(shared_3.unsqueeze(-1) * grad_y * w).mean(dim=-1)).unsqueeze(-1) - ((shared_2**(-3/2)).unsqueeze(-1).unsqueeze(-2) * shared_1.unsqueeze(-1) * shared_1.unsqueeze(-2) * grad_y.unsqueeze(-2) * w).mean(dim=-1)
     if needs_input_grad[1]:
-        grad_w = (shared_1.unsqueeze(-1) * shared_3 * grad_y).sum_to_size((size_d,))
+        grad_w = (shared_3.unsqueeze(-1) * shared_1 * grad_y).sum_to_size((size_d,))
     if needs_input_grad[2]:
         grad_b = grad_y.sum_to_size((size_d,))
     return (grad_x, grad_w, grad_b)
