@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import keyword
 import os
+import re
 import sys
 import tomllib
 import traceback
@@ -45,6 +47,10 @@ def apply_config(args: argparse.Namespace, cwd: Path) -> None:
     then from CONFIG_DEFAULTS. Paths in pyproject.toml are relative to its directory; the generated
     headers name them as written there, so output does not depend on the directory derive runs in."""
     config, root = load_config(cwd)
+    spec = getattr(args, "spec", None) or config.get("spec")
+    if hasattr(args, "namespace") and args.namespace is None and "namespace" not in config and spec:
+        # a user's catalog must not register its ops over the built-in derive::<op> of the same name
+        args.namespace = spec_namespace(spec)
     args.given = []    # options set on the command line, to repeat in hints
     for key, default in CONFIG_DEFAULTS.items():
         if not hasattr(args, key) or getattr(args, key) is not None:
@@ -57,6 +63,12 @@ def apply_config(args: argparse.Namespace, cwd: Path) -> None:
         if key in ("spec", "out") and key in config and root != cwd:
             value = os.path.relpath(root / value, cwd) if root.drive == cwd.drive else str(root / value)
         setattr(args, key, value)
+
+
+def spec_namespace(spec: str) -> str:
+    """The default torch.library namespace of a user's catalog: its file name, as an identifier."""
+    name = re.sub(r"\W", "_", Path(spec).stem)
+    return name if name.isidentifier() and not keyword.iskeyword(name) else f"ops_{name}"
 
 
 def load_config(cwd: Path) -> tuple[dict, Path]:

@@ -67,8 +67,9 @@ def compare(out: Path, files: dict[str, str], scopes: list[str]) -> TreeStatus:
                 continue
             old = raw.decode("utf-8", errors="replace")
             status.stale.append(relative)
+        before = f"a/{relative}" if relative not in status.missing else "/dev/null"
         diff += difflib.unified_diff(old.splitlines(keepends=True), text.splitlines(keepends=True),
-                                     f"a/{relative}", f"b/{relative}")
+                                     before, f"b/{relative}")
     for relative in owned_files(out, scopes):
         if relative not in files:
             status.extra.append(relative)

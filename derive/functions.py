@@ -28,6 +28,12 @@ class sigmoid(sympy.Function):  # noqa: N801 - named like the math
 
     is_real = True
 
+    @classmethod
+    def eval(cls, arg):
+        if arg.is_number:      # a constant: its closed form, which SymPy can compare and evaluate
+            return 1 / (1 + sympy.exp(-arg))
+        return None
+
     def fdiff(self, argindex=1):
         return self * (1 - self)
 
@@ -39,6 +45,12 @@ class softplus(sympy.Function):  # noqa: N801
     """log(1 + exp(a))."""
 
     is_real = True
+
+    @classmethod
+    def eval(cls, arg):
+        if arg.is_number:
+            return sympy.log(1 + sympy.exp(arg))
+        return None
 
     def fdiff(self, argindex=1):
         return sigmoid(self.args[0])

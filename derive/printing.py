@@ -92,6 +92,12 @@ class TorchCodePrinter(TorchPrinter):
         self.layout = layout
         self.tensors = tensors      # symbols that stand for whole tensors (not scalars)
 
+    def _print(self, expr, **kwargs):
+        # a constant such as softplus(2) or sqrt(2): torch functions take tensors, so print its value
+        if isinstance(expr, sympy.Expr) and expr.is_number and not expr.is_Rational:
+            return self._print_irrational(expr)
+        return super()._print(expr, **kwargs)
+
     def _print_Indexed(self, expr):
         if all(isinstance(i, sympy.Idx) for i in expr.indices):
             access = Code(expr.base.label.name, tuple(i.name for i in expr.indices))
@@ -182,11 +188,13 @@ class TorchCodePrinter(TorchPrinter):
         """
         if len(expr.args) == 2 and expr.args[1].cond == sympy.true:
             (first, condition), (second, _) = expr.args
+            # (only for a gradient: the forward where(x > 0, x, s * x) stays a where)
             if isinstance(condition, sympy.LessThan) and condition.rhs.is_number and first == 0 \
-                    and self._is_tensor(second):
+                    and self._is_tensor(second) and second != condition.lhs:
                 return (f"torch.ops.aten.threshold_backward({self._print(second)}, "
                         f"{self._print(condition.lhs)}, {self._print(condition.rhs)})")
-            if isinstance(condition, sympy.StrictGreaterThan) and condition.rhs == 0 and self._is_tensor(first):
+            if isinstance(condition, sympy.StrictGreaterThan) and condition.rhs == 0 and self._is_tensor(first) \
+                    and first != condition.lhs:
                 slope = sympy.cancel(second / first)
                 if not self._is_tensor(slope):
                     return (f"torch.ops.aten.leaky_relu_backward({self._print(first)}, "

@@ -640,10 +640,12 @@ class _EquationParser:
         if name in ("Max", "max", "Min", "min"):
             if len(values) < 2:
                 raise self.error(f"{name}() needs at least two arguments", node)
-            return FUNCTIONS[name](*values), free
-        if len(values) != 1:
+        elif len(values) != 1:
             raise self.error(f"{name}() takes one argument", node)
-        return FUNCTIONS[name](values[0]), free
+        try:
+            return FUNCTIONS[name](*values), free
+        except (TypeError, ValueError) as exc:   # SymPy refusing its arguments, e.g. values it cannot order
+            raise self.error(f"{name}() cannot take these arguments: {exc}", node) from None
 
     def _count_branch(self, kind: str, node) -> None:
         """Each piecewise function multiplies the cases SymPy must reconcile: a fixed limit, not a hang."""

@@ -128,22 +128,26 @@ def autograd_gradients(function, inputs, grad_output, differentiable):
 
 
 def check_gradients(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=None, seed: int = 0,
-                    kinks: bool = False, inputs: list[torch.Tensor] | None = None, equal_nan: bool = False) -> None:
+                    kinks: bool = False, inputs: list[torch.Tensor] | None = None, equal_nan: bool = False,
+                    params: dict[str, float] | None = None) -> None:
     """The generated backward equals autograd of the torch reference, with exactly each input's shape.
 
-    `inputs` overrides the random ones; `equal_nan` accepts NaN where the reference has NaN too.
+    `inputs` overrides the random ones; `equal_nan` accepts NaN where the reference has NaN too;
+    `params` sets hyperparameters (default: their defaults).
     """
+    params = params or {}
     forward = getattr(module, naming.forward(op.name))
     if inputs is None:
         inputs = make_inputs(op, sizes, dtype, seed, kinks)
-    expected_output = reference(op)(*inputs)
-    output = forward(*inputs)
-    torch.testing.assert_close(output, expected_output, equal_nan=equal_nan)
+    expected_output = reference(op)(*inputs, **params)
+    output = forward(*inputs, **params)
+    torch.testing.assert_close(output, expected_output, equal_nan=equal_nan,
+                               msg=lambda m: f"{op.name}: forward against the reference {op.reference!r}: {m}")
     grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed + 1),
                               dtype=torch.float64).to(dtype)
     differentiable = [t.differentiable for t in op.inputs]
-    expected = autograd_gradients(reference(op), inputs, grad_output, differentiable)
-    actual = call_backward(op, module, grad_output, inputs, output)
+    expected = autograd_gradients(lambda *xs: reference(op)(*xs, **params), inputs, grad_output, differentiable)
+    actual = call_backward(op, module, grad_output, inputs, output, **params)
     assert len(actual) == len(op.inputs), f"{op.name}: backward returned {len(actual)} values for {len(op.inputs)} inputs"
     for tensor, flag, got, want in zip(op.inputs, differentiable, actual, expected):
         if not flag:
@@ -185,11 +189,34 @@ def has_kinks(op: OpSpec) -> bool:
 
 
 def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
-    """Everything derive checks for its own catalog, for one op of your spec and its generated module."""
+    """The checks derive runs on its own catalog, for one op of your spec and its generated module:
+
+    - float64 gradcheck of forward + generated backward;
+    - forward and gradients against autograd of the reference, float64 and float32, exact shapes;
+    - hyperparameters at their defaults and at other values;
+    - inputs exactly at 0 when the derivative has a step (a kink elsewhere, such as Huber's at
+      |d| = delta, needs inputs of your own: `check_gradients(..., inputs=...)`);
+    - the module's autograd.Function (gradcheck and gradgradcheck) and its custom op (gradients
+      against the reference).
+    """
     op = load_catalog(spec).op(op_name)
     module = load_module(module_path)
     gradcheck_op(op, module)
     for dtype in (torch.float64, torch.float32):
         check_gradients(op, module, dtype)
+    if op.params:
+        check_gradients(op, module, params={p.name: 1.5 * p.default + 0.25 for p in op.params})
     if has_kinks(op):
         check_gradients(op, module, torch.float64, kinks=True)
+    inputs = make_inputs(op, dtype=torch.float64)
+    inputs = [t.requires_grad_(meta.differentiable) for t, meta in zip(inputs, op.inputs)]
+    function = getattr(module, op.name)
+    assert torch.autograd.gradcheck(function, inputs), f"{op.name}: the autograd.Function fails gradcheck"
+    assert torch.autograd.gradgradcheck(function, inputs), f"{op.name}: the autograd.Function fails gradgradcheck"
+    custom_op = getattr(module, naming.custom_op(op.name))
+    flags = [meta.differentiable for meta in op.inputs]
+    grad_output = torch.randn_like(custom_op(*inputs))
+    for got, want in zip(autograd_gradients(custom_op, inputs, grad_output, flags),
+                         autograd_gradients(reference(op), inputs, grad_output, flags)):
+        if want is not None:
+            torch.testing.assert_close(got, want, msg=lambda m: f"{op.name}: custom op gradient: {m}")

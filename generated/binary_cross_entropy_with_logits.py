@@ -24,7 +24,7 @@ def binary_cross_entropy_with_logits_backward(grad_loss, logits, target, *, need
     with the Kronecker deltas of the partial derivative summed away.
 
     grad_logits (shape of logits: (...,)):
-        d loss / d logits[...'] = sum(sigmoid(logits[...])*KroneckerDelta(..., ...') - KroneckerDelta(..., ...')*target[...], ...)/size_batch
+        d loss / d logits[...'] = sum(KroneckerDelta(..., ...')*sigmoid(logits[...]) - KroneckerDelta(..., ...')*target[...], ...)/size_batch
         grad_logits[...] = grad_loss*sigmoid(logits[...])/size_batch - grad_loss*target[...]/size_batch
 
     grad_target (shape of target: (...,)):

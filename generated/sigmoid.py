@@ -23,7 +23,7 @@ def sigmoid_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     with the Kronecker deltas of the partial derivative summed away.
 
     grad_x (shape of x: (...,)):
-        d y[...] / d x[...'] = (1 - sigmoid(x[...]))*sigmoid(x[...])*KroneckerDelta(..., ...')
+        d y[...] / d x[...'] = (1 - sigmoid(x[...]))*KroneckerDelta(..., ...')*sigmoid(x[...])
         grad_x[...] = (1 - y[...])*grad_y[...]*y[...]
 
     y is the forward's result, which the gradients reuse.

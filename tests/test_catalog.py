@@ -52,3 +52,11 @@ def test_needs_input_grad_skips_gradients(op):
         for position, (grad, reference) in enumerate(zip(grads, full)):
             if position != skipped and reference is not None:
                 torch.testing.assert_close(grad, reference)
+
+
+@pytest.mark.parametrize("op_name", [op.name for op in CATALOG.ops if op.params])
+def test_hyperparameters_other_than_the_defaults(op_name, style):
+    op = CATALOG.op(op_name)
+    params = {p.name: 1.5 * p.default + 0.25 for p in op.params}
+    check_gradients(op, generated_module(op_name, style), params=params)
+    check_gradients(op, generated_module(op_name, style), torch.float32, params=params)

@@ -135,3 +135,13 @@ def test_installed_wheel_finds_its_templates(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert snapshot(elsewhere / "out") == snapshot(GENERATED)
+
+
+def test_a_user_catalog_registers_its_custom_ops_in_its_own_namespace(tmp_path):
+    """An op of my-ops.toml named like a built-in one must not replace derive::<op>."""
+    spec = tmp_path / "my-ops.toml"
+    spec.write_text(TANH_SPEC.replace("tanh_act", "relu"))
+    assert run("generate", "--spec", str(spec), "--out", str(tmp_path / "out"), cwd=tmp_path).returncode == 0
+    text = (tmp_path / "out" / "relu.py").read_text()
+    assert '@torch.library.custom_op("my_ops::relu"' in text
+    assert "--namespace my_ops" in text.splitlines()[1]

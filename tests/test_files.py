@@ -11,7 +11,7 @@ import pytest
 
 import derive.files
 from derive.build import render_catalog
-from derive.cli import main
+from derive.cli import main, spec_namespace
 from derive.files import MARKER, compare, write_tree
 from derive.spec import parse_catalog
 
@@ -32,7 +32,8 @@ SCOPES = ["", "broadcast/"]
 
 
 def render(version: str) -> dict[str, str]:
-    return render_catalog(parse_catalog(SPEC.replace("VERSION", version), "ops.toml"), spec_arg="ops.toml", out_arg="out")
+    return render_catalog(parse_catalog(SPEC.replace("VERSION", version), "ops.toml"), spec_arg="ops.toml",
+                          out_arg="out", namespace=spec_namespace("ops.toml"))
 
 
 def snapshot(folder):
@@ -125,7 +126,7 @@ KILLED_RUN = textwrap.dedent('''
         real_replace(source, target)
         os.kill(os.getpid(), signal.SIGKILL)     # killed right after the first file is replaced
     os.replace = replace_then_die
-    from derive.cli import main
+    from derive.cli import main, spec_namespace
     main(["generate", "--spec", "ops.toml", "--out", "out"])
 ''')
 

@@ -159,3 +159,14 @@ def test_constant_terms_and_scalar_inputs(tmp_path):
     ''')
     gradcheck_op(op, module)
     check_gradients(op, module)
+
+
+def test_constant_function_values_are_printed_as_numbers(tmp_path):
+    """softplus(2) is a number: SymPy can order it in Max, and torch gets a float, not an int tensor op."""
+    op, module = spec_module(tmp_path, '''
+        [ops.floor_at]
+        inputs = ["s"]
+        equation = "y = exp(Max(s, softplus(2)))"
+        reference = "torch.exp(torch.clamp_min(s, 2.1269280110429727))"
+    ''')
+    check_gradients(op, module)

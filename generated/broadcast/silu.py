@@ -23,7 +23,7 @@ def silu_backward(grad_y, x, *, needs_input_grad=(True,)):
     with the Kronecker deltas of the partial derivative summed away.
 
     grad_x (shape of x: (...,)):
-        d y[...] / d x[...'] = (1 - sigmoid(x[...]))*sigmoid(x[...])*KroneckerDelta(..., ...')*x[...] + sigmoid(x[...])*KroneckerDelta(..., ...')
+        d y[...] / d x[...'] = (1 - sigmoid(x[...]))*KroneckerDelta(..., ...')*sigmoid(x[...])*x[...] + KroneckerDelta(..., ...')*sigmoid(x[...])
         grad_x[...] = (1 - sigmoid(x[...]))*sigmoid(x[...])*grad_y[...]*x[...] + sigmoid(x[...])*grad_y[...]
 
     needs_input_grad: one flag per input; a gradient whose flag is False is not

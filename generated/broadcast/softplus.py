@@ -23,7 +23,7 @@ def softplus_backward(grad_y, x, beta=1.0, *, needs_input_grad=(True,)):
     with the Kronecker deltas of the partial derivative summed away.
 
     grad_x (shape of x: (...,)):
-        d y[...] / d x[...'] = sigmoid(beta*x[...])*KroneckerDelta(..., ...')
+        d y[...] / d x[...'] = KroneckerDelta(..., ...')*sigmoid(beta*x[...])
         grad_x[...] = sigmoid(beta*x[...])*grad_y[...]
 
     needs_input_grad: one flag per input; a gradient whose flag is False is not
