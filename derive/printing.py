@@ -378,20 +378,28 @@ def _scale(coefficient: sympy.Expr, code: Code) -> str:
     return TorchCodePrinter((), frozenset({placeholder})).doprint(coefficient * placeholder)
 
 
+def _without_minus(node: Node) -> Node | None:
+    """The term without its minus sign, when its coefficient has one; else None."""
+    if isinstance(node, Scaled) and node.coefficient.could_extract_minus_sign():
+        return node.source if node.coefficient == -1 else Scaled(-node.coefficient, node.source)
+    if isinstance(node, Leaf) and node.expr.could_extract_minus_sign():
+        return Leaf(-node.expr, node.indices)
+    return None
+
+
 def render_expr(lowered: LoweredExpr) -> str:
     """The right-hand side that assigns one whole expression, shaped exactly like its target."""
     plan = lowered.plan
     if not lowered.terms:
         return f"torch.zeros_like({plan.like})"
-    parts = [align(render(term), plan.indices) for term in lowered.terms]
-    # lead with a term that is not negated: `b - a`, not `-a + b`
-    parts.sort(key=lambda part: part.text.startswith("-"))
+    # lead with a term that is not negated, and subtract the negated ones: `b - a`, not `-a + b`
+    terms = sorted(lowered.terms, key=lambda term: _without_minus(term) is not None)
+    parts = [align(render(term), plan.indices) for term in terms]
     text = parts[0].operand(ADD)
-    for part in parts[1:]:
-        if part.text.startswith("-"):
-            text += " - " + part.text[1:]
-        else:
-            text += " + " + part.operand(ADD + 1)
+    for term in terms[1:]:
+        positive = _without_minus(term)
+        text += " - " if positive is not None else " + "
+        text += align(render(positive if positive is not None else term), plan.indices).operand(ADD + 1)
     atomic = len(parts) == 1 and parts[0].precedence >= ATOM
     if plan.scale != 1:
         text = _scale(plan.scale, Code(text, plan.indices, ADD if len(parts) > 1 else parts[0].precedence))

@@ -49,7 +49,7 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
         shared_5 = grad_y * shared_4.unsqueeze(-1)
     if needs_input_grad[0]:
         shared_1 = grad_y * w
-        grad_x = shared_5 * w + (-(shared_1 * shared_4.unsqueeze(-1)).mean(-1)).unsqueeze(-1) - shared_2 / shared_3.unsqueeze(-1)**(3/2) * (shared_1 * shared_2).sum(-1).unsqueeze(-1) / size_d
+        grad_x = shared_5 * w - (shared_1 * shared_4.unsqueeze(-1)).mean(-1).unsqueeze(-1) - shared_2 / shared_3.unsqueeze(-1)**(3/2) * (shared_1 * shared_2).sum(-1).unsqueeze(-1) / size_d
     if needs_input_grad[1]:
         grad_w = (shared_2 * shared_5).sum_to_size((size_d,))
     if needs_input_grad[2]:

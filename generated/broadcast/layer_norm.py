@@ -47,7 +47,7 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
         shared_2 = eps + (shared_1**2).sum(-1) / size_d
         shared_3 = torch.rsqrt(shared_2)
     if needs_input_grad[0]:
-        grad_x = shared_3.unsqueeze(-1) * grad_y * w + (-(shared_3.unsqueeze(-1) * grad_y * w).mean(dim=-1)).unsqueeze(-1) - ((shared_2**(-3/2)).unsqueeze(-1).unsqueeze(-2) * shared_1.unsqueeze(-1) * shared_1.unsqueeze(-2) * grad_y.unsqueeze(-2) * w).mean(dim=-1)
+        grad_x = shared_3.unsqueeze(-1) * grad_y * w - (shared_3.unsqueeze(-1) * grad_y * w).mean(dim=-1).unsqueeze(-1) - ((shared_2**(-3/2)).unsqueeze(-1).unsqueeze(-2) * shared_1.unsqueeze(-1) * shared_1.unsqueeze(-2) * grad_y.unsqueeze(-2) * w).mean(dim=-1)
     if needs_input_grad[1]:
         grad_w = (shared_3.unsqueeze(-1) * shared_1 * grad_y).sum_to_size((size_d,))
     if needs_input_grad[2]:
