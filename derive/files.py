@@ -119,13 +119,3 @@ def stage(target: Path, content: str | bytes) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return Path(temporary)
-
-
-def atomic_write(target: Path, text: str) -> None:
-    """Replace `target` with `text` in one step: readers see the old file or the new one, never a part."""
-    temporary = stage(target, text)
-    try:
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise

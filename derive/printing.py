@@ -289,10 +289,6 @@ def print_leaf(expr: sympy.Expr, layout: tuple[str, ...]) -> Code:
     return Code(text, layout, level)
 
 
-def print_scalar(expr: sympy.Expr) -> str:
-    return TorchCodePrinter(()).doprint(expr)
-
-
 def render(node: Node) -> Code:
     """Python source for one lowered node."""
     if isinstance(node, Leaf):

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 from derive.build import render_catalog
 from derive.files import compare

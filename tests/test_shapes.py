@@ -3,7 +3,6 @@
 import warnings
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from derive.naming import BATCH

@@ -1,7 +1,6 @@
 """Large-magnitude inputs, NaN and infinity: the stable forms derive lowers to, compared with torch."""
 
 import pytest
-import sympy
 import torch
 
 from derive.build import build_op
