@@ -36,8 +36,8 @@ class Built:
 def build_op(op: OpSpec, styles=STYLES) -> Built:
     with spec_errors(op):
         derivation = derive(op)
-        op_plan = plan(derivation)
-        return Built(derivation, {style: lower(op_plan, style) for style in styles})
+        return Built(derivation, {style: lower(plan(derivation, fuse=style == "contraction"), style)
+                                  for style in styles})
 
 
 @contextmanager

@@ -107,6 +107,54 @@ class one_hot(sympy.Function):  # noqa: N801
         return sympy.S.Zero
 
 
+class softmax_backward(sympy.Function):  # noqa: N801
+    """y * (g - sum(g * y, index)): the vector-Jacobian product of a softmax y (PyTorch has it fused)."""
+
+    nargs = 3
+    is_real = True
+
+
+class log_softmax_backward(sympy.Function):  # noqa: N801
+    """g - exp(y) * sum(g, index): the vector-Jacobian product of a log-softmax y (fused in PyTorch)."""
+
+    nargs = 3
+    is_real = True
+
+
+def fuse_softmax_vjp(terms):
+    """Two terms that spell out a softmax or log-softmax VJP along one index become one fused term.
+
+        g[c] * y[c] - sum(y[c] * g[c1] * y[c1], c1)   ->  softmax_backward(g, y, c)
+        g[c] - sum(exp(y[c]) * g[c1], c1)              ->  log_softmax_backward(g, y, c)
+
+    The match is on the algebra alone: it holds for any tensors g and y.
+    """
+    if len(terms) != 2:
+        return terms
+    plus, minus = sorted(terms, key=lambda t: t.coefficient == -1)
+    if plus.coefficient != 1 or minus.coefficient != -1 or plus.summed or len(minus.summed) != 1:
+        return terms
+    moved_index = minus.summed[0]
+    for g in plus.factors:
+        if not isinstance(g, sympy.Indexed):
+            continue
+        for position in g.indices:
+            moved = {position: moved_index}
+            rest = [f for f in plus.factors if f is not g]
+            if len(rest) == 1 and isinstance(rest[0], sympy.Indexed) and rest[0].indices == g.indices:
+                y = rest[0]
+                if sorted(minus.factors, key=sympy.default_sort_key) == sorted(
+                        [y, g.xreplace(moved), y.xreplace(moved)], key=sympy.default_sort_key):
+                    return [type(plus)(sympy.S.One, (softmax_backward(g, y, position),), ())]
+            if not rest:
+                exps = [f for f in minus.factors if isinstance(f, sympy.exp) and isinstance(f.args[0], sympy.Indexed)]
+                if len(exps) == 1 and exps[0].args[0].indices == g.indices and sorted(
+                        minus.factors, key=sympy.default_sort_key) == sorted(
+                        [exps[0], g.xreplace(moved)], key=sympy.default_sort_key):
+                    return [type(plus)(sympy.S.One, (log_softmax_backward(g, exps[0].args[0], position),), ())]
+    return terms
+
+
 BINDING = (sympy.Sum, logsumexp)       # constructs that bind an index
 STABLE_FUNCTIONS = (sigmoid, softplus, logsumexp, softmax, log1p)
 

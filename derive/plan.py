@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import sympy
 
 from .derivation import Derivation, Term, tensor_symbols
-from .functions import bound_indices, canonical
+from .functions import bound_indices, canonical, fuse_softmax_vjp
 from .model import OpSpec
 from .naming import BATCH
 from .spec import size_symbol
@@ -68,12 +68,15 @@ class OpPlan:
         return self.derivation.op
 
 
-def plan(derivation: Derivation) -> OpPlan:
+def plan(derivation: Derivation, fuse: bool = True) -> OpPlan:
+    """Shape plans for the forward and every gradient; `fuse` lets known VJPs become fused kernels
+    (the contraction style wants them, the broadcast style keeps the formula visible)."""
     op = derivation.op
     order = op.index_order
     forward = _plan_expr(op, derivation.forward_terms, op.output, None, op.output_indices, order, stand_in=None)
     gradients = tuple(
-        _plan_expr(op, g.terms, f"grad_{g.input}", g.input, g.indices, order, stand_in=g.input)
+        _plan_expr(op, fuse_softmax_vjp(list(g.terms)) if fuse else g.terms, f"grad_{g.input}", g.input,
+                   g.indices, order, stand_in=g.input)
         for g in derivation.gradients)
     return OpPlan(derivation=derivation, forward=forward, gradients=gradients)
 

@@ -163,6 +163,20 @@ class TorchCodePrinter(TorchPrinter):
         dim = _dim(layout.index(expr.index.name), len(layout), BATCH in layout)
         return align(Code(f"torch.softmax({inner.text}, dim={dim})", layout), self.layout).text
 
+    def _fused_vjp(self, expr, kernel: str) -> str:
+        grad, saved, index = expr.args
+        layout = self._own_layout(grad)
+        dim = _dim(layout.index(index.name), len(layout), BATCH in layout)
+        inner = [TorchCodePrinter(layout, self.tensors)._print(a) for a in (grad, saved)]
+        code = Code(f"{kernel}({inner[0]}, {inner[1]}, {dim}, {saved.base.label.name}.dtype)", layout)
+        return align(code, self.layout).text
+
+    def _print_softmax_backward(self, expr):
+        return self._fused_vjp(expr, "torch._softmax_backward_data")
+
+    def _print_log_softmax_backward(self, expr):
+        return self._fused_vjp(expr, "torch._log_softmax_backward_data")
+
     def _print_one_hot(self, expr):
         value, position = expr.args
         size = self._print(position.upper + 1)

@@ -32,7 +32,7 @@ def softmax_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     """
     grad_x = None
     if needs_input_grad[0]:
-        grad_x = grad_y * y - y * (grad_y * y).sum(-1).unsqueeze(-1)
+        grad_x = torch._softmax_backward_data(grad_y, y, -1, y.dtype)
     return (grad_x,)
 
 
