@@ -24,7 +24,7 @@ from .derivation import depends_on_tensor, tensor_symbols
 from .functions import one_hot, renamed_match
 from .naming import BATCH
 from .plan import ExprPlan, OpPlan, TermPlan, free_indices, ordered
-from .spec import tensor_symbol
+from .spec import size_symbol, tensor_symbol
 
 STYLES = ("contraction", "broadcast")
 
@@ -399,16 +399,14 @@ def largest_intermediate_violations(lowered: LoweredOp) -> list[str]:
     never be larger than it, whatever the sizes: this is the static memory guarantee.
     """
     op = lowered.plan.op
-
-    def extent(indices) -> Counter:
-        """The sizes a tensor's dims range over; the derivation's copies of an index (c_1) share c's."""
-        return Counter(op.size_of(i) for i in indices)
-
-    held = [extent(t.indices) for t in op.inputs] + [extent(op.output_indices)]
+    declared = {i: size_symbol(op.size_of(i)) for i in op.index_order}
+    held = [Counter(declared[i] for i in dims) for dims in [t.indices for t in op.inputs] + [op.output_indices]]
     problems = []
     for expr in (lowered.forward, *lowered.gradients):
-        for term in expr.terms:
+        for term, term_plan in zip(expr.terms, expr.plan.terms):
+            # the plan knows each index's size, the derivation's copies (c_1 of c) included
+            sizes = declared | dict(term_plan.sizes)
             for node in walk(term):
-                if not any(extent(node.indices) <= h for h in held):
+                if not any(Counter(sizes[i] for i in node.indices) <= h for h in held):
                     problems.append(f"{expr.plan.target}: {type(node).__name__} over {node.indices}")
     return problems

@@ -83,17 +83,8 @@ class OpSpec:
         return tuple(seen)
 
     def size_of(self, index: str) -> str:
-        """The declared index whose size `index` has; copies the derivation makes (k', k_1) share it."""
-        sizes = dict(self.index_sizes)
-        name = index
-        while name not in sizes:
-            stripped = name.rstrip("'")
-            if stripped == name:
-                stripped, _, suffix = name.rpartition("_")
-                if not stripped or not suffix.isdigit():
-                    raise KeyError(index)
-            name = stripped
-        return sizes[name]
+        """The declared index whose size `index` (an index the spec names) has."""
+        return dict(self.index_sizes)[index]
 
     def input(self, name: str) -> TensorInput:
         return next(t for t in self.inputs if t.name == name)
