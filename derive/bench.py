@@ -112,26 +112,30 @@ class Report:
 
 
 def run_bench(quick: bool = False, style: str = "contraction", sizes: Sequence[str] = DEFAULT_SIZES,
-              rounds: int | None = None, generated_dir: str | Path = "generated", seed: int = 0) -> Report:
-    """Check, time and profile every case; `quick` means tiny sizes and few rounds."""
+              rounds: int | None = None, generated_dir: str | Path = "generated", seed: int = 0,
+              only: Sequence[str] = ()) -> Report:
+    """Check, time and profile every case (or the cases named in `only`); `quick`: tiny sizes, few rounds."""
     presets = ("quick",) if quick else tuple(sizes)
     rounds = rounds or (QUICK_ROUNDS if quick else DEFAULT_ROUNDS)
     warmup = QUICK_WARMUP if quick else DEFAULT_WARMUP
     rng = random.Random(seed)
     rows = []
     for preset in presets:
-        for case in cases(style, SIZE_PRESETS[preset], Path(generated_dir)):
+        for case in cases(style, SIZE_PRESETS[preset], Path(generated_dir), only):
             verify(case)
             rows.extend(measure(case, rounds, warmup, rng))
     return Report(style, rounds, warmup, tuple(rows), generate_seconds())
 
 
-def cases(style: str, preset: dict[str, int], generated_dir: Path) -> list[Case]:
-    """One case per catalog op, then the seed network, at one size preset."""
+def cases(style: str, preset: dict[str, int], generated_dir: Path, only: Sequence[str] = ()) -> list[Case]:
+    """One case per catalog op, then the seed network, at one size preset; only those named in `only` if given."""
     ops = load_catalog().ops
     folder = generated_dir / STYLE_DIRS[style]
     modules = {op.name: load_module(folder / naming.module_file(op.name)) for op in ops}
-    return [*(op_case(op, modules[op.name], preset) for op in ops), seed_network_case(modules, preset)]
+    every = [*(lambda op=op: op_case(op, modules[op.name], preset) for op in ops),
+             lambda: seed_network_case(modules, preset)]
+    names = [*(op.name for op in ops), SEED_NETWORK]
+    return [make() for name, make in zip(names, every) if not only or name in only]
 
 
 def op_sizes(derivation: Derivation, preset: dict[str, int]) -> dict[str, int]:
@@ -348,6 +352,8 @@ def add_parser(commands) -> None:
                          help=f"comma-separated presets from {', '.join(SIZE_PRESETS)} (default: seed,large)")
     command.add_argument("--rounds", type=_positive, help=f"timed rounds per case (default: {DEFAULT_ROUNDS}, "
                                                     f"{QUICK_ROUNDS} with --quick)")
+    command.add_argument("--ops", type=_case_list, default=(),
+                         help=f"comma-separated cases to run, catalog op names or {SEED_NETWORK!r} (default: all)")
     command.set_defaults(handler=_command, debug=False)
 
 
@@ -360,6 +366,15 @@ def _size_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _case_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(","))
+    known = [op.name for op in load_catalog().ops] + [SEED_NETWORK]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown case {', '.join(map(repr, unknown))} (known: {', '.join(known)})")
+    return names
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -367,5 +382,5 @@ def _positive(text: str) -> int:
 
 
 def _command(args) -> int:
-    print(format_report(run_bench(args.quick, args.style, args.sizes, args.rounds)))
+    print(format_report(run_bench(args.quick, args.style, args.sizes, args.rounds, only=args.ops)))
     return 0

@@ -365,9 +365,9 @@ def _explain_term(op: OpSpec, term: TermPlan, node, plan, known: _Sizes) -> Term
             notation=_notation(operand.expr), label=_label(operand.expr, position),
             indices=operand.indices, shape=known.shape(operand.indices),
             lined_up=code.indices, lined_up_shape=known.shape(code.indices, operand.indices), code=code.text))
-    scale = sympy.Integer(1)
+    scale = plan.scale    # the factor every term of the gradient shares, applied once to their sum
     if isinstance(node, Scaled):
-        scale, node = node.coefficient, node.source
+        scale, node = scale * node.coefficient, node.source
     reduction = ""
     if isinstance(node, Reduce):
         full, source = render(node).text, render(node.source).atom()

@@ -136,7 +136,8 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
     term = _broadcast_term if style == "broadcast" else _contraction_term
 
     def lower_expr(expr_plan: ExprPlan) -> LoweredExpr:
-        return LoweredExpr(expr_plan, tuple(term(t, expr_plan.indices, expr_plan.like) for t in expr_plan.terms))
+        terms = [term(t, expr_plan.indices, expr_plan.like) for t in expr_plan.terms]
+        return LoweredExpr(expr_plan, tuple(terms if style == "broadcast" else _merge_elementwise(terms)))
 
     gradients, shared = _share_common(op_plan, [lower_expr(g) for g in op_plan.gradients])
     (forward,), forward_shared = _share_common(op_plan, [lower_expr(op_plan.forward)])
@@ -256,6 +257,28 @@ def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None)
         return _finish(scatter, (), term)
     node, summed = _contract(nodes, list(term.summed), target)
     return _finish(node, tuple(summed), term)
+
+
+def _merge_elementwise(terms: list[Node]) -> list[Node]:
+    """Elementwise terms over the same dims that are rational in the inputs become one expression, when
+    factoring it takes fewer operations: BCE's -(target - 1) / (1 - pred) - target / pred becomes
+    -(pred - target) / ((pred - 1) * pred), five full-size operations instead of seven. Terms that
+    call functions are left as they are: factoring around a call rarely saves one and reads worse."""
+    def elementwise(node):
+        source = node.source if isinstance(node, Scaled) else node
+        return isinstance(source, Leaf) and source.indices and not source.expr.atoms(sympy.Function)
+
+    mergeable = [t for t in terms if elementwise(t)]
+    if len(mergeable) < 2 or len({frozenset(t.indices) for t in mergeable}) > 1:
+        return terms
+    indices = mergeable[0].indices
+    expr = sympy.Add(*[t.coefficient * t.source.expr if isinstance(t, Scaled) else t.expr for t in mergeable])
+    factored = sympy.factor(expr)
+    if sympy.count_ops(factored) >= sympy.count_ops(expr):
+        return terms
+    coefficient, rest = factored.as_coeff_Mul()
+    merged = Leaf(rest, indices) if coefficient == 1 else Scaled(coefficient, Leaf(rest, indices))
+    return [merged] + [t for t in terms if not elementwise(t)]
 
 
 def _constant(term: TermPlan) -> Node:

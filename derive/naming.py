@@ -26,6 +26,12 @@ def size(index: str) -> str:
 SHARED_PREFIX = "shared_"   # values the backward computes once for several gradients: shared_0, shared_1, ...
 
 
+def is_zero_dim_tensor(expr) -> bool:
+    """Whether a SymPy symbol stands for a 0-d tensor in generated code: the upstream gradient of a
+    scalar output (`grad_loss`) or a shared scalar; spec names cannot take these prefixes."""
+    return getattr(expr, "is_Symbol", False) and expr.name.startswith(("grad_", SHARED_PREFIX))
+
+
 def forward(op: str) -> str:
     return f"{op}_forward"
 

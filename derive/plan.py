@@ -97,8 +97,19 @@ def _plan_expr(op, terms, target, like, indices, order, stand_in) -> ExprPlan:
 
 def _factor_out(plans: list[TermPlan]) -> tuple[sympy.Expr, list[TermPlan]]:
     """Pull the coefficient and the scalar tensors (such as grad_loss) every term has out of the sum,
-    so that a full-size tensor is scaled once instead of once per term."""
-    if len(plans) < 2:
+    so that a full-size tensor is scaled once instead of once per term. A lone term gives up its
+    scalar tensors and coefficient too (unless a reduction may read the coefficient as a mean): the
+    scalars are then multiplied together before they meet the tensor, and the elementwise rest is
+    what common-subexpression elimination compares across gradients."""
+    if len(plans) == 1:
+        (term,) = plans
+        scalars = sorted((o for o in term.operands if not o.indices), key=lambda o: sympy.default_sort_key(o.expr))
+        if term.summed or not scalars or len(scalars) == len(term.operands):
+            return sympy.S.One, plans
+        rest = tuple(o for o in term.operands if o.indices)
+        return term.coefficient * sympy.Mul(*[o.expr for o in scalars]), \
+            [replace(term, coefficient=sympy.S.One, operands=rest)]
+    if not plans:
         return sympy.S.One, plans
     coefficient = functools.reduce(sympy.gcd, [t.coefficient for t in plans])
     scalars = set.intersection(*[{o for o in t.operands if not o.indices} for t in plans])

@@ -17,6 +17,7 @@ from .plan import free_indices
 from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, walk
 from .model import OpSpec
 from .functions import one_hot
+from . import naming
 from .naming import BATCH, grad
 from .spec import size_symbol
 
@@ -245,6 +246,11 @@ class TorchCodePrinter(TorchPrinter):
             base = factor.base ** -factor.exp if below else factor
             # a size may be 0 (an empty batch): divide a tensor by it, never a Python number
             groups[(self._is_tensor(base) or (below and bool(base.is_integer)), below)].append(base)
+        if any(naming.is_zero_dim_tensor(f) for f in groups[(False, False)]):
+            # the scalars already make a 0-d tensor (grad_loss): divide it by the sizes, before the
+            # full-size tensor is touched, so that the tensor is scaled once
+            groups[(False, True)] += [f for f in groups[(True, True)] if f.is_integer and not self._is_tensor(f)]
+            groups[(True, True)] = [f for f in groups[(True, True)] if f not in groups[(False, True)]]
         sign = "-" if number < 0 else ""
         number = abs(number)
         if number.is_Rational and not groups[(False, False)] + groups[(False, True)] \
@@ -411,7 +417,11 @@ def render_expr(lowered: LoweredExpr) -> str:
         text += " - " if positive is not None else " + "
         text += align(render(positive if positive is not None else term), plan.indices).operand(ADD + 1)
     atomic = len(parts) == 1 and parts[0].precedence >= ATOM
-    if plan.scale != 1:
+    if len(terms) == 1 and isinstance(terms[0], Scaled) and plan.scale != 1:
+        # one scaled term: its coefficient joins the common scale, so the tensor is scaled once
+        source = render(terms[0].source)
+        text, parts = _scale(plan.scale * terms[0].coefficient, source), [source]
+    elif plan.scale != 1:
         text = _scale(plan.scale, Code(text, plan.indices, ADD if len(parts) > 1 else parts[0].precedence))
         atomic = False
     covered = set().union(*(p.indices for p in parts))

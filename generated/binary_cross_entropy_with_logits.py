@@ -37,9 +37,9 @@ def binary_cross_entropy_with_logits_backward(grad_loss, logits, target, *, need
     size_batch = torch.broadcast_shapes(logits.shape, target.shape).numel()
     grad_logits = grad_target = None
     if needs_input_grad[0]:
-        grad_logits = (grad_loss * (torch.sigmoid(logits) - target) / size_batch).sum_to_size(logits.shape)
+        grad_logits = (grad_loss / size_batch * (torch.sigmoid(logits) - target)).sum_to_size(logits.shape)
     if needs_input_grad[1]:
-        grad_target = (-grad_loss * logits / size_batch).sum_to_size(target.shape)
+        grad_target = (-grad_loss / size_batch * logits).sum_to_size(target.shape)
     return (grad_logits, grad_target)
 
 

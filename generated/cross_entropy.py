@@ -34,7 +34,7 @@ def cross_entropy_backward(grad_loss, logits, target, *, needs_input_grad=(True,
     size_n = logits.shape[0]
     grad_logits = None
     if needs_input_grad[0]:
-        grad_logits = grad_loss * (torch.softmax(logits, dim=-1) - torch.nn.functional.one_hot(target, size_c)) / size_n
+        grad_logits = grad_loss / size_n * (torch.softmax(logits, dim=-1) - torch.nn.functional.one_hot(target, size_c))
     return (grad_logits, None)
 
 

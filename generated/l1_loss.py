@@ -36,11 +36,11 @@ def l1_loss_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
     size_batch = torch.broadcast_shapes(pred.shape, target.shape).numel()
     grad_pred = grad_target = None
     if needs_input_grad[0] or needs_input_grad[1]:
-        shared_0 = grad_loss * torch.sign(pred - target)
+        shared_0 = torch.sign(pred - target)
     if needs_input_grad[0]:
-        grad_pred = (shared_0 / size_batch).sum_to_size(pred.shape)
+        grad_pred = (grad_loss / size_batch * shared_0).sum_to_size(pred.shape)
     if needs_input_grad[1]:
-        grad_target = (-shared_0 / size_batch).sum_to_size(target.shape)
+        grad_target = (-grad_loss / size_batch * shared_0).sum_to_size(target.shape)
     return (grad_pred, grad_target)
 
 

@@ -36,11 +36,11 @@ def mse_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
     size_n = pred.shape[0]
     grad_pred = grad_target = None
     if needs_input_grad[0] or needs_input_grad[1]:
-        shared_0 = grad_loss * (pred - target)
+        shared_0 = pred - target
     if needs_input_grad[0]:
-        grad_pred = 2 * shared_0 / size_n
+        grad_pred = 2 * grad_loss / size_n * shared_0
     if needs_input_grad[1]:
-        grad_target = -2 * shared_0 / size_n
+        grad_target = -2 * grad_loss / size_n * shared_0
     return (grad_pred, grad_target)
 
 

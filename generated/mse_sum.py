@@ -35,11 +35,11 @@ def mse_sum_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
     """
     grad_pred = grad_target = None
     if needs_input_grad[0] or needs_input_grad[1]:
-        shared_0 = grad_loss * (pred - target)
+        shared_0 = pred - target
     if needs_input_grad[0]:
-        grad_pred = (2 * shared_0).sum_to_size(pred.shape)
+        grad_pred = (2 * grad_loss * shared_0).sum_to_size(pred.shape)
     if needs_input_grad[1]:
-        grad_target = (-2 * shared_0).sum_to_size(target.shape)
+        grad_target = (-2 * grad_loss * shared_0).sum_to_size(target.shape)
     return (grad_pred, grad_target)
 
 

@@ -37,9 +37,9 @@ def cross_entropy_probs_backward(grad_loss, logits, target, *, needs_input_grad=
     size_n = logits.shape[0]
     grad_logits = grad_target = None
     if needs_input_grad[0]:
-        grad_logits = grad_loss * ((torch.softmax(logits, dim=-1).unsqueeze(-1) * target.unsqueeze(1)).sum(dim=-1) - target) / size_n
+        grad_logits = grad_loss / size_n * ((torch.softmax(logits, dim=-1).unsqueeze(-1) * target.unsqueeze(1)).sum(dim=-1) - target)
     if needs_input_grad[1]:
-        grad_target = (torch.logsumexp(logits, dim=-1).unsqueeze(-1) - logits) * grad_loss / size_n
+        grad_target = grad_loss / size_n * (torch.logsumexp(logits, dim=-1).unsqueeze(-1) - logits)
     return (grad_logits, grad_target)
 
 

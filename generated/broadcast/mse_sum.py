@@ -39,7 +39,7 @@ def mse_sum_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
     if needs_input_grad[0]:
         grad_pred = (2 * grad_loss * shared_0).sum_to_size(pred.shape)
     if needs_input_grad[1]:
-        grad_target = (-2 * shared_0 * grad_loss).sum_to_size(target.shape)
+        grad_target = (-2 * grad_loss * shared_0).sum_to_size(target.shape)
     return (grad_pred, grad_target)
 
 
