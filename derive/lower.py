@@ -104,11 +104,24 @@ Node = Union[Leaf, Product, Reduce, MatMul, Einsum, Scatter, Scaled]
 
 
 @dataclass(frozen=True)
+class IndexedAdd:
+    """`coefficient * one_hot(index[row], c)`, added in place at one class per row of the rest of the
+    gradient (`index_put_` with accumulate), instead of building the one-hot tensor: an int64 tensor as
+    large as the gradient, and a full-size subtraction."""
+
+    coefficient: sympy.Expr    # index-free, the gradient's scale included: a 0-d tensor such as -grad_loss / size_n
+    index: str                 # the integer input holding one class per row
+    row: str                   # its one dim
+
+
+@dataclass(frozen=True)
 class LoweredExpr:
-    """One ExprPlan in one style: a node per term, summed, then shaped like the target."""
+    """One ExprPlan in one style: a node per term, summed, scaled, plus `indexed` when one term is a
+    one-hot added in place; then shaped like the target."""
 
     plan: ExprPlan
     terms: tuple[Node, ...]
+    indexed: IndexedAdd | None = None
 
 
 @dataclass(frozen=True)
@@ -137,7 +150,9 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
 
     def lower_expr(expr_plan: ExprPlan) -> LoweredExpr:
         terms = [term(t, expr_plan.indices, expr_plan.like) for t in expr_plan.terms]
-        return LoweredExpr(expr_plan, tuple(terms if style == "broadcast" else _merge_elementwise(terms)))
+        if style == "broadcast":
+            return LoweredExpr(expr_plan, tuple(terms))
+        return _indexed_add(expr_plan, _merge_elementwise(terms))
 
     gradients, shared = _share_common(op_plan, [lower_expr(g) for g in op_plan.gradients])
     (forward,), forward_shared = _share_common(op_plan, [lower_expr(op_plan.forward)])
@@ -199,7 +214,7 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr]):
     for name, value in reversed(values):
         for used in _shared_names(value.expr, users):
             users[used] |= users[name]
-    gradients = [LoweredExpr(g.plan, tuple(_replace_leaves(t, rewritten) for t in g.terms)) for g in gradients]
+    gradients = [replace(g, terms=tuple(_replace_leaves(t, rewritten) for t in g.terms)) for g in gradients]
     shared = tuple(Shared(name, value, tuple(sorted(users[name]))) for name, value in values)
     return tuple(gradients), shared
 
@@ -257,6 +272,28 @@ def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None)
         return _finish(scatter, (), term)
     node, summed = _contract(nodes, list(term.summed), target)
     return _finish(node, tuple(summed), term)
+
+
+def _indexed_add(plan: ExprPlan, terms: list[Node]) -> LoweredExpr:
+    """Take out a term `c * one_hot(index[n], c)` of a gradient shaped (n, c) as an IndexedAdd, when
+    the other terms cover every dim (so their scaled sum is a fresh tensor, safe to write into) and
+    the scale holds a 0-d tensor (index_put_ takes its value as a tensor): cross-entropy's
+    grad_loss / size_n * (softmax(logits) - one_hot(target)) subtracts grad_loss / size_n at each
+    row's target instead of materializing the one-hot."""
+    for position, node in enumerate(terms):
+        coefficient, leaf = (node.coefficient, node.source) if isinstance(node, Scaled) else (sympy.S.One, node)
+        if not (isinstance(leaf, Leaf) and isinstance(leaf.expr, one_hot)):
+            continue
+        value, klass = leaf.expr.args
+        rows = tuple(i.name for i in value.indices)
+        rest = terms[:position] + terms[position + 1:]
+        covered = {i for t in rest for i in t.indices}
+        if len(rows) == 1 and BATCH not in rows and plan.indices == rows + (klass.name,) \
+                and covered == set(plan.indices) and not plan.unbroadcast \
+                and any(naming.is_zero_dim_tensor(s) for s in plan.scale.free_symbols):
+            indexed = IndexedAdd(coefficient * plan.scale, value.base.label.name, rows[0])
+            return LoweredExpr(plan, tuple(rest), indexed)
+    return LoweredExpr(plan, tuple(terms))
 
 
 def _merge_elementwise(terms: list[Node]) -> list[Node]:
@@ -383,6 +420,8 @@ def backward_reads(lowered: LoweredOp) -> set[str]:
         if expr.plan.unbroadcast or covered != set(expr.plan.indices):
             names.add(expr.plan.like)      # sum_to_size / expand_as / zeros_like
         names |= {s.name for s in expr.plan.scale.free_symbols}
+        if expr.indexed is not None:
+            names.add(expr.indexed.index)
         for term in expr.terms:
             for node in walk(term):
                 if isinstance(node, Leaf):

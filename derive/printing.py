@@ -420,10 +420,17 @@ def render_expr(lowered: LoweredExpr) -> str:
     if len(terms) == 1 and isinstance(terms[0], Scaled) and plan.scale != 1:
         # one scaled term: its coefficient joins the common scale, so the tensor is scaled once
         source = render(terms[0].source)
-        text, parts = _scale(plan.scale * terms[0].coefficient, source), [source]
+        text, parts, atomic = _scale(plan.scale * terms[0].coefficient, source), [source], False
     elif plan.scale != 1:
         text = _scale(plan.scale, Code(text, plan.indices, ADD if len(parts) > 1 else parts[0].precedence))
         atomic = False
+    if lowered.indexed is not None:
+        # the scaled sum is a fresh tensor: add the one-hot term at one class per row, in place
+        indexed = lowered.indexed
+        rows = f"torch.arange({size_symbol(indexed.row).name}, device={indexed.index}.device)"
+        value = TorchCodePrinter(()).doprint(indexed.coefficient)
+        text = (text if atomic else f"({text})") + f".index_put_(({rows}, {indexed.index}), {value}, accumulate=True)"
+        atomic = True
     covered = set().union(*(p.indices for p in parts))
     if covered != set(plan.indices):
         text = (text if atomic else f"({text})") + f".expand_as({plan.like})"
@@ -448,7 +455,8 @@ def size_bindings(op: OpSpec, exprs: list[LoweredExpr],
 
 
 def _batch_size(sources: list[tuple[str, tuple[str, ...]]], grad_output: str) -> str:
-    """The number of batch positions: one tensor's, or that of the batch shape several broadcast to."""
+    """The number of batch positions: one tensor's, or that of the batch shape several broadcast to
+    (read off the first when the shapes agree: torch.broadcast_shapes costs microseconds of Python)."""
     batched = [(name, dims) for name, dims in sources if BATCH in dims]
     if len(batched) == 1 or batched[0][0] == grad_output:
         return _shape_of(*batched[0], BATCH)
@@ -456,7 +464,8 @@ def _batch_size(sources: list[tuple[str, tuple[str, ...]]], grad_output: str) ->
     for name, dims in batched:
         named = len(dims) - 1
         shapes.append(f"{name}.shape[:-{named}]" if named else f"{name}.shape")
-    return f"torch.broadcast_shapes({', '.join(shapes)}).numel()"
+    one = _shape_of(*batched[0], BATCH)
+    return f"{one} if {' == '.join(shapes)} else torch.broadcast_shapes({', '.join(shapes)}).numel()"
 
 
 def size_source(index: str, sources: list[tuple[str, tuple[str, ...]]]) -> tuple[str, tuple[str, ...]]:
@@ -467,6 +476,7 @@ def size_source(index: str, sources: list[tuple[str, tuple[str, ...]]]) -> tuple
 def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = ()) -> list[str]:
     """The declared indices whose sizes the code of `exprs` (and of shared values) mentions."""
     used = set().union(*(expr.plan.scale.free_symbols for expr in exprs))
+    used |= {size_symbol(expr.indexed.row) for expr in exprs if expr.indexed is not None}
     roots = [term for expr in exprs for term in expr.terms] + list(shared)
     for root in roots:
         for node in walk(root):

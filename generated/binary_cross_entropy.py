@@ -12,7 +12,7 @@ import torch
 
 def binary_cross_entropy_forward(pred, target):
     """binary_cross_entropy forward: loss = mean(-(target[...] * log(pred[...]) + (1 - target[...]) * log(1 - pred[...])), ...)"""
-    size_batch = torch.broadcast_shapes(pred.shape, target.shape).numel()
+    size_batch = pred.numel() if pred.shape == target.shape else torch.broadcast_shapes(pred.shape, target.shape).numel()
     return (-((1 - target) * torch.log1p(-pred)).sum() - (torch.log(pred) * target).sum()) / size_batch
 
 
@@ -34,7 +34,7 @@ def binary_cross_entropy_backward(grad_loss, pred, target, *, needs_input_grad=(
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
-    size_batch = torch.broadcast_shapes(pred.shape, target.shape).numel()
+    size_batch = pred.numel() if pred.shape == target.shape else torch.broadcast_shapes(pred.shape, target.shape).numel()
     grad_pred = grad_target = None
     if needs_input_grad[0]:
         grad_pred = (-grad_loss / size_batch * (pred - target) / (pred - 1) / pred).sum_to_size(pred.shape)

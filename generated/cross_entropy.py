@@ -30,11 +30,10 @@ def cross_entropy_backward(grad_loss, logits, target, *, needs_input_grad=(True,
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
-    size_c = logits.shape[1]
     size_n = logits.shape[0]
     grad_logits = None
     if needs_input_grad[0]:
-        grad_logits = grad_loss / size_n * (torch.softmax(logits, dim=-1) - torch.nn.functional.one_hot(target, size_c))
+        grad_logits = (grad_loss / size_n * torch.softmax(logits, dim=-1)).index_put_((torch.arange(size_n, device=target.device), target), -grad_loss / size_n, accumulate=True)
     return (grad_logits, None)
 
 

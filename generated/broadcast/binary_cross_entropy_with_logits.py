@@ -12,7 +12,7 @@ import torch
 
 def binary_cross_entropy_with_logits_forward(logits, target):
     """binary_cross_entropy_with_logits forward: loss = mean(log(1 + exp(logits[...])) - logits[...] * target[...], ...)"""
-    size_batch = torch.broadcast_shapes(logits.shape, target.shape).numel()
+    size_batch = logits.numel() if logits.shape == target.shape else torch.broadcast_shapes(logits.shape, target.shape).numel()
     return (torch.nn.functional.softplus(logits).sum() - (logits * target).sum()) / size_batch
 
 
@@ -34,7 +34,7 @@ def binary_cross_entropy_with_logits_backward(grad_loss, logits, target, *, need
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
-    size_batch = torch.broadcast_shapes(logits.shape, target.shape).numel()
+    size_batch = logits.numel() if logits.shape == target.shape else torch.broadcast_shapes(logits.shape, target.shape).numel()
     grad_logits = grad_target = None
     if needs_input_grad[0]:
         grad_logits = (grad_loss / size_batch * (torch.sigmoid(logits) - target)).sum_to_size(logits.shape)

@@ -33,7 +33,7 @@ def l1_loss_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
-    size_batch = torch.broadcast_shapes(pred.shape, target.shape).numel()
+    size_batch = pred.numel() if pred.shape == target.shape else torch.broadcast_shapes(pred.shape, target.shape).numel()
     grad_pred = grad_target = None
     if needs_input_grad[0] or needs_input_grad[1]:
         shared_0 = torch.sign(pred - target)
