@@ -97,6 +97,38 @@ class softmax(_OverIndex):  # noqa: N801
         return self * (self.body.diff(symbol) - rest)
 
 
+class log_softmax(_OverIndex):  # noqa: N801
+    """body - logsumexp(body, index), at the position `index` (which stays free): one fused kernel in
+    PyTorch where the difference would be a logsumexp (four kernels) and a subtraction."""
+
+    def _eval_derivative(self, symbol):
+        other = _fresh(self.index, self, symbol)
+        moved = self.body.xreplace({self.index: other})
+        return self.body.diff(symbol) - sympy.Sum(softmax(moved, other) * moved.diff(symbol),
+                                                  (other, 0, other.upper))
+
+
+def fuse_log_softmax(expr: sympy.Expr) -> sympy.Expr:
+    """Every `a * (x[c] - logsumexp(x[c'], c'))` inside `expr` (the two summands of one sum, any
+    signs and index names) becomes `a * log_softmax(x[c], c)`."""
+    def fused(add):
+        for lse in add.args:
+            sign, core = lse.as_coeff_Mul()
+            if not (isinstance(core, logsumexp) and sign in (1, -1)):
+                continue
+            for other in add.args:
+                other_sign, body = other.as_coeff_Mul()
+                if other_sign != -sign:
+                    continue
+                for position in body.atoms(sympy.Idx):
+                    if position.upper == core.index.upper and core.body.xreplace({core.index: position}) == body:
+                        rest = [a for a in add.args if a is not lse and a is not other]
+                        return sympy.Add(other_sign * log_softmax(body, position), *rest)
+        return add
+
+    return expr.replace(lambda e: isinstance(e, sympy.Add), fused)
+
+
 class one_hot(sympy.Function):  # noqa: N801
     """1 where the integer tensor value `target` equals the index `position`, else 0 (a Kronecker delta)."""
 
@@ -156,7 +188,7 @@ def fuse_softmax_vjp(terms):
 
 
 BINDING = (sympy.Sum, logsumexp)       # constructs that bind an index
-STABLE_FUNCTIONS = (sigmoid, softplus, logsumexp, softmax, log1p)
+STABLE_FUNCTIONS = (sigmoid, softplus, logsumexp, softmax, log_softmax, log1p)
 
 
 def bound_indices(expr) -> set[str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import sympy
 
 from .derivation import Derivation, Term, tensor_symbols
-from .functions import bound_indices, canonical, fuse_softmax_vjp
+from .functions import bound_indices, canonical, fuse_log_softmax, fuse_softmax_vjp
 from .model import OpSpec
 from .naming import BATCH
 from .spec import size_symbol
@@ -75,10 +75,22 @@ def plan(derivation: Derivation, fuse: bool = True) -> OpPlan:
     order = op.index_order
     forward = _plan_expr(op, derivation.forward_terms, op.output, None, op.output_indices, order, stand_in=None)
     gradients = tuple(
-        _plan_expr(op, fuse_softmax_vjp(list(g.terms)) if fuse else g.terms, f"grad_{g.input}", g.input,
+        _plan_expr(op, _fused(g.terms) if fuse else g.terms, f"grad_{g.input}", g.input,
                    g.indices, order, stand_in=g.input)
         for g in derivation.gradients)
     return OpPlan(derivation=derivation, forward=forward, gradients=gradients)
+
+
+def _fused(terms):
+    """A softmax or log-softmax VJP spelled out in two terms becomes one fused kernel, and
+    x - logsumexp(x) inside a factor becomes log_softmax(x)."""
+    fused = []
+    for term in fuse_softmax_vjp(list(terms)):
+        # a sign the rewrite leaves in front of a factor joins the coefficient: no full-size negation
+        split = [fuse_log_softmax(f).as_coeff_Mul() for f in term.factors]
+        fused.append(replace(term, coefficient=term.coefficient * sympy.Mul(*[sign for sign, _ in split]),
+                             factors=tuple(factor for _, factor in split)))
+    return fused
 
 
 def _plan_expr(op, terms, target, like, indices, order, stand_in) -> ExprPlan:

@@ -158,11 +158,14 @@ class TorchCodePrinter(TorchPrinter):
         keep = tuple(i for i in self._own_layout(expr.body) if i not in bound)
         return self._reduced(expr.body, bound, "torch.logsumexp", keep)
 
-    def _print_softmax(self, expr):
+    def _print_softmax(self, expr, function: str = "torch.softmax"):
         layout = self._own_layout(expr.body)
         inner = self._sub(expr.body, layout)
         dim = _dim(layout.index(expr.index.name), len(layout), BATCH in layout)
-        return align(Code(f"torch.softmax({inner.text}, dim={dim})", layout), self.layout).text
+        return align(Code(f"{function}({inner.text}, dim={dim})", layout), self.layout).text
+
+    def _print_log_softmax(self, expr):
+        return self._print_softmax(expr, "torch.log_softmax")
 
     def _fused_vjp(self, expr, kernel: str) -> str:
         grad, saved, index = expr.args

@@ -39,7 +39,7 @@ def cross_entropy_probs_backward(grad_loss, logits, target, *, needs_input_grad=
     if needs_input_grad[0]:
         grad_logits = grad_loss / size_n * (torch.softmax(logits, dim=-1) * target.sum(-1).unsqueeze(-1) - target)
     if needs_input_grad[1]:
-        grad_target = grad_loss / size_n * (torch.logsumexp(logits, dim=-1).unsqueeze(-1) - logits)
+        grad_target = -grad_loss / size_n * torch.log_softmax(logits, dim=-1)
     return (grad_logits, grad_target)
 
 
