@@ -270,6 +270,17 @@ def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None)
     scatter = _scatter(nodes, set(term.summed), target, like)
     if scatter is not None:
         return _finish(scatter, (), term)
+    # Factors constant along every summed index multiply the sum, not each of its summands:
+    # sum(g[d] * r, d) is r * g.sum(d), one small product instead of a full-size one.
+    outside = [n for n in nodes if term.summed and not set(n.indices) & set(term.summed)]
+    inside = [n for n in nodes if not any(n is o for o in outside)]
+    if outside and inside:
+        node, summed = _contract(inside, list(term.summed), target)
+        node, coefficient = _reduce(node, tuple(summed), term)
+        factors = sorted([*outside, node], key=lambda n: len(n.indices))   # small operands meet first
+        result = tuple(i for i in target if any(i in n.indices for n in factors))
+        product = Product(tuple(factors), result)
+        return product if coefficient == 1 else Scaled(coefficient, product)
     node, summed = _contract(nodes, list(term.summed), target)
     return _finish(node, tuple(summed), term)
 
@@ -399,6 +410,12 @@ def _pair(a: Node, b: Node, summed: set[str], result: tuple[str, ...]) -> Node:
 
 def _finish(node: Node, summed: tuple[str, ...], term: TermPlan) -> Node:
     """Reduce over `summed` (as a mean when the coefficient divides by their sizes), then scale."""
+    node, coefficient = _reduce(node, summed, term)
+    return node if coefficient == 1 else Scaled(coefficient, node)
+
+
+def _reduce(node: Node, summed: tuple[str, ...], term: TermPlan) -> tuple[Node, sympy.Expr]:
+    """`node` reduced over `summed`, and the part of the term's coefficient a mean did not absorb."""
     coefficient = term.coefficient
     if summed:
         sizes = dict(term.sizes)
@@ -408,7 +425,7 @@ def _finish(node: Node, summed: tuple[str, ...], term: TermPlan) -> Node:
         if mean:
             coefficient = ratio
         node = Reduce(node, summed, mean)
-    return node if coefficient == 1 else Scaled(coefficient, node)
+    return node, coefficient
 
 
 def backward_reads(lowered: LoweredOp) -> set[str]:

@@ -271,10 +271,20 @@ class TorchCodePrinter(TorchPrinter):
                           + [self.parenthesize(f, MUL) for f in groups[(False, False)]])
         for divisor in ([bottom] if bottom != 1 else []) + groups[(False, True)]:
             text = (text or "1") + " / " + self.parenthesize(divisor, MUL + 1)
-        for factor in groups[(True, False)]:
-            text = (text + " * " if text else "") + self.parenthesize(factor, MUL)
-        for divisor in groups[(True, True)]:
-            text = (text or "1") + " / " + self.parenthesize(divisor, MUL + 1)
+        tensors = [(factor, False) for factor in groups[(True, False)]] \
+            + [(divisor, True) for divisor in groups[(True, True)]]
+        ranks = [len(free_indices(f)) if self._is_tensor(f) else None for f, _ in tensors]
+        largest = max((r for r in ranks if r is not None), default=0)
+        if sum(r is not None and r < largest for r in ranks) >= 2:
+            # per-row factors meet each other before the full-size tensor, so it is scaled once
+            # (plain numbers and sizes stay last: a size may be 0, so it divides a tensor)
+            order = sorted(range(len(tensors)), key=lambda k: (ranks[k] is None, ranks[k] or 0, tensors[k][1]))
+            tensors = [tensors[k] for k in order]
+        for factor, below in tensors:
+            if below:
+                text = (text or "1") + " / " + self.parenthesize(factor, MUL + 1)
+            else:
+                text = (text + " * " if text else "") + self.parenthesize(factor, MUL)
         return sign + text
 
     def _is_tensor(self, expr) -> bool:

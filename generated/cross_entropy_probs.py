@@ -37,7 +37,7 @@ def cross_entropy_probs_backward(grad_loss, logits, target, *, needs_input_grad=
     size_n = logits.shape[0]
     grad_logits = grad_target = None
     if needs_input_grad[0]:
-        grad_logits = grad_loss / size_n * (torch.softmax(logits, dim=-1) * target.sum(-1).unsqueeze(-1) - target)
+        grad_logits = grad_loss / size_n * (target.sum(-1).unsqueeze(-1) * torch.softmax(logits, dim=-1) - target)
     if needs_input_grad[1]:
         grad_target = -grad_loss / size_n * torch.log_softmax(logits, dim=-1)
     return (grad_logits, grad_target)

@@ -14,7 +14,7 @@ def layer_norm_forward(x, w, b, eps=1e-05):
     """layer_norm forward: y[..., d] = (x[..., d] - mean(x[..., d], d)) / sqrt(mean((x[..., d] - mean(x[..., d], d))**2, d) + eps) * w[d] + b[d]"""
     size_d = x.shape[-1]
     shared_0 = -x.sum(-1) / size_d
-    return torch.rsqrt(eps + ((shared_0.unsqueeze(-1) + x)**2).sum(-1).unsqueeze(-1) / size_d) * (shared_0.unsqueeze(-1) + x) * w + b
+    return torch.rsqrt(eps + ((shared_0.unsqueeze(-1) + x)**2).sum(-1).unsqueeze(-1) / size_d) * w * (shared_0.unsqueeze(-1) + x) + b
 
 
 def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, True, True)):
@@ -49,7 +49,7 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
         shared_5 = grad_y * shared_4.unsqueeze(-1)
     if needs_input_grad[0]:
         shared_1 = grad_y * w
-        grad_x = shared_5 * w - (shared_1 * shared_4.unsqueeze(-1)).mean(-1).unsqueeze(-1) - shared_2 / shared_3.unsqueeze(-1)**(3/2) * (shared_1 * shared_2).sum(-1).unsqueeze(-1) / size_d
+        grad_x = shared_5 * w - (shared_4 * shared_1.mean(-1)).unsqueeze(-1) - (shared_3**(-3/2)).unsqueeze(-1) * (shared_1 * shared_2).mean(-1).unsqueeze(-1) * shared_2
     if needs_input_grad[1]:
         grad_w = (shared_2 * shared_5).sum_to_size((size_d,))
     if needs_input_grad[2]:
