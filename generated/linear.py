@@ -38,12 +38,12 @@ def linear_backward(grad_y, x, w, b, *, needs_input_grad=(True, True, True)):
     computed and comes back as None.
     """
     grad_x = grad_w = grad_b = None
+    if needs_input_grad[2]:
+        grad_b = grad_y.sum(0)
     if needs_input_grad[0]:
         grad_x = grad_y @ w.T
     if needs_input_grad[1]:
         grad_w = x.T @ grad_y
-    if needs_input_grad[2]:
-        grad_b = grad_y.sum(0)
     return (grad_x, grad_w, grad_b)
 
 

@@ -39,12 +39,12 @@ def linear_batched_backward(grad_y, x, w, b, *, needs_input_grad=(True, True, Tr
     """
     size_m = grad_y.shape[-1]
     grad_x = grad_w = grad_b = None
+    if needs_input_grad[2]:
+        grad_b = grad_y.sum_to_size((size_m,))
     if needs_input_grad[0]:
         grad_x = grad_y @ w
     if needs_input_grad[1]:
         grad_w = torch.einsum("...k,...m->mk", x, grad_y)
-    if needs_input_grad[2]:
-        grad_b = grad_y.sum_to_size((size_m,))
     return (grad_x, grad_w, grad_b)
 
 

@@ -170,3 +170,70 @@ def test_constant_function_values_are_printed_as_numbers(tmp_path):
         reference = "torch.exp(torch.clamp_min(s, 2.1269280110429727))"
     ''')
     check_gradients(op, module)
+
+
+LOSSES = [op.name for op in CATALOG.ops if not op.output_indices]
+
+
+@pytest.mark.parametrize("op_name", LOSSES)
+def test_loss_gradients_scale_by_grad_loss_before_touching_a_tensor(op_name):
+    """`2 * grad_loss / size_n * t`: the scalars make one 0-d tensor, which scales the full tensor once."""
+    import re
+    for target, line in code_lines(op_name, "contraction").items():
+        assert re.match(r"\(?-?(\d+ \* )?grad_loss( / size_\w+)? \* ", line), (target, line)
+
+
+def test_shared_values_leave_the_upstream_scalar_out():
+    lowered = build_op(CATALOG.op("mse")).lowered["contraction"]
+    assert [str(s.value.expr) for s in lowered.shared] == ["pred[n] - target[n]"]
+
+
+def test_cross_entropy_adds_its_one_hot_in_place():
+    line = code_lines("cross_entropy", "contraction")["grad_logits"]
+    assert "one_hot" not in line and ".index_put_((torch.arange(size_n, device=target.device), target)" in line
+    assert "one_hot" in code_lines("cross_entropy", "broadcast")["grad_logits"]
+
+
+def test_one_hot_without_a_scalar_scale_stays_out_of_place(tmp_path):
+    """A per-row loss has no 0-d factor to make its rest a fresh tensor: no in-place write, same values."""
+    op, module = spec_module(tmp_path, '''
+        [ops.nll_rows]
+        inputs = ["logits[n, c]", "target[n]"]
+        integer = ["target"]
+        equation = "loss[n] = logsumexp(logits[n, c], c) - logits[n, target[n]]"
+        reference = "torch.nn.functional.cross_entropy(logits, target, reduction='none')"
+    ''')
+    import inspect
+    source = inspect.getsource(getattr(module, "nll_rows_backward"))
+    assert "index_put_" not in source and "one_hot" in source
+    gradcheck_op(op, module)
+    check_gradients(op, module)
+
+
+def test_x_minus_logsumexp_becomes_log_softmax():
+    line = code_lines("cross_entropy_probs", "contraction")["grad_target"]
+    assert line == "-grad_loss / size_n * torch.log_softmax(logits, dim=-1)"
+    assert "logsumexp" in code_lines("cross_entropy_probs", "broadcast")["grad_target"]
+
+
+def test_a_factor_constant_along_a_sum_multiplies_the_reduced_value(tmp_path):
+    op, module = spec_module(tmp_path, '''
+        [ops.scaled_dot]
+        inputs = ["r[n]", "a[n, d]", "b[n, d]"]
+        equation = "y[n] = sum(r[n] * a[n, d] * b[n, d], d)"
+        reference = "r * (a * b).sum(-1)"
+    ''')
+    forward = render_expr(build_op(op).lowered["contraction"].forward)
+    assert forward == "r * (a * b).sum(-1)"
+    check_gradients(op, module)
+
+
+def test_rational_terms_share_one_denominator():
+    line = code_lines("binary_cross_entropy", "contraction")["grad_pred"]
+    assert line.count(" / ") == 3 and "(pred - target)" in line, line   # / size, / (pred - 1), / pred
+
+
+def test_gradients_without_a_matrix_product_are_computed_first():
+    source = (load_module_for("linear").__file__)
+    code = open(source).read().split("def linear_backward", 1)[1]
+    assert code.index("        grad_b = ") < code.index("        grad_x = ") < code.index("        grad_w = ")
