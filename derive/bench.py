@@ -9,8 +9,9 @@ Contract:
   `m`); sizes with other names share the rest of an n * k * m budget that bounds
   every tensor either style builds (`op_sizes`).
   Inputs are float32, as in the article.
-- Contenders. "generated": only the `<op>_backward` call (given the forward's result,
-  computed beforehand, when it reuses it; for the network, the chain of generated
+- Contenders. "generated": only the `<op>_backward` call (given the forward's result
+  when it reuses it, and the values `<op>_forward_saving` hands over, as autograd's
+  graph holds what its forward saved: both computed beforehand; for the network, the chain of generated
   backward calls, with the forward intermediates computed beforehand).
   "autograd": `torch.autograd.grad(out, leaves, grad_out, retain_graph=True)` on a
   graph built once per case from the op's torch reference (for the network, from
@@ -55,7 +56,7 @@ from .build import STYLE_DIRS, render_catalog
 from .derivation import Derivation, derive
 from .model import OpSpec
 from .spec import load_catalog
-from .testing import load_module, make_inputs, reference
+from .testing import backward_arguments, load_module, make_inputs, reference
 
 SIZE_PRESETS = {
     "quick": {"n": 16, "k": 12, "m": 8},
@@ -168,8 +169,7 @@ def op_case(op: OpSpec, module, preset: dict[str, int]) -> Case:
     output = reference(op)(*leaves)
     grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
     backward = getattr(module, naming.backward(op.name))
-    forward = getattr(module, naming.forward(op.name))
-    arguments = (*inputs, forward(*inputs)) if derivation.uses_output else inputs
+    arguments = backward_arguments(op, module, inputs)    # the forward's result and saved values, beforehand
 
     def generated():
         return [g for g in backward(grad_output, *arguments, needs_input_grad=flags) if g is not None]

@@ -13,7 +13,7 @@ import jinja2
 
 from . import naming
 from .derivation import Derivation
-from .lower import Einsum, LoweredExpr, LoweredOp, MatMul, backward_reads, walk
+from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, backward_reads, walk
 from .printing import index_notation, render, render_expr, size_bindings, size_source, sizes_used
 
 
@@ -85,8 +85,12 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
         sorted(inputs, key=lambda source: source[0] not in reads)
     shared_leaves = tuple(s.value for s in lowered.shared)
     reads |= {size_source(i, sources)[0] for i in sizes_used(op, list(lowered.gradients), shared_leaves)}
-    saved = [t.name for t in op.inputs if t.name in reads] + ([op.output] if derivation.uses_output else [])
+    values = [v.name for v in lowered.plan.saved]      # computed by the forward, read by the backward
     tensor_args = [t.name for t in op.inputs]
+    # An op with saved values keeps every input too: a double backward computes the values again
+    # from them, so that the graph sees through them.
+    kept = tensor_args if values else [t.name for t in op.inputs if t.name in reads]
+    saved = kept + ([op.output] if derivation.uses_output else []) + values
     function = dict(
         cls=naming.function_class(op.name),
         custom_op=naming.custom_op(op.name),
@@ -95,13 +99,14 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
         forward_args=", ".join(tensor_args + [p.name for p in op.params]),
         typed_args=", ".join([f"{t}: torch.Tensor" for t in tensor_args]
                              + [f"{p.name}: float = {p.default!r}" for p in op.params]),
-        unpack_inputs=_unpack([t if t in reads else "_" for t in tensor_args] + [p.name for p in op.params]),
+        unpack_inputs=_unpack([t if t in saved else "_" for t in tensor_args] + [p.name for p in op.params]),
+        unpack_values=_unpack(["_"] + values) if values else "",
         saved=", ".join("output" if name == op.output else name for name in saved),
         saved_names=", ".join(saved),
         unpack_saved=_unpack(saved) if saved else "",
         params=[p.name for p in op.params],
         backward_call=", ".join([derivation.grad_output] + [t if t in saved else "None" for t in tensor_args]
-                                + ([op.output] if derivation.uses_output else [])
+                                + ([op.output] if derivation.uses_output else []) + values
                                 + [f"ctx.{p.name}" for p in op.params]),
         inputs_count=len(op.inputs),
     )
@@ -114,12 +119,15 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
         equation=docstring_safe(op.equation),
         signature=", ".join([t.name for t in op.inputs] + params),
         backward_signature=", ".join([derivation.grad_output] + [t.name for t in op.inputs]
-                                     + ([op.output] if derivation.uses_output else []) + params),
+                                     + ([op.output] if derivation.uses_output else []) + values + params),
         input_list=", ".join(t.name for t in op.inputs),
         needs_default=_tuple(["True"] * len(op.inputs)),
         output_access=output_access,
         uses_output=derivation.uses_output,
         function=function,
+        saving=dict(name=naming.forward_saving(op.name), names=values, returns=", ".join([op.output] + values),
+                    lines=[(v.name, render(Leaf(v.expr, v.indices)).text, index_notation(v.expr))
+                            for v in lowered.plan.saved]) if values else None,
         forward=dict(name=naming.forward(op.name), code=forward_code,
                      sizes=size_bindings(op, [lowered.forward], shared=tuple(s.value for s in lowered.forward_shared)),
                      shared=[(s.name, render(s.value).text) for s in lowered.forward_shared]),

@@ -24,6 +24,7 @@ def size(index: str) -> str:
 
 
 SHARED_PREFIX = "shared_"   # values the backward computes once for several gradients: shared_0, shared_1, ...
+SAVED_PREFIX = "saved_"     # values the forward computes and hands to the backward: saved_log_softmax
 
 
 def is_zero_dim_tensor(expr) -> bool:
@@ -38,6 +39,11 @@ def forward(op: str) -> str:
 
 def backward(op: str) -> str:
     return f"{op}_backward"
+
+
+def forward_saving(op: str) -> str:
+    """The forward that also returns the values its backward reuses (ops that save any)."""
+    return f"{op}_forward_saving"
 
 
 def function_class(op: str) -> str:
@@ -60,7 +66,8 @@ def module_file(op: str) -> str:
 
 
 def is_generated_name(name: str) -> bool:
-    return name.startswith(("grad_", "size_", SHARED_PREFIX)) or name.endswith(("_forward", "_backward"))
+    return name.startswith(("grad_", "size_", SHARED_PREFIX, SAVED_PREFIX)) \
+        or name.endswith(("_forward", "_backward", "_forward_saving"))
 
 
 def name_problem(name: str) -> str | None:
@@ -74,5 +81,5 @@ def name_problem(name: str) -> str | None:
     if name in RESERVED:
         return f"'{name}' shadows a Python or torch name used in generated code"
     if is_generated_name(name):
-        return f"'{name}' collides with generated names (grad_*, size_*, shared_*, *_forward, *_backward)"
+        return f"'{name}' collides with generated names (grad_*, size_*, shared_*, saved_*, *_forward, *_backward)"
     return None

@@ -18,6 +18,7 @@ from .derivation import Derivation, Term, tensor_symbols
 from .functions import bound_indices, canonical, fuse_log_softmax, fuse_softmax_vjp
 from .model import OpSpec
 from .naming import BATCH
+from .saving import SavedValue, save_forward_values
 from .spec import size_symbol
 
 
@@ -62,6 +63,7 @@ class OpPlan:
     derivation: Derivation
     forward: ExprPlan
     gradients: tuple[ExprPlan, ...]   # one per differentiable input, in input order
+    saved: tuple[SavedValue, ...] = ()   # forward values the backward reads (contraction style)
 
     @property
     def op(self) -> OpSpec:
@@ -73,12 +75,15 @@ def plan(derivation: Derivation, fuse: bool = True) -> OpPlan:
     (the contraction style wants them, the broadcast style keeps the formula visible)."""
     op = derivation.op
     order = op.index_order
-    forward = _plan_expr(op, derivation.forward_terms, op.output, None, op.output_indices, order, stand_in=None)
+    forward_terms, gradient_terms, saved = list(derivation.forward_terms), [g.terms for g in derivation.gradients], ()
+    if fuse:
+        saved, forward_terms, gradient_terms = save_forward_values(forward_terms, [list(t) for t in gradient_terms])
+        gradient_terms = [_fused(terms) for terms in gradient_terms]
+    forward = _plan_expr(op, forward_terms, op.output, None, op.output_indices, order, stand_in=None)
     gradients = tuple(
-        _plan_expr(op, _fused(g.terms) if fuse else g.terms, f"grad_{g.input}", g.input,
-                   g.indices, order, stand_in=g.input)
-        for g in derivation.gradients)
-    return OpPlan(derivation=derivation, forward=forward, gradients=gradients)
+        _plan_expr(op, terms, f"grad_{g.input}", g.input, g.indices, order, stand_in=g.input)
+        for g, terms in zip(derivation.gradients, gradient_terms))
+    return OpPlan(derivation=derivation, forward=forward, gradients=gradients, saved=saved)
 
 
 def _fused(terms):

@@ -16,7 +16,7 @@ from sympy.printing.pytorch import TorchPrinter
 from .plan import free_indices
 from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, walk
 from .model import OpSpec
-from .functions import one_hot
+from .functions import log_softmax_backward, one_hot, softmax_backward
 from . import naming
 from .naming import BATCH, grad
 from .spec import size_symbol
@@ -167,19 +167,32 @@ class TorchCodePrinter(TorchPrinter):
     def _print_log_softmax(self, expr):
         return self._print_softmax(expr, "torch.log_softmax")
 
-    def _fused_vjp(self, expr, kernel: str) -> str:
+    def fused_vjp(self, expr, factor: sympy.Expr = sympy.S.One) -> str:
+        """`factor * kernel(g, y)` as `kernel(factor * g, y)`: the kernels are linear in g, so an
+        index-free factor (grad_loss / size_n) scales g on its way in, not the result after.
+        A scaled one-hot g is built as zeros with one value per row (autograd's nll_loss does the same)."""
+        kernel = FUSED_KERNELS[type(expr)]
         grad, saved, index = expr.args
         layout = self._own_layout(grad)
         dim = _dim(layout.index(index.name), len(layout), BATCH in layout)
-        inner = [TorchCodePrinter(layout, self.tensors)._print(a) for a in (grad, saved)]
-        code = Code(f"{kernel}({inner[0]}, {inner[1]}, {dim}, {saved.base.label.name}.dtype)", layout)
+        scaled = factor * grad
+        indexed = one_hot_value(scaled)
+        if indexed is not None:
+            value, rows, target = indexed
+            arange = f"torch.arange({self._print(rows.upper + 1)}, device={target}.device)"
+            grad_text = f"torch.zeros_like({saved.base.label.name}).index_put_(({arange}, {target}), " \
+                        f"{TorchCodePrinter(())._print(value)})"
+        else:
+            grad_text = TorchCodePrinter(layout, self.tensors)._print(scaled)
+        saved_text = TorchCodePrinter(layout, self.tensors)._print(saved)
+        code = Code(f"{kernel}({grad_text}, {saved_text}, {dim}, {saved.base.label.name}.dtype)", layout)
         return align(code, self.layout).text
 
     def _print_softmax_backward(self, expr):
-        return self._fused_vjp(expr, "torch._softmax_backward_data")
+        return self.fused_vjp(expr)
 
     def _print_log_softmax_backward(self, expr):
-        return self._fused_vjp(expr, "torch._log_softmax_backward_data")
+        return self.fused_vjp(expr)
 
     def _print_one_hot(self, expr):
         value, position = expr.args
@@ -313,6 +326,20 @@ class TorchCodePrinter(TorchPrinter):
         return text
 
 
+def one_hot_value(expr: sympy.Expr):
+    """(value, row index, index tensor name) when `expr` is a 0-d tensor times one_hot(t[n], c),
+    which is built as zeros with `value` at one class per row; else None."""
+    value, hot = expr.as_independent(one_hot, as_Add=False)
+    if isinstance(hot, one_hot) and len(hot.args[0].indices) == 1 \
+            and any(naming.is_zero_dim_tensor(s) for s in value.free_symbols):
+        return value, hot.args[0].indices[0], hot.args[0].base.label.name
+    return None
+
+
+FUSED_KERNELS = {softmax_backward: "torch._softmax_backward_data",
+                 log_softmax_backward: "torch._log_softmax_backward_data"}
+
+
 def print_leaf(expr: sympy.Expr, layout: tuple[str, ...]) -> Code:
     text = TorchCodePrinter(layout).doprint(expr)
     level = ATOM if isinstance(expr, (sympy.Indexed, sympy.Symbol, sympy.Function, sympy.Piecewise)) \
@@ -416,6 +443,14 @@ def _without_minus(node: Node) -> Node | None:
     return None
 
 
+def _fused_term(node: Node) -> tuple[sympy.Expr, Leaf] | None:
+    """(coefficient, leaf) when `node` is one fused VJP kernel, maybe scaled."""
+    coefficient, leaf = (node.coefficient, node.source) if isinstance(node, Scaled) else (sympy.S.One, node)
+    if isinstance(leaf, Leaf) and type(leaf.expr) in FUSED_KERNELS:
+        return coefficient, leaf
+    return None
+
+
 def render_expr(lowered: LoweredExpr) -> str:
     """The right-hand side that assigns one whole expression, shaped exactly like its target."""
     plan = lowered.plan
@@ -430,7 +465,14 @@ def render_expr(lowered: LoweredExpr) -> str:
         text += " - " if positive is not None else " + "
         text += align(render(positive if positive is not None else term), plan.indices).operand(ADD + 1)
     atomic = len(parts) == 1 and parts[0].precedence >= ATOM
-    if len(terms) == 1 and isinstance(terms[0], Scaled) and plan.scale != 1:
+    fused = _fused_term(terms[0]) if len(terms) == 1 else None
+    if fused is not None and (plan.scale != 1 or fused[0] != 1):
+        # a fused VJP kernel is linear in its gradient: the scale goes into it
+        coefficient, leaf = fused
+        text = TorchCodePrinter(leaf.indices).fused_vjp(leaf.expr, plan.scale * coefficient)
+        text = align(Code(text, leaf.indices), plan.indices).text
+        atomic = True
+    elif len(terms) == 1 and isinstance(terms[0], Scaled) and plan.scale != 1:
         # one scaled term: its coefficient joins the common scale, so the tensor is scaled once
         source = render(terms[0].source)
         text, parts, atomic = _scale(plan.scale * terms[0].coefficient, source), [source], False
@@ -491,10 +533,18 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
     used = set().union(*(expr.plan.scale.free_symbols for expr in exprs))
     used |= {size_symbol(expr.indexed.row) for expr in exprs if expr.indexed is not None}
     roots = [term for expr in exprs for term in expr.terms] + list(shared)
+    indexed_hots = set()       # one-hots a fused kernel builds row by row: they need the row count
+    for expr in exprs:
+        fused = _fused_term(expr.terms[0]) if len(expr.terms) == 1 else None
+        if fused is not None and one_hot_value(expr.plan.scale * fused[0] * fused[1].expr.args[0]) is not None:
+            (hot,) = fused[1].expr.atoms(one_hot)
+            indexed_hots.add(hot)
+            used.add(hot.args[0].indices[0].upper + 1)
     for root in roots:
         for node in walk(root):
             if isinstance(node, Leaf):
-                used |= node.expr.free_symbols | {h.args[1].upper + 1 for h in node.expr.atoms(one_hot)}
+                used |= node.expr.free_symbols | {h.args[1].upper + 1 for h in node.expr.atoms(one_hot)
+                                                  if h not in indexed_hots}
             elif isinstance(node, Scaled):
                 used |= node.coefficient.free_symbols
             elif isinstance(node, Reduce) and BATCH in node.summed:

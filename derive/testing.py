@@ -109,13 +109,25 @@ def uses_output(op: OpSpec) -> bool:
 
 
 def call_backward(op: OpSpec, module: ModuleType, grad_output, inputs, output=None, **keywords):
-    """`<op>_backward(grad_output, *inputs[, output])`: the forward's result is passed when the backward reuses it."""
-    backward = getattr(module, naming.backward(op.name))
+    """`<op>_backward(grad_output, *inputs[, output][, *saved])`: see `backward_arguments`."""
+    params = {p.name: keywords[p.name] for p in op.params if p.name in keywords}
+    arguments = backward_arguments(op, module, inputs, output, **params)
+    return getattr(module, naming.backward(op.name))(grad_output, *arguments, **keywords)
+
+
+def backward_arguments(op: OpSpec, module: ModuleType, inputs, output=None, **params) -> tuple:
+    """What `<op>_backward` takes after grad_output: the inputs, the forward's result when the backward
+    reuses it, and the values `<op>_forward_saving` hands over when the module has one."""
+    saving = getattr(module, naming.forward_saving(op.name), None)
+    saved = ()
+    if saving is not None:
+        output_again, *saved = saving(*inputs, **params)
+        output = output_again if output is None else output
     if uses_output(op):
         if output is None:
-            output = getattr(module, naming.forward(op.name))(*inputs)
-        return backward(grad_output, *inputs, output, **keywords)
-    return backward(grad_output, *inputs, **keywords)
+            output = getattr(module, naming.forward(op.name))(*inputs, **params)
+        return (*inputs, output, *saved)
+    return (*inputs, *saved)
 
 
 def autograd_gradients(function, inputs, grad_output, differentiable):

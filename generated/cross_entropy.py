@@ -12,11 +12,16 @@ import torch
 
 def cross_entropy_forward(logits, target):
     """cross_entropy forward: loss = mean(logsumexp(logits[n, c], c) - logits[n, target[n]], n)"""
-    size_n = logits.shape[0]
-    return (torch.logsumexp(logits, dim=-1).sum() - logits.gather(1, target.unsqueeze(1)).squeeze(1).sum()) / size_n
+    return cross_entropy_forward_saving(logits, target)[0]
 
 
-def cross_entropy_backward(grad_loss, logits, target, *, needs_input_grad=(True, True)):
+def cross_entropy_forward_saving(logits, target):
+    """cross_entropy forward, also returning the values its backward reuses: (loss, saved_log_softmax)."""
+    saved_log_softmax = torch.log_softmax(logits, dim=-1)
+    return -saved_log_softmax.gather(1, target.unsqueeze(1)).squeeze(1).mean(), saved_log_softmax
+
+
+def cross_entropy_backward(grad_loss, logits, target, saved_log_softmax, *, needs_input_grad=(True, True)):
     """Gradients of cross_entropy with respect to logits, target, in that order.
 
     Each gradient is the vector-Jacobian product
@@ -27,43 +32,50 @@ def cross_entropy_backward(grad_loss, logits, target, *, needs_input_grad=(True,
         d loss / d logits[n', c'] = sum(-KroneckerDelta(c', target[n])*KroneckerDelta(n, n') + sum(KroneckerDelta(c, c')*KroneckerDelta(n, n')*softmax(logits[n, c], c), c), n)/size_n
         grad_logits[n, c] = -grad_loss*one_hot(target[n], c)/size_n + grad_loss*softmax(logits[n, c], c)/size_n
 
+    saved_log_softmax = log_softmax(logits[n, c], c) comes from cross_entropy_forward_saving.
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
-    size_n = logits.shape[0]
+    size_n = target.shape[0]
     grad_logits = None
     if needs_input_grad[0]:
-        grad_logits = (grad_loss / size_n * torch.softmax(logits, dim=-1)).index_put_((torch.arange(size_n, device=target.device), target), -grad_loss / size_n, accumulate=True)
+        grad_logits = torch._log_softmax_backward_data(torch.zeros_like(saved_log_softmax).index_put_((torch.arange(size_n, device=target.device), target), -grad_loss / size_n), saved_log_softmax, -1, saved_log_softmax.dtype)
     return (grad_logits, None)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
     """cross_entropy as a torch.autograd.Function: the generated forward and backward.
 
-    Saves only what the backward reads (logits, target); works with
-    torch.func.grad and torch.vmap.
+    Saves what the backward reads (logits, target, saved_log_softmax; the inputs too, from which
+    a double backward computes saved_log_softmax again); works with torch.func.grad and torch.vmap.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(logits, target):
-        return cross_entropy_forward(logits, target)
+        return cross_entropy_forward_saving(logits, target)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         logits, target = inputs
-        ctx.save_for_backward(logits, target)
+        _, saved_log_softmax = output
+        ctx.mark_non_differentiable(saved_log_softmax)
+        ctx.save_for_backward(logits, target, saved_log_softmax)
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        logits, target = ctx.saved_tensors
-        return cross_entropy_backward(grad_loss, logits, target, needs_input_grad=ctx.needs_input_grad)
+    def backward(ctx, grad_loss, *_):
+        logits, target, saved_log_softmax = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # a double backward differentiates the gradients: compute the saved values again from
+            # the inputs, so that the graph sees how they depend on them
+            _, saved_log_softmax = cross_entropy_forward_saving(logits, target)
+        return cross_entropy_backward(grad_loss, logits, target, saved_log_softmax, needs_input_grad=ctx.needs_input_grad)
 
 
 def cross_entropy(logits, target):
     """cross_entropy with the generated backward, through CrossEntropyFunction."""
-    return CrossEntropyFunction.apply(logits, target)
+    return CrossEntropyFunction.apply(logits, target)[0]
 
 
 @torch.library.custom_op("derive::cross_entropy", mutates_args=())
@@ -77,4 +89,11 @@ def _cross_entropy_fake(logits, target):
     return cross_entropy_forward(logits, target)
 
 
-cross_entropy_op.register_autograd(CrossEntropyFunction.backward, setup_context=CrossEntropyFunction.setup_context)
+def _cross_entropy_setup_context(ctx, inputs, output):
+    """The custom op returns loss alone, so the values its backward reuses are computed here."""
+    logits, target = inputs
+    _, saved_log_softmax = cross_entropy_forward_saving(logits, target)
+    ctx.save_for_backward(logits, target, saved_log_softmax)
+
+
+cross_entropy_op.register_autograd(CrossEntropyFunction.backward, setup_context=_cross_entropy_setup_context)

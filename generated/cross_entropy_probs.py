@@ -12,11 +12,17 @@ import torch
 
 def cross_entropy_probs_forward(logits, target):
     """cross_entropy_probs forward: loss = mean(sum(target[n, c] * (log(sum(exp(logits[n, c]), c)) - logits[n, c]), c), n)"""
+    return cross_entropy_probs_forward_saving(logits, target)[0]
+
+
+def cross_entropy_probs_forward_saving(logits, target):
+    """cross_entropy_probs forward, also returning the values its backward reuses: (loss, saved_log_softmax)."""
     size_n = logits.shape[0]
-    return ((torch.logsumexp(logits, dim=-1).unsqueeze(-1) - logits) * target).sum() / size_n
+    saved_log_softmax = torch.log_softmax(logits, dim=-1)
+    return -(saved_log_softmax * target).sum() / size_n, saved_log_softmax
 
 
-def cross_entropy_probs_backward(grad_loss, logits, target, *, needs_input_grad=(True, True)):
+def cross_entropy_probs_backward(grad_loss, logits, target, saved_log_softmax, *, needs_input_grad=(True, True)):
     """Gradients of cross_entropy_probs with respect to logits, target, in that order.
 
     Each gradient is the vector-Jacobian product
@@ -31,45 +37,52 @@ def cross_entropy_probs_backward(grad_loss, logits, target, *, needs_input_grad=
         d loss / d target[n', c'] = sum((logsumexp(logits[n, c], c) - logits[n, c])*KroneckerDelta(c, c')*KroneckerDelta(n, n'), c, n)/size_n
         grad_target[n, c] = grad_loss*(logsumexp(logits[n, c], c) - logits[n, c])/size_n
 
+    saved_log_softmax = log_softmax(logits[n, c], c) comes from cross_entropy_probs_forward_saving.
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
-    size_n = logits.shape[0]
+    size_n = target.shape[0]
     grad_logits = grad_target = None
     if needs_input_grad[0]:
-        grad_logits = grad_loss / size_n * (target.sum(-1).unsqueeze(-1) * torch.softmax(logits, dim=-1) - target)
+        grad_logits = torch._log_softmax_backward_data(-grad_loss / size_n * target, saved_log_softmax, -1, saved_log_softmax.dtype)
     if needs_input_grad[1]:
-        grad_target = -grad_loss / size_n * torch.log_softmax(logits, dim=-1)
+        grad_target = -grad_loss / size_n * saved_log_softmax
     return (grad_logits, grad_target)
 
 
 class CrossEntropyProbsFunction(torch.autograd.Function):
     """cross_entropy_probs as a torch.autograd.Function: the generated forward and backward.
 
-    Saves only what the backward reads (logits, target); works with
-    torch.func.grad and torch.vmap.
+    Saves what the backward reads (logits, target, saved_log_softmax; the inputs too, from which
+    a double backward computes saved_log_softmax again); works with torch.func.grad and torch.vmap.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(logits, target):
-        return cross_entropy_probs_forward(logits, target)
+        return cross_entropy_probs_forward_saving(logits, target)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         logits, target = inputs
-        ctx.save_for_backward(logits, target)
+        _, saved_log_softmax = output
+        ctx.mark_non_differentiable(saved_log_softmax)
+        ctx.save_for_backward(logits, target, saved_log_softmax)
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        logits, target = ctx.saved_tensors
-        return cross_entropy_probs_backward(grad_loss, logits, target, needs_input_grad=ctx.needs_input_grad)
+    def backward(ctx, grad_loss, *_):
+        logits, target, saved_log_softmax = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # a double backward differentiates the gradients: compute the saved values again from
+            # the inputs, so that the graph sees how they depend on them
+            _, saved_log_softmax = cross_entropy_probs_forward_saving(logits, target)
+        return cross_entropy_probs_backward(grad_loss, logits, target, saved_log_softmax, needs_input_grad=ctx.needs_input_grad)
 
 
 def cross_entropy_probs(logits, target):
     """cross_entropy_probs with the generated backward, through CrossEntropyProbsFunction."""
-    return CrossEntropyProbsFunction.apply(logits, target)
+    return CrossEntropyProbsFunction.apply(logits, target)[0]
 
 
 @torch.library.custom_op("derive::cross_entropy_probs", mutates_args=())
@@ -83,4 +96,11 @@ def _cross_entropy_probs_fake(logits, target):
     return cross_entropy_probs_forward(logits, target)
 
 
-cross_entropy_probs_op.register_autograd(CrossEntropyProbsFunction.backward, setup_context=CrossEntropyProbsFunction.setup_context)
+def _cross_entropy_probs_setup_context(ctx, inputs, output):
+    """The custom op returns loss alone, so the values its backward reuses are computed here."""
+    logits, target = inputs
+    _, saved_log_softmax = cross_entropy_probs_forward_saving(logits, target)
+    ctx.save_for_backward(logits, target, saved_log_softmax)
+
+
+cross_entropy_probs_op.register_autograd(CrossEntropyProbsFunction.backward, setup_context=_cross_entropy_probs_setup_context)

@@ -10,7 +10,7 @@ from derive.build import build_op, render_catalog
 from derive.lower import Einsum, MatMul, largest_intermediate_violations, walk
 from derive.printing import render_expr
 from derive.spec import parse_catalog
-from derive.testing import check_gradients, gradcheck_op, load_module
+from derive.testing import check_gradients, gradcheck_op, load_module, make_inputs
 
 from conftest import CATALOG, OPS
 
@@ -177,10 +177,14 @@ LOSSES = [op.name for op in CATALOG.ops if not op.output_indices]
 
 @pytest.mark.parametrize("op_name", LOSSES)
 def test_loss_gradients_scale_by_grad_loss_before_touching_a_tensor(op_name):
-    """`2 * grad_loss / size_n * t`: the scalars make one 0-d tensor, which scales the full tensor once."""
+    """`2 * grad_loss / size_n * t`: the scalars make one 0-d tensor, which scales the full tensor once
+    (or, for a fused kernel, the gradient that goes into it)."""
     import re
+    scaled = r"-?(\d+ \* )?grad_loss( / size_\w+)?"
     for target, line in code_lines(op_name, "contraction").items():
-        assert re.match(r"\(?-?(\d+ \* )?grad_loss( / size_\w+)? \* ", line), (target, line)
+        assert re.match(rf"\(?{scaled} \* ", line) or re.match(
+            rf"torch\._\w+_backward_data\(({scaled} \* |torch\.zeros_like\(\w+\)\.index_put_\(\(.*\), {scaled}\), )",
+            line), (target, line)
 
 
 def test_shared_values_leave_the_upstream_scalar_out():
@@ -188,10 +192,51 @@ def test_shared_values_leave_the_upstream_scalar_out():
     assert [str(s.value.expr) for s in lowered.shared] == ["pred[n] - target[n]"]
 
 
-def test_cross_entropy_adds_its_one_hot_in_place():
-    line = code_lines("cross_entropy", "contraction")["grad_logits"]
-    assert "one_hot" not in line and ".index_put_((torch.arange(size_n, device=target.device), target)" in line
+def test_a_one_hot_term_is_added_in_place(tmp_path):
+    op, module = spec_module(tmp_path, '''
+        [ops.exp_margin]
+        inputs = ["logits[n, c]", "target[n]"]
+        integer = ["target"]
+        equation = "loss = mean(sum(exp(logits[n, c]), c) - logits[n, target[n]], n)"
+        reference = "(logits.exp().sum(-1) - logits.gather(1, target[:, None]).squeeze(1)).mean()"
+    ''')
+    lowered = build_op(op).lowered["contraction"]
+    (gradient,) = lowered.gradients
+    line = render_expr(gradient)
+    assert "one_hot" not in line and line.endswith(
+        ".index_put_((torch.arange(size_n, device=target.device), target), -grad_loss / size_n, accumulate=True)")
+    gradcheck_op(op, module)
+    check_gradients(op, module)
+
+
+def test_cross_entropy_saves_its_log_softmax_and_uses_the_fused_kernel():
+    built = build_op(CATALOG.op("cross_entropy"))
+    (saved,) = built.lowered["contraction"].plan.saved
+    assert saved.name == "saved_log_softmax" and str(saved.expr) == "log_softmax(logits[n, c], c)"
+    assert render_expr(built.lowered["contraction"].forward) == \
+        "-saved_log_softmax.gather(1, target.unsqueeze(1)).squeeze(1).mean()"
+    assert code_lines("cross_entropy", "contraction")["grad_logits"] == (
+        "torch._log_softmax_backward_data(torch.zeros_like(saved_log_softmax).index_put_("
+        "(torch.arange(size_n, device=target.device), target), -grad_loss / size_n), "
+        "saved_log_softmax, -1, saved_log_softmax.dtype)")
+    assert not built.lowered["broadcast"].plan.saved      # the teaching form keeps the formula
     assert "one_hot" in code_lines("cross_entropy", "broadcast")["grad_logits"]
+
+
+def test_no_value_is_saved_unless_the_forward_forms_it(tmp_path):
+    """Label smoothing weighs x[t] by 1 - s: no x - logsumexp(x) in the forward, so nothing is saved."""
+    op, module = spec_module(tmp_path, '''
+        [ops.smoothed_cross_entropy]
+        inputs = ["logits[n, c]", "target[n]"]
+        integer = ["target"]
+        params = { smoothing = 0.1 }
+        equation = "loss = mean(logsumexp(logits[n, c], c) - (1 - smoothing) * logits[n, target[n]] - smoothing * mean(logits[n, c], c), n)"
+        reference = "torch.nn.functional.cross_entropy(logits, target, label_smoothing=smoothing)"
+    ''')
+    assert not build_op(op).lowered["contraction"].plan.saved
+    assert not hasattr(module, "smoothed_cross_entropy_forward_saving")
+    gradcheck_op(op, module)
+    check_gradients(op, module)
 
 
 def test_one_hot_without_a_scalar_scale_stays_out_of_place(tmp_path):
@@ -211,8 +256,35 @@ def test_one_hot_without_a_scalar_scale_stays_out_of_place(tmp_path):
 
 
 def test_x_minus_logsumexp_becomes_log_softmax():
-    line = code_lines("cross_entropy_probs", "contraction")["grad_target"]
-    assert line == "-grad_loss / size_n * torch.log_softmax(logits, dim=-1)"
+    from derive.functions import fuse_log_softmax, log_softmax, logsumexp
+    x, v = sympy.IndexedBase("x"), sympy.IndexedBase("v")
+    n, c, c1 = (sympy.Idx(name, 5) for name in ("n", "c", "c_1"))
+    expr = v[n, c] * (x[n, c] - logsumexp(x[n, c1], c1)) + 1
+    assert fuse_log_softmax(expr) == v[n, c] * log_softmax(x[n, c], c) + 1
+    assert fuse_log_softmax(x[n, c] - logsumexp(x[n, c1] * 2, c1)) == x[n, c] - logsumexp(x[n, c1] * 2, c1)
+
+
+def test_an_elementwise_op_saves_its_log_softmax_too(tmp_path):
+    op, module = spec_module(tmp_path, '''
+        [ops.weighted_log_softmax]
+        inputs = ["x[n, c]", "v[n, c]"]
+        equation = "y[n, c] = v[n, c] * (x[n, c] - logsumexp(x[n, c], c))"
+        reference = "v * torch.log_softmax(x, -1)"
+    ''')
+    lines = {g.plan.target: render_expr(g) for g in build_op(op).lowered["contraction"].gradients}
+    assert lines["grad_v"] == "grad_y * saved_log_softmax"
+    assert lines["grad_x"] == "torch._log_softmax_backward_data(grad_y * v, saved_log_softmax, -1, saved_log_softmax.dtype)"
+    gradcheck_op(op, module)
+    check_gradients(op, module)
+    inputs = [t.requires_grad_() for t in make_inputs(op, {"n": 3, "c": 4}, torch.float64)]
+    assert torch.autograd.gradgradcheck(module.weighted_log_softmax, inputs)
+
+
+def test_cross_entropy_with_probabilities_reads_the_saved_log_softmax():
+    lines = code_lines("cross_entropy_probs", "contraction")
+    assert lines["grad_target"] == "-grad_loss / size_n * saved_log_softmax"
+    assert lines["grad_logits"] == ("torch._log_softmax_backward_data(-grad_loss / size_n * target, "
+                                    "saved_log_softmax, -1, saved_log_softmax.dtype)")
     assert "logsumexp" in code_lines("cross_entropy_probs", "broadcast")["grad_target"]
 
 
