@@ -101,6 +101,9 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
                              + [f"{p.name}: float = {p.default!r}" for p in op.params]),
         unpack_inputs=_unpack([t if t in saved else "_" for t in tensor_args] + [p.name for p in op.params]),
         unpack_values=_unpack(["_"] + values) if values else "",
+        unpack_recomputed=_unpack(["_"] + [v.name if v.recompute else "_" for v in lowered.plan.saved])
+        if any(v.recompute for v in lowered.plan.saved) else "",
+        recompute_args=", ".join(tensor_args + [f"ctx.{p.name}" for p in op.params]),
         saved=", ".join("output" if name == op.output else name for name in saved),
         saved_names=", ".join(saved),
         unpack_saved=_unpack(saved) if saved else "",
@@ -129,7 +132,8 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
                     lines=[(v.name, render(Leaf(v.expr, v.indices)).text, index_notation(v.expr))
                             for v in lowered.plan.saved]) if values else None,
         forward=dict(name=naming.forward(op.name), code=forward_code,
-                     sizes=size_bindings(op, [lowered.forward], shared=tuple(s.value for s in lowered.forward_shared)),
+                     sizes=size_bindings(op, [lowered.forward], shared=tuple(s.value for s in lowered.forward_shared)
+                                         + tuple(Leaf(v.expr, v.indices) for v in lowered.plan.saved)),
                      shared=[(s.name, render(s.value).text) for s in lowered.forward_shared]),
         backward=dict(name=naming.backward(op.name), grad_output=derivation.grad_output,
                       sizes=size_bindings(op, list(lowered.gradients), sources, shared_leaves),

@@ -108,6 +108,18 @@ class log_softmax(_OverIndex):  # noqa: N801
                                                   (other, 0, other.upper))
 
 
+class layer_norm_backward(sympy.Function):  # noqa: N801
+    """One gradient of a normalization y = (x - mean) * rstd along `index` (x's last dim), as PyTorch's
+    fused native_layer_norm_backward computes it from the forward's mean and rstd:
+
+        part 0:  rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = grad_out * weight
+        part 1:  sum over the batch of grad_out * xhat                (weight only gives the shape)
+    """
+
+    nargs = 7    # part, grad_out, weight, x, mean, rstd, index
+    is_real = True
+
+
 def fuse_log_softmax(expr: sympy.Expr) -> sympy.Expr:
     """Every `a * (x[c] - logsumexp(x[c'], c'))` inside `expr` (the two summands of one sum, any
     signs and index names) becomes `a * log_softmax(x[c], c)`."""
@@ -196,6 +208,8 @@ def bound_indices(expr) -> set[str]:
         return {limit[0].name for limit in expr.limits}
     if isinstance(expr, logsumexp):
         return {expr.index.name}
+    if isinstance(expr, layer_norm_backward) and expr.args[0] == 1:   # d/dw sums the batch away
+        return {i.name for i in expr.args[3].indices if i != expr.args[6]}
     return set()
 
 

@@ -18,7 +18,7 @@ from .derivation import Derivation, Term, tensor_symbols
 from .functions import bound_indices, canonical, fuse_log_softmax, fuse_softmax_vjp
 from .model import OpSpec
 from .naming import BATCH
-from .saving import SavedValue, save_forward_values
+from .saving import SavedValue, save_forward_values, save_normalization
 from .spec import size_symbol
 
 
@@ -78,6 +78,9 @@ def plan(derivation: Derivation, fuse: bool = True) -> OpPlan:
     forward_terms, gradient_terms, saved = list(derivation.forward_terms), [g.terms for g in derivation.gradients], ()
     if fuse:
         saved, forward_terms, gradient_terms = save_forward_values(forward_terms, [list(t) for t in gradient_terms])
+        likes = [(g.input, g.indices) for g in derivation.gradients]
+        statistics, forward_terms, gradient_terms = save_normalization(forward_terms, gradient_terms, likes)
+        saved += statistics
         gradient_terms = [_fused(terms) for terms in gradient_terms]
     forward = _plan_expr(op, forward_terms, op.output, None, op.output_indices, order, stand_in=None)
     gradients = tuple(

@@ -16,7 +16,7 @@ from sympy.printing.pytorch import TorchPrinter
 from .plan import free_indices
 from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, walk
 from .model import OpSpec
-from .functions import log_softmax_backward, one_hot, softmax_backward
+from .functions import layer_norm_backward, log_softmax_backward, one_hot, softmax_backward
 from . import naming
 from .naming import BATCH, grad
 from .spec import size_symbol
@@ -98,6 +98,11 @@ class TorchCodePrinter(TorchPrinter):
         if isinstance(expr, sympy.Expr) and expr.is_number and not expr.is_Rational:
             return self._print_irrational(expr)
         return super()._print(expr, **kwargs)
+
+    def _print_Add(self, expr, order=None):
+        """A positive term leads: `x - saved_mean`, not `-saved_mean + x`."""
+        terms = sorted(self._as_ordered_terms(expr, order=order), key=lambda t: t.could_extract_minus_sign())
+        return super()._print_Add(sympy.Add(*terms, evaluate=False), order="none")
 
     def _print_Indexed(self, expr):
         if all(isinstance(i, sympy.Idx) for i in expr.indices):
@@ -193,6 +198,28 @@ class TorchCodePrinter(TorchPrinter):
 
     def _print_log_softmax_backward(self, expr):
         return self.fused_vjp(expr)
+
+    def layer_norm_vjp(self, expr, factor: sympy.Expr = sympy.S.One) -> str:
+        """One output of native_layer_norm_backward; the kernel is linear in grad_out, so an
+        index-free factor scales grad_out on its way in. A weight over the normalized dim that
+        multiplies grad_out is passed as the kernel's weight instead of being multiplied in."""
+        part, grad, weight, x, mean, rstd, index = expr.args
+        grad = factor * grad
+        if weight == 1:
+            weights = [f for f in sympy.Mul.make_args(grad) if isinstance(f, sympy.Indexed) and f.indices == (index,)]
+            weight = weights[0] if weights else None
+            grad = grad / weight if weight is not None else grad
+        layout = tuple(i.name for i in x.indices)
+        grad_text = TorchCodePrinter(layout, self.tensors)._print(grad)
+        weight_text = "None" if weight is None else weight.base.label.name
+        mask = ", ".join(str(part == k) for k in range(3))
+        stats = [TorchCodePrinter(layout[:-1], self.tensors)._print(s) for s in (mean, rstd)]
+        text = (f"torch.ops.aten.native_layer_norm_backward({grad_text}, {x.base.label.name}, "
+                f"{x.base.label.name}.shape[-1:], {stats[0]}, {stats[1]}, {weight_text}, None, [{mask}])[{part}]")
+        return align(Code(text, layout if part == 0 else (index.name,)), self.layout).text
+
+    def _print_layer_norm_backward(self, expr):
+        return self.layer_norm_vjp(expr)
 
     def _print_one_hot(self, expr):
         value, position = expr.args
@@ -446,7 +473,7 @@ def _without_minus(node: Node) -> Node | None:
 def _fused_term(node: Node) -> tuple[sympy.Expr, Leaf] | None:
     """(coefficient, leaf) when `node` is one fused VJP kernel, maybe scaled."""
     coefficient, leaf = (node.coefficient, node.source) if isinstance(node, Scaled) else (sympy.S.One, node)
-    if isinstance(leaf, Leaf) and type(leaf.expr) in FUSED_KERNELS:
+    if isinstance(leaf, Leaf) and (type(leaf.expr) in FUSED_KERNELS or isinstance(leaf.expr, layer_norm_backward)):
         return coefficient, leaf
     return None
 
@@ -469,7 +496,9 @@ def render_expr(lowered: LoweredExpr) -> str:
     if fused is not None and (plan.scale != 1 or fused[0] != 1):
         # a fused VJP kernel is linear in its gradient: the scale goes into it
         coefficient, leaf = fused
-        text = TorchCodePrinter(leaf.indices).fused_vjp(leaf.expr, plan.scale * coefficient)
+        printer = TorchCodePrinter(leaf.indices)
+        kernel = printer.layer_norm_vjp if isinstance(leaf.expr, layer_norm_backward) else printer.fused_vjp
+        text = kernel(leaf.expr, plan.scale * coefficient)
         text = align(Code(text, leaf.indices), plan.indices).text
         atomic = True
     elif len(terms) == 1 and isinstance(terms[0], Scaled) and plan.scale != 1:

@@ -20,7 +20,7 @@ import sympy
 
 from . import naming
 from .derivation import Term
-from .functions import log_softmax, log_softmax_backward, logsumexp, one_hot, softmax
+from .functions import canonical, layer_norm_backward, log_softmax, log_softmax_backward, logsumexp, one_hot, softmax
 from .spec import tensor_symbol
 
 
@@ -31,6 +31,11 @@ class SavedValue:
     name: str                    # variable in both functions: saved_log_softmax
     expr: sympy.Expr             # what it holds, in the op's indices: log_softmax(logits[n, c], c)
     indices: tuple[str, ...]     # its dims (those of the tensor it normalizes)
+    # A double backward differentiates the backward. Where the backward reads a value through
+    # plain tensor ops, the value must be computed again from the inputs so that the graph sees
+    # through it; where only fused kernels read it (layer norm's mean and rstd), their own
+    # double backward accounts for it, and the kernel refuses a mean that requires grad.
+    recompute: bool = True
 
 
 def save_forward_values(forward: list[Term], gradients: list[list[Term]]):
@@ -185,3 +190,134 @@ def _fused_vjp(plain: Term, plain_factors, other: Term, other_factors):
                 sympy.Mul(*rest) == g.xreplace({position: moved}) and g.has(position):
             return 1, log_softmax_backward(g, y, position)
     return None
+
+
+# Normalization statistics ------------------------------------------------------------------------
+
+def save_normalization(forward: list[Term], gradients: list[list[Term]], likes: list[tuple[str, tuple[str, ...]]]):
+    """Mean and rstd of a normalization the forward spells out, saved, and the backward's VJPs of it fused.
+
+    With m = sum(x[..., d], d) / D and r = (e + sum((x[..., d] - m)**2, d) / D)**(-1/2) in the forward
+    (e index-free), the forward computes `saved_mean` and `saved_rstd` once and reads them; the backward
+    reads them wherever the same sums occur (r**3 included), and its two VJP shapes, the three terms of
+    d/dx and the batch sum of d/dw, become PyTorch's native_layer_norm_backward.
+    """
+    found = _normalization(forward)
+    if found is None:
+        return (), forward, gradients
+    original_forward, original_gradients = forward, gradients
+    body, index, base = found
+    batch = tuple(i.name for i in body.indices if i != index)
+    mean = SavedValue(naming.SAVED_PREFIX + "mean", _mean_sum(body, index) / (index.upper + 1), batch)
+    rstd = SavedValue(naming.SAVED_PREFIX + "rstd", base ** sympy.Rational(-1, 2), batch)
+    m, r = (tensor_symbol(v.name)[tuple(i for i in body.indices if i != index)] for v in (mean, rstd))
+    rstd = replace(rstd, expr=_with_mean(rstd.expr, body, index, m))   # computed from the saved mean
+
+    def reading(term: Term) -> Term:
+        factors = []
+        for factor in term.factors:
+            factor = _with_mean(factor, body, index, m)
+            factor = factor.replace(lambda e: isinstance(e, sympy.Pow) and _same_base(e.base, base, body, index, m),
+                                    lambda e: r ** (-2 * e.exp))
+            factors.append(factor)
+        return replace(term, factors=tuple(factors))
+
+    forward = [reading(t) for t in forward]
+    gradients = [[reading(t) for t in terms] for terms in gradients]
+    fused = [_fuse_layer_norm_vjp(terms, body, index, m, r, like) for terms, like in zip(gradients, likes)]
+    outside = [f for terms in fused for t in terms for f in t.factors
+               if f.xreplace({k: sympy.S.Zero for k in f.atoms(layer_norm_backward)}).has(m.base, r.base)]
+    if outside:     # some gradient reads the statistics outside the fused kernels: keep the formulas
+        return (), original_forward, original_gradients
+    return (replace(mean, recompute=False), replace(rstd, recompute=False)), forward, fused
+
+
+def _normalization(forward: list[Term]):
+    """(x[..., d], d, variance base) for the first normalization in the forward, or None."""
+    for factor in (f for t in forward for f in t.factors):
+        for power in factor.atoms(sympy.Pow):
+            if power.exp != -sympy.S.Half:
+                continue
+            constant, variance = power.base.as_independent(sympy.Sum, as_Add=True)
+            coefficient, total = variance.as_independent(sympy.Sum, as_Add=False)
+            if constant.atoms(sympy.Indexed) or not isinstance(total, sympy.Sum) or len(total.limits) != 1:
+                continue
+            k = total.limits[0][0]
+            square = total.function
+            if not (isinstance(square, sympy.Pow) and square.exp == 2):
+                continue
+            sums = [s for s in square.base.atoms(sympy.Sum) if len(s.limits) == 1]
+            for inner in sums:
+                body_k = inner.function.xreplace({inner.limits[0][0]: k})
+                if isinstance(body_k, sympy.Indexed) and body_k.indices[-1] == k \
+                        and coefficient == 1 / (k.upper + 1) \
+                        and sympy.expand(square.base - (body_k - inner / (k.upper + 1))) == 0:
+                    return body_k, k, power.base
+    return None
+
+
+def _mean_sum(body: sympy.Indexed, index: sympy.Idx) -> sympy.Sum:
+    return sympy.Sum(body, (index, 0, index.upper))
+
+
+def _with_mean(expr: sympy.Expr, body, index, m) -> sympy.Expr:
+    """Every sum(x[..., k], k) read as D * saved_mean."""
+    def is_mean_sum(e):
+        return isinstance(e, sympy.Sum) and len(e.limits) == 1 and \
+            e.function == body.xreplace({index: e.limits[0][0]}) and e.limits[0][0].upper == index.upper
+    return expr.replace(is_mean_sum, lambda e: (index.upper + 1) * m)
+
+
+def _same_base(candidate, base, body, index, m) -> bool:
+    return canonical(candidate) == canonical(_with_mean(base, body, index, m))
+
+
+def _fuse_layer_norm_vjp(terms: list[Term], body, index, m, r, like) -> list[Term]:
+    """The VJP shapes of xhat = (x - m) * r, with g any product over x's dims:
+
+        a * r * g[d] - a/D * sum(r * g[d1], d1) - a/D * sum(r**3 * c[d1] * c[d] * g[d1], d1)
+            ->  a * layer_norm_backward(0, g, ...)        (c[k] = x[..., k] - m)
+        a * sum over the batch of r * c[d] * h[..., d]    ->  a * layer_norm_backward(1, h, like, ...)
+
+    (the kernel wants a weight to give d/dw its shape: the input differentiated, `like`, has it).
+    """
+    size = index.upper + 1
+    x = body.base
+
+    def centered(k):
+        return body.xreplace({index: k}) - m
+
+    if len(terms) == 1:
+        (term,) = terms
+        batch = [i for i in term.summed if i.name == naming.BATCH]
+        rest = list(term.factors)
+        if batch and len(term.summed) == 1 and r in rest and centered(index) in rest:
+            rest.remove(r)
+            rest.remove(centered(index))
+            h = sympy.Mul(*rest)
+            name, dims = like
+            if h.has(index) and not h.has(x) and dims == (index.name,):
+                weight = tensor_symbol(name)[index]
+                return [Term(term.coefficient, (layer_norm_backward(1, h, weight, body, m, r, index),), ())]
+        return terms
+    if len(terms) != 3:
+        return terms
+    plain = [t for t in terms if not t.summed]
+    if len(plain) != 1 or r not in plain[0].factors:
+        return terms
+    a = plain[0].coefficient
+    g = sympy.Mul(*[f for f in plain[0].factors if f != r])
+    if not g.has(index) or g.has(x):
+        return terms
+    others = [t for t in terms if t is not plain[0]]
+    for first, second in (others, others[::-1]):
+        if len(first.summed) != 1 or len(second.summed) != 1:
+            continue
+        k1, k2 = first.summed[0], second.summed[0]
+        if k1.upper != index.upper or k2.upper != index.upper:
+            continue
+        if first.coefficient == -a / size and sympy.Mul(*first.factors) == r * g.xreplace({index: k1}) \
+                and second.coefficient == -a / size and sympy.Mul(*second.factors) == \
+                r ** 3 * centered(k2) * centered(index) * g.xreplace({index: k2}):
+            return [Term(a, (layer_norm_backward(0, g, sympy.S.One, body, m, r, index),), ())]
+    return terms

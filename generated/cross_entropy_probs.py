@@ -53,8 +53,9 @@ def cross_entropy_probs_backward(grad_loss, logits, target, saved_log_softmax, *
 class CrossEntropyProbsFunction(torch.autograd.Function):
     """cross_entropy_probs as a torch.autograd.Function: the generated forward and backward.
 
-    Saves what the backward reads (logits, target, saved_log_softmax; the inputs too, from which
-    a double backward computes saved_log_softmax again); works with torch.func.grad and torch.vmap.
+    Saves logits, target, saved_log_softmax: the forward's values the backward reads, and the
+    inputs, from which a double backward computes them again; works with torch.func.grad and
+    torch.vmap.
     """
 
     generate_vmap_rule = True

@@ -12,12 +12,18 @@ import torch
 
 def layer_norm_forward(x, w, b, eps=1e-05):
     """layer_norm forward: y[..., d] = (x[..., d] - mean(x[..., d], d)) / sqrt(mean((x[..., d] - mean(x[..., d], d))**2, d) + eps) * w[d] + b[d]"""
+    return layer_norm_forward_saving(x, w, b, eps)[0]
+
+
+def layer_norm_forward_saving(x, w, b, eps=1e-05):
+    """layer_norm forward, also returning the values its backward reuses: (y, saved_mean, saved_rstd)."""
     size_d = x.shape[-1]
-    shared_0 = -x.sum(-1) / size_d
-    return torch.rsqrt(eps + ((shared_0.unsqueeze(-1) + x)**2).sum(-1).unsqueeze(-1) / size_d) * w * (shared_0.unsqueeze(-1) + x) + b
+    saved_mean = x.sum(-1) / size_d
+    saved_rstd = torch.rsqrt(eps + ((x - saved_mean.unsqueeze(-1))**2).sum(-1) / size_d)
+    return saved_rstd.unsqueeze(-1) * w * (x - saved_mean.unsqueeze(-1)) + b, saved_mean, saved_rstd
 
 
-def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, True, True)):
+def layer_norm_backward(grad_y, x, w, b, saved_mean, saved_rstd, eps=1e-05, *, needs_input_grad=(True, True, True)):
     """Gradients of layer_norm with respect to x, w, b, in that order.
 
     Each gradient is the vector-Jacobian product
@@ -36,22 +42,17 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
         d y[..., d] / d b[d'] = KroneckerDelta(d, d')
         grad_b[d] = sum(grad_y[..., d], ...)
 
+    saved_mean = sum(x[..., d], d)/size_d comes from layer_norm_forward_saving.
+    saved_rstd = 1/sqrt(eps + sum((-saved_mean[...] + x[..., d])**2, d)/size_d) comes from layer_norm_forward_saving.
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
     size_d = grad_y.shape[-1]
     grad_x = grad_w = grad_b = None
-    if needs_input_grad[0] or needs_input_grad[1]:
-        shared_0 = -x.sum(-1) / size_d
-        shared_2 = shared_0.unsqueeze(-1) + x
-        shared_3 = eps + (shared_2**2).sum(-1) / size_d
-        shared_4 = torch.rsqrt(shared_3)
-        shared_5 = grad_y * shared_4.unsqueeze(-1)
     if needs_input_grad[0]:
-        shared_1 = grad_y * w
-        grad_x = shared_5 * w - (shared_4 * shared_1.mean(-1)).unsqueeze(-1) - (shared_3**(-3/2)).unsqueeze(-1) * (shared_1 * shared_2).mean(-1).unsqueeze(-1) * shared_2
+        grad_x = torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean, saved_rstd, w, None, [True, False, False])[0]
     if needs_input_grad[1]:
-        grad_w = (shared_2 * shared_5).sum_to_size((size_d,))
+        grad_w = torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean, saved_rstd, w, None, [False, True, False])[1]
     if needs_input_grad[2]:
         grad_b = grad_y.sum_to_size((size_d,))
     return (grad_x, grad_w, grad_b)
@@ -60,33 +61,35 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
 class LayerNormFunction(torch.autograd.Function):
     """layer_norm as a torch.autograd.Function: the generated forward and backward.
 
-    Saves only what the backward reads (x, w); works with
-    torch.func.grad and torch.vmap.
+    Saves x, w, b, saved_mean, saved_rstd: the inputs and the forward's values the backward
+    reads; works with torch.func.grad and torch.vmap.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x, w, b, eps):
-        return layer_norm_forward(x, w, b, eps)
+        return layer_norm_forward_saving(x, w, b, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, _, eps = inputs
-        ctx.save_for_backward(x, w)
+        x, w, b, eps = inputs
+        _, saved_mean, saved_rstd = output
+        ctx.mark_non_differentiable(saved_mean, saved_rstd)
+        ctx.save_for_backward(x, w, b, saved_mean, saved_rstd)
         ctx.eps = eps
 
     @staticmethod
-    def backward(ctx, grad_y):
-        x, w = ctx.saved_tensors
-        gradients = layer_norm_backward(grad_y, x, w, None, ctx.eps,
+    def backward(ctx, grad_y, *_):
+        x, w, b, saved_mean, saved_rstd = ctx.saved_tensors
+        gradients = layer_norm_backward(grad_y, x, w, b, saved_mean, saved_rstd, ctx.eps,
                                        needs_input_grad=ctx.needs_input_grad[:3])
         return gradients + (None,)
 
 
 def layer_norm(x, w, b, eps=1e-05):
     """layer_norm with the generated backward, through LayerNormFunction."""
-    return LayerNormFunction.apply(x, w, b, eps)
+    return LayerNormFunction.apply(x, w, b, eps)[0]
 
 
 @torch.library.custom_op("derive::layer_norm", mutates_args=())
@@ -100,4 +103,12 @@ def _layer_norm_fake(x, w, b, eps=1e-05):
     return layer_norm_forward(x, w, b, eps)
 
 
-layer_norm_op.register_autograd(LayerNormFunction.backward, setup_context=LayerNormFunction.setup_context)
+def _layer_norm_setup_context(ctx, inputs, output):
+    """The custom op returns y alone, so the values its backward reuses are computed here."""
+    x, w, b, eps = inputs
+    _, saved_mean, saved_rstd = layer_norm_forward_saving(x, w, b, eps)
+    ctx.save_for_backward(x, w, b, saved_mean, saved_rstd)
+    ctx.eps = eps
+
+
+layer_norm_op.register_autograd(LayerNormFunction.backward, setup_context=_layer_norm_setup_context)

@@ -309,3 +309,45 @@ def test_gradients_without_a_matrix_product_are_computed_first():
     source = (load_module_for("linear").__file__)
     code = open(source).read().split("def linear_backward", 1)[1]
     assert code.index("        grad_b = ") < code.index("        grad_x = ") < code.index("        grad_w = ")
+
+
+def test_layer_norm_saves_mean_and_rstd_and_uses_the_fused_kernel():
+    built = build_op(CATALOG.op("layer_norm"))
+    assert [v.name for v in built.lowered["contraction"].plan.saved] == ["saved_mean", "saved_rstd"]
+    lines = code_lines("layer_norm", "contraction")
+    assert lines["grad_x"] == ("torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean, "
+                               "saved_rstd, w, None, [True, False, False])[0]")
+    assert lines["grad_w"].endswith("saved_rstd, w, None, [False, True, False])[1]")
+    assert not built.lowered["broadcast"].plan.saved
+    assert "native_layer_norm_backward" not in " ".join(code_lines("layer_norm", "broadcast").values())
+
+
+def test_a_normalization_without_weight_passes_none(tmp_path):
+    op, module = spec_module(tmp_path, '''
+        [ops.standardize]
+        inputs = ["x[..., d]"]
+        params = { eps = 1e-5 }
+        equation = "y[..., d] = (x[..., d] - mean(x[..., d], d)) / sqrt(mean((x[..., d] - mean(x[..., d], d))**2, d) + eps)"
+        reference = "torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)"
+    ''')
+    (line,) = [render_expr(g) for g in build_op(op).lowered["contraction"].gradients]
+    assert line == ("torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean, saved_rstd, "
+                    "None, None, [True, False, False])[0]")
+    gradcheck_op(op, module)
+    check_gradients(op, module)
+    inputs = [t.requires_grad_() for t in make_inputs(op, {"...": 3, "d": 4}, torch.float64)]
+    assert torch.autograd.gradgradcheck(module.standardize, inputs)
+
+
+def test_statistics_read_outside_the_kernel_are_not_saved(tmp_path):
+    """A residual x + xhat has a fourth term in d/dx: no fused kernel, so the formulas stay."""
+    op, module = spec_module(tmp_path, '''
+        [ops.residual_norm]
+        inputs = ["x[..., d]"]
+        params = { eps = 1e-5 }
+        equation = "y[..., d] = x[..., d] + (x[..., d] - mean(x[..., d], d)) / sqrt(mean((x[..., d] - mean(x[..., d], d))**2, d) + eps)"
+        reference = "x + torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)"
+    ''')
+    assert not build_op(op).lowered["contraction"].plan.saved
+    gradcheck_op(op, module)
+    check_gradients(op, module)
