@@ -192,6 +192,7 @@ class Explanation:
     gradients: tuple[GradientExplanation, ...]
     saved: tuple[str, ...]                 # what the whole backward needs kept from the forward
     sizes: tuple[tuple[str, str], ...]     # the concrete sizes given (size name, value such as 1000 or 4x3)
+    values: tuple[tuple[str, Math], ...] = ()   # values the forward computes for the backward (contraction style)
 
     @property
     def index_table(self) -> tuple[tuple[str, ...], ...]:
@@ -265,6 +266,7 @@ def explain(built: Built, inputs: tuple[str, ...] | None = None,
         gradients=gradients,
         saved=_in_op_order(op, {name for g in gradients for name in g.saved}),
         sizes=known.listed,
+        values=tuple((v.name, _math(v.expr)) for v in built.lowered["contraction"].plan.saved),
     )
 
 
@@ -446,7 +448,8 @@ def _code_line(op: OpSpec, lowered: LoweredOp, name: str) -> CodeLine:
 
 
 def _reads(op: OpSpec, lowered: LoweredOp, name: str) -> set[str]:
-    """Names of the forward's tensors (inputs and output) that one gradient reads, shared values included."""
+    """Names of the forward's tensors (inputs, output, values it saves) that one gradient reads, shared
+    values included."""
     expr = _lowered_gradient(lowered, name)
     position = [t.name for t in op.inputs].index(name)
     exprs = [node.expr for term in expr.terms for node in walk(term) if isinstance(node, Leaf)]
@@ -454,12 +457,12 @@ def _reads(op: OpSpec, lowered: LoweredOp, name: str) -> set[str]:
     names = set()
     for e in exprs:
         names |= {a.base.label.name for a in e.atoms(sympy.Indexed)} | {s.name for s in e.atoms(sympy.Symbol)}
-    return names & ({t.name for t in op.inputs} | {op.output})
+    return names & ({t.name for t in op.inputs} | {op.output} | {v.name for v in lowered.plan.saved})
 
 
 def _in_op_order(op: OpSpec, names: set[str]) -> tuple[str, ...]:
     order = [t.name for t in op.inputs] + [op.output]
-    return tuple(n for n in order if n in names)
+    return tuple(n for n in order if n in names) + tuple(sorted(n for n in names if n not in order))
 
 
 # --- printing math ---------------------------------------------------------------------------
