@@ -1,4 +1,4 @@
-"""Forward values the backward reuses: the log-softmax a loss's forward computes anyway.
+"""Forward values the backward reuses, as autograd saves them: a log-softmax, a normalization's mean and rstd.
 
 `x[..., p] - logsumexp(x[..., c], c)` in a forward is the log-softmax of x, read at p (an
 index, or a class gathered through an integer input as cross-entropy does). When a
@@ -8,6 +8,10 @@ to the backward, as autograd saves its log_softmax output; the backward then rea
 `exp(saved)` for the softmax, and its VJP shape `g - exp(saved) * sum(g)` becomes PyTorch's
 fused `_log_softmax_backward_data`. Without such a gradient, an index-position log-softmax
 in the forward is still printed as one `torch.log_softmax` (see `fuse_log_softmax`).
+
+Likewise a forward that spells out a normalization along x's last dim, (x - m) * r with
+m = mean(x) and r = (e + mean((x - m)**2))**(-1/2), saves `saved_mean` and `saved_rstd`, and
+the VJP shapes of that normalization become `native_layer_norm_backward` (`save_normalization`).
 
 Only the contraction style saves (it fuses); the broadcast style keeps every formula.
 """
@@ -185,6 +189,8 @@ def _fused_vjp(plain: Term, plain_factors, other: Term, other_factors):
         return None
     moved = other.summed[0]
     g = sympy.Mul(*plain_factors)
+    if {i.name for i in g.atoms(sympy.Idx)} != {i.name for i in y.indices}:
+        return None      # the kernel takes g and y of one shape
     for position in y.indices:
         if isinstance(position, sympy.Idx) and position.upper == moved.upper and \
                 sympy.Mul(*rest) == g.xreplace({position: moved}) and g.has(position):
@@ -249,7 +255,8 @@ def _normalization(forward: list[Term]):
             sums = [s for s in square.base.atoms(sympy.Sum) if len(s.limits) == 1]
             for inner in sums:
                 body_k = inner.function.xreplace({inner.limits[0][0]: k})
-                if isinstance(body_k, sympy.Indexed) and body_k.indices[-1] == k \
+                if isinstance(body_k, sympy.Indexed) and body_k.indices[-1] == k and len(body_k.indices) > 1 \
+                        and all(isinstance(i, sympy.Idx) for i in body_k.indices) \
                         and coefficient == 1 / (k.upper + 1) \
                         and sympy.expand(square.base - (body_k - inner / (k.upper + 1))) == 0:
                     return body_k, k, power.base
