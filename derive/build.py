@@ -82,6 +82,7 @@ def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
             for style in styles:
                 path = STYLE_DIRS[style] + naming.module_file(op.name)
                 files[path] = render_module(built.derivation, built.lowered[style], source, command, namespace)
+                compile(files[path], path, "exec")    # a module that would not import is never written
             if "contraction" in styles:
                 explanations.append(explain(built))
     if explanations:    # beside the contraction-style modules, once per catalog

@@ -87,9 +87,9 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
     reads |= {size_source(i, sources)[0] for i in sizes_used(op, list(lowered.gradients), shared_leaves)}
     values = [v.name for v in lowered.plan.saved]      # computed by the forward, read by the backward
     tensor_args = [t.name for t in op.inputs]
-    # An op with saved values keeps every input too: a double backward computes the values again
-    # from them, so that the graph sees through them.
-    kept = tensor_args if values else [t.name for t in op.inputs if t.name in reads]
+    # An op with values to compute again in a double backward keeps every input it computes them from.
+    recomputed = any(v.recompute for v in lowered.plan.saved)
+    kept = tensor_args if recomputed else [t.name for t in op.inputs if t.name in reads]
     saved = kept + ([op.output] if derivation.uses_output else []) + values
     function = dict(
         cls=naming.function_class(op.name),

@@ -181,12 +181,14 @@ class TorchCodePrinter(TorchPrinter):
         layout = self._own_layout(grad)
         dim = _dim(layout.index(index.name), len(layout), BATCH in layout)
         scaled = factor * grad
-        indexed = one_hot_value(scaled)
+        indexed = one_hot_value(scaled, saved)
         if indexed is not None:
-            value, rows, target = indexed
-            arange = f"torch.arange({self._print(rows.upper + 1)}, device={target}.device)"
-            grad_text = f"torch.zeros_like({saved.base.label.name}).index_put_(({arange}, {target}), " \
-                        f"{TorchCodePrinter(())._print(value)})"
+            # nll_loss_backward with sum reduction (2) writes -grad_output at each row's class into
+            # zeros, in one kernel that vmap and jacrev batch (an in-place index_put_ they refuse)
+            value, _, target = indexed
+            minus = TorchCodePrinter(())._print(-value)
+            grad_text = f"torch.ops.aten.nll_loss_backward({minus}, {saved.base.label.name}, {target}, None, 2, -100, " \
+                        f"{minus})"
         else:
             grad_text = TorchCodePrinter(layout, self.tensors)._print(scaled)
         saved_text = TorchCodePrinter(layout, self.tensors)._print(saved)
@@ -213,7 +215,8 @@ class TorchCodePrinter(TorchPrinter):
         grad_text = TorchCodePrinter(layout, self.tensors)._print(grad)
         weight_text = "None" if weight is None else weight.base.label.name
         mask = ", ".join(str(part == k) for k in range(3))
-        stats = [TorchCodePrinter(layout[:-1], self.tensors)._print(s) for s in (mean, rstd)]
+        # mean and rstd keep the normalized dim, as native_layer_norm returns them (vmap's rule needs it)
+        stats = [TorchCodePrinter(layout, self.tensors)._print(s) for s in (mean, rstd)]
         text = (f"torch.ops.aten.native_layer_norm_backward({grad_text}, {x.base.label.name}, "
                 f"{x.base.label.name}.shape[-1:], {stats[0]}, {stats[1]}, {weight_text}, None, [{mask}])[{part}]")
         return align(Code(text, layout if part == 0 else (index.name,)), self.layout).text
@@ -353,13 +356,18 @@ class TorchCodePrinter(TorchPrinter):
         return text
 
 
-def one_hot_value(expr: sympy.Expr):
-    """(value, row index, index tensor name) when `expr` is a 0-d tensor times one_hot(t[n], c),
-    which is built as zeros with `value` at one class per row; else None."""
+def one_hot_value(expr: sympy.Expr, like: sympy.Indexed):
+    """(value, row index, index tensor name) when `expr` is a 0-d tensor times one_hot(t[n], c) and
+    `like`, the tensor it is shaped as, has dims (n, c): it is then built as zeros with `value` at
+    each row's class, the way nll_loss_backward builds it; else None."""
     value, hot = expr.as_independent(one_hot, as_Add=False)
-    if isinstance(hot, one_hot) and len(hot.args[0].indices) == 1 \
+    if not isinstance(hot, one_hot):
+        return None
+    target, klass = hot.args
+    rows = target.indices
+    if len(rows) == 1 and rows[0].name != BATCH and tuple(like.indices) == (rows[0], klass) \
             and any(naming.is_zero_dim_tensor(s) for s in value.free_symbols):
-        return value, hot.args[0].indices[0], hot.args[0].base.label.name
+        return value, rows[0], target.base.label.name
     return None
 
 
@@ -562,13 +570,12 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
     used = set().union(*(expr.plan.scale.free_symbols for expr in exprs))
     used |= {size_symbol(expr.indexed.row) for expr in exprs if expr.indexed is not None}
     roots = [term for expr in exprs for term in expr.terms] + list(shared)
-    indexed_hots = set()       # one-hots a fused kernel builds row by row: they need the row count
+    indexed_hots = set()       # one-hots nll_loss_backward builds in a fused kernel: no size needed
     for expr in exprs:
         fused = _fused_term(expr.terms[0]) if len(expr.terms) == 1 else None
-        if fused is not None and one_hot_value(expr.plan.scale * fused[0] * fused[1].expr.args[0]) is not None:
-            (hot,) = fused[1].expr.atoms(one_hot)
-            indexed_hots.add(hot)
-            used.add(hot.args[0].indices[0].upper + 1)
+        if fused is not None and type(fused[1].expr) in FUSED_KERNELS and one_hot_value(
+                expr.plan.scale * fused[0] * fused[1].expr.args[0], fused[1].expr.args[1]) is not None:
+            indexed_hots |= fused[1].expr.atoms(one_hot)
     for root in roots:
         for node in walk(root):
             if isinstance(node, Leaf):
@@ -595,6 +602,11 @@ def _shape_of(name: str, indices: tuple[str, ...], index: str) -> str:
 
 class IndexNotationPrinter(sympy.printing.str.StrPrinter):
     """Math in the spec's own index notation: Sum(f, (k, 0, size_k - 1)) prints as sum(f, k)."""
+
+    def _print_Add(self, expr, order=None):
+        """A positive term leads: `x[..., d] - m[...]`, not `-m[...] + x[..., d]`."""
+        terms = sorted(self._as_ordered_terms(expr, order=order), key=lambda t: t.could_extract_minus_sign())
+        return super()._print_Add(sympy.Add(*terms, evaluate=False), order="none")
 
     def _print_Sum(self, expr):
         indices = ", ".join(self._print(limit[0]) for limit in expr.limits)

@@ -49,10 +49,11 @@ def save_forward_values(forward: list[Term], gradients: list[list[Term]]):
     if not needed:
         return (), forward, gradients
     saved = []
+    labels = [body.base.label.name for body, _ in needed]
     for body, index in needed:
         name = naming.SAVED_PREFIX + "log_softmax"
-        if len(needed) > 1:
-            name += "_" + body.base.label.name
+        if len(needed) > 1:      # one per input, and per dim when an input has two
+            name += "_" + body.base.label.name + ("_" + index.name if labels.count(body.base.label.name) > 1 else "")
         value = SavedValue(name, log_softmax(body, index), tuple(i.name for i in body.indices))
         reading = _read_forward(forward, value, body, index)
         if reading == forward:      # the forward never forms x - logsumexp(x): nothing to save

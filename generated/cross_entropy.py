@@ -29,8 +29,8 @@ def cross_entropy_backward(grad_loss, logits, target, saved_log_softmax, *, need
     with the Kronecker deltas of the partial derivative summed away.
 
     grad_logits (shape of logits: (n, c)):
-        d loss / d logits[n', c'] = sum(-KroneckerDelta(c', target[n])*KroneckerDelta(n, n') + sum(KroneckerDelta(c, c')*KroneckerDelta(n, n')*softmax(logits[n, c], c), c), n)/size_n
-        grad_logits[n, c] = -grad_loss*one_hot(target[n], c)/size_n + grad_loss*softmax(logits[n, c], c)/size_n
+        d loss / d logits[n', c'] = sum(sum(KroneckerDelta(c, c')*KroneckerDelta(n, n')*softmax(logits[n, c], c), c) - KroneckerDelta(c', target[n])*KroneckerDelta(n, n'), n)/size_n
+        grad_logits[n, c] = grad_loss*softmax(logits[n, c], c)/size_n - grad_loss*one_hot(target[n], c)/size_n
 
     saved_log_softmax = log_softmax(logits[n, c], c) comes from cross_entropy_forward_saving.
     needs_input_grad: one flag per input; a gradient whose flag is False is not
@@ -39,7 +39,7 @@ def cross_entropy_backward(grad_loss, logits, target, saved_log_softmax, *, need
     size_n = target.shape[0]
     grad_logits = None
     if needs_input_grad[0]:
-        grad_logits = torch._log_softmax_backward_data(torch.zeros_like(saved_log_softmax).index_put_((torch.arange(size_n, device=target.device), target), -grad_loss / size_n), saved_log_softmax, -1, saved_log_softmax.dtype)
+        grad_logits = torch._log_softmax_backward_data(torch.ops.aten.nll_loss_backward(grad_loss / size_n, saved_log_softmax, target, None, 2, -100, grad_loss / size_n), saved_log_softmax, -1, saved_log_softmax.dtype)
     return (grad_logits, None)
 
 

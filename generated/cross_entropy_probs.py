@@ -30,8 +30,8 @@ def cross_entropy_probs_backward(grad_loss, logits, target, saved_log_softmax, *
     with the Kronecker deltas of the partial derivative summed away.
 
     grad_logits (shape of logits: (n, c)):
-        d loss / d logits[n', c'] = sum((-KroneckerDelta(c, c')*KroneckerDelta(n, n') + sum(KroneckerDelta(c, c')*KroneckerDelta(n, n')*softmax(logits[n, c], c), c))*target[n, c], c, n)/size_n
-        grad_logits[n, c] = -grad_loss*target[n, c]/size_n + sum(grad_loss*softmax(logits[n, c], c)*target[n, c_1], c_1)/size_n
+        d loss / d logits[n', c'] = sum((sum(KroneckerDelta(c, c')*KroneckerDelta(n, n')*softmax(logits[n, c], c), c) - KroneckerDelta(c, c')*KroneckerDelta(n, n'))*target[n, c], c, n)/size_n
+        grad_logits[n, c] = sum(grad_loss*softmax(logits[n, c], c)*target[n, c_1], c_1)/size_n - grad_loss*target[n, c]/size_n
 
     grad_target (shape of target: (n, c)):
         d loss / d target[n', c'] = sum((logsumexp(logits[n, c], c) - logits[n, c])*KroneckerDelta(c, c')*KroneckerDelta(n, n'), c, n)/size_n

@@ -43,16 +43,16 @@ def layer_norm_backward(grad_y, x, w, b, saved_mean, saved_rstd, eps=1e-05, *, n
         grad_b[d] = sum(grad_y[..., d], ...)
 
     saved_mean = sum(x[..., d], d)/size_d comes from layer_norm_forward_saving.
-    saved_rstd = 1/sqrt(eps + sum((-saved_mean[...] + x[..., d])**2, d)/size_d) comes from layer_norm_forward_saving.
+    saved_rstd = 1/sqrt(eps + sum((x[..., d] - saved_mean[...])**2, d)/size_d) comes from layer_norm_forward_saving.
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
     size_d = grad_y.shape[-1]
     grad_x = grad_w = grad_b = None
     if needs_input_grad[0]:
-        grad_x = torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean, saved_rstd, w, None, [True, False, False])[0]
+        grad_x = torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean.unsqueeze(-1), saved_rstd.unsqueeze(-1), w, None, [True, False, False])[0]
     if needs_input_grad[1]:
-        grad_w = torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean, saved_rstd, w, None, [False, True, False])[1]
+        grad_w = torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean.unsqueeze(-1), saved_rstd.unsqueeze(-1), w, None, [False, True, False])[1]
     if needs_input_grad[2]:
         grad_b = grad_y.sum_to_size((size_d,))
     return (grad_x, grad_w, grad_b)
@@ -61,7 +61,7 @@ def layer_norm_backward(grad_y, x, w, b, saved_mean, saved_rstd, eps=1e-05, *, n
 class LayerNormFunction(torch.autograd.Function):
     """layer_norm as a torch.autograd.Function: the generated forward and backward.
 
-    Saves x, w, b, saved_mean, saved_rstd: the inputs and the forward's values the backward
+    Saves x, w, saved_mean, saved_rstd: the inputs and the forward's values the backward
     reads; works with torch.func.grad and torch.vmap.
     """
 
@@ -73,16 +73,16 @@ class LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, b, eps = inputs
+        x, w, _, eps = inputs
         _, saved_mean, saved_rstd = output
         ctx.mark_non_differentiable(saved_mean, saved_rstd)
-        ctx.save_for_backward(x, w, b, saved_mean, saved_rstd)
+        ctx.save_for_backward(x, w, saved_mean, saved_rstd)
         ctx.eps = eps
 
     @staticmethod
     def backward(ctx, grad_y, *_):
-        x, w, b, saved_mean, saved_rstd = ctx.saved_tensors
-        gradients = layer_norm_backward(grad_y, x, w, b, saved_mean, saved_rstd, ctx.eps,
+        x, w, saved_mean, saved_rstd = ctx.saved_tensors
+        gradients = layer_norm_backward(grad_y, x, w, None, saved_mean, saved_rstd, ctx.eps,
                                        needs_input_grad=ctx.needs_input_grad[:3])
         return gradients + (None,)
 
@@ -105,9 +105,9 @@ def _layer_norm_fake(x, w, b, eps=1e-05):
 
 def _layer_norm_setup_context(ctx, inputs, output):
     """The custom op returns y alone, so the values its backward reuses are computed here."""
-    x, w, b, eps = inputs
+    x, w, _, eps = inputs
     _, saved_mean, saved_rstd = layer_norm_forward_saving(x, w, b, eps)
-    ctx.save_for_backward(x, w, b, saved_mean, saved_rstd)
+    ctx.save_for_backward(x, w, saved_mean, saved_rstd)
     ctx.eps = eps
 
 

@@ -183,7 +183,7 @@ def test_loss_gradients_scale_by_grad_loss_before_touching_a_tensor(op_name):
     scaled = r"-?(\d+ \* )?grad_loss( / size_\w+)?"
     for target, line in code_lines(op_name, "contraction").items():
         assert re.match(rf"\(?{scaled} \* ", line) or re.match(
-            rf"torch\._\w+_backward_data\(({scaled} \* |torch\.zeros_like\(\w+\)\.index_put_\(\(.*\), {scaled}\), )",
+            rf"torch\._\w+_backward_data\(({scaled} \* |torch\.ops\.aten\.nll_loss_backward\({scaled}, )",
             line), (target, line)
 
 
@@ -216,9 +216,8 @@ def test_cross_entropy_saves_its_log_softmax_and_uses_the_fused_kernel():
     assert render_expr(built.lowered["contraction"].forward) == \
         "-saved_log_softmax.gather(1, target.unsqueeze(1)).squeeze(1).mean()"
     assert code_lines("cross_entropy", "contraction")["grad_logits"] == (
-        "torch._log_softmax_backward_data(torch.zeros_like(saved_log_softmax).index_put_("
-        "(torch.arange(size_n, device=target.device), target), -grad_loss / size_n), "
-        "saved_log_softmax, -1, saved_log_softmax.dtype)")
+        "torch._log_softmax_backward_data(torch.ops.aten.nll_loss_backward(grad_loss / size_n, saved_log_softmax, "
+        "target, None, 2, -100, grad_loss / size_n), saved_log_softmax, -1, saved_log_softmax.dtype)")
     assert not built.lowered["broadcast"].plan.saved      # the teaching form keeps the formula
     assert "one_hot" in code_lines("cross_entropy", "broadcast")["grad_logits"]
 
@@ -315,9 +314,9 @@ def test_layer_norm_saves_mean_and_rstd_and_uses_the_fused_kernel():
     built = build_op(CATALOG.op("layer_norm"))
     assert [v.name for v in built.lowered["contraction"].plan.saved] == ["saved_mean", "saved_rstd"]
     lines = code_lines("layer_norm", "contraction")
-    assert lines["grad_x"] == ("torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean, "
-                               "saved_rstd, w, None, [True, False, False])[0]")
-    assert lines["grad_w"].endswith("saved_rstd, w, None, [False, True, False])[1]")
+    assert lines["grad_x"] == ("torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], "
+                               "saved_mean.unsqueeze(-1), saved_rstd.unsqueeze(-1), w, None, [True, False, False])[0]")
+    assert lines["grad_w"].endswith("saved_rstd.unsqueeze(-1), w, None, [False, True, False])[1]")
     assert not built.lowered["broadcast"].plan.saved
     assert "native_layer_norm_backward" not in " ".join(code_lines("layer_norm", "broadcast").values())
 
@@ -331,8 +330,8 @@ def test_a_normalization_without_weight_passes_none(tmp_path):
         reference = "torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)"
     ''')
     (line,) = [render_expr(g) for g in build_op(op).lowered["contraction"].gradients]
-    assert line == ("torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean, saved_rstd, "
-                    "None, None, [True, False, False])[0]")
+    assert line == ("torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean.unsqueeze(-1), "
+                    "saved_rstd.unsqueeze(-1), None, None, [True, False, False])[0]")
     gradcheck_op(op, module)
     check_gradients(op, module)
     inputs = [t.requires_grad_() for t in make_inputs(op, {"...": 3, "d": 4}, torch.float64)]
@@ -351,3 +350,49 @@ def test_statistics_read_outside_the_kernel_are_not_saved(tmp_path):
     assert not build_op(op).lowered["contraction"].plan.saved
     gradcheck_op(op, module)
     check_gradients(op, module)
+
+
+def test_two_log_softmaxes_of_one_input_get_two_saved_values(tmp_path):
+    """A CLIP-style loss normalizes x along each dim: two saved values, two names."""
+    op, module = spec_module(tmp_path, '''
+        [ops.clip_loss]
+        inputs = ["x[n, c]", "t[n]", "u[c]"]
+        integer = ["t", "u"]
+        equation = "loss = mean(logsumexp(x[n, c], c) - x[n, t[n]], n) + mean(logsumexp(x[n, c], n) - x[u[c], c], c)"
+        reference = "torch.nn.functional.cross_entropy(x, t) + torch.nn.functional.cross_entropy(x.T, u)"
+    ''')
+    names = [v.name for v in build_op(op).lowered["contraction"].plan.saved]
+    assert sorted(names) == ["saved_log_softmax_x_c", "saved_log_softmax_x_n"]
+    gradcheck_op(op, module)
+    check_gradients(op, module)
+
+
+def test_a_class_dim_that_is_not_last_keeps_the_one_hot(tmp_path):
+    """nll_loss_backward builds (rows, classes); classes first is left to the one-hot formula."""
+    op, module = spec_module(tmp_path, '''
+        [ops.class_first]
+        inputs = ["logits[c, n]", "target[n]"]
+        integer = ["target"]
+        equation = "loss = mean(logsumexp(logits[c, n], c) - logits[target[n], n], n)"
+        reference = "torch.nn.functional.cross_entropy(logits.T, target)"
+    ''')
+    (line,) = [render_expr(g) for g in build_op(op).lowered["contraction"].gradients]
+    assert "nll_loss_backward" not in line and "one_hot" in line
+    gradcheck_op(op, module)
+    check_gradients(op, module)
+
+
+def test_a_module_that_would_not_compile_is_an_error_not_a_file():
+    from derive import build
+    original = build.render_module
+    build.render_module = lambda *args, **kwargs: "def broken(:\n"
+    try:
+        with pytest.raises(build.SpecError, match="internal error while generating"):
+            render_catalog(parse_catalog(textwrap.dedent('''
+                [ops.ident]
+                inputs = ["x[i]"]
+                equation = "y[i] = x[i]"
+                reference = "x"
+            '''), "test.toml"))
+    finally:
+        build.render_module = original

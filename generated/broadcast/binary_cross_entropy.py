@@ -28,8 +28,8 @@ def binary_cross_entropy_backward(grad_loss, pred, target, *, needs_input_grad=(
         grad_pred[...] = -grad_loss*target[...]/(size_batch*pred[...]) - grad_loss*(target[...] - 1)/(size_batch*(1 - pred[...]))
 
     grad_target (shape of target: (...,)):
-        d loss / d target[...'] = sum(-log(pred[...])*KroneckerDelta(..., ...') + KroneckerDelta(..., ...')*log1p(-pred[...]), ...)/size_batch
-        grad_target[...] = -grad_loss*log(pred[...])/size_batch + grad_loss*log1p(-pred[...])/size_batch
+        d loss / d target[...'] = sum(KroneckerDelta(..., ...')*log1p(-pred[...]) - log(pred[...])*KroneckerDelta(..., ...'), ...)/size_batch
+        grad_target[...] = grad_loss*log1p(-pred[...])/size_batch - grad_loss*log(pred[...])/size_batch
 
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.

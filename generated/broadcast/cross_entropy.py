@@ -24,8 +24,8 @@ def cross_entropy_backward(grad_loss, logits, target, *, needs_input_grad=(True,
     with the Kronecker deltas of the partial derivative summed away.
 
     grad_logits (shape of logits: (n, c)):
-        d loss / d logits[n', c'] = sum(-KroneckerDelta(c', target[n])*KroneckerDelta(n, n') + sum(KroneckerDelta(c, c')*KroneckerDelta(n, n')*softmax(logits[n, c], c), c), n)/size_n
-        grad_logits[n, c] = -grad_loss*one_hot(target[n], c)/size_n + grad_loss*softmax(logits[n, c], c)/size_n
+        d loss / d logits[n', c'] = sum(sum(KroneckerDelta(c, c')*KroneckerDelta(n, n')*softmax(logits[n, c], c), c) - KroneckerDelta(c', target[n])*KroneckerDelta(n, n'), n)/size_n
+        grad_logits[n, c] = grad_loss*softmax(logits[n, c], c)/size_n - grad_loss*one_hot(target[n], c)/size_n
 
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
