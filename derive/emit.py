@@ -101,6 +101,7 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
                              + [f"{p.name}: float = {p.default!r}" for p in op.params]),
         unpack_inputs=_unpack([t if t in saved else "_" for t in tensor_args] + [p.name for p in op.params]),
         unpack_values=_unpack(["_"] + values) if values else "",
+        unpack_all=_unpack(tensor_args + [p.name for p in op.params]),
         unpack_recomputed=_unpack(["_"] + [v.name if v.recompute else "_" for v in lowered.plan.saved])
         if any(v.recompute for v in lowered.plan.saved) else "",
         recompute_args=", ".join(tensor_args + [f"ctx.{p.name}" for p in op.params]),

@@ -184,11 +184,12 @@ class TorchCodePrinter(TorchPrinter):
         indexed = one_hot_value(scaled, saved)
         if indexed is not None:
             # nll_loss_backward with sum reduction (2) writes -grad_output at each row's class into
-            # zeros, in one kernel that vmap and jacrev batch (an in-place index_put_ they refuse)
+            # zeros, in one kernel that vmap and jacrev batch (an in-place index_put_ they refuse);
+            # total_weight only divides a mean, and must not require grad in a double backward
             value, _, target = indexed
-            minus = TorchCodePrinter(())._print(-value)
-            grad_text = f"torch.ops.aten.nll_loss_backward({minus}, {saved.base.label.name}, {target}, None, 2, -100, " \
-                        f"{minus})"
+            saved_name = saved.base.label.name
+            grad_text = f"torch.ops.aten.nll_loss_backward({TorchCodePrinter(())._print(-value)}, {saved_name}, " \
+                        f"{target}, weight=None, reduction=2, ignore_index=-100, total_weight={saved_name}.new_ones(()))"
         else:
             grad_text = TorchCodePrinter(layout, self.tensors)._print(scaled)
         saved_text = TorchCodePrinter(layout, self.tensors)._print(saved)

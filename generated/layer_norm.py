@@ -105,7 +105,7 @@ def _layer_norm_fake(x, w, b, eps=1e-05):
 
 def _layer_norm_setup_context(ctx, inputs, output):
     """The custom op returns y alone, so the values its backward reuses are computed here."""
-    x, w, _, eps = inputs
+    x, w, b, eps = inputs
     _, saved_mean, saved_rstd = layer_norm_forward_saving(x, w, b, eps)
     ctx.save_for_backward(x, w, saved_mean, saved_rstd)
     ctx.eps = eps

@@ -217,7 +217,8 @@ def test_cross_entropy_saves_its_log_softmax_and_uses_the_fused_kernel():
         "-saved_log_softmax.gather(1, target.unsqueeze(1)).squeeze(1).mean()"
     assert code_lines("cross_entropy", "contraction")["grad_logits"] == (
         "torch._log_softmax_backward_data(torch.ops.aten.nll_loss_backward(grad_loss / size_n, saved_log_softmax, "
-        "target, None, 2, -100, grad_loss / size_n), saved_log_softmax, -1, saved_log_softmax.dtype)")
+        "target, weight=None, reduction=2, ignore_index=-100, total_weight=saved_log_softmax.new_ones(())), "
+        "saved_log_softmax, -1, saved_log_softmax.dtype)")
     assert not built.lowered["broadcast"].plan.saved      # the teaching form keeps the formula
     assert "one_hot" in code_lines("cross_entropy", "broadcast")["grad_logits"]
 
