@@ -272,6 +272,9 @@ class TorchCodePrinter(TorchPrinter):
         if expr.is_number:
             return self._print_irrational(expr)
         base, exponent = expr.args
+        if exponent in (sympy.S.Half, -sympy.S.Half) and not self._is_tensor(base):
+            # a size or a hyperparameter is a Python number, which torch.sqrt does not take
+            return f"{self.parenthesize(base, PRECEDENCE['Pow'] + 1)}**{'0.5' if exponent > 0 else '-0.5'}"
         if exponent == sympy.S.Half:
             return f"torch.sqrt({self._print(base)})"
         if exponent == -sympy.S.Half:

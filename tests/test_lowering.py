@@ -397,3 +397,16 @@ def test_a_module_that_would_not_compile_is_an_error_not_a_file():
             '''), "test.toml"))
     finally:
         build.render_module = original
+
+
+def test_square_roots_of_sizes_are_python_arithmetic(tmp_path):
+    """Without eps, SymPy pulls sqrt(size_d) out of the normalization: a Python int, not a tensor."""
+    op, module = spec_module(tmp_path, '''
+        [ops.standardize_exact]
+        inputs = ["x[..., d]"]
+        equation = "y[..., d] = (x[..., d] - mean(x[..., d], d)) / sqrt(mean((x[..., d] - mean(x[..., d], d))**2, d))"
+        reference = "torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=0.0)"
+    ''')
+    assert "size_d**0.5" in render_expr(build_op(op).lowered["contraction"].forward)
+    gradcheck_op(op, module)
+    check_gradients(op, module)
