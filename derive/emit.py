@@ -60,6 +60,26 @@ class GradientView:
     code: str
     shared: tuple[tuple[str, str], ...]   # values only this gradient uses, computed just before it
 
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        """What each fused PyTorch kernel in the code computes, for a comment above it."""
+        code = " ".join([self.code] + [text for _, text in self.shared])
+        return tuple(meaning for needle, meaning in KERNELS.items() if needle in code)
+
+
+# The fused kernels the contraction style calls (a piece of the call that names it), with the
+# formula each stands for.
+KERNELS = {
+    "torch.ops.aten.threshold_backward(": "threshold_backward(g, x, 0) = where(x <= 0, 0, g)",
+    "torch.ops.aten.leaky_relu_backward(": "leaky_relu_backward(g, x, s, False) = where(x > 0, g, s * g)",
+    "torch._softmax_backward_data(": "_softmax_backward_data(g, y, dim) = y * (g - sum(g * y, dim))",
+    "torch._log_softmax_backward_data(": "_log_softmax_backward_data(g, y, dim) = g - exp(y) * sum(g, dim)",
+    "torch.ops.aten.nll_loss_backward(": "nll_loss_backward(v, y, t, reduction=2) = zeros like y, with -v at [i, t[i]]",
+    "[True, False, False])[0]": "native_layer_norm_backward(g, x, ..., w)[0] = rstd * (g w - mean(g w) - "
+                                "xhat * mean(g w xhat)), xhat = (x - mean) * rstd",
+    "[False, True, False])[1]": "native_layer_norm_backward(g, x, ...)[1] = sum over rows of g * xhat",
+}
+
 
 def render_module(derivation: Derivation, lowered: LoweredOp, source: str, command: str,
                   namespace: str = "derive") -> str:

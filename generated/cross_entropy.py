@@ -39,6 +39,8 @@ def cross_entropy_backward(grad_loss, logits, target, saved_log_softmax, *, need
     size_n = target.shape[0]
     grad_logits = None
     if needs_input_grad[0]:
+        # _log_softmax_backward_data(g, y, dim) = g - exp(y) * sum(g, dim)
+        # nll_loss_backward(v, y, t, reduction=2) = zeros like y, with -v at [i, t[i]]
         grad_logits = torch._log_softmax_backward_data(torch.ops.aten.nll_loss_backward(grad_loss / size_n, saved_log_softmax, target, weight=None, reduction=2, ignore_index=-100, total_weight=saved_log_softmax.new_ones(())), saved_log_softmax, -1, saved_log_softmax.dtype)
     return (grad_logits, None)
 

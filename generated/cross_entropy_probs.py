@@ -44,6 +44,7 @@ def cross_entropy_probs_backward(grad_loss, logits, target, saved_log_softmax, *
     size_n = target.shape[0]
     grad_logits = grad_target = None
     if needs_input_grad[0]:
+        # _log_softmax_backward_data(g, y, dim) = g - exp(y) * sum(g, dim)
         grad_logits = torch._log_softmax_backward_data(-grad_loss / size_n * target, saved_log_softmax, -1, saved_log_softmax.dtype)
     if needs_input_grad[1]:
         grad_target = -grad_loss / size_n * saved_log_softmax

@@ -50,8 +50,10 @@ def layer_norm_backward(grad_y, x, w, b, saved_mean, saved_rstd, eps=1e-05, *, n
     size_d = grad_y.shape[-1]
     grad_x = grad_w = grad_b = None
     if needs_input_grad[0]:
+        # native_layer_norm_backward(g, x, ..., w)[0] = rstd * (g w - mean(g w) - xhat * mean(g w xhat)), xhat = (x - mean) * rstd
         grad_x = torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean.unsqueeze(-1), saved_rstd.unsqueeze(-1), w, None, [True, False, False])[0]
     if needs_input_grad[1]:
+        # native_layer_norm_backward(g, x, ...)[1] = sum over rows of g * xhat
         grad_w = torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean.unsqueeze(-1), saved_rstd.unsqueeze(-1), w, None, [False, True, False])[1]
     if needs_input_grad[2]:
         grad_b = grad_y.sum_to_size((size_d,))

@@ -31,6 +31,7 @@ def leaky_relu_backward(grad_y, x, slope=0.01, *, needs_input_grad=(True,)):
     """
     grad_x = None
     if needs_input_grad[0]:
+        # leaky_relu_backward(g, x, s, False) = where(x > 0, g, s * g)
         grad_x = torch.ops.aten.leaky_relu_backward(grad_y, x, slope, False)
     return (grad_x,)
 

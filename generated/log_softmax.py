@@ -32,6 +32,7 @@ def log_softmax_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     """
     grad_x = None
     if needs_input_grad[0]:
+        # _log_softmax_backward_data(g, y, dim) = g - exp(y) * sum(g, dim)
         grad_x = torch._log_softmax_backward_data(grad_y, y, -1, y.dtype)
     return (grad_x,)
 

@@ -31,6 +31,7 @@ def relu_backward(grad_y, x, *, needs_input_grad=(True,)):
     """
     grad_x = None
     if needs_input_grad[0]:
+        # threshold_backward(g, x, 0) = where(x <= 0, 0, g)
         grad_x = torch.ops.aten.threshold_backward(grad_y, x, 0)
     return (grad_x,)
 

@@ -410,3 +410,18 @@ def test_square_roots_of_sizes_are_python_arithmetic(tmp_path):
     assert "size_d**0.5" in render_expr(build_op(op).lowered["contraction"].forward)
     gradcheck_op(op, module)
     check_gradients(op, module)
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_every_fused_kernel_call_says_what_it_computes(op_name):
+    import re
+    lines = open(load_module_for(op_name).__file__).read().splitlines()
+    for number, line in enumerate(lines):
+        for kernel in re.findall(r"(torch\.(?:ops\.aten\.)?_?\w+_backward(?:_data)?)\(", line):
+            comments = []
+            above = number - 1
+            while lines[above].strip().startswith("#"):
+                comments.append(lines[above].strip())
+                above -= 1
+            name = kernel.rsplit(".", 1)[1]
+            assert any(c.startswith(f"# {name}") for c in comments), (op_name, kernel, comments)
