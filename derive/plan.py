@@ -136,7 +136,7 @@ def _factor_out(plans: list[TermPlan]) -> tuple[sympy.Expr, list[TermPlan]]:
     scalars = {o for o in scalars if all(len(t.operands) > len(scalars) for t in plans)}
     plans = [replace(t, coefficient=sympy.cancel(t.coefficient / coefficient),
                      operands=tuple(o for o in t.operands if o not in scalars)) for t in plans]
-    return coefficient * sympy.Mul(*[o.expr for o in sorted(scalars, key=lambda o: o.expr.name)]), plans
+    return coefficient * sympy.Mul(*[o.expr for o in sorted(scalars, key=lambda o: sympy.default_sort_key(o.expr))]), plans
 
 
 def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, reading) -> TermPlan:

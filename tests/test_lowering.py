@@ -425,3 +425,18 @@ def test_every_fused_kernel_call_says_what_it_computes(op_name):
                 above -= 1
             name = kernel.rsplit(".", 1)[1]
             assert any(c.startswith(f"# {name}") for c in comments), (op_name, kernel, comments)
+
+
+def test_class_weighted_cross_entropy(tmp_path):
+    """Scalar factors that are expressions (1 / sum of the weights) are pulled out of a sum of terms."""
+    op, module = spec_module(tmp_path, '''
+        [ops.ce_weighted]
+        inputs = ["logits[n, c]", "wt[c]", "target[n]"]
+        integer = ["target"]
+        differentiable = ["logits"]
+        ranges = { wt = [0.5, 2.0] }
+        equation = "loss = sum(wt[target[n]] * (logsumexp(logits[n, c], c) - logits[n, target[n]]), n) / sum(wt[target[n]], n)"
+        reference = "torch.nn.functional.cross_entropy(logits, target, weight=wt)"
+    ''')
+    gradcheck_op(op, module)
+    check_gradients(op, module)
