@@ -297,9 +297,9 @@ def _fuse_layer_norm_vjp(terms: list[Term], body, index, m, r, like) -> list[Ter
 
     if len(terms) == 1:
         (term,) = terms
-        batch = [i for i in term.summed if i.name == naming.BATCH]
+        rows = {i.name for i in body.indices if i != index}     # the kernel sums d/dw over every row
         rest = list(term.factors)
-        if batch and len(term.summed) == 1 and r in rest and centered(index) in rest:
+        if term.summed and {i.name for i in term.summed} == rows and r in rest and centered(index) in rest:
             rest.remove(r)
             rest.remove(centered(index))
             h = sympy.Mul(*rest)

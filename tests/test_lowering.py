@@ -440,3 +440,22 @@ def test_class_weighted_cross_entropy(tmp_path):
     ''')
     gradcheck_op(op, module)
     check_gradients(op, module)
+
+
+def test_a_layer_norm_over_named_rows_saves_and_fuses_too(tmp_path):
+    op, module = spec_module(tmp_path, '''
+        [ops.row_norm]
+        inputs = ["x[n, d]", "w[d]", "b[d]"]
+        params = { eps = 1e-5 }
+        equation = "y[n, d] = (x[n, d] - mean(x[n, d], d)) / sqrt(mean((x[n, d] - mean(x[n, d], d))**2, d) + eps) * w[d] + b[d]"
+        reference = "torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, eps)"
+    ''')
+    lines = {g.plan.target: render_expr(g) for g in build_op(op).lowered["contraction"].gradients}
+    assert "native_layer_norm_backward" in lines["grad_x"] and "native_layer_norm_backward" in lines["grad_w"]
+    gradcheck_op(op, module)
+    check_gradients(op, module)
+    inputs = [t.requires_grad_() for t in make_inputs(op, {"n": 3, "d": 4}, torch.float64)]
+    assert torch.autograd.gradgradcheck(module.row_norm, inputs)
+    jacobians = [torch.func.jacrev(f, argnums=1)(*[t.detach() for t in inputs])
+                 for f in (module.row_norm, lambda x, w, b: torch.nn.functional.layer_norm(x, (4,), w, b, 1e-5))]
+    torch.testing.assert_close(jacobians[0], jacobians[1])
