@@ -133,10 +133,9 @@ def cases(style: str, preset: dict[str, int], generated_dir: Path, only: Sequenc
     ops = load_catalog().ops
     folder = generated_dir / STYLE_DIRS[style]
     modules = {op.name: load_module(folder / naming.module_file(op.name)) for op in ops}
-    every = [*(lambda op=op: op_case(op, modules[op.name], preset) for op in ops),
-             lambda: seed_network_case(modules, preset)]
-    names = [*(op.name for op in ops), SEED_NETWORK]
-    return [make() for name, make in zip(names, every) if not only or name in only]
+    wanted = set(only) or {op.name for op in ops} | {SEED_NETWORK}
+    network = [seed_network_case(modules, preset)] if SEED_NETWORK in wanted else []
+    return [op_case(op, modules[op.name], preset) for op in ops if op.name in wanted] + network
 
 
 def op_sizes(derivation: Derivation, preset: dict[str, int]) -> dict[str, int]:

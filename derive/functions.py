@@ -120,25 +120,35 @@ class layer_norm_backward(sympy.Function):  # noqa: N801
     is_real = True
 
 
-def fuse_log_softmax(expr: sympy.Expr) -> sympy.Expr:
-    """Every `a * (x[c] - logsumexp(x[c'], c'))` inside `expr` (the two summands of one sum, any
-    signs and index names) becomes `a * log_softmax(x[c], c)`."""
+def rewrite_log_softmax(expr: sympy.Expr, read) -> sympy.Expr:
+    """Every `a * (x[..., p] - logsumexp(x[..., c], c))` inside `expr` (two summands of one sum, any
+    signs) becomes `a * read(lse, x[..., p])`, where `read` gives a value for that pair (or None: no match)."""
     def fused(add):
         for lse in add.args:
             sign, core = lse.as_coeff_Mul()
             if not (isinstance(core, logsumexp) and sign in (1, -1)):
                 continue
             for other in add.args:
-                other_sign, body = other.as_coeff_Mul()
-                if other_sign != -sign:
-                    continue
-                for position in body.atoms(sympy.Idx):
-                    if position.upper == core.index.upper and core.body.xreplace({core.index: position}) == body:
-                        rest = [a for a in add.args if a is not lse and a is not other]
-                        return sympy.Add(other_sign * log_softmax(body, position), *rest)
+                other_sign, access = other.as_coeff_Mul()
+                value = read(core, access) if other_sign == -sign else None
+                if value is not None:
+                    rest = [a for a in add.args if a is not lse and a is not other]
+                    return sympy.Add(other_sign * value, *rest)
         return add
 
     return expr.replace(lambda e: isinstance(e, sympy.Add), fused)
+
+
+def fuse_log_softmax(expr: sympy.Expr) -> sympy.Expr:
+    """Every `a * (x[c] - logsumexp(x[c'], c'))` inside `expr` (any index names) becomes
+    `a * log_softmax(x[c], c)`."""
+    def inline(lse, access):
+        for position in access.atoms(sympy.Idx):
+            if position.upper == lse.index.upper and lse.body.xreplace({lse.index: position}) == access:
+                return log_softmax(access, position)
+        return None
+
+    return rewrite_log_softmax(expr, inline)
 
 
 class one_hot(sympy.Function):  # noqa: N801
@@ -166,10 +176,10 @@ class log_softmax_backward(sympy.Function):  # noqa: N801
 
 
 def fuse_softmax_vjp(terms):
-    """Two terms that spell out a softmax or log-softmax VJP along one index become one fused term.
+    """Two terms that spell out a softmax VJP along one index become one fused term
+    (the log-softmax one is `fuse_log_softmax_vjp`):
 
         g[c] * y[c] - sum(y[c] * g[c1] * y[c1], c1)   ->  softmax_backward(g, y, c)
-        g[c] - sum(exp(y[c]) * g[c1], c1)              ->  log_softmax_backward(g, y, c)
 
     The match is on the algebra alone: it holds for any tensors g and y.
     """
@@ -190,13 +200,56 @@ def fuse_softmax_vjp(terms):
                 if sorted(minus.factors, key=sympy.default_sort_key) == sorted(
                         [y, g.xreplace(moved), y.xreplace(moved)], key=sympy.default_sort_key):
                     return [type(plus)(sympy.S.One, (softmax_backward(g, y, position),), ())]
-            if not rest:
-                exps = [f for f in minus.factors if isinstance(f, sympy.exp) and isinstance(f.args[0], sympy.Indexed)]
-                if len(exps) == 1 and exps[0].args[0].indices == g.indices and sorted(
-                        minus.factors, key=sympy.default_sort_key) == sorted(
-                        [exps[0], g.xreplace(moved)], key=sympy.default_sort_key):
-                    return [type(plus)(sympy.S.One, (log_softmax_backward(g, exps[0].args[0], position),), ())]
     return terms
+
+
+def fuse_log_softmax_vjp(terms):
+    """The two terms of a log-softmax VJP, with any common scalar factors, become one fused term.
+
+        a * g[c] - a * sum(exp(y[c]) * g[c1], c1)   ->  a * log_softmax_backward(g, y, c)
+        a * exp(y[n, c]) - a * one_hot(t[n], c)       ->  a * log_softmax_backward(-one_hot(t[n], c), y, c)
+
+    (g may be a product; the second holds because one_hot sums to one over c). A match is on
+    the algebra alone; anything else is left as it is.
+    """
+    if len(terms) != 2:
+        return terms
+    first, second = terms
+    if first.coefficient != -second.coefficient:
+        return terms
+    scalars = [f for f in first.factors if not f.atoms(sympy.Idx) and f in second.factors]
+    own = [[f for f in t.factors if f not in scalars] for t in (first, second)]
+    for (plain, plain_factors), (summed, summed_factors) in (((first, own[0]), (second, own[1])),
+                                                             ((second, own[1]), (first, own[0]))):
+        fused = _fused_vjp(plain, plain_factors, summed, summed_factors)
+        if fused is not None:
+            sign, kernel = fused
+            return [type(plain)(sign * plain.coefficient, tuple(scalars) + (kernel,), ())]
+    return terms
+
+
+def _fused_vjp(plain, plain_factors, other, other_factors):
+    exps = [f for f in other_factors if isinstance(f, sympy.exp) and isinstance(f.args[0], sympy.Indexed)]
+    if len(exps) != 1 or plain.summed:
+        return None
+    y = exps[0].args[0]
+    rest = [f for f in other_factors if f is not exps[0]]
+    if not other.summed and not rest and len(plain_factors) == 1 and isinstance(plain_factors[0], one_hot):
+        position = plain_factors[0].args[1]
+        if position in y.indices:      # a * exp(y) - a * one_hot: the plain term holds -a
+            return -1, log_softmax_backward(-plain_factors[0], y, position)
+        return None
+    if len(other.summed) != 1 or not rest:
+        return None
+    moved = other.summed[0]
+    g = sympy.Mul(*plain_factors)
+    if {i.name for i in g.atoms(sympy.Idx)} != {i.name for i in y.indices}:
+        return None      # the kernel takes g and y of one shape
+    for position in y.indices:
+        if isinstance(position, sympy.Idx) and position.upper == moved.upper and \
+                sympy.Mul(*rest) == g.xreplace({position: moved}) and g.has(position):
+            return 1, log_softmax_backward(g, y, position)
+    return None
 
 
 BINDING = (sympy.Sum, logsumexp)       # constructs that bind an index

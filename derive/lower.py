@@ -295,16 +295,23 @@ def _indexed_add(plan: ExprPlan, terms: list[Node]) -> LoweredExpr:
         coefficient, leaf = (node.coefficient, node.source) if isinstance(node, Scaled) else (sympy.S.One, node)
         if not (isinstance(leaf, Leaf) and isinstance(leaf.expr, one_hot)):
             continue
-        value, klass = leaf.expr.args
-        rows = tuple(i.name for i in value.indices)
         rest = terms[:position] + terms[position + 1:]
         covered = {i for t in rest for i in t.indices}
-        if len(rows) == 1 and BATCH not in rows and plan.indices == rows + (klass.name,) \
-                and covered == set(plan.indices) and not plan.unbroadcast \
-                and any(naming.is_zero_dim_tensor(s) for s in plan.scale.free_symbols):
-            indexed = IndexedAdd(coefficient * plan.scale, value.base.label.name, rows[0])
+        if one_hot_by_rows(leaf.expr, plan.indices, plan.scale) and covered == set(plan.indices) \
+                and not plan.unbroadcast:
+            target = leaf.expr.args[0]
+            indexed = IndexedAdd(coefficient * plan.scale, target.base.label.name, target.indices[0].name)
             return LoweredExpr(plan, tuple(rest), indexed)
     return LoweredExpr(plan, tuple(terms))
+
+
+def one_hot_by_rows(hot: one_hot, dims, scale: sympy.Expr) -> bool:
+    """Whether `scale * hot`, laid out in `dims`, can be written one value per row at its class:
+    one row index (no batch dims), dims (row, class), and a 0-d tensor in `scale` to write."""
+    target, klass = hot.args
+    rows = tuple(i.name for i in target.indices)
+    return len(rows) == 1 and rows[0] != BATCH and tuple(dims) == rows + (klass.name,) \
+        and any(naming.is_zero_dim_tensor(s) for s in scale.free_symbols)
 
 
 def _merge_elementwise(terms: list[Node]) -> list[Node]:

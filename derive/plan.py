@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 import sympy
 
 from .derivation import Derivation, Term, tensor_symbols
-from .functions import bound_indices, canonical, fuse_log_softmax, fuse_softmax_vjp
+from .functions import bound_indices, canonical, fuse_log_softmax, fuse_log_softmax_vjp, fuse_softmax_vjp
 from .model import OpSpec
 from .naming import BATCH
-from .saving import SavedValue, save_forward_values, save_normalization
+from .saving import SavedValue, save_forward_values, save_normalization, signs_out
 from .spec import size_symbol
 
 
@@ -91,14 +91,9 @@ def plan(derivation: Derivation, fuse: bool = True) -> OpPlan:
 
 def _fused(terms):
     """A softmax or log-softmax VJP spelled out in two terms becomes one fused kernel, and
-    x - logsumexp(x) inside a factor becomes log_softmax(x)."""
-    fused = []
-    for term in fuse_softmax_vjp(list(terms)):
-        # a sign the rewrite leaves in front of a factor joins the coefficient: no full-size negation
-        split = [fuse_log_softmax(f).as_coeff_Mul() for f in term.factors]
-        fused.append(replace(term, coefficient=term.coefficient * sympy.Mul(*[sign for sign, _ in split]),
-                             factors=tuple(factor for _, factor in split)))
-    return fused
+    x - logsumexp(x) inside a factor becomes log_softmax(x), its sign joining the coefficient."""
+    terms = fuse_log_softmax_vjp(fuse_softmax_vjp(list(terms)))
+    return [signs_out(replace(t, factors=tuple(fuse_log_softmax(f) for f in t.factors))) for t in terms]
 
 
 def _plan_expr(op, terms, target, like, indices, order, stand_in) -> ExprPlan:

@@ -14,7 +14,7 @@ from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.pytorch import TorchPrinter
 
 from .plan import free_indices
-from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, walk
+from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, one_hot_by_rows, walk
 from .model import OpSpec
 from .functions import layer_norm_backward, log_softmax_backward, one_hot, softmax_backward
 from . import naming
@@ -85,7 +85,15 @@ def _permutation(have: tuple[str, ...], want: tuple[str, ...]) -> str:
     return f".permute({', '.join(map(str, order))})"
 
 
-class TorchCodePrinter(TorchPrinter):
+class PositiveFirst:
+    """Printer mixin: in a sum, a positive term leads (`x - saved_mean`, not `-saved_mean + x`)."""
+
+    def _print_Add(self, expr, order=None):
+        terms = sorted(self._as_ordered_terms(expr, order=order), key=lambda t: t.could_extract_minus_sign())
+        return super()._print_Add(sympy.Add(*terms, evaluate=False), order="none")
+
+
+class TorchCodePrinter(PositiveFirst, TorchPrinter):
     """SymPy's PyTorch printer, with each tensor access lined up for one broadcast layout."""
 
     def __init__(self, layout: tuple[str, ...], tensors: frozenset = frozenset()):
@@ -98,11 +106,6 @@ class TorchCodePrinter(TorchPrinter):
         if isinstance(expr, sympy.Expr) and expr.is_number and not expr.is_Rational:
             return self._print_irrational(expr)
         return super()._print(expr, **kwargs)
-
-    def _print_Add(self, expr, order=None):
-        """A positive term leads: `x - saved_mean`, not `-saved_mean + x`."""
-        terms = sorted(self._as_ordered_terms(expr, order=order), key=lambda t: t.could_extract_minus_sign())
-        return super()._print_Add(sympy.Add(*terms, evaluate=False), order="none")
 
     def _print_Indexed(self, expr):
         if all(isinstance(i, sympy.Idx) for i in expr.indices):
@@ -365,13 +368,9 @@ def one_hot_value(expr: sympy.Expr, like: sympy.Indexed):
     `like`, the tensor it is shaped as, has dims (n, c): it is then built as zeros with `value` at
     each row's class, the way nll_loss_backward builds it; else None."""
     value, hot = expr.as_independent(one_hot, as_Add=False)
-    if not isinstance(hot, one_hot):
-        return None
-    target, klass = hot.args
-    rows = target.indices
-    if len(rows) == 1 and rows[0].name != BATCH and tuple(like.indices) == (rows[0], klass) \
-            and any(naming.is_zero_dim_tensor(s) for s in value.free_symbols):
-        return value, rows[0], target.base.label.name
+    if isinstance(hot, one_hot) and one_hot_by_rows(hot, tuple(i.name for i in like.indices), value):
+        target = hot.args[0]
+        return value, target.indices[0], target.base.label.name
     return None
 
 
@@ -604,13 +603,8 @@ def _shape_of(name: str, indices: tuple[str, ...], index: str) -> str:
     return f"{name}.shape[{position - len(indices) if BATCH in indices else position}]"
 
 
-class IndexNotationPrinter(sympy.printing.str.StrPrinter):
+class IndexNotationPrinter(PositiveFirst, sympy.printing.str.StrPrinter):
     """Math in the spec's own index notation: Sum(f, (k, 0, size_k - 1)) prints as sum(f, k)."""
-
-    def _print_Add(self, expr, order=None):
-        """A positive term leads: `x[..., d] - m[...]`, not `-m[...] + x[..., d]`."""
-        terms = sorted(self._as_ordered_terms(expr, order=order), key=lambda t: t.could_extract_minus_sign())
-        return super()._print_Add(sympy.Add(*terms, evaluate=False), order="none")
 
     def _print_Sum(self, expr):
         indices = ", ".join(self._print(limit[0]) for limit in expr.limits)

@@ -24,7 +24,7 @@ import sympy
 
 from . import naming
 from .derivation import Term
-from .functions import canonical, layer_norm_backward, log_softmax, log_softmax_backward, logsumexp, one_hot, softmax
+from .functions import canonical, layer_norm_backward, log_softmax, logsumexp, rewrite_log_softmax, softmax
 from .spec import tensor_symbol
 
 
@@ -61,7 +61,6 @@ def save_forward_values(forward: list[Term], gradients: list[list[Term]]):
         forward = reading
         gradients = [[_read_gradient(t, value, body, index) for t in terms] for terms in gradients]
         saved.append((value, body, index))
-    gradients = [fuse_log_softmax_vjp(terms) for terms in gradients]
     return tuple(value for value, _, _ in saved), forward, gradients
 
 
@@ -93,21 +92,11 @@ def _read_forward(terms: list[Term], value: SavedValue, body, index) -> list[Ter
     def at(position):
         return tensor_symbol(value.name)[tuple(position if i == index else i for i in body.indices)]
 
-    def rewrite(add):
-        for lse in add.args:
-            sign, core = lse.as_coeff_Mul()
-            if not (isinstance(core, logsumexp) and sign in (1, -1) and _same(core, body, index)):
-                continue
-            for other in add.args:
-                other_sign, access = other.as_coeff_Mul()
-                position = _position(access, body, index)
-                if other_sign == -sign and position is not None:
-                    rest = [a for a in add.args if a is not lse and a is not other]
-                    return sympy.Add(other_sign * at(position), *rest)
-        return add
+    def read(lse, access):
+        position = _position(access, body, index) if _same(lse, body, index) else None
+        return None if position is None else at(position)
 
-    terms = [_signs_out(replace(t, factors=tuple(f.replace(lambda e: isinstance(e, sympy.Add), rewrite)
-                                                 for f in t.factors))) for t in terms]
+    terms = [signs_out(replace(t, factors=tuple(rewrite_log_softmax(f, read) for f in t.factors))) for t in terms]
     for lse_term in terms:
         if len(lse_term.factors) != 1 or not isinstance(lse_term.factors[0], logsumexp) \
                 or not _same(lse_term.factors[0], body, index):
@@ -143,60 +132,11 @@ def _read_gradient(term: Term, value: SavedValue, body, index) -> Term:
     return term
 
 
-def _signs_out(term: Term) -> Term:
+def signs_out(term: Term) -> Term:
     """A number a rewrite left in front of a factor joins the coefficient: no full-size negation."""
     split = [f.as_coeff_Mul() for f in term.factors]
     return replace(term, coefficient=term.coefficient * sympy.Mul(*[number for number, _ in split]),
                    factors=tuple(f for _, f in split))
-
-
-def fuse_log_softmax_vjp(terms: list[Term]) -> list[Term]:
-    """The two terms of a log-softmax VJP, with any common scalar factors, become one fused term.
-
-        a * g[c] - a * sum(exp(y[c]) * g[c1], c1)   ->  a * log_softmax_backward(g, y, c)
-        a * exp(y[n, c]) - a * one_hot(t[n], c)       ->  a * log_softmax_backward(-one_hot(t[n], c), y, c)
-
-    (g may be a product; the second holds because one_hot sums to one over c). A match is on
-    the algebra alone; anything else is left as it is.
-    """
-    if len(terms) != 2:
-        return terms
-    first, second = terms
-    if first.coefficient != -second.coefficient:
-        return terms
-    scalars = [f for f in first.factors if not f.atoms(sympy.Idx) and f in second.factors]
-    own = [[f for f in t.factors if f not in scalars] for t in (first, second)]
-    for (plain, plain_factors), (summed, summed_factors) in (((first, own[0]), (second, own[1])),
-                                                             ((second, own[1]), (first, own[0]))):
-        fused = _fused_vjp(plain, plain_factors, summed, summed_factors)
-        if fused is not None:
-            sign, kernel = fused
-            return [Term(sign * plain.coefficient, tuple(scalars) + (kernel,), ())]
-    return terms
-
-
-def _fused_vjp(plain: Term, plain_factors, other: Term, other_factors):
-    exps = [f for f in other_factors if isinstance(f, sympy.exp) and isinstance(f.args[0], sympy.Indexed)]
-    if len(exps) != 1 or plain.summed:
-        return None
-    y = exps[0].args[0]
-    rest = [f for f in other_factors if f is not exps[0]]
-    if not other.summed and not rest and len(plain_factors) == 1 and isinstance(plain_factors[0], one_hot):
-        position = plain_factors[0].args[1]
-        if position in y.indices:      # a * exp(y) - a * one_hot: the plain term holds -a
-            return -1, log_softmax_backward(-plain_factors[0], y, position)
-        return None
-    if len(other.summed) != 1 or not rest:
-        return None
-    moved = other.summed[0]
-    g = sympy.Mul(*plain_factors)
-    if {i.name for i in g.atoms(sympy.Idx)} != {i.name for i in y.indices}:
-        return None      # the kernel takes g and y of one shape
-    for position in y.indices:
-        if isinstance(position, sympy.Idx) and position.upper == moved.upper and \
-                sympy.Mul(*rest) == g.xreplace({position: moved}) and g.has(position):
-            return 1, log_softmax_backward(g, y, position)
-    return None
 
 
 # Normalization statistics ------------------------------------------------------------------------

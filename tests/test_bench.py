@@ -65,3 +65,9 @@ def test_cli_bench_quick():
     bad = subprocess.run([sys.executable, "-m", "derive", "bench", "--sizes", "huge"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown size preset" in bad.stderr
+
+
+def test_only_the_named_cases_are_built():
+    cases = bench.cases("contraction", QUICK, GENERATED, only=["relu", bench.SEED_NETWORK])
+    assert [case.name for case in cases] == ["relu", bench.SEED_NETWORK]
+    assert [case.name for case in bench.cases("contraction", QUICK, GENERATED, only=["mse"])] == ["mse"]
