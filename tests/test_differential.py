@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 
 from derive import naming
 from derive.build import STYLE_DIRS, build_op, spec_errors
@@ -229,8 +229,10 @@ def check(case, op, module, style: str) -> None:
         REPORT["outcomes"]["jvp checked"] += 1
 
 
+# Shrinking a failure runs SymPy on many variants; DERIVE_FUZZ_SHRINK=1 asks for it (CI prints the spec as found).
+PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("DERIVE_FUZZ_SHRINK") else [])
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None, print_blob=False,
-                suppress_health_check=list(HealthCheck))
+                phases=PHASES, suppress_health_check=list(HealthCheck))
 
 
 @FUZZ
