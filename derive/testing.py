@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import itertools
 import importlib.util
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -22,8 +24,9 @@ import torch
 
 from . import naming
 from .model import OpSpec
+from .functions import _OverIndex
 from .naming import BATCH
-from .spec import load_catalog
+from .spec import load_catalog, scalar_symbol
 
 # Distinct sizes per index, so that a transposed or unreduced gradient cannot pass by accident.
 DEFAULT_SIZES = (3, 4, 5, 6, 7, 2)
@@ -200,14 +203,210 @@ def has_kinks(op: OpSpec) -> bool:
     return any(g.vjp.has(sympy.Heaviside, sympy.sign, sympy.Piecewise) for g in derive(op).gradients)
 
 
+@dataclass(frozen=True)
+class Kink:
+    """Where an op's forward is not smooth: the points on which `left` equals `right`."""
+
+    left: sympy.Expr    # Max(a, b) -> (a, b); Abs(u) -> (u, 0); where(p < q, ...) -> (p, q)
+    right: sympy.Expr
+    function: str       # "Max", "Min", "Abs" or "where", for messages
+
+
+@dataclass(frozen=True)
+class KinkPlacement:
+    """Entries of one input moved exactly onto one kink by `kink_inputs`."""
+
+    kink: Kink
+    input: str                  # the input solved for
+    solution: sympy.Expr        # its value on the kink, in the other inputs and the params
+    mask: torch.Tensor          # the entries placed (bool, the input's shape)
+
+    def __str__(self) -> str:
+        return f"{self.input} = {self.solution} ({self.kink.function} kink, {int(self.mask.sum())} entries)"
+
+
+def kinks(op: OpSpec) -> list[Kink]:
+    """Every kink of the op's forward, found in its equation: each pair of Max/Min arguments, each Abs
+    argument against 0, each where() condition's two sides."""
+    found: dict[tuple, Kink] = {}
+    for node in sympy.preorder_traversal(op.rhs):
+        if isinstance(node, (sympy.Max, sympy.Min)):
+            for a, b in itertools.combinations(node.args, 2):
+                found.setdefault((a, b), Kink(a, b, type(node).__name__))
+        elif isinstance(node, sympy.Abs):
+            found.setdefault((node.args[0], sympy.S.Zero), Kink(node.args[0], sympy.S.Zero, "Abs"))
+        elif isinstance(node, sympy.Piecewise):
+            for _, condition in node.args:
+                if isinstance(condition, sympy.core.relational.Relational):
+                    found.setdefault((condition.lhs, condition.rhs), Kink(condition.lhs, condition.rhs, "where"))
+    return list(found.values())
+
+
+# Functions a kink's solution may contain, as torch evaluates them.
+_TORCH_FUNCTIONS = {"exp": torch.exp, "log": torch.log, "log1p": torch.log1p, "sqrt": torch.sqrt,
+                    "tanh": torch.tanh, "sigmoid": torch.sigmoid, "softplus": torch.nn.functional.softplus,
+                    "erf": torch.erf, "sin": torch.sin, "cos": torch.cos, "asin": torch.asin, "acos": torch.acos,
+                    "atanh": torch.atanh, "Abs": torch.abs, "abs": torch.abs, "pi": torch.pi, "E": torch.e,
+                    "maximum": lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b)),
+                    "minimum": lambda a, b: torch.minimum(torch.as_tensor(a), torch.as_tensor(b))}
+
+
+def _torch_function(arguments, expr):
+    """`expr` as a function of `arguments` evaluated by torch, elementwise (Max and Min pairwise)."""
+    def pairwise(name):
+        def fold(*args):
+            result = args[0]
+            for arg in args[1:]:
+                result = sympy.Function(name)(result, arg)
+            return result
+        return fold
+
+    expr = expr.replace(sympy.Max, pairwise("maximum")).replace(sympy.Min, pairwise("minimum"))
+    return sympy.lambdify(arguments, expr, modules=[_TORCH_FUNCTIONS])
+
+
+def kink_inputs(op: OpSpec, inputs: list[torch.Tensor], params: dict[str, float] | None = None,
+                generator: torch.Generator | None = None, fraction: float = 1 / 3
+                ) -> tuple[list[torch.Tensor], list[KinkPlacement]]:
+    """Copies of `inputs` with a `fraction` of one input's entries moved exactly onto each kink of the op.
+
+    For each kink (see `kinks`), the equation `left = right` is solved with SymPy for one input that
+    appears in it outside any sum, gather or softmax (`x = lo` for Max(x, lo), `pred = target + delta`
+    and `pred = target - delta` for where(Abs(pred - target) < delta, ...), `a = b` for Max(a, b)); the
+    solution is evaluated from the other inputs at the same indices (index 0 of an index the solved
+    input does not have) and written into the chosen entries, nudged by a few ulps where rounding
+    missed: every placed entry makes `left == right` hold exactly in float64. Inputs with a declared
+    range are not moved (the kink may lie outside it). A kink that no input can be solved for is left out.
+    """
+    params = {p.name: p.default for p in op.params} | (params or {})
+    generator = generator or torch.Generator().manual_seed(0)
+    tensors = {t.name: value.detach().clone() for t, value in zip(op.inputs, inputs)}
+    ranged = {name for name, _, _ in op.ranges}
+    placements = []
+    for kink in kinks(op):
+        for candidate in _solvable_accesses(op, kink, ranged):
+            placement = _place(op, kink, candidate, tensors, params, generator, fraction)
+            if placement is not None:
+                placements.append(placement)
+                break
+    return [tensors[t.name] for t in op.inputs], placements
+
+
+def _solvable_accesses(op: OpSpec, kink: Kink, ranged: set[str]) -> list[sympy.Indexed]:
+    """Accesses of float inputs in a kink's equation that the equation can be solved for elementwise."""
+    difference = kink.left - kink.right
+    hidden = {a for node in sympy.preorder_traversal(difference)
+              if isinstance(node, (sympy.Sum, _OverIndex)) for a in node.atoms(sympy.Indexed)}
+    floats = {t.name for t in op.inputs if not t.integer and t.name not in ranged}
+    accesses = [a for a in difference.atoms(sympy.Indexed)
+                if a.base.name in floats and a not in hidden and all(isinstance(i, sympy.Idx) for i in a.indices)]
+    scalars = [scalar_symbol(t.name) for t in op.inputs if not t.indices and t.name in floats]
+    accesses += [s for s in scalars if s in difference.free_symbols]
+    # an access with every index first: `x[n, k] = lo[k]` holds for all entries, `lo[k] = x[0, k]` for one row
+    return sorted(accesses, key=lambda a: (-len(getattr(a, 'indices', ())), sympy.default_sort_key(a)))
+
+
+def _place(op, kink, access, tensors, params, generator, fraction) -> KinkPlacement | None:
+    name = access.base.name if isinstance(access, sympy.Indexed) else access.name
+    target = tensors[name]
+    if target.numel() == 0:
+        return None
+    # every input access and param becomes a real symbol, so that SymPy can solve through Abs
+    others = sorted((difference_atoms := (kink.left - kink.right)).atoms(sympy.Indexed) - {access},
+                    key=sympy.default_sort_key)
+    unknown = sympy.Dummy("unknown", real=True)
+    stand_ins = {a: sympy.Dummy(str(a.base), real=True) for a in others}
+    param_symbols = {scalar_symbol(p): sympy.Dummy(p, real=True) for p in params}
+    scalar_symbols = {scalar_symbol(t.name): sympy.Dummy(t.name, real=True)
+                      for t in op.inputs if not t.indices and scalar_symbol(t.name) != access}
+    replaced = difference_atoms.xreplace({access: unknown, **stand_ins, **param_symbols, **scalar_symbols})
+    if replaced.has(sympy.Sum, _OverIndex, sympy.Indexed, sympy.Piecewise):
+        return None
+    try:
+        solutions = sympy.solve(replaced, unknown)
+    except (NotImplementedError, ValueError, TypeError):
+        return None
+    # a solution valid under a condition (delta >= 0) is tried as it is: entries it misses are not placed
+    solutions = [next((e for e, _ in s.args if e is not sympy.nan), s) if isinstance(s, sympy.Piecewise) else s
+                 for s in solutions]
+    solutions = [s for s in solutions if not s.has(sympy.I, sympy.zoo, sympy.nan, sympy.Piecewise)]
+    if not solutions:
+        return None
+    solution = solutions[int(torch.randint(len(solutions), (), generator=generator))]
+    names = _dims(access, target)
+    values = {symbol: _aligned(a, tensors[a.base.name], names) for a, symbol in stand_ins.items()}
+    values |= {symbol: torch.as_tensor(params[str(p)], dtype=target.dtype) for p, symbol in param_symbols.items()}
+    values |= {symbol: tensors[str(s)] for s, symbol in scalar_symbols.items()}
+    if any(v is None for v in values.values()):
+        return None
+    arguments = list(values)
+    value = _torch_function(arguments, solution)(*values.values())
+    value = torch.broadcast_to(torch.as_tensor(value, dtype=target.dtype), target.shape)
+    chance = torch.rand(target.shape, generator=generator)
+    mask = (chance < fraction) | (chance == chance.min())     # at least one entry
+    # evaluate both sides as written and nudge by ulps until they agree exactly
+    left, right = (_torch_function([unknown, *arguments], side.xreplace(
+        {access: unknown, **stand_ins, **param_symbols, **scalar_symbols})) for side in (kink.left, kink.right))
+
+    def on_kink(candidate):
+        return torch.broadcast_to(torch.as_tensor(left(candidate, *values.values()) == right(candidate, *values.values())),
+                                  target.shape)
+
+    placed = value.clone()
+    exact = on_kink(value) & torch.isfinite(value)
+    for direction in (float("inf"), float("-inf")):
+        nudged = value
+        for _ in range(4):
+            nudged = torch.nextafter(nudged, torch.full_like(nudged, direction))
+            hit = ~exact & on_kink(nudged) & torch.isfinite(nudged)
+            placed = torch.where(hit, nudged, placed)
+            exact = exact | hit
+    mask = mask & exact
+    if not mask.any():
+        return None
+    tensors[name] = torch.where(mask, placed, target)
+    return KinkPlacement(kink, name, solution.xreplace(
+        {v: k for k, v in {**stand_ins, **param_symbols, **scalar_symbols}.items()}), mask)
+
+
+def _dims(access, tensor: torch.Tensor) -> list[str]:
+    """A name for each dim of `tensor` read through `access`; batch dims are named from the right."""
+    if not isinstance(access, sympy.Indexed):
+        return []
+    indices = [str(i) for i in access.indices]
+    if BATCH not in indices:
+        return indices
+    batch = tensor.dim() - (len(indices) - 1)
+    at = indices.index(BATCH)
+    return indices[:at] + [f"{BATCH}{batch - 1 - b}" for b in range(batch)] + indices[at + 1:]
+
+
+def _aligned(access: sympy.Indexed, tensor: torch.Tensor, names: list[str]) -> torch.Tensor | None:
+    """`tensor` read through `access`, lined up with dims `names` (index 0 of any other index)."""
+    own = _dims(access, tensor)
+    for position in reversed(range(len(own))):
+        if own[position] not in names:
+            if tensor.shape[position] == 0:
+                return None
+            tensor = tensor.select(position, 0)
+            del own[position]
+    tensor = tensor.permute([own.index(n) for n in names if n in own])
+    for position, n in enumerate(names):
+        if n not in own:
+            tensor = tensor.unsqueeze(position)
+    return tensor
+
+
 def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
     """The checks derive runs on its own catalog, for one op of your spec and its generated module:
 
     - float64 gradcheck of forward + generated backward;
     - forward and gradients against autograd of the reference, float64 and float32, exact shapes;
     - hyperparameters at their defaults and at other values;
-    - inputs exactly at 0 when the derivative has a step (a kink elsewhere, such as Huber's at
-      |d| = delta, needs inputs of your own: `check_gradients(..., inputs=...)`);
+    - inputs exactly at 0 when the derivative has a step, and inputs exactly on every kink of the
+      forward wherever it lies (`kink_inputs`: x = lo for Max(x, lo), x = 1 for Max(0, 1 - x),
+      pred = target ± delta for where(Abs(pred - target) < delta, ...), a = b for Max(a, b));
+    - once with every index of the same size (a transposed gradient then has the right shape);
     - the module's autograd.Function (gradcheck and gradgradcheck) and its custom op (gradients
       against the reference).
     """
@@ -220,6 +419,10 @@ def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
         check_gradients(op, module, params={p.name: 1.5 * p.default + 0.25 for p in op.params})
     if has_kinks(op):
         check_gradients(op, module, torch.float64, kinks=True)
+    placed, placements = kink_inputs(op, make_inputs(op, dtype=torch.float64))
+    if placements:
+        check_gradients(op, module, torch.float64, inputs=placed)
+    check_gradients(op, module, sizes=dict.fromkeys(sizes_for(op), 3))
     inputs = make_inputs(op, dtype=torch.float64)
     inputs = [t.requires_grad_(meta.differentiable) for t, meta in zip(inputs, op.inputs)]
     function = getattr(module, op.name)

@@ -1,0 +1,293 @@
+"""Differential gradient fuzzing: random well-formed specs (tests/spec_strategies.py), generated and run,
+against torch.autograd of the spec's own torch reference in float64.
+
+For every drawn spec and each style, the generated module must give
+- the forward of the reference;
+- `<op>_backward`: autograd's gradient of the reference, with exactly each input's shape and dtype
+  (and, at points with no exact kink placed, autograd's gradient of the generated forward too);
+- a double backward through `<op>()` equal to autograd's double backward of the reference;
+- when its Function has a `jvp`, `torch.func.jvp` through `<op>()` equal to that of the reference.
+
+The reference is written with torch.maximum/minimum/abs/where, so at exact kinks and ties (which the
+strategy places on purpose) it has torch's conventions. A spec that derive refuses (SpecError) passes
+only for one of the documented reasons in ALLOWED_REFUSALS, and each is counted.
+
+`python -m pytest -q` runs a fixed-seed slice; `DERIVE_FUZZ_EXAMPLES=N` runs N specs (still from a
+fixed seed); `DERIVE_FUZZ_REPORT=path` writes the summary (specs, features covered, refusals) there,
+and `pytest -s` prints it.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import itertools
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, event, given, settings
+
+from derive import naming
+from derive.build import STYLE_DIRS, build_op, spec_errors
+from derive.emit import render_module
+from derive.model import SpecError
+from derive.spec import parse_catalog
+from derive.testing import autograd_gradients, call_backward, kink_inputs, load_module, reference
+from spec_strategies import KNOWN_BUGS, RECOGNIZED, fuzz_cases
+
+EXAMPLES = int(os.environ.get("DERIVE_FUZZ_EXAMPLES", "25"))
+# DERIVE_FUZZ_KNOWN_BUGS=include writes the spec shapes of the known bug classes too (spec_strategies.KNOWN_BUGS)
+EXCLUDED = frozenset() if os.environ.get("DERIVE_FUZZ_KNOWN_BUGS") == "include" else KNOWN_BUGS
+STYLES = tuple(STYLE_DIRS)
+TOLERANCE = {"rtol": 1e-6, "atol": 1e-8, "equal_nan": True}
+
+# Why derive may refuse a well-formed spec: each pattern is a documented limit, not a bug.
+ALLOWED_REFUSALS = {
+    # SymPy simplifies the equation before derive sees it: p - p, Max(e, e) and the like cancel an input.
+    "an input cancels out": r"is differentiable but the equation does not use it",
+    # README "Errors and CI": fixed limits on nesting and on the cases of piecewise derivatives.
+    "size limits": r"too many|nested too deeply|is too complex|expression is longer",
+    # SymPy decides a comparison of an expression with itself (where(p >= p, ...)): nothing left to compare.
+    "a condition SymPy decides": r"a where\(\) condition must compare a tensor",
+    # A gather whose indexed dim is not where derive's two gather forms put it (README "integer").
+    "unsupported gather pattern": r"unsupported gather pattern",
+}
+
+REPORT: dict[str, collections.Counter] = {"outcomes": collections.Counter(), "features": collections.Counter(),
+                                          "placements": collections.Counter(), "refusals": collections.Counter(),
+                                          "known bugs found": collections.Counter()}
+_WORK = Path(tempfile.mkdtemp(prefix="derive_fuzz_"))
+_COUNTER = itertools.count()
+
+
+def _parenthesized(source: str, node: ast.AST) -> bool:
+    line = source.splitlines()[node.lineno - 1]
+    before = line[:node.col_offset].rstrip()
+    return before.endswith("(") and line[node.end_col_offset:].lstrip().startswith(")")
+
+
+def unparenthesized_matmul(source: str) -> bool:
+    """The precedence bug's signature: `a * b @ c` or `a @ b * c` printed without parentheses (Python
+    reads both left to right, whatever the derivation meant)."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.MatMult, ast.Mult, ast.Div)):
+            child = node.left
+            mixed = isinstance(child, ast.BinOp) and (isinstance(node.op, ast.MatMult)
+                                                       != isinstance(child.op, ast.MatMult))
+            if mixed and isinstance(child.op, (ast.MatMult, ast.Mult, ast.Div)) and not _parenthesized(source,
+                                                                                                        child):
+                return True
+    return False
+
+
+def integer_one_hot_in_contraction(source: str, error: Exception) -> bool:
+    """A one-hot matrix of an integer input (int64) multiplied with float tensors."""
+    return bool(re.search(r"one_hot\([^()]*\)(\.T)?\s*[@,]|[@,]\s*torch\.nn\.functional\.one_hot", source))
+
+
+def float_param_in_torch_call(source: str, error: Exception) -> bool:
+    return isinstance(error, TypeError) and bool(re.search(r"must be Tensor, not float|got \(float", str(error)))
+
+
+def unexpanded_gradient(source: str, error: Exception) -> bool:
+    """A gradient whose shape broadcasts to its input's but is smaller (size-1 dims left in)."""
+    match = re.search(r"grad_\w+: shape (\(.*?\)), expected (\(.*?\))", str(error))
+    if not match:
+        return False
+    got, want = (ast.literal_eval(g) for g in match.groups())
+    return len(got) == len(want) and all(a == b or a == 1 for a, b in zip(got, want))
+
+
+SIGNATURES = {"internal_error": lambda source, error: False,   # a refusal: see generate()
+              "precedence": lambda source, error: unparenthesized_matmul(source),
+              "integer_one_hot_in_contraction": integer_one_hot_in_contraction,
+              "float_param_in_torch_call": float_param_in_torch_call,
+              "unexpanded_gradient": unexpanded_gradient}
+assert set(SIGNATURES) == RECOGNIZED
+
+
+def known_bug(modules, error: Exception) -> str | None:
+    """The recognized known bug class (spec_strategies.RECOGNIZED) that explains a failure, if any."""
+    for name, signature in SIGNATURES.items():
+        if name in EXCLUDED and any(signature(Path(m.__file__).read_text(), error) for m in modules.values()):
+            return name
+    return None
+
+
+def place_kinks(toml: str, inputs, generator):
+    """derive.testing.kink_inputs on the drawn spec: some entries moved exactly onto each kink."""
+    try:
+        op = parse_catalog(toml, "fuzz.toml").ops[0]
+    except SpecError:
+        return inputs, []
+    placed, placements = kink_inputs(op, inputs, generator=generator)
+    return placed, [f"kink: {p}" for p in placements]
+
+
+def generate(case):
+    """(op, {style: module}), or the refusal's name when derive refuses the spec for an allowed reason."""
+    number = next(_COUNTER)
+    try:
+        catalog = parse_catalog(case.toml, "fuzz.toml")
+        built = build_op(catalog.ops[0])
+        with spec_errors(built.op):   # the modules alone: the explain record is not needed here
+            texts = {style: render_module(built.derivation, built.lowered[style], "fuzz.toml", "derive generate",
+                                          f"fuzz_{os.getpid()}_{number}") for style in STYLES}
+    except SpecError as error:
+        message = str(error)
+        assert message.startswith("fuzz.toml") and "\n" not in message, message
+        for reason, pattern in ALLOWED_REFUSALS.items():
+            if re.search(pattern, message):
+                return reason
+        if "internal_error" in EXCLUDED and "internal error while generating" in message:
+            return "known bug: internal_error"
+        raise AssertionError(f"derive refused a well-formed spec: {message}\n{case.toml}") from None
+    modules = {}
+    for style in STYLES:
+        path = _WORK / f"{number}_{style}.py"
+        path.write_text(texts[style])
+        modules[style] = load_module(path)
+    return catalog.ops[0], modules
+
+
+def assert_same(got, want, what: str, case) -> None:
+    if want is None:
+        assert got is None, f"{what}: expected None"
+        return
+    assert got is not None, f"{what}: got None"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype}, expected {want.dtype}"
+    torch.testing.assert_close(got, want, **TOLERANCE, msg=lambda m: f"{what}: {m}")
+
+
+def second_order(function, inputs, flags, grad_output, directions):
+    """d/dinputs of sum(direction * d function/d inputs . grad_output): autograd's double backward."""
+    leaves = [t.detach().requires_grad_(flag) for t, flag in zip(inputs, flags)]
+    wanted = [t for t in leaves if t.requires_grad]
+    grads = torch.autograd.grad(function(*leaves), wanted, grad_output, create_graph=True)
+    total = sum((g * d).sum() for g, d in zip(grads, directions))
+    if not torch.is_tensor(total) or not total.requires_grad:
+        return [torch.zeros_like(t) for t in wanted]
+    return list(torch.autograd.grad(total, wanted, allow_unused=True, materialize_grads=True))
+
+
+def has_jvp(module, op) -> bool:
+    function = getattr(module, naming.function_class(op.name))
+    return function.jvp is not torch.autograd.Function.jvp
+
+
+def check(case, op, module, style: str) -> None:
+    params = case.params
+    inputs = list(case.inputs)
+    flags = [t.differentiable for t in op.inputs]
+    ref = reference(op)
+    expected = ref(*inputs, **params)
+    forward = getattr(module, naming.forward(op.name))
+    output = forward(*inputs, **params)
+    assert_same(output, expected, f"{style} forward", case)
+    generator = torch.Generator().manual_seed(len(case.toml))
+    grad_output = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+
+    want = autograd_gradients(lambda *xs: ref(*xs, **params), inputs, grad_output, flags)
+    got = call_backward(op, module, grad_output, inputs, output, **params)
+    assert len(got) == len(inputs), f"{style} backward returned {len(got)} values for {len(inputs)} inputs"
+    for tensor, g, w in zip(op.inputs, got, want):
+        assert_same(g, w, f"{style} grad_{tensor.name}", case)
+    if not case.placements:   # at smooth points autograd through the generated forward agrees as well
+        through_forward = autograd_gradients(lambda *xs: forward(*xs, **params), inputs, grad_output, flags)
+        for tensor, g, w in zip(op.inputs, got, through_forward):
+            assert_same(g, w, f"{style} grad_{tensor.name} against autograd of the generated forward", case)
+
+    function = getattr(module, op.name)
+    directions = [torch.randn(t.shape, generator=generator, dtype=torch.float64)
+                  for t, flag in zip(inputs, flags) if flag]
+    want2 = second_order(lambda *xs: ref(*xs, **params), inputs, flags, grad_output, directions)
+    got2 = second_order(lambda *xs: function(*xs, **params), inputs, flags, grad_output, directions)
+    names = [t.name for t in op.inputs if t.differentiable]
+    for name, g, w in zip(names, got2, want2):
+        assert_same(g, w, f"{style} double backward, d/d{name}", case)
+    REPORT["outcomes"]["double backward checked"] += 1
+
+    if has_jvp(module, op):
+        tangents = tuple(torch.randn(t.shape, generator=generator, dtype=torch.float64)
+                         for t, flag in zip(inputs, flags) if flag)
+        primals = tuple(t for t, flag in zip(inputs, flags) if flag)
+
+        def only_float(function):
+            def restricted(*floats):
+                values = iter(floats)
+                return function(*[next(values) if flag else t for t, flag in zip(inputs, flags)], **params)
+            return restricted
+
+        _, want_tangent = torch.func.jvp(only_float(ref), primals, tangents)
+        _, got_tangent = torch.func.jvp(only_float(function), primals, tangents)
+        assert_same(got_tangent, want_tangent, f"{style} jvp", case)
+        REPORT["outcomes"]["jvp checked"] += 1
+
+
+# Shrinking a failure runs SymPy on many variants; DERIVE_FUZZ_SHRINK=1 asks for it (CI prints the spec as found).
+PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("DERIVE_FUZZ_SHRINK") else [])
+FUZZ = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None, print_blob=False,
+                phases=PHASES, suppress_health_check=list(HealthCheck))
+
+
+@FUZZ
+@given(fuzz_cases(known_bugs=EXCLUDED, place_kinks=place_kinks))
+def fuzz_one(case):
+    REPORT["outcomes"]["specs generated"] += 1
+    for feature in case.features:
+        event(feature)
+        REPORT["features"][feature] += 1
+    for placement in case.placements:
+        REPORT["placements"][placement.split(":")[0].split(" in ")[0].split(" between")[0]] += 1
+    built = generate(case)
+    if isinstance(built, str):
+        if built.startswith("known bug: "):
+            REPORT["known bugs found"][built.removeprefix("known bug: ")] += 1
+        else:
+            REPORT["refusals"][built] += 1
+        event(f"refused: {built}")
+        return
+    op, modules = built
+    try:
+        for style, module in modules.items():
+            check(case, op, module, style)
+    except Exception as error:
+        bug = known_bug(modules, error)
+        if bug is None:
+            raise
+        REPORT["known bugs found"][bug] += 1
+        event(f"known bug: {bug}")
+        return
+    REPORT["outcomes"]["specs checked"] += 1
+
+
+def summary() -> str:
+    lines = [f"derive differential fuzzer: {EXAMPLES} examples asked, known bug classes excluded: "
+             f"{', '.join(sorted(EXCLUDED)) or 'none'}"]
+    for title, counter in REPORT.items():
+        lines.append(f"  {title}: " + (", ".join(f"{k} {v}" for k, v in sorted(counter.items())) or "none"))
+    return "\n".join(lines)
+
+
+def test_generated_gradients_equal_autograd_on_random_specs():
+    for counter in REPORT.values():
+        counter.clear()
+    try:
+        fuzz_one()
+    finally:
+        text = summary()
+        print(text)
+        if os.environ.get("DERIVE_FUZZ_REPORT"):
+            Path(os.environ["DERIVE_FUZZ_REPORT"]).write_text(text + "\n")
+    # the slice reaches the code and the language: most specs run, and every family of feature comes up
+    checked = REPORT["outcomes"]["specs checked"]
+    assert checked >= 0.6 * REPORT["outcomes"]["specs generated"], summary()
+    covered = set(REPORT["features"])
+    for family in ("contraction", "function", "reduction", "gather", "power", "size 0", "size 1",
+                   "equal sizes for different indices"):
+        assert any(f.startswith(family) for f in covered), f"the fuzzer never generated {family!r}\n{summary()}"
