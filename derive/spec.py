@@ -65,8 +65,22 @@ def tensor_symbol(name: str) -> sympy.IndexedBase:
 
 
 def scalar_symbol(name: str) -> sympy.Symbol:
-    """A 0-d tensor or a hyperparameter."""
+    """A 0-d tensor."""
     return sympy.Symbol(name, real=True)
+
+
+class ParamSymbol(sympy.Symbol):
+    """A hyperparameter: a Python number in generated code, where a 0-d tensor (a plain Symbol) is a tensor."""
+
+
+def param_symbol(name: str) -> ParamSymbol:
+    return ParamSymbol(name, real=True)
+
+
+def is_python_number(expr: sympy.Expr) -> bool:
+    """Whether generated code holds `expr` as a Python number: it reads only params and sizes."""
+    return not expr.atoms(sympy.Indexed) and all(
+        isinstance(s, ParamSymbol) or (s.is_integer and s.name.startswith(naming.size(""))) for s in expr.free_symbols)
 
 
 @dataclass
@@ -491,8 +505,8 @@ class _EquationParser:
             return sympy.nsimplify(node.value, rational=True), set()
         if isinstance(node, ast.Name):
             if node.id in self.params:
-                return scalar_symbol(node.id), set()
-            if node.id in CONSTANTS:
+                return param_symbol(node.id), set()
+            if node.id in CONSTANTS and all(t.name != node.id for t in self.inputs):
                 return CONSTANTS[node.id], set()
             tensor = self._tensor(node.id, node)
             if tensor.indices:
