@@ -52,6 +52,24 @@ CONSTANTS = {"pi": sympy.pi}
 COMPARISONS = {ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge}
 
 
+def _not_float64(value: sympy.Expr) -> sympy.Expr | None:
+    """The first constant in `value` that generated code could not hold as a finite float (it prints a
+    constant as a float literal, a rational as integer / integer), or None."""
+    if value.is_number:
+        parts = sympy.fraction(value) if value.is_Rational else (value,)
+        try:
+            return None if all(math.isfinite(float(sympy.N(part, 20))) for part in parts) else value
+        except (OverflowError, TypeError):    # an int too large for a float; a complex number
+            return value
+    return next((found for arg in value.args if isinstance(arg, sympy.Expr)
+                 and (found := _not_float64(arg)) is not None), None)
+
+
+def _short(value: sympy.Expr) -> str:
+    text = sympy.sstr(value)
+    return text if len(text) <= 40 else sympy.sstr(sympy.N(value, 3))
+
+
 def size_symbol(index: str) -> sympy.Symbol:
     return sympy.Symbol(naming.size(index), integer=True, positive=True)
 
@@ -492,16 +510,19 @@ class _EquationParser:
             raise self.error(f"{ast.unparse(node)} is infinite or undefined", node)
         if any(max(abs(n.p).bit_length(), n.q.bit_length()) > MAX_CONSTANT_BITS for n in value.atoms(sympy.Rational)):
             raise self.error(f"a constant in {ast.unparse(node)[:40]} is too large (over {MAX_CONSTANT_BITS} bits)", node)
+        constant = _not_float64(value)
+        if constant is not None:
+            raise self.error(f"constant {_short(constant)} in {ast.unparse(node)[:40]} is not a finite float64 "
+                             f"(generated code holds a constant as a float, a fraction as int / int)", node)
         return value, free
 
     def _node(self, node) -> tuple[sympy.Expr, set[str]]:
         if isinstance(node, ast.Constant):
             if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
                 raise self.error(f"constant {node.value!r} is not a number", node)
-            if not math.isfinite(node.value):
+            # (an int of 2**1024 or more cannot even be converted to a float to be checked)
+            if isinstance(node.value, int) and abs(node.value) >= 2 ** 1024 or not math.isfinite(node.value):
                 raise self.error("number is too large for a float (it overflows to infinity)", node)
-            if isinstance(node.value, int) and node.value.bit_length() > MAX_CONSTANT_BITS:
-                raise self.error(f"constant is too large (over {MAX_CONSTANT_BITS} bits)", node)
             return sympy.nsimplify(node.value, rational=True), set()
         if isinstance(node, ast.Name):
             if node.id in self.params:
