@@ -21,7 +21,7 @@ import sympy
 
 from . import naming
 from .model import OpSpec, SpecError
-from .functions import canonical, logsumexp, one_hot, renamed_match, softmax, stabilize
+from .functions import as_pow, canonical, differentiable_powers, logsumexp, one_hot, renamed_match, softmax, stabilize
 from .spec import index_symbol, scalar_symbol, tensor_symbol
 
 
@@ -99,7 +99,7 @@ def _derive_input(op: OpSpec, forward: sympy.Expr, name: str, scalars) -> Gradie
     tensor = op.input(name)
     primed = {d: index_symbol(f"{d}'", op.size_of(d)) for d in tensor.indices}
     wrt = tensor_symbol(name)[tuple(primed.values())] if tensor.indices else scalar_symbol(name)
-    partial = _explicit_kinks(_deltas_out_of_piecewise(sympy.diff(forward, wrt)), op.step_at_zero)
+    partial = _explicit_kinks(_deltas_out_of_piecewise(_differentiate(forward, wrt)), op.step_at_zero)
 
     out_indices = [index_symbol(o, op.size_of(o)) for o in op.output_indices]
     grad_out = naming.grad(op.output)
@@ -118,6 +118,11 @@ def _derive_input(op: OpSpec, forward: sympy.Expr, name: str, scalars) -> Gradie
     terms = [Term(t.coefficient, tuple(_lower_kinks(f) for f in t.factors), t.summed) for t in terms]
     return GradientDerivation(input=name, indices=tensor.indices, wrt=wrt, partial=partial,
                               vjp_raw=vjp_raw, vjp=vjp, terms=tuple(terms))
+
+
+def _differentiate(forward: sympy.Expr, wrt: sympy.Expr) -> sympy.Expr:
+    """d forward / d wrt, with torch's derivatives of a power (see `power`)."""
+    return as_pow(sympy.diff(differentiable_powers(forward), wrt))
 
 
 def _split_piecewise(piecewise: sympy.Piecewise) -> tuple[list[sympy.Expr], sympy.Expr]:

@@ -14,7 +14,7 @@ import jinja2
 from . import naming
 from .derivation import Derivation
 from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, backward_reads, walk
-from .printing import index_notation, render, render_expr, size_bindings, size_source, sizes_used
+from .printing import index_notation, render, render_expr, size_bindings, size_source, sizes_used, uses_math
 
 
 
@@ -134,6 +134,11 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
                                 + [f"ctx.{p.name}" for p in op.params]),
         inputs_count=len(op.inputs),
     )
+    shared_blocks = _shared_blocks(lowered)
+    forward_shared = [(s.name, render(s.value).text) for s in lowered.forward_shared]
+    saving_lines = [(v.name, render(Leaf(v.expr, v.indices)).text, index_notation(v.expr)) for v in lowered.plan.saved]
+    code = [forward_code] + [g.code for g in gradients] + [text for _, text in forward_shared] \
+        + [text for _, block in shared_blocks for _, text in block] + [text for _, text, _ in saving_lines]
     output_access = f"{op.output}[{', '.join(op.output_indices)}]" if op.output_indices else op.output
     context = dict(
         source=comment_safe(source),
@@ -148,18 +153,18 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
         needs_default=_tuple(["True"] * len(op.inputs)),
         output_access=output_access,
         uses_output=derivation.uses_output,
+        uses_math=any(uses_math(text) for text in code),
         function=function,
         saving=dict(name=naming.forward_saving(op.name), names=values, returns=", ".join([op.output] + values),
-                    lines=[(v.name, render(Leaf(v.expr, v.indices)).text, index_notation(v.expr))
-                            for v in lowered.plan.saved]) if values else None,
+                    lines=saving_lines) if values else None,
         forward=dict(name=naming.forward(op.name), code=forward_code,
                      sizes=size_bindings(op, [lowered.forward], shared=tuple(s.value for s in lowered.forward_shared)
                                          + tuple(Leaf(v.expr, v.indices) for v in lowered.plan.saved)),
-                     shared=[(s.name, render(s.value).text) for s in lowered.forward_shared]),
+                     shared=forward_shared),
         backward=dict(name=naming.backward(op.name), grad_output=derivation.grad_output,
                       sizes=size_bindings(op, list(lowered.gradients), sources, shared_leaves),
                       none_line=" = ".join(outputs) + " = None",
-                      shared=_shared_blocks(lowered), gradients=gradients, returns=_tuple(returns),
+                      shared=shared_blocks, gradients=gradients, returns=_tuple(returns),
                       computed=_cheap_first(gradients, list(lowered.gradients))),
     )
     return environment().get_template("module.py.jinja").render(context)

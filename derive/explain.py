@@ -27,7 +27,7 @@ from .lower import STYLES, Leaf, LoweredExpr, LoweredOp, Reduce, Scaled, walk
 from .model import OpSpec, SpecError
 from .naming import BATCH
 from .plan import TermPlan
-from .printing import MUL, Code, IndexNotationPrinter, align, print_leaf, render, render_expr, size_bindings
+from .printing import Code, IndexNotationPrinter, align, print_leaf, render, render_expr, size_bindings
 from .spec import index_symbol, load_catalog, scalar_symbol, size_symbol, tensor_symbol
 
 if TYPE_CHECKING:
@@ -362,7 +362,7 @@ def _explain_term(op: OpSpec, term: TermPlan, node, plan, known: _Sizes) -> Term
     rows, codes = [], []
     for position, operand in enumerate(term.operands):
         code = align(print_leaf(operand.expr, operand.indices), product_indices)
-        codes.append(code.operand(MUL))
+        codes.append(code.operand("*", "right" if position else "left"))
         rows.append(OperandRow(
             notation=_notation(operand.expr), label=_label(operand.expr, position),
             indices=operand.indices, shape=known.shape(operand.indices),

@@ -56,6 +56,49 @@ class softplus(sympy.Function):  # noqa: N801
         return sigmoid(self.args[0])
 
 
+class power(sympy.Function):  # noqa: N801
+    """base ** exponent for an exponent that is not a number (a param or a 0-d tensor), while it is
+    differentiated: its derivatives are torch's (pow_backward), where SymPy's own rule for Pow,
+    exponent * base**exponent / base, is NaN at base 0. Never evaluated: `as_pow` turns it back."""
+
+    def fdiff(self, argindex=1):
+        base, exponent = self.args
+        if argindex == 1:
+            return exponent * base ** (exponent - 1) if exponent.is_zero is False else power_slope(base, exponent)
+        return base ** exponent * sympy.log(base) if base.is_zero is False else power_log(base, exponent)
+
+
+class power_slope(sympy.Function):  # noqa: N801
+    """d base**exponent / d base = exponent * base**(exponent - 1), but 0 where the exponent is 0, even
+    at base 0 (where 0 * 0**-1 is NaN), as torch's pow_backward. An elementwise function, not a
+    Piecewise, so that the deltas around it are eliminated as around any other factor."""
+
+    is_real = True
+
+    def _eval_rewrite_as_Piecewise(self, base, exponent, **kwargs):
+        return sympy.Piecewise((0, sympy.Eq(exponent, 0)), (exponent * base ** (exponent - 1), True))
+
+
+class power_log(sympy.Function):  # noqa: N801
+    """d base**exponent / d exponent = base**exponent * log(base), but 0 at base 0 with exponent >= 0
+    (where 0 * log(0) is NaN), as torch's pow_backward_exponent."""
+
+    is_real = True
+
+    def _eval_rewrite_as_Piecewise(self, base, exponent, **kwargs):
+        return sympy.Piecewise((0, sympy.Eq(base, 0) & (exponent >= 0)), (base ** exponent * sympy.log(base), True))
+
+
+def differentiable_powers(expr: sympy.Expr) -> sympy.Expr:
+    """Every Pow with a symbolic exponent as `power`, so that differentiating uses its rule."""
+    return expr.replace(lambda e: isinstance(e, sympy.Pow) and not e.exp.is_number,
+                        lambda e: power(*e.args))
+
+
+def as_pow(expr: sympy.Expr) -> sympy.Expr:
+    return expr.replace(lambda e: isinstance(e, power), lambda e: sympy.Pow(*e.args))
+
+
 def _fresh(index: sympy.Idx, *exprs: sympy.Expr) -> sympy.Idx:
     """A new index over the same range as `index`, unused in any of `exprs`."""
     taken = {i.name for e in exprs for i in e.atoms(sympy.Idx)}

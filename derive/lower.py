@@ -169,7 +169,6 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr]):
     scalars = tensor_symbols(op_plan.op)
     order = op_plan.op.index_order
     accesses, values = {}, []
-    seen: dict[sympy.Expr, str] = {}     # value with its dims renamed by position -> shared name
     for symbol, expr in replacements:
         expr = expr.xreplace(accesses)
         if isinstance(expr, sympy.logic.boolalg.Boolean) or \
@@ -178,13 +177,15 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr]):
             continue
         indices = ordered(free_indices(expr), order)
         idx = [next(j for j in expr.atoms(sympy.Idx) if j.name == i) for i in indices]
-        # the same tensor under other index names (x[..., d] and x[..., d_1]) is computed once
-        key = expr.xreplace({j: sympy.Idx(f"_{p}", j.upper + 1) for p, j in enumerate(idx)})
-        if key not in seen:
-            seen[key] = f"{naming.SHARED_PREFIX}{len(values)}"
-            values.append((seen[key], Leaf(expr, indices)))
-        name = seen[key]
-        accesses[symbol] = tensor_symbol(name)[tuple(idx)] if idx else sympy.Symbol(name, real=True)
+        # the same tensor under other index names, in any order (x[n, c, l] and x[n_1, c, l_1] over
+        # (c, l_1, n_1)), is computed once: two names for one value would each read the other
+        found = next(((name, chosen) for name, value in values
+                      if (chosen := _renamed_as(value, expr)) is not None), None)
+        if found is None:
+            found = f"{naming.SHARED_PREFIX}{len(values)}", tuple(idx)
+            values.append((found[0], Leaf(expr, indices)))
+        name, chosen = found
+        accesses[symbol] = tensor_symbol(name)[chosen] if chosen else sympy.Symbol(name, real=True)
     if not values:
         return tuple(gradients), ()
 
@@ -217,6 +218,14 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr]):
     gradients = [replace(g, terms=tuple(_replace_leaves(t, rewritten) for t in g.terms)) for g in gradients]
     shared = tuple(Shared(name, value, tuple(sorted(users[name]))) for name, value in values)
     return tuple(gradients), shared
+
+
+def _renamed_as(value: Leaf, expr: sympy.Expr):
+    """The indices of `expr` at which it reads `value` (() for a scalar), or None when it is another value."""
+    if not value.indices:
+        return () if value.expr == expr else None
+    pattern = [next(j for j in value.expr.atoms(sympy.Idx) if j.name == i) for i in value.indices]
+    return renamed_match(value.expr, pattern, expr)
 
 
 def _in_dependency_order(values: list[tuple[str, Leaf]]):

@@ -7,10 +7,12 @@ printer; the only strings built here are the tensor-method calls (`unsqueeze`,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
+from sympy.printing.pycode import PythonCodePrinter
 from sympy.printing.pytorch import TorchPrinter
 
 from .plan import free_indices
@@ -19,9 +21,12 @@ from .model import OpSpec
 from .functions import layer_norm_backward, log_softmax_backward, one_hot, softmax_backward
 from . import naming
 from .naming import BATCH, grad
-from .spec import size_symbol
+from .spec import is_python_number, size_symbol
 
 ATOM, MUL, ADD = PRECEDENCE["Atom"], PRECEDENCE["Mul"], PRECEDENCE["Add"]
+# `@`: Python binds it exactly like `*` and `/` (one level, left to right), but a matrix product
+# never regroups with an elementwise one, so it has a level of its own just below theirs
+MATMUL = MUL - 1
 
 
 @dataclass(frozen=True)
@@ -30,14 +35,34 @@ class Code:
 
     text: str
     indices: tuple[str, ...]
-    precedence: int = ATOM
+    precedence: int = ATOM      # how tightly its top-level operator binds: ATOM, Pow, MUL, MATMUL, ADD
 
     def atom(self) -> str:
         """The text, parenthesized if a method call or operator would bind into it."""
-        return self.text if self.precedence >= ATOM else f"({self.text})"
+        return self.operand(".")
 
-    def operand(self, level: int) -> str:
-        return self.text if self.precedence >= level else f"({self.text})"
+    def operand(self, operator: str, side: str = "left") -> str:
+        """The text as the `side` ("left" or "right") operand of `operator`, parenthesized unless
+        Python's grammar groups it exactly as the tree does."""
+        return self.text if groups_as_operand(self.precedence, operator, side) else f"({self.text})"
+
+
+# the level of each binary operator the printer writes between two Codes ("." is a method call)
+OPERATORS = {".": ATOM, "*": MUL, "/": MUL, "@": MATMUL, "+": ADD, "-": ADD}
+
+
+def groups_as_operand(child: int, operator: str, side: str) -> bool:
+    """Whether an operand whose top-level operator binds at level `child` can be written bare
+    beside `operator`. Python groups `a op b op c` as `(a op b) op c`, so at one level a bare operand
+    is right on the left of its parent, and on the right only when the parent is `*` and both are
+    elementwise (which associates); `*` and `@` never meet bare, though Python would group them."""
+    parent = OPERATORS[operator]
+    python_level = lambda level: MUL if level == MATMUL else level  # noqa: E731
+    if python_level(child) != python_level(parent):
+        return python_level(child) > python_level(parent)
+    if child != parent:
+        return False
+    return side == "left" or operator == "*"
 
 
 def align(code: Code, want: tuple[str, ...]) -> Code:
@@ -105,6 +130,9 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         # a constant such as softplus(2) or sqrt(2): torch functions take tensors, so print its value
         if isinstance(expr, sympy.Expr) and expr.is_number and not expr.is_Rational:
             return self._print_irrational(expr)
+        # a function of params and sizes only, such as exp(a) or Max(lo, 1): they are Python numbers
+        if isinstance(expr, sympy.core.function.Application) and is_python_number(expr):
+            return ScalarPrinter().doprint(expr)
         return super()._print(expr, **kwargs)
 
     def _print_Indexed(self, expr):
@@ -235,6 +263,11 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         code = Code(f"torch.nn.functional.one_hot({value.base.label.name}, {size})", dims)
         return align(code, self.layout).text
 
+    def _print_power_slope(self, expr):
+        return self._print(expr.rewrite(sympy.Piecewise))
+
+    _print_power_log = _print_power_slope
+
     def _print_sigmoid(self, expr):
         return f"torch.sigmoid({self._print(expr.args[0])})"
 
@@ -264,6 +297,11 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
                 if not self._is_tensor(slope):
                     return (f"torch.ops.aten.leaky_relu_backward({self._print(first)}, "
                             f"{self._print(condition.lhs)}, {self._print(slope)}, False)")
+        (first, condition), rest = expr.args[0], expr.args[1:]
+        if rest and is_python_number(condition):
+            # torch.where takes a tensor condition: one on params (a power's a == 0) is a Python bool
+            otherwise = rest[0].expr if len(rest) == 1 and rest[0].cond == sympy.true else sympy.Piecewise(*rest)
+            return f"({self._print(first)} if {self._print(condition)} else {self._print(otherwise)})"
         return super()._print_Piecewise(expr)
 
     def _print_Relational(self, expr):
@@ -347,20 +385,38 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     _print_NumberSymbol = _print_irrational
 
     def _print_Max(self, expr):
-        return self._extremum(expr, "torch.maximum", "torch.clamp_min")
+        return self._extremum(expr, "torch.maximum", "torch.clamp_min", sympy.Max)
 
     def _print_Min(self, expr):
-        return self._extremum(expr, "torch.minimum", "torch.clamp_max")
+        return self._extremum(expr, "torch.minimum", "torch.clamp_max", sympy.Min)
 
-    def _extremum(self, expr, pairwise: str, clamp: str) -> str:
-        numbers = [a for a in expr.args if a.is_number]
-        tensors = [a for a in expr.args if not a.is_number]
+    def _extremum(self, expr, pairwise: str, clamp: str, same) -> str:
+        """Tensors pairwise (`torch.maximum` takes two tensors), then every Python number at once as a
+        clamp bound (`torch.clamp_min` takes a number or a tensor)."""
+        numbers = [a for a in expr.args if is_python_number(a)]
+        tensors = [a for a in expr.args if not is_python_number(a)]
         text = self._print(tensors[0])
         for other in tensors[1:]:
             text = f"{pairwise}({text}, {self._print(other)})"
         if numbers:
-            text = f"{clamp}({text}, {self._print(numbers[0])})"
+            text = f"{clamp}({text}, {self._print(same(*numbers))})"
         return text
+
+
+class ScalarPrinter(PythonCodePrinter):
+    """Math on Python numbers (params and sizes) through Python's `math`: torch functions take tensors,
+    and a 0-d tensor made of a number would carry torch's default dtype into the result."""
+
+    def __init__(self):
+        super().__init__({"strict": True, "standard": "python3"})
+
+    def _print_sigmoid(self, expr):
+        # 1 / (1 + exp(-a)) overflows for a large negative a; this form never does
+        return f"(0.5 + 0.5 * math.tanh({self.parenthesize(expr.args[0], MUL)} / 2))"
+
+    def _print_softplus(self, expr):
+        argument = expr.args[0]
+        return f"(max({self._print(argument)}, 0) + math.log1p(math.exp(-abs({self._print(argument)}))))"
 
 
 def one_hot_value(expr: sympy.Expr, like: sympy.Indexed):
@@ -378,6 +434,11 @@ FUSED_KERNELS = {softmax_backward: "torch._softmax_backward_data",
                  log_softmax_backward: "torch._log_softmax_backward_data"}
 
 
+def uses_math(code: str) -> bool:
+    """Whether printed code calls Python's math module (for a function of params and sizes)."""
+    return re.search(r"(?<![\w.])math\.", code) is not None
+
+
 def print_leaf(expr: sympy.Expr, layout: tuple[str, ...]) -> Code:
     text = TorchCodePrinter(layout).doprint(expr)
     level = ATOM if isinstance(expr, (sympy.Indexed, sympy.Symbol, sympy.Function, sympy.Piecewise)) \
@@ -392,7 +453,8 @@ def render(node: Node) -> Code:
     if isinstance(node, Leaf):
         return print_leaf(node.expr, node.indices)
     if isinstance(node, Product):
-        factors = [align(render(f), node.indices).operand(MUL) for f in node.factors]
+        factors = [align(render(f), node.indices).operand("*", "right" if position else "left")
+                   for position, f in enumerate(node.factors)]
         return Code(" * ".join(factors), node.indices, MUL)
     if isinstance(node, Reduce):
         source = render(node.source)
@@ -416,7 +478,7 @@ def render(node: Node) -> Code:
     if isinstance(node, MatMul):
         left = _arranged(render(node.left), node.left_layout)
         right = _arranged(render(node.right), node.right_layout)
-        return Code(f"{left.operand(MUL)} @ {right.operand(MUL + 1)}", node.indices, MUL)
+        return Code(f"{left.operand('@')} @ {right.operand('@', 'right')}", node.indices, MATMUL)
     if isinstance(node, Einsum):
         operands = [render(o) for o in node.operands]
         letters = _letters([i for o in operands for i in o.indices] + list(node.indices))
@@ -468,7 +530,8 @@ def _letters(indices: list[str]) -> dict[str, str]:
 def _scale(coefficient: sympy.Expr, code: Code) -> str:
     """`coefficient * code`, written with the number in front and divisors behind."""
     # The tensor expression stands in as a symbol, so SymPy's printer lays out the product.
-    placeholder = sympy.Symbol(code.operand(MUL))
+    # it may print on either side of a scalar `*` or on the left of `/`
+    placeholder = sympy.Symbol(code.operand("*", "right"))
     return TorchCodePrinter((), frozenset({placeholder})).doprint(coefficient * placeholder)
 
 
@@ -497,11 +560,12 @@ def render_expr(lowered: LoweredExpr) -> str:
     # lead with a term that is not negated, and subtract the negated ones: `b - a`, not `-a + b`
     terms = sorted(lowered.terms, key=lambda term: _without_minus(term) is not None)
     parts = [align(render(term), plan.indices) for term in terms]
-    text = parts[0].operand(ADD)
+    text = parts[0].operand("+")
     for term in terms[1:]:
         positive = _without_minus(term)
-        text += " - " if positive is not None else " + "
-        text += align(render(positive if positive is not None else term), plan.indices).operand(ADD + 1)
+        operator = "-" if positive is not None else "+"
+        text += f" {operator} " + align(render(positive if positive is not None else term),
+                                        plan.indices).operand(operator, "right")
     atomic = len(parts) == 1 and parts[0].precedence >= ATOM
     fused = _fused_term(terms[0]) if len(terms) == 1 else None
     if fused is not None and (plan.scale != 1 or fused[0] != 1):

@@ -52,6 +52,24 @@ CONSTANTS = {"pi": sympy.pi}
 COMPARISONS = {ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge}
 
 
+def _not_float64(value: sympy.Expr) -> sympy.Expr | None:
+    """The first constant in `value` that generated code could not hold as a finite float (it prints a
+    constant as a float literal, a rational as integer / integer), or None."""
+    if value.is_number:
+        parts = sympy.fraction(value) if value.is_Rational else (value,)
+        try:
+            return None if all(math.isfinite(float(sympy.N(part, 20))) for part in parts) else value
+        except (OverflowError, TypeError):    # an int too large for a float; a complex number
+            return value
+    return next((found for arg in value.args if isinstance(arg, sympy.Expr)
+                 and (found := _not_float64(arg)) is not None), None)
+
+
+def _short(value: sympy.Expr) -> str:
+    text = sympy.sstr(value)
+    return text if len(text) <= 40 else sympy.sstr(sympy.N(value, 3))
+
+
 def size_symbol(index: str) -> sympy.Symbol:
     return sympy.Symbol(naming.size(index), integer=True, positive=True)
 
@@ -65,8 +83,22 @@ def tensor_symbol(name: str) -> sympy.IndexedBase:
 
 
 def scalar_symbol(name: str) -> sympy.Symbol:
-    """A 0-d tensor or a hyperparameter."""
+    """A 0-d tensor."""
     return sympy.Symbol(name, real=True)
+
+
+class ParamSymbol(sympy.Symbol):
+    """A hyperparameter: a Python number in generated code, where a 0-d tensor (a plain Symbol) is a tensor."""
+
+
+def param_symbol(name: str) -> ParamSymbol:
+    return ParamSymbol(name, real=True)
+
+
+def is_python_number(expr: sympy.Expr) -> bool:
+    """Whether generated code holds `expr` as a Python number: it reads only params and sizes."""
+    return not expr.atoms(sympy.Indexed) and all(
+        isinstance(s, ParamSymbol) or (s.is_integer and s.name.startswith(naming.size(""))) for s in expr.free_symbols)
 
 
 @dataclass
@@ -478,21 +510,24 @@ class _EquationParser:
             raise self.error(f"{ast.unparse(node)} is infinite or undefined", node)
         if any(max(abs(n.p).bit_length(), n.q.bit_length()) > MAX_CONSTANT_BITS for n in value.atoms(sympy.Rational)):
             raise self.error(f"a constant in {ast.unparse(node)[:40]} is too large (over {MAX_CONSTANT_BITS} bits)", node)
+        constant = _not_float64(value)
+        if constant is not None:
+            raise self.error(f"constant {_short(constant)} in {ast.unparse(node)[:40]} is not a finite float64 "
+                             f"(generated code holds a constant as a float, a fraction as int / int)", node)
         return value, free
 
     def _node(self, node) -> tuple[sympy.Expr, set[str]]:
         if isinstance(node, ast.Constant):
             if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
                 raise self.error(f"constant {node.value!r} is not a number", node)
-            if not math.isfinite(node.value):
+            # (an int of 2**1024 or more cannot even be converted to a float to be checked)
+            if isinstance(node.value, int) and abs(node.value) >= 2 ** 1024 or not math.isfinite(node.value):
                 raise self.error("number is too large for a float (it overflows to infinity)", node)
-            if isinstance(node.value, int) and node.value.bit_length() > MAX_CONSTANT_BITS:
-                raise self.error(f"constant is too large (over {MAX_CONSTANT_BITS} bits)", node)
             return sympy.nsimplify(node.value, rational=True), set()
         if isinstance(node, ast.Name):
             if node.id in self.params:
-                return scalar_symbol(node.id), set()
-            if node.id in CONSTANTS:
+                return param_symbol(node.id), set()
+            if node.id in CONSTANTS and all(t.name != node.id for t in self.inputs):
                 return CONSTANTS[node.id], set()
             tensor = self._tensor(node.id, node)
             if tensor.indices:
