@@ -23,7 +23,7 @@ from pathlib import Path
 import sympy
 
 from . import functions, naming
-from .model import Catalog, OpSpec, Param, SpecError, TensorInput
+from .model import Catalog, OpSpec, Param, SpecError, TensorInput, Tie
 from .naming import BATCH
 
 MAX_SOURCE_CHARS = 4000
@@ -34,7 +34,12 @@ MAX_BRANCHES = 6              # where, Max, Min and Abs calls per equation
 MAX_EXPONENT = 1000           # |constant exponent|; larger powers overflow float64 anyway
 MAX_CONSTANT_BITS = 4096      # numerator and denominator of any constant
 
-OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "integer", "params", "step_at_zero", "ranges"}
+OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "integer", "params", "ranges"}
+RETIRED_KEYS = {
+    "step_at_zero": "'step_at_zero' is retired: a kink's value is set where it is written, as the first argument's "
+                    "share of the gradient at a tie: Max(x[i], 0, tie=0) is relu (0 at 0), Max(x[i], lo, tie=1) "
+                    "is clamp_min (passes at the bound); without tie= Max and Min split a tie evenly",
+}
 REQUIRED_KEYS = ("inputs", "equation", "reference")
 
 
@@ -180,6 +185,9 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
         raise locator.error(f"bad op name: {problem}", name)
     if not isinstance(entry, dict):
         raise locator.error("an op must be a table of keys", name)
+    retired = sorted(set(entry) & set(RETIRED_KEYS))
+    if retired:
+        raise locator.error(RETIRED_KEYS[retired[0]], name, retired[0])
     unknown = set(entry) - OP_KEYS
     if unknown:
         raise locator.error(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(OP_KEYS)}", name, sorted(unknown)[0])
@@ -238,10 +246,6 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
                                 f"low < high",
                                 name, "ranges")
 
-    step = entry.get("step_at_zero", 0)
-    if not _is_finite_number(step):
-        raise locator.error("'step_at_zero' must be a finite number", name, "step_at_zero")
-
     tensors = tuple(TensorInput(t.name, t.indices, t.name in differentiable, t.name in integer) for t, _ in inputs)
     parser = _EquationParser(name, tensors, tuple(p.name for p in params), locator)
     output, output_indices, rhs = parser.parse(entry["equation"])
@@ -279,7 +283,7 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
         equation=entry["equation"].strip(),
         reference=reference,
         index_sizes=tuple(sorted(parser.sizes.items())),
-        step_at_zero=sympy.nsimplify(step),
+        ties=tuple(parser.ties),
         ranges=tuple(sorted((k, float(v[0]), float(v[1])) for k, v in ranges.items())),
         source=locator.path,
     )
@@ -410,6 +414,7 @@ class _EquationParser:
     sizes: dict[str, str] = field(default_factory=dict)   # index -> declared index whose size it has
     value_ranges: dict[str, str] = field(default_factory=dict)  # integer input -> size its values index
     branches: dict[str, int] = field(default_factory=dict)   # 'where' / 'kink' -> how many the equation has
+    ties: list[Tie] = field(default_factory=list)             # the tie= conventions, in reading order
 
     def error(self, message: str, node: ast.AST | None = None) -> SpecError:
         return self.locator.error(message, self.op, "equation", node)
@@ -613,8 +618,7 @@ class _EquationParser:
         if not isinstance(node.func, ast.Name):
             raise self.error("only plain function names can be called (no attributes or methods)", node)
         name = node.func.id
-        if node.keywords:
-            raise self.error(f"{name}() takes no keyword arguments", node)
+        tie = self._tie(name, node)
         if name in REDUCTIONS:
             return self._reduction(name, node)
         if name in ("where", "Max", "max", "Min", "min", "Abs", "abs"):
@@ -643,9 +647,44 @@ class _EquationParser:
         elif len(values) != 1:
             raise self.error(f"{name}() takes one argument", node)
         try:
-            return FUNCTIONS[name](*values), free
+            result = FUNCTIONS[name](*values)
         except (TypeError, ValueError) as exc:   # SymPy refusing its arguments, e.g. values it cannot order
             raise self.error(f"{name}() cannot take these arguments: {exc}", node) from None
+        if tie is not None:
+            self._add_ties(name, values, tie, node)
+        return result, free
+
+    def _tie(self, name: str, node: ast.Call) -> sympy.Expr | None:
+        """The number of `Max(a, b, tie=t)` / `Min(a, b, tie=t)`: a's share of the gradient where a == b."""
+        if not node.keywords:
+            return None
+        if name not in ("Max", "max", "Min", "min"):
+            raise self.error(f"{name}() takes no keyword arguments", node)
+        keyword_node = node.keywords[0]
+        if len(node.keywords) != 1 or keyword_node.arg != "tie":
+            raise self.error(f"{name}() takes one keyword, tie= (the first argument's share of the gradient "
+                             f"where the two are equal)", node)
+        value = keyword_node.value
+        if not (isinstance(value, ast.Constant) and _is_finite_number(value.value) and 0 <= value.value <= 1):
+            raise self.error(f"{name}(a, b, tie=t) takes a number t from 0 to 1: a's share of the gradient "
+                             f"where a == b (b gets 1 - t)", value)
+        if len(node.args) != 2:
+            raise self.error(f"tie= needs {name}() of exactly two arguments", node)
+        return sympy.nsimplify(value.value)
+
+    def _add_ties(self, name: str, values: list[sympy.Expr], share: sympy.Expr, node: ast.Call) -> None:
+        """Record the value each argument's unit step takes at the tie (an argument without a tensor has none)."""
+        first, second = values
+        sign = -1 if name.lower() == "min" else 1    # d Max(a, b) / da = step(a - b), d Min(a, b) / da = step(b - a)
+        tensors = {t.name for t in self.inputs}
+        for argument, step, value in ((first, sign * (first - second), share),
+                                      (second, sign * (second - first), 1 - share)):
+            if not (argument.atoms(sympy.Indexed) or {s.name for s in argument.free_symbols} & tensors):
+                continue
+            if any(t.step == step and t.value != value for t in self.ties):
+                raise self.error(f"{name}(..., tie={share}) contradicts another tie= between the same two "
+                                 f"arguments: one comparison has one convention", node)
+            self.ties.append(Tie(step, value))
 
     def _count_branch(self, kind: str, node) -> None:
         """Each piecewise function multiplies the cases SymPy must reconcile: a fixed limit, not a hang."""
