@@ -129,8 +129,7 @@ def _derive_input(op: OpSpec, forward: sympy.Expr, name: str, scalars) -> Gradie
     tensor = op.input(name)
     primed = {d: index_symbol(f"{d}'", op.size_of(d)) for d in tensor.indices}
     wrt = tensor_symbol(name)[tuple(primed.values())] if tensor.indices else scalar_symbol(name)
-    ties = {_surface(stabilize(t.step)): t.value for t in op.ties}
-    partial = _explicit_kinks(_deltas_out_of_piecewise(sympy.diff(forward, wrt)), ties)
+    partial = _deltas_out_of_piecewise(sympy.diff(forward, wrt))
 
     out_indices = [index_symbol(o, op.size_of(o)) for o in op.output_indices]
     grad_out = naming.grad(op.output)
@@ -172,13 +171,6 @@ def _deltas_out_of_piecewise(expr: sympy.Expr) -> sympy.Expr:
 
 
 # --- kinks ------------------------------------------------------------------------------------
-
-def _explicit_kinks(expr: sympy.Expr, ties: dict) -> sympy.Expr:
-    """Heaviside(a) -> Heaviside(a, h): h is the spec's tie= for that comparison, else 1/2 (torch.maximum's even
-    split of a tie). The value at the kink becomes part of the math."""
-    return expr.replace(lambda e: isinstance(e, sympy.Heaviside),
-                        lambda e: sympy.Heaviside(e.args[0], ties.get(_surface(e.args[0]), sympy.S.Half)))
-
 
 def _surface(argument: sympy.Expr) -> tuple[sympy.Expr, int]:
     """(s, sign) with argument = c * s and sign = sign(c) for a positive-or-negative number c; s is the same
@@ -276,26 +268,42 @@ def settle_kinks(terms: list[Term], scalars) -> tuple[list[Term], tuple[Kink, ..
             kinks.append(Kink(surface, above, below, at, "continuous"))
         else:
             kinks.append(Kink(surface, above, below, at, "jump"))
+        terms = _one_way(terms, surface, scalars)
     return terms, tuple(kinks)
+
+
+def _one_way(terms: list[Term], surface: sympy.Expr, scalars) -> list[Term]:
+    """The terms with each step of `surface` written one way, step(-s, h) = 1 - step(s, 1 - h), when that lets
+    terms merge: g * step(-x, 0) + g * step(x, 1) is g."""
+    flipped = {step: 1 - sympy.Heaviside(-step.args[0], 1 - step.args[1])
+               for step in _steps_of(terms, surface, scalars)
+               if isinstance(step, sympy.Heaviside) and _surface(step.args[0])[1] < 0}
+    merged = _replaced(terms, flipped, scalars, distribute=True)
+    return merged if len(merged) < len(terms) else terms
 
 
 def _steps_of(terms: list[Term], surface: sympy.Expr, scalars) -> list[sympy.Expr]:
     return _steps(sympy.Add(*[t.to_expr() for t in terms]), scalars).get(surface, [])
 
 
-def _replaced(terms: list[Term], replacement: dict, scalars) -> list[Term]:
-    """The terms with steps replaced; factors that become index-free join the coefficient, zero terms go."""
+def _replaced(terms: list[Term], replacement: dict, scalars, distribute: bool = False) -> list[Term]:
+    """The terms with steps replaced; factors that become index-free join the coefficient, zero terms go.
+    With `distribute`, a factor the replacement made a sum splits its term in several."""
     result = []
     for term in terms:
-        coefficient, factors = term.coefficient, []
+        choices = []
         for factor in term.factors:
-            for part in sympy.Mul.make_args(factor.xreplace(replacement)):
+            new = factor.xreplace(replacement)
+            choices.append(sympy.Add.make_args(sympy.expand(new)) if distribute and new != factor else (new,))
+        for chosen in itertools.product(*choices):
+            coefficient, factors = term.coefficient, []
+            for part in (p for factor in chosen for p in sympy.Mul.make_args(factor)):
                 if depends_on_tensor(part, scalars):
                     factors.append(part)
                 else:
                     coefficient *= part
-        if coefficient != 0:
-            result.append(Term(coefficient, tuple(factors), term.summed))
+            if coefficient != 0:
+                result.append(Term(coefficient, tuple(factors), term.summed))
     return _combine(result)
 
 

@@ -498,6 +498,9 @@ def _math(expr: sympy.Expr) -> Math:
 class _NotationPrinter(IndexNotationPrinter):
     """The spec's notation, with the spec's where() for a Piecewise."""
 
+    def _print_Equality(self, expr):
+        return f"{self._print(expr.lhs)} = {self._print(expr.rhs)}"
+
     def _print_Piecewise(self, expr):
         *pieces, (otherwise, condition) = expr.args
         text = self._print(otherwise) if condition == sympy.true else f"where({self._print(condition)}, " \
@@ -519,6 +522,13 @@ class _PrettyPrinter(PrettyPrinter):
 
     def _print_Symbol(self, e, bold_name=False):
         return prettyForm(e.name)
+
+    def _print_max_tie(self, expr):
+        first, second, tie = expr.args
+        shown = sympy.Function(expr.untied_function.__name__)(first, second, sympy.Symbol(f"tie={tie}"))
+        return self._print_Function(shown)
+
+    _print_min_tie = _print_max_tie
 
     def _print_Derivative(self, deriv):
         (variable, _), = deriv.variable_count
@@ -570,6 +580,13 @@ class _LatexPrinter(LatexPrinter):
     def _hprint_Function(self, func: str) -> str:
         """A function SymPy has no LaTeX name for, e.g. one_hot, upright and whole."""
         return func if len(func) == 1 else r"\operatorname{" + func.replace("_", r"\_") + "}"
+
+    def _print_max_tie(self, expr):
+        first, second, tie = (self._print(a) for a in expr.args)
+        name = expr.untied_function.__name__.lower()
+        return rf"\{name}\left({first}, {second}; \mathrm{{tie}} = {tie}\right)"
+
+    _print_min_tie = _print_max_tie
 
     def _print_KroneckerDelta(self, expr, exp=None):
         return rf"\delta_{{{self._print(expr.args[0])} {self._print(expr.args[1])}}}"

@@ -54,16 +54,6 @@ class Param:
 
 
 @dataclass(frozen=True)
-class Tie:
-    """A tie convention the spec states: `Max(a, b, tie=t)` gives a the share t of the gradient where a == b.
-
-    The derivative of a kink is a unit step; each Tie sets the value one step takes at 0."""
-
-    step: sympy.Expr    # the argument of the unit step: a - b for Max (a's share), b - a for Min
-    value: sympy.Expr   # the step's value where `step` is 0: a number from 0 to 1
-
-
-@dataclass(frozen=True)
 class OpSpec:
     """An op as the user wrote it, parsed into SymPy."""
 
@@ -77,7 +67,6 @@ class OpSpec:
     equation: str                      # the equation as written, for docs only
     reference: str                     # torch reference expression, validated and re-printed from its AST
     index_sizes: tuple[tuple[str, str], ...]  # index name -> name of the size it ranges over
-    ties: tuple[Tie, ...]              # the Max/Min tie conventions the equation sets (tie=); others split evenly
     ranges: tuple[tuple[str, float, float], ...]  # input -> (low, high) where the op is defined, for test inputs
     source: str                        # "<file>" the op came from, for messages
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import sympy
 
 from . import functions, naming
-from .model import Catalog, OpSpec, Param, SpecError, TensorInput, Tie
+from .model import Catalog, OpSpec, Param, SpecError, TensorInput
 from .naming import BATCH
 
 MAX_SOURCE_CHARS = 4000
@@ -51,6 +51,7 @@ FUNCTIONS = {
     "Abs": sympy.Abs, "abs": sympy.Abs,
     "Max": sympy.Max, "max": sympy.Max, "Min": sympy.Min, "min": sympy.Min,
 }
+TIED = {"max": functions.max_tie, "min": functions.min_tie}    # Max/Min with tie=
 REDUCTIONS = ("sum", "mean", "logsumexp", "softmax")
 NOT_DIFFERENTIABLE = {"floor", "ceil", "round", "sign", "trunc", "argmax", "argmin"}
 CONSTANTS = {"pi": sympy.pi}
@@ -283,7 +284,6 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
         equation=entry["equation"].strip(),
         reference=reference,
         index_sizes=tuple(sorted(parser.sizes.items())),
-        ties=tuple(parser.ties),
         ranges=tuple(sorted((k, float(v[0]), float(v[1])) for k, v in ranges.items())),
         source=locator.path,
     )
@@ -414,7 +414,6 @@ class _EquationParser:
     sizes: dict[str, str] = field(default_factory=dict)   # index -> declared index whose size it has
     value_ranges: dict[str, str] = field(default_factory=dict)  # integer input -> size its values index
     branches: dict[str, int] = field(default_factory=dict)   # 'where' / 'kink' -> how many the equation has
-    ties: list[Tie] = field(default_factory=list)             # the tie= conventions, in reading order
 
     def error(self, message: str, node: ast.AST | None = None) -> SpecError:
         return self.locator.error(message, self.op, "equation", node)
@@ -647,12 +646,11 @@ class _EquationParser:
         elif len(values) != 1:
             raise self.error(f"{name}() takes one argument", node)
         try:
-            result = FUNCTIONS[name](*values)
+            if tie is not None:
+                return TIED[name.lower()](*values, tie), free
+            return FUNCTIONS[name](*values), free
         except (TypeError, ValueError) as exc:   # SymPy refusing its arguments, e.g. values it cannot order
             raise self.error(f"{name}() cannot take these arguments: {exc}", node) from None
-        if tie is not None:
-            self._add_ties(name, values, tie, node)
-        return result, free
 
     def _tie(self, name: str, node: ast.Call) -> sympy.Expr | None:
         """The number of `Max(a, b, tie=t)` / `Min(a, b, tie=t)`: a's share of the gradient where a == b."""
@@ -671,20 +669,6 @@ class _EquationParser:
         if len(node.args) != 2:
             raise self.error(f"tie= needs {name}() of exactly two arguments", node)
         return sympy.nsimplify(value.value)
-
-    def _add_ties(self, name: str, values: list[sympy.Expr], share: sympy.Expr, node: ast.Call) -> None:
-        """Record the value each argument's unit step takes at the tie (an argument without a tensor has none)."""
-        first, second = values
-        sign = -1 if name.lower() == "min" else 1    # d Max(a, b) / da = step(a - b), d Min(a, b) / da = step(b - a)
-        tensors = {t.name for t in self.inputs}
-        for argument, step, value in ((first, sign * (first - second), share),
-                                      (second, sign * (second - first), 1 - share)):
-            if not (argument.atoms(sympy.Indexed) or {s.name for s in argument.free_symbols} & tensors):
-                continue
-            if any(t.step == step and t.value != value for t in self.ties):
-                raise self.error(f"{name}(..., tie={share}) contradicts another tie= between the same two "
-                                 f"arguments: one comparison has one convention", node)
-            self.ties.append(Tie(step, value))
 
     def _count_branch(self, kind: str, node) -> None:
         """Each piecewise function multiplies the cases SymPy must reconcile: a fixed limit, not a hang."""
