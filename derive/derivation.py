@@ -9,7 +9,13 @@ inside `Sum`s. SymPy only removes those for some orders of the summation limits 
 wraps what it removes in `Piecewise` range guards, so this module eliminates every
 delta itself: any delta with a summed index substitutes the other index for it. No
 range guard is needed because both indices range over the same declared dim.
-Non-smooth points follow PyTorch: the unit step takes the op's `step_at_zero` value.
+
+Kinks (`settle_kinks`): the derivative of Max, Min, Abs and where() is a step that jumps
+where some argument s is 0. Each step takes the value PyTorch's primitive gives there:
+Max/Min split a tie evenly unless the spec says `tie=`, Abs has sign(0) = 0, where()
+follows its comparison. Then every kink s = 0 of a gradient is compared from both sides:
+where the two one-sided formulas are equal the step is dropped, where they agree at s = 0
+the gradient takes that value whatever the conventions, and only a real jump keeps one.
 """
 
 from __future__ import annotations
@@ -41,6 +47,29 @@ class Term:
 
 
 @dataclass(frozen=True)
+class Kink:
+    """A surface s = 0 where a step of one gradient jumps, and how the gradient's value there was settled."""
+
+    surface: sympy.Expr          # s; the kink is where s == 0
+    above: sympy.Expr            # the gradient where s > 0
+    below: sympy.Expr            # the gradient where s < 0
+    at: sympy.Expr               # the gradient where s == 0, as the generated code computes it
+    verdict: str                 # one of KINK_VERDICTS
+
+    @property
+    def equation(self) -> sympy.Eq:
+        """s == 0 written as two sides: x[i] = 0, a[i] = b[i]."""
+        return sympy.Eq(*_sides(self.surface), evaluate=False)
+
+
+KINK_VERDICTS = {
+    "smooth": "one formula on both sides: the step cancels and is gone",
+    "continuous": "both sides agree on the kink: the gradient there is their common value, whatever the conventions",
+    "jump": "the gradient jumps: its value on the kink follows the conventions (Max/Min tie, sign(0) = 0, where())",
+}
+
+
+@dataclass(frozen=True)
 class GradientDerivation:
     """How one input's gradient was obtained, step by step."""
 
@@ -51,6 +80,7 @@ class GradientDerivation:
     vjp_raw: sympy.Expr           # sum over o of grad_y[o...] * partial, before delta elimination
     vjp: sympy.Expr               # grad_X[d...] after delta elimination and the kink convention
     terms: tuple[Term, ...]       # vjp split into canonical terms for the shape planner
+    kinks: tuple[Kink, ...] = ()  # each place s = 0 where the derivative may jump, and what derive did there
 
 
 @dataclass(frozen=True)
@@ -99,7 +129,7 @@ def _derive_input(op: OpSpec, forward: sympy.Expr, name: str, scalars) -> Gradie
     tensor = op.input(name)
     primed = {d: index_symbol(f"{d}'", op.size_of(d)) for d in tensor.indices}
     wrt = tensor_symbol(name)[tuple(primed.values())] if tensor.indices else scalar_symbol(name)
-    partial = _explicit_kinks(_deltas_out_of_piecewise(_differentiate(forward, wrt)), op.step_at_zero)
+    partial = _deltas_out_of_piecewise(_differentiate(forward, wrt))
 
     out_indices = [index_symbol(o, op.size_of(o)) for o in op.output_indices]
     grad_out = naming.grad(op.output)
@@ -113,11 +143,12 @@ def _derive_input(op: OpSpec, forward: sympy.Expr, name: str, scalars) -> Gradie
         term = _eliminate_deltas(term, op, name)
         if term is not None:
             terms.append(_rename_primed(term, primed, op))
-    terms = [_reuse_output(t, op, forward) for t in _combine(terms) if not _vanishes(t)]
+    terms, kinks = settle_kinks(_combine(terms), scalars)
+    terms = [_reuse_output(t, op, forward) for t in terms if not _vanishes(t)]
     vjp = sympy.Add(*[t.to_expr() for t in terms])
     terms = [Term(t.coefficient, tuple(_lower_kinks(f) for f in t.factors), t.summed) for t in terms]
     return GradientDerivation(input=name, indices=tensor.indices, wrt=wrt, partial=partial,
-                              vjp_raw=vjp_raw, vjp=vjp, terms=tuple(terms))
+                              vjp_raw=vjp_raw, vjp=vjp, terms=tuple(terms), kinks=kinks)
 
 
 def _differentiate(forward: sympy.Expr, wrt: sympy.Expr) -> sympy.Expr:
@@ -144,21 +175,167 @@ def _deltas_out_of_piecewise(expr: sympy.Expr) -> sympy.Expr:
     return expr.replace(lambda e: isinstance(e, sympy.Piecewise) and _split_piecewise(e)[0], pull)
 
 
-def _explicit_kinks(expr: sympy.Expr, step_at_zero: sympy.Expr) -> sympy.Expr:
-    """Heaviside(a) -> Heaviside(a, step_at_zero): the value at the kink becomes part of the math."""
-    return expr.replace(lambda e: isinstance(e, sympy.Heaviside),
-                        lambda e: sympy.Heaviside(e.args[0], step_at_zero))
+# --- kinks ------------------------------------------------------------------------------------
+
+def _surface(argument: sympy.Expr) -> tuple[sympy.Expr, int]:
+    """(s, sign) with argument = c * s and sign = sign(c) for a positive-or-negative number c; s is the same
+    for a and -a (and 2 * a), so the steps of one kink, whichever way they are written, meet."""
+    content, s = argument.as_content_primitive()
+    sign = 1 if content > 0 else -1
+    if s.could_extract_minus_sign():
+        s, sign = -s, -sign
+    return s, sign
+
+
+def _argument(step: sympy.Expr) -> sympy.Expr:
+    """a of a step Heaviside(a, h) or sign(a), or of a where() condition a > 0 written as l > r (a = l - r)."""
+    return step.lhs - step.rhs if isinstance(step, sympy.core.relational.Relational) else step.args[0]
+
+
+def _steps(expr: sympy.Expr, scalars) -> dict[sympy.Expr, list[sympy.Expr]]:
+    """Every step of a tensor in `expr`, by the surface s its kink lies on."""
+    found = expr.atoms(sympy.Heaviside, sympy.sign) | {
+        condition for piecewise in expr.atoms(sympy.Piecewise) for _, c in piecewise.args
+        for condition in c.atoms(sympy.core.relational.Relational)}
+    by_surface: dict[sympy.Expr, list[sympy.Expr]] = {}
+    for step in sorted(found, key=sympy.default_sort_key):
+        if depends_on_tensor(_argument(step), scalars):
+            by_surface.setdefault(_surface(_argument(step))[0], []).append(step)
+    return by_surface
+
+
+def _value(step: sympy.Expr, side: int) -> sympy.Expr:
+    """The value of a step where its surface s has the sign `side` (1, -1, or 0 on the kink)."""
+    direction = _surface(_argument(step))[1] * side       # the sign of the step's own argument there
+    if isinstance(step, sympy.Heaviside):
+        return step.args[1] if direction == 0 else sympy.Integer(int(direction > 0))
+    if isinstance(step, sympy.sign):
+        return sympy.Integer(direction)
+    return step.func(direction, 0)                          # a comparison, true or false
+
+
+def _from_above(step: sympy.Expr, surface: sympy.Expr) -> sympy.Expr:
+    """The same step, except that on the kink it takes its value for s > 0 (the side that s >= 0 includes)."""
+    above = _value(step, 1)
+    if isinstance(step, sympy.Heaviside):
+        return sympy.Heaviside(step.args[0], above)
+    if isinstance(step, sympy.sign):
+        return above * (2 * sympy.Heaviside(surface, 1) - 1)
+    return _compare(sympy.Ge if above else sympy.Lt, surface)
+
+
+def _one_side(expr: sympy.Expr, steps, side: int) -> sympy.Expr:
+    return expr.xreplace({step: _value(step, side) for step in steps})
+
+
+def _on_kink(surface: sympy.Expr, scalars) -> dict | None:
+    """A substitution that puts an expression on the kink s = 0: a tensor s is linear in, solved for; or None."""
+    for atom in sorted(surface.atoms(sympy.Indexed) | (surface.free_symbols & scalars), key=sympy.default_sort_key):
+        slope = surface.diff(atom)
+        rest = sympy.expand(surface - slope * atom)
+        if slope.is_number and slope != 0 and not rest.has(atom):
+            return {atom: -rest / slope}
+    return None
+
+
+def _is_zero(expr: sympy.Expr) -> bool:
+    return sympy.expand(canonical(sympy.expand(expr))) == 0
+
+
+def settle_kinks(terms: list[Term], scalars) -> tuple[list[Term], tuple[Kink, ...]]:
+    """The key rule: where a function is differentiable its gradient is the true derivative, whatever the
+    conventions at its kinks. For each surface s = 0 that steps of this gradient jump on (the steps of
+    Max(0, x) and Min(0, x), the sign of Abs(x), the condition of where(x > 0, ...) all lie on x = 0):
+
+    - the formulas for s > 0 and s < 0 are the same: the kinks cancel, the steps are replaced by their
+      value for s > 0 and no kink is left (Max(0, x) + Min(0, x) is x, with gradient 1 at 0 too);
+    - they differ but agree on s = 0: the gradient is continuous there and its value on the kink must be
+      the common one; where the conventions would give another, each step takes its s > 0 value on the kink;
+    - they differ on s = 0: a real jump, and each step keeps the value of its convention there.
+    """
+    kinks = []
+    for surface, steps in _steps(sympy.Add(*[t.to_expr() for t in terms]), scalars).items():
+        total = sympy.Add(*[t.to_expr() for t in terms])
+        steps = [s for s in steps if total.has(s)]
+        if not steps:
+            continue
+        above, below = _one_side(total, steps, 1), _one_side(total, steps, -1)
+        if _is_zero(above - below):
+            terms = _replaced(terms, {step: _value(step, 1) for step in steps}, scalars)
+            kinks.append(Kink(surface, above, below, above, "smooth"))
+            continue
+        on_kink = _on_kink(surface, scalars)
+        at = _one_side(total, steps, 0)
+        if on_kink is not None and _is_zero((above - below).xreplace(on_kink)):
+            if not _is_zero((at - above).xreplace(on_kink)):
+                terms = _replaced(terms, {step: _from_above(step, surface) for step in steps}, scalars)
+                at = _one_side(sympy.Add(*[t.to_expr() for t in terms]), _steps_of(terms, surface, scalars), 0)
+            kinks.append(Kink(surface, above, below, at, "continuous"))
+        else:
+            kinks.append(Kink(surface, above, below, at, "jump"))
+        terms = _one_way(terms, surface, scalars)
+    return terms, tuple(kinks)
+
+
+def _one_way(terms: list[Term], surface: sympy.Expr, scalars) -> list[Term]:
+    """The terms with each step of `surface` written one way, step(-s, h) = 1 - step(s, 1 - h), when that lets
+    terms merge: g * step(-x, 0) + g * step(x, 1) is g."""
+    flipped = {step: 1 - sympy.Heaviside(-step.args[0], 1 - step.args[1])
+               for step in _steps_of(terms, surface, scalars)
+               if isinstance(step, sympy.Heaviside) and _surface(step.args[0])[1] < 0}
+    merged = _replaced(terms, flipped, scalars, distribute=True)
+    return merged if len(merged) < len(terms) else terms
+
+
+def _steps_of(terms: list[Term], surface: sympy.Expr, scalars) -> list[sympy.Expr]:
+    return _steps(sympy.Add(*[t.to_expr() for t in terms]), scalars).get(surface, [])
+
+
+def _replaced(terms: list[Term], replacement: dict, scalars, distribute: bool = False) -> list[Term]:
+    """The terms with steps replaced; factors that become index-free join the coefficient, zero terms go.
+    With `distribute`, a factor the replacement made a sum splits its term in several."""
+    result = []
+    for term in terms:
+        choices = []
+        for factor in term.factors:
+            new = factor.xreplace(replacement)
+            choices.append(sympy.Add.make_args(sympy.expand(new)) if distribute and new != factor else (new,))
+        for chosen in itertools.product(*choices):
+            coefficient, factors = term.coefficient, []
+            for part in (p for factor in chosen for p in sympy.Mul.make_args(factor)):
+                if depends_on_tensor(part, scalars):
+                    factors.append(part)
+                else:
+                    coefficient *= part
+            if coefficient != 0:
+                result.append(Term(coefficient, tuple(factors), term.summed))
+    return _combine(result)
+
+
+def _sides(argument: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:
+    """(l, r) with argument = l - r, each side written without a leading minus: x[i] - lo -> (x[i], lo)."""
+    left = [t for t in sympy.Add.make_args(argument) if not t.could_extract_minus_sign()]
+    right = [-t for t in sympy.Add.make_args(argument) if t.could_extract_minus_sign()]
+    return sympy.Add(*left), sympy.Add(*right)
+
+
+def _compare(relation, argument: sympy.Expr) -> sympy.Expr:
+    """relation(argument, 0) written as a comparison of its two sides, the tensor first: x[i] > 0, a[i] <= b[i]."""
+    left, right = _sides(argument)
+    comparison = relation(left, right)
+    return comparison.reversed if left == 0 else comparison
 
 
 def _lower_kinks(expr: sympy.Expr) -> sympy.Expr:
-    """Heaviside(a, h0) -> Piecewise, ordered so that NaN takes the last branch (gradient passes, as in torch)."""
+    """Heaviside(a, h) -> Piecewise, ordered so that NaN takes the last branch: the gradient passes at NaN, as
+    torch.maximum, relu and hardtanh give it."""
     def piecewise(step):
         arg, at_zero = step.args
         if at_zero == 0:
-            return sympy.Piecewise((0, arg <= 0), (1, True))
+            return sympy.Piecewise((0, _compare(sympy.Le, arg)), (1, True))
         if at_zero == 1:
-            return sympy.Piecewise((0, arg < 0), (1, True))
-        return sympy.Piecewise((0, arg < 0), (at_zero, sympy.Eq(arg, 0)), (1, True))
+            return sympy.Piecewise((0, _compare(sympy.Lt, arg)), (1, True))
+        return sympy.Piecewise((0, _compare(sympy.Lt, arg)), (at_zero, _compare(sympy.Eq, arg)), (1, True))
     return expr.replace(lambda e: isinstance(e, sympy.Heaviside), piecewise)
 
 

@@ -23,6 +23,7 @@ from sympy.printing.pretty.stringpict import prettyForm
 
 from . import naming
 from .emit import environment
+from .derivation import KINK_VERDICTS, Kink
 from .lower import STYLES, Leaf, LoweredExpr, LoweredOp, Reduce, Scaled, walk
 from .model import OpSpec, SpecError
 from .naming import BATCH
@@ -161,6 +162,16 @@ class CodeLine:
 
 
 @dataclass(frozen=True)
+class KinkExplanation:
+    """One kink of a gradient: where it lies and what the gradient is on each side and on it."""
+
+    where: Math                  # the kink, s = 0 written as two sides: x[i] = 0, a[i] = b[i]
+    verdict: str                 # what derive concluded (derivation.KINK_VERDICTS)
+    sides: tuple[tuple[Math | None, Math], ...]   # (region, grad_X there): above, below, on the kink;
+                                                   # one row (None: everywhere) where the kinks cancel
+
+
+@dataclass(frozen=True)
 class GradientExplanation:
     """Every step for one differentiable input."""
 
@@ -172,6 +183,7 @@ class GradientExplanation:
     vjp_raw: Math                # grad_X[d'...] = sum over o of grad_y[o...] * partial
     vjp: Math                    # grad_X[d...] after delta elimination
     kinked: Math | None          # the same with the kink convention made explicit (None: no kink)
+    kinks: tuple[KinkExplanation, ...]   # each kink of this gradient and its value there
     terms: tuple[TermExplanation, ...]
     code: tuple[CodeLine, ...]   # one per style
     saved: tuple[str, ...]       # tensors of the forward (inputs, output) the gradient reads
@@ -188,7 +200,7 @@ class Explanation:
     output: str
     grad_output: str                       # grad_y, the upstream gradient
     indices: tuple[IndexInfo, ...]
-    step_at_zero: Math | None              # the unit step's value at its kink (None: the op has no kink)
+    kinked: bool                           # whether some gradient has a kink (a step, a sign, a where())
     gradients: tuple[GradientExplanation, ...]
     saved: tuple[str, ...]                 # what the whole backward needs kept from the forward
     sizes: tuple[tuple[str, str], ...]     # the concrete sizes given (size name, value such as 1000 or 4x3)
@@ -256,13 +268,13 @@ def explain(built: Built, inputs: tuple[str, ...] | None = None,
     output_access = tensor_symbol(op.output)[tuple(out_indices)] if out_indices else scalar_symbol(op.output)
     gradients = tuple(_explain_gradient(built, g, output_access, known)
                       for g in built.derivation.gradients if not inputs or g.input in inputs)
-    kinked = any(g.partial.has(sympy.Heaviside) for g in built.derivation.gradients)
+    kinked = any(g.kinks for g in built.derivation.gradients)
     return Explanation(
         op=op.name, doc=op.doc, equation=op.equation,
         forward=_math(sympy.Eq(output_access, op.rhs, evaluate=False)),
         output=op.output, grad_output=built.derivation.grad_output,
         indices=_indices(op, known),
-        step_at_zero=_math(op.step_at_zero) if kinked else None,
+        kinked=kinked,
         gradients=gradients,
         saved=_in_op_order(op, {name for g in gradients for name in g.saved}),
         sizes=known.listed,
@@ -340,11 +352,23 @@ def _explain_gradient(built: Built, g, output_access, known: _Sizes) -> Gradient
         vjp_raw=_math(sympy.Eq(raw_lhs, g.vjp_raw, evaluate=False)),
         vjp=_math(sympy.Eq(lhs, g.vjp, evaluate=False)),
         kinked=_math(sympy.Eq(lhs, lowered_vjp, evaluate=False)) if g.vjp.has(sympy.Heaviside) else None,
+        kinks=tuple(_explain_kink(kink, lhs) for kink in g.kinks),
         terms=tuple(_explain_term(op, term, node, broadcast.plan, known)
                     for term, node in zip(broadcast.plan.terms, broadcast.terms)),
         code=tuple(_code_line(op, built.lowered[style], g.input) for style in ("broadcast", "contraction")),
         saved=_in_op_order(op, set().union(*(_reads(op, built.lowered[s], g.input) for s in STYLES))),
     )
+
+
+def _explain_kink(kink: Kink, lhs: sympy.Expr) -> KinkExplanation:
+    left, right = kink.equation.args
+    regions = [(sympy.Gt(left, right), kink.above), (sympy.Lt(left, right), kink.below), (kink.equation, kink.at)]
+    if kink.verdict == "smooth":
+        regions = [(None, kink.above)]
+    return KinkExplanation(
+        where=_math(kink.equation), verdict=KINK_VERDICTS[kink.verdict],
+        sides=tuple((region if region is None else _math(region), _math(sympy.Eq(lhs, value, evaluate=False)))
+                    for region, value in regions))
 
 
 def _lowered_gradient(lowered: LoweredOp, name: str) -> LoweredExpr:
@@ -474,6 +498,9 @@ def _math(expr: sympy.Expr) -> Math:
 class _NotationPrinter(IndexNotationPrinter):
     """The spec's notation, with the spec's where() for a Piecewise."""
 
+    def _print_Equality(self, expr):
+        return f"{self._print(expr.lhs)} = {self._print(expr.rhs)}"
+
     def _print_Piecewise(self, expr):
         *pieces, (otherwise, condition) = expr.args
         text = self._print(otherwise) if condition == sympy.true else f"where({self._print(condition)}, " \
@@ -495,6 +522,13 @@ class _PrettyPrinter(PrettyPrinter):
 
     def _print_Symbol(self, e, bold_name=False):
         return prettyForm(e.name)
+
+    def _print_max_tie(self, expr):
+        first, second, tie = expr.args
+        shown = sympy.Function(expr.untied_function.__name__)(first, second, sympy.Symbol(f"tie={tie}"))
+        return self._print_Function(shown)
+
+    _print_min_tie = _print_max_tie
 
     def _print_Derivative(self, deriv):
         (variable, _), = deriv.variable_count
@@ -546,6 +580,13 @@ class _LatexPrinter(LatexPrinter):
     def _hprint_Function(self, func: str) -> str:
         """A function SymPy has no LaTeX name for, e.g. one_hot, upright and whole."""
         return func if len(func) == 1 else r"\operatorname{" + func.replace("_", r"\_") + "}"
+
+    def _print_max_tie(self, expr):
+        first, second, tie = (self._print(a) for a in expr.args)
+        name = expr.untied_function.__name__.lower()
+        return rf"\{name}\left({first}, {second}; \mathrm{{tie}} = {tie}\right)"
+
+    _print_min_tie = _print_max_tie
 
     def _print_KroneckerDelta(self, expr, exp=None):
         return rf"\delta_{{{self._print(expr.args[0])} {self._print(expr.args[1])}}}"

@@ -99,6 +99,45 @@ def as_pow(expr: sympy.Expr) -> sympy.Expr:
     return expr.replace(lambda e: isinstance(e, power), lambda e: sympy.Pow(*e.args))
 
 
+class Tied(sympy.Function):
+    """Max or Min of two arguments with the spec's tie convention, `Max(a, b, tie=t)`: where a == b, a gets
+    the share t of the gradient and b the share 1 - t. SymPy's own Max and Min split a tie evenly, as
+    torch.maximum and torch.minimum do; the derivative carries the convention as the value of its unit
+    step at 0: d Max(a, b, tie=t) / da = Heaviside(a - b, t)."""
+
+    nargs = 3
+    is_real = True
+    untied_function = sympy.Max     # the function without the convention: sympy.Max or sympy.Min
+    sign = 1                        # d/da is a step of sign * (a - b)
+
+    @classmethod
+    def eval(cls, first, second, tie):
+        if tie == sympy.S.Half or (first - second).is_number:    # the default split, or no tie at all
+            return cls.untied_function(first, second)
+        return None
+
+    @property
+    def untied(self) -> sympy.Expr:
+        return self.untied_function(*self.args[:2])
+
+    def fdiff(self, argindex=1):
+        first, second, tie = self.args
+        if argindex == 1:
+            return sympy.Heaviside(self.sign * (first - second), tie)
+        if argindex == 2:
+            return sympy.Heaviside(self.sign * (second - first), 1 - tie)
+        raise sympy.ArgumentIndexError(self, argindex)
+
+
+class max_tie(Tied):  # noqa: N801
+    untied_function = sympy.Max
+
+
+class min_tie(Tied):  # noqa: N801
+    untied_function = sympy.Min
+    sign = -1
+
+
 def _fresh(index: sympy.Idx, *exprs: sympy.Expr) -> sympy.Idx:
     """A new index over the same range as `index`, unused in any of `exprs`."""
     taken = {i.name for e in exprs for i in e.atoms(sympy.Idx)}
@@ -423,5 +462,5 @@ def _index_renaming(pattern: sympy.Expr, candidate: sympy.Expr, bound: sympy.Idx
     return None
 
 
-__all__ = ["sigmoid", "softplus", "logsumexp", "softmax", "one_hot", "log1p", "stabilize", "bound_indices",
+__all__ = ["Tied", "max_tie", "min_tie", "sigmoid", "softplus", "logsumexp", "softmax", "one_hot", "log1p", "stabilize", "bound_indices",
            "BINDING", "STABLE_FUNCTIONS"]

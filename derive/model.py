@@ -67,7 +67,6 @@ class OpSpec:
     equation: str                      # the equation as written, for docs only
     reference: str                     # torch reference expression, validated and re-printed from its AST
     index_sizes: tuple[tuple[str, str], ...]  # index name -> name of the size it ranges over
-    step_at_zero: sympy.Expr           # value of the unit step at 0 (derivative of a kink such as Max(x, 0))
     ranges: tuple[tuple[str, float, float], ...]  # input -> (low, high) where the op is defined, for test inputs
     source: str                        # "<file>" the op came from, for messages
 

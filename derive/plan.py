@@ -188,4 +188,10 @@ def _fold_piecewise(factors: list[sympy.Expr]) -> list[sympy.Expr]:
     room = set().union(*(free_indices(p) for p in pieces))
     inside = [f for f in factors if free_indices(f) <= room]
     outside = [f for f in factors if not free_indices(f) <= room]
-    return [sympy.piecewise_fold(sympy.Mul(*inside))] + outside
+    # steps with a third value on the kink (a tie's 1/2) nest around the rest instead: folding them
+    # together would multiply their cases
+    nested = [f for f in inside if isinstance(f, sympy.Piecewise) and len(f.args) > 2]
+    folded = sympy.piecewise_fold(sympy.Mul(*[f for f in inside if f not in nested]))
+    for piece in reversed(nested):
+        folded = sympy.Piecewise(*[(value * folded, condition) for value, condition in piece.args])
+    return [folded] + outside

@@ -384,6 +384,12 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     _print_NumberSymbol = _print_irrational
 
+    def _print_max_tie(self, expr):
+        """Max(a, b, tie=t) computes what Max(a, b) does; the tie only changes its derivative."""
+        return self._print(expr.untied)
+
+    _print_min_tie = _print_max_tie
+
     def _print_Max(self, expr):
         return self._extremum(expr, "torch.maximum", "torch.clamp_min", sympy.Max)
 
@@ -673,6 +679,12 @@ class IndexNotationPrinter(PositiveFirst, sympy.printing.str.StrPrinter):
     def _print_Sum(self, expr):
         indices = ", ".join(self._print(limit[0]) for limit in expr.limits)
         return f"sum({self._print(expr.function)}, {indices})"
+
+    def _print_max_tie(self, expr):
+        first, second, tie = (self._print(a) for a in expr.args)
+        return f"{expr.untied_function.__name__}({first}, {second}, tie={tie})"
+
+    _print_min_tie = _print_max_tie
 
 
 def index_notation(expr: sympy.Expr) -> str:

@@ -34,7 +34,12 @@ MAX_BRANCHES = 6              # where, Max, Min and Abs calls per equation
 MAX_EXPONENT = 1000           # |constant exponent|; larger powers overflow float64 anyway
 MAX_CONSTANT_BITS = 4096      # numerator and denominator of any constant
 
-OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "integer", "params", "step_at_zero", "ranges"}
+OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "integer", "params", "ranges"}
+RETIRED_KEYS = {
+    "step_at_zero": "'step_at_zero' is retired: a kink's value is set where it is written, as the first argument's "
+                    "share of the gradient at a tie: Max(x[i], 0, tie=0) is relu (0 at 0), Max(x[i], lo, tie=1) "
+                    "is clamp_min (passes at the bound); without tie= Max and Min split a tie evenly",
+}
 REQUIRED_KEYS = ("inputs", "equation", "reference")
 
 
@@ -46,6 +51,7 @@ FUNCTIONS = {
     "Abs": sympy.Abs, "abs": sympy.Abs,
     "Max": sympy.Max, "max": sympy.Max, "Min": sympy.Min, "min": sympy.Min,
 }
+TIED = {"max": functions.max_tie, "min": functions.min_tie}    # Max/Min with tie=
 REDUCTIONS = ("sum", "mean", "logsumexp", "softmax")
 NOT_DIFFERENTIABLE = {"floor", "ceil", "round", "sign", "trunc", "argmax", "argmin"}
 CONSTANTS = {"pi": sympy.pi}
@@ -212,6 +218,9 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
         raise locator.error(f"bad op name: {problem}", name)
     if not isinstance(entry, dict):
         raise locator.error("an op must be a table of keys", name)
+    retired = sorted(set(entry) & set(RETIRED_KEYS))
+    if retired:
+        raise locator.error(RETIRED_KEYS[retired[0]], name, retired[0])
     unknown = set(entry) - OP_KEYS
     if unknown:
         raise locator.error(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(OP_KEYS)}", name, sorted(unknown)[0])
@@ -270,10 +279,6 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
                                 f"low < high",
                                 name, "ranges")
 
-    step = entry.get("step_at_zero", 0)
-    if not _is_finite_number(step):
-        raise locator.error("'step_at_zero' must be a finite number", name, "step_at_zero")
-
     tensors = tuple(TensorInput(t.name, t.indices, t.name in differentiable, t.name in integer) for t, _ in inputs)
     parser = _EquationParser(name, tensors, tuple(p.name for p in params), locator)
     output, output_indices, rhs = parser.parse(entry["equation"])
@@ -311,7 +316,6 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
         equation=entry["equation"].strip(),
         reference=reference,
         index_sizes=tuple(sorted(parser.sizes.items())),
-        step_at_zero=sympy.nsimplify(step),
         ranges=tuple(sorted((k, float(v[0]), float(v[1])) for k, v in ranges.items())),
         source=locator.path,
     )
@@ -648,8 +652,7 @@ class _EquationParser:
         if not isinstance(node.func, ast.Name):
             raise self.error("only plain function names can be called (no attributes or methods)", node)
         name = node.func.id
-        if node.keywords:
-            raise self.error(f"{name}() takes no keyword arguments", node)
+        tie = self._tie(name, node)
         if name in REDUCTIONS:
             return self._reduction(name, node)
         if name in ("where", "Max", "max", "Min", "min", "Abs", "abs"):
@@ -678,9 +681,29 @@ class _EquationParser:
         elif len(values) != 1:
             raise self.error(f"{name}() takes one argument", node)
         try:
+            if tie is not None:
+                return TIED[name.lower()](*values, tie), free
             return FUNCTIONS[name](*values), free
         except (TypeError, ValueError) as exc:   # SymPy refusing its arguments, e.g. values it cannot order
             raise self.error(f"{name}() cannot take these arguments: {exc}", node) from None
+
+    def _tie(self, name: str, node: ast.Call) -> sympy.Expr | None:
+        """The number of `Max(a, b, tie=t)` / `Min(a, b, tie=t)`: a's share of the gradient where a == b."""
+        if not node.keywords:
+            return None
+        if name not in ("Max", "max", "Min", "min"):
+            raise self.error(f"{name}() takes no keyword arguments", node)
+        keyword_node = node.keywords[0]
+        if len(node.keywords) != 1 or keyword_node.arg != "tie":
+            raise self.error(f"{name}() takes one keyword, tie= (the first argument's share of the gradient "
+                             f"where the two are equal)", node)
+        value = keyword_node.value
+        if not (isinstance(value, ast.Constant) and _is_finite_number(value.value) and 0 <= value.value <= 1):
+            raise self.error(f"{name}(a, b, tie=t) takes a number t from 0 to 1: a's share of the gradient "
+                             f"where a == b (b gets 1 - t)", value)
+        if len(node.args) != 2:
+            raise self.error(f"tie= needs {name}() of exactly two arguments", node)
+        return sympy.nsimplify(value.value)
 
     def _count_branch(self, kind: str, node) -> None:
         """Each piecewise function multiplies the cases SymPy must reconcile: a fixed limit, not a hang."""

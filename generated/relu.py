@@ -2,7 +2,7 @@
 # Regenerate with: derive generate
 """relu: forward and backward, derived from the spec
 
-    y[...] = Max(x[...], 0)
+    y[...] = Max(x[...], 0, tie=0)
 
 Rectified linear unit, elementwise over any shape. The gradient at x == 0 is 0, as in torch.relu.
 """
@@ -11,7 +11,7 @@ import torch
 
 
 def relu_forward(x):
-    """relu forward: y[...] = Max(x[...], 0)"""
+    """relu forward: y[...] = Max(x[...], 0, tie=0)"""
     return torch.clamp_min(x, 0)
 
 

@@ -67,7 +67,7 @@ CASES = [
      "bad.toml:1: op 'bad': missing required key 'equation'"),
     ("unknown-op-key", VALID + "gradient = 1\n",
      "bad.toml:5: op 'bad': unknown key(s) ['gradient']; allowed: ['differentiable', 'doc', 'equation', "
-     "'inputs', 'integer', 'params', 'ranges', 'reference', 'step_at_zero']"),
+     "'inputs', 'integer', 'params', 'ranges', 'reference']"),
     ("inputs-not-a-list", '[ops.bad]\ninputs = "x[n]"\nequation = "y[n] = x[n]"\nreference = "x"\n',
      "bad.toml:2: op 'bad': 'inputs' must be a non-empty list of strings such as \"x[n, k]\""),
     ("control-character-in-doc", VALID + 'doc = "a\\u0000b"\n',
@@ -212,8 +212,27 @@ CASES = [
     ("reference-denied-function", op("y[n, k] = x[n, k]", reference="torch.save(x, 'f')"),
      "bad.toml:4:14: op 'bad': reference: 'torch.save' is not an allowed torch function"),
     # other keys
-    ("step-at-zero-not-finite", op("y[n, k] = Max(x[n, k], 0)", extra="step_at_zero = nan\n"),
-     "bad.toml:5: op 'bad': 'step_at_zero' must be a finite number"),
+    ("step-at-zero-retired", op("y[n, k] = Max(x[n, k], 0)", extra="step_at_zero = 0\n"),
+     "bad.toml:5: op 'bad': 'step_at_zero' is retired: a kink's value is set where it is written, as the first "
+     "argument's share of the gradient at a tie: Max(x[i], 0, tie=0) is relu (0 at 0), Max(x[i], lo, tie=1) is "
+     "clamp_min (passes at the bound); without tie= Max and Min split a tie evenly"),
+    # tie= on Max and Min
+    ("tie-out-of-range", op("y[n, k] = Max(x[n, k], 0, tie=2)"),
+     "bad.toml:3:43: op 'bad': Max(a, b, tie=t) takes a number t from 0 to 1: a's share of the gradient where "
+     "a == b (b gets 1 - t)"),
+    ("tie-not-a-number", op("y[n, k] = Min(x[n, k], 0, tie=s)", extra="params = { s = 0.5 }\n"),
+     "bad.toml:3:43: op 'bad': Min(a, b, tie=t) takes a number t from 0 to 1: a's share of the gradient where "
+     "a == b (b gets 1 - t)"),
+    ("tie-boolean", op("y[n, k] = Max(x[n, k], 0, tie=True)"),
+     "bad.toml:3:43: op 'bad': Max(a, b, tie=t) takes a number t from 0 to 1: a's share of the gradient where "
+     "a == b (b gets 1 - t)"),
+    ("tie-three-arguments", op("y[n, k] = Max(x[n, k], 0, 1, tie=0)"),
+     "bad.toml:3:23: op 'bad': tie= needs Max() of exactly two arguments"),
+    ("keyword-not-tie", op("y[n, k] = Max(x[n, k], 0, side=0)"),
+     "bad.toml:3:23: op 'bad': Max() takes one keyword, tie= (the first argument's share of the gradient where "
+     "the two are equal)"),
+    ("keyword-on-abs", op("y[n, k] = Abs(x[n, k], tie=0)"),
+     "bad.toml:3:23: op 'bad': Abs() takes no keyword arguments"),
     ("ranges-reversed", op("y[n, k] = x[n, k]", extra="ranges = { x = [1, 0] }\n"),
      "bad.toml:5: op 'bad': 'ranges' entry 'x' must name an input and give finite [low, high] with low < high"),
     ("integer-input-unused", op("y[n, k] = x[n, k]", inputs='["x[n, k]", "i[n]"]', extra='integer = ["i"]\n'),

@@ -115,7 +115,8 @@ def _evaluate_forward(op, scope):
 def test_explain_relu_states_the_kink_value(capsys):
     code, out, err = explain_cli(capsys, "relu")
     assert code == 0, err
-    assert "step_at_zero = 0" in out
+    assert "x[...] = 0: the gradient jumps" in out
+    assert "x[...] = 0: grad_x[...] = 0" in out
     assert "θ(x[" in out
     assert "grad_x = torch.ops.aten.threshold_backward(grad_y, x, 0)" in out
     assert "saved from the forward: x" in out

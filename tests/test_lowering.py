@@ -97,15 +97,15 @@ def test_deltas_are_eliminated_whatever_the_sum_order(tmp_path, order):
     check_gradients(op, module)
 
 
-@pytest.mark.parametrize("step, reference", [(0, "torch.relu(x)"), (0.5, "(x + torch.abs(x)) / 2"),
-                                             (1, "torch.clamp_min(x, 0)")])
-def test_value_at_the_kink_follows_the_spec(tmp_path, step, reference):
+@pytest.mark.parametrize("tie, reference", [(", tie=0", "torch.relu(x)"), ("", "(x + torch.abs(x)) / 2"),
+                                            (", tie=0.5", "(x + torch.abs(x)) / 2"),
+                                            (", tie=1", "torch.clamp_min(x, 0)")])
+def test_value_at_the_kink_follows_the_spec(tmp_path, tie, reference):
     op, module = spec_module(tmp_path, f'''
         [ops.ramp]
         inputs = ["x[i]"]
-        equation = "y[i] = Max(x[i], 0)"
+        equation = "y[i] = Max(x[i], 0{tie})"
         reference = "{reference}"
-        step_at_zero = {step}
     ''')
     check_gradients(op, module, kinks=True)
 
@@ -136,7 +136,7 @@ def test_three_operand_contractions_get_an_optimized_path(tmp_path):
 
 @pytest.mark.parametrize("equation, reference", [
     ("y[n, k] = where(x[n, k] > 0, x[n, k], u[k])", "torch.where(torch.gt(x, 0), x, u)"),
-    ("y[n, k] = Max(x[n, k] * u[k], 0)", "torch.relu(x * u)"),
+    ("y[n, k] = Max(x[n, k] * u[k], 0, tie=0)", "torch.relu(x * u)"),
 ])
 def test_steps_whose_branches_broadcast(tmp_path, equation, reference):
     """Conditions are never hoisted into shared values; branches of different shapes line up."""
