@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import inspect
 from pathlib import Path
 
@@ -6,10 +7,15 @@ import pytest
 
 import derive.bench
 import derive.cli
+import derive.testing
 from derive.build import STYLE_DIRS, render_catalog
 from derive.cli import main
 from derive.spec import load_catalog
 from derive.testing import has_kinks, load_module
+
+# call_backward asks uses_output(op) on every call, and uses_output derives the op again (SymPy, a tenth of a
+# second or more); gradcheck calls a backward once per output element. The answer depends on the op alone.
+derive.testing.uses_output = functools.cache(derive.testing.uses_output)
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "generated"

@@ -1,8 +1,6 @@
 """`derive bench --quick`: its table, the gradients it compares, and its memory measure. No timing assertions."""
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ ROWS = [*OPS, bench.SEED_NETWORK, f"{bench.SEED_NETWORK}, {bench.HANDWRITTEN}"]
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_quick_bench_has_a_row_per_op_and_the_seed_network(style):
+def test_quick_bench_has_a_row_per_op_and_the_seed_network(style, render_once):
     report = bench.run_bench(quick=True, style=style, generated_dir=GENERATED)
     assert [row.case for row in report.rows] == ROWS
     assert all(row.seconds > 0 and row.autograd_seconds > 0 for row in report.rows)
@@ -57,13 +55,11 @@ def test_peak_memory_sees_the_broadcast_intermediate():
     assert bench.peak_bytes(lambda: [torch.ones(1000, dtype=torch.float32)]) >= 4000
 
 
-def test_cli_bench_quick():
-    result = subprocess.run([sys.executable, "-m", "derive", "bench", "--quick", "--style", "broadcast"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+def test_cli_bench_quick(derive_cli, render_once):
+    result = derive_cli("bench", "--quick", "--style", "broadcast", cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert all(case in result.stdout for case in ROWS)
-    bad = subprocess.run([sys.executable, "-m", "derive", "bench", "--sizes", "huge"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    bad = derive_cli("bench", "--sizes", "huge", cwd=ROOT)
     assert bad.returncode == 2 and "unknown size preset" in bad.stderr
 
 
