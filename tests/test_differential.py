@@ -96,9 +96,13 @@ def float_param_in_torch_call(source: str, error: Exception) -> bool:
 def unexpanded_gradient(source: str, error: Exception) -> bool:
     """A gradient whose shape broadcasts to its input's but is smaller (size-1 dims left in)."""
     match = re.search(r"grad_\w+: shape (\(.*?\)), expected (\(.*?\))", str(error))
-    if not match:
-        return False
-    got, want = (ast.literal_eval(g) for g in match.groups())
+    if match:
+        got, want = (ast.literal_eval(g) for g in match.groups())
+    else:   # the same, caught by `.sum_to_size(x.shape)` in the generated code
+        match = re.search(r"size \{(\[.*?\])\} is not expandable to size \{(\[.*?\])\}", str(error))
+        if not match:
+            return False
+        want, got = (ast.literal_eval(g) for g in match.groups())
     return len(got) == len(want) and all(a == b or a == 1 for a, b in zip(got, want))
 
 
