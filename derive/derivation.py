@@ -146,7 +146,7 @@ def _derive_input(op: OpSpec, forward: sympy.Expr, name: str, scalars) -> Gradie
     terms, kinks = settle_kinks(_combine(terms), scalars)
     terms = [_reuse_output(t, op, forward) for t in terms if not _vanishes(t)]
     vjp = sympy.Add(*[t.to_expr() for t in terms])
-    terms = [Term(t.coefficient, tuple(_lower_kinks(f) for f in t.factors), t.summed) for t in terms]
+    terms = [Term(t.coefficient, tuple(lower_kinks(f) for f in t.factors), t.summed) for t in terms]
     return GradientDerivation(input=name, indices=tensor.indices, wrt=wrt, partial=partial,
                               vjp_raw=vjp_raw, vjp=vjp, terms=tuple(terms), kinks=kinks)
 
@@ -158,12 +158,14 @@ def _differentiate(forward: sympy.Expr, wrt: sympy.Expr) -> sympy.Expr:
 
 def _split_piecewise(piecewise: sympy.Piecewise) -> tuple[list[sympy.Expr], sympy.Expr]:
     """Piecewise((d * a, c), (d * b, True)) -> ([d], Piecewise((a, c), (b, True))) for deltas d in every branch."""
-    branches = [set(sympy.Mul.make_args(value)) for value, _ in piecewise.args if value != 0]
+    # factored, so that a delta common to a sum in a branch shows (Sum() folds a step added to a where())
+    values = [(sympy.factor_terms(value), condition) for value, condition in piecewise.args]
+    branches = [set(sympy.Mul.make_args(value)) for value, _ in values if value != 0]
     common = set.intersection(*branches) if branches else set()
     deltas = sorted((f for f in common if isinstance(f, sympy.KroneckerDelta)), key=sympy.default_sort_key)
     if not deltas:
         return [], piecewise
-    rest = sympy.Piecewise(*[(value / sympy.Mul(*deltas), condition) for value, condition in piecewise.args])
+    rest = sympy.Piecewise(*[(value / sympy.Mul(*deltas), condition) for value, condition in values])
     return deltas, rest
 
 
@@ -238,8 +240,9 @@ def _on_kink(surface: sympy.Expr, scalars) -> dict | None:
     return None
 
 
-def _is_zero(expr: sympy.Expr) -> bool:
-    return sympy.expand(canonical(sympy.expand(expr))) == 0
+def _is_zero(expr: sympy.Expr, scalars) -> bool:
+    """Whether the terms of `expr` cancel, sums over renamed indices and constant factors inside sums included."""
+    return not _combine(expand_terms(sympy.expand(expr), scalars))
 
 
 def settle_kinks(terms: list[Term], scalars) -> tuple[list[Term], tuple[Kink, ...]]:
@@ -253,28 +256,35 @@ def settle_kinks(terms: list[Term], scalars) -> tuple[list[Term], tuple[Kink, ..
       the common one; where the conventions would give another, each step takes its s > 0 value on the kink;
     - they differ on s = 0: a real jump, and each step keeps the value of its convention there.
     """
-    kinks = []
-    for surface, steps in _steps(sympy.Add(*[t.to_expr() for t in terms]), scalars).items():
-        total = sympy.Add(*[t.to_expr() for t in terms])
-        steps = [s for s in steps if total.has(s)]
+    verdicts = {}
+    for surface in _steps(_total(terms), scalars):
+        steps = _steps_of(terms, surface, scalars)
         if not steps:
             continue
+        total = _total(terms)
         above, below = _one_side(total, steps, 1), _one_side(total, steps, -1)
-        if _is_zero(above - below):
+        if _is_zero(above - below, scalars):
             terms = _replaced(terms, {step: _value(step, 1) for step in steps}, scalars)
-            kinks.append(Kink(surface, above, below, above, "smooth"))
+            verdicts[surface] = "smooth"
             continue
         on_kink = _on_kink(surface, scalars)
-        at = _one_side(total, steps, 0)
-        if on_kink is not None and _is_zero((above - below).xreplace(on_kink)):
-            if not _is_zero((at - above).xreplace(on_kink)):
+        if on_kink is not None and _is_zero((above - below).xreplace(on_kink), scalars):
+            if not _is_zero((_one_side(total, steps, 0) - above).xreplace(on_kink), scalars):
                 terms = _replaced(terms, {step: _from_above(step, surface) for step in steps}, scalars)
-                at = _one_side(sympy.Add(*[t.to_expr() for t in terms]), _steps_of(terms, surface, scalars), 0)
-            kinks.append(Kink(surface, above, below, at, "continuous"))
+            verdicts[surface] = "continuous"
         else:
-            kinks.append(Kink(surface, above, below, at, "jump"))
+            verdicts[surface] = "jump"
         terms = _one_way(terms, surface, scalars)
+    total = _total(terms)
+    kinks = []
+    for surface, verdict in verdicts.items():
+        steps = _steps_of(terms, surface, scalars)
+        kinks.append(Kink(surface, *(_one_side(total, steps, side) for side in (1, -1, 0)), verdict))
     return terms, tuple(kinks)
+
+
+def _total(terms: list[Term]) -> sympy.Expr:
+    return sympy.Add(*[t.to_expr() for t in terms])
 
 
 def _one_way(terms: list[Term], surface: sympy.Expr, scalars) -> list[Term]:
@@ -288,7 +298,7 @@ def _one_way(terms: list[Term], surface: sympy.Expr, scalars) -> list[Term]:
 
 
 def _steps_of(terms: list[Term], surface: sympy.Expr, scalars) -> list[sympy.Expr]:
-    return _steps(sympy.Add(*[t.to_expr() for t in terms]), scalars).get(surface, [])
+    return _steps(_total(terms), scalars).get(surface, [])
 
 
 def _replaced(terms: list[Term], replacement: dict, scalars, distribute: bool = False) -> list[Term]:
@@ -326,7 +336,16 @@ def _compare(relation, argument: sympy.Expr) -> sympy.Expr:
     return comparison.reversed if left == 0 else comparison
 
 
-def _lower_kinks(expr: sympy.Expr) -> sympy.Expr:
+def step_as_sign(piece: sympy.Piecewise) -> sympy.Expr:
+    """A lowered step with a third value h on the kink, Piecewise((0, a < 0), (h, a == 0), (1, True)), written
+    with sign(a): (1 + sign(a)) / 2 + (h - 1/2) * (1 - sign(a)**2). Unlike a torch.where of Python numbers it
+    has a's dtype, for a step that multiplies a reduced value instead of wrapping a tensor."""
+    (_, below), (at_zero, _), _ = piece.args
+    sign = sympy.sign(below.lts - below.gts)
+    return (1 + sign) / 2 + (at_zero - sympy.S.Half) * (1 - sign**2)
+
+
+def lower_kinks(expr: sympy.Expr) -> sympy.Expr:
     """Heaviside(a, h) -> Piecewise, ordered so that NaN takes the last branch: the gradient passes at NaN, as
     torch.maximum, relu and hardtanh give it."""
     def piecewise(step):

@@ -23,7 +23,7 @@ from sympy.printing.pretty.stringpict import prettyForm
 
 from . import naming
 from .emit import environment
-from .derivation import KINK_VERDICTS, Kink
+from .derivation import KINK_VERDICTS, Kink, lower_kinks
 from .lower import STYLES, Leaf, LoweredExpr, LoweredOp, Reduce, Scaled, walk
 from .model import OpSpec, SpecError
 from .naming import BATCH
@@ -367,7 +367,8 @@ def _explain_kink(kink: Kink, lhs: sympy.Expr) -> KinkExplanation:
         regions = [(None, kink.above)]
     return KinkExplanation(
         where=_math(kink.equation), verdict=KINK_VERDICTS[kink.verdict],
-        sides=tuple((region if region is None else _math(region), _math(sympy.Eq(lhs, value, evaluate=False)))
+        sides=tuple((region if region is None else _math(region),
+                     _math(sympy.Eq(lhs, lower_kinks(value), evaluate=False)))
                     for region, value in regions))
 
 
