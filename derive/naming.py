@@ -61,6 +61,11 @@ def custom_op_name(namespace: str, op: str, style: str) -> str:
     return f"{namespace}::{op}" if style == "contraction" else f"{namespace}::{op}_{style}"
 
 
+def check_shapes(op: str) -> str:
+    """The module's shape-contract helper: `_check_linear_shapes`."""
+    return f"_check_{op}_shapes"
+
+
 def module_file(op: str) -> str:
     return f"{op}.py"
 
