@@ -139,7 +139,7 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
     context = dict(
         contract=_contract(derivation, lowered, kept),
         autocast=dict(policies=autocast_policies(derivation),
-                      device_input=tensor_args[0], tensors=_unpack(tensor_args),
+                      device_input=tensor_args[0], tensors=_unpack(tensor_args), tensor_args=", ".join(tensor_args),
                       op_name=function["custom_op_name"].split("::")[1],
                       namespace=function["custom_op_name"].split("::")[0]),
         source=comment_safe(source),

@@ -108,7 +108,7 @@ def exp(x):
     if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
         # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
         # and compute inside it without autocast
-        (x,) = _autocast(device_type, (x,))
+        (x,) = _autocast(device_type, x)
         with torch.autocast(device_type, enabled=False):
             return ExpFunction.apply(x)
     return ExpFunction.apply(x)
@@ -131,7 +131,7 @@ exp_op.register_autograd(ExpFunction.backward, setup_context=ExpFunction.setup_c
 def _exp_op_autocast(x):
     """exp_op under autocast: cast as exp() casts, then run without autocast."""
     device_type = x.device.type
-    (x,) = _autocast(device_type, (x,))
+    (x,) = _autocast(device_type, x)
     with torch.autocast(device_type, enabled=False):
         return exp_op(x)
 

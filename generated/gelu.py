@@ -104,7 +104,7 @@ def gelu(x):
     if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
         # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
         # and compute inside it without autocast
-        (x,) = _autocast(device_type, (x,))
+        (x,) = _autocast(device_type, x)
         with torch.autocast(device_type, enabled=False):
             return GeluFunction.apply(x)
     return GeluFunction.apply(x)
@@ -127,7 +127,7 @@ gelu_op.register_autograd(GeluFunction.backward, setup_context=GeluFunction.setu
 def _gelu_op_autocast(x):
     """gelu_op under autocast: cast as gelu() casts, then run without autocast."""
     device_type = x.device.type
-    (x,) = _autocast(device_type, (x,))
+    (x,) = _autocast(device_type, x)
     with torch.autocast(device_type, enabled=False):
         return gelu_op(x)
 

@@ -108,7 +108,7 @@ def leaky_relu(x, slope=0.01):
     if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
         # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
         # and compute inside it without autocast
-        (x,) = _autocast(device_type, (x,))
+        (x,) = _autocast(device_type, x)
         with torch.autocast(device_type, enabled=False):
             return LeakyReluFunction.apply(x, slope)
     return LeakyReluFunction.apply(x, slope)
@@ -131,7 +131,7 @@ leaky_relu_op.register_autograd(LeakyReluFunction.backward, setup_context=LeakyR
 def _leaky_relu_op_autocast(x, slope=0.01):
     """leaky_relu_op under autocast: cast as leaky_relu() casts, then run without autocast."""
     device_type = x.device.type
-    (x,) = _autocast(device_type, (x,))
+    (x,) = _autocast(device_type, x)
     with torch.autocast(device_type, enabled=False):
         return leaky_relu_op(x, slope)
 

@@ -127,7 +127,7 @@ def log_softmax(x):
     if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
         # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
         # and compute inside it without autocast
-        (x,) = _autocast(device_type, (x,))
+        (x,) = _autocast(device_type, x)
         with torch.autocast(device_type, enabled=False):
             return LogSoftmaxFunction.apply(x)
     return LogSoftmaxFunction.apply(x)
@@ -150,7 +150,7 @@ log_softmax_op.register_autograd(LogSoftmaxFunction.backward, setup_context=LogS
 def _log_softmax_op_autocast(x):
     """log_softmax_op under autocast: cast as log_softmax() casts, then run without autocast."""
     device_type = x.device.type
-    (x,) = _autocast(device_type, (x,))
+    (x,) = _autocast(device_type, x)
     with torch.autocast(device_type, enabled=False):
         return log_softmax_op(x)
 

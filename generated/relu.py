@@ -105,7 +105,7 @@ def relu(x):
     if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
         # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
         # and compute inside it without autocast
-        (x,) = _autocast(device_type, (x,))
+        (x,) = _autocast(device_type, x)
         with torch.autocast(device_type, enabled=False):
             return ReluFunction.apply(x)
     return ReluFunction.apply(x)
@@ -128,7 +128,7 @@ relu_op.register_autograd(ReluFunction.backward, setup_context=ReluFunction.setu
 def _relu_op_autocast(x):
     """relu_op under autocast: cast as relu() casts, then run without autocast."""
     device_type = x.device.type
-    (x,) = _autocast(device_type, (x,))
+    (x,) = _autocast(device_type, x)
     with torch.autocast(device_type, enabled=False):
         return relu_op(x)
 

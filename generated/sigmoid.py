@@ -108,7 +108,7 @@ def sigmoid(x):
     if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
         # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
         # and compute inside it without autocast
-        (x,) = _autocast(device_type, (x,))
+        (x,) = _autocast(device_type, x)
         with torch.autocast(device_type, enabled=False):
             return SigmoidFunction.apply(x)
     return SigmoidFunction.apply(x)
@@ -131,7 +131,7 @@ sigmoid_op.register_autograd(SigmoidFunction.backward, setup_context=SigmoidFunc
 def _sigmoid_op_autocast(x):
     """sigmoid_op under autocast: cast as sigmoid() casts, then run without autocast."""
     device_type = x.device.type
-    (x,) = _autocast(device_type, (x,))
+    (x,) = _autocast(device_type, x)
     with torch.autocast(device_type, enabled=False):
         return sigmoid_op(x)
 

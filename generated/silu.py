@@ -106,7 +106,7 @@ def silu(x):
     if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
         # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
         # and compute inside it without autocast
-        (x,) = _autocast(device_type, (x,))
+        (x,) = _autocast(device_type, x)
         with torch.autocast(device_type, enabled=False):
             return SiluFunction.apply(x)
     return SiluFunction.apply(x)
@@ -129,7 +129,7 @@ silu_op.register_autograd(SiluFunction.backward, setup_context=SiluFunction.setu
 def _silu_op_autocast(x):
     """silu_op under autocast: cast as silu() casts, then run without autocast."""
     device_type = x.device.type
-    (x,) = _autocast(device_type, (x,))
+    (x,) = _autocast(device_type, x)
     with torch.autocast(device_type, enabled=False):
         return silu_op(x)
 

@@ -107,7 +107,7 @@ def softplus(x, beta=1.0):
     if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
         # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
         # and compute inside it without autocast
-        (x,) = _autocast(device_type, (x,))
+        (x,) = _autocast(device_type, x)
         with torch.autocast(device_type, enabled=False):
             return SoftplusFunction.apply(x, beta)
     return SoftplusFunction.apply(x, beta)
@@ -130,7 +130,7 @@ softplus_op.register_autograd(SoftplusFunction.backward, setup_context=SoftplusF
 def _softplus_op_autocast(x, beta=1.0):
     """softplus_op under autocast: cast as softplus() casts, then run without autocast."""
     device_type = x.device.type
-    (x,) = _autocast(device_type, (x,))
+    (x,) = _autocast(device_type, x)
     with torch.autocast(device_type, enabled=False):
         return softplus_op(x, beta)
 

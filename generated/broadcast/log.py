@@ -104,7 +104,7 @@ def log(x):
     if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
         # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
         # and compute inside it without autocast
-        (x,) = _autocast(device_type, (x,))
+        (x,) = _autocast(device_type, x)
         with torch.autocast(device_type, enabled=False):
             return LogFunction.apply(x)
     return LogFunction.apply(x)
@@ -127,7 +127,7 @@ log_op.register_autograd(LogFunction.backward, setup_context=LogFunction.setup_c
 def _log_op_autocast(x):
     """log_op under autocast: cast as log() casts, then run without autocast."""
     device_type = x.device.type
-    (x,) = _autocast(device_type, (x,))
+    (x,) = _autocast(device_type, x)
     with torch.autocast(device_type, enabled=False):
         return log_op(x)
 

@@ -126,7 +126,7 @@ def softmax(x):
     if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
         # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
         # and compute inside it without autocast
-        (x,) = _autocast(device_type, (x,))
+        (x,) = _autocast(device_type, x)
         with torch.autocast(device_type, enabled=False):
             return SoftmaxFunction.apply(x)
     return SoftmaxFunction.apply(x)
@@ -149,7 +149,7 @@ softmax_op.register_autograd(SoftmaxFunction.backward, setup_context=SoftmaxFunc
 def _softmax_op_autocast(x):
     """softmax_op under autocast: cast as softmax() casts, then run without autocast."""
     device_type = x.device.type
-    (x,) = _autocast(device_type, (x,))
+    (x,) = _autocast(device_type, x)
     with torch.autocast(device_type, enabled=False):
         return softmax_op(x)
 

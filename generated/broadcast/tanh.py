@@ -108,7 +108,7 @@ def tanh(x):
     if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
         # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
         # and compute inside it without autocast
-        (x,) = _autocast(device_type, (x,))
+        (x,) = _autocast(device_type, x)
         with torch.autocast(device_type, enabled=False):
             return TanhFunction.apply(x)
     return TanhFunction.apply(x)
@@ -131,7 +131,7 @@ tanh_op.register_autograd(TanhFunction.backward, setup_context=TanhFunction.setu
 def _tanh_op_autocast(x):
     """tanh_op under autocast: cast as tanh() casts, then run without autocast."""
     device_type = x.device.type
-    (x,) = _autocast(device_type, (x,))
+    (x,) = _autocast(device_type, x)
     with torch.autocast(device_type, enabled=False):
         return tanh_op(x)
 
