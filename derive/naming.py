@@ -6,7 +6,8 @@ import builtins
 import keyword
 
 # Names generated code relies on; a spec may not use them for tensors, indices or params.
-RESERVED = frozenset({"torch", "F", "math", "ctx", "needs_input_grad", "inputs", "output", "gradients"}) \
+RESERVED = frozenset({"torch", "F", "math", "ctx", "needs_input_grad", "inputs", "output", "gradients",
+                      "AUTOCAST", "device_type"}) \
     | frozenset(dir(builtins))
 
 
