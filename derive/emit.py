@@ -12,6 +12,7 @@ from pathlib import Path
 import jinja2
 
 from . import naming
+from .contracts import Declared, autocast_policies, guarded_blocks, shape_checks
 from .derivation import Derivation
 from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, backward_reads, walk
 from .printing import index_notation, render, render_expr, size_bindings, size_source, sizes_used, uses_math
@@ -141,6 +142,11 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
         + [text for _, block in shared_blocks for _, text in block] + [text for _, text, _ in saving_lines]
     output_access = f"{op.output}[{', '.join(op.output_indices)}]" if op.output_indices else op.output
     context = dict(
+        contract=_contract(derivation, lowered, kept),
+        autocast=dict(policies=autocast_policies(derivation),
+                      device_input=tensor_args[0], tensors=_unpack(tensor_args), tensor_args=", ".join(tensor_args),
+                      op_name=function["custom_op_name"].split("::")[1],
+                      namespace=function["custom_op_name"].split("::")[0]),
         source=comment_safe(source),
         command=comment_safe(command),
         op=op,
@@ -168,6 +174,29 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
                       computed=_cheap_first(gradients, list(lowered.gradients))),
     )
     return environment().get_template("module.py.jinja").render(context)
+
+
+def _contract(derivation: Derivation, lowered: LoweredOp, kept: list[str]) -> dict:
+    """The shape contract's helper: its signature, the calls the forward and backward make, its checks.
+    Inputs the Function does not save reach the backward as None; the backward's own tensors are
+    None in the forward."""
+    op = derivation.op
+    extras = [Declared(derivation.grad_output, op.output_indices, optional=True, role="result")]
+    if derivation.uses_output:
+        extras.append(Declared(op.output, op.output_indices, optional=True, role="result"))
+    extras += [Declared(v.name, v.indices, optional=True, role="saved") for v in lowered.plan.saved]
+    declared = [Declared(t.name, t.indices, optional=t.name not in kept, integer=t.integer) for t in op.inputs]
+    checks = shape_checks(op.name, declared + extras, dict(op.index_sizes))
+    inputs = ", ".join(t.name for t in op.inputs)
+    return dict(
+        name=naming.check_shapes(op.name),
+        signature=", ".join([inputs, "*"] + [f"{t.name}=None" for t in extras]),
+        declarations=", ".join(t.declaration() for t in declared + extras),
+        forward_call=f"{naming.check_shapes(op.name)}({inputs})",
+        backward_call=f"{naming.check_shapes(op.name)}({inputs}, "
+                      + ", ".join(f"{t.name}={t.name}" for t in extras) + ")",
+        blocks=guarded_blocks(checks),
+    )
 
 
 def _cheap_first(gradients: list[GradientView], exprs: list[LoweredExpr]) -> list[GradientView]:

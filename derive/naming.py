@@ -6,7 +6,8 @@ import builtins
 import keyword
 
 # Names generated code relies on; a spec may not use them for tensors, indices or params.
-RESERVED = frozenset({"torch", "F", "math", "ctx", "needs_input_grad", "inputs", "output", "gradients"}) \
+RESERVED = frozenset({"torch", "F", "math", "ctx", "needs_input_grad", "inputs", "output", "gradients",
+                      "AUTOCAST", "device_type"}) \
     | frozenset(dir(builtins))
 
 
@@ -59,6 +60,11 @@ def custom_op(op: str) -> str:
 def custom_op_name(namespace: str, op: str, style: str) -> str:
     """The registered name: `derive::linear`, `derive::linear_broadcast` for the broadcast style."""
     return f"{namespace}::{op}" if style == "contraction" else f"{namespace}::{op}_{style}"
+
+
+def check_shapes(op: str) -> str:
+    """The module's shape-contract helper: `_check_linear_shapes`."""
+    return f"_check_{op}_shapes"
 
 
 def module_file(op: str) -> str:

@@ -494,9 +494,9 @@ def render(node: Node) -> Code:
     if isinstance(node, Scatter):
         layout = node.rows + node.indices[1:]
         source = _arranged(render(node.source), layout)
-        rest = [size_symbol(i).name for i in node.indices[1:]]
         flat = len(node.rows) == 1
-        rows = source.text if flat else f"{source.atom()}.reshape({', '.join(['-1'] + rest)})"
+        # flatten, not reshape(-1, size): -1 is ambiguous when a size is 0
+        rows = source.text if flat else f"{source.atom()}.flatten(0, {len(node.rows) - 1})"
         index = node.index if flat else f"{node.index}.reshape(-1)"
         return Code(f"torch.zeros_like({node.like}).index_add(0, {index}, {rows})", node.indices)
     if isinstance(node, Scaled):
@@ -658,8 +658,6 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
                 used |= node.coefficient.free_symbols
             elif isinstance(node, Reduce) and BATCH in node.summed:
                 used |= {size_symbol(i) for i in node.indices}
-            elif isinstance(node, Scatter) and len(node.rows) > 1:
-                used |= {size_symbol(i) for i in node.indices[1:]}
     return [index for index, representative in sorted(dict(op.index_sizes).items())
             if index == representative and size_symbol(index) in used]
 

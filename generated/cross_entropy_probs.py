@@ -10,6 +10,36 @@ Cross-entropy of logits against class probabilities, averaged over the batch.
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_cross_entropy_probs_shapes(logits, target, *, grad_loss=None, saved_log_softmax=None):
+    """Raise a RuntimeError unless the tensors given have the shapes cross_entropy_probs declares, one size per index:
+    logits[n, c], target[n, c], grad_loss, saved_log_softmax[n, c]."""
+    _check(logits.dim() == 2,
+           lambda: f"cross_entropy_probs: logits has shape {tuple(logits.shape)} but is declared logits[n, c]")
+    _check(target.dim() == 2,
+           lambda: f"cross_entropy_probs: target has shape {tuple(target.shape)} but is declared target[n, c]")
+    _check(target.shape[0] == logits.shape[0],
+           lambda: f"cross_entropy_probs: target has size {target.shape[0]} at dim 0 (index n) but logits has n = {logits.shape[0]}")
+    _check(target.shape[1] == logits.shape[1],
+           lambda: f"cross_entropy_probs: target has size {target.shape[1]} at dim 1 (index c) but logits has c = {logits.shape[1]}")
+    if grad_loss is not None:
+        _check(grad_loss.dim() == 0,
+               lambda: f"cross_entropy_probs: grad_loss has shape {tuple(grad_loss.shape)} but is declared grad_loss")
+    if saved_log_softmax is not None:
+        _check(saved_log_softmax.dim() == 2,
+               lambda: f"cross_entropy_probs: saved_log_softmax has shape {tuple(saved_log_softmax.shape)} but is declared saved_log_softmax[n, c]")
+        _check(saved_log_softmax.shape[0] == logits.shape[0],
+               lambda: f"cross_entropy_probs: saved_log_softmax has size {saved_log_softmax.shape[0]} at dim 0 (index n) but logits has n = {logits.shape[0]}")
+        _check(saved_log_softmax.shape[1] == logits.shape[1],
+               lambda: f"cross_entropy_probs: saved_log_softmax has size {saved_log_softmax.shape[1]} at dim 1 (index c) but logits has c = {logits.shape[1]}")
+
+
 def cross_entropy_probs_forward(logits, target):
     """cross_entropy_probs forward: loss = mean(sum(target[n, c] * (log(sum(exp(logits[n, c]), c)) - logits[n, c]), c), n)"""
     return cross_entropy_probs_forward_saving(logits, target)[0]
@@ -17,6 +47,7 @@ def cross_entropy_probs_forward(logits, target):
 
 def cross_entropy_probs_forward_saving(logits, target):
     """cross_entropy_probs forward, also returning the values its backward reuses: (loss, saved_log_softmax)."""
+    _check_cross_entropy_probs_shapes(logits, target)
     size_n = logits.shape[0]
     saved_log_softmax = torch.log_softmax(logits, dim=-1)
     return -(saved_log_softmax * target).sum() / size_n, saved_log_softmax
@@ -41,6 +72,7 @@ def cross_entropy_probs_backward(grad_loss, logits, target, saved_log_softmax, *
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_cross_entropy_probs_shapes(logits, target, grad_loss=grad_loss, saved_log_softmax=saved_log_softmax)
     size_n = target.shape[0]
     grad_logits = grad_target = None
     if needs_input_grad[0]:
@@ -82,8 +114,37 @@ class CrossEntropyProbsFunction(torch.autograd.Function):
         return cross_entropy_probs_backward(grad_loss, logits, target, saved_log_softmax, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts cross_entropy_probs's floating inputs, per device type (derived from the equation):
+#   cpu: "float32", it reduces to a scalar, as torch's losses (mse_loss, cross_entropy, ...)
+#   cuda: "float32", it reduces to a scalar, as torch's losses (mse_loss, cross_entropy, ...)
+AUTOCAST = {"cpu": "float32", "cuda": "float32"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts cross_entropy_probs's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def cross_entropy_probs(logits, target):
     """cross_entropy_probs with the generated backward, through CrossEntropyProbsFunction."""
+    device_type = logits.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        logits, target = _autocast(device_type, logits, target)
+        with torch.autocast(device_type, enabled=False):
+            return CrossEntropyProbsFunction.apply(logits, target)[0]
     return CrossEntropyProbsFunction.apply(logits, target)[0]
 
 
@@ -106,3 +167,16 @@ def _cross_entropy_probs_setup_context(ctx, inputs, output):
 
 
 cross_entropy_probs_op.register_autograd(CrossEntropyProbsFunction.backward, setup_context=_cross_entropy_probs_setup_context)
+
+
+def _cross_entropy_probs_op_autocast(logits, target):
+    """cross_entropy_probs_op under autocast: cast as cross_entropy_probs() casts, then run without autocast."""
+    device_type = logits.device.type
+    logits, target = _autocast(device_type, logits, target)
+    with torch.autocast(device_type, enabled=False):
+        return cross_entropy_probs_op(logits, target)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("cross_entropy_probs", _cross_entropy_probs_op_autocast, _dispatch_key)

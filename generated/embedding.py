@@ -10,8 +10,34 @@ Embedding lookup: row idx[n] of the table for each n, as torch.nn.functional.emb
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_embedding_shapes(table, idx, *, grad_y=None):
+    """Raise a RuntimeError unless the tensors given have the shapes embedding declares, one size per index:
+    table[v, d], idx[n], grad_y[n, d]."""
+    _check(table.dim() == 2,
+           lambda: f"embedding: table has shape {tuple(table.shape)} but is declared table[v, d]")
+    _check(idx.dim() == 1,
+           lambda: f"embedding: idx has shape {tuple(idx.shape)} but is declared idx[n]")
+    _check(not (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool),
+           lambda: f"embedding: idx has dtype {idx.dtype} but is declared an integer input (its values are indices)")
+    if grad_y is not None:
+        _check(grad_y.dim() == 2,
+               lambda: f"embedding: grad_y has shape {tuple(grad_y.shape)} but is declared grad_y[n, d]")
+        _check(grad_y.shape[0] == idx.shape[0],
+               lambda: f"embedding: grad_y has size {grad_y.shape[0]} at dim 0 (index n) but idx has n = {idx.shape[0]}")
+        _check(grad_y.shape[1] == table.shape[1],
+               lambda: f"embedding: grad_y has size {grad_y.shape[1]} at dim 1 (index d) but table has d = {table.shape[1]}")
+
+
 def embedding_forward(table, idx):
     """embedding forward: y[n, d] = table[idx[n], d]"""
+    _check_embedding_shapes(table, idx)
     return table[idx]
 
 
@@ -29,6 +55,7 @@ def embedding_backward(grad_y, table, idx, *, needs_input_grad=(True, True)):
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_embedding_shapes(table, idx, grad_y=grad_y)
     grad_table = None
     if needs_input_grad[0]:
         grad_table = torch.zeros_like(table).index_add(0, idx, grad_y)
@@ -59,8 +86,37 @@ class EmbeddingFunction(torch.autograd.Function):
         return embedding_backward(grad_y, table, idx, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts embedding's floating inputs, per device type (derived from the equation):
+#   cpu: "promote", elementwise ops keep their inputs' dtype
+#   cuda: "promote", elementwise ops keep their inputs' dtype
+AUTOCAST = {"cpu": "promote", "cuda": "promote"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts embedding's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def embedding(table, idx):
     """embedding with the generated backward, through EmbeddingFunction."""
+    device_type = table.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        table, idx = _autocast(device_type, table, idx)
+        with torch.autocast(device_type, enabled=False):
+            return EmbeddingFunction.apply(table, idx)
     return EmbeddingFunction.apply(table, idx)
 
 
@@ -76,3 +132,16 @@ def _embedding_fake(table, idx):
 
 
 embedding_op.register_autograd(EmbeddingFunction.backward, setup_context=EmbeddingFunction.setup_context)
+
+
+def _embedding_op_autocast(table, idx):
+    """embedding_op under autocast: cast as embedding() casts, then run without autocast."""
+    device_type = table.device.type
+    table, idx = _autocast(device_type, table, idx)
+    with torch.autocast(device_type, enabled=False):
+        return embedding_op(table, idx)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("embedding", _embedding_op_autocast, _dispatch_key)

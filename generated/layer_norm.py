@@ -10,6 +10,43 @@ Layer normalization over the last dim with elementwise weight and bias.
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_layer_norm_shapes(x, w, b, *, grad_y=None, saved_mean=None, saved_rstd=None):
+    """Raise a RuntimeError unless the tensors given have the shapes layer_norm declares, one size per index:
+    x[..., d], w[d], b[d], grad_y[..., d], saved_mean[...], saved_rstd[...]."""
+    _check(x.dim() >= 1,
+           lambda: f"layer_norm: x has shape {tuple(x.shape)} but is declared x[..., d] (at least 1 dim)")
+    _check(w.dim() == 1,
+           lambda: f"layer_norm: w has shape {tuple(w.shape)} but is declared w[d]")
+    _check(w.shape[0] == x.shape[-1],
+           lambda: f"layer_norm: w has size {w.shape[0]} at dim 0 (index d) but x has d = {x.shape[-1]}")
+    if b is not None:
+        _check(b.dim() == 1,
+               lambda: f"layer_norm: b has shape {tuple(b.shape)} but is declared b[d]")
+        _check(b.shape[0] == x.shape[-1],
+               lambda: f"layer_norm: b has size {b.shape[0]} at dim 0 (index d) but x has d = {x.shape[-1]}")
+    if grad_y is not None:
+        _check(grad_y.dim() >= 1,
+               lambda: f"layer_norm: grad_y has shape {tuple(grad_y.shape)} but is declared grad_y[..., d] (at least 1 dim)")
+        _check(grad_y.shape[-1] == x.shape[-1],
+               lambda: f"layer_norm: grad_y has size {grad_y.shape[-1]} at dim -1 (index d) but x has d = {x.shape[-1]}")
+    if saved_mean is not None:
+        _check(saved_mean.shape == x.shape[:-1] or all(p == q or p == 1 or q == 1 for p, q in zip(reversed(saved_mean.shape), reversed(x.shape[:-1]))),
+               lambda: f"layer_norm: saved_mean has batch dims {tuple(saved_mean.shape)} (index ...) but x has ... = {tuple(x.shape[:-1])}, and they do not broadcast")
+    if saved_rstd is not None:
+        _check(saved_rstd.shape == x.shape[:-1] or all(p == q or p == 1 or q == 1 for p, q in zip(reversed(saved_rstd.shape), reversed(x.shape[:-1]))),
+               lambda: f"layer_norm: saved_rstd has batch dims {tuple(saved_rstd.shape)} (index ...) but x has ... = {tuple(x.shape[:-1])}, and they do not broadcast")
+    if grad_y is not None:
+        _check(grad_y.shape[:-1] == x.shape[:-1],
+               lambda: f"layer_norm: grad_y has batch dims {tuple(grad_y.shape[:-1])} (index ...) but x has ... = {tuple(x.shape[:-1])}")
+
+
 def layer_norm_forward(x, w, b, eps=1e-05):
     """layer_norm forward: y[..., d] = (x[..., d] - mean(x[..., d], d)) / sqrt(mean((x[..., d] - mean(x[..., d], d))**2, d) + eps) * w[d] + b[d]"""
     return layer_norm_forward_saving(x, w, b, eps)[0]
@@ -17,6 +54,7 @@ def layer_norm_forward(x, w, b, eps=1e-05):
 
 def layer_norm_forward_saving(x, w, b, eps=1e-05):
     """layer_norm forward, also returning the values its backward reuses: (y, saved_mean, saved_rstd)."""
+    _check_layer_norm_shapes(x, w, b)
     size_d = x.shape[-1]
     saved_mean = x.sum(-1) / size_d
     saved_rstd = torch.rsqrt(eps + ((x - saved_mean.unsqueeze(-1))**2).sum(-1) / size_d)
@@ -47,6 +85,7 @@ def layer_norm_backward(grad_y, x, w, b, saved_mean, saved_rstd, eps=1e-05, *, n
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_layer_norm_shapes(x, w, b, grad_y=grad_y, saved_mean=saved_mean, saved_rstd=saved_rstd)
     size_d = grad_y.shape[-1]
     grad_x = grad_w = grad_b = None
     if needs_input_grad[0]:
@@ -89,8 +128,37 @@ class LayerNormFunction(torch.autograd.Function):
         return gradients + (None,)
 
 
+# How torch.autocast casts layer_norm's floating inputs, per device type (derived from the equation):
+#   cpu: "promote", elementwise ops keep their inputs' dtype
+#   cuda: "float32", it computes exp, log, softmax or a sum, which CUDA autocast runs in float32
+AUTOCAST = {"cpu": "promote", "cuda": "float32"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts layer_norm's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def layer_norm(x, w, b, eps=1e-05):
     """layer_norm with the generated backward, through LayerNormFunction."""
+    device_type = x.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        x, w, b = _autocast(device_type, x, w, b)
+        with torch.autocast(device_type, enabled=False):
+            return LayerNormFunction.apply(x, w, b, eps)[0]
     return LayerNormFunction.apply(x, w, b, eps)[0]
 
 
@@ -114,3 +182,16 @@ def _layer_norm_setup_context(ctx, inputs, output):
 
 
 layer_norm_op.register_autograd(LayerNormFunction.backward, setup_context=_layer_norm_setup_context)
+
+
+def _layer_norm_op_autocast(x, w, b, eps=1e-05):
+    """layer_norm_op under autocast: cast as layer_norm() casts, then run without autocast."""
+    device_type = x.device.type
+    x, w, b = _autocast(device_type, x, w, b)
+    with torch.autocast(device_type, enabled=False):
+        return layer_norm_op(x, w, b, eps)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("layer_norm", _layer_norm_op_autocast, _dispatch_key)

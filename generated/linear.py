@@ -10,8 +10,39 @@ Affine layer y = x @ w + b, with w stored as (in_features, out_features).
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_linear_shapes(x, w, b, *, grad_y=None):
+    """Raise a RuntimeError unless the tensors given have the shapes linear declares, one size per index:
+    x[n, k], w[k, m], b[m], grad_y[n, m]."""
+    _check(x.dim() == 2,
+           lambda: f"linear: x has shape {tuple(x.shape)} but is declared x[n, k]")
+    _check(w.dim() == 2,
+           lambda: f"linear: w has shape {tuple(w.shape)} but is declared w[k, m]")
+    _check(w.shape[0] == x.shape[1],
+           lambda: f"linear: w has size {w.shape[0]} at dim 0 (index k) but x has k = {x.shape[1]}")
+    if b is not None:
+        _check(b.dim() == 1,
+               lambda: f"linear: b has shape {tuple(b.shape)} but is declared b[m]")
+        _check(b.shape[0] == w.shape[1],
+               lambda: f"linear: b has size {b.shape[0]} at dim 0 (index m) but w has m = {w.shape[1]}")
+    if grad_y is not None:
+        _check(grad_y.dim() == 2,
+               lambda: f"linear: grad_y has shape {tuple(grad_y.shape)} but is declared grad_y[n, m]")
+        _check(grad_y.shape[0] == x.shape[0],
+               lambda: f"linear: grad_y has size {grad_y.shape[0]} at dim 0 (index n) but x has n = {x.shape[0]}")
+        _check(grad_y.shape[1] == w.shape[1],
+               lambda: f"linear: grad_y has size {grad_y.shape[1]} at dim 1 (index m) but w has m = {w.shape[1]}")
+
+
 def linear_forward(x, w, b):
     """linear forward: y[n, m] = sum(x[n, k] * w[k, m], k) + b[m]"""
+    _check_linear_shapes(x, w, b)
     return x @ w + b
 
 
@@ -37,6 +68,7 @@ def linear_backward(grad_y, x, w, b, *, needs_input_grad=(True, True, True)):
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_linear_shapes(x, w, b, grad_y=grad_y)
     grad_x = grad_w = grad_b = None
     if needs_input_grad[2]:
         grad_b = grad_y.sum(0)
@@ -71,8 +103,37 @@ class LinearFunction(torch.autograd.Function):
         return linear_backward(grad_y, x, w, None, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts linear's floating inputs, per device type (derived from the equation):
+#   cpu: "lower", it contracts its inputs over an index, as matmul, linear and bmm
+#   cuda: "lower", it contracts its inputs over an index, as matmul, linear and bmm
+AUTOCAST = {"cpu": "lower", "cuda": "lower"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts linear's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def linear(x, w, b):
     """linear with the generated backward, through LinearFunction."""
+    device_type = x.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        x, w, b = _autocast(device_type, x, w, b)
+        with torch.autocast(device_type, enabled=False):
+            return LinearFunction.apply(x, w, b)
     return LinearFunction.apply(x, w, b)
 
 
@@ -88,3 +149,16 @@ def _linear_fake(x, w, b):
 
 
 linear_op.register_autograd(LinearFunction.backward, setup_context=LinearFunction.setup_context)
+
+
+def _linear_op_autocast(x, w, b):
+    """linear_op under autocast: cast as linear() casts, then run without autocast."""
+    device_type = x.device.type
+    x, w, b = _autocast(device_type, x, w, b)
+    with torch.autocast(device_type, enabled=False):
+        return linear_op(x, w, b)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("linear", _linear_op_autocast, _dispatch_key)

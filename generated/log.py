@@ -10,8 +10,24 @@ Natural logarithm, defined for positive inputs.
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_log_shapes(x, *, grad_y=None):
+    """Raise a RuntimeError unless the tensors given have the shapes log declares, one size per index:
+    x[...], grad_y[...]."""
+    if grad_y is not None:
+        _check(grad_y.shape == x.shape,
+               lambda: f"log: grad_y has batch dims {tuple(grad_y.shape)} (index ...) but x has ... = {tuple(x.shape)}")
+
+
 def log_forward(x):
     """log forward: y[...] = log(x[...])"""
+    _check_log_shapes(x)
     return torch.log(x)
 
 
@@ -29,6 +45,7 @@ def log_backward(grad_y, x, *, needs_input_grad=(True,)):
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_log_shapes(x, grad_y=grad_y)
     grad_x = None
     if needs_input_grad[0]:
         grad_x = grad_y / x
@@ -59,8 +76,37 @@ class LogFunction(torch.autograd.Function):
         return log_backward(grad_y, x, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts log's floating inputs, per device type (derived from the equation):
+#   cpu: "promote", elementwise ops keep their inputs' dtype
+#   cuda: "float32", it computes exp, log, softmax or a sum, which CUDA autocast runs in float32
+AUTOCAST = {"cpu": "promote", "cuda": "float32"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts log's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def log(x):
     """log with the generated backward, through LogFunction."""
+    device_type = x.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        (x,) = _autocast(device_type, x)
+        with torch.autocast(device_type, enabled=False):
+            return LogFunction.apply(x)
     return LogFunction.apply(x)
 
 
@@ -76,3 +122,16 @@ def _log_fake(x):
 
 
 log_op.register_autograd(LogFunction.backward, setup_context=LogFunction.setup_context)
+
+
+def _log_op_autocast(x):
+    """log_op under autocast: cast as log() casts, then run without autocast."""
+    device_type = x.device.type
+    (x,) = _autocast(device_type, x)
+    with torch.autocast(device_type, enabled=False):
+        return log_op(x)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("log", _log_op_autocast, _dispatch_key)

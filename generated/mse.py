@@ -10,8 +10,30 @@ Mean squared error between a prediction and a target of the same shape.
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_mse_shapes(pred, target, *, grad_loss=None):
+    """Raise a RuntimeError unless the tensors given have the shapes mse declares, one size per index:
+    pred[n], target[n], grad_loss."""
+    _check(pred.dim() == 1,
+           lambda: f"mse: pred has shape {tuple(pred.shape)} but is declared pred[n]")
+    _check(target.dim() == 1,
+           lambda: f"mse: target has shape {tuple(target.shape)} but is declared target[n]")
+    _check(target.shape[0] == pred.shape[0],
+           lambda: f"mse: target has size {target.shape[0]} at dim 0 (index n) but pred has n = {pred.shape[0]}")
+    if grad_loss is not None:
+        _check(grad_loss.dim() == 0,
+               lambda: f"mse: grad_loss has shape {tuple(grad_loss.shape)} but is declared grad_loss")
+
+
 def mse_forward(pred, target):
     """mse forward: loss = mean((pred[n] - target[n])**2, n)"""
+    _check_mse_shapes(pred, target)
     return ((pred - target)**2).mean()
 
 
@@ -33,6 +55,7 @@ def mse_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_mse_shapes(pred, target, grad_loss=grad_loss)
     size_n = pred.shape[0]
     grad_pred = grad_target = None
     if needs_input_grad[0] or needs_input_grad[1]:
@@ -68,8 +91,37 @@ class MseFunction(torch.autograd.Function):
         return mse_backward(grad_loss, pred, target, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts mse's floating inputs, per device type (derived from the equation):
+#   cpu: "float32", it reduces to a scalar, as torch's losses (mse_loss, cross_entropy, ...)
+#   cuda: "float32", it reduces to a scalar, as torch's losses (mse_loss, cross_entropy, ...)
+AUTOCAST = {"cpu": "float32", "cuda": "float32"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts mse's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def mse(pred, target):
     """mse with the generated backward, through MseFunction."""
+    device_type = pred.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        pred, target = _autocast(device_type, pred, target)
+        with torch.autocast(device_type, enabled=False):
+            return MseFunction.apply(pred, target)
     return MseFunction.apply(pred, target)
 
 
@@ -85,3 +137,16 @@ def _mse_fake(pred, target):
 
 
 mse_op.register_autograd(MseFunction.backward, setup_context=MseFunction.setup_context)
+
+
+def _mse_op_autocast(pred, target):
+    """mse_op under autocast: cast as mse() casts, then run without autocast."""
+    device_type = pred.device.type
+    pred, target = _autocast(device_type, pred, target)
+    with torch.autocast(device_type, enabled=False):
+        return mse_op(pred, target)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("mse", _mse_op_autocast, _dispatch_key)

@@ -10,8 +10,27 @@ Logistic sigmoid; the backward reuses the forward's result: y * (1 - y).
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_sigmoid_shapes(x, *, grad_y=None, y=None):
+    """Raise a RuntimeError unless the tensors given have the shapes sigmoid declares, one size per index:
+    x[...], grad_y[...], y[...]."""
+    if grad_y is not None and x is not None:
+        _check(grad_y.shape == x.shape,
+               lambda: f"sigmoid: grad_y has batch dims {tuple(grad_y.shape)} (index ...) but x has ... = {tuple(x.shape)}")
+    if y is not None and grad_y is not None:
+        _check(y.shape == grad_y.shape,
+               lambda: f"sigmoid: y has batch dims {tuple(y.shape)} (index ...) but grad_y has ... = {tuple(grad_y.shape)}")
+
+
 def sigmoid_forward(x):
     """sigmoid forward: y[...] = 1 / (1 + exp(-x[...]))"""
+    _check_sigmoid_shapes(x)
     return torch.sigmoid(x)
 
 
@@ -30,6 +49,7 @@ def sigmoid_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_sigmoid_shapes(x, grad_y=grad_y, y=y)
     grad_x = None
     if needs_input_grad[0]:
         grad_x = (1 - y) * grad_y * y
@@ -60,8 +80,37 @@ class SigmoidFunction(torch.autograd.Function):
         return sigmoid_backward(grad_y, None, y, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts sigmoid's floating inputs, per device type (derived from the equation):
+#   cpu: "promote", elementwise ops keep their inputs' dtype
+#   cuda: "promote", elementwise ops keep their inputs' dtype
+AUTOCAST = {"cpu": "promote", "cuda": "promote"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts sigmoid's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def sigmoid(x):
     """sigmoid with the generated backward, through SigmoidFunction."""
+    device_type = x.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        (x,) = _autocast(device_type, x)
+        with torch.autocast(device_type, enabled=False):
+            return SigmoidFunction.apply(x)
     return SigmoidFunction.apply(x)
 
 
@@ -77,3 +126,16 @@ def _sigmoid_fake(x):
 
 
 sigmoid_op.register_autograd(SigmoidFunction.backward, setup_context=SigmoidFunction.setup_context)
+
+
+def _sigmoid_op_autocast(x):
+    """sigmoid_op under autocast: cast as sigmoid() casts, then run without autocast."""
+    device_type = x.device.type
+    (x,) = _autocast(device_type, x)
+    with torch.autocast(device_type, enabled=False):
+        return sigmoid_op(x)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("sigmoid", _sigmoid_op_autocast, _dispatch_key)

@@ -10,8 +10,45 @@ Softmax over the last dim (max-shifted by torch.softmax); the backward reuses th
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_softmax_shapes(x, *, grad_y=None, y=None):
+    """Raise a RuntimeError unless the tensors given have the shapes softmax declares, one size per index:
+    x[..., c], grad_y[..., c], y[..., c]."""
+    if x is not None:
+        _check(x.dim() >= 1,
+               lambda: f"softmax: x has shape {tuple(x.shape)} but is declared x[..., c] (at least 1 dim)")
+    if grad_y is not None:
+        _check(grad_y.dim() >= 1,
+               lambda: f"softmax: grad_y has shape {tuple(grad_y.shape)} but is declared grad_y[..., c] (at least 1 dim)")
+    if grad_y is not None and x is not None:
+        _check(grad_y.shape[-1] == x.shape[-1],
+               lambda: f"softmax: grad_y has size {grad_y.shape[-1]} at dim -1 (index c) but x has c = {x.shape[-1]}")
+    if y is not None:
+        _check(y.dim() >= 1,
+               lambda: f"softmax: y has shape {tuple(y.shape)} but is declared y[..., c] (at least 1 dim)")
+    if y is not None and x is not None:
+        _check(y.shape[-1] == x.shape[-1],
+               lambda: f"softmax: y has size {y.shape[-1]} at dim -1 (index c) but x has c = {x.shape[-1]}")
+    if y is not None and grad_y is not None:
+        _check(y.shape[-1] == grad_y.shape[-1],
+               lambda: f"softmax: y has size {y.shape[-1]} at dim -1 (index c) but grad_y has c = {grad_y.shape[-1]}")
+    if grad_y is not None and x is not None:
+        _check(grad_y.shape[:-1] == x.shape[:-1],
+               lambda: f"softmax: grad_y has batch dims {tuple(grad_y.shape[:-1])} (index ...) but x has ... = {tuple(x.shape[:-1])}")
+    if y is not None and grad_y is not None:
+        _check(y.shape[:-1] == grad_y.shape[:-1],
+               lambda: f"softmax: y has batch dims {tuple(y.shape[:-1])} (index ...) but grad_y has ... = {tuple(grad_y.shape[:-1])}")
+
+
 def softmax_forward(x):
     """softmax forward: y[..., c] = exp(x[..., c]) / sum(exp(x[..., c]), c)"""
+    _check_softmax_shapes(x)
     return torch.softmax(x, dim=-1)
 
 
@@ -30,6 +67,7 @@ def softmax_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_softmax_shapes(x, grad_y=grad_y, y=y)
     grad_x = None
     if needs_input_grad[0]:
         # _softmax_backward_data(g, y, dim) = y * (g - sum(g * y, dim))
@@ -61,8 +99,37 @@ class SoftmaxFunction(torch.autograd.Function):
         return softmax_backward(grad_y, None, y, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts softmax's floating inputs, per device type (derived from the equation):
+#   cpu: "promote", elementwise ops keep their inputs' dtype
+#   cuda: "float32", it computes exp, log, softmax or a sum, which CUDA autocast runs in float32
+AUTOCAST = {"cpu": "promote", "cuda": "float32"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts softmax's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def softmax(x):
     """softmax with the generated backward, through SoftmaxFunction."""
+    device_type = x.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        (x,) = _autocast(device_type, x)
+        with torch.autocast(device_type, enabled=False):
+            return SoftmaxFunction.apply(x)
     return SoftmaxFunction.apply(x)
 
 
@@ -78,3 +145,16 @@ def _softmax_fake(x):
 
 
 softmax_op.register_autograd(SoftmaxFunction.backward, setup_context=SoftmaxFunction.setup_context)
+
+
+def _softmax_op_autocast(x):
+    """softmax_op under autocast: cast as softmax() casts, then run without autocast."""
+    device_type = x.device.type
+    (x,) = _autocast(device_type, x)
+    with torch.autocast(device_type, enabled=False):
+        return softmax_op(x)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("softmax", _softmax_op_autocast, _dispatch_key)

@@ -10,8 +10,26 @@ Binary cross-entropy of probabilities against targets in [0, 1], averaged.
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_binary_cross_entropy_shapes(pred, target, *, grad_loss=None):
+    """Raise a RuntimeError unless the tensors given have the shapes binary_cross_entropy declares, one size per index:
+    pred[...], target[...], grad_loss."""
+    if grad_loss is not None:
+        _check(grad_loss.dim() == 0,
+               lambda: f"binary_cross_entropy: grad_loss has shape {tuple(grad_loss.shape)} but is declared grad_loss")
+    _check(target.shape == pred.shape or all(p == q or p == 1 or q == 1 for p, q in zip(reversed(target.shape), reversed(pred.shape))),
+           lambda: f"binary_cross_entropy: target has batch dims {tuple(target.shape)} (index ...) but pred has ... = {tuple(pred.shape)}, and they do not broadcast")
+
+
 def binary_cross_entropy_forward(pred, target):
     """binary_cross_entropy forward: loss = mean(-(target[...] * log(pred[...]) + (1 - target[...]) * log(1 - pred[...])), ...)"""
+    _check_binary_cross_entropy_shapes(pred, target)
     size_batch = pred.numel() if pred.shape == target.shape else torch.broadcast_shapes(pred.shape, target.shape).numel()
     return (-(torch.log1p(-pred) * (1 - target)).sum() - (torch.log(pred) * target).sum()) / size_batch
 
@@ -34,6 +52,7 @@ def binary_cross_entropy_backward(grad_loss, pred, target, *, needs_input_grad=(
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_binary_cross_entropy_shapes(pred, target, grad_loss=grad_loss)
     size_batch = pred.numel() if pred.shape == target.shape else torch.broadcast_shapes(pred.shape, target.shape).numel()
     grad_pred = grad_target = None
     if needs_input_grad[0]:
@@ -67,8 +86,37 @@ class BinaryCrossEntropyFunction(torch.autograd.Function):
         return binary_cross_entropy_backward(grad_loss, pred, target, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts binary_cross_entropy's floating inputs, per device type (derived from the equation):
+#   cpu: "float32", it reduces to a scalar, as torch's losses (mse_loss, cross_entropy, ...)
+#   cuda: "float32", it reduces to a scalar, as torch's losses (mse_loss, cross_entropy, ...)
+AUTOCAST = {"cpu": "float32", "cuda": "float32"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts binary_cross_entropy's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def binary_cross_entropy(pred, target):
     """binary_cross_entropy with the generated backward, through BinaryCrossEntropyFunction."""
+    device_type = pred.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        pred, target = _autocast(device_type, pred, target)
+        with torch.autocast(device_type, enabled=False):
+            return BinaryCrossEntropyFunction.apply(pred, target)
     return BinaryCrossEntropyFunction.apply(pred, target)
 
 
@@ -84,3 +132,16 @@ def _binary_cross_entropy_fake(pred, target):
 
 
 binary_cross_entropy_op.register_autograd(BinaryCrossEntropyFunction.backward, setup_context=BinaryCrossEntropyFunction.setup_context)
+
+
+def _binary_cross_entropy_op_autocast(pred, target):
+    """binary_cross_entropy_op under autocast: cast as binary_cross_entropy() casts, then run without autocast."""
+    device_type = pred.device.type
+    pred, target = _autocast(device_type, pred, target)
+    with torch.autocast(device_type, enabled=False):
+        return binary_cross_entropy_op(pred, target)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("binary_cross_entropy_broadcast", _binary_cross_entropy_op_autocast, _dispatch_key)

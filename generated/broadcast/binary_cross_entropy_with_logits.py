@@ -10,8 +10,26 @@ Binary cross-entropy on logits: softplus(x) - x * target, stable for large |x|.
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_binary_cross_entropy_with_logits_shapes(logits, target, *, grad_loss=None):
+    """Raise a RuntimeError unless the tensors given have the shapes binary_cross_entropy_with_logits declares, one size per index:
+    logits[...], target[...], grad_loss."""
+    if grad_loss is not None:
+        _check(grad_loss.dim() == 0,
+               lambda: f"binary_cross_entropy_with_logits: grad_loss has shape {tuple(grad_loss.shape)} but is declared grad_loss")
+    _check(target.shape == logits.shape or all(p == q or p == 1 or q == 1 for p, q in zip(reversed(target.shape), reversed(logits.shape))),
+           lambda: f"binary_cross_entropy_with_logits: target has batch dims {tuple(target.shape)} (index ...) but logits has ... = {tuple(logits.shape)}, and they do not broadcast")
+
+
 def binary_cross_entropy_with_logits_forward(logits, target):
     """binary_cross_entropy_with_logits forward: loss = mean(log(1 + exp(logits[...])) - logits[...] * target[...], ...)"""
+    _check_binary_cross_entropy_with_logits_shapes(logits, target)
     size_batch = logits.numel() if logits.shape == target.shape else torch.broadcast_shapes(logits.shape, target.shape).numel()
     return (torch.nn.functional.softplus(logits).sum() - (logits * target).sum()) / size_batch
 
@@ -34,6 +52,7 @@ def binary_cross_entropy_with_logits_backward(grad_loss, logits, target, *, need
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_binary_cross_entropy_with_logits_shapes(logits, target, grad_loss=grad_loss)
     size_batch = logits.numel() if logits.shape == target.shape else torch.broadcast_shapes(logits.shape, target.shape).numel()
     grad_logits = grad_target = None
     if needs_input_grad[0]:
@@ -67,8 +86,37 @@ class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
         return binary_cross_entropy_with_logits_backward(grad_loss, logits, target, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts binary_cross_entropy_with_logits's floating inputs, per device type (derived from the equation):
+#   cpu: "float32", it reduces to a scalar, as torch's losses (mse_loss, cross_entropy, ...)
+#   cuda: "float32", it reduces to a scalar, as torch's losses (mse_loss, cross_entropy, ...)
+AUTOCAST = {"cpu": "float32", "cuda": "float32"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts binary_cross_entropy_with_logits's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def binary_cross_entropy_with_logits(logits, target):
     """binary_cross_entropy_with_logits with the generated backward, through BinaryCrossEntropyWithLogitsFunction."""
+    device_type = logits.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        logits, target = _autocast(device_type, logits, target)
+        with torch.autocast(device_type, enabled=False):
+            return BinaryCrossEntropyWithLogitsFunction.apply(logits, target)
     return BinaryCrossEntropyWithLogitsFunction.apply(logits, target)
 
 
@@ -84,3 +132,16 @@ def _binary_cross_entropy_with_logits_fake(logits, target):
 
 
 binary_cross_entropy_with_logits_op.register_autograd(BinaryCrossEntropyWithLogitsFunction.backward, setup_context=BinaryCrossEntropyWithLogitsFunction.setup_context)
+
+
+def _binary_cross_entropy_with_logits_op_autocast(logits, target):
+    """binary_cross_entropy_with_logits_op under autocast: cast as binary_cross_entropy_with_logits() casts, then run without autocast."""
+    device_type = logits.device.type
+    logits, target = _autocast(device_type, logits, target)
+    with torch.autocast(device_type, enabled=False):
+        return binary_cross_entropy_with_logits_op(logits, target)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("binary_cross_entropy_with_logits_broadcast", _binary_cross_entropy_with_logits_op_autocast, _dispatch_key)

@@ -10,8 +10,38 @@ Batched matrix product over one explicit batch dim, as torch.bmm.
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_bmm_shapes(a, b, *, grad_c=None):
+    """Raise a RuntimeError unless the tensors given have the shapes bmm declares, one size per index:
+    a[s, i, k], b[s, k, j], grad_c[s, i, j]."""
+    _check(a.dim() == 3,
+           lambda: f"bmm: a has shape {tuple(a.shape)} but is declared a[s, i, k]")
+    _check(b.dim() == 3,
+           lambda: f"bmm: b has shape {tuple(b.shape)} but is declared b[s, k, j]")
+    _check(b.shape[0] == a.shape[0],
+           lambda: f"bmm: b has size {b.shape[0]} at dim 0 (index s) but a has s = {a.shape[0]}")
+    _check(b.shape[1] == a.shape[2],
+           lambda: f"bmm: b has size {b.shape[1]} at dim 1 (index k) but a has k = {a.shape[2]}")
+    if grad_c is not None:
+        _check(grad_c.dim() == 3,
+               lambda: f"bmm: grad_c has shape {tuple(grad_c.shape)} but is declared grad_c[s, i, j]")
+        _check(grad_c.shape[0] == a.shape[0],
+               lambda: f"bmm: grad_c has size {grad_c.shape[0]} at dim 0 (index s) but a has s = {a.shape[0]}")
+        _check(grad_c.shape[1] == a.shape[1],
+               lambda: f"bmm: grad_c has size {grad_c.shape[1]} at dim 1 (index i) but a has i = {a.shape[1]}")
+        _check(grad_c.shape[2] == b.shape[2],
+               lambda: f"bmm: grad_c has size {grad_c.shape[2]} at dim 2 (index j) but b has j = {b.shape[2]}")
+
+
 def bmm_forward(a, b):
     """bmm forward: c[s, i, j] = sum(a[s, i, k] * b[s, k, j], k)"""
+    _check_bmm_shapes(a, b)
     return (a.unsqueeze(-1) * b.unsqueeze(1)).sum(dim=2)
 
 
@@ -33,6 +63,7 @@ def bmm_backward(grad_c, a, b, *, needs_input_grad=(True, True)):
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_bmm_shapes(a, b, grad_c=grad_c)
     grad_a = grad_b = None
     if needs_input_grad[0]:
         grad_a = (grad_c.unsqueeze(2) * b.unsqueeze(1)).sum(dim=-1)
@@ -65,8 +96,37 @@ class BmmFunction(torch.autograd.Function):
         return bmm_backward(grad_c, a, b, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts bmm's floating inputs, per device type (derived from the equation):
+#   cpu: "lower", it contracts its inputs over an index, as matmul, linear and bmm
+#   cuda: "lower", it contracts its inputs over an index, as matmul, linear and bmm
+AUTOCAST = {"cpu": "lower", "cuda": "lower"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts bmm's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def bmm(a, b):
     """bmm with the generated backward, through BmmFunction."""
+    device_type = a.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        a, b = _autocast(device_type, a, b)
+        with torch.autocast(device_type, enabled=False):
+            return BmmFunction.apply(a, b)
     return BmmFunction.apply(a, b)
 
 
@@ -82,3 +142,16 @@ def _bmm_fake(a, b):
 
 
 bmm_op.register_autograd(BmmFunction.backward, setup_context=BmmFunction.setup_context)
+
+
+def _bmm_op_autocast(a, b):
+    """bmm_op under autocast: cast as bmm() casts, then run without autocast."""
+    device_type = a.device.type
+    a, b = _autocast(device_type, a, b)
+    with torch.autocast(device_type, enabled=False):
+        return bmm_op(a, b)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("bmm_broadcast", _bmm_op_autocast, _dispatch_key)

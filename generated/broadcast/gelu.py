@@ -10,8 +10,24 @@ GELU, exact form with the error function.
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_gelu_shapes(x, *, grad_y=None):
+    """Raise a RuntimeError unless the tensors given have the shapes gelu declares, one size per index:
+    x[...], grad_y[...]."""
+    if grad_y is not None:
+        _check(grad_y.shape == x.shape,
+               lambda: f"gelu: grad_y has batch dims {tuple(grad_y.shape)} (index ...) but x has ... = {tuple(x.shape)}")
+
+
 def gelu_forward(x):
     """gelu forward: y[...] = x[...] * (1 + erf(x[...] / sqrt(2))) / 2"""
+    _check_gelu_shapes(x)
     return (torch.erf(0.7071067811865476 * x) + 1) * x / 2
 
 
@@ -29,6 +45,7 @@ def gelu_backward(grad_y, x, *, needs_input_grad=(True,)):
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_gelu_shapes(x, grad_y=grad_y)
     grad_x = None
     if needs_input_grad[0]:
         grad_x = (torch.erf(0.7071067811865476 * x) / 2 + 1/2) * grad_y + 0.3989422804014327 * torch.exp(-x**2 / 2) * grad_y * x
@@ -59,8 +76,37 @@ class GeluFunction(torch.autograd.Function):
         return gelu_backward(grad_y, x, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts gelu's floating inputs, per device type (derived from the equation):
+#   cpu: "promote", elementwise ops keep their inputs' dtype
+#   cuda: "promote", elementwise ops keep their inputs' dtype
+AUTOCAST = {"cpu": "promote", "cuda": "promote"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts gelu's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def gelu(x):
     """gelu with the generated backward, through GeluFunction."""
+    device_type = x.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        (x,) = _autocast(device_type, x)
+        with torch.autocast(device_type, enabled=False):
+            return GeluFunction.apply(x)
     return GeluFunction.apply(x)
 
 
@@ -76,3 +122,16 @@ def _gelu_fake(x):
 
 
 gelu_op.register_autograd(GeluFunction.backward, setup_context=GeluFunction.setup_context)
+
+
+def _gelu_op_autocast(x):
+    """gelu_op under autocast: cast as gelu() casts, then run without autocast."""
+    device_type = x.device.type
+    (x,) = _autocast(device_type, x)
+    with torch.autocast(device_type, enabled=False):
+        return gelu_op(x)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("gelu_broadcast", _gelu_op_autocast, _dispatch_key)

@@ -10,8 +10,26 @@ Mean absolute error; at pred == target the gradient is 0, as in torch.
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_l1_loss_shapes(pred, target, *, grad_loss=None):
+    """Raise a RuntimeError unless the tensors given have the shapes l1_loss declares, one size per index:
+    pred[...], target[...], grad_loss."""
+    if grad_loss is not None:
+        _check(grad_loss.dim() == 0,
+               lambda: f"l1_loss: grad_loss has shape {tuple(grad_loss.shape)} but is declared grad_loss")
+    _check(target.shape == pred.shape or all(p == q or p == 1 or q == 1 for p, q in zip(reversed(target.shape), reversed(pred.shape))),
+           lambda: f"l1_loss: target has batch dims {tuple(target.shape)} (index ...) but pred has ... = {tuple(pred.shape)}, and they do not broadcast")
+
+
 def l1_loss_forward(pred, target):
     """l1_loss forward: loss = mean(Abs(pred[...] - target[...]), ...)"""
+    _check_l1_loss_shapes(pred, target)
     return torch.abs(pred - target).mean()
 
 
@@ -33,6 +51,7 @@ def l1_loss_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_l1_loss_shapes(pred, target, grad_loss=grad_loss)
     size_batch = pred.numel() if pred.shape == target.shape else torch.broadcast_shapes(pred.shape, target.shape).numel()
     grad_pred = grad_target = None
     if needs_input_grad[0] or needs_input_grad[1]:
@@ -68,8 +87,37 @@ class L1LossFunction(torch.autograd.Function):
         return l1_loss_backward(grad_loss, pred, target, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts l1_loss's floating inputs, per device type (derived from the equation):
+#   cpu: "float32", it reduces to a scalar, as torch's losses (mse_loss, cross_entropy, ...)
+#   cuda: "float32", it reduces to a scalar, as torch's losses (mse_loss, cross_entropy, ...)
+AUTOCAST = {"cpu": "float32", "cuda": "float32"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts l1_loss's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def l1_loss(pred, target):
     """l1_loss with the generated backward, through L1LossFunction."""
+    device_type = pred.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        pred, target = _autocast(device_type, pred, target)
+        with torch.autocast(device_type, enabled=False):
+            return L1LossFunction.apply(pred, target)
     return L1LossFunction.apply(pred, target)
 
 
@@ -85,3 +133,16 @@ def _l1_loss_fake(pred, target):
 
 
 l1_loss_op.register_autograd(L1LossFunction.backward, setup_context=L1LossFunction.setup_context)
+
+
+def _l1_loss_op_autocast(pred, target):
+    """l1_loss_op under autocast: cast as l1_loss() casts, then run without autocast."""
+    device_type = pred.device.type
+    pred, target = _autocast(device_type, pred, target)
+    with torch.autocast(device_type, enabled=False):
+        return l1_loss_op(pred, target)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("l1_loss_broadcast", _l1_loss_op_autocast, _dispatch_key)

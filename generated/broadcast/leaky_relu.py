@@ -10,8 +10,24 @@ Leaky ReLU; at x == 0 the gradient is the slope, as in torch.
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_leaky_relu_shapes(x, *, grad_y=None):
+    """Raise a RuntimeError unless the tensors given have the shapes leaky_relu declares, one size per index:
+    x[...], grad_y[...]."""
+    if grad_y is not None:
+        _check(grad_y.shape == x.shape,
+               lambda: f"leaky_relu: grad_y has batch dims {tuple(grad_y.shape)} (index ...) but x has ... = {tuple(x.shape)}")
+
+
 def leaky_relu_forward(x, slope=0.01):
     """leaky_relu forward: y[...] = where(x[...] > 0, x[...], slope * x[...])"""
+    _check_leaky_relu_shapes(x)
     return torch.where(x > 0, x, slope * x)
 
 
@@ -29,6 +45,7 @@ def leaky_relu_backward(grad_y, x, slope=0.01, *, needs_input_grad=(True,)):
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_leaky_relu_shapes(x, grad_y=grad_y)
     grad_x = None
     if needs_input_grad[0]:
         # leaky_relu_backward(g, x, s, False) = where(x > 0, g, s * g)
@@ -63,8 +80,37 @@ class LeakyReluFunction(torch.autograd.Function):
         return gradients + (None,)
 
 
+# How torch.autocast casts leaky_relu's floating inputs, per device type (derived from the equation):
+#   cpu: "promote", elementwise ops keep their inputs' dtype
+#   cuda: "promote", elementwise ops keep their inputs' dtype
+AUTOCAST = {"cpu": "promote", "cuda": "promote"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts leaky_relu's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def leaky_relu(x, slope=0.01):
     """leaky_relu with the generated backward, through LeakyReluFunction."""
+    device_type = x.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        (x,) = _autocast(device_type, x)
+        with torch.autocast(device_type, enabled=False):
+            return LeakyReluFunction.apply(x, slope)
     return LeakyReluFunction.apply(x, slope)
 
 
@@ -80,3 +126,16 @@ def _leaky_relu_fake(x, slope=0.01):
 
 
 leaky_relu_op.register_autograd(LeakyReluFunction.backward, setup_context=LeakyReluFunction.setup_context)
+
+
+def _leaky_relu_op_autocast(x, slope=0.01):
+    """leaky_relu_op under autocast: cast as leaky_relu() casts, then run without autocast."""
+    device_type = x.device.type
+    (x,) = _autocast(device_type, x)
+    with torch.autocast(device_type, enabled=False):
+        return leaky_relu_op(x, slope)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("leaky_relu_broadcast", _leaky_relu_op_autocast, _dispatch_key)

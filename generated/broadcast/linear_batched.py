@@ -10,8 +10,39 @@ Affine layer over any number of leading batch dims, as torch.nn.functional.linea
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_linear_batched_shapes(x, w, b, *, grad_y=None):
+    """Raise a RuntimeError unless the tensors given have the shapes linear_batched declares, one size per index:
+    x[..., k], w[m, k], b[m], grad_y[..., m]."""
+    _check(x.dim() >= 1,
+           lambda: f"linear_batched: x has shape {tuple(x.shape)} but is declared x[..., k] (at least 1 dim)")
+    _check(w.dim() == 2,
+           lambda: f"linear_batched: w has shape {tuple(w.shape)} but is declared w[m, k]")
+    _check(w.shape[1] == x.shape[-1],
+           lambda: f"linear_batched: w has size {w.shape[1]} at dim 1 (index k) but x has k = {x.shape[-1]}")
+    if b is not None:
+        _check(b.dim() == 1,
+               lambda: f"linear_batched: b has shape {tuple(b.shape)} but is declared b[m]")
+        _check(b.shape[0] == w.shape[0],
+               lambda: f"linear_batched: b has size {b.shape[0]} at dim 0 (index m) but w has m = {w.shape[0]}")
+    if grad_y is not None:
+        _check(grad_y.dim() >= 1,
+               lambda: f"linear_batched: grad_y has shape {tuple(grad_y.shape)} but is declared grad_y[..., m] (at least 1 dim)")
+        _check(grad_y.shape[-1] == w.shape[0],
+               lambda: f"linear_batched: grad_y has size {grad_y.shape[-1]} at dim -1 (index m) but w has m = {w.shape[0]}")
+        _check(grad_y.shape[:-1] == x.shape[:-1],
+               lambda: f"linear_batched: grad_y has batch dims {tuple(grad_y.shape[:-1])} (index ...) but x has ... = {tuple(x.shape[:-1])}")
+
+
 def linear_batched_forward(x, w, b):
     """linear_batched forward: y[..., m] = sum(x[..., k] * w[m, k], k) + b[m]"""
+    _check_linear_batched_shapes(x, w, b)
     return (x.unsqueeze(-1) * w.T).sum(dim=-2) + b
 
 
@@ -37,6 +68,7 @@ def linear_batched_backward(grad_y, x, w, b, *, needs_input_grad=(True, True, Tr
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_linear_batched_shapes(x, w, b, grad_y=grad_y)
     size_k = x.shape[-1]
     size_m = grad_y.shape[-1]
     grad_x = grad_w = grad_b = None
@@ -73,8 +105,37 @@ class LinearBatchedFunction(torch.autograd.Function):
         return linear_batched_backward(grad_y, x, w, None, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts linear_batched's floating inputs, per device type (derived from the equation):
+#   cpu: "lower", it contracts its inputs over an index, as matmul, linear and bmm
+#   cuda: "lower", it contracts its inputs over an index, as matmul, linear and bmm
+AUTOCAST = {"cpu": "lower", "cuda": "lower"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts linear_batched's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def linear_batched(x, w, b):
     """linear_batched with the generated backward, through LinearBatchedFunction."""
+    device_type = x.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        x, w, b = _autocast(device_type, x, w, b)
+        with torch.autocast(device_type, enabled=False):
+            return LinearBatchedFunction.apply(x, w, b)
     return LinearBatchedFunction.apply(x, w, b)
 
 
@@ -90,3 +151,16 @@ def _linear_batched_fake(x, w, b):
 
 
 linear_batched_op.register_autograd(LinearBatchedFunction.backward, setup_context=LinearBatchedFunction.setup_context)
+
+
+def _linear_batched_op_autocast(x, w, b):
+    """linear_batched_op under autocast: cast as linear_batched() casts, then run without autocast."""
+    device_type = x.device.type
+    x, w, b = _autocast(device_type, x, w, b)
+    with torch.autocast(device_type, enabled=False):
+        return linear_batched_op(x, w, b)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("linear_batched_broadcast", _linear_batched_op_autocast, _dispatch_key)

@@ -10,8 +10,39 @@ Batched matrix product with broadcasting batch dims, as torch.matmul.
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_matmul_shapes(a, b, *, grad_c=None):
+    """Raise a RuntimeError unless the tensors given have the shapes matmul declares, one size per index:
+    a[..., i, k], b[..., k, j], grad_c[..., i, j]."""
+    _check(a.dim() >= 2,
+           lambda: f"matmul: a has shape {tuple(a.shape)} but is declared a[..., i, k] (at least 2 dims)")
+    _check(b.dim() >= 2,
+           lambda: f"matmul: b has shape {tuple(b.shape)} but is declared b[..., k, j] (at least 2 dims)")
+    _check(b.shape[-2] == a.shape[-1],
+           lambda: f"matmul: b has size {b.shape[-2]} at dim -2 (index k) but a has k = {a.shape[-1]}")
+    if grad_c is not None:
+        _check(grad_c.dim() >= 2,
+               lambda: f"matmul: grad_c has shape {tuple(grad_c.shape)} but is declared grad_c[..., i, j] (at least 2 dims)")
+        _check(grad_c.shape[-2] == a.shape[-2],
+               lambda: f"matmul: grad_c has size {grad_c.shape[-2]} at dim -2 (index i) but a has i = {a.shape[-2]}")
+        _check(grad_c.shape[-1] == b.shape[-1],
+               lambda: f"matmul: grad_c has size {grad_c.shape[-1]} at dim -1 (index j) but b has j = {b.shape[-1]}")
+    _check(b.shape[:-2] == a.shape[:-2] or all(p == q or p == 1 or q == 1 for p, q in zip(reversed(b.shape[:-2]), reversed(a.shape[:-2]))),
+           lambda: f"matmul: b has batch dims {tuple(b.shape[:-2])} (index ...) but a has ... = {tuple(a.shape[:-2])}, and they do not broadcast")
+    if grad_c is not None:
+        _check(grad_c.shape[:-2] == a.shape[:-2] == b.shape[:-2] or grad_c.shape[:-2] == torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]),
+               lambda: f"matmul: grad_c has batch dims {tuple(grad_c.shape[:-2])} (index ...) but the ... of a and b broadcast to {tuple(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))}")
+
+
 def matmul_forward(a, b):
     """matmul forward: c[..., i, j] = sum(a[..., i, k] * b[..., k, j], k)"""
+    _check_matmul_shapes(a, b)
     return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(dim=-2)
 
 
@@ -33,6 +64,7 @@ def matmul_backward(grad_c, a, b, *, needs_input_grad=(True, True)):
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_matmul_shapes(a, b, grad_c=grad_c)
     grad_a = grad_b = None
     if needs_input_grad[0]:
         grad_a = (grad_c.unsqueeze(-2) * b.unsqueeze(-3)).sum(dim=-1).sum_to_size(a.shape)
@@ -65,8 +97,37 @@ class MatmulFunction(torch.autograd.Function):
         return matmul_backward(grad_c, a, b, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts matmul's floating inputs, per device type (derived from the equation):
+#   cpu: "lower", it contracts its inputs over an index, as matmul, linear and bmm
+#   cuda: "lower", it contracts its inputs over an index, as matmul, linear and bmm
+AUTOCAST = {"cpu": "lower", "cuda": "lower"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts matmul's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def matmul(a, b):
     """matmul with the generated backward, through MatmulFunction."""
+    device_type = a.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        a, b = _autocast(device_type, a, b)
+        with torch.autocast(device_type, enabled=False):
+            return MatmulFunction.apply(a, b)
     return MatmulFunction.apply(a, b)
 
 
@@ -82,3 +143,16 @@ def _matmul_fake(a, b):
 
 
 matmul_op.register_autograd(MatmulFunction.backward, setup_context=MatmulFunction.setup_context)
+
+
+def _matmul_op_autocast(a, b):
+    """matmul_op under autocast: cast as matmul() casts, then run without autocast."""
+    device_type = a.device.type
+    a, b = _autocast(device_type, a, b)
+    with torch.autocast(device_type, enabled=False):
+        return matmul_op(a, b)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("matmul_broadcast", _matmul_op_autocast, _dispatch_key)

@@ -10,8 +10,26 @@ Summed squared error over tensors of any shape.
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_mse_sum_shapes(pred, target, *, grad_loss=None):
+    """Raise a RuntimeError unless the tensors given have the shapes mse_sum declares, one size per index:
+    pred[...], target[...], grad_loss."""
+    if grad_loss is not None:
+        _check(grad_loss.dim() == 0,
+               lambda: f"mse_sum: grad_loss has shape {tuple(grad_loss.shape)} but is declared grad_loss")
+    _check(target.shape == pred.shape or all(p == q or p == 1 or q == 1 for p, q in zip(reversed(target.shape), reversed(pred.shape))),
+           lambda: f"mse_sum: target has batch dims {tuple(target.shape)} (index ...) but pred has ... = {tuple(pred.shape)}, and they do not broadcast")
+
+
 def mse_sum_forward(pred, target):
     """mse_sum forward: loss = sum((pred[...] - target[...])**2, ...)"""
+    _check_mse_sum_shapes(pred, target)
     return ((pred - target)**2).sum()
 
 
@@ -33,6 +51,7 @@ def mse_sum_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_mse_sum_shapes(pred, target, grad_loss=grad_loss)
     grad_pred = grad_target = None
     if needs_input_grad[0] or needs_input_grad[1]:
         shared_0 = pred - target
@@ -67,8 +86,37 @@ class MseSumFunction(torch.autograd.Function):
         return mse_sum_backward(grad_loss, pred, target, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts mse_sum's floating inputs, per device type (derived from the equation):
+#   cpu: "float32", it reduces to a scalar, as torch's losses (mse_loss, cross_entropy, ...)
+#   cuda: "float32", it reduces to a scalar, as torch's losses (mse_loss, cross_entropy, ...)
+AUTOCAST = {"cpu": "float32", "cuda": "float32"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts mse_sum's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def mse_sum(pred, target):
     """mse_sum with the generated backward, through MseSumFunction."""
+    device_type = pred.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        pred, target = _autocast(device_type, pred, target)
+        with torch.autocast(device_type, enabled=False):
+            return MseSumFunction.apply(pred, target)
     return MseSumFunction.apply(pred, target)
 
 
@@ -84,3 +132,16 @@ def _mse_sum_fake(pred, target):
 
 
 mse_sum_op.register_autograd(MseSumFunction.backward, setup_context=MseSumFunction.setup_context)
+
+
+def _mse_sum_op_autocast(pred, target):
+    """mse_sum_op under autocast: cast as mse_sum() casts, then run without autocast."""
+    device_type = pred.device.type
+    pred, target = _autocast(device_type, pred, target)
+    with torch.autocast(device_type, enabled=False):
+        return mse_sum_op(pred, target)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("mse_sum_broadcast", _mse_sum_op_autocast, _dispatch_key)

@@ -10,8 +10,24 @@ Rectified linear unit, elementwise over any shape. The gradient at x == 0 is 0, 
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_relu_shapes(x, *, grad_y=None):
+    """Raise a RuntimeError unless the tensors given have the shapes relu declares, one size per index:
+    x[...], grad_y[...]."""
+    if grad_y is not None:
+        _check(grad_y.shape == x.shape,
+               lambda: f"relu: grad_y has batch dims {tuple(grad_y.shape)} (index ...) but x has ... = {tuple(x.shape)}")
+
+
 def relu_forward(x):
     """relu forward: y[...] = Max(x[...], 0, tie=0)"""
+    _check_relu_shapes(x)
     return torch.clamp_min(x, 0)
 
 
@@ -29,6 +45,7 @@ def relu_backward(grad_y, x, *, needs_input_grad=(True,)):
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_relu_shapes(x, grad_y=grad_y)
     grad_x = None
     if needs_input_grad[0]:
         # threshold_backward(g, x, 0) = where(x <= 0, 0, g)
@@ -60,8 +77,37 @@ class ReluFunction(torch.autograd.Function):
         return relu_backward(grad_y, x, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts relu's floating inputs, per device type (derived from the equation):
+#   cpu: "promote", elementwise ops keep their inputs' dtype
+#   cuda: "promote", elementwise ops keep their inputs' dtype
+AUTOCAST = {"cpu": "promote", "cuda": "promote"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts relu's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def relu(x):
     """relu with the generated backward, through ReluFunction."""
+    device_type = x.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        (x,) = _autocast(device_type, x)
+        with torch.autocast(device_type, enabled=False):
+            return ReluFunction.apply(x)
     return ReluFunction.apply(x)
 
 
@@ -77,3 +123,16 @@ def _relu_fake(x):
 
 
 relu_op.register_autograd(ReluFunction.backward, setup_context=ReluFunction.setup_context)
+
+
+def _relu_op_autocast(x):
+    """relu_op under autocast: cast as relu() casts, then run without autocast."""
+    device_type = x.device.type
+    (x,) = _autocast(device_type, x)
+    with torch.autocast(device_type, enabled=False):
+        return relu_op(x)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("relu_broadcast", _relu_op_autocast, _dispatch_key)

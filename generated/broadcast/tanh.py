@@ -10,8 +10,27 @@ Hyperbolic tangent; the backward reuses the forward's result: 1 - y**2.
 import torch
 
 
+def _check(condition, message):
+    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
+    plainly True: torch._check costs a microsecond a call."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+def _check_tanh_shapes(x, *, grad_y=None, y=None):
+    """Raise a RuntimeError unless the tensors given have the shapes tanh declares, one size per index:
+    x[...], grad_y[...], y[...]."""
+    if grad_y is not None and x is not None:
+        _check(grad_y.shape == x.shape,
+               lambda: f"tanh: grad_y has batch dims {tuple(grad_y.shape)} (index ...) but x has ... = {tuple(x.shape)}")
+    if y is not None and grad_y is not None:
+        _check(y.shape == grad_y.shape,
+               lambda: f"tanh: y has batch dims {tuple(y.shape)} (index ...) but grad_y has ... = {tuple(grad_y.shape)}")
+
+
 def tanh_forward(x):
     """tanh forward: y[...] = tanh(x[...])"""
+    _check_tanh_shapes(x)
     return torch.tanh(x)
 
 
@@ -30,6 +49,7 @@ def tanh_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     needs_input_grad: one flag per input; a gradient whose flag is False is not
     computed and comes back as None.
     """
+    _check_tanh_shapes(x, grad_y=grad_y, y=y)
     grad_x = None
     if needs_input_grad[0]:
         grad_x = grad_y * (1 - y**2)
@@ -60,8 +80,37 @@ class TanhFunction(torch.autograd.Function):
         return tanh_backward(grad_y, None, y, needs_input_grad=ctx.needs_input_grad)
 
 
+# How torch.autocast casts tanh's floating inputs, per device type (derived from the equation):
+#   cpu: "promote", elementwise ops keep their inputs' dtype
+#   cuda: "promote", elementwise ops keep their inputs' dtype
+AUTOCAST = {"cpu": "promote", "cuda": "promote"}
+
+
+def _autocast(device_type, *tensors):
+    """The tensors cast as autocast on `device_type` casts tanh's inputs: "lower" to the autocast
+    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
+    policy = AUTOCAST[device_type]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device_type)
+    elif policy == "float32":
+        dtype = torch.float32
+    else:
+        dtype = None
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def tanh(x):
     """tanh with the generated backward, through TanhFunction."""
+    device_type = x.device.type
+    if device_type in AUTOCAST and torch.is_autocast_enabled(device_type):
+        # cast before the Function, as autocast does (each cast's backward returns its input's dtype),
+        # and compute inside it without autocast
+        (x,) = _autocast(device_type, x)
+        with torch.autocast(device_type, enabled=False):
+            return TanhFunction.apply(x)
     return TanhFunction.apply(x)
 
 
@@ -77,3 +126,16 @@ def _tanh_fake(x):
 
 
 tanh_op.register_autograd(TanhFunction.backward, setup_context=TanhFunction.setup_context)
+
+
+def _tanh_op_autocast(x):
+    """tanh_op under autocast: cast as tanh() casts, then run without autocast."""
+    device_type = x.device.type
+    (x,) = _autocast(device_type, x)
+    with torch.autocast(device_type, enabled=False):
+        return tanh_op(x)
+
+
+_library = torch.library.Library("derive", "FRAGMENT")
+for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
+    _library.impl("tanh_broadcast", _tanh_op_autocast, _dispatch_key)

@@ -1,0 +1,225 @@
+"""Stage 5a, derivation -> contracts: what the generated entry points accept, and how autocast casts them.
+
+Shape contracts. Every declared tensor (the inputs, and in the backward `grad_<out>`, `<out>` and
+the saved values) gets its rank checked, every index one size across all of them, and every
+integer input an integer dtype, before anything is computed: an undeclared shape is an error
+naming the op, the tensor and the index, never a broadcast that computes something else.
+`...` (batch dims) is where broadcasting is declared: the batch dims of the inputs (and of the
+saved values) must broadcast together, and those of `grad_<out>` and `<out>` must be the shape
+they broadcast to.
+
+Autocast. Under `torch.autocast`, torch casts an op's floating inputs by its op lists; derive
+mirrors them from what the equation contains (AUTOCAST_RULES), per device type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import sympy
+
+from . import functions
+from .derivation import Derivation
+from .naming import BATCH
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One tensor argument as the spec declares it."""
+
+    name: str                    # argument name in the generated functions
+    indices: tuple[str, ...]     # one index per dim, as declared; BATCH first for batch dims
+    optional: bool               # may be None: a backward-only argument in the forward, an input the Function does not save
+    integer: bool = False        # an integer input (its values index another input)
+    role: str = "input"          # "input"; "saved", a value the forward hands the backward; "result",
+                                 # grad_<out> or <out>, whose batch dims are those the inputs broadcast to
+
+    @property
+    def named(self) -> tuple[str, ...]:
+        return tuple(i for i in self.indices if i != BATCH)
+
+    @property
+    def batched(self) -> bool:
+        return BATCH in self.indices
+
+    def declaration(self) -> str:
+        return f"{self.name}[{', '.join(self.indices)}]" if self.indices else self.name
+
+    def dim(self, index: str) -> int:
+        """Position of a named index: from the end when batch dims lead (their number is not known)."""
+        position = self.indices.index(index)
+        return position - len(self.indices) if self.batched else position
+
+    def size(self, index: str) -> str:
+        return f"{self.name}.shape[{self.dim(index)}]"
+
+    def batch(self) -> str:
+        """Source for the batch dims' shape."""
+        return f"{self.name}.shape[:-{len(self.named)}]" if self.named else f"{self.name}.shape"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One condition of a contract and the error it raises."""
+
+    guard: tuple[str, ...]       # optional tensors it reads: it applies only when none is None
+    condition: str               # Python expression, True when the contract holds
+    message: str                 # f-string body of the RuntimeError
+
+
+def shape_checks(op_name: str, declared: list[Declared], sizes: dict[str, str]) -> list[Check]:
+    """The checks of every declared tensor, in order: rank and dtype, then each index against the
+    tensors before it that have it (up to the first that is always given), batch dims last.
+    `sizes` maps an index to the index whose size it ranges over."""
+    checks = []
+    for position, tensor in enumerate(declared):
+        guard = (tensor.name,) if tensor.optional else ()
+        name, rank = tensor.name, len(tensor.named)
+        if not tensor.batched:
+            checks.append(Check(guard, f"{name}.dim() == {rank}",
+                                f"{op_name}: {name} has shape {{tuple({name}.shape)}} but is declared "
+                                f"{tensor.declaration()}"))
+        elif rank:
+            checks.append(Check(guard, f"{name}.dim() >= {rank}",
+                                f"{op_name}: {name} has shape {{tuple({name}.shape)}} but is declared "
+                                f"{tensor.declaration()} (at least {rank} dim{'s' if rank > 1 else ''})"))
+        if tensor.integer:
+            checks.append(Check(guard, f"not ({name}.is_floating_point() or {name}.is_complex() "
+                                       f"or {name}.dtype == torch.bool)",
+                                f"{op_name}: {name} has dtype {{{name}.dtype}} but is declared an integer "
+                                f"input (its values are indices)"))
+        for index in tensor.named:
+            for other in _earlier(declared[:position], lambda t: any(sizes.get(i, i) == sizes.get(index, index)
+                                                                      for i in t.named)):
+                other_index = next(i for i in other.named if sizes.get(i, i) == sizes.get(index, index))
+                checks.append(Check(
+                    _guard(tensor, other), f"{tensor.size(index)} == {other.size(other_index)}",
+                    f"{op_name}: {name} has size {{{tensor.size(index)}}} at dim {tensor.dim(index)} (index "
+                    f"{index}) but {other.name} has {other_index} = {{{other.size(other_index)}}}"))
+    checks += _batch_checks(op_name, [t for t in declared if t.batched])
+    return checks
+
+
+def _batch_checks(op_name: str, batched: list[Declared]) -> list[Check]:
+    """Batch dims: those of the inputs and saved values broadcast together; those of a result
+    (grad_<out>, <out>) equal the shape the inputs broadcast to."""
+    checks = []
+    operands = [t for t in batched if t.role != "result"]
+    for position, tensor in enumerate(operands):
+        for other in operands[:position]:
+            if other.role == "saved":     # saved values are compared with the inputs only
+                continue
+            mine, theirs = tensor.batch(), other.batch()
+            checks.append(Check(
+                _guard(tensor, other),
+                f"{mine} == {theirs} or all(p == q or p == 1 or q == 1 "
+                f"for p, q in zip(reversed({mine}), reversed({theirs})))",
+                f"{op_name}: {tensor.name} has batch dims {{tuple({mine})}} (index ...) but {other.name} has "
+                f"... = {{tuple({theirs})}}, and they do not broadcast"))
+    inputs = [t for t in operands if t.role == "input"]
+    results = [t for t in batched if t.role == "result"]
+    for position, tensor in enumerate(results):
+        earlier_results = results[:position]
+        targets = earlier_results[:1] or inputs
+        if not targets:
+            continue
+        if len(targets) == 1:
+            other = targets[0]
+            checks.append(Check(_guard(tensor, other), f"{tensor.batch()} == {other.batch()}",
+                                f"{op_name}: {tensor.name} has batch dims {{tuple({tensor.batch()})}} (index ...) "
+                                f"but {other.name} has ... = {{tuple({other.batch()})}}"))
+            continue
+        shapes = ", ".join(t.batch() for t in targets)
+        broadcast = f"torch.broadcast_shapes({shapes})"
+        equal = " == ".join([tensor.batch()] + [t.batch() for t in targets])
+        names = " and ".join(t.name for t in targets)
+        checks.append(Check(_guard(tensor, *targets), f"{equal} or {tensor.batch()} == {broadcast}",
+                            f"{op_name}: {tensor.name} has batch dims {{tuple({tensor.batch()})}} (index ...) but "
+                            f"the ... of {names} broadcast to {{tuple({broadcast})}}"))
+    return checks
+
+
+def _earlier(tensors: list[Declared], has) -> list[Declared]:
+    """The tensors to compare a later one with: those that have the index, up to the first that is
+    always given (comparing with it is enough; optional ones before it may be None)."""
+    chosen = []
+    for tensor in tensors:
+        if has(tensor):
+            chosen.append(tensor)
+            if not tensor.optional:
+                break
+    return chosen
+
+
+def _guard(*tensors: Declared) -> tuple[str, ...]:
+    return tuple(t.name for t in tensors if t.optional)
+
+
+def guarded_blocks(checks: list[Check]) -> list[tuple[str, list[Check]]]:
+    """Consecutive checks with the same guard, under one `if a is not None and ...` ('' for none)."""
+    blocks: list[tuple[str, list[Check]]] = []
+    for check in checks:
+        condition = " and ".join(f"{name} is not None" for name in check.guard)
+        if not blocks or blocks[-1][0] != condition:
+            blocks.append((condition, []))
+        blocks[-1][1].append(check)
+    return blocks
+
+
+# ---- autocast -------------------------------------------------------------------------------
+
+DEVICE_TYPES = ("cpu", "cuda")     # the autocast device types derive mirrors torch's op lists for
+
+
+@dataclass(frozen=True)
+class AutocastRule:
+    """One line of torch's autocast op lists, as a property of an equation."""
+
+    policy: str                          # "lower": to the autocast dtype; "float32"; ("promote": to the widest input dtype)
+    devices: tuple[str, ...]             # device types whose list has it
+    applies: Callable[[Derivation], bool]
+    why: str                             # for the generated comment
+
+
+def _contracts(derivation: Derivation) -> bool:
+    """A sum over an index of a product in which two or more factors read that index: a matrix product."""
+    for total in derivation.forward.atoms(sympy.Sum):
+        summed = {limit[0] for limit in total.limits}
+        factors = sympy.Mul.make_args(total.function)
+        if sum(1 for f in factors if any(set(a.indices) & summed for a in f.atoms(sympy.Indexed))) >= 2:
+            return True
+    return False
+
+
+# Functions CUDA autocast runs in float32 (exp, log, log1p, softplus, softmax, log_softmax, logsumexp,
+# sum and the normalizations built on it); CPU's float32 list has only the losses of these.
+FLOAT32_ON_CUDA = (sympy.exp, sympy.log, functions.log1p, functions.softplus, functions.logsumexp,
+                   functions.softmax, functions.log_softmax, sympy.Sum)
+
+# First rule that applies wins; no rule: "promote".
+AUTOCAST_RULES = (
+    AutocastRule("float32", DEVICE_TYPES, lambda d: not d.op.output_indices,
+                 "it reduces to a scalar, as torch's losses (mse_loss, cross_entropy, ...)"),
+    AutocastRule("lower", DEVICE_TYPES, _contracts,
+                 "it contracts its inputs over an index, as matmul, linear and bmm"),
+    AutocastRule("float32", ("cuda",), lambda d: d.forward.has(*FLOAT32_ON_CUDA),
+                 "it computes exp, log, softmax or a sum, which CUDA autocast runs in float32"),
+)
+
+
+@dataclass(frozen=True)
+class Autocast:
+    device: str
+    policy: str
+    why: str
+
+
+def autocast_policies(derivation: Derivation) -> tuple[Autocast, ...]:
+    """How autocast casts the op's floating inputs on each device type."""
+    policies = []
+    for device in DEVICE_TYPES:
+        rule = next((r for r in AUTOCAST_RULES if device in r.devices and r.applies(derivation)), None)
+        policies.append(Autocast(device, rule.policy, rule.why) if rule else
+                        Autocast(device, "promote", "elementwise ops keep their inputs' dtype"))
+    return tuple(policies)
