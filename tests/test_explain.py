@@ -7,20 +7,21 @@ change, regenerate them by hand and review the diff:
     python -m derive explain linear --format markdown > tests/snapshots/explain_linear.md
 """
 
+import functools
 import re
 
 import pytest
 import torch
 
 from derive import naming
-from derive.build import build_op, render_catalog
+from derive.build import build_op
 from derive.cli import main
 from derive.explain import DERIVATIONS_FILE, explain_op, parse_shapes, render_explanation
 from derive.files import MARKER, is_generated
 from derive.printing import render_expr, size_bindings
 from derive.testing import make_inputs, sizes_for
 
-from conftest import CATALOG, GENERATED, OPS, ROOT
+from conftest import CATALOG, GENERATED, OPS, ROOT, rendered
 
 SNAPSHOTS = ROOT / "tests" / "snapshots"
 
@@ -129,10 +130,16 @@ def test_explain_one_input_with_markdown_math(capsys):
     assert "$$\n\\mathrm{grad}_{w}[k, m] = \\sum_{n} \\mathrm{grad}_{y}[n, m] \\cdot x[n, k]\n$$" in out
 
 
+@functools.cache
+def explained(op_name):
+    """explain_op of a catalog op, derived once for all three formats."""
+    return explain_op(CATALOG.op(op_name))
+
+
 @pytest.mark.parametrize("op_name", OPS)
 @pytest.mark.parametrize("format", ["text", "markdown", "latex"])
 def test_every_op_explains_in_every_format(op_name, format):
-    text = render_explanation(explain_op(CATALOG.op(op_name)), format)
+    text = render_explanation(explained(op_name), format)
     assert text.endswith("\n") and not re.search(r"[ \t]+\n", text), "no trailing whitespace"
     if format == "latex":
         assert text.count("\\begin{") == text.count("\\end{")
@@ -161,7 +168,7 @@ def test_explain_errors_are_one_line(capsys, args, message):
 
 
 def test_derivations_document_is_generated_and_checked():
-    files = render_catalog(CATALOG)
+    files = rendered(CATALOG)
     document = files[DERIVATIONS_FILE]
     first = document.splitlines()[0]
     assert first.startswith("<!--") and MARKER in first and first.endswith("-->")
@@ -171,5 +178,5 @@ def test_derivations_document_is_generated_and_checked():
         assert f"\n## {op.name}\n" in document
     assert "$$\n\\mathrm{grad}_{x}[n, k] = \\sum_{m} \\mathrm{grad}_{y}[n, m] \\cdot w[k, m]\n$$" in document
     assert "sum(dim=-1)  [ size_n ][ size_k ] --sum---" in document
-    assert DERIVATIONS_FILE not in render_catalog(CATALOG, styles=("broadcast",))
+    assert DERIVATIONS_FILE not in rendered(CATALOG, styles=("broadcast",))
     assert f"(generated/{DERIVATIONS_FILE})" in (ROOT / "README.md").read_text()
