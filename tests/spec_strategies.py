@@ -63,6 +63,10 @@ RECOGNIZED = {
     # (derive generate reports an internal error). Found with a where() between two inputs of the same
     # shape inside a softplus, times a product summed over the gathered index.
     "method_of_a_number",
+    # a valid spec with batch dims refused: "batch dims '...' must lead: cannot permute ('j', '...', ...)":
+    # y[..., n, j, k] = Max(0, where(p[..., j, k, n] >= 0, q[..., j, n, k] - r[..., n, k, j],
+    #                                 sum(erf(s[..., m, j, k]) * u[..., k] * tanh(w[m, n]), m)))
+    "batch_dims_must_lead",
     # derive hangs: functions.renamed_match tries every permutation of a candidate's indices, which
     # explodes on a fuzzed spec with several nested sums over four indices (stopped after 8 minutes).
     "exponential_renaming",

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, seed, settings
 
 from derive import naming
 from derive.build import STYLE_DIRS, build_op, spec_errors
@@ -114,6 +114,7 @@ def unexpanded_gradient(source: str, error: Exception) -> bool:
 KNOWN_REFUSALS = {"exponential_renaming": r"(?!)",   # a hang, not a refusal: see generate()
                   "method_of_a_number": r"SyntaxError: invalid decimal literal",   # the most specific first
                   "cannot_line_up_dims": r"cannot line up dims",
+                  "batch_dims_must_lead": r"batch dims '...' must lead: cannot permute",
                   "internal_error": r"internal error while generating"}
 SIGNATURES = {"precedence": lambda source, error: unparenthesized_matmul(source),
               "integer_one_hot_in_contraction": integer_one_hot_in_contraction,
@@ -278,10 +279,12 @@ def check(case, op, module, style: str) -> None:
 
 # Shrinking a failure runs SymPy on many variants; DERIVE_FUZZ_SHRINK=1 asks for it (CI prints the spec as found).
 PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("DERIVE_FUZZ_SHRINK") else [])
-FUZZ = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None, print_blob=False,
+FUZZ = settings(max_examples=EXAMPLES, database=None, deadline=None, print_blob=False,
                 phases=PHASES, suppress_health_check=list(HealthCheck))
+SEED = int(os.environ.get("DERIVE_FUZZ_SEED", "42"))   # fixed; unlike derandomize=True, independent of this source
 
 
+@seed(SEED)
 @FUZZ
 @given(fuzz_cases(known_bugs=EXCLUDED, place_kinks=place_kinks))
 def fuzz_one(case):
@@ -335,8 +338,8 @@ def test_generated_gradients_equal_autograd_on_random_specs():
             examples = "".join(f"\nfirst spec showing {bug}:\n{toml}" for bug, toml in sorted(EXAMPLES_FOUND.items()))
             Path(os.environ["DERIVE_FUZZ_REPORT"]).write_text(text + "\n" + examples)
     # the slice reaches the code and the language: most specs run, and every family of feature comes up
-    checked = REPORT["outcomes"]["specs checked"]
-    assert checked >= 0.6 * REPORT["outcomes"]["specs generated"], summary()
+    reached = REPORT["outcomes"]["specs checked"] + sum(REPORT["known bugs found"].values())
+    assert reached >= 0.7 * REPORT["outcomes"]["specs generated"], summary()
     covered = set(REPORT["features"])
     for family in ("contraction", "function", "sum", "gather", "size 0", "size 1",
                    "equal sizes for different indices"):
