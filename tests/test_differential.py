@@ -293,7 +293,8 @@ def fuzz_one(case):
         event(feature)
         REPORT["features"][feature] += 1
     for placement in case.placements:
-        REPORT["placements"][placement.split(":")[0].split(" in ")[0].split(" between")[0]] += 1
+        kind = next(k for k in ("kink", "zeros", "ties", "rounded", "range boundary", "") if k in placement)
+        REPORT["placements"][{"rounded": "integer values (ties)", "": "other"}.get(kind, kind)] += 1
     built = generate(case)
     if isinstance(built, str):
         if built.startswith("known bug: "):
