@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import ast
 import collections
+import contextlib
 import itertools
 import os
 import re
+import signal
 import tempfile
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, seed, settings
 
 from derive import naming
 from derive.build import STYLE_DIRS, build_op, spec_errors
@@ -60,6 +63,7 @@ ALLOWED_REFUSALS = {
 REPORT: dict[str, collections.Counter] = {"outcomes": collections.Counter(), "features": collections.Counter(),
                                           "placements": collections.Counter(), "refusals": collections.Counter(),
                                           "known bugs found": collections.Counter()}
+EXAMPLES_FOUND: dict[str, str] = {}     # known bug class -> the first spec that showed it
 _WORK = Path(tempfile.mkdtemp(prefix="derive_fuzz_"))
 _COUNTER = itertools.count()
 
@@ -107,8 +111,11 @@ def unexpanded_gradient(source: str, error: Exception) -> bool:
 
 
 # Known bugs that show as a refusal of a valid spec (see generate()), and those that show in the code.
-KNOWN_REFUSALS = {"internal_error": r"internal error while generating",
-                  "cannot_line_up_dims": r"cannot line up dims"}
+KNOWN_REFUSALS = {"exponential_renaming": r"(?!)",   # a hang, not a refusal: see generate()
+                  "method_of_a_number": r"SyntaxError: invalid decimal literal",   # the most specific first
+                  "cannot_line_up_dims": r"cannot line up dims",
+                  "batch_dims_must_lead": r"batch dims '...' must lead: cannot permute",
+                  "internal_error": r"internal error while generating"}
 SIGNATURES = {"precedence": lambda source, error: unparenthesized_matmul(source),
               "integer_one_hot_in_contraction": integer_one_hot_in_contraction,
               "float_param_in_torch_call": float_param_in_torch_call,
@@ -135,8 +142,39 @@ def place_kinks(toml: str, inputs, generator):
     return placed, [f"kink: {p}" for p in placements]
 
 
+class Hang(Exception):
+    """derive took longer than HANG_SECONDS on one spec (its README promises that nothing hangs)."""
+
+
+HANG_SECONDS = 120     # a spec takes a few seconds at most, even on a busy machine
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    def expire(signum, frame):
+        raise Hang(f"derive took more than {seconds} s:\n" + "".join(traceback.format_stack(frame, limit=8)))
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def generate(case):
     """(op, {style: module}), or the refusal's name when derive refuses the spec for an allowed reason."""
+    try:
+        with time_limit(HANG_SECONDS):
+            return _generate(case)
+    except Hang as error:
+        if "exponential_renaming" in EXCLUDED and "renamed_match" in str(error):
+            return "known bug: exponential_renaming"
+        raise AssertionError(f"{error}\n{case.toml}") from None
+
+
+def _generate(case):
     number = next(_COUNTER)
     try:
         catalog = parse_catalog(case.toml, "fuzz.toml")
@@ -144,6 +182,8 @@ def generate(case):
         with spec_errors(built.op):   # the modules alone: the explain record is not needed here
             texts = {style: render_module(built.derivation, built.lowered[style], "fuzz.toml", "derive generate",
                                           f"fuzz_{os.getpid()}_{number}") for style in STYLES}
+            for style, text in texts.items():   # as render_catalog does: a module that does not compile
+                compile(text, f"{style}.py", "exec")
     except SpecError as error:
         message = str(error)
         assert message.startswith("fuzz.toml") and "\n" not in message, message
@@ -239,10 +279,12 @@ def check(case, op, module, style: str) -> None:
 
 # Shrinking a failure runs SymPy on many variants; DERIVE_FUZZ_SHRINK=1 asks for it (CI prints the spec as found).
 PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("DERIVE_FUZZ_SHRINK") else [])
-FUZZ = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None, print_blob=False,
+FUZZ = settings(max_examples=EXAMPLES, database=None, deadline=None, print_blob=False,
                 phases=PHASES, suppress_health_check=list(HealthCheck))
+SEED = int(os.environ.get("DERIVE_FUZZ_SEED", "42"))   # fixed; unlike derandomize=True, independent of this source
 
 
+@seed(SEED)
 @FUZZ
 @given(fuzz_cases(known_bugs=EXCLUDED, place_kinks=place_kinks))
 def fuzz_one(case):
@@ -251,11 +293,13 @@ def fuzz_one(case):
         event(feature)
         REPORT["features"][feature] += 1
     for placement in case.placements:
-        REPORT["placements"][placement.split(":")[0].split(" in ")[0].split(" between")[0]] += 1
+        kind = next(k for k in ("kink", "zeros", "ties", "rounded", "range boundary", "") if k in placement)
+        REPORT["placements"][{"rounded": "integer values (ties)", "": "other"}.get(kind, kind)] += 1
     built = generate(case)
     if isinstance(built, str):
         if built.startswith("known bug: "):
             REPORT["known bugs found"][built.removeprefix("known bug: ")] += 1
+            EXAMPLES_FOUND.setdefault(built.removeprefix("known bug: "), case.toml)
         else:
             REPORT["refusals"][built] += 1
         event(f"refused: {built}")
@@ -269,6 +313,7 @@ def fuzz_one(case):
         if bug is None:
             raise
         REPORT["known bugs found"][bug] += 1
+        EXAMPLES_FOUND.setdefault(bug, case.toml)
         event(f"known bug: {bug}")
         return
     REPORT["outcomes"]["specs checked"] += 1
@@ -291,10 +336,11 @@ def test_generated_gradients_equal_autograd_on_random_specs():
         text = summary()
         print(text)
         if os.environ.get("DERIVE_FUZZ_REPORT"):
-            Path(os.environ["DERIVE_FUZZ_REPORT"]).write_text(text + "\n")
+            examples = "".join(f"\nfirst spec showing {bug}:\n{toml}" for bug, toml in sorted(EXAMPLES_FOUND.items()))
+            Path(os.environ["DERIVE_FUZZ_REPORT"]).write_text(text + "\n" + examples)
     # the slice reaches the code and the language: most specs run, and every family of feature comes up
-    checked = REPORT["outcomes"]["specs checked"]
-    assert checked >= 0.6 * REPORT["outcomes"]["specs generated"], summary()
+    reached = REPORT["outcomes"]["specs checked"] + sum(REPORT["known bugs found"].values())
+    assert reached >= 0.7 * REPORT["outcomes"]["specs generated"], summary()
     covered = set(REPORT["features"])
     for family in ("contraction", "function", "sum", "gather", "size 0", "size 1",
                    "equal sizes for different indices"):
