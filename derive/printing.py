@@ -303,6 +303,12 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             # torch.where takes a tensor condition: one on params (a power's a == 0) is a Python bool
             otherwise = rest[0].expr if len(rest) == 1 and rest[0].cond == sympy.true else sympy.Piecewise(*rest)
             return f"({self._print(first)} if {self._print(condition)} else {self._print(otherwise)})"
+        if all(is_python_number(value) for value, _ in expr.args):
+            # torch.where of two Python numbers is in torch's default dtype: one branch takes the dtype
+            # (and device) of a tensor the condition reads
+            like = sorted(a.base.label.name for a in condition.atoms(sympy.Indexed))[0]
+            rest = sympy.Piecewise(*expr.args[1:]) if len(expr.args) > 2 else expr.args[1].expr
+            return f"torch.where({self._print(condition)}, {like}.new_tensor({self._print(first)}), {self._print(rest)})"
         return super()._print_Piecewise(expr)
 
     def _print_And(self, expr, operator: str = "&"):

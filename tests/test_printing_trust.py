@@ -234,6 +234,8 @@ SCALAR_ARGUMENTS = [
     ("trig_of_params", "y[i] = x[i] * sin(lo) * cos(hi) + erf(lo) * sqrt(hi)",
      "x * torch.sin(torch.tensor(lo, dtype=torch.float64)) * torch.cos(torch.tensor(hi, dtype=torch.float64))"
      " + torch.erf(torch.tensor(lo, dtype=torch.float64)) * hi**0.5"),
+    ("where_of_params", "y[i] = where(x[i] > 0, hi * 1000 / 7, lo) + x[i]",
+     "torch.where(torch.gt(x, 0), torch.tensor(hi * 1000 / 7, dtype=x.dtype), lo) + x"),
     ("loss_scaled_by_a_function_of_params", "loss = exp(lo) * sum(x[i] * z[i], i)",
      "torch.exp(torch.tensor(lo, dtype=x.dtype)) * (x * z).sum()"),
 ]
