@@ -330,7 +330,10 @@ def _merge_elementwise(terms: list[Node]) -> list[Node]:
     call functions are left as they are: factoring around a call rarely saves one and reads worse."""
     def elementwise(node):
         source = node.source if isinstance(node, Scaled) else node
-        return isinstance(source, Leaf) and source.indices and not source.expr.atoms(sympy.Function)
+        # (a coefficient such as exp(700) / 1e300 is left alone: factored, it splits into numbers
+        # that overflow a float apart)
+        rational = not isinstance(node, Scaled) or node.coefficient.is_Rational
+        return isinstance(source, Leaf) and source.indices and not source.expr.atoms(sympy.Function) and rational
 
     mergeable = [t for t in terms if elementwise(t)]
     if len(mergeable) < 2 or len({frozenset(t.indices) for t in mergeable}) > 1:

@@ -7,6 +7,7 @@ printer; the only strings built here are the tensor-method calls (`unsqueeze`,
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -302,7 +303,22 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             # torch.where takes a tensor condition: one on params (a power's a == 0) is a Python bool
             otherwise = rest[0].expr if len(rest) == 1 and rest[0].cond == sympy.true else sympy.Piecewise(*rest)
             return f"({self._print(first)} if {self._print(condition)} else {self._print(otherwise)})"
+        if all(is_python_number(value) for value, _ in expr.args):
+            # torch.where of two Python numbers is in torch's default dtype: one branch takes the dtype
+            # (and device) of a tensor the condition reads
+            like = sorted(a.base.label.name for a in condition.atoms(sympy.Indexed))[0]
+            rest = sympy.Piecewise(*expr.args[1:]) if len(expr.args) > 2 else expr.args[1].expr
+            return f"torch.where({self._print(condition)}, {like}.new_tensor({self._print(first)}), {self._print(rest)})"
         return super()._print_Piecewise(expr)
+
+    def _print_And(self, expr, operator: str = "&"):
+        """torch.logical_and takes tensors; a Python bool (a condition on params) meets a tensor as `&`."""
+        if not any(is_python_number(a) for a in expr.args):
+            return super()._print_And(expr) if operator == "&" else super()._print_Or(expr)
+        return f" {operator} ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Or(self, expr):
+        return self._print_And(expr, "|")
 
     def _print_Relational(self, expr):
         left = self.parenthesize(expr.lhs, PRECEDENCE["Relational"] + 1)
@@ -349,7 +365,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             # only a number to apply: `x / 2` scales once too, and reads better than `1 / 2 * x`
             groups[(True, True)] = [sympy.fraction(number)[1]] + groups[(True, True)]
             number = sympy.S.One
-        if number.is_Rational:
+        if number.is_Rational and exact_fraction(number):
             top, bottom = sympy.fraction(number)
             top_text = self._print(top)
         else:   # sqrt(2) / 2 and the like: one float
@@ -378,9 +394,15 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     def _is_tensor(self, expr) -> bool:
         return bool(expr.atoms(sympy.Indexed)) or bool(expr.free_symbols & self.tensors)
 
+    def _print_Rational(self, expr):
+        return super()._print_Rational(expr) if exact_fraction(expr) else self._print_irrational(expr)
+
     def _print_irrational(self, expr):
         """An exact number such as sqrt(2) or pi, as a Python float literal."""
-        return repr(float(sympy.N(expr, 20)))
+        value = float(sympy.N(expr, 20))
+        if not math.isfinite(value):
+            raise ValueError(f"the constant {sympy.N(expr, 3)} overflows float64")
+        return repr(value)
 
     _print_NumberSymbol = _print_irrational
 
@@ -438,6 +460,11 @@ def one_hot_value(expr: sympy.Expr, like: sympy.Indexed):
 
 FUSED_KERNELS = {softmax_backward: "torch._softmax_backward_data",
                  log_softmax_backward: "torch._log_softmax_backward_data"}
+
+
+def exact_fraction(number: sympy.Rational) -> bool:
+    """Whether a rational prints as int / int: both fit a float (5e-324 is 1 / 2**1074: a float literal)."""
+    return max(abs(number.p), number.q) < 2 ** 1023
 
 
 def uses_math(code: str) -> bool:

@@ -59,12 +59,10 @@ COMPARISONS = {ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: s
 
 
 def _not_float64(value: sympy.Expr) -> sympy.Expr | None:
-    """The first constant in `value` that generated code could not hold as a finite float (it prints a
-    constant as a float literal, a rational as integer / integer), or None."""
+    """The first constant in `value` that generated code could not hold as a finite float, or None."""
     if value.is_number:
-        parts = sympy.fraction(value) if value.is_Rational else (value,)
         try:
-            return None if all(math.isfinite(float(sympy.N(part, 20))) for part in parts) else value
+            return None if math.isfinite(float(sympy.N(value, 20))) else value
         except (OverflowError, TypeError):    # an int too large for a float; a complex number
             return value
     return next((found for arg in value.args if isinstance(arg, sympy.Expr)
@@ -517,7 +515,7 @@ class _EquationParser:
         constant = _not_float64(value)
         if constant is not None:
             raise self.error(f"constant {_short(constant)} in {ast.unparse(node)[:40]} is not a finite float64 "
-                             f"(generated code holds a constant as a float, a fraction as int / int)", node)
+                             f"(generated code computes in floats)", node)
         return value, free
 
     def _node(self, node) -> tuple[sympy.Expr, set[str]]:
