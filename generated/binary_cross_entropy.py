@@ -43,6 +43,32 @@ def binary_cross_entropy_backward(grad_loss, pred, target, *, needs_input_grad=(
     return (grad_pred, grad_target)
 
 
+def binary_cross_entropy_jvp(pred, target, tangent_pred, tangent_target):
+    """Tangent of binary_cross_entropy's result for the tangents tangent_pred, tangent_target of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_loss[...] = sum over X of sum over X's indices d of d loss[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of binary_cross_entropy_backward and their Kronecker deltas summed away.
+
+    share of tangent_pred:
+        tangent_loss += -sum((target[...] - 1)*tangent_pred[...]/(1 - pred[...]), ...)/size_batch - sum(tangent_pred[...]*target[...]/pred[...], ...)/size_batch
+
+    share of tangent_target:
+        tangent_loss += sum(log1p(-pred[...])*tangent_target[...], ...)/size_batch - sum(log(pred[...])*tangent_target[...], ...)/size_batch
+
+    A tangent that is None adds nothing.
+    """
+    size_batch = pred.numel() if pred.shape == target.shape else torch.broadcast_shapes(pred.shape, target.shape).numel()
+    shares = []
+    if tangent_pred is not None:
+        shares.append((-((target - 1) * tangent_pred / (1 - pred)).sum() - (tangent_pred * target / pred).sum()) / size_batch)
+    if tangent_target is not None:
+        shares.append(((torch.log1p(-pred) * tangent_target).sum() - (torch.log(pred) * tangent_target).sum()) / size_batch)
+    if not shares:
+        return pred.new_zeros(())
+    return sum(shares[1:], start=shares[0])
+
+
 class BinaryCrossEntropyFunction(torch.autograd.Function):
     """binary_cross_entropy as a torch.autograd.Function: the generated forward and backward.
 
@@ -60,11 +86,17 @@ class BinaryCrossEntropyFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         pred, target = inputs
         ctx.save_for_backward(pred, target)
+        ctx.save_for_forward(pred, target)
 
     @staticmethod
     def backward(ctx, grad_loss):
         pred, target = ctx.saved_tensors
         return binary_cross_entropy_backward(grad_loss, pred, target, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_pred, tangent_target):
+        pred, target = ctx.saved_tensors
+        return binary_cross_entropy_jvp(pred, target, tangent_pred, tangent_target)
 
 
 def binary_cross_entropy(pred, target):

@@ -43,6 +43,32 @@ def binary_cross_entropy_with_logits_backward(grad_loss, logits, target, *, need
     return (grad_logits, grad_target)
 
 
+def binary_cross_entropy_with_logits_jvp(logits, target, tangent_logits, tangent_target):
+    """Tangent of binary_cross_entropy_with_logits's result for the tangents tangent_logits, tangent_target of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_loss[...] = sum over X of sum over X's indices d of d loss[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of binary_cross_entropy_with_logits_backward and their Kronecker deltas summed away.
+
+    share of tangent_logits:
+        tangent_loss += sum(sigmoid(logits[...])*tangent_logits[...], ...)/size_batch - sum(tangent_logits[...]*target[...], ...)/size_batch
+
+    share of tangent_target:
+        tangent_loss += -sum(logits[...]*tangent_target[...], ...)/size_batch
+
+    A tangent that is None adds nothing.
+    """
+    size_batch = logits.numel() if logits.shape == target.shape else torch.broadcast_shapes(logits.shape, target.shape).numel()
+    shares = []
+    if tangent_logits is not None:
+        shares.append(((torch.sigmoid(logits) * tangent_logits).sum() - (tangent_logits * target).sum()) / size_batch)
+    if tangent_target is not None:
+        shares.append(-(logits * tangent_target).mean())
+    if not shares:
+        return logits.new_zeros(())
+    return sum(shares[1:], start=shares[0])
+
+
 class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
     """binary_cross_entropy_with_logits as a torch.autograd.Function: the generated forward and backward.
 
@@ -60,11 +86,17 @@ class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         logits, target = inputs
         ctx.save_for_backward(logits, target)
+        ctx.save_for_forward(logits, target)
 
     @staticmethod
     def backward(ctx, grad_loss):
         logits, target = ctx.saved_tensors
         return binary_cross_entropy_with_logits_backward(grad_loss, logits, target, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_logits, tangent_target):
+        logits, target = ctx.saved_tensors
+        return binary_cross_entropy_with_logits_jvp(logits, target, tangent_logits, tangent_target)
 
 
 def binary_cross_entropy_with_logits(logits, target):

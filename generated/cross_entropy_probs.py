@@ -51,6 +51,32 @@ def cross_entropy_probs_backward(grad_loss, logits, target, saved_log_softmax, *
     return (grad_logits, grad_target)
 
 
+def cross_entropy_probs_jvp(logits, target, tangent_logits, tangent_target):
+    """Tangent of cross_entropy_probs's result for the tangents tangent_logits, tangent_target of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_loss[...] = sum over X of sum over X's indices d of d loss[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of cross_entropy_probs_backward and their Kronecker deltas summed away.
+
+    share of tangent_logits:
+        tangent_loss += sum(softmax(logits[n, c_1], c_1)*tangent_logits[n, c_1]*target[n, c], n, c, c_1)/size_n - sum(tangent_logits[n, c]*target[n, c], n, c)/size_n
+
+    share of tangent_target:
+        tangent_loss += sum((logsumexp(logits[n, c], c) - logits[n, c])*tangent_target[n, c], n, c)/size_n
+
+    A tangent that is None adds nothing.
+    """
+    size_n = logits.shape[0]
+    shares = []
+    if tangent_logits is not None:
+        shares.append(((torch.softmax(logits, dim=-1) * tangent_logits).sum(-1) @ target.sum(-1) - (tangent_logits * target).sum()) / size_n)
+    if tangent_target is not None:
+        shares.append(-(torch.log_softmax(logits, dim=-1) * tangent_target).sum() / size_n)
+    if not shares:
+        return logits.new_zeros(())
+    return sum(shares[1:], start=shares[0])
+
+
 class CrossEntropyProbsFunction(torch.autograd.Function):
     """cross_entropy_probs as a torch.autograd.Function: the generated forward and backward.
 
@@ -71,6 +97,7 @@ class CrossEntropyProbsFunction(torch.autograd.Function):
         _, saved_log_softmax = output
         ctx.mark_non_differentiable(saved_log_softmax)
         ctx.save_for_backward(logits, target, saved_log_softmax)
+        ctx.save_for_forward(logits, target)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -80,6 +107,12 @@ class CrossEntropyProbsFunction(torch.autograd.Function):
             # the inputs, so that the graph sees how they depend on them
             _, saved_log_softmax = cross_entropy_probs_forward_saving(logits, target)
         return cross_entropy_probs_backward(grad_loss, logits, target, saved_log_softmax, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_logits, tangent_target):
+        logits, target = ctx.saved_tensors
+        tangent_loss = cross_entropy_probs_jvp(logits, target, tangent_logits, tangent_target)
+        return tangent_loss, None
 
 
 def cross_entropy_probs(logits, target):

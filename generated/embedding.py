@@ -35,6 +35,25 @@ def embedding_backward(grad_y, table, idx, *, needs_input_grad=(True, True)):
     return (grad_table, None)
 
 
+def embedding_jvp(table, idx, tangent_table):
+    """Tangent of embedding's result for the tangents tangent_table of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of embedding_backward and their Kronecker deltas summed away.
+
+    share of tangent_table:
+        tangent_y[n, d] += tangent_table[idx[n], d]
+
+    A tangent that is None adds nothing.
+    """
+    size_d = table.shape[1]
+    size_n = idx.shape[0]
+    if tangent_table is None:
+        return table.new_zeros((size_n, size_d))
+    return tangent_table[idx]
+
+
 class EmbeddingFunction(torch.autograd.Function):
     """embedding as a torch.autograd.Function: the generated forward and backward.
 
@@ -52,11 +71,17 @@ class EmbeddingFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         table, idx = inputs
         ctx.save_for_backward(table, idx)
+        ctx.save_for_forward(table, idx)
 
     @staticmethod
     def backward(ctx, grad_y):
         table, idx = ctx.saved_tensors
         return embedding_backward(grad_y, table, idx, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_table, tangent_idx):
+        table, idx = ctx.saved_tensors
+        return embedding_jvp(table, idx, tangent_table)
 
 
 def embedding(table, idx):

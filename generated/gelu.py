@@ -35,6 +35,23 @@ def gelu_backward(grad_y, x, *, needs_input_grad=(True,)):
     return (grad_x,)
 
 
+def gelu_jvp(x, tangent_x):
+    """Tangent of gelu's result for the tangents tangent_x of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of gelu_backward and their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[...] += (erf(sqrt(2)*x[...]/2)/2 + 1/2)*tangent_x[...] + sqrt(2)*exp(-x[...]**2/2)*tangent_x[...]*x[...]/(2*sqrt(pi))
+
+    A tangent that is None adds nothing.
+    """
+    if tangent_x is None:
+        return x.new_zeros((*x.shape,))
+    return (torch.erf(0.7071067811865476 * x) / 2 + 1/2) * tangent_x + 0.3989422804014327 * torch.exp(-x**2 / 2) * tangent_x * x
+
+
 class GeluFunction(torch.autograd.Function):
     """gelu as a torch.autograd.Function: the generated forward and backward.
 
@@ -52,11 +69,17 @@ class GeluFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         (x,) = inputs
         ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
 
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
         return gelu_backward(grad_y, x, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_x):
+        (x,) = ctx.saved_tensors
+        return gelu_jvp(x, tangent_x)
 
 
 def gelu(x):

@@ -36,6 +36,24 @@ def leaky_relu_backward(grad_y, x, slope=0.01, *, needs_input_grad=(True,)):
     return (grad_x,)
 
 
+def leaky_relu_jvp(x, tangent_x, slope=0.01):
+    """Tangent of leaky_relu's result for the tangents tangent_x of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of leaky_relu_backward and their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[...] += Piecewise((1, x[...] > 0), (slope, True))*tangent_x[...]
+
+    A tangent that is None adds nothing.
+    """
+    if tangent_x is None:
+        return x.new_zeros((*x.shape,))
+    # leaky_relu_backward(g, x, s, False) = where(x > 0, g, s * g)
+    return torch.ops.aten.leaky_relu_backward(tangent_x, x, slope, False)
+
+
 class LeakyReluFunction(torch.autograd.Function):
     """leaky_relu as a torch.autograd.Function: the generated forward and backward.
 
@@ -54,6 +72,7 @@ class LeakyReluFunction(torch.autograd.Function):
         x, slope = inputs
         ctx.save_for_backward(x)
         ctx.slope = slope
+        ctx.save_for_forward(x)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -61,6 +80,11 @@ class LeakyReluFunction(torch.autograd.Function):
         gradients = leaky_relu_backward(grad_y, x, ctx.slope,
                                        needs_input_grad=ctx.needs_input_grad[:1])
         return gradients + (None,)
+
+    @staticmethod
+    def jvp(ctx, tangent_x, *_):
+        (x,) = ctx.saved_tensors
+        return leaky_relu_jvp(x, tangent_x, ctx.slope)
 
 
 def leaky_relu(x, slope=0.01):

@@ -43,6 +43,32 @@ def mse_sum_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
     return (grad_pred, grad_target)
 
 
+def mse_sum_jvp(pred, target, tangent_pred, tangent_target):
+    """Tangent of mse_sum's result for the tangents tangent_pred, tangent_target of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_loss[...] = sum over X of sum over X's indices d of d loss[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of mse_sum_backward and their Kronecker deltas summed away.
+
+    share of tangent_pred:
+        tangent_loss += 2*sum((pred[...] - target[...])*tangent_pred[...], ...)
+
+    share of tangent_target:
+        tangent_loss += -2*sum((pred[...] - target[...])*tangent_target[...], ...)
+
+    A tangent that is None adds nothing.
+    """
+    shared_0 = pred - target
+    shares = []
+    if tangent_pred is not None:
+        shares.append(2 * (shared_0 * tangent_pred).sum())
+    if tangent_target is not None:
+        shares.append(-2 * (shared_0 * tangent_target).sum())
+    if not shares:
+        return pred.new_zeros(())
+    return sum(shares[1:], start=shares[0])
+
+
 class MseSumFunction(torch.autograd.Function):
     """mse_sum as a torch.autograd.Function: the generated forward and backward.
 
@@ -60,11 +86,17 @@ class MseSumFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         pred, target = inputs
         ctx.save_for_backward(pred, target)
+        ctx.save_for_forward(pred, target)
 
     @staticmethod
     def backward(ctx, grad_loss):
         pred, target = ctx.saved_tensors
         return mse_sum_backward(grad_loss, pred, target, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_pred, tangent_target):
+        pred, target = ctx.saved_tensors
+        return mse_sum_jvp(pred, target, tangent_pred, tangent_target)
 
 
 def mse_sum(pred, target):

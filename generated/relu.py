@@ -36,6 +36,24 @@ def relu_backward(grad_y, x, *, needs_input_grad=(True,)):
     return (grad_x,)
 
 
+def relu_jvp(x, tangent_x):
+    """Tangent of relu's result for the tangents tangent_x of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of relu_backward and their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[...] += Heaviside(x[...], 0)*tangent_x[...]
+
+    A tangent that is None adds nothing.
+    """
+    if tangent_x is None:
+        return x.new_zeros((*x.shape,))
+    # threshold_backward(g, x, 0) = where(x <= 0, 0, g)
+    return torch.ops.aten.threshold_backward(tangent_x, x, 0)
+
+
 class ReluFunction(torch.autograd.Function):
     """relu as a torch.autograd.Function: the generated forward and backward.
 
@@ -53,11 +71,17 @@ class ReluFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         (x,) = inputs
         ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
 
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
         return relu_backward(grad_y, x, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_x):
+        (x,) = ctx.saved_tensors
+        return relu_jvp(x, tangent_x)
 
 
 def relu(x):

@@ -37,6 +37,25 @@ def silu_backward(grad_y, x, *, needs_input_grad=(True,)):
     return (grad_x,)
 
 
+def silu_jvp(x, tangent_x):
+    """Tangent of silu's result for the tangents tangent_x of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of silu_backward and their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[...] += (1 - sigmoid(x[...]))*sigmoid(x[...])*tangent_x[...]*x[...] + sigmoid(x[...])*tangent_x[...]
+
+    A tangent that is None adds nothing.
+    """
+    if tangent_x is None:
+        return x.new_zeros((*x.shape,))
+    shared_0 = torch.sigmoid(x)
+    shared_1 = shared_0 * tangent_x
+    return shared_1 + (1 - shared_0) * shared_1 * x
+
+
 class SiluFunction(torch.autograd.Function):
     """silu as a torch.autograd.Function: the generated forward and backward.
 
@@ -54,11 +73,17 @@ class SiluFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         (x,) = inputs
         ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
 
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
         return silu_backward(grad_y, x, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_x):
+        (x,) = ctx.saved_tensors
+        return silu_jvp(x, tangent_x)
 
 
 def silu(x):

@@ -37,6 +37,25 @@ def softmax_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     return (grad_x,)
 
 
+def softmax_jvp(x, y, tangent_x):
+    """Tangent of softmax's result for the tangents tangent_x of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of softmax_backward and their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[..., c] += tangent_x[..., c]*y[..., c] - sum(tangent_x[..., c_s]*y[..., c]*y[..., c_s], c_s)
+
+    y is the forward's result, which the tangent reuses.
+    A tangent that is None adds nothing.
+    """
+    if tangent_x is None:
+        return torch.zeros_like(y)
+    # _softmax_backward_data(g, y, dim) = y * (g - sum(g * y, dim))
+    return torch._softmax_backward_data(tangent_x, y, -1, y.dtype)
+
+
 class SoftmaxFunction(torch.autograd.Function):
     """softmax as a torch.autograd.Function: the generated forward and backward.
 
@@ -54,11 +73,17 @@ class SoftmaxFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         (_,) = inputs
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
         return softmax_backward(grad_y, None, y, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_x):
+        (y,) = ctx.saved_tensors
+        return softmax_jvp(None, y, tangent_x)
 
 
 def softmax(x):

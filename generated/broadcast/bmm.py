@@ -41,6 +41,34 @@ def bmm_backward(grad_c, a, b, *, needs_input_grad=(True, True)):
     return (grad_a, grad_b)
 
 
+def bmm_jvp(a, b, tangent_a, tangent_b):
+    """Tangent of bmm's result for the tangents tangent_a, tangent_b of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_c[...] = sum over X of sum over X's indices d of d c[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of bmm_backward and their Kronecker deltas summed away.
+
+    share of tangent_a:
+        tangent_c[s, i, j] += sum(b[s, k, j]*tangent_a[s, i, k], k)
+
+    share of tangent_b:
+        tangent_c[s, i, j] += sum(a[s, i, k]*tangent_b[s, k, j], k)
+
+    A tangent that is None adds nothing.
+    """
+    size_i = a.shape[1]
+    size_j = b.shape[2]
+    size_s = a.shape[0]
+    shares = []
+    if tangent_a is not None:
+        shares.append((tangent_a.unsqueeze(-1) * b.unsqueeze(1)).sum(dim=2))
+    if tangent_b is not None:
+        shares.append((a.unsqueeze(-1) * tangent_b.unsqueeze(1)).sum(dim=2))
+    if not shares:
+        return a.new_zeros((size_s, size_i, size_j))
+    return sum(shares[1:], start=shares[0])
+
+
 class BmmFunction(torch.autograd.Function):
     """bmm as a torch.autograd.Function: the generated forward and backward.
 
@@ -58,11 +86,17 @@ class BmmFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         a, b = inputs
         ctx.save_for_backward(a, b)
+        ctx.save_for_forward(a, b)
 
     @staticmethod
     def backward(ctx, grad_c):
         a, b = ctx.saved_tensors
         return bmm_backward(grad_c, a, b, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_a, tangent_b):
+        a, b = ctx.saved_tensors
+        return bmm_jvp(a, b, tangent_a, tangent_b)
 
 
 def bmm(a, b):

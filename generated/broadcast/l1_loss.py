@@ -44,6 +44,32 @@ def l1_loss_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
     return (grad_pred, grad_target)
 
 
+def l1_loss_jvp(pred, target, tangent_pred, tangent_target):
+    """Tangent of l1_loss's result for the tangents tangent_pred, tangent_target of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_loss[...] = sum over X of sum over X's indices d of d loss[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of l1_loss_backward and their Kronecker deltas summed away.
+
+    share of tangent_pred:
+        tangent_loss += sum(sign(pred[...] - target[...])*tangent_pred[...], ...)/size_batch
+
+    share of tangent_target:
+        tangent_loss += -sum(sign(pred[...] - target[...])*tangent_target[...], ...)/size_batch
+
+    A tangent that is None adds nothing.
+    """
+    shared_0 = torch.sign(pred - target)
+    shares = []
+    if tangent_pred is not None:
+        shares.append((shared_0 * tangent_pred).mean())
+    if tangent_target is not None:
+        shares.append(-(shared_0 * tangent_target).mean())
+    if not shares:
+        return pred.new_zeros(())
+    return sum(shares[1:], start=shares[0])
+
+
 class L1LossFunction(torch.autograd.Function):
     """l1_loss as a torch.autograd.Function: the generated forward and backward.
 
@@ -61,11 +87,17 @@ class L1LossFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         pred, target = inputs
         ctx.save_for_backward(pred, target)
+        ctx.save_for_forward(pred, target)
 
     @staticmethod
     def backward(ctx, grad_loss):
         pred, target = ctx.saved_tensors
         return l1_loss_backward(grad_loss, pred, target, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_pred, tangent_target):
+        pred, target = ctx.saved_tensors
+        return l1_loss_jvp(pred, target, tangent_pred, tangent_target)
 
 
 def l1_loss(pred, target):

@@ -55,6 +55,41 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
     return (grad_x, grad_w, grad_b)
 
 
+def layer_norm_jvp(x, w, b, tangent_x, tangent_w, tangent_b, eps=1e-05):
+    """Tangent of layer_norm's result for the tangents tangent_x, tangent_w, tangent_b of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of layer_norm_backward and their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[..., d] += tangent_x[..., d]*w[d]/sqrt(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d) - sum(tangent_x[..., d_1]*w[d]/sqrt(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d), d_1)/size_d - sum((x[..., d] - sum(x[..., d], d)/size_d)*(x[..., d_1] - sum(x[..., d_1], d_1)/size_d)*tangent_x[..., d_1]*w[d]/(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d)**(3/2), d_1)/size_d
+
+    share of tangent_w:
+        tangent_y[..., d] += (x[..., d] - sum(x[..., d], d)/size_d)*tangent_w[d]/sqrt(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d)
+
+    share of tangent_b:
+        tangent_y[..., d] += tangent_b[d]
+
+    A tangent that is None adds nothing.
+    """
+    size_d = x.shape[-1]
+    shared_0 = -x.sum(-1) / size_d
+    shared_1 = shared_0.unsqueeze(-1) + x
+    shared_2 = eps + (shared_1**2).sum(-1) / size_d
+    shared_3 = torch.rsqrt(shared_2)
+    shares = []
+    if tangent_x is not None:
+        shares.append(shared_3.unsqueeze(-1) * tangent_x * w - (shared_3.unsqueeze(-1).unsqueeze(-2) * tangent_x.unsqueeze(-2) * w.unsqueeze(-1)).mean(dim=-1) - ((shared_2**(-3/2)).unsqueeze(-1).unsqueeze(-2) * shared_1.unsqueeze(-1) * shared_1.unsqueeze(-2) * tangent_x.unsqueeze(-2) * w.unsqueeze(-1)).mean(dim=-1))
+    if tangent_w is not None:
+        shares.append(shared_3.unsqueeze(-1) * shared_1 * tangent_w)
+    if tangent_b is not None:
+        shares.append(tangent_b)
+    if not shares:
+        return x.new_zeros((*x.shape[:-1], size_d))
+    return sum(shares[1:], start=shares[0]).expand((*x.shape[:-1], size_d))
+
+
 class LayerNormFunction(torch.autograd.Function):
     """layer_norm as a torch.autograd.Function: the generated forward and backward.
 
@@ -73,6 +108,7 @@ class LayerNormFunction(torch.autograd.Function):
         x, w, _, eps = inputs
         ctx.save_for_backward(x, w)
         ctx.eps = eps
+        ctx.save_for_forward(x, w)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -80,6 +116,11 @@ class LayerNormFunction(torch.autograd.Function):
         gradients = layer_norm_backward(grad_y, x, w, None, ctx.eps,
                                        needs_input_grad=ctx.needs_input_grad[:3])
         return gradients + (None,)
+
+    @staticmethod
+    def jvp(ctx, tangent_x, tangent_w, tangent_b, *_):
+        x, w = ctx.saved_tensors
+        return layer_norm_jvp(x, w, None, tangent_x, tangent_w, tangent_b, ctx.eps)
 
 
 def layer_norm(x, w, b, eps=1e-05):

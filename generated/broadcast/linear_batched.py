@@ -49,6 +49,37 @@ def linear_batched_backward(grad_y, x, w, b, *, needs_input_grad=(True, True, Tr
     return (grad_x, grad_w, grad_b)
 
 
+def linear_batched_jvp(x, w, b, tangent_x, tangent_w, tangent_b):
+    """Tangent of linear_batched's result for the tangents tangent_x, tangent_w, tangent_b of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of linear_batched_backward and their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[..., m] += sum(tangent_x[..., k]*w[m, k], k)
+
+    share of tangent_w:
+        tangent_y[..., m] += sum(tangent_w[m, k]*x[..., k], k)
+
+    share of tangent_b:
+        tangent_y[..., m] += tangent_b[m]
+
+    A tangent that is None adds nothing.
+    """
+    size_m = w.shape[0]
+    shares = []
+    if tangent_x is not None:
+        shares.append((tangent_x.unsqueeze(-1) * w.T).sum(dim=-2))
+    if tangent_w is not None:
+        shares.append((x.unsqueeze(-1) * tangent_w.T).sum(dim=-2))
+    if tangent_b is not None:
+        shares.append(tangent_b)
+    if not shares:
+        return x.new_zeros((*x.shape[:-1], size_m))
+    return sum(shares[1:], start=shares[0]).expand((*x.shape[:-1], size_m))
+
+
 class LinearBatchedFunction(torch.autograd.Function):
     """linear_batched as a torch.autograd.Function: the generated forward and backward.
 
@@ -66,11 +97,17 @@ class LinearBatchedFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, w, _ = inputs
         ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, w = ctx.saved_tensors
         return linear_batched_backward(grad_y, x, w, None, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_x, tangent_w, tangent_b):
+        x, w = ctx.saved_tensors
+        return linear_batched_jvp(x, w, None, tangent_x, tangent_w, tangent_b)
 
 
 def linear_batched(x, w, b):

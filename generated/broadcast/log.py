@@ -35,6 +35,23 @@ def log_backward(grad_y, x, *, needs_input_grad=(True,)):
     return (grad_x,)
 
 
+def log_jvp(x, tangent_x):
+    """Tangent of log's result for the tangents tangent_x of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of log_backward and their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[...] += tangent_x[...]/x[...]
+
+    A tangent that is None adds nothing.
+    """
+    if tangent_x is None:
+        return x.new_zeros((*x.shape,))
+    return tangent_x * 1 / x
+
+
 class LogFunction(torch.autograd.Function):
     """log as a torch.autograd.Function: the generated forward and backward.
 
@@ -52,11 +69,17 @@ class LogFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         (x,) = inputs
         ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
 
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
         return log_backward(grad_y, x, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_x):
+        (x,) = ctx.saved_tensors
+        return log_jvp(x, tangent_x)
 
 
 def log(x):

@@ -35,6 +35,23 @@ def softplus_backward(grad_y, x, beta=1.0, *, needs_input_grad=(True,)):
     return (grad_x,)
 
 
+def softplus_jvp(x, tangent_x, beta=1.0):
+    """Tangent of softplus's result for the tangents tangent_x of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of softplus_backward and their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[...] += sigmoid(beta*x[...])*tangent_x[...]
+
+    A tangent that is None adds nothing.
+    """
+    if tangent_x is None:
+        return x.new_zeros((*x.shape,))
+    return torch.sigmoid(beta * x) * tangent_x
+
+
 class SoftplusFunction(torch.autograd.Function):
     """softplus as a torch.autograd.Function: the generated forward and backward.
 
@@ -53,6 +70,7 @@ class SoftplusFunction(torch.autograd.Function):
         x, beta = inputs
         ctx.save_for_backward(x)
         ctx.beta = beta
+        ctx.save_for_forward(x)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -60,6 +78,11 @@ class SoftplusFunction(torch.autograd.Function):
         gradients = softplus_backward(grad_y, x, ctx.beta,
                                      needs_input_grad=ctx.needs_input_grad[:1])
         return gradients + (None,)
+
+    @staticmethod
+    def jvp(ctx, tangent_x, *_):
+        (x,) = ctx.saved_tensors
+        return softplus_jvp(x, tangent_x, ctx.beta)
 
 
 def softplus(x, beta=1.0):

@@ -36,6 +36,24 @@ def tanh_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     return (grad_x,)
 
 
+def tanh_jvp(x, y, tangent_x):
+    """Tangent of tanh's result for the tangents tangent_x of its inputs (forward mode).
+
+    The tangent is the Jacobian-vector product, one share per input X:
+    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
+    with the partial derivatives of tanh_backward and their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[...] += (1 - y[...]**2)*tangent_x[...]
+
+    y is the forward's result, which the tangent reuses.
+    A tangent that is None adds nothing.
+    """
+    if tangent_x is None:
+        return torch.zeros_like(y)
+    return tangent_x * (1 - y**2)
+
+
 class TanhFunction(torch.autograd.Function):
     """tanh as a torch.autograd.Function: the generated forward and backward.
 
@@ -53,11 +71,17 @@ class TanhFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         (_,) = inputs
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
         return tanh_backward(grad_y, None, y, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_x):
+        (y,) = ctx.saved_tensors
+        return tanh_jvp(None, y, tangent_x)
 
 
 def tanh(x):
