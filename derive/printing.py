@@ -563,6 +563,8 @@ def output_shape(op: OpSpec, sources: list[tuple[str, tuple[str, ...]]]) -> str:
         shapes = [f"{name}.shape[:-{len(indices) - 1}]" if len(indices) > 1 else f"{name}.shape"
                   for name, indices in sources if BATCH in indices]
         dims.append("*" + (shapes[0] if len(shapes) == 1 else f"torch.broadcast_shapes({', '.join(shapes)})"))
+    if len(dims) == 1 and dims[0].startswith("*"):
+        return dims[0][1:]      # the batch dims alone: x.shape
     return _tuple(dims) if dims else "()"
 
 

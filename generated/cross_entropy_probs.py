@@ -7,6 +7,8 @@
 Cross-entropy of logits against class probabilities, averaged over the batch.
 """
 
+import warnings
+
 import torch
 
 
@@ -52,11 +54,11 @@ def cross_entropy_probs_backward(grad_loss, logits, target, saved_log_softmax, *
 
 
 def cross_entropy_probs_jvp(logits, target, tangent_logits, tangent_target):
-    """Tangent of cross_entropy_probs's result for the tangents tangent_logits, tangent_target of its inputs (forward mode).
+    """Forward mode: the tangent of cross_entropy_probs's result, given tangents of its inputs (tangent_logits, tangent_target).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_loss[...] = sum over X of sum over X's indices d of d loss[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of cross_entropy_probs_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_loss = sum over X of sum over d of d loss / d X[d...] * tangent_X[d...],
+    from the partial derivatives in cross_entropy_probs_backward, with their Kronecker deltas summed away.
 
     share of tangent_logits:
         tangent_loss += sum(softmax(logits[n, c_1], c_1)*tangent_logits[n, c_1]*target[n, c], n, c, c_1)/size_n - sum(tangent_logits[n, c]*target[n, c], n, c)/size_n
@@ -139,3 +141,19 @@ def _cross_entropy_probs_setup_context(ctx, inputs, output):
 
 
 cross_entropy_probs_op.register_autograd(CrossEntropyProbsFunction.backward, setup_context=_cross_entropy_probs_setup_context)
+
+
+def _cross_entropy_probs_autograd(keyset, *args):
+    """cross_entropy_probs_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "cross_entropy_probs_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call cross_entropy_probs(), whose CrossEntropyProbsFunction has a generated jvp")
+    return _cross_entropy_probs_library_autograd(keyset, *args)
+
+
+_cross_entropy_probs_library_autograd = torch._library.autograd.make_autograd_impl(cross_entropy_probs_op._opoverload, cross_entropy_probs_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    cross_entropy_probs_op._lib.impl(cross_entropy_probs_op._name, _cross_entropy_probs_autograd, "Autograd", with_keyset=True)

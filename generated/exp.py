@@ -7,6 +7,8 @@
 Exponential; the backward reuses the forward's result.
 """
 
+import warnings
+
 import torch
 
 
@@ -37,11 +39,11 @@ def exp_backward(grad_y, x, y, *, needs_input_grad=(True,)):
 
 
 def exp_jvp(x, y, tangent_x):
-    """Tangent of exp's result for the tangents tangent_x of its inputs (forward mode).
+    """Forward mode: the tangent of exp's result, given tangents of its inputs (tangent_x).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of exp_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[...] = sum over X of sum over d of d y[...] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in exp_backward, with their Kronecker deltas summed away.
 
     share of tangent_x:
         tangent_y[...] += tangent_x[...]*y[...]
@@ -101,3 +103,19 @@ def _exp_fake(x):
 
 
 exp_op.register_autograd(ExpFunction.backward, setup_context=ExpFunction.setup_context)
+
+
+def _exp_autograd(keyset, *args):
+    """exp_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "exp_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call exp(), whose ExpFunction has a generated jvp")
+    return _exp_library_autograd(keyset, *args)
+
+
+_exp_library_autograd = torch._library.autograd.make_autograd_impl(exp_op._opoverload, exp_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    exp_op._lib.impl(exp_op._name, _exp_autograd, "Autograd", with_keyset=True)

@@ -7,6 +7,8 @@
 Layer normalization over the last dim with elementwise weight and bias.
 """
 
+import warnings
+
 import torch
 
 
@@ -61,11 +63,11 @@ def layer_norm_backward(grad_y, x, w, b, saved_mean, saved_rstd, eps=1e-05, *, n
 
 
 def layer_norm_jvp(x, w, b, tangent_x, tangent_w, tangent_b, eps=1e-05):
-    """Tangent of layer_norm's result for the tangents tangent_x, tangent_w, tangent_b of its inputs (forward mode).
+    """Forward mode: the tangent of layer_norm's result, given tangents of its inputs (tangent_x, tangent_w, tangent_b).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of layer_norm_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[..., d] = sum over X of sum over d of d y[..., d] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in layer_norm_backward, with their Kronecker deltas summed away.
 
     share of tangent_x:
         tangent_y[..., d] += tangent_x[..., d]*w[d]/sqrt(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d) - sum(tangent_x[..., d_1]*w[d]/sqrt(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d), d_1)/size_d - sum((x[..., d] - sum(x[..., d], d)/size_d)*(x[..., d_1] - sum(x[..., d_1], d_1)/size_d)*tangent_x[..., d_1]*w[d]/(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d)**(3/2), d_1)/size_d
@@ -156,3 +158,19 @@ def _layer_norm_setup_context(ctx, inputs, output):
 
 
 layer_norm_op.register_autograd(LayerNormFunction.backward, setup_context=_layer_norm_setup_context)
+
+
+def _layer_norm_autograd(keyset, *args):
+    """layer_norm_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "layer_norm_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call layer_norm(), whose LayerNormFunction has a generated jvp")
+    return _layer_norm_library_autograd(keyset, *args)
+
+
+_layer_norm_library_autograd = torch._library.autograd.make_autograd_impl(layer_norm_op._opoverload, layer_norm_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    layer_norm_op._lib.impl(layer_norm_op._name, _layer_norm_autograd, "Autograd", with_keyset=True)

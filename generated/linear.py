@@ -7,6 +7,8 @@
 Affine layer y = x @ w + b, with w stored as (in_features, out_features).
 """
 
+import warnings
+
 import torch
 
 
@@ -48,11 +50,11 @@ def linear_backward(grad_y, x, w, b, *, needs_input_grad=(True, True, True)):
 
 
 def linear_jvp(x, w, b, tangent_x, tangent_w, tangent_b):
-    """Tangent of linear's result for the tangents tangent_x, tangent_w, tangent_b of its inputs (forward mode).
+    """Forward mode: the tangent of linear's result, given tangents of its inputs (tangent_x, tangent_w, tangent_b).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of linear_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[n, m] = sum over X of sum over d of d y[n, m] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in linear_backward, with their Kronecker deltas summed away.
 
     share of tangent_x:
         tangent_y[n, m] += sum(tangent_x[n, k]*w[k, m], k)
@@ -126,3 +128,19 @@ def _linear_fake(x, w, b):
 
 
 linear_op.register_autograd(LinearFunction.backward, setup_context=LinearFunction.setup_context)
+
+
+def _linear_autograd(keyset, *args):
+    """linear_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "linear_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call linear(), whose LinearFunction has a generated jvp")
+    return _linear_library_autograd(keyset, *args)
+
+
+_linear_library_autograd = torch._library.autograd.make_autograd_impl(linear_op._opoverload, linear_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    linear_op._lib.impl(linear_op._name, _linear_autograd, "Autograd", with_keyset=True)

@@ -7,6 +7,8 @@
 Natural logarithm, defined for positive inputs.
 """
 
+import warnings
+
 import torch
 
 
@@ -36,11 +38,11 @@ def log_backward(grad_y, x, *, needs_input_grad=(True,)):
 
 
 def log_jvp(x, tangent_x):
-    """Tangent of log's result for the tangents tangent_x of its inputs (forward mode).
+    """Forward mode: the tangent of log's result, given tangents of its inputs (tangent_x).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of log_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[...] = sum over X of sum over d of d y[...] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in log_backward, with their Kronecker deltas summed away.
 
     share of tangent_x:
         tangent_y[...] += tangent_x[...]/x[...]
@@ -48,7 +50,7 @@ def log_jvp(x, tangent_x):
     A tangent that is None adds nothing.
     """
     if tangent_x is None:
-        return x.new_zeros((*x.shape,))
+        return x.new_zeros(x.shape)
     return tangent_x / x
 
 
@@ -99,3 +101,19 @@ def _log_fake(x):
 
 
 log_op.register_autograd(LogFunction.backward, setup_context=LogFunction.setup_context)
+
+
+def _log_autograd(keyset, *args):
+    """log_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "log_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call log(), whose LogFunction has a generated jvp")
+    return _log_library_autograd(keyset, *args)
+
+
+_log_library_autograd = torch._library.autograd.make_autograd_impl(log_op._opoverload, log_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    log_op._lib.impl(log_op._name, _log_autograd, "Autograd", with_keyset=True)

@@ -7,6 +7,8 @@
 Log-softmax over the last dim, through logsumexp.
 """
 
+import warnings
+
 import torch
 
 
@@ -38,11 +40,11 @@ def log_softmax_backward(grad_y, x, y, *, needs_input_grad=(True,)):
 
 
 def log_softmax_jvp(x, y, tangent_x):
-    """Tangent of log_softmax's result for the tangents tangent_x of its inputs (forward mode).
+    """Forward mode: the tangent of log_softmax's result, given tangents of its inputs (tangent_x).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of log_softmax_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[..., c] = sum over X of sum over d of d y[..., c] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in log_softmax_backward, with their Kronecker deltas summed away.
 
     share of tangent_x:
         tangent_y[..., c] += tangent_x[..., c] - sum(exp(y[..., c_1])*tangent_x[..., c_1], c_1)
@@ -102,3 +104,19 @@ def _log_softmax_fake(x):
 
 
 log_softmax_op.register_autograd(LogSoftmaxFunction.backward, setup_context=LogSoftmaxFunction.setup_context)
+
+
+def _log_softmax_autograd(keyset, *args):
+    """log_softmax_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "log_softmax_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call log_softmax(), whose LogSoftmaxFunction has a generated jvp")
+    return _log_softmax_library_autograd(keyset, *args)
+
+
+_log_softmax_library_autograd = torch._library.autograd.make_autograd_impl(log_softmax_op._opoverload, log_softmax_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    log_softmax_op._lib.impl(log_softmax_op._name, _log_softmax_autograd, "Autograd", with_keyset=True)

@@ -7,6 +7,8 @@
 Batched matrix product with broadcasting batch dims, as torch.matmul.
 """
 
+import warnings
+
 import torch
 
 
@@ -42,11 +44,11 @@ def matmul_backward(grad_c, a, b, *, needs_input_grad=(True, True)):
 
 
 def matmul_jvp(a, b, tangent_a, tangent_b):
-    """Tangent of matmul's result for the tangents tangent_a, tangent_b of its inputs (forward mode).
+    """Forward mode: the tangent of matmul's result, given tangents of its inputs (tangent_a, tangent_b).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_c[...] = sum over X of sum over X's indices d of d c[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of matmul_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_c[..., i, j] = sum over X of sum over d of d c[..., i, j] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in matmul_backward, with their Kronecker deltas summed away.
 
     share of tangent_a:
         tangent_c[..., i, j] += sum(b[..., k, j]*tangent_a[..., i, k], k)
@@ -115,3 +117,19 @@ def _matmul_fake(a, b):
 
 
 matmul_op.register_autograd(MatmulFunction.backward, setup_context=MatmulFunction.setup_context)
+
+
+def _matmul_autograd(keyset, *args):
+    """matmul_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "matmul_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call matmul(), whose MatmulFunction has a generated jvp")
+    return _matmul_library_autograd(keyset, *args)
+
+
+_matmul_library_autograd = torch._library.autograd.make_autograd_impl(matmul_op._opoverload, matmul_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    matmul_op._lib.impl(matmul_op._name, _matmul_autograd, "Autograd", with_keyset=True)

@@ -7,6 +7,8 @@
 Mean squared error between a prediction and a target of the same shape.
 """
 
+import warnings
+
 import torch
 
 
@@ -45,11 +47,11 @@ def mse_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
 
 
 def mse_jvp(pred, target, tangent_pred, tangent_target):
-    """Tangent of mse's result for the tangents tangent_pred, tangent_target of its inputs (forward mode).
+    """Forward mode: the tangent of mse's result, given tangents of its inputs (tangent_pred, tangent_target).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_loss[...] = sum over X of sum over X's indices d of d loss[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of mse_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_loss = sum over X of sum over d of d loss / d X[d...] * tangent_X[d...],
+    from the partial derivatives in mse_backward, with their Kronecker deltas summed away.
 
     share of tangent_pred:
         tangent_loss += 2*sum((pred[n] - target[n])*tangent_pred[n], n)/size_n
@@ -117,3 +119,19 @@ def _mse_fake(pred, target):
 
 
 mse_op.register_autograd(MseFunction.backward, setup_context=MseFunction.setup_context)
+
+
+def _mse_autograd(keyset, *args):
+    """mse_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "mse_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call mse(), whose MseFunction has a generated jvp")
+    return _mse_library_autograd(keyset, *args)
+
+
+_mse_library_autograd = torch._library.autograd.make_autograd_impl(mse_op._opoverload, mse_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    mse_op._lib.impl(mse_op._name, _mse_autograd, "Autograd", with_keyset=True)

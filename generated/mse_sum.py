@@ -7,6 +7,8 @@
 Summed squared error over tensors of any shape.
 """
 
+import warnings
+
 import torch
 
 
@@ -44,11 +46,11 @@ def mse_sum_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
 
 
 def mse_sum_jvp(pred, target, tangent_pred, tangent_target):
-    """Tangent of mse_sum's result for the tangents tangent_pred, tangent_target of its inputs (forward mode).
+    """Forward mode: the tangent of mse_sum's result, given tangents of its inputs (tangent_pred, tangent_target).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_loss[...] = sum over X of sum over X's indices d of d loss[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of mse_sum_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_loss = sum over X of sum over d of d loss / d X[d...] * tangent_X[d...],
+    from the partial derivatives in mse_sum_backward, with their Kronecker deltas summed away.
 
     share of tangent_pred:
         tangent_loss += 2*sum((pred[...] - target[...])*tangent_pred[...], ...)
@@ -116,3 +118,19 @@ def _mse_sum_fake(pred, target):
 
 
 mse_sum_op.register_autograd(MseSumFunction.backward, setup_context=MseSumFunction.setup_context)
+
+
+def _mse_sum_autograd(keyset, *args):
+    """mse_sum_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "mse_sum_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call mse_sum(), whose MseSumFunction has a generated jvp")
+    return _mse_sum_library_autograd(keyset, *args)
+
+
+_mse_sum_library_autograd = torch._library.autograd.make_autograd_impl(mse_sum_op._opoverload, mse_sum_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    mse_sum_op._lib.impl(mse_sum_op._name, _mse_sum_autograd, "Autograd", with_keyset=True)

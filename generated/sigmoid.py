@@ -7,6 +7,8 @@
 Logistic sigmoid; the backward reuses the forward's result: y * (1 - y).
 """
 
+import warnings
+
 import torch
 
 
@@ -37,11 +39,11 @@ def sigmoid_backward(grad_y, x, y, *, needs_input_grad=(True,)):
 
 
 def sigmoid_jvp(x, y, tangent_x):
-    """Tangent of sigmoid's result for the tangents tangent_x of its inputs (forward mode).
+    """Forward mode: the tangent of sigmoid's result, given tangents of its inputs (tangent_x).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of sigmoid_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[...] = sum over X of sum over d of d y[...] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in sigmoid_backward, with their Kronecker deltas summed away.
 
     share of tangent_x:
         tangent_y[...] += (1 - y[...])*tangent_x[...]*y[...]
@@ -101,3 +103,19 @@ def _sigmoid_fake(x):
 
 
 sigmoid_op.register_autograd(SigmoidFunction.backward, setup_context=SigmoidFunction.setup_context)
+
+
+def _sigmoid_autograd(keyset, *args):
+    """sigmoid_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "sigmoid_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call sigmoid(), whose SigmoidFunction has a generated jvp")
+    return _sigmoid_library_autograd(keyset, *args)
+
+
+_sigmoid_library_autograd = torch._library.autograd.make_autograd_impl(sigmoid_op._opoverload, sigmoid_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    sigmoid_op._lib.impl(sigmoid_op._name, _sigmoid_autograd, "Autograd", with_keyset=True)

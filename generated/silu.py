@@ -7,6 +7,8 @@
 SiLU (swish): x * sigmoid(x).
 """
 
+import warnings
+
 import torch
 
 
@@ -38,11 +40,11 @@ def silu_backward(grad_y, x, *, needs_input_grad=(True,)):
 
 
 def silu_jvp(x, tangent_x):
-    """Tangent of silu's result for the tangents tangent_x of its inputs (forward mode).
+    """Forward mode: the tangent of silu's result, given tangents of its inputs (tangent_x).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of silu_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[...] = sum over X of sum over d of d y[...] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in silu_backward, with their Kronecker deltas summed away.
 
     share of tangent_x:
         tangent_y[...] += (1 - sigmoid(x[...]))*sigmoid(x[...])*tangent_x[...]*x[...] + sigmoid(x[...])*tangent_x[...]
@@ -50,7 +52,7 @@ def silu_jvp(x, tangent_x):
     A tangent that is None adds nothing.
     """
     if tangent_x is None:
-        return x.new_zeros((*x.shape,))
+        return x.new_zeros(x.shape)
     shared_0 = torch.sigmoid(x)
     shared_1 = shared_0 * tangent_x
     return shared_1 + (1 - shared_0) * shared_1 * x
@@ -103,3 +105,19 @@ def _silu_fake(x):
 
 
 silu_op.register_autograd(SiluFunction.backward, setup_context=SiluFunction.setup_context)
+
+
+def _silu_autograd(keyset, *args):
+    """silu_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "silu_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call silu(), whose SiluFunction has a generated jvp")
+    return _silu_library_autograd(keyset, *args)
+
+
+_silu_library_autograd = torch._library.autograd.make_autograd_impl(silu_op._opoverload, silu_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    silu_op._lib.impl(silu_op._name, _silu_autograd, "Autograd", with_keyset=True)

@@ -7,6 +7,8 @@
 Hyperbolic tangent; the backward reuses the forward's result: 1 - y**2.
 """
 
+import warnings
+
 import torch
 
 
@@ -37,11 +39,11 @@ def tanh_backward(grad_y, x, y, *, needs_input_grad=(True,)):
 
 
 def tanh_jvp(x, y, tangent_x):
-    """Tangent of tanh's result for the tangents tangent_x of its inputs (forward mode).
+    """Forward mode: the tangent of tanh's result, given tangents of its inputs (tangent_x).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of tanh_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[...] = sum over X of sum over d of d y[...] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in tanh_backward, with their Kronecker deltas summed away.
 
     share of tangent_x:
         tangent_y[...] += (1 - y[...]**2)*tangent_x[...]
@@ -101,3 +103,19 @@ def _tanh_fake(x):
 
 
 tanh_op.register_autograd(TanhFunction.backward, setup_context=TanhFunction.setup_context)
+
+
+def _tanh_autograd(keyset, *args):
+    """tanh_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "tanh_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call tanh(), whose TanhFunction has a generated jvp")
+    return _tanh_library_autograd(keyset, *args)
+
+
+_tanh_library_autograd = torch._library.autograd.make_autograd_impl(tanh_op._opoverload, tanh_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    tanh_op._lib.impl(tanh_op._name, _tanh_autograd, "Autograd", with_keyset=True)

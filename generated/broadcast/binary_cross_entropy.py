@@ -7,6 +7,8 @@
 Binary cross-entropy of probabilities against targets in [0, 1], averaged.
 """
 
+import warnings
+
 import torch
 
 
@@ -44,11 +46,11 @@ def binary_cross_entropy_backward(grad_loss, pred, target, *, needs_input_grad=(
 
 
 def binary_cross_entropy_jvp(pred, target, tangent_pred, tangent_target):
-    """Tangent of binary_cross_entropy's result for the tangents tangent_pred, tangent_target of its inputs (forward mode).
+    """Forward mode: the tangent of binary_cross_entropy's result, given tangents of its inputs (tangent_pred, tangent_target).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_loss[...] = sum over X of sum over X's indices d of d loss[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of binary_cross_entropy_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_loss = sum over X of sum over d of d loss / d X[d...] * tangent_X[d...],
+    from the partial derivatives in binary_cross_entropy_backward, with their Kronecker deltas summed away.
 
     share of tangent_pred:
         tangent_loss += -sum((target[...] - 1)*tangent_pred[...]/(1 - pred[...]), ...)/size_batch - sum(tangent_pred[...]*target[...]/pred[...], ...)/size_batch
@@ -116,3 +118,19 @@ def _binary_cross_entropy_fake(pred, target):
 
 
 binary_cross_entropy_op.register_autograd(BinaryCrossEntropyFunction.backward, setup_context=BinaryCrossEntropyFunction.setup_context)
+
+
+def _binary_cross_entropy_autograd(keyset, *args):
+    """binary_cross_entropy_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "binary_cross_entropy_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call binary_cross_entropy(), whose BinaryCrossEntropyFunction has a generated jvp")
+    return _binary_cross_entropy_library_autograd(keyset, *args)
+
+
+_binary_cross_entropy_library_autograd = torch._library.autograd.make_autograd_impl(binary_cross_entropy_op._opoverload, binary_cross_entropy_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    binary_cross_entropy_op._lib.impl(binary_cross_entropy_op._name, _binary_cross_entropy_autograd, "Autograd", with_keyset=True)

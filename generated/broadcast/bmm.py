@@ -7,6 +7,8 @@
 Batched matrix product over one explicit batch dim, as torch.bmm.
 """
 
+import warnings
+
 import torch
 
 
@@ -42,11 +44,11 @@ def bmm_backward(grad_c, a, b, *, needs_input_grad=(True, True)):
 
 
 def bmm_jvp(a, b, tangent_a, tangent_b):
-    """Tangent of bmm's result for the tangents tangent_a, tangent_b of its inputs (forward mode).
+    """Forward mode: the tangent of bmm's result, given tangents of its inputs (tangent_a, tangent_b).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_c[...] = sum over X of sum over X's indices d of d c[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of bmm_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_c[s, i, j] = sum over X of sum over d of d c[s, i, j] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in bmm_backward, with their Kronecker deltas summed away.
 
     share of tangent_a:
         tangent_c[s, i, j] += sum(b[s, k, j]*tangent_a[s, i, k], k)
@@ -116,3 +118,19 @@ def _bmm_fake(a, b):
 
 
 bmm_op.register_autograd(BmmFunction.backward, setup_context=BmmFunction.setup_context)
+
+
+def _bmm_autograd(keyset, *args):
+    """bmm_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "bmm_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call bmm(), whose BmmFunction has a generated jvp")
+    return _bmm_library_autograd(keyset, *args)
+
+
+_bmm_library_autograd = torch._library.autograd.make_autograd_impl(bmm_op._opoverload, bmm_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    bmm_op._lib.impl(bmm_op._name, _bmm_autograd, "Autograd", with_keyset=True)

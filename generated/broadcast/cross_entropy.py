@@ -7,6 +7,8 @@
 Cross-entropy of logits against class indices, averaged over the batch.
 """
 
+import warnings
+
 import torch
 
 
@@ -39,11 +41,11 @@ def cross_entropy_backward(grad_loss, logits, target, *, needs_input_grad=(True,
 
 
 def cross_entropy_jvp(logits, target, tangent_logits):
-    """Tangent of cross_entropy's result for the tangents tangent_logits of its inputs (forward mode).
+    """Forward mode: the tangent of cross_entropy's result, given tangents of its inputs (tangent_logits).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_loss[...] = sum over X of sum over X's indices d of d loss[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of cross_entropy_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_loss = sum over X of sum over d of d loss / d X[d...] * tangent_X[d...],
+    from the partial derivatives in cross_entropy_backward, with their Kronecker deltas summed away.
 
     share of tangent_logits:
         tangent_loss += sum(softmax(logits[n, c], c)*tangent_logits[n, c], n, c)/size_n - sum(tangent_logits[n, target[n]], n)/size_n
@@ -103,3 +105,19 @@ def _cross_entropy_fake(logits, target):
 
 
 cross_entropy_op.register_autograd(CrossEntropyFunction.backward, setup_context=CrossEntropyFunction.setup_context)
+
+
+def _cross_entropy_autograd(keyset, *args):
+    """cross_entropy_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "cross_entropy_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call cross_entropy(), whose CrossEntropyFunction has a generated jvp")
+    return _cross_entropy_library_autograd(keyset, *args)
+
+
+_cross_entropy_library_autograd = torch._library.autograd.make_autograd_impl(cross_entropy_op._opoverload, cross_entropy_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    cross_entropy_op._lib.impl(cross_entropy_op._name, _cross_entropy_autograd, "Autograd", with_keyset=True)

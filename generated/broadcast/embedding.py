@@ -7,6 +7,8 @@
 Embedding lookup: row idx[n] of the table for each n, as torch.nn.functional.embedding.
 """
 
+import warnings
+
 import torch
 
 
@@ -37,11 +39,11 @@ def embedding_backward(grad_y, table, idx, *, needs_input_grad=(True, True)):
 
 
 def embedding_jvp(table, idx, tangent_table):
-    """Tangent of embedding's result for the tangents tangent_table of its inputs (forward mode).
+    """Forward mode: the tangent of embedding's result, given tangents of its inputs (tangent_table).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of embedding_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[n, d] = sum over X of sum over d of d y[n, d] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in embedding_backward, with their Kronecker deltas summed away.
 
     share of tangent_table:
         tangent_y[n, d] += tangent_table[idx[n], d]
@@ -102,3 +104,19 @@ def _embedding_fake(table, idx):
 
 
 embedding_op.register_autograd(EmbeddingFunction.backward, setup_context=EmbeddingFunction.setup_context)
+
+
+def _embedding_autograd(keyset, *args):
+    """embedding_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "embedding_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call embedding(), whose EmbeddingFunction has a generated jvp")
+    return _embedding_library_autograd(keyset, *args)
+
+
+_embedding_library_autograd = torch._library.autograd.make_autograd_impl(embedding_op._opoverload, embedding_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    embedding_op._lib.impl(embedding_op._name, _embedding_autograd, "Autograd", with_keyset=True)

@@ -7,6 +7,8 @@
 GELU, exact form with the error function.
 """
 
+import warnings
+
 import torch
 
 
@@ -36,11 +38,11 @@ def gelu_backward(grad_y, x, *, needs_input_grad=(True,)):
 
 
 def gelu_jvp(x, tangent_x):
-    """Tangent of gelu's result for the tangents tangent_x of its inputs (forward mode).
+    """Forward mode: the tangent of gelu's result, given tangents of its inputs (tangent_x).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of gelu_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[...] = sum over X of sum over d of d y[...] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in gelu_backward, with their Kronecker deltas summed away.
 
     share of tangent_x:
         tangent_y[...] += (erf(sqrt(2)*x[...]/2)/2 + 1/2)*tangent_x[...] + sqrt(2)*exp(-x[...]**2/2)*tangent_x[...]*x[...]/(2*sqrt(pi))
@@ -48,7 +50,7 @@ def gelu_jvp(x, tangent_x):
     A tangent that is None adds nothing.
     """
     if tangent_x is None:
-        return x.new_zeros((*x.shape,))
+        return x.new_zeros(x.shape)
     return (torch.erf(0.7071067811865476 * x) / 2 + 1/2) * tangent_x + 0.3989422804014327 * torch.exp(-x**2 / 2) * tangent_x * x
 
 
@@ -99,3 +101,19 @@ def _gelu_fake(x):
 
 
 gelu_op.register_autograd(GeluFunction.backward, setup_context=GeluFunction.setup_context)
+
+
+def _gelu_autograd(keyset, *args):
+    """gelu_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "gelu_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call gelu(), whose GeluFunction has a generated jvp")
+    return _gelu_library_autograd(keyset, *args)
+
+
+_gelu_library_autograd = torch._library.autograd.make_autograd_impl(gelu_op._opoverload, gelu_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    gelu_op._lib.impl(gelu_op._name, _gelu_autograd, "Autograd", with_keyset=True)

@@ -7,6 +7,8 @@
 Mean absolute error; at pred == target the gradient is 0, as in torch.
 """
 
+import warnings
+
 import torch
 
 
@@ -45,11 +47,11 @@ def l1_loss_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
 
 
 def l1_loss_jvp(pred, target, tangent_pred, tangent_target):
-    """Tangent of l1_loss's result for the tangents tangent_pred, tangent_target of its inputs (forward mode).
+    """Forward mode: the tangent of l1_loss's result, given tangents of its inputs (tangent_pred, tangent_target).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_loss[...] = sum over X of sum over X's indices d of d loss[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of l1_loss_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_loss = sum over X of sum over d of d loss / d X[d...] * tangent_X[d...],
+    from the partial derivatives in l1_loss_backward, with their Kronecker deltas summed away.
 
     share of tangent_pred:
         tangent_loss += sum(sign(pred[...] - target[...])*tangent_pred[...], ...)/size_batch
@@ -117,3 +119,19 @@ def _l1_loss_fake(pred, target):
 
 
 l1_loss_op.register_autograd(L1LossFunction.backward, setup_context=L1LossFunction.setup_context)
+
+
+def _l1_loss_autograd(keyset, *args):
+    """l1_loss_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "l1_loss_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call l1_loss(), whose L1LossFunction has a generated jvp")
+    return _l1_loss_library_autograd(keyset, *args)
+
+
+_l1_loss_library_autograd = torch._library.autograd.make_autograd_impl(l1_loss_op._opoverload, l1_loss_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    l1_loss_op._lib.impl(l1_loss_op._name, _l1_loss_autograd, "Autograd", with_keyset=True)

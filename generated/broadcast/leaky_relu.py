@@ -7,6 +7,8 @@
 Leaky ReLU; at x == 0 the gradient is the slope, as in torch.
 """
 
+import warnings
+
 import torch
 
 
@@ -37,11 +39,11 @@ def leaky_relu_backward(grad_y, x, slope=0.01, *, needs_input_grad=(True,)):
 
 
 def leaky_relu_jvp(x, tangent_x, slope=0.01):
-    """Tangent of leaky_relu's result for the tangents tangent_x of its inputs (forward mode).
+    """Forward mode: the tangent of leaky_relu's result, given tangents of its inputs (tangent_x).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of leaky_relu_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[...] = sum over X of sum over d of d y[...] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in leaky_relu_backward, with their Kronecker deltas summed away.
 
     share of tangent_x:
         tangent_y[...] += Piecewise((1, x[...] > 0), (slope, True))*tangent_x[...]
@@ -49,7 +51,7 @@ def leaky_relu_jvp(x, tangent_x, slope=0.01):
     A tangent that is None adds nothing.
     """
     if tangent_x is None:
-        return x.new_zeros((*x.shape,))
+        return x.new_zeros(x.shape)
     # leaky_relu_backward(g, x, s, False) = where(x > 0, g, s * g)
     return torch.ops.aten.leaky_relu_backward(tangent_x, x, slope, False)
 
@@ -104,3 +106,19 @@ def _leaky_relu_fake(x, slope=0.01):
 
 
 leaky_relu_op.register_autograd(LeakyReluFunction.backward, setup_context=LeakyReluFunction.setup_context)
+
+
+def _leaky_relu_autograd(keyset, *args):
+    """leaky_relu_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "leaky_relu_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call leaky_relu(), whose LeakyReluFunction has a generated jvp")
+    return _leaky_relu_library_autograd(keyset, *args)
+
+
+_leaky_relu_library_autograd = torch._library.autograd.make_autograd_impl(leaky_relu_op._opoverload, leaky_relu_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    leaky_relu_op._lib.impl(leaky_relu_op._name, _leaky_relu_autograd, "Autograd", with_keyset=True)

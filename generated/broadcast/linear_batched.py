@@ -7,6 +7,8 @@
 Affine layer over any number of leading batch dims, as torch.nn.functional.linear.
 """
 
+import warnings
+
 import torch
 
 
@@ -50,11 +52,11 @@ def linear_batched_backward(grad_y, x, w, b, *, needs_input_grad=(True, True, Tr
 
 
 def linear_batched_jvp(x, w, b, tangent_x, tangent_w, tangent_b):
-    """Tangent of linear_batched's result for the tangents tangent_x, tangent_w, tangent_b of its inputs (forward mode).
+    """Forward mode: the tangent of linear_batched's result, given tangents of its inputs (tangent_x, tangent_w, tangent_b).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of linear_batched_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[..., m] = sum over X of sum over d of d y[..., m] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in linear_batched_backward, with their Kronecker deltas summed away.
 
     share of tangent_x:
         tangent_y[..., m] += sum(tangent_x[..., k]*w[m, k], k)
@@ -127,3 +129,19 @@ def _linear_batched_fake(x, w, b):
 
 
 linear_batched_op.register_autograd(LinearBatchedFunction.backward, setup_context=LinearBatchedFunction.setup_context)
+
+
+def _linear_batched_autograd(keyset, *args):
+    """linear_batched_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "linear_batched_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call linear_batched(), whose LinearBatchedFunction has a generated jvp")
+    return _linear_batched_library_autograd(keyset, *args)
+
+
+_linear_batched_library_autograd = torch._library.autograd.make_autograd_impl(linear_batched_op._opoverload, linear_batched_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    linear_batched_op._lib.impl(linear_batched_op._name, _linear_batched_autograd, "Autograd", with_keyset=True)

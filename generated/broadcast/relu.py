@@ -7,6 +7,8 @@
 Rectified linear unit, elementwise over any shape. The gradient at x == 0 is 0, as in torch.relu.
 """
 
+import warnings
+
 import torch
 
 
@@ -37,11 +39,11 @@ def relu_backward(grad_y, x, *, needs_input_grad=(True,)):
 
 
 def relu_jvp(x, tangent_x):
-    """Tangent of relu's result for the tangents tangent_x of its inputs (forward mode).
+    """Forward mode: the tangent of relu's result, given tangents of its inputs (tangent_x).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of relu_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[...] = sum over X of sum over d of d y[...] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in relu_backward, with their Kronecker deltas summed away.
 
     share of tangent_x:
         tangent_y[...] += Heaviside(x[...], 0)*tangent_x[...]
@@ -49,7 +51,7 @@ def relu_jvp(x, tangent_x):
     A tangent that is None adds nothing.
     """
     if tangent_x is None:
-        return x.new_zeros((*x.shape,))
+        return x.new_zeros(x.shape)
     # threshold_backward(g, x, 0) = where(x <= 0, 0, g)
     return torch.ops.aten.threshold_backward(tangent_x, x, 0)
 
@@ -101,3 +103,19 @@ def _relu_fake(x):
 
 
 relu_op.register_autograd(ReluFunction.backward, setup_context=ReluFunction.setup_context)
+
+
+def _relu_autograd(keyset, *args):
+    """relu_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "relu_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call relu(), whose ReluFunction has a generated jvp")
+    return _relu_library_autograd(keyset, *args)
+
+
+_relu_library_autograd = torch._library.autograd.make_autograd_impl(relu_op._opoverload, relu_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    relu_op._lib.impl(relu_op._name, _relu_autograd, "Autograd", with_keyset=True)

@@ -7,6 +7,8 @@
 Softplus log(1 + exp(beta * x)) / beta, computed without overflow.
 """
 
+import warnings
+
 import torch
 
 
@@ -36,11 +38,11 @@ def softplus_backward(grad_y, x, beta=1.0, *, needs_input_grad=(True,)):
 
 
 def softplus_jvp(x, tangent_x, beta=1.0):
-    """Tangent of softplus's result for the tangents tangent_x of its inputs (forward mode).
+    """Forward mode: the tangent of softplus's result, given tangents of its inputs (tangent_x).
 
-    The tangent is the Jacobian-vector product, one share per input X:
-    tangent_y[...] = sum over X of sum over X's indices d of d y[...] / d X[d...] * tangent_X[d...],
-    with the partial derivatives of softplus_backward and their Kronecker deltas summed away.
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[...] = sum over X of sum over d of d y[...] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in softplus_backward, with their Kronecker deltas summed away.
 
     share of tangent_x:
         tangent_y[...] += sigmoid(beta*x[...])*tangent_x[...]
@@ -48,7 +50,7 @@ def softplus_jvp(x, tangent_x, beta=1.0):
     A tangent that is None adds nothing.
     """
     if tangent_x is None:
-        return x.new_zeros((*x.shape,))
+        return x.new_zeros(x.shape)
     return torch.sigmoid(beta * x) * tangent_x
 
 
@@ -102,3 +104,19 @@ def _softplus_fake(x, beta=1.0):
 
 
 softplus_op.register_autograd(SoftplusFunction.backward, setup_context=SoftplusFunction.setup_context)
+
+
+def _softplus_autograd(keyset, *args):
+    """softplus_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
+    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "softplus_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
+            "not go through a torch.library custom op; call softplus(), whose SoftplusFunction has a generated jvp")
+    return _softplus_library_autograd(keyset, *args)
+
+
+_softplus_library_autograd = torch._library.autograd.make_autograd_impl(softplus_op._opoverload, softplus_op)
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    softplus_op._lib.impl(softplus_op._name, _softplus_autograd, "Autograd", with_keyset=True)
