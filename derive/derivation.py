@@ -10,6 +10,12 @@ wraps what it removes in `Piecewise` range guards, so this module eliminates eve
 delta itself: any delta with a summed index substitutes the other index for it. No
 range guard is needed because both indices range over the same declared dim.
 Non-smooth points follow PyTorch: the unit step takes the op's `step_at_zero` value.
+
+Forward mode reuses each partial derivative: X's share of the output's tangent is
+
+    tangent_y[o...] += sum over d' of d y[o...] / d X[d'...] * tangent_X[d'...]
+
+with the deltas eliminated by the same rule (`_derive_tangent`).
 """
 
 from __future__ import annotations

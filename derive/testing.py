@@ -186,11 +186,12 @@ def jvp_arguments(op: OpSpec, module: ModuleType, inputs, tangents, **params) ->
 
 
 def check_tangents(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=None, seed: int = 0,
-                   kinks: bool = False, inputs: list[torch.Tensor] | None = None,
+                   kinks: bool = False, inputs: list[torch.Tensor] | None = None, equal_nan: bool = False,
                    params: dict[str, float] | None = None) -> None:
     """Forward mode: torch.func.jvp through `<op>()` (its Function's generated jvp) equals torch.func.jvp of
     the torch reference (when the op has one) and of the generated forward, for random tangents on every
-    differentiable input (with `kinks`, against the reference alone: it sets the convention there);
+    differentiable input (with `kinks`, against the reference alone: it sets the convention there;
+    `equal_nan` accepts NaN where the oracle has NaN too, as a mean over an empty dim gives);
     `<op>_jvp` called with one tangent at a time (the others None) gives that
     input's share, and with none a zero tangent, each exactly the result's shape and dtype."""
     params = params or {}
@@ -222,14 +223,16 @@ def check_tangents(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=No
         expected_output, expected = along(function)
         assert tangent.shape == expected.shape and tangent.dtype == expected.dtype, \
             f"{op.name}: tangent {tuple(tangent.shape)} {tangent.dtype}, expected {tuple(expected.shape)} {expected.dtype}"
-        torch.testing.assert_close(tangent, expected, msg=lambda m: f"{op.name}: jvp against {label}: {m}")
+        torch.testing.assert_close(tangent, expected, equal_nan=equal_nan,
+                                   msg=lambda m: f"{op.name}: jvp against {label}: {m}")
     jvp = getattr(module, naming.jvp(op.name))
     for p in positions:
         alone = [tangents[p] if q == p else None for q in range(len(inputs))]
         share = jvp(**jvp_arguments(op, module, inputs, alone, **params))
         _, expected = along(next(iter(oracles.values())), only=p)
         assert share.shape == expected.shape, f"{op.name}: share of {op.inputs[p].name} has shape {tuple(share.shape)}"
-        torch.testing.assert_close(share, expected, msg=lambda m: f"{op.name}: share of {op.inputs[p].name}: {m}")
+        torch.testing.assert_close(share, expected, equal_nan=equal_nan,
+                                   msg=lambda m: f"{op.name}: share of {op.inputs[p].name}: {m}")
     none = jvp(**jvp_arguments(op, module, inputs, [None] * len(inputs), **params))
     assert none.shape == output.shape and none.dtype == output.dtype and not none.any(), \
         f"{op.name}: without tangents, {naming.jvp(op.name)} should give zeros shaped like the result"

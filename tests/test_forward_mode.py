@@ -51,6 +51,22 @@ def test_jvp_at_kinks_matches_the_reference(op_name):
     check_tangents(op, generated_module(op_name), kinks=True)
 
 
+# the generated forward itself is NaN there (a mean over no rows) where F.cross_entropy gives 0
+EMPTY_FORWARD_DIFFERS = {"cross_entropy_probs"}
+
+
+@pytest.mark.parametrize("op_name, size", [
+    pytest.param(op.name, size, marks=[pytest.mark.xfail(strict=True, reason="the forward differs from the "
+                                                         "reference at size 0")]
+                 if size == 0 and op.name in EMPTY_FORWARD_DIFFERS else [])
+    for op in CATALOG.ops if not any(t.integer for t in op.inputs) for size in (0, 1)])
+def test_jvp_with_every_size_equal(op_name, size):
+    """All index sizes equal (0: a mean over nothing is NaN, in the oracles too)."""
+    op = CATALOG.op(op_name)
+    check_tangents(op, generated_module(op_name), sizes={r: size for r in dict(op.index_sizes).values()},
+                   equal_nan=size == 0)
+
+
 @pytest.mark.parametrize("op_name", [op.name for op in CATALOG.ops if op.params])
 def test_jvp_with_other_params(op_name):
     op = CATALOG.op(op_name)
