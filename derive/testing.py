@@ -276,7 +276,9 @@ def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
     - inputs exactly at 0 when the derivative has a step (a kink elsewhere, such as Huber's at
       |d| = delta, needs inputs of your own: `check_gradients(..., inputs=...)`);
     - the module's autograd.Function (gradcheck and gradgradcheck) and its custom op (gradients
-      against the reference).
+      against the reference);
+    - forward mode: the Function's jvp and `<op>_jvp` against torch.func.jvp of the reference
+      (`check_tangents`).
     """
     op = load_catalog(spec).op(op_name)
     module = load_module(module_path)
@@ -299,3 +301,4 @@ def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
                          autograd_gradients(reference(op), inputs, grad_output, flags)):
         if want is not None:
             torch.testing.assert_close(got, want, msg=lambda m: f"{op.name}: custom op gradient: {m}")
+    check_tangents(op, module)

@@ -85,6 +85,7 @@ class CrossEntropyProbsFunction(torch.autograd.Function):
     Saves logits, target, saved_log_softmax: the forward's values the backward reads, and the
     inputs, from which a double backward computes them again; works with torch.func.grad and
     torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, cross_entropy_probs_jvp.
     """
 
     generate_vmap_rule = True

@@ -61,6 +61,7 @@ class ExpFunction(torch.autograd.Function):
 
     Saves only what the backward reads (y); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, exp_jvp.
     """
 
     generate_vmap_rule = True

@@ -102,6 +102,7 @@ class LayerNormFunction(torch.autograd.Function):
 
     Saves x, w, saved_mean, saved_rstd: the inputs and the forward's values the backward
     reads; works with torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, layer_norm_jvp.
     """
 
     generate_vmap_rule = True

@@ -61,6 +61,7 @@ class LeakyReluFunction(torch.autograd.Function):
 
     Saves only what the backward reads (x); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, leaky_relu_jvp.
     """
 
     generate_vmap_rule = True

@@ -86,6 +86,7 @@ class LinearBatchedFunction(torch.autograd.Function):
 
     Saves only what the backward reads (x, w); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, linear_batched_jvp.
     """
 
     generate_vmap_rule = True

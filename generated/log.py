@@ -59,6 +59,7 @@ class LogFunction(torch.autograd.Function):
 
     Saves only what the backward reads (x); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, log_jvp.
     """
 
     generate_vmap_rule = True

@@ -62,6 +62,7 @@ class LogSoftmaxFunction(torch.autograd.Function):
 
     Saves only what the backward reads (y); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, log_softmax_jvp.
     """
 
     generate_vmap_rule = True

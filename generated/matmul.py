@@ -75,6 +75,7 @@ class MatmulFunction(torch.autograd.Function):
 
     Saves only what the backward reads (a, b); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, matmul_jvp.
     """
 
     generate_vmap_rule = True

@@ -77,6 +77,7 @@ class MseFunction(torch.autograd.Function):
 
     Saves only what the backward reads (pred, target); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, mse_jvp.
     """
 
     generate_vmap_rule = True

@@ -76,6 +76,7 @@ class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
 
     Saves only what the backward reads (logits, target); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, binary_cross_entropy_with_logits_jvp.
     """
 
     generate_vmap_rule = True

@@ -76,6 +76,7 @@ class BmmFunction(torch.autograd.Function):
 
     Saves only what the backward reads (a, b); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, bmm_jvp.
     """
 
     generate_vmap_rule = True

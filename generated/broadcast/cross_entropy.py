@@ -63,6 +63,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     Saves only what the backward reads (logits, target); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, cross_entropy_jvp.
     """
 
     generate_vmap_rule = True

@@ -62,6 +62,7 @@ class EmbeddingFunction(torch.autograd.Function):
 
     Saves only what the backward reads (table, idx); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, embedding_jvp.
     """
 
     generate_vmap_rule = True

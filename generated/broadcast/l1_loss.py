@@ -77,6 +77,7 @@ class L1LossFunction(torch.autograd.Function):
 
     Saves only what the backward reads (pred, target); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, l1_loss_jvp.
     """
 
     generate_vmap_rule = True

@@ -97,6 +97,7 @@ class LayerNormFunction(torch.autograd.Function):
 
     Saves only what the backward reads (x, w); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, layer_norm_jvp.
     """
 
     generate_vmap_rule = True

@@ -86,6 +86,7 @@ class LinearFunction(torch.autograd.Function):
 
     Saves only what the backward reads (x, w); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, linear_jvp.
     """
 
     generate_vmap_rule = True

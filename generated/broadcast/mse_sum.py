@@ -76,6 +76,7 @@ class MseSumFunction(torch.autograd.Function):
 
     Saves only what the backward reads (pred, target); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, mse_sum_jvp.
     """
 
     generate_vmap_rule = True
