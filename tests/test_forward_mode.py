@@ -198,6 +198,11 @@ inputs = ["x[n, i]", "a[i, j]", "z[n, j]"]
 equation = "y[n] = sum(x[n, i] * a[i, j] * z[n, j], i, j)"
 reference = "((x @ a) * z).sum(1)"
 
+[ops.shift]
+inputs = ["x[n, k]", "s"]
+equation = "y[n, k] = x[n, k] + s"
+reference = "x + s"
+
 [ops.broadcast_sum]
 inputs = ["x[...]", "w[...]"]
 equation = "y[...] = x[...] + sin(w[...])"
@@ -221,7 +226,7 @@ def invented(tmp_path_factory):
 @pytest.mark.parametrize("style", list(STYLE_DIRS))
 @pytest.mark.parametrize("op_name", ["tanh_dense", "dense_transposed", "swap_scale", "squares_dense",
                                      "weighted_exp_total", "scaled_gather", "scalar_scale", "softmax_first_dim",
-                                     "bilinear", "broadcast_sum"])
+                                     "bilinear", "shift", "broadcast_sum"])
 @pytest.mark.parametrize("size", [3, 1])
 def test_invented_specs_with_equal_sizes(invented, op_name, style, size):
     catalog, directory = invented
