@@ -228,7 +228,8 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
         single = f"({single}){expand}"
     return dict(
         name=naming.jvp(op.name), single=single,
-        signature=", ".join(positions + ([op.output] if uses_output else []) + [naming.tangent(n) for n in differentiable]
+        signature=", ".join(positions + ([op.output] if uses_output else [])
+                            + [naming.tangent(n) for n in differentiable]
                             + [f"{p.name}={p.default!r}" for p in op.params]),
         tangents=", ".join(naming.tangent(n) for n in differentiable),
         output=naming.tangent(op.output), output_access=output_access, uses_output=uses_output,

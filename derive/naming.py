@@ -91,5 +91,6 @@ def name_problem(name: str) -> str | None:
     if name in RESERVED:
         return f"'{name}' shadows a Python or torch name used in generated code"
     if is_generated_name(name):
-        return f"'{name}' collides with generated names (grad_*, tangent_*, size_*, shared_*, saved_*, *_forward, *_backward, *_jvp)"
+        return (f"'{name}' collides with generated names (grad_*, tangent_*, size_*, shared_*, saved_*, "
+                f"*_forward, *_backward, *_jvp)")
     return None

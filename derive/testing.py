@@ -211,7 +211,8 @@ def check_tangents(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=No
             for p, value in zip(wanted, values):
                 arguments[p] = value
             return function(*arguments, **params)
-        return torch.func.jvp(of_differentiable, tuple(inputs[p] for p in wanted), tuple(tangents[p] for p in wanted))
+        return torch.func.jvp(of_differentiable, tuple(inputs[p] for p in wanted),
+                              tuple(tangents[p] for p in wanted))
 
     output, tangent = along(getattr(module, op.name))
     oracles = {}
@@ -222,7 +223,8 @@ def check_tangents(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=No
     for label, function in oracles.items():
         expected_output, expected = along(function)
         assert tangent.shape == expected.shape and tangent.dtype == expected.dtype, \
-            f"{op.name}: tangent {tuple(tangent.shape)} {tangent.dtype}, expected {tuple(expected.shape)} {expected.dtype}"
+            f"{op.name}: tangent {tuple(tangent.shape)} {tangent.dtype}, " \
+            f"expected {tuple(expected.shape)} {expected.dtype} (from {label})"
         torch.testing.assert_close(tangent, expected, equal_nan=equal_nan,
                                    msg=lambda m: f"{op.name}: jvp against {label}: {m}")
     jvp = getattr(module, naming.jvp(op.name))
