@@ -121,17 +121,23 @@ def _binary_cross_entropy_fake(pred, target):
 binary_cross_entropy_op.register_autograd(BinaryCrossEntropyFunction.backward, setup_context=BinaryCrossEntropyFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_binary_cross_entropy_library_autograd = torch._library.autograd.make_autograd_impl(binary_cross_entropy_op._opoverload,
+                                                                                   binary_cross_entropy_op)
+
+
 def _binary_cross_entropy_autograd(keyset, *args):
-    """binary_cross_entropy_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """binary_cross_entropy_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "binary_cross_entropy_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call binary_cross_entropy(), whose BinaryCrossEntropyFunction has a generated jvp")
+            "binary_cross_entropy_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call binary_cross_entropy(), whose "
+            "BinaryCrossEntropyFunction has a generated jvp")
     return _binary_cross_entropy_library_autograd(keyset, *args)
 
 
-_binary_cross_entropy_library_autograd = torch._library.autograd.make_autograd_impl(binary_cross_entropy_op._opoverload, binary_cross_entropy_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     binary_cross_entropy_op._lib.impl(binary_cross_entropy_op._name, _binary_cross_entropy_autograd, "Autograd", with_keyset=True)

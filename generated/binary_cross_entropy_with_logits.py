@@ -121,17 +121,23 @@ def _binary_cross_entropy_with_logits_fake(logits, target):
 binary_cross_entropy_with_logits_op.register_autograd(BinaryCrossEntropyWithLogitsFunction.backward, setup_context=BinaryCrossEntropyWithLogitsFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_binary_cross_entropy_with_logits_library_autograd = torch._library.autograd.make_autograd_impl(binary_cross_entropy_with_logits_op._opoverload,
+                                                                                               binary_cross_entropy_with_logits_op)
+
+
 def _binary_cross_entropy_with_logits_autograd(keyset, *args):
-    """binary_cross_entropy_with_logits_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """binary_cross_entropy_with_logits_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "binary_cross_entropy_with_logits_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call binary_cross_entropy_with_logits(), whose BinaryCrossEntropyWithLogitsFunction has a generated jvp")
+            "binary_cross_entropy_with_logits_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call binary_cross_entropy_with_logits(), whose "
+            "BinaryCrossEntropyWithLogitsFunction has a generated jvp")
     return _binary_cross_entropy_with_logits_library_autograd(keyset, *args)
 
 
-_binary_cross_entropy_with_logits_library_autograd = torch._library.autograd.make_autograd_impl(binary_cross_entropy_with_logits_op._opoverload, binary_cross_entropy_with_logits_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     binary_cross_entropy_with_logits_op._lib.impl(binary_cross_entropy_with_logits_op._name, _binary_cross_entropy_with_logits_autograd, "Autograd", with_keyset=True)

@@ -121,17 +121,23 @@ def _bmm_fake(a, b):
 bmm_op.register_autograd(BmmFunction.backward, setup_context=BmmFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_bmm_library_autograd = torch._library.autograd.make_autograd_impl(bmm_op._opoverload,
+                                                                  bmm_op)
+
+
 def _bmm_autograd(keyset, *args):
-    """bmm_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """bmm_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "bmm_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call bmm(), whose BmmFunction has a generated jvp")
+            "bmm_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call bmm(), whose "
+            "BmmFunction has a generated jvp")
     return _bmm_library_autograd(keyset, *args)
 
 
-_bmm_library_autograd = torch._library.autograd.make_autograd_impl(bmm_op._opoverload, bmm_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     bmm_op._lib.impl(bmm_op._name, _bmm_autograd, "Autograd", with_keyset=True)

@@ -144,17 +144,23 @@ def _cross_entropy_probs_setup_context(ctx, inputs, output):
 cross_entropy_probs_op.register_autograd(CrossEntropyProbsFunction.backward, setup_context=_cross_entropy_probs_setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_cross_entropy_probs_library_autograd = torch._library.autograd.make_autograd_impl(cross_entropy_probs_op._opoverload,
+                                                                                  cross_entropy_probs_op)
+
+
 def _cross_entropy_probs_autograd(keyset, *args):
-    """cross_entropy_probs_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """cross_entropy_probs_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "cross_entropy_probs_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call cross_entropy_probs(), whose CrossEntropyProbsFunction has a generated jvp")
+            "cross_entropy_probs_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call cross_entropy_probs(), whose "
+            "CrossEntropyProbsFunction has a generated jvp")
     return _cross_entropy_probs_library_autograd(keyset, *args)
 
 
-_cross_entropy_probs_library_autograd = torch._library.autograd.make_autograd_impl(cross_entropy_probs_op._opoverload, cross_entropy_probs_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     cross_entropy_probs_op._lib.impl(cross_entropy_probs_op._name, _cross_entropy_probs_autograd, "Autograd", with_keyset=True)

@@ -106,17 +106,23 @@ def _exp_fake(x):
 exp_op.register_autograd(ExpFunction.backward, setup_context=ExpFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_exp_library_autograd = torch._library.autograd.make_autograd_impl(exp_op._opoverload,
+                                                                  exp_op)
+
+
 def _exp_autograd(keyset, *args):
-    """exp_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """exp_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "exp_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call exp(), whose ExpFunction has a generated jvp")
+            "exp_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call exp(), whose "
+            "ExpFunction has a generated jvp")
     return _exp_library_autograd(keyset, *args)
 
 
-_exp_library_autograd = torch._library.autograd.make_autograd_impl(exp_op._opoverload, exp_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     exp_op._lib.impl(exp_op._name, _exp_autograd, "Autograd", with_keyset=True)

@@ -120,17 +120,23 @@ def _matmul_fake(a, b):
 matmul_op.register_autograd(MatmulFunction.backward, setup_context=MatmulFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_matmul_library_autograd = torch._library.autograd.make_autograd_impl(matmul_op._opoverload,
+                                                                     matmul_op)
+
+
 def _matmul_autograd(keyset, *args):
-    """matmul_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """matmul_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "matmul_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call matmul(), whose MatmulFunction has a generated jvp")
+            "matmul_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call matmul(), whose "
+            "MatmulFunction has a generated jvp")
     return _matmul_library_autograd(keyset, *args)
 
 
-_matmul_library_autograd = torch._library.autograd.make_autograd_impl(matmul_op._opoverload, matmul_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     matmul_op._lib.impl(matmul_op._name, _matmul_autograd, "Autograd", with_keyset=True)

@@ -121,17 +121,23 @@ def _mse_sum_fake(pred, target):
 mse_sum_op.register_autograd(MseSumFunction.backward, setup_context=MseSumFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_mse_sum_library_autograd = torch._library.autograd.make_autograd_impl(mse_sum_op._opoverload,
+                                                                      mse_sum_op)
+
+
 def _mse_sum_autograd(keyset, *args):
-    """mse_sum_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """mse_sum_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "mse_sum_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call mse_sum(), whose MseSumFunction has a generated jvp")
+            "mse_sum_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call mse_sum(), whose "
+            "MseSumFunction has a generated jvp")
     return _mse_sum_library_autograd(keyset, *args)
 
 
-_mse_sum_library_autograd = torch._library.autograd.make_autograd_impl(mse_sum_op._opoverload, mse_sum_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     mse_sum_op._lib.impl(mse_sum_op._name, _mse_sum_autograd, "Autograd", with_keyset=True)

@@ -106,17 +106,23 @@ def _sigmoid_fake(x):
 sigmoid_op.register_autograd(SigmoidFunction.backward, setup_context=SigmoidFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_sigmoid_library_autograd = torch._library.autograd.make_autograd_impl(sigmoid_op._opoverload,
+                                                                      sigmoid_op)
+
+
 def _sigmoid_autograd(keyset, *args):
-    """sigmoid_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """sigmoid_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "sigmoid_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call sigmoid(), whose SigmoidFunction has a generated jvp")
+            "sigmoid_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call sigmoid(), whose "
+            "SigmoidFunction has a generated jvp")
     return _sigmoid_library_autograd(keyset, *args)
 
 
-_sigmoid_library_autograd = torch._library.autograd.make_autograd_impl(sigmoid_op._opoverload, sigmoid_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     sigmoid_op._lib.impl(sigmoid_op._name, _sigmoid_autograd, "Autograd", with_keyset=True)

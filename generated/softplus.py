@@ -107,17 +107,23 @@ def _softplus_fake(x, beta=1.0):
 softplus_op.register_autograd(SoftplusFunction.backward, setup_context=SoftplusFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_softplus_library_autograd = torch._library.autograd.make_autograd_impl(softplus_op._opoverload,
+                                                                       softplus_op)
+
+
 def _softplus_autograd(keyset, *args):
-    """softplus_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """softplus_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "softplus_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call softplus(), whose SoftplusFunction has a generated jvp")
+            "softplus_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call softplus(), whose "
+            "SoftplusFunction has a generated jvp")
     return _softplus_library_autograd(keyset, *args)
 
 
-_softplus_library_autograd = torch._library.autograd.make_autograd_impl(softplus_op._opoverload, softplus_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     softplus_op._lib.impl(softplus_op._name, _softplus_autograd, "Autograd", with_keyset=True)

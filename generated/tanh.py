@@ -106,17 +106,23 @@ def _tanh_fake(x):
 tanh_op.register_autograd(TanhFunction.backward, setup_context=TanhFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_tanh_library_autograd = torch._library.autograd.make_autograd_impl(tanh_op._opoverload,
+                                                                   tanh_op)
+
+
 def _tanh_autograd(keyset, *args):
-    """tanh_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """tanh_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "tanh_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call tanh(), whose TanhFunction has a generated jvp")
+            "tanh_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call tanh(), whose "
+            "TanhFunction has a generated jvp")
     return _tanh_library_autograd(keyset, *args)
 
 
-_tanh_library_autograd = torch._library.autograd.make_autograd_impl(tanh_op._opoverload, tanh_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     tanh_op._lib.impl(tanh_op._name, _tanh_autograd, "Autograd", with_keyset=True)

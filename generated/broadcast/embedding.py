@@ -107,17 +107,23 @@ def _embedding_fake(table, idx):
 embedding_op.register_autograd(EmbeddingFunction.backward, setup_context=EmbeddingFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_embedding_library_autograd = torch._library.autograd.make_autograd_impl(embedding_op._opoverload,
+                                                                        embedding_op)
+
+
 def _embedding_autograd(keyset, *args):
-    """embedding_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """embedding_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "embedding_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call embedding(), whose EmbeddingFunction has a generated jvp")
+            "embedding_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call embedding(), whose "
+            "EmbeddingFunction has a generated jvp")
     return _embedding_library_autograd(keyset, *args)
 
 
-_embedding_library_autograd = torch._library.autograd.make_autograd_impl(embedding_op._opoverload, embedding_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     embedding_op._lib.impl(embedding_op._name, _embedding_autograd, "Autograd", with_keyset=True)

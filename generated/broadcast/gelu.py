@@ -104,17 +104,23 @@ def _gelu_fake(x):
 gelu_op.register_autograd(GeluFunction.backward, setup_context=GeluFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_gelu_library_autograd = torch._library.autograd.make_autograd_impl(gelu_op._opoverload,
+                                                                   gelu_op)
+
+
 def _gelu_autograd(keyset, *args):
-    """gelu_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """gelu_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "gelu_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call gelu(), whose GeluFunction has a generated jvp")
+            "gelu_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call gelu(), whose "
+            "GeluFunction has a generated jvp")
     return _gelu_library_autograd(keyset, *args)
 
 
-_gelu_library_autograd = torch._library.autograd.make_autograd_impl(gelu_op._opoverload, gelu_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     gelu_op._lib.impl(gelu_op._name, _gelu_autograd, "Autograd", with_keyset=True)

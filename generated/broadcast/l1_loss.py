@@ -122,17 +122,23 @@ def _l1_loss_fake(pred, target):
 l1_loss_op.register_autograd(L1LossFunction.backward, setup_context=L1LossFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_l1_loss_library_autograd = torch._library.autograd.make_autograd_impl(l1_loss_op._opoverload,
+                                                                      l1_loss_op)
+
+
 def _l1_loss_autograd(keyset, *args):
-    """l1_loss_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """l1_loss_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "l1_loss_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call l1_loss(), whose L1LossFunction has a generated jvp")
+            "l1_loss_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call l1_loss(), whose "
+            "L1LossFunction has a generated jvp")
     return _l1_loss_library_autograd(keyset, *args)
 
 
-_l1_loss_library_autograd = torch._library.autograd.make_autograd_impl(l1_loss_op._opoverload, l1_loss_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     l1_loss_op._lib.impl(l1_loss_op._name, _l1_loss_autograd, "Autograd", with_keyset=True)

@@ -145,17 +145,23 @@ def _layer_norm_fake(x, w, b, eps=1e-05):
 layer_norm_op.register_autograd(LayerNormFunction.backward, setup_context=LayerNormFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_layer_norm_library_autograd = torch._library.autograd.make_autograd_impl(layer_norm_op._opoverload,
+                                                                         layer_norm_op)
+
+
 def _layer_norm_autograd(keyset, *args):
-    """layer_norm_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """layer_norm_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "layer_norm_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call layer_norm(), whose LayerNormFunction has a generated jvp")
+            "layer_norm_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call layer_norm(), whose "
+            "LayerNormFunction has a generated jvp")
     return _layer_norm_library_autograd(keyset, *args)
 
 
-_layer_norm_library_autograd = torch._library.autograd.make_autograd_impl(layer_norm_op._opoverload, layer_norm_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     layer_norm_op._lib.impl(layer_norm_op._name, _layer_norm_autograd, "Autograd", with_keyset=True)

@@ -109,17 +109,23 @@ def _leaky_relu_fake(x, slope=0.01):
 leaky_relu_op.register_autograd(LeakyReluFunction.backward, setup_context=LeakyReluFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_leaky_relu_library_autograd = torch._library.autograd.make_autograd_impl(leaky_relu_op._opoverload,
+                                                                         leaky_relu_op)
+
+
 def _leaky_relu_autograd(keyset, *args):
-    """leaky_relu_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """leaky_relu_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "leaky_relu_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call leaky_relu(), whose LeakyReluFunction has a generated jvp")
+            "leaky_relu_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call leaky_relu(), whose "
+            "LeakyReluFunction has a generated jvp")
     return _leaky_relu_library_autograd(keyset, *args)
 
 
-_leaky_relu_library_autograd = torch._library.autograd.make_autograd_impl(leaky_relu_op._opoverload, leaky_relu_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     leaky_relu_op._lib.impl(leaky_relu_op._name, _leaky_relu_autograd, "Autograd", with_keyset=True)

@@ -131,17 +131,23 @@ def _linear_fake(x, w, b):
 linear_op.register_autograd(LinearFunction.backward, setup_context=LinearFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_linear_library_autograd = torch._library.autograd.make_autograd_impl(linear_op._opoverload,
+                                                                     linear_op)
+
+
 def _linear_autograd(keyset, *args):
-    """linear_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """linear_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "linear_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call linear(), whose LinearFunction has a generated jvp")
+            "linear_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call linear(), whose "
+            "LinearFunction has a generated jvp")
     return _linear_library_autograd(keyset, *args)
 
 
-_linear_library_autograd = torch._library.autograd.make_autograd_impl(linear_op._opoverload, linear_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     linear_op._lib.impl(linear_op._name, _linear_autograd, "Autograd", with_keyset=True)

@@ -104,17 +104,23 @@ def _log_fake(x):
 log_op.register_autograd(LogFunction.backward, setup_context=LogFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_log_library_autograd = torch._library.autograd.make_autograd_impl(log_op._opoverload,
+                                                                  log_op)
+
+
 def _log_autograd(keyset, *args):
-    """log_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """log_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "log_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call log(), whose LogFunction has a generated jvp")
+            "log_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call log(), whose "
+            "LogFunction has a generated jvp")
     return _log_library_autograd(keyset, *args)
 
 
-_log_library_autograd = torch._library.autograd.make_autograd_impl(log_op._opoverload, log_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     log_op._lib.impl(log_op._name, _log_autograd, "Autograd", with_keyset=True)

@@ -106,17 +106,23 @@ def _relu_fake(x):
 relu_op.register_autograd(ReluFunction.backward, setup_context=ReluFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_relu_library_autograd = torch._library.autograd.make_autograd_impl(relu_op._opoverload,
+                                                                   relu_op)
+
+
 def _relu_autograd(keyset, *args):
-    """relu_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """relu_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "relu_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call relu(), whose ReluFunction has a generated jvp")
+            "relu_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call relu(), whose "
+            "ReluFunction has a generated jvp")
     return _relu_library_autograd(keyset, *args)
 
 
-_relu_library_autograd = torch._library.autograd.make_autograd_impl(relu_op._opoverload, relu_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     relu_op._lib.impl(relu_op._name, _relu_autograd, "Autograd", with_keyset=True)

@@ -106,17 +106,23 @@ def _silu_fake(x):
 silu_op.register_autograd(SiluFunction.backward, setup_context=SiluFunction.setup_context)
 
 
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_silu_library_autograd = torch._library.autograd.make_autograd_impl(silu_op._opoverload,
+                                                                   silu_op)
+
+
 def _silu_autograd(keyset, *args):
-    """silu_op's autograd kernel: torch.library's own, except under forward-mode AD. torch.library
-    has no jvp for a custom op and would drop the tangents silently, giving zeros: they raise instead."""
+    """silu_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
     if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
         raise NotImplementedError(
-            "silu_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) does "
-            "not go through a torch.library custom op; call silu(), whose SiluFunction has a generated jvp")
+            "silu_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call silu(), whose "
+            "SiluFunction has a generated jvp")
     return _silu_library_autograd(keyset, *args)
 
 
-_silu_library_autograd = torch._library.autograd.make_autograd_impl(silu_op._opoverload, silu_op)
 with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
     warnings.simplefilter("ignore")
     silu_op._lib.impl(silu_op._name, _silu_autograd, "Autograd", with_keyset=True)
