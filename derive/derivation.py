@@ -16,6 +16,12 @@ Max/Min split a tie evenly unless the spec says `tie=`, Abs has sign(0) = 0, whe
 follows its comparison. Then every kink s = 0 of a gradient is compared from both sides:
 where the two one-sided formulas are equal the step is dropped, where they agree at s = 0
 the gradient takes that value whatever the conventions, and only a real jump keeps one.
+
+Forward mode reuses each partial derivative: X's share of the output's tangent is
+
+    tangent_y[o...] += sum over d' of d y[o...] / d X[d'...] * tangent_X[d'...]
+
+with the deltas eliminated by the same rule (`_derive_tangent`).
 """
 
 from __future__ import annotations
@@ -84,6 +90,18 @@ class GradientDerivation:
 
 
 @dataclass(frozen=True)
+class TangentDerivation:
+    """Forward mode: how one input's share of the output's tangent was obtained, from the same partial
+    derivative as its gradient (the GradientDerivation of the same input holds `wrt` and `partial`)."""
+
+    input: str                    # the input X
+    tangent: str                  # X's tangent, a tensor shaped like X: tangent_X
+    jvp_raw: sympy.Expr           # sum over d' of partial * tangent_X[d'...], before delta elimination
+    jvp: sympy.Expr               # X's share of tangent_y[o...] after delta elimination and the kink convention
+    terms: tuple[Term, ...]       # jvp split into canonical terms for the shape planner
+
+
+@dataclass(frozen=True)
 class Derivation:
     """Everything derived for one op; code, docs and `explain` all render this one record."""
 
@@ -91,6 +109,9 @@ class Derivation:
     forward: sympy.Expr                       # the right-hand side in numerically stable form (functions.py)
     forward_terms: tuple[Term, ...]           # ... as canonical terms
     gradients: tuple[GradientDerivation, ...]  # one per differentiable input, in input order
+    # the Jacobian-vector product tangent_y = sum over inputs X of (d y / d X) . tangent_X, one share
+    # per differentiable input, in input order
+    tangents: tuple[TangentDerivation, ...] = ()
 
     @property
     def grad_output(self) -> str:
@@ -107,6 +128,7 @@ class Derivation:
 def tensor_symbols(op: OpSpec) -> frozenset[sympy.Symbol]:
     """The 0-d tensors of an op (as opposed to hyperparameters and sizes)."""
     names = [t.name for t in op.inputs if not t.indices]
+    names += [naming.tangent(t.name) for t in op.inputs if not t.indices]
     if not op.output_indices:
         names += [op.output, naming.grad(op.output)]
     return frozenset(scalar_symbol(n) for n in names)
@@ -121,8 +143,9 @@ def derive(op: OpSpec) -> Derivation:
     forward = stabilize(op.rhs)
     gradients = tuple(_derive_input(op, forward, tensor.name, scalars)
                       for tensor in op.inputs if tensor.differentiable)
+    tangents = tuple(_derive_tangent(op, forward, gradient, scalars) for gradient in gradients)
     return Derivation(op=op, forward=forward, forward_terms=tuple(expand_terms(forward, scalars)),
-                      gradients=gradients)
+                      gradients=gradients, tangents=tangents)
 
 
 def _derive_input(op: OpSpec, forward: sympy.Expr, name: str, scalars) -> GradientDerivation:
@@ -154,6 +177,48 @@ def _derive_input(op: OpSpec, forward: sympy.Expr, name: str, scalars) -> Gradie
 def _differentiate(forward: sympy.Expr, wrt: sympy.Expr) -> sympy.Expr:
     """d forward / d wrt, with torch's derivatives of a power (see `power`)."""
     return as_pow(sympy.diff(differentiable_powers(forward), wrt))
+
+
+# --- forward mode ----------------------------------------------------------------------------
+
+def _derive_tangent(op: OpSpec, forward: sympy.Expr, gradient: GradientDerivation, scalars) -> TangentDerivation:
+    """X's share of the Jacobian-vector product, from the partial derivative its gradient was built from:
+
+        tangent_y[o...] += sum over d' of d y[o...] / d X[d'...] * tangent_X[d'...]
+
+    The deltas are eliminated as for the gradient; here they substitute the output's indices (or a
+    gathered value) for X's primed ones, so the result is indexed like the output.
+    """
+    name = naming.tangent(gradient.input)
+    primed = tuple(gradient.wrt.indices) if isinstance(gradient.wrt, sympy.Indexed) else ()
+    jvp_raw = gradient.partial * (tensor_symbol(name)[primed] if primed else scalar_symbol(name))
+    if primed:
+        jvp_raw = sympy.Sum(jvp_raw, *[(p, 0, p.upper) for p in primed])
+    terms = []
+    for term in expand_terms(jvp_raw, scalars):
+        term = _eliminate_deltas(term, op, gradient.input)
+        if term is not None:
+            terms.append(_unprime_sums(term, primed, op.output_indices))
+    terms, _ = settle_kinks(_combine(terms), scalars)
+    terms = [_reuse_output(t, op, forward) for t in terms if not _vanishes(t)]
+    jvp = sympy.Add(*[t.to_expr() for t in terms])
+    terms = [Term(t.coefficient, tuple(lower_kinks(f) for f in t.factors), t.summed) for t in terms]
+    return TangentDerivation(input=gradient.input, tangent=name, jvp_raw=jvp_raw, jvp=jvp, terms=tuple(terms))
+
+
+def _unprime_sums(term: Term, primed: tuple[sympy.Idx, ...], output: tuple[str, ...]) -> Term:
+    """A primed index a delta did not remove is summed: it takes its dim's own name unless the term or
+    the output (which every term broadcasts to) uses it, else a fresh one."""
+    factors, summed = term.factors, list(term.summed)
+    taken = _index_names(term) | set(output)
+    for position, index in enumerate(summed):
+        if index in primed:
+            plain = sympy.Idx(index.name.rstrip("'"), index.upper + 1)
+            fresh = plain if plain.name not in taken else _fresh_index(plain, taken)
+            taken.add(fresh.name)
+            factors = tuple(f.xreplace({index: fresh}) for f in factors)
+            summed[position] = fresh
+    return Term(term.coefficient, factors, tuple(summed))
 
 
 def _split_piecewise(piecewise: sympy.Piecewise) -> tuple[list[sympy.Expr], sympy.Expr]:

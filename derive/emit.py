@@ -14,8 +14,9 @@ import jinja2
 from . import naming
 from .contracts import Declared, autocast_policies, guarded_blocks, shape_checks
 from .derivation import Derivation
-from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, backward_reads, walk
-from .printing import index_notation, render, render_expr, size_bindings, size_source, sizes_used, uses_math
+from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, backward_reads, covered, tangent_reads, walk
+from .printing import (index_notation, output_shape, render, render_expr, size_bindings, size_source,
+                       sizes_used, uses_math)
 
 
 
@@ -112,6 +113,7 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
     recomputed = any(v.recompute for v in lowered.plan.saved)
     kept = tensor_args if recomputed else [t.name for t in op.inputs if t.name in reads]
     saved = kept + ([op.output] if derivation.uses_output else []) + values
+    jvp = _jvp_context(derivation, lowered)
     function = dict(
         cls=naming.function_class(op.name),
         custom_op=naming.custom_op(op.name),
@@ -120,7 +122,8 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
         forward_args=", ".join(tensor_args + [p.name for p in op.params]),
         typed_args=", ".join([f"{t}: torch.Tensor" for t in tensor_args]
                              + [f"{p.name}: float = {p.default!r}" for p in op.params]),
-        unpack_inputs=_unpack([t if t in saved else "_" for t in tensor_args] + [p.name for p in op.params]),
+        unpack_inputs=_unpack([t if t in saved or t in jvp["saved"] else "_" for t in tensor_args]
+                              + [p.name for p in op.params]),
         unpack_values=_unpack(["_"] + values) if values else "",
         unpack_all=_unpack(tensor_args + [p.name for p in op.params]),
         unpack_recomputed=_unpack(["_"] + [v.name if v.recompute else "_" for v in lowered.plan.saved])
@@ -167,6 +170,7 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
                      sizes=size_bindings(op, [lowered.forward], shared=tuple(s.value for s in lowered.forward_shared)
                                          + tuple(Leaf(v.expr, v.indices) for v in lowered.plan.saved)),
                      shared=forward_shared),
+        jvp=jvp,
         backward=dict(name=naming.backward(op.name), grad_output=derivation.grad_output,
                       sizes=size_bindings(op, list(lowered.gradients), sources, shared_leaves),
                       none_line=" = ".join(outputs) + " = None",
@@ -196,6 +200,84 @@ def _contract(derivation: Derivation, lowered: LoweredOp, kept: list[str]) -> di
         backward_call=f"{naming.check_shapes(op.name)}({inputs}, "
                       + ", ".join(f"{t.name}={t.name}" for t in extras) + ")",
         blocks=guarded_blocks(checks),
+    )
+
+
+@dataclass(frozen=True)
+class TangentView:
+    """One input's share of the output's tangent, as the forward-mode function computes it."""
+
+    tangent: str                          # the input's tangent: tangent_x
+    jvp: str                              # its share in index notation
+    code: str                             # ... and as Python
+    shared: tuple[tuple[str, str], ...]   # values only this share uses, computed just before it
+    kernels: tuple[str, ...]              # what each fused kernel in the code computes
+
+
+def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
+    """What the template needs for `<op>_jvp` and the Function's `jvp`."""
+    op = derivation.op
+    positions = [t.name for t in op.inputs]
+    reads = tangent_reads(lowered)
+    uses_output = op.output in reads
+    differentiable = [t.name for t in op.inputs if t.differentiable]
+    inputs = [(t.name, t.indices) for t in op.inputs]
+    # the result's shape (for an absent tangent) comes from the output when it is read, else from the inputs
+    anchor = op.output if uses_output else next((n for n in differentiable if n in reads), differentiable[0])
+    sources = sorted(inputs, key=lambda source: source[0] not in reads | {anchor})
+    shared_leaves = tuple(s.value for s in lowered.tangent_shared)
+    exprs = list(lowered.tangents)
+    batched = [name for name, dims in inputs if naming.BATCH in dims]
+    # a share that lacks one of the output's dims, or batch dims that broadcast between inputs,
+    # make the sum of the shares narrower than the output
+    expand = any(covered(e) != set(e.plan.indices) for e in exprs) or \
+        (naming.BATCH in op.output_indices and len(batched) > 1)
+    also = () if uses_output else op.output_indices
+    sizes = size_bindings(op, exprs, sources, shared_leaves, also=also)
+    sized = set(sizes_used(op, exprs, shared_leaves)) | set(also)
+    reads |= {size_source(i, sources)[0] for i in sized if i != naming.BATCH}
+    if naming.BATCH in sized:
+        reads |= set(batched)
+    if not uses_output:
+        reads.add(anchor)
+    shape = f"{op.output}.shape" if uses_output else output_shape(op, sources)
+    shares = []
+    for t, expr in zip(derivation.tangents, exprs):
+        position = positions.index(t.input)
+        code = render_expr(expr)
+        shared = tuple((s.name, render(s.value).text) for s in lowered.tangent_shared if s.users == (position,))
+        text = " ".join([code] + [value for _, value in shared])
+        shares.append(TangentView(
+            tangent=t.tangent, jvp=index_notation(t.jvp), code=code, shared=shared,
+            kernels=tuple(meaning for needle, meaning in KERNELS.items() if needle in text)))
+    common = [(s.name, render(s.value).text) for s in lowered.tangent_shared if len(s.users) > 1]
+    kept = [name for name in positions if name in reads]
+    saved = kept + ([op.output] if uses_output else [])
+    arguments = [name if name in kept else "None" for name in positions] + ([op.output] if uses_output else [])
+    output_access = f"{naming.tangent(op.output)}[{', '.join(op.output_indices)}]" if op.output_indices \
+        else naming.tangent(op.output)
+    saving = bool(lowered.plan.saved)
+    single = shares[0].code if len(shares) == 1 else ""
+    if single and expand:
+        single = f"({single}){expand}"
+    return dict(
+        name=naming.jvp(op.name), single=single,
+        signature=", ".join(positions + ([op.output] if uses_output else [])
+                            + [naming.tangent(n) for n in differentiable]
+                            + [f"{p.name}={p.default!r}" for p in op.params]),
+        tangents=", ".join(naming.tangent(n) for n in differentiable),
+        output=naming.tangent(op.output), output_access=output_access, uses_output=uses_output,
+        sizes=sizes, common=common, shares=shares,
+        zeros=f"torch.zeros_like({op.output})" if uses_output else f"{anchor}.new_zeros({shape})",
+        expand=(f".expand_as({op.output})" if uses_output else f".expand({shape})") if expand else "",
+        # the Function's jvp gets one tangent per argument of forward: None for integer inputs and params
+        parameters=", ".join([naming.tangent(t.name) for t in op.inputs] + (["*_"] if op.params else [])),
+        saved=saved, unpack_saved=_unpack(saved) if saved else "",
+        # the Function's forward returns the values the backward reuses after the result, as outputs
+        # without a tangent
+        save_for_forward=", ".join(("output[0]" if saving else "output") if n == op.output else n for n in saved),
+        returns=", ".join([naming.tangent(op.output)] + ["None"] * len(lowered.plan.saved)) if saving else "",
+        call=", ".join(arguments + [naming.tangent(n) for n in differentiable] + [f"ctx.{p.name}" for p in op.params]),
     )
 
 

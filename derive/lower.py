@@ -141,6 +141,8 @@ class LoweredOp:
     gradients: tuple[LoweredExpr, ...]
     shared: tuple[Shared, ...]         # computed before the gradients that use them, in dependency order
     forward_shared: tuple[Shared, ...] = ()   # the same for the forward (users left empty)
+    tangents: tuple[LoweredExpr, ...] = ()    # forward mode: each differentiable input's share of tangent_y
+    tangent_shared: tuple[Shared, ...] = ()   # the same for the tangents (users: positions of the inputs)
 
 
 def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
@@ -156,12 +158,15 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
 
     gradients, shared = _share_common(op_plan, [lower_expr(g) for g in op_plan.gradients])
     (forward,), forward_shared = _share_common(op_plan, [lower_expr(op_plan.forward)])
-    return LoweredOp(op_plan, style, forward, gradients, shared, forward_shared)
+    tangents, tangent_shared = _share_common(op_plan, [lower_expr(t) for t in op_plan.tangents],
+                                             owners=[g.input for g in op_plan.derivation.tangents])
+    return LoweredOp(op_plan, style, forward, gradients, shared, forward_shared, tangents, tangent_shared)
 
 
-def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr]):
+def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[str] | None = None):
     """Hoist subexpressions that occur more than once across the elementwise leaves of `gradients`
-    (the backward's, or the forward alone)."""
+    (the backward's, the forward alone, or the tangents' shares). A value's users are the inputs whose
+    expressions need it: by default the input each gradient is shaped like, else `owners`."""
     leaves = [(g, node) for g, expr in enumerate(gradients) for term in expr.terms
               for node in walk(term) if isinstance(node, Leaf)]
     symbols = sympy.numbered_symbols("cse_", real=True)
@@ -209,9 +214,10 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr]):
     positions = [t.name for t in op_plan.op.inputs]
     users = {name: set() for name, _ in values}
     for g, leaf in leaves:
+        owner = gradients[g].plan.like if owners is None else owners[g]
         for name in _shared_names(rewritten[id(leaf)].expr, users):
-            if gradients[g].plan.like is not None:     # the forward has no needs_input_grad to consult
-                users[name].add(positions.index(gradients[g].plan.like))
+            if owner is not None:     # the forward has no needs_input_grad to consult
+                users[name].add(positions.index(owner))
     for name, value in reversed(values):
         for used in _shared_names(value.expr, users):
             users[used] |= users[name]
@@ -449,11 +455,19 @@ def _reduce(node: Node, summed: tuple[str, ...], term: TermPlan) -> tuple[Node, 
 
 def backward_reads(lowered: LoweredOp) -> set[str]:
     """Names of the inputs and output whose values or shapes the backward's code reads."""
+    return _reads(lowered.gradients, lowered.shared)
+
+
+def tangent_reads(lowered: LoweredOp) -> set[str]:
+    """Names of the inputs, output and tangents whose values or shapes the tangents' code reads."""
+    return _reads(lowered.tangents, lowered.tangent_shared)
+
+
+def _reads(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...]) -> set[str]:
     names: set[str] = set()
-    leaves = [s.value for s in lowered.shared]
-    for expr in lowered.gradients:
-        covered = set().union(*(t.indices for t in expr.terms)) if expr.terms else set()
-        if expr.plan.unbroadcast or covered != set(expr.plan.indices):
+    leaves = [s.value for s in shared]
+    for expr in exprs:
+        if expr.plan.unbroadcast or (expr.plan.like is not None and covered(expr) != set(expr.plan.indices)):
             names.add(expr.plan.like)      # sum_to_size / expand_as / zeros_like
         names |= {s.name for s in expr.plan.scale.free_symbols}
         if expr.indexed is not None:
@@ -468,6 +482,11 @@ def backward_reads(lowered: LoweredOp) -> set[str]:
         names |= {a.base.label.name for a in leaf.expr.atoms(sympy.Indexed)}
         names |= {s.name for s in leaf.expr.free_symbols}
     return names
+
+
+def covered(expr: LoweredExpr) -> set[str]:
+    """The dims an expression's terms produce; fewer than its target's when a term broadcasts."""
+    return set().union(*(t.indices for t in expr.terms)) if expr.terms else set()
 
 
 def children(node: Node) -> tuple[Node, ...]:

@@ -16,6 +16,11 @@ def grad(name: str) -> str:
     return f"grad_{name}"
 
 
+def tangent(name: str) -> str:
+    """Forward-mode tangent of a tensor: `tangent_x` for `x`, `tangent_y` for the output `y`."""
+    return f"tangent_{name}"
+
+
 BATCH = "..."   # the ellipsis index: any number of leading (batch) dims
 
 
@@ -31,7 +36,7 @@ SAVED_PREFIX = "saved_"     # values the forward computes and hands to the backw
 def is_zero_dim_tensor(expr) -> bool:
     """Whether a SymPy symbol stands for a 0-d tensor in generated code: the upstream gradient of a
     scalar output (`grad_loss`) or a shared scalar; spec names cannot take these prefixes."""
-    return getattr(expr, "is_Symbol", False) and expr.name.startswith(("grad_", SHARED_PREFIX))
+    return getattr(expr, "is_Symbol", False) and expr.name.startswith(("grad_", "tangent_", SHARED_PREFIX))
 
 
 def forward(op: str) -> str:
@@ -67,13 +72,18 @@ def check_shapes(op: str) -> str:
     return f"_check_{op}_shapes"
 
 
+def jvp(op: str) -> str:
+    """The forward-mode function: the output's tangent from the inputs' tangents."""
+    return f"{op}_jvp"
+
+
 def module_file(op: str) -> str:
     return f"{op}.py"
 
 
 def is_generated_name(name: str) -> bool:
-    return name.startswith(("grad_", "size_", SHARED_PREFIX, SAVED_PREFIX)) \
-        or name.endswith(("_forward", "_backward", "_forward_saving"))
+    return name.startswith(("grad_", "tangent_", "size_", SHARED_PREFIX, SAVED_PREFIX)) \
+        or name.endswith(("_forward", "_backward", "_forward_saving", "_jvp"))
 
 
 def name_problem(name: str) -> str | None:
@@ -87,5 +97,6 @@ def name_problem(name: str) -> str | None:
     if name in RESERVED:
         return f"'{name}' shadows a Python or torch name used in generated code"
     if is_generated_name(name):
-        return f"'{name}' collides with generated names (grad_*, size_*, shared_*, saved_*, *_forward, *_backward)"
+        return (f"'{name}' collides with generated names (grad_*, tangent_*, size_*, shared_*, saved_*, "
+                f"*_forward, *_backward, *_jvp)")
     return None

@@ -16,6 +16,7 @@ import sympy
 
 from .derivation import Derivation, Term, step_as_sign, tensor_symbols
 from .functions import bound_indices, canonical, fuse_log_softmax, fuse_log_softmax_vjp, fuse_softmax_vjp
+from . import naming
 from .model import OpSpec
 from .naming import BATCH
 from .saving import SavedValue, save_forward_values, save_normalization, signs_out
@@ -64,6 +65,7 @@ class OpPlan:
     forward: ExprPlan
     gradients: tuple[ExprPlan, ...]   # one per differentiable input, in input order
     saved: tuple[SavedValue, ...] = ()   # forward values the backward reads (contraction style)
+    tangents: tuple[ExprPlan, ...] = ()  # forward mode: each differentiable input's share of the output's tangent
 
     @property
     def op(self) -> OpSpec:
@@ -86,7 +88,17 @@ def plan(derivation: Derivation, fuse: bool = True) -> OpPlan:
     gradients = tuple(
         _plan_expr(op, terms, f"grad_{g.input}", g.input, g.indices, order, stand_in=g.input)
         for g, terms in zip(derivation.gradients, gradient_terms))
-    return OpPlan(derivation=derivation, forward=forward, gradients=gradients, saved=saved)
+    return OpPlan(derivation=derivation, forward=forward, gradients=gradients, saved=saved,
+                  tangents=_plan_tangents(derivation, fuse))
+
+
+def _plan_tangents(derivation: Derivation, fuse: bool) -> tuple[ExprPlan, ...]:
+    """Each input's share of tangent_y, planned as the forward is (indexed like the output); it reads
+    the inputs and the output, not the values the forward saves for the backward."""
+    op = derivation.op
+    return tuple(_plan_expr(op, _fused(t.terms) if fuse else list(t.terms), naming.tangent(op.output), None,
+                            op.output_indices, op.index_order, stand_in=None)
+                 for t in derivation.tangents)
 
 
 def _fused(terms):
@@ -99,6 +111,7 @@ def _fused(terms):
 def _plan_expr(op, terms, target, like, indices, order, stand_in) -> ExprPlan:
     scalars = tensor_symbols(op)
     reading = {t.name: position for position, t in enumerate(op.inputs)}
+    reading |= {naming.tangent(t.name): position for position, t in enumerate(op.inputs)}
     if stand_in is not None:
         reading[f"grad_{op.output}"] = reading[stand_in]
     plans = [_plan_term(op, term, indices, order, scalars, reading) for term in terms]

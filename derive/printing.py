@@ -624,7 +624,7 @@ def render_expr(lowered: LoweredExpr) -> str:
         text = (text if atomic else f"({text})") + f".index_put_(({rows}, {indexed.index}), {value}, accumulate=True)"
         atomic = True
     covered = set().union(*(p.indices for p in parts))
-    if covered != set(plan.indices):
+    if covered != set(plan.indices) and plan.like is not None:   # (forward mode expands the sum of its shares)
         text = (text if atomic else f"({text})") + f".expand_as({plan.like})"
         atomic = True
     if plan.unbroadcast:
@@ -634,16 +634,35 @@ def render_expr(lowered: LoweredExpr) -> str:
 
 def size_bindings(op: OpSpec, exprs: list[LoweredExpr],
                   sources: list[tuple[str, tuple[str, ...]]] | None = None,
-                  shared: tuple[Leaf, ...] = ()) -> list[tuple[str, str]]:
-    """`size_n = x.shape[0]` for every size the code uses, read off the first of `sources` with that dim.
+                  shared: tuple[Leaf, ...] = (), also: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """`size_n = x.shape[0]` for every size the code uses, and those of the indices `also`, read off
+    the first of `sources` with that dim.
 
     `sources` are (tensor name, dims) pairs; by default the op's inputs.
     """
     if sources is None:
         sources = [(t.name, t.indices) for t in op.inputs]
+    used = set(sizes_used(op, exprs, shared)) | {op.size_of(i) for i in also if i != BATCH}
     return [(size_symbol(index).name, _batch_size(sources, grad(op.output)) if index == BATCH else
              _shape_of(*size_source(index, sources), index))
-            for index in sizes_used(op, exprs, shared)]
+            for index, representative in sorted(dict(op.index_sizes).items())
+            if index == representative and index in used]
+
+
+def output_shape(op: OpSpec, sources: list[tuple[str, tuple[str, ...]]]) -> str:
+    """Source for the shape of the op's result, `(size_n, size_m)` (those sizes bound), its batch dims
+    `...` read off the sources that have them, broadcast together when several do."""
+    dims = []
+    for index in op.output_indices:
+        if index != BATCH:
+            dims.append(size_symbol(op.size_of(index)).name)
+            continue
+        shapes = [f"{name}.shape[:-{len(indices) - 1}]" if len(indices) > 1 else f"{name}.shape"
+                  for name, indices in sources if BATCH in indices]
+        dims.append("*" + (shapes[0] if len(shapes) == 1 else f"torch.broadcast_shapes({', '.join(shapes)})"))
+    if len(dims) == 1 and dims[0].startswith("*"):
+        return dims[0][1:]      # the batch dims alone: x.shape
+    return _tuple(dims) if dims else "()"
 
 
 def _batch_size(sources: list[tuple[str, tuple[str, ...]]], grad_output: str) -> str:

@@ -14,6 +14,7 @@ import ast
 import hashlib
 import itertools
 import importlib.util
+import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,74 @@ def check_gradients(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=N
                                         f"expected {tuple(want.shape)}"
         assert got.dtype == dtype, f"{op.name}: grad_{tensor.name} is {got.dtype}, expected {dtype}"
         torch.testing.assert_close(got, want, equal_nan=equal_nan, msg=lambda m: f"{op.name}: grad_{tensor.name}: {m}")
+
+
+# --- forward mode ---------------------------------------------------------------------------------
+
+def jvp_arguments(op: OpSpec, module: ModuleType, inputs, tangents, **params) -> dict:
+    """Keyword arguments of `<op>_jvp`: the inputs, the forward's result when the tangent reuses it,
+    and one tangent per differentiable input (`tangents` has one entry per input; None for none)."""
+    function = getattr(module, naming.jvp(op.name))
+    arguments = {t.name: value for t, value in zip(op.inputs, inputs)}
+    arguments |= {naming.tangent(t.name): value for t, value in zip(op.inputs, tangents) if t.differentiable}
+    if op.output in inspect.signature(function).parameters:
+        arguments[op.output] = getattr(module, naming.forward(op.name))(*inputs, **params)
+    return arguments | params
+
+
+def check_tangents(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=None, seed: int = 0,
+                   kinks: bool = False, inputs: list[torch.Tensor] | None = None, equal_nan: bool = False,
+                   params: dict[str, float] | None = None) -> None:
+    """Forward mode: torch.func.jvp through `<op>()` (its Function's generated jvp) equals torch.func.jvp of
+    the torch reference (when the op has one) and of the generated forward, for random tangents on every
+    differentiable input (with `kinks`, against the reference alone: it sets the convention there;
+    `equal_nan` accepts NaN where the oracle has NaN too, as a mean over an empty dim gives);
+    `<op>_jvp` called with one tangent at a time (the others None) gives that
+    input's share, and with none a zero tangent, each exactly the result's shape and dtype."""
+    params = params or {}
+    if inputs is None:
+        inputs = make_inputs(op, sizes, dtype, seed, kinks)
+    generator = torch.Generator().manual_seed(seed + 2)
+    tangents = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(dtype) if meta.differentiable
+                else None for t, meta in zip(inputs, op.inputs)]
+    positions = [p for p, meta in enumerate(op.inputs) if meta.differentiable]
+
+    def along(function, only=None):
+        """torch.func.jvp of `function` in the differentiable inputs (all, or `only` one of them)."""
+        wanted = positions if only is None else [only]
+
+        def of_differentiable(*values):
+            arguments = list(inputs)
+            for p, value in zip(wanted, values):
+                arguments[p] = value
+            return function(*arguments, **params)
+        return torch.func.jvp(of_differentiable, tuple(inputs[p] for p in wanted),
+                              tuple(tangents[p] for p in wanted))
+
+    output, tangent = along(getattr(module, op.name))
+    oracles = {}
+    if not (kinks and op.reference):     # at a kink, torch's ops in the forward may follow other conventions
+        oracles["the generated forward"] = getattr(module, naming.forward(op.name))
+    if op.reference:
+        oracles["the reference"] = reference(op)
+    for label, function in oracles.items():
+        expected_output, expected = along(function)
+        assert tangent.shape == expected.shape and tangent.dtype == expected.dtype, \
+            f"{op.name}: tangent {tuple(tangent.shape)} {tangent.dtype}, " \
+            f"expected {tuple(expected.shape)} {expected.dtype} (from {label})"
+        torch.testing.assert_close(tangent, expected, equal_nan=equal_nan,
+                                   msg=lambda m: f"{op.name}: jvp against {label}: {m}")
+    jvp = getattr(module, naming.jvp(op.name))
+    for p in positions:
+        alone = [tangents[p] if q == p else None for q in range(len(inputs))]
+        share = jvp(**jvp_arguments(op, module, inputs, alone, **params))
+        _, expected = along(next(iter(oracles.values())), only=p)
+        assert share.shape == expected.shape, f"{op.name}: share of {op.inputs[p].name} has shape {tuple(share.shape)}"
+        torch.testing.assert_close(share, expected, equal_nan=equal_nan,
+                                   msg=lambda m: f"{op.name}: share of {op.inputs[p].name}: {m}")
+    none = jvp(**jvp_arguments(op, module, inputs, [None] * len(inputs), **params))
+    assert none.shape == output.shape and none.dtype == output.dtype and not none.any(), \
+        f"{op.name}: without tangents, {naming.jvp(op.name)} should give zeros shaped like the result"
 
 
 def gradcheck_op(op: OpSpec, module: ModuleType, sizes=None, seed: int = 0) -> None:
@@ -408,7 +477,9 @@ def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
       pred = target ± delta for where(Abs(pred - target) < delta, ...), a = b for Max(a, b));
     - once with every index of the same size (a transposed gradient then has the right shape);
     - the module's autograd.Function (gradcheck and gradgradcheck) and its custom op (gradients
-      against the reference).
+      against the reference);
+    - forward mode: the Function's jvp and `<op>_jvp` against torch.func.jvp of the reference
+      (`check_tangents`).
     """
     op = load_catalog(spec).op(op_name)
     module = load_module(module_path)
@@ -435,3 +506,4 @@ def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
                          autograd_gradients(reference(op), inputs, grad_output, flags)):
         if want is not None:
             torch.testing.assert_close(got, want, msg=lambda m: f"{op.name}: custom op gradient: {m}")
+    check_tangents(op, module)

@@ -7,6 +7,8 @@
 GELU, exact form with the error function.
 """
 
+import warnings
+
 import torch
 
 
@@ -52,11 +54,29 @@ def gelu_backward(grad_y, x, *, needs_input_grad=(True,)):
     return (grad_x,)
 
 
+def gelu_jvp(x, tangent_x):
+    """Forward mode: the tangent of gelu's result, given tangents of its inputs (tangent_x).
+
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[...] = sum over X of sum over d of d y[...] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in gelu_backward, with their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[...] += (erf(sqrt(2)*x[...]/2)/2 + 1/2)*tangent_x[...] + sqrt(2)*exp(-x[...]**2/2)*tangent_x[...]*x[...]/(2*sqrt(pi))
+
+    A tangent that is None adds nothing.
+    """
+    if tangent_x is None:
+        return x.new_zeros(x.shape)
+    return (torch.erf(0.7071067811865476 * x) / 2 + 1/2) * tangent_x + 0.3989422804014327 * torch.exp(-x**2 / 2) * tangent_x * x
+
+
 class GeluFunction(torch.autograd.Function):
     """gelu as a torch.autograd.Function: the generated forward and backward.
 
     Saves only what the backward reads (x); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, gelu_jvp.
     """
 
     generate_vmap_rule = True
@@ -69,11 +89,17 @@ class GeluFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         (x,) = inputs
         ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
 
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
         return gelu_backward(grad_y, x, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_x):
+        (x,) = ctx.saved_tensors
+        return gelu_jvp(x, tangent_x)
 
 
 # How torch.autocast casts gelu's floating inputs, per device type (derived from the equation):
@@ -135,3 +161,25 @@ def _gelu_op_autocast(x):
 _library = torch.library.Library("derive", "FRAGMENT")
 for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
     _library.impl("gelu", _gelu_op_autocast, _dispatch_key)
+
+
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_gelu_library_autograd = torch._library.autograd.make_autograd_impl(gelu_op._opoverload,
+                                                                   gelu_op)
+
+
+def _gelu_autograd(keyset, *args):
+    """gelu_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "gelu_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call gelu(), whose "
+            "GeluFunction has a generated jvp")
+    return _gelu_library_autograd(keyset, *args)
+
+
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    gelu_op._lib.impl(gelu_op._name, _gelu_autograd, "Autograd", with_keyset=True)

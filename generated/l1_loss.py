@@ -7,6 +7,8 @@
 Mean absolute error; at pred == target the gradient is 0, as in torch.
 """
 
+import warnings
+
 import torch
 
 
@@ -63,11 +65,38 @@ def l1_loss_backward(grad_loss, pred, target, *, needs_input_grad=(True, True)):
     return (grad_pred, grad_target)
 
 
+def l1_loss_jvp(pred, target, tangent_pred, tangent_target):
+    """Forward mode: the tangent of l1_loss's result, given tangents of its inputs (tangent_pred, tangent_target).
+
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_loss = sum over X of sum over d of d loss / d X[d...] * tangent_X[d...],
+    from the partial derivatives in l1_loss_backward, with their Kronecker deltas summed away.
+
+    share of tangent_pred:
+        tangent_loss += sum(sign(pred[...] - target[...])*tangent_pred[...], ...)/size_batch
+
+    share of tangent_target:
+        tangent_loss += -sum(sign(pred[...] - target[...])*tangent_target[...], ...)/size_batch
+
+    A tangent that is None adds nothing.
+    """
+    shared_0 = torch.sign(pred - target)
+    shares = []
+    if tangent_pred is not None:
+        shares.append((shared_0 * tangent_pred).mean())
+    if tangent_target is not None:
+        shares.append(-(shared_0 * tangent_target).mean())
+    if not shares:
+        return pred.new_zeros(())
+    return sum(shares[1:], start=shares[0])
+
+
 class L1LossFunction(torch.autograd.Function):
     """l1_loss as a torch.autograd.Function: the generated forward and backward.
 
     Saves only what the backward reads (pred, target); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, l1_loss_jvp.
     """
 
     generate_vmap_rule = True
@@ -80,11 +109,17 @@ class L1LossFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         pred, target = inputs
         ctx.save_for_backward(pred, target)
+        ctx.save_for_forward(pred, target)
 
     @staticmethod
     def backward(ctx, grad_loss):
         pred, target = ctx.saved_tensors
         return l1_loss_backward(grad_loss, pred, target, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_pred, tangent_target):
+        pred, target = ctx.saved_tensors
+        return l1_loss_jvp(pred, target, tangent_pred, tangent_target)
 
 
 # How torch.autocast casts l1_loss's floating inputs, per device type (derived from the equation):
@@ -146,3 +181,25 @@ def _l1_loss_op_autocast(pred, target):
 _library = torch.library.Library("derive", "FRAGMENT")
 for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
     _library.impl("l1_loss", _l1_loss_op_autocast, _dispatch_key)
+
+
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_l1_loss_library_autograd = torch._library.autograd.make_autograd_impl(l1_loss_op._opoverload,
+                                                                      l1_loss_op)
+
+
+def _l1_loss_autograd(keyset, *args):
+    """l1_loss_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "l1_loss_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call l1_loss(), whose "
+            "L1LossFunction has a generated jvp")
+    return _l1_loss_library_autograd(keyset, *args)
+
+
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    l1_loss_op._lib.impl(l1_loss_op._name, _l1_loss_autograd, "Autograd", with_keyset=True)

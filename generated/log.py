@@ -7,6 +7,8 @@
 Natural logarithm, defined for positive inputs.
 """
 
+import warnings
+
 import torch
 
 
@@ -52,11 +54,29 @@ def log_backward(grad_y, x, *, needs_input_grad=(True,)):
     return (grad_x,)
 
 
+def log_jvp(x, tangent_x):
+    """Forward mode: the tangent of log's result, given tangents of its inputs (tangent_x).
+
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[...] = sum over X of sum over d of d y[...] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in log_backward, with their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[...] += tangent_x[...]/x[...]
+
+    A tangent that is None adds nothing.
+    """
+    if tangent_x is None:
+        return x.new_zeros(x.shape)
+    return tangent_x / x
+
+
 class LogFunction(torch.autograd.Function):
     """log as a torch.autograd.Function: the generated forward and backward.
 
     Saves only what the backward reads (x); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, log_jvp.
     """
 
     generate_vmap_rule = True
@@ -69,11 +89,17 @@ class LogFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         (x,) = inputs
         ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
 
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
         return log_backward(grad_y, x, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_x):
+        (x,) = ctx.saved_tensors
+        return log_jvp(x, tangent_x)
 
 
 # How torch.autocast casts log's floating inputs, per device type (derived from the equation):
@@ -135,3 +161,25 @@ def _log_op_autocast(x):
 _library = torch.library.Library("derive", "FRAGMENT")
 for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
     _library.impl("log", _log_op_autocast, _dispatch_key)
+
+
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_log_library_autograd = torch._library.autograd.make_autograd_impl(log_op._opoverload,
+                                                                  log_op)
+
+
+def _log_autograd(keyset, *args):
+    """log_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "log_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call log(), whose "
+            "LogFunction has a generated jvp")
+    return _log_library_autograd(keyset, *args)
+
+
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    log_op._lib.impl(log_op._name, _log_autograd, "Autograd", with_keyset=True)

@@ -7,6 +7,8 @@
 Hyperbolic tangent; the backward reuses the forward's result: 1 - y**2.
 """
 
+import warnings
+
 import torch
 
 
@@ -56,11 +58,30 @@ def tanh_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     return (grad_x,)
 
 
+def tanh_jvp(x, y, tangent_x):
+    """Forward mode: the tangent of tanh's result, given tangents of its inputs (tangent_x).
+
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[...] = sum over X of sum over d of d y[...] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in tanh_backward, with their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[...] += (1 - y[...]**2)*tangent_x[...]
+
+    y is the forward's result, which the tangent reuses.
+    A tangent that is None adds nothing.
+    """
+    if tangent_x is None:
+        return torch.zeros_like(y)
+    return (1 - y**2) * tangent_x
+
+
 class TanhFunction(torch.autograd.Function):
     """tanh as a torch.autograd.Function: the generated forward and backward.
 
     Saves only what the backward reads (y); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, tanh_jvp.
     """
 
     generate_vmap_rule = True
@@ -73,11 +94,17 @@ class TanhFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         (_,) = inputs
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
         return tanh_backward(grad_y, None, y, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_x):
+        (y,) = ctx.saved_tensors
+        return tanh_jvp(None, y, tangent_x)
 
 
 # How torch.autocast casts tanh's floating inputs, per device type (derived from the equation):
@@ -139,3 +166,25 @@ def _tanh_op_autocast(x):
 _library = torch.library.Library("derive", "FRAGMENT")
 for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
     _library.impl("tanh", _tanh_op_autocast, _dispatch_key)
+
+
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_tanh_library_autograd = torch._library.autograd.make_autograd_impl(tanh_op._opoverload,
+                                                                   tanh_op)
+
+
+def _tanh_autograd(keyset, *args):
+    """tanh_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "tanh_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call tanh(), whose "
+            "TanhFunction has a generated jvp")
+    return _tanh_library_autograd(keyset, *args)
+
+
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    tanh_op._lib.impl(tanh_op._name, _tanh_autograd, "Autograd", with_keyset=True)

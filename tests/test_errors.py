@@ -80,7 +80,7 @@ CASES = [
      "private names)"),
     ("op-name-generated", op("y[n, k] = x[n, k]", name="linear_backward"),
      "bad.toml:1: op 'linear_backward': bad op name: 'linear_backward' collides with generated names (grad_*, "
-     "size_*, shared_*, saved_*, *_forward, *_backward)"),
+     "tangent_*, size_*, shared_*, saved_*, *_forward, *_backward, *_jvp)"),
     ("op-name-not-identifier", op("y[n, k] = x[n, k]", name='"my-op"'),
      "bad.toml:1: op 'my-op': bad op name: 'my-op' is not a valid identifier"),
     ("input-keyword", op("y[n] = x[n]", inputs='["class[n]"]'),
@@ -92,7 +92,7 @@ CASES = [
      "dunder and private names)"),
     ("input-generated-name", op("y[n] = grad_x[n]", inputs='["grad_x[n]"]'),
      "bad.toml:2: op 'bad': bad input declaration 'grad_x[n]': 'grad_x' collides with generated names "
-     "(grad_*, size_*, shared_*, saved_*, *_forward, *_backward)"),
+     "(grad_*, tangent_*, size_*, shared_*, saved_*, *_forward, *_backward, *_jvp)"),
     ("input-shadows-torch", op("y[n] = torch[n]", inputs='["torch[n]"]'),
      "bad.toml:2: op 'bad': bad input declaration 'torch[n]': 'torch' shadows a Python or torch name used in "
      "generated code"),
@@ -106,8 +106,8 @@ CASES = [
     ("param-not-finite", op("y[n] = x[n] * a", inputs='["x[n]"]', extra="params = { a = inf }\n"),
      "bad.toml:5: op 'bad': param 'a' needs a finite number as default"),
     ("result-generated-name", op("grad_y[n] = x[n]", inputs='["x[n]"]'),
-     "bad.toml:3:13: op 'bad': bad result name: 'grad_y' collides with generated names (grad_*, size_*, "
-     "shared_*, saved_*, *_forward, *_backward)"),
+     "bad.toml:3:13: op 'bad': bad result name: 'grad_y' collides with generated names (grad_*, tangent_*, "
+     "size_*, shared_*, saved_*, *_forward, *_backward, *_jvp)"),
     ("result-named-like-input", op("x[n, k] = x[n, k]"),
      "bad.toml:3: op 'bad': the result 'x' has the name of an input or param"),
     ("index-named-like-result", op("y[n, y] = x[n, y]", inputs='["x[n, y]"]'),

@@ -7,6 +7,8 @@
 Cross-entropy of logits against class probabilities, averaged over the batch.
 """
 
+import warnings
+
 import torch
 
 
@@ -68,11 +70,38 @@ def cross_entropy_probs_backward(grad_loss, logits, target, *, needs_input_grad=
     return (grad_logits, grad_target)
 
 
+def cross_entropy_probs_jvp(logits, target, tangent_logits, tangent_target):
+    """Forward mode: the tangent of cross_entropy_probs's result, given tangents of its inputs (tangent_logits, tangent_target).
+
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_loss = sum over X of sum over d of d loss / d X[d...] * tangent_X[d...],
+    from the partial derivatives in cross_entropy_probs_backward, with their Kronecker deltas summed away.
+
+    share of tangent_logits:
+        tangent_loss += sum(softmax(logits[n, c_1], c_1)*tangent_logits[n, c_1]*target[n, c], n, c, c_1)/size_n - sum(tangent_logits[n, c]*target[n, c], n, c)/size_n
+
+    share of tangent_target:
+        tangent_loss += sum((logsumexp(logits[n, c], c) - logits[n, c])*tangent_target[n, c], n, c)/size_n
+
+    A tangent that is None adds nothing.
+    """
+    size_n = logits.shape[0]
+    shares = []
+    if tangent_logits is not None:
+        shares.append(((torch.softmax(logits, dim=-1).unsqueeze(1) * tangent_logits.unsqueeze(1) * target.unsqueeze(-1)).sum() - (tangent_logits * target).sum()) / size_n)
+    if tangent_target is not None:
+        shares.append(((torch.logsumexp(logits, dim=-1).unsqueeze(-1) - logits) * tangent_target).sum() / size_n)
+    if not shares:
+        return logits.new_zeros(())
+    return sum(shares[1:], start=shares[0])
+
+
 class CrossEntropyProbsFunction(torch.autograd.Function):
     """cross_entropy_probs as a torch.autograd.Function: the generated forward and backward.
 
     Saves only what the backward reads (logits, target); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, cross_entropy_probs_jvp.
     """
 
     generate_vmap_rule = True
@@ -85,11 +114,17 @@ class CrossEntropyProbsFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         logits, target = inputs
         ctx.save_for_backward(logits, target)
+        ctx.save_for_forward(logits, target)
 
     @staticmethod
     def backward(ctx, grad_loss):
         logits, target = ctx.saved_tensors
         return cross_entropy_probs_backward(grad_loss, logits, target, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_logits, tangent_target):
+        logits, target = ctx.saved_tensors
+        return cross_entropy_probs_jvp(logits, target, tangent_logits, tangent_target)
 
 
 # How torch.autocast casts cross_entropy_probs's floating inputs, per device type (derived from the equation):
@@ -151,3 +186,25 @@ def _cross_entropy_probs_op_autocast(logits, target):
 _library = torch.library.Library("derive", "FRAGMENT")
 for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
     _library.impl("cross_entropy_probs_broadcast", _cross_entropy_probs_op_autocast, _dispatch_key)
+
+
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_cross_entropy_probs_library_autograd = torch._library.autograd.make_autograd_impl(cross_entropy_probs_op._opoverload,
+                                                                                  cross_entropy_probs_op)
+
+
+def _cross_entropy_probs_autograd(keyset, *args):
+    """cross_entropy_probs_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "cross_entropy_probs_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call cross_entropy_probs(), whose "
+            "CrossEntropyProbsFunction has a generated jvp")
+    return _cross_entropy_probs_library_autograd(keyset, *args)
+
+
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    cross_entropy_probs_op._lib.impl(cross_entropy_probs_op._name, _cross_entropy_probs_autograd, "Autograd", with_keyset=True)

@@ -7,6 +7,8 @@
 Embedding lookup: row idx[n] of the table for each n, as torch.nn.functional.embedding.
 """
 
+import warnings
+
 import torch
 
 
@@ -63,11 +65,31 @@ def embedding_backward(grad_y, table, idx, *, needs_input_grad=(True, True)):
     return (grad_table, None)
 
 
+def embedding_jvp(table, idx, tangent_table):
+    """Forward mode: the tangent of embedding's result, given tangents of its inputs (tangent_table).
+
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[n, d] = sum over X of sum over d of d y[n, d] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in embedding_backward, with their Kronecker deltas summed away.
+
+    share of tangent_table:
+        tangent_y[n, d] += tangent_table[idx[n], d]
+
+    A tangent that is None adds nothing.
+    """
+    size_d = table.shape[1]
+    size_n = idx.shape[0]
+    if tangent_table is None:
+        return table.new_zeros((size_n, size_d))
+    return tangent_table[idx]
+
+
 class EmbeddingFunction(torch.autograd.Function):
     """embedding as a torch.autograd.Function: the generated forward and backward.
 
     Saves only what the backward reads (table, idx); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, embedding_jvp.
     """
 
     generate_vmap_rule = True
@@ -80,11 +102,17 @@ class EmbeddingFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         table, idx = inputs
         ctx.save_for_backward(table, idx)
+        ctx.save_for_forward(table, idx)
 
     @staticmethod
     def backward(ctx, grad_y):
         table, idx = ctx.saved_tensors
         return embedding_backward(grad_y, table, idx, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_table, tangent_idx):
+        table, idx = ctx.saved_tensors
+        return embedding_jvp(table, idx, tangent_table)
 
 
 # How torch.autocast casts embedding's floating inputs, per device type (derived from the equation):
@@ -146,3 +174,25 @@ def _embedding_op_autocast(table, idx):
 _library = torch.library.Library("derive", "FRAGMENT")
 for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
     _library.impl("embedding_broadcast", _embedding_op_autocast, _dispatch_key)
+
+
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_embedding_library_autograd = torch._library.autograd.make_autograd_impl(embedding_op._opoverload,
+                                                                        embedding_op)
+
+
+def _embedding_autograd(keyset, *args):
+    """embedding_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "embedding_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call embedding(), whose "
+            "EmbeddingFunction has a generated jvp")
+    return _embedding_library_autograd(keyset, *args)
+
+
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    embedding_op._lib.impl(embedding_op._name, _embedding_autograd, "Autograd", with_keyset=True)

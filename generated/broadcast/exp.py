@@ -7,6 +7,8 @@
 Exponential; the backward reuses the forward's result.
 """
 
+import warnings
+
 import torch
 
 
@@ -56,11 +58,30 @@ def exp_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     return (grad_x,)
 
 
+def exp_jvp(x, y, tangent_x):
+    """Forward mode: the tangent of exp's result, given tangents of its inputs (tangent_x).
+
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[...] = sum over X of sum over d of d y[...] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in exp_backward, with their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[...] += tangent_x[...]*y[...]
+
+    y is the forward's result, which the tangent reuses.
+    A tangent that is None adds nothing.
+    """
+    if tangent_x is None:
+        return torch.zeros_like(y)
+    return tangent_x * y
+
+
 class ExpFunction(torch.autograd.Function):
     """exp as a torch.autograd.Function: the generated forward and backward.
 
     Saves only what the backward reads (y); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, exp_jvp.
     """
 
     generate_vmap_rule = True
@@ -73,11 +94,17 @@ class ExpFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         (_,) = inputs
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
         return exp_backward(grad_y, None, y, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_x):
+        (y,) = ctx.saved_tensors
+        return exp_jvp(None, y, tangent_x)
 
 
 # How torch.autocast casts exp's floating inputs, per device type (derived from the equation):
@@ -139,3 +166,25 @@ def _exp_op_autocast(x):
 _library = torch.library.Library("derive", "FRAGMENT")
 for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
     _library.impl("exp_broadcast", _exp_op_autocast, _dispatch_key)
+
+
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_exp_library_autograd = torch._library.autograd.make_autograd_impl(exp_op._opoverload,
+                                                                  exp_op)
+
+
+def _exp_autograd(keyset, *args):
+    """exp_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "exp_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call exp(), whose "
+            "ExpFunction has a generated jvp")
+    return _exp_library_autograd(keyset, *args)
+
+
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    exp_op._lib.impl(exp_op._name, _exp_autograd, "Autograd", with_keyset=True)

@@ -7,6 +7,8 @@
 Layer normalization over the last dim with elementwise weight and bias.
 """
 
+import warnings
+
 import torch
 
 
@@ -87,11 +89,47 @@ def layer_norm_backward(grad_y, x, w, b, eps=1e-05, *, needs_input_grad=(True, T
     return (grad_x, grad_w, grad_b)
 
 
+def layer_norm_jvp(x, w, b, tangent_x, tangent_w, tangent_b, eps=1e-05):
+    """Forward mode: the tangent of layer_norm's result, given tangents of its inputs (tangent_x, tangent_w, tangent_b).
+
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[..., d] = sum over X of sum over d of d y[..., d] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in layer_norm_backward, with their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[..., d] += tangent_x[..., d]*w[d]/sqrt(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d) - sum(tangent_x[..., d_1]*w[d]/sqrt(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d), d_1)/size_d - sum((x[..., d] - sum(x[..., d], d)/size_d)*(x[..., d_1] - sum(x[..., d_1], d_1)/size_d)*tangent_x[..., d_1]*w[d]/(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d)**(3/2), d_1)/size_d
+
+    share of tangent_w:
+        tangent_y[..., d] += (x[..., d] - sum(x[..., d], d)/size_d)*tangent_w[d]/sqrt(eps + sum((x[..., d] - sum(x[..., d], d)/size_d)**2, d)/size_d)
+
+    share of tangent_b:
+        tangent_y[..., d] += tangent_b[d]
+
+    A tangent that is None adds nothing.
+    """
+    size_d = x.shape[-1]
+    shared_0 = -x.sum(-1) / size_d
+    shared_1 = shared_0.unsqueeze(-1) + x
+    shared_2 = eps + (shared_1**2).sum(-1) / size_d
+    shared_3 = torch.rsqrt(shared_2)
+    shares = []
+    if tangent_x is not None:
+        shares.append(shared_3.unsqueeze(-1) * tangent_x * w - (shared_3.unsqueeze(-1).unsqueeze(-2) * tangent_x.unsqueeze(-2) * w.unsqueeze(-1)).mean(dim=-1) - ((shared_2**(-3/2)).unsqueeze(-1).unsqueeze(-2) * shared_1.unsqueeze(-1) * shared_1.unsqueeze(-2) * tangent_x.unsqueeze(-2) * w.unsqueeze(-1)).mean(dim=-1))
+    if tangent_w is not None:
+        shares.append(shared_3.unsqueeze(-1) * shared_1 * tangent_w)
+    if tangent_b is not None:
+        shares.append(tangent_b)
+    if not shares:
+        return x.new_zeros((*x.shape[:-1], size_d))
+    return sum(shares[1:], start=shares[0]).expand((*x.shape[:-1], size_d))
+
+
 class LayerNormFunction(torch.autograd.Function):
     """layer_norm as a torch.autograd.Function: the generated forward and backward.
 
     Saves only what the backward reads (x, w); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, layer_norm_jvp.
     """
 
     generate_vmap_rule = True
@@ -105,6 +143,7 @@ class LayerNormFunction(torch.autograd.Function):
         x, w, _, eps = inputs
         ctx.save_for_backward(x, w)
         ctx.eps = eps
+        ctx.save_for_forward(x, w)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -112,6 +151,11 @@ class LayerNormFunction(torch.autograd.Function):
         gradients = layer_norm_backward(grad_y, x, w, None, ctx.eps,
                                        needs_input_grad=ctx.needs_input_grad[:3])
         return gradients + (None,)
+
+    @staticmethod
+    def jvp(ctx, tangent_x, tangent_w, tangent_b, *_):
+        x, w = ctx.saved_tensors
+        return layer_norm_jvp(x, w, None, tangent_x, tangent_w, tangent_b, ctx.eps)
 
 
 # How torch.autocast casts layer_norm's floating inputs, per device type (derived from the equation):
@@ -173,3 +217,25 @@ def _layer_norm_op_autocast(x, w, b, eps=1e-05):
 _library = torch.library.Library("derive", "FRAGMENT")
 for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
     _library.impl("layer_norm_broadcast", _layer_norm_op_autocast, _dispatch_key)
+
+
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_layer_norm_library_autograd = torch._library.autograd.make_autograd_impl(layer_norm_op._opoverload,
+                                                                         layer_norm_op)
+
+
+def _layer_norm_autograd(keyset, *args):
+    """layer_norm_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "layer_norm_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call layer_norm(), whose "
+            "LayerNormFunction has a generated jvp")
+    return _layer_norm_library_autograd(keyset, *args)
+
+
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    layer_norm_op._lib.impl(layer_norm_op._name, _layer_norm_autograd, "Autograd", with_keyset=True)

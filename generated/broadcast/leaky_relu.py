@@ -7,6 +7,8 @@
 Leaky ReLU; at x == 0 the gradient is the slope, as in torch.
 """
 
+import warnings
+
 import torch
 
 
@@ -53,11 +55,30 @@ def leaky_relu_backward(grad_y, x, slope=0.01, *, needs_input_grad=(True,)):
     return (grad_x,)
 
 
+def leaky_relu_jvp(x, tangent_x, slope=0.01):
+    """Forward mode: the tangent of leaky_relu's result, given tangents of its inputs (tangent_x).
+
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[...] = sum over X of sum over d of d y[...] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in leaky_relu_backward, with their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[...] += Piecewise((1, x[...] > 0), (slope, True))*tangent_x[...]
+
+    A tangent that is None adds nothing.
+    """
+    if tangent_x is None:
+        return x.new_zeros(x.shape)
+    # leaky_relu_backward(g, x, s, False) = where(x > 0, g, s * g)
+    return torch.ops.aten.leaky_relu_backward(tangent_x, x, slope, False)
+
+
 class LeakyReluFunction(torch.autograd.Function):
     """leaky_relu as a torch.autograd.Function: the generated forward and backward.
 
     Saves only what the backward reads (x); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, leaky_relu_jvp.
     """
 
     generate_vmap_rule = True
@@ -71,6 +92,7 @@ class LeakyReluFunction(torch.autograd.Function):
         x, slope = inputs
         ctx.save_for_backward(x)
         ctx.slope = slope
+        ctx.save_for_forward(x)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -78,6 +100,11 @@ class LeakyReluFunction(torch.autograd.Function):
         gradients = leaky_relu_backward(grad_y, x, ctx.slope,
                                        needs_input_grad=ctx.needs_input_grad[:1])
         return gradients + (None,)
+
+    @staticmethod
+    def jvp(ctx, tangent_x, *_):
+        (x,) = ctx.saved_tensors
+        return leaky_relu_jvp(x, tangent_x, ctx.slope)
 
 
 # How torch.autocast casts leaky_relu's floating inputs, per device type (derived from the equation):
@@ -139,3 +166,25 @@ def _leaky_relu_op_autocast(x, slope=0.01):
 _library = torch.library.Library("derive", "FRAGMENT")
 for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
     _library.impl("leaky_relu_broadcast", _leaky_relu_op_autocast, _dispatch_key)
+
+
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_leaky_relu_library_autograd = torch._library.autograd.make_autograd_impl(leaky_relu_op._opoverload,
+                                                                         leaky_relu_op)
+
+
+def _leaky_relu_autograd(keyset, *args):
+    """leaky_relu_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "leaky_relu_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call leaky_relu(), whose "
+            "LeakyReluFunction has a generated jvp")
+    return _leaky_relu_library_autograd(keyset, *args)
+
+
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    leaky_relu_op._lib.impl(leaky_relu_op._name, _leaky_relu_autograd, "Autograd", with_keyset=True)

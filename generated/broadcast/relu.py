@@ -7,6 +7,8 @@
 Rectified linear unit, elementwise over any shape. The gradient at x == 0 is 0, as in torch.relu.
 """
 
+import warnings
+
 import torch
 
 
@@ -53,11 +55,30 @@ def relu_backward(grad_y, x, *, needs_input_grad=(True,)):
     return (grad_x,)
 
 
+def relu_jvp(x, tangent_x):
+    """Forward mode: the tangent of relu's result, given tangents of its inputs (tangent_x).
+
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[...] = sum over X of sum over d of d y[...] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in relu_backward, with their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[...] += Heaviside(x[...], 0)*tangent_x[...]
+
+    A tangent that is None adds nothing.
+    """
+    if tangent_x is None:
+        return x.new_zeros(x.shape)
+    # threshold_backward(g, x, 0) = where(x <= 0, 0, g)
+    return torch.ops.aten.threshold_backward(tangent_x, x, 0)
+
+
 class ReluFunction(torch.autograd.Function):
     """relu as a torch.autograd.Function: the generated forward and backward.
 
     Saves only what the backward reads (x); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, relu_jvp.
     """
 
     generate_vmap_rule = True
@@ -70,11 +91,17 @@ class ReluFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         (x,) = inputs
         ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
 
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
         return relu_backward(grad_y, x, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_x):
+        (x,) = ctx.saved_tensors
+        return relu_jvp(x, tangent_x)
 
 
 # How torch.autocast casts relu's floating inputs, per device type (derived from the equation):
@@ -136,3 +163,25 @@ def _relu_op_autocast(x):
 _library = torch.library.Library("derive", "FRAGMENT")
 for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
     _library.impl("relu_broadcast", _relu_op_autocast, _dispatch_key)
+
+
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_relu_library_autograd = torch._library.autograd.make_autograd_impl(relu_op._opoverload,
+                                                                   relu_op)
+
+
+def _relu_autograd(keyset, *args):
+    """relu_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "relu_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call relu(), whose "
+            "ReluFunction has a generated jvp")
+    return _relu_library_autograd(keyset, *args)
+
+
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    relu_op._lib.impl(relu_op._name, _relu_autograd, "Autograd", with_keyset=True)

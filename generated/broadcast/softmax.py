@@ -7,6 +7,8 @@
 Softmax over the last dim (max-shifted by torch.softmax); the backward reuses the result.
 """
 
+import warnings
+
 import torch
 
 
@@ -74,11 +76,30 @@ def softmax_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     return (grad_x,)
 
 
+def softmax_jvp(x, y, tangent_x):
+    """Forward mode: the tangent of softmax's result, given tangents of its inputs (tangent_x).
+
+    The tangent is the Jacobian-vector product, with one share per input X:
+    tangent_y[..., c] = sum over X of sum over d of d y[..., c] / d X[d...] * tangent_X[d...],
+    from the partial derivatives in softmax_backward, with their Kronecker deltas summed away.
+
+    share of tangent_x:
+        tangent_y[..., c] += tangent_x[..., c]*y[..., c] - sum(tangent_x[..., c_s]*y[..., c]*y[..., c_s], c_s)
+
+    y is the forward's result, which the tangent reuses.
+    A tangent that is None adds nothing.
+    """
+    if tangent_x is None:
+        return torch.zeros_like(y)
+    return tangent_x * y - (tangent_x.unsqueeze(-2) * y.unsqueeze(-1) * y.unsqueeze(-2)).sum(dim=-1)
+
+
 class SoftmaxFunction(torch.autograd.Function):
     """softmax as a torch.autograd.Function: the generated forward and backward.
 
     Saves only what the backward reads (y); works with
     torch.func.grad and torch.vmap.
+    Forward mode (torch.func.jvp, jacfwd, hessian, forward_ad) goes through its jvp, softmax_jvp.
     """
 
     generate_vmap_rule = True
@@ -91,11 +112,17 @@ class SoftmaxFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         (_,) = inputs
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
         return softmax_backward(grad_y, None, y, needs_input_grad=ctx.needs_input_grad)
+
+    @staticmethod
+    def jvp(ctx, tangent_x):
+        (y,) = ctx.saved_tensors
+        return softmax_jvp(None, y, tangent_x)
 
 
 # How torch.autocast casts softmax's floating inputs, per device type (derived from the equation):
@@ -157,3 +184,25 @@ def _softmax_op_autocast(x):
 _library = torch.library.Library("derive", "FRAGMENT")
 for _dispatch_key in ("AutocastCPU", "AutocastCUDA"):
     _library.impl("softmax_broadcast", _softmax_op_autocast, _dispatch_key)
+
+
+# torch.library has no forward mode for a custom op: without a jvp it drops the tangents and returns
+# zeros. Its autograd kernel (private API: there is no public way to wrap it) therefore runs behind a
+# check that raises instead.
+_softmax_library_autograd = torch._library.autograd.make_autograd_impl(softmax_op._opoverload,
+                                                                      softmax_op)
+
+
+def _softmax_autograd(keyset, *args):
+    """softmax_op's autograd kernel: torch.library's own, unless an input carries a forward-mode tangent."""
+    if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args if isinstance(a, torch.Tensor)):
+        raise NotImplementedError(
+            "softmax_op: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "does not go through a torch.library custom op; call softmax(), whose "
+            "SoftmaxFunction has a generated jvp")
+    return _softmax_library_autograd(keyset, *args)
+
+
+with warnings.catch_warnings():     # torch warns that the kernel it registered is replaced, which is the point
+    warnings.simplefilter("ignore")
+    softmax_op._lib.impl(softmax_op._name, _softmax_autograd, "Autograd", with_keyset=True)
