@@ -167,6 +167,8 @@ def _derive_input(op: OpSpec, forward: sympy.Expr, name: str, scalars) -> Gradie
         if term is not None:
             terms.append(_rename_primed(term, primed, op))
     terms, kinks = settle_kinks(_combine(terms), scalars)
+    # a delta that SymPy had folded into a where() branch comes out when the branch is chosen
+    terms = [t for t in (_eliminate_deltas(t, op, name) for t in terms) if t is not None]
     terms = [_reuse_output(t, op, forward) for t in terms if not _vanishes(t)]
     vjp = sympy.Add(*[t.to_expr() for t in terms])
     terms = [Term(t.coefficient, tuple(lower_kinks(f) for f in t.factors), t.summed) for t in terms]
@@ -378,7 +380,7 @@ def _replaced(terms: list[Term], replacement: dict, scalars, distribute: bool = 
         for chosen in itertools.product(*choices):
             coefficient, factors = term.coefficient, []
             for part in (p for factor in chosen for p in sympy.Mul.make_args(factor)):
-                if depends_on_tensor(part, scalars):
+                if depends_on_tensor(part, scalars) or part.has(sympy.KroneckerDelta):
                     factors.append(part)
                 else:
                     coefficient *= part

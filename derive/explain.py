@@ -167,8 +167,8 @@ class KinkExplanation:
 
     where: Math                  # the kink, s = 0 written as two sides: x[i] = 0, a[i] = b[i]
     verdict: str                 # what derive concluded (derivation.KINK_VERDICTS)
-    sides: tuple[tuple[Math | None, Math], ...]   # (region, grad_X there): above, below, on the kink;
-                                                   # one row (None: everywhere) where the kinks cancel
+    sides: tuple[tuple[str | None, str], ...]   # (region, grad_X there) in index notation: above, below, on
+                                                 # the kink; one row (None: everywhere) where the kinks cancel
 
 
 @dataclass(frozen=True)
@@ -367,8 +367,8 @@ def _explain_kink(kink: Kink, lhs: sympy.Expr) -> KinkExplanation:
         regions = [(None, kink.above)]
     return KinkExplanation(
         where=_math(kink.equation), verdict=KINK_VERDICTS[kink.verdict],
-        sides=tuple((region if region is None else _math(region),
-                     _math(sympy.Eq(lhs, lower_kinks(value), evaluate=False)))
+        sides=tuple((region if region is None else _notation(region),
+                     _notation(sympy.Eq(lhs, value, evaluate=False)))
                     for region, value in regions))
 
 
@@ -501,6 +501,10 @@ class _NotationPrinter(IndexNotationPrinter):
 
     def _print_Equality(self, expr):
         return f"{self._print(expr.lhs)} = {self._print(expr.rhs)}"
+
+    def _print_Heaviside(self, expr):
+        """The unit step as the code computes it: where(a < b, 0, where(a = b, h, 1))."""
+        return self._print(lower_kinks(expr))
 
     def _print_Piecewise(self, expr):
         *pieces, (otherwise, condition) = expr.args
