@@ -167,6 +167,18 @@ def guarded_blocks(checks: list[Check]) -> list[tuple[str, list[Check]]]:
     return blocks
 
 
+def all_hold(checks: list[Check]) -> list[str]:
+    """The conjunction of every check, one clause per line: the fast path that returns at once when
+    the shapes are right (one expression costs a fraction of the calls that name a failure)."""
+    clauses = []
+    for check in checks:
+        condition = f"({check.condition})" if " or " in check.condition else check.condition
+        if check.guard:
+            condition = f"({' or '.join(f'{name} is None' for name in check.guard)} or {condition})"
+        clauses.append(condition)
+    return clauses
+
+
 # ---- autocast -------------------------------------------------------------------------------
 
 DEVICE_TYPES = ("cpu", "cuda")     # the autocast device types derive mirrors torch's op lists for
@@ -208,6 +220,14 @@ AUTOCAST_RULES = (
 )
 
 
+# The dtype each policy casts floating inputs to, as generated code.
+POLICY_DTYPES = {
+    "lower": "torch.get_autocast_dtype(device_type)",
+    "float32": "torch.float32",
+    "promote": "functools.reduce(torch.promote_types, [t.dtype for t in tensors if t.is_floating_point()])",
+}
+
+
 @dataclass(frozen=True)
 class Autocast:
     device: str
@@ -221,5 +241,6 @@ def autocast_policies(derivation: Derivation) -> tuple[Autocast, ...]:
     for device in DEVICE_TYPES:
         rule = next((r for r in AUTOCAST_RULES if device in r.devices and r.applies(derivation)), None)
         policies.append(Autocast(device, rule.policy, rule.why) if rule else
-                        Autocast(device, "promote", "elementwise ops keep their inputs' dtype"))
+                        Autocast(device, "promote", "no autocast list names such an op: it keeps its inputs' "
+                                                    "dtype (the widest)"))
     return tuple(policies)
