@@ -66,6 +66,8 @@ class Check:
     guard: tuple[str, ...]       # optional tensors it reads: it applies only when none is None
     condition: str               # Python expression, True when the contract holds
     message: str                 # f-string body of the RuntimeError
+    pair: tuple[str, str] = ()   # (tensor, other) it compares sizes of; whole: it compares their whole shapes
+    whole: bool = False
 
 
 def shape_checks(op_name: str, declared: list[Declared], sizes: dict[str, str]) -> list[Check]:
@@ -90,13 +92,17 @@ def shape_checks(op_name: str, declared: list[Declared], sizes: dict[str, str]) 
                                 f"{op_name}: {name} has dtype {{{name}.dtype}} but is declared an integer "
                                 f"input (its values are indices)"))
         for index in tensor.named:
-            for other in _earlier(declared[:position], lambda t: any(sizes.get(i, i) == sizes.get(index, index)
-                                                                      for i in t.named)):
+            def has(t, index=index):
+                return any(sizes.get(i, i) == sizes.get(index, index) for i in t.named)
+            # the backward's own tensors come together: grad_<out> stands for the inputs
+            anchors = [t for t in declared[:position] if t.role == "result" and has(t)]
+            for other in anchors[:1] if tensor.role != "input" and anchors else _earlier(declared[:position], has):
                 other_index = next(i for i in other.named if sizes.get(i, i) == sizes.get(index, index))
                 checks.append(Check(
                     _guard(tensor, other), f"{tensor.size(index)} == {other.size(other_index)}",
                     f"{op_name}: {name} has size {{{tensor.size(index)}}} at dim {tensor.dim(index)} (index "
-                    f"{index}) but {other.name} has {other_index} = {{{other.size(other_index)}}}"))
+                    f"{index}) but {other.name} has {other_index} = {{{other.size(other_index)}}}",
+                    pair=(name, other.name)))
     checks += _batch_checks(op_name, [t for t in declared if t.batched])
     return checks
 
@@ -126,9 +132,13 @@ def _batch_checks(op_name: str, batched: list[Declared]) -> list[Check]:
             continue
         if len(targets) == 1:
             other = targets[0]
-            checks.append(Check(_guard(tensor, other), f"{tensor.batch()} == {other.batch()}",
+            # the named dims are compared already: with the same ones, whole shapes compare cheaper
+            same = tensor.named == other.named and tensor.indices == other.indices
+            condition = f"{tensor.name}.shape == {other.name}.shape" if same else f"{tensor.batch()} == {other.batch()}"
+            checks.append(Check(_guard(tensor, other), condition,
                                 f"{op_name}: {tensor.name} has batch dims {{tuple({tensor.batch()})}} (index ...) "
-                                f"but {other.name} has ... = {{tuple({other.batch()})}}"))
+                                f"but {other.name} has ... = {{tuple({other.batch()})}}",
+                                pair=(tensor.name, other.name), whole=same))
             continue
         shapes = ", ".join(t.batch() for t in targets)
         broadcast = f"torch.broadcast_shapes({shapes})"
@@ -170,8 +180,11 @@ def guarded_blocks(checks: list[Check]) -> list[tuple[str, list[Check]]]:
 def all_hold(checks: list[Check]) -> list[str]:
     """The conjunction of every check, one clause per line: the fast path that returns at once when
     the shapes are right (one expression costs a fraction of the calls that name a failure)."""
+    whole = {check.pair for check in checks if check.whole}
     clauses = []
     for check in checks:
+        if check.pair in whole and not check.whole:     # implied by the whole shapes' comparison
+            continue
         condition = f"({check.condition})" if " or " in check.condition else check.condition
         if check.guard:
             condition = f"({' or '.join(f'{name} is None' for name in check.guard)} or {condition})"

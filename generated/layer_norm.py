@@ -21,10 +21,9 @@ def _check_layer_norm_shapes(x, w, b, *, grad_y=None, saved_mean=None, saved_rst
             and (b is None or b.dim() == 1)
             and (b is None or b.shape[0] == x.shape[-1])
             and (grad_y is None or grad_y.dim() >= 1)
-            and (grad_y is None or grad_y.shape[-1] == x.shape[-1])
             and (saved_mean is None or (saved_mean.shape == x.shape[:-1] or all(p == q or p == 1 or q == 1 for p, q in zip(reversed(saved_mean.shape), reversed(x.shape[:-1])))))
             and (saved_rstd is None or (saved_rstd.shape == x.shape[:-1] or all(p == q or p == 1 or q == 1 for p, q in zip(reversed(saved_rstd.shape), reversed(x.shape[:-1])))))
-            and (grad_y is None or grad_y.shape[:-1] == x.shape[:-1])):
+            and (grad_y is None or grad_y.shape == x.shape)):
         return
     # a contract is broken: torch._check raises, naming the first
     torch._check(x.dim() >= 1,
@@ -50,7 +49,7 @@ def _check_layer_norm_shapes(x, w, b, *, grad_y=None, saved_mean=None, saved_rst
         torch._check(saved_rstd.shape == x.shape[:-1] or all(p == q or p == 1 or q == 1 for p, q in zip(reversed(saved_rstd.shape), reversed(x.shape[:-1]))),
                      lambda: f"layer_norm: saved_rstd has batch dims {tuple(saved_rstd.shape)} (index ...) but x has ... = {tuple(x.shape[:-1])}, and they do not broadcast")
     if grad_y is not None:
-        torch._check(grad_y.shape[:-1] == x.shape[:-1],
+        torch._check(grad_y.shape == x.shape,
                      lambda: f"layer_norm: grad_y has batch dims {tuple(grad_y.shape[:-1])} (index ...) but x has ... = {tuple(x.shape[:-1])}")
 
 

@@ -17,12 +17,9 @@ def _check_log_softmax_shapes(x, *, grad_y=None, y=None):
     x[..., c], grad_y[..., c], y[..., c]."""
     if ((x is None or x.dim() >= 1)
             and (grad_y is None or grad_y.dim() >= 1)
-            and (grad_y is None or x is None or grad_y.shape[-1] == x.shape[-1])
             and (y is None or y.dim() >= 1)
-            and (y is None or x is None or y.shape[-1] == x.shape[-1])
-            and (y is None or grad_y is None or y.shape[-1] == grad_y.shape[-1])
-            and (grad_y is None or x is None or grad_y.shape[:-1] == x.shape[:-1])
-            and (y is None or grad_y is None or y.shape[:-1] == grad_y.shape[:-1])):
+            and (grad_y is None or x is None or grad_y.shape == x.shape)
+            and (y is None or grad_y is None or y.shape == grad_y.shape)):
         return
     # a contract is broken: torch._check raises, naming the first
     if x is not None:
@@ -37,17 +34,14 @@ def _check_log_softmax_shapes(x, *, grad_y=None, y=None):
     if y is not None:
         torch._check(y.dim() >= 1,
                      lambda: f"log_softmax: y has shape {tuple(y.shape)} but is declared y[..., c] (at least 1 dim)")
-    if y is not None and x is not None:
-        torch._check(y.shape[-1] == x.shape[-1],
-                     lambda: f"log_softmax: y has size {y.shape[-1]} at dim -1 (index c) but x has c = {x.shape[-1]}")
     if y is not None and grad_y is not None:
         torch._check(y.shape[-1] == grad_y.shape[-1],
                      lambda: f"log_softmax: y has size {y.shape[-1]} at dim -1 (index c) but grad_y has c = {grad_y.shape[-1]}")
     if grad_y is not None and x is not None:
-        torch._check(grad_y.shape[:-1] == x.shape[:-1],
+        torch._check(grad_y.shape == x.shape,
                      lambda: f"log_softmax: grad_y has batch dims {tuple(grad_y.shape[:-1])} (index ...) but x has ... = {tuple(x.shape[:-1])}")
     if y is not None and grad_y is not None:
-        torch._check(y.shape[:-1] == grad_y.shape[:-1],
+        torch._check(y.shape == grad_y.shape,
                      lambda: f"log_softmax: y has batch dims {tuple(y.shape[:-1])} (index ...) but grad_y has ... = {tuple(grad_y.shape[:-1])}")
 
 

@@ -21,8 +21,7 @@ def _check_layer_norm_shapes(x, w, b, *, grad_y=None):
             and (b is None or b.dim() == 1)
             and (b is None or b.shape[0] == x.shape[-1])
             and (grad_y is None or grad_y.dim() >= 1)
-            and (grad_y is None or grad_y.shape[-1] == x.shape[-1])
-            and (grad_y is None or grad_y.shape[:-1] == x.shape[:-1])):
+            and (grad_y is None or grad_y.shape == x.shape)):
         return
     # a contract is broken: torch._check raises, naming the first
     torch._check(x.dim() >= 1,
@@ -41,7 +40,7 @@ def _check_layer_norm_shapes(x, w, b, *, grad_y=None):
                      lambda: f"layer_norm: grad_y has shape {tuple(grad_y.shape)} but is declared grad_y[..., d] (at least 1 dim)")
         torch._check(grad_y.shape[-1] == x.shape[-1],
                      lambda: f"layer_norm: grad_y has size {grad_y.shape[-1]} at dim -1 (index d) but x has d = {x.shape[-1]}")
-        torch._check(grad_y.shape[:-1] == x.shape[:-1],
+        torch._check(grad_y.shape == x.shape,
                      lambda: f"layer_norm: grad_y has batch dims {tuple(grad_y.shape[:-1])} (index ...) but x has ... = {tuple(x.shape[:-1])}")
 
 
