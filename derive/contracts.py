@@ -30,7 +30,8 @@ class Declared:
 
     name: str                    # argument name in the generated functions
     indices: tuple[str, ...]     # one index per dim, as declared; BATCH first for batch dims
-    optional: bool               # may be None: a backward-only argument in the forward, an input the Function does not save
+    optional: bool               # may be None: a backward-only tensor in the forward, an input the Function
+                                 # does not save in the backward
     integer: bool = False        # an integer input (its values index another input)
     role: str = "input"          # "input"; "saved", a value the forward hands the backward; "result",
                                  # grad_<out> or <out>, whose batch dims are those the inputs broadcast to
@@ -133,8 +134,9 @@ def _batch_checks(op_name: str, batched: list[Declared]) -> list[Check]:
         if len(targets) == 1:
             other = targets[0]
             # the named dims are compared already: with the same ones, whole shapes compare cheaper
-            same = tensor.named == other.named and tensor.indices == other.indices
-            condition = f"{tensor.name}.shape == {other.name}.shape" if same else f"{tensor.batch()} == {other.batch()}"
+            same = tensor.indices == other.indices
+            condition = (f"{tensor.name}.shape == {other.name}.shape" if same else
+                         f"{tensor.batch()} == {other.batch()}")
             checks.append(Check(_guard(tensor, other), condition,
                                 f"{op_name}: {tensor.name} has batch dims {{tuple({tensor.batch()})}} (index ...) "
                                 f"but {other.name} has ... = {{tuple({other.batch()})}}",
@@ -201,7 +203,7 @@ DEVICE_TYPES = ("cpu", "cuda")     # the autocast device types derive mirrors to
 class AutocastRule:
     """One line of torch's autocast op lists, as a property of an equation."""
 
-    policy: str                          # "lower": to the autocast dtype; "float32"; ("promote": to the widest input dtype)
+    policy: str                          # "lower": to the autocast dtype; "float32"; "promote": the widest input dtype
     devices: tuple[str, ...]             # device types whose list has it
     applies: Callable[[Derivation], bool]
     why: str                             # for the generated comment
