@@ -30,7 +30,8 @@ class Declared:
 
     name: str                    # argument name in the generated functions
     indices: tuple[str, ...]     # one index per dim, as declared; BATCH first for batch dims
-    optional: bool               # may be None: a backward-only argument in the forward, an input the Function does not save
+    optional: bool               # may be None: a backward-only tensor in the forward, an input the Function
+                                 # does not save in the backward
     integer: bool = False        # an integer input (its values index another input)
     role: str = "input"          # "input"; "saved", a value the forward hands the backward; "result",
                                  # grad_<out> or <out>, whose batch dims are those the inputs broadcast to
@@ -66,6 +67,8 @@ class Check:
     guard: tuple[str, ...]       # optional tensors it reads: it applies only when none is None
     condition: str               # Python expression, True when the contract holds
     message: str                 # f-string body of the RuntimeError
+    pair: tuple[str, str] = ()   # (tensor, other) it compares sizes of; whole: it compares their whole shapes
+    whole: bool = False
 
 
 def shape_checks(op_name: str, declared: list[Declared], sizes: dict[str, str]) -> list[Check]:
@@ -90,13 +93,17 @@ def shape_checks(op_name: str, declared: list[Declared], sizes: dict[str, str]) 
                                 f"{op_name}: {name} has dtype {{{name}.dtype}} but is declared an integer "
                                 f"input (its values are indices)"))
         for index in tensor.named:
-            for other in _earlier(declared[:position], lambda t: any(sizes.get(i, i) == sizes.get(index, index)
-                                                                      for i in t.named)):
+            def has(t, index=index):
+                return any(sizes.get(i, i) == sizes.get(index, index) for i in t.named)
+            # the backward's own tensors come together: grad_<out> stands for the inputs
+            anchors = [t for t in declared[:position] if t.role == "result" and has(t)]
+            for other in anchors[:1] if tensor.role != "input" and anchors else _earlier(declared[:position], has):
                 other_index = next(i for i in other.named if sizes.get(i, i) == sizes.get(index, index))
                 checks.append(Check(
                     _guard(tensor, other), f"{tensor.size(index)} == {other.size(other_index)}",
                     f"{op_name}: {name} has size {{{tensor.size(index)}}} at dim {tensor.dim(index)} (index "
-                    f"{index}) but {other.name} has {other_index} = {{{other.size(other_index)}}}"))
+                    f"{index}) but {other.name} has {other_index} = {{{other.size(other_index)}}}",
+                    pair=(name, other.name)))
     checks += _batch_checks(op_name, [t for t in declared if t.batched])
     return checks
 
@@ -126,9 +133,14 @@ def _batch_checks(op_name: str, batched: list[Declared]) -> list[Check]:
             continue
         if len(targets) == 1:
             other = targets[0]
-            checks.append(Check(_guard(tensor, other), f"{tensor.batch()} == {other.batch()}",
+            # the named dims are compared already: with the same ones, whole shapes compare cheaper
+            same = tensor.indices == other.indices
+            condition = (f"{tensor.name}.shape == {other.name}.shape" if same else
+                         f"{tensor.batch()} == {other.batch()}")
+            checks.append(Check(_guard(tensor, other), condition,
                                 f"{op_name}: {tensor.name} has batch dims {{tuple({tensor.batch()})}} (index ...) "
-                                f"but {other.name} has ... = {{tuple({other.batch()})}}"))
+                                f"but {other.name} has ... = {{tuple({other.batch()})}}",
+                                pair=(tensor.name, other.name), whole=same))
             continue
         shapes = ", ".join(t.batch() for t in targets)
         broadcast = f"torch.broadcast_shapes({shapes})"
@@ -167,6 +179,21 @@ def guarded_blocks(checks: list[Check]) -> list[tuple[str, list[Check]]]:
     return blocks
 
 
+def all_hold(checks: list[Check]) -> list[str]:
+    """The conjunction of every check, one clause per line: the fast path that returns at once when
+    the shapes are right (one expression costs a fraction of the calls that name a failure)."""
+    whole = {check.pair for check in checks if check.whole}
+    clauses = []
+    for check in checks:
+        if check.pair in whole and not check.whole:     # implied by the whole shapes' comparison
+            continue
+        condition = f"({check.condition})" if " or " in check.condition else check.condition
+        if check.guard:
+            condition = f"({' or '.join(f'{name} is None' for name in check.guard)} or {condition})"
+        clauses.append(condition)
+    return clauses
+
+
 # ---- autocast -------------------------------------------------------------------------------
 
 DEVICE_TYPES = ("cpu", "cuda")     # the autocast device types derive mirrors torch's op lists for
@@ -176,7 +203,7 @@ DEVICE_TYPES = ("cpu", "cuda")     # the autocast device types derive mirrors to
 class AutocastRule:
     """One line of torch's autocast op lists, as a property of an equation."""
 
-    policy: str                          # "lower": to the autocast dtype; "float32"; ("promote": to the widest input dtype)
+    policy: str                          # "lower": to the autocast dtype; "float32"; "promote": the widest input dtype
     devices: tuple[str, ...]             # device types whose list has it
     applies: Callable[[Derivation], bool]
     why: str                             # for the generated comment
@@ -208,6 +235,14 @@ AUTOCAST_RULES = (
 )
 
 
+# The dtype each policy casts floating inputs to, as generated code.
+POLICY_DTYPES = {
+    "lower": "torch.get_autocast_dtype(device_type)",
+    "float32": "torch.float32",
+    "promote": "functools.reduce(torch.promote_types, [t.dtype for t in tensors if t.is_floating_point()])",
+}
+
+
 @dataclass(frozen=True)
 class Autocast:
     device: str
@@ -221,5 +256,6 @@ def autocast_policies(derivation: Derivation) -> tuple[Autocast, ...]:
     for device in DEVICE_TYPES:
         rule = next((r for r in AUTOCAST_RULES if device in r.devices and r.applies(derivation)), None)
         policies.append(Autocast(device, rule.policy, rule.why) if rule else
-                        Autocast(device, "promote", "elementwise ops keep their inputs' dtype"))
+                        Autocast(device, "promote", "no autocast list names such an op: it keeps its inputs' "
+                                                    "dtype (the widest)"))
     return tuple(policies)

@@ -12,7 +12,7 @@ from pathlib import Path
 import jinja2
 
 from . import naming
-from .contracts import Declared, autocast_policies, guarded_blocks, shape_checks
+from .contracts import POLICY_DTYPES, Declared, all_hold, autocast_policies, guarded_blocks, shape_checks
 from .derivation import Derivation
 from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, backward_reads, covered, tangent_reads, walk
 from .printing import (index_notation, output_shape, render, render_expr, size_bindings, size_source,
@@ -146,10 +146,7 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
     output_access = f"{op.output}[{', '.join(op.output_indices)}]" if op.output_indices else op.output
     context = dict(
         contract=_contract(derivation, lowered, kept),
-        autocast=dict(policies=autocast_policies(derivation),
-                      device_input=tensor_args[0], tensors=_unpack(tensor_args), tensor_args=", ".join(tensor_args),
-                      op_name=function["custom_op_name"].split("::")[1],
-                      namespace=function["custom_op_name"].split("::")[0]),
+        autocast=_autocast(derivation, function["custom_op_name"]),
         source=comment_safe(source),
         command=comment_safe(command),
         op=op,
@@ -199,6 +196,7 @@ def _contract(derivation: Derivation, lowered: LoweredOp, kept: list[str]) -> di
         forward_call=f"{naming.check_shapes(op.name)}({inputs})",
         backward_call=f"{naming.check_shapes(op.name)}({inputs}, "
                       + ", ".join(f"{t.name}={t.name}" for t in extras) + ")",
+        all_hold=all_hold(checks),
         blocks=guarded_blocks(checks),
     )
 
@@ -279,6 +277,17 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
         returns=", ".join([naming.tangent(op.output)] + ["None"] * len(lowered.plan.saved)) if saving else "",
         call=", ".join(arguments + [naming.tangent(n) for n in differentiable] + [f"ctx.{p.name}" for p in op.params]),
     )
+
+
+def _autocast(derivation: Derivation, custom_op_name: str) -> dict:
+    """The autocast block: each device type's policy, the dtype each policy casts to, the names."""
+    policies = autocast_policies(derivation)
+    tensors = [t.name for t in derivation.op.inputs]
+    namespace, registered = custom_op_name.split("::")
+    return dict(policies=policies, dtypes=[(p, POLICY_DTYPES[p]) for p in dict.fromkeys(r.policy for r in policies)],
+                device_input=tensors[0], tensors=_unpack(tensors), tensor_args=", ".join(tensors),
+                namespace=namespace, op_name=registered,
+                dispatch_keys=_tuple([f'"Autocast{r.device.upper()}"' for r in policies]))
 
 
 def _cheap_first(gradients: list[GradientView], exprs: list[LoweredExpr]) -> list[GradientView]:

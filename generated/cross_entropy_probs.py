@@ -12,34 +12,37 @@ import warnings
 import torch
 
 
-def _check(condition, message):
-    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
-    plainly True: torch._check costs a microsecond a call."""
-    if condition is not True:
-        torch._check(condition, message)
-
-
 def _check_cross_entropy_probs_shapes(logits, target, *, grad_loss=None, saved_log_softmax=None):
     """Raise a RuntimeError unless the tensors given have the shapes cross_entropy_probs declares, one size per index:
     logits[n, c], target[n, c], grad_loss, saved_log_softmax[n, c]."""
-    _check(logits.dim() == 2,
-           lambda: f"cross_entropy_probs: logits has shape {tuple(logits.shape)} but is declared logits[n, c]")
-    _check(target.dim() == 2,
-           lambda: f"cross_entropy_probs: target has shape {tuple(target.shape)} but is declared target[n, c]")
-    _check(target.shape[0] == logits.shape[0],
-           lambda: f"cross_entropy_probs: target has size {target.shape[0]} at dim 0 (index n) but logits has n = {logits.shape[0]}")
-    _check(target.shape[1] == logits.shape[1],
-           lambda: f"cross_entropy_probs: target has size {target.shape[1]} at dim 1 (index c) but logits has c = {logits.shape[1]}")
+    if (logits.dim() == 2
+            and target.dim() == 2
+            and target.shape[0] == logits.shape[0]
+            and target.shape[1] == logits.shape[1]
+            and (grad_loss is None or grad_loss.dim() == 0)
+            and (saved_log_softmax is None or saved_log_softmax.dim() == 2)
+            and (saved_log_softmax is None or saved_log_softmax.shape[0] == logits.shape[0])
+            and (saved_log_softmax is None or saved_log_softmax.shape[1] == logits.shape[1])):
+        return
+    # a contract is broken: torch._check raises, naming the first
+    torch._check(logits.dim() == 2,
+                 lambda: f"cross_entropy_probs: logits has shape {tuple(logits.shape)} but is declared logits[n, c]")
+    torch._check(target.dim() == 2,
+                 lambda: f"cross_entropy_probs: target has shape {tuple(target.shape)} but is declared target[n, c]")
+    torch._check(target.shape[0] == logits.shape[0],
+                 lambda: f"cross_entropy_probs: target has size {target.shape[0]} at dim 0 (index n) but logits has n = {logits.shape[0]}")
+    torch._check(target.shape[1] == logits.shape[1],
+                 lambda: f"cross_entropy_probs: target has size {target.shape[1]} at dim 1 (index c) but logits has c = {logits.shape[1]}")
     if grad_loss is not None:
-        _check(grad_loss.dim() == 0,
-               lambda: f"cross_entropy_probs: grad_loss has shape {tuple(grad_loss.shape)} but is declared grad_loss")
+        torch._check(grad_loss.dim() == 0,
+                     lambda: f"cross_entropy_probs: grad_loss has shape {tuple(grad_loss.shape)} but is declared grad_loss")
     if saved_log_softmax is not None:
-        _check(saved_log_softmax.dim() == 2,
-               lambda: f"cross_entropy_probs: saved_log_softmax has shape {tuple(saved_log_softmax.shape)} but is declared saved_log_softmax[n, c]")
-        _check(saved_log_softmax.shape[0] == logits.shape[0],
-               lambda: f"cross_entropy_probs: saved_log_softmax has size {saved_log_softmax.shape[0]} at dim 0 (index n) but logits has n = {logits.shape[0]}")
-        _check(saved_log_softmax.shape[1] == logits.shape[1],
-               lambda: f"cross_entropy_probs: saved_log_softmax has size {saved_log_softmax.shape[1]} at dim 1 (index c) but logits has c = {logits.shape[1]}")
+        torch._check(saved_log_softmax.dim() == 2,
+                     lambda: f"cross_entropy_probs: saved_log_softmax has shape {tuple(saved_log_softmax.shape)} but is declared saved_log_softmax[n, c]")
+        torch._check(saved_log_softmax.shape[0] == logits.shape[0],
+                     lambda: f"cross_entropy_probs: saved_log_softmax has size {saved_log_softmax.shape[0]} at dim 0 (index n) but logits has n = {logits.shape[0]}")
+        torch._check(saved_log_softmax.shape[1] == logits.shape[1],
+                     lambda: f"cross_entropy_probs: saved_log_softmax has size {saved_log_softmax.shape[1]} at dim 1 (index c) but logits has c = {logits.shape[1]}")
 
 
 def cross_entropy_probs_forward(logits, target):
@@ -157,18 +160,8 @@ AUTOCAST = {"cpu": "float32", "cuda": "float32"}
 
 
 def _autocast(device_type, *tensors):
-    """The tensors cast as autocast on `device_type` casts cross_entropy_probs's inputs: "lower" to the autocast
-    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
-    policy = AUTOCAST[device_type]
-    if policy == "lower":
-        dtype = torch.get_autocast_dtype(device_type)
-    elif policy == "float32":
-        dtype = torch.float32
-    else:
-        dtype = None
-        for tensor in tensors:
-            if tensor.is_floating_point():
-                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    """The tensors cast as autocast on `device_type` casts cross_entropy_probs's inputs (AUTOCAST); non-floating ones as they are."""
+    dtype = torch.float32
     return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
 
 

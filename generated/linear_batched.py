@@ -12,34 +12,37 @@ import warnings
 import torch
 
 
-def _check(condition, message):
-    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
-    plainly True: torch._check costs a microsecond a call."""
-    if condition is not True:
-        torch._check(condition, message)
-
-
 def _check_linear_batched_shapes(x, w, b, *, grad_y=None):
     """Raise a RuntimeError unless the tensors given have the shapes linear_batched declares, one size per index:
     x[..., k], w[m, k], b[m], grad_y[..., m]."""
-    _check(x.dim() >= 1,
-           lambda: f"linear_batched: x has shape {tuple(x.shape)} but is declared x[..., k] (at least 1 dim)")
-    _check(w.dim() == 2,
-           lambda: f"linear_batched: w has shape {tuple(w.shape)} but is declared w[m, k]")
-    _check(w.shape[1] == x.shape[-1],
-           lambda: f"linear_batched: w has size {w.shape[1]} at dim 1 (index k) but x has k = {x.shape[-1]}")
+    if (x.dim() >= 1
+            and w.dim() == 2
+            and w.shape[1] == x.shape[-1]
+            and (b is None or b.dim() == 1)
+            and (b is None or b.shape[0] == w.shape[0])
+            and (grad_y is None or grad_y.dim() >= 1)
+            and (grad_y is None or grad_y.shape[-1] == w.shape[0])
+            and (grad_y is None or grad_y.shape[:-1] == x.shape[:-1])):
+        return
+    # a contract is broken: torch._check raises, naming the first
+    torch._check(x.dim() >= 1,
+                 lambda: f"linear_batched: x has shape {tuple(x.shape)} but is declared x[..., k] (at least 1 dim)")
+    torch._check(w.dim() == 2,
+                 lambda: f"linear_batched: w has shape {tuple(w.shape)} but is declared w[m, k]")
+    torch._check(w.shape[1] == x.shape[-1],
+                 lambda: f"linear_batched: w has size {w.shape[1]} at dim 1 (index k) but x has k = {x.shape[-1]}")
     if b is not None:
-        _check(b.dim() == 1,
-               lambda: f"linear_batched: b has shape {tuple(b.shape)} but is declared b[m]")
-        _check(b.shape[0] == w.shape[0],
-               lambda: f"linear_batched: b has size {b.shape[0]} at dim 0 (index m) but w has m = {w.shape[0]}")
+        torch._check(b.dim() == 1,
+                     lambda: f"linear_batched: b has shape {tuple(b.shape)} but is declared b[m]")
+        torch._check(b.shape[0] == w.shape[0],
+                     lambda: f"linear_batched: b has size {b.shape[0]} at dim 0 (index m) but w has m = {w.shape[0]}")
     if grad_y is not None:
-        _check(grad_y.dim() >= 1,
-               lambda: f"linear_batched: grad_y has shape {tuple(grad_y.shape)} but is declared grad_y[..., m] (at least 1 dim)")
-        _check(grad_y.shape[-1] == w.shape[0],
-               lambda: f"linear_batched: grad_y has size {grad_y.shape[-1]} at dim -1 (index m) but w has m = {w.shape[0]}")
-        _check(grad_y.shape[:-1] == x.shape[:-1],
-               lambda: f"linear_batched: grad_y has batch dims {tuple(grad_y.shape[:-1])} (index ...) but x has ... = {tuple(x.shape[:-1])}")
+        torch._check(grad_y.dim() >= 1,
+                     lambda: f"linear_batched: grad_y has shape {tuple(grad_y.shape)} but is declared grad_y[..., m] (at least 1 dim)")
+        torch._check(grad_y.shape[-1] == w.shape[0],
+                     lambda: f"linear_batched: grad_y has size {grad_y.shape[-1]} at dim -1 (index m) but w has m = {w.shape[0]}")
+        torch._check(grad_y.shape[:-1] == x.shape[:-1],
+                     lambda: f"linear_batched: grad_y has batch dims {tuple(grad_y.shape[:-1])} (index ...) but x has ... = {tuple(x.shape[:-1])}")
 
 
 def linear_batched_forward(x, w, b):
@@ -151,18 +154,8 @@ AUTOCAST = {"cpu": "lower", "cuda": "lower"}
 
 
 def _autocast(device_type, *tensors):
-    """The tensors cast as autocast on `device_type` casts linear_batched's inputs: "lower" to the autocast
-    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
-    policy = AUTOCAST[device_type]
-    if policy == "lower":
-        dtype = torch.get_autocast_dtype(device_type)
-    elif policy == "float32":
-        dtype = torch.float32
-    else:
-        dtype = None
-        for tensor in tensors:
-            if tensor.is_floating_point():
-                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    """The tensors cast as autocast on `device_type` casts linear_batched's inputs (AUTOCAST); non-floating ones as they are."""
+    dtype = torch.get_autocast_dtype(device_type)
     return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
 
 

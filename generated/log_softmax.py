@@ -7,45 +7,43 @@
 Log-softmax over the last dim, through logsumexp.
 """
 
+import functools
 import warnings
 
 import torch
 
 
-def _check(condition, message):
-    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
-    plainly True: torch._check costs a microsecond a call."""
-    if condition is not True:
-        torch._check(condition, message)
-
-
 def _check_log_softmax_shapes(x, *, grad_y=None, y=None):
     """Raise a RuntimeError unless the tensors given have the shapes log_softmax declares, one size per index:
     x[..., c], grad_y[..., c], y[..., c]."""
+    if ((x is None or x.dim() >= 1)
+            and (grad_y is None or grad_y.dim() >= 1)
+            and (y is None or y.dim() >= 1)
+            and (grad_y is None or x is None or grad_y.shape == x.shape)
+            and (y is None or grad_y is None or y.shape == grad_y.shape)):
+        return
+    # a contract is broken: torch._check raises, naming the first
     if x is not None:
-        _check(x.dim() >= 1,
-               lambda: f"log_softmax: x has shape {tuple(x.shape)} but is declared x[..., c] (at least 1 dim)")
+        torch._check(x.dim() >= 1,
+                     lambda: f"log_softmax: x has shape {tuple(x.shape)} but is declared x[..., c] (at least 1 dim)")
     if grad_y is not None:
-        _check(grad_y.dim() >= 1,
-               lambda: f"log_softmax: grad_y has shape {tuple(grad_y.shape)} but is declared grad_y[..., c] (at least 1 dim)")
+        torch._check(grad_y.dim() >= 1,
+                     lambda: f"log_softmax: grad_y has shape {tuple(grad_y.shape)} but is declared grad_y[..., c] (at least 1 dim)")
     if grad_y is not None and x is not None:
-        _check(grad_y.shape[-1] == x.shape[-1],
-               lambda: f"log_softmax: grad_y has size {grad_y.shape[-1]} at dim -1 (index c) but x has c = {x.shape[-1]}")
+        torch._check(grad_y.shape[-1] == x.shape[-1],
+                     lambda: f"log_softmax: grad_y has size {grad_y.shape[-1]} at dim -1 (index c) but x has c = {x.shape[-1]}")
     if y is not None:
-        _check(y.dim() >= 1,
-               lambda: f"log_softmax: y has shape {tuple(y.shape)} but is declared y[..., c] (at least 1 dim)")
-    if y is not None and x is not None:
-        _check(y.shape[-1] == x.shape[-1],
-               lambda: f"log_softmax: y has size {y.shape[-1]} at dim -1 (index c) but x has c = {x.shape[-1]}")
+        torch._check(y.dim() >= 1,
+                     lambda: f"log_softmax: y has shape {tuple(y.shape)} but is declared y[..., c] (at least 1 dim)")
     if y is not None and grad_y is not None:
-        _check(y.shape[-1] == grad_y.shape[-1],
-               lambda: f"log_softmax: y has size {y.shape[-1]} at dim -1 (index c) but grad_y has c = {grad_y.shape[-1]}")
+        torch._check(y.shape[-1] == grad_y.shape[-1],
+                     lambda: f"log_softmax: y has size {y.shape[-1]} at dim -1 (index c) but grad_y has c = {grad_y.shape[-1]}")
     if grad_y is not None and x is not None:
-        _check(grad_y.shape[:-1] == x.shape[:-1],
-               lambda: f"log_softmax: grad_y has batch dims {tuple(grad_y.shape[:-1])} (index ...) but x has ... = {tuple(x.shape[:-1])}")
+        torch._check(grad_y.shape == x.shape,
+                     lambda: f"log_softmax: grad_y has batch dims {tuple(grad_y.shape[:-1])} (index ...) but x has ... = {tuple(x.shape[:-1])}")
     if y is not None and grad_y is not None:
-        _check(y.shape[:-1] == grad_y.shape[:-1],
-               lambda: f"log_softmax: y has batch dims {tuple(y.shape[:-1])} (index ...) but grad_y has ... = {tuple(grad_y.shape[:-1])}")
+        torch._check(y.shape == grad_y.shape,
+                     lambda: f"log_softmax: y has batch dims {tuple(y.shape[:-1])} (index ...) but grad_y has ... = {tuple(grad_y.shape[:-1])}")
 
 
 def log_softmax_forward(x):
@@ -127,24 +125,17 @@ class LogSoftmaxFunction(torch.autograd.Function):
 
 
 # How torch.autocast casts log_softmax's floating inputs, per device type (derived from the equation):
-#   cpu: "promote", elementwise ops keep their inputs' dtype
+#   cpu: "promote", no autocast list names such an op: it keeps its inputs' dtype (the widest)
 #   cuda: "float32", it computes exp, log, softmax or a sum, which CUDA autocast runs in float32
 AUTOCAST = {"cpu": "promote", "cuda": "float32"}
 
 
 def _autocast(device_type, *tensors):
-    """The tensors cast as autocast on `device_type` casts log_softmax's inputs: "lower" to the autocast
-    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
-    policy = AUTOCAST[device_type]
-    if policy == "lower":
-        dtype = torch.get_autocast_dtype(device_type)
-    elif policy == "float32":
-        dtype = torch.float32
+    """The tensors cast as autocast on `device_type` casts log_softmax's inputs (AUTOCAST); non-floating ones as they are."""
+    if AUTOCAST[device_type] == "promote":
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors if t.is_floating_point()])
     else:
-        dtype = None
-        for tensor in tensors:
-            if tensor.is_floating_point():
-                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+        dtype = torch.float32
     return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
 
 

@@ -12,34 +12,37 @@ import warnings
 import torch
 
 
-def _check(condition, message):
-    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
-    plainly True: torch._check costs a microsecond a call."""
-    if condition is not True:
-        torch._check(condition, message)
-
-
 def _check_matmul_shapes(a, b, *, grad_c=None):
     """Raise a RuntimeError unless the tensors given have the shapes matmul declares, one size per index:
     a[..., i, k], b[..., k, j], grad_c[..., i, j]."""
-    _check(a.dim() >= 2,
-           lambda: f"matmul: a has shape {tuple(a.shape)} but is declared a[..., i, k] (at least 2 dims)")
-    _check(b.dim() >= 2,
-           lambda: f"matmul: b has shape {tuple(b.shape)} but is declared b[..., k, j] (at least 2 dims)")
-    _check(b.shape[-2] == a.shape[-1],
-           lambda: f"matmul: b has size {b.shape[-2]} at dim -2 (index k) but a has k = {a.shape[-1]}")
+    if (a.dim() >= 2
+            and b.dim() >= 2
+            and b.shape[-2] == a.shape[-1]
+            and (grad_c is None or grad_c.dim() >= 2)
+            and (grad_c is None or grad_c.shape[-2] == a.shape[-2])
+            and (grad_c is None or grad_c.shape[-1] == b.shape[-1])
+            and (b.shape[:-2] == a.shape[:-2] or all(p == q or p == 1 or q == 1 for p, q in zip(reversed(b.shape[:-2]), reversed(a.shape[:-2]))))
+            and (grad_c is None or (grad_c.shape[:-2] == a.shape[:-2] == b.shape[:-2] or grad_c.shape[:-2] == torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])))):
+        return
+    # a contract is broken: torch._check raises, naming the first
+    torch._check(a.dim() >= 2,
+                 lambda: f"matmul: a has shape {tuple(a.shape)} but is declared a[..., i, k] (at least 2 dims)")
+    torch._check(b.dim() >= 2,
+                 lambda: f"matmul: b has shape {tuple(b.shape)} but is declared b[..., k, j] (at least 2 dims)")
+    torch._check(b.shape[-2] == a.shape[-1],
+                 lambda: f"matmul: b has size {b.shape[-2]} at dim -2 (index k) but a has k = {a.shape[-1]}")
     if grad_c is not None:
-        _check(grad_c.dim() >= 2,
-               lambda: f"matmul: grad_c has shape {tuple(grad_c.shape)} but is declared grad_c[..., i, j] (at least 2 dims)")
-        _check(grad_c.shape[-2] == a.shape[-2],
-               lambda: f"matmul: grad_c has size {grad_c.shape[-2]} at dim -2 (index i) but a has i = {a.shape[-2]}")
-        _check(grad_c.shape[-1] == b.shape[-1],
-               lambda: f"matmul: grad_c has size {grad_c.shape[-1]} at dim -1 (index j) but b has j = {b.shape[-1]}")
-    _check(b.shape[:-2] == a.shape[:-2] or all(p == q or p == 1 or q == 1 for p, q in zip(reversed(b.shape[:-2]), reversed(a.shape[:-2]))),
-           lambda: f"matmul: b has batch dims {tuple(b.shape[:-2])} (index ...) but a has ... = {tuple(a.shape[:-2])}, and they do not broadcast")
+        torch._check(grad_c.dim() >= 2,
+                     lambda: f"matmul: grad_c has shape {tuple(grad_c.shape)} but is declared grad_c[..., i, j] (at least 2 dims)")
+        torch._check(grad_c.shape[-2] == a.shape[-2],
+                     lambda: f"matmul: grad_c has size {grad_c.shape[-2]} at dim -2 (index i) but a has i = {a.shape[-2]}")
+        torch._check(grad_c.shape[-1] == b.shape[-1],
+                     lambda: f"matmul: grad_c has size {grad_c.shape[-1]} at dim -1 (index j) but b has j = {b.shape[-1]}")
+    torch._check(b.shape[:-2] == a.shape[:-2] or all(p == q or p == 1 or q == 1 for p, q in zip(reversed(b.shape[:-2]), reversed(a.shape[:-2]))),
+                 lambda: f"matmul: b has batch dims {tuple(b.shape[:-2])} (index ...) but a has ... = {tuple(a.shape[:-2])}, and they do not broadcast")
     if grad_c is not None:
-        _check(grad_c.shape[:-2] == a.shape[:-2] == b.shape[:-2] or grad_c.shape[:-2] == torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]),
-               lambda: f"matmul: grad_c has batch dims {tuple(grad_c.shape[:-2])} (index ...) but the ... of a and b broadcast to {tuple(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))}")
+        torch._check(grad_c.shape[:-2] == a.shape[:-2] == b.shape[:-2] or grad_c.shape[:-2] == torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]),
+                     lambda: f"matmul: grad_c has batch dims {tuple(grad_c.shape[:-2])} (index ...) but the ... of a and b broadcast to {tuple(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))}")
 
 
 def matmul_forward(a, b):
@@ -140,18 +143,8 @@ AUTOCAST = {"cpu": "lower", "cuda": "lower"}
 
 
 def _autocast(device_type, *tensors):
-    """The tensors cast as autocast on `device_type` casts matmul's inputs: "lower" to the autocast
-    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
-    policy = AUTOCAST[device_type]
-    if policy == "lower":
-        dtype = torch.get_autocast_dtype(device_type)
-    elif policy == "float32":
-        dtype = torch.float32
-    else:
-        dtype = None
-        for tensor in tensors:
-            if tensor.is_floating_point():
-                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    """The tensors cast as autocast on `device_type` casts matmul's inputs (AUTOCAST); non-floating ones as they are."""
+    dtype = torch.get_autocast_dtype(device_type)
     return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
 
 

@@ -12,25 +12,24 @@ import warnings
 import torch
 
 
-def _check(condition, message):
-    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
-    plainly True: torch._check costs a microsecond a call."""
-    if condition is not True:
-        torch._check(condition, message)
-
-
 def _check_mse_shapes(pred, target, *, grad_loss=None):
     """Raise a RuntimeError unless the tensors given have the shapes mse declares, one size per index:
     pred[n], target[n], grad_loss."""
-    _check(pred.dim() == 1,
-           lambda: f"mse: pred has shape {tuple(pred.shape)} but is declared pred[n]")
-    _check(target.dim() == 1,
-           lambda: f"mse: target has shape {tuple(target.shape)} but is declared target[n]")
-    _check(target.shape[0] == pred.shape[0],
-           lambda: f"mse: target has size {target.shape[0]} at dim 0 (index n) but pred has n = {pred.shape[0]}")
+    if (pred.dim() == 1
+            and target.dim() == 1
+            and target.shape[0] == pred.shape[0]
+            and (grad_loss is None or grad_loss.dim() == 0)):
+        return
+    # a contract is broken: torch._check raises, naming the first
+    torch._check(pred.dim() == 1,
+                 lambda: f"mse: pred has shape {tuple(pred.shape)} but is declared pred[n]")
+    torch._check(target.dim() == 1,
+                 lambda: f"mse: target has shape {tuple(target.shape)} but is declared target[n]")
+    torch._check(target.shape[0] == pred.shape[0],
+                 lambda: f"mse: target has size {target.shape[0]} at dim 0 (index n) but pred has n = {pred.shape[0]}")
     if grad_loss is not None:
-        _check(grad_loss.dim() == 0,
-               lambda: f"mse: grad_loss has shape {tuple(grad_loss.shape)} but is declared grad_loss")
+        torch._check(grad_loss.dim() == 0,
+                     lambda: f"mse: grad_loss has shape {tuple(grad_loss.shape)} but is declared grad_loss")
 
 
 def mse_forward(pred, target):
@@ -133,18 +132,8 @@ AUTOCAST = {"cpu": "float32", "cuda": "float32"}
 
 
 def _autocast(device_type, *tensors):
-    """The tensors cast as autocast on `device_type` casts mse's inputs: "lower" to the autocast
-    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
-    policy = AUTOCAST[device_type]
-    if policy == "lower":
-        dtype = torch.get_autocast_dtype(device_type)
-    elif policy == "float32":
-        dtype = torch.float32
-    else:
-        dtype = None
-        for tensor in tensors:
-            if tensor.is_floating_point():
-                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    """The tensors cast as autocast on `device_type` casts mse's inputs (AUTOCAST); non-floating ones as they are."""
+    dtype = torch.float32
     return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
 
 

@@ -180,7 +180,8 @@ def test_wrong_grad_output_is_refused(kind, op, invented_modules):
     call = getattr(module, naming.backward(op.name))
     too_many = torch.ones((2, *output.shape), dtype=torch.float64)
     if BATCH in op.output_indices:
-        message = f"{op.name}: {grad} has batch dims {tuple(too_many.shape[:too_many.dim() - len(op.output_indices) + 1])} (index ...)"
+        batch = too_many.shape[:too_many.dim() - len(op.output_indices) + 1]
+        message = f"{op.name}: {grad} has batch dims {tuple(batch)} (index ...)"
     else:
         declared = f"{grad}[{', '.join(op.output_indices)}]" if op.output_indices else grad
         message = f"{op.name}: {grad} has shape {tuple(too_many.shape)} but is declared {declared}"

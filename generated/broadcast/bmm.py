@@ -12,33 +12,36 @@ import warnings
 import torch
 
 
-def _check(condition, message):
-    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
-    plainly True: torch._check costs a microsecond a call."""
-    if condition is not True:
-        torch._check(condition, message)
-
-
 def _check_bmm_shapes(a, b, *, grad_c=None):
     """Raise a RuntimeError unless the tensors given have the shapes bmm declares, one size per index:
     a[s, i, k], b[s, k, j], grad_c[s, i, j]."""
-    _check(a.dim() == 3,
-           lambda: f"bmm: a has shape {tuple(a.shape)} but is declared a[s, i, k]")
-    _check(b.dim() == 3,
-           lambda: f"bmm: b has shape {tuple(b.shape)} but is declared b[s, k, j]")
-    _check(b.shape[0] == a.shape[0],
-           lambda: f"bmm: b has size {b.shape[0]} at dim 0 (index s) but a has s = {a.shape[0]}")
-    _check(b.shape[1] == a.shape[2],
-           lambda: f"bmm: b has size {b.shape[1]} at dim 1 (index k) but a has k = {a.shape[2]}")
+    if (a.dim() == 3
+            and b.dim() == 3
+            and b.shape[0] == a.shape[0]
+            and b.shape[1] == a.shape[2]
+            and (grad_c is None or grad_c.dim() == 3)
+            and (grad_c is None or grad_c.shape[0] == a.shape[0])
+            and (grad_c is None or grad_c.shape[1] == a.shape[1])
+            and (grad_c is None or grad_c.shape[2] == b.shape[2])):
+        return
+    # a contract is broken: torch._check raises, naming the first
+    torch._check(a.dim() == 3,
+                 lambda: f"bmm: a has shape {tuple(a.shape)} but is declared a[s, i, k]")
+    torch._check(b.dim() == 3,
+                 lambda: f"bmm: b has shape {tuple(b.shape)} but is declared b[s, k, j]")
+    torch._check(b.shape[0] == a.shape[0],
+                 lambda: f"bmm: b has size {b.shape[0]} at dim 0 (index s) but a has s = {a.shape[0]}")
+    torch._check(b.shape[1] == a.shape[2],
+                 lambda: f"bmm: b has size {b.shape[1]} at dim 1 (index k) but a has k = {a.shape[2]}")
     if grad_c is not None:
-        _check(grad_c.dim() == 3,
-               lambda: f"bmm: grad_c has shape {tuple(grad_c.shape)} but is declared grad_c[s, i, j]")
-        _check(grad_c.shape[0] == a.shape[0],
-               lambda: f"bmm: grad_c has size {grad_c.shape[0]} at dim 0 (index s) but a has s = {a.shape[0]}")
-        _check(grad_c.shape[1] == a.shape[1],
-               lambda: f"bmm: grad_c has size {grad_c.shape[1]} at dim 1 (index i) but a has i = {a.shape[1]}")
-        _check(grad_c.shape[2] == b.shape[2],
-               lambda: f"bmm: grad_c has size {grad_c.shape[2]} at dim 2 (index j) but b has j = {b.shape[2]}")
+        torch._check(grad_c.dim() == 3,
+                     lambda: f"bmm: grad_c has shape {tuple(grad_c.shape)} but is declared grad_c[s, i, j]")
+        torch._check(grad_c.shape[0] == a.shape[0],
+                     lambda: f"bmm: grad_c has size {grad_c.shape[0]} at dim 0 (index s) but a has s = {a.shape[0]}")
+        torch._check(grad_c.shape[1] == a.shape[1],
+                     lambda: f"bmm: grad_c has size {grad_c.shape[1]} at dim 1 (index i) but a has i = {a.shape[1]}")
+        torch._check(grad_c.shape[2] == b.shape[2],
+                     lambda: f"bmm: grad_c has size {grad_c.shape[2]} at dim 2 (index j) but b has j = {b.shape[2]}")
 
 
 def bmm_forward(a, b):
@@ -140,18 +143,8 @@ AUTOCAST = {"cpu": "lower", "cuda": "lower"}
 
 
 def _autocast(device_type, *tensors):
-    """The tensors cast as autocast on `device_type` casts bmm's inputs: "lower" to the autocast
-    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
-    policy = AUTOCAST[device_type]
-    if policy == "lower":
-        dtype = torch.get_autocast_dtype(device_type)
-    elif policy == "float32":
-        dtype = torch.float32
-    else:
-        dtype = None
-        for tensor in tensors:
-            if tensor.is_floating_point():
-                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    """The tensors cast as autocast on `device_type` casts bmm's inputs (AUTOCAST); non-floating ones as they are."""
+    dtype = torch.get_autocast_dtype(device_type)
     return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
 
 

@@ -12,27 +12,27 @@ import warnings
 import torch
 
 
-def _check(condition, message):
-    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
-    plainly True: torch._check costs a microsecond a call."""
-    if condition is not True:
-        torch._check(condition, message)
-
-
 def _check_cross_entropy_shapes(logits, target, *, grad_loss=None):
     """Raise a RuntimeError unless the tensors given have the shapes cross_entropy declares, one size per index:
     logits[n, c], target[n], grad_loss."""
-    _check(logits.dim() == 2,
-           lambda: f"cross_entropy: logits has shape {tuple(logits.shape)} but is declared logits[n, c]")
-    _check(target.dim() == 1,
-           lambda: f"cross_entropy: target has shape {tuple(target.shape)} but is declared target[n]")
-    _check(not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool),
-           lambda: f"cross_entropy: target has dtype {target.dtype} but is declared an integer input (its values are indices)")
-    _check(target.shape[0] == logits.shape[0],
-           lambda: f"cross_entropy: target has size {target.shape[0]} at dim 0 (index n) but logits has n = {logits.shape[0]}")
+    if (logits.dim() == 2
+            and target.dim() == 1
+            and (not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool))
+            and target.shape[0] == logits.shape[0]
+            and (grad_loss is None or grad_loss.dim() == 0)):
+        return
+    # a contract is broken: torch._check raises, naming the first
+    torch._check(logits.dim() == 2,
+                 lambda: f"cross_entropy: logits has shape {tuple(logits.shape)} but is declared logits[n, c]")
+    torch._check(target.dim() == 1,
+                 lambda: f"cross_entropy: target has shape {tuple(target.shape)} but is declared target[n]")
+    torch._check(not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool),
+                 lambda: f"cross_entropy: target has dtype {target.dtype} but is declared an integer input (its values are indices)")
+    torch._check(target.shape[0] == logits.shape[0],
+                 lambda: f"cross_entropy: target has size {target.shape[0]} at dim 0 (index n) but logits has n = {logits.shape[0]}")
     if grad_loss is not None:
-        _check(grad_loss.dim() == 0,
-               lambda: f"cross_entropy: grad_loss has shape {tuple(grad_loss.shape)} but is declared grad_loss")
+        torch._check(grad_loss.dim() == 0,
+                     lambda: f"cross_entropy: grad_loss has shape {tuple(grad_loss.shape)} but is declared grad_loss")
 
 
 def cross_entropy_forward(logits, target):
@@ -121,18 +121,8 @@ AUTOCAST = {"cpu": "float32", "cuda": "float32"}
 
 
 def _autocast(device_type, *tensors):
-    """The tensors cast as autocast on `device_type` casts cross_entropy's inputs: "lower" to the autocast
-    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
-    policy = AUTOCAST[device_type]
-    if policy == "lower":
-        dtype = torch.get_autocast_dtype(device_type)
-    elif policy == "float32":
-        dtype = torch.float32
-    else:
-        dtype = None
-        for tensor in tensors:
-            if tensor.is_floating_point():
-                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    """The tensors cast as autocast on `device_type` casts cross_entropy's inputs (AUTOCAST); non-floating ones as they are."""
+    dtype = torch.float32
     return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
 
 

@@ -7,34 +7,36 @@
 Embedding lookup: row idx[n] of the table for each n, as torch.nn.functional.embedding.
 """
 
+import functools
 import warnings
 
 import torch
 
 
-def _check(condition, message):
-    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
-    plainly True: torch._check costs a microsecond a call."""
-    if condition is not True:
-        torch._check(condition, message)
-
-
 def _check_embedding_shapes(table, idx, *, grad_y=None):
     """Raise a RuntimeError unless the tensors given have the shapes embedding declares, one size per index:
     table[v, d], idx[n], grad_y[n, d]."""
-    _check(table.dim() == 2,
-           lambda: f"embedding: table has shape {tuple(table.shape)} but is declared table[v, d]")
-    _check(idx.dim() == 1,
-           lambda: f"embedding: idx has shape {tuple(idx.shape)} but is declared idx[n]")
-    _check(not (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool),
-           lambda: f"embedding: idx has dtype {idx.dtype} but is declared an integer input (its values are indices)")
+    if (table.dim() == 2
+            and idx.dim() == 1
+            and (not (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool))
+            and (grad_y is None or grad_y.dim() == 2)
+            and (grad_y is None or grad_y.shape[0] == idx.shape[0])
+            and (grad_y is None or grad_y.shape[1] == table.shape[1])):
+        return
+    # a contract is broken: torch._check raises, naming the first
+    torch._check(table.dim() == 2,
+                 lambda: f"embedding: table has shape {tuple(table.shape)} but is declared table[v, d]")
+    torch._check(idx.dim() == 1,
+                 lambda: f"embedding: idx has shape {tuple(idx.shape)} but is declared idx[n]")
+    torch._check(not (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool),
+                 lambda: f"embedding: idx has dtype {idx.dtype} but is declared an integer input (its values are indices)")
     if grad_y is not None:
-        _check(grad_y.dim() == 2,
-               lambda: f"embedding: grad_y has shape {tuple(grad_y.shape)} but is declared grad_y[n, d]")
-        _check(grad_y.shape[0] == idx.shape[0],
-               lambda: f"embedding: grad_y has size {grad_y.shape[0]} at dim 0 (index n) but idx has n = {idx.shape[0]}")
-        _check(grad_y.shape[1] == table.shape[1],
-               lambda: f"embedding: grad_y has size {grad_y.shape[1]} at dim 1 (index d) but table has d = {table.shape[1]}")
+        torch._check(grad_y.dim() == 2,
+                     lambda: f"embedding: grad_y has shape {tuple(grad_y.shape)} but is declared grad_y[n, d]")
+        torch._check(grad_y.shape[0] == idx.shape[0],
+                     lambda: f"embedding: grad_y has size {grad_y.shape[0]} at dim 0 (index n) but idx has n = {idx.shape[0]}")
+        torch._check(grad_y.shape[1] == table.shape[1],
+                     lambda: f"embedding: grad_y has size {grad_y.shape[1]} at dim 1 (index d) but table has d = {table.shape[1]}")
 
 
 def embedding_forward(table, idx):
@@ -116,24 +118,14 @@ class EmbeddingFunction(torch.autograd.Function):
 
 
 # How torch.autocast casts embedding's floating inputs, per device type (derived from the equation):
-#   cpu: "promote", elementwise ops keep their inputs' dtype
-#   cuda: "promote", elementwise ops keep their inputs' dtype
+#   cpu: "promote", no autocast list names such an op: it keeps its inputs' dtype (the widest)
+#   cuda: "promote", no autocast list names such an op: it keeps its inputs' dtype (the widest)
 AUTOCAST = {"cpu": "promote", "cuda": "promote"}
 
 
 def _autocast(device_type, *tensors):
-    """The tensors cast as autocast on `device_type` casts embedding's inputs: "lower" to the autocast
-    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
-    policy = AUTOCAST[device_type]
-    if policy == "lower":
-        dtype = torch.get_autocast_dtype(device_type)
-    elif policy == "float32":
-        dtype = torch.float32
-    else:
-        dtype = None
-        for tensor in tensors:
-            if tensor.is_floating_point():
-                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    """The tensors cast as autocast on `device_type` casts embedding's inputs (AUTOCAST); non-floating ones as they are."""
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors if t.is_floating_point()])
     return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
 
 

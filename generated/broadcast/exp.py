@@ -7,27 +7,25 @@
 Exponential; the backward reuses the forward's result.
 """
 
+import functools
 import warnings
 
 import torch
 
 
-def _check(condition, message):
-    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
-    plainly True: torch._check costs a microsecond a call."""
-    if condition is not True:
-        torch._check(condition, message)
-
-
 def _check_exp_shapes(x, *, grad_y=None, y=None):
     """Raise a RuntimeError unless the tensors given have the shapes exp declares, one size per index:
     x[...], grad_y[...], y[...]."""
+    if ((grad_y is None or x is None or grad_y.shape == x.shape)
+            and (y is None or grad_y is None or y.shape == grad_y.shape)):
+        return
+    # a contract is broken: torch._check raises, naming the first
     if grad_y is not None and x is not None:
-        _check(grad_y.shape == x.shape,
-               lambda: f"exp: grad_y has batch dims {tuple(grad_y.shape)} (index ...) but x has ... = {tuple(x.shape)}")
+        torch._check(grad_y.shape == x.shape,
+                     lambda: f"exp: grad_y has batch dims {tuple(grad_y.shape)} (index ...) but x has ... = {tuple(x.shape)}")
     if y is not None and grad_y is not None:
-        _check(y.shape == grad_y.shape,
-               lambda: f"exp: y has batch dims {tuple(y.shape)} (index ...) but grad_y has ... = {tuple(grad_y.shape)}")
+        torch._check(y.shape == grad_y.shape,
+                     lambda: f"exp: y has batch dims {tuple(y.shape)} (index ...) but grad_y has ... = {tuple(grad_y.shape)}")
 
 
 def exp_forward(x):
@@ -108,24 +106,17 @@ class ExpFunction(torch.autograd.Function):
 
 
 # How torch.autocast casts exp's floating inputs, per device type (derived from the equation):
-#   cpu: "promote", elementwise ops keep their inputs' dtype
+#   cpu: "promote", no autocast list names such an op: it keeps its inputs' dtype (the widest)
 #   cuda: "float32", it computes exp, log, softmax or a sum, which CUDA autocast runs in float32
 AUTOCAST = {"cpu": "promote", "cuda": "float32"}
 
 
 def _autocast(device_type, *tensors):
-    """The tensors cast as autocast on `device_type` casts exp's inputs: "lower" to the autocast
-    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
-    policy = AUTOCAST[device_type]
-    if policy == "lower":
-        dtype = torch.get_autocast_dtype(device_type)
-    elif policy == "float32":
-        dtype = torch.float32
+    """The tensors cast as autocast on `device_type` casts exp's inputs (AUTOCAST); non-floating ones as they are."""
+    if AUTOCAST[device_type] == "promote":
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors if t.is_floating_point()])
     else:
-        dtype = None
-        for tensor in tensors:
-            if tensor.is_floating_point():
-                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+        dtype = torch.float32
     return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
 
 

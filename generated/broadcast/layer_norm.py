@@ -7,39 +7,42 @@
 Layer normalization over the last dim with elementwise weight and bias.
 """
 
+import functools
 import warnings
 
 import torch
 
 
-def _check(condition, message):
-    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
-    plainly True: torch._check costs a microsecond a call."""
-    if condition is not True:
-        torch._check(condition, message)
-
-
 def _check_layer_norm_shapes(x, w, b, *, grad_y=None):
     """Raise a RuntimeError unless the tensors given have the shapes layer_norm declares, one size per index:
     x[..., d], w[d], b[d], grad_y[..., d]."""
-    _check(x.dim() >= 1,
-           lambda: f"layer_norm: x has shape {tuple(x.shape)} but is declared x[..., d] (at least 1 dim)")
-    _check(w.dim() == 1,
-           lambda: f"layer_norm: w has shape {tuple(w.shape)} but is declared w[d]")
-    _check(w.shape[0] == x.shape[-1],
-           lambda: f"layer_norm: w has size {w.shape[0]} at dim 0 (index d) but x has d = {x.shape[-1]}")
+    if (x.dim() >= 1
+            and w.dim() == 1
+            and w.shape[0] == x.shape[-1]
+            and (b is None or b.dim() == 1)
+            and (b is None or b.shape[0] == x.shape[-1])
+            and (grad_y is None or grad_y.dim() >= 1)
+            and (grad_y is None or grad_y.shape == x.shape)):
+        return
+    # a contract is broken: torch._check raises, naming the first
+    torch._check(x.dim() >= 1,
+                 lambda: f"layer_norm: x has shape {tuple(x.shape)} but is declared x[..., d] (at least 1 dim)")
+    torch._check(w.dim() == 1,
+                 lambda: f"layer_norm: w has shape {tuple(w.shape)} but is declared w[d]")
+    torch._check(w.shape[0] == x.shape[-1],
+                 lambda: f"layer_norm: w has size {w.shape[0]} at dim 0 (index d) but x has d = {x.shape[-1]}")
     if b is not None:
-        _check(b.dim() == 1,
-               lambda: f"layer_norm: b has shape {tuple(b.shape)} but is declared b[d]")
-        _check(b.shape[0] == x.shape[-1],
-               lambda: f"layer_norm: b has size {b.shape[0]} at dim 0 (index d) but x has d = {x.shape[-1]}")
+        torch._check(b.dim() == 1,
+                     lambda: f"layer_norm: b has shape {tuple(b.shape)} but is declared b[d]")
+        torch._check(b.shape[0] == x.shape[-1],
+                     lambda: f"layer_norm: b has size {b.shape[0]} at dim 0 (index d) but x has d = {x.shape[-1]}")
     if grad_y is not None:
-        _check(grad_y.dim() >= 1,
-               lambda: f"layer_norm: grad_y has shape {tuple(grad_y.shape)} but is declared grad_y[..., d] (at least 1 dim)")
-        _check(grad_y.shape[-1] == x.shape[-1],
-               lambda: f"layer_norm: grad_y has size {grad_y.shape[-1]} at dim -1 (index d) but x has d = {x.shape[-1]}")
-        _check(grad_y.shape[:-1] == x.shape[:-1],
-               lambda: f"layer_norm: grad_y has batch dims {tuple(grad_y.shape[:-1])} (index ...) but x has ... = {tuple(x.shape[:-1])}")
+        torch._check(grad_y.dim() >= 1,
+                     lambda: f"layer_norm: grad_y has shape {tuple(grad_y.shape)} but is declared grad_y[..., d] (at least 1 dim)")
+        torch._check(grad_y.shape[-1] == x.shape[-1],
+                     lambda: f"layer_norm: grad_y has size {grad_y.shape[-1]} at dim -1 (index d) but x has d = {x.shape[-1]}")
+        torch._check(grad_y.shape == x.shape,
+                     lambda: f"layer_norm: grad_y has batch dims {tuple(grad_y.shape[:-1])} (index ...) but x has ... = {tuple(x.shape[:-1])}")
 
 
 def layer_norm_forward(x, w, b, eps=1e-05):
@@ -159,24 +162,17 @@ class LayerNormFunction(torch.autograd.Function):
 
 
 # How torch.autocast casts layer_norm's floating inputs, per device type (derived from the equation):
-#   cpu: "promote", elementwise ops keep their inputs' dtype
+#   cpu: "promote", no autocast list names such an op: it keeps its inputs' dtype (the widest)
 #   cuda: "float32", it computes exp, log, softmax or a sum, which CUDA autocast runs in float32
 AUTOCAST = {"cpu": "promote", "cuda": "float32"}
 
 
 def _autocast(device_type, *tensors):
-    """The tensors cast as autocast on `device_type` casts layer_norm's inputs: "lower" to the autocast
-    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
-    policy = AUTOCAST[device_type]
-    if policy == "lower":
-        dtype = torch.get_autocast_dtype(device_type)
-    elif policy == "float32":
-        dtype = torch.float32
+    """The tensors cast as autocast on `device_type` casts layer_norm's inputs (AUTOCAST); non-floating ones as they are."""
+    if AUTOCAST[device_type] == "promote":
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors if t.is_floating_point()])
     else:
-        dtype = None
-        for tensor in tensors:
-            if tensor.is_floating_point():
-                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+        dtype = torch.float32
     return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
 
 

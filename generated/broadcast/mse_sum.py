@@ -12,21 +12,18 @@ import warnings
 import torch
 
 
-def _check(condition, message):
-    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
-    plainly True: torch._check costs a microsecond a call."""
-    if condition is not True:
-        torch._check(condition, message)
-
-
 def _check_mse_sum_shapes(pred, target, *, grad_loss=None):
     """Raise a RuntimeError unless the tensors given have the shapes mse_sum declares, one size per index:
     pred[...], target[...], grad_loss."""
+    if ((grad_loss is None or grad_loss.dim() == 0)
+            and (target.shape == pred.shape or all(p == q or p == 1 or q == 1 for p, q in zip(reversed(target.shape), reversed(pred.shape))))):
+        return
+    # a contract is broken: torch._check raises, naming the first
     if grad_loss is not None:
-        _check(grad_loss.dim() == 0,
-               lambda: f"mse_sum: grad_loss has shape {tuple(grad_loss.shape)} but is declared grad_loss")
-    _check(target.shape == pred.shape or all(p == q or p == 1 or q == 1 for p, q in zip(reversed(target.shape), reversed(pred.shape))),
-           lambda: f"mse_sum: target has batch dims {tuple(target.shape)} (index ...) but pred has ... = {tuple(pred.shape)}, and they do not broadcast")
+        torch._check(grad_loss.dim() == 0,
+                     lambda: f"mse_sum: grad_loss has shape {tuple(grad_loss.shape)} but is declared grad_loss")
+    torch._check(target.shape == pred.shape or all(p == q or p == 1 or q == 1 for p, q in zip(reversed(target.shape), reversed(pred.shape))),
+                 lambda: f"mse_sum: target has batch dims {tuple(target.shape)} (index ...) but pred has ... = {tuple(pred.shape)}, and they do not broadcast")
 
 
 def mse_sum_forward(pred, target):
@@ -128,18 +125,8 @@ AUTOCAST = {"cpu": "float32", "cuda": "float32"}
 
 
 def _autocast(device_type, *tensors):
-    """The tensors cast as autocast on `device_type` casts mse_sum's inputs: "lower" to the autocast
-    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
-    policy = AUTOCAST[device_type]
-    if policy == "lower":
-        dtype = torch.get_autocast_dtype(device_type)
-    elif policy == "float32":
-        dtype = torch.float32
-    else:
-        dtype = None
-        for tensor in tensors:
-            if tensor.is_floating_point():
-                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    """The tensors cast as autocast on `device_type` casts mse_sum's inputs (AUTOCAST); non-floating ones as they are."""
+    dtype = torch.float32
     return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
 
 

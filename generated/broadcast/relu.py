@@ -7,24 +7,21 @@
 Rectified linear unit, elementwise over any shape. The gradient at x == 0 is 0, as in torch.relu.
 """
 
+import functools
 import warnings
 
 import torch
 
 
-def _check(condition, message):
-    """torch._check (which torch.compile, export and vmap understand), skipped when the condition is
-    plainly True: torch._check costs a microsecond a call."""
-    if condition is not True:
-        torch._check(condition, message)
-
-
 def _check_relu_shapes(x, *, grad_y=None):
     """Raise a RuntimeError unless the tensors given have the shapes relu declares, one size per index:
     x[...], grad_y[...]."""
+    if ((grad_y is None or grad_y.shape == x.shape)):
+        return
+    # a contract is broken: torch._check raises, naming the first
     if grad_y is not None:
-        _check(grad_y.shape == x.shape,
-               lambda: f"relu: grad_y has batch dims {tuple(grad_y.shape)} (index ...) but x has ... = {tuple(x.shape)}")
+        torch._check(grad_y.shape == x.shape,
+                     lambda: f"relu: grad_y has batch dims {tuple(grad_y.shape)} (index ...) but x has ... = {tuple(x.shape)}")
 
 
 def relu_forward(x):
@@ -105,24 +102,14 @@ class ReluFunction(torch.autograd.Function):
 
 
 # How torch.autocast casts relu's floating inputs, per device type (derived from the equation):
-#   cpu: "promote", elementwise ops keep their inputs' dtype
-#   cuda: "promote", elementwise ops keep their inputs' dtype
+#   cpu: "promote", no autocast list names such an op: it keeps its inputs' dtype (the widest)
+#   cuda: "promote", no autocast list names such an op: it keeps its inputs' dtype (the widest)
 AUTOCAST = {"cpu": "promote", "cuda": "promote"}
 
 
 def _autocast(device_type, *tensors):
-    """The tensors cast as autocast on `device_type` casts relu's inputs: "lower" to the autocast
-    dtype, "float32" to float32, "promote" to the widest floating dtype among them; others as they are."""
-    policy = AUTOCAST[device_type]
-    if policy == "lower":
-        dtype = torch.get_autocast_dtype(device_type)
-    elif policy == "float32":
-        dtype = torch.float32
-    else:
-        dtype = None
-        for tensor in tensors:
-            if tensor.is_floating_point():
-                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    """The tensors cast as autocast on `device_type` casts relu's inputs (AUTOCAST); non-floating ones as they are."""
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors if t.is_floating_point()])
     return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
 
 
