@@ -87,6 +87,9 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
                   namespace: str = "derive") -> str:
     op = derivation.op
     forward_code = render_expr(lowered.forward)
+    if forward_code in {t.name for t in op.inputs}:
+        # an autograd.Function may not return an input as-is (its ctx could not tell them apart): a view
+        forward_code = f"{forward_code}.view_as({forward_code})"
     gradients = []
     for g, expr in zip(derivation.gradients, lowered.gradients):
         position = [t.name for t in op.inputs].index(g.input)
