@@ -27,7 +27,7 @@ from . import naming
 from .model import OpSpec
 from .functions import _OverIndex
 from .naming import BATCH
-from .spec import load_catalog, scalar_symbol
+from .spec import load_catalog, param_symbol, scalar_symbol
 
 # Distinct sizes per index, so that a transposed or unreduced gradient cannot pass by accident.
 DEFAULT_SIZES = (3, 4, 5, 6, 7, 2)
@@ -385,7 +385,7 @@ def _place(op, kink, access, tensors, params, generator, fraction) -> KinkPlacem
                     key=sympy.default_sort_key)
     unknown = sympy.Dummy("unknown", real=True)
     stand_ins = {a: sympy.Dummy(str(a.base), real=True) for a in others}
-    param_symbols = {scalar_symbol(p): sympy.Dummy(p, real=True) for p in params}
+    param_symbols = {param_symbol(p): sympy.Dummy(p, real=True) for p in params}
     scalar_symbols = {scalar_symbol(t.name): sympy.Dummy(t.name, real=True)
                       for t in op.inputs if not t.indices and scalar_symbol(t.name) != access}
     replaced = difference_atoms.xreplace({access: unknown, **stand_ins, **param_symbols, **scalar_symbols})

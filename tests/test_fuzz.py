@@ -18,8 +18,9 @@ CATALOG_TABLES = re.split(r"(?m)^(?=\[ops\.)", CATALOG_TEXT)[1:]
 EQUATIONS = re.findall(r'(?m)^equation = "(.*)"$', CATALOG_TEXT)
 
 FAST = settings(max_examples=150, deadline=timedelta(seconds=2), suppress_health_check=[HealthCheck.too_slow])
-# The pipeline runs SymPy on every example; the piecewise and size limits keep each well under this.
-PIPELINE = settings(max_examples=40, deadline=timedelta(seconds=10),
+# The pipeline runs SymPy on every example. No per-example deadline: on a loaded 2-core machine a spec
+# with nested kinks took 14 s where it takes 4 s alone, and a hang is caught by the suite's own timeout.
+PIPELINE = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

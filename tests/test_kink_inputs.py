@@ -19,7 +19,7 @@ SPECS = {
      ''', lambda x, lo: x == lo),
     "hinge": ('''
         inputs = ["x[n]"]
-        equation = "y[n] = Max(0, 1 - x[n])"
+        equation = "y[n] = Max(1 - x[n], 0, tie=0)"
         reference = "torch.relu(1 - x)"
      ''', lambda x: x == 1),
     "huber": ('''
@@ -98,8 +98,8 @@ def test_verify_op_passes_on_kinks_away_from_zero(tmp_path):
 
 
 def test_verify_op_catches_a_wrong_gradient_on_a_kink_away_from_zero(tmp_path):
-    """Max(0, 1 - x) with step_at_zero = 1 passes the gradient at x = 1, where torch.relu(1 - x) gives 0:
+    """Max(0, 1 - x) without tie= splits the gradient at x = 1 (x gets -g/2) where torch.relu(1 - x) gives 0:
     inputs at 0 never see it (x = 0 is not a kink), inputs at the solved kink x = 1 do."""
-    spec, module = module_for(tmp_path, "hinge", SPECS["hinge"][0] + "step_at_zero = 1\n")
+    spec, module = module_for(tmp_path, "hinge", SPECS["hinge"][0].replace("Max(1 - x[n], 0, tie=0)", "Max(0, 1 - x[n])"))
     with pytest.raises(AssertionError, match="grad_x"):
         verify_op(spec, "hinge", module)
