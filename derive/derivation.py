@@ -33,7 +33,7 @@ import sympy
 
 from . import naming
 from .model import OpSpec, SpecError
-from .functions import as_pow, canonical, differentiable_powers, logsumexp, one_hot, renamed_match, softmax, stabilize
+from .functions import Sum, as_pow, canonical, differentiable_powers, logsumexp, one_hot, renamed_match, softmax, stabilize
 from .spec import index_symbol, scalar_symbol, tensor_symbol
 
 
@@ -48,7 +48,7 @@ class Term:
     def to_expr(self) -> sympy.Expr:
         body = sympy.Mul(*self.factors)
         if self.summed:
-            body = sympy.Sum(body, *[(i, 0, i.upper) for i in self.summed])
+            body = Sum(body, *[(i, 0, i.upper) for i in self.summed])
         return self.coefficient * body
 
 
@@ -159,7 +159,7 @@ def _derive_input(op: OpSpec, forward: sympy.Expr, name: str, scalars) -> Gradie
     upstream = tensor_symbol(grad_out)[tuple(out_indices)] if out_indices else scalar_symbol(grad_out)
     vjp_raw = upstream * partial
     if out_indices:
-        vjp_raw = sympy.Sum(vjp_raw, *[(o, 0, o.upper) for o in out_indices])
+        vjp_raw = Sum(vjp_raw, *[(o, 0, o.upper) for o in out_indices])
 
     terms = []
     for term in expand_terms(vjp_raw, scalars):
@@ -195,7 +195,7 @@ def _derive_tangent(op: OpSpec, forward: sympy.Expr, gradient: GradientDerivatio
     primed = tuple(gradient.wrt.indices) if isinstance(gradient.wrt, sympy.Indexed) else ()
     jvp_raw = gradient.partial * (tensor_symbol(name)[primed] if primed else scalar_symbol(name))
     if primed:
-        jvp_raw = sympy.Sum(jvp_raw, *[(p, 0, p.upper) for p in primed])
+        jvp_raw = Sum(jvp_raw, *[(p, 0, p.upper) for p in primed])
     terms = []
     for term in expand_terms(jvp_raw, scalars):
         term = _eliminate_deltas(term, op, gradient.input)
@@ -437,7 +437,7 @@ def _vanishes(term: Term) -> bool:
             continue
         total = sympy.Integer(0)
         for part in sympy.Add.make_args(sympy.expand(canonical(depending[0], depth=1))):
-            total += sympy.Sum(part, (index, 0, index.upper)) if index in part.atoms(sympy.Idx) \
+            total += Sum(part, (index, 0, index.upper)) if index in part.atoms(sympy.Idx) \
                 else part * (index.upper + 1)
         if canonical(total) == 0:
             return True

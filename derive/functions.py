@@ -23,6 +23,52 @@ import sympy
 from sympy.codegen.cfunctions import log1p
 
 
+class Sum(sympy.Sum):
+    """sum over the limits of `function`, which never moves a where() out of a sum that binds its condition.
+
+    SymPy's Sum() folds every Piecewise of its summand to the top (piecewise_fold), and that fold goes into
+    sums nested in the summand too: sum over n of g[n] * sum over k of where(x[n, k] > 0, w[k], 0) would
+    become where(x[n, k] > 0, sum over n of g[n] * sum over k of w[k], 0), with k outside the only sum that
+    binds it. Here a Piecewise whose condition uses an index bound by a sum inside the summand stays where
+    it is, as one elementwise factor of that sum; the rest folds as in SymPy. SymPy rebuilds a Sum with its
+    own class (diff, xreplace, expand), so every sum derive makes or derives keeps the rule.
+    """
+
+    def __new__(cls, function, *limits, **assumptions):
+        masks = _pinned_piecewise(sympy.sympify(function))
+        total = super().__new__(cls, sympy.sympify(function).xreplace(masks), *limits, **assumptions)
+        if masks and isinstance(total, sympy.Sum):
+            unmasked = total.function.xreplace({mask: piece for piece, mask in masks.items()})
+            total._args = (unmasked, *total.limits)
+        return total
+
+
+def fold_piecewise(expr: sympy.Expr) -> sympy.Expr:
+    """sympy.piecewise_fold(expr), except that a Piecewise stays inside each sum that binds its condition."""
+    masks = _pinned_piecewise(expr)
+    return sympy.piecewise_fold(expr.xreplace(masks)).xreplace({mask: piece for piece, mask in masks.items()})
+
+
+def _pinned_piecewise(expr: sympy.Expr) -> dict[sympy.Piecewise, sympy.Dummy]:
+    """A Dummy for each Piecewise in `expr` whose condition uses an index that a Sum in `expr` binds:
+    piecewise_fold would move it out of that Sum."""
+    pinned: dict[sympy.Piecewise, sympy.Dummy] = {}
+
+    def visit(node: sympy.Basic, bound: frozenset) -> None:
+        if isinstance(node, sympy.Piecewise) and bound:
+            conditions = set().union(*(c.atoms(sympy.Idx) for _, c in node.args))
+            if conditions & bound:
+                pinned.setdefault(node, sympy.Dummy("where"))
+                return
+        if isinstance(node, sympy.Sum):
+            bound = bound | {limit[0] for limit in node.limits}
+        for arg in node.args:
+            visit(arg, bound)
+
+    visit(expr, frozenset())
+    return pinned
+
+
 class sigmoid(sympy.Function):  # noqa: N801 - named like the math
     """1 / (1 + exp(-a))."""
 
@@ -166,7 +212,7 @@ class logsumexp(_OverIndex):  # noqa: N801
     """log(sum(exp(body), index)): `index` is bound."""
 
     def _eval_derivative(self, symbol):
-        return sympy.Sum(softmax(self.body, self.index) * self.body.diff(symbol), (self.index, 0, self.index.upper))
+        return Sum(softmax(self.body, self.index) * self.body.diff(symbol), (self.index, 0, self.index.upper))
 
 
 class softmax(_OverIndex):  # noqa: N801
@@ -175,7 +221,7 @@ class softmax(_OverIndex):  # noqa: N801
     def _eval_derivative(self, symbol):
         other = _fresh(self.index, self, symbol)
         moved = self.body.xreplace({self.index: other})
-        rest = sympy.Sum(softmax(moved, other) * moved.diff(symbol), (other, 0, other.upper))
+        rest = Sum(softmax(moved, other) * moved.diff(symbol), (other, 0, other.upper))
         return self * (self.body.diff(symbol) - rest)
 
 
@@ -186,7 +232,7 @@ class log_softmax(_OverIndex):  # noqa: N801
     def _eval_derivative(self, symbol):
         other = _fresh(self.index, self, symbol)
         moved = self.body.xreplace({self.index: other})
-        return self.body.diff(symbol) - sympy.Sum(softmax(moved, other) * moved.diff(symbol),
+        return self.body.diff(symbol) - Sum(softmax(moved, other) * moved.diff(symbol),
                                                   (other, 0, other.upper))
 
 
@@ -365,7 +411,7 @@ def _canonical(expr: sympy.Expr, offset: int) -> tuple[sympy.Expr, int]:
         renaming = {index: sympy.Idx(f"_{height + offset}_{k}", upper + 1) for k, (index, upper) in enumerate(limits)}
         body = body.xreplace(renaming)
         if isinstance(expr, sympy.Sum):
-            return sympy.Sum(body, *[(renaming[i], 0, upper) for i, upper in limits]), height + 1
+            return Sum(body, *[(renaming[i], 0, upper) for i, upper in limits]), height + 1
         return logsumexp(body, renaming[expr.index]), height + 1
     if not expr.args or isinstance(expr, (sympy.Indexed, sympy.Idx)):
         return expr, 0

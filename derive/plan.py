@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import sympy
 
 from .derivation import Derivation, Term, step_as_sign, tensor_symbols
-from .functions import bound_indices, canonical, fuse_log_softmax, fuse_log_softmax_vjp, fuse_softmax_vjp
+from .functions import bound_indices, canonical, fold_piecewise, fuse_log_softmax, fuse_log_softmax_vjp, fuse_softmax_vjp
 from . import naming
 from .model import OpSpec
 from .naming import BATCH
@@ -207,7 +207,7 @@ def _fold_piecewise(factors: list[sympy.Expr]) -> list[sympy.Expr]:
     rest = [f for f in inside if f not in nested]
     if not any(f.free_symbols for f in rest):    # nothing to wrap: the step stands alone, in its input's dtype
         return [step_as_sign(f) for f in nested] + rest + outside
-    folded = sympy.piecewise_fold(sympy.Mul(*rest))
+    folded = fold_piecewise(sympy.Mul(*rest))
     for piece in reversed(nested):
         folded = sympy.Piecewise(*[(value * folded, condition) for value, condition in piece.args])
     return [folded] + outside

@@ -24,7 +24,7 @@ import sympy
 
 from . import naming
 from .derivation import Term
-from .functions import canonical, layer_norm_backward, log_softmax, logsumexp, rewrite_log_softmax, softmax
+from .functions import Sum, canonical, layer_norm_backward, log_softmax, logsumexp, rewrite_log_softmax, softmax
 from .spec import tensor_symbol
 
 
@@ -205,7 +205,7 @@ def _normalization(forward: list[Term]):
 
 
 def _mean_sum(body: sympy.Indexed, index: sympy.Idx) -> sympy.Sum:
-    return sympy.Sum(body, (index, 0, index.upper))
+    return Sum(body, (index, 0, index.upper))
 
 
 def _with_mean(expr: sympy.Expr, body, index, m) -> sympy.Expr:

@@ -749,7 +749,7 @@ class _EquationParser:
             if name == "softmax":
                 return functions.softmax(body, index), free | {index.name}
             return functions.logsumexp(body, index), free
-        total = sympy.Sum(body, *limits)
+        total = functions.Sum(body, *limits)
         return (total / count if name == "mean" else total), free
 
 
