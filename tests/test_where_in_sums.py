@@ -93,43 +93,45 @@ SPECS = generated_specs()
 
 
 @pytest.fixture(scope="module")
-def catalog(tmp_path_factory):
-    """Every spec in one catalog, derived and written once: (catalog, directory of the modules)."""
+def generated(tmp_path_factory):
+    """generated(name) -> (op, its generated module), each spec derived and written once, on its own."""
     directory = tmp_path_factory.mktemp("where_in_sums")
-    text = "".join(f"[ops.{name}]{body}\n" for name, body in SPECS.items())
-    parsed = parse_catalog(text, str(directory / "where_in_sums.toml"))
-    for path, source in render_catalog(parsed, ("contraction",), namespace="where_in_sums").items():
-        (directory / path).write_text(source)
-    return parsed, directory
+    made = {}
 
-
-def op_and_module(catalog, name):
-    parsed, directory = catalog
-    return parsed.op(name), load_module(directory / f"{name}.py")
+    def op_and_module(name):
+        if name not in made:
+            spec = directory / f"{name}.toml"
+            spec.write_text(f"[ops.{name}]{SPECS[name]}")
+            catalog = parse_catalog(spec.read_text(), str(spec))
+            for path, source in render_catalog(catalog, ("contraction",), namespace=f"where_{name}").items():
+                (directory / path).write_text(source)
+            made[name] = catalog.op(name), load_module(directory / f"{name}.py")
+        return made[name]
+    return op_and_module
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_backward_and_jvp_match_the_reference(catalog, name):
-    op, module = op_and_module(catalog, name)
+def test_backward_and_jvp_match_the_reference(generated, name):
+    op, module = generated(name)
     check_gradients(op, module)
     check_tangents(op, module)
 
 
 @pytest.mark.parametrize("size", [1, 3])
 @pytest.mark.parametrize("name", SPECS)
-def test_every_index_of_the_same_size(catalog, name, size):
+def test_every_index_of_the_same_size(generated, name, size):
     """n, k and m of one length (a where() moved out of its sum can still broadcast there), and 1."""
-    op, module = op_and_module(catalog, name)
+    op, module = generated(name)
     sizes = {size_name: size for size_name in dict(op.index_sizes).values()}
     check_gradients(op, module, sizes=sizes)
     check_tangents(op, module, sizes=sizes)
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_inputs_exactly_on_the_boundary(catalog, name):
+def test_inputs_exactly_on_the_boundary(generated, name):
     """Entries on each where() boundary (x = 0, x - t = ±delta and x = t, x = v), where the branch the
     comparison picks must be the one torch's where() picks."""
-    op, module = op_and_module(catalog, name)
+    op, module = generated(name)
     placed, placements = kink_inputs(op, make_inputs(op), generator=torch.Generator().manual_seed(1))
     assert placements and all(p.mask.any() for p in placements), placements
     check_gradients(op, module, inputs=placed)
