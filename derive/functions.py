@@ -50,8 +50,8 @@ def fold_piecewise(expr: sympy.Expr) -> sympy.Expr:
 
 
 def _pinned_piecewise(expr: sympy.Expr) -> dict[sympy.Piecewise, sympy.Dummy]:
-    """A Dummy for each Piecewise in `expr` whose condition uses an index that a Sum in `expr` binds:
-    piecewise_fold would move it out of that Sum."""
+    """A Dummy for each Piecewise in `expr` whose condition uses an index that a sum, logsumexp or softmax
+    in `expr` binds: piecewise_fold would move it out of that reduction."""
     pinned: dict[sympy.Piecewise, sympy.Dummy] = {}
 
     def visit(node: sympy.Basic, bound: frozenset) -> None:
@@ -60,13 +60,21 @@ def _pinned_piecewise(expr: sympy.Expr) -> dict[sympy.Piecewise, sympy.Dummy]:
             if conditions & bound:
                 pinned.setdefault(node, sympy.Dummy("where"))
                 return
-        if isinstance(node, sympy.Sum):
-            bound = bound | {limit[0] for limit in node.limits}
+        bound = bound | _bound_by(node)
         for arg in node.args:
             visit(arg, bound)
 
     visit(expr, frozenset())
     return pinned
+
+
+def _bound_by(node: sympy.Basic) -> set[sympy.Idx]:
+    """The indices a sum, a logsumexp or a softmax binds in its body."""
+    if isinstance(node, sympy.Sum):
+        return {limit[0] for limit in node.limits}
+    if isinstance(node, _OverIndex):
+        return {node.index}
+    return set()
 
 
 class sigmoid(sympy.Function):  # noqa: N801 - named like the math

@@ -56,6 +56,7 @@ REDUCTIONS = [
               "(u * ({F} * w).sum(-1, keepdim=True)).sum(0)"),
     Reduction("weighted", ("w[k]",), "y[n] = sum({F} * w[k], k)", "({F} * w).sum(-1)"),
     Reduction("mean_rows", (), "y[k] = mean({F}, n)", "{F}.mean(0)"),
+    Reduction("logsumexp", (), "y[n] = logsumexp({F}, k)", "torch.logsumexp({F}, -1)"),
 ]
 
 # where() of two inputs that do not share all their indices, inside their contraction; and the Huber loss
