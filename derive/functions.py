@@ -24,19 +24,20 @@ from sympy.codegen.cfunctions import log1p
 
 
 class Sum(sympy.Sum):
-    """sum over the limits of `function`, which never moves a where() out of a sum that binds its condition.
+    """sum over the limits of `function` that never moves a where() out of the reduction binding its condition.
 
     SymPy's Sum() folds every Piecewise of its summand to the top (piecewise_fold), and that fold goes into
     sums nested in the summand too: sum over n of g[n] * sum over k of where(x[n, k] > 0, w[k], 0) would
     become where(x[n, k] > 0, sum over n of g[n] * sum over k of w[k], 0), with k outside the only sum that
-    binds it. Here a Piecewise whose condition uses an index bound by a sum inside the summand stays where
-    it is, as one elementwise factor of that sum; the rest folds as in SymPy. SymPy rebuilds a Sum with its
-    own class (diff, xreplace, expand), so every sum derive makes or derives keeps the rule.
+    binds it. Here a Piecewise whose condition uses an index bound by a sum, logsumexp or softmax inside the
+    summand stays where it is, as one elementwise factor there; the rest folds as in SymPy. SymPy rebuilds a
+    Sum with its own class (diff, xreplace, expand), so every sum derive makes or derives keeps the rule.
     """
 
     def __new__(cls, function, *limits, **assumptions):
-        masks = _pinned_piecewise(sympy.sympify(function))
-        total = super().__new__(cls, sympy.sympify(function).xreplace(masks), *limits, **assumptions)
+        function = sympy.sympify(function)
+        masks = _pinned_piecewise(function)
+        total = super().__new__(cls, function.xreplace(masks), *limits, **assumptions)
         if masks and isinstance(total, sympy.Sum):
             unmasked = total.function.xreplace({mask: piece for piece, mask in masks.items()})
             total._args = (unmasked, *total.limits)
