@@ -623,7 +623,8 @@ def render_expr(lowered: LoweredExpr) -> str:
         value = TorchCodePrinter(()).doprint(indexed.coefficient)
         text = (text if atomic else f"({text})") + f".index_put_(({rows}, {indexed.index}), {value}, accumulate=True)"
         atomic = True
-    covered = set().union(*(p.indices for p in parts))
+    # the dims the terms have (align's unsqueezes add dims of size 1, which do not count)
+    covered = set().union(*(term.indices for term in terms))
     if covered != set(plan.indices) and plan.like is not None:   # (forward mode expands the sum of its shares)
         text = (text if atomic else f"({text})") + f".expand_as({plan.like})"
         atomic = True

@@ -116,7 +116,12 @@ KNOWN_REFUSALS = {"exponential_renaming": r"(?!)",   # a hang, not a refusal: se
                   "cannot_line_up_dims": r"cannot line up dims",
                   "batch_dims_must_lead": r"batch dims '...' must lead: cannot permute",
                   "internal_error": r"internal error while generating"}
-SIGNATURES = {"precedence": lambda source, error: unparenthesized_matmul(source),
+def double_backward_at_clamp_tie(source: str, error: Exception) -> bool:
+    return "double backward" in str(error) and re.search(r"torch\.clamp_m(in|ax)\(", source) is not None
+
+
+SIGNATURES = {"double_backward_at_clamp_tie": double_backward_at_clamp_tie,
+              "precedence": lambda source, error: unparenthesized_matmul(source),
               "integer_one_hot_in_contraction": integer_one_hot_in_contraction,
               "float_param_in_torch_call": float_param_in_torch_call,
               "unexpanded_gradient": unexpanded_gradient,

@@ -474,3 +474,21 @@ def test_a_layer_norm_over_named_rows_saves_and_fuses_too(tmp_path):
     jacobians = [torch.func.jacrev(f, argnums=1)(*[t.detach() for t in inputs])
                  for f in (module.row_norm, lambda x, w, b: torch.nn.functional.layer_norm(x, (4,), w, b, 1e-5))]
     torch.testing.assert_close(jacobians[0], jacobians[1])
+
+
+@pytest.mark.parametrize("style", ["contraction", "broadcast"])
+@pytest.mark.parametrize("equation, reference", [
+    # found by the differential fuzzer: grad_p_bjm came back (b, 1, 1), the scale's unsqueezes counted as dims
+    ("y[...] = sum(p_bjm[..., j, m] * p, j, m)", "(p_bjm * p).sum(dim=(-2, -1))"),
+    ("y[n] = sum(x[n, j] * p, j)", "(x * p).sum(-1)"),
+])
+def test_a_gradient_along_summed_dims_has_the_inputs_shape(tmp_path, style, equation, reference):
+    inputs = '["p_bjm[..., j, m]", "p"]' if "p_bjm" in equation else '["x[n, j]", "p"]'
+    op, module = spec_module(tmp_path, f'''
+        [ops.scaled_sum]
+        inputs = {inputs}
+        equation = "{equation}"
+        reference = "{reference}"
+    ''', style)
+    for sizes in ({"n": 2, "j": 3, "m": 3}, {"n": 1, "j": 1, "m": 2}, {"n": 2, "j": 0, "m": 3}):
+        check_gradients(op, module, sizes=sizes)
