@@ -492,3 +492,19 @@ def test_a_gradient_along_summed_dims_has_the_inputs_shape(tmp_path, style, equa
     ''', style)
     for sizes in ({"n": 2, "j": 3, "m": 3}, {"n": 1, "j": 1, "m": 2}, {"n": 2, "j": 0, "m": 3}):
         check_gradients(op, module, sizes=sizes)
+
+
+def test_a_gathered_table_summed_along_another_dim_is_scattered_not_multiplied_by_a_one_hot(tmp_path):
+    # found by the differential fuzzer: the gradient was einsum(one_hot(g_n, size_v).T, ...), an int64
+    # operand beside float64 ones (a dtype error); the rows summed over m are now added at g_n
+    op, module = spec_module(tmp_path, '''
+        [ops.gathered_contraction]
+        inputs = ["t[v, k, j]", "g[n]", "p[k, m, j, n]"]
+        integer = ["g"]
+        equation = "y[j, k, m] = sum(t[g[n], k, j] * p[k, m, j, n], n)"
+        reference = "(t[g].permute(2, 1, 0).unsqueeze(2) * p.permute(2, 0, 1, 3)).sum(-1)"
+    ''')
+    code = render_expr(build_op(op).lowered["contraction"].gradients[0])
+    assert "index_add(0, g," in code and "one_hot" not in code
+    for sizes in ({"v": 3, "k": 2, "j": 2, "m": 3, "n": 4}, {"v": 1, "k": 2, "j": 1, "m": 0, "n": 2}):
+        check_gradients(op, module, sizes=sizes)
