@@ -508,3 +508,17 @@ def test_a_gathered_table_summed_along_another_dim_is_scattered_not_multiplied_b
     assert "index_add(0, g," in code and "one_hot" not in code
     for sizes in ({"v": 3, "k": 2, "j": 2, "m": 3, "n": 4}, {"v": 1, "k": 2, "j": 1, "m": 0, "n": 2}):
         check_gradients(op, module, sizes=sizes)
+
+
+def test_a_sum_over_an_index_its_body_lacks_is_the_body_times_the_size(tmp_path):
+    # found by the differential fuzzer: d mean(p[k], k) / d p[k'] inside a where() branch left
+    # sum(1, k) / size_k, printed `1.sum()`: the module did not compile
+    op, module = spec_module(tmp_path, '''
+        [ops.mean_or_constant]
+        inputs = ["q", "p[k]"]
+        differentiable = ["p"]
+        equation = "y = where(q > 0, 0.5 - 2, mean(p[k], k))"
+        reference = "torch.where(torch.gt(q, 0), -1.5, p.mean())"
+    ''')
+    for seed in range(3):   # q of either sign
+        check_gradients(op, module, sizes={"k": 3}, seed=seed)
