@@ -371,7 +371,9 @@ def _scatter(nodes: list[Node], summed: set[str], target: tuple[str, ...], like:
             continue
         others = [n for n in nodes if n is not node]
         source, left = _contract(others, [i for i in summed if i not in rows], rows + rest)
-        if left or set(source.indices) != set(rows + rest):
+        if left:   # one operand left (the others merged into it): its sum is the scattered rows
+            source = Reduce(source, tuple(left), mean=False)
+        if set(source.indices) != set(rows + rest):
             continue
         return Scatter(source, value.base.label.name, rows, like, target)
     return None

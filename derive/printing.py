@@ -186,6 +186,13 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         return align(Code(result, keep), self.layout).text
 
     def _print_Sum(self, expr):
+        # a sum over an index its body does not depend on is the body times that index's size
+        # (a bare `1.sum()` would not even compile)
+        absent = [limit for limit in expr.limits if not expr.function.has(limit[0])]
+        if absent:
+            kept = [limit for limit in expr.limits if limit not in absent]
+            count = sympy.Mul(*[upper - lower + 1 for _, lower, upper in absent])
+            return self._print(count * (sympy.Sum(expr.function, *kept) if kept else expr.function))
         bound = tuple(limit[0].name for limit in expr.limits)
         keep = tuple(i for i in self._own_layout(expr.function) if i not in bound)
         return self._reduced(expr.function, bound, "sum", keep)
@@ -623,7 +630,8 @@ def render_expr(lowered: LoweredExpr) -> str:
         value = TorchCodePrinter(()).doprint(indexed.coefficient)
         text = (text if atomic else f"({text})") + f".index_put_(({rows}, {indexed.index}), {value}, accumulate=True)"
         atomic = True
-    covered = set().union(*(p.indices for p in parts))
+    # the dims the terms have (align's unsqueezes add dims of size 1, which do not count)
+    covered = set().union(*(term.indices for term in terms))
     if covered != set(plan.indices) and plan.like is not None:   # (forward mode expands the sum of its shares)
         text = (text if atomic else f"({text})") + f".expand_as({plan.like})"
         atomic = True

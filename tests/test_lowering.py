@@ -474,3 +474,51 @@ def test_a_layer_norm_over_named_rows_saves_and_fuses_too(tmp_path):
     jacobians = [torch.func.jacrev(f, argnums=1)(*[t.detach() for t in inputs])
                  for f in (module.row_norm, lambda x, w, b: torch.nn.functional.layer_norm(x, (4,), w, b, 1e-5))]
     torch.testing.assert_close(jacobians[0], jacobians[1])
+
+
+@pytest.mark.parametrize("style", ["contraction", "broadcast"])
+@pytest.mark.parametrize("equation, reference", [
+    # found by the differential fuzzer: grad_p_bjm came back (b, 1, 1), the scale's unsqueezes counted as dims
+    ("y[...] = sum(p_bjm[..., j, m] * p, j, m)", "(p_bjm * p).sum(dim=(-2, -1))"),
+    ("y[n] = sum(x[n, j] * p, j)", "(x * p).sum(-1)"),
+])
+def test_a_gradient_along_summed_dims_has_the_inputs_shape(tmp_path, style, equation, reference):
+    inputs = '["p_bjm[..., j, m]", "p"]' if "p_bjm" in equation else '["x[n, j]", "p"]'
+    op, module = spec_module(tmp_path, f'''
+        [ops.scaled_sum]
+        inputs = {inputs}
+        equation = "{equation}"
+        reference = "{reference}"
+    ''', style)
+    for sizes in ({"n": 2, "j": 3, "m": 3}, {"n": 1, "j": 1, "m": 2}, {"n": 2, "j": 0, "m": 3}):
+        check_gradients(op, module, sizes=sizes)
+
+
+def test_a_gathered_table_summed_along_another_dim_is_scattered_not_multiplied_by_a_one_hot(tmp_path):
+    # found by the differential fuzzer: the gradient was einsum(one_hot(g_n, size_v).T, ...), an int64
+    # operand beside float64 ones (a dtype error); the rows summed over m are now added at g_n
+    op, module = spec_module(tmp_path, '''
+        [ops.gathered_contraction]
+        inputs = ["t[v, k, j]", "g[n]", "p[k, m, j, n]"]
+        integer = ["g"]
+        equation = "y[j, k, m] = sum(t[g[n], k, j] * p[k, m, j, n], n)"
+        reference = "(t[g].permute(2, 1, 0).unsqueeze(2) * p.permute(2, 0, 1, 3)).sum(-1)"
+    ''')
+    code = render_expr(build_op(op).lowered["contraction"].gradients[0])
+    assert "index_add(0, g," in code and "one_hot" not in code
+    for sizes in ({"v": 3, "k": 2, "j": 2, "m": 3, "n": 4}, {"v": 1, "k": 2, "j": 1, "m": 0, "n": 2}):
+        check_gradients(op, module, sizes=sizes)
+
+
+def test_a_sum_over_an_index_its_body_lacks_is_the_body_times_the_size(tmp_path):
+    # found by the differential fuzzer: d mean(p[k], k) / d p[k'] inside a where() branch left
+    # sum(1, k) / size_k, printed `1.sum()`: the module did not compile
+    op, module = spec_module(tmp_path, '''
+        [ops.mean_or_constant]
+        inputs = ["q", "p[k]"]
+        differentiable = ["p"]
+        equation = "y = where(q > 0, 0.5 - 2, mean(p[k], k))"
+        reference = "torch.where(torch.gt(q, 0), -1.5, p.mean())"
+    ''')
+    for seed in range(3):   # q of either sign
+        check_gradients(op, module, sizes={"k": 3}, seed=seed)
