@@ -11,6 +11,7 @@ tests::
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import itertools
 import importlib.util
@@ -107,9 +108,16 @@ def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.flo
     return tensors
 
 
-def uses_output(op: OpSpec) -> bool:
+@functools.cache
+def _derivation(op: OpSpec):
+    """derive(op), once per op: OpSpec is a frozen dataclass, and the derivation depends on it alone.
+    call_backward asks uses_output on every call (gradcheck calls a backward once per output element)."""
     from .derivation import derive
-    return derive(op).uses_output
+    return derive(op)
+
+
+def uses_output(op: OpSpec) -> bool:
+    return _derivation(op).uses_output
 
 
 def call_backward(op: OpSpec, module: ModuleType, grad_output, inputs, output=None, **keywords):
@@ -268,8 +276,7 @@ def gradcheck_op(op: OpSpec, module: ModuleType, sizes=None, seed: int = 0) -> N
 
 def has_kinks(op: OpSpec) -> bool:
     """Whether the op's derivative jumps somewhere (a step, a sign or a Piecewise)."""
-    from .derivation import derive
-    return any(g.vjp.has(sympy.Heaviside, sympy.sign, sympy.Piecewise) for g in derive(op).gradients)
+    return any(g.vjp.has(sympy.Heaviside, sympy.sign, sympy.Piecewise) for g in _derivation(op).gradients)
 
 
 @dataclass(frozen=True)

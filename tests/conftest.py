@@ -1,5 +1,4 @@
 import dataclasses
-import functools
 import inspect
 from pathlib import Path
 
@@ -13,9 +12,6 @@ from derive.cli import main
 from derive.spec import load_catalog
 from derive.testing import has_kinks, load_module
 
-# call_backward asks uses_output(op) on every call, and uses_output derives the op again (SymPy, a tenth of a
-# second or more); gradcheck calls a backward once per output element. The answer depends on the op alone.
-derive.testing.uses_output = functools.cache(derive.testing.uses_output)
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "generated"

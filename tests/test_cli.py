@@ -24,6 +24,12 @@ TANH_SPEC = textwrap.dedent('''
     equation = "y[b, f] = tanh(x[b, f])"
     reference = "torch.tanh(x)"
 ''')
+SOFTSIGN_SPEC = textwrap.dedent('''
+    [ops.scaled_softsign]
+    inputs = ["x[b, f]", "w[f]"]
+    equation = "y[b, f] = w[f] * x[b, f] / (1 + Abs(x[b, f]))"
+    reference = "w * x / (1 + x.abs())"
+''')
 
 
 def snapshot(folder):
@@ -120,10 +126,11 @@ def test_spec_error_leaves_output_untouched(tmp_path, derive_cli, render_once):
     assert snapshot_after == before
 
 
-def test_installed_wheel_finds_its_templates_and_its_process_exits_with_checks_status(tmp_path):
+def test_installed_wheel_finds_its_templates_and_its_process_exits_with_checks_status(tmp_path, derive_cli):
     """A non-editable install, run as `python -m derive` from another directory, renders from the templates
-    in the wheel: `check` against a copy of generated/ with one hand edit finds exactly that edit, and the
-    process exits 1 (the one real process of these tests: main's status must become the exit status)."""
+    in the wheel: `check` against what this checkout generates for a small spec, with one hand edit, finds
+    exactly that edit, and the process exits 1 (the one real process of these tests: main's status must
+    become the exit status). A two-op spec, not the built-in catalog: a fresh process renders all it checks."""
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
                               "--quiet", "--target", str(target), str(ROOT)],
@@ -131,15 +138,17 @@ def test_installed_wheel_finds_its_templates_and_its_process_exits_with_checks_s
     assert install.returncode == 0, install.stderr
     assert (target / "derive" / "templates" / "module.py.jinja").is_file()
     elsewhere = tmp_path / "elsewhere"
-    shutil.copytree(GENERATED, elsewhere / "out")
-    edited = elsewhere / "out" / "relu.py"
+    elsewhere.mkdir()
+    (elsewhere / "ops.toml").write_text(TANH_SPEC + SOFTSIGN_SPEC)
+    assert derive_cli("generate", "--spec", "ops.toml", "--out", "out", cwd=elsewhere).returncode == 0
+    edited = elsewhere / "out" / "tanh_act.py"
     edited.write_text(edited.read_text() + "# edited by hand\n")
     env = dict(os.environ, PYTHONPATH=str(target))
-    result = subprocess.run([sys.executable, "-m", "derive", "check", "--diff", "--out", "out"], cwd=elsewhere,
-                            env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "derive", "check", "--diff", "--spec", "ops.toml", "--out", "out"],
+                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
-    # every other file is byte for byte generated/, and relu.py is but for the edited line
-    assert result.stderr.splitlines()[:-1] == [f"stale: {os.path.join('out', 'relu.py')}"], result.stderr
+    # every other file is byte for byte what this checkout generates, and tanh_act.py is but for the edited line
+    assert result.stderr.splitlines()[:-1] == [f"stale: {os.path.join('out', 'tanh_act.py')}"], result.stderr
     changed = [line for line in result.stdout.splitlines()
                if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))]
     assert changed == ["-# edited by hand"], result.stdout

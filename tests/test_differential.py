@@ -41,7 +41,7 @@ from derive.spec import parse_catalog
 from derive.testing import autograd_gradients, call_backward, kink_inputs, load_module, reference
 from spec_strategies import KNOWN_BUGS, RECOGNIZED, fuzz_cases
 
-EXAMPLES = int(os.environ.get("DERIVE_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("DERIVE_FUZZ_EXAMPLES", "10"))
 # DERIVE_FUZZ_KNOWN_BUGS=include writes the spec shapes of the known bug classes too (spec_strategies.KNOWN_BUGS)
 EXCLUDED = frozenset() if os.environ.get("DERIVE_FUZZ_KNOWN_BUGS") == "include" else KNOWN_BUGS
 STYLES = tuple(STYLE_DIRS)

@@ -102,9 +102,11 @@ def cases():
                   (identity, pc) for identity in range(len(IDENTITIES))
                   for pc in itertools.product(range(len(PAIRS)), range(len(CONTEXTS))))]
     if os.environ.get("DERIVE_KINK_CASES") != "all":
-        # every identity twice, with pairs and contexts rotating
+        # every identity once, with pairs, contexts and sizes rotating: each of them is used at least once
+        # (DERIVE_KINK_CASES=twice runs every identity twice)
+        repeats = 2 if os.environ.get("DERIVE_KINK_CASES") == "twice" else 1
         combos = [(i, identity, (identity + j) % len(PAIRS), (identity + 2 * j) % len(CONTEXTS))
-                  for i, (identity, j) in enumerate(itertools.product(range(len(IDENTITIES)), range(2)))]
+                  for i, (identity, j) in enumerate(itertools.product(range(len(IDENTITIES)), range(repeats)))]
     for i, identity, pair, context in combos:
         if "where" in IDENTITIES[identity][0] and "sum(" in CONTEXTS[context][0]:
             continue   # a where() inside a sum with a free index is mis-derived on main already (its own issue)
