@@ -75,7 +75,8 @@ def integer_one_hot_in_contraction(source: str, error: Exception) -> bool:
 # Known bugs that show as a refusal of a valid spec (see generate()), and those that show in the code.
 KNOWN_REFUSALS = {"exponential_renaming": r"(?!)",   # a hang, not a refusal: see generate()
                   "cannot_line_up_dims": r"cannot line up dims",
-                  "batch_dims_must_lead": r"batch dims '...' must lead: cannot permute"}
+                  "batch_dims_must_lead": r"batch dims '...' must lead: cannot permute",
+                  "uncompilable_module": r"internal error while generating \(SyntaxError"}
 
 
 def double_backward_at_clamp_tie(source: str, error: Exception) -> bool:
@@ -235,8 +236,12 @@ def check(case, op, module, style: str) -> None:
                 return function(*[next(values) if flag else t for t, flag in zip(inputs, flags)], **params)
             return restricted
 
-        _, want_tangent = torch.func.jvp(only_float(ref), primals, tangents)
+        want_output, want_tangent = torch.func.jvp(only_float(ref), primals, tangents)
         _, got_tangent = torch.func.jvp(only_float(function), primals, tangents)
+        # where the output is not finite (a logsumexp over a size-0 dim is -inf) torch's own jvp can be
+        # NaN (0 * inf); derive's tangent there is the empty sum's 0: compare only where the output is finite
+        finite = torch.isfinite(want_output)
+        want_tangent = torch.where(finite, want_tangent, got_tangent)
         assert_same(got_tangent, want_tangent, f"{style} jvp", case)
         REPORT["outcomes"]["jvp checked"] += 1
 
