@@ -68,6 +68,7 @@ DEFAULT_ROUNDS, DEFAULT_WARMUP = 30, 3
 QUICK_ROUNDS, QUICK_WARMUP = 3, 1
 SEED_NETWORK = "seed network"
 AUTOGRAD, GENERATED, HANDWRITTEN = "autograd", "generated", "hand-written"
+CHECKS = "shape checks"
 DTYPE = torch.float32
 ATOL, RTOL = 1e-5, 1.3e-6     # float32 defaults of assert_close; ATOL is scaled in `verify`
 
@@ -76,11 +77,16 @@ Gradients = Sequence[torch.Tensor]
 
 @dataclass(frozen=True)
 class Case:
-    """One computation and the contenders that compute its gradients; `autograd` is the reference."""
+    """One computation and the contenders that compute its gradients; `autograd` is the reference.
+
+    `checks`: the shape-contract call the generated backward makes first, on the same arguments,
+    timed in the same rounds so that the report can show what the checks cost.
+    """
 
     name: str
     shape: str
     contenders: dict[str, Callable[[], Gradients]]
+    checks: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,7 @@ class Row:
     autograd_seconds: float
     peak: int
     autograd_peak: int
+    check_seconds: float | None = None
 
     @property
     def time_ratio(self) -> float:
@@ -101,6 +108,11 @@ class Row:
     @property
     def memory_ratio(self) -> float | None:
         return self.peak / self.autograd_peak if self.autograd_peak else None
+
+    @property
+    def check_share(self) -> float | None:
+        """The shape checks' part of the generated backward's time."""
+        return None if self.check_seconds is None else self.check_seconds / self.seconds
 
 
 @dataclass(frozen=True)
@@ -173,7 +185,21 @@ def op_case(op: OpSpec, module, preset: dict[str, int]) -> Case:
     def generated():
         return [g for g in backward(grad_output, *arguments, needs_input_grad=flags) if g is not None]
 
-    return Case(op.name, _shape(sizes), {GENERATED: generated, AUTOGRAD: _autograd(output, leaves, grad_output)})
+    return Case(op.name, _shape(sizes), {GENERATED: generated, AUTOGRAD: _autograd(output, leaves, grad_output)},
+                checks=_recorded_checks(module, naming.check_shapes(op.name), generated))
+
+
+def _recorded_checks(module, name: str, call: Callable[[], Gradients]) -> Callable[[], None]:
+    """The module's shape-check call as `call` makes it: the arguments are recorded from one run."""
+    check = getattr(module, name)
+    recorded = []
+    setattr(module, name, lambda *args, **kwargs: recorded.append((args, kwargs)) or check(*args, **kwargs))
+    try:
+        call()
+    finally:
+        setattr(module, name, check)
+    ((args, kwargs),) = recorded
+    return lambda: check(*args, **kwargs)
 
 
 def seed_network_case(modules, preset: dict[str, int]) -> Case:
@@ -251,14 +277,16 @@ def verify(case: Case) -> None:
 
 def measure(case: Case, rounds: int, warmup: int, rng: random.Random) -> list[Row]:
     """One row per contender other than autograd, timed against it in the same interleaved rounds."""
-    seconds = median_seconds(case.contenders, rounds, warmup, rng)
+    timed = dict(case.contenders, **({CHECKS: case.checks} if case.checks else {}))
+    seconds = median_seconds(timed, rounds, warmup, rng)
     peaks = {name: peak_bytes(contender) for name, contender in case.contenders.items()}
     return [Row(case.name if name == GENERATED else f"{case.name}, {name}", case.shape,
-                seconds[name], seconds[AUTOGRAD], peaks[name], peaks[AUTOGRAD])
+                seconds[name], seconds[AUTOGRAD], peaks[name], peaks[AUTOGRAD],
+                seconds.get(CHECKS) if name == GENERATED else None)
             for name in case.contenders if name != AUTOGRAD]
 
 
-def median_seconds(contenders: dict[str, Callable[[], Gradients]], rounds: int, warmup: int,
+def median_seconds(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int,
                    rng: random.Random) -> dict[str, float]:
     """Median wall time of each contender's call; each round runs all of them once in a shuffled order."""
     order = list(contenders)
@@ -308,7 +336,8 @@ def generate_seconds() -> float:
 
 
 def format_report(report: Report) -> str:
-    header = ("case", "shape", "ms", "autograd ms", "time ratio", "peak MB", "autograd peak MB", "memory ratio")
+    header = ("case", "shape", "ms", "autograd ms", "time ratio", "peak MB", "autograd peak MB", "memory ratio",
+              "checks µs", "checks share")
     lines = [_row_cells(row) for row in report.rows]
     widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
 
@@ -319,7 +348,8 @@ def format_report(report: Report) -> str:
             f"{torch.get_num_threads()} threads; medians of {report.rounds} interleaved rounds after "
             f"{report.warmup} warm-up rounds",
             "ms: the generated backward, or the hand-written one on a 'hand-written' row; "
-            "ratios: that / autograd",
+            "ratios: that / autograd; checks: the shape-contract call that backward makes first, "
+            "timed alone in the same rounds, and its share of the backward's time",
             "", line(header), line(["-" * w for w in widths]), *map(line, lines), ""]
     text += _handwritten_lines(report.rows)
     text.append(f"derive generate, whole built-in catalog, both styles: {report.generate_seconds * 1000:.0f} ms "
@@ -329,8 +359,9 @@ def format_report(report: Report) -> str:
 
 def _row_cells(row: Row) -> tuple[str, ...]:
     memory = "n/a" if row.memory_ratio is None else f"{row.memory_ratio:.2f}x"
+    checks = ("-", "-") if row.check_seconds is None else (f"{row.check_seconds * 1e6:.1f}", f"{row.check_share:.1%}")
     return (row.case, row.shape, f"{row.seconds * 1000:.3f}", f"{row.autograd_seconds * 1000:.3f}",
-            f"{row.time_ratio:.2f}x", f"{row.peak / 1e6:.2f}", f"{row.autograd_peak / 1e6:.2f}", memory)
+            f"{row.time_ratio:.2f}x", f"{row.peak / 1e6:.2f}", f"{row.autograd_peak / 1e6:.2f}", memory, *checks)
 
 
 def _handwritten_lines(rows: Sequence[Row]) -> list[str]:

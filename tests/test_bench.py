@@ -1,6 +1,7 @@
 """`derive bench --quick`: its table, the gradients it compares, and its memory measure. No timing assertions."""
 
 import dataclasses
+import random
 
 import pytest
 import torch
@@ -67,3 +68,30 @@ def test_only_the_named_cases_are_built():
     cases = bench.cases("contraction", QUICK, GENERATED, only=["relu", bench.SEED_NETWORK])
     assert [case.name for case in cases] == ["relu", bench.SEED_NETWORK]
     assert [case.name for case in bench.cases("contraction", QUICK, GENERATED, only=["mse"])] == ["mse"]
+
+
+def test_the_timed_checks_are_the_call_the_backward_makes():
+    """Each op case times its module's shape-check call on the arguments its backward passes, and the
+    report shows it on the op's row; a contract broken in those arguments makes that call raise."""
+    cases = bench.cases("contraction", QUICK, GENERATED)
+    op_cases = [case for case in cases if case.name != bench.SEED_NETWORK]
+    assert [case.name for case in op_cases] == OPS and all(case.checks for case in op_cases)
+    for case in op_cases:
+        assert case.checks() is None
+    report = bench.Report("contraction", 1, 0, tuple(bench.measure(op_cases[0], 1, 0, random.Random(0))), 0.0)
+    (row,) = report.rows
+    assert row.check_seconds > 0 and "checks share" in bench.format_report(report)
+
+
+def test_recorded_checks_replay_the_arguments_given():
+    seen = []
+
+    class Module:
+        @staticmethod
+        def _check_op_shapes(x, *, grad_y=None):
+            seen.append((x, grad_y))
+
+    x, grad_y = torch.ones(2, 3), torch.ones(2, 3)
+    replay = bench._recorded_checks(Module, "_check_op_shapes", lambda: Module._check_op_shapes(x, grad_y=grad_y))
+    replay()
+    assert len(seen) == 2 and seen[1][0] is x and seen[1][1] is grad_y
