@@ -133,6 +133,12 @@ def kernel_of(node: Fused) -> Kernel:
     return KERNEL_OF[type(node)]
 
 
+def comments(calls: list[tuple[Fused, sympy.Expr]]) -> tuple[str, ...]:
+    """The comment lines for some (call, factor) pairs, each line once, in table order."""
+    said = {line for call, factor in calls for line in kernel_of(call).comment(call, factor)}
+    return tuple(dict.fromkeys(line for kernel in KERNELS for line in kernel.formulas if line in said))
+
+
 # Steps: where(x <= c, 0, g) and where(x > 0, g, s * g) -------------------------------------------
 
 def _step(build: Callable[[sympy.Expr, sympy.Boolean, sympy.Expr], Fused | None]):

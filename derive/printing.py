@@ -20,7 +20,7 @@ from .plan import free_indices
 from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, walk
 from .model import OpSpec
 from .functions import one_hot
-from .kernels import KERNELS, Fused, kernel_of
+from .kernels import Fused, comments, kernel_of
 from . import naming
 from .naming import BATCH, grad
 from .spec import is_python_number, size_symbol
@@ -549,9 +549,8 @@ def fused_calls(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> list
 
 
 def kernel_comments(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> tuple[str, ...]:
-    """What each fused kernel call in the code computes, from the record that printed it, in table order."""
-    said = {line for call, factor in fused_calls(exprs, shared) for line in kernel_of(call).comment(call, factor)}
-    return tuple(dict.fromkeys(line for kernel in KERNELS for line in kernel.formulas if line in said))
+    """What each fused kernel call in the code computes, from the record that printed it."""
+    return comments(fused_calls(exprs, shared))
 
 
 def render_expr(lowered: LoweredExpr) -> str:
