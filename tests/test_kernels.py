@@ -17,7 +17,7 @@ from derive.printing import TorchCodePrinter, render_expr
 from derive.spec import parse_catalog
 from derive.testing import check_gradients, check_tangents, gradcheck_op, load_module
 
-from conftest import GENERATED, STYLES
+from conftest import GENERATED, ROOT, STYLES
 
 # a call of an aten kernel, or of a torch function that is some op's backward (not the module's own
 # `<op>_backward`, which no `torch.` qualifies)
@@ -111,34 +111,21 @@ def test_every_kernel_is_one_record_with_its_own_node():
     assert set(kernels.KERNEL_OF) == {k.node for k in KERNELS}
 
 
-class sigmoid_backward(Fused):  # noqa: N801
-    nargs = 2    # g, y
-
-
-def _sigmoid_vjp(terms, found=(), like=None):
-    """g * y * (1 - y) -> sigmoid_backward(g, y), y any tensor expression (sigmoid(x[n, d]) here)."""
-    fused = []
-    for term in terms:
-        ys = [f for f in term.factors if not isinstance(f, sympy.Add) and f.atoms(sympy.Indexed)
-              and 1 - f in term.factors]
-        rest = [f for f in term.factors if not ys or f not in (ys[0], 1 - ys[0])]
-        if len(ys) == 1 and rest:
-            term = replace(term, factors=(sigmoid_backward(sympy.Mul(*rest), ys[0]),))
-        fused.append(term)
-    return fused
-
-
-SIGMOID = Kernel("sigmoid_backward", sigmoid_backward, _sigmoid_vjp,
-                 lambda printer, node, factor=1: f"torch.ops.aten.sigmoid_backward("
-                                                 f"{printer.text(factor * node.args[0])}, {printer.text(node.args[1])})",
-                 ("sigmoid_backward(g, y) = g * y * (1 - y)",))
+def readme_kernel() -> Kernel:
+    """The record README's "Add a fused kernel" appends to the table, from its code block."""
+    section = (ROOT / "README.md").read_text().split("### Add a fused kernel", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {"Fused": Fused, "Kernel": Kernel, "sympy": sympy, "replace": replace}
+    exec(code, namespace)
+    return namespace["KERNELS"][-1]
 
 
 def test_a_new_kernel_is_one_record(tmp_path, monkeypatch):
     """The README's example: one record added to the table, and the contraction style calls the kernel,
     with its comment, in the backward and in the jvp; the broadcast style keeps the formula."""
-    monkeypatch.setattr(kernels, "KERNELS", KERNELS + (SIGMOID,))
-    monkeypatch.setitem(kernels.KERNEL_OF, sigmoid_backward, SIGMOID)
+    sigmoid = readme_kernel()
+    monkeypatch.setattr(kernels, "KERNELS", KERNELS + (sigmoid,))
+    monkeypatch.setitem(kernels.KERNEL_OF, sigmoid.node, sigmoid)
     spec = '''
         [ops.scaled_sigmoid]
         inputs = ["x[n, d]", "w[d]"]
