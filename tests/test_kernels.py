@@ -6,18 +6,17 @@ from dataclasses import replace
 
 import pytest
 import sympy
-import torch
 
 from derive import kernels
 from derive.build import build_op, render_catalog
 from derive.derivation import derive
 from derive.kernels import KERNELS, Kernel, Fused, fuse
 from derive.plan import plan
-from derive.printing import TorchCodePrinter, render_expr
+from derive.printing import TorchCodePrinter, kernel_comments, render_expr
 from derive.spec import parse_catalog
 from derive.testing import check_gradients, check_tangents, gradcheck_op, load_module
 
-from conftest import GENERATED, ROOT, STYLES
+from conftest import CATALOG, GENERATED, ROOT, STYLES
 
 # a call of an aten kernel, or of a torch function that is some op's backward (not the module's own
 # `<op>_backward`, which no `torch.` qualifies)
@@ -96,7 +95,6 @@ def test_steps_fuse_in_the_contraction_style_only(tmp_path, name, style):
 
 def test_fusion_is_a_stage_of_its_own():
     """plan() plans what it is given: the derivation as derived keeps its step, the fused one has the call."""
-    from conftest import CATALOG
     derivation = derive(CATALOG.op("relu"))
     (term,) = plan(derivation).gradients[0].terms
     assert any(isinstance(o.expr, sympy.Piecewise) for o in term.operands)
@@ -147,9 +145,7 @@ def test_a_new_kernel_is_one_record(tmp_path, monkeypatch):
 
 def test_comments_come_from_the_records_of_the_calls():
     """Each gradient's comments are the formulas of the calls its code makes, and of no other."""
-    from conftest import CATALOG
     lowered = build_op(CATALOG.op("layer_norm")).lowered["contraction"]
-    from derive.printing import kernel_comments
     by_target = {g.plan.target: kernel_comments([g]) for g in lowered.gradients}
     assert by_target["grad_x"] == (kernels.LAYER_NORM_FORMULAS[0],)
     assert by_target["grad_w"] == (kernels.LAYER_NORM_FORMULAS[1],)
