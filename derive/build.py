@@ -12,6 +12,7 @@ from . import naming
 from .derivation import Derivation, derive
 from .emit import render_module
 from .explain import DERIVATIONS_FILE, explain, render_derivations
+from .kernels import fuse
 from .lower import STYLES, LoweredOp, lower
 from .model import Catalog, OpSpec, SpecError
 from .plan import plan
@@ -36,7 +37,8 @@ class Built:
 def build_op(op: OpSpec, styles=STYLES) -> Built:
     with spec_errors(op):
         derivation = derive(op)
-        return Built(derivation, {style: lower(plan(derivation, fuse=style == "contraction"), style)
+        fused = fuse(derivation) if "contraction" in styles else None
+        return Built(derivation, {style: lower(plan(fused if style == "contraction" else derivation), style)
                                   for style in styles})
 
 

@@ -112,6 +112,9 @@ class Derivation:
     # the Jacobian-vector product tangent_y = sum over inputs X of (d y / d X) . tangent_X, one share
     # per differentiable input, in input order
     tangents: tuple[TangentDerivation, ...] = ()
+    # forward values the forward computes once and the backward reads, which the fused kernels
+    # (kernels.fuse) need: empty as derived, each a saving.SavedValue after fusion
+    saved: tuple = ()
 
     @property
     def grad_output(self) -> str:

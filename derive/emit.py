@@ -15,8 +15,8 @@ from . import naming
 from .contracts import POLICY_DTYPES, Declared, all_hold, autocast_policies, guarded_blocks, shape_checks
 from .derivation import Derivation
 from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, backward_reads, covered, tangent_reads, walk
-from .printing import (index_notation, output_shape, render, render_expr, size_bindings, size_source,
-                       sizes_used, uses_math)
+from .printing import (index_notation, kernel_comments, output_shape, render, render_expr, size_bindings,
+                       size_source, sizes_used, uses_math)
 
 
 
@@ -61,26 +61,7 @@ class GradientView:
     vjp: str
     code: str
     shared: tuple[tuple[str, str], ...]   # values only this gradient uses, computed just before it
-
-    @property
-    def kernels(self) -> tuple[str, ...]:
-        """What each fused PyTorch kernel in the code computes, for a comment above it."""
-        code = " ".join([self.code] + [text for _, text in self.shared])
-        return tuple(meaning for needle, meaning in KERNELS.items() if needle in code)
-
-
-# The fused kernels the contraction style calls (a piece of the call that names it), with the
-# formula each stands for.
-KERNELS = {
-    "torch.ops.aten.threshold_backward(": "threshold_backward(g, x, 0) = where(x <= 0, 0, g)",
-    "torch.ops.aten.leaky_relu_backward(": "leaky_relu_backward(g, x, s, False) = where(x > 0, g, s * g)",
-    "torch._softmax_backward_data(": "_softmax_backward_data(g, y, dim) = y * (g - sum(g * y, dim))",
-    "torch._log_softmax_backward_data(": "_log_softmax_backward_data(g, y, dim) = g - exp(y) * sum(g, dim)",
-    "torch.ops.aten.nll_loss_backward(": "nll_loss_backward(v, y, t, reduction=2) = zeros like y, with -v at [i, t[i]]",
-    "[True, False, False])[0]": "native_layer_norm_backward(g, x, ..., w)[0] = rstd * (g w - mean(g w) - "
-                                "xhat * mean(g w xhat)), xhat = (x - mean) * rstd",
-    "[False, True, False])[1]": "native_layer_norm_backward(g, x, ...)[1] = sum over rows of g * xhat",
-}
+    kernels: tuple[str, ...] = ()         # what each fused kernel call in the code computes, from its record
 
 
 def render_module(derivation: Derivation, lowered: LoweredOp, source: str, command: str,
@@ -99,7 +80,8 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
             shape=f"shape of {g.input}: {_tuple(g.indices)}",
             wrt=index_notation(g.wrt), partial=index_notation(g.partial),
             access=access, vjp=index_notation(g.vjp), code=render_expr(expr),
-            shared=tuple((s.name, render(s.value).text) for s in lowered.shared if s.users == (position,))))
+            shared=tuple((s.name, render(s.value).text) for s in lowered.shared if s.users == (position,)),
+            kernels=kernel_comments([expr], tuple(s.value for s in lowered.shared if s.users == (position,)))))
     outputs = [naming.grad(t.name) for t in op.inputs if t.differentiable]
     returns = [naming.grad(t.name) if t.differentiable else "None" for t in op.inputs]
     params = [f"{p.name}={p.default!r}" for p in op.params]
@@ -246,11 +228,11 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
     for t, expr in zip(derivation.tangents, exprs):
         position = positions.index(t.input)
         code = render_expr(expr)
-        shared = tuple((s.name, render(s.value).text) for s in lowered.tangent_shared if s.users == (position,))
-        text = " ".join([code] + [value for _, value in shared])
+        own = [s for s in lowered.tangent_shared if s.users == (position,)]
         shares.append(TangentView(
-            tangent=t.tangent, jvp=index_notation(t.jvp), code=code, shared=shared,
-            kernels=tuple(meaning for needle, meaning in KERNELS.items() if needle in text)))
+            tangent=t.tangent, jvp=index_notation(t.jvp), code=code,
+            shared=tuple((s.name, render(s.value).text) for s in own),
+            kernels=kernel_comments([expr], tuple(s.value for s in own))))
     common = [(s.name, render(s.value).text) for s in lowered.tangent_shared if len(s.users) > 1]
     kept = [name for name in positions if name in reads]
     saved = kept + ([op.output] if uses_output else [])

@@ -245,18 +245,6 @@ class log_softmax(_OverIndex):  # noqa: N801
                                                   (other, 0, other.upper))
 
 
-class layer_norm_backward(sympy.Function):  # noqa: N801
-    """One gradient of a normalization y = (x - mean) * rstd along `index` (x's last dim), as PyTorch's
-    fused native_layer_norm_backward computes it from the forward's mean and rstd:
-
-        part 0:  rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = grad_out * weight
-        part 1:  sum over the batch of grad_out * xhat                (weight only gives the shape)
-    """
-
-    nargs = 7    # part, grad_out, weight, x, mean, rstd, index
-    is_real = True
-
-
 def rewrite_log_softmax(expr: sympy.Expr, read) -> sympy.Expr:
     """Every `a * (x[..., p] - logsumexp(x[..., c], c))` inside `expr` (two summands of one sum, any
     signs) becomes `a * read(lse, x[..., p])`, where `read` gives a value for that pair (or None: no match)."""
@@ -276,18 +264,6 @@ def rewrite_log_softmax(expr: sympy.Expr, read) -> sympy.Expr:
     return expr.replace(lambda e: isinstance(e, sympy.Add), fused)
 
 
-def fuse_log_softmax(expr: sympy.Expr) -> sympy.Expr:
-    """Every `a * (x[c] - logsumexp(x[c'], c'))` inside `expr` (any index names) becomes
-    `a * log_softmax(x[c], c)`."""
-    def inline(lse, access):
-        for position in access.atoms(sympy.Idx):
-            if position.upper == lse.index.upper and lse.body.xreplace({lse.index: position}) == access:
-                return log_softmax(access, position)
-        return None
-
-    return rewrite_log_softmax(expr, inline)
-
-
 class one_hot(sympy.Function):  # noqa: N801
     """1 where the integer tensor value `target` equals the index `position`, else 0 (a Kronecker delta)."""
 
@@ -296,97 +272,6 @@ class one_hot(sympy.Function):  # noqa: N801
 
     def fdiff(self, argindex=1):
         return sympy.S.Zero
-
-
-class softmax_backward(sympy.Function):  # noqa: N801
-    """y * (g - sum(g * y, index)): the vector-Jacobian product of a softmax y (PyTorch has it fused)."""
-
-    nargs = 3
-    is_real = True
-
-
-class log_softmax_backward(sympy.Function):  # noqa: N801
-    """g - exp(y) * sum(g, index): the vector-Jacobian product of a log-softmax y (fused in PyTorch)."""
-
-    nargs = 3
-    is_real = True
-
-
-def fuse_softmax_vjp(terms):
-    """Two terms that spell out a softmax VJP along one index become one fused term
-    (the log-softmax one is `fuse_log_softmax_vjp`):
-
-        g[c] * y[c] - sum(y[c] * g[c1] * y[c1], c1)   ->  softmax_backward(g, y, c)
-
-    The match is on the algebra alone: it holds for any tensors g and y.
-    """
-    if len(terms) != 2:
-        return terms
-    plus, minus = sorted(terms, key=lambda t: t.coefficient == -1)
-    if plus.coefficient != 1 or minus.coefficient != -1 or plus.summed or len(minus.summed) != 1:
-        return terms
-    moved_index = minus.summed[0]
-    for g in plus.factors:
-        if not isinstance(g, sympy.Indexed):
-            continue
-        for position in g.indices:
-            moved = {position: moved_index}
-            rest = [f for f in plus.factors if f is not g]
-            if len(rest) == 1 and isinstance(rest[0], sympy.Indexed) and rest[0].indices == g.indices:
-                y = rest[0]
-                if sorted(minus.factors, key=sympy.default_sort_key) == sorted(
-                        [y, g.xreplace(moved), y.xreplace(moved)], key=sympy.default_sort_key):
-                    return [type(plus)(sympy.S.One, (softmax_backward(g, y, position),), ())]
-    return terms
-
-
-def fuse_log_softmax_vjp(terms):
-    """The two terms of a log-softmax VJP, with any common scalar factors, become one fused term.
-
-        a * g[c] - a * sum(exp(y[c]) * g[c1], c1)   ->  a * log_softmax_backward(g, y, c)
-        a * exp(y[n, c]) - a * one_hot(t[n], c)       ->  a * log_softmax_backward(-one_hot(t[n], c), y, c)
-
-    (g may be a product; the second holds because one_hot sums to one over c). A match is on
-    the algebra alone; anything else is left as it is.
-    """
-    if len(terms) != 2:
-        return terms
-    first, second = terms
-    if first.coefficient != -second.coefficient:
-        return terms
-    scalars = [f for f in first.factors if not f.atoms(sympy.Idx) and f in second.factors]
-    own = [[f for f in t.factors if f not in scalars] for t in (first, second)]
-    for (plain, plain_factors), (summed, summed_factors) in (((first, own[0]), (second, own[1])),
-                                                             ((second, own[1]), (first, own[0]))):
-        fused = _fused_vjp(plain, plain_factors, summed, summed_factors)
-        if fused is not None:
-            sign, kernel = fused
-            return [type(plain)(sign * plain.coefficient, tuple(scalars) + (kernel,), ())]
-    return terms
-
-
-def _fused_vjp(plain, plain_factors, other, other_factors):
-    exps = [f for f in other_factors if isinstance(f, sympy.exp) and isinstance(f.args[0], sympy.Indexed)]
-    if len(exps) != 1 or plain.summed:
-        return None
-    y = exps[0].args[0]
-    rest = [f for f in other_factors if f is not exps[0]]
-    if not other.summed and not rest and len(plain_factors) == 1 and isinstance(plain_factors[0], one_hot):
-        position = plain_factors[0].args[1]
-        if position in y.indices:      # a * exp(y) - a * one_hot: the plain term holds -a
-            return -1, log_softmax_backward(-plain_factors[0], y, position)
-        return None
-    if len(other.summed) != 1 or not rest:
-        return None
-    moved = other.summed[0]
-    g = sympy.Mul(*plain_factors)
-    if {i.name for i in g.atoms(sympy.Idx)} != {i.name for i in y.indices}:
-        return None      # the kernel takes g and y of one shape
-    for position in y.indices:
-        if isinstance(position, sympy.Idx) and position.upper == moved.upper and \
-                sympy.Mul(*rest) == g.xreplace({position: moved}) and g.has(position):
-            return 1, log_softmax_backward(g, y, position)
-    return None
 
 
 BINDING = (sympy.Sum, logsumexp)       # constructs that bind an index
@@ -398,9 +283,18 @@ def bound_indices(expr) -> set[str]:
         return {limit[0].name for limit in expr.limits}
     if isinstance(expr, logsumexp):
         return {expr.index.name}
-    if isinstance(expr, layer_norm_backward) and expr.args[0] == 1:   # d/dw sums the batch away
-        return {i.name for i in expr.args[3].indices if i != expr.args[6]}
-    return set()
+    kernel_bound = getattr(expr, "bound_index_names", None)     # a fused kernel call says what it sums away
+    return kernel_bound() if kernel_bound is not None else set()
+
+
+def free_indices(expr: sympy.Expr) -> set[str]:
+    """Index names `expr` depends on, leaving out those a sum, logsumexp or softmax binds."""
+    if isinstance(expr, sympy.Idx):
+        return {expr.name}
+    if isinstance(expr, sympy.Indexed):
+        return set().union(*(free_indices(i) for i in expr.indices))
+    inner = set().union(*(free_indices(a) for a in expr.args)) if expr.args else set()
+    return inner - bound_indices(expr)
 
 
 def canonical(expr: sympy.Expr, depth: int = 0) -> sympy.Expr:

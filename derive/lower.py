@@ -22,6 +22,7 @@ import sympy
 from . import naming
 from .derivation import depends_on_tensor, tensor_symbols
 from .functions import one_hot, renamed_match
+from .kernels import one_hot_by_rows
 from .naming import BATCH
 from .plan import ExprPlan, OpPlan, TermPlan, free_indices, ordered
 from .spec import size_symbol, tensor_symbol
@@ -318,15 +319,6 @@ def _indexed_add(plan: ExprPlan, terms: list[Node]) -> LoweredExpr:
             indexed = IndexedAdd(coefficient * plan.scale, target.base.label.name, target.indices[0].name)
             return LoweredExpr(plan, tuple(rest), indexed)
     return LoweredExpr(plan, tuple(terms))
-
-
-def one_hot_by_rows(hot: one_hot, dims, scale: sympy.Expr) -> bool:
-    """Whether `scale * hot`, laid out in `dims`, can be written one value per row at its class:
-    one row index (no batch dims), dims (row, class), and a 0-d tensor in `scale` to write."""
-    target, klass = hot.args
-    rows = tuple(i.name for i in target.indices)
-    return len(rows) == 1 and rows[0] != BATCH and tuple(dims) == rows + (klass.name,) \
-        and any(naming.is_zero_dim_tensor(s) for s in scale.free_symbols)
 
 
 def _merge_elementwise(terms: list[Node]) -> list[Node]:

@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 import sympy
 
 from .derivation import Derivation, Term, step_as_sign, tensor_symbols
-from .functions import bound_indices, canonical, fold_piecewise, fuse_log_softmax, fuse_log_softmax_vjp, fuse_softmax_vjp
+from .functions import canonical, fold_piecewise, free_indices
 from . import naming
 from .model import OpSpec
 from .naming import BATCH
-from .saving import SavedValue, save_forward_values, save_normalization, signs_out
+from .saving import SavedValue
 from .spec import size_symbol
 
 
@@ -72,40 +72,26 @@ class OpPlan:
         return self.derivation.op
 
 
-def plan(derivation: Derivation, fuse: bool = True) -> OpPlan:
-    """Shape plans for the forward and every gradient; `fuse` lets known VJPs become fused kernels
-    (the contraction style wants them, the broadcast style keeps the formula visible)."""
+def plan(derivation: Derivation) -> OpPlan:
+    """Shape plans for the forward and every gradient, of the derivation as it stands (fused or not:
+    `kernels.fuse` runs before, for the contraction style)."""
     op = derivation.op
     order = op.index_order
-    forward_terms, gradient_terms, saved = list(derivation.forward_terms), [g.terms for g in derivation.gradients], ()
-    if fuse:
-        saved, forward_terms, gradient_terms = save_forward_values(forward_terms, [list(t) for t in gradient_terms])
-        likes = [(g.input, g.indices) for g in derivation.gradients]
-        statistics, forward_terms, gradient_terms = save_normalization(forward_terms, gradient_terms, likes)
-        saved += statistics
-        gradient_terms = [_fused(terms) for terms in gradient_terms]
-    forward = _plan_expr(op, forward_terms, op.output, None, op.output_indices, order, stand_in=None)
+    forward = _plan_expr(op, derivation.forward_terms, op.output, None, op.output_indices, order, stand_in=None)
     gradients = tuple(
-        _plan_expr(op, terms, f"grad_{g.input}", g.input, g.indices, order, stand_in=g.input)
-        for g, terms in zip(derivation.gradients, gradient_terms))
-    return OpPlan(derivation=derivation, forward=forward, gradients=gradients, saved=saved,
-                  tangents=_plan_tangents(derivation, fuse))
+        _plan_expr(op, g.terms, f"grad_{g.input}", g.input, g.indices, order, stand_in=g.input)
+        for g in derivation.gradients)
+    return OpPlan(derivation=derivation, forward=forward, gradients=gradients, saved=derivation.saved,
+                  tangents=_plan_tangents(derivation))
 
 
-def _plan_tangents(derivation: Derivation, fuse: bool) -> tuple[ExprPlan, ...]:
+def _plan_tangents(derivation: Derivation) -> tuple[ExprPlan, ...]:
     """Each input's share of tangent_y, planned as the forward is (indexed like the output); it reads
     the inputs and the output, not the values the forward saves for the backward."""
     op = derivation.op
-    return tuple(_plan_expr(op, _fused(t.terms) if fuse else list(t.terms), naming.tangent(op.output), None,
-                            op.output_indices, op.index_order, stand_in=None)
+    return tuple(_plan_expr(op, t.terms, naming.tangent(op.output), None, op.output_indices, op.index_order,
+                            stand_in=None)
                  for t in derivation.tangents)
-
-
-def _fused(terms):
-    """A softmax or log-softmax VJP spelled out in two terms becomes one fused kernel, and
-    x - logsumexp(x) inside a factor becomes log_softmax(x), its sign joining the coefficient."""
-    terms = fuse_log_softmax_vjp(fuse_softmax_vjp(list(terms)))
-    return [signs_out(replace(t, factors=tuple(fuse_log_softmax(f) for f in t.factors))) for t in terms]
 
 
 def _plan_expr(op, terms, target, like, indices, order, stand_in) -> ExprPlan:
@@ -163,16 +149,6 @@ def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, 
     return TermPlan(coefficient=coefficient, operands=tuple(operands), aligned=aligned,
                     sizes=tuple((i, sizes[i]) for i in aligned if i in sizes),
                     summed=tuple(i for i in aligned if i in summed))
-
-
-def free_indices(expr: sympy.Expr) -> set[str]:
-    """Index names `expr` depends on, leaving out those a sum, logsumexp or softmax binds."""
-    if isinstance(expr, sympy.Idx):
-        return {expr.name}
-    if isinstance(expr, sympy.Indexed):
-        return set().union(*(free_indices(i) for i in expr.indices))
-    inner = set().union(*(free_indices(a) for a in expr.args)) if expr.args else set()
-    return inner - bound_indices(expr)
 
 
 def _own_order(expr: sympy.Expr, order) -> tuple[str, ...]:

@@ -17,9 +17,10 @@ from sympy.printing.pycode import PythonCodePrinter
 from sympy.printing.pytorch import TorchPrinter
 
 from .plan import free_indices
-from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, one_hot_by_rows, walk
+from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, walk
 from .model import OpSpec
-from .functions import layer_norm_backward, log_softmax_backward, one_hot, softmax_backward
+from .functions import one_hot
+from .kernels import Fused, comments, kernel_of
 from . import naming
 from .naming import BATCH, grad
 from .spec import is_python_number, size_symbol
@@ -134,6 +135,8 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         # a function of params and sizes only, such as exp(a) or Max(lo, 1): they are Python numbers
         if isinstance(expr, sympy.core.function.Application) and is_python_number(expr):
             return ScalarPrinter().doprint(expr)
+        if isinstance(expr, Fused):     # (SymPy dispatches a Function subclass on its own name only)
+            return kernel_of(expr).print(self, expr)
         return super()._print(expr, **kwargs)
 
     def _print_Indexed(self, expr):
@@ -211,58 +214,19 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     def _print_log_softmax(self, expr):
         return self._print_softmax(expr, "torch.log_softmax")
 
-    def fused_vjp(self, expr, factor: sympy.Expr = sympy.S.One) -> str:
-        """`factor * kernel(g, y)` as `kernel(factor * g, y)`: the kernels are linear in g, so an
-        index-free factor (grad_loss / size_n) scales g on its way in, not the result after.
-        A scaled one-hot g is built as zeros with one value per row (autograd's nll_loss does the same)."""
-        kernel = FUSED_KERNELS[type(expr)]
-        grad, saved, index = expr.args
-        layout = self._own_layout(grad)
-        dim = _dim(layout.index(index.name), len(layout), BATCH in layout)
-        scaled = factor * grad
-        indexed = one_hot_value(scaled, saved)
-        if indexed is not None:
-            # nll_loss_backward with sum reduction (2) writes -grad_output at each row's class into
-            # zeros, in one kernel that vmap and jacrev batch (an in-place index_put_ they refuse);
-            # total_weight only divides a mean, and must not require grad in a double backward
-            value, _, target = indexed
-            saved_name = saved.base.label.name
-            grad_text = f"torch.ops.aten.nll_loss_backward({TorchCodePrinter(())._print(-value)}, {saved_name}, " \
-                        f"{target}, weight=None, reduction=2, ignore_index=-100, total_weight={saved_name}.new_ones(()))"
-        else:
-            grad_text = TorchCodePrinter(layout, self.tensors)._print(scaled)
-        saved_text = TorchCodePrinter(layout, self.tensors)._print(saved)
-        code = Code(f"{kernel}({grad_text}, {saved_text}, {dim}, {saved.base.label.name}.dtype)", layout)
-        return align(code, self.layout).text
+    # what a kernel record (kernels.KERNELS) prints its call with
+    def text(self, expr, layout: tuple[str, ...] | None = None) -> str:
+        """`expr` printed for this printer's layout, or for another one."""
+        return self._print(expr) if layout is None else TorchCodePrinter(layout, self.tensors)._print(expr)
 
-    def _print_softmax_backward(self, expr):
-        return self.fused_vjp(expr)
+    @staticmethod
+    def dim(index: str, layout: tuple[str, ...]) -> str:
+        """The dim argument for `index` in a tensor laid out as `layout`."""
+        return _dim(layout.index(index), len(layout), BATCH in layout)
 
-    def _print_log_softmax_backward(self, expr):
-        return self.fused_vjp(expr)
-
-    def layer_norm_vjp(self, expr, factor: sympy.Expr = sympy.S.One) -> str:
-        """One output of native_layer_norm_backward; the kernel is linear in grad_out, so an
-        index-free factor scales grad_out on its way in. A weight over the normalized dim that
-        multiplies grad_out is passed as the kernel's weight instead of being multiplied in."""
-        part, grad, weight, x, mean, rstd, index = expr.args
-        grad = factor * grad
-        if weight == 1:
-            weights = [f for f in sympy.Mul.make_args(grad) if isinstance(f, sympy.Indexed) and f.indices == (index,)]
-            weight = weights[0] if weights else None
-            grad = grad / weight if weight is not None else grad
-        layout = tuple(i.name for i in x.indices)
-        grad_text = TorchCodePrinter(layout, self.tensors)._print(grad)
-        weight_text = "None" if weight is None else weight.base.label.name
-        mask = ", ".join(str(part == k) for k in range(3))
-        # mean and rstd keep the normalized dim, as native_layer_norm returns them (vmap's rule needs it)
-        stats = [TorchCodePrinter(layout, self.tensors)._print(s) for s in (mean, rstd)]
-        text = (f"torch.ops.aten.native_layer_norm_backward({grad_text}, {x.base.label.name}, "
-                f"{x.base.label.name}.shape[-1:], {stats[0]}, {stats[1]}, {weight_text}, None, [{mask}])[{part}]")
-        return align(Code(text, layout if part == 0 else (index.name,)), self.layout).text
-
-    def _print_layer_norm_backward(self, expr):
-        return self.layer_norm_vjp(expr)
+    def placed(self, text: str, dims: tuple[str, ...]) -> str:
+        """A call whose result has `dims`, lined up for this printer's layout."""
+        return align(Code(text, tuple(dims)), self.layout).text
 
     def _print_one_hot(self, expr):
         value, position = expr.args
@@ -286,25 +250,6 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         return f"torch.log1p({self._print(expr.args[0])})"
 
     def _print_Piecewise(self, expr):
-        """Steps that PyTorch has a fused backward kernel for use it; everything else is torch.where.
-
-        where(a <= c, 0, g)      -> threshold_backward(g, a, c)            (ReLU's own backward)
-        where(a > 0, g, s * g)   -> leaky_relu_backward(g, a, s, False)    (leaky ReLU's)
-        torch.where is several times slower on the CPU, and these keep its NaN behaviour.
-        """
-        if len(expr.args) == 2 and expr.args[1].cond == sympy.true:
-            (first, condition), (second, _) = expr.args
-            # (only for a gradient: the forward where(x > 0, x, s * x) stays a where)
-            if isinstance(condition, sympy.LessThan) and condition.rhs.is_number and first == 0 \
-                    and self._is_tensor(second) and second != condition.lhs:
-                return (f"torch.ops.aten.threshold_backward({self._print(second)}, "
-                        f"{self._print(condition.lhs)}, {self._print(condition.rhs)})")
-            if isinstance(condition, sympy.StrictGreaterThan) and condition.rhs == 0 and self._is_tensor(first) \
-                    and first != condition.lhs:
-                slope = sympy.cancel(second / first)
-                if not self._is_tensor(slope):
-                    return (f"torch.ops.aten.leaky_relu_backward({self._print(first)}, "
-                            f"{self._print(condition.lhs)}, {self._print(slope)}, False)")
         (first, condition), rest = expr.args[0], expr.args[1:]
         if rest and is_python_number(condition):
             # torch.where takes a tensor condition: one on params (a power's a == 0) is a Python bool
@@ -454,21 +399,6 @@ class ScalarPrinter(PythonCodePrinter):
         return f"(max({self._print(argument)}, 0) + math.log1p(math.exp(-abs({self._print(argument)}))))"
 
 
-def one_hot_value(expr: sympy.Expr, like: sympy.Indexed):
-    """(value, row index, index tensor name) when `expr` is a 0-d tensor times one_hot(t[n], c) and
-    `like`, the tensor it is shaped as, has dims (n, c): it is then built as zeros with `value` at
-    each row's class, the way nll_loss_backward builds it; else None."""
-    value, hot = expr.as_independent(one_hot, as_Add=False)
-    if isinstance(hot, one_hot) and one_hot_by_rows(hot, tuple(i.name for i in like.indices), value):
-        target = hot.args[0]
-        return value, target.indices[0], target.base.label.name
-    return None
-
-
-FUSED_KERNELS = {softmax_backward: "torch._softmax_backward_data",
-                 log_softmax_backward: "torch._log_softmax_backward_data"}
-
-
 def exact_fraction(number: sympy.Rational) -> bool:
     """Whether a rational prints as int / int: both fit a float (5e-324 is 1 / 2**1074: a float literal)."""
     return max(abs(number.p), number.q) < 2 ** 1023
@@ -585,11 +515,42 @@ def _without_minus(node: Node) -> Node | None:
 
 
 def _fused_term(node: Node) -> tuple[sympy.Expr, Leaf] | None:
-    """(coefficient, leaf) when `node` is one fused VJP kernel, maybe scaled."""
+    """(coefficient, leaf) when `node` is one fused kernel call, maybe scaled."""
     coefficient, leaf = (node.coefficient, node.source) if isinstance(node, Scaled) else (sympy.S.One, node)
-    if isinstance(leaf, Leaf) and (type(leaf.expr) in FUSED_KERNELS or isinstance(leaf.expr, layer_norm_backward)):
+    if isinstance(leaf, Leaf) and isinstance(leaf.expr, Fused):
         return coefficient, leaf
     return None
+
+
+def _kernel_factor(lowered: LoweredExpr) -> tuple[sympy.Expr, Leaf] | None:
+    """(factor, leaf) when the whole expression is one fused call that takes its scale into its g."""
+    fused = _fused_term(lowered.terms[0]) if len(lowered.terms) == 1 else None
+    if fused is not None and (lowered.plan.scale != 1 or fused[0] != 1):
+        return lowered.plan.scale * fused[0], fused[1]
+    return None
+
+
+def fused_calls(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> list[tuple[Fused, sympy.Expr]]:
+    """Each fused kernel call the code of `exprs` and of the shared values makes, with the factor it
+    takes into its g."""
+    calls = []
+    for expr in exprs:
+        scaled = _kernel_factor(expr)
+        for root in expr.terms:
+            for node in walk(root):
+                if isinstance(node, Leaf):
+                    calls += [(call, scaled[0] if scaled is not None and call == scaled[1].expr else sympy.S.One)
+                              for call in sorted(node.expr.atoms(Fused), key=sympy.default_sort_key)]
+    for root in shared:
+        for node in walk(root):
+            if isinstance(node, Leaf):
+                calls += [(call, sympy.S.One) for call in sorted(node.expr.atoms(Fused), key=sympy.default_sort_key)]
+    return calls
+
+
+def kernel_comments(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> tuple[str, ...]:
+    """What each fused kernel call in the code computes, from the record that printed it."""
+    return comments(fused_calls(exprs, shared))
 
 
 def render_expr(lowered: LoweredExpr) -> str:
@@ -607,13 +568,11 @@ def render_expr(lowered: LoweredExpr) -> str:
         text += f" {operator} " + align(render(positive if positive is not None else term),
                                         plan.indices).operand(operator, "right")
     atomic = len(parts) == 1 and parts[0].precedence >= ATOM
-    fused = _fused_term(terms[0]) if len(terms) == 1 else None
-    if fused is not None and (plan.scale != 1 or fused[0] != 1):
-        # a fused VJP kernel is linear in its gradient: the scale goes into it
-        coefficient, leaf = fused
-        printer = TorchCodePrinter(leaf.indices)
-        kernel = printer.layer_norm_vjp if isinstance(leaf.expr, layer_norm_backward) else printer.fused_vjp
-        text = kernel(leaf.expr, plan.scale * coefficient)
+    scaled = _kernel_factor(lowered)
+    if scaled is not None:
+        # a fused kernel is linear in its gradient: the scale goes into it
+        factor, leaf = scaled
+        text = kernel_of(leaf.expr).print(TorchCodePrinter(leaf.indices), leaf.expr, factor)
         text = align(Code(text, leaf.indices), plan.indices).text
         atomic = True
     elif len(terms) == 1 and isinstance(terms[0], Scaled) and plan.scale != 1:
@@ -697,17 +656,13 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
     used = set().union(*(expr.plan.scale.free_symbols for expr in exprs))
     used |= {size_symbol(expr.indexed.row) for expr in exprs if expr.indexed is not None}
     roots = [term for expr in exprs for term in expr.terms] + list(shared)
-    indexed_hots = set()       # one-hots nll_loss_backward builds in a fused kernel: no size needed
-    for expr in exprs:
-        fused = _fused_term(expr.terms[0]) if len(expr.terms) == 1 else None
-        if fused is not None and type(fused[1].expr) in FUSED_KERNELS and one_hot_value(
-                expr.plan.scale * fused[0] * fused[1].expr.args[0], fused[1].expr.args[1]) is not None:
-            indexed_hots |= fused[1].expr.atoms(one_hot)
+    # a fused call reads the sizes its record prints (nll_loss_backward builds a one-hot without one)
+    used |= {size for call, factor in fused_calls(exprs, shared) for size in kernel_of(call).sizes_read(call, factor)}
     for root in roots:
         for node in walk(root):
             if isinstance(node, Leaf):
-                used |= node.expr.free_symbols | {h.args[1].upper + 1 for h in node.expr.atoms(one_hot)
-                                                  if h not in indexed_hots}
+                outside = node.expr.xreplace({call: sympy.S.Zero for call in node.expr.atoms(Fused)})
+                used |= node.expr.free_symbols | {h.args[1].upper + 1 for h in outside.atoms(one_hot)}
             elif isinstance(node, Scaled):
                 used |= node.coefficient.free_symbols
             elif isinstance(node, Reduce) and BATCH in node.summed:

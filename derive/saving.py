@@ -7,13 +7,14 @@ gradient of the same op needs `softmax(x)` or `log_softmax(x)`, the forward comp
 to the backward, as autograd saves its log_softmax output; the backward then reads
 `exp(saved)` for the softmax, and its VJP shape `g - exp(saved) * sum(g)` becomes PyTorch's
 fused `_log_softmax_backward_data`. Without such a gradient, an index-position log-softmax
-in the forward is still printed as one `torch.log_softmax` (see `fuse_log_softmax`).
+in the forward is still printed as one `torch.log_softmax` (see `kernels.fuse_log_softmax`).
 
 Likewise a forward that spells out a normalization along x's last dim, (x - m) * r with
 m = mean(x) and r = (e + mean((x - m)**2))**(-1/2), saves `saved_mean` and `saved_rstd`, and
-the VJP shapes of that normalization become `native_layer_norm_backward` (`save_normalization`).
+the VJP shapes of that normalization can become `native_layer_norm_backward` (`save_normalization`).
 
-Only the contraction style saves (it fuses); the broadcast style keeps every formula.
+Each function here is the `save` of a record in `kernels.KERNELS`: only the contraction style saves
+(it fuses); the broadcast style keeps every formula.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sympy
 
 from . import naming
 from .derivation import Term
-from .functions import Sum, canonical, layer_norm_backward, log_softmax, logsumexp, rewrite_log_softmax, softmax
+from .functions import Sum, canonical, log_softmax, logsumexp, rewrite_log_softmax, softmax
 from .spec import tensor_symbol
 
 
@@ -42,12 +43,23 @@ class SavedValue:
     recompute: bool = True
 
 
-def save_forward_values(forward: list[Term], gradients: list[list[Term]]):
-    """(saved values, forward terms reading them, gradient terms reading them)."""
+@dataclass(frozen=True)
+class Saving:
+    """Forward values a kernel needs, and the op's terms rewritten to read them."""
+
+    values: tuple[SavedValue, ...]
+    forward: list[Term]              # the forward's terms, reading the values
+    gradients: list[list[Term]]      # each gradient's terms, reading them
+    found: tuple = ()                # what the kernel's matcher needs to know of them (for layer norm:
+                                     # x[..., d], d and the saved mean and rstd as accesses)
+
+
+def save_forward_values(forward: list[Term], gradients: list[list[Term]]) -> Saving | None:
+    """The log-softmax of each input whose softmax a gradient reads, saved by the forward."""
     bodies = _log_softmax_bodies(forward)
     needed = [b for b in bodies if any(_uses_softmax_of(t, b) for terms in gradients for t in terms)]
     if not needed:
-        return (), forward, gradients
+        return None
     saved = []
     labels = [body.base.label.name for body, _ in needed]
     for body, index in needed:
@@ -60,8 +72,8 @@ def save_forward_values(forward: list[Term], gradients: list[list[Term]]):
             continue
         forward = reading
         gradients = [[_read_gradient(t, value, body, index) for t in terms] for terms in gradients]
-        saved.append((value, body, index))
-    return tuple(value for value, _, _ in saved), forward, gradients
+        saved.append(value)
+    return Saving(tuple(saved), forward, gradients) if saved else None
 
 
 def _log_softmax_bodies(forward: list[Term]) -> list[tuple[sympy.Indexed, sympy.Idx]]:
@@ -141,22 +153,21 @@ def signs_out(term: Term) -> Term:
 
 # Normalization statistics ------------------------------------------------------------------------
 
-def save_normalization(forward: list[Term], gradients: list[list[Term]], likes: list[tuple[str, tuple[str, ...]]]):
-    """Mean and rstd of a normalization the forward spells out, saved, and the backward's VJPs of it fused.
+def save_normalization(forward: list[Term], gradients: list[list[Term]]) -> Saving | None:
+    """Mean and rstd of a normalization the forward spells out, saved.
 
     With m = sum(x[..., d], d) / D and r = (e + sum((x[..., d] - m)**2, d) / D)**(-1/2) in the forward
     (e index-free), the forward computes `saved_mean` and `saved_rstd` once and reads them; the backward
-    reads them wherever the same sums occur (r**3 included), and its two VJP shapes, the three terms of
-    d/dx and the batch sum of d/dw, become PyTorch's native_layer_norm_backward.
+    reads them wherever the same sums occur (r**3 included). Only the fused kernel may read them
+    (`recompute=False`), so the fusion stage drops them again when it cannot fuse every reading.
     """
     found = _normalization(forward)
     if found is None:
-        return (), forward, gradients
-    original_forward, original_gradients = forward, gradients
+        return None
     body, index, base = found
     batch = tuple(i.name for i in body.indices if i != index)
-    mean = SavedValue(naming.SAVED_PREFIX + "mean", _mean_sum(body, index) / (index.upper + 1), batch)
-    rstd = SavedValue(naming.SAVED_PREFIX + "rstd", base ** sympy.Rational(-1, 2), batch)
+    mean = SavedValue(naming.SAVED_PREFIX + "mean", _mean_sum(body, index) / (index.upper + 1), batch, recompute=False)
+    rstd = SavedValue(naming.SAVED_PREFIX + "rstd", base ** sympy.Rational(-1, 2), batch, recompute=False)
     m, r = (tensor_symbol(v.name)[tuple(i for i in body.indices if i != index)] for v in (mean, rstd))
     rstd = replace(rstd, expr=_with_mean(rstd.expr, body, index, m))   # computed from the saved mean
 
@@ -169,14 +180,8 @@ def save_normalization(forward: list[Term], gradients: list[list[Term]], likes: 
             factors.append(factor)
         return replace(term, factors=tuple(factors))
 
-    forward = [reading(t) for t in forward]
-    gradients = [[reading(t) for t in terms] for terms in gradients]
-    fused = [_fuse_layer_norm_vjp(terms, body, index, m, r, like) for terms, like in zip(gradients, likes)]
-    outside = [f for terms in fused for t in terms for f in t.factors
-               if f.xreplace({k: sympy.S.Zero for k in f.atoms(layer_norm_backward)}).has(m.base, r.base)]
-    if outside:     # some gradient reads the statistics outside the fused kernels: keep the formulas
-        return (), original_forward, original_gradients
-    return (replace(mean, recompute=False), replace(rstd, recompute=False)), forward, fused
+    return Saving((mean, rstd), [reading(t) for t in forward], [[reading(t) for t in terms] for terms in gradients],
+                  found=(body, index, m, r))
 
 
 def _normalization(forward: list[Term]):
@@ -218,54 +223,3 @@ def _with_mean(expr: sympy.Expr, body, index, m) -> sympy.Expr:
 
 def _same_base(candidate, base, body, index, m) -> bool:
     return canonical(candidate) == canonical(_with_mean(base, body, index, m))
-
-
-def _fuse_layer_norm_vjp(terms: list[Term], body, index, m, r, like) -> list[Term]:
-    """The VJP shapes of xhat = (x - m) * r, with g any product over x's dims:
-
-        a * r * g[d] - a/D * sum(r * g[d1], d1) - a/D * sum(r**3 * c[d1] * c[d] * g[d1], d1)
-            ->  a * layer_norm_backward(0, g, ...)        (c[k] = x[..., k] - m)
-        a * sum over the batch of r * c[d] * h[..., d]    ->  a * layer_norm_backward(1, h, like, ...)
-
-    (the kernel wants a weight to give d/dw its shape: the input differentiated, `like`, has it).
-    """
-    size = index.upper + 1
-    x = body.base
-
-    def centered(k):
-        return body.xreplace({index: k}) - m
-
-    if len(terms) == 1:
-        (term,) = terms
-        rows = {i.name for i in body.indices if i != index}     # the kernel sums d/dw over every row
-        rest = list(term.factors)
-        if term.summed and {i.name for i in term.summed} == rows and r in rest and centered(index) in rest:
-            rest.remove(r)
-            rest.remove(centered(index))
-            h = sympy.Mul(*rest)
-            name, dims = like
-            if h.has(index) and not h.has(x) and dims == (index.name,):
-                weight = tensor_symbol(name)[index]
-                return [Term(term.coefficient, (layer_norm_backward(1, h, weight, body, m, r, index),), ())]
-        return terms
-    if len(terms) != 3:
-        return terms
-    plain = [t for t in terms if not t.summed]
-    if len(plain) != 1 or r not in plain[0].factors:
-        return terms
-    a = plain[0].coefficient
-    g = sympy.Mul(*[f for f in plain[0].factors if f != r])
-    if not g.has(index) or g.has(x):
-        return terms
-    others = [t for t in terms if t is not plain[0]]
-    for first, second in (others, others[::-1]):
-        if len(first.summed) != 1 or len(second.summed) != 1:
-            continue
-        k1, k2 = first.summed[0], second.summed[0]
-        if k1.upper != index.upper or k2.upper != index.upper:
-            continue
-        if first.coefficient == -a / size and sympy.Mul(*first.factors) == r * g.xreplace({index: k1}) \
-                and second.coefficient == -a / size and sympy.Mul(*second.factors) == \
-                r ** 3 * centered(k2) * centered(index) * g.xreplace({index: k2}):
-            return [Term(a, (layer_norm_backward(0, g, sympy.S.One, body, m, r, index),), ())]
-    return terms

@@ -47,8 +47,7 @@ def leaky_relu_backward(grad_y, x, slope=0.01, *, needs_input_grad=(True,)):
     _check_leaky_relu_shapes(x, grad_y=grad_y)
     grad_x = None
     if needs_input_grad[0]:
-        # leaky_relu_backward(g, x, s, False) = where(x > 0, g, s * g)
-        grad_x = torch.ops.aten.leaky_relu_backward(grad_y, x, slope, False)
+        grad_x = torch.where(x > 0, grad_y, slope * grad_y)
     return (grad_x,)
 
 
@@ -66,8 +65,7 @@ def leaky_relu_jvp(x, tangent_x, slope=0.01):
     """
     if tangent_x is None:
         return x.new_zeros(x.shape)
-    # leaky_relu_backward(g, x, s, False) = where(x > 0, g, s * g)
-    return torch.ops.aten.leaky_relu_backward(tangent_x, x, slope, False)
+    return torch.where(x > 0, tangent_x, slope * tangent_x)
 
 
 class LeakyReluFunction(torch.autograd.Function):

@@ -47,8 +47,7 @@ def relu_backward(grad_y, x, *, needs_input_grad=(True,)):
     _check_relu_shapes(x, grad_y=grad_y)
     grad_x = None
     if needs_input_grad[0]:
-        # threshold_backward(g, x, 0) = where(x <= 0, 0, g)
-        grad_x = torch.ops.aten.threshold_backward(grad_y, x, 0)
+        grad_x = torch.where(x <= 0, 0, grad_y)
     return (grad_x,)
 
 
@@ -66,8 +65,7 @@ def relu_jvp(x, tangent_x):
     """
     if tangent_x is None:
         return x.new_zeros(x.shape)
-    # threshold_backward(g, x, 0) = where(x <= 0, 0, g)
-    return torch.ops.aten.threshold_backward(tangent_x, x, 0)
+    return torch.where(x <= 0, 0, tangent_x)
 
 
 class ReluFunction(torch.autograd.Function):

@@ -1,0 +1,447 @@
+"""Stage 2b, derivation -> derivation: fused PyTorch kernels, one record per kernel (contraction style).
+
+`KERNELS` is the table. A `Kernel` says what it matches in the terms of a gradient (or of a
+tangent), which forward values it needs saved, how its call prints and what the call computes,
+for the comment above it. `fuse` walks the table once, in order; the fused call stands in the
+terms as one factor, an instance of the record's `node` (a `Fused` SymPy function), which the
+printer prints through the record and nothing else. The broadcast style skips this stage: its
+plan is the derivation as it is, every formula spelled out.
+
+Every match is on the algebra alone, whatever the op: `where(x <= 0, 0, g)` is ReLU's backward
+for any tensor g, `y * (g - sum(g * y))` a softmax's for any g and y.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import sympy
+
+from . import naming
+from .derivation import Derivation, Term
+from .functions import free_indices, logsumexp, log_softmax, one_hot, rewrite_log_softmax
+from .naming import BATCH
+from .saving import Saving, SavedValue, save_forward_values, save_normalization, signs_out
+from .spec import tensor_symbol
+
+
+class Fused(sympy.Function):
+    """One call of a fused PyTorch kernel in a term; `kernel_of(self)` is its record."""
+
+    is_real = True
+
+    def bound_index_names(self) -> set[str]:
+        """Indices the call sums away (its free indices leave them out)."""
+        return set()
+
+
+class threshold_backward(Fused):  # noqa: N801 - named like the kernel
+    nargs = 3    # g, x, threshold
+
+
+class leaky_relu_backward(Fused):  # noqa: N801
+    nargs = 3    # g, x, slope
+
+
+class softmax_backward(Fused):  # noqa: N801
+    nargs = 3    # g, y, index
+
+
+class log_softmax_backward(Fused):  # noqa: N801
+    nargs = 3    # g, y, index
+
+
+class one_hot_log_softmax_backward(Fused):  # noqa: N801
+    nargs = 3    # -one_hot(t[n], c), y, c
+
+
+class layer_norm_backward(Fused):  # noqa: N801
+    nargs = 7    # part, grad_out, weight, x, mean, rstd, index
+
+    def bound_index_names(self) -> set[str]:
+        part, _, _, x, _, _, index = self.args
+        return {i.name for i in x.indices if i != index} if part == 1 else set()   # d/dw sums the batch away
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One fused PyTorch kernel: what it replaces, what it needs, how it prints."""
+
+    name: str                     # PyTorch's name for it
+    node: type[Fused]             # the SymPy function that stands for its call in a term
+    # a gradient's (or tangent's) terms -> the same with the kernel where it matches; `found` is what
+    # `save` found (() for a tangent, or when nothing is saved), `like` (input, dims) of the gradient
+    fuse: Callable[[list[Term], tuple, tuple | None], list[Term]]
+    # printer, node, index-free factor -> the call: every kernel is linear in its g, so a factor
+    # (grad_loss / size_n) scales g on its way in. The printer gives `text(expr, layout)`,
+    # `dim(index, layout)` and `placed(text, dims)` (printing.TorchCodePrinter).
+    print: Callable
+    formulas: tuple[str, ...]     # what its calls compute, one comment line each
+    # node, factor -> which of `formulas` a printed call shows (default: all)
+    comments: Callable[[Fused, sympy.Expr], tuple[str, ...]] | None = None
+    # (forward terms, gradient terms) -> the forward values it reads, saved, or None
+    save: Callable[[list[Term], list[list[Term]]], Saving | None] | None = None
+    # node, factor -> the size symbols its printed call reads (default: those of its one-hots)
+    sizes: Callable[[Fused, sympy.Expr], set] | None = None
+
+    def comment(self, node: Fused, factor: sympy.Expr = sympy.S.One) -> tuple[str, ...]:
+        return self.comments(node, factor) if self.comments else self.formulas
+
+    def sizes_read(self, node: Fused, factor: sympy.Expr = sympy.S.One) -> set:
+        if self.sizes:
+            return self.sizes(node, factor)
+        return {hot.args[1].upper + 1 for hot in node.atoms(one_hot)}
+
+
+def fuse(derivation: Derivation) -> Derivation:
+    """The derivation with every match of the table's kernels fused, and the forward values they read saved."""
+    forward = list(derivation.forward_terms)
+    gradients = [list(g.terms) for g in derivation.gradients]
+    tangents = [list(t.terms) for t in derivation.tangents]
+    likes = [(g.input, g.indices) for g in derivation.gradients]
+    saved: list[SavedValue] = []
+    for kernel in KERNELS:
+        tangents = [kernel.fuse(terms, (), None) for terms in tangents]
+        saving = kernel.save(forward, gradients) if kernel.save else None
+        reading_forward, reading = (saving.forward, saving.gradients) if saving else (forward, gradients)
+        fused = [kernel.fuse(terms, saving.found if saving else (), like) for terms, like in zip(reading, likes)]
+        if saving and _read_outside_kernels(fused, saving.values):
+            fused = [kernel.fuse(terms, (), like) for terms, like in zip(gradients, likes)]
+            saving, reading_forward = None, forward       # the formulas stay, reading no saved value
+        forward, gradients = reading_forward, fused
+        saved += saving.values if saving else ()
+    return replace(derivation, forward_terms=tuple(forward), saved=tuple(saved),
+                   gradients=tuple(replace(g, terms=tuple(terms)) for g, terms in zip(derivation.gradients, gradients)),
+                   tangents=tuple(replace(t, terms=tuple(terms)) for t, terms in zip(derivation.tangents, tangents)))
+
+
+def _read_outside_kernels(gradients: list[list[Term]], values: tuple[SavedValue, ...]) -> bool:
+    """Whether a gradient reads a value only fused kernels may read (recompute=False) outside of one."""
+    private = {v.name for v in values if not v.recompute}
+    for factor in (f for terms in gradients for t in terms for f in t.factors):
+        outside = factor.xreplace({call: sympy.S.Zero for call in factor.atoms(Fused)})
+        if private & {a.base.label.name for a in outside.atoms(sympy.Indexed)}:
+            return True
+    return False
+
+
+KERNEL_OF: dict[type, Kernel] = {}
+
+
+def kernel_of(node: Fused) -> Kernel:
+    return KERNEL_OF[type(node)]
+
+
+def comments(calls: list[tuple[Fused, sympy.Expr]]) -> tuple[str, ...]:
+    """The comment lines for some (call, factor) pairs, each line once, in table order."""
+    said = {line for call, factor in calls for line in kernel_of(call).comment(call, factor)}
+    return tuple(dict.fromkeys(line for kernel in KERNELS for line in kernel.formulas if line in said))
+
+
+# Steps: where(x <= c, 0, g) and where(x > 0, g, s * g) -------------------------------------------
+
+def _step(build: Callable[[sympy.Expr, sympy.Boolean, sympy.Expr], Fused | None]):
+    """A matcher of a term's one two-valued step: the factors over the step's dims go inside it, and
+    `build(value, condition, otherwise)` of the result gives the call (or None: no match)."""
+    def fuse(terms: list[Term], found=(), like=None) -> list[Term]:
+        return [_fold_step(term, build) for term in terms]
+    return fuse
+
+
+def _fold_step(term: Term, build) -> Term:
+    steps = [f for f in term.factors if isinstance(f, sympy.Piecewise)]
+    if len(steps) != 1 or len(steps[0].args) != 2 or steps[0].args[1].cond != sympy.true:
+        return term
+    (step,) = steps
+    room = free_indices(step)
+    inside = [f for f in term.factors if f is not step and free_indices(f) <= room]
+    (value, condition), (otherwise, _) = step.args
+    wrapped = sympy.Mul(*inside)
+    call = build(value * wrapped, condition, otherwise * wrapped)
+    if call is None:
+        return term
+    return replace(term, factors=(call,) + tuple(f for f in term.factors if f is not step and f not in inside))
+
+
+def _threshold(value, condition, otherwise):
+    """where(x <= c, 0, g) -> threshold_backward(g, x, c): not the forward's where(x <= 0, 0, x)."""
+    if isinstance(condition, sympy.LessThan) and condition.rhs.is_number and value == 0 \
+            and otherwise.atoms(sympy.Indexed) and otherwise != condition.lhs:
+        return threshold_backward(otherwise, condition.lhs, condition.rhs)
+    return None
+
+
+def _leaky_relu(value, condition, otherwise):
+    """where(x > 0, g, s * g) -> leaky_relu_backward(g, x, s), for a slope s that is not a tensor."""
+    if isinstance(condition, sympy.StrictGreaterThan) and condition.rhs == 0 and value.atoms(sympy.Indexed) \
+            and value != condition.lhs:
+        slope = sympy.cancel(otherwise / value)
+        if not slope.atoms(sympy.Indexed):
+            return leaky_relu_backward(value, condition.lhs, slope)
+    return None
+
+
+def _print_step(call: str, *flags: str):
+    """`call(g, x, constant, *flags)`, in the printer's layout."""
+    def print_(printer, node, factor=sympy.S.One):
+        g, x, constant = node.args
+        return f"{call}({', '.join([printer.text(factor * g), printer.text(x), printer.text(constant), *flags])})"
+    return print_
+
+
+# Softmax and log-softmax VJPs -------------------------------------------------------------------
+
+def _softmax_vjp(terms: list[Term], found=(), like=None) -> list[Term]:
+    """g[c] * y[c] - sum(y[c] * g[c1] * y[c1], c1)  ->  softmax_backward(g, y, c)."""
+    if len(terms) != 2:
+        return terms
+    plus, minus = sorted(terms, key=lambda t: t.coefficient == -1)
+    if plus.coefficient != 1 or minus.coefficient != -1 or plus.summed or len(minus.summed) != 1:
+        return terms
+    moved_index = minus.summed[0]
+    for g in plus.factors:
+        if not isinstance(g, sympy.Indexed):
+            continue
+        for position in g.indices:
+            moved = {position: moved_index}
+            rest = [f for f in plus.factors if f is not g]
+            if len(rest) == 1 and isinstance(rest[0], sympy.Indexed) and rest[0].indices == g.indices:
+                y = rest[0]
+                if sorted(minus.factors, key=sympy.default_sort_key) == sorted(
+                        [y, g.xreplace(moved), y.xreplace(moved)], key=sympy.default_sort_key):
+                    return [Term(sympy.S.One, (softmax_backward(g, y, position),), ())]
+    return terms
+
+
+def _scaled_pair(match):
+    """A matcher of two terms a * P - a * Q, with any common scalar factors in a: `match(plain,
+    plain_factors, other, other_factors)` gives (sign, call) for P - Q, tried in both orders."""
+    def fuse(terms: list[Term], found=(), like=None) -> list[Term]:
+        if len(terms) != 2:
+            return terms
+        first, second = terms
+        if first.coefficient != -second.coefficient:
+            return terms
+        scalars = [f for f in first.factors if not f.atoms(sympy.Idx) and f in second.factors]
+        own = [[f for f in t.factors if f not in scalars] for t in (first, second)]
+        for (plain, plain_factors), (other, other_factors) in (((first, own[0]), (second, own[1])),
+                                                               ((second, own[1]), (first, own[0]))):
+            fused = match(plain, plain_factors, other, other_factors)
+            if fused is not None:
+                sign, call = fused
+                return [Term(sign * plain.coefficient, tuple(scalars) + (call,), ())]
+        return terms
+    return fuse
+
+
+def _the_exp(factors) -> sympy.Indexed | None:
+    """y when exactly one factor is exp(y[...])."""
+    exps = [f for f in factors if isinstance(f, sympy.exp) and isinstance(f.args[0], sympy.Indexed)]
+    return exps[0].args[0] if len(exps) == 1 else None
+
+
+def _log_softmax_vjp_pair(plain, plain_factors, other, other_factors):
+    """a * g[c] - a * sum(exp(y[c]) * g[c1], c1)  ->  a * log_softmax_backward(g, y, c) (g may be a product)."""
+    y = _the_exp(other_factors)
+    if y is None or plain.summed or len(other.summed) != 1:
+        return None
+    rest = [f for f in other_factors if f != sympy.exp(y)]
+    moved = other.summed[0]
+    g = sympy.Mul(*plain_factors)
+    if not rest or {i.name for i in g.atoms(sympy.Idx)} != {i.name for i in y.indices}:
+        return None      # the kernel takes g and y of one shape
+    for position in y.indices:
+        if isinstance(position, sympy.Idx) and position.upper == moved.upper and \
+                sympy.Mul(*rest) == g.xreplace({position: moved}) and g.has(position):
+            return 1, log_softmax_backward(g, y, position)
+    return None
+
+
+def _log_softmax_vjp(terms: list[Term], found=(), like=None) -> list[Term]:
+    """The VJP pair, then every x - logsumexp(x) left in a factor as log_softmax(x)."""
+    terms = _scaled_pair(_log_softmax_vjp_pair)(terms)
+    return [signs_out(replace(t, factors=tuple(fuse_log_softmax(f) for f in t.factors))) for t in terms]
+
+
+def fuse_log_softmax(expr: sympy.Expr) -> sympy.Expr:
+    """Every `a * (x[c] - logsumexp(x[c'], c'))` inside `expr` (any index names) becomes
+    `a * log_softmax(x[c], c)`: one torch.log_softmax."""
+    def inline(lse: logsumexp, access):
+        for position in access.atoms(sympy.Idx):
+            if position.upper == lse.index.upper and lse.body.xreplace({lse.index: position}) == access:
+                return log_softmax(access, position)
+        return None
+
+    return rewrite_log_softmax(expr, inline)
+
+
+def _one_hot_pair(plain, plain_factors, other, other_factors):
+    """a * exp(y[n, c]) - a * one_hot(t[n], c)  ->  a * log_softmax_backward(-one_hot(t[n], c), y, c):
+    g - exp(y) * sum(g) with g = -one_hot, which sums to -1 over c."""
+    y = _the_exp(other_factors)
+    if y is None or other.summed or plain.summed or len(other_factors) != 1 or len(plain_factors) != 1 \
+            or not isinstance(plain_factors[0], one_hot):
+        return None
+    position = plain_factors[0].args[1]
+    if position not in y.indices:
+        return None
+    return -1, one_hot_log_softmax_backward(-plain_factors[0], y, position)   # the plain term holds -a
+
+
+def _print_vjp(call: str):
+    """`call(g, y, dim, y.dtype)`, g and y in g's own layout."""
+    def print_(printer, node, factor=sympy.S.One, grad_text: str | None = None):
+        g, y, index = node.args
+        layout = tuple(i for i in printer.layout if i in free_indices(g))
+        if grad_text is None:
+            grad_text = printer.text(factor * g, layout)
+        text = f"{call}({grad_text}, {printer.text(y, layout)}, {printer.dim(index.name, layout)}, " \
+               f"{y.base.label.name}.dtype)"
+        return printer.placed(text, layout)
+    return print_
+
+
+def one_hot_by_rows(hot: one_hot, dims, scale: sympy.Expr) -> bool:
+    """Whether `scale * hot`, laid out in `dims`, can be written one value per row at its class:
+    one row index (no batch dims), dims (row, class), and a 0-d tensor in `scale` to write."""
+    target, klass = hot.args
+    rows = tuple(i.name for i in target.indices)
+    return len(rows) == 1 and rows[0] != BATCH and tuple(dims) == rows + (klass.name,) \
+        and any(naming.is_zero_dim_tensor(s) for s in scale.free_symbols)
+
+
+def _written_by_rows(node: Fused, factor: sympy.Expr) -> sympy.Expr | None:
+    """The value nll_loss_backward writes at each row's class for `factor * g`, when it can build it
+    (zeros with one value per row, as autograd's nll_loss does); else None."""
+    g, y, _ = node.args
+    value, hot = (factor * g).as_independent(one_hot, as_Add=False)
+    if isinstance(hot, one_hot) and one_hot_by_rows(hot, tuple(i.name for i in y.indices), value):
+        return value
+    return None
+
+
+def _print_one_hot_vjp(printer, node, factor=sympy.S.One):
+    value = _written_by_rows(node, factor)
+    if value is None:
+        return _print_vjp("torch._log_softmax_backward_data")(printer, node, factor)
+    # nll_loss_backward with sum reduction (2) writes -grad_output at each row's class into zeros, in
+    # one kernel that vmap and jacrev batch (an in-place index_put_ they refuse); total_weight only
+    # divides a mean, and must not require grad in a double backward
+    hot, y = node.args[0].as_independent(one_hot, as_Add=False)[1], node.args[1]
+    saved = y.base.label.name
+    grad_text = f"torch.ops.aten.nll_loss_backward({printer.text(-value, ())}, {saved}, " \
+                f"{hot.args[0].base.label.name}, weight=None, reduction=2, ignore_index=-100, " \
+                f"total_weight={saved}.new_ones(()))"
+    return _print_vjp("torch._log_softmax_backward_data")(printer, node, factor, grad_text)
+
+
+def _one_hot_comments(node, factor):
+    return ONE_HOT_FORMULAS if _written_by_rows(node, factor) is not None else ONE_HOT_FORMULAS[:1]
+
+
+def _one_hot_sizes(node, factor):
+    """nll_loss_backward needs no number of classes; the one-hot formula does."""
+    return set() if _written_by_rows(node, factor) is not None else {node.args[2].upper + 1}
+
+
+# Normalization: layer norm's backward from the saved mean and rstd -------------------------------
+
+def _layer_norm_vjp(terms: list[Term], found: tuple, like) -> list[Term]:
+    """The VJP shapes of xhat = (x - m) * r along x's last dim d, with g any product over x's dims:
+
+        a * r * g[d] - a/D * sum(r * g[d1], d1) - a/D * sum(r**3 * c[d1] * c[d] * g[d1], d1)
+            ->  a * layer_norm_backward(0, g, ...)        (c[k] = x[..., k] - m)
+        a * sum over the batch of r * c[d] * h[..., d]    ->  a * layer_norm_backward(1, h, like, ...)
+
+    (the kernel wants a weight to give d/dw its shape: the input differentiated, `like`, has it).
+    """
+    if not found or like is None:
+        return terms
+    body, index, m, r = found
+    size = index.upper + 1
+    x = body.base
+
+    def centered(k):
+        return body.xreplace({index: k}) - m
+
+    if len(terms) == 1:
+        (term,) = terms
+        rows = {i.name for i in body.indices if i != index}     # the kernel sums d/dw over every row
+        rest = list(term.factors)
+        if term.summed and {i.name for i in term.summed} == rows and r in rest and centered(index) in rest:
+            rest.remove(r)
+            rest.remove(centered(index))
+            h = sympy.Mul(*rest)
+            name, dims = like
+            if h.has(index) and not h.has(x) and dims == (index.name,):
+                weight = tensor_symbol(name)[index]
+                return [Term(term.coefficient, (layer_norm_backward(1, h, weight, body, m, r, index),), ())]
+        return terms
+    if len(terms) != 3:
+        return terms
+    plain = [t for t in terms if not t.summed]
+    if len(plain) != 1 or r not in plain[0].factors:
+        return terms
+    a = plain[0].coefficient
+    g = sympy.Mul(*[f for f in plain[0].factors if f != r])
+    if not g.has(index) or g.has(x):
+        return terms
+    others = [t for t in terms if t is not plain[0]]
+    for first, second in (others, others[::-1]):
+        if len(first.summed) != 1 or len(second.summed) != 1:
+            continue
+        k1, k2 = first.summed[0], second.summed[0]
+        if k1.upper != index.upper or k2.upper != index.upper:
+            continue
+        if first.coefficient == -a / size and sympy.Mul(*first.factors) == r * g.xreplace({index: k1}) \
+                and second.coefficient == -a / size and sympy.Mul(*second.factors) == \
+                r ** 3 * centered(k2) * centered(index) * g.xreplace({index: k2}):
+            return [Term(a, (layer_norm_backward(0, g, sympy.S.One, body, m, r, index),), ())]
+    return terms
+
+
+def _print_layer_norm(printer, node, factor=sympy.S.One):
+    """One output of native_layer_norm_backward. A weight over the normalized dim that multiplies
+    grad_out is passed as the kernel's weight instead of being multiplied in."""
+    part, grad, weight, x, mean, rstd, index = node.args
+    grad = factor * grad
+    if weight == 1:
+        weights = [f for f in sympy.Mul.make_args(grad) if isinstance(f, sympy.Indexed) and f.indices == (index,)]
+        weight = weights[0] if weights else None
+        grad = grad / weight if weight is not None else grad
+    layout = tuple(i.name for i in x.indices)
+    weight_text = "None" if weight is None else weight.base.label.name
+    mask = ", ".join(str(part == k) for k in range(3))
+    # mean and rstd keep the normalized dim, as native_layer_norm returns them (vmap's rule needs it)
+    text = (f"torch.ops.aten.native_layer_norm_backward({printer.text(grad, layout)}, {x.base.label.name}, "
+            f"{x.base.label.name}.shape[-1:], {printer.text(mean, layout)}, {printer.text(rstd, layout)}, "
+            f"{weight_text}, None, [{mask}])[{part}]")
+    return printer.placed(text, layout if part == 0 else (index.name,))
+
+
+LOG_SOFTMAX_FORMULA = "_log_softmax_backward_data(g, y, dim) = g - exp(y) * sum(g, dim)"
+ONE_HOT_FORMULAS = (LOG_SOFTMAX_FORMULA,
+                    "nll_loss_backward(v, y, t, reduction=2) = zeros like y, with -v at [i, t[i]]")
+LAYER_NORM_FORMULAS = ("native_layer_norm_backward(g, x, ..., w)[0] = rstd * (g w - mean(g w) - "
+                       "xhat * mean(g w xhat)), xhat = (x - mean) * rstd",
+                       "native_layer_norm_backward(g, x, ...)[1] = sum over rows of g * xhat")
+
+KERNELS: tuple[Kernel, ...] = (
+    Kernel("threshold_backward", threshold_backward, _step(_threshold),
+           _print_step("torch.ops.aten.threshold_backward"),
+           ("threshold_backward(g, x, 0) = where(x <= 0, 0, g)",)),
+    Kernel("leaky_relu_backward", leaky_relu_backward, _step(_leaky_relu),
+           _print_step("torch.ops.aten.leaky_relu_backward", "False"),
+           ("leaky_relu_backward(g, x, s, False) = where(x > 0, g, s * g)",)),
+    Kernel("_softmax_backward_data", softmax_backward, _softmax_vjp, _print_vjp("torch._softmax_backward_data"),
+           ("_softmax_backward_data(g, y, dim) = y * (g - sum(g * y, dim))",)),
+    Kernel("_log_softmax_backward_data", log_softmax_backward, _log_softmax_vjp,
+           _print_vjp("torch._log_softmax_backward_data"), (LOG_SOFTMAX_FORMULA,), save=save_forward_values),
+    Kernel("nll_loss_backward", one_hot_log_softmax_backward, _scaled_pair(_one_hot_pair), _print_one_hot_vjp,
+           ONE_HOT_FORMULAS, comments=_one_hot_comments, sizes=_one_hot_sizes),
+    Kernel("native_layer_norm_backward", layer_norm_backward, _layer_norm_vjp, _print_layer_norm,
+           LAYER_NORM_FORMULAS, comments=lambda node, factor: (LAYER_NORM_FORMULAS[node.args[0]],),
+           save=save_normalization),
+)
+KERNEL_OF.update({kernel.node: kernel for kernel in KERNELS})
