@@ -32,9 +32,8 @@ from dataclasses import dataclass
 import sympy
 
 from . import naming
-from .model import OpSpec, SpecError
+from .model import OpSpec, SpecError, index_symbol, scalar_symbol, tensor_symbol
 from .functions import Sum, as_pow, canonical, differentiable_powers, logsumexp, one_hot, renamed_match, softmax, stabilize
-from .spec import index_symbol, scalar_symbol, tensor_symbol
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,11 @@ from . import naming
 from .emit import environment
 from .derivation import KINK_VERDICTS, Kink, lower_kinks
 from .lower import STYLES, Leaf, LoweredExpr, LoweredOp, Reduce, Scaled, walk
-from .model import OpSpec, SpecError
+from .model import OpSpec, SpecError, index_symbol, scalar_symbol, size_symbol, tensor_symbol
 from .naming import BATCH
 from .plan import TermPlan
 from .printing import Code, IndexNotationPrinter, align, print_leaf, render, render_expr, size_bindings
-from .spec import index_symbol, load_catalog, scalar_symbol, size_symbol, tensor_symbol
+from .spec import load_catalog
 
 if TYPE_CHECKING:
     from .build import Built

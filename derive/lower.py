@@ -24,7 +24,7 @@ from .derivation import depends_on_tensor, tensor_symbols
 from .functions import one_hot, renamed_match
 from .naming import BATCH
 from .plan import ExprPlan, OpPlan, TermPlan, free_indices, ordered
-from .spec import size_symbol, tensor_symbol
+from .model import size_symbol, tensor_symbol
 
 STYLES = ("contraction", "broadcast")
 

@@ -17,10 +17,9 @@ import sympy
 from .derivation import Derivation, Term, step_as_sign, tensor_symbols
 from .functions import bound_indices, canonical, fold_piecewise, fuse_log_softmax, fuse_log_softmax_vjp, fuse_softmax_vjp
 from . import naming
-from .model import OpSpec
+from .model import OpSpec, size_symbol
 from .naming import BATCH
 from .saving import SavedValue, save_forward_values, save_normalization, signs_out
-from .spec import size_symbol
 
 
 @dataclass(frozen=True)

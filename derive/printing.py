@@ -18,11 +18,10 @@ from sympy.printing.pytorch import TorchPrinter
 
 from .plan import free_indices
 from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, one_hot_by_rows, walk
-from .model import OpSpec
+from .model import OpSpec, is_python_number, size_symbol
 from .functions import layer_norm_backward, log_softmax_backward, one_hot, softmax_backward
 from . import naming
 from .naming import BATCH, grad
-from .spec import is_python_number, size_symbol
 
 ATOM, MUL, ADD = PRECEDENCE["Atom"], PRECEDENCE["Mul"], PRECEDENCE["Add"]
 # `@`: Python binds it exactly like `*` and `/` (one level, left to right), but a matrix product

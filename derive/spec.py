@@ -23,7 +23,8 @@ from pathlib import Path
 import sympy
 
 from . import functions, naming
-from .model import Catalog, OpSpec, Param, SpecError, TensorInput
+from .model import (Catalog, OpSpec, Param, SpecError, TensorInput, index_symbol, param_symbol, scalar_symbol,
+                    tensor_symbol)
 from .naming import BATCH
 
 MAX_SOURCE_CHARS = 4000
@@ -72,37 +73,6 @@ def _not_float64(value: sympy.Expr) -> sympy.Expr | None:
 def _short(value: sympy.Expr) -> str:
     text = sympy.sstr(value)
     return text if len(text) <= 40 else sympy.sstr(sympy.N(value, 3))
-
-
-def size_symbol(index: str) -> sympy.Symbol:
-    return sympy.Symbol(naming.size(index), integer=True, positive=True)
-
-
-def index_symbol(index: str, size_index: str | None = None) -> sympy.Idx:
-    return sympy.Idx(index, size_symbol(size_index or index))
-
-
-def tensor_symbol(name: str) -> sympy.IndexedBase:
-    return sympy.IndexedBase(name, real=True)
-
-
-def scalar_symbol(name: str) -> sympy.Symbol:
-    """A 0-d tensor."""
-    return sympy.Symbol(name, real=True)
-
-
-class ParamSymbol(sympy.Symbol):
-    """A hyperparameter: a Python number in generated code, where a 0-d tensor (a plain Symbol) is a tensor."""
-
-
-def param_symbol(name: str) -> ParamSymbol:
-    return ParamSymbol(name, real=True)
-
-
-def is_python_number(expr: sympy.Expr) -> bool:
-    """Whether generated code holds `expr` as a Python number: it reads only params and sizes."""
-    return not expr.atoms(sympy.Indexed) and all(
-        isinstance(s, ParamSymbol) or (s.is_integer and s.name.startswith(naming.size(""))) for s in expr.free_symbols)
 
 
 @dataclass

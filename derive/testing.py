@@ -25,10 +25,10 @@ import sympy
 import torch
 
 from . import naming
-from .model import OpSpec
+from .model import OpSpec, param_symbol, scalar_symbol
 from .functions import _OverIndex
 from .naming import BATCH
-from .spec import load_catalog, param_symbol, scalar_symbol
+from .spec import load_catalog
 
 # Distinct sizes per index, so that a transposed or unreduced gradient cannot pass by accident.
 DEFAULT_SIZES = (3, 4, 5, 6, 7, 2)
