@@ -512,7 +512,7 @@ def render(node: Node) -> Code:
             if node.mean:
                 raise ValueError("a mean over the batch dims '...' together with other dims is not supported")
             # sum_to_size reduces however many leading dims the batch has, none included
-            text += f".sum_to_size({_tuple([size_symbol(i).name for i in node.indices])})"
+            text += f".sum_to_size({python_tuple([size_symbol(i).name for i in node.indices])})"
         return Code(text, node.indices)
     if isinstance(node, MatMul):
         left = _arranged(render(node.left), node.left_layout)
@@ -550,7 +550,8 @@ def _dim(position: int, ndim: int, batched: bool = False) -> str:
     return "-1" if position == ndim - 1 and ndim > 1 else str(position)
 
 
-def _tuple(items: list[str]) -> str:
+def python_tuple(items: list[str] | tuple[str, ...]) -> str:
+    """Python tuple syntax: (a, b), (a,) or ()."""
     return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
 
 
@@ -669,7 +670,7 @@ def output_shape(op: OpSpec, sources: list[tuple[str, tuple[str, ...]]]) -> str:
         dims.append("*" + (shapes[0] if len(shapes) == 1 else f"torch.broadcast_shapes({', '.join(shapes)})"))
     if len(dims) == 1 and dims[0].startswith("*"):
         return dims[0][1:]      # the batch dims alone: x.shape
-    return _tuple(dims) if dims else "()"
+    return python_tuple(dims) if dims else "()"
 
 
 def _batch_size(sources: list[tuple[str, tuple[str, ...]]], grad_output: str) -> str:
