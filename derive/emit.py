@@ -48,6 +48,7 @@ def docstring_safe(text: str) -> str:
 
 
 def comment_safe(text: str) -> str:
+    """User text made safe inside a one-line comment."""
     return " ".join(text.splitlines())
 
 

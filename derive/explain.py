@@ -21,7 +21,7 @@ from sympy.printing.pretty.pretty import PrettyPrinter
 from sympy.printing.pretty.stringpict import prettyForm
 
 from . import naming
-from .emit import environment
+from .emit import comment_safe, environment
 from .derivation import KINK_VERDICTS, Kink, lower_kinks
 from .lower import STYLES, LoweredExpr, LoweredOp, Reduce, Scaled
 from .model import OpSpec, SpecError, index_symbol, scalar_symbol, size_symbol, tensor_symbol
@@ -645,12 +645,12 @@ def render_derivations(explanations: list[Explanation], source: str, command: st
     """The catalog's DERIVATIONS.md: every op's explanation, with symbolic sizes."""
     return _environment().get_template(DERIVATIONS_TEMPLATE).render(
         explanations=explanations, modules={x.op: naming.module_file(x.op) for x in explanations},
-        source=_comment_safe(source), command=_comment_safe(command))
+        source=_html_comment_safe(source), command=_html_comment_safe(command))
 
 
-def _comment_safe(text: str) -> str:
+def _html_comment_safe(text: str) -> str:
     """Text made safe inside the document's first-line HTML comment."""
-    return " ".join(text.splitlines()).replace("--", "- -")
+    return comment_safe(text).replace("--", "- -")
 
 
 # --- command line ----------------------------------------------------------------------------
