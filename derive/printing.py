@@ -349,6 +349,24 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     def _print_Mul(self, expr):
         """Scalars first, so that Python's left-to-right evaluation scales a tensor only once:
         `2 * grad_loss / size_n * (pred - target)`, not `2 * grad_loss * (pred - target) / size_n`."""
+        number, groups = self._factor_groups(expr)
+        sign, number = ("-" if number < 0 else ""), abs(number)
+        if number.is_Rational and not groups[(False, False)] + groups[(False, True)] \
+                and sympy.fraction(number)[0] == 1 and sympy.fraction(number)[1] != 1 and groups[(True, False)]:
+            # only a number to apply: `x / 2` scales once too, and reads better than `1 / 2 * x`
+            groups[(True, True)] = [sympy.fraction(number)[1]] + groups[(True, True)]
+            number = sympy.S.One
+        text = self._scalar_part(number, groups)
+        for factor, below in self._tensor_part(groups):
+            if below:
+                text = (text or "1") + " / " + self.parenthesize(factor, MUL + 1)
+            else:
+                text = (text + " * " if text else "") + self.parenthesize(factor, MUL)
+        return sign + text
+
+    def _factor_groups(self, expr) -> tuple[sympy.Expr, dict[tuple[bool, bool], list[sympy.Expr]]]:
+        """A product's number, and its other factors by (whether a tensor, whether a divisor): a divisor is
+        the base of a negative power."""
         factors = expr.as_ordered_factors()
         number = sympy.Mul(*[f for f in factors if f.is_number])
         groups = {(tensor, below): [] for tensor in (False, True) for below in (False, True)}
@@ -364,13 +382,11 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             # full-size tensor is touched, so that the tensor is scaled once
             groups[(False, True)] += [f for f in groups[(True, True)] if f.is_integer and not self._is_tensor(f)]
             groups[(True, True)] = [f for f in groups[(True, True)] if f not in groups[(False, True)]]
-        sign = "-" if number < 0 else ""
-        number = abs(number)
-        if number.is_Rational and not groups[(False, False)] + groups[(False, True)] \
-                and sympy.fraction(number)[0] == 1 and sympy.fraction(number)[1] != 1 and groups[(True, False)]:
-            # only a number to apply: `x / 2` scales once too, and reads better than `1 / 2 * x`
-            groups[(True, True)] = [sympy.fraction(number)[1]] + groups[(True, True)]
-            number = sympy.S.One
+        return number, groups
+
+    def _scalar_part(self, number: sympy.Expr, groups: dict) -> str:
+        """The number and the scalar factors, then every scalar divisor: `2 * grad_loss / size_n`
+        ("" when there is nothing to write; a bare 1 is left out before a tensor factor)."""
         if number.is_Rational and exact_fraction(number):
             top, bottom = sympy.fraction(number)
             top_text = self._print(top)
@@ -381,6 +397,10 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
                           + [self.parenthesize(f, MUL) for f in groups[(False, False)]])
         for divisor in ([bottom] if bottom != 1 else []) + groups[(False, True)]:
             text = (text or "1") + " / " + self.parenthesize(divisor, MUL + 1)
+        return text
+
+    def _tensor_part(self, groups: dict) -> list[tuple[sympy.Expr, bool]]:
+        """The tensor factors, then the tensor divisors, each with whether it divides."""
         tensors = [(factor, False) for factor in groups[(True, False)]] \
             + [(divisor, True) for divisor in groups[(True, True)]]
         ranks = [len(free_indices(f)) if self._is_tensor(f) else None for f, _ in tensors]
@@ -390,12 +410,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             # (plain numbers and sizes stay last: a size may be 0, so it divides a tensor)
             order = sorted(range(len(tensors)), key=lambda k: (ranks[k] is None, ranks[k] or 0, tensors[k][1]))
             tensors = [tensors[k] for k in order]
-        for factor, below in tensors:
-            if below:
-                text = (text or "1") + " / " + self.parenthesize(factor, MUL + 1)
-            else:
-                text = (text + " * " if text else "") + self.parenthesize(factor, MUL)
-        return sign + text
+        return tensors
 
     def _is_tensor(self, expr) -> bool:
         return bool(expr.atoms(sympy.Indexed)) or bool(expr.free_symbols & self.tensors)
