@@ -1,4 +1,4 @@
-"""Stage 5b, lowered ops -> module text: render each op through the Jinja2 templates.
+"""Stage 5c, lowered ops -> module text: render each op through the Jinja2 templates, from its signature.
 
 Python decides every piece of math and code; the templates only lay it out.
 """

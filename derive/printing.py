@@ -688,11 +688,25 @@ def output_shape(op: OpSpec, sources: list[tuple[str, tuple[str, ...]]]) -> str:
     return python_tuple(dims) if dims else "()"
 
 
+def size_readers(index: str, sources: list[tuple[str, tuple[str, ...]]], grad_output: str) -> tuple[str, ...]:
+    """The tensors whose shapes the binding of `index`'s size reads, as `size_bindings` writes it."""
+    if index == BATCH:
+        return tuple(name for name, _ in _batch_sources(sources, grad_output))
+    return (size_source(index, sources)[0],)
+
+
+def _batch_sources(sources: list[tuple[str, tuple[str, ...]]], grad_output: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The tensors the number of batch positions is read off: the first batched one when it alone has batch
+    dims or it is the upstream gradient (which has the result's), else every batched one, which may broadcast."""
+    batched = [(name, dims) for name, dims in sources if BATCH in dims]
+    return batched[:1] if len(batched) == 1 or batched[0][0] == grad_output else batched
+
+
 def _batch_size(sources: list[tuple[str, tuple[str, ...]]], grad_output: str) -> str:
     """The number of batch positions: one tensor's, or that of the batch shape several broadcast to
     (read off the first when the shapes agree: torch.broadcast_shapes costs microseconds of Python)."""
-    batched = [(name, dims) for name, dims in sources if BATCH in dims]
-    if len(batched) == 1 or batched[0][0] == grad_output:
+    batched = _batch_sources(sources, grad_output)
+    if len(batched) == 1:
         return _shape_of(*batched[0], BATCH)
     shapes = []
     for name, dims in batched:

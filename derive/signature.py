@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from . import naming
 from .derivation import Derivation
 from .lower import Leaf, LoweredExpr, LoweredOp, Shared, backward_reads, reads_of
-from .printing import render, render_expr, size_bindings, size_source, sizes_used
+from .printing import render, render_expr, size_bindings, size_readers, sizes_used
 
 Binding = tuple[str, str]    # (name, code): `size_m = grad_y.shape[-1]`, `shared_0 = torch.sigmoid(x)`
 
@@ -73,7 +73,7 @@ def backward_signature(derivation: Derivation, lowered: LoweredOp) -> Signature:
         sorted(inputs, key=lambda source: source[0] not in code_reads)
     exprs = list(lowered.gradients)
     shared_leaves = tuple(s.value for s in lowered.shared)
-    reads = code_reads | {size_source(i, sources)[0] for i in sizes_used(op, exprs, shared_leaves)}
+    reads = code_reads | _size_reads(op, sizes_used(op, exprs, shared_leaves), sources)
     values = tuple(v.name for v in lowered.plan.saved)
     # An op with values to compute again in a double backward keeps every input it computes them from.
     recomputed = any(v.recompute for v in lowered.plan.saved)
@@ -100,12 +100,17 @@ def _gradient(derivation: Derivation, lowered: LoweredOp, name: str, expr: Lower
     shared: list[Shared] = [s for s in lowered.shared if position in s.users]
     used = sizes_used(op, [expr], tuple(s.value for s in shared))
     names = {naming.size(i) for i in used}
-    reads = reads_of((expr,), tuple(shared)) | {size_source(i, sources)[0] for i in used}
+    reads = reads_of((expr,), tuple(shared)) | _size_reads(op, used, sources)
     return GradientSignature(
         input=name, target=naming.grad(name), position=position, code=render_expr(expr),
         sizes=tuple((size, code) for size, code in sizes if size in names),
         shared=tuple((s.name, render(s.value).text) for s in shared),
         reads=_forward_tensors(op, lowered, reads))
+
+
+def _size_reads(op, indices: list[str], sources: list[tuple[str, tuple[str, ...]]]) -> set[str]:
+    """The tensors the bindings of these indices' sizes read."""
+    return {name for i in indices for name in size_readers(i, sources, naming.grad(op.output))}
 
 
 def _forward_tensors(op, lowered: LoweredOp, names: set[str]) -> tuple[str, ...]:
