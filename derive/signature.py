@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from . import naming
 from .derivation import Derivation
-from .lower import Leaf, LoweredExpr, LoweredOp, Shared, backward_reads, reads_of
+from .lower import Leaf, LoweredExpr, LoweredOp, backward_reads, reads_of
+from .model import OpSpec
 from .printing import render, render_expr, size_bindings, size_readers, sizes_used
 
 Binding = tuple[str, str]    # (name, code): `size_m = grad_y.shape[-1]`, `shared_0 = torch.sigmoid(x)`
@@ -80,40 +81,41 @@ def backward_signature(derivation: Derivation, lowered: LoweredOp) -> Signature:
     kept = tuple(t.name for t in op.inputs if recomputed or t.name in reads)
     output = (op.output,) if derivation.uses_output else ()
     sizes = tuple(size_bindings(op, exprs, sources, shared_leaves))
-    forward_leaves = tuple(s.value for s in lowered.forward_shared) + tuple(Leaf(v.expr, v.indices) for v in lowered.plan.saved)
+    forward_leaves = tuple(s.value for s in lowered.forward_shared) \
+        + tuple(Leaf(v.expr, v.indices) for v in lowered.plan.saved)
+    shared = tuple(SharedValue(s.name, render(s.value).text, s.users) for s in lowered.shared)
     return Signature(
         style=lowered.style, grad_output=derivation.grad_output,
         arguments=(derivation.grad_output, *(t.name for t in op.inputs), *output, *values),
         values=values, uses_output=derivation.uses_output, sources=tuple(sources), sizes=sizes,
         reads=_forward_tensors(op, lowered, reads), kept=kept, saved=kept + output + values,
-        shared=tuple(SharedValue(s.name, render(s.value).text, s.users) for s in lowered.shared),
-        gradients=tuple(_gradient(derivation, lowered, g.input, expr, sources, sizes)
+        shared=shared,
+        gradients=tuple(_gradient(op, lowered, g.input, expr, shared, sources, sizes)
                         for g, expr in zip(derivation.gradients, lowered.gradients)),
         forward_sizes=tuple(size_bindings(op, [lowered.forward], shared=forward_leaves)),
     )
 
 
-def _gradient(derivation: Derivation, lowered: LoweredOp, name: str, expr: LoweredExpr,
+def _gradient(op: OpSpec, lowered: LoweredOp, name: str, expr: LoweredExpr, shared: tuple[SharedValue, ...],
               sources: list[tuple[str, tuple[str, ...]]], sizes: tuple[Binding, ...]) -> GradientSignature:
-    op = derivation.op
     position = [t.name for t in op.inputs].index(name)
-    shared: list[Shared] = [s for s in lowered.shared if position in s.users]
-    used = sizes_used(op, [expr], tuple(s.value for s in shared))
+    values = tuple(s for s in lowered.shared if position in s.users)
+    used = sizes_used(op, [expr], tuple(s.value for s in values))
     names = {naming.size(i) for i in used}
-    reads = reads_of((expr,), tuple(shared)) | _size_reads(op, used, sources)
+    reads = reads_of((expr,), values) | _size_reads(op, used, sources)
     return GradientSignature(
         input=name, target=naming.grad(name), position=position, code=render_expr(expr),
         sizes=tuple((size, code) for size, code in sizes if size in names),
-        shared=tuple((s.name, render(s.value).text) for s in shared),
+        shared=tuple((s.name, s.code) for s in shared if position in s.users),
         reads=_forward_tensors(op, lowered, reads))
 
 
-def _size_reads(op, indices: list[str], sources: list[tuple[str, tuple[str, ...]]]) -> set[str]:
+def _size_reads(op: OpSpec, indices: list[str], sources: list[tuple[str, tuple[str, ...]]]) -> set[str]:
     """The tensors the bindings of these indices' sizes read."""
     return {name for i in indices for name in size_readers(i, sources, naming.grad(op.output))}
 
 
-def _forward_tensors(op, lowered: LoweredOp, names: set[str]) -> tuple[str, ...]:
+def _forward_tensors(op: OpSpec, lowered: LoweredOp, names: set[str]) -> tuple[str, ...]:
     """The forward's tensors among `names` (inputs, output, values the forward saves), in op order."""
     order = [t.name for t in op.inputs] + [op.output] + [v.name for v in lowered.plan.saved]
     return tuple(n for n in order if n in names)
