@@ -274,6 +274,7 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
     output_access = f"{naming.tangent(op.output)}[{', '.join(op.output_indices)}]" if op.output_indices \
         else naming.tangent(op.output)
     saving = bool(lowered.plan.saved)
+    expand = (f".expand_as({op.output})" if uses_output else f".expand({shape})") if expand else ""
     single = shares[0].code if len(shares) == 1 else ""
     if single and expand:
         single = f"({single}){expand}"
@@ -286,7 +287,7 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
         output=naming.tangent(op.output), output_access=output_access, uses_output=uses_output,
         sizes=sizes, common=common, shares=shares,
         zeros=f"torch.zeros_like({op.output})" if uses_output else f"{anchor}.new_zeros({shape})",
-        expand=(f".expand_as({op.output})" if uses_output else f".expand({shape})") if expand else "",
+        expand=expand,
         # the Function's jvp gets one tangent per argument of forward: None for integer inputs and params
         parameters=", ".join([naming.tangent(t.name) for t in op.inputs] + (["*_"] if op.params else [])),
         saved=saved, unpack_saved=_unpack(saved) if saved else "",

@@ -8,7 +8,7 @@ import torch
 from derive import naming
 from derive.build import STYLE_DIRS, build_op, render_catalog
 from derive.spec import parse_catalog
-from derive.testing import autograd_gradients, load_module, reference
+from derive.testing import autograd_gradients, check_tangents, gradcheck_op, load_module, reference
 
 from conftest import CATALOG, GENERATED, OPS
 
@@ -78,3 +78,27 @@ def test_the_function_keeps_every_tensor_a_size_is_read_off(tmp_path, style, x_s
     (expected, _) = autograd_gradients(reference(op), [x, s], torch.ones(()), [True, False])
     assert grad_x.shape == x.shape
     torch.testing.assert_close(grad_x, expected)
+
+
+OUTER_ADD = """
+[ops.outer_add]
+inputs = ["x[n]", "w[m]"]
+differentiable = ["x"]
+equation = "y[n, m] = x[n] + w[m]"
+reference = "x[:, None] + w[None, :]"
+"""
+
+
+@pytest.mark.parametrize("style", list(STYLE_DIRS))
+@pytest.mark.parametrize("sizes", [{"n": 3, "m": 4}, {"n": 3, "m": 3}, {"n": 1, "m": 1}])
+def test_a_single_tangent_share_narrower_than_the_output_is_expanded(tmp_path, style, sizes):
+    """The regression: with one differentiable input whose share lacks a dim of the result, <op>_jvp's
+    one-share return was written `(share)True`, and derive refused the valid spec as an internal error."""
+    catalog = parse_catalog(OUTER_ADD, "outer.toml")
+    op = catalog.ops[0]
+    files = render_catalog(catalog, (style,), namespace=f"test_{tmp_path.name}".replace("-", "_"))
+    (path, text), = [(p, t) for p, t in files.items() if p.endswith(".py")]
+    (tmp_path / "outer_add.py").write_text(text)
+    module = load_module(tmp_path / "outer_add.py")
+    check_tangents(op, module, sizes=sizes)
+    gradcheck_op(op, module, sizes=sizes)
