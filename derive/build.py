@@ -5,66 +5,15 @@ Everything is rendered in memory; `files.py` decides what reaches the disk.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-
 from . import naming
-from .derivation import Derivation, derive
 from .emit import render_module
 from .explain import DERIVATIONS_FILE, explain, render_derivations
-from .kernels import fuse
-from .lower import STYLES, LoweredOp, lower
-from .model import Catalog, OpSpec, SpecError
-from .plan import plan
-from .spec import line_of_op
+from .lower import STYLES
+from .model import Catalog
+from .pipeline import build_op, spec_errors
 
 DEFAULT_NAMESPACE = "derive"   # torch.library namespace of the generated custom ops
 STYLE_DIRS = {"contraction": "", "broadcast": "broadcast/"}
-
-
-@dataclass(frozen=True)
-class Built:
-    """One op carried through every stage, kept for code, docs, explain and bench alike."""
-
-    derivation: Derivation
-    lowered: dict[str, LoweredOp]     # style -> lowered op
-
-    @property
-    def op(self) -> OpSpec:
-        return self.derivation.op
-
-
-def build_op(op: OpSpec, styles=STYLES) -> Built:
-    with spec_errors(op):
-        derivation = derive(op)
-        fused = fuse(derivation) if "contraction" in styles else None
-        return Built(derivation, {style: lower(plan(fused if style == "contraction" else derivation), style)
-                                  for style in styles})
-
-
-@contextmanager
-def spec_errors(op: OpSpec | None, path: str | None = None):
-    """Report a failure of the later stages as a SpecError naming the op: the user gets one line."""
-    try:
-        yield
-    except SpecError:
-        raise
-    except RecursionError:
-        raise _op_error(op, path, "the equation is too complex to derive (recursion limit reached)") from None
-    except ValueError as exc:
-        raise _op_error(op, path, f"derive cannot handle this equation: {exc}") from exc
-    except Exception as exc:
-        raise _op_error(op, path, f"internal error while generating ({type(exc).__name__}: {exc}); "
-                                  f"--debug shows the traceback") from exc
-
-
-def _op_error(op: OpSpec | None, path: str | None, message: str) -> SpecError:
-    message = " ".join(message.split())    # one line, of a readable length
-    if len(message) > 400:
-        message = message[:397] + "..."
-    if op is None:
-        return SpecError(message, path=path or "<spec>")
-    return SpecError(message, path=op.source, line=line_of_op(op.source, op.name, "equation"), op=op.name)
 
 
 def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
@@ -83,7 +32,8 @@ def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
         with spec_errors(op):
             for style in styles:
                 path = STYLE_DIRS[style] + naming.module_file(op.name)
-                files[path] = render_module(built.derivation, built.lowered[style], source, command, namespace)
+                files[path] = render_module(built.derivation, built.lowered[style], source, command, namespace,
+                                             built.signatures[style])
                 compile(files[path], path, "exec")    # a module that would not import is never written
             if "contraction" in styles:
                 explanations.append(explain(built))

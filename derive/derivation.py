@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import sympy
 
 from . import naming
-from .model import OpSpec, SpecError
-from .functions import Sum, as_pow, canonical, differentiable_powers, logsumexp, one_hot, renamed_match, softmax, stabilize
-from .spec import index_symbol, scalar_symbol, tensor_symbol
+from .model import OpSpec, SpecError, index_symbol, scalar_symbol, tensor_symbol
+from .functions import (Sum, as_pow, canonical, differentiable_powers, fresh_index, logsumexp, one_hot, renamed_match,
+                        softmax, stabilize)
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ def _unprime_sums(term: Term, primed: tuple[sympy.Idx, ...], output: tuple[str, 
     for position, index in enumerate(summed):
         if index in primed:
             plain = sympy.Idx(index.name.rstrip("'"), index.upper + 1)
-            fresh = plain if plain.name not in taken else _fresh_index(plain, taken)
+            fresh = plain if plain.name not in taken else fresh_index(plain, taken)
             taken.add(fresh.name)
             factors = tuple(f.xreplace({index: fresh}) for f in factors)
             summed[position] = fresh
@@ -529,23 +529,18 @@ def _index_names(term: Term) -> set[str]:
     return {i.name for f in term.factors for i in f.atoms(sympy.Idx)} | {i.name for i in term.summed}
 
 
-def _rename_bound(term: Term, avoid: set[str]) -> Term:
+def _rename_bound(term: Term, avoid: set[str], taken: set[str] | None = None) -> Term:
+    """The term with each summed index named in `avoid` renamed to a fresh one: neither taken nor in `avoid`
+    (`taken`: by default every index name the term mentions)."""
     factors, summed = term.factors, list(term.summed)
-    taken = avoid | _index_names(term)
+    taken = avoid | (_index_names(term) if taken is None else taken)
     for position, index in enumerate(summed):
         if index.name in avoid:
-            fresh = _fresh_index(index, taken)
+            fresh = fresh_index(index, taken)
             taken.add(fresh.name)
             factors = tuple(f.xreplace({index: fresh}) for f in factors)
             summed[position] = fresh
     return Term(term.coefficient, factors, tuple(summed))
-
-
-def _fresh_index(index: sympy.Idx, taken: set[str]) -> sympy.Idx:
-    for n in itertools.count(1):
-        name = f"{index.name}_{n}"
-        if name not in taken:
-            return sympy.Idx(name, index.upper + 1)
 
 
 def _eliminate_deltas(term: Term, op: OpSpec, name: str) -> Term | None:
@@ -590,16 +585,10 @@ def _eliminate_deltas(term: Term, op: OpSpec, name: str) -> Term | None:
 
 def _rename_primed(term: Term, primed: dict[str, sympy.Idx], op: OpSpec) -> Term:
     """Give the gradient the input's own index names, renaming sums that would capture them."""
-    factors, summed = term.factors, list(term.summed)
-    taken = {s.name for s in term.to_expr().free_symbols} | set(primed) | {i.name for i in summed}
-    for position, index in enumerate(summed):
-        if index.name in primed:
-            fresh = _fresh_index(index, taken)
-            taken.add(fresh.name)
-            factors = tuple(f.xreplace({index: fresh}) for f in factors)
-            summed[position] = fresh
+    term = _rename_bound(term, set(primed), {s.name for s in term.to_expr().free_symbols}
+                         | {i.name for i in term.summed})
     back = {p: index_symbol(d, op.size_of(d)) for d, p in primed.items()}
-    return Term(term.coefficient, tuple(f.xreplace(back) for f in factors), tuple(summed))
+    return Term(term.coefficient, tuple(f.xreplace(back) for f in term.factors), term.summed)
 
 
 def _combine(terms: list[Term]) -> list[Term]:

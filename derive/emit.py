@@ -1,4 +1,4 @@
-"""Stage 5b, lowered ops -> module text: render each op through the Jinja2 templates.
+"""Stage 5c, lowered ops -> module text: render each op through the Jinja2 templates, from its signature.
 
 Python decides every piece of math and code; the templates only lay it out.
 """
@@ -14,9 +14,10 @@ import jinja2
 from . import naming
 from .contracts import POLICY_DTYPES, Declared, all_hold, autocast_policies, guarded_blocks, shape_checks
 from .derivation import Derivation
-from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, backward_reads, covered, tangent_reads, walk
-from .printing import (index_notation, kernel_comments, output_shape, render, render_expr, size_bindings,
-                       size_source, sizes_used, uses_math)
+from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, covered, tangent_reads, walk
+from .printing import (index_notation, kernel_comments, output_shape, python_tuple, render, render_expr,
+                       size_bindings, size_source, sizes_used, uses_math)
+from .signature import Signature, backward_signature
 
 
 
@@ -47,6 +48,7 @@ def docstring_safe(text: str) -> str:
 
 
 def comment_safe(text: str) -> str:
+    """User text made safe inside a one-line comment."""
     return " ".join(text.splitlines())
 
 
@@ -65,72 +67,21 @@ class GradientView:
 
 
 def render_module(derivation: Derivation, lowered: LoweredOp, source: str, command: str,
-                  namespace: str = "derive") -> str:
+                  namespace: str = "derive", signature: Signature | None = None) -> str:
+    """The module of one op in one style; `signature` is the backward's (computed here when not given)."""
     op = derivation.op
-    forward_code = render_expr(lowered.forward)
-    if forward_code in {t.name for t in op.inputs}:
-        # an autograd.Function may not return an input as-is (its ctx could not tell them apart): a view
-        forward_code = f"{forward_code}.view_as({forward_code})"
-    gradients = []
-    for g, expr in zip(derivation.gradients, lowered.gradients):
-        position = [t.name for t in op.inputs].index(g.input)
-        access = f"{naming.grad(g.input)}[{', '.join(g.indices)}]" if g.indices else naming.grad(g.input)
-        gradients.append(GradientView(
-            target=naming.grad(g.input), position=position,
-            shape=f"shape of {g.input}: {_tuple(g.indices)}",
-            wrt=index_notation(g.wrt), partial=index_notation(g.partial),
-            access=access, vjp=index_notation(g.vjp), code=render_expr(expr),
-            shared=tuple((s.name, render(s.value).text) for s in lowered.shared if s.users == (position,)),
-            kernels=kernel_comments([expr], tuple(s.value for s in lowered.shared if s.users == (position,)))))
-    outputs = [naming.grad(t.name) for t in op.inputs if t.differentiable]
-    returns = [naming.grad(t.name) if t.differentiable else "None" for t in op.inputs]
-    params = [f"{p.name}={p.default!r}" for p in op.params]
-    # The backward reads sizes off grad_out first, then off inputs it reads anyway.
-    reads = backward_reads(lowered)
-    inputs = [(t.name, t.indices) for t in op.inputs]
-    sources = [(derivation.grad_output, op.output_indices)] + \
-        sorted(inputs, key=lambda source: source[0] not in reads)
-    shared_leaves = tuple(s.value for s in lowered.shared)
-    reads |= {size_source(i, sources)[0] for i in sizes_used(op, list(lowered.gradients), shared_leaves)}
-    values = [v.name for v in lowered.plan.saved]      # computed by the forward, read by the backward
-    tensor_args = [t.name for t in op.inputs]
-    # An op with values to compute again in a double backward keeps every input it computes them from.
-    recomputed = any(v.recompute for v in lowered.plan.saved)
-    kept = tensor_args if recomputed else [t.name for t in op.inputs if t.name in reads]
-    saved = kept + ([op.output] if derivation.uses_output else []) + values
+    signature = signature or backward_signature(derivation, lowered)
+    forward = _forward_context(derivation, lowered, signature)
+    backward = _backward_context(derivation, lowered, signature)
+    saving = _saving_context(derivation, lowered)
     jvp = _jvp_context(derivation, lowered)
-    function = dict(
-        cls=naming.function_class(op.name),
-        custom_op=naming.custom_op(op.name),
-        custom_op_name=naming.custom_op_name(namespace, op.name, lowered.style),
-        apply_name=op.name,
-        forward_args=", ".join(tensor_args + [p.name for p in op.params]),
-        typed_args=", ".join([f"{t}: torch.Tensor" for t in tensor_args]
-                             + [f"{p.name}: float = {p.default!r}" for p in op.params]),
-        unpack_inputs=_unpack([t if t in saved or t in jvp["saved"] else "_" for t in tensor_args]
-                              + [p.name for p in op.params]),
-        unpack_values=_unpack(["_"] + values) if values else "",
-        unpack_all=_unpack(tensor_args + [p.name for p in op.params]),
-        unpack_recomputed=_unpack(["_"] + [v.name if v.recompute else "_" for v in lowered.plan.saved])
-        if any(v.recompute for v in lowered.plan.saved) else "",
-        recompute_args=", ".join(tensor_args + [f"ctx.{p.name}" for p in op.params]),
-        saved=", ".join("output" if name == op.output else name for name in saved),
-        saved_names=", ".join(saved),
-        unpack_saved=_unpack(saved) if saved else "",
-        params=[p.name for p in op.params],
-        backward_call=", ".join([derivation.grad_output] + [t if t in saved else "None" for t in tensor_args]
-                                + ([op.output] if derivation.uses_output else []) + values
-                                + [f"ctx.{p.name}" for p in op.params]),
-        inputs_count=len(op.inputs),
-    )
-    shared_blocks = _shared_blocks(lowered)
-    forward_shared = [(s.name, render(s.value).text) for s in lowered.forward_shared]
-    saving_lines = [(v.name, render(Leaf(v.expr, v.indices)).text, index_notation(v.expr)) for v in lowered.plan.saved]
-    code = [forward_code] + [g.code for g in gradients] + [text for _, text in forward_shared] \
-        + [text for _, block in shared_blocks for _, text in block] + [text for _, text, _ in saving_lines]
-    output_access = f"{op.output}[{', '.join(op.output_indices)}]" if op.output_indices else op.output
+    function = _function_context(derivation, lowered, signature, jvp, namespace)
+    code = [forward["code"]] + [g.code for g in backward["gradients"]] + [text for _, text in forward["shared"]] \
+        + [text for _, block in backward["shared"] for _, text in block] \
+        + ([text for _, text, _ in saving["lines"]] if saving else [])
+    params = [f"{p.name}={p.default!r}" for p in op.params]
     context = dict(
-        contract=_contract(derivation, lowered, kept),
+        contract=_contract(derivation, lowered, list(signature.kept)),
         autocast=_autocast(derivation, function["custom_op_name"]),
         source=comment_safe(source),
         command=comment_safe(command),
@@ -138,28 +89,94 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
         doc=docstring_safe(op.doc),
         equation=docstring_safe(op.equation),
         signature=", ".join([t.name for t in op.inputs] + params),
-        backward_signature=", ".join([derivation.grad_output] + [t.name for t in op.inputs]
-                                     + ([op.output] if derivation.uses_output else []) + values + params),
+        backward_signature=", ".join(list(signature.arguments) + params),
         input_list=", ".join(t.name for t in op.inputs),
-        needs_default=_tuple(["True"] * len(op.inputs)),
-        output_access=output_access,
-        uses_output=derivation.uses_output,
+        needs_default=python_tuple(["True"] * len(op.inputs)),
+        output_access=_access(op.output, op.output_indices),
+        uses_output=signature.uses_output,
         uses_math=any(uses_math(text) for text in code),
-        function=function,
-        saving=dict(name=naming.forward_saving(op.name), names=values, returns=", ".join([op.output] + values),
-                    lines=saving_lines) if values else None,
-        forward=dict(name=naming.forward(op.name), code=forward_code,
-                     sizes=size_bindings(op, [lowered.forward], shared=tuple(s.value for s in lowered.forward_shared)
-                                         + tuple(Leaf(v.expr, v.indices) for v in lowered.plan.saved)),
-                     shared=forward_shared),
-        jvp=jvp,
-        backward=dict(name=naming.backward(op.name), grad_output=derivation.grad_output,
-                      sizes=size_bindings(op, list(lowered.gradients), sources, shared_leaves),
-                      none_line=" = ".join(outputs) + " = None",
-                      shared=shared_blocks, gradients=gradients, returns=_tuple(returns),
-                      computed=_cheap_first(gradients, list(lowered.gradients))),
+        function=function, saving=saving, forward=forward, jvp=jvp, backward=backward,
     )
     return environment().get_template("module.py.jinja").render(context)
+
+
+def _access(name: str, indices: tuple[str, ...]) -> str:
+    """`y[n, m]` as the docstrings write a tensor, `loss` for a 0-d one."""
+    return f"{name}[{', '.join(indices)}]" if indices else name
+
+
+def _forward_context(derivation: Derivation, lowered: LoweredOp, signature: Signature) -> dict:
+    op = derivation.op
+    code = render_expr(lowered.forward)
+    if code in {t.name for t in op.inputs}:
+        # an autograd.Function may not return an input as-is (its ctx could not tell them apart): a view
+        code = f"{code}.view_as({code})"
+    return dict(name=naming.forward(op.name), code=code, sizes=list(signature.forward_sizes),
+                shared=[(s.name, render(s.value).text) for s in lowered.forward_shared])
+
+
+def _saving_context(derivation: Derivation, lowered: LoweredOp) -> dict | None:
+    """`<op>_forward_saving`, when the forward hands values to the backward; else None."""
+    op = derivation.op
+    values = [v.name for v in lowered.plan.saved]
+    if not values:
+        return None
+    lines = [(v.name, render(Leaf(v.expr, v.indices)).text, index_notation(v.expr)) for v in lowered.plan.saved]
+    return dict(name=naming.forward_saving(op.name), names=values, returns=", ".join([op.output] + values),
+                lines=lines)
+
+
+def _backward_context(derivation: Derivation, lowered: LoweredOp, signature: Signature) -> dict:
+    op = derivation.op
+    gradients = []
+    for g, line, expr in zip(derivation.gradients, signature.gradients, lowered.gradients):
+        own = tuple(s.value for s in lowered.shared if s.users == (line.position,))
+        gradients.append(GradientView(
+            target=line.target, position=line.position,
+            shape=f"shape of {g.input}: {python_tuple(g.indices)}",
+            wrt=index_notation(g.wrt), partial=index_notation(g.partial),
+            access=_access(naming.grad(g.input), g.indices), vjp=index_notation(g.vjp), code=line.code,
+            shared=tuple((s.name, s.code) for s in signature.shared if s.users == (line.position,)),
+            kernels=kernel_comments([expr], own)))
+    outputs = [naming.grad(t.name) for t in op.inputs if t.differentiable]
+    returns = [naming.grad(t.name) if t.differentiable else "None" for t in op.inputs]
+    return dict(name=naming.backward(op.name), grad_output=signature.grad_output, sizes=list(signature.sizes),
+                none_line=" = ".join(outputs) + " = None",
+                shared=_shared_blocks(signature), gradients=gradients, returns=python_tuple(returns),
+                computed=_cheap_first(gradients, list(lowered.gradients)))
+
+
+def _function_context(derivation: Derivation, lowered: LoweredOp, signature: Signature, jvp: dict,
+                      namespace: str) -> dict:
+    """The autograd.Function and the custom op: what they save, unpack and pass on."""
+    op = derivation.op
+    tensor_args = [t.name for t in op.inputs]
+    params = [p.name for p in op.params]
+    saved, values = list(signature.saved), list(signature.values)
+    output = [op.output] if signature.uses_output else []
+    recomputed = any(v.recompute for v in lowered.plan.saved)
+    return dict(
+        cls=naming.function_class(op.name),
+        custom_op=naming.custom_op(op.name),
+        custom_op_name=naming.custom_op_name(namespace, op.name, lowered.style),
+        apply_name=op.name,
+        forward_args=", ".join(tensor_args + params),
+        typed_args=", ".join([f"{t}: torch.Tensor" for t in tensor_args]
+                             + [f"{p.name}: float = {p.default!r}" for p in op.params]),
+        unpack_inputs=_unpack([t if t in saved or t in jvp["saved"] else "_" for t in tensor_args] + params),
+        unpack_values=_unpack(["_"] + values) if values else "",
+        unpack_all=_unpack(tensor_args + params),
+        unpack_recomputed=_unpack(["_"] + [v.name if v.recompute else "_" for v in lowered.plan.saved])
+        if recomputed else "",
+        recompute_args=", ".join(tensor_args + [f"ctx.{p}" for p in params]),
+        saved=", ".join("output" if name == op.output else name for name in saved),
+        saved_names=", ".join(saved),
+        unpack_saved=_unpack(saved) if saved else "",
+        params=params,
+        backward_call=", ".join([signature.grad_output] + [t if t in saved else "None" for t in tensor_args]
+                                + output + values + [f"ctx.{p}" for p in params]),
+        inputs_count=len(op.inputs),
+    )
 
 
 def _contract(derivation: Derivation, lowered: LoweredOp, kept: list[str]) -> dict:
@@ -240,6 +257,7 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
     output_access = f"{naming.tangent(op.output)}[{', '.join(op.output_indices)}]" if op.output_indices \
         else naming.tangent(op.output)
     saving = bool(lowered.plan.saved)
+    expand = (f".expand_as({op.output})" if uses_output else f".expand({shape})") if expand else ""
     single = shares[0].code if len(shares) == 1 else ""
     if single and expand:
         single = f"({single}){expand}"
@@ -252,7 +270,7 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
         output=naming.tangent(op.output), output_access=output_access, uses_output=uses_output,
         sizes=sizes, common=common, shares=shares,
         zeros=f"torch.zeros_like({op.output})" if uses_output else f"{anchor}.new_zeros({shape})",
-        expand=(f".expand_as({op.output})" if uses_output else f".expand({shape})") if expand else "",
+        expand=expand,
         # the Function's jvp gets one tangent per argument of forward: None for integer inputs and params
         parameters=", ".join([naming.tangent(t.name) for t in op.inputs] + (["*_"] if op.params else [])),
         saved=saved, unpack_saved=_unpack(saved) if saved else "",
@@ -272,7 +290,7 @@ def _autocast(derivation: Derivation, custom_op_name: str) -> dict:
     return dict(policies=policies, dtypes=[(p, POLICY_DTYPES[p]) for p in dict.fromkeys(r.policy for r in policies)],
                 device_input=tensors[0], tensors=_unpack(tensors), tensor_args=", ".join(tensors),
                 namespace=namespace, op_name=registered,
-                dispatch_keys=_tuple([f'"Autocast{r.device.upper()}"' for r in policies]))
+                dispatch_keys=python_tuple([f'"Autocast{r.device.upper()}"' for r in policies]))
 
 
 def _cheap_first(gradients: list[GradientView], exprs: list[LoweredExpr]) -> list[GradientView]:
@@ -284,24 +302,19 @@ def _cheap_first(gradients: list[GradientView], exprs: list[LoweredExpr]) -> lis
     return [view for view, _ in sorted(zip(gradients, exprs), key=lambda pair: contracts(pair[1]))]
 
 
-def _shared_blocks(lowered: LoweredOp) -> list[tuple[str, list[tuple[str, str]]]]:
+def _shared_blocks(signature: Signature) -> list[tuple[str, list[tuple[str, str]]]]:
     """Values several gradients use, grouped under the condition that any of them is needed."""
     blocks: list[tuple[str, list[tuple[str, str]]]] = []
-    for shared in lowered.shared:
+    for shared in signature.shared:
         if len(shared.users) < 2:
             continue
         condition = " or ".join(f"needs_input_grad[{u}]" for u in shared.users)
         if not blocks or blocks[-1][0] != condition:
             blocks.append((condition, []))
-        blocks[-1][1].append((shared.name, render(shared.value).text))
+        blocks[-1][1].append((shared.name, shared.code))
     return blocks
 
 
 def _unpack(names: list[str]) -> str:
     """Left-hand side that unpacks a sequence: `a, b` or `(a,)`."""
     return f"({names[0]},)" if len(names) == 1 else ", ".join(names)
-
-
-def _tuple(items: list[str] | tuple[str, ...]) -> str:
-    """Python tuple syntax: (a, b), (a,) or ()."""
-    return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"

@@ -13,7 +13,6 @@ import re
 import sys
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING
 
 import jinja2
 import sympy
@@ -22,19 +21,19 @@ from sympy.printing.pretty.pretty import PrettyPrinter
 from sympy.printing.pretty.stringpict import prettyForm
 
 from . import naming
-from .emit import environment
+from .emit import comment_safe, environment
 from .derivation import KINK_VERDICTS, Kink, lower_kinks
-from .lower import STYLES, Leaf, LoweredExpr, LoweredOp, Reduce, Scaled, walk
-from .model import OpSpec, SpecError
+from .lower import STYLES, LoweredExpr, LoweredOp, Reduce, Scaled
+from .model import OpSpec, SpecError, index_symbol, scalar_symbol, size_symbol, tensor_symbol
 from .naming import BATCH
+from .pipeline import Built, build_op
 from .plan import TermPlan
-from .printing import Code, IndexNotationPrinter, align, print_leaf, render, render_expr, size_bindings
-from .spec import index_symbol, load_catalog, scalar_symbol, size_symbol, tensor_symbol
-
-if TYPE_CHECKING:
-    from .build import Built
+from .printing import Code, IndexNotationPrinter, align, print_leaf, render
+from .signature import Signature
+from .spec import load_catalog
 
 BATCH_DIMS = sympy.Symbol(BATCH)   # stands for the batch dims in a symbolic shape: (..., size_k)
+CODE_STYLES = ("broadcast", "contraction")   # the order the emitted lines are shown in: teaching form first
 FORMATS = {"text": "explain.txt.jinja", "markdown": "explain.md.jinja", "latex": "explain.tex.jinja"}
 DERIVATIONS_FILE = "DERIVATIONS.md"
 DERIVATIONS_TEMPLATE = "derivations.md.jinja"
@@ -154,11 +153,22 @@ class TermExplanation:
 
 @dataclass(frozen=True)
 class CodeLine:
-    """The emitted line of one gradient in one style."""
+    """The emitted line of one gradient in one style, and the module's lines it needs, as they stand there."""
 
     style: str
     setup: tuple[tuple[str, str], ...]   # sizes and shared values computed before it: (name, code)
     line: str                            # e.g. grad_x = grad_y @ w.T
+    reads: tuple[str, ...]               # tensors of the forward (inputs, output, saved values) it reads
+
+
+# (style, names) per style, or a single (None, names) where every style has the same names
+ByStyle = tuple[tuple[str | None, tuple[str, ...]], ...]
+
+
+def by_style(pairs: list[tuple[str, tuple[str, ...]]]) -> ByStyle:
+    if len({names for _, names in pairs}) == 1:
+        return ((None, pairs[0][1]),)
+    return tuple(pairs)
 
 
 @dataclass(frozen=True)
@@ -186,7 +196,7 @@ class GradientExplanation:
     kinks: tuple[KinkExplanation, ...]   # each kink of this gradient and its value there
     terms: tuple[TermExplanation, ...]
     code: tuple[CodeLine, ...]   # one per style
-    saved: tuple[str, ...]       # tensors of the forward (inputs, output) the gradient reads
+    saved: ByStyle               # tensors of the forward the gradient reads, per style
 
 
 @dataclass(frozen=True)
@@ -202,7 +212,7 @@ class Explanation:
     indices: tuple[IndexInfo, ...]
     kinked: bool                           # whether some gradient has a kink (a step, a sign, a where())
     gradients: tuple[GradientExplanation, ...]
-    saved: tuple[str, ...]                 # what the whole backward needs kept from the forward
+    saved: ByStyle                         # what the autograd.Function saves for the backward, per style
     sizes: tuple[tuple[str, str], ...]     # the concrete sizes given (size name, value such as 1000 or 4x3)
     values: tuple[tuple[str, Math], ...] = ()   # values the forward computes for the backward (contraction style)
 
@@ -245,7 +255,6 @@ def parse_shapes(text: str | None, op: OpSpec) -> dict[str, tuple[int, ...]]:
 
 def explain_op(op: OpSpec, inputs: tuple[str, ...] | None = None,
                sizes: dict[str, tuple[int, ...]] | None = None) -> Explanation:
-    from .build import build_op   # build renders DERIVATIONS.md through this module
     return explain(build_op(op), inputs, sizes)
 
 
@@ -276,7 +285,7 @@ def explain(built: Built, inputs: tuple[str, ...] | None = None,
         indices=_indices(op, known),
         kinked=kinked,
         gradients=gradients,
-        saved=_in_op_order(op, {name for g in gradients for name in g.saved}),
+        saved=by_style([(style, built.signatures[style].saved) for style in CODE_STYLES]),
         sizes=known.listed,
         values=tuple((v.name, _math(v.expr)) for v in built.lowered["contraction"].plan.saved),
     )
@@ -346,6 +355,7 @@ def _explain_gradient(built: Built, g, output_access, known: _Sizes) -> Gradient
     lhs = grad_symbol[own] if own else scalar_symbol(target)
     lowered_vjp = sympy.Add(*[t.to_expr() for t in g.terms])
     broadcast = _lowered_gradient(built.lowered["broadcast"], g.input)
+    code = tuple(_code_line(built.signatures[style], g.input) for style in CODE_STYLES)
     return GradientExplanation(
         input=g.input, target=target, access=_notation(lhs), shape=known.shape(g.indices),
         partial=_math(sympy.Eq(sympy.Derivative(output_access, g.wrt), g.partial, evaluate=False)),
@@ -355,8 +365,8 @@ def _explain_gradient(built: Built, g, output_access, known: _Sizes) -> Gradient
         kinks=tuple(_explain_kink(kink, lhs) for kink in g.kinks),
         terms=tuple(_explain_term(op, term, node, broadcast.plan, known)
                     for term, node in zip(broadcast.plan.terms, broadcast.terms)),
-        code=tuple(_code_line(op, built.lowered[style], g.input) for style in ("broadcast", "contraction")),
-        saved=_in_op_order(op, set().union(*(_reads(op, built.lowered[s], g.input) for s in STYLES))),
+        code=code,
+        saved=by_style([(c.style, c.reads) for c in code]),
     )
 
 
@@ -464,30 +474,10 @@ def _diagram(aligned, rows, product_indices, reduction, summed, reduced_indices,
     return tuple(lines)
 
 
-def _code_line(op: OpSpec, lowered: LoweredOp, name: str) -> CodeLine:
-    expr = _lowered_gradient(lowered, name)
-    position = [t.name for t in op.inputs].index(name)
-    setup = list(size_bindings(op, [expr]))
-    setup += [(s.name, render(s.value).text) for s in lowered.shared if position in s.users]
-    return CodeLine(lowered.style, tuple(setup), f"{expr.plan.target} = {render_expr(expr)}")
-
-
-def _reads(op: OpSpec, lowered: LoweredOp, name: str) -> set[str]:
-    """Names of the forward's tensors (inputs, output, values it saves) that one gradient reads, shared
-    values included."""
-    expr = _lowered_gradient(lowered, name)
-    position = [t.name for t in op.inputs].index(name)
-    exprs = [node.expr for term in expr.terms for node in walk(term) if isinstance(node, Leaf)]
-    exprs += [s.value.expr for s in lowered.shared if position in s.users]
-    names = set()
-    for e in exprs:
-        names |= {a.base.label.name for a in e.atoms(sympy.Indexed)} | {s.name for s in e.atoms(sympy.Symbol)}
-    return names & ({t.name for t in op.inputs} | {op.output} | {v.name for v in lowered.plan.saved})
-
-
-def _in_op_order(op: OpSpec, names: set[str]) -> tuple[str, ...]:
-    order = [t.name for t in op.inputs] + [op.output]
-    return tuple(n for n in order if n in names) + tuple(sorted(n for n in names if n not in order))
+def _code_line(signature: Signature, name: str) -> CodeLine:
+    """A gradient's line as the module of one style writes it, with the sizes and shared values it uses."""
+    line = next(g for g in signature.gradients if g.input == name)
+    return CodeLine(signature.style, line.sizes + line.shared, line.line, line.reads)
 
 
 # --- printing math ---------------------------------------------------------------------------
@@ -655,12 +645,12 @@ def render_derivations(explanations: list[Explanation], source: str, command: st
     """The catalog's DERIVATIONS.md: every op's explanation, with symbolic sizes."""
     return _environment().get_template(DERIVATIONS_TEMPLATE).render(
         explanations=explanations, modules={x.op: naming.module_file(x.op) for x in explanations},
-        source=_comment_safe(source), command=_comment_safe(command))
+        source=_html_comment_safe(source), command=_html_comment_safe(command))
 
 
-def _comment_safe(text: str) -> str:
+def _html_comment_safe(text: str) -> str:
     """Text made safe inside the document's first-line HTML comment."""
-    return " ".join(text.splitlines()).replace("--", "- -")
+    return comment_safe(text).replace("--", "- -")
 
 
 # --- command line ----------------------------------------------------------------------------

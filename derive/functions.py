@@ -193,13 +193,16 @@ class min_tie(Tied):  # noqa: N801
     sign = -1
 
 
-def _fresh(index: sympy.Idx, *exprs: sympy.Expr) -> sympy.Idx:
-    """A new index over the same range as `index`, unused in any of `exprs`."""
-    taken = {i.name for e in exprs for i in e.atoms(sympy.Idx)}
-    name = index.name + "_s"
-    while name in taken:
-        name += "s"
-    return sympy.Idx(name, index.upper + 1)
+def fresh_index(index: sympy.Idx, taken: set[str]) -> sympy.Idx:
+    """A new index over the same range as `index` whose name is not `taken`: k_1, k_2, ..."""
+    for n in itertools.count(1):
+        name = f"{index.name}_{n}"
+        if name not in taken:
+            return sympy.Idx(name, index.upper + 1)
+
+
+def _index_names(*exprs: sympy.Expr) -> set[str]:
+    return {i.name for e in exprs for i in e.atoms(sympy.Idx)}
 
 
 class _OverIndex(sympy.Function):
@@ -228,7 +231,7 @@ class softmax(_OverIndex):  # noqa: N801
     """exp(body) / sum(exp(body), index), at the position `index` (which stays free)."""
 
     def _eval_derivative(self, symbol):
-        other = _fresh(self.index, self, symbol)
+        other = fresh_index(self.index, _index_names(self, symbol))
         moved = self.body.xreplace({self.index: other})
         rest = Sum(softmax(moved, other) * moved.diff(symbol), (other, 0, other.upper))
         return self * (self.body.diff(symbol) - rest)
@@ -239,7 +242,7 @@ class log_softmax(_OverIndex):  # noqa: N801
     PyTorch where the difference would be a logsumexp (four kernels) and a subtraction."""
 
     def _eval_derivative(self, symbol):
-        other = _fresh(self.index, self, symbol)
+        other = fresh_index(self.index, _index_names(self, symbol))
         moved = self.body.xreplace({self.index: other})
         return self.body.diff(symbol) - Sum(softmax(moved, other) * moved.diff(symbol),
                                                   (other, 0, other.upper))
@@ -274,7 +277,6 @@ class one_hot(sympy.Function):  # noqa: N801
         return sympy.S.Zero
 
 
-BINDING = (sympy.Sum, logsumexp)       # constructs that bind an index
 STABLE_FUNCTIONS = (sigmoid, softplus, logsumexp, softmax, log_softmax, log1p)
 
 
@@ -409,7 +411,3 @@ def _index_renaming(pattern: sympy.Expr, candidate: sympy.Expr, bound: sympy.Idx
         if index.upper == bound.upper and pattern.xreplace({bound: index}) == candidate:
             return index
     return None
-
-
-__all__ = ["Tied", "max_tie", "min_tie", "sigmoid", "softplus", "logsumexp", "softmax", "one_hot", "log1p", "stabilize", "bound_indices",
-           "BINDING", "STABLE_FUNCTIONS"]

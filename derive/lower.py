@@ -25,7 +25,7 @@ from .functions import one_hot, renamed_match
 from .kernels import one_hot_by_rows
 from .naming import BATCH
 from .plan import ExprPlan, OpPlan, TermPlan, free_indices, ordered
-from .spec import size_symbol, tensor_symbol
+from .model import size_symbol, tensor_symbol
 
 STYLES = ("contraction", "broadcast")
 
@@ -449,15 +449,16 @@ def _reduce(node: Node, summed: tuple[str, ...], term: TermPlan) -> tuple[Node, 
 
 def backward_reads(lowered: LoweredOp) -> set[str]:
     """Names of the inputs and output whose values or shapes the backward's code reads."""
-    return _reads(lowered.gradients, lowered.shared)
+    return reads_of(lowered.gradients, lowered.shared)
 
 
 def tangent_reads(lowered: LoweredOp) -> set[str]:
     """Names of the inputs, output and tangents whose values or shapes the tangents' code reads."""
-    return _reads(lowered.tangents, lowered.tangent_shared)
+    return reads_of(lowered.tangents, lowered.tangent_shared)
 
 
-def _reads(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...]) -> set[str]:
+def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...]) -> set[str]:
+    """Names of the tensors and symbols whose values or shapes the code of `exprs` and `shared` reads."""
     names: set[str] = set()
     leaves = [s.value for s in shared]
     for expr in exprs:

@@ -1,4 +1,5 @@
-"""The spec model: what an op is, once its TOML entry has been parsed and checked.
+"""The spec model: what an op is, once its TOML entry has been parsed and checked, and the SymPy
+symbols every stage writes its expressions with (a size, an index, a tensor, a 0-d tensor, a param).
 
 Every value here is frozen; later stages read it and never change it.
 """
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 import sympy
 
+from . import naming
 from .naming import BATCH
 
 
@@ -102,3 +104,39 @@ class Catalog:
                 return op
         known = ", ".join(o.name for o in self.ops)
         raise SpecError(f"no op named '{name}' (known: {known})", path=self.path)
+
+
+# --- the symbols every stage builds its SymPy expressions from --------------------------------
+
+def size_symbol(index: str) -> sympy.Symbol:
+    """The length of the dims `index` ranges over: `size_n`, a positive integer."""
+    return sympy.Symbol(naming.size(index), integer=True, positive=True)
+
+
+def index_symbol(index: str, size_index: str | None = None) -> sympy.Idx:
+    """The index `index`, ranging over the size of `size_index` (default: its own)."""
+    return sympy.Idx(index, size_symbol(size_index or index))
+
+
+def tensor_symbol(name: str) -> sympy.IndexedBase:
+    """A real tensor with at least one dim, accessed as `x[n, k]`."""
+    return sympy.IndexedBase(name, real=True)
+
+
+def scalar_symbol(name: str) -> sympy.Symbol:
+    """A 0-d tensor."""
+    return sympy.Symbol(name, real=True)
+
+
+class ParamSymbol(sympy.Symbol):
+    """A hyperparameter: a Python number in generated code, where a 0-d tensor (a plain Symbol) is a tensor."""
+
+
+def param_symbol(name: str) -> ParamSymbol:
+    return ParamSymbol(name, real=True)
+
+
+def is_python_number(expr: sympy.Expr) -> bool:
+    """Whether generated code holds `expr` as a Python number: it reads only params and sizes."""
+    return not expr.atoms(sympy.Indexed) and all(
+        isinstance(s, ParamSymbol) or (s.is_integer and s.name.startswith(naming.size(""))) for s in expr.free_symbols)

@@ -17,10 +17,9 @@ import sympy
 from .derivation import Derivation, Term, step_as_sign, tensor_symbols
 from .functions import canonical, fold_piecewise, free_indices
 from . import naming
-from .model import OpSpec
+from .model import OpSpec, size_symbol
 from .naming import BATCH
 from .saving import SavedValue
-from .spec import size_symbol
 
 
 @dataclass(frozen=True)

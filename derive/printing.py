@@ -18,12 +18,11 @@ from sympy.printing.pytorch import TorchPrinter
 
 from .plan import free_indices
 from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, walk
-from .model import OpSpec
+from .model import OpSpec, is_python_number, size_symbol
 from .functions import one_hot
 from .kernels import Fused, comments, kernel_of
 from . import naming
 from .naming import BATCH, grad
-from .spec import is_python_number, size_symbol
 
 ATOM, MUL, ADD = PRECEDENCE["Atom"], PRECEDENCE["Mul"], PRECEDENCE["Add"]
 # `@`: Python binds it exactly like `*` and `/` (one level, left to right), but a matrix product
@@ -295,6 +294,24 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     def _print_Mul(self, expr):
         """Scalars first, so that Python's left-to-right evaluation scales a tensor only once:
         `2 * grad_loss / size_n * (pred - target)`, not `2 * grad_loss * (pred - target) / size_n`."""
+        number, groups = self._factor_groups(expr)
+        sign, number = ("-" if number < 0 else ""), abs(number)
+        if number.is_Rational and not groups[(False, False)] + groups[(False, True)] \
+                and sympy.fraction(number)[0] == 1 and sympy.fraction(number)[1] != 1 and groups[(True, False)]:
+            # only a number to apply: `x / 2` scales once too, and reads better than `1 / 2 * x`
+            groups[(True, True)] = [sympy.fraction(number)[1]] + groups[(True, True)]
+            number = sympy.S.One
+        text = self._scalar_part(number, groups)
+        for factor, below in self._tensor_part(groups):
+            if below:
+                text = (text or "1") + " / " + self.parenthesize(factor, MUL + 1)
+            else:
+                text = (text + " * " if text else "") + self.parenthesize(factor, MUL)
+        return sign + text
+
+    def _factor_groups(self, expr) -> tuple[sympy.Expr, dict[tuple[bool, bool], list[sympy.Expr]]]:
+        """A product's number, and its other factors by (whether a tensor, whether a divisor): a divisor is
+        the base of a negative power."""
         factors = expr.as_ordered_factors()
         number = sympy.Mul(*[f for f in factors if f.is_number])
         groups = {(tensor, below): [] for tensor in (False, True) for below in (False, True)}
@@ -310,13 +327,11 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             # full-size tensor is touched, so that the tensor is scaled once
             groups[(False, True)] += [f for f in groups[(True, True)] if f.is_integer and not self._is_tensor(f)]
             groups[(True, True)] = [f for f in groups[(True, True)] if f not in groups[(False, True)]]
-        sign = "-" if number < 0 else ""
-        number = abs(number)
-        if number.is_Rational and not groups[(False, False)] + groups[(False, True)] \
-                and sympy.fraction(number)[0] == 1 and sympy.fraction(number)[1] != 1 and groups[(True, False)]:
-            # only a number to apply: `x / 2` scales once too, and reads better than `1 / 2 * x`
-            groups[(True, True)] = [sympy.fraction(number)[1]] + groups[(True, True)]
-            number = sympy.S.One
+        return number, groups
+
+    def _scalar_part(self, number: sympy.Expr, groups: dict) -> str:
+        """The number and the scalar factors, then every scalar divisor: `2 * grad_loss / size_n`
+        ("" when there is nothing to write; a bare 1 is left out before a tensor factor)."""
         if number.is_Rational and exact_fraction(number):
             top, bottom = sympy.fraction(number)
             top_text = self._print(top)
@@ -327,6 +342,10 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
                           + [self.parenthesize(f, MUL) for f in groups[(False, False)]])
         for divisor in ([bottom] if bottom != 1 else []) + groups[(False, True)]:
             text = (text or "1") + " / " + self.parenthesize(divisor, MUL + 1)
+        return text
+
+    def _tensor_part(self, groups: dict) -> list[tuple[sympy.Expr, bool]]:
+        """The tensor factors, then the tensor divisors, each with whether it divides."""
         tensors = [(factor, False) for factor in groups[(True, False)]] \
             + [(divisor, True) for divisor in groups[(True, True)]]
         ranks = [len(free_indices(f)) if self._is_tensor(f) else None for f, _ in tensors]
@@ -336,12 +355,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             # (plain numbers and sizes stay last: a size may be 0, so it divides a tensor)
             order = sorted(range(len(tensors)), key=lambda k: (ranks[k] is None, ranks[k] or 0, tensors[k][1]))
             tensors = [tensors[k] for k in order]
-        for factor, below in tensors:
-            if below:
-                text = (text or "1") + " / " + self.parenthesize(factor, MUL + 1)
-            else:
-                text = (text + " * " if text else "") + self.parenthesize(factor, MUL)
-        return sign + text
+        return tensors
 
     def _is_tensor(self, expr) -> bool:
         return bool(expr.atoms(sympy.Indexed)) or bool(expr.free_symbols & self.tensors)
@@ -443,7 +457,7 @@ def render(node: Node) -> Code:
             if node.mean:
                 raise ValueError("a mean over the batch dims '...' together with other dims is not supported")
             # sum_to_size reduces however many leading dims the batch has, none included
-            text += f".sum_to_size({_tuple([size_symbol(i).name for i in node.indices])})"
+            text += f".sum_to_size({python_tuple([size_symbol(i).name for i in node.indices])})"
         return Code(text, node.indices)
     if isinstance(node, MatMul):
         left = _arranged(render(node.left), node.left_layout)
@@ -481,7 +495,8 @@ def _dim(position: int, ndim: int, batched: bool = False) -> str:
     return "-1" if position == ndim - 1 and ndim > 1 else str(position)
 
 
-def _tuple(items: list[str]) -> str:
+def python_tuple(items: list[str] | tuple[str, ...]) -> str:
+    """Python tuple syntax: (a, b), (a,) or ()."""
     return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
 
 
@@ -629,14 +644,28 @@ def output_shape(op: OpSpec, sources: list[tuple[str, tuple[str, ...]]]) -> str:
         dims.append("*" + (shapes[0] if len(shapes) == 1 else f"torch.broadcast_shapes({', '.join(shapes)})"))
     if len(dims) == 1 and dims[0].startswith("*"):
         return dims[0][1:]      # the batch dims alone: x.shape
-    return _tuple(dims) if dims else "()"
+    return python_tuple(dims) if dims else "()"
+
+
+def size_readers(index: str, sources: list[tuple[str, tuple[str, ...]]], grad_output: str) -> tuple[str, ...]:
+    """The tensors whose shapes the binding of `index`'s size reads, as `size_bindings` writes it."""
+    if index == BATCH:
+        return tuple(name for name, _ in _batch_sources(sources, grad_output))
+    return (size_source(index, sources)[0],)
+
+
+def _batch_sources(sources: list[tuple[str, tuple[str, ...]]], grad_output: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The tensors the number of batch positions is read off: the first batched one when it alone has batch
+    dims or it is the upstream gradient (which has the result's), else every batched one, which may broadcast."""
+    batched = [(name, dims) for name, dims in sources if BATCH in dims]
+    return batched[:1] if len(batched) == 1 or batched[0][0] == grad_output else batched
 
 
 def _batch_size(sources: list[tuple[str, tuple[str, ...]]], grad_output: str) -> str:
     """The number of batch positions: one tensor's, or that of the batch shape several broadcast to
     (read off the first when the shapes agree: torch.broadcast_shapes costs microseconds of Python)."""
-    batched = [(name, dims) for name, dims in sources if BATCH in dims]
-    if len(batched) == 1 or batched[0][0] == grad_output:
+    batched = _batch_sources(sources, grad_output)
+    if len(batched) == 1:
         return _shape_of(*batched[0], BATCH)
     shapes = []
     for name, dims in batched:

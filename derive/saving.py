@@ -26,7 +26,7 @@ import sympy
 from . import naming
 from .derivation import Term
 from .functions import Sum, canonical, log_softmax, logsumexp, rewrite_log_softmax, softmax
-from .spec import tensor_symbol
+from .model import tensor_symbol
 
 
 @dataclass(frozen=True)

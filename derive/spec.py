@@ -23,7 +23,8 @@ from pathlib import Path
 import sympy
 
 from . import functions, naming
-from .model import Catalog, OpSpec, Param, SpecError, TensorInput
+from .model import (Catalog, OpSpec, Param, SpecError, TensorInput, index_symbol, param_symbol, scalar_symbol,
+                    tensor_symbol)
 from .naming import BATCH
 
 MAX_SOURCE_CHARS = 4000
@@ -72,37 +73,6 @@ def _not_float64(value: sympy.Expr) -> sympy.Expr | None:
 def _short(value: sympy.Expr) -> str:
     text = sympy.sstr(value)
     return text if len(text) <= 40 else sympy.sstr(sympy.N(value, 3))
-
-
-def size_symbol(index: str) -> sympy.Symbol:
-    return sympy.Symbol(naming.size(index), integer=True, positive=True)
-
-
-def index_symbol(index: str, size_index: str | None = None) -> sympy.Idx:
-    return sympy.Idx(index, size_symbol(size_index or index))
-
-
-def tensor_symbol(name: str) -> sympy.IndexedBase:
-    return sympy.IndexedBase(name, real=True)
-
-
-def scalar_symbol(name: str) -> sympy.Symbol:
-    """A 0-d tensor."""
-    return sympy.Symbol(name, real=True)
-
-
-class ParamSymbol(sympy.Symbol):
-    """A hyperparameter: a Python number in generated code, where a 0-d tensor (a plain Symbol) is a tensor."""
-
-
-def param_symbol(name: str) -> ParamSymbol:
-    return ParamSymbol(name, real=True)
-
-
-def is_python_number(expr: sympy.Expr) -> bool:
-    """Whether generated code holds `expr` as a Python number: it reads only params and sizes."""
-    return not expr.atoms(sympy.Indexed) and all(
-        isinstance(s, ParamSymbol) or (s.is_integer and s.name.startswith(naming.size(""))) for s in expr.free_symbols)
 
 
 @dataclass
@@ -211,6 +181,38 @@ def toml_error(exc: tomllib.TOMLDecodeError, text: str, path: str) -> SpecError:
 
 
 def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
+    _check_entry(name, entry, locator)
+    inputs = [_parse_declaration(text, name, locator) for text in entry["inputs"]]
+    names = [tensor.name for tensor, _ in inputs]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise locator.error(f"input '{duplicated[0]}' is declared twice", name, "inputs")
+    params = _parse_params(entry, names, name, locator)
+    integer, differentiable = _parse_roles(entry, names, name, locator)
+    ranges = _parse_ranges(entry, names, name, locator)
+    tensors = tuple(TensorInput(t.name, t.indices, t.name in differentiable, t.name in integer) for t, _ in inputs)
+    parser = _EquationParser(name, tensors, tuple(p.name for p in params), locator)
+    output, output_indices, rhs = parser.parse(entry["equation"])
+    tensors = _check_equation(parser, tensors, params, output, rhs, name, locator)
+    reference = _check_reference(entry["reference"], names, [p.name for p in params], name, locator)
+    return OpSpec(
+        name=name,
+        doc=entry.get("doc", "").strip(),
+        inputs=tensors,
+        params=tuple(params),
+        output=output,
+        output_indices=output_indices,
+        rhs=rhs,
+        equation=entry["equation"].strip(),
+        reference=reference,
+        index_sizes=tuple(sorted(parser.sizes.items())),
+        ranges=tuple(sorted((k, float(v[0]), float(v[1])) for k, v in ranges.items())),
+        source=locator.path,
+    )
+
+
+def _check_entry(name: str, entry, locator: _Locator) -> None:
+    """The op's name, its keys and their types, before anything is parsed."""
     problem = naming.name_problem(name)
     if problem:
         raise locator.error(f"bad op name: {problem}", name)
@@ -232,12 +234,9 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
     if not isinstance(entry["inputs"], list) or not entry["inputs"] or not all(isinstance(s, str) for s in entry["inputs"]):
         raise locator.error("'inputs' must be a non-empty list of strings such as \"x[n, k]\"", name, "inputs")
 
-    inputs = [_parse_declaration(text, name, locator) for text in entry["inputs"]]
-    names = [tensor.name for tensor, _ in inputs]
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    if duplicated:
-        raise locator.error(f"input '{duplicated[0]}' is declared twice", name, "inputs")
 
+def _parse_params(entry: dict, names: list[str], name: str, locator: _Locator) -> list[Param]:
+    """The `params` table: hyperparameters with a finite default, named apart from the inputs."""
     params = []
     raw_params = entry.get("params", {})
     if not isinstance(raw_params, dict):
@@ -251,7 +250,11 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
         if not _is_finite_number(default):
             raise locator.error(f"param '{param}' needs a finite number as default", name, "params")
         params.append(Param(param, float(default)))
+    return params
 
+
+def _parse_roles(entry: dict, names: list[str], name: str, locator: _Locator) -> tuple[list[str], list[str]]:
+    """(integer inputs, differentiable inputs): by default every input that is not integer gets a gradient."""
     integer = entry.get("integer", [])
     if not isinstance(integer, list) or not all(isinstance(d, str) and d in names for d in integer):
         raise locator.error("'integer' must be a list of input names", name, "integer")
@@ -265,7 +268,11 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
             raise locator.error(f"integer input '{item}' cannot be differentiable", name, "differentiable")
     if not differentiable:
         raise locator.error("no differentiable input: there is no backward to derive", name, "differentiable")
+    return integer, differentiable
 
+
+def _parse_ranges(entry: dict, names: list[str], name: str, locator: _Locator) -> dict:
+    """The `ranges` table: input -> [low, high] where the op is defined, for test inputs."""
     ranges = entry.get("ranges", {})
     if not isinstance(ranges, dict):
         raise locator.error("'ranges' must be a table of input = [low, high]", name, "ranges")
@@ -276,10 +283,13 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
             raise locator.error(f"'ranges' entry '{item}' must name an input and give finite [low, high] with "
                                 f"low < high",
                                 name, "ranges")
+    return ranges
 
-    tensors = tuple(TensorInput(t.name, t.indices, t.name in differentiable, t.name in integer) for t, _ in inputs)
-    parser = _EquationParser(name, tensors, tuple(p.name for p in params), locator)
-    output, output_indices, rhs = parser.parse(entry["equation"])
+
+def _check_equation(parser: _EquationParser, tensors: tuple[TensorInput, ...], params: list[Param], output: str,
+                    rhs: sympy.Expr, name: str, locator: _Locator) -> tuple[TensorInput, ...]:
+    """What the parsed equation must agree with in the declarations; the inputs with their value ranges."""
+    names = [t.name for t in tensors]
     for tensor in tensors:
         if tensor.integer and tensor.name not in parser.value_ranges:
             raise locator.error(f"integer input '{tensor.name}' is never used as an index", name, "integer")
@@ -301,22 +311,7 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
             raise locator.error(f"input '{tensor.name}' is differentiable but the equation {how} (its gradient "
                                 f"would be zero everywhere); list only inputs that get a gradient in "
                                 f"'differentiable'", name, "equation")
-
-    reference = _check_reference(entry["reference"], names, [p.name for p in params], name, locator)
-    return OpSpec(
-        name=name,
-        doc=entry.get("doc", "").strip(),
-        inputs=tensors,
-        params=tuple(params),
-        output=output,
-        output_indices=output_indices,
-        rhs=rhs,
-        equation=entry["equation"].strip(),
-        reference=reference,
-        index_sizes=tuple(sorted(parser.sizes.items())),
-        ranges=tuple(sorted((k, float(v[0]), float(v[1])) for k, v in ranges.items())),
-        source=locator.path,
-    )
+    return tensors
 
 
 def _is_finite_number(value) -> bool:

@@ -25,10 +25,10 @@ import sympy
 import torch
 
 from . import naming
-from .model import OpSpec
+from .model import OpSpec, param_symbol, scalar_symbol
 from .functions import _OverIndex
 from .naming import BATCH
-from .spec import load_catalog, param_symbol, scalar_symbol
+from .spec import load_catalog
 
 # Distinct sizes per index, so that a transposed or unreduced gradient cannot pass by accident.
 DEFAULT_SIZES = (3, 4, 5, 6, 7, 2)
@@ -109,15 +109,17 @@ def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.flo
 
 
 @functools.cache
-def _derivation(op: OpSpec):
-    """derive(op), once per op: OpSpec is a frozen dataclass, and the derivation depends on it alone.
-    call_backward asks uses_output on every call (gradcheck calls a backward once per output element)."""
-    from .derivation import derive
-    return derive(op)
+def _built(op: OpSpec):
+    """build_op(op), once per op: OpSpec is a frozen dataclass, and what is built depends on it alone.
+    call_backward reads the backward's signature on every call (gradcheck calls a backward once per
+    output element)."""
+    from .pipeline import build_op
+    return build_op(op)
 
 
 def uses_output(op: OpSpec) -> bool:
-    return _derivation(op).uses_output
+    """Whether `<op>_backward` takes the forward's result (the gradients reuse it)."""
+    return _built(op).derivation.uses_output
 
 
 def call_backward(op: OpSpec, module: ModuleType, grad_output, inputs, output=None, **keywords):
@@ -128,18 +130,20 @@ def call_backward(op: OpSpec, module: ModuleType, grad_output, inputs, output=No
 
 
 def backward_arguments(op: OpSpec, module: ModuleType, inputs, output=None, **params) -> tuple:
-    """What `<op>_backward` takes after grad_output: the inputs, the forward's result when the backward
-    reuses it, and the values `<op>_forward_saving` hands over when the module has one."""
+    """What `<op>_backward` takes after grad_output, in the order of its signature: the inputs, the
+    forward's result when the backward reuses it, and the values `<op>_forward_saving` hands over when
+    the module has one (the signature of the style that saves as many values is the module's)."""
     saving = getattr(module, naming.forward_saving(op.name), None)
     saved = ()
     if saving is not None:
         output_again, *saved = saving(*inputs, **params)
         output = output_again if output is None else output
-    if uses_output(op):
-        if output is None:
-            output = getattr(module, naming.forward(op.name))(*inputs, **params)
-        return (*inputs, output, *saved)
-    return (*inputs, *saved)
+    signature = next(s for s in _built(op).signatures.values() if len(s.values) == len(saved))
+    values = {t.name: value for t, value in zip(op.inputs, inputs)} | dict(zip(signature.values, saved))
+    if signature.uses_output:
+        values[op.output] = output if output is not None else \
+            getattr(module, naming.forward(op.name))(*inputs, **params)
+    return tuple(values[name] for name in signature.arguments[1:])
 
 
 def autograd_gradients(function, inputs, grad_output, differentiable):
@@ -276,7 +280,7 @@ def gradcheck_op(op: OpSpec, module: ModuleType, sizes=None, seed: int = 0) -> N
 
 def has_kinks(op: OpSpec) -> bool:
     """Whether the op's derivative jumps somewhere (a step, a sign or a Piecewise)."""
-    return any(g.vjp.has(sympy.Heaviside, sympy.sign, sympy.Piecewise) for g in _derivation(op).gradients)
+    return any(g.vjp.has(sympy.Heaviside, sympy.sign, sympy.Piecewise) for g in _built(op).derivation.gradients)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def softmax_backward(grad_y, x, y, *, needs_input_grad=(True,)):
     with the Kronecker deltas of the partial derivative summed away.
 
     grad_x (shape of x: (..., c)):
-        d y[..., c] / d x[...', c'] = (KroneckerDelta(..., ...')*KroneckerDelta(c, c') - sum(KroneckerDelta(..., ...')*KroneckerDelta(c', c_s)*softmax(x[..., c_s], c_s), c_s))*softmax(x[..., c], c)
+        d y[..., c] / d x[...', c'] = (KroneckerDelta(..., ...')*KroneckerDelta(c, c') - sum(KroneckerDelta(..., ...')*KroneckerDelta(c', c_1)*softmax(x[..., c_1], c_1), c_1))*softmax(x[..., c], c)
         grad_x[..., c] = grad_y[..., c]*y[..., c] - sum(grad_y[..., c_1]*y[..., c]*y[..., c_1], c_1)
 
     y is the forward's result, which the gradients reuse.
@@ -83,7 +83,7 @@ def softmax_jvp(x, y, tangent_x):
     from the partial derivatives in softmax_backward, with their Kronecker deltas summed away.
 
     share of tangent_x:
-        tangent_y[..., c] += tangent_x[..., c]*y[..., c] - sum(tangent_x[..., c_s]*y[..., c]*y[..., c_s], c_s)
+        tangent_y[..., c] += tangent_x[..., c]*y[..., c] - sum(tangent_x[..., c_1]*y[..., c]*y[..., c_1], c_1)
 
     y is the forward's result, which the tangent reuses.
     A tangent that is None adds nothing.

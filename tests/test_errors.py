@@ -356,12 +356,12 @@ def test_missing_and_unreadable_spec_files(tmp_path, derive_cli):
 @pytest.mark.parametrize("stage", ["derive", "plan", "lower"])
 def test_a_failing_later_stage_becomes_a_spec_error(monkeypatch, tmp_path, stage):
     """Unsupported patterns found after parsing (ValueError in derivation, plan, lowering) name the op and line."""
-    import derive.build
+    import derive.pipeline
 
     def unsupported(*args, **kwargs):
         raise ValueError("unsupported pattern\nover two lines")
 
-    monkeypatch.setattr(derive.build, stage, unsupported)
+    monkeypatch.setattr(derive.pipeline, stage, unsupported)
     spec = tmp_path / SPEC
     spec.write_text(VALID, encoding="utf-8")
     with pytest.raises(SpecError) as error:
@@ -372,24 +372,24 @@ def test_a_failing_later_stage_becomes_a_spec_error(monkeypatch, tmp_path, stage
 
 
 def test_an_internal_error_of_a_later_stage_is_one_line_too(monkeypatch):
-    import derive.build
+    import derive.pipeline
 
     def broken(*args, **kwargs):
         raise KeyError("k'")
 
-    monkeypatch.setattr(derive.build, "plan", broken)
+    monkeypatch.setattr(derive.pipeline, "plan", broken)
     with pytest.raises(SpecError, match=r"^<spec>: op 'bad': internal error while generating \(KeyError: \"k'\"\); "
                                         r"--debug shows the traceback$"):
         render_catalog(parse_catalog(VALID))
 
 
 def test_recursion_in_a_later_stage_is_a_clear_limit(monkeypatch):
-    import derive.build
+    import derive.pipeline
 
     def recurse(*args, **kwargs):
         return recurse()
 
-    monkeypatch.setattr(derive.build, "derive", recurse)
+    monkeypatch.setattr(derive.pipeline, "derive", recurse)
     with pytest.raises(SpecError, match="the equation is too complex to derive"):
         render_catalog(parse_catalog(VALID))
 

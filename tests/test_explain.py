@@ -7,6 +7,7 @@ change, regenerate them by hand and review the diff:
     python -m derive explain linear --format markdown > tests/snapshots/explain_linear.md
 """
 
+import ast
 import functools
 import re
 
@@ -16,10 +17,12 @@ import torch
 from derive import naming
 from derive.build import build_op, render_catalog
 from derive.cli import main
-from derive.explain import DERIVATIONS_FILE, explain_op, parse_shapes, render_explanation
+from derive.emit import render_module
+from derive.explain import DERIVATIONS_FILE, explain, explain_op, parse_shapes, render_explanation
 from derive.files import MARKER, is_generated
 from derive.model import Catalog
 from derive.printing import render_expr, size_bindings
+from derive.spec import parse_catalog
 from derive.testing import make_inputs, sizes_for
 
 from conftest import CATALOG, GENERATED, OPS, ROOT, rendered
@@ -63,6 +66,98 @@ def test_explained_code_is_the_generated_code():
         for gradient in explanation.gradients:
             (line,) = [c.line for c in gradient.code if c.style == style]
             assert f"        {line}\n" in module
+
+
+def _backward_lines(module_text: str, op_name: str) -> set[str]:
+    """The stripped lines of `<op>_backward` in a module's text."""
+    function = next(node for node in ast.parse(module_text).body
+                    if isinstance(node, ast.FunctionDef) and node.name == naming.backward(op_name))
+    return {line.strip() for line in ast.get_source_segment(module_text, function).splitlines()}
+
+
+def _saved_by_function(module_text: str, output: str) -> tuple[str, ...]:
+    """What the module's autograd.Function passes to ctx.save_for_backward (`output` for its result)."""
+    calls = [node for node in ast.walk(ast.parse(module_text)) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Attribute) and node.func.attr == "save_for_backward"]
+    saved = {tuple(output if a.id == "output" else a.id for a in call.args) for call in calls}
+    assert len(saved) <= 1, saved    # the Function and the custom op's setup_context save the same
+    return saved.pop() if saved else ()
+
+
+def _names(code: str) -> set[str]:
+    return {node.id for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Name)}
+
+
+def _assert_explains_the_module(explanation, op, modules: dict[str, str]):
+    """Every line explain shows for a gradient stands in that style's <op>_backward; the sizes and shared
+    values a line uses are shown with it; what a gradient reads is what its lines read; what explain says
+    the Function saves is what the module's Function saves."""
+    forward_tensors = {t.name for t in op.inputs} | {op.output} | {name for name, _ in explanation.values}
+    saved = {style: dict(explanation.saved).get(style, dict(explanation.saved).get(None)) for style in modules}
+    for style, text in modules.items():
+        assert saved[style] == _saved_by_function(text, op.output), (op.name, style)
+        lines = _backward_lines(text, op.name)
+        for gradient in explanation.gradients:
+            (code,) = [c for c in gradient.code if c.style == style]
+            shown = [f"{name} = {value}" for name, value in code.setup] + [code.line]
+            missing = [line for line in shown if line not in lines]
+            assert not missing, f"{op.name} ({style}) grad_{gradient.input}: not in the module: {missing}"
+            bound = {name for name, _ in code.setup}
+            used = set().union(*(_names(line) for line in shown))
+            assert {n for n in used if n.startswith(("size_", naming.SHARED_PREFIX))} <= bound, (op.name, style)
+            assert set(code.reads) == used & forward_tensors, (op.name, style, gradient.input)
+            assert set(code.reads) <= set(saved[style]), (op.name, style, gradient.input)
+            reads = dict(gradient.saved)
+            assert reads.get(style, reads.get(None)) == code.reads
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_explain_shows_only_lines_of_the_module(op_name):
+    """For every catalog op, input and style (the regression: linear_batched's grad_b read size_m off w in
+    explain, off grad_y in the module)."""
+    op = CATALOG.op(op_name)
+    modules = {style: (GENERATED / folder / f"{op_name}.py").read_text()
+               for style, folder in (("contraction", ""), ("broadcast", "broadcast"))}
+    for gradient in explained(op_name).gradients:
+        alone = explain(built_op(op_name), (gradient.input,))
+        assert [g.input for g in alone.gradients] == [gradient.input]
+        _assert_explains_the_module(alone, op, modules)
+
+
+INVENTED = """
+[ops.scaled_rows]
+inputs = ["x[n, k]", "w[k, k2]", "v[n]"]
+equation = "y[n] = sum(x[n, k] * w[k, k2] * v[n], k, k2) / 4"
+reference = "(x @ w).sum(-1) * v / 4"
+
+[ops.batched_norm]
+inputs = ["x[..., d]", "g[d]"]
+equation = "y[..., d] = g[d] * (x[..., d] - mean(x[..., d], d))"
+reference = "g * (x - x.mean(-1, keepdim=True))"
+
+[ops.one_input]
+inputs = ["x[n]"]
+equation = "loss = sum(Max(x[n], 0) ** 2, n)"
+reference = "(x.clamp_min(0) ** 2).sum()"
+"""
+
+
+@pytest.mark.parametrize("op_name", ["scaled_rows", "batched_norm", "one_input"])
+def test_explain_shows_only_lines_of_the_module_on_invented_ops(op_name):
+    """The same on ops of a spec of its own: equal sizes for different indices, batch dims, a 0-d output."""
+    op = parse_catalog(INVENTED, "invented.toml").op(op_name)
+    built = build_op(op)
+    modules = {style: render_module(built.derivation, built.lowered[style], "invented.toml", "derive generate")
+               for style in built.lowered}
+    _assert_explains_the_module(explain(built), op, modules)
+
+
+def test_explain_reads_sizes_where_the_module_does(capsys):
+    code, out, err = explain_cli(capsys, "linear_batched", "--input", "b")
+    assert code == 0, err
+    assert "size_m = grad_y.shape[-1]" in out and "w.shape[0]" not in out
+    assert "saved from the forward: nothing (only grad_y)" in out
+    assert "SAVED for the backward: x, w" in out      # what the Function keeps, whichever input is asked
 
 
 # One op per kind of plan: a contraction, a scaled loss, a kink, batch dims, a gather.
@@ -132,9 +227,15 @@ def test_explain_one_input_with_markdown_math(capsys):
 
 
 @functools.cache
+def built_op(op_name):
+    """build_op of a catalog op, once for every test that explains it."""
+    return build_op(CATALOG.op(op_name))
+
+
+@functools.cache
 def explained(op_name):
     """explain_op of a catalog op, derived once for all three formats."""
-    return explain_op(CATALOG.op(op_name))
+    return explain(built_op(op_name))
 
 
 @pytest.mark.parametrize("op_name", OPS)

@@ -8,6 +8,7 @@ import torch
 
 from derive.build import build_op, render_catalog
 from derive.lower import Einsum, MatMul, largest_intermediate_violations, walk
+from derive.model import SpecError
 from derive.printing import render_expr
 from derive.spec import parse_catalog
 from derive.testing import check_gradients, gradcheck_op, load_module, make_inputs
@@ -404,7 +405,7 @@ def test_a_module_that_would_not_compile_is_an_error_not_a_file():
     original = build.render_module
     build.render_module = lambda *args, **kwargs: "def broken(:\n"
     try:
-        with pytest.raises(build.SpecError, match="internal error while generating"):
+        with pytest.raises(SpecError, match="internal error while generating"):
             render_catalog(parse_catalog(textwrap.dedent('''
                 [ops.ident]
                 inputs = ["x[i]"]

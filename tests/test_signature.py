@@ -1,0 +1,104 @@
+"""The signature record: what the backward takes, reads and has saved, decided once per op and style."""
+
+import ast
+
+import pytest
+import torch
+
+from derive import naming
+from derive.build import STYLE_DIRS, build_op, render_catalog
+from derive.spec import parse_catalog
+from derive.testing import autograd_gradients, check_tangents, gradcheck_op, load_module, reference
+
+from conftest import CATALOG, GENERATED, OPS
+
+
+def _backward_reads(module_text: str, op) -> set[str]:
+    """The forward's tensors `<op>_backward` reads, from its text (the shape contract's call aside: it
+    takes every input, None where the Function does not keep it)."""
+    function = next(node for node in ast.parse(module_text).body
+                    if isinstance(node, ast.FunctionDef) and node.name == naming.backward(op.name))
+    body = [statement for statement in function.body[1:]
+            if not (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Call)
+                    and getattr(statement.value.func, "id", "") == naming.check_shapes(op.name))]
+    return {node.id for statement in body for node in ast.walk(statement) if isinstance(node, ast.Name)}
+
+
+def _saved(module_text: str, output: str) -> tuple[str, ...]:
+    calls = [node for node in ast.walk(ast.parse(module_text)) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Attribute) and node.func.attr == "save_for_backward"]
+    return tuple(output if a.id == "output" else a.id for a in calls[0].args) if calls else ()
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_the_signature_is_what_the_module_does(op_name):
+    """What the signature says the backward reads is what its code reads; the Function saves what the
+    signature says, which holds every tensor the backward reads; its arguments are the backward's."""
+    op = CATALOG.op(op_name)
+    built = build_op(op)
+    for style, signature in built.signatures.items():
+        text = (GENERATED / STYLE_DIRS[style] / naming.module_file(op_name)).read_text(encoding="utf-8")
+        forward_tensors = {t.name for t in op.inputs} | {op.output} | set(signature.values)
+        assert set(signature.reads) == _backward_reads(text, op) & forward_tensors, style
+        assert _saved(text, op.output) == signature.saved, style
+        assert set(signature.reads) <= set(signature.saved), style
+        assert set().union(*(g.reads for g in signature.gradients)) == set(signature.reads), style
+        arguments = [a.arg for a in next(node for node in ast.parse(text).body if isinstance(node, ast.FunctionDef)
+                                         and node.name == naming.backward(op_name)).args.args]
+        assert tuple(arguments) == signature.arguments + tuple(p.name for p in op.params), style
+
+
+SHIFTED_MEAN = """
+[ops.shifted_mean]
+inputs = ["x[...]", "s[...]"]
+differentiable = ["x"]
+equation = "loss = mean(x[...] + s[...], ...)"
+reference = "(x + s).mean()"
+"""
+
+
+@pytest.mark.parametrize("style", list(STYLE_DIRS))
+# (x with batch dims that broadcast against s's is a lowering bug of its own: grad_x is not summed over them)
+@pytest.mark.parametrize("x_shape, s_shape", [((3, 4), (3, 4)), ((3, 4), (4,)), ((3, 4), (1,)), ((1,), (1,))])
+def test_the_function_keeps_every_tensor_a_size_is_read_off(tmp_path, style, x_shape, s_shape):
+    """The regression: size_batch is read off x and s (their batch dims may broadcast), and s is read for
+    nothing else; the Function kept only x, and its backward failed on s = None."""
+    catalog = parse_catalog(SHIFTED_MEAN, "shifted.toml")
+    op = catalog.ops[0]
+    files = render_catalog(catalog, (style,), namespace=f"test_{tmp_path.name}".replace("-", "_"))
+    (path, text), = [(p, t) for p, t in files.items() if p.endswith(".py")]
+    (tmp_path / "shifted_mean.py").write_text(text)
+    module = load_module(tmp_path / "shifted_mean.py")
+    assert build_op(op).signatures[style].saved == ("x", "s")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(x_shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(s_shape, generator=generator, dtype=torch.float64)
+    loss = module.shifted_mean(x, s)
+    (grad_x,) = torch.autograd.grad(loss, x)
+    (expected, _) = autograd_gradients(reference(op), [x, s], torch.ones(()), [True, False])
+    assert grad_x.shape == x.shape
+    torch.testing.assert_close(grad_x, expected)
+
+
+OUTER_ADD = """
+[ops.outer_add]
+inputs = ["x[n]", "w[m]"]
+differentiable = ["x"]
+equation = "y[n, m] = x[n] + w[m]"
+reference = "x[:, None] + w[None, :]"
+"""
+
+
+@pytest.mark.parametrize("style", list(STYLE_DIRS))
+@pytest.mark.parametrize("sizes", [{"n": 3, "m": 4}, {"n": 3, "m": 3}, {"n": 1, "m": 1}])
+def test_a_single_tangent_share_narrower_than_the_output_is_expanded(tmp_path, style, sizes):
+    """The regression: with one differentiable input whose share lacks a dim of the result, <op>_jvp's
+    one-share return was written `(share)True`, and derive refused the valid spec as an internal error."""
+    catalog = parse_catalog(OUTER_ADD, "outer.toml")
+    op = catalog.ops[0]
+    files = render_catalog(catalog, (style,), namespace=f"test_{tmp_path.name}".replace("-", "_"))
+    (path, text), = [(p, t) for p, t in files.items() if p.endswith(".py")]
+    (tmp_path / "outer_add.py").write_text(text)
+    module = load_module(tmp_path / "outer_add.py")
+    check_tangents(op, module, sizes=sizes)
+    gradcheck_op(op, module, sizes=sizes)
