@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
 import jinja2
 
@@ -17,14 +16,7 @@ from .derivation import Derivation
 from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, backward_reads, covered, tangent_reads, walk
 from .printing import (index_notation, output_shape, render, render_expr, size_bindings, size_source,
                        sizes_used, uses_math)
-
-
-
-def templates_dir() -> Path:
-    shipped = Path(__file__).parent / "templates"     # inside an installed wheel
-    if shipped.is_dir():
-        return shipped
-    return Path(__file__).parent.parent / "templates"  # source checkout or editable install
+from .stamp import templates_dir
 
 
 @cache

@@ -26,7 +26,7 @@ from .emit import environment
 from .derivation import KINK_VERDICTS, Kink, lower_kinks
 from .lower import STYLES, Leaf, LoweredExpr, LoweredOp, Reduce, Scaled, walk
 from .model import OpSpec, SpecError
-from .naming import BATCH
+from .naming import BATCH, DERIVATIONS_FILE
 from .plan import TermPlan
 from .printing import Code, IndexNotationPrinter, align, print_leaf, render, render_expr, size_bindings
 from .spec import index_symbol, load_catalog, scalar_symbol, size_symbol, tensor_symbol
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 BATCH_DIMS = sympy.Symbol(BATCH)   # stands for the batch dims in a symbolic shape: (..., size_k)
 FORMATS = {"text": "explain.txt.jinja", "markdown": "explain.md.jinja", "latex": "explain.tex.jinja"}
-DERIVATIONS_FILE = "DERIVATIONS.md"
 DERIVATIONS_TEMPLATE = "derivations.md.jinja"
 
 
@@ -665,10 +664,8 @@ def _comment_safe(text: str) -> str:
 
 # --- command line ----------------------------------------------------------------------------
 
-def add_parser(commands) -> None:
-    """The `derive explain` subcommand, on the CLI's subparsers."""
-    help_text = "show every step of an op's derivation, from its equation to the emitted code"
-    command = commands.add_parser("explain", help=help_text, description=help_text)
+def add_arguments(command) -> None:
+    """The `derive explain` subcommand's arguments and handler, on its parser (the CLI names it and its help)."""
     command.add_argument("op", help="the op to explain")
     command.add_argument("--spec", metavar="FILE", help="TOML catalog (default: the built-in one)")
     command.add_argument("--input", metavar="NAME", action="append",

@@ -22,11 +22,9 @@ import sympy
 from . import naming
 from .derivation import depends_on_tensor, tensor_symbols
 from .functions import one_hot, renamed_match
-from .naming import BATCH
+from .naming import BATCH, STYLES
 from .plan import ExprPlan, OpPlan, TermPlan, free_indices, ordered
 from .spec import size_symbol, tensor_symbol
-
-STYLES = ("contraction", "broadcast")
 
 
 @dataclass(frozen=True)
