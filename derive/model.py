@@ -5,7 +5,7 @@ Every value here is frozen; later stages read it and never change it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sympy
 
@@ -48,7 +48,7 @@ class OpSpec:
     index_sizes: tuple[tuple[str, str], ...]  # index name -> name of the size it ranges over
     ranges: tuple[tuple[str, float, float], ...]  # input -> (low, high) where the op is defined, for test inputs
     source: str                        # "<file>" the op came from, for messages
-    digest: str = field(default="", compare=False)  # hash of the op's TOML table as written, for the stamp
+    digest: str = ""                   # hash of the op's TOML table as written, for the stamp (stamp.py)
 
     @property
     def index_order(self) -> tuple[str, ...]:
