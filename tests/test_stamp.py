@@ -208,3 +208,33 @@ def test_bench_and_explain_import_their_modules_when_they_run(project, capsys):
     with pytest.raises(SystemExit) as exit_:
         run("bench", "--help")
     assert exit_.value.code == 0 and "--quick" in capsys.readouterr().out
+
+
+def test_without_torch_every_command_but_bench_works(tmp_path):
+    (tmp_path / "ops.toml").write_text(SPEC.split("[ops.row_dot]")[0])
+    results = in_a_process(textwrap.dedent('''
+        import io, json, sys, contextlib
+        sys.modules["torch"] = None     # what an environment without torch gives: import torch fails
+        import derive.cli
+
+        class Terminal(io.StringIO):
+            encoding = "utf-8"      # explain's pretty printer asks for Unicode
+
+        results = []
+        for args in (["--help"], ["generate", "--spec", "ops.toml", "--out", "out"],
+                     ["check", "--spec", "ops.toml", "--out", "out"], ["list", "--spec", "ops.toml"],
+                     ["explain", "scaled_pow", "--spec", "ops.toml"], ["bench", "--quick"]):
+            output = Terminal()
+            with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+                try:
+                    code = derive.cli.main(args)
+                except SystemExit as exit_:
+                    code = exit_.code
+            results.append([code, output.getvalue()])
+        print(json.dumps(results))
+    '''), tmp_path)
+    (help_code, help_text), generate, check, listed, explained, bench = results
+    assert help_code == 0 and "explain" in help_text and "bench" not in help_text
+    assert generate[0] == 0 and check == [0, "out: 3 files up to date\n"]
+    assert listed[0] == explained[0] == 0 and "scaled_pow" in listed[1] and "scaled_pow" in explained[1]
+    assert bench[0] == 2 and "invalid choice: 'bench'" in bench[1]
