@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import SpecError
 from .files import compare, write_tree
 from .naming import DEFAULT_NAMESPACE, STYLE_DIRS, STYLES, default_catalog_path
-from .stamp import header, unchanged
+from .stamp import Survey, header, survey
 
 # Everything above is the standard library and derive's light modules: `derive --help` and a `derive check`
 # of an unchanged tree never import SymPy or torch. The stages are imported where code is rendered.
@@ -166,26 +166,30 @@ def render_catalog(*args, **kwargs) -> dict[str, str]:
     return render_catalog(*args, **kwargs)
 
 
-def _render(args):
+def _render(args, only: list[str] | None = None):
+    """Every file of the catalog, text by path, or the files of the ops named in `only`."""
+    from .model import Catalog
     from .spec import load_catalog
     catalog = load_catalog(args.spec)
+    if only is not None:
+        catalog = Catalog(catalog.path, tuple(op for op in catalog.ops if op.name in only))
     styles = _styles(args)
     files = render_catalog(catalog, styles, spec_arg=args.spec_label, out_arg=args.out_label,
                            namespace=args.namespace)
     return files, [STYLE_DIRS[s] for s in styles]
 
 
-def _unchanged(args) -> int | None:
-    """How many files are up to date, when their stamps show that nothing they come from has changed."""
+def _survey(args) -> Survey | None:
+    """What the stamps under --out tell, or None when the spec must be parsed to say what is wrong."""
     spec = Path(args.spec) if args.spec is not None else default_catalog_path()
     source, command = header(args.spec_label, args.out_label, args.namespace)
-    return unchanged(Path(args.out), spec, _styles(args), source, command, args.namespace)
+    return survey(Path(args.out), spec, _styles(args), source, command, args.namespace)
 
 
 def _generate(args) -> int:
-    count = _unchanged(args)
-    if count is not None:
-        print(f"{args.out}: {count} files up to date")
+    known = _survey(args)
+    if known is not None and known.status.clean:
+        print(f"{args.out}: {len(known.files)} files up to date")
         return 0
     files, scopes = _render(args)
     status = write_tree(Path(args.out), files, scopes)
@@ -200,15 +204,20 @@ def _generate(args) -> int:
 
 
 def _check(args) -> int:
-    count = _unchanged(args)
-    if count is not None:
-        print(f"{args.out}: {count} files up to date")
+    known = _survey(args)
+    if known is not None and known.status.clean:
+        print(f"{args.out}: {len(known.files)} files up to date")
         return 0
-    files, scopes = _render(args)
-    status = compare(Path(args.out), files, scopes)
-    if status.clean:
-        print(f"{args.out}: {len(files)} files up to date")
-        return 0
+    if known is not None and not args.diff:     # the stamps tell what is stale; only what changed can fail
+        if known.changed_ops():
+            _render(args, only=known.changed_ops())
+        status = known.status
+    else:
+        files, scopes = _render(args)
+        status = compare(Path(args.out), files, scopes)
+        if status.clean:
+            print(f"{args.out}: {len(files)} files up to date")
+            return 0
     if args.diff:
         sys.stdout.write(status.diff)
     for label, paths in (("stale", status.stale), ("missing", status.missing), ("extra", status.extra)):

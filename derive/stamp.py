@@ -8,8 +8,9 @@ The line after a generated file's header comment reads
 DERIVATIONS.md), the style, the namespace, the header's labels, and derive itself (its version and the
 bytes of its code and templates). `text` hashes the file without this line. A file whose stamp matches
 both is byte for byte what rendering would write now, so `derive check` and `derive generate` trust it
-without importing SymPy or deriving anything (`unchanged`). A changed spec, option or derive, or an
-edit anywhere in the file, breaks the match; the catalog is then rendered and compared as before.
+without importing SymPy or deriving anything (`survey`). A changed spec, option or derive, or an edit
+anywhere in the file, breaks the match: such a file is stale, and only its op needs rendering (to report
+a spec error), or the whole catalog for a diff or to write it.
 Only the standard library is imported here: the command line reads this before anything heavy.
 """
 
@@ -18,11 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 from . import __version__, naming
-from .files import owned_files
+from .files import TreeStatus, owned_files
 
 COMMENTS = {".py": ("# ", ""), ".md": ("<!-- ", " -->")}   # a file type's one-line comment: opener, closer
 
@@ -115,10 +117,22 @@ def matches(path: str, data: bytes, inputs: str) -> bool:
     return lines[end - 1] == _stamp_line(path, inputs, text)
 
 
-def unchanged(out: Path, spec: Path, styles, source: str, command: str, namespace: str) -> int | None:
-    """The number of files the catalog in `spec` renders to when each is in `out` as rendered from these
-    same inputs and no other generated file is in the styles' directories; None when anything differs
-    or cannot be told without parsing (the caller then renders and compares)."""
+@dataclass(frozen=True)
+class Survey:
+    """What the stamps tell of an output directory, without rendering anything."""
+
+    files: dict[str, str]   # relative path -> the op that renders it (DERIVATIONS.md: "")
+    status: TreeStatus      # stale: on disk, but not as rendered from the current inputs (no diff)
+
+    def changed_ops(self) -> list[str]:
+        """The ops with a module that is stale or missing: rendering them is what can still fail."""
+        return sorted({self.files[path] for path in self.status.stale + self.status.missing} - {""})
+
+
+def survey(out: Path, spec: Path, styles, source: str, command: str, namespace: str) -> Survey | None:
+    """Which files the catalog in `spec` renders to, and which of them are in `out` as rendered from these
+    same inputs (a file whose stamp does not match differs from what rendering would write: the rendered
+    stamp always matches); None when the catalog is one the parser would refuse as a whole, to let it say so."""
     try:
         catalog = tomllib.loads(spec.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
@@ -126,16 +140,21 @@ def unchanged(out: Path, spec: Path, styles, source: str, command: str, namespac
     ops = catalog.get("ops")
     if set(catalog) != {"ops"} or not isinstance(ops, dict) or not ops \
             or len({name.casefold() for name in ops}) != len(ops) or any(map(naming.name_problem, ops)):
-        return None      # what the parser refuses before any op: let it say so
-    files = planned({name: spec_digest(name, entry) for name, entry in ops.items()},
-                    styles, source, command, namespace)
-    for relative, inputs in files.items():
+        return None
+    inputs = planned({name: spec_digest(name, entry) for name, entry in ops.items()},
+                     styles, source, command, namespace)
+    status = TreeStatus()
+    for relative, expected in sorted(inputs.items()):     # in the order `files.compare` lists them
         try:
             data = (out / relative).read_bytes()
+        except FileNotFoundError:
+            status.missing.append(relative)
+            continue
         except OSError:
             return None
-        if not matches(relative, data, inputs):
-            return None
-    if set(owned_files(out, [naming.STYLE_DIRS[style] for style in styles])) - set(files):
-        return None
-    return len(files)
+        if not matches(relative, data, expected):
+            status.stale.append(relative)
+    status.extra = [path for path in owned_files(out, [naming.STYLE_DIRS[style] for style in styles])
+                    if path not in inputs]
+    files = {naming.STYLE_DIRS[style] + naming.module_file(name): name for name in ops for style in styles}
+    return Survey({path: files.get(path, "") for path in inputs}, status)
