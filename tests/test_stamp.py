@@ -185,7 +185,7 @@ def in_a_process(code: str, cwd) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def test_the_command_line_imports_no_sympy_or_torch_for_help_or_an_unchanged_check(project):
+def test_the_command_line_imports_no_sympy_or_torch_for_help_or_an_unchanged_check_and_no_torch_to_render(project):
     seen = in_a_process(textwrap.dedent(f'''
         import io, json, sys, contextlib
         import derive.cli
@@ -200,10 +200,21 @@ def test_the_command_line_imports_no_sympy_or_torch_for_help_or_an_unchanged_che
         with contextlib.redirect_stdout(io.StringIO()):
             code = derive.cli.main(["check", "--spec", "ops.toml", "--out", "out"])
         after_check = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
-        print(json.dumps([imported, help.getvalue(), after_help, code, after_check]))
+        with open("ops.toml", "a") as spec:
+            spec.write('\\n[ops.row_sum]\\ninputs = ["u[a, b]"]\\nequation = "y[a] = sum(u[a, b], b)"\\n'
+                       'reference = "u.sum(-1)"\\n')
+        class Terminal(io.StringIO):
+            encoding = "utf-8"      # DERIVATIONS.md's pretty printer asks sys.stdout for Unicode
+
+        with contextlib.redirect_stdout(Terminal()):
+            generated = derive.cli.main(["generate", "--spec", "ops.toml", "--out", "out"])
+        after_render = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
+        print(json.dumps([imported, help.getvalue(), after_help, code, after_check, generated, after_render]))
     '''), project)
-    imported, help_text, after_help, code, after_check = seen
+    imported, help_text, after_help, code, after_check, generated, after_render = seen
     assert imported == after_help == after_check == [] and code == 0
+    assert generated == 0 and (project / "out" / "row_sum.py").is_file()
+    assert after_render == ["jinja2", "sympy"]      # rendering code needs no torch
     assert all(command in help_text for command in ("generate", "check", "list", "bench", "explain"))
 
 
