@@ -161,7 +161,7 @@ def _styles(args) -> tuple[str, ...]:
 
 
 def render_catalog(*args, **kwargs) -> dict[str, str]:
-    """build.render_catalog, imported on first use: it brings SymPy and torch."""
+    """build.render_catalog, imported on first use: it brings SymPy and Jinja2."""
     from .build import render_catalog
     return render_catalog(*args, **kwargs)
 
