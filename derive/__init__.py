@@ -1,7 +1,17 @@
 """derive: turn the forward definition of a tensor op into readable, verified PyTorch backward code."""
 
-from .build import build_op, render_catalog
-from .model import SpecError
-from .spec import load_catalog, parse_catalog
+import importlib
 
-__all__ = ["build_op", "render_catalog", "load_catalog", "parse_catalog", "SpecError"]
+__version__ = "0.1.0"
+
+# name -> the module that defines it; imported on first use, so that `derive --help` loads no SymPy or torch
+_EXPORTS = {"build_op": "build", "render_catalog": "build", "load_catalog": "spec", "parse_catalog": "spec",
+            "SpecError": "errors"}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'derive' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

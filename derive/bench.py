@@ -372,10 +372,8 @@ def _handwritten_lines(rows: Sequence[Row]) -> list[str]:
             for row in rows if row.case == f"{SEED_NETWORK}, {HANDWRITTEN}"]
 
 
-def add_parser(commands) -> None:
-    """The `derive bench` subcommand, on the CLI's subparsers."""
-    help_text = "time the generated backward code against torch.autograd"
-    command = commands.add_parser("bench", help=help_text, description=help_text)
+def add_arguments(command) -> None:
+    """The `derive bench` subcommand's arguments and handler, on its parser (the CLI names it and its help)."""
     command.add_argument("--quick", action="store_true", help="tiny sizes and few rounds: a smoke run")
     command.add_argument("--style", choices=tuple(STYLE_DIRS), default="contraction",
                          help="which generated modules to time (default: contraction)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import keyword
 import os
 import re
@@ -11,22 +13,18 @@ import tomllib
 import traceback
 from pathlib import Path
 
-try:
-    from . import bench
-except ModuleNotFoundError as missing:     # generate, check, list and explain need no torch; bench runs it
-    if missing.name != "torch":
-        raise
-    bench = None
-from . import explain
-from .build import DEFAULT_NAMESPACE, STYLE_DIRS, render_catalog
+from .errors import SpecError
 from .files import compare, write_tree
-from .lower import STYLES
-from .model import SpecError
-from .spec import load_catalog, toml_error
+from .naming import DEFAULT_NAMESPACE, STYLE_DIRS, STYLES, default_catalog_path
+from .stamp import Survey, header, survey
+
+# Everything above is the standard library and derive's light modules: `derive --help` and a `derive check`
+# of an unchanged tree never import SymPy or torch. The stages are imported where code is rendered.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser(argv)
     args = parser.parse_args(argv)
     try:
         apply_config(args, Path.cwd())
@@ -91,6 +89,7 @@ def load_config(cwd: Path) -> tuple[dict, Path]:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"cannot read: {exc}", path=shown) from None
     except tomllib.TOMLDecodeError as exc:
+        from .spec import toml_error
         raise toml_error(exc, text, shown) from None
     table = data.get("tool", {}).get("derive", {})
     if not isinstance(table, dict):
@@ -107,7 +106,7 @@ def load_config(cwd: Path) -> tuple[dict, Path]:
     return table, folder
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="derive", description="Derive readable, verified PyTorch backward code "
                                      "from index-notation specs.")
     parser.add_argument("--debug", dest="debug_anywhere", action="store_true", help="show tracebacks for errors")
@@ -133,10 +132,22 @@ def _parser() -> argparse.ArgumentParser:
         if name == "check":
             command.add_argument("--diff", action="store_true", help="also print a unified diff of what would change")
     catalog_command("list", "list the ops of a catalog", _list)
-    if bench is not None:
-        bench.add_parser(commands)
-    explain.add_parser(commands)
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)    # the top level takes only flags
+    for name, (module, help_text) in LAZY_COMMANDS.items():
+        if name == "bench" and importlib.util.find_spec("torch") is None:
+            continue    # generate, check, list and explain need no torch; bench runs it
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:      # its module (SymPy, torch) is imported only when it runs
+            importlib.import_module(f".{module}", __package__).add_arguments(command)
     return parser
+
+
+# Subcommands whose modules import SymPy or torch: name -> (module, help). `derive --help` lists them from
+# here; the module adds its arguments and handler only when its command is the one given.
+LAZY_COMMANDS = {
+    "bench": ("bench", "time the generated backward code against torch.autograd"),
+    "explain": ("explain", "show every step of an op's derivation, from its equation to the emitted code"),
+}
 
 
 def _identifier(text: str) -> str:
@@ -149,15 +160,37 @@ def _styles(args) -> tuple[str, ...]:
     return STYLES if args.style == "all" else (args.style,)
 
 
-def _render(args):
+def render_catalog(*args, **kwargs) -> dict[str, str]:
+    """build.render_catalog, imported on first use: it brings SymPy and Jinja2."""
+    from .build import render_catalog
+    return render_catalog(*args, **kwargs)
+
+
+def _render(args, only: list[str] | None = None):
+    """Every file of the catalog, text by path, or the files of the ops named in `only`."""
+    from .model import Catalog
+    from .spec import load_catalog
     catalog = load_catalog(args.spec)
+    if only is not None:
+        catalog = Catalog(catalog.path, tuple(op for op in catalog.ops if op.name in only))
     styles = _styles(args)
     files = render_catalog(catalog, styles, spec_arg=args.spec_label, out_arg=args.out_label,
                            namespace=args.namespace)
     return files, [STYLE_DIRS[s] for s in styles]
 
 
+def _survey(args) -> Survey | None:
+    """What the stamps under --out tell, or None when the spec must be parsed to say what is wrong."""
+    spec = Path(args.spec) if args.spec is not None else default_catalog_path()
+    source, command = header(args.spec_label, args.out_label, args.namespace)
+    return survey(Path(args.out), spec, _styles(args), source, command, args.namespace)
+
+
 def _generate(args) -> int:
+    known = _survey(args)
+    if known is not None and known.status.clean:
+        print(f"{args.out}: {len(known.files)} files up to date")
+        return 0
     files, scopes = _render(args)
     status = write_tree(Path(args.out), files, scopes)
     changed = status.missing + status.stale
@@ -171,11 +204,20 @@ def _generate(args) -> int:
 
 
 def _check(args) -> int:
-    files, scopes = _render(args)
-    status = compare(Path(args.out), files, scopes)
-    if status.clean:
-        print(f"{args.out}: {len(files)} files up to date")
+    known = _survey(args)
+    if known is not None and known.status.clean:
+        print(f"{args.out}: {len(known.files)} files up to date")
         return 0
+    if known is not None and not args.diff:     # the stamps tell what is stale; only what changed can fail
+        if known.changed_ops():
+            _render(args, only=known.changed_ops())
+        status = known.status
+    else:
+        files, scopes = _render(args)
+        status = compare(Path(args.out), files, scopes)
+        if status.clean:
+            print(f"{args.out}: {len(files)} files up to date")
+            return 0
     if args.diff:
         sys.stdout.write(status.diff)
     for label, paths in (("stale", status.stale), ("missing", status.missing), ("extra", status.extra)):
@@ -187,6 +229,7 @@ def _check(args) -> int:
 
 
 def _list(args) -> int:
+    from .spec import load_catalog
     catalog = load_catalog(args.spec)
     width = max(len(op.name) for op in catalog.ops)
     for op in catalog.ops:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
 import jinja2
 
@@ -18,14 +17,7 @@ from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, covered, tangen
 from .printing import (index_notation, kernel_comments, output_shape, python_tuple, render, render_expr,
                        size_bindings, size_source, sizes_used, uses_math)
 from .signature import Signature, backward_signature
-
-
-
-def templates_dir() -> Path:
-    shipped = Path(__file__).parent / "templates"     # inside an installed wheel
-    if shipped.is_dir():
-        return shipped
-    return Path(__file__).parent.parent / "templates"  # source checkout or editable install
+from .stamp import templates_dir
 
 
 @cache

@@ -35,7 +35,6 @@ from .spec import load_catalog
 BATCH_DIMS = sympy.Symbol(BATCH)   # stands for the batch dims in a symbolic shape: (..., size_k)
 CODE_STYLES = ("broadcast", "contraction")   # the order the emitted lines are shown in: teaching form first
 FORMATS = {"text": "explain.txt.jinja", "markdown": "explain.md.jinja", "latex": "explain.tex.jinja"}
-DERIVATIONS_FILE = "DERIVATIONS.md"
 DERIVATIONS_TEMPLATE = "derivations.md.jinja"
 
 
@@ -655,10 +654,8 @@ def _html_comment_safe(text: str) -> str:
 
 # --- command line ----------------------------------------------------------------------------
 
-def add_parser(commands) -> None:
-    """The `derive explain` subcommand, on the CLI's subparsers."""
-    help_text = "show every step of an op's derivation, from its equation to the emitted code"
-    command = commands.add_parser("explain", help=help_text, description=help_text)
+def add_arguments(command) -> None:
+    """The `derive explain` subcommand's arguments and handler, on its parser (the CLI names it and its help)."""
     command.add_argument("op", help="the op to explain")
     command.add_argument("--spec", metavar="FILE", help="TOML catalog (default: the built-in one)")
     command.add_argument("--input", metavar="NAME", action="append",

@@ -23,11 +23,9 @@ from . import naming
 from .derivation import depends_on_tensor, tensor_symbols
 from .functions import one_hot, renamed_match
 from .kernels import one_hot_by_rows
-from .naming import BATCH
+from .naming import BATCH, STYLES
 from .plan import ExprPlan, OpPlan, TermPlan, free_indices, ordered
 from .model import size_symbol, tensor_symbol
-
-STYLES = ("contraction", "broadcast")
 
 
 @dataclass(frozen=True)

@@ -11,29 +11,8 @@ from dataclasses import dataclass
 import sympy
 
 from . import naming
+from .errors import SpecError
 from .naming import BATCH
-
-
-class SpecError(Exception):
-    """A problem with a spec, reported to the user as one line (no traceback)."""
-
-    def __init__(self, message: str, *, path: str = "<spec>", line: int | None = None,
-                 column: int | None = None, op: str | None = None):
-        self.message = message
-        self.path = path
-        self.line = line
-        self.column = column
-        self.op = op
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        where = self.path
-        if self.line is not None:
-            where += f":{self.line}"
-            if self.column is not None:
-                where += f":{self.column}"
-        op = f" op '{self.op}':" if self.op else ""
-        return f"{where}:{op} {self.message}"
 
 
 @dataclass(frozen=True)
@@ -71,6 +50,7 @@ class OpSpec:
     index_sizes: tuple[tuple[str, str], ...]  # index name -> name of the size it ranges over
     ranges: tuple[tuple[str, float, float], ...]  # input -> (low, high) where the op is defined, for test inputs
     source: str                        # "<file>" the op came from, for messages
+    digest: str = ""                   # hash of the op's TOML table as written, for the stamp (stamp.py)
 
     @property
     def index_order(self) -> tuple[str, ...]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import builtins
 import keyword
+from importlib import resources
+from pathlib import Path
 
 # Names generated code relies on; a spec may not use them for tensors, indices or params.
 RESERVED = frozenset({"torch", "F", "math", "ctx", "needs_input_grad", "inputs", "output", "gradients",
@@ -79,6 +81,18 @@ def jvp(op: str) -> str:
 
 def module_file(op: str) -> str:
     return f"{op}.py"
+
+
+# The layout of an output directory: one module per op and style, and the catalog's derivations document.
+STYLES = ("contraction", "broadcast")
+STYLE_DIRS = {"contraction": "", "broadcast": "broadcast/"}
+DERIVATIONS_FILE = "DERIVATIONS.md"
+DEFAULT_NAMESPACE = "derive"   # torch.library namespace of the generated custom ops
+
+
+def default_catalog_path() -> Path:
+    """The built-in catalog, derive/catalog/ops.toml."""
+    return Path(str(resources.files("derive") / "catalog" / "ops.toml"))
 
 
 def is_generated_name(name: str) -> bool:

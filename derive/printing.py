@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.pycode import PythonCodePrinter
-from sympy.printing.pytorch import TorchPrinter
+from .torch_printer import TorchPrinter
 
 from .plan import free_indices
 from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, walk

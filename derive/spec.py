@@ -17,7 +17,6 @@ import tomllib
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import sympy
@@ -25,7 +24,8 @@ import sympy
 from . import functions, naming
 from .model import (Catalog, OpSpec, Param, SpecError, TensorInput, index_symbol, param_symbol, scalar_symbol,
                     tensor_symbol)
-from .naming import BATCH
+from .naming import BATCH, default_catalog_path
+from .stamp import spec_digest
 
 MAX_SOURCE_CHARS = 4000
 MAX_AST_NODES = 600
@@ -104,10 +104,6 @@ class _Locator:
             if quote >= 0:
                 column = quote + 2 + node.col_offset
         return SpecError(message, path=self.path, line=line, column=column, op=op)
-
-
-def default_catalog_path() -> Path:
-    return Path(str(resources.files("derive") / "catalog" / "ops.toml"))
 
 
 def line_of_op(source: str, op: str, key: str | None = None) -> int | None:
@@ -208,6 +204,7 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
         index_sizes=tuple(sorted(parser.sizes.items())),
         ranges=tuple(sorted((k, float(v[0]), float(v[1])) for k, v in ranges.items())),
         source=locator.path,
+        digest=spec_digest(name, entry),
     )
 
 

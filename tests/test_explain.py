@@ -18,7 +18,8 @@ from derive import naming
 from derive.build import build_op, render_catalog
 from derive.cli import main
 from derive.emit import render_module
-from derive.explain import DERIVATIONS_FILE, explain, explain_op, parse_shapes, render_explanation
+from derive.explain import explain, explain_op, parse_shapes, render_explanation
+from derive.naming import DERIVATIONS_FILE
 from derive.files import MARKER, is_generated
 from derive.model import Catalog
 from derive.printing import render_expr, size_bindings

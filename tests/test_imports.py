@@ -47,4 +47,6 @@ def test_no_stage_after_the_parser_imports_it(module):
 
 
 def test_the_model_imports_only_names():
-    assert import_graph()["model"] <= {"naming"}
+    """The model reads names and the error type, both modules that import nothing of derive's."""
+    assert import_graph()["model"] <= {"naming", "errors"}
+    assert not import_graph()["errors"] and not import_graph()["naming"]

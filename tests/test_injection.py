@@ -153,7 +153,8 @@ def test_doc_text_is_escaped_into_docstrings_and_never_run(doc, in_tmp_path):
     files = render_catalog(parse_catalog(text))
     for name in ("bad.py", "broadcast/bad.py"):
         source = files[name]
-        assert "49" not in source            # no template evaluated the doc
+        unstamped = "\n".join(line for line in source.split("\n") if "Fingerprint:" not in line)   # its hashes are hex
+        assert "49" not in unstamped            # no template evaluated the doc
         assert MARKER not in " ".join(code_tokens(source))
         path = in_tmp_path / name
         path.parent.mkdir(exist_ok=True)
