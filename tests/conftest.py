@@ -1,17 +1,26 @@
 import dataclasses
+import functools
 import inspect
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 import derive.bench
+import derive.build
 import derive.cli
 import derive.testing
-from derive.build import STYLE_DIRS, render_catalog
+from derive.build import STYLE_DIRS, build_op, render_catalog
 from derive.cli import main
+from derive.derivation import derive as derive_op
 from derive.spec import load_catalog
 from derive.testing import has_kinks, load_module
 
+
+# The tests compute on small tensors, where a second thread costs more than it saves; and under
+# `pytest -n 2` (the README's command) each of the two processes keeps to one of the two cores.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "generated"
@@ -19,6 +28,21 @@ CATALOG = load_catalog()
 OPS = [op.name for op in CATALOG.ops]
 STYLES = list(STYLE_DIRS)
 KINK_OPS = [op.name for op in CATALOG.ops if has_kinks(op)]
+
+
+# derive(op) and build_op(op) depend on the frozen OpSpec alone (test_determinism proves rendering pure):
+# tests that read an op's derivation or lowered code share one per op and set of styles in the session.
+derivation = functools.cache(derive_op)
+built = functools.cache(build_op)
+
+
+@contextmanager
+def shared_builds():
+    """Within it, render_catalog builds each op through `built`: a test that renders a spec and then
+    inspects the same op's lowered code derives it once."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(derive.build, "build_op", built)
+        yield
 
 
 def generated_module(op_name: str, style: str = "contraction"):
@@ -46,7 +70,8 @@ def rendered(*args, **kwargs) -> dict[str, str]:
     call.apply_defaults()
     key = tuple(call.arguments.items())
     if key not in _RENDERED:
-        _RENDERED[key] = render_catalog(*call.args, **call.kwargs)
+        with shared_builds():
+            _RENDERED[key] = render_catalog(*call.args, **call.kwargs)
     return dict(_RENDERED[key])
 
 

@@ -1,17 +1,28 @@
 """`derive bench --quick`: its table, the gradients it compares, and its memory measure. No timing assertions."""
 
 import dataclasses
+import functools
 import random
 
 import pytest
 import torch
 
 from derive import bench
+from derive.spec import load_catalog
 
-from conftest import GENERATED, OPS, ROOT, STYLES
+from conftest import GENERATED, OPS, ROOT, STYLES, derivation
 
 QUICK = bench.SIZE_PRESETS["quick"]
 ROWS = [*OPS, bench.SEED_NETWORK, f"{bench.SEED_NETWORK}, {bench.HANDWRITTEN}"]
+catalog = functools.cache(load_catalog)
+
+
+@pytest.fixture(autouse=True)
+def each_op_derived_once(monkeypatch):
+    """Each `bench.cases` call parses the catalog and derives every op of it; these tests call it ten
+    times: they share one parse and one derivation per op (both depend on the catalog's text alone)."""
+    monkeypatch.setattr(bench, "load_catalog", catalog)
+    monkeypatch.setattr(bench, "derive", derivation)
 
 
 @pytest.mark.parametrize("style", STYLES)

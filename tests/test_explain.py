@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from derive import naming
-from derive.build import build_op, render_catalog
+from derive.build import render_catalog
 from derive.cli import main
 from derive.emit import render_module
 from derive.explain import explain, explain_op, parse_shapes, render_explanation
@@ -26,9 +26,17 @@ from derive.printing import render_expr, size_bindings
 from derive.spec import parse_catalog
 from derive.testing import make_inputs, sizes_for
 
-from conftest import CATALOG, GENERATED, OPS, ROOT, rendered
+from conftest import CATALOG, GENERATED, OPS, ROOT, built, rendered, shared_builds
 
 SNAPSHOTS = ROOT / "tests" / "snapshots"
+
+
+@pytest.fixture(autouse=True)
+def each_op_built_once():
+    """`derive explain` and explain_op build the op they explain; these tests explain the catalog's ops
+    over and over: they share one build per op in the session (with the catalog's rendering too)."""
+    with shared_builds():
+        yield
 
 
 def explain_cli(capsys, *args):
@@ -203,7 +211,7 @@ def test_shape_table_multiplies_out_to_the_real_shapes(op_name):
 
 def _evaluate_forward(op, scope):
     """The op's forward, as its generated module computes it."""
-    forward = build_op(op).lowered["contraction"].forward
+    forward = built(op).lowered["contraction"].forward
     local = dict(scope)
     for name, text in size_bindings(op, [forward]):
         local[name] = eval(text, local)

@@ -6,18 +6,18 @@ import pytest
 import sympy
 import torch
 
-from derive.build import build_op, render_catalog
+from derive.build import render_catalog
 from derive.lower import Einsum, MatMul, largest_intermediate_violations, walk
 from derive.model import SpecError
 from derive.printing import render_expr
 from derive.spec import parse_catalog
 from derive.testing import check_gradients, gradcheck_op, load_module, make_inputs
 
-from conftest import CATALOG, OPS
+from conftest import CATALOG, OPS, built, shared_builds
 
 
 def code_lines(op_name, style):
-    lowered = build_op(CATALOG.op(op_name)).lowered[style]
+    lowered = built(CATALOG.op(op_name)).lowered[style]
     return {g.plan.target: render_expr(g) for g in lowered.gradients}
 
 
@@ -39,16 +39,16 @@ def test_contraction_style_uses_matrix_products():
 
 @pytest.mark.parametrize("op_name", OPS)
 def test_contraction_style_never_outgrows_the_tensors_it_holds(op_name):
-    assert largest_intermediate_violations(build_op(CATALOG.op(op_name)).lowered["contraction"]) == []
+    assert largest_intermediate_violations(built(CATALOG.op(op_name)).lowered["contraction"]) == []
 
 
 def test_memory_check_flags_the_broadcast_product():
-    violations = largest_intermediate_violations(build_op(CATALOG.op("linear")).lowered["broadcast"])
+    violations = largest_intermediate_violations(built(CATALOG.op("linear")).lowered["broadcast"])
     assert "grad_x: Product over ('n', 'k', 'm')" in violations
 
 
 def test_relu_kink_is_explicit_and_follows_torch():
-    gradient = build_op(CATALOG.op("relu")).derivation.gradients[0]
+    gradient = built(CATALOG.op("relu")).derivation.gradients[0]
     steps = gradient.partial.atoms(sympy.Heaviside)
     assert steps and all(step.args[1] == 0 for step in steps)
     assert code_lines("relu", "contraction") == {"grad_x": "torch.ops.aten.threshold_backward(grad_y, x, 0)"}
@@ -71,7 +71,8 @@ def load_module_for(op_name, style="contraction"):
 def spec_module(tmp_path, text, style="contraction"):
     catalog = parse_catalog(textwrap.dedent(text), "test.toml")
     # each test registers its custom ops in a namespace of its own
-    files = render_catalog(catalog, (style,), namespace=f"test_{tmp_path.name}".replace("-", "_"))
+    with shared_builds():
+        files = render_catalog(catalog, (style,), namespace=f"test_{tmp_path.name}".replace("-", "_"))
     (path, source), = [(p, s) for p, s in files.items() if p.endswith(".py")]
     target = tmp_path / path.replace("/", "_")
     target.write_text(source)
@@ -89,10 +90,10 @@ def test_deltas_are_eliminated_whatever_the_sum_order(tmp_path, order):
         equation = "y[n, m] = {summed}"
         reference = "x @ w @ v"
     ''')
-    built = build_op(op)
-    for gradient in built.derivation.gradients:
+    result = built(op)
+    for gradient in result.derivation.gradients:
         assert not gradient.vjp.has(sympy.KroneckerDelta, sympy.Piecewise), gradient.vjp
-    nodes = [n for g in built.lowered["contraction"].gradients for t in g.terms for n in walk(t)]
+    nodes = [n for g in result.lowered["contraction"].gradients for t in g.terms for n in walk(t)]
     assert any(isinstance(n, (Einsum, MatMul)) for n in nodes)
     gradcheck_op(op, module)
     check_gradients(op, module)
@@ -131,7 +132,7 @@ def test_three_operand_contractions_get_an_optimized_path(tmp_path):
         equation = "y[n, m] = sum(x[n, k] * w[k, j] * v[j, m], k, j)"
         reference = "x @ w @ v"
     ''')
-    forward = build_op(op).lowered["contraction"].forward
+    forward = built(op).lowered["contraction"].forward
     assert isinstance(forward.terms[0], Einsum) and len(forward.terms[0].operands) == 3
 
 
@@ -189,7 +190,7 @@ def test_loss_gradients_scale_by_grad_loss_before_touching_a_tensor(op_name):
 
 
 def test_shared_values_leave_the_upstream_scalar_out():
-    lowered = build_op(CATALOG.op("mse")).lowered["contraction"]
+    lowered = built(CATALOG.op("mse")).lowered["contraction"]
     assert [str(s.value.expr) for s in lowered.shared] == ["pred[n] - target[n]"]
 
 
@@ -202,7 +203,7 @@ def test_a_one_hot_term_is_added_in_place(tmp_path):
         equation = "loss = mean(logsumexp(logits[n, c], c) - 2 * logits[n, target[n]], n)"
         reference = "(torch.logsumexp(logits, -1) - 2 * logits.gather(1, target[:, None]).squeeze(1)).mean()"
     ''')
-    (gradient,) = build_op(op).lowered["contraction"].gradients
+    (gradient,) = built(op).lowered["contraction"].gradients
     line = render_expr(gradient)
     assert "one_hot" not in line and line.endswith(
         ".index_put_((torch.arange(size_n, device=target.device), target), -2 * grad_loss / size_n, accumulate=True)")
@@ -219,23 +220,23 @@ def test_exp_minus_one_hot_is_the_log_softmax_kernel_for_any_y(tmp_path):
         equation = "loss = mean(sum(exp(logits[n, c]), c) - logits[n, target[n]], n)"
         reference = "(logits.exp().sum(-1) - logits.gather(1, target[:, None]).squeeze(1)).mean()"
     ''')
-    (gradient,) = build_op(op).lowered["contraction"].gradients
+    (gradient,) = built(op).lowered["contraction"].gradients
     assert render_expr(gradient).startswith("torch._log_softmax_backward_data(torch.ops.aten.nll_loss_backward(")
     gradcheck_op(op, module)
     check_gradients(op, module)
 
 
 def test_cross_entropy_saves_its_log_softmax_and_uses_the_fused_kernel():
-    built = build_op(CATALOG.op("cross_entropy"))
-    (saved,) = built.lowered["contraction"].plan.saved
+    result = built(CATALOG.op("cross_entropy"))
+    (saved,) = result.lowered["contraction"].plan.saved
     assert saved.name == "saved_log_softmax" and str(saved.expr) == "log_softmax(logits[n, c], c)"
-    assert render_expr(built.lowered["contraction"].forward) == \
+    assert render_expr(result.lowered["contraction"].forward) == \
         "-saved_log_softmax.gather(1, target.unsqueeze(1)).squeeze(1).mean()"
     assert code_lines("cross_entropy", "contraction")["grad_logits"] == (
         "torch._log_softmax_backward_data(torch.ops.aten.nll_loss_backward(grad_loss / size_n, saved_log_softmax, "
         "target, weight=None, reduction=2, ignore_index=-100, total_weight=saved_log_softmax.new_ones(())), "
         "saved_log_softmax, -1, saved_log_softmax.dtype)")
-    assert not built.lowered["broadcast"].plan.saved      # the teaching form keeps the formula
+    assert not result.lowered["broadcast"].plan.saved      # the teaching form keeps the formula
     assert "one_hot" in code_lines("cross_entropy", "broadcast")["grad_logits"]
 
 
@@ -249,7 +250,7 @@ def test_no_value_is_saved_unless_the_forward_forms_it(tmp_path):
         equation = "loss = mean(logsumexp(logits[n, c], c) - (1 - smoothing) * logits[n, target[n]] - smoothing * mean(logits[n, c], c), n)"
         reference = "torch.nn.functional.cross_entropy(logits, target, label_smoothing=smoothing)"
     ''')
-    assert not build_op(op).lowered["contraction"].plan.saved
+    assert not built(op).lowered["contraction"].plan.saved
     assert not hasattr(module, "smoothed_cross_entropy_forward_saving")
     gradcheck_op(op, module)
     check_gradients(op, module)
@@ -288,7 +289,7 @@ def test_an_elementwise_op_saves_its_log_softmax_too(tmp_path):
         equation = "y[n, c] = v[n, c] * (x[n, c] - logsumexp(x[n, c], c))"
         reference = "v * torch.log_softmax(x, -1)"
     ''')
-    lines = {g.plan.target: render_expr(g) for g in build_op(op).lowered["contraction"].gradients}
+    lines = {g.plan.target: render_expr(g) for g in built(op).lowered["contraction"].gradients}
     assert lines["grad_v"] == "grad_y * saved_log_softmax"
     assert lines["grad_x"] == "torch._log_softmax_backward_data(grad_y * v, saved_log_softmax, -1, saved_log_softmax.dtype)"
     gradcheck_op(op, module)
@@ -312,7 +313,7 @@ def test_a_factor_constant_along_a_sum_multiplies_the_reduced_value(tmp_path):
         equation = "y[n] = sum(r[n] * a[n, d] * b[n, d], d)"
         reference = "r * (a * b).sum(-1)"
     ''')
-    forward = render_expr(build_op(op).lowered["contraction"].forward)
+    forward = render_expr(built(op).lowered["contraction"].forward)
     assert forward == "r * (a * b).sum(-1)"
     check_gradients(op, module)
 
@@ -329,13 +330,13 @@ def test_gradients_without_a_matrix_product_are_computed_first():
 
 
 def test_layer_norm_saves_mean_and_rstd_and_uses_the_fused_kernel():
-    built = build_op(CATALOG.op("layer_norm"))
-    assert [v.name for v in built.lowered["contraction"].plan.saved] == ["saved_mean", "saved_rstd"]
+    result = built(CATALOG.op("layer_norm"))
+    assert [v.name for v in result.lowered["contraction"].plan.saved] == ["saved_mean", "saved_rstd"]
     lines = code_lines("layer_norm", "contraction")
     assert lines["grad_x"] == ("torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], "
                                "saved_mean.unsqueeze(-1), saved_rstd.unsqueeze(-1), w, None, [True, False, False])[0]")
     assert lines["grad_w"].endswith("saved_rstd.unsqueeze(-1), w, None, [False, True, False])[1]")
-    assert not built.lowered["broadcast"].plan.saved
+    assert not result.lowered["broadcast"].plan.saved
     assert "native_layer_norm_backward" not in " ".join(code_lines("layer_norm", "broadcast").values())
 
 
@@ -347,7 +348,7 @@ def test_a_normalization_without_weight_passes_none(tmp_path):
         equation = "y[..., d] = (x[..., d] - mean(x[..., d], d)) / sqrt(mean((x[..., d] - mean(x[..., d], d))**2, d) + eps)"
         reference = "torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)"
     ''')
-    (line,) = [render_expr(g) for g in build_op(op).lowered["contraction"].gradients]
+    (line,) = [render_expr(g) for g in built(op).lowered["contraction"].gradients]
     assert line == ("torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean.unsqueeze(-1), "
                     "saved_rstd.unsqueeze(-1), None, None, [True, False, False])[0]")
     gradcheck_op(op, module)
@@ -365,7 +366,7 @@ def test_statistics_read_outside_the_kernel_are_not_saved(tmp_path):
         equation = "y[..., d] = x[..., d] + (x[..., d] - mean(x[..., d], d)) / sqrt(mean((x[..., d] - mean(x[..., d], d))**2, d) + eps)"
         reference = "x + torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)"
     ''')
-    assert not build_op(op).lowered["contraction"].plan.saved
+    assert not built(op).lowered["contraction"].plan.saved
     gradcheck_op(op, module)
     check_gradients(op, module)
 
@@ -379,7 +380,7 @@ def test_two_log_softmaxes_of_one_input_get_two_saved_values(tmp_path):
         equation = "loss = mean(logsumexp(x[n, c], c) - x[n, t[n]], n) + mean(logsumexp(x[n, c], n) - x[u[c], c], c)"
         reference = "torch.nn.functional.cross_entropy(x, t) + torch.nn.functional.cross_entropy(x.T, u)"
     ''')
-    names = [v.name for v in build_op(op).lowered["contraction"].plan.saved]
+    names = [v.name for v in built(op).lowered["contraction"].plan.saved]
     assert sorted(names) == ["saved_log_softmax_x_c", "saved_log_softmax_x_n"]
     gradcheck_op(op, module)
     check_gradients(op, module)
@@ -394,7 +395,7 @@ def test_a_class_dim_that_is_not_last_keeps_the_one_hot(tmp_path):
         equation = "loss = mean(logsumexp(logits[c, n], c) - logits[target[n], n], n)"
         reference = "torch.nn.functional.cross_entropy(logits.T, target)"
     ''')
-    (line,) = [render_expr(g) for g in build_op(op).lowered["contraction"].gradients]
+    (line,) = [render_expr(g) for g in built(op).lowered["contraction"].gradients]
     assert "nll_loss_backward" not in line and "one_hot" in line
     gradcheck_op(op, module)
     check_gradients(op, module)
@@ -424,7 +425,7 @@ def test_square_roots_of_sizes_are_python_arithmetic(tmp_path):
         equation = "y[..., d] = (x[..., d] - mean(x[..., d], d)) / sqrt(mean((x[..., d] - mean(x[..., d], d))**2, d))"
         reference = "torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=0.0)"
     ''')
-    assert "size_d**0.5" in render_expr(build_op(op).lowered["contraction"].forward)
+    assert "size_d**0.5" in render_expr(built(op).lowered["contraction"].forward)
     gradcheck_op(op, module)
     check_gradients(op, module)
 
@@ -467,7 +468,7 @@ def test_a_layer_norm_over_named_rows_saves_and_fuses_too(tmp_path):
         equation = "y[n, d] = (x[n, d] - mean(x[n, d], d)) / sqrt(mean((x[n, d] - mean(x[n, d], d))**2, d) + eps) * w[d] + b[d]"
         reference = "torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, eps)"
     ''')
-    lines = {g.plan.target: render_expr(g) for g in build_op(op).lowered["contraction"].gradients}
+    lines = {g.plan.target: render_expr(g) for g in built(op).lowered["contraction"].gradients}
     assert "native_layer_norm_backward" in lines["grad_x"] and "native_layer_norm_backward" in lines["grad_w"]
     gradcheck_op(op, module)
     check_gradients(op, module)
@@ -506,7 +507,7 @@ def test_a_gathered_table_summed_along_another_dim_is_scattered_not_multiplied_b
         equation = "y[j, k, m] = sum(t[g[n], k, j] * p[k, m, j, n], n)"
         reference = "(t[g].permute(2, 1, 0).unsqueeze(2) * p.permute(2, 0, 1, 3)).sum(-1)"
     ''')
-    code = render_expr(build_op(op).lowered["contraction"].gradients[0])
+    code = render_expr(built(op).lowered["contraction"].gradients[0])
     assert "index_add(0, g," in code and "one_hot" not in code
     for sizes in ({"v": 3, "k": 2, "j": 2, "m": 3, "n": 4}, {"v": 1, "k": 2, "j": 1, "m": 0, "n": 2}):
         check_gradients(op, module, sizes=sizes)

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from derive import naming
-from derive.build import build_op, render_catalog
+from derive.build import render_catalog
 from derive.lower import MatMul, Product, children, walk
 from derive.model import SpecError
 from derive.printing import Code, _arranged, align, render
 from derive.spec import parse_catalog
 from derive.testing import autograd_gradients, call_backward, check_gradients, load_module, make_inputs
 
-from conftest import CATALOG
+from conftest import CATALOG, built, shared_builds
 
 SIZE = 4    # every index: a wrong grouping of `*` and `@` computes a wrong value, it does not crash
 
@@ -30,7 +30,9 @@ def modules(tmp_path, text: str, styles=("contraction",)):
     catalog = parse_catalog(textwrap.dedent(text), "trust.toml")
     namespace = f"trust_{tmp_path.name}".replace("-", "_")
     loaded = {}
-    for path, source in render_catalog(catalog, styles, namespace=namespace).items():
+    with shared_builds():     # test_every_printed_operand_is_one_python_operand reads the same builds
+        files = render_catalog(catalog, styles, namespace=namespace)
+    for path, source in files.items():
         if path.endswith(".py"):
             target = tmp_path / path.replace("/", "_")
             target.write_text(source)
@@ -179,7 +181,7 @@ def printed_children(node):
 def grouping_problems(op) -> list[str]:
     """Nodes of the op's lowered trees whose printed child Python would not read as one operand."""
     problems = []
-    lowered = build_op(op, styles=("contraction",)).lowered["contraction"]
+    lowered = built(op).lowered["contraction"]
     for expr in lowered.gradients + (lowered.forward,):
         for term in expr.terms:
             for node in walk(term):

@@ -3,16 +3,15 @@
 import pytest
 import torch
 
-from derive.build import build_op
 from derive.functions import STABLE_FUNCTIONS
 from derive.testing import check_gradients, make_inputs
 
-from conftest import CATALOG, OPS, generated_module
+from conftest import CATALOG, OPS, derivation, generated_module
 
 
 def stabilized(op) -> bool:
     """Whether derive lowered the op to a stable function (softmax, logsumexp, softplus, sigmoid, log1p)."""
-    return build_op(op).derivation.forward.has(*STABLE_FUNCTIONS)
+    return derivation(op).forward.has(*STABLE_FUNCTIONS)
 
 
 STABLE_OPS = [name for name in OPS if stabilized(CATALOG.op(name))]
