@@ -52,6 +52,7 @@ class Reduce:
     source: "Node"
     summed: tuple[str, ...]
     mean: bool
+    sizes: tuple[sympy.Expr, ...] = ()   # size of each dim it keeps, when it sums the batch dims (sum_to_size)
 
     @property
     def indices(self) -> tuple[str, ...]:
@@ -282,7 +283,8 @@ def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None)
     if not term.operands:
         return _constant(term)
     nodes = [Leaf(o.expr, o.indices) for o in term.operands]
-    scatter = _scatter(nodes, set(term.summed), target, like)
+    sizes = dict(term.sizes)
+    scatter = _scatter(nodes, set(term.summed), target, like, sizes)
     if scatter is not None:
         return _finish(scatter, (), term)
     # Factors constant along every summed index multiply the sum, not each of its summands:
@@ -290,13 +292,13 @@ def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None)
     outside = [n for n in nodes if term.summed and not set(n.indices) & set(term.summed)]
     inside = [n for n in nodes if not any(n is o for o in outside)]
     if outside and inside:
-        node, summed = _contract(inside, list(term.summed), target)
+        node, summed = _contract(inside, list(term.summed), target, sizes)
         node, coefficient = _reduce(node, tuple(summed), term)
         factors = sorted([*outside, node], key=lambda n: len(n.indices))   # small operands meet first
         result = tuple(i for i in target if any(i in n.indices for n in factors))
         product = Product(tuple(factors), result)
         return product if coefficient == 1 else Scaled(coefficient, product)
-    node, summed = _contract(nodes, list(term.summed), target)
+    node, summed = _contract(nodes, list(term.summed), target, sizes)
     return _finish(node, tuple(summed), term)
 
 
@@ -359,7 +361,8 @@ def _constant(term: TermPlan) -> Node:
     return Leaf(term.coefficient, ())
 
 
-def _scatter(nodes: list[Node], summed: set[str], target: tuple[str, ...], like: str | None) -> Node | None:
+def _scatter(nodes: list[Node], summed: set[str], target: tuple[str, ...], like: str | None,
+             sizes: dict[str, sympy.Expr]) -> Node | None:
     """sum over n of one_hot(idx[n], v) * f[n, d]  ->  index_add of f's rows into row idx[n] of a zero tensor."""
     for node in nodes:
         if not (isinstance(node.expr, one_hot) and like is not None):
@@ -370,16 +373,17 @@ def _scatter(nodes: list[Node], summed: set[str], target: tuple[str, ...], like:
         if target[:1] != (position.name,) or not set(rows) <= summed:
             continue
         others = [n for n in nodes if n is not node]
-        source, left = _contract(others, [i for i in summed if i not in rows], rows + rest)
+        source, left = _contract(others, [i for i in summed if i not in rows], rows + rest, sizes)
         if left:   # one operand left (the others merged into it): its sum is the scattered rows
-            source = Reduce(source, tuple(left), mean=False)
+            source = _sum(source, tuple(left), sizes)
         if set(source.indices) != set(rows + rest):
             continue
         return Scatter(source, value.base.label.name, rows, like, target)
     return None
 
 
-def _contract(nodes: list[Node], summed: list[str], target: tuple[str, ...]) -> tuple[Node, list[str]]:
+def _contract(nodes: list[Node], summed: list[str], target: tuple[str, ...],
+              sizes: dict[str, sympy.Expr]) -> tuple[Node, list[str]]:
     """Contract operands over `summed`; returns the node and the indices it still has to sum."""
     if not nodes:
         raise ValueError("nothing to contract")
@@ -389,7 +393,7 @@ def _contract(nodes: list[Node], summed: list[str], target: tuple[str, ...]) -> 
         others = {i for other in nodes if other is not node for i in other.indices}
         alone = tuple(i for i in node.indices if i in summed and i not in others)
         if alone and len(nodes) > 1:
-            nodes[position] = Reduce(node, alone, mean=False)
+            nodes[position] = _sum(node, alone, sizes)
             summed = [i for i in summed if i not in alone]
     if len(nodes) == 1:
         return nodes[0], summed
@@ -451,8 +455,15 @@ def _reduce(node: Node, summed: tuple[str, ...], term: TermPlan) -> tuple[Node, 
         mean = not (ratio.free_symbols & count.free_symbols)
         if mean:
             coefficient = ratio
-        node = Reduce(node, summed, mean)
+        node = _sum(node, summed, sizes, mean)
     return node, coefficient
+
+
+def _sum(node: Node, summed: tuple[str, ...], sizes: dict[str, sympy.Expr], mean: bool = False) -> Reduce:
+    """`node` reduced over `summed`; a sum over the batch dims names the size of each dim it keeps
+    (the plan's: a renamed index such as n_1 has n's size)."""
+    kept = tuple(sizes[i] for i in node.indices if i not in summed) if BATCH in summed else ()
+    return Reduce(node, summed, mean, kept)
 
 
 def backward_reads(lowered: LoweredOp) -> set[str]:

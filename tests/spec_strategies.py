@@ -27,16 +27,13 @@ from derive.naming import BATCH
 
 # Bug classes of today's derive that the fuzzer found and that are not fixed yet (the fixed ones are gone:
 # precedence, float params in torch calls, Max/Min ties, x ** a at 0, two-dim normalizations, `1.sum()`,
-# unexpanded gradients).
+# unexpanded gradients, unbound sizes).
 # While a name is listed, the fuzzer steps around it so that the fixed-seed slice stays green: the strategy
 # does not write the spec shape (`AVOIDED`), or tests/test_differential.py counts a failure whose generated
 # code or error has the class's signature as a known bug (`RECOGNIZED`). Remove a name once its fix is
 # merged; DERIVE_FUZZ_KNOWN_BUGS=include runs with none of them.
 AVOIDED: set[str] = set()   # none today: Max/Min ties and x ** a at x = 0 are fixed
 RECOGNIZED = {
-    # a generated backward reads a size it never binds (NameError: name 'size_n_1' is not defined): seed 43,
-    # Max(0, sum(p[m, n], n)) times a cos of two gathers, summed over j of size 0, with batch dims.
-    "undefined_size_name",
     # a valid spec refused with "internal error while generating (SyntaxError: expected 'else' after 'if'
     # expression)": the printed module does not compile (derive refuses it, nothing wrong is written). Seed
     # 1043: a where() on softmax(q[n, k], n) between two sums over `...`, times Min + Max of inputs.

@@ -522,3 +522,31 @@ def test_a_sum_over_an_index_its_body_lacks_is_the_body_times_the_size(tmp_path)
     ''')
     for seed in range(3):   # q of either sign
         check_gradients(op, module, sizes={"k": 3}, seed=seed)
+
+
+@pytest.mark.parametrize("style", ["contraction", "broadcast"])
+def test_a_sum_over_the_batch_dims_names_the_sizes_it_keeps_by_their_input(tmp_path, style):
+    # found by the differential fuzzer (seed 43): the batch sum kept the derivation's renamed n_1 and read
+    # `size_n_1`, which nothing binds (NameError); every size the code reads is now an input's
+    op, module = spec_module(tmp_path, '''
+        [ops.batch_summed]
+        inputs = ["p[m, n]", "t[v]", "g[j]", "q[..., j, n]"]
+        integer = ["g"]
+        equation = "y[n, m] = sum(Max(0, sum(p[m, n], n)) * cos(t[g[j]] + q[..., j, n]), j, ...)"
+        reference = "torch.clamp_min(p.sum(-1), 0) * torch.cos(t[g].unsqueeze(-1) + q).sum_to_size(q.shape[-2:]).sum(0).unsqueeze(-1)"
+    ''', style)
+    for sizes in ({"...": 2, "v": 3, "j": 0, "n": 4, "m": 2}, {"...": 3, "v": 3, "j": 3, "n": 3, "m": 3},
+                  {"...": 1, "v": 1, "j": 1, "n": 1, "m": 1}, {"...": 0, "v": 2, "j": 2, "n": 2, "m": 2}):
+        check_gradients(op, module, sizes=sizes)
+
+
+def test_code_that_reads_a_size_no_input_binds_is_refused_when_generated():
+    from derive.lower import Leaf, LoweredExpr
+    from derive.plan import ExprPlan
+    from derive.printing import sizes_used
+    op = CATALOG.op("linear")
+    renamed = sympy.Symbol("size_n_1", integer=True, positive=True)
+    expr = LoweredExpr(ExprPlan("grad_x", "x", ("n", "k"), ()), (Leaf(renamed * sympy.Symbol("size_k", integer=True,
+                                                                                              positive=True), ()),))
+    with pytest.raises(ValueError, match="size_n_1, which no input's shape binds"):
+        sizes_used(op, [expr])
