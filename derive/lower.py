@@ -80,7 +80,8 @@ class Einsum:
 
 @dataclass(frozen=True)
 class Scatter:
-    """Rows of `source` (dims rows + rest) added into a zero tensor shaped like `like` at the rows `index` names."""
+    """Rows of `source` (dims rows + rest, or some of them: it is expanded) added into a zero tensor shaped like
+    `like` at the rows `index` names."""
 
     source: "Node"
     index: str                     # integer input holding the row numbers, with dims `rows`
@@ -372,12 +373,11 @@ def _scatter(nodes: list[Node], summed: set[str], target: tuple[str, ...], like:
         rest = tuple(i for i in target if i != position.name)
         if target[:1] != (position.name,) or not set(rows) <= summed:
             continue
-        others = [n for n in nodes if n is not node]
+        others = [n for n in nodes if n is not node] or [Leaf(sympy.S.One, ())]   # each row adds a 1
         source, left = _contract(others, [i for i in summed if i not in rows], rows + rest, sizes)
         if left:   # one operand left (the others merged into it): its sum is the scattered rows
             source = _sum(source, tuple(left), sizes)
-        if set(source.indices) != set(rows + rest):
-            continue
+        # a source constant along some of the rows is expanded to them: each row still adds at its index
         return Scatter(source, value.base.label.name, rows, like, target)
     return None
 
@@ -399,9 +399,16 @@ def _contract(nodes: list[Node], summed: list[str], target: tuple[str, ...],
         return nodes[0], summed
     # Contractions may produce any dim order: produce the target's, so no transpose follows.
     result = tuple(i for i in target if any(i in n.indices for n in nodes))
-    if len(nodes) == 2:
-        return _pair(nodes[0], nodes[1], set(summed), result), []
-    return Einsum(tuple(nodes), result), []
+    node = _pair(nodes[0], nodes[1], set(summed), result) if len(nodes) == 2 else Einsum(tuple(nodes), result)
+    if isinstance(node, (MatMul, Einsum)) and any(_one_hot(n) for n in nodes):
+        # an int64 one-hot in a matrix product with float tensors is a dtype error: _scatter adds rows instead
+        raise ValueError("a one-hot of an integer input would enter a matrix product")
+    return node, []
+
+
+def _one_hot(node: Node) -> bool:
+    return isinstance(node, Leaf) and isinstance(node.expr, one_hot) or \
+        isinstance(node, Reduce) and _one_hot(node.source)
 
 
 def _merge_nested(nodes: list[Node]) -> list[Node]:

@@ -527,7 +527,13 @@ def render(node: Node) -> Code:
         return Code(f"torch.einsum(\"{spec}\", {', '.join(o.text for o in operands)})", node.indices)
     if isinstance(node, Scatter):
         layout = node.rows + node.indices[1:]
-        source = _arranged(render(node.source), layout)
+        source = render(node.source)
+        if set(source.indices) != set(layout):   # constant along some rows or dims: one value per row all the same
+            shape = f"{node.index}.shape + {node.like}.shape[1:]"
+            text = f"{node.like}.new_ones({shape})" if source.text == "1" else \
+                f"{align(source, layout).atom()}.expand({shape})"
+            source = Code(text, layout)
+        source = _arranged(source, layout)
         flat = len(node.rows) == 1
         # flatten, not reshape(-1, size): -1 is ambiguous when a size is 0
         rows = source.text if flat else f"{source.atom()}.flatten(0, {len(node.rows) - 1})"

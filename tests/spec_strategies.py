@@ -27,7 +27,7 @@ from derive.naming import BATCH
 
 # Bug classes of today's derive that the fuzzer found and that are not fixed yet (the fixed ones are gone:
 # precedence, float params in torch calls, Max/Min ties, x ** a at 0, two-dim normalizations, `1.sum()`,
-# unexpanded gradients, unbound sizes).
+# unexpanded gradients, unbound sizes, int64 one-hots in matrix products).
 # While a name is listed, the fuzzer steps around it so that the fixed-seed slice stays green: the strategy
 # does not write the spec shape (`AVOIDED`), or tests/test_differential.py counts a failure whose generated
 # code or error has the class's signature as a known bug (`RECOGNIZED`). Remove a name once its fix is
@@ -43,11 +43,6 @@ RECOGNIZED = {
     # torch.maximum splits it (first-order gradients are right, tie= / settle_kinks):
     # y[k] = sum(sin(p[m]) * sin(Min(t[g[k]], lo)), m) with lo = 0 and t = 0: d/dt of grad_p is twice autograd's.
     "double_backward_at_clamp_tie",
-    # a scatter through an integer input lowered to a contraction with one_hot(g, size), an int64 tensor:
-    # einsum/matmul with a float64 operand raises a dtype error. The common case (the other operands merge
-    # into one, which the scatter now sums and index_adds) is fixed: 7 of 150 specs before, 0 after; kept
-    # until a one-hot can never reach an einsum or matmul.
-    "integer_one_hot_in_contraction",
     # a Kronecker delta left inside a where() branch, printed as `(1 if n == n_1 else 0)`: NameError.
     # y[k, n] = where(p[n, k] > 0, 0, sum(q[n, m] * t[g[k]], m))
     "delta_inside_where",

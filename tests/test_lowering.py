@@ -550,3 +550,27 @@ def test_code_that_reads_a_size_no_input_binds_is_refused_when_generated():
                                                                                               positive=True), ()),))
     with pytest.raises(ValueError, match="size_n_1, which no input's shape binds"):
         sizes_used(op, [expr])
+
+
+@pytest.mark.parametrize("inputs, equation, reference", [
+    # found by the differential fuzzer: the one-hot of g, summed over k alone, met a in a matrix product
+    # (int64 @ float64: a dtype error); the rows constant along k are now expanded and added at g
+    ('["t[v, d]", "g[n, k]", "a[n, d]"]', "y[d] = sum(t[g[n, k], d] * a[n, d], n, k)", "(t[g] * a.unsqueeze(1)).sum((0, 1))"),
+    # a term that is the one-hot alone (the common grad_y factored out) adds a 1 per row ("nothing to contract")
+    ('["t[v]", "g[n]", "h[n]", "a[n]"]', "y = sum(t[g[n]], n) + sum(t[h[n]] * a[n], n)", "t[g].sum() + (t[h] * a).sum()"),
+    ('["t[v, d]", "g[n]", "a[n, m]", "b[m]"]', "y[d] = sum(t[g[n], d] * a[n, m] * b[m], n, m)", "t[g].T @ (a @ b)"),
+])
+def test_a_scatter_through_an_integer_input_never_multiplies_a_one_hot(tmp_path, inputs, equation, reference):
+    integer = '["g", "h"]' if "h[n]" in inputs else '["g"]'
+    op, module = spec_module(tmp_path, f'''
+        [ops.scattered]
+        inputs = {inputs}
+        integer = {integer}
+        equation = "{equation}"
+        reference = "{reference}"
+    ''')
+    code = render_expr(build_op(op).lowered["contraction"].gradients[0])
+    assert "index_add(0, g" in code and "one_hot" not in code
+    for sizes in ({"v": 3, "d": 2, "n": 4, "k": 2, "m": 3}, {"v": 2, "d": 2, "n": 2, "k": 2, "m": 2},
+                  {"v": 1, "d": 1, "n": 1, "k": 1, "m": 1}, {"v": 2, "d": 0, "n": 3, "k": 0, "m": 0}):
+        check_gradients(op, module, sizes=sizes)
