@@ -182,8 +182,11 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
                 not depends_on_tensor(expr, scalars | {sympy.Symbol(n, real=True) for n, _ in values}):
             accesses[symbol] = expr      # a condition, a plain number or a size: stays inline
             continue
-        indices = ordered(free_indices(expr), order)
-        idx = [next(j for j in expr.atoms(sympy.Idx) if j.name == i) for i in indices]
+        idx = [next(j for j in expr.atoms(sympy.Idx) if j.name == i) for i in ordered(free_indices(expr), order)]
+        # a copy of the batch dims under another name (..._1, or a sum's bound _0_0) leads as `...` does:
+        # where the value is read under `...`, its batch dims then lead as they must
+        idx.sort(key=lambda j: j.upper + 1 != size_symbol(BATCH))
+        indices = tuple(j.name for j in idx)
         # the same tensor under other index names, in any order (x[n, c, l] and x[n_1, c, l_1] over
         # (c, l_1, n_1)), is computed once: two names for one value would each read the other
         found = next(((name, chosen) for name, value in values

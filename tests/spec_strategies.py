@@ -27,7 +27,7 @@ from derive.naming import BATCH
 
 # Bug classes of today's derive that the fuzzer found and that are not fixed yet (the fixed ones are gone:
 # precedence, float params in torch calls, Max/Min ties, x ** a at 0, two-dim normalizations, `1.sum()`,
-# unexpanded gradients, unbound sizes, int64 one-hots in matrix products).
+# unexpanded gradients, unbound sizes, int64 one-hots in matrix products, batch dims that did not lead).
 # While a name is listed, the fuzzer steps around it so that the fixed-seed slice stays green: the strategy
 # does not write the spec shape (`AVOIDED`), or tests/test_differential.py counts a failure whose generated
 # code or error has the class's signature as a known bug (`RECOGNIZED`). Remove a name once its fix is
@@ -49,10 +49,6 @@ RECOGNIZED = {
     # a valid spec with gathers refused with "cannot line up dims ('v', 'j', '_0_0') in ('v', 'j')":
     # y[j] = sum(where(p[j] > t[g[j]], p[j], q[j]) * u[g[j], n] * exp(Min(w[h[n], j], 1)), n)
     "cannot_line_up_dims",
-    # a valid spec with batch dims refused: "batch dims '...' must lead: cannot permute ('j', '...', ...)":
-    # y[..., n, j, k] = Max(0, where(p[..., j, k, n] >= 0, q[..., j, n, k] - r[..., n, k, j],
-    #                                 sum(erf(s[..., m, j, k]) * u[..., k] * tanh(w[m, n]), m)))
-    "batch_dims_must_lead",
     # derive hangs: functions.renamed_match tries every permutation of a candidate's indices, which
     # explodes on a fuzzed spec with several nested sums over four indices (stopped after 8 minutes).
     "exponential_renaming",

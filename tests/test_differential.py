@@ -70,7 +70,6 @@ _COUNTER = itertools.count()
 # Known bugs that show as a refusal of a valid spec (see generate()), and those that show in the code.
 KNOWN_REFUSALS = {"exponential_renaming": r"(?!)",   # a hang, not a refusal: see generate()
                   "cannot_line_up_dims": r"cannot line up dims",
-                  "batch_dims_must_lead": r"batch dims '...' must lead: cannot permute",
                   "uncompilable_module": r"internal error while generating \(SyntaxError"}
 
 

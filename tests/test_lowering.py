@@ -574,3 +574,25 @@ def test_a_scatter_through_an_integer_input_never_multiplies_a_one_hot(tmp_path,
     for sizes in ({"v": 3, "d": 2, "n": 4, "k": 2, "m": 3}, {"v": 2, "d": 2, "n": 2, "k": 2, "m": 2},
                   {"v": 1, "d": 1, "n": 1, "k": 1, "m": 1}, {"v": 2, "d": 0, "n": 3, "k": 0, "m": 0}):
         check_gradients(op, module, sizes=sizes)
+
+
+@pytest.mark.parametrize("inputs, equation, reference", [
+    # found by the differential fuzzer: a value shared by several gradients over a renamed copy of the batch
+    # dims (..._1, or a sum's bound index) had that copy last, and read under `...` it could not be permuted
+    # ("batch dims '...' must lead"); batch copies now lead in shared values as `...` does
+    ('["p_bjk[..., j, k]", "q_bjk[..., j, k]", "p_bnk[..., n, k]", "q_bjn[..., j, n]", "p"]',
+     "y[..., k] = sum(sin(q_bjk[..., j, k]) * softplus(sum(sigmoid(p_bnk[..., n, k]) * cos(q_bjn[..., j, n]), ..., n))"
+     " * sum(cos(p_bjk[..., j, k]) * p, ...), j)",
+     "(torch.sin(q_bjk) * torch.nn.functional.softplus((torch.sigmoid(p_bnk).unsqueeze(-1) * torch.cos(q_bjn).mT"
+     ".unsqueeze(-2)).sum((0, 1))).T * (torch.cos(p_bjk) * p).sum(0)).sum(-2)"),
+])
+def test_copies_of_the_batch_dims_lead_in_shared_values(tmp_path, inputs, equation, reference):
+    op, module = spec_module(tmp_path, f'''
+        [ops.batch_copies]
+        inputs = {inputs}
+        equation = "{equation}"
+        reference = "{reference}"
+    ''')
+    for sizes in ({"...": 3, "n": 2, "j": 3, "k": 2, "m": 1}, {"...": 2, "n": 2, "j": 2, "k": 2, "m": 2},
+                  {"...": 1, "n": 1, "j": 1, "k": 1, "m": 1}, {"...": 0, "n": 2, "j": 0, "k": 2, "m": 2}):
+        check_gradients(op, module, sizes=sizes)
