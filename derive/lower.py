@@ -438,6 +438,8 @@ def _pair(a: Node, b: Node, summed: set[str], result: tuple[str, ...]) -> Node:
     a_free = [i for i in result if i in a.indices and i not in b.indices]
     b_free = [i for i in result if i in b.indices and i not in a.indices]
     matrix = contracted != (BATCH,) and len(contracted) == 1 and len(a_free) <= 1 and len(b_free) <= 1 and (not batch or (a_free and b_free))
+    # the batch dims lead a matrix product's operands: as a matrix row they would follow its batch
+    matrix = matrix and not (batch and BATCH in a_free + b_free)
     if not matrix:
         return Einsum((a, b), result)
     # The operand whose free dim comes first in the result goes on the left.

@@ -585,8 +585,11 @@ def test_a_scatter_through_an_integer_input_never_multiplies_a_one_hot(tmp_path,
      " * sum(cos(p_bjk[..., j, k]) * p, ...), j)",
      "(torch.sin(q_bjk) * torch.nn.functional.softplus((torch.sigmoid(p_bnk).unsqueeze(-1) * torch.cos(q_bjn).mT"
      ".unsqueeze(-2)).sum((0, 1))).T * (torch.cos(p_bjk) * p).sum(0)).sum(-2)"),
+    # and a matrix product took `...` for its row dim after the batch dim m: (m, ..., k) @ (m, k, j)
+    ('["p_jkm[j, k, m]", "q_bjm[..., j, m]"]', "y[..., m, k] = sum(p_jkm[j, k, m] * tanh(q_bjm[..., j, m]), j)",
+     "(p_jkm * torch.tanh(q_bjm).unsqueeze(-2)).sum(-3).mT"),
 ])
-def test_copies_of_the_batch_dims_lead_in_shared_values(tmp_path, inputs, equation, reference):
+def test_batch_dims_lead_in_shared_values_and_matrix_products(tmp_path, inputs, equation, reference):
     op, module = spec_module(tmp_path, f'''
         [ops.batch_copies]
         inputs = {inputs}
@@ -596,3 +599,6 @@ def test_copies_of_the_batch_dims_lead_in_shared_values(tmp_path, inputs, equati
     for sizes in ({"...": 3, "n": 2, "j": 3, "k": 2, "m": 1}, {"...": 2, "n": 2, "j": 2, "k": 2, "m": 2},
                   {"...": 1, "n": 1, "j": 1, "k": 1, "m": 1}, {"...": 0, "n": 2, "j": 0, "k": 2, "m": 2}):
         check_gradients(op, module, sizes=sizes)
+    if "p_jkm" in inputs:   # `...` as two dims
+        sizes = {"j": 2, "k": 3, "m": 2}
+        check_gradients(op, module, inputs=make_inputs(op, sizes, batch_shapes={"q_bjm": (2, 3)}))
