@@ -528,10 +528,10 @@ def render(node: Node) -> Code:
     if isinstance(node, Scatter):
         layout = node.rows + node.indices[1:]
         source = render(node.source)
-        if set(source.indices) != set(layout):   # constant along some rows or dims: one value per row all the same
+        if set(source.indices) != set(layout):   # constant along some rows or dims: expanded, each row still adds
             shape = f"{node.index}.shape + {node.like}.shape[1:]"
-            text = f"{node.like}.new_ones({shape})" if source.text == "1" else \
-                f"{align(source, layout).atom()}.expand({shape})"
+            ones = isinstance(node.source, Leaf) and node.source.expr == 1
+            text = f"{node.like}.new_ones({shape})" if ones else f"{align(source, layout).atom()}.expand({shape})"
             source = Code(text, layout)
         source = _arranged(source, layout)
         flat = len(node.rows) == 1
