@@ -51,6 +51,7 @@ class Reduce:
     source: "Node"
     summed: tuple[str, ...]
     mean: bool
+    sizes: tuple[sympy.Expr, ...] = ()   # size of each dim it keeps, when it sums the batch dims (sum_to_size)
 
     @property
     def indices(self) -> tuple[str, ...]:
@@ -78,7 +79,8 @@ class Einsum:
 
 @dataclass(frozen=True)
 class Scatter:
-    """Rows of `source` (dims rows + rest) added into a zero tensor shaped like `like` at the rows `index` names."""
+    """Rows of `source` (dims rows + rest, or some of them: it is expanded) added into a zero tensor shaped like
+    `like` at the rows `index` names."""
 
     source: "Node"
     index: str                     # integer input holding the row numbers, with dims `rows`
@@ -179,8 +181,11 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
                 not depends_on_tensor(expr, scalars | {sympy.Symbol(n, real=True) for n, _ in values}):
             accesses[symbol] = expr      # a condition, a plain number or a size: stays inline
             continue
-        indices = ordered(free_indices(expr), order)
-        idx = [next(j for j in expr.atoms(sympy.Idx) if j.name == i) for i in indices]
+        idx = [next(j for j in expr.atoms(sympy.Idx) if j.name == i) for i in ordered(free_indices(expr), order)]
+        # a copy of the batch dims under another name (..._1, or a sum's bound _0_0) leads as `...` does:
+        # where the value is read under `...`, its batch dims then lead as they must
+        idx.sort(key=lambda j: j.upper + 1 != size_symbol(BATCH))
+        indices = tuple(j.name for j in idx)
         # the same tensor under other index names, in any order (x[n, c, l] and x[n_1, c, l_1] over
         # (c, l_1, n_1)), is computed once: two names for one value would each read the other
         found = next(((name, chosen) for name, value in values
@@ -281,7 +286,8 @@ def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None)
     if not term.operands:
         return _constant(term)
     nodes = [Leaf(o.expr, o.indices) for o in term.operands]
-    scatter = _scatter(nodes, set(term.summed), target, like)
+    sizes = dict(term.sizes)
+    scatter = _scatter(nodes, set(term.summed), target, like, sizes)
     if scatter is not None:
         return _finish(scatter, (), term)
     # Factors constant along every summed index multiply the sum, not each of its summands:
@@ -289,13 +295,13 @@ def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None)
     outside = [n for n in nodes if term.summed and not set(n.indices) & set(term.summed)]
     inside = [n for n in nodes if not any(n is o for o in outside)]
     if outside and inside:
-        node, summed = _contract(inside, list(term.summed), target)
+        node, summed = _contract(inside, list(term.summed), target, sizes)
         node, coefficient = _reduce(node, tuple(summed), term)
         factors = sorted([*outside, node], key=lambda n: len(n.indices))   # small operands meet first
         result = tuple(i for i in target if any(i in n.indices for n in factors))
         product = Product(tuple(factors), result)
         return product if coefficient == 1 else Scaled(coefficient, product)
-    node, summed = _contract(nodes, list(term.summed), target)
+    node, summed = _contract(nodes, list(term.summed), target, sizes)
     return _finish(node, tuple(summed), term)
 
 
@@ -349,7 +355,8 @@ def _constant(term: TermPlan) -> Node:
     return Leaf(term.coefficient, ())
 
 
-def _scatter(nodes: list[Node], summed: set[str], target: tuple[str, ...], like: str | None) -> Node | None:
+def _scatter(nodes: list[Node], summed: set[str], target: tuple[str, ...], like: str | None,
+             sizes: dict[str, sympy.Expr]) -> Node | None:
     """sum over n of one_hot(idx[n], v) * f[n, d]  ->  index_add of f's rows into row idx[n] of a zero tensor."""
     for node in nodes:
         if not (isinstance(node.expr, one_hot) and like is not None):
@@ -359,17 +366,17 @@ def _scatter(nodes: list[Node], summed: set[str], target: tuple[str, ...], like:
         rest = tuple(i for i in target if i != position.name)
         if target[:1] != (position.name,) or not set(rows) <= summed:
             continue
-        others = [n for n in nodes if n is not node]
-        source, left = _contract(others, [i for i in summed if i not in rows], rows + rest)
+        others = [n for n in nodes if n is not node] or [Leaf(sympy.S.One, ())]   # each row adds a 1
+        source, left = _contract(others, [i for i in summed if i not in rows], rows + rest, sizes)
         if left:   # one operand left (the others merged into it): its sum is the scattered rows
-            source = Reduce(source, tuple(left), mean=False)
-        if set(source.indices) != set(rows + rest):
-            continue
+            source = _sum(source, tuple(left), sizes)
+        # a source constant along some of the rows is expanded to them: each row still adds at its index
         return Scatter(source, value.base.label.name, rows, like, target)
     return None
 
 
-def _contract(nodes: list[Node], summed: list[str], target: tuple[str, ...]) -> tuple[Node, list[str]]:
+def _contract(nodes: list[Node], summed: list[str], target: tuple[str, ...],
+              sizes: dict[str, sympy.Expr]) -> tuple[Node, list[str]]:
     """Contract operands over `summed`; returns the node and the indices it still has to sum."""
     if not nodes:
         raise ValueError("nothing to contract")
@@ -379,15 +386,22 @@ def _contract(nodes: list[Node], summed: list[str], target: tuple[str, ...]) -> 
         others = {i for other in nodes if other is not node for i in other.indices}
         alone = tuple(i for i in node.indices if i in summed and i not in others)
         if alone and len(nodes) > 1:
-            nodes[position] = Reduce(node, alone, mean=False)
+            nodes[position] = _sum(node, alone, sizes)
             summed = [i for i in summed if i not in alone]
     if len(nodes) == 1:
         return nodes[0], summed
     # Contractions may produce any dim order: produce the target's, so no transpose follows.
     result = tuple(i for i in target if any(i in n.indices for n in nodes))
-    if len(nodes) == 2:
-        return _pair(nodes[0], nodes[1], set(summed), result), []
-    return Einsum(tuple(nodes), result), []
+    node = _pair(nodes[0], nodes[1], set(summed), result) if len(nodes) == 2 else Einsum(tuple(nodes), result)
+    if isinstance(node, (MatMul, Einsum)) and any(_one_hot(n) for n in nodes):
+        # an int64 one-hot in a matrix product with float tensors is a dtype error: _scatter adds rows instead
+        raise ValueError("a one-hot of an integer input would enter a matrix product")
+    return node, []
+
+
+def _one_hot(node: Node) -> bool:
+    return isinstance(node, Leaf) and isinstance(node.expr, one_hot) or \
+        isinstance(node, Reduce) and _one_hot(node.source)
 
 
 def _merge_nested(nodes: list[Node]) -> list[Node]:
@@ -414,6 +428,8 @@ def _pair(a: Node, b: Node, summed: set[str], result: tuple[str, ...]) -> Node:
     a_free = [i for i in result if i in a.indices and i not in b.indices]
     b_free = [i for i in result if i in b.indices and i not in a.indices]
     matrix = contracted != (BATCH,) and len(contracted) == 1 and len(a_free) <= 1 and len(b_free) <= 1 and (not batch or (a_free and b_free))
+    # the batch dims lead a matrix product's operands: as a matrix row they would follow its batch
+    matrix = matrix and not (batch and BATCH in a_free + b_free)
     if not matrix:
         return Einsum((a, b), result)
     # The operand whose free dim comes first in the result goes on the left.
@@ -441,8 +457,15 @@ def _reduce(node: Node, summed: tuple[str, ...], term: TermPlan) -> tuple[Node, 
         mean = not (ratio.free_symbols & count.free_symbols)
         if mean:
             coefficient = ratio
-        node = Reduce(node, summed, mean)
+        node = _sum(node, summed, sizes, mean)
     return node, coefficient
+
+
+def _sum(node: Node, summed: tuple[str, ...], sizes: dict[str, sympy.Expr], mean: bool = False) -> Reduce:
+    """`node` reduced over `summed`; a sum over the batch dims names the size of each dim it keeps
+    (the plan's: a renamed index such as n_1 has n's size)."""
+    kept = tuple(sizes[i] for i in node.indices if i not in summed) if BATCH in summed else ()
+    return Reduce(node, summed, mean, kept)
 
 
 def backward_reads(lowered: LoweredOp) -> set[str]:

@@ -457,7 +457,7 @@ def render(node: Node) -> Code:
             if node.mean:
                 raise ValueError("a mean over the batch dims '...' together with other dims is not supported")
             # sum_to_size reduces however many leading dims the batch has, none included
-            text += f".sum_to_size({python_tuple([size_symbol(i).name for i in node.indices])})"
+            text += f".sum_to_size({python_tuple([ScalarPrinter().doprint(size) for size in node.sizes])})"
         return Code(text, node.indices)
     if isinstance(node, MatMul):
         left = _arranged(render(node.left), node.left_layout)
@@ -471,7 +471,13 @@ def render(node: Node) -> Code:
         return Code(f"torch.einsum(\"{spec}\", {', '.join(o.text for o in operands)})", node.indices)
     if isinstance(node, Scatter):
         layout = node.rows + node.indices[1:]
-        source = _arranged(render(node.source), layout)
+        source = render(node.source)
+        if set(source.indices) != set(layout):   # constant along some rows or dims: expanded, each row still adds
+            shape = f"{node.index}.shape + {node.like}.shape[1:]"
+            ones = isinstance(node.source, Leaf) and node.source.expr == 1
+            text = f"{node.like}.new_ones({shape})" if ones else f"{align(source, layout).atom()}.expand({shape})"
+            source = Code(text, layout)
+        source = _arranged(source, layout)
         flat = len(node.rows) == 1
         # flatten, not reshape(-1, size): -1 is ambiguous when a size is 0
         rows = source.text if flat else f"{source.atom()}.flatten(0, {len(node.rows) - 1})"
@@ -694,10 +700,15 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
                 used |= node.expr.free_symbols | {h.args[1].upper + 1 for h in outside.atoms(one_hot)}
             elif isinstance(node, Scaled):
                 used |= node.coefficient.free_symbols
-            elif isinstance(node, Reduce) and BATCH in node.summed:
-                used |= {size_symbol(i) for i in node.indices}
-    return [index for index, representative in sorted(dict(op.index_sizes).items())
-            if index == representative and size_symbol(index) in used]
+            elif isinstance(node, Reduce):
+                used |= set().union(*(size.free_symbols for size in node.sizes))
+    declared = [index for index, representative in sorted(dict(op.index_sizes).items()) if index == representative]
+    # every size the code reads is bound from an input's shape: a renamed index (n_1) reads its original's
+    unbound = sorted(s.name for s in used - {size_symbol(i) for i in declared}
+                     if s == size_symbol(s.name.removeprefix("size_")))
+    if unbound:
+        raise ValueError(f"the code reads {', '.join(unbound)}, which no input's shape binds")
+    return [index for index in declared if size_symbol(index) in used]
 
 
 def _shape_of(name: str, indices: tuple[str, ...], index: str) -> str:

@@ -525,3 +525,83 @@ def test_a_sum_over_an_index_its_body_lacks_is_the_body_times_the_size(tmp_path)
     ''')
     for seed in range(3):   # q of either sign
         check_gradients(op, module, sizes={"k": 3}, seed=seed)
+
+
+@pytest.mark.parametrize("style", ["contraction", "broadcast"])
+def test_a_sum_over_the_batch_dims_names_the_sizes_it_keeps_by_their_input(tmp_path, style):
+    # found by the differential fuzzer (seed 43): the batch sum kept the derivation's renamed n_1 and read
+    # `size_n_1`, which nothing binds (NameError); every size the code reads is now an input's
+    op, module = spec_module(tmp_path, '''
+        [ops.batch_summed]
+        inputs = ["p[m, n]", "t[v]", "g[j]", "q[..., j, n]"]
+        integer = ["g"]
+        equation = "y[n, m] = sum(Max(0, sum(p[m, n], n)) * cos(t[g[j]] + q[..., j, n]), j, ...)"
+        reference = "torch.clamp_min(p.sum(-1), 0) * torch.cos(t[g].unsqueeze(-1) + q).sum_to_size(q.shape[-2:]).sum(0).unsqueeze(-1)"
+    ''', style)
+    for sizes in ({"...": 2, "v": 3, "j": 0, "n": 4, "m": 2}, {"...": 3, "v": 3, "j": 3, "n": 3, "m": 3},
+                  {"...": 1, "v": 1, "j": 1, "n": 1, "m": 1}, {"...": 0, "v": 2, "j": 2, "n": 2, "m": 2}):
+        check_gradients(op, module, sizes=sizes)
+
+
+def test_code_that_reads_a_size_no_input_binds_is_refused_when_generated():
+    from derive.lower import Leaf, LoweredExpr
+    from derive.plan import ExprPlan
+    from derive.printing import sizes_used
+    op = CATALOG.op("linear")
+    renamed = sympy.Symbol("size_n_1", integer=True, positive=True)
+    expr = LoweredExpr(ExprPlan("grad_x", "x", ("n", "k"), ()), (Leaf(renamed * sympy.Symbol("size_k", integer=True,
+                                                                                              positive=True), ()),))
+    with pytest.raises(ValueError, match="size_n_1, which no input's shape binds"):
+        sizes_used(op, [expr])
+
+
+@pytest.mark.parametrize("inputs, equation, reference", [
+    # found by the differential fuzzer: the one-hot of g, summed over k alone, met a in a matrix product
+    # (int64 @ float64: a dtype error); the rows constant along k are now expanded and added at g
+    ('["t[v, d]", "g[n, k]", "a[n, d]"]', "y[d] = sum(t[g[n, k], d] * a[n, d], n, k)", "(t[g] * a.unsqueeze(1)).sum((0, 1))"),
+    # a term that is the one-hot alone (the common grad_y factored out) adds a 1 per row ("nothing to contract")
+    ('["t[v]", "g[n]", "h[n]", "a[n]"]', "y = sum(t[g[n]], n) + sum(t[h[n]] * a[n], n)", "t[g].sum() + (t[h] * a).sum()"),
+    ('["t[v, d]", "g[n]", "a[n, m]", "b[m]"]', "y[d] = sum(t[g[n], d] * a[n, m] * b[m], n, m)", "t[g].T @ (a @ b)"),
+])
+def test_a_scatter_through_an_integer_input_never_multiplies_a_one_hot(tmp_path, inputs, equation, reference):
+    integer = '["g", "h"]' if "h[n]" in inputs else '["g"]'
+    op, module = spec_module(tmp_path, f'''
+        [ops.scattered]
+        inputs = {inputs}
+        integer = {integer}
+        equation = "{equation}"
+        reference = "{reference}"
+    ''')
+    code = render_expr(build_op(op).lowered["contraction"].gradients[0])
+    assert "index_add(0, g" in code and "one_hot" not in code
+    for sizes in ({"v": 3, "d": 2, "n": 4, "k": 2, "m": 3}, {"v": 2, "d": 2, "n": 2, "k": 2, "m": 2},
+                  {"v": 1, "d": 1, "n": 1, "k": 1, "m": 1}, {"v": 2, "d": 0, "n": 3, "k": 0, "m": 0}):
+        check_gradients(op, module, sizes=sizes)
+
+
+@pytest.mark.parametrize("inputs, equation, reference", [
+    # found by the differential fuzzer: a value shared by several gradients over a renamed copy of the batch
+    # dims (..._1, or a sum's bound index) had that copy last, and read under `...` it could not be permuted
+    # ("batch dims '...' must lead"); batch copies now lead in shared values as `...` does
+    ('["p_bjk[..., j, k]", "q_bjk[..., j, k]", "p_bnk[..., n, k]", "q_bjn[..., j, n]", "p"]',
+     "y[..., k] = sum(sin(q_bjk[..., j, k]) * softplus(sum(sigmoid(p_bnk[..., n, k]) * cos(q_bjn[..., j, n]), ..., n))"
+     " * sum(cos(p_bjk[..., j, k]) * p, ...), j)",
+     "(torch.sin(q_bjk) * torch.nn.functional.softplus((torch.sigmoid(p_bnk).unsqueeze(-1) * torch.cos(q_bjn).mT"
+     ".unsqueeze(-2)).sum((0, 1))).T * (torch.cos(p_bjk) * p).sum(0)).sum(-2)"),
+    # and a matrix product took `...` for its row dim after the batch dim m: (m, ..., k) @ (m, k, j)
+    ('["p_jkm[j, k, m]", "q_bjm[..., j, m]"]', "y[..., m, k] = sum(p_jkm[j, k, m] * tanh(q_bjm[..., j, m]), j)",
+     "(p_jkm * torch.tanh(q_bjm).unsqueeze(-2)).sum(-3).mT"),
+])
+def test_batch_dims_lead_in_shared_values_and_matrix_products(tmp_path, inputs, equation, reference):
+    op, module = spec_module(tmp_path, f'''
+        [ops.batch_copies]
+        inputs = {inputs}
+        equation = "{equation}"
+        reference = "{reference}"
+    ''')
+    for sizes in ({"...": 3, "n": 2, "j": 3, "k": 2, "m": 1}, {"...": 2, "n": 2, "j": 2, "k": 2, "m": 2},
+                  {"...": 1, "n": 1, "j": 1, "k": 1, "m": 1}, {"...": 0, "n": 2, "j": 0, "k": 2, "m": 2}):
+        check_gradients(op, module, sizes=sizes)
+    if "p_jkm" in inputs:   # `...` as two dims
+        sizes = {"j": 2, "k": 3, "m": 2}
+        check_gradients(op, module, inputs=make_inputs(op, sizes, batch_shapes={"q_bjm": (2, 3)}))
