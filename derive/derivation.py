@@ -494,7 +494,31 @@ def expand_terms(expr: sympy.Expr, scalars: frozenset[sympy.Symbol]) -> list[Ter
             bound.append(index)
         terms = [_rename_bound(t, {i.name for i in bound}) for t in expand_terms(expr.function, scalars)]
         return [Term(t.coefficient, t.factors, tuple(bound) + t.summed) for t in terms]
+    if isinstance(expr, sympy.Piecewise) and _split_piecewise(expr)[1].has(sympy.KroneckerDelta):
+        return _branch_terms(expr, scalars)
     return [_atom(expr, scalars)]
+
+
+def _branch_terms(piecewise: sympy.Piecewise, scalars) -> list[Term]:
+    """A where() whose branches hold deltas that are not common to all of them (a delta bound by a sum in
+    one branch, or one that only one branch has) as a sum of masked branches, one term for each summand
+    of each branch, with the branch's sums and deltas pulled out of the mask:
+
+        where(c, sum(a[m] * delta(m, m'), m), b)  ->  sum(delta(m, m') * where(c, a[m], 0), m) + where(c, 0, b)
+
+    The condition does not use the branch's own summation indices (they are renamed apart from it), so
+    the mask can move inside those sums; the deltas then meet the sums that eliminate them."""
+    terms, earlier = [], []
+    taken = {i.name for _, condition in piecewise.args for i in condition.atoms(sympy.Idx)}
+    for value, condition in piecewise.args:
+        for term in expand_terms(value, scalars) if value != 0 else ():
+            term = _rename_bound(term, taken)
+            deltas = tuple(f for f in term.factors if isinstance(f, sympy.KroneckerDelta))
+            rest = sympy.Mul(*[f for f in term.factors if not isinstance(f, sympy.KroneckerDelta)])
+            masked = sympy.Piecewise(*[(0, c) for c in earlier], (rest, condition), (0, True))
+            terms.append(Term(term.coefficient, (*deltas, masked), term.summed))
+        earlier.append(condition)
+    return terms
 
 
 def _arg_terms(arg, scalars):

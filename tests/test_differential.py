@@ -39,7 +39,7 @@ from derive.emit import render_module
 from derive.model import SpecError
 from derive.spec import parse_catalog
 from derive.testing import autograd_gradients, call_backward, kink_inputs, load_module, reference
-from spec_strategies import KNOWN_BUGS, RECOGNIZED, fuzz_cases
+from spec_strategies import KNOWN_BUGS, RECOGNIZED, FuzzCase, fuzz_cases
 
 EXAMPLES = int(os.environ.get("DERIVE_FUZZ_EXAMPLES", "10"))
 # DERIVE_FUZZ_KNOWN_BUGS=include writes the spec shapes of the known bug classes too (spec_strategies.KNOWN_BUGS)
@@ -317,3 +317,65 @@ def test_generated_gradients_equal_autograd_on_random_specs():
     for family in ("contraction", "function", "sum", "gather", "size 0", "size 1",
                    "equal sizes for different indices"):
         assert any(f.startswith(family) for f in covered), f"the fuzzer never generated {family!r}\n{summary()}"
+
+
+# --- regressions: the classes the fuzzer found, each on its example and on variants -------------------
+# Each case runs the fuzzer's own oracle (`check`) on a spec and inputs written by hand, with exact ties,
+# equal sizes for different indices, size 1 and size 0.
+
+def check_by_hand(toml: str, input_sets, params=None, placed: str = "by hand"):
+    """The fuzzer's checks on one spec, generated once, for each list of inputs in `input_sets`: forward,
+    backward, double backward and JVP, in both styles. Returns the op and its modules."""
+    cases = [FuzzCase(toml, "fuzzed", tuple(inputs), dict(params or {}), frozenset(), (placed,))
+             for inputs in input_sets]
+    built = _generate(cases[0])
+    assert not isinstance(built, str), f"derive refused the spec: {built}"
+    op, modules = built
+    for case in cases:
+        for style, module in modules.items():
+            check(case, op, module, style)
+    return op, modules
+
+
+def _tied_reference(function: str, a: str, b: str, share) -> str:
+    """torch's Max/Min of a and b (tensors) with `share` of the gradient to a at a tie, written with
+    torch.maximum (half each) and torch.clamp_min (all to its first argument)."""
+    pairwise, clamp = {"Max": ("torch.maximum", "torch.clamp_min"), "Min": ("torch.minimum", "torch.clamp_max")}[function]
+    if share == 0.5:
+        return f"{pairwise}({a}, {b})"
+    return f"({share} * {clamp}({a}, {b}) + {1 - share} * {clamp}({b}, {a}))"
+
+
+@pytest.mark.parametrize("tie", [None, 0, 1, 0.25])
+def test_ties_against_numbers_params_and_tensors_in_the_double_backward(tie):
+    """double_backward_at_clamp_tie: the backward recomputes Max(x, lo); autograd through it (the double
+    backward) must split a tie as the spec says, as must autograd through the generated forward. Kinks
+    against a number, 0, a param and a tensor, with either argument first, all placed exactly."""
+    keyword = "" if tie is None else f", tie={tie}"
+    share = 0.5 if tie is None else tie
+    kinks = [("Max", "x[n, k]", "0.5", "x", "torch.full_like(x, 0.5)"),
+             ("Min", "lo", "x[n, k]", "torch.full_like(x, lo)", "x"),
+             ("Max", "b[n, k]", "x[n, k]", "b", "x"),
+             ("Min", "x[n, k]", "0", "x", "torch.zeros_like(x)")]
+    spec = " + ".join(f"{f}({a}, {b}{keyword})" for f, a, b, _, _ in kinks)
+    torch_kinks = " + ".join(_tied_reference(f, a, b, share) for f, _, _, a, b in kinks)
+    toml = (f'[ops.fuzzed]\ninputs = ["p[n]", "x[n, k]", "b[n, k]"]\n'
+            f'equation = "y[n, k] = sin(p[n]) * sin({spec})"\n'
+            f'reference = "torch.sin(p).unsqueeze(1) * torch.sin({torch_kinks})"\nparams = {{ lo = -0.5 }}\n')
+    generator = torch.Generator().manual_seed(0)
+    input_sets = []
+    for n, k in [(3, 3), (1, 1), (2, 0)]:
+        p, x, b = (torch.randn(shape, generator=generator, dtype=torch.float64) for shape in [(n,), (n, k), (n, k)])
+        ties = torch.tensor([0.5, -0.5, 0.0, float("inf")], dtype=torch.float64).repeat(n * k)[:n * k].view(n, k)
+        input_sets.append([p, torch.where(ties.isinf(), b, ties), b])   # x on each kink in turn: 0.5, lo, 0, b
+    op, modules = check_by_hand(toml, input_sets, {"lo": -0.5}, placed="ties")
+    # autograd through the generated forward splits the ties as the spec says, too
+    torch_op = reference(op)
+    for inputs in input_sets:
+        grad_y = torch.randn(inputs[1].shape, generator=generator, dtype=torch.float64)
+        want = autograd_gradients(lambda *t: torch_op(*t, lo=-0.5), inputs, grad_y, [True] * 3)
+        for module in modules.values():
+            forward = getattr(module, naming.forward(op.name))
+            got = autograd_gradients(lambda *t: forward(*t, lo=-0.5), inputs, grad_y, [True] * 3)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, **TOLERANCE)
