@@ -403,6 +403,12 @@ def _compare(relation, argument: sympy.Expr) -> sympy.Expr:
     return comparison.reversed if left == 0 else comparison
 
 
+def is_tied_step(piece: sympy.Expr) -> bool:
+    """Whether `piece` is a step with a third value on its kink, as `lower_kinks` writes it (not any where())."""
+    return isinstance(piece, sympy.Piecewise) and len(piece.args) == 3 and piece.args[0].expr == 0 \
+        and isinstance(piece.args[1].cond, sympy.Eq) and piece.args[2] == (1, True)
+
+
 def step_as_sign(piece: sympy.Piecewise) -> sympy.Expr:
     """A lowered step with a third value h on the kink, Piecewise((0, a < 0), (h, a == 0), (1, True)), written
     with sign(a): (1 + sign(a)) / 2 + (h - 1/2) * (1 - sign(a)**2). Unlike a torch.where of Python numbers it

@@ -459,7 +459,7 @@ def _shape(expr: sympy.Basic):
     if isinstance(expr, sympy.Idx):
         return ("Idx", expr.upper)
     if not expr.args:
-        return expr
+        return "leaf", expr
     children = [_shape(a) for a in expr.args]
     return type(expr), (frozenset(collections.Counter(children).items()) if _unordered(expr) else tuple(children))
 

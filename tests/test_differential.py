@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -73,19 +74,11 @@ def integer_one_hot_in_contraction(source: str, error: Exception) -> bool:
 
 
 # Known bugs that show as a refusal of a valid spec (see generate()), and those that show in the code.
-KNOWN_REFUSALS = {"exponential_renaming": r"(?!)",   # a hang, not a refusal: see generate()
-                  "cannot_line_up_dims": r"cannot line up dims",
-                  "batch_dims_must_lead": r"batch dims '...' must lead: cannot permute",
-                  "uncompilable_module": r"internal error while generating \(SyntaxError"}
+KNOWN_REFUSALS = {"cannot_line_up_dims": r"cannot line up dims",
+                  "batch_dims_must_lead": r"batch dims '...' must lead: cannot permute"}
 
 
-def double_backward_at_clamp_tie(source: str, error: Exception) -> bool:
-    return "double backward" in str(error) and re.search(r"torch\.clamp_m(in|ax)\(", source) is not None
-
-
-SIGNATURES = {"double_backward_at_clamp_tie": double_backward_at_clamp_tie,
-              "integer_one_hot_in_contraction": integer_one_hot_in_contraction,
-              "delta_inside_where": lambda source, error: re.search(r"\(1 if \w+ == ", source) is not None,
+SIGNATURES = {"integer_one_hot_in_contraction": integer_one_hot_in_contraction,
               "undefined_size_name": lambda source, error: isinstance(error, NameError) and "'size_" in str(error)}
 assert set(SIGNATURES) | set(KNOWN_REFUSALS) == RECOGNIZED
 
@@ -135,8 +128,6 @@ def generate(case):
         with time_limit(HANG_SECONDS):
             return _generate(case)
     except Hang as error:
-        if "exponential_renaming" in EXCLUDED and "renamed_match" in str(error):
-            return "known bug: exponential_renaming"
         raise AssertionError(f"{error}\n{case.toml}") from None
 
 
@@ -379,3 +370,99 @@ def test_ties_against_numbers_params_and_tensors_in_the_double_backward(tie):
             got = autograd_gradients(lambda *t: forward(*t, lo=-0.5), inputs, grad_y, [True] * 3)
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, **TOLERANCE)
+
+
+def _inputs(shapes: dict[str, tuple[int, ...]], seed: int = 0, zeros: tuple[str, ...] = (), vocabulary: int = 2):
+    """Random float64 inputs (integer ones below `vocabulary` for names starting with g or h), with a third
+    of the entries of the inputs in `zeros` exactly 0."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = []
+    for name, shape in shapes.items():
+        if name[0] in "gh":
+            tensors.append(torch.randint(0, vocabulary, shape, generator=generator))
+            continue
+        value = torch.randn(shape, generator=generator, dtype=torch.float64)
+        if name in zeros:
+            value = torch.where(torch.rand(shape, generator=generator) < 1 / 3, 0.0, value)
+        tensors.append(value)
+    return tensors
+
+
+# (spec, reference, declared inputs, sizes of each input set; p only ever in a condition): a delta that
+# differentiation leaves inside one branch of a where() (bound by a sum in the branch, or not in the other)
+DELTAS_IN_BRANCHES = [
+    # the fuzzer's example: the sum over m in the else branch holds delta(m, m'); t's delta is a one-hot
+    ("y[k, n] = where(p[n, k] > 0, 0, sum(q[n, m] * t[g[k]], m))",
+     "torch.where(torch.gt(p.T, 0), 0.0, q.sum(1).unsqueeze(0) * t[g].unsqueeze(1))",
+     {"p": "n, k", "q": "n, m", "t": "v", "g": "k"}, [dict(n=3, k=3, m=3, v=2), dict(n=1, k=2, m=1, v=1),
+                                                       dict(n=2, k=0, m=3, v=2)]),
+    # x in both branches, with different deltas: delta(k, k') in one, a sum over m of delta(m, k') in the other
+    ("y[n, k] = where(p[n, k] > 0, x[n, k], sum(x[n, m], m) * w[k])",
+     "torch.where(torch.gt(p, 0), x, x.sum(1, keepdim=True) * w)",
+     {"p": "n, k", "x": "n, k", "w": "k"}, [dict(n=3, k=3), dict(n=1, k=1), dict(n=0, k=2)]),
+    # three branches (a where in a where), the middle one a sum
+    ("y[n, k] = where(p[n, k] > 0, 2 * x[n, k], where(p[n, k] < -0.5, sum(x[n, m] * w[m], m), 0))",
+     "torch.where(torch.gt(p, 0), 2 * x, torch.where(torch.lt(p, -0.5), (x @ w).unsqueeze(1), 0.0))",
+     {"p": "n, k", "x": "n, k", "w": "k"}, [dict(n=3, k=3), dict(n=1, k=1), dict(n=2, k=0)]),
+    # seed 1043's shape (uncompilable_module): the tangent of p sums over the batch dims inside a branch
+    ("y[n, k] = where(q[n, k] < 0, sum(p[..., k] * cos(s[..., k, n]), ...), q[n, k])",
+     "torch.where(torch.lt(q, 0), (p.unsqueeze(-1) * torch.cos(s)).flatten(0, -3).sum(0).T, q)",
+     {"q": "n, k", "p": "..., k", "s": "..., k, n"}, [dict(n=3, k=3, b=(3,)), dict(n=1, k=1, b=(1,)),
+                                                     dict(n=2, k=2, b=(0,))]),
+]
+
+
+@pytest.mark.parametrize("equation, torch_reference, declared, size_sets", DELTAS_IN_BRANCHES,
+                         ids=[case[0] for case in DELTAS_IN_BRANCHES])
+def test_deltas_inside_where_branches_are_summed_away(equation, torch_reference, declared, size_sets):
+    """delta_inside_where and uncompilable_module: a Kronecker delta inside a where() branch was printed as
+    `(1 if n == n_1 else 0)` (NameError, or a module that does not compile), or summed as a constant (a wrong
+    gradient). The where() is split into masked branches, so every delta meets the sum that removes it, in
+    the backward and in the JVP; with the condition's input exactly 0 in places."""
+    integer = [name for name in declared if name[0] in "gh"]
+    differentiable = [name for name in declared if name not in integer and name != "p"]
+    toml = "\n".join(["[ops.fuzzed]", "inputs = [" + ", ".join(f'"{n}[{i}]"' for n, i in declared.items()) + "]",
+                      f'equation = "{equation}"', f'reference = "{torch_reference}"',
+                      "differentiable = [" + ", ".join(f'"{n}"' for n in differentiable) + "]",
+                      "integer = [" + ", ".join(f'"{n}"' for n in integer) + "]", ""])
+    input_sets = []
+    for seed_, sizes in enumerate(size_sets):
+        shapes = {name: tuple(s for i in indices.split(", ") for s in (sizes["b"] if i == "..." else (sizes[i],)))
+                  for name, indices in declared.items()}
+        input_sets.append(_inputs(shapes, seed_, zeros=("p", "q"), vocabulary=sizes.get("v", 2)))
+    _, modules = check_by_hand(toml, input_sets, placed="zeros in the condition")
+    for module in modules.values():
+        assert "KroneckerDelta" not in Path(module.__file__).read_text().split('"""')[-1]
+
+
+@pytest.mark.parametrize("equation, torch_reference", [
+    ("y[n, k] = where(p[n, k] > 0, x[n, k], where(p[n, k] < -0.5, 2 * x[n, k], 0))",
+     "torch.where(torch.gt(p, 0), x, torch.where(torch.lt(p, -0.5), 2 * x, 0.0))"),
+    ("y[n, k] = where(p[n, k] >= 0, 1, where(p[n, k] < -0.5, 2, 3)) * x[n, k]",
+     "torch.where(torch.ge(p, 0), 1.0, torch.where(torch.lt(p, -0.5), 2.0, 3.0)) * x"),
+])
+def test_a_where_in_a_where_is_not_a_step_with_a_tie(equation, torch_reference):
+    """A gradient that is a where() of three branches was taken for a step with a third value on its kink
+    (Max's 1/2 at a tie) and rewritten with sign(): a wrong gradient, silently."""
+    toml = (f'[ops.fuzzed]\ninputs = ["p[n, k]", "x[n, k]"]\nequation = "{equation}"\n'
+            f'reference = "{torch_reference}"\ndifferentiable = ["x"]\n')
+    shapes = [{"p": (3, 3), "x": (3, 3)}, {"p": (1, 1), "x": (1, 1)}, {"p": (2, 0), "x": (2, 0)}]
+    input_sets = [_inputs(s, seed_, zeros=("p",)) for seed_, s in enumerate(shapes)]
+    for inputs in input_sets:
+        inputs[0].view(-1)[:2] = torch.tensor([0.0, -0.5])[:inputs[0].numel()]   # on both conditions' edges
+    check_by_hand(toml, input_sets, placed="zeros in the condition")
+
+
+def test_index_renaming_is_polynomial():
+    """exponential_renaming: matching a saved value under other index names tried every permutation of a
+    candidate's indices; with nested sums over many indices derive took minutes (41 s of CPU for this spec,
+    90 s with one more input). It now walks the two expressions once."""
+    toml = '''[ops.nested]
+inputs = ["p[n, k, a]", "q[a, m, j, b]", "r[b, i, h, c]", "s[c, n, d]", "t[d, k, m, e]", "u[e]"]
+equation = "y[n, k, m, j, i, h] = exp(sum(p[n, k, a] * sum(q[a, m, j, b] * sum(r[b, i, h, c] * sum(s[c, n, d] * sum(t[d, k, m, e] * u[e], e), d), c), b), a))"
+reference = "p"
+'''
+    start = time.process_time()
+    with time_limit(60):
+        build_op(parse_catalog(toml, "nested.toml").ops[0])     # only derive's time counts: no reference runs
+    assert time.process_time() - start < 15
