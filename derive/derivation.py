@@ -202,6 +202,7 @@ def _derive_tangent(op: OpSpec, forward: sympy.Expr, gradient: GradientDerivatio
         if term is not None:
             terms.append(_unprime_sums(term, primed, op.output_indices))
     terms, _ = settle_kinks(_combine(terms), scalars)
+    terms = [t for t in (_eliminate_deltas(t, op, gradient.input) for t in terms) if t is not None]
     terms = [_reuse_output(t, op, forward) for t in terms if not _vanishes(t)]
     jvp = sympy.Add(*[t.to_expr() for t in terms])
     terms = [Term(t.coefficient, tuple(lower_kinks(f) for f in t.factors), t.summed) for t in terms]

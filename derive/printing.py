@@ -481,7 +481,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         accesses = expr.atoms(sympy.Indexed)
         indices = {i for a in accesses for i in a.indices}
         names = sorted(a.base.label.name for a in accesses - indices)
-        return names[0] if names else sorted(s.name for s in expr.free_symbols & self.tensors)[0]
+        return names[0] if names else sorted(s.name for s in expr.free_symbols if not is_python_number(s))[0]
 
 
 class ScalarPrinter(PythonCodePrinter):
