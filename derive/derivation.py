@@ -205,6 +205,7 @@ def _derive_tangent(op: OpSpec, forward: sympy.Expr, gradient: GradientDerivatio
         if term is not None:
             terms.append(_unprime_sums(term, primed, op.output_indices))
     terms, _ = settle_kinks(_combine(terms), scalars)
+    terms = [t for t in (_eliminate_deltas(t, op, gradient.input) for t in terms) if t is not None]
     terms = [_reuse_output(t, op, forward) for t in terms if not _vanishes(t)]
     jvp = sympy.Add(*[t.to_expr() for t in terms])
     terms = [Term(t.coefficient, tuple(lower_kinks(f) for f in t.factors), t.summed) for t in terms]
@@ -406,6 +407,12 @@ def _compare(relation, argument: sympy.Expr) -> sympy.Expr:
     return comparison.reversed if left == 0 else comparison
 
 
+def is_tied_step(piece: sympy.Expr) -> bool:
+    """Whether `piece` is a step with a third value on its kink, as `lower_kinks` writes it (not any where())."""
+    return isinstance(piece, sympy.Piecewise) and len(piece.args) == 3 and piece.args[0].expr == 0 \
+        and isinstance(piece.args[1].cond, sympy.Eq) and piece.args[2] == (1, True)
+
+
 def step_as_sign(piece: sympy.Piecewise) -> sympy.Expr:
     """A lowered step with a third value h on the kink, Piecewise((0, a < 0), (h, a == 0), (1, True)), written
     with sign(a): (1 + sign(a)) / 2 + (h - 1/2) * (1 - sign(a)**2). Unlike a torch.where of Python numbers it
@@ -497,7 +504,31 @@ def expand_terms(expr: sympy.Expr, scalars: frozenset[sympy.Symbol]) -> list[Ter
             bound.append(index)
         terms = [_rename_bound(t, {i.name for i in bound}) for t in expand_terms(expr.function, scalars)]
         return [Term(t.coefficient, t.factors, tuple(bound) + t.summed) for t in terms]
+    if isinstance(expr, sympy.Piecewise) and _split_piecewise(expr)[1].has(sympy.KroneckerDelta):
+        return _branch_terms(expr, scalars)
     return [_atom(expr, scalars)]
+
+
+def _branch_terms(piecewise: sympy.Piecewise, scalars) -> list[Term]:
+    """A where() whose branches hold deltas that are not common to all of them (a delta bound by a sum in
+    one branch, or one that only one branch has) as a sum of masked branches, one term for each summand
+    of each branch, with the branch's sums and deltas pulled out of the mask:
+
+        where(c, sum(a[m] * delta(m, m'), m), b)  ->  sum(delta(m, m') * where(c, a[m], 0), m) + where(c, 0, b)
+
+    The condition does not use the branch's own summation indices (they are renamed apart from it), so
+    the mask can move inside those sums; the deltas then meet the sums that eliminate them."""
+    terms, earlier = [], []
+    taken = {i.name for _, condition in piecewise.args for i in condition.atoms(sympy.Idx)}
+    for value, condition in piecewise.args:
+        for term in expand_terms(value, scalars) if value != 0 else ():
+            term = _rename_bound(term, taken)
+            deltas = tuple(f for f in term.factors if isinstance(f, sympy.KroneckerDelta))
+            rest = sympy.Mul(*[f for f in term.factors if not isinstance(f, sympy.KroneckerDelta)])
+            masked = sympy.Piecewise(*[(0, c) for c in earlier], (rest, condition), (0, True))
+            terms.append(Term(term.coefficient, (*deltas, masked), term.summed))
+        earlier.append(condition)
+    return terms
 
 
 def _arg_terms(arg, scalars):

@@ -17,7 +17,9 @@ They apply to any spec, matched structurally on the SymPy tree.
 
 from __future__ import annotations
 
+import collections
 import itertools
+import functools
 
 import sympy
 from sympy.codegen.cfunctions import log1p
@@ -326,14 +328,80 @@ def _canonical(expr: sympy.Expr, offset: int) -> tuple[sympy.Expr, int]:
 
 def renamed_match(pattern: sympy.Expr, indices, candidate: sympy.Expr):
     """The indices of `candidate` that `pattern`'s free `indices` must be renamed to for the two to be
-    equal, or None: x[n, k] - m[n] matches x[n, k_1] - m[n] with (n, k_1)."""
-    if candidate.func != pattern.func:
+    equal, or None: x[n, k] - m[n] matches x[n, k_1] - m[n] with (n, k_1).
+
+    The renaming is found by walking both trees together and binding each free index where it meets one
+    of `candidate` (a unification), not by trying every assignment; the arguments of a commutative node
+    (a sum, a product, Max, Min, a delta) are paired only with arguments of the same shape, so the search
+    backtracks only between look-alike arguments. The renaming found is then checked as it always was."""
+    if candidate.func != pattern.func or _shape(pattern) != _shape(candidate):
         return None
-    for chosen in itertools.permutations(candidate.atoms(sympy.Idx), len(indices)):
-        renaming = dict(zip(indices, chosen))
-        if all(a.upper == b.upper for a, b in renaming.items()) and pattern.xreplace(renaming) == candidate:
+    free = frozenset(indices)
+    for binding in _bindings(pattern, candidate, free, {}):
+        chosen = tuple(binding.get(i) for i in indices)
+        if None not in chosen and pattern.xreplace(dict(zip(indices, chosen))) == candidate:
             return chosen
     return None
+
+
+def _unordered(expr: sympy.Basic) -> bool:
+    """Whether SymPy keeps the arguments of `expr` in an order of its own, which a renaming can change."""
+    return isinstance(expr, (sympy.Add, sympy.Mul, sympy.core.operations.LatticeOp, sympy.KroneckerDelta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _shape(expr: sympy.Basic):
+    """`expr` with the names of its indices forgotten (their ranges kept): two expressions that a renaming
+    of indices makes equal have the same shape."""
+    if isinstance(expr, sympy.Idx):
+        return ("Idx", expr.upper)
+    if not expr.args:
+        return "leaf", expr
+    children = [_shape(a) for a in expr.args]
+    return type(expr), (frozenset(collections.Counter(children).items()) if _unordered(expr) else tuple(children))
+
+
+def _bindings(pattern: sympy.Basic, candidate: sympy.Basic, free: frozenset, binding: dict):
+    """Every extension of `binding` (free index of `pattern` -> index of `candidate`, one-to-one) under which
+    `pattern` can be `candidate`."""
+    if pattern in free:
+        bound = binding.get(pattern)
+        if bound is None and isinstance(candidate, sympy.Idx) and candidate.upper == pattern.upper \
+                and candidate not in binding.values():
+            yield {**binding, pattern: candidate}
+        elif bound == candidate:
+            yield binding
+        return
+    if not pattern.has(*free):
+        if pattern == candidate:
+            yield binding
+        return
+    if type(pattern) is not type(candidate) or len(pattern.args) != len(candidate.args):
+        return
+    if _unordered(pattern):
+        yield from _paired(list(pattern.args), list(candidate.args), free, binding)
+    else:
+        yield from _in_order(pattern.args, candidate.args, free, binding)
+
+
+def _in_order(patterns, candidates, free: frozenset, binding: dict):
+    if not patterns:
+        yield binding
+        return
+    for extended in _bindings(patterns[0], candidates[0], free, binding):
+        yield from _in_order(patterns[1:], candidates[1:], free, extended)
+
+
+def _paired(patterns: list, candidates: list, free: frozenset, binding: dict):
+    """Bindings that pair each of `patterns` with a different one of `candidates`, of the same shape."""
+    if not patterns:
+        yield binding
+        return
+    first, rest = patterns[0], patterns[1:]
+    for position, candidate in enumerate(candidates):
+        if _shape(candidate) == _shape(first):
+            for extended in _bindings(first, candidate, free, binding):
+                yield from _paired(rest, candidates[:position] + candidates[position + 1:], free, extended)
 
 
 def stabilize(expr: sympy.Expr) -> sympy.Expr:

@@ -198,10 +198,13 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
     if not values:
         return tuple(gradients), ()
 
+    patterns = {name: [next(j for j in value.expr.atoms(sympy.Idx) if j.name == i) for i in value.indices]
+                for name, value in values}
+
     def use_shared(expr):
         """expr with every occurrence of a shared value, under any index names, read from it."""
         for name, value in values:
-            pattern = [next(j for j in value.expr.atoms(sympy.Idx) if j.name == i) for i in value.indices]
+            pattern = patterns[name]
             if not pattern:
                 continue
             found = lambda e: e != value.expr and renamed_match(value.expr, pattern, e) is not None  # noqa: E731

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import sympy
 
-from .derivation import Derivation, Term, step_as_sign, tensor_symbols
+from .derivation import Derivation, Term, is_tied_step, step_as_sign, tensor_symbols
 from .functions import canonical, fold_piecewise, free_indices
 from . import naming
 from .model import OpSpec, size_symbol
@@ -178,7 +178,7 @@ def _fold_piecewise(factors: list[sympy.Expr]) -> list[sympy.Expr]:
     outside = [f for f in factors if not free_indices(f) <= room]
     # steps with a third value on the kink (a tie's 1/2) nest around the rest instead: folding them
     # together would multiply their cases
-    nested = [f for f in inside if isinstance(f, sympy.Piecewise) and len(f.args) > 2]
+    nested = [f for f in inside if is_tied_step(f)]
     rest = [f for f in inside if f not in nested]
     if not any(f.free_symbols for f in rest):    # nothing to wrap: the step stands alone, in its input's dtype
         return [step_as_sign(f) for f in nested] + rest + outside

@@ -373,28 +373,74 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     _print_NumberSymbol = _print_irrational
 
     def _print_max_tie(self, expr):
-        """Max(a, b, tie=t) computes what Max(a, b) does; the tie only changes its derivative."""
-        return self._print(expr.untied)
+        """Max(a, b, tie=t): the same value as Max(a, b), written so that autograd through it (a double
+        backward differentiates the generated backward) gives a the share t at a tie, as its derivative does."""
+        first, second, tie = expr.args
+        return self._extremum((first, second), expr.untied_function, tie)
 
     _print_min_tie = _print_max_tie
 
     def _print_Max(self, expr):
-        return self._extremum(expr, "torch.maximum", "torch.clamp_min", sympy.Max)
+        return self._extremum(expr.args, sympy.Max, sympy.S.Half)
 
     def _print_Min(self, expr):
-        return self._extremum(expr, "torch.minimum", "torch.clamp_max", sympy.Min)
+        return self._extremum(expr.args, sympy.Min, sympy.S.Half)
 
-    def _extremum(self, expr, pairwise: str, clamp: str, same) -> str:
-        """Tensors pairwise (`torch.maximum` takes two tensors), then every Python number at once as a
-        clamp bound (`torch.clamp_min` takes a number or a tensor)."""
-        numbers = [a for a in expr.args if is_python_number(a)]
-        tensors = [a for a in expr.args if not is_python_number(a)]
-        text = self._print(tensors[0])
-        for other in tensors[1:]:
-            text = f"{pairwise}({text}, {self._print(other)})"
+    def _print_KroneckerDelta(self, expr):
+        # SymPy's own rule prints `(1 if i == j else 0)`: an index is no variable in generated code
+        raise ValueError(f"the Kronecker delta {expr} was not summed away")
+
+    def _extremum(self, args, same, tie) -> str:
+        """Max or Min of `args` whose autograd derivative is the spec's at a tie of two arguments (`tie` is
+        the first one's share, 1/2 without tie=): tensors pairwise, then every Python number as one bound.
+
+            share 1/2      torch.maximum(a, b)      (a number bound as a 0-d tensor: torch.maximum takes no number)
+            share 1        torch.clamp_min(a, b)    (the gradient passes to a at the bound, none to b)
+            share 0        torch.clamp_min(b, a); a tensor against a number bound lo: F.threshold(a, lo, lo)
+            other shares   torch.lerp between the two: the same value, the gradient split as the share says
+        """
+        numbers = [a for a in args if is_python_number(a)]
+        tensors = [a for a in args if not is_python_number(a)]
         if numbers:
-            text = f"{clamp}({text}, {self._print(same(*numbers))})"
+            tensors.append(same(*numbers))
+            tie = tie if is_python_number(args[1]) else 1 - tie    # the share of the tensor, now first
+        text = self._print(tensors[0])
+        for other in tensors[1:-1]:
+            text = self._tied(same, text, tensors[0], other, sympy.S.Half)
+        if len(tensors) > 1:
+            text = self._tied(same, text, tensors[0], tensors[-1], tie)
         return text
+
+    def _tied(self, same, text: str, first, second, share) -> str:
+        """`text` (the printed Max/Min so far, of `first`) against `second`, with `share` of the gradient to it."""
+        pairwise, clamp = ("torch.maximum", "torch.clamp_min") if same is sympy.Max else ("torch.minimum", "torch.clamp_max")
+        bound = self._print(second)
+        if share == sympy.S.Half:
+            if is_python_number(second):
+                bound = f"{self._like(first)}.new_tensor({bound})"
+            return f"{pairwise}({text}, {bound})"
+        passing = f"{clamp}({text}, {bound})"
+        if share == 1:
+            return passing
+        if is_python_number(second):
+            # the number takes the whole gradient at the tie: a threshold, whose backward passes none there
+            sign = 1 if same is sympy.Max else -1        # Min(a, lo) is -Max(-a, -lo)
+            value, threshold = self._print(sign * first), self._print(sign * second)
+            blocking = f"torch.relu({value})" if second == 0 else \
+                f"torch.nn.functional.threshold({value}, {threshold}, {threshold})"
+            blocking = blocking if sign == 1 else f"(-{blocking})"
+        else:
+            blocking = f"{clamp}({bound}, {text})"
+        if share == 0:
+            return blocking
+        return f"torch.lerp({passing}, {blocking}, {self._print(1 - share)})"
+
+    def _like(self, expr) -> str:
+        """A tensor that `expr` reads, for a number to take its dtype and device (a value, not an index)."""
+        accesses = expr.atoms(sympy.Indexed)
+        indices = {i for a in accesses for i in a.indices}
+        names = sorted(a.base.label.name for a in accesses - indices)
+        return names[0] if names else sorted(s.name for s in expr.free_symbols if not is_python_number(s))[0]
 
 
 class ScalarPrinter(PythonCodePrinter):

@@ -27,31 +27,18 @@ from derive.naming import BATCH
 
 # Bug classes of today's derive that the fuzzer found and that are not fixed yet (the fixed ones are gone:
 # precedence, float params in torch calls, Max/Min ties, x ** a at 0, two-dim normalizations, `1.sum()`,
-# unexpanded gradients, unbound sizes, int64 one-hots in matrix products, batch dims that did not lead).
+# unexpanded gradients, unbound sizes, int64 one-hots in matrix products, batch dims that did not lead,
+# the double backward at clamp ties, deltas inside where(), modules that do not compile, exponential index
+# renaming: tests/test_lowering.py and tests/test_differential.py have a regression test for each).
 # While a name is listed, the fuzzer steps around it so that the fixed-seed slice stays green: the strategy
 # does not write the spec shape (`AVOIDED`), or tests/test_differential.py counts a failure whose generated
 # code or error has the class's signature as a known bug (`RECOGNIZED`). Remove a name once its fix is
 # merged; DERIVE_FUZZ_KNOWN_BUGS=include runs with none of them.
 AVOIDED: set[str] = set()   # none today: Max/Min ties and x ** a at x = 0 are fixed
 RECOGNIZED = {
-    # a valid spec refused with "internal error while generating (SyntaxError: expected 'else' after 'if'
-    # expression)": the printed module does not compile (derive refuses it, nothing wrong is written). Seed
-    # 1043: a where() on softmax(q[n, k], n) between two sums over `...`, times Min + Max of inputs.
-    "uncompilable_module",
-    # the double backward at a Max/Min tie against a number or param: the backward recomputes the forward's
-    # Max(x, lo) as torch.clamp_min(x, lo), whose autograd passes the whole gradient at x == lo where
-    # torch.maximum splits it (first-order gradients are right, tie= / settle_kinks):
-    # y[k] = sum(sin(p[m]) * sin(Min(t[g[k]], lo)), m) with lo = 0 and t = 0: d/dt of grad_p is twice autograd's.
-    "double_backward_at_clamp_tie",
-    # a Kronecker delta left inside a where() branch, printed as `(1 if n == n_1 else 0)`: NameError.
-    # y[k, n] = where(p[n, k] > 0, 0, sum(q[n, m] * t[g[k]], m))
-    "delta_inside_where",
     # a valid spec with gathers refused with "cannot line up dims ('v', 'j', '_0_0') in ('v', 'j')":
     # y[j] = sum(where(p[j] > t[g[j]], p[j], q[j]) * u[g[j], n] * exp(Min(w[h[n], j], 1)), n)
     "cannot_line_up_dims",
-    # derive hangs: functions.renamed_match tries every permutation of a candidate's indices, which
-    # explodes on a fuzzed spec with several nested sums over four indices (stopped after 8 minutes).
-    "exponential_renaming",
 }
 KNOWN_BUGS: frozenset[str] = frozenset(AVOIDED | RECOGNIZED)
 

@@ -6,7 +6,6 @@ point: an installed wheel, run as `python -m derive`, exits with check's status.
 """
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap

@@ -16,6 +16,7 @@ import torch
 
 from derive import naming
 from derive.build import render_catalog
+from derive.pipeline import build_op
 from derive.cli import main
 from derive.emit import render_module
 from derive.explain import explain, explain_op, parse_shapes, render_explanation

@@ -7,6 +7,7 @@ import sympy
 import torch
 
 from derive.build import render_catalog
+from derive.pipeline import build_op
 from derive.lower import Einsum, MatMul, largest_intermediate_violations, walk
 from derive.model import SpecError
 from derive.printing import render_expr

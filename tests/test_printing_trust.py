@@ -5,7 +5,6 @@ Every op here is invented for the test, and each runs with all index sizes equal
 or wrongly grouped product gives a wrong number instead of a shape error."""
 
 import ast
-import itertools
 import re
 import textwrap
 
