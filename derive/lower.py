@@ -53,6 +53,9 @@ class Reduce:
     source: "Node"
     summed: tuple[str, ...]
     mean: bool
+    # a sum over `...` of a source that may span fewer batch positions than the inputs' broadcast batch
+    # shape: those inputs (name, dims); the source is expanded to their shape before it is summed
+    expand_batch: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def indices(self) -> tuple[str, ...]:
@@ -282,6 +285,8 @@ def _broadcast_term(term: TermPlan, target: tuple[str, ...], like: str | None) -
 def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None) -> Node:
     if not term.operands:
         return _constant(term)
+    if term.expand_batch:   # a sum over the broadcast batch shape: expanded, never folded into a matmul
+        return _broadcast_term(term, target, like)
     nodes = [Leaf(o.expr, o.indices) for o in term.operands]
     scatter = _scatter(nodes, set(term.summed), target, like)
     if scatter is not None:
@@ -443,7 +448,9 @@ def _reduce(node: Node, summed: tuple[str, ...], term: TermPlan) -> tuple[Node, 
         mean = not (ratio.free_symbols & count.free_symbols)
         if mean:
             coefficient = ratio
-        node = Reduce(node, summed, mean)
+        # a mean over the broadcast batch shape equals the mean over the fewer positions: no expand
+        expand = term.expand_batch if BATCH in summed and not mean else ()
+        node = Reduce(node, summed, mean, expand)
     return node, coefficient
 
 
@@ -464,6 +471,8 @@ def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...]) -> set[
     for expr in exprs:
         if expr.plan.unbroadcast or (expr.plan.like is not None and covered(expr) != set(expr.plan.indices)):
             names.add(expr.plan.like)      # sum_to_size / expand_as / zeros_like
+        if expands_batch(expr):
+            names |= {name for name, _ in expr.plan.batch_inputs}
         names |= {s.name for s in expr.plan.scale.free_symbols}
         if expr.indexed is not None:
             names.add(expr.indexed.index)
@@ -473,6 +482,8 @@ def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...]) -> set[
                     leaves.append(node)
                 elif isinstance(node, Scatter):
                     names |= {node.like, node.index}
+                elif isinstance(node, Reduce):
+                    names |= {name for name, _ in node.expand_batch}
     for leaf in leaves:
         names |= {a.base.label.name for a in leaf.expr.atoms(sympy.Indexed)}
         names |= {s.name for s in leaf.expr.free_symbols}
@@ -482,6 +493,12 @@ def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...]) -> set[
 def covered(expr: LoweredExpr) -> set[str]:
     """The dims an expression's terms produce; fewer than its target's when a term broadcasts."""
     return set().union(*(t.indices for t in expr.terms)) if expr.terms else set()
+
+
+def expands_batch(expr: LoweredExpr) -> bool:
+    """Whether a gradient summed back to its input's shape is first expanded to the broadcast batch shape:
+    when no term is known to span it, or a term lacks one of the input's dims."""
+    return expr.plan.unbroadcast and (expr.plan.short_of_batch or covered(expr) != set(expr.plan.indices))
 
 
 def children(node: Node) -> tuple[Node, ...]:
