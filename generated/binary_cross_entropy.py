@@ -57,7 +57,7 @@ def binary_cross_entropy_backward(grad_loss, pred, target, *, needs_input_grad=(
     if needs_input_grad[0]:
         grad_pred = (-grad_loss / size_batch * (pred - target) / (pred - 1) / pred).sum_to_size(pred.shape)
     if needs_input_grad[1]:
-        grad_target = (grad_loss / size_batch * (torch.log1p(-pred) - torch.log(pred))).sum_to_size(target.shape)
+        grad_target = (grad_loss / size_batch * (torch.log1p(-pred) - torch.log(pred))).expand(torch.broadcast_shapes(pred.shape, target.shape)).sum_to_size(target.shape)
     return (grad_pred, grad_target)
 
 

@@ -30,7 +30,7 @@ def binary_cross_entropy_with_logits_forward(logits, target):
     """binary_cross_entropy_with_logits forward: loss = mean(log(1 + exp(logits[...])) - logits[...] * target[...], ...)"""
     _check_binary_cross_entropy_with_logits_shapes(logits, target)
     size_batch = logits.numel() if logits.shape == target.shape else torch.broadcast_shapes(logits.shape, target.shape).numel()
-    return (torch.nn.functional.softplus(logits).sum() - (logits * target).sum()) / size_batch
+    return (torch.nn.functional.softplus(logits).expand(torch.broadcast_shapes(logits.shape, target.shape)).sum() - (logits * target).sum()) / size_batch
 
 
 def binary_cross_entropy_with_logits_backward(grad_loss, logits, target, *, needs_input_grad=(True, True)):
@@ -55,9 +55,9 @@ def binary_cross_entropy_with_logits_backward(grad_loss, logits, target, *, need
     size_batch = logits.numel() if logits.shape == target.shape else torch.broadcast_shapes(logits.shape, target.shape).numel()
     grad_logits = grad_target = None
     if needs_input_grad[0]:
-        grad_logits = (grad_loss / size_batch * (torch.sigmoid(logits) - target)).sum_to_size(logits.shape)
+        grad_logits = (grad_loss / size_batch * (torch.sigmoid(logits) - target)).expand(torch.broadcast_shapes(logits.shape, target.shape)).sum_to_size(logits.shape)
     if needs_input_grad[1]:
-        grad_target = (-grad_loss / size_batch * logits).sum_to_size(target.shape)
+        grad_target = (-grad_loss / size_batch * logits).expand(torch.broadcast_shapes(logits.shape, target.shape)).sum_to_size(target.shape)
     return (grad_logits, grad_target)
 
 
@@ -79,7 +79,7 @@ def binary_cross_entropy_with_logits_jvp(logits, target, tangent_logits, tangent
     size_batch = logits.numel() if logits.shape == target.shape else torch.broadcast_shapes(logits.shape, target.shape).numel()
     shares = []
     if tangent_logits is not None:
-        shares.append(((torch.sigmoid(logits) * tangent_logits).sum() - (tangent_logits * target).sum()) / size_batch)
+        shares.append(((torch.sigmoid(logits) * tangent_logits).expand(torch.broadcast_shapes(logits.shape, target.shape)).sum() - (tangent_logits * target).sum()) / size_batch)
     if tangent_target is not None:
         shares.append(-(logits * tangent_target).mean())
     if not shares:
