@@ -448,9 +448,8 @@ def _reduce(node: Node, summed: tuple[str, ...], term: TermPlan) -> tuple[Node, 
         mean = not (ratio.free_symbols & count.free_symbols)
         if mean:
             coefficient = ratio
-        # a mean over the broadcast batch shape equals the mean over the fewer positions: no expand
-        expand = term.expand_batch if BATCH in summed and not mean else ()
-        node = Reduce(node, summed, mean, expand)
+        # a mean too: over an empty broadcast batch shape it is NaN, as torch's, where x's own is not
+        node = Reduce(node, summed, mean, term.expand_batch if BATCH in summed else ())
     return node, coefficient
 
 

@@ -35,9 +35,9 @@ ENDINGS = {
     "elementwise": ("y[...] = {body}", "{ref} + torch.zeros(torch.broadcast_shapes(x.shape, s.shape))"),
     "sum": ("loss = sum({body}, ...)", "({ref} + torch.zeros(torch.broadcast_shapes(x.shape, s.shape))).sum()"),
     "mean": ("loss = mean({body}, ...)", "({ref} + torch.zeros(torch.broadcast_shapes(x.shape, s.shape))).mean()"),
-    "scaled_sum": ("loss = 3 * sum({body}, ...) + mean(x[...], ...)",
+    "scaled_sum": ("loss = 3 * sum({body}, ...) + sum(x[...], ...)",
                    "3 * ({ref} + torch.zeros(torch.broadcast_shapes(x.shape, s.shape))).sum()"
-                   " + (x + torch.zeros(torch.broadcast_shapes(x.shape, s.shape))).mean()"),
+                   " + (x + torch.zeros(torch.broadcast_shapes(x.shape, s.shape))).sum()"),
 }
 # contractions with batch dims: inputs a[..., n, k] and b[..., k]
 CONTRACTIONS = {
