@@ -52,6 +52,9 @@ class Reduce:
     summed: tuple[str, ...]
     mean: bool
     sizes: tuple[sympy.Expr, ...] = ()   # size of each dim it keeps, when it sums the batch dims (sum_to_size)
+    # a sum over `...` of a source that may span fewer batch positions than the inputs' broadcast batch
+    # shape: those inputs (name, dims); the source is expanded to their shape before it is summed
+    expand_batch: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def indices(self) -> tuple[str, ...]:
@@ -288,6 +291,8 @@ def _broadcast_term(term: TermPlan, target: tuple[str, ...], like: str | None) -
 def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None) -> Node:
     if not term.operands:
         return _constant(term)
+    if term.expand_batch:   # a sum over the broadcast batch shape: expanded, never folded into a matmul
+        return _broadcast_term(term, target, like)
     nodes = [Leaf(o.expr, o.indices) for o in term.operands]
     sizes = dict(term.sizes)
     scatter = _scatter(nodes, set(term.summed), target, like, sizes)
@@ -460,15 +465,17 @@ def _reduce(node: Node, summed: tuple[str, ...], term: TermPlan) -> tuple[Node, 
         mean = not (ratio.free_symbols & count.free_symbols)
         if mean:
             coefficient = ratio
-        node = _sum(node, summed, sizes, mean)
+        # a mean too: over an empty broadcast batch shape it is NaN, as torch's, where x's own is not
+        node = _sum(node, summed, sizes, mean, term.expand_batch if BATCH in summed else ())
     return node, coefficient
 
 
-def _sum(node: Node, summed: tuple[str, ...], sizes: dict[str, sympy.Expr], mean: bool = False) -> Reduce:
+def _sum(node: Node, summed: tuple[str, ...], sizes: dict[str, sympy.Expr], mean: bool = False,
+         expand_batch: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> Reduce:
     """`node` reduced over `summed`; a sum over the batch dims names the size of each dim it keeps
     (the plan's: a renamed index such as n_1 has n's size)."""
     kept = tuple(sizes[i] for i in node.indices if i not in summed) if BATCH in summed else ()
-    return Reduce(node, summed, mean, kept)
+    return Reduce(node, summed, mean, kept, expand_batch)
 
 
 def backward_reads(lowered: LoweredOp) -> set[str]:
@@ -488,6 +495,8 @@ def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...]) -> set[
     for expr in exprs:
         if expr.plan.unbroadcast or (expr.plan.like is not None and covered(expr) != set(expr.plan.indices)):
             names.add(expr.plan.like)      # sum_to_size / expand_as / zeros_like
+        if expands_batch(expr):
+            names |= {name for name, _ in expr.plan.batch_inputs}
         names |= {s.name for s in expr.plan.scale.free_symbols}
         if expr.indexed is not None:
             names.add(expr.indexed.index)
@@ -497,6 +506,8 @@ def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...]) -> set[
                     leaves.append(node)
                 elif isinstance(node, Scatter):
                     names |= {node.like, node.index}
+                elif isinstance(node, Reduce):
+                    names |= {name for name, _ in node.expand_batch}
     for leaf in leaves:
         names |= {a.base.label.name for a in leaf.expr.atoms(sympy.Indexed)}
         names |= {s.name for s in leaf.expr.free_symbols}
@@ -506,6 +517,12 @@ def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...]) -> set[
 def covered(expr: LoweredExpr) -> set[str]:
     """The dims an expression's terms produce; fewer than its target's when a term broadcasts."""
     return set().union(*(t.indices for t in expr.terms)) if expr.terms else set()
+
+
+def expands_batch(expr: LoweredExpr) -> bool:
+    """Whether a gradient summed back to its input's shape is first expanded to the broadcast batch shape:
+    when no term is known to span it, or a term lacks one of the input's dims."""
+    return expr.plan.unbroadcast and (expr.plan.short_of_batch or covered(expr) != set(expr.plan.indices))
 
 
 def children(node: Node) -> tuple[Node, ...]:

@@ -39,6 +39,9 @@ class TermPlan:
     aligned: tuple[str, ...]          # index order of the broadcast product
     summed: tuple[str, ...]           # indices reduced away, in aligned order
     sizes: tuple[tuple[str, sympy.Expr], ...]  # size of each summed or target index
+    # when it sums over `...` and its operands may span fewer batch positions than the batch shape
+    # the inputs' `...` broadcast to: those inputs (name, dims), whose shapes the sum expands to first
+    expand_batch: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def indices(self) -> tuple[str, ...]:
@@ -55,6 +58,10 @@ class ExprPlan:
     indices: tuple[str, ...]          # its dims, in order
     terms: tuple[TermPlan, ...]       # summands (empty: identically zero)
     unbroadcast: bool = False         # batch dims broadcast against another input's: sum back to `like`'s shape
+    # with unbroadcast, the inputs whose `...` broadcast together (name, dims), and whether no term is known
+    # to span that whole batch shape (then the sum of the terms is expanded to it before it is summed back)
+    batch_inputs: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    short_of_batch: bool = False
     scale: sympy.Expr = sympy.S.One   # index-free factor common to every term, applied once to their sum
 
 
@@ -103,9 +110,28 @@ def _plan_expr(op, terms, target, like, indices, order, stand_in) -> ExprPlan:
     plans.sort(key=lambda t: min((_reading_position(o.expr, reading, scalars) for o in t.operands), default=0))
     unbroadcast = like is not None and BATCH in indices and \
         any(BATCH in t.indices for t in op.inputs if t.name != like)
+    short = unbroadcast and all(short_of_batch(op, [o.expr for o in t.operands]) for t in plans)
     scale, plans = _factor_out(plans)
     return ExprPlan(target=target, like=like, indices=indices, terms=tuple(plans), unbroadcast=unbroadcast,
-                    scale=scale)
+                    batch_inputs=batch_inputs(op) if unbroadcast else (), short_of_batch=short, scale=scale)
+
+
+def batch_inputs(op: OpSpec) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(name, dims) of the inputs that carry `...`: their batch dims broadcast together."""
+    return tuple((t.name, t.indices) for t in op.inputs if BATCH in t.indices)
+
+
+def short_of_batch(op: OpSpec, exprs) -> bool:
+    """Whether a product of `exprs` may span fewer batch positions than the shape every input's `...`
+    broadcasts to: `x[...]` stands for x broadcast to that shape, but a tensor expression of x alone
+    has x's. A product reading the output (or its gradient or tangent) or every batched input spans it."""
+    batched = {name for name, _ in batch_inputs(op)}
+    if len(batched) < 2:
+        return False
+    whole = {op.output, naming.grad(op.output), naming.tangent(op.output)} if BATCH in op.output_indices else set()
+    names = {a.base.label.name for e in exprs for a in e.atoms(sympy.Indexed)}
+    names |= {t.name for t in op.inputs if naming.tangent(t.name) in names}
+    return not names & whole and not batched <= names
 
 
 def _factor_out(plans: list[TermPlan]) -> tuple[sympy.Expr, list[TermPlan]]:
@@ -145,9 +171,11 @@ def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, 
     summed = {i.name for i in term.summed} & present
     aligned = ordered(set(target) | present, order)
     sizes = {i.name: i.upper + 1 for i in term.summed} | {i: size_symbol(op.size_of(i)) for i in target}
+    expand = BATCH in summed and short_of_batch(op, [o.expr for o in operands])
     return TermPlan(coefficient=coefficient, operands=tuple(operands), aligned=aligned,
                     sizes=tuple((i, sizes[i]) for i in aligned if i in sizes),
-                    summed=tuple(i for i in aligned if i in summed))
+                    summed=tuple(i for i in aligned if i in summed),
+                    expand_batch=batch_inputs(op) if expand else ())
 
 
 def _own_order(expr: sympy.Expr, order) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from sympy.printing.pycode import PythonCodePrinter
 from .torch_printer import TorchPrinter
 
 from .plan import free_indices
-from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, walk
+from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, expands_batch, walk
 from .model import OpSpec, is_python_number, size_symbol
 from .functions import one_hot
 from .kernels import Fused, comments, kernel_of
@@ -489,10 +489,14 @@ def render(node: Node) -> Code:
     if isinstance(node, Reduce):
         source = render(node.source)
         method = "mean" if node.mean else "sum"
-        if set(node.summed) == set(source.indices):
-            return Code(f"{source.atom()}.{method}()", node.indices)
-        named = [i for i in node.summed if i != BATCH]
         text = source.atom()
+        if node.expand_batch:
+            shape = broadcast_batch_shape(node.expand_batch)
+            rest = [i for i in source.indices if i != BATCH]
+            text += f".expand({'*' + shape + ', ' + ', '.join(['-1'] * len(rest)) if rest else shape})"
+        if set(node.summed) == set(source.indices):
+            return Code(f"{text}.{method}()", node.indices)
+        named = [i for i in node.summed if i != BATCH]
         if named:
             batched = BATCH in source.indices
             dims = [_dim(source.indices.index(i), len(source.indices), batched) for i in named]
@@ -658,12 +662,30 @@ def render_expr(lowered: LoweredExpr) -> str:
         atomic = True
     # the dims the terms have (align's unsqueezes add dims of size 1, which do not count)
     covered = set().union(*(term.indices for term in terms))
-    if covered != set(plan.indices) and plan.like is not None:   # (forward mode expands the sum of its shares)
+    if expands_batch(lowered):
+        # `...` of the input broadcasts against the others': expand to the batch shape they span, sum back
+        text = (text if atomic else f"({text})") + f".expand({broadcast_shape_like(plan)})"
+        atomic = True
+    elif covered != set(plan.indices) and plan.like is not None:   # (forward mode expands the sum of its shares)
         text = (text if atomic else f"({text})") + f".expand_as({plan.like})"
         atomic = True
     if plan.unbroadcast:
         text = (text if atomic else f"({text})") + f".sum_to_size({plan.like}.shape)"
     return text
+
+
+def broadcast_batch_shape(inputs: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
+    """Source for the shape the batch dims of `inputs` (name, dims) broadcast to."""
+    shapes = [f"{name}.shape[:-{len(dims) - 1}]" if len(dims) > 1 else f"{name}.shape" for name, dims in inputs]
+    return f"torch.broadcast_shapes({', '.join(shapes)})"
+
+
+def broadcast_shape_like(plan) -> str:
+    """Source for the shape of a gradient before it is summed back to its input's: the broadcast batch
+    shape, then the input's own other dims."""
+    named = len(plan.indices) - 1
+    shape = broadcast_batch_shape(plan.batch_inputs)
+    return f"{shape} + {plan.like}.shape[-{named}:]" if named else shape
 
 
 def size_bindings(op: OpSpec, exprs: list[LoweredExpr],

@@ -424,6 +424,9 @@ def fuzz_cases(draw, known_bugs: frozenset[str] = KNOWN_BUGS, place_kinks=None) 
     toml = "\n".join(lines) + "\n"
     inputs, placements = draw_values(draw, builder, place_kinks, toml)
     features = set(builder.features)
+    batches = {value.shape[0] for value, t in zip(inputs, builder.inputs.values()) if BATCH in t.indices}
+    if len(batches) > 1:
+        features.add("batch dims broadcast between inputs")
     if any(size == 0 for index, size in sizes.items() if f"[{index}" in toml or f", {index}" in toml):
         features.add("size 0")
     used = {i for i in (*INDICES, BATCH) if any(i in t.indices for t in builder.inputs.values())}
@@ -442,8 +445,11 @@ def draw_values(draw, builder: Builder, place_kinks, toml: str):
     tensors, placements = {}, []
     has_max_min = "Max(" in toml or "Min(" in toml
     exact_points = not (has_max_min and "max_min_ties" in builder.known_bugs)
+    # the batch dims `...` broadcast between inputs (README "Shape contracts"): each input's is 1 or the
+    # batch size (one dim, which the references' dim numbers assume; tests/test_batch_broadcast.py varies ranks)
     for tensor in builder.inputs.values():
-        shape = tuple(sizes[i] for i in tensor.indices)
+        own = (1,) if BATCH in tensor.indices and draw(st.integers(0, 2)) == 0 else (sizes[BATCH],)
+        shape = sum(((own if i == BATCH else (sizes[i],)) for i in tensor.indices), ())
         if tensor.integer:   # small ranges repeat indices: the scatter must accumulate
             tensors[tensor.name] = torch.randint(0, sizes[VOCABULARY], shape, generator=generator)
             continue
@@ -467,7 +473,8 @@ def draw_values(draw, builder: Builder, place_kinks, toml: str):
             elif choice == "round":   # ties within one tensor (softmax, Max after broadcasting)
                 tensors[tensor.name] = torch.round(value)
                 placements.append(f"{tensor.name} rounded to integers")
-        same_shape = [(a, b) for a, b in itertools.combinations(free_inputs, 2) if a.indices == b.indices]
+        same_shape = [(a, b) for a, b in itertools.combinations(free_inputs, 2)
+                      if a.indices == b.indices and tensors[a.name].shape == tensors[b.name].shape]
         for a, b in same_shape:
             if draw(st.booleans()):
                 mask = torch.rand(tensors[a.name].shape, generator=generator) < 0.5
