@@ -33,6 +33,7 @@ MAX_AST_DEPTH = 40
 MAX_WHERE = 2                 # where() calls per equation: their derivatives' cases multiply
 MAX_BRANCHES = 6              # where, Max, Min and Abs calls per equation
 MAX_NESTED_REDUCTIONS = 3     # sum/mean/logsumexp/softmax inside each other: each level ~2.5x the derivation time
+MAX_BRANCHES_NORMALIZED = 2   # where, Max, Min and Abs inside softmax/logsumexp: 3 take ~36 s, 6 over a minute
 MAX_EXPONENT = 1000           # |constant exponent|; larger powers overflow float64 anyway
 MAX_CONSTANT_BITS = 4096      # numerator and denominator of any constant
 MAX_OPS = 200                 # ops per catalog
@@ -429,8 +430,9 @@ class _EquationParser:
     locator: _Locator
     sizes: dict[str, str] = field(default_factory=dict)   # index -> declared index whose size it has
     value_ranges: dict[str, str] = field(default_factory=dict)  # integer input -> size its values index
-    branches: dict[str, int] = field(default_factory=dict)   # 'where' / 'kink' -> how many the equation has
+    branches: dict[str, int] = field(default_factory=dict)   # 'where' / 'kink' / 'normalized' -> how many
     reductions: int = 0     # reductions around the node being parsed
+    normalized: int = 0     # softmax and logsumexp calls around it
 
     def error(self, message: str, node: ast.AST | None = None) -> SpecError:
         return self.locator.error(message, self.op, "equation", node)
@@ -698,9 +700,14 @@ class _EquationParser:
     def _count_branch(self, kind: str, node) -> None:
         """Each piecewise function multiplies the cases SymPy must reconcile: a fixed limit, not a hang."""
         self.branches[kind] = self.branches.get(kind, 0) + 1
+        if self.normalized:
+            self.branches["normalized"] = self.branches.get("normalized", 0) + 1
+            if self.branches["normalized"] > MAX_BRANCHES_NORMALIZED:
+                raise self.error(f"too many piecewise functions inside softmax or logsumexp (the limit is "
+                                 f"{MAX_BRANCHES_NORMALIZED}: their cases multiply in the derivative)", node)
         if self.branches.get("where", 0) > MAX_WHERE:
             raise self.error(f"too many where() calls (the limit is {MAX_WHERE} per equation)", node)
-        if sum(self.branches.values()) > MAX_BRANCHES:
+        if self.branches.get("where", 0) + self.branches.get("kink", 0) > MAX_BRANCHES:
             raise self.error(f"too many piecewise functions: where, Max, Min and Abs together "
                              f"(the limit is {MAX_BRANCHES} per equation)", node)
 
@@ -723,10 +730,12 @@ class _EquationParser:
             raise self.error(f"reductions are nested too deeply (sum, mean, logsumexp and softmax inside each other: "
                              f"the limit is {MAX_NESTED_REDUCTIONS}, as the derivation's work grows with each)", node)
         self.reductions += 1
+        self.normalized += name in ("logsumexp", "softmax")
         try:
             body, free = self._expr(node.args[0])
         finally:
             self.reductions -= 1
+            self.normalized -= name in ("logsumexp", "softmax")
         limits, count = [], sympy.Integer(1)
         for arg in node.args[1:]:
             if isinstance(arg, ast.Constant) and arg.value is Ellipsis:

@@ -252,6 +252,9 @@ CASES = [
     ("reductions-nested-too-deeply", op("y[n, k] = softmax(softmax(softmax(softmax(x[n, k], k), k), k), k)"),
      "bad.toml:3:47: op 'bad': reductions are nested too deeply (sum, mean, logsumexp and softmax inside each "
      "other: the limit is 3, as the derivation's work grows with each)"),
+    ("piecewise-inside-softmax", op("y[n, k] = softmax(Max(x[n, k], 0) * Abs(x[n, k]) * Min(x[n, k], 1), k)"),
+     "bad.toml:3:64: op 'bad': too many piecewise functions inside softmax or logsumexp (the limit is 2: their "
+     "cases multiply in the derivative)"),
     # constants generated code could not hold
     ("constant-not-real", op("y[n, k] = x[n, k] * sqrt(-1)"),
      "bad.toml:3:33: op 'bad': constant I in sqrt(-1) is not a real number (generated code computes in real floats)"),
