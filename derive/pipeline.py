@@ -39,10 +39,12 @@ class Built:
 DEFAULT_BUDGET = 60.0    # CPU seconds of derivation per op; the spec limits keep every accepted spec well inside
 
 
-def build_op(op: OpSpec, styles=STYLES, budget: float | None = DEFAULT_BUDGET) -> Built:
-    """Every stage for `op`; past `budget` seconds it stops with a SpecError (None: no limit)."""
-    stage = ["deriving the gradients"]     # where the time went, for the message
-    with spec_errors(op), _time_limit(op, budget, stage):
+def build_op(op: OpSpec, styles=STYLES, budget: float | None = DEFAULT_BUDGET, stage: list[str] | None = None) -> Built:
+    """Every stage for `op`; past `budget` seconds it stops with a SpecError (None: no limit, or the caller's,
+    which then reads in `stage` where the time went)."""
+    stage = ["deriving the gradients"] if stage is None else stage
+    stage[0] = "deriving the gradients"
+    with spec_errors(op), time_limit(op, budget, stage):
         derivation = derive(op)
         stage[0] = "fusing kernels"
         fused = fuse(derivation) if "contraction" in styles else None
@@ -56,7 +58,7 @@ class _OutOfTime(BaseException):
 
 
 @contextmanager
-def _time_limit(op: OpSpec, budget: float | None, stage: list[str]):
+def time_limit(op: OpSpec, budget: float | None, stage: list[str]):
     """Stop the work inside after `budget` seconds of CPU time (the same on a loaded machine as on an idle one),
     with a SpecError that names the stage. A POSIX profiling timer interrupts SymPy wherever it is; without
     one (Windows, a thread other than the main one) there is no limit."""

@@ -84,6 +84,24 @@ def test_a_derivation_over_its_budget_stops_with_one_line():
     assert build_op(op, budget=None).op is op       # the same op within its budget is fine: the timer is gone
 
 
+def test_the_budget_covers_rendering_too(monkeypatch):
+    """An op's whole turn is bounded: its modules and its explanation (SymPy's printers) as well."""
+    import time
+
+    import derive.build
+
+    def slow_explain(built):
+        start = time.process_time()
+        while time.process_time() - start < 4:
+            pass
+        return None
+
+    monkeypatch.setattr(derive.build, "explain", slow_explain)
+    with pytest.raises(SpecError, match=r"^tanh.toml: op 'tanh_act': derivation exceeded 2 s of CPU time \(while "
+                                        r"rendering the modules and the derivations document; "):
+        derive.build.render_catalog(parse_catalog(ONE_OP, "tanh.toml"), budget=2)
+
+
 def test_the_budget_is_set_by_flag_and_by_pyproject(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("deep.toml").write_text(nested_softmax(3))
