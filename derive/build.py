@@ -10,20 +10,23 @@ from .emit import render_module
 from .explain import explain, render_derivations
 from .model import Catalog
 from .naming import DEFAULT_NAMESPACE, DERIVATIONS_FILE, STYLE_DIRS, STYLES
-from .pipeline import build_op, spec_errors
+from .pipeline import DEFAULT_BUDGET, build_op, spec_errors, time_limit
 from .stamp import header, planned, stamped
 
 
 def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
-                   out_arg: str = "generated", namespace: str = DEFAULT_NAMESPACE) -> dict[str, str]:
+                   out_arg: str = "generated", namespace: str = DEFAULT_NAMESPACE,
+                   budget: float | None = DEFAULT_BUDGET) -> dict[str, str]:
     """Relative path -> file text for every generated file of the catalog, each stamped with its inputs."""
     source, command = header(spec_arg, out_arg, namespace)
     inputs = planned({op.name: op.digest for op in catalog.ops}, styles, source, command, namespace)
     files = {}
     explanations = []
     for op in catalog.ops:
-        built = build_op(op)     # every style: the derivations document shows both
-        with spec_errors(op):
+        stage = [""]     # where the time goes, for the message when it runs out
+        with spec_errors(op), time_limit(op, budget, stage):
+            built = build_op(op, STYLES, None, stage)     # every style: the derivations document shows both
+            stage[0] = "rendering the modules and the derivations document"
             for style in styles:
                 path = STYLE_DIRS[style] + naming.module_file(op.name)
                 files[path] = stamped(path, render_module(built.derivation, built.lowered[style], source, command,

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.util
 import keyword
 import os
 import re
 import sys
-import tomllib
 import traceback
 from pathlib import Path
 
+from . import __version__
 from .errors import SpecError
 from .files import compare, write_tree
 from .naming import DEFAULT_NAMESPACE, STYLE_DIRS, STYLES, default_catalog_path
+from .reading import parse_toml, read_text
 from .stamp import Survey, header, survey
 
 # Everything above is the standard library and derive's light modules: `derive --help` and a `derive check`
@@ -24,7 +26,14 @@ from .stamp import Survey, header, survey
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    for stream in (sys.stdout, sys.stderr):     # a terminal that cannot show a character gets an escape
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = _parser(argv)
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    commands = ["generate", "check", "list", *LAZY_COMMANDS]
+    if chosen is not None and chosen not in commands and difflib.get_close_matches(chosen, commands, n=1):
+        parser.error(f"unknown command '{chosen}'; did you mean '{difflib.get_close_matches(chosen, commands, n=1)[0]}'?")
     args = parser.parse_args(argv)
     try:
         apply_config(args, Path.cwd())
@@ -42,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # [tool.derive] keys -> their defaults when neither the command line nor pyproject.toml sets them.
-CONFIG_DEFAULTS = {"spec": None, "out": "generated", "style": "all", "namespace": DEFAULT_NAMESPACE}
+CONFIG_DEFAULTS = {"spec": None, "out": "generated", "style": "all", "namespace": DEFAULT_NAMESPACE,
+                   "budget": None}    # budget None: derive's own, 60 seconds of derivation per op
 
 
 def apply_config(args: argparse.Namespace, cwd: Path) -> None:
@@ -63,7 +73,8 @@ def apply_config(args: argparse.Namespace, cwd: Path) -> None:
             continue
         value = config.get(key, default)
         setattr(args, f"{key}_label", value)
-        if key in ("spec", "out") and key in config and root != cwd:
+        # paths are the project's: relative to the directory of its pyproject.toml, set there or not
+        if key in ("spec", "out") and value is not None and root != cwd:
             value = os.path.relpath(root / value, cwd) if root.drive == cwd.drive else str(root / value)
         setattr(args, key, value)
 
@@ -83,21 +94,17 @@ def load_config(cwd: Path) -> tuple[dict, Path]:
     else:
         return {}, cwd
     shown = str(path) if folder != cwd else path.name
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = tomllib.loads(text)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read: {exc}", path=shown) from None
-    except tomllib.TOMLDecodeError as exc:
-        from .spec import toml_error
-        raise toml_error(exc, text, shown) from None
+    data = parse_toml(read_text(path, shown, "pyproject.toml"), shown)
     table = data.get("tool", {}).get("derive", {})
     if not isinstance(table, dict):
         raise SpecError("[tool.derive] must be a table", path=shown)
     for key, value in table.items():
         if key not in CONFIG_DEFAULTS:
             raise SpecError(f"[tool.derive]: unknown key '{key}' (known: {', '.join(CONFIG_DEFAULTS)})", path=shown)
-        if not isinstance(value, str) or not value:
+        if key == "budget":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+                raise SpecError("[tool.derive]: 'budget' must be a positive number of seconds", path=shown)
+        elif not isinstance(value, str) or not value:
             raise SpecError(f"[tool.derive]: '{key}' must be a non-empty string", path=shown)
     if table.get("style", "all") not in ("all", *STYLES):
         raise SpecError(f"[tool.derive]: style must be one of {', '.join(('all', *STYLES))}", path=shown)
@@ -110,6 +117,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="derive", description="Derive readable, verified PyTorch backward code "
                                      "from index-notation specs.")
     parser.add_argument("--debug", dest="debug_anywhere", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"derive {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def catalog_command(name, help_text, handler):
@@ -123,12 +131,14 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
                                      ("check", "exit 0 when the generated modules are up to date, 1 when stale, "
                                                "2 on a spec error", _check)):
         command = catalog_command(name, help_text, handler)
-        command.add_argument("--out", metavar="DIR", help="output directory (default: generated)")
+        command.add_argument("--out", metavar="DIR", type=_directory, help="output directory (default: generated)")
         command.add_argument("--style", choices=("all", *STYLES),
                              help="contraction (matrix products, into DIR) or broadcast (the seed's "
                                   "unsqueeze/sum form, into DIR/broadcast); default: all, both")
         command.add_argument("--namespace", metavar="NAME", type=_identifier,
                              help=f"torch.library namespace of the generated custom ops (default: {DEFAULT_NAMESPACE})")
+        command.add_argument("--budget", metavar="SECONDS", type=_seconds,
+                             help="stop when one op's derivation takes longer (default: 60)")
         if name == "check":
             command.add_argument("--diff", action="store_true", help="also print a unified diff of what would change")
     catalog_command("list", "list the ops of a catalog", _list)
@@ -148,6 +158,22 @@ LAZY_COMMANDS = {
     "bench": ("bench", "time the generated backward code against torch.autograd"),
     "explain": ("explain", "show every step of an op's derivation, from its equation to the emitted code"),
 }
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _directory(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the output directory must not be empty (use . for this one)")
+    return text
 
 
 def _identifier(text: str) -> str:
@@ -174,8 +200,9 @@ def _render(args, only: list[str] | None = None):
     if only is not None:
         catalog = Catalog(catalog.path, tuple(op for op in catalog.ops if op.name in only))
     styles = _styles(args)
+    budget = {} if args.budget is None else {"budget": float(args.budget)}
     files = render_catalog(catalog, styles, spec_arg=args.spec_label, out_arg=args.out_label,
-                           namespace=args.namespace)
+                           namespace=args.namespace, **budget)
     return files, [STYLE_DIRS[s] for s in styles]
 
 

@@ -18,6 +18,7 @@ import jinja2
 import sympy
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.pretty.pretty import PrettyPrinter
+from sympy.printing.pretty.pretty_symbology import pretty_use_unicode
 from sympy.printing.pretty.stringpict import prettyForm
 
 from . import naming
@@ -535,7 +536,14 @@ class _PrettyPrinter(PrettyPrinter):
 
 
 def _pretty(expr: sympy.Expr) -> str:
-    lines = [line.rstrip() for line in _PrettyPrinter().doprint(expr).splitlines()]
+    # SymPy draws its big symbols (sum signs, brackets) from a module-wide flag that it sets from the
+    # terminal's encoding; the drawing is always unicode, whatever sys.stdout is.
+    previous = pretty_use_unicode(True)
+    try:
+        drawing = _PrettyPrinter().doprint(expr)
+    finally:
+        pretty_use_unicode(previous)
+    lines = [line.rstrip() for line in drawing.splitlines()]
     while lines and not lines[0]:
         lines.pop(0)
     while lines and not lines[-1]:

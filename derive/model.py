@@ -6,6 +6,8 @@ Every value here is frozen; later stages read it and never change it.
 
 from __future__ import annotations
 
+import difflib
+
 from dataclasses import dataclass
 
 import sympy
@@ -82,6 +84,9 @@ class Catalog:
         for op in self.ops:
             if op.name == name:
                 return op
+        close = difflib.get_close_matches(name, [o.name for o in self.ops], n=1)
+        if close:
+            raise SpecError(f"no op named '{name}'; did you mean '{close[0]}'?", path=self.path)
         known = ", ".join(o.name for o in self.ops)
         raise SpecError(f"no op named '{name}' (known: {known})", path=self.path)
 

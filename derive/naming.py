@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import builtins
 import keyword
+import unicodedata
 from importlib import resources
 from pathlib import Path
 
 # Names generated code relies on; a spec may not use them for tensors, indices or params.
-RESERVED = frozenset({"torch", "F", "math", "ctx", "needs_input_grad", "inputs", "output", "gradients",
-                      "AUTOCAST", "device_type"}) \
+RESERVED = frozenset({"torch", "F", "math", "functools", "warnings", "ctx", "needs_input_grad", "inputs", "output",
+                      "gradients", "AUTOCAST", "device_type", "args", "keyset", "tensor", "tensors", "shares", "dtype",
+                      "forward", "backward", "setup_context", "jvp", "generate_vmap_rule", "pi"}) \
     | frozenset(dir(builtins))
 
 
@@ -100,9 +102,18 @@ def is_generated_name(name: str) -> bool:
         or name.endswith(("_forward", "_backward", "_forward_saving", "_jvp"))
 
 
+def module_names(op: str) -> frozenset[str]:
+    """The names an op's generated module defines at its top level."""
+    return frozenset({op, function_class(op), custom_op(op), forward(op), backward(op), forward_saving(op), jvp(op)})
+
+
 def name_problem(name: str) -> str | None:
     """Why `name` cannot be used in a spec, or None when it can."""
-    if not name.isidentifier() or not name.isascii():
+    foreign = next((c for c in name if not c.isascii()), None)
+    if foreign is not None:     # a homoglyph such as Cyrillic 'а' looks like an ASCII name and is not one
+        return (f"'{name}' contains {foreign!r} (U+{ord(foreign):04X} {unicodedata.name(foreign, 'unnamed')}); "
+                f"names must be ASCII")
+    if not name.isidentifier():
         return f"'{name}' is not a valid identifier"
     if keyword.iskeyword(name) or keyword.issoftkeyword(name):
         return f"'{name}' is a Python keyword"

@@ -6,9 +6,14 @@ whole catalog from it.
 
 from __future__ import annotations
 
+import signal
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import sympy
+
+from . import functions
 from .derivation import Derivation, derive
 from .kernels import fuse
 from .lower import STYLES, LoweredOp, lower
@@ -31,12 +36,66 @@ class Built:
         return self.derivation.op
 
 
-def build_op(op: OpSpec, styles=STYLES) -> Built:
-    with spec_errors(op):
+DEFAULT_BUDGET = 60.0    # CPU seconds of derivation per op; the spec limits keep every accepted spec well inside
+
+
+def build_op(op: OpSpec, styles=STYLES, budget: float | None = DEFAULT_BUDGET, stage: list[str] | None = None) -> Built:
+    """Every stage for `op`; past `budget` seconds it stops with a SpecError (None: no limit, or the caller's,
+    which then reads in `stage` where the time went)."""
+    stage = ["deriving the gradients"] if stage is None else stage
+    stage[0] = "deriving the gradients"
+    with spec_errors(op), time_limit(op, budget, stage):
         derivation = derive(op)
+        stage[0] = "fusing kernels"
         fused = fuse(derivation) if "contraction" in styles else None
+        stage[0] = "planning and lowering"
         lowered = {style: lower(plan(fused if style == "contraction" else derivation), style) for style in styles}
         return Built(derivation, lowered, {style: backward_signature(derivation, lowered[style]) for style in styles})
+
+
+class _OutOfTime(BaseException):
+    """Raised by the timer inside SymPy: a BaseException, so that no `except Exception` there swallows it."""
+
+
+@contextmanager
+def time_limit(op: OpSpec, budget: float | None, stage: list[str]):
+    """Stop the work inside after `budget` seconds of CPU time (the same on a loaded machine as on an idle one),
+    with a SpecError that names the stage. A POSIX profiling timer interrupts SymPy wherever it is; without
+    one (Windows, a thread other than the main one) there is no limit."""
+    if budget is None or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        if armed:
+            raise _OutOfTime
+
+    armed = True
+    previous = signal.signal(signal.SIGPROF, expire)
+    signal.setitimer(signal.ITIMER_PROF, budget)
+    try:
+        yield
+    except _OutOfTime:
+        raise _op_error(op, None, f"derivation exceeded {budget:g} s of CPU time (while {stage[0]}; the equation's "
+                                  f"{_size(op)}); simplify it, or raise the budget with --budget or "
+                                  f"[tool.derive] budget") from None
+    finally:
+        armed = False
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+
+
+REDUCTIONS = (functions.Sum, functions.logsumexp, functions.softmax)
+
+
+def _size(op: OpSpec) -> str:
+    """What makes an equation's derivation grow: reductions nested in reductions, and its operations."""
+    return (f"reductions nest {_reduction_depth(op.rhs)} deep in {sympy.count_ops(op.rhs)} operations")
+
+
+def _reduction_depth(expr: sympy.Basic) -> int:
+    inner = max((_reduction_depth(arg) for arg in expr.args), default=0)
+    return inner + isinstance(expr, REDUCTIONS)
 
 
 @contextmanager

@@ -13,7 +13,6 @@ import keyword
 import math
 import re
 import tokenize
-import tomllib
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from . import functions, naming
 from .model import (Catalog, OpSpec, Param, SpecError, TensorInput, index_symbol, param_symbol, scalar_symbol,
                     tensor_symbol)
 from .naming import BATCH, default_catalog_path
+from .reading import parse_toml, read_text, toml_error  # noqa: F401 (toml_error: spec.toml_error as before)
 from .stamp import spec_digest
 
 MAX_SOURCE_CHARS = 4000
@@ -32,8 +32,13 @@ MAX_AST_NODES = 600
 MAX_AST_DEPTH = 40
 MAX_WHERE = 2                 # where() calls per equation: their derivatives' cases multiply
 MAX_BRANCHES = 6              # where, Max, Min and Abs calls per equation
+MAX_NESTED_REDUCTIONS = 3     # sum/mean/logsumexp/softmax inside each other: each level ~2.5x the derivation time
+MAX_BRANCHES_NORMALIZED = 2   # where, Max, Min and Abs inside softmax/logsumexp: 3 take ~36 s, 6 over a minute
 MAX_EXPONENT = 1000           # |constant exponent|; larger powers overflow float64 anyway
 MAX_CONSTANT_BITS = 4096      # numerator and denominator of any constant
+MAX_OPS = 200                 # ops per catalog
+MAX_ARGUMENTS = 32            # inputs and params of one op: a custom op's schema allows 64 arguments in all
+MAX_RANK = 8                  # indices of one input or of the result (the batch '...' counts as one)
 
 OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "integer", "params", "ranges"}
 RETIRED_KEYS = {
@@ -113,7 +118,7 @@ def line_of_op(source: str, op: str, key: str | None = None) -> int | None:
         candidates.append(default_catalog_path())
     for path in candidates:
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError):
             continue
         line = _Locator(str(path), lines).line_of(op, key)
@@ -125,24 +130,21 @@ def line_of_op(source: str, op: str, key: str | None = None) -> int | None:
 def load_catalog(path: str | Path | None = None) -> Catalog:
     path = Path(path) if path is not None else default_catalog_path()
     shown = path.name if path == default_catalog_path() else str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read spec file: {exc}", path=shown) from None
-    return parse_catalog(text, shown)
+    return parse_catalog(read_text(path, shown, "spec file"), shown)
 
 
 def parse_catalog(text: str, path: str = "<spec>") -> Catalog:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise toml_error(exc, text, path) from None
+    text = text.removeprefix("\ufeff")     # a UTF-8 byte order mark, as some editors write
+    data = parse_toml(text, path)
     extra = set(data) - {"ops"}
     if extra:
         raise SpecError(f"unknown top-level key(s) {sorted(extra)}; ops go under [ops.<name>]", path=path)
     ops = data.get("ops")
     if not isinstance(ops, dict) or not ops:
         raise SpecError("empty catalog: no [ops.<name>] tables", path=path)
+    if len(ops) > MAX_OPS:
+        raise SpecError(f"{len(ops)} ops in one catalog; the limit is {MAX_OPS} (split it into several specs)",
+                        path=path)
     locator = _Locator(path, text.splitlines())
     by_folded: dict[str, str] = {}
     for name in ops:
@@ -154,30 +156,11 @@ def parse_catalog(text: str, path: str = "<spec>") -> Catalog:
     return Catalog(path=path, ops=tuple(sorted(parsed, key=lambda op: op.name)))
 
 
-def toml_error(exc: tomllib.TOMLDecodeError, text: str, path: str) -> SpecError:
-    """tomllib's message, with its position moved into the `path:line:col` prefix and duplicates named."""
-    message = str(exc)
-    match = re.search(r" \(at line (\d+), column (\d+)\)$", message)
-    if match:
-        line, column = int(match[1]), int(match[2])
-    elif message.endswith(" (at end of document)"):
-        line, column = max(1, len(text.splitlines())), None
-    else:
-        line, column = None, None
-    message = re.sub(r" \(at (line \d+, column \d+|end of document)\)$", "", message)
-    duplicate = re.fullmatch(r"Cannot declare \('ops', '([^']*)'\) twice", message)
-    if duplicate:
-        return SpecError(f"duplicate op name: [ops.{duplicate[1]}] is declared twice",
-                         path=path, line=line, op=duplicate[1])
-    if message == "Cannot overwrite a value" and line is not None:
-        key = re.match(r"\s*([^\s=]+)\s*=", text.splitlines()[line - 1])
-        if key:
-            message = f"key '{key[1]}' is set twice"
-    return SpecError(f"TOML syntax error: {message}", path=path, line=line, column=column)
-
-
 def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
     _check_entry(name, entry, locator)
+    arguments = len(entry["inputs"]) + len(entry.get("params", {}))
+    if arguments > MAX_ARGUMENTS:
+        raise locator.error(f"{arguments} inputs and params; the limit is {MAX_ARGUMENTS}", name, "inputs")
     inputs = [_parse_declaration(text, name, locator) for text in entry["inputs"]]
     names = [tensor.name for tensor, _ in inputs]
     duplicated = sorted({n for n in names if names.count(n) > 1})
@@ -294,6 +277,10 @@ def _check_equation(parser: _EquationParser, tensors: tuple[TensorInput, ...], p
                     for t in tensors)
     if output in names or output in {p.name for p in params}:
         raise locator.error(f"the result '{output}' has the name of an input or param", name, "equation")
+    taken = naming.module_names(name)
+    for item in sorted({*names, *(p.name for p in params), output, *parser.sizes} & taken):
+        raise locator.error(f"'{item}' is a name the generated module defines for op '{name}' "
+                            f"(its function, Function class or custom op)", name, "equation")
     for index in set(parser.sizes) - {BATCH}:
         problem = naming.name_problem(index)
         if problem:
@@ -333,6 +320,12 @@ def _check_text(entry: dict, op: str, locator: _Locator) -> None:
             bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Cs") and c not in "\n\t"), None)
             if bad is not None:
                 raise locator.error(f"'{key}' contains the control character U+{ord(bad):04X}", op, key)
+            # format characters (bidirectional overrides such as U+202E, zero-width spaces) and line separators
+            # make text read differently from what it is, in the spec and in the code it is copied into
+            hidden = next((c for c in text if unicodedata.category(c) in ("Cf", "Zl", "Zp")), None)
+            if hidden is not None:
+                raise locator.error(f"'{key}' contains the invisible or direction-changing character "
+                                    f"U+{ord(hidden):04X} ({unicodedata.name(hidden, 'unnamed')})", op, key)
 
 
 def _names(expr: sympy.Expr) -> set[str]:
@@ -378,6 +371,8 @@ def _parse_declaration(text: str, op: str, locator: _Locator):
             raise locator.error(f"bad input declaration {text!r}: {problem}", op, "inputs")
     if len(set(indices)) != len(indices):
         raise locator.error(f"input '{name}' repeats an index; each dim needs its own index name", op, "inputs")
+    if len(indices) > MAX_RANK:
+        raise locator.error(f"input '{name}' has {len(indices)} indices; the limit is {MAX_RANK}", op, "inputs")
     return TensorInput(name, indices, True), None
 
 
@@ -435,7 +430,9 @@ class _EquationParser:
     locator: _Locator
     sizes: dict[str, str] = field(default_factory=dict)   # index -> declared index whose size it has
     value_ranges: dict[str, str] = field(default_factory=dict)  # integer input -> size its values index
-    branches: dict[str, int] = field(default_factory=dict)   # 'where' / 'kink' -> how many the equation has
+    branches: dict[str, int] = field(default_factory=dict)   # 'where' / 'kink' / 'normalized' -> how many
+    reductions: int = 0     # reductions around the node being parsed
+    normalized: int = 0     # softmax and logsumexp calls around it
 
     def error(self, message: str, node: ast.AST | None = None) -> SpecError:
         return self.locator.error(message, self.op, "equation", node)
@@ -491,6 +488,8 @@ class _EquationParser:
             if indices is not None:
                 if len(set(indices)) != len(indices):
                     raise self.error("the left-hand side repeats an index", node)
+                if len(indices) > MAX_RANK:
+                    raise self.error(f"the result has {len(indices)} indices; the limit is {MAX_RANK}", node)
                 problem = naming.name_problem(node.value.id)
                 if problem:
                     raise self.error(f"bad result name: {problem}", node)
@@ -505,6 +504,9 @@ class _EquationParser:
         if any(max(abs(n.p).bit_length(), n.q.bit_length()) > MAX_CONSTANT_BITS for n in value.atoms(sympy.Rational)):
             raise self.error(f"a constant in {ast.unparse(node)[:40]} is too large (over {MAX_CONSTANT_BITS} bits)", node)
         constant = _not_float64(value)
+        if constant is not None and not sympy.N(constant, 20).is_extended_real:
+            raise self.error(f"constant {_short(constant)} in {ast.unparse(node)[:40]} is not a real number "
+                             f"(generated code computes in real floats)", node)
         if constant is not None:
             raise self.error(f"constant {_short(constant)} in {ast.unparse(node)[:40]} is not a finite float64 "
                              f"(generated code computes in floats)", node)
@@ -698,9 +700,14 @@ class _EquationParser:
     def _count_branch(self, kind: str, node) -> None:
         """Each piecewise function multiplies the cases SymPy must reconcile: a fixed limit, not a hang."""
         self.branches[kind] = self.branches.get(kind, 0) + 1
+        if self.normalized:
+            self.branches["normalized"] = self.branches.get("normalized", 0) + 1
+            if self.branches["normalized"] > MAX_BRANCHES_NORMALIZED:
+                raise self.error(f"too many piecewise functions inside softmax or logsumexp (the limit is "
+                                 f"{MAX_BRANCHES_NORMALIZED}: their cases multiply in the derivative)", node)
         if self.branches.get("where", 0) > MAX_WHERE:
             raise self.error(f"too many where() calls (the limit is {MAX_WHERE} per equation)", node)
-        if sum(self.branches.values()) > MAX_BRANCHES:
+        if self.branches.get("where", 0) + self.branches.get("kink", 0) > MAX_BRANCHES:
             raise self.error(f"too many piecewise functions: where, Max, Min and Abs together "
                              f"(the limit is {MAX_BRANCHES} per equation)", node)
 
@@ -719,7 +726,16 @@ class _EquationParser:
     def _reduction(self, name: str, node: ast.Call):
         if len(node.args) < 2:
             raise self.error(f"{name}(expression, index, ...) needs an expression and at least one index", node)
-        body, free = self._expr(node.args[0])
+        if self.reductions == MAX_NESTED_REDUCTIONS:
+            raise self.error(f"reductions are nested too deeply (sum, mean, logsumexp and softmax inside each other: "
+                             f"the limit is {MAX_NESTED_REDUCTIONS}, as the derivation's work grows with each)", node)
+        self.reductions += 1
+        self.normalized += name in ("logsumexp", "softmax")
+        try:
+            body, free = self._expr(node.args[0])
+        finally:
+            self.reductions -= 1
+            self.normalized -= name in ("logsumexp", "softmax")
         limits, count = [], sympy.Integer(1)
         for arg in node.args[1:]:
             if isinstance(arg, ast.Constant) and arg.value is Ellipsis:

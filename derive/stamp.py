@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
+import shlex
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 from . import __version__, naming
+from .errors import SpecError
 from .files import TreeStatus, owned_files
+from .reading import parse_toml, read_text
 
 COMMENTS = {".py": ("# ", ""), ".md": ("<!-- ", " -->")}   # a file type's one-line comment: opener, closer
 
@@ -66,7 +68,7 @@ def header(spec_arg: str | None, out_arg: str, namespace: str) -> tuple[str, str
     if spec_arg is None:
         source, command = "the built-in catalog (derive/catalog/ops.toml)", "derive generate"
     else:
-        source, command = spec_arg, f"derive generate --spec {spec_arg} --out {out_arg}"
+        source, command = spec_arg, f"derive generate --spec {shlex.quote(spec_arg)} --out {shlex.quote(out_arg)}"
     if namespace != naming.DEFAULT_NAMESPACE:
         command += f" --namespace {namespace}"
     return source, command
@@ -134,8 +136,8 @@ def survey(out: Path, spec: Path, styles, source: str, command: str, namespace: 
     same inputs (a file whose stamp does not match differs from what rendering would write: the rendered
     stamp always matches); None when the catalog is one the parser would refuse as a whole, to let it say so."""
     try:
-        catalog = tomllib.loads(spec.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        catalog = parse_toml(read_text(spec, str(spec), "spec file"), str(spec))
+    except SpecError:
         return None
     ops = catalog.get("ops")
     if set(catalog) != {"ops"} or not isinstance(ops, dict) or not ops \

@@ -104,7 +104,7 @@ def test_the_nearest_pyproject_wins(project, monkeypatch):
 
 @pytest.mark.parametrize("table, message", [
     ('[tool.derive]\nspecs = "a.toml"\n',
-     "pyproject.toml: [tool.derive]: unknown key 'specs' (known: spec, out, style, namespace)"),
+     "pyproject.toml: [tool.derive]: unknown key 'specs' (known: spec, out, style, namespace, budget)"),
     ('[tool.derive]\nout = 3\n', "pyproject.toml: [tool.derive]: 'out' must be a non-empty string"),
     ('[tool.derive]\nstyle = "fast"\n',
      "pyproject.toml: [tool.derive]: style must be one of all, contraction, broadcast"),

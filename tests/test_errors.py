@@ -237,6 +237,61 @@ CASES = [
      "bad.toml:5: op 'bad': 'ranges' entry 'x' must name an input and give finite [low, high] with low < high"),
     ("integer-input-unused", op("y[n, k] = x[n, k]", inputs='["x[n, k]", "i[n]"]', extra='integer = ["i"]\n'),
      "bad.toml:5: op 'bad': integer input 'i' is never used as an index"),
+    # limits on reading and on the size of what is accepted (bounded work)
+    ("toml-nested-too-deeply", "a = " + "[" * 2000 + "]" * 2000 + "\n",
+     "bad.toml: TOML nested too deeply (arrays or inline tables inside each other)"),
+    ("too-many-ops", "".join(op("y[n] = x[n]", inputs='["x[n]"]', name=f"op{i}") + "\n" for i in range(201)),
+     "bad.toml: 201 ops in one catalog; the limit is 200 (split it into several specs)"),
+    ("too-many-inputs", op("y[n] = x0[n]", inputs=str([f"x{i}[n]" for i in range(33)]).replace("'", '"')),
+     "bad.toml:2: op 'bad': 33 inputs and params; the limit is 32"),
+    ("input-rank-too-large", op("y = x[a, b, c, d, e, f, g, h, i]", inputs='["x[a, b, c, d, e, f, g, h, i]"]'),
+     "bad.toml:2: op 'bad': input 'x' has 9 indices; the limit is 8"),
+    ("result-rank-too-large", op("y[a, b, c, d, e, f, g, h, i] = x[a, b, c, d] * x[e, f, g, h] * w[i]",
+                                 inputs='["x[a, b, c, d]", "w[i]"]'),
+     "bad.toml:3:13: op 'bad': the result has 9 indices; the limit is 8"),
+    ("reductions-nested-too-deeply", op("y[n, k] = softmax(softmax(softmax(softmax(x[n, k], k), k), k), k)"),
+     "bad.toml:3:47: op 'bad': reductions are nested too deeply (sum, mean, logsumexp and softmax inside each "
+     "other: the limit is 3, as the derivation's work grows with each)"),
+    ("piecewise-inside-softmax", op("y[n, k] = softmax(Max(x[n, k], 0) * Abs(x[n, k]) * Min(x[n, k], 1), k)"),
+     "bad.toml:3:64: op 'bad': too many piecewise functions inside softmax or logsumexp (the limit is 2: their "
+     "cases multiply in the derivative)"),
+    # constants generated code could not hold
+    ("constant-not-real", op("y[n, k] = x[n, k] * sqrt(-1)"),
+     "bad.toml:3:33: op 'bad': constant I in sqrt(-1) is not a real number (generated code computes in real floats)"),
+    ("constant-exp-overflows", op("y[n, k] = x[n, k] * exp(1000)"),
+     "bad.toml:3:33: op 'bad': constant exp(1000) in exp(1000) is not a finite float64 (generated code computes "
+     "in floats)"),
+    ("constant-power-overflows", op("y[n, k] = x[n, k] * 10 ** 400"),
+     "bad.toml:3:33: op 'bad': constant 1.00e+400 in 10 ** 400 is not a finite float64 (generated code computes "
+     "in floats)"),
+    ("constant-quotient-overflows", op("y[n, k] = x[n, k] / 5e-324"),
+     "bad.toml:3:23: op 'bad': constant 2.02e+323 in x[n, k] / 5e-324 is not a finite float64 (generated code "
+     "computes in floats)"),
+    ("integer-beyond-float", op(f"y[n, k] = x[n, k] * {2 ** 1030}"),
+     "bad.toml:3:33: op 'bad': number is too large for a float (it overflows to infinity)"),
+    # names the generated module defines, and names that only look like ASCII
+    ("input-named-like-the-function-class", op("y[n, k] = BadFunction[n, k]", inputs='["BadFunction[n, k]"]'),
+     "bad.toml:3: op 'bad': 'BadFunction' is a name the generated module defines for op 'bad' (its function, "
+     "Function class or custom op)"),
+    ("param-named-like-the-custom-op", op("y[n, k] = x[n, k] * bad_op", extra="params = { bad_op = 1.0 }\n"),
+     "bad.toml:3: op 'bad': 'bad_op' is a name the generated module defines for op 'bad' (its function, "
+     "Function class or custom op)"),
+    ("input-named-pi", op("y[n, k] = pi[n, k]", inputs='["pi[n, k]"]'),
+     "bad.toml:2: op 'bad': bad input declaration 'pi[n, k]': 'pi' shadows a Python or torch name used in "
+     "generated code"),
+    ("index-named-like-a-helper", op("y[n, args] = x[n, args]", inputs='["x[n, args]"]'),
+     "bad.toml:2: op 'bad': bad input declaration 'x[n, args]': 'args' shadows a Python or torch name used in "
+     "generated code"),
+    ("homoglyph-name", op("y[n, k] = x[n, k]", inputs='["\u0445[n, k]"]'),
+     "bad.toml:2: op 'bad': bad input declaration '\u0445[n, k]': '\u0445' contains '\u0445' (U+0445 CYRILLIC SMALL "
+     "LETTER HA); names must be ASCII"),
+    # text that reads differently from what it is
+    ("right-to-left-override-in-doc", VALID + 'doc = "gradient \u202e of x"\n',
+     "bad.toml:5: op 'bad': 'doc' contains the invisible or direction-changing character U+202E (RIGHT-TO-LEFT "
+     "OVERRIDE)"),
+    ("zero-width-space-in-reference", op("y[n, k] = x[n, k]", reference="x\u200b"),
+     "bad.toml:4: op 'bad': 'reference' contains the invisible or direction-changing character U+200B "
+     "(ZERO WIDTH SPACE)"),
 ]
 IDS = [case[0] for case in CASES]
 assert len(set(IDS)) == len(IDS)
@@ -311,7 +366,8 @@ def test_messages_name_file_op_and_line():
         assert expected.startswith(SPEC), case_id
         if "op '" not in expected:
             assert case_id in {"toml-syntax", "toml-unclosed-array", "duplicate-key", "empty-file",
-                               "empty-ops-table", "comments-only", "unknown-top-level-key"}, case_id
+                               "empty-ops-table", "comments-only", "unknown-top-level-key",
+                               "toml-nested-too-deeply", "too-many-ops"}, case_id
 
 
 def test_a_bad_spec_in_a_real_process(tmp_path, generated_before):
