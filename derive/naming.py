@@ -11,7 +11,7 @@ from pathlib import Path
 # Names generated code relies on; a spec may not use them for tensors, indices or params.
 RESERVED = frozenset({"torch", "F", "math", "functools", "warnings", "ctx", "needs_input_grad", "inputs", "output",
                       "gradients", "AUTOCAST", "device_type", "args", "keyset", "tensor", "tensors", "shares", "dtype",
-                      "forward", "backward", "setup_context", "jvp", "generate_vmap_rule", "pi"}) \
+                      "forward", "backward", "setup_context", "jvp", "generate_vmap_rule"}) \
     | frozenset(dir(builtins))
 
 

@@ -32,7 +32,8 @@ MAX_AST_NODES = 600
 MAX_AST_DEPTH = 40
 MAX_WHERE = 2                 # where() calls per equation: their derivatives' cases multiply
 MAX_BRANCHES = 6              # where, Max, Min and Abs calls per equation
-MAX_NESTED_REDUCTIONS = 3     # sum/mean/logsumexp/softmax inside each other: each level ~2.5x the derivation time
+MAX_NESTED_REDUCTIONS = 6     # sum/mean/logsumexp/softmax inside each other (five nested sums: ~3 s to derive)
+MAX_NESTED_NORMALIZED = 3     # logsumexp/softmax inside each other: each level ~2.5x the derivation time
 MAX_BRANCHES_NORMALIZED = 2   # where, Max, Min and Abs inside softmax/logsumexp: 3 take ~36 s, 6 over a minute
 MAX_EXPONENT = 1000           # |constant exponent|; larger powers overflow float64 anyway
 MAX_CONSTANT_BITS = 4096      # numerator and denominator of any constant
@@ -729,6 +730,9 @@ class _EquationParser:
         if self.reductions == MAX_NESTED_REDUCTIONS:
             raise self.error(f"reductions are nested too deeply (sum, mean, logsumexp and softmax inside each other: "
                              f"the limit is {MAX_NESTED_REDUCTIONS}, as the derivation's work grows with each)", node)
+        if name in ("logsumexp", "softmax") and self.normalized == MAX_NESTED_NORMALIZED:
+            raise self.error(f"softmax and logsumexp are nested too deeply (inside each other: the limit is "
+                             f"{MAX_NESTED_NORMALIZED}, as the derivation's work grows about 2.5x with each)", node)
         self.reductions += 1
         self.normalized += name in ("logsumexp", "softmax")
         try:

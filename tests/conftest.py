@@ -33,7 +33,16 @@ KINK_OPS = [op.name for op in CATALOG.ops if has_kinks(op)]
 # derive(op) and build_op(op) depend on the frozen OpSpec alone (test_determinism proves rendering pure):
 # tests that read an op's derivation or lowered code share one per op and set of styles in the session.
 derivation = functools.cache(derive_op)
-built = functools.cache(build_op)
+
+
+@functools.cache
+def _built(op, styles) -> object:
+    return build_op(op, styles, None)
+
+
+def built(op, styles=tuple(STYLE_DIRS), budget=None, stage=None):
+    """`build_op` shared by the session (one per op and set of styles); the budget is not applied."""
+    return _built(op, tuple(styles))
 
 
 @contextmanager
