@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from derive import naming
-from derive.testing import call_backward, check_gradients, gradcheck_op, make_inputs
+from derive.testing import call_backward, check_gradients, gradcheck_op, has_kinks, make_inputs
 
 from conftest import CATALOG, KINK_OPS, generated_module
 
@@ -60,3 +60,8 @@ def test_hyperparameters_other_than_the_defaults(op_name, style):
     params = {p.name: 1.5 * p.default + 0.25 for p in op.params}
     check_gradients(op, generated_module(op_name, style), params=params)
     check_gradients(op, generated_module(op_name, style), torch.float32, params=params)
+
+
+def test_the_ops_read_as_kinked_off_their_equation_are_those_whose_derivative_jumps():
+    """conftest picks KINK_OPS from the equations without deriving; derive.testing.has_kinks derives them."""
+    assert KINK_OPS == [op.name for op in CATALOG.ops if has_kinks(op)]

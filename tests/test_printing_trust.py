@@ -348,7 +348,9 @@ def normalization_modules(tmp_path_factory):
     return Lazy(tmp_path_factory, text, styles=("contraction", "broadcast"))
 
 
-@pytest.mark.parametrize("name", list(NORMALIZATIONS))
+# The default run takes the normalizations with affine terms; `-m slow` (CI) also those without.
+@pytest.mark.parametrize("name", [name if "weight" in name else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in NORMALIZATIONS])
 def test_normalizations_over_any_dims(normalization_modules, name):
     op, module = normalization_modules[name]
     check_gradients(op, module, sizes=equal_sizes(op))
