@@ -109,17 +109,17 @@ def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.flo
 
 
 @functools.cache
-def _built(op: OpSpec):
+def built_op(op: OpSpec):
     """build_op(op), once per op: OpSpec is a frozen dataclass, and what is built depends on it alone.
     call_backward reads the backward's signature on every call (gradcheck calls a backward once per
-    output element)."""
+    output element); a caller that builds the op itself should build it through this, to share it."""
     from .pipeline import build_op
     return build_op(op)
 
 
 def uses_output(op: OpSpec) -> bool:
     """Whether `<op>_backward` takes the forward's result (the gradients reuse it)."""
-    return _built(op).derivation.uses_output
+    return built_op(op).derivation.uses_output
 
 
 def call_backward(op: OpSpec, module: ModuleType, grad_output, inputs, output=None, **keywords):
@@ -138,7 +138,7 @@ def backward_arguments(op: OpSpec, module: ModuleType, inputs, output=None, **pa
     if saving is not None:
         output_again, *saved = saving(*inputs, **params)
         output = output_again if output is None else output
-    signature = next(s for s in _built(op).signatures.values() if len(s.values) == len(saved))
+    signature = next(s for s in built_op(op).signatures.values() if len(s.values) == len(saved))
     values = {t.name: value for t, value in zip(op.inputs, inputs)} | dict(zip(signature.values, saved))
     if signature.uses_output:
         values[op.output] = output if output is not None else \
@@ -280,7 +280,7 @@ def gradcheck_op(op: OpSpec, module: ModuleType, sizes=None, seed: int = 0) -> N
 
 def has_kinks(op: OpSpec) -> bool:
     """Whether the op's derivative jumps somewhere (a step, a sign or a Piecewise)."""
-    return any(g.vjp.has(sympy.Heaviside, sympy.sign, sympy.Piecewise) for g in _built(op).derivation.gradients)
+    return any(g.vjp.has(sympy.Heaviside, sympy.sign, sympy.Piecewise) for g in built_op(op).derivation.gradients)
 
 
 @dataclass(frozen=True)
