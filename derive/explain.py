@@ -583,10 +583,12 @@ class _LatexPrinter(LatexPrinter):
         """A function SymPy has no LaTeX name for, e.g. one_hot, upright and whole."""
         return func if len(func) == 1 else r"\operatorname{" + func.replace("_", r"\_") + "}"
 
-    def _print_max_tie(self, expr):
+    def _print_max_tie(self, expr, exp=None):
+        """`exp`: LaTeXPrinter asks a function raised to a power to print the power itself."""
         first, second, tie = (self._print(a) for a in expr.args)
         name = expr.untied_function.__name__.lower()
-        return rf"\{name}\left({first}, {second}; \mathrm{{tie}} = {tie}\right)"
+        call = rf"\{name}\left({first}, {second}; \mathrm{{tie}} = {tie}\right)"
+        return call if exp is None else rf"{call}^{{{exp}}}"
 
     _print_min_tie = _print_max_tie
 

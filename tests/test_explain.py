@@ -295,3 +295,13 @@ def test_derivations_document_is_generated_and_checked():
     assert DERIVATIONS_FILE in render_catalog(relu, styles=("contraction",))
     assert DERIVATIONS_FILE not in render_catalog(relu, styles=("broadcast",))
     assert f"(generated/{DERIVATIONS_FILE})" in (ROOT / "README.md").read_text()
+
+
+def test_a_power_of_a_kink_with_its_tie_convention_is_typeset():
+    """LaTeX's printer hands a function raised to a power its exponent: Max(..., tie=1) ** 2 crashed the render
+    of the derivations document ("unexpected keyword argument 'exp'")."""
+    catalog = parse_catalog('[ops.clipped]\ninputs = ["p[n, m]", "t[n, m]"]\nparams = { lo = -0.5 }\n'
+                            'equation = "loss = mean(Max(p[n, m] - t[n, m], lo, tie=1) ** 2, n, m)"\n'
+                            'reference = "(torch.clamp_min(p - t, -0.5) ** 2).mean()"\n', "clipped.toml")
+    document = render_catalog(catalog)[DERIVATIONS_FILE]
+    assert re.search(r"\\max\\left\(.*; \\mathrm\{tie\} = 1\\right\)\^\{2\}", document)

@@ -48,6 +48,16 @@ def test_the_signature_is_what_the_module_does(op_name):
         assert tuple(arguments) == signature.arguments + tuple(p.name for p in op.params), style
 
 
+def _one_op_module(tmp_path, toml: str, style: str):
+    """The op of a one-op spec and its generated module in `style`, under a namespace of this test's own."""
+    catalog = parse_catalog(toml, "spec.toml")
+    files = render_catalog(catalog, (style,), namespace=f"test_{tmp_path.name}".replace("-", "_"))
+    (text,) = [t for p, t in files.items() if p.endswith(".py")]
+    path = tmp_path / f"{catalog.ops[0].name}.py"
+    path.write_text(text)
+    return catalog.ops[0], load_module(path)
+
+
 SHIFTED_MEAN = """
 [ops.shifted_mean]
 inputs = ["x[...]", "s[...]"]
@@ -58,17 +68,12 @@ reference = "(x + s).mean()"
 
 
 @pytest.mark.parametrize("style", list(STYLE_DIRS))
-# (x with batch dims that broadcast against s's is a lowering bug of its own: grad_x is not summed over them)
-@pytest.mark.parametrize("x_shape, s_shape", [((3, 4), (3, 4)), ((3, 4), (4,)), ((3, 4), (1,)), ((1,), (1,))])
+@pytest.mark.parametrize("x_shape, s_shape", [((3, 4), (3, 4)), ((3, 4), (4,)), ((3, 4), (1,)), ((1,), (1,)),
+                                              ((2, 1), (2, 5))])
 def test_the_function_keeps_every_tensor_a_size_is_read_off(tmp_path, style, x_shape, s_shape):
     """The regression: size_batch is read off x and s (their batch dims may broadcast), and s is read for
     nothing else; the Function kept only x, and its backward failed on s = None."""
-    catalog = parse_catalog(SHIFTED_MEAN, "shifted.toml")
-    op = catalog.ops[0]
-    files = render_catalog(catalog, (style,), namespace=f"test_{tmp_path.name}".replace("-", "_"))
-    (path, text), = [(p, t) for p, t in files.items() if p.endswith(".py")]
-    (tmp_path / "shifted_mean.py").write_text(text)
-    module = load_module(tmp_path / "shifted_mean.py")
+    op, module = _one_op_module(tmp_path, SHIFTED_MEAN, style)
     assert build_op(op).signatures[style].saved == ("x", "s")
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(x_shape, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -94,11 +99,6 @@ reference = "x[:, None] + w[None, :]"
 def test_a_single_tangent_share_narrower_than_the_output_is_expanded(tmp_path, style, sizes):
     """The regression: with one differentiable input whose share lacks a dim of the result, <op>_jvp's
     one-share return was written `(share)True`, and derive refused the valid spec as an internal error."""
-    catalog = parse_catalog(OUTER_ADD, "outer.toml")
-    op = catalog.ops[0]
-    files = render_catalog(catalog, (style,), namespace=f"test_{tmp_path.name}".replace("-", "_"))
-    (path, text), = [(p, t) for p, t in files.items() if p.endswith(".py")]
-    (tmp_path / "outer_add.py").write_text(text)
-    module = load_module(tmp_path / "outer_add.py")
+    op, module = _one_op_module(tmp_path, OUTER_ADD, style)
     check_tangents(op, module, sizes=sizes)
     gradcheck_op(op, module, sizes=sizes)
