@@ -6,23 +6,23 @@ from pathlib import Path
 
 import pytest
 import sympy
-import torch
 
-import derive.bench
-import derive.build
-import derive.cli
-import derive.testing
-from derive.build import STYLE_DIRS, build_op, render_catalog
-from derive.cli import main
 from derive.derivation import derive as derive_op
-from derive.spec import load_catalog
 from derive.functions import Tied
-from derive.testing import load_module
+from derive.naming import STYLE_DIRS
+from derive.pipeline import build_op
+from derive.spec import load_catalog
+
+# torch, the renderer and the command line are imported where they are used: under `pytest -n 2` the
+# controlling process, which runs no test, imports this file too and need not pay for them.
 
 
-# The tests compute on small tensors, where a second thread costs more than it saves; and under
-# `pytest -n 2` (the README's command) each of the two processes keeps to one of the two cores.
-torch.set_num_threads(1)
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The tests compute on small tensors, where a second thread costs more than it saves; and under
+    `pytest -n 2` (the README's command) each of the two processes keeps to one of the two cores."""
+    import torch
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "generated"
@@ -42,6 +42,9 @@ derivation = functools.cache(derive_op)
 
 @functools.cache
 def _built(op, styles) -> object:
+    if styles == tuple(STYLE_DIRS):     # shared with derive.testing's callers (call_backward, the bench)
+        from derive.testing import built_op
+        return built_op(op)
     return build_op(op, styles, None)
 
 
@@ -54,12 +57,34 @@ def built(op, styles=tuple(STYLE_DIRS), budget=None, stage=None):
 def shared_builds():
     """Within it, render_catalog builds each op through `built`: a test that renders a spec and then
     inspects the same op's lowered code derives it once."""
+    import derive.build
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(derive.build, "build_op", built)
         yield
 
 
+def first_by_default(params, count: int) -> list:
+    """The first `count` of a generated family run by default; the rest are marked `slow` (CI runs them).
+    For families where each case is a full derivation and the first cases already cover every shape."""
+    return [param if position < count else pytest.param(*param if isinstance(param, tuple) else (param,),
+                                                         marks=pytest.mark.slow)
+            for position, param in enumerate(params)]
+
+
+# The catalog ops that the torch-integration sweeps (opcheck, torch.compile) take in the default run: one
+# per kind of generated code (a matrix product, a batched product, a kink, a fused kernel, an integer gather,
+# a loss with the one-hot kernel, a normalization). `-m slow` (CI) runs every op.
+REPRESENTATIVE_OPS = [name for name in ("linear", "matmul", "relu", "softmax", "embedding", "cross_entropy",
+                                        "layer_norm") if name in OPS]
+
+
+def representative(names) -> list:
+    """Catalog op names, all but REPRESENTATIVE_OPS marked `slow`."""
+    return [name if name in REPRESENTATIVE_OPS else pytest.param(name, marks=pytest.mark.slow) for name in names]
+
+
 def generated_module(op_name: str, style: str = "contraction"):
+    from derive.testing import load_module
     return load_module(GENERATED / STYLE_DIRS[style] / f"{op_name}.py")
 
 
@@ -80,6 +105,7 @@ _RENDERED: dict[tuple, dict[str, str]] = {}
 
 def rendered(*args, **kwargs) -> dict[str, str]:
     """render_catalog(*args, **kwargs), computed once per session for each distinct set of arguments."""
+    from derive.build import render_catalog
     call = inspect.signature(render_catalog).bind(*args, **kwargs)
     call.apply_defaults()
     key = tuple(call.arguments.items())
@@ -93,6 +119,8 @@ def rendered(*args, **kwargs) -> dict[str, str]:
 def render_once(monkeypatch):
     """The command line and the bench render through `rendered`: a test that runs `derive generate` and
     `derive check` five times on the built-in catalog renders it once in the whole session."""
+    import derive.bench
+    import derive.cli
     monkeypatch.setattr(derive.cli, "render_catalog", rendered)
     monkeypatch.setattr(derive.bench, "render_catalog", rendered)
 
@@ -109,6 +137,8 @@ class Completed:
 def derive_cli(capsys, monkeypatch):
     """Run `derive <args>` in this process, in `cwd`: derive.cli.main's exit code, stdout and stderr.
     An argparse error exits with SystemExit, as `python -m derive` would."""
+
+    from derive.cli import main
 
     def run(*args, cwd=ROOT):
         monkeypatch.chdir(cwd)

@@ -6,7 +6,7 @@ import torch
 from derive import naming
 from derive.testing import autograd_gradients, call_backward, make_inputs, reference
 
-from conftest import CATALOG, OPS, generated_module
+from conftest import CATALOG, OPS, REPRESENTATIVE_OPS, generated_module, representative
 
 SMALL = {"...": 2}
 
@@ -32,7 +32,7 @@ def test_function_gradcheck_and_gradgradcheck(op_name):
     assert torch.autograd.gradgradcheck(function(op), inputs)
 
 
-@pytest.mark.parametrize("op_name", OPS)
+@pytest.mark.parametrize("op_name", representative(OPS))
 def test_custom_op_passes_opcheck(op_name):
     op = CATALOG.op(op_name)
     torch.library.opcheck(custom_op(op), tuple(differentiable_inputs(op)))
@@ -96,7 +96,8 @@ def test_gradients_keep_the_input_dtype(op_name, dtype):
 # kernels (over ten seconds of compiler on a cold cache), on one representative op: a matrix-free loss with
 # the fused log-softmax kernel and its in-place one-hot term.
 INDUCTOR_OPS = [name for name in ("cross_entropy",) if name in OPS]
-COMPILE_CASES = [*[(name, "aot_eager") for name in OPS],
+COMPILE_CASES = [*[pytest.param(name, "aot_eager", marks=[] if name in REPRESENTATIVE_OPS else pytest.mark.slow)
+                   for name in OPS],
                  *[pytest.param(name, "inductor", marks=pytest.mark.slow) for name in INDUCTOR_OPS]]
 
 

@@ -19,7 +19,7 @@ from derive.printing import Code, _arranged, align, render
 from derive.spec import parse_catalog
 from derive.testing import autograd_gradients, call_backward, check_gradients, load_module, make_inputs
 
-from conftest import CATALOG, built, shared_builds
+from conftest import CATALOG, built, first_by_default, shared_builds
 
 SIZE = 4    # every index: a wrong grouping of `*` and `@` computes a wrong value, it does not crash
 
@@ -113,7 +113,8 @@ def precedence_modules(tmp_path_factory):
     return Lazy(tmp_path_factory, PRECEDENCE_TEXT)
 
 
-@pytest.mark.parametrize("name", [name for name, *_ in precedence_specs()])
+# The first eight take each outer shape once; `-m slow` (CI) takes the other activations in every shape.
+@pytest.mark.parametrize("name", first_by_default([name for name, *_ in precedence_specs()], len(OUTER)))
 def test_activation_contraction_scaling_with_equal_sizes(precedence_modules, name):
     """Each shape's forward and backward against autograd of a reference written with `@`, all sizes equal."""
     op, module = precedence_modules[name]
@@ -348,8 +349,13 @@ def normalization_modules(tmp_path_factory):
     return Lazy(tmp_path_factory, text, styles=("contraction", "broadcast"))
 
 
-# The default run takes the normalizations with affine terms; `-m slow` (CI) also those without.
-@pytest.mark.parametrize("name", [name if "weight" in name else pytest.param(name, marks=pytest.mark.slow)
+# The default run takes a normalization over the batch and length (batch-norm-like, weight and bias) and one
+# over the channels and length (layer-norm-like); `-m slow` (CI) takes every set of dims, with and without
+# affine terms.
+DEFAULT_NORMALIZATIONS = ("over_n_l_weight_bias", "over_c_l_weight")
+
+
+@pytest.mark.parametrize("name", [name if name in DEFAULT_NORMALIZATIONS else pytest.param(name, marks=pytest.mark.slow)
                                   for name in NORMALIZATIONS])
 def test_normalizations_over_any_dims(normalization_modules, name):
     op, module = normalization_modules[name]

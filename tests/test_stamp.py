@@ -15,6 +15,8 @@ import derive.build
 import derive.stamp
 from derive.cli import main
 
+from conftest import first_by_default
+
 # Two invented ops: params whose order is the order of the generated arguments, indices of equal size.
 SPEC = textwrap.dedent('''
     [ops.scaled_pow]
@@ -81,13 +83,18 @@ def test_a_toml_comment_or_layout_change_keeps_the_fast_path(project, derivation
     assert derivations == []
 
 
-@pytest.mark.parametrize("edit", [
+EDITS = [
     lambda text: text.replace("return", "return  ", 1),                     # the body
     lambda text: text.replace("Do not edit by hand.", "Edited by hand."),   # the header
     lambda text: text + "# a note\n",                                         # a line at the end
     lambda text: "\n".join(line for line in text.split("\n") if "Fingerprint:" not in line),   # the stamp
-])
-@pytest.mark.parametrize("name", ["scaled_pow.py", "broadcast/row_dot.py"])
+]
+
+
+# Every edit of a contraction-style module, and an edit of the body of a broadcast-style one; `-m slow` (CI)
+# also the other edits of the broadcast-style module.
+@pytest.mark.parametrize("name, edit", [*[("scaled_pow.py", edit) for edit in EDITS],
+                                        *first_by_default([("broadcast/row_dot.py", edit) for edit in EDITS], 1)])
 def test_a_hand_edited_module_is_stale(project, derivations, capsys, edit, name):
     path = project / "out" / name
     text = path.read_text()
