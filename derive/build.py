@@ -9,7 +9,7 @@ from . import naming
 from .emit import render_module
 from .explain import explain, render_derivations
 from .model import Catalog
-from .naming import DEFAULT_NAMESPACE, DERIVATIONS_FILE, STYLE_DIRS, STYLES
+from .naming import DEFAULT_NAMESPACE, STYLE_DIRS, STYLES
 from .pipeline import DEFAULT_BUDGET, build_op, spec_errors, time_limit
 from .stamp import header, planned, stamped
 
@@ -35,7 +35,7 @@ def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
             if "contraction" in styles:
                 explanations.append(explain(built))
     if explanations:    # beside the contraction-style modules, once per catalog
+        document = naming.derivations_file(namespace)
         with spec_errors(None, catalog.path):
-            files[DERIVATIONS_FILE] = stamped(DERIVATIONS_FILE, render_derivations(explanations, source, command),
-                                              inputs[DERIVATIONS_FILE])
+            files[document] = stamped(document, render_derivations(explanations, source, command), inputs[document])
     return files

@@ -14,6 +14,7 @@ from derive.build import render_catalog
 from derive.cli import main, spec_namespace
 from derive.files import MARKER, compare, write_tree
 from derive.spec import parse_catalog
+from derive.stamp import Owner
 
 SPEC = textwrap.dedent('''
     [ops.first]
@@ -29,6 +30,7 @@ SPEC = textwrap.dedent('''
     reference = "torch.exp(x)"
 ''')
 SCOPES = ["", "broadcast/"]
+OWNER = Owner("ops.toml")     # what the header of render()'s files names
 
 
 def render(version: str) -> dict[str, str]:
@@ -47,17 +49,17 @@ def leftovers(folder):
 @pytest.fixture
 def out(tmp_path):
     folder = tmp_path / "out"
-    write_tree(folder, render("old"), SCOPES)
+    write_tree(folder, render("old"), SCOPES, OWNER)
     return folder
 
 
 def test_every_file_is_written_and_a_second_run_writes_nothing(out):
     new = render("new")
-    status = write_tree(out, new, SCOPES)
+    status = write_tree(out, new, SCOPES, OWNER)
     assert sorted(status.stale) == sorted(new) and not status.missing
     assert snapshot(out) == {k: v.encode() for k, v in new.items()}
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    again = write_tree(out, new, SCOPES)
+    again = write_tree(out, new, SCOPES, OWNER)
     assert again.clean and {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
 
 
@@ -74,7 +76,7 @@ def test_a_failure_after_the_first_file_puts_every_file_back(out, monkeypatch):
 
     monkeypatch.setattr(derive.files.os, "replace", replace_then_fail)
     with pytest.raises(RuntimeError, match="injected"):
-        write_tree(out, render("new"), SCOPES)
+        write_tree(out, render("new"), SCOPES, OWNER)
     assert len(calls) > 2       # the first file was replaced, then put back
     assert snapshot(out) == before
     assert leftovers(out) == []
@@ -93,7 +95,7 @@ def test_a_failure_while_writing_the_temporary_files_touches_nothing(out, monkey
 
     monkeypatch.setattr(derive.files, "stage", stage_then_fail)
     with pytest.raises(OSError):
-        write_tree(out, render("new"), SCOPES)
+        write_tree(out, render("new"), SCOPES, OWNER)
     assert snapshot(out) == before and leftovers(out) == []
 
 
@@ -164,16 +166,17 @@ def test_only_files_with_the_marker_are_extra(out):
     (out / "handwritten.py").write_text("x = 1\n")
     (out / "notes.md").write_text(f"notes: the marker is not on the first line\n{MARKER}\n")
     (out / "binary.bin").write_bytes(b"\xff\xfe")
-    status = compare(out, render("old"), SCOPES)
+    status = compare(out, render("old"), SCOPES, OWNER)
     assert sorted(status.extra) == ["broadcast/gone.py", "gone.py"]
-    write_tree(out, render("old"), SCOPES)
+    write_tree(out, render("old"), SCOPES, OWNER)
     assert not (out / "gone.py").exists() and not (out / "broadcast" / "gone.py").exists()
     assert (out / "handwritten.py").exists() and (out / "notes.md").exists() and (out / "binary.bin").exists()
 
 
 def test_a_stale_file_that_is_not_utf8_is_reported_not_a_crash(out):
-    (out / "first.py").write_bytes(b"# \xff\xfe hand-edited in latin-1\n")
-    status = compare(out, render("old"), SCOPES)
+    header = (out / "first.py").read_bytes().split(b"\n")[0]
+    (out / "first.py").write_bytes(header + b"\n# \xff\xfe hand-edited in latin-1\n")
+    status = compare(out, render("old"), SCOPES, OWNER)
     assert status.stale == ["first.py"] and "\ufffd" in status.diff
-    write_tree(out, render("old"), SCOPES)
-    assert compare(out, render("old"), SCOPES).clean
+    write_tree(out, render("old"), SCOPES, OWNER)
+    assert compare(out, render("old"), SCOPES, OWNER).clean
