@@ -5,6 +5,8 @@ Everything is rendered in memory; `files.py` decides what reaches the disk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from . import naming
 from .emit import render_module
 from .explain import explain, render_derivations
@@ -16,13 +18,17 @@ from .stamp import header, planned, stamped
 
 def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
                    out_arg: str = "generated", namespace: str = DEFAULT_NAMESPACE,
-                   budget: float | None = DEFAULT_BUDGET) -> dict[str, str]:
-    """Relative path -> file text for every generated file of the catalog, each stamped with its inputs."""
+                   budget: float | None = DEFAULT_BUDGET,
+                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, str]:
+    """Relative path -> file text for every generated file of the catalog, each stamped with its inputs;
+    `progress(op, number, total)` is called as each op begins."""
     source, command = header(spec_arg, out_arg, namespace)
     inputs = planned({op.name: op.digest for op in catalog.ops}, styles, source, command, namespace)
     files = {}
     explanations = []
-    for op in catalog.ops:
+    for number, op in enumerate(catalog.ops, 1):
+        if progress is not None:
+            progress(op.name, number, len(catalog.ops))
         stage = [""]     # where the time goes, for the message when it runs out
         with spec_errors(op), time_limit(op, budget, stage):
             built = build_op(op, STYLES, None, stage)     # every style: the derivations document shows both

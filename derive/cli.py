@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -64,12 +65,14 @@ def apply_config(args: argparse.Namespace, cwd: Path) -> None:
         # a user's catalog must not register its ops over the built-in derive::<op> of the same name, nor two
         # catalogs over each other's: the namespace follows the spec's path in the project
         in_project = Path(spec) if "spec" in config and not getattr(args, "spec", None) else cwd / spec
-        args.namespace = spec_namespace(os.path.relpath(root / in_project, root) if root.drive == cwd.drive
-                                        else Path(spec).name)
+        args.namespace = spec_namespace(Path(os.path.relpath(root / in_project, root)).as_posix()
+                                        if root.drive == cwd.drive else Path(spec).name)
     namespace = getattr(args, "namespace", None) or hasattr(args, "namespace") and config.get("namespace")
-    if namespace and namespace_problem(namespace, builtin=not spec):
-        raise SpecError(f"{namespace_problem(namespace, builtin=not spec)}; choose another",
-                        path="--namespace" if args.namespace else "[tool.derive]")
+    problem = namespace and namespace_problem(namespace, builtin=not spec)
+    if problem and args.namespace:
+        raise SpecError(f"{problem}; choose another", path="--namespace")
+    if problem:     # [tool.derive]'s namespace, for a spec given on the command line
+        raise SpecError(f"[tool.derive]: {problem}; choose another", path=os.path.relpath(root / "pyproject.toml", cwd))
     args.given = []    # options set on the command line, to repeat in hints
     for key, default in CONFIG_DEFAULTS.items():
         if not hasattr(args, key) or getattr(args, key) is not None:
@@ -110,6 +113,9 @@ def load_config(cwd: Path) -> tuple[dict, Path]:
         raise SpecError(f"[tool.derive]: style must be one of {', '.join(('all', *STYLES))}", path=shown)
     if not table.get("namespace", "derive").isidentifier():
         raise SpecError("[tool.derive]: namespace must be a Python identifier", path=shown)
+    if namespace_problem(table.get("namespace", "derive"), builtin="spec" not in table):
+        raise SpecError(f"[tool.derive]: {namespace_problem(table['namespace'], builtin='spec' not in table)}; "
+                        f"choose another", path=shown)
     return table, folder
 
 
@@ -196,8 +202,23 @@ def _render(args, only: list[str] | None = None):
     styles = _styles(args)
     budget = {} if args.budget is None else {"budget": float(args.budget)}
     files = render_catalog(catalog, styles, spec_arg=args.spec_label, out_arg=args.out_label,
-                           namespace=args.namespace, **budget)
+                           namespace=args.namespace, progress=Progress(sys.stderr), **budget)
     return files, [STYLE_DIRS[s] for s in styles]
+
+
+class Progress:
+    """One line per op on `stream` as it begins: from the start when the stream is a terminal, otherwise once
+    the run has taken SLOW seconds (a fast run in CI or a test prints nothing)."""
+
+    SLOW = 2.0
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.start = time.monotonic()
+
+    def __call__(self, op: str, number: int, total: int) -> None:
+        if self.stream.isatty() or time.monotonic() - self.start >= self.SLOW:
+            print(f"derive: op '{op}' ({number}/{total})...", file=self.stream, flush=True)
 
 
 def _survey(args) -> Survey | None:
