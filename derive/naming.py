@@ -142,3 +142,38 @@ def spec_namespace(relative: str) -> str:
     plain = re.sub(r"[^A-Za-z0-9_]", "_", name).strip("_")[:40] or "ops"
     digest = hashlib.sha256(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:8]
     return f"{'ops_' if plain[0].isdigit() else ''}{plain}___{digest}"
+
+
+def default_catalog_path() -> Path:
+    """The built-in catalog, derive/catalog/ops.toml."""
+    return Path(str(resources.files("derive") / "catalog" / "ops.toml"))
+
+
+def is_generated_name(name: str) -> bool:
+    return name.startswith(("grad_", "tangent_", "size_", SHARED_PREFIX, SAVED_PREFIX)) \
+        or name.endswith(("_forward", "_backward", "_forward_saving", "_jvp"))
+
+
+def module_names(op: str) -> frozenset[str]:
+    """The names an op's generated module defines at its top level."""
+    return frozenset({op, function_class(op), custom_op(op), forward(op), backward(op), forward_saving(op), jvp(op)})
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be used in a spec, or None when it can."""
+    foreign = next((c for c in name if not c.isascii()), None)
+    if foreign is not None:     # a homoglyph such as Cyrillic 'а' looks like an ASCII name and is not one
+        return (f"'{name}' contains {foreign!r} (U+{ord(foreign):04X} {unicodedata.name(foreign, 'unnamed')}); "
+                f"names must be ASCII")
+    if not name.isidentifier():
+        return f"'{name}' is not a valid identifier"
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name):
+        return f"'{name}' is a Python keyword"
+    if name.startswith("_"):
+        return f"'{name}' starts with an underscore (reserved for dunder and private names)"
+    if name in RESERVED:
+        return f"'{name}' shadows a Python or torch name used in generated code"
+    if is_generated_name(name):
+        return (f"'{name}' collides with generated names (grad_*, tangent_*, size_*, shared_*, saved_*, "
+                f"*_forward, *_backward, *_jvp)")
+    return None

@@ -7,21 +7,25 @@ import os
 import shlex
 import sys
 import textwrap
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import sympy
+import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sympy.printing.pretty.pretty_symbology import pretty_use_unicode
 
 from derive import explain
-from derive.cli import main
+from derive.build import render_catalog
+from derive.cli import Progress, main
+from derive.naming import namespace_problem, spec_namespace
 from derive.model import SpecError
 from derive.pipeline import build_op
 from derive.reading import MAX_TOML_BYTES
 from derive.spec import load_catalog, parse_catalog
 from derive.stamp import header
+from derive.testing import load_module
 
 ONE_OP = textwrap.dedent('''
     [ops.tanh_act]
@@ -248,3 +252,93 @@ def test_a_second_writer_waits_for_the_first(tmp_path):
     os.close(handle)
     writer.join(10)
     assert not writer.is_alive() and [p.name for p in out.iterdir()] == ["a.py"]
+
+
+# --- namespaces that cannot collide ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("relative, expected", [
+    ("ops.toml", "ops"), ("specs/ops.toml", "specs__ops"), ("specs/my_ops.toml", "specs__my_ops"),
+    ("./a/b.toml", "a__b"),
+])
+def test_a_plain_spec_path_gives_a_readable_namespace(relative, expected):
+    assert spec_namespace(relative) == expected
+
+
+PATH_PART = st.text(alphabet="ab_-1. é", min_size=1, max_size=4).filter(lambda part: part not in (".", ".."))
+
+
+@given(st.lists(st.lists(PATH_PART, min_size=1, max_size=3).map("/".join), min_size=2, max_size=6, unique=True))
+@example(["ops.toml", "a/ops.toml", "b/ops.toml", "a_ops.toml", "a/b_c.toml", "a_b/c.toml", "a__b/c.toml",
+          "my-ops.toml", "my_ops.toml", "my.ops.toml", "ops", "derive.toml", "class.toml", "prim.toml",
+          "__init__.toml", "опс.toml", "ops ops.toml", "2d.toml", "../ops.toml", "a/b__c.toml", "a/b/c.toml"])
+@settings(max_examples=200, deadline=None)
+def test_two_spec_paths_never_share_a_namespace(paths):
+    """Whatever the paths (after ./ is dropped), their namespaces differ and none is derive's, torch's or a keyword."""
+    paths = {str(PurePosixPath(path)) for path in paths}
+    names = {spec_namespace(path) for path in paths}
+    assert len(names) == len(paths) and all(namespace_problem(name) is None for name in names)
+
+
+def test_two_specs_named_alike_register_their_ops_apart(tmp_path, monkeypatch):
+    """a/ops.toml and b/ops.toml both define `act`; imported in one process, each module runs its own formula."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "two-catalogs"\n')
+    for folder, function in (("a", "tanh"), ("b", "exp")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "ops.toml").write_text(ONE_OP.replace("tanh_act", "act").replace("tanh", function))
+        assert run(["generate", "--spec", f"{folder}/ops.toml", "--out", f"{folder}/out",
+                    "--style", "contraction"])[0] == 0
+    first, second = (load_module(tmp_path / folder / "out" / "act.py") for folder in ("a", "b"))
+    x = torch.randn(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(first.act_op(x), torch.tanh(x))
+    torch.testing.assert_close(second.act_op(x), torch.exp(x))
+
+
+def test_a_user_spec_named_derive_does_not_replace_the_built_in_ops(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "derive.toml").write_text(ONE_OP.replace("tanh_act", "relu"))
+    assert run(["generate", "--spec", "derive.toml", "--out", "out", "--style", "contraction"])[0] == 0
+    text = (tmp_path / "out" / "relu.py").read_text()
+    assert '"derive::relu"' not in text and f'"{spec_namespace("derive.toml")}::relu"' in text
+
+
+def test_a_module_does_not_register_over_another_specs_op(tmp_path):
+    """Two specs, one namespace, one op name: importing the second module fails with a clear error, and the
+    first module still runs its own formula; importing the same module again (another copy) still works."""
+    namespace = f"collide_{os.getpid()}"
+    for folder, function in (("a", "tanh"), ("b", "exp")):
+        catalog = parse_catalog(ONE_OP.replace("tanh(", f"{function}("), f"{folder}.toml")
+        text = render_catalog(catalog, ("contraction",), spec_arg=f"{folder}.toml", namespace=namespace)["tanh_act.py"]
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "tanh_act.py").write_text(text)
+        (tmp_path / folder / "copy.py").write_text(text)
+    first = load_module(tmp_path / "a" / "tanh_act.py")
+    with pytest.raises(ImportError, match=f"^custom op {namespace}::tanh_act is already registered by another spec "
+                                          r"\(module derive_generated_tanh_act_\w+\); generate one of them with "
+                                          "another --namespace$"):
+        load_module(tmp_path / "b" / "tanh_act.py")
+    again = load_module(tmp_path / "a" / "copy.py")
+    x = torch.randn(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(first.tanh_act_op(x), torch.tanh(x))
+    torch.testing.assert_close(again.tanh_act_op(x), torch.tanh(x))
+
+
+# --- progress ------------------------------------------------------------------------------------------
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_per_op_only_on_a_terminal_or_once_the_run_is_slow(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("ops.toml").write_text(ONE_OP + ONE_OP.replace("tanh_act", "exp_act").replace("tanh(", "exp("))
+    argv = ["generate", "--spec", "ops.toml", "--style", "contraction"]
+    lines = ["derive: op 'exp_act' (1/2)...", "derive: op 'tanh_act' (2/2)..."]     # in the catalog's order
+    assert run([*argv, "--out", "fast"])[::2] == (0, "")         # not a terminal, and fast: silent
+    terminal = Terminal()
+    with contextlib.redirect_stderr(terminal), contextlib.redirect_stdout(io.StringIO()):
+        assert main([*argv, "--out", "on_a_terminal"]) == 0
+    assert terminal.getvalue().splitlines() == lines
+    monkeypatch.setattr(Progress, "SLOW", 0.0)      # every run is slow now
+    assert run([*argv, "--out", "slow"])[::2] == (0, "\n".join(lines) + "\n")
