@@ -113,7 +113,7 @@ def load_config(cwd: Path) -> tuple[dict, Path]:
         raise SpecError(f"[tool.derive]: style must be one of {', '.join(('all', *STYLES))}", path=shown)
     if not table.get("namespace", "derive").isidentifier():
         raise SpecError("[tool.derive]: namespace must be a Python identifier", path=shown)
-    if namespace_problem(table.get("namespace", "derive"), builtin="spec" not in table):
+    if "namespace" in table and namespace_problem(table["namespace"], builtin="spec" not in table):
         raise SpecError(f"[tool.derive]: {namespace_problem(table['namespace'], builtin='spec' not in table)}; "
                         f"choose another", path=shown)
     return table, folder
@@ -207,17 +207,19 @@ def _render(args, only: list[str] | None = None):
 
 
 class Progress:
-    """One line per op on `stream` as it begins: from the start when the stream is a terminal, otherwise once
-    the run has taken SLOW seconds (a fast run in CI or a test prints nothing)."""
+    """One line per op on `stream` as it begins: from the first when the stream is a terminal, otherwise once
+    deriving has taken SLOW seconds of CPU time since the first began (CPU time, as the budget counts: a fast
+    run on a loaded CI machine or in a test prints nothing)."""
 
     SLOW = 2.0
 
     def __init__(self, stream):
         self.stream = stream
-        self.start = time.monotonic()
+        self.start: float | None = None
 
     def __call__(self, op: str, number: int, total: int) -> None:
-        if self.stream.isatty() or time.monotonic() - self.start >= self.SLOW:
+        self.start = time.process_time() if self.start is None else self.start
+        if self.stream.isatty() or time.process_time() - self.start >= self.SLOW:
             print(f"derive: op '{op}' ({number}/{total})...", file=self.stream, flush=True)
 
 
