@@ -108,7 +108,7 @@ def refuse_foreign(out: Path, status: TreeStatus, owner: Owner) -> None:
             first = handle.readline(200).decode("utf-8", errors="replace").strip()
     except OSError:
         first = ""
-    what = f"it was generated from another spec ({first!r})" if MARKER in first else "derive did not write it"
+    what = f"its header names another spec or was edited ({first!r})" if MARKER in first else "derive did not write it"
     raise SpecError(f"derive overwrites only the files it wrote for {owner.source}, and {what}: move it away, "
                     f"or give one of the specs another --out", path=str(target))
 
