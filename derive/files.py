@@ -51,7 +51,7 @@ class TreeStatus:
     stale: list[str] = field(default_factory=list)     # present but different
     missing: list[str] = field(default_factory=list)   # produced but absent
     extra: list[str] = field(default_factory=list)     # the spec's own files (or temporary files) it no longer produces
-    foreign: list[str] = field(default_factory=list)   # produced, but the file there is not the spec's: never overwritten
+    foreign: list[str] = field(default_factory=list)   # produced, but what is there is not the spec's: kept
     diff: str = ""
 
     @property
