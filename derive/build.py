@@ -5,24 +5,30 @@ Everything is rendered in memory; `files.py` decides what reaches the disk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from . import naming
 from .emit import render_module
 from .explain import explain, render_derivations
 from .model import Catalog
-from .naming import DEFAULT_NAMESPACE, DERIVATIONS_FILE, STYLE_DIRS, STYLES
+from .naming import DEFAULT_NAMESPACE, STYLE_DIRS, STYLES
 from .pipeline import DEFAULT_BUDGET, build_op, spec_errors, time_limit
 from .stamp import header, planned, stamped
 
 
 def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
                    out_arg: str = "generated", namespace: str = DEFAULT_NAMESPACE,
-                   budget: float | None = DEFAULT_BUDGET) -> dict[str, str]:
-    """Relative path -> file text for every generated file of the catalog, each stamped with its inputs."""
+                   budget: float | None = DEFAULT_BUDGET,
+                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, str]:
+    """Relative path -> file text for every generated file of the catalog, each stamped with its inputs;
+    `progress(op, number, total)` is called as each op begins."""
     source, command = header(spec_arg, out_arg, namespace)
     inputs = planned({op.name: op.digest for op in catalog.ops}, styles, source, command, namespace)
     files = {}
     explanations = []
-    for op in catalog.ops:
+    for number, op in enumerate(catalog.ops, 1):
+        if progress is not None:
+            progress(op.name, number, len(catalog.ops))
         stage = [""]     # where the time goes, for the message when it runs out
         with spec_errors(op), time_limit(op, budget, stage):
             built = build_op(op, STYLES, None, stage)     # every style: the derivations document shows both
@@ -35,7 +41,7 @@ def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
             if "contraction" in styles:
                 explanations.append(explain(built))
     if explanations:    # beside the contraction-style modules, once per catalog
+        document = naming.derivations_file(namespace)
         with spec_errors(None, catalog.path):
-            files[DERIVATIONS_FILE] = stamped(DERIVATIONS_FILE, render_derivations(explanations, source, command),
-                                              inputs[DERIVATIONS_FILE])
+            files[document] = stamped(document, render_derivations(explanations, source, command), inputs[document])
     return files

@@ -6,19 +6,19 @@ import argparse
 import difflib
 import importlib
 import importlib.util
-import keyword
 import os
-import re
 import sys
+import time
 import traceback
 from pathlib import Path
 
 from . import __version__
 from .errors import SpecError
-from .files import compare, write_tree
-from .naming import DEFAULT_NAMESPACE, STYLE_DIRS, STYLES, default_catalog_path
+from .files import compare, is_temporary, refuse_foreign, write_tree
+from .naming import (DEFAULT_NAMESPACE, STYLE_DIRS, STYLES, default_catalog_path, namespace_problem,
+                     spec_namespace)
 from .reading import parse_toml, read_text
-from .stamp import Survey, header, survey
+from .stamp import Owner, Survey, header, survey
 
 # Everything above is the standard library and derive's light modules: `derive --help` and a `derive check`
 # of an unchanged tree never import SymPy or torch. The stages are imported where code is rendered.
@@ -62,8 +62,17 @@ def apply_config(args: argparse.Namespace, cwd: Path) -> None:
     config, root = load_config(cwd)
     spec = getattr(args, "spec", None) or config.get("spec")
     if hasattr(args, "namespace") and args.namespace is None and "namespace" not in config and spec:
-        # a user's catalog must not register its ops over the built-in derive::<op> of the same name
-        args.namespace = spec_namespace(spec)
+        # a user's catalog must not register its ops over the built-in derive::<op> of the same name, nor two
+        # catalogs over each other's: the namespace follows the spec's path in the project
+        in_project = Path(spec) if "spec" in config and not getattr(args, "spec", None) else cwd / spec
+        args.namespace = spec_namespace(Path(os.path.relpath(root / in_project, root)).as_posix()
+                                        if root.drive == cwd.drive else Path(spec).name)
+    namespace = getattr(args, "namespace", None) or hasattr(args, "namespace") and config.get("namespace")
+    problem = namespace and namespace_problem(namespace, builtin=not spec)
+    if problem and args.namespace:
+        raise SpecError(f"{problem}; choose another", path="--namespace")
+    if problem:     # [tool.derive]'s namespace, for a spec given on the command line
+        raise SpecError(f"[tool.derive]: {problem}; choose another", path=os.path.relpath(root / "pyproject.toml", cwd))
     args.given = []    # options set on the command line, to repeat in hints
     for key, default in CONFIG_DEFAULTS.items():
         if not hasattr(args, key) or getattr(args, key) is not None:
@@ -77,12 +86,6 @@ def apply_config(args: argparse.Namespace, cwd: Path) -> None:
         if key in ("spec", "out") and value is not None and root != cwd:
             value = os.path.relpath(root / value, cwd) if root.drive == cwd.drive else str(root / value)
         setattr(args, key, value)
-
-
-def spec_namespace(spec: str) -> str:
-    """The default torch.library namespace of a user's catalog: its file name, as an identifier."""
-    name = re.sub(r"\W", "_", Path(spec).stem)
-    return name if name.isidentifier() and not keyword.iskeyword(name) else f"ops_{name}"
 
 
 def load_config(cwd: Path) -> tuple[dict, Path]:
@@ -110,6 +113,9 @@ def load_config(cwd: Path) -> tuple[dict, Path]:
         raise SpecError(f"[tool.derive]: style must be one of {', '.join(('all', *STYLES))}", path=shown)
     if not table.get("namespace", "derive").isidentifier():
         raise SpecError("[tool.derive]: namespace must be a Python identifier", path=shown)
+    if "namespace" in table and namespace_problem(table["namespace"], builtin="spec" not in table):
+        raise SpecError(f"[tool.derive]: {namespace_problem(table['namespace'], builtin='spec' not in table)}; "
+                        f"choose another", path=shown)
     return table, folder
 
 
@@ -135,7 +141,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
         command.add_argument("--style", choices=("all", *STYLES),
                              help="contraction (matrix products, into DIR) or broadcast (the seed's "
                                   "unsqueeze/sum form, into DIR/broadcast); default: all, both")
-        command.add_argument("--namespace", metavar="NAME", type=_identifier,
+        command.add_argument("--namespace", metavar="NAME",
                              help=f"torch.library namespace of the generated custom ops (default: {DEFAULT_NAMESPACE})")
         command.add_argument("--budget", metavar="SECONDS", type=_seconds,
                              help="stop when one op's derivation takes longer (default: 60)")
@@ -176,12 +182,6 @@ def _directory(text: str) -> str:
     return text
 
 
-def _identifier(text: str) -> str:
-    if not text.isidentifier():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a Python identifier")
-    return text
-
-
 def _styles(args) -> tuple[str, ...]:
     return STYLES if args.style == "all" else (args.style,)
 
@@ -202,8 +202,25 @@ def _render(args, only: list[str] | None = None):
     styles = _styles(args)
     budget = {} if args.budget is None else {"budget": float(args.budget)}
     files = render_catalog(catalog, styles, spec_arg=args.spec_label, out_arg=args.out_label,
-                           namespace=args.namespace, **budget)
+                           namespace=args.namespace, progress=Progress(sys.stderr), **budget)
     return files, [STYLE_DIRS[s] for s in styles]
+
+
+class Progress:
+    """One line per op on `stream` as it begins: from the first when the stream is a terminal, otherwise once
+    deriving has taken SLOW seconds of CPU time since the first began (CPU time, as the budget counts: a fast
+    run on a loaded CI machine or in a test prints nothing)."""
+
+    SLOW = 2.0
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.start: float | None = None
+
+    def __call__(self, op: str, number: int, total: int) -> None:
+        self.start = time.process_time() if self.start is None else self.start
+        if self.stream.isatty() or time.process_time() - self.start >= self.SLOW:
+            print(f"derive: op '{op}' ({number}/{total})...", file=self.stream, flush=True)
 
 
 def _survey(args) -> Survey | None:
@@ -213,18 +230,26 @@ def _survey(args) -> Survey | None:
     return survey(Path(args.out), spec, _styles(args), source, command, args.namespace)
 
 
+def _owner(args) -> Owner:
+    """What proves a file under --out is this spec's: the header its generated files start with."""
+    return Owner(header(args.spec_label, args.out_label, args.namespace)[0])
+
+
 def _generate(args) -> int:
     known = _survey(args)
     if known is not None and known.status.clean:
         print(f"{args.out}: {len(known.files)} files up to date")
         return 0
+    if known is not None:       # before deriving anything: a file derive may not overwrite stops the run
+        refuse_foreign(Path(args.out), known.status, _owner(args))
     files, scopes = _render(args)
-    status = write_tree(Path(args.out), files, scopes)
+    status = write_tree(Path(args.out), files, scopes, _owner(args))
     changed = status.missing + status.stale
     for relative in changed:
         print(f"wrote {Path(args.out) / relative}")
     for relative in status.extra:
-        print(f"removed {Path(args.out) / relative} (no spec produces it)")
+        why = "left by an interrupted run" if is_temporary(relative) else "the spec no longer produces it"
+        print(f"removed {Path(args.out) / relative} ({why})")
     if not changed and not status.extra:
         print(f"{args.out}: {len(files)} files up to date")
     return 0
@@ -236,18 +261,23 @@ def _check(args) -> int:
         print(f"{args.out}: {len(known.files)} files up to date")
         return 0
     if known is not None and not args.diff:     # the stamps tell what is stale; only what changed can fail
+        refuse_foreign(Path(args.out), known.status, _owner(args))     # as generate would
         if known.changed_ops():
             _render(args, only=known.changed_ops())
         status = known.status
     else:
         files, scopes = _render(args)
-        status = compare(Path(args.out), files, scopes)
+        status = compare(Path(args.out), files, scopes, _owner(args))
+        refuse_foreign(Path(args.out), status, _owner(args))
         if status.clean:
             print(f"{args.out}: {len(files)} files up to date")
             return 0
     if args.diff:
         sys.stdout.write(status.diff)
-    for label, paths in (("stale", status.stale), ("missing", status.missing), ("extra", status.extra)):
+    leftover = [relative for relative in status.extra if is_temporary(relative)]
+    for label, paths in (("stale", status.stale), ("missing", status.missing),
+                         ("extra", [relative for relative in status.extra if relative not in leftover]),
+                         ("leftover", leftover)):
         for relative in paths:
             print(f"{label}: {Path(args.out) / relative}", file=sys.stderr)
     print(f"derive: generated code is out of date; run `{' '.join(['derive generate', *args.given])}`",

@@ -151,6 +151,7 @@ def _function_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
         cls=naming.function_class(op.name),
         custom_op=naming.custom_op(op.name),
         custom_op_name=naming.custom_op_name(namespace, op.name, lowered.style),
+        spec_digest=op.digest,
         apply_name=op.name,
         forward_args=", ".join(tensor_args + params),
         typed_args=", ".join([f"{t}: torch.Tensor" for t in tensor_args]

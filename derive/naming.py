@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import builtins
+import hashlib
 import keyword
+import re
 import unicodedata
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 # Names generated code relies on; a spec may not use them for tensors, indices or params.
 RESERVED = frozenset({"torch", "F", "math", "functools", "warnings", "ctx", "needs_input_grad", "inputs", "output",
-                      "gradients", "AUTOCAST", "device_type", "args", "keyset", "tensor", "tensors", "shares", "dtype",
-                      "forward", "backward", "setup_context", "jvp", "generate_vmap_rule"}) \
+                      "gradients", "AUTOCAST", "SPEC_DIGEST", "device_type", "args", "keyset", "tensor", "tensors",
+                      "shares", "dtype", "forward", "backward", "setup_context", "jvp", "generate_vmap_rule"}) \
     | frozenset(dir(builtins))
 
 
@@ -89,7 +91,57 @@ def module_file(op: str) -> str:
 STYLES = ("contraction", "broadcast")
 STYLE_DIRS = {"contraction": "", "broadcast": "broadcast/"}
 DERIVATIONS_FILE = "DERIVATIONS.md"
-DEFAULT_NAMESPACE = "derive"   # torch.library namespace of the generated custom ops
+DEFAULT_NAMESPACE = "derive"   # torch.library namespace of the generated custom ops: the built-in catalog's only
+
+
+def derivations_file(namespace: str) -> str:
+    """The catalog's derivations document: DERIVATIONS.md for the built-in catalog's namespace, and
+    DERIVATIONS.<namespace>.md otherwise, so that catalogs sharing an output directory each keep their own."""
+    return DERIVATIONS_FILE if namespace == DEFAULT_NAMESPACE else f"DERIVATIONS.{namespace}.md"
+
+
+# Namespaces torch and its libraries register their own ops in (prim is refused by torch.library itself;
+# the others would put a catalog's ops among torch's), and the attributes of `torch.ops` that hide a namespace.
+TORCH_NAMESPACES = frozenset({"aten", "prim", "prims", "debugprims", "rngprims", "torch", "quantized", "c10d",
+                              "c10d_functional", "inductor", "higher_order", "profiler", "mkl", "mkldnn", "onednn",
+                              "fbgemm", "onnx", "onnx_symbolic", "export", "fsdp", "symm_mem", "streams", "flex_lib",
+                              "debug_mode_ops", "torchvision", "torchaudio", "load_library", "import_module",
+                              "loaded_libraries"})
+
+
+def namespace_problem(namespace: str, builtin: bool = False) -> str | None:
+    """Why `namespace` cannot hold a catalog's custom ops, or None when it can (`builtin`: the built-in catalog's)."""
+    if not namespace.isascii() or not namespace.isidentifier():
+        return f"namespace {namespace!r} is not an ASCII identifier"
+    if keyword.iskeyword(namespace) or keyword.issoftkeyword(namespace):
+        return f"namespace '{namespace}' is a Python keyword"
+    if namespace.startswith("_"):
+        return f"namespace '{namespace}' starts with an underscore (reserved for torch's private namespaces)"
+    if namespace in TORCH_NAMESPACES:
+        return f"namespace '{namespace}' is torch's own"
+    if namespace == DEFAULT_NAMESPACE and not builtin:
+        return f"namespace '{namespace}' is reserved for the built-in catalog"
+    return None
+
+
+_PLAIN_PART = re.compile(r"[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*")
+
+
+def spec_namespace(relative: str) -> str:
+    """The default namespace of a user's catalog, from its path relative to the project root (the directory
+    of pyproject.toml, or the working directory): `ops.toml` -> `ops`, `specs/my_ops.toml` -> `specs__my_ops`.
+    Directories join with `__`, which no plain part contains, so two paths never give one name; a path that is
+    not so plain (other characters or suffix, `..`, a leading digit) or whose name is taken gets a hash of the
+    path after `___`, which no plain name contains."""
+    path = PurePosixPath(relative)
+    parts = [*path.parent.parts, path.stem] if path.parent != PurePosixPath(".") else [path.stem]
+    name = "__".join(parts)
+    if path.suffix == ".toml" and all(_PLAIN_PART.fullmatch(part) for part in parts) \
+            and namespace_problem(name) is None:
+        return name
+    plain = re.sub(r"[^A-Za-z0-9_]", "_", name).strip("_")[:40] or "ops"
+    digest = hashlib.sha256(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{'ops_' if plain[0].isdigit() else ''}{plain}___{digest}"
 
 
 def default_catalog_path() -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from functools import cache
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from . import __version__, naming
 from .errors import SpecError
-from .files import TreeStatus, owned_files
+from .files import MARKER, TreeStatus, owned_files
 from .reading import parse_toml, read_text
 
 COMMENTS = {".py": ("# ", ""), ".md": ("<!-- ", " -->")}   # a file type's one-line comment: opener, closer
@@ -82,7 +83,7 @@ def planned(digests: dict[str, str], styles, source: str, command: str, namespac
             files[naming.STYLE_DIRS[style] + naming.module_file(name)] = inputs_hash(
                 "module", digest, style, namespace, source, command)
     if "contraction" in styles:    # beside the contraction-style modules, once per catalog
-        files[naming.DERIVATIONS_FILE] = inputs_hash("derivations", sorted(digests.items()), source, command)
+        files[naming.derivations_file(namespace)] = inputs_hash("derivations", sorted(digests.items()), source, command)
     return files
 
 
@@ -120,6 +121,34 @@ def matches(path: str, data: bytes, inputs: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Owner:
+    """The spec a generated file belongs to, as its first line names it: derive overwrites a file only when
+    that line is the spec's header, and removes one only when, besides, the file is whole as derive wrote it
+    (its fingerprint's text hash matches), so never a file of another type, another spec's, or a hand-tuned copy."""
+
+    source: str     # the spec as the header names it (`header`)
+
+    def claims(self, path: str, first_line: bytes) -> bool:
+        """Whether `first_line` is the header derive renders into a file of this type for this spec."""
+        if Path(path).suffix not in COMMENTS:
+            return False
+        opener, closer = COMMENTS[Path(path).suffix]    # DERIVATIONS.md's one line goes on with its command
+        header = f"{re.escape(opener + MARKER + self.source)}\\. Do not edit by hand\\.( Regenerate with: .*)?"
+        return re.fullmatch(header + re.escape(closer), first_line.rstrip(b"\r\n").decode("utf-8", "replace")) \
+            is not None
+
+    def wrote(self, path: str, data: bytes) -> bool:
+        if not self.claims(path, data.split(b"\n", 1)[0]):
+            return False
+        lines = data.decode("utf-8", errors="replace").split("\n")
+        end = _header_end(path, lines)
+        opener, closer = COMMENTS[Path(path).suffix]
+        stamp = re.fullmatch(re.escape(opener) + r"Fingerprint: derive \S+, inputs [0-9a-f]{16}, text ([0-9a-f]{16})"
+                             + re.escape(closer), lines[end - 1])
+        return stamp is not None and stamp[1] == _hash("\n".join(lines[:end - 1] + lines[end:]))
+
+
+@dataclass(frozen=True)
 class Survey:
     """What the stamps tell of an output directory, without rendering anything."""
 
@@ -146,6 +175,7 @@ def survey(out: Path, spec: Path, styles, source: str, command: str, namespace: 
     inputs = planned({name: spec_digest(name, entry) for name, entry in ops.items()},
                      styles, source, command, namespace)
     status = TreeStatus()
+    owner = Owner(source)
     for relative, expected in sorted(inputs.items()):     # in the order `files.compare` lists them
         try:
             data = (out / relative).read_bytes()
@@ -155,8 +185,8 @@ def survey(out: Path, spec: Path, styles, source: str, command: str, namespace: 
         except OSError:
             return None
         if not matches(relative, data, expected):
-            status.stale.append(relative)
-    status.extra = [path for path in owned_files(out, [naming.STYLE_DIRS[style] for style in styles])
+            (status.stale if owner.claims(relative, data.split(b"\n", 1)[0]) else status.foreign).append(relative)
+    status.extra = [path for path in owned_files(out, [naming.STYLE_DIRS[style] for style in styles], owner)
                     if path not in inputs]
     files = {naming.STYLE_DIRS[style] + naming.module_file(name): name for name in ops for style in styles}
     return Survey({path: files.get(path, "") for path in inputs}, status)

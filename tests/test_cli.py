@@ -11,7 +11,9 @@ import sys
 import textwrap
 
 from derive.files import compare
+from derive.naming import spec_namespace
 from derive.spec import load_catalog
+from derive.stamp import Owner, header
 from derive.testing import verify_op
 
 from conftest import GENERATED, ROOT, rendered
@@ -42,7 +44,8 @@ def test_golden_generated_is_reproduced_byte_for_byte(tmp_path, derive_cli, rend
 
 
 def test_check_is_clean_in_memory():
-    status = compare(GENERATED, rendered(load_catalog()), ["", "broadcast/"])
+    owner = Owner(header(None, "generated", "derive")[0])
+    status = compare(GENERATED, rendered(load_catalog()), ["", "broadcast/"], owner)
     assert status.clean, status.diff
 
 
@@ -159,5 +162,7 @@ def test_a_user_catalog_registers_its_custom_ops_in_its_own_namespace(tmp_path, 
     spec.write_text(TANH_SPEC.replace("tanh_act", "relu"))
     assert derive_cli("generate", "--spec", spec, "--out", tmp_path / "out", cwd=tmp_path).returncode == 0
     text = (tmp_path / "out" / "relu.py").read_text()
-    assert '@torch.library.custom_op("my_ops::relu"' in text
-    assert "--namespace my_ops" in text.splitlines()[1]
+    namespace = spec_namespace("my-ops.toml")     # with a hash of its path: "my_ops" is my_ops.toml's
+    assert namespace.startswith("my_ops___")
+    assert f'@torch.library.custom_op("{namespace}::relu"' in text
+    assert f"--namespace {namespace}" in text.splitlines()[1]

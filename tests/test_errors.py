@@ -455,3 +455,33 @@ def test_the_valid_base_spec_is_accepted():
     files = render_catalog(parse_catalog(VALID, SPEC))
     assert "def bad_backward(grad_y, x" in files["bad.py"]
 
+
+
+@pytest.mark.parametrize("namespace, problem", [
+    ("class", "namespace 'class' is a Python keyword"),
+    ("match", "namespace 'match' is a Python keyword"),
+    ("prim", "namespace 'prim' is torch's own"),
+    ("aten", "namespace 'aten' is torch's own"),
+    ("loaded_libraries", "namespace 'loaded_libraries' is torch's own"),
+    ("__init__", "namespace '__init__' starts with an underscore (reserved for torch's private namespaces)"),
+    ("opé", "namespace 'opé' is not an ASCII identifier"),
+    ("a::b", "namespace 'a::b' is not an ASCII identifier"),
+    ("derive", "namespace 'derive' is reserved for the built-in catalog"),
+])
+def test_a_reserved_namespace_is_refused_in_one_line(tmp_path, monkeypatch, capsys, namespace, problem):
+    """By flag and in [tool.derive], for generate and check; nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / SPEC).write_text(VALID)
+    for command in ("generate", "check"):
+        assert main([command, "--spec", SPEC, "--out", "out", "--namespace", namespace]) == 2
+        assert capsys.readouterr().err == f"derive: error: --namespace: {problem}; choose another\n"
+    (tmp_path / "pyproject.toml").write_text(f'[tool.derive]\nspec = "{SPEC}"\nnamespace = "{namespace}"\n')
+    assert main(["generate"]) == 2
+    in_config = "namespace must be a Python identifier" if namespace == "a::b" else f"{problem}; choose another"
+    assert capsys.readouterr().err == f"derive: error: pyproject.toml: [tool.derive]: {in_config}\n"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "generated").exists()
+
+
+def test_the_built_in_catalog_keeps_its_namespace(monkeypatch, capsys):
+    monkeypatch.chdir(GENERATED.parent)
+    assert main(["check", "--namespace", "derive"]) == 0
