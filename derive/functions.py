@@ -77,6 +77,8 @@ def _bound_by(node: sympy.Basic) -> set[sympy.Idx]:
         return {limit[0] for limit in node.limits}
     if isinstance(node, _OverIndex):
         return {node.index}
+    if isinstance(node, _Extremum):
+        return set(node.indices)
     return set()
 
 
@@ -250,6 +252,99 @@ class log_softmax(_OverIndex):  # noqa: N801
                                                   (other, 0, other.upper))
 
 
+class _Extremum(sympy.Function):
+    """The largest (or smallest) value of `body` over the indices after it, which it binds: max(x[n, c], c).
+
+    Its derivative picks, by the tie convention of the class, the share of each position along those
+    indices: d max(body, c) / dw = sum over c of share[c] * d body[c] / dw, the limit of softmax (the share
+    of logsumexp) at zero temperature. The shares are piecewise constant (their own derivative is zero)."""
+
+    is_real = True
+    largest = True      # max (True) or min
+    first = False       # the whole gradient to the first extremal position instead of an even split
+
+    @property
+    def body(self):
+        return self.args[0]
+
+    @property
+    def indices(self) -> tuple[sympy.Idx, ...]:
+        return self.args[1:]
+
+    def _eval_derivative(self, symbol):
+        taken = _index_names(self, symbol)
+        fresh = []
+        for index in self.indices:
+            fresh.append(fresh_index(index, taken))
+            taken.add(fresh[-1].name)
+        moved = self.body.xreplace(dict(zip(self.indices, fresh)))
+        limits = [(i, 0, i.upper) for i in fresh]
+        if self.first:
+            share = first_extremum(moved, fresh[0], sympy.S.One if self.largest else sympy.S.NegativeOne)
+            return Sum(share * moved.diff(symbol), *limits)
+        # the even split: each position where body reaches the extremum gets 1 / (how many do)
+        counted = [fresh_index(i, taken | {f.name for f in fresh}) for i in self.indices]
+        count = Sum(at_value(self.body.xreplace(dict(zip(self.indices, counted))), self),
+                    *[(i, 0, i.upper) for i in counted])
+        return Sum(at_value(moved, self) * moved.diff(symbol), *limits) / count
+
+
+class amax(_Extremum):  # noqa: N801
+    """max(body, c, ...): ties split the gradient evenly, as torch.amax does."""
+
+
+class amin(_Extremum):  # noqa: N801
+    """min(body, c, ...): ties split the gradient evenly, as torch.amin does."""
+
+    largest = False
+
+
+class max_first(_Extremum):  # noqa: N801
+    """max(body, c, tie="first"): the whole gradient to the first maximal position along c, as torch.max(x, dim)
+    and max pooling give it. One index; over several the parser nests them (the last innermost)."""
+
+    nargs = 2
+    first = True
+
+
+class min_first(max_first):  # noqa: N801
+    """min(body, c, tie="first"), as torch.min(x, dim)."""
+
+    largest = False
+
+
+EXTREMA = {(True, False): amax, (False, False): amin, (True, True): max_first, (False, True): min_first}
+
+
+class at_value(sympy.Function):  # noqa: N801
+    """1 where `value` equals `extremum`, else 0 (in value's dtype): where a max or min is reached."""
+
+    nargs = 2
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return sympy.S.Zero
+
+
+class first_extremum(sympy.Function):  # noqa: N801
+    """1 at the first position along `index` where `body` is largest (`sign` 1) or smallest (-1), else 0;
+    `index` stays free, as in softmax(body, index)."""
+
+    nargs = 3
+    is_real = True
+
+    @property
+    def body(self):
+        return self.args[0]
+
+    @property
+    def index(self):
+        return self.args[1]
+
+    def fdiff(self, argindex=1):
+        return sympy.S.Zero
+
+
 def rewrite_log_softmax(expr: sympy.Expr, read) -> sympy.Expr:
     """Every `a * (x[..., p] - logsumexp(x[..., c], c))` inside `expr` (two summands of one sum, any
     signs) becomes `a * read(lse, x[..., p])`, where `read` gives a value for that pair (or None: no match)."""
@@ -287,6 +382,8 @@ def bound_indices(expr) -> set[str]:
         return {limit[0].name for limit in expr.limits}
     if isinstance(expr, logsumexp):
         return {expr.index.name}
+    if isinstance(expr, _Extremum):
+        return {i.name for i in expr.indices}
     kernel_bound = getattr(expr, "bound_index_names", None)     # a fused kernel call says what it sums away
     return kernel_bound() if kernel_bound is not None else set()
 
@@ -311,14 +408,17 @@ def canonical(expr: sympy.Expr, depth: int = 0) -> sympy.Expr:
 
 def _canonical(expr: sympy.Expr, offset: int) -> tuple[sympy.Expr, int]:
     """(canonical expr, number of nested binder levels in it)."""
-    if isinstance(expr, (sympy.Sum, logsumexp)):
+    if isinstance(expr, (sympy.Sum, logsumexp, _Extremum)):
         limits = [(l[0], l[0].upper) for l in expr.limits] if isinstance(expr, sympy.Sum) \
+            else [(i, i.upper) for i in expr.indices] if isinstance(expr, _Extremum) \
             else [(expr.index, expr.index.upper)]
         body, height = _canonical(expr.function if isinstance(expr, sympy.Sum) else expr.body, offset)
         renaming = {index: sympy.Idx(f"_{height + offset}_{k}", upper + 1) for k, (index, upper) in enumerate(limits)}
         body = body.xreplace(renaming)
         if isinstance(expr, sympy.Sum):
             return Sum(body, *[(renaming[i], 0, upper) for i, upper in limits]), height + 1
+        if isinstance(expr, _Extremum):
+            return expr.func(body, *[renaming[i] for i, _ in limits]), height + 1
         return logsumexp(body, renaming[expr.index]), height + 1
     if not expr.args or isinstance(expr, (sympy.Indexed, sympy.Idx)):
         return expr, 0
