@@ -232,7 +232,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         """1 where a value reaches its max or min, in the value's dtype (a bool mask would divide as an
         integer count into torch's default dtype)."""
         value, extremum = expr.args
-        return f"({self._print(value)} == {self._print(extremum)}).to({self._like(value)}.dtype)"
+        return f"({self._print(value)} == {self._print(extremum)}).to({self._like(expr)}.dtype)"
 
     def _print_first_extremum(self, expr):
         """1 at the first max (min) along the index, else 0: torch.argmax picks the first, as torch.max(x, dim)."""
