@@ -280,13 +280,13 @@ class _Extremum(sympy.Function):
         moved = self.body.xreplace(dict(zip(self.indices, fresh)))
         limits = [(i, 0, i.upper) for i in fresh]
         if self.first:
-            share = first_extremum(moved, fresh[0], sympy.S.One if self.largest else sympy.S.NegativeOne)
+            share = (first_max if self.largest else first_min)(moved, fresh[0])
             return Sum(share * moved.diff(symbol), *limits)
         # the even split: each position where body reaches the extremum gets 1 / (how many do)
         counted = [fresh_index(i, taken | {f.name for f in fresh}) for i in self.indices]
-        count = Sum(at_value(self.body.xreplace(dict(zip(self.indices, counted))), self),
+        count = Sum(reaches(self.body.xreplace(dict(zip(self.indices, counted))), self),
                     *[(i, 0, i.upper) for i in counted])
-        return Sum(at_value(moved, self) * moved.diff(symbol), *limits) / count
+        return Sum(reaches(moved, self) * moved.diff(symbol), *limits) / count
 
 
 class amax(_Extremum):  # noqa: N801
@@ -316,22 +316,24 @@ class min_first(max_first):  # noqa: N801
 EXTREMA = {(True, False): amax, (False, False): amin, (True, True): max_first, (False, True): min_first}
 
 
-class at_value(sympy.Function):  # noqa: N801
-    """1 where `value` equals `extremum`, else 0 (in value's dtype): where a max or min is reached."""
+class reaches(sympy.Function):  # noqa: N801
+    """1 where `value` equals `extremum`, else 0 (in value's dtype): the positions where a max or min is reached."""
 
     nargs = 2
     is_real = True
+    precedence = 1000      # printed as one call, (a == m).to(dtype): an atom, never parenthesized
 
     def fdiff(self, argindex=1):
         return sympy.S.Zero
 
 
-class first_extremum(sympy.Function):  # noqa: N801
-    """1 at the first position along `index` where `body` is largest (`sign` 1) or smallest (-1), else 0;
-    `index` stays free, as in softmax(body, index)."""
+class first_max(sympy.Function):  # noqa: N801
+    """1 at the first position along `index` where `body` is largest, else 0; `index` stays free, as in
+    softmax(body, index)."""
 
-    nargs = 3
+    nargs = 2
     is_real = True
+    largest = True
 
     @property
     def body(self):
@@ -343,6 +345,12 @@ class first_extremum(sympy.Function):  # noqa: N801
 
     def fdiff(self, argindex=1):
         return sympy.S.Zero
+
+
+class first_min(first_max):  # noqa: N801
+    """1 at the first position along `index` where `body` is smallest, else 0."""
+
+    largest = False
 
 
 def rewrite_log_softmax(expr: sympy.Expr, read) -> sympy.Expr:

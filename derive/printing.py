@@ -228,20 +228,22 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     _print_amin = _print_max_first = _print_min_first = _print_amax
 
-    def _print_at_value(self, expr):
+    def _print_reaches(self, expr):
         """1 where a value reaches its max or min, in the value's dtype (a bool mask would divide as an
         integer count into torch's default dtype)."""
         value, extremum = expr.args
         return f"({self._print(value)} == {self._print(extremum)}).to({self._like(expr)}.dtype)"
 
-    def _print_first_extremum(self, expr):
+    def _print_first_max(self, expr):
         """1 at the first max (min) along the index, else 0: torch.argmax picks the first, as torch.max(x, dim)."""
         layout = self._own_layout(expr.body)
         inner = self._sub(expr.body, layout)
         dim = _dim(layout.index(expr.index.name), len(layout), BATCH in layout)
-        pick = "argmax" if expr.args[2] == 1 else "argmin"
+        pick = "argmax" if expr.largest else "argmin"
         text = f"torch.zeros_like({inner.text}).scatter({dim}, {inner.atom()}.{pick}({dim}, keepdim=True), 1)"
         return align(Code(text, layout), self.layout).text
+
+    _print_first_min = _print_first_max
 
     # what a kernel record (kernels.KERNELS) prints its call with
     def text(self, expr, layout: tuple[str, ...] | None = None) -> str:
