@@ -108,6 +108,13 @@ def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.flo
     return tensors
 
 
+def nonempty_sizes(op: OpSpec) -> set[str]:
+    """The sizes that must not be 0: those a max or min reduces over (the max of nothing is undefined;
+    torch.amax and the generated forward both raise)."""
+    index_sizes = dict(op.index_sizes)
+    return {index_sizes[i.name] for e in op.rhs.atoms(_Extremum) for i in e.indices}
+
+
 @functools.cache
 def built_op(op: OpSpec):
     """build_op(op), once per op: OpSpec is a frozen dataclass, and what is built depends on it alone.
