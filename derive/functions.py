@@ -72,13 +72,15 @@ def _pinned_piecewise(expr: sympy.Expr) -> dict[sympy.Piecewise, sympy.Dummy]:
 
 
 def _bound_by(node: sympy.Basic) -> set[sympy.Idx]:
-    """The indices a sum, a logsumexp or a softmax binds in its body."""
+    """The indices a sum, a logsumexp or a softmax binds in its body (a max or min, and its shares, too)."""
     if isinstance(node, sympy.Sum):
         return {limit[0] for limit in node.limits}
     if isinstance(node, _OverIndex):
         return {node.index}
-    if isinstance(node, _Extremum):
+    if isinstance(node, (_Extremum, is_max)):
         return set(node.indices)
+    if isinstance(node, first_max):
+        return {node.index}
     return set()
 
 
@@ -284,9 +286,18 @@ class _Extremum(sympy.Function):
             return Sum(share * moved.diff(symbol), *limits)
         # the even split: each position where body reaches the extremum gets 1 / (how many do)
         counted = [fresh_index(i, taken | {f.name for f in fresh}) for i in self.indices]
-        count = Sum(reaches(self.body.xreplace(dict(zip(self.indices, counted))), self),
+        count = Sum(self._mask(self.body.xreplace(dict(zip(self.indices, counted))), counted),
                     *[(i, 0, i.upper) for i in counted])
-        return Sum(reaches(moved, self) * moved.diff(symbol), *limits) / count
+        return Sum(self._mask(moved, fresh) * moved.diff(symbol), *limits) / count
+
+    def _mask(self, body, positions) -> sympy.Expr:
+        """1 where `body` at `positions` reaches the extremum. An input's own entry is compared with the
+        extremum itself, which is one of its entries (and the forward's result, when that is all the
+        forward is); an expression is compared with its own extremum, computed from the same values
+        there and then: the forward may have rounded it otherwise (another layout, another kernel)."""
+        if isinstance(body, sympy.Indexed):
+            return reaches(body, self)
+        return (is_max if self.largest else is_min)(body, *positions)
 
 
 class amax(_Extremum):  # noqa: N801
@@ -325,6 +336,32 @@ class reaches(sympy.Function):  # noqa: N801
 
     def fdiff(self, argindex=1):
         return sympy.S.Zero
+
+
+class is_max(sympy.Function):  # noqa: N801
+    """1 where `body` at the positions `indices` (which stay free, as in softmax) reaches its max over them,
+    else 0."""
+
+    is_real = True
+    precedence = 1000      # printed as one call: an atom
+    largest = True
+
+    @property
+    def body(self):
+        return self.args[0]
+
+    @property
+    def indices(self):
+        return self.args[1:]
+
+    def fdiff(self, argindex=1):
+        return sympy.S.Zero
+
+
+class is_min(is_max):  # noqa: N801
+    """1 where `body` at `indices` reaches its min over them, else 0."""
+
+    largest = False
 
 
 class first_max(sympy.Function):  # noqa: N801

@@ -234,6 +234,19 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         value, extremum = expr.args
         return f"({self._print(value)} == {self._print(extremum)}).to({self._like(expr)}.dtype)"
 
+    def _print_is_max(self, expr):
+        """1 where an expression reaches its max (min) along the indices: compared with its own max, both
+        from the one printed expression, so that the values compared are the same floats."""
+        layout = self._own_layout(expr.body)
+        inner = self._sub(expr.body, layout)
+        dims = [_dim(layout.index(i.name), len(layout), BATCH in layout) for i in expr.indices]
+        method = "amax" if expr.largest else "amin"
+        text = (f"({inner.text} == {inner.atom()}.{method}({dims[0] if len(dims) == 1 else python_tuple(dims)}, "
+                f"keepdim=True)).to({self._like(expr)}.dtype)")
+        return align(Code(text, layout), self.layout).text
+
+    _print_is_min = _print_is_max
+
     def _print_first_max(self, expr):
         """1 at the first max (min) along the index, else 0: torch.argmax picks the first, as torch.max(x, dim)."""
         layout = self._own_layout(expr.body)
