@@ -34,6 +34,8 @@ FORMS = {
                   {"split": "(torch.a{f}(x, 1) * w).sum()", "first": "(torch.{f}(x, 1)[0] * w).sum()"}),
     "batched": (["x[..., c]"], "y[...] = {f}(x[..., c], c{tie})",
                 {"split": "torch.a{f}(x, -1)", "first": "torch.{f}(x, -1)[0]"}),
+    "of_a_contraction": (["x[n, c, k]", "w[k]"], "y[n] = {f}(sum(x[n, c, k] * w[k], k), c{tie})",
+                         {"split": "torch.a{f}((x * w).sum(2), 1)", "first": "torch.{f}((x * w).sum(2), 1)[0]"}),
     "stable_softmax": (["x[n, c]"],
                        "y[n, c] = exp(x[n, c] - {f}(x[n, c], c{tie})) / sum(exp(x[n, c] - {f}(x[n, c], c{tie})), c)",
                        {"split": "torch.softmax(x, 1)", "first": "torch.softmax(x, 1)"}),
@@ -95,7 +97,11 @@ def test_verify_op_against_the_torch_reference(generated, form, function, tie, s
     verify_op(spec, op.name, path)
 
 
-@pytest.mark.parametrize("form, function, tie", params(CASES))
+# kink_inputs solves `operand = max` for an input carrying every index of the operand: not through a sum
+TIED = [case for case in CASES if case[0] != "of_a_contraction"]
+
+
+@pytest.mark.parametrize("form, function, tie", params(TIED))
 def test_ties_follow_the_convention_and_the_other_one_is_caught(generated, form, function, tie):
     """On inputs with several exactly equal maxima in a row the generated gradient (and autograd through the
     generated forward) equals the reference's; the reference of the other convention differs there, so
