@@ -182,3 +182,20 @@ def test_elementwise_max_of_values_is_unchanged():
     text = '[ops.m]\ninputs = ["x[n]", "s"]\nequation = "y[n] = max(x[n], s)"\nreference = "torch.maximum(x, s)"\n'
     op = parse_catalog(text, "m.toml").op("m")
     assert "amax" not in str(op.rhs) and "Max" in str(op.rhs)
+
+
+@pytest.mark.parametrize("function", ["max", "min"])
+def test_kink_inputs_put_several_equal_extrema_in_a_row(function):
+    """derive.testing.kink_inputs: about a third of each row moved exactly onto the row's max (min), so that
+    rows hold several equal maxima, and nothing is moved off it."""
+    op = parse_catalog(f"[ops.r]{spec_body('two_indices', function, 'split')}", "r.toml").op("r")
+    (x,) = make_inputs(op, sizes={"n": 5, "c": 4, "k": 3})
+    (placed,), placements = kink_inputs(op, [x], generator=torch.Generator().manual_seed(0))
+    assert [p.kink.function for p in placements] == [function]
+    extremum = placed.flatten(1).amax(1) if function == "max" else placed.flatten(1).amin(1)
+    original = x.flatten(1).amax(1) if function == "max" else x.flatten(1).amin(1)
+    torch.testing.assert_close(extremum, original, rtol=0, atol=0)
+    ties = (placed.flatten(1) == extremum.unsqueeze(1)).sum(1)
+    assert (ties >= 2).sum() >= 3, ties
+    moved = placed != x
+    assert torch.equal(moved, moved & (placed == extremum.view(-1, 1, 1)))
