@@ -137,13 +137,19 @@ def test_every_index_of_one_size(generated, form, function, tie, size):
 
 @pytest.mark.parametrize("function, tie", [("max", "split"), ("min", "first")])
 def test_an_empty_reduced_dim_raises_as_torch_does(generated, function, tie):
-    """The max of nothing is undefined: the generated forward raises where torch.amax / torch.max(x, dim) do."""
+    """The max of nothing is undefined: where torch.amax / torch.max(x, dim) raise, the generated entry points
+    refuse the shape, naming the op, the tensor and the index."""
     _, op, path = generated("one_index", function, tie)
+    module = load_module(path)
     x = torch.zeros(3, 0, dtype=torch.float64)
     with pytest.raises((IndexError, RuntimeError), match="non-zero size"):
         reference(op)(x)
-    with pytest.raises((IndexError, RuntimeError), match="non-zero size"):
-        getattr(load_module(path), naming.forward(op.name))(x)
+    message = rf"{op.name}: x has size 0 at dim 1 \(index c\), which a max or min reduces over"
+    for entry in (getattr(module, naming.forward(op.name)), getattr(module, op.name)):
+        with pytest.raises(RuntimeError, match=message):
+            entry(x)
+    with pytest.raises(RuntimeError, match=message):
+        call_backward(op, module, torch.zeros(3, dtype=torch.float64), [x], torch.zeros(3, dtype=torch.float64))
     # an empty batch along a kept index is fine
     empty_rows = torch.zeros(0, 4, dtype=torch.float64)
     check_gradients(op, load_module(path), inputs=[empty_rows])
