@@ -71,9 +71,11 @@ class Check:
     whole: bool = False
 
 
-def shape_checks(op_name: str, declared: list[Declared], sizes: dict[str, str]) -> list[Check]:
+def shape_checks(op_name: str, declared: list[Declared], sizes: dict[str, str],
+                 nonempty: tuple[str, ...] = ()) -> list[Check]:
     """The checks of every declared tensor, in order: rank and dtype, then each index against the
-    tensors before it that have it (up to the first that is always given), batch dims last.
+    tensors before it that have it (up to the first that is always given), batch dims last, then
+    each index of `nonempty` (one a max or min reduces over) not 0, on the first input that has it.
     `sizes` maps an index to the index whose size it ranges over."""
     checks = []
     for position, tensor in enumerate(declared):
@@ -105,6 +107,11 @@ def shape_checks(op_name: str, declared: list[Declared], sizes: dict[str, str]) 
                     f"{index}) but {other.name} has {other_index} = {{{other.size(other_index)}}}",
                     pair=(name, other.name)))
     checks += _batch_checks(op_name, [t for t in declared if t.batched])
+    for index in nonempty:
+        tensor = next(t for t in declared if t.role == "input" and index in t.named)
+        checks.append(Check(_guard(tensor), f"{tensor.size(index)} > 0",
+                            f"{op_name}: {tensor.name} has size 0 at dim {tensor.dim(index)} (index {index}), which "
+                            f"a max or min reduces over: the max of nothing is undefined (torch.amax raises too)"))
     return checks
 
 

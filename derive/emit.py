@@ -10,7 +10,7 @@ from functools import cache
 
 import jinja2
 
-from . import naming
+from . import functions, naming
 from .contracts import POLICY_DTYPES, Declared, all_hold, autocast_policies, guarded_blocks, shape_checks
 from .derivation import Derivation
 from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, covered, tangent_reads, walk
@@ -182,7 +182,8 @@ def _contract(derivation: Derivation, lowered: LoweredOp, kept: list[str]) -> di
         extras.append(Declared(op.output, op.output_indices, optional=True, role="result"))
     extras += [Declared(v.name, v.indices, optional=True, role="saved") for v in lowered.plan.saved]
     declared = [Declared(t.name, t.indices, optional=t.name not in kept, integer=t.integer) for t in op.inputs]
-    checks = shape_checks(op.name, declared + extras, dict(op.index_sizes))
+    reduced = {i.name for e in derivation.forward.atoms(functions._Extremum) for i in e.indices}
+    checks = shape_checks(op.name, declared + extras, dict(op.index_sizes), tuple(sorted(reduced)))
     inputs = ", ".join(t.name for t in op.inputs)
     return dict(
         name=naming.check_shapes(op.name),

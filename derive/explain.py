@@ -525,6 +525,13 @@ class _PrettyPrinter(PrettyPrinter):
 
     _print_min_tie = _print_max_tie
 
+    def _print_amax(self, expr):
+        """max(x[n, c], c) as the spec writes it (with tie="first" for that convention)."""
+        tie = (sympy.Symbol('tie="first"'),) if expr.first else ()
+        return self._print_Function(sympy.Function("max" if expr.largest else "min")(*expr.args, *tie))
+
+    _print_amin = _print_max_first = _print_min_first = _print_amax
+
     def _print_Derivative(self, deriv):
         (variable, _), = deriv.variable_count
         top = prettyForm(*self._print(deriv.expr).left("∂"))
@@ -591,6 +598,21 @@ class _LatexPrinter(LatexPrinter):
         return call if exp is None else rf"{call}^{{{exp}}}"
 
     _print_min_tie = _print_max_tie
+
+    def _print_amax(self, expr, exp=None):
+        """\\max_{c} x[n, c]; with tie="first", the first maximal position takes the gradient."""
+        indices = ", ".join(self._print(i) for i in expr.indices)
+        name = "max" if expr.largest else "min"
+        tie = r"; \mathrm{tie} = \mathrm{first}" if expr.first else ""
+        call = rf"\{name}_{{{indices}}}\left({self._print(expr.body)}{tie}\right)"
+        return call if exp is None else rf"{call}^{{{exp}}}"
+
+    _print_amin = _print_max_first = _print_min_first = _print_amax
+
+    def _print_reaches(self, expr, exp=None):
+        """The Iverson bracket [a = m]: 1 where a reaches the max m."""
+        call = rf"\left[{self._print(expr.args[0])} = {self._print(expr.args[1])}\right]"
+        return call if exp is None else rf"{call}^{{{exp}}}"
 
     def _print_KroneckerDelta(self, expr, exp=None):
         return rf"\delta_{{{self._print(expr.args[0])} {self._print(expr.args[1])}}}"

@@ -72,10 +72,14 @@ def _pinned_piecewise(expr: sympy.Expr) -> dict[sympy.Piecewise, sympy.Dummy]:
 
 
 def _bound_by(node: sympy.Basic) -> set[sympy.Idx]:
-    """The indices a sum, a logsumexp or a softmax binds in its body."""
+    """The indices a sum, a logsumexp or a softmax binds in its body (a max or min, and its shares, too)."""
     if isinstance(node, sympy.Sum):
         return {limit[0] for limit in node.limits}
     if isinstance(node, _OverIndex):
+        return {node.index}
+    if isinstance(node, (_Extremum, is_max)):
+        return set(node.indices)
+    if isinstance(node, first_max):
         return {node.index}
     return set()
 
@@ -250,6 +254,142 @@ class log_softmax(_OverIndex):  # noqa: N801
                                                   (other, 0, other.upper))
 
 
+class _Extremum(sympy.Function):
+    """The largest (or smallest) value of `body` over the indices after it, which it binds: max(x[n, c], c).
+
+    Its derivative picks, by the tie convention of the class, the share of each position along those
+    indices: d max(body, c) / dw = sum over c of share[c] * d body[c] / dw, the limit of softmax (the share
+    of logsumexp) at zero temperature. The shares are piecewise constant (their own derivative is zero)."""
+
+    is_real = True
+    largest = True      # max (True) or min
+    first = False       # the whole gradient to the first extremal position instead of an even split
+
+    @property
+    def body(self):
+        return self.args[0]
+
+    @property
+    def indices(self) -> tuple[sympy.Idx, ...]:
+        return self.args[1:]
+
+    def _eval_derivative(self, symbol):
+        taken = _index_names(self, symbol)
+        fresh = []
+        for index in self.indices:
+            fresh.append(fresh_index(index, taken))
+            taken.add(fresh[-1].name)
+        moved = self.body.xreplace(dict(zip(self.indices, fresh)))
+        limits = [(i, 0, i.upper) for i in fresh]
+        if self.first:
+            share = (first_max if self.largest else first_min)(moved, fresh[0])
+            return Sum(share * moved.diff(symbol), *limits)
+        # the even split: each position where body reaches the extremum gets 1 / (how many do)
+        counted = [fresh_index(i, taken | {f.name for f in fresh}) for i in self.indices]
+        count = Sum(self._mask(self.body.xreplace(dict(zip(self.indices, counted))), counted),
+                    *[(i, 0, i.upper) for i in counted])
+        return Sum(self._mask(moved, fresh) * moved.diff(symbol), *limits) / count
+
+    def _mask(self, body, positions) -> sympy.Expr:
+        """1 where `body` at `positions` reaches the extremum. An input's own entry is compared with the
+        extremum itself, which is one of its entries (and the forward's result, when that is all the
+        forward is); an expression is compared with its own extremum, computed from the same values
+        there and then: the forward may have rounded it otherwise (another layout, another kernel)."""
+        if isinstance(body, sympy.Indexed):
+            return reaches(body, self)
+        return (is_max if self.largest else is_min)(body, *positions)
+
+
+class amax(_Extremum):  # noqa: N801
+    """max(body, c, ...): ties split the gradient evenly, as torch.amax does."""
+
+
+class amin(_Extremum):  # noqa: N801
+    """min(body, c, ...): ties split the gradient evenly, as torch.amin does."""
+
+    largest = False
+
+
+class max_first(_Extremum):  # noqa: N801
+    """max(body, c, tie="first"): the whole gradient to the first maximal position along c, as torch.max(x, dim)
+    and max pooling give it. One index; over several the parser nests them (the last innermost)."""
+
+    nargs = 2
+    first = True
+
+
+class min_first(max_first):  # noqa: N801
+    """min(body, c, tie="first"), as torch.min(x, dim)."""
+
+    largest = False
+
+
+EXTREMA = {(True, False): amax, (False, False): amin, (True, True): max_first, (False, True): min_first}
+
+
+class reaches(sympy.Function):  # noqa: N801
+    """1 where `value` equals `extremum`, else 0 (in value's dtype): the positions where a max or min is reached."""
+
+    nargs = 2
+    is_real = True
+    precedence = 1000      # printed as one call, (a == m).to(dtype): an atom, never parenthesized
+
+    def fdiff(self, argindex=1):
+        return sympy.S.Zero
+
+
+class is_max(sympy.Function):  # noqa: N801
+    """1 where `body` at the positions `indices` (which stay free, as in softmax) reaches its max over them,
+    else 0."""
+
+    is_real = True
+    precedence = 1000      # printed as one call: an atom
+    largest = True
+
+    @property
+    def body(self):
+        return self.args[0]
+
+    @property
+    def indices(self):
+        return self.args[1:]
+
+    def fdiff(self, argindex=1):
+        return sympy.S.Zero
+
+
+class is_min(is_max):  # noqa: N801
+    """1 where `body` at `indices` reaches its min over them, else 0."""
+
+    largest = False
+
+
+class first_max(sympy.Function):  # noqa: N801
+    """1 at the first position along `index` where `body` is largest, else 0; `index` stays free, as in
+    softmax(body, index)."""
+
+    nargs = 2
+    is_real = True
+    largest = True
+
+    @property
+    def body(self):
+        return self.args[0]
+
+    @property
+    def index(self):
+        return self.args[1]
+
+    def fdiff(self, argindex=1):
+        return sympy.S.Zero
+
+
+class first_min(first_max):  # noqa: N801
+    """1 at the first position along `index` where `body` is smallest, else 0."""
+
+    largest = False
+
+
 def rewrite_log_softmax(expr: sympy.Expr, read) -> sympy.Expr:
     """Every `a * (x[..., p] - logsumexp(x[..., c], c))` inside `expr` (two summands of one sum, any
     signs) becomes `a * read(lse, x[..., p])`, where `read` gives a value for that pair (or None: no match)."""
@@ -287,6 +427,8 @@ def bound_indices(expr) -> set[str]:
         return {limit[0].name for limit in expr.limits}
     if isinstance(expr, logsumexp):
         return {expr.index.name}
+    if isinstance(expr, _Extremum):
+        return {i.name for i in expr.indices}
     kernel_bound = getattr(expr, "bound_index_names", None)     # a fused kernel call says what it sums away
     return kernel_bound() if kernel_bound is not None else set()
 
@@ -311,14 +453,17 @@ def canonical(expr: sympy.Expr, depth: int = 0) -> sympy.Expr:
 
 def _canonical(expr: sympy.Expr, offset: int) -> tuple[sympy.Expr, int]:
     """(canonical expr, number of nested binder levels in it)."""
-    if isinstance(expr, (sympy.Sum, logsumexp)):
+    if isinstance(expr, (sympy.Sum, logsumexp, _Extremum)):
         limits = [(l[0], l[0].upper) for l in expr.limits] if isinstance(expr, sympy.Sum) \
+            else [(i, i.upper) for i in expr.indices] if isinstance(expr, _Extremum) \
             else [(expr.index, expr.index.upper)]
         body, height = _canonical(expr.function if isinstance(expr, sympy.Sum) else expr.body, offset)
         renaming = {index: sympy.Idx(f"_{height + offset}_{k}", upper + 1) for k, (index, upper) in enumerate(limits)}
         body = body.xreplace(renaming)
         if isinstance(expr, sympy.Sum):
             return Sum(body, *[(renaming[i], 0, upper) for i, upper in limits]), height + 1
+        if isinstance(expr, _Extremum):
+            return expr.func(body, *[renaming[i] for i, _ in limits]), height + 1
         return logsumexp(body, renaming[expr.index]), height + 1
     if not expr.args or isinstance(expr, (sympy.Indexed, sympy.Idx)):
         return expr, 0

@@ -85,7 +85,7 @@ def time_limit(op: OpSpec, budget: float | None, stage: list[str]):
         signal.signal(signal.SIGPROF, previous)
 
 
-REDUCTIONS = (functions.Sum, functions.logsumexp, functions.softmax)
+REDUCTIONS = (functions.Sum, functions.logsumexp, functions.softmax, functions.amax, functions.amin, functions.max_first)
 
 
 def _size(op: OpSpec) -> str:

@@ -213,6 +213,51 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     def _print_log_softmax(self, expr):
         return self._print_softmax(expr, "torch.log_softmax")
 
+    def _print_amax(self, expr):
+        """max(body, c, ...) -> body.amax(dim) (min: amin): autograd through it splits a tie evenly, as the
+        derivative does; with tie="first", body.max(dim).values, whose autograd picks the first maximum."""
+        bound = tuple(i.name for i in expr.indices)
+        layout = self._own_layout(expr.body, bound)
+        inner = self._sub(expr.body, layout)
+        dims = [_dim(layout.index(i), len(layout), BATCH in layout) for i in bound]
+        if expr.first:
+            text = f"{inner.atom()}.{'max' if expr.largest else 'min'}({dims[0]}).values"
+        else:
+            text = f"{inner.atom()}.{'amax' if expr.largest else 'amin'}({dims[0] if len(dims) == 1 else python_tuple(dims)})"
+        return align(Code(text, tuple(i for i in layout if i not in bound)), self.layout).text
+
+    _print_amin = _print_max_first = _print_min_first = _print_amax
+
+    def _print_reaches(self, expr):
+        """1 where a value reaches its max or min, in the value's dtype (a bool mask would divide as an
+        integer count into torch's default dtype)."""
+        value, extremum = expr.args
+        return f"({self._print(value)} == {self._print(extremum)}).to({self._like(expr)}.dtype)"
+
+    def _print_is_max(self, expr):
+        """1 where an expression reaches its max (min) along the indices: compared with its own max, both
+        from the one printed expression, so that the values compared are the same floats."""
+        layout = self._own_layout(expr.body)
+        inner = self._sub(expr.body, layout)
+        dims = [_dim(layout.index(i.name), len(layout), BATCH in layout) for i in expr.indices]
+        method = "amax" if expr.largest else "amin"
+        text = (f"({inner.text} == {inner.atom()}.{method}({dims[0] if len(dims) == 1 else python_tuple(dims)}, "
+                f"keepdim=True)).to({self._like(expr)}.dtype)")
+        return align(Code(text, layout), self.layout).text
+
+    _print_is_min = _print_is_max
+
+    def _print_first_max(self, expr):
+        """1 at the first max (min) along the index, else 0: torch.argmax picks the first, as torch.max(x, dim)."""
+        layout = self._own_layout(expr.body)
+        inner = self._sub(expr.body, layout)
+        dim = _dim(layout.index(expr.index.name), len(layout), BATCH in layout)
+        pick = "argmax" if expr.largest else "argmin"
+        text = f"torch.zeros_like({inner.text}).scatter({dim}, {inner.atom()}.{pick}({dim}, keepdim=True), 1)"
+        return align(Code(text, layout), self.layout).text
+
+    _print_first_min = _print_first_max
+
     # what a kernel record (kernels.KERNELS) prints its call with
     def text(self, expr, layout: tuple[str, ...] | None = None) -> str:
         """`expr` printed for this printer's layout, or for another one."""
@@ -800,6 +845,17 @@ class IndexNotationPrinter(PositiveFirst, sympy.printing.str.StrPrinter):
         return f"{expr.untied_function.__name__}({first}, {second}, tie={tie})"
 
     _print_min_tie = _print_max_tie
+
+    def _print_amax(self, expr):
+        indices = ", ".join(self._print(i) for i in expr.indices)
+        return f"{'max' if expr.largest else 'min'}({self._print(expr.body)}, {indices})"
+
+    _print_amin = _print_amax
+
+    def _print_max_first(self, expr):
+        return f"{self._print_amax(expr)[:-1]}, tie=\"first\")"
+
+    _print_min_first = _print_max_first
 
 
 def index_notation(expr: sympy.Expr) -> str:

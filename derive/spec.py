@@ -60,6 +60,8 @@ FUNCTIONS = {
 }
 TIED = {"max": functions.max_tie, "min": functions.min_tie}    # Max/Min with tie=
 REDUCTIONS = ("sum", "mean", "logsumexp", "softmax")
+EXTREMA = {"max": True, "Max": True, "min": False, "Min": False}    # max(expr, i, ...): a reduction; True: max
+EXTREMUM_TIES = ("split", "first")
 NOT_DIFFERENTIABLE = {"floor", "ceil", "round", "sign", "trunc", "argmax", "argmin"}
 CONSTANTS = {"pi": sympy.pi}
 COMPARISONS = {ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge}
@@ -645,6 +647,8 @@ class _EquationParser:
         if not isinstance(node.func, ast.Name):
             raise self.error("only plain function names can be called (no attributes or methods)", node)
         name = node.func.id
+        if name in EXTREMA and len(node.args) >= 2 and any(self._is_index(a) for a in node.args[1:]):
+            return self._extremum(name, node)
         tie = self._tie(name, node)
         if name in REDUCTIONS:
             return self._reduction(name, node)
@@ -723,6 +727,58 @@ class _EquationParser:
             raise self.error("a where() condition must compare a tensor: one on params and numbers alone "
                              "is the same everywhere, so write the branch it picks directly", node)
         return COMPARISONS[type(node.ops[0])](left, right), left_free | right_free
+
+    def _is_index(self, node) -> bool:
+        """Whether `node` names an index (or the batch `...`): the second argument of a max or min reduction."""
+        if isinstance(node, ast.Constant) and node.value is Ellipsis:
+            return True
+        return isinstance(node, ast.Name) and node.id in self.sizes and node.id not in self.params \
+            and all(t.name != node.id for t in self.inputs)
+
+    def _extremum(self, name: str, node: ast.Call):
+        """max(expression, i, ...) / min(expression, i, ...): the largest (smallest) value over the indices, with
+        tie="split" (default: equal maxima share the gradient evenly, as torch.amax) or tie="first" (the first
+        maximal position, in the order the indices are listed, takes it all, as torch.max(x, dim))."""
+        first = False
+        for keyword_node in node.keywords:
+            value = keyword_node.value
+            if keyword_node.arg != "tie" or len(node.keywords) != 1:
+                raise self.error(f"{name}(expression, index, ...) takes one keyword, tie=\"split\" or tie=\"first\"",
+                                 node)
+            if not (isinstance(value, ast.Constant) and value.value in EXTREMUM_TIES):
+                raise self.error(f"{name}(expression, index, ..., tie=...) takes tie=\"split\" (equal maxima share the "
+                                 f"gradient evenly, as torch.amax) or tie=\"first\" (the first one takes it all, as "
+                                 f"torch.max(x, dim))", value)
+            first = value.value == "first"
+        for arg in node.args[1:]:
+            if not self._is_index(arg):
+                raise self.error(f"{name}(expression, index, ...) reduces over index names; {ast.unparse(arg)} is not "
+                                 f"one (to compare values elementwise, write {name}(a, b) of values alone)", arg)
+        if any(isinstance(a, ast.Constant) for a in node.args[1:]):
+            raise self.error(f"{name}() over the batch dims '...' is not supported; reduce over named indices",
+                             node)
+        if self.reductions == MAX_NESTED_REDUCTIONS:
+            raise self.error(f"reductions are nested too deeply (sum, mean, logsumexp, softmax, max and min inside "
+                             f"each other: the limit is {MAX_NESTED_REDUCTIONS})", node)
+        self.reductions += 1
+        try:
+            body, free = self._expr(node.args[0])
+        finally:
+            self.reductions -= 1
+        indices = []
+        for arg in node.args[1:]:
+            if arg.id not in free:
+                raise self.error(f"{name}() over index '{arg.id}', which its operand does not use", arg)
+            if arg.id in {i.name for i in indices}:
+                raise self.error(f"{name}() lists index '{arg.id}' twice", arg)
+            indices.append(index_symbol(arg.id, self.sizes[arg.id]))
+        extremum = EXTREMA[name]
+        if first:   # the first position in the listed order: the last index innermost
+            for index in reversed(indices):
+                body = functions.EXTREMA[extremum, True](body, index)
+        else:
+            body = functions.EXTREMA[extremum, False](body, *indices)
+        return body, free - {i.name for i in indices}
 
     def _reduction(self, name: str, node: ast.Call):
         if len(node.args) < 2:

@@ -26,7 +26,7 @@ import torch
 
 from . import naming
 from .model import OpSpec, param_symbol, scalar_symbol
-from .functions import _OverIndex
+from .functions import Tied, _Extremum, _OverIndex, free_indices
 from .naming import BATCH
 from .spec import load_catalog
 
@@ -106,6 +106,13 @@ def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.flo
             value = torch.where(torch.rand(shape, generator=generator, dtype=torch.float64) < 1 / 3, 0.0, value)
         tensors.append(value.to(dtype).requires_grad_(requires_grad))
     return tensors
+
+
+def nonempty_sizes(op: OpSpec) -> set[str]:
+    """The sizes that must not be 0: those a max or min reduces over (the max of nothing is undefined;
+    torch.amax and the generated forward both raise)."""
+    index_sizes = dict(op.index_sizes)
+    return {index_sizes[i.name] for e in op.rhs.atoms(_Extremum) for i in e.indices}
 
 
 @functools.cache
@@ -287,9 +294,9 @@ def has_kinks(op: OpSpec) -> bool:
 class Kink:
     """Where an op's forward is not smooth: the points on which `left` equals `right`."""
 
-    left: sympy.Expr    # Max(a, b) -> (a, b); Abs(u) -> (u, 0); where(p < q, ...) -> (p, q)
+    left: sympy.Expr    # Max(a, b) -> (a, b); Abs(u) -> (u, 0); where(p < q, ...) -> (p, q); max(u, c) -> (u, max)
     right: sympy.Expr
-    function: str       # "Max", "Min", "Abs" or "where", for messages
+    function: str       # "Max", "Min", "Abs", "where" or "max"/"min" (a reduction), for messages
 
 
 @dataclass(frozen=True)
@@ -307,10 +314,13 @@ class KinkPlacement:
 
 def kinks(op: OpSpec) -> list[Kink]:
     """Every kink of the op's forward, found in its equation: each pair of Max/Min arguments, each Abs
-    argument against 0, each where() condition's two sides."""
+    argument against 0, each where() condition's two sides, each max or min reduction's operand against the
+    reduction (several positions that reach the max tie)."""
     found: dict[tuple, Kink] = {}
     for node in sympy.preorder_traversal(op.rhs):
-        if isinstance(node, (sympy.Max, sympy.Min)):
+        if isinstance(node, _Extremum):
+            found.setdefault((node.body, node), Kink(node.body, node, "max" if node.largest else "min"))
+        elif isinstance(node, (sympy.Max, sympy.Min)):
             for a, b in itertools.combinations(node.args, 2):
                 found.setdefault((a, b), Kink(a, b, type(node).__name__))
         elif isinstance(node, sympy.Abs):
@@ -365,7 +375,8 @@ def kink_inputs(op: OpSpec, inputs: list[torch.Tensor], params: dict[str, float]
     placements = []
     for kink in kinks(op):
         for candidate in _solvable_accesses(op, kink, ranged):
-            placement = _place(op, kink, candidate, tensors, params, generator, fraction)
+            place = _place_on_extremum if isinstance(kink.right, _Extremum) else _place
+            placement = place(op, kink, candidate, tensors, params, generator, fraction)
             if placement is not None:
                 placements.append(placement)
                 break
@@ -374,9 +385,10 @@ def kink_inputs(op: OpSpec, inputs: list[torch.Tensor], params: dict[str, float]
 
 def _solvable_accesses(op: OpSpec, kink: Kink, ranged: set[str]) -> list[sympy.Indexed]:
     """Accesses of float inputs in a kink's equation that the equation can be solved for elementwise."""
-    difference = kink.left - kink.right
+    # a reduction's operand against the reduction: solved in the operand (`_place_on_extremum`)
+    difference = kink.left if isinstance(kink.right, _Extremum) else kink.left - kink.right
     hidden = {a for node in sympy.preorder_traversal(difference)
-              if isinstance(node, (sympy.Sum, _OverIndex)) for a in node.atoms(sympy.Indexed)}
+              if isinstance(node, (sympy.Sum, _OverIndex, _Extremum)) for a in node.atoms(sympy.Indexed)}
     floats = {t.name for t in op.inputs if not t.integer and t.name not in ranged}
     accesses = [a for a in difference.atoms(sympy.Indexed)
                 if a.base.name in floats and a not in hidden and all(isinstance(i, sympy.Idx) for i in a.indices)]
@@ -384,6 +396,48 @@ def _solvable_accesses(op: OpSpec, kink: Kink, ranged: set[str]) -> list[sympy.I
     accesses += [s for s in scalars if s in difference.free_symbols]
     # an access with every index first: `x[n, k] = lo[k]` holds for all entries, `lo[k] = x[0, k]` for one row
     return sorted(accesses, key=lambda a: (-len(getattr(a, 'indices', ())), sympy.default_sort_key(a)))
+
+
+def _place_on_extremum(op, kink, access, tensors, params, generator, fraction) -> KinkPlacement | None:
+    """Ties of a max or min reduction: the operand u is evaluated, its extremum m over the reduced indices
+    taken, and `u = m` solved for `access` as any kink, so that a `fraction` of the positions of each row
+    reach the extremum exactly (with the one that did: several equal maxima in a row). Only for an access
+    that carries every index of the operand (moving one entry then moves one position of u)."""
+    extremum = kink.right
+    body = kink.left.replace(lambda e: isinstance(e, Tied), lambda e: e.untied)     # the same values
+    if not isinstance(access, sympy.Indexed) or body.has(sympy.Sum, _OverIndex, _Extremum, sympy.Piecewise) \
+            or not free_indices(body) <= {i.name for i in access.indices}:
+        return None
+    name = access.base.name
+    target = tensors[name]
+    if target.numel() == 0:
+        return None
+    names = _dims(access, target)
+    accesses = sorted(body.atoms(sympy.Indexed), key=sympy.default_sort_key)
+    stand_ins = {a: sympy.Dummy(str(a.base), real=True) for a in accesses}
+    scalar_symbols = {scalar_symbol(t.name): sympy.Dummy(t.name, real=True) for t in op.inputs if not t.indices}
+    param_symbols = {param_symbol(p): sympy.Dummy(p, real=True) for p in params}
+    values = {symbol: _aligned(a, tensors[a.base.name], names) for a, symbol in stand_ins.items()}
+    values |= {symbol: tensors[str(s)] for s, symbol in scalar_symbols.items()}
+    values |= {symbol: torch.as_tensor(params[str(p)], dtype=target.dtype) for p, symbol in param_symbols.items()}
+    if any(v is None for v in values.values()):
+        return None
+    operand = body.xreplace({**stand_ins, **scalar_symbols, **param_symbols})
+    grid = torch.broadcast_to(torch.as_tensor(_torch_function(list(values), operand)(*values.values()),
+                                              dtype=target.dtype), target.shape)
+    dims = [names.index(i.name) for i in extremum.indices]
+    if any(target.shape[d] == 0 for d in dims):
+        return None
+    reached = grid.amax(dims, keepdim=True) if extremum.largest else grid.amin(dims, keepdim=True)
+    stand_in = sympy.IndexedBase(f"{name}_extremum")[access.indices]   # m, read at every position of the row
+    tensors[stand_in.base.name] = reached.expand(target.shape)
+    try:
+        placement = _place(op, Kink(body, stand_in, kink.function), access, tensors, params, generator, fraction)
+    finally:
+        del tensors[stand_in.base.name]
+    if placement is None:
+        return None
+    return KinkPlacement(kink, name, placement.solution.xreplace({stand_in: extremum}), placement.mask)
 
 
 def _place(op, kink, access, tensors, params, generator, fraction) -> KinkPlacement | None:

@@ -2,8 +2,8 @@
 
 `fuzz_cases()` draws a `FuzzCase`: a one-op TOML spec covering the whole equation language
 (contractions of several operands, elementwise functions, Max/Min/Abs/where kinks, params and
-powers, sums and means over indices and `...`, gathers through integer inputs, softmax and
-logsumexp, nested), its sizes (equal for different indices, 1 and 0 on purpose) and its input
+powers, sums and means over indices and `...`, max and min over indices (both tie conventions),
+gathers through integer inputs, softmax and logsumexp, nested), its sizes (equal for different indices, 1 and 0 on purpose) and its input
 values (exact zeros, ties, kinks and range boundaries on purpose).
 
 Every spec is type-correct by construction: `expression(free)` returns an expression whose free
@@ -188,6 +188,12 @@ class Builder:
             self.features[f"{kind} over ..."] += 1
         if kind in ("sum", "mean"):
             return Node(f"{kind}({node.spec}, {names})", f"{node.code}.{kind}(dim={positions})", dims)
+        if kind in ("max", "min"):     # ties split evenly (torch.amax), or the first takes all (torch.max(x, dim))
+            if len(indices) == 1 and self.draw(st.booleans()):
+                self.features[f"{kind} tie=first"] += 1
+                return Node(f'{kind}({node.spec}, {names}, tie=\\"first\\")',
+                            f"torch.{kind}({node.code}, dim={positions[0]})[0]", dims)
+            return Node(f"{kind}({node.spec}, {names})", f"torch.a{kind}({node.code}, dim={positions})", dims)
         (position,) = positions
         if kind == "logsumexp":
             return Node(f"logsumexp({node.spec}, {names})", f"torch.logsumexp({node.code}, dim={position})", dims)
@@ -293,9 +299,11 @@ class Builder:
             return self.expression(free, depth)
         summed = tuple(self.draw(st.lists(st.sampled_from(available), min_size=1,
                                           max_size=2 if contraction else 1, unique=True)))
-        kind = "sum" if contraction else self.draw(st.sampled_from(["sum", "mean", "logsumexp"]))
+        kind = "sum" if contraction else self.draw(st.sampled_from(["sum", "mean", "logsumexp", "max", "min"]))
         if kind == "logsumexp" and summed == (BATCH,):
             kind = "sum"
+        if kind in ("max", "min") and (BATCH in summed or any(self.sizes[i] == 0 for i in summed)):
+            kind = "sum"     # a max over `...` is refused, one over nothing raises (in torch.amax too)
         wider = tuple(free) + summed
         if BATCH in summed:   # `...` leads
             wider = (BATCH, *(i for i in wider if i != BATCH))

@@ -11,7 +11,7 @@ import torch.autograd.forward_ad as forward_ad
 from derive import naming
 from derive.build import STYLE_DIRS, render_catalog
 from derive.spec import load_catalog
-from derive.testing import check_tangents, load_module, make_inputs, reference
+from derive.testing import check_tangents, load_module, make_inputs, nonempty_sizes, reference
 
 from conftest import CATALOG, KINK_OPS, OPS, generated_module
 
@@ -59,7 +59,8 @@ EMPTY_FORWARD_DIFFERS = {"cross_entropy_probs"}
     pytest.param(op.name, size, marks=[pytest.mark.xfail(strict=True, reason="the forward differs from the "
                                                          "reference at size 0")]
                  if size == 0 and op.name in EMPTY_FORWARD_DIFFERS else [])
-    for op in CATALOG.ops if not any(t.integer for t in op.inputs) for size in (0, 1)])
+    for op in CATALOG.ops if not any(t.integer for t in op.inputs) for size in (0, 1)
+    if not (size == 0 and nonempty_sizes(op))])     # a max over nothing raises, in torch.amax too
 def test_jvp_with_every_size_equal(op_name, size):
     """All index sizes equal (0: a mean over nothing is NaN, in the oracles too)."""
     op = CATALOG.op(op_name)
