@@ -317,7 +317,9 @@ def kinks(op: OpSpec) -> list[Kink]:
     argument against 0, each where() condition's two sides, each max or min reduction's operand against the
     reduction (several positions that reach the max tie)."""
     found: dict[tuple, Kink] = {}
-    for node in sympy.preorder_traversal(op.rhs):
+    # Max(a, b, tie=t) has the value, and so the kinks, of Max(a, b): the convention only picks a derivative
+    values = op.rhs.replace(lambda node: isinstance(node, Tied), lambda node: node.untied)
+    for node in sympy.preorder_traversal(values):
         if isinstance(node, _Extremum):
             found.setdefault((node.body, node), Kink(node.body, node, "max" if node.largest else "min"))
         elif isinstance(node, (sympy.Max, sympy.Min)):

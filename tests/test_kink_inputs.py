@@ -22,6 +22,11 @@ SPECS = {
         equation = "y[n] = Max(1 - x[n], 0, tie=0)"
         reference = "torch.relu(1 - x)"
      ''', lambda x: x == 1),
+    "floor_tied": ('''
+        inputs = ["x[n, k]", "lo[k]", "hi[n, k]"]
+        equation = "y[n, k] = Min(Max(x[n, k], lo[k], tie=1), hi[n, k], tie=0)"
+        reference = "torch.minimum(torch.maximum(x, lo), hi)"
+     ''', lambda x, lo, hi: (x == lo) | (torch.maximum(x, lo) == hi)),
     "huber": ('''
         inputs = ["p[n]", "t[n]"]
         params = { delta = 0.7 }
@@ -55,7 +60,7 @@ def test_every_kink_is_found_and_inputs_are_placed_exactly_on_it(name, seed):
         inputs[1] = torch.tensor(1.7, dtype=torch.float64)
     placed, placements = kink_inputs(op, inputs, generator=torch.Generator().manual_seed(seed))
     # every kink of the equation gets entries, each placed entry is exactly on a kink, nothing else moves
-    assert {p.kink for p in placements} == set(kinks(op)), (placements, kinks(op))
+    assert placements and {p.kink for p in placements} == set(kinks(op)), (placements, kinks(op))
     params = {p.name: p.default for p in op.params}
     hits = on_kink(*placed, **params)
     for placement in placements:
