@@ -15,7 +15,7 @@ from .contracts import POLICY_DTYPES, Declared, all_hold, autocast_policies, gua
 from .derivation import Derivation
 from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, covered, tangent_reads, walk
 from .printing import (index_notation, kernel_comments, output_shape, python_tuple, render, render_expr,
-                       size_bindings, size_source, sizes_used, uses_math)
+                       size_bindings, size_readers, sizes_used, uses_math)
 from .signature import Signature, backward_signature
 from .stamp import templates_dir
 
@@ -227,7 +227,7 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
     also = () if uses_output else op.output_indices
     sizes = size_bindings(op, exprs, sources, shared_leaves, also=also)
     sized = set(sizes_used(op, exprs, shared_leaves)) | set(also)
-    reads |= {size_source(i, sources)[0] for i in sized if i != naming.BATCH}
+    reads |= {name for i in sized if i != naming.BATCH for name in size_readers(i, sources, op)}
     if naming.BATCH in sized:
         reads |= set(batched)
     if not uses_output:

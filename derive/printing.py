@@ -19,7 +19,7 @@ from .torch_printer import TorchPrinter
 from .plan import free_indices
 from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, expands_batch, walk
 from .model import OpSpec, is_python_number, size_symbol
-from .functions import one_hot
+from .functions import in_range, one_hot, window
 from .kernels import Fused, comments, kernel_of
 from . import naming
 from .naming import BATCH, grad
@@ -164,6 +164,82 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
                             f".squeeze({position})", plain)
         raise ValueError(f"unsupported gather pattern {expr}: index the leading dim (w[idx[n], d]) "
                          f"or one dim by a tensor over the others (x[n, t[n]])")
+
+    def _print_window(self, expr):
+        access, front, back = expr.args
+        code = self._windows(access.base.label.name, access.indices, front, back)
+        return align(code, self.layout).text
+
+    def _print_in_range(self, expr):
+        """1 where value lies in [0, size): a window of ones, padded with zeros as a read of them would be."""
+        value, size, like = expr.args
+        lowest = value.subs({i: (i.upper if value.coeff(i) < 0 else 0) for i in value.atoms(sympy.Idx)})
+        reach = sum((abs(value.coeff(i)) * i.upper for i in value.atoms(sympy.Idx)), sympy.S.One)
+        ones = f"{like.name}.new_ones({SizePrinter().doprint(size)})"
+        code = self._windows(ones, (value,), (-lowest,), (sympy.expand(lowest + reach - size),))
+        return align(code, self.layout).text
+
+    def _windows(self, tensor: str, subscripts, front, back) -> Code:
+        """`tensor` read at affine subscripts, as a tensor with one dim per index: padded (F.pad) so that
+        each affine dim starts at its lowest reach and holds exactly its reach, then cut into windows
+        with `unfold(dim, size, step)` (a view), one more dim per further index, strided by its coefficient;
+        an index with a negative coefficient runs backwards (`flip`)."""
+        scalar = SizePrinter()
+        if any(not isinstance(i, sympy.Idx) and i.atoms(sympy.Indexed) for i in subscripts):
+            raise ValueError(f"unsupported read {tensor}{list(subscripts)}: a gather inside an affine subscript")
+        text, level = tensor, ATOM
+        amounts = [(f, b) for f, b in zip(front, back)]
+        first = min((p for p, (f, b) in enumerate(amounts) if f != 0 or b != 0), default=None)
+        if first is not None:    # F.pad's amounts run from the last dim backwards
+            pads = [scalar.doprint(a) for f, b in reversed(amounts[first:]) for a in (f, b)]
+            text = f"torch.nn.functional.pad({tensor}, {python_tuple(pads)})"
+        dims: list[str] = []
+        flips: list[str] = []
+        for position, subscript in enumerate(subscripts):
+            if isinstance(subscript, sympy.Idx):
+                dims.append(subscript.name)
+                continue
+            coefficients = {i: int(subscript.coeff(i)) for i in subscript.atoms(sympy.Idx)}
+            flips += [i.name for i, c in coefficients.items() if c < 0]
+            # a forward-running index leads, then the one latest in the layout (t before k in t + k)
+            # the largest step leads (t of 2*t + k), then the index earliest in the layout (t of t + k in y[n, o, t])
+            nesting = sorted(coefficients, key=lambda i: (-abs(coefficients[i]), self._rank(i.name), i.name))
+            dim = position
+            for number, index in enumerate(nesting):
+                step = abs(coefficients[index])
+                rest = nesting[number + 1:]
+                if rest:
+                    size = sum((abs(coefficients[i]) * i.upper for i in rest), sympy.S.One)
+                    text += f".unfold({dim}, {scalar.doprint(size)}, {step})"
+                elif step != 1:
+                    text += f"[{':, ' * dim}::{step}]" if dim >= 0 else f"[..., ::{step}]"
+                if number == 0:
+                    dims.append(index.name)
+                else:
+                    dims.append(index.name)
+                dim = -1
+            # the windows' dims were appended in nesting order after the ones so far
+        order = self._window_order(subscripts, dims)
+        if flips:
+            positions = [order.index(f) for f in flips]
+            text += f".flip({python_tuple([str(p) for p in positions])})"
+        return Code(text, tuple(order), level)
+
+    def _rank(self, index: str) -> int:
+        return self.layout.index(index) if index in self.layout else len(self.layout)
+
+    @staticmethod
+    def _window_order(subscripts, dims: list[str]) -> list[str]:
+        """The dims of the unfolded tensor: each subscript's first index at its place, the further ones
+        appended after all the tensor's dims, in the order they were cut."""
+        leading, appended = [], []
+        taken = iter(dims)
+        for subscript in subscripts:
+            count = 1 if isinstance(subscript, sympy.Idx) else len(subscript.atoms(sympy.Idx))
+            names = [next(taken) for _ in range(count)]
+            leading.append(names[0])
+            appended += names[1:]
+        return leading + appended
 
     def _sub(self, expr, layout: tuple[str, ...]) -> Code:
         """`expr` printed in its own layout, for a reduction or softmax to work on."""
@@ -459,6 +535,19 @@ class ScalarPrinter(PythonCodePrinter):
         return f"(max({self._print(argument)}, 0) + math.log1p(math.exp(-abs({self._print(argument)}))))"
 
 
+class SizePrinter(PositiveFirst, ScalarPrinter):
+    """Sizes and their arithmetic as Python ints: size_l - size_k + 1, (size_l - size_k) // 2 + 1."""
+
+    def _print_floor(self, expr):
+        numerator, denominator = sympy.fraction(sympy.together(expr.args[0]))
+        if denominator.is_Integer and denominator > 0:
+            return f"{self.parenthesize(numerator, MUL)} // {denominator}"
+        return super()._print_floor(expr)
+
+    def _print_Min(self, expr):
+        return f"min({', '.join(self._print(a) for a in expr.args)})"
+
+
 def exact_fraction(number: sympy.Rational) -> bool:
     """Whether a rational prints as int / int: both fit a float (5e-324 is 1 / 2**1074: a float literal)."""
     return max(abs(number.p), number.q) < 2 ** 1023
@@ -699,10 +788,15 @@ def size_bindings(op: OpSpec, exprs: list[LoweredExpr],
     if sources is None:
         sources = [(t.name, t.indices) for t in op.inputs]
     used = set(sizes_used(op, exprs, shared)) | {op.size_of(i) for i in also if i != BATCH}
-    return [(size_symbol(index).name, _batch_size(sources, grad(op.output)) if index == BATCH else
+    # a size no source has is set by the spec (`sizes`) or inferred from the affine reads, in other sizes
+    computed = {index: op.size_value(index) for index in used
+                if index != BATCH and not any(index in dims for _, dims in sources)}
+    used |= {s.name.removeprefix(naming.size("")) for value in computed.values() for s in value.free_symbols}
+    read = [(size_symbol(index).name, _batch_size(sources, grad(op.output)) if index == BATCH else
              _shape_of(*size_source(index, sources), index))
             for index, representative in sorted(dict(op.index_sizes).items())
-            if index == representative and index in used]
+            if index == representative and index in used and index not in computed]
+    return read + [(size_symbol(index).name, SizePrinter().doprint(value)) for index, value in sorted(computed.items())]
 
 
 def output_shape(op: OpSpec, sources: list[tuple[str, tuple[str, ...]]]) -> str:
@@ -721,11 +815,15 @@ def output_shape(op: OpSpec, sources: list[tuple[str, tuple[str, ...]]]) -> str:
     return python_tuple(dims) if dims else "()"
 
 
-def size_readers(index: str, sources: list[tuple[str, tuple[str, ...]]], grad_output: str) -> tuple[str, ...]:
-    """The tensors whose shapes the binding of `index`'s size reads, as `size_bindings` writes it."""
+def size_readers(index: str, sources: list[tuple[str, tuple[str, ...]]], op: OpSpec) -> tuple[str, ...]:
+    """The tensors whose shapes the binding of `index`'s size reads, as `size_bindings` writes it: a size
+    no source has is set by the spec (it reads nothing) or inferred from the sizes it is computed of."""
     if index == BATCH:
-        return tuple(name for name, _ in _batch_sources(sources, grad_output))
-    return (size_source(index, sources)[0],)
+        return tuple(name for name, _ in _batch_sources(sources, grad(op.output)))
+    if any(index in dims for _, dims in sources):
+        return (size_source(index, sources)[0],)
+    return tuple(name for s in sorted(op.size_value(index).free_symbols, key=str)
+                 for name in size_readers(s.name.removeprefix(naming.size("")), sources, op))
 
 
 def _batch_sources(sources: list[tuple[str, tuple[str, ...]]], grad_output: str) -> list[tuple[str, tuple[str, ...]]]:
@@ -766,6 +864,9 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
             if isinstance(node, Leaf):
                 outside = node.expr.xreplace({call: sympy.S.Zero for call in node.expr.atoms(Fused)})
                 used |= node.expr.free_symbols | {h.args[1].upper + 1 for h in outside.atoms(one_hot)}
+                # windows are cut to the sizes of the indices of their subscripts
+                used |= {s for w in outside.atoms(window, in_range) for i in w.args[0].atoms(sympy.Idx)
+                         for s in (i.upper + 1).free_symbols}
             elif isinstance(node, Scaled):
                 used |= node.coefficient.free_symbols
             elif isinstance(node, Reduce):
