@@ -207,7 +207,7 @@ def _window(op: OpSpec, access: sympy.Indexed) -> window:
         reach = sum((abs(c) * i.upper for i, c in coefficients.items()), sympy.S.One)
         front.append(-lowest)
         if declared is not None and position in declared.exact and all(c > 0 for c in coefficients.values()):
-            back.append(sympy.Integer(op.pad_of(name, dim)[1]))
+            back.append(sympy.Integer(op.pad_of(own.base.label.name, dim)[1]))
         else:
             back.append(sympy.expand(lowest + reach - size_symbol(op.size_of(dim))))
     return window(access, sympy.Tuple(*front), sympy.Tuple(*back))
