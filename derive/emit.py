@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from functools import cache
 
 import jinja2
+import sympy
 
 from . import naming
-from .contracts import POLICY_DTYPES, Declared, all_hold, autocast_policies, guarded_blocks, shape_checks
+from .contracts import (POLICY_DTYPES, Declared, all_hold, autocast_policies, guarded_blocks, range_checks,
+                        shape_checks)
 from .derivation import Derivation
+from .model import size_symbol
 from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, covered, tangent_reads, walk
 from .printing import (index_notation, kernel_comments, output_shape, python_tuple, render, render_expr,
                        size_bindings, size_readers, sizes_used, uses_math)
@@ -182,6 +185,11 @@ def _contract(derivation: Derivation, lowered: LoweredOp, kept: list[str]) -> di
     extras += [Declared(v.name, v.indices, optional=True, role="saved") for v in lowered.plan.saved]
     declared = [Declared(t.name, t.indices, optional=t.name not in kept, integer=t.integer) for t in op.inputs]
     checks = shape_checks(op.name, declared + extras, dict(op.index_sizes))
+    # the result's dims whose size is inferred must have that size
+    inferred = [(sympy.Eq(size_symbol(index), size, evaluate=False),
+                 f"{extras[0].name} must have the size inferred for index {index}, {sympy.sstr(size)}")
+                for index, size in op.inferred_sizes if index in op.output_indices]
+    checks += range_checks(op.name, declared + extras, op.size_checks + tuple(inferred), dict(op.index_sizes))
     inputs = ", ".join(t.name for t in op.inputs)
     return dict(
         name=naming.check_shapes(op.name),

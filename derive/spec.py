@@ -377,8 +377,8 @@ def _infer_ranges(parser: _EquationParser, tensors: tuple[TensorInput, ...], out
     checks = []
     for index in sorted(set(value) - set(fixed)):
         checks.append((value[index] >= 1,
-                       f"the size of index {index} inferred from {' and '.join(sources[index])} would be "
-                       f"{{{sympy.sstr(value[index])}}}: an input is too short for the reads"))
+                       f"the size of index {index} inferred from {' and '.join(sources[index])}, "
+                       f"{sympy.sstr(value[index])}, is below 1: an input is too short for the reads"))
     sized = {size_symbol(i): v for i, v in value.items()}
     for number, (tensor, access) in enumerate(reads):
         for position, element in enumerate(access.indices):
