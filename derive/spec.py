@@ -177,7 +177,7 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
     parser = _EquationParser(name, tensors, tuple(p.name for p in params), locator, fixed=fixed)
     output, output_indices, rhs = parser.parse(entry["equation"])
     tensors = _check_equation(parser, tensors, params, output, rhs, name, locator)
-    unused = sorted(set(fixed) - set(parser.sizes))
+    unused = sorted(set(fixed) - {i.name for i in rhs.atoms(sympy.Idx)})
     if unused:
         raise locator.error(f"'sizes' sets index '{unused[0]}', which the equation does not use", name, "sizes")
     affine = _infer_ranges(parser, tensors, output, output_indices, fixed, pads, name, locator)
@@ -382,7 +382,7 @@ def _infer_ranges(parser: _EquationParser, tensors: tuple[TensorInput, ...], out
     sized = {size_symbol(i): v for i, v in value.items()}
     for number, (tensor, access) in enumerate(reads):
         for position, element in enumerate(access.indices):
-            if isinstance(element, sympy.Idx) or (number, position) in exact:
+            if isinstance(element, sympy.Idx):
                 continue
             coefficients = _coefficients(element)
             offset = element.subs({i: 0 for i in element.atoms(sympy.Idx)})
@@ -390,8 +390,10 @@ def _infer_ranges(parser: _EquationParser, tensors: tuple[TensorInput, ...], out
             low = offset + sum((c * (size(i.name) - 1) for i, c in coefficients.items() if c < 0), sympy.Integer(0))
             before, after = padded[(tensor, position)]
             dim = parser.declared_of(tensor)[position]
-            for condition, side in ((low >= -before, "below 0"), (high <= extent(tensor, position) - 1 + after,
-                                                                  f"past the end of dim {dim}")):
+            sides = [(low >= -before, "below 0")]
+            if (number, position) not in exact:     # (the reads an index's size was inferred from reach its end)
+                sides.append((high <= extent(tensor, position) - 1 + after, f"past the end of dim {dim}"))
+            for condition, side in sides:
                 condition = condition.xreplace(sized)
                 if condition is sympy.false:
                     raise locator.error(f"{index_text(access)} reads {side} of {tensor} (declare zeros there with "
