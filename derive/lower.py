@@ -21,7 +21,7 @@ import sympy
 
 from . import naming
 from .derivation import depends_on_tensor, tensor_symbols
-from .functions import one_hot, renamed_match
+from .functions import one_hot, renamed_match, window
 from .kernels import one_hot_by_rows
 from .naming import BATCH, STYLES
 from .plan import ExprPlan, OpPlan, TermPlan, free_indices, ordered
@@ -104,7 +104,31 @@ class Scaled:
         return self.source.indices
 
 
-Node = Union[Leaf, Product, Reduce, MatMul, Einsum, Scatter, Scaled]
+@dataclass(frozen=True)
+class Convolution:
+    """`torch.nn.functional.conv{1,2,3}d` of the padded input a window reads by the kernel another operand
+    reads: sum over channel c and kernel indices k of x[n, c, s*t + d*k + e] * w[o, c, k], for whichever
+    tensors stand in those roles (the forward's x and w, grad_w's x and grad_y, grad_x's grad_y and w,
+    flipped where d < 0). At most one batch, channel and out-channel index each."""
+
+    source: sympy.Expr                  # the window the convolution slides over: its padded input
+    kernel: sympy.Indexed               # the kernel's read, by index names
+    batch: tuple[str, ...]              # the source's dim that is the result's (conv's N), or none
+    channels: tuple[str, ...]           # the dim both read and the term sums (conv's C), or none
+    out: tuple[str, ...]                # the kernel's dim that is the result's (conv's out-channels), or none
+    spatial: tuple[tuple[str, str, int, int], ...]  # (t, k, s, d) of each affine subscript s*t + d*k + e
+    sizes: tuple[sympy.Expr, ...]       # the size of each t, to cut the result to where a stride may leave more
+    # x[..., t - s*k + e] where the kernel read is the upstream gradient: conv_transpose of it by x (the
+    # gradient's taps would be the output's length), its batch dim the result's first
+    transposed: bool = False
+
+    @property
+    def indices(self) -> tuple[str, ...]:
+        spatial = tuple(t for t, _, _, _ in self.spatial)
+        return self.out + self.batch + spatial if self.transposed else self.batch + self.out + spatial
+
+
+Node = Union[Leaf, Product, Reduce, MatMul, Einsum, Scatter, Scaled, Convolution]
 
 
 @dataclass(frozen=True)
@@ -298,6 +322,9 @@ def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None)
     scatter = _scatter(nodes, set(term.summed), target, like, sizes)
     if scatter is not None:
         return _finish(scatter, (), term)
+    convolution = _convolution(nodes, set(term.summed), target)
+    if convolution is not None:
+        return _finish(convolution, (), term)
     # Factors constant along every summed index multiply the sum, not each of its summands:
     # sum(g[d] * r, d) is r * g.sum(d), one small product instead of a full-size one.
     outside = [n for n in nodes if term.summed and not set(n.indices) & set(term.summed)]
@@ -380,6 +407,46 @@ def _scatter(nodes: list[Node], summed: set[str], target: tuple[str, ...], like:
             source = _sum(source, tuple(left), sizes)
         # a source constant along some of the rows is expanded to them: each row still adds at its index
         return Scatter(source, value.base.label.name, rows, like, target)
+    return None
+
+
+def _convolution(nodes: list[Node], summed: set[str], target: tuple[str, ...]) -> Convolution | None:
+    """A product of a window read and a kernel read summed over their shared channel and kernel indices,
+    as one PyTorch convolution (see Convolution); None when the term is no such product."""
+    if len(nodes) != 2:
+        return None
+    for source, kernel in (nodes, nodes[::-1]):
+        if not (isinstance(source, Leaf) and isinstance(source.expr, window) and isinstance(kernel, Leaf)
+                and isinstance(kernel.expr, sympy.Indexed)
+                and all(isinstance(i, sympy.Idx) for i in kernel.expr.indices)):
+            continue
+        kernel_dims = [i.name for i in kernel.expr.indices]
+        batch, channels, spatial, sizes = [], [], [], []
+        for subscript in source.expr.access.indices:
+            if isinstance(subscript, sympy.Idx):
+                shared, reduced = subscript.name in kernel_dims, subscript.name in summed
+                if shared != reduced:
+                    break
+                (channels if shared else batch).append(subscript.name)
+                continue
+            coefficients = {i: int(subscript.coeff(i)) for i in subscript.atoms(sympy.Idx)}
+            moving = [i for i, c in coefficients.items() if c > 0 and i.name not in kernel_dims and i.name not in summed]
+            taps = [i for i in coefficients if i.name in kernel_dims and i.name in summed]
+            if len(coefficients) != 2 or len(moving) != 1 or len(taps) != 1:
+                break
+            spatial.append((moving[0].name, taps[0].name, coefficients[moving[0]], coefficients[taps[0]]))
+            sizes.append(moving[0].upper + 1)
+        else:
+            out = tuple(i for i in kernel_dims if i not in summed)
+            taps = {k for _, k, _, _ in spatial}
+            if len(batch) <= 1 and len(channels) <= 1 and len(out) <= 1 and 1 <= len(spatial) <= 3 \
+                    and summed == set(channels) | taps and len(kernel_dims) == len(channels) + len(out) + len(taps) \
+                    and set(batch) | set(out) | {t for t, _, _, _ in spatial} <= set(target):
+                # the upstream gradient is never the kernel: its taps would run over the output's length
+                transposed = kernel.expr.base.label.name.startswith(naming.grad("")) and \
+                    all(s == 1 and d < 0 for _, _, s, d in spatial)
+                return Convolution(source.expr, kernel.expr, tuple(batch), tuple(channels), out, tuple(spatial),
+                                   tuple(sizes), transposed)
     return None
 
 
@@ -508,6 +575,8 @@ def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...]) -> set[
                     names |= {node.like, node.index}
                 elif isinstance(node, Reduce):
                     names |= {name for name, _ in node.expand_batch}
+                elif isinstance(node, Convolution):
+                    leaves += [Leaf(node.source, ()), Leaf(node.kernel, ())]
     for leaf in leaves:
         names |= {a.base.label.name for a in leaf.expr.atoms(sympy.Indexed)}
         names |= {s.name for s in leaf.expr.free_symbols}

@@ -17,7 +17,8 @@ from sympy.printing.pycode import PythonCodePrinter
 from .torch_printer import TorchPrinter
 
 from .plan import free_indices
-from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, expands_batch, walk
+from .lower import (Convolution, Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter,
+                    expands_batch, walk)
 from .model import OpSpec, is_python_number, size_symbol
 from .functions import in_range, one_hot, window
 from .kernels import Fused, comments, kernel_of
@@ -187,12 +188,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         scalar = SizePrinter()
         if any(not isinstance(i, sympy.Idx) and i.atoms(sympy.Indexed) for i in subscripts):
             raise ValueError(f"unsupported read {tensor}{list(subscripts)}: a gather inside an affine subscript")
-        text, level = tensor, ATOM
-        amounts = [(f, b) for f, b in zip(front, back)]
-        first = min((p for p, (f, b) in enumerate(amounts) if f != 0 or b != 0), default=None)
-        if first is not None:    # F.pad's amounts run from the last dim backwards
-            pads = [scalar.doprint(a) for f, b in reversed(amounts[first:]) for a in (f, b)]
-            text = f"torch.nn.functional.pad({tensor}, {python_tuple(pads)})"
+        text, level = _padded(tensor, front, back), ATOM
         dims: list[str] = []
         flips: list[str] = []
         for position, subscript in enumerate(subscripts):
@@ -625,7 +621,106 @@ def render(node: Node) -> Code:
     if isinstance(node, Scaled):
         source = render(node.source)
         return Code(_scale(node.coefficient, source), source.indices, MUL)
+    if isinstance(node, Convolution):
+        return _convolution(node)
     raise TypeError(f"unknown node {node!r}")
+
+
+def _convolution(node: Convolution) -> Code:
+    """F.conv{1,2,3}d(input, weight, stride=, dilation=): the source padded and laid out (N, C, t...), the
+    kernel (out, C, k...), flipped along a k with a negative step; a missing N, C or out is a dim of 1."""
+    if node.transposed:
+        return _transposed_convolution(node)
+    access, front, back = node.source.args
+    taps = {t: (k, stride, dilation) for t, k, stride, dilation in node.spatial}
+    padded = Code(_padded(access.base.label.name, front, back),
+                  tuple(i.name if isinstance(i, sympy.Idx) else next(t for t in taps if t in {a.name for a in i.atoms(sympy.Idx)})
+                        for i in access.indices))
+    source = _arranged(padded, node.batch + node.channels + tuple(taps))
+    text = source.text
+    if not node.batch:
+        text = f"{source.atom()}.unsqueeze(0)"
+    if not node.channels:
+        text = f"{text}.unsqueeze(1)"
+    kernel = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
+                       node.out + node.channels + tuple(k for k, _, _ in taps.values()))
+    weight = kernel.text
+    flipped = [str(2 + position) for position, (k, _, dilation) in enumerate(taps.values()) if dilation < 0]
+    if flipped:
+        weight = f"{kernel.atom()}.flip({python_tuple(flipped)})"
+    if not node.out:
+        weight = f"{weight}.unsqueeze(0)"
+    if not node.channels:
+        weight = f"{weight}.unsqueeze(1)"
+    options = ""
+    for keyword, values in (("stride", [s for _, s, _ in taps.values()]), ("dilation", [abs(d) for _, _, d in taps.values()])):
+        if any(v != 1 for v in values):
+            options += f", {keyword}={values[0] if len(values) == 1 else python_tuple([str(v) for v in values])}"
+    text = f"torch.nn.functional.conv{len(taps)}d({text}, {weight}{options})"
+    if not node.out:
+        text += ".squeeze(1)"
+    if not node.batch:
+        text += ".squeeze(0)"
+    # a stride or dilation other than 1 may leave room for one more step than the index's size
+    loose = [i for i, (_, stride, dilation) in enumerate(taps.values()) if stride != 1 or abs(dilation) != 1]
+    if loose:
+        leading = len(node.batch) + len(node.out)
+        cuts = [":"] * leading + [f":{SizePrinter().doprint(size)}" if i in loose else ":"
+                                  for i, size in enumerate(node.sizes)]
+        while cuts and cuts[-1] == ":":
+            cuts.pop()
+        text += f"[{', '.join(cuts)}]"
+    return Code(text, node.indices)
+
+
+def _transposed_convolution(node: Convolution) -> Code:
+    """F.conv_transpose{1,2,3}d(grad, x, stride=): the term sums grad[b, c, k] * x[c, a, t - s*k + e] over c
+    and k, so each grad entry spreads x's taps from s*k; the result, s*(size_k - 1) + x's length long, is
+    cut (or padded) to t = 0 .. size_t - 1 (reads of x outside its range are zero)."""
+    access, front, back = node.source.args
+    taps = {t: (k, -dilation) for t, k, _, dilation in node.spatial}
+    gradient = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
+                         node.out + node.channels + tuple(k for k, _ in taps.values()))
+    weight = _arranged(Code(access_name(access), tuple(
+        i.name if isinstance(i, sympy.Idx) else next(t for t in taps if t in {a.name for a in i.atoms(sympy.Idx)})
+        for i in access.indices)), node.channels + node.batch + tuple(taps))
+    text, kernel = gradient.text, weight.text
+    if not node.out:
+        text = f"{gradient.atom()}.unsqueeze(0)"
+    if not node.channels:
+        text, kernel = f"{text}.unsqueeze(1)", f"{weight.atom()}.unsqueeze(0)"
+    if not node.batch:
+        kernel = f"{kernel}.unsqueeze(1)"
+    strides = [stride for _, stride in taps.values()]
+    options = "" if all(s == 1 for s in strides) else \
+        f", stride={strides[0] if len(strides) == 1 else python_tuple([str(s) for s in strides])}"
+    text = f"torch.nn.functional.conv_transpose{len(taps)}d({text}, {kernel}{options})"
+    # the full result starts at t = -e: pad (or crop) it to t = 0 .. size_t - 1
+    affine = [p for p, i in enumerate(access.indices) if not isinstance(i, sympy.Idx)]
+    k_sizes = [next(i for i in access.indices[p].atoms(sympy.Idx) if i.name == k).upper
+               for p, (k, _) in zip(affine, taps.values())]
+    amounts = [(front[p] - stride * reach, back[p] - stride * reach)
+               for p, stride, reach in zip(affine, strides, k_sizes)]
+    text = _padded(text, [sympy.S.Zero] * 2 + [f for f, _ in amounts], [sympy.S.Zero] * 2 + [b for _, b in amounts])
+    if not node.batch:
+        text += ".squeeze(1)"
+    if not node.out:
+        text += ".squeeze(0)"
+    return Code(text, node.indices)
+
+
+def access_name(access: sympy.Indexed) -> str:
+    return access.base.label.name
+
+
+def _padded(tensor: str, front, back) -> str:
+    """F.pad(tensor, ...) with `front` and `back` zeros at each dim (negative: cropped), or the tensor."""
+    amounts = list(zip(front, back))
+    first = min((p for p, (f, b) in enumerate(amounts) if f != 0 or b != 0), default=None)
+    if first is None:
+        return tensor
+    pads = [SizePrinter().doprint(a) for f, b in reversed(amounts[first:]) for a in (f, b)]     # last dim first
+    return f"torch.nn.functional.pad({tensor}, {python_tuple(pads)})"
 
 
 def _arranged(code: Code, layout: tuple[str, ...]) -> Code:
@@ -871,6 +966,10 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
                 used |= node.coefficient.free_symbols
             elif isinstance(node, Reduce):
                 used |= set().union(*(size.free_symbols for size in node.sizes))
+            elif isinstance(node, Convolution):
+                used |= node.source.args[1].free_symbols | node.source.args[2].free_symbols
+                used |= {s for (_, _, stride, dilation), size in zip(node.spatial, node.sizes)
+                         if stride != 1 or abs(dilation) != 1 for s in size.free_symbols}
     declared = [index for index, representative in sorted(dict(op.index_sizes).items()) if index == representative]
     # every size the code reads is bound from an input's shape: a renamed index (n_1) reads its original's
     unbound = sorted(s.name for s in used - {size_symbol(i) for i in declared}
