@@ -21,7 +21,7 @@ import sympy
 
 from . import naming
 from .derivation import depends_on_tensor, tensor_symbols
-from .functions import one_hot, renamed_match, window
+from .functions import in_range, one_hot, renamed_match, window
 from .kernels import one_hot_by_rows
 from .naming import BATCH, STYLES
 from .plan import ExprPlan, OpPlan, TermPlan, free_indices, ordered
@@ -416,6 +416,9 @@ def _convolution(nodes: list[Node], summed: set[str], target: tuple[str, ...]) -
     if len(nodes) != 2:
         return None
     for source, kernel in (nodes, nodes[::-1]):
+        spread = _spread(source, kernel, summed, target)
+        if spread is not None:
+            return spread
         if not (isinstance(source, Leaf) and isinstance(source.expr, window) and isinstance(kernel, Leaf)
                 and isinstance(kernel.expr, sympy.Indexed)
                 and all(isinstance(i, sympy.Idx) for i in kernel.expr.indices)):
@@ -448,6 +451,27 @@ def _convolution(nodes: list[Node], summed: set[str], target: tuple[str, ...]) -
                 return Convolution(source.expr, kernel.expr, tuple(batch), tuple(channels), out, tuple(spatial),
                                    tuple(sizes), transposed)
     return None
+
+
+def _spread(source: Node, kernel: Node, summed: set[str], target: tuple[str, ...]) -> Convolution | None:
+    """sum over t of g[..., t] * in_range(l - s*t + e, size_k): each entry of g spread over the size_k
+    positions from s*t (a pooling's gradient), a transposed convolution of g by ones."""
+    if not (isinstance(source, Leaf) and isinstance(source.expr, in_range) and len(source.expr.args) == 3
+            and isinstance(kernel, Leaf) and isinstance(kernel.expr, sympy.Indexed)
+            and all(isinstance(i, sympy.Idx) for i in kernel.expr.indices)):
+        return None
+    value = source.expr.args[0]
+    coefficients = {i: int(value.coeff(i)) for i in value.atoms(sympy.Idx)}
+    kernel_dims = [i.name for i in kernel.expr.indices]
+    moving = [i for i, c in coefficients.items() if c == 1 and i.name not in kernel_dims and i.name not in summed]
+    taps = [i for i, c in coefficients.items() if c < 0 and i.name in kernel_dims and i.name in summed]
+    out = tuple(i for i in kernel_dims if i not in summed)
+    if len(coefficients) != 2 or len(moving) != 1 or len(taps) != 1 or summed != {taps[0].name} \
+            or kernel_dims[-1] != taps[0].name or not set(out) | {moving[0].name} <= set(target):
+        return None
+    tap, position = taps[0], moving[0]
+    return Convolution(source.expr, kernel.expr, (), (), out, ((position.name, tap.name, 1, coefficients[tap]),),
+                       (position.upper + 1,), transposed=True)
 
 
 def _contract(nodes: list[Node], summed: list[str], target: tuple[str, ...],

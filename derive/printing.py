@@ -677,6 +677,8 @@ def _transposed_convolution(node: Convolution) -> Code:
     """F.conv_transpose{1,2,3}d(grad, x, stride=): the term sums grad[b, c, k] * x[c, a, t - s*k + e] over c
     and k, so each grad entry spreads x's taps from s*k; the result, s*(size_k - 1) + x's length long, is
     cut (or padded) to t = 0 .. size_t - 1 (reads of x outside its range are zero)."""
+    if isinstance(node.source, in_range):
+        return _spread(node)
     access, front, back = node.source.args
     taps = {t: (k, -dilation) for t, k, _, dilation in node.spatial}
     gradient = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
@@ -707,6 +709,32 @@ def _transposed_convolution(node: Convolution) -> Code:
     if not node.out:
         text += ".squeeze(0)"
     return Code(text, node.indices)
+
+
+def _spread(node: Convolution) -> Code:
+    """F.conv_transpose1d(g, ones, stride=s): each g[..., t] added at the size_k positions from s*t, every
+    other dim of g a row of its own; then cut (or padded) to l = 0 .. size_l - 1."""
+    value, size, like = node.source.args
+    ((position, tap, _, step),) = node.spatial
+    gradient = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
+                         node.out + (tap,))
+    rows = gradient.atom() + (f".flatten(0, {len(node.out) - 1})" if len(node.out) > 1 else "")
+    ones = f"{like.name}.new_ones(1, 1, {SizePrinter().doprint(size)})"
+    stride = "" if step == -1 else f", stride={-step}"
+    text = f"torch.nn.functional.conv_transpose1d({rows}.unsqueeze(-2), {ones}{stride})"
+    index = next(i for i in value.atoms(sympy.Idx) if i.name == tap)
+    lowest = value.subs({i: (i.upper if value.coeff(i) < 0 else 0) for i in value.atoms(sympy.Idx)})
+    reach = sum((abs(value.coeff(i)) * i.upper for i in value.atoms(sympy.Idx)), sympy.S.One)
+    spread = -step * index.upper
+    text = _padded(text, [sympy.S.Zero] * 2 + [-lowest - spread],
+                   [sympy.S.Zero] * 2 + [sympy.expand(lowest + reach - size - spread)])
+    text += ".squeeze(-2)"
+    if len(node.out) > 1:
+        sizes = [SizePrinter().doprint(i.upper + 1) for i in node.kernel.indices if i.name in node.out]
+        text += f".unflatten(0, {python_tuple(sizes)})"
+    elif not node.out:
+        text += ".squeeze(0)"
+    return Code(text, node.out + (position,))
 
 
 def access_name(access: sympy.Indexed) -> str:
@@ -966,6 +994,10 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
                 used |= node.coefficient.free_symbols
             elif isinstance(node, Reduce):
                 used |= set().union(*(size.free_symbols for size in node.sizes))
+            elif isinstance(node, Convolution) and isinstance(node.source, in_range):
+                used |= node.source.free_symbols | {s for i in node.source.atoms(sympy.Idx) for s in i.upper.free_symbols}
+                if len(node.out) > 1:
+                    used |= {s for i in node.kernel.indices for s in i.upper.free_symbols}
             elif isinstance(node, Convolution):
                 used |= node.source.args[1].free_symbols | node.source.args[2].free_symbols
                 used |= {s for (_, _, stride, dilation), size in zip(node.spatial, node.sizes)
