@@ -298,12 +298,19 @@ class window(sympy.Function):  # noqa: N801
     affine read in one (plan.py): how far a read reaches depends on the input's dims, which the read alone
     does not tell."""
 
-    nargs = 3
+    nargs = 4       # access, front, back, and each subscript's indices in the order they are cut
     is_real = True
 
     @property
     def access(self) -> sympy.Indexed:
         return self.args[0]
+
+
+def window_dims(read: window) -> tuple[str, ...]:
+    """The dims of a window as generated code cuts it: each subscript's leading index at its place, the
+    further ones after all of them, in the order they are cut."""
+    order = read.args[3]
+    return tuple(cut[0].name for cut in order) + tuple(i.name for cut in order for i in cut[1:])
 
 
 def is_affine_read(expr) -> bool:

@@ -167,8 +167,8 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
                          f"or one dim by a tensor over the others (x[n, t[n]])")
 
     def _print_window(self, expr):
-        access, front, back = expr.args
-        code = self._windows(access.base.label.name, access.indices, front, back)
+        access, front, back, order = expr.args
+        code = self._windows(access.base.label.name, access.indices, front, back, order)
         return align(code, self.layout).text
 
     def _print_in_range(self, expr):
@@ -177,10 +177,11 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         lowest = value.subs({i: (i.upper if value.coeff(i) < 0 else 0) for i in value.atoms(sympy.Idx)})
         reach = sum((abs(value.coeff(i)) * i.upper for i in value.atoms(sympy.Idx)), sympy.S.One)
         ones = f"{like.name}.new_ones({SizePrinter().doprint(size)})"
-        code = self._windows(ones, (value,), (-lowest,), (sympy.expand(lowest + reach - size),))
+        order = sympy.Tuple(sympy.Tuple(*sorted(value.atoms(sympy.Idx), key=lambda i: (-abs(value.coeff(i)), i.name))))
+        code = self._windows(ones, (value,), (-lowest,), (sympy.expand(lowest + reach - size),), order)
         return align(code, self.layout).text
 
-    def _windows(self, tensor: str, subscripts, front, back) -> Code:
+    def _windows(self, tensor: str, subscripts, front, back, order) -> Code:
         """`tensor` read at affine subscripts, as a tensor with one dim per index: padded (F.pad) so that
         each affine dim starts at its lowest reach and holds exactly its reach, then cut into windows
         with `unfold(dim, size, step)` (a view), one more dim per further index, strided by its coefficient;
@@ -198,8 +199,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             coefficients = {i: int(subscript.coeff(i)) for i in subscript.atoms(sympy.Idx)}
             flips += [i.name for i, c in coefficients.items() if c < 0]
             # a forward-running index leads, then the one latest in the layout (t before k in t + k)
-            # the largest step leads (t of 2*t + k), then the index earliest in the layout (t of t + k in y[n, o, t])
-            nesting = sorted(coefficients, key=lambda i: (-abs(coefficients[i]), self._rank(i.name), i.name))
+            nesting = list(order[position])
             dim = position
             for number, index in enumerate(nesting):
                 step = abs(coefficients[index])
@@ -209,10 +209,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
                     text += f".unfold({dim}, {scalar.doprint(size)}, {step})"
                 elif step != 1:
                     text += f"[{':, ' * dim}::{step}]" if dim >= 0 else f"[..., ::{step}]"
-                if number == 0:
-                    dims.append(index.name)
-                else:
-                    dims.append(index.name)
+                dims.append(index.name)
                 dim = -1
             # the windows' dims were appended in nesting order after the ones so far
         order = self._window_order(subscripts, dims)
@@ -220,9 +217,6 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             positions = [order.index(f) for f in flips]
             text += f".flip({python_tuple([str(p) for p in positions])})"
         return Code(text, tuple(order), level)
-
-    def _rank(self, index: str) -> int:
-        return self.layout.index(index) if index in self.layout else len(self.layout)
 
     @staticmethod
     def _window_order(subscripts, dims: list[str]) -> list[str]:
@@ -631,7 +625,7 @@ def _convolution(node: Convolution) -> Code:
     kernel (out, C, k...), flipped along a k with a negative step; a missing N, C or out is a dim of 1."""
     if node.transposed:
         return _transposed_convolution(node)
-    access, front, back = node.source.args
+    access, front, back, _ = node.source.args
     taps = {t: (k, stride, dilation) for t, k, stride, dilation in node.spatial}
     padded = Code(_padded(access.base.label.name, front, back),
                   tuple(i.name if isinstance(i, sympy.Idx) else next(t for t in taps if t in {a.name for a in i.atoms(sympy.Idx)})
@@ -679,7 +673,7 @@ def _transposed_convolution(node: Convolution) -> Code:
     cut (or padded) to t = 0 .. size_t - 1 (reads of x outside its range are zero)."""
     if isinstance(node.source, in_range):
         return _spread(node)
-    access, front, back = node.source.args
+    access, front, back, _ = node.source.args
     taps = {t: (k, -dilation) for t, k, _, dilation in node.spatial}
     gradient = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
                          node.out + node.channels + tuple(k for k, _ in taps.values()))
