@@ -118,14 +118,15 @@ class Convolution:
     out: tuple[str, ...]                # the kernel's dim that is the result's (conv's out-channels), or none
     spatial: tuple[tuple[str, str, int, int], ...]  # (t, k, s, d) of each affine subscript s*t + d*k + e
     sizes: tuple[sympy.Expr, ...]       # the size of each t, to cut the result to where a stride may leave more
-    # x[..., t - s*k + e] where the kernel read is the upstream gradient: conv_transpose of it by x (the
-    # gradient's taps would be the output's length), its batch dim the result's first
-    transposed: bool = False
+    # how it is computed, when the kernel read is the upstream gradient (its taps would run over the
+    # output's length): "transposed", x[..., t - s*k + e], is conv_transpose of the gradient by x;
+    # "weight", x[..., d*t + s*k + e], is torch.nn.grad.conv_weight (a convolution's grad_w) of x and it
+    kind: str = "conv"
 
     @property
     def indices(self) -> tuple[str, ...]:
         spatial = tuple(t for t, _, _, _ in self.spatial)
-        return self.out + self.batch + spatial if self.transposed else self.batch + self.out + spatial
+        return self.batch + self.out + spatial if self.kind == "conv" else self.out + self.batch + spatial
 
 
 Node = Union[Leaf, Product, Reduce, MatMul, Einsum, Scatter, Scaled, Convolution]
@@ -446,10 +447,14 @@ def _convolution(nodes: list[Node], summed: set[str], target: tuple[str, ...]) -
                     and summed == set(channels) | taps and len(kernel_dims) == len(channels) + len(out) + len(taps) \
                     and set(batch) | set(out) | {t for t, _, _, _ in spatial} <= set(target):
                 # the upstream gradient is never the kernel: its taps would run over the output's length
-                transposed = kernel.expr.base.label.name.startswith(naming.grad("")) and \
-                    all(s == 1 and d < 0 for _, _, s, d in spatial)
+                gradient = kernel.expr.base.label.name.startswith(naming.grad(""))
+                kind = "conv"
+                if gradient and all(s == 1 and d < 0 for _, _, s, d in spatial):
+                    kind = "transposed"
+                elif gradient and all(d > 0 for _, _, _, d in spatial) and len(batch) == len(channels) == len(out) == 1:
+                    kind = "weight"
                 return Convolution(source.expr, kernel.expr, tuple(batch), tuple(channels), out, tuple(spatial),
-                                   tuple(sizes), transposed)
+                                   tuple(sizes), kind)
     return None
 
 
@@ -471,7 +476,7 @@ def _spread(source: Node, kernel: Node, summed: set[str], target: tuple[str, ...
         return None
     tap, position = taps[0], moving[0]
     return Convolution(source.expr, kernel.expr, (), (), out, ((position.name, tap.name, 1, coefficients[tap]),),
-                       (position.upper + 1,), transposed=True)
+                       (position.upper + 1,), kind="transposed")
 
 
 def _contract(nodes: list[Node], summed: list[str], target: tuple[str, ...],

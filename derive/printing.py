@@ -623,8 +623,10 @@ def render(node: Node) -> Code:
 def _convolution(node: Convolution) -> Code:
     """F.conv{1,2,3}d(input, weight, stride=, dilation=): the source padded and laid out (N, C, t...), the
     kernel (out, C, k...), flipped along a k with a negative step; a missing N, C or out is a dim of 1."""
-    if node.transposed:
+    if node.kind == "transposed":
         return _transposed_convolution(node)
+    if node.kind == "weight":
+        return _weight_gradient(node)
     access, front, back, _ = node.source.args
     taps = {t: (k, stride, dilation) for t, k, stride, dilation in node.spatial}
     padded = Code(_padded(access.base.label.name, front, back),
@@ -667,6 +669,27 @@ def _convolution(node: Convolution) -> Code:
     return Code(text, node.indices)
 
 
+def _weight_gradient(node: Convolution) -> Code:
+    """torch.nn.grad.conv{1,2,3}d_weight(x, shape, grad): a convolution's grad_w, the term summing
+    x[b, c, d*t + s*k + e] * grad[b, o, k] over b and k (the kernel PyTorch's own backward runs)."""
+    access, front, back, _ = node.source.args
+    taps = {t: (k, stride, dilation) for t, k, stride, dilation in node.spatial}
+    padded = Code(_padded(access.base.label.name, front, back),
+                  tuple(i.name if isinstance(i, sympy.Idx) else next(t for t in taps if t in {a.name for a in i.atoms(sympy.Idx)})
+                        for i in access.indices))
+    source = _arranged(padded, node.channels + node.batch + tuple(taps))
+    gradient = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
+                         node.channels + node.out + tuple(k for k, _, _ in taps.values()))
+    sizes = {i.name: i.upper + 1 for a in (access, node.kernel) for i in a.atoms(sympy.Idx)}
+    shape = python_tuple([SizePrinter().doprint(sizes[i]) for i in node.out + node.batch + tuple(taps)])
+    options = ""
+    for keyword, values in (("stride", [d for _, _, d in taps.values()]), ("dilation", [s for _, s, _ in taps.values()])):
+        if any(v != 1 for v in values):
+            options += f", {keyword}={values[0] if len(values) == 1 else python_tuple([str(v) for v in values])}"
+    return Code(f"torch.nn.grad.conv{len(taps)}d_weight({source.text}, {shape}, {gradient.text}{options})",
+                node.indices)
+
+
 def _transposed_convolution(node: Convolution) -> Code:
     """F.conv_transpose{1,2,3}d(grad, x, stride=): the term sums grad[b, c, k] * x[c, a, t - s*k + e] over c
     and k, so each grad entry spreads x's taps from s*k; the result, s*(size_k - 1) + x's length long, is
@@ -706,28 +729,36 @@ def _transposed_convolution(node: Convolution) -> Code:
 
 
 def _spread(node: Convolution) -> Code:
-    """F.conv_transpose1d(g, ones, stride=s): each g[..., t] added at the size_k positions from s*t, every
-    other dim of g a row of its own; then cut (or padded) to l = 0 .. size_l - 1."""
+    """F.conv_transpose1d(g, ones, stride=s, groups=C): each g[..., c, t] added at the size_k positions from
+    s*t, one group per channel c (the kernel's last free dim; the ones before it are rows); then cut (or
+    padded) to l = 0 .. size_l - 1."""
     value, size, like = node.source.args
     ((position, tap, _, step),) = node.spatial
     gradient = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
                          node.out + (tap,))
-    rows = gradient.atom() + (f".flatten(0, {len(node.out) - 1})" if len(node.out) > 1 else "")
-    ones = f"{like.name}.new_ones(1, 1, {SizePrinter().doprint(size)})"
+    sizes = {i.name: SizePrinter().doprint(i.upper + 1) for i in node.kernel.indices}
+    width = SizePrinter().doprint(size)
+    if len(node.out) >= 2:
+        rows = gradient.atom() + (f".flatten(0, {len(node.out) - 2})" if len(node.out) > 2 else "")
+        channels = sizes[node.out[-1]]
+        ones, groups = f"{like.name}.new_ones({channels}, 1, {width})", f", groups={channels}"
+    else:
+        rows = f"{gradient.atom()}.unsqueeze(-2)" + (".unsqueeze(0)" if not node.out else "")
+        ones, groups = f"{like.name}.new_ones(1, 1, {width})", ""
     stride = "" if step == -1 else f", stride={-step}"
-    text = f"torch.nn.functional.conv_transpose1d({rows}.unsqueeze(-2), {ones}{stride})"
+    text = f"torch.nn.functional.conv_transpose1d({rows}, {ones}{stride}{groups})"
     index = next(i for i in value.atoms(sympy.Idx) if i.name == tap)
     lowest = value.subs({i: (i.upper if value.coeff(i) < 0 else 0) for i in value.atoms(sympy.Idx)})
     reach = sum((abs(value.coeff(i)) * i.upper for i in value.atoms(sympy.Idx)), sympy.S.One)
     spread = -step * index.upper
     text = _padded(text, [sympy.S.Zero] * 2 + [-lowest - spread],
                    [sympy.S.Zero] * 2 + [sympy.expand(lowest + reach - size - spread)])
-    text += ".squeeze(-2)"
-    if len(node.out) > 1:
-        sizes = [SizePrinter().doprint(i.upper + 1) for i in node.kernel.indices if i.name in node.out]
-        text += f".unflatten(0, {python_tuple(sizes)})"
+    if len(node.out) > 2:
+        text += f".unflatten(0, {python_tuple([sizes[i] for i in node.out[:-1]])})"
+    elif len(node.out) == 1:
+        text += ".squeeze(-2)"
     elif not node.out:
-        text += ".squeeze(0)"
+        text += ".squeeze(0).squeeze(0)"
     return Code(text, node.out + (position,))
 
 
@@ -991,7 +1022,12 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
             elif isinstance(node, Convolution) and isinstance(node.source, in_range):
                 used |= node.source.free_symbols | {s for i in node.source.atoms(sympy.Idx) for s in i.upper.free_symbols}
                 if len(node.out) > 1:
-                    used |= {s for i in node.kernel.indices for s in i.upper.free_symbols}
+                    used |= {s for i in node.kernel.indices if i.name in node.out for s in i.upper.free_symbols}
+            elif isinstance(node, Convolution) and node.kind == "weight":
+                used |= node.source.args[1].free_symbols | node.source.args[2].free_symbols
+                used |= {s for a in (node.source.args[0], node.kernel) for i in a.atoms(sympy.Idx)
+                         if i.name in node.out + node.batch + tuple(t for t, _, _, _ in node.spatial)
+                         for s in i.upper.free_symbols}
             elif isinstance(node, Convolution):
                 used |= node.source.args[1].free_symbols | node.source.args[2].free_symbols
                 used |= {s for (_, _, stride, dilation), size in zip(node.spatial, node.sizes)
