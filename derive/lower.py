@@ -120,13 +120,14 @@ class Convolution:
     sizes: tuple[sympy.Expr, ...]       # the size of each t, to cut the result to where a stride may leave more
     # how it is computed, when the kernel read is the upstream gradient (its taps would run over the
     # output's length): "transposed", x[..., t - s*k + e], is conv_transpose of the gradient by x;
-    # "weight", x[..., d*t + s*k + e], is torch.nn.grad.conv_weight (a convolution's grad_w) of x and it
+    # "weight", x[..., d*t + s*k + e], is torch.nn.grad.conv_weight (a convolution's grad_w) of x and it;
+    # "input", g[..., t - d*k + e] by an input's kernel, is torch.nn.grad.conv_input (grad_x, padding e)
     kind: str = "conv"
 
     @property
     def indices(self) -> tuple[str, ...]:
         spatial = tuple(t for t, _, _, _ in self.spatial)
-        return self.batch + self.out + spatial if self.kind == "conv" else self.out + self.batch + spatial
+        return self.batch + self.out + spatial if self.kind in ("conv", "input") else self.out + self.batch + spatial
 
 
 Node = Union[Leaf, Product, Reduce, MatMul, Einsum, Scatter, Scaled, Convolution]
@@ -453,9 +454,23 @@ def _convolution(nodes: list[Node], summed: set[str], target: tuple[str, ...]) -
                     kind = "transposed"
                 elif gradient and all(d > 0 for _, _, _, d in spatial) and len(batch) == len(channels) == len(out) == 1:
                     kind = "weight"
+                elif _input_gradient(source.expr, kernel.expr, spatial) and len(batch) == len(channels) == len(out) == 1:
+                    kind = "input"
                 return Convolution(source.expr, kernel.expr, tuple(batch), tuple(channels), out, tuple(spatial),
                                    tuple(sizes), kind)
     return None
+
+
+def _input_gradient(source: window, kernel: sympy.Indexed, spatial: list) -> bool:
+    """Whether a window of the upstream gradient, g[..., t - d*k + e], taken by an input's kernel, is a
+    convolution's grad_x with padding e on both sides (its pads equal): torch.nn.grad.conv_input."""
+    access, front, back, _ = source.args
+    if not access.base.label.name.startswith(naming.grad("")) or kernel.base.label.name.startswith(naming.grad("")):
+        return False
+    affine = [p for p, i in enumerate(access.indices) if not isinstance(i, sympy.Idx)]
+    return all(s == 1 and d < 0 for _, _, s, d in spatial) and all(
+        front[p] == back[p] and access.indices[p].subs({i: 0 for i in access.indices[p].atoms(sympy.Idx)}) >= 0
+        for p in affine)
 
 
 def _spread(source: Node, kernel: Node, summed: set[str], target: tuple[str, ...]) -> Convolution | None:

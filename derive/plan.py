@@ -212,6 +212,9 @@ def _window(op: OpSpec, access: sympy.Indexed, target: tuple[str, ...]) -> windo
             back.append(sympy.Integer(op.pad_of(own.base.label.name, dim)[1]))
         else:
             back.append(sympy.expand(lowest + reach - size_symbol(op.size_of(dim))))
+    # an inferred size without a floor (no stride) is its formula: the pads read size_k - 1, not size_l - size_t
+    exact = {size_symbol(i): size for i, size in op.inferred_sizes if not size.has(sympy.floor, sympy.Min)}
+    front, back = [sympy.expand(f.xreplace(exact)) for f in front], [sympy.expand(b.xreplace(exact)) for b in back]
     order = [sympy.Tuple(*sorted(i.atoms(sympy.Idx), key=lambda j: (-abs(i.coeff(j)), j.name not in target, j.name)))
              if not isinstance(i, sympy.Idx) else sympy.Tuple(i) for i in access.indices]
     return window(access, sympy.Tuple(*front), sympy.Tuple(*back), sympy.Tuple(*order))

@@ -627,6 +627,8 @@ def _convolution(node: Convolution) -> Code:
         return _transposed_convolution(node)
     if node.kind == "weight":
         return _weight_gradient(node)
+    if node.kind == "input":
+        return _input_gradient(node)
     access, front, back, _ = node.source.args
     taps = {t: (k, stride, dilation) for t, k, stride, dilation in node.spatial}
     padded = Code(_padded(access.base.label.name, front, back),
@@ -667,6 +669,27 @@ def _convolution(node: Convolution) -> Code:
             cuts.pop()
         text += f"[{', '.join(cuts)}]"
     return Code(text, node.indices)
+
+
+def _input_gradient(node: Convolution) -> Code:
+    """torch.nn.grad.conv{1,2,3}d_input(shape, w, grad, padding=e, dilation=d): a convolution's grad_x, the
+    term summing grad[b, o, t - d*k + e] * w[o, c, k] over o and k (the kernel PyTorch's own backward runs)."""
+    access = node.source.args[0]
+    taps = {t: (k, -dilation) for t, k, _, dilation in node.spatial}
+    gradient = _arranged(Code(access_name(access), tuple(
+        i.name if isinstance(i, sympy.Idx) else next(t for t in taps if t in {a.name for a in i.atoms(sympy.Idx)})
+        for i in access.indices)), node.batch + node.channels + tuple(taps))
+    weight = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
+                       node.channels + node.out + tuple(k for k, _ in taps.values()))
+    sizes = {i.name: i.upper + 1 for a in (access, node.kernel) for i in a.atoms(sympy.Idx)}
+    shape = python_tuple([SizePrinter().doprint(sizes[i]) for i in node.batch + node.out + tuple(taps)])
+    offsets = [i.subs({a: 0 for a in i.atoms(sympy.Idx)}) for i in access.indices if not isinstance(i, sympy.Idx)]
+    options = ""
+    for keyword, values in (("padding", offsets), ("dilation", [d for _, d in taps.values()])):
+        if any(v != (0 if keyword == "padding" else 1) for v in values):
+            options += f", {keyword}={values[0] if len(values) == 1 else python_tuple([str(v) for v in values])}"
+    return Code(f"torch.nn.grad.conv{len(taps)}d_input({shape}, {weight.text}, {gradient.text}{options})",
+                node.indices)
 
 
 def _weight_gradient(node: Convolution) -> Code:
@@ -1023,6 +1046,10 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
                 used |= node.source.free_symbols | {s for i in node.source.atoms(sympy.Idx) for s in i.upper.free_symbols}
                 if len(node.out) > 1:
                     used |= {s for i in node.kernel.indices if i.name in node.out for s in i.upper.free_symbols}
+            elif isinstance(node, Convolution) and node.kind == "input":
+                used |= {s for a in (node.source.args[0], node.kernel) for i in a.atoms(sympy.Idx)
+                         if i.name in node.batch + node.out + tuple(t for t, _, _, _ in node.spatial)
+                         for s in i.upper.free_symbols}
             elif isinstance(node, Convolution) and node.kind == "weight":
                 used |= node.source.args[1].free_symbols | node.source.args[2].free_symbols
                 used |= {s for a in (node.source.args[0], node.kernel) for i in a.atoms(sympy.Idx)

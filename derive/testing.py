@@ -79,8 +79,9 @@ def sizes_for(op: OpSpec, sizes: dict[str, int] | None = None) -> dict[str, int]
             value = _size_at(formula, chosen)
             if value >= 2:
                 break
+            # (a stride makes the size grow every few steps of the length)
             grows = [s.name.removeprefix("size_") for s in sorted(formula.free_symbols, key=str)
-                     if _size_at(formula, chosen | {s.name.removeprefix("size_"): chosen[s.name.removeprefix("size_")] + 1})
+                     if _size_at(formula, chosen | {s.name.removeprefix("size_"): chosen[s.name.removeprefix("size_")] + 8})
                      > value]
             if not grows:
                 break
