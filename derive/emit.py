@@ -186,8 +186,10 @@ def _contract(derivation: Derivation, lowered: LoweredOp, kept: list[str]) -> di
     declared = [Declared(t.name, t.indices, optional=t.name not in kept, integer=t.integer) for t in op.inputs]
     checks = shape_checks(op.name, declared + extras, dict(op.index_sizes))
     # the result's dims whose size is inferred must have that size
+    grad = extras[0]
     inferred = [(sympy.Eq(size_symbol(index), size, evaluate=False),
-                 f"{extras[0].name} must have the size inferred for index {index}, {sympy.sstr(size)}")
+                 f"{grad.name} has size {{{grad.size(index)}}} at dim {grad.dim(index)} (index {index}) but the size "
+                 f"inferred for {index} is {sympy.sstr(size)}")
                 for index, size in op.inferred_sizes if index in op.output_indices]
     checks += range_checks(op.name, declared + extras, op.size_checks + tuple(inferred), dict(op.index_sizes))
     inputs = ", ".join(t.name for t in op.inputs)
