@@ -189,7 +189,7 @@ def _contract(derivation: Derivation, lowered: LoweredOp, kept: list[str]) -> di
     grad = extras[0]
     inferred = [(sympy.Eq(size_symbol(index), size, evaluate=False),
                  f"{grad.name} has size {{{grad.size(index)}}} at dim {grad.dim(index)} (index {index}) but the size "
-                 f"inferred for {index} is {sympy.sstr(size)}")
+                 f"inferred for {index} is {index_notation(size)}")
                 for index, size in op.inferred_sizes if index in op.output_indices]
     checks += range_checks(op.name, declared + extras, op.size_checks + tuple(inferred), dict(op.index_sizes))
     inputs = ", ".join(t.name for t in op.inputs)

@@ -378,7 +378,7 @@ def _infer_ranges(parser: _EquationParser, tensors: tuple[TensorInput, ...], out
     for index in sorted(set(value) - set(fixed)):
         checks.append((value[index] >= 1,
                        f"the size of index {index} inferred from {' and '.join(sources[index])}, "
-                       f"{sympy.sstr(value[index])}, is below 1: an input is too short for the reads"))
+                       f"{_size_text(value[index])}, is below 1: an input is too short for the reads"))
     sized = {size_symbol(i): v for i, v in value.items()}
     for number, (tensor, access) in enumerate(reads):
         for position, element in enumerate(access.indices):
@@ -406,6 +406,12 @@ def _infer_ranges(parser: _EquationParser, tensors: tuple[TensorInput, ...], out
                            for number, (_, access) in enumerate(reads)),
         size_checks=tuple(checks),
     )
+
+
+def _size_text(size: sympy.Expr) -> str:
+    """A size as a message shows it, positive terms first: size_l - size_k + 1."""
+    from .printing import index_notation     # (printing imports the stages that import this one)
+    return index_notation(size)
 
 
 def _coefficients(element: sympy.Expr) -> dict[sympy.Idx, int]:

@@ -138,7 +138,7 @@ def test_grad_output_of_another_size_is_an_error(generated):
     op, module = generated("conv1d")
     x, w, b = torch.randn(2, 3, 6), torch.randn(4, 3, 3), torch.randn(4)
     with pytest.raises(RuntimeError, match=r"conv1d: grad_y has size 5 at dim 2 \(index t\) but the size inferred "
-                                           r"for t is size_l - size_k \+ 1 \(size_k = 3, size_l = 6"):
+                                           r"for t is size_l \+ 1 - size_k \(size_k = 3, size_l = 6"):
         module.conv1d_backward(torch.randn(2, 4, 5), x, w, b)
 
 
