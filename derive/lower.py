@@ -25,7 +25,7 @@ from .functions import in_range, one_hot, renamed_match, window
 from .kernels import one_hot_by_rows
 from .naming import BATCH, STYLES
 from .plan import ExprPlan, OpPlan, TermPlan, free_indices, ordered
-from .model import size_symbol, tensor_symbol
+from .model import is_python_number, size_symbol, tensor_symbol
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,7 @@ class Convolution:
     # "weight", x[..., d*t + s*k + e], is torch.nn.grad.conv_weight (a convolution's grad_w) of x and it;
     # "input", g[..., t - d*k + e] by an input's kernel, is torch.nn.grad.conv_input (grad_x, padding e)
     kind: str = "conv"
+    scale: sympy.Expr = sympy.S.One     # a pooling's 1 / size_k, taken into its kernel of ones
 
     @property
     def indices(self) -> tuple[str, ...]:
@@ -325,6 +326,8 @@ def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None)
     if scatter is not None:
         return _finish(scatter, (), term)
     convolution = _convolution(nodes, set(term.summed), target)
+    if convolution is not None and isinstance(convolution.source, in_range) and is_python_number(term.coefficient):
+        return replace(convolution, scale=term.coefficient)    # the kernel of ones is the scale instead
     if convolution is not None:
         return _finish(convolution, (), term)
     # Factors constant along every summed index multiply the sum, not each of its summands:

@@ -764,18 +764,25 @@ def _spread(node: Convolution) -> Code:
     if len(node.out) >= 2:
         rows = gradient.atom() + (f".flatten(0, {len(node.out) - 2})" if len(node.out) > 2 else "")
         channels = sizes[node.out[-1]]
-        ones, groups = f"{like.name}.new_ones({channels}, 1, {width})", f", groups={channels}"
+        shape, groups = f"({channels}, 1, {width})", f", groups={channels}"
     else:
         rows = f"{gradient.atom()}.unsqueeze(-2)" + (".unsqueeze(0)" if not node.out else "")
-        ones, groups = f"{like.name}.new_ones(1, 1, {width})", ""
-    stride = "" if step == -1 else f", stride={-step}"
-    text = f"torch.nn.functional.conv_transpose1d({rows}, {ones}{stride}{groups})"
+        shape, groups = f"(1, 1, {width})", ""
+    # the kernel holds the scale (a mean's 1 / size_k), so no full-size product follows
+    ones = f"{like.name}.new_ones{shape}" if node.scale == 1 else \
+        f"{like.name}.new_full({shape}, {SizePrinter().doprint(node.scale)})"
     index = next(i for i in value.atoms(sympy.Idx) if i.name == tap)
     lowest = value.subs({i: (i.upper if value.coeff(i) < 0 else 0) for i in value.atoms(sympy.Idx)})
     reach = sum((abs(value.coeff(i)) * i.upper for i in value.atoms(sympy.Idx)), sympy.S.One)
     spread = -step * index.upper
-    text = _padded(text, [sympy.S.Zero] * 2 + [-lowest - spread],
-                   [sympy.S.Zero] * 2 + [sympy.expand(lowest + reach - size - spread)])
+    front, back = -lowest - spread, sympy.expand(lowest + reach - size - spread)
+    options = ("" if step == -1 else f", stride={-step}")
+    if front == 0 and back != 0:
+        # the windows start at 0: the rest of the length (less than a stride) is output_padding, no copy
+        options += f", output_padding={SizePrinter().doprint(back)}"
+    text = f"torch.nn.functional.conv_transpose1d({rows}, {ones}{options}{groups})"
+    if front != 0:
+        text = _padded(text, [sympy.S.Zero] * 2 + [front], [sympy.S.Zero] * 2 + [back])
     if len(node.out) > 2:
         text += f".unflatten(0, {python_tuple([sizes[i] for i in node.out[:-1]])})"
     elif len(node.out) == 1:
