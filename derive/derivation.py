@@ -596,6 +596,11 @@ def _eliminate_deltas(term: Term, op: OpSpec, name: str) -> Term | None:
             old, new = a, b
         elif b in summed:
             old, new = b, a
+        elif not (a - b).atoms(sympy.Indexed) and len((a - b).atoms(sympy.Idx)) > 1 and \
+                any(not isinstance(i, sympy.Idx) for i in (a, b)):
+            raise SpecError(f"the gradient of '{name}' needs the delta {delta} solved for a summed index, and "
+                            f"no summed index has the coefficient 1 or -1 there: a stride and a dilation both "
+                            f"above 1 (2*t + 2*k, 3*t + 2*k) are not supported", path=op.source, op=op.name)
         elif isinstance(a, sympy.Idx) != isinstance(b, sympy.Idx):
             # delta(idx[n], v) with v not summed: 1 where the integer tensor's value is v
             value, position = (b, a) if isinstance(a, sympy.Idx) else (a, b)
