@@ -226,7 +226,7 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
         (naming.BATCH in op.output_indices and len(batched) > 1)
     also = () if uses_output else op.output_indices
     sizes = size_bindings(op, exprs, sources, shared_leaves, also=also)
-    sized = set(sizes_used(op, exprs, shared_leaves)) | set(also)
+    sized = set(sizes_used(op, exprs, shared_leaves)) | {i if i == naming.BATCH else op.size_of(i) for i in also}
     reads |= {size_source(i, sources)[0] for i in sized if i != naming.BATCH}
     if naming.BATCH in sized:
         reads |= set(batched)

@@ -202,6 +202,10 @@ def _fold_piecewise(factors: list[sympy.Expr]) -> list[sympy.Expr]:
     if not pieces:
         return factors
     room = set().union(*(free_indices(p) for p in pieces))
+    if not any(p.atoms(sympy.Indexed) for p in pieces):
+        # a mask of index positions alone (where(k <= t, 1, 0)) has no tensor to take a dtype from: the
+        # factors go inside it
+        room |= set().union(*(free_indices(f) for f in factors))
     inside = [f for f in factors if free_indices(f) <= room]
     outside = [f for f in factors if not free_indices(f) <= room]
     # steps with a third value on the kink (a tie's 1/2) nest around the rest instead: folding them

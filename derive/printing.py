@@ -126,6 +126,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         super().__init__({"strict": True})
         self.layout = layout
         self.tensors = tensors      # symbols that stand for whole tensors (not scalars)
+        self.device_of = None       # a tensor whose device an arange of index positions takes
 
     def _print(self, expr, **kwargs):
         # a constant such as softplus(2) or sqrt(2): torch functions take tensors, so print its value
@@ -248,8 +249,17 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     def _print_log1p(self, expr):
         return f"torch.log1p({self._print(expr.args[0])})"
 
+    def _print_Idx(self, expr):
+        """An index's positions as values, for a where() condition between indices: an arange along its dim."""
+        if self.device_of is None:
+            raise ValueError(f"the positions of index {expr} are compared with no tensor to take a device from")
+        text = f"torch.arange({self._print(expr.upper + 1)}, device={self.device_of}.device)"
+        return align(Code(text, (expr.name,)), self.layout).text
+
     def _print_Piecewise(self, expr):
         (first, condition), rest = expr.args[0], expr.args[1:]
+        if self.device_of is None and positions_compared(expr):
+            self.device_of = self._like(expr)
         if rest and is_python_number(condition):
             # torch.where takes a tensor condition: one on params (a power's a == 0) is a Python bool
             otherwise = rest[0].expr if len(rest) == 1 and rest[0].cond == sympy.true else sympy.Piecewise(*rest)
@@ -440,7 +450,16 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         accesses = expr.atoms(sympy.Indexed)
         indices = {i for a in accesses for i in a.indices}
         names = sorted(a.base.label.name for a in accesses - indices)
-        return names[0] if names else sorted(s.name for s in expr.free_symbols if not is_python_number(s))[0]
+        scalars = sorted(s.name for s in expr.free_symbols if not is_python_number(s) and not isinstance(s, sympy.Idx))
+        if not names and not scalars:
+            raise ValueError(f"{expr} reads no tensor to take a dtype and device from")
+        return names[0] if names else scalars[0]
+
+
+def positions_compared(expr: sympy.Expr) -> set[sympy.Idx]:
+    """The indices whose positions the conditions in `expr` compare (where(k <= t, ...)), outside any access."""
+    return {i for relation in expr.atoms(sympy.core.relational.Relational)
+            for i in relation.free_symbols if isinstance(i, sympy.Idx)}
 
 
 class ScalarPrinter(PythonCodePrinter):
@@ -766,6 +785,7 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
             if isinstance(node, Leaf):
                 outside = node.expr.xreplace({call: sympy.S.Zero for call in node.expr.atoms(Fused)})
                 used |= node.expr.free_symbols | {h.args[1].upper + 1 for h in outside.atoms(one_hot)}
+                used |= {i.upper + 1 for i in positions_compared(outside)}    # an arange of each
             elif isinstance(node, Scaled):
                 used |= node.coefficient.free_symbols
             elif isinstance(node, Reduce):

@@ -22,7 +22,7 @@ import sympy
 
 from . import functions, naming
 from .model import (Catalog, OpSpec, Param, SpecError, TensorInput, index_symbol, param_symbol, scalar_symbol,
-                    tensor_symbol)
+                    size_symbol, tensor_symbol)
 from .naming import BATCH, default_catalog_path
 from .reading import parse_toml, read_text, toml_error  # noqa: F401 (toml_error: spec.toml_error as before)
 from .stamp import spec_digest
@@ -63,6 +63,8 @@ REDUCTIONS = ("sum", "mean", "logsumexp", "softmax")
 NOT_DIFFERENTIABLE = {"floor", "ceil", "round", "sign", "trunc", "argmax", "argmin"}
 CONSTANTS = {"pi": sympy.pi}
 COMPARISONS = {ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge}
+# comparisons of index positions (where(k <= t, ...)): a constant mask, so equality is allowed too
+INDEX_COMPARISONS = COMPARISONS | {ast.Eq: sympy.Eq, ast.NotEq: sympy.Ne}
 
 
 def _not_float64(value: sympy.Expr) -> sympy.Expr | None:
@@ -434,6 +436,7 @@ class _EquationParser:
     branches: dict[str, int] = field(default_factory=dict)   # 'where' / 'kink' / 'normalized' -> how many
     reductions: int = 0     # reductions around the node being parsed
     normalized: int = 0     # softmax and logsumexp calls around it
+    positions: int = 0      # > 0 inside a comparison of index positions (where(k <= t, ...))
 
     def error(self, message: str, node: ast.AST | None = None) -> SpecError:
         return self.locator.error(message, self.op, "equation", node)
@@ -526,6 +529,8 @@ class _EquationParser:
                 return param_symbol(node.id), set()
             if node.id in CONSTANTS and all(t.name != node.id for t in self.inputs):
                 return CONSTANTS[node.id], set()
+            if self.positions and node.id in self.sizes and all(t.name != node.id for t in self.inputs):
+                return index_symbol(node.id, self.sizes[node.id]), {node.id}
             tensor = self._tensor(node.id, node)
             if tensor.indices:
                 raise self.error(f"input '{node.id}' has {len(tensor.indices)} dim(s); index it as "
@@ -554,6 +559,10 @@ class _EquationParser:
                 return tensor
         if name in FUNCTIONS or name in REDUCTIONS:
             raise self.error(f"'{name}' is a function; call it as {name}(...)", node)
+        if name in self.sizes:
+            raise self.error(f"index '{name}' is a position, not a value: use it as a subscript, compare it with "
+                             f"another index in a where() condition (where({name} <= t, ...)), or write its "
+                             f"size as size({name})", node)
         raise self.error(f"unknown name '{name}' (not an input, param or index)", node)
 
     def _access(self, node: ast.Subscript):
@@ -648,20 +657,22 @@ class _EquationParser:
         tie = self._tie(name, node)
         if name in REDUCTIONS:
             return self._reduction(name, node)
+        if name == "size":
+            return self._size(node)
         if name in ("where", "Max", "max", "Min", "min", "Abs", "abs"):
             self._count_branch("where" if name == "where" else "kink", node)
         if name == "where":
             if len(node.args) != 3:
                 raise self.error("where(condition, a, b) takes three arguments", node)
-            condition, condition_free = self._condition(node.args[0])
             a, a_free = self._expr(node.args[1])
             b, b_free = self._expr(node.args[2])
+            condition, condition_free = self._condition(node.args[0])
             return sympy.Piecewise((a, condition), (b, True)), condition_free | a_free | b_free
         if name in NOT_DIFFERENTIABLE:
             raise self.error(f"'{name}' is not differentiable (its derivative is zero almost everywhere "
                              f"and undefined at its jumps)", node)
         if name not in FUNCTIONS:
-            known = ", ".join(sorted(set(FUNCTIONS) | set(REDUCTIONS) | {"where"}))
+            known = ", ".join(sorted(set(FUNCTIONS) | set(REDUCTIONS) | {"where", "size"}))
             raise self.error(f"unknown function '{name}' (known: {known})", node)
         if not node.args:
             raise self.error(f"{name}() needs an argument", node)
@@ -713,8 +724,12 @@ class _EquationParser:
                              f"(the limit is {MAX_BRANCHES} per equation)", node)
 
     def _condition(self, node):
+        if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in INDEX_COMPARISONS \
+                and self._positions(node):
+            return self._index_condition(node)
         if not (isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in COMPARISONS):
-            raise self.error("a where() condition must be one comparison: <, <=, > or >=", node)
+            raise self.error("a where() condition must be one comparison: <, <=, > or >= (or, between "
+                             "indices, == and !=)", node)
         left, left_free = self._expr(node.left)
         right, right_free = self._expr(node.comparators[0])
         tensors = {t.name for t in self.inputs}
@@ -723,6 +738,53 @@ class _EquationParser:
             raise self.error("a where() condition must compare a tensor: one on params and numbers alone "
                              "is the same everywhere, so write the branch it picks directly", node)
         return COMPARISONS[type(node.ops[0])](left, right), left_free | right_free
+
+    def _size(self, node: ast.Call):
+        """`size(d)`: the size of index d, a number (a constant for differentiation)."""
+        if len(node.args) != 1 or not isinstance(node.args[0], ast.Name) or node.args[0].id not in self.sizes \
+                or any(node.args[0].id == t.name for t in self.inputs):
+            raise self.error("size() takes one index name, as in size(d)", node)
+        return size_symbol(self.sizes[node.args[0].id]), set()
+
+    def _positions(self, node: ast.Compare) -> bool:
+        """Whether a comparison reads index positions (where(k <= t, ...)) rather than tensor values."""
+        tensors = {t.name for t in self.inputs} | set(self.params) | set(CONSTANTS)
+        names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+        return bool(names & set(self.sizes) - tensors) and not any(isinstance(n, ast.Subscript) for n in ast.walk(node))
+
+    def _index_condition(self, node: ast.Compare):
+        """`k <= t`, `s + 1 < t`, `i == j`: a comparison of positions, the same for every input value. An
+        index that nothing else gives a size (one only on the left and in conditions) ranges over the
+        size of the index it is compared with."""
+        sides = (node.left, node.comparators[0])
+        names = [[n for n in ast.walk(side) if isinstance(n, ast.Name) and n.id != "size"] for side in sides]
+        for side, other in ((0, 1), (1, 0)):
+            for name in names[side]:
+                if name.id in self.sizes or name.id in self.params or name.id in CONSTANTS:
+                    continue
+                if any(name.id == t.name for t in self.inputs):
+                    raise self.error(f"a where() condition compares either tensor values or index positions, "
+                                     f"not '{name.id}' with indices", name)
+                known = [n.id for n in names[other] if n.id in self.sizes]
+                if len(known) != 1 or not isinstance(sides[other], ast.Name):
+                    raise self.error(f"index '{name.id}' has no size: no input declares it and it is compared "
+                                     f"with no single index that has one (write it as an input's index, or "
+                                     f"compare it with one, as in where(k <= {name.id}, ...))", name)
+                self.sizes[name.id] = self.sizes[known[0]]
+        self.positions += 1
+        try:
+            left, left_free = self._expr(node.left)
+            right, right_free = self._expr(node.comparators[0])
+        finally:
+            self.positions -= 1
+        condition = INDEX_COMPARISONS[type(node.ops[0])](left, right)
+        if condition in (sympy.true, sympy.false):
+            raise self.error(f"the condition {ast.unparse(node)} is always {condition == sympy.true}: write the "
+                             f"branch it picks directly", node)
+        if not (left_free | right_free):
+            raise self.error("a where() condition must compare a tensor or indices: one on params and numbers "
+                             "alone is the same everywhere, so write the branch it picks directly", node)
+        return condition, left_free | right_free
 
     def _reduction(self, name: str, node: ast.Call):
         if len(node.args) < 2:
