@@ -141,6 +141,12 @@ def depends_on_tensor(expr: sympy.Expr, scalars: frozenset[sympy.Symbol]) -> boo
     return bool(expr.atoms(sympy.Indexed)) or bool(expr.free_symbols & scalars)
 
 
+def is_factor(expr: sympy.Expr, scalars: frozenset[sympy.Symbol]) -> bool:
+    """Whether `expr` is a factor of a term rather than part of its index-free coefficient: it reads a tensor,
+    holds a delta, or compares index positions (where(k <= t, 1, 0) is a mask over k and t)."""
+    return depends_on_tensor(expr, scalars) or expr.has(sympy.KroneckerDelta) or bool(expr.atoms(sympy.Idx))
+
+
 def derive(op: OpSpec) -> Derivation:
     scalars = tensor_symbols(op)
     forward = stabilize(op.rhs)
@@ -384,7 +390,7 @@ def _replaced(terms: list[Term], replacement: dict, scalars, distribute: bool = 
         for chosen in itertools.product(*choices):
             coefficient, factors = term.coefficient, []
             for part in (p for factor in chosen for p in sympy.Mul.make_args(factor)):
-                if depends_on_tensor(part, scalars) or part.has(sympy.KroneckerDelta):
+                if is_factor(part, scalars):
                     factors.append(part)
                 else:
                     coefficient *= part
@@ -543,7 +549,7 @@ def _atom(expr, scalars) -> Term:
         deltas, rest = _split_piecewise(expr)
         if deltas:   # SymPy folds products into Piecewise branches; the deltas must stay visible
             return Term(sympy.Integer(1), (*deltas, rest), ())
-    if depends_on_tensor(expr, scalars) or expr.has(sympy.KroneckerDelta):
+    if is_factor(expr, scalars):
         return Term(sympy.Integer(1), (expr,), ())
     return Term(expr, (), ())
 

@@ -196,8 +196,26 @@ def _reading_position(expr, reading, scalars) -> int:
     return min((reading.get(n, len(reading)) for n in names), default=len(reading))
 
 
+def _narrow_mask(piece: sympy.Expr) -> list[sympy.Expr]:
+    """where(s < t, a[t, s] * v[s, d], 0) as where(s < t, a[t, s], 0) * v[s, d]: a mask of index positions keeps
+    only the smallest factor that spans its indices, so the others meet it in a contraction, not inside it."""
+    if not (isinstance(piece, sympy.Piecewise) and len(piece.args) == 2 and piece.args[1] == (0, True)):
+        return [piece]
+    value, condition = piece.args[0]
+    compared = {i.name for i in condition.free_symbols if isinstance(i, sympy.Idx)}
+    if not compared or condition.atoms(sympy.Indexed):
+        return [piece]
+    parts = sympy.Mul.make_args(value)
+    spanning = sorted((p for p in parts if compared <= free_indices(p)), key=lambda p: len(free_indices(p)))
+    if not spanning or len(parts) == 1:
+        return [piece]
+    kept = spanning[0]
+    return [sympy.Piecewise((kept, condition), (0, True))] + [p for p in parts if p is not kept]
+
+
 def _fold_piecewise(factors: list[sympy.Expr]) -> list[sympy.Expr]:
     """Multiply factors into a Piecewise they fit in, so grad * step(x) becomes one torch.where."""
+    factors = [part for f in factors for part in _narrow_mask(f)]
     pieces = [f for f in factors if isinstance(f, sympy.Piecewise)]
     if not pieces:
         return factors

@@ -561,7 +561,7 @@ class _EquationParser:
             raise self.error(f"'{name}' is a function; call it as {name}(...)", node)
         if name in self.sizes:
             raise self.error(f"index '{name}' is a position, not a value: use it as a subscript, compare it with "
-                             f"another index in a where() condition (where({name} <= t, ...)), or write its "
+                             f"another index in a where() condition (as in where(k <= t, ...)), or write its "
                              f"size as size({name})", node)
         raise self.error(f"unknown name '{name}' (not an input, param or index)", node)
 
