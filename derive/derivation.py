@@ -598,8 +598,10 @@ def _eliminate_deltas(term: Term, op: OpSpec, name: str) -> Term | None:
             factors = [f.xreplace({delta: one_hot(value, position)}) for f in factors]
             continue
         else:
-            raise SpecError(f"the gradient of '{name}' keeps a Kronecker delta {delta} between two free indices",
-                            path=op.source, op=op.name)
+            # between two free indices (a diagonal a[i, i] read): a mask of the positions where they are equal
+            mask = sympy.Piecewise((1, sympy.Eq(a, b)), (0, True))
+            factors = [f.xreplace({delta: mask}) for f in factors]
+            continue
         summed.remove(old)
         replaced = []
         for factor in factors:

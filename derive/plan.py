@@ -181,8 +181,19 @@ def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, 
 def _own_order(expr: sympy.Expr, order) -> tuple[str, ...]:
     """A plain access keeps its tensor's dim order; an elementwise expression takes the op's order."""
     if isinstance(expr, sympy.Indexed) and all(isinstance(i, sympy.Idx) for i in expr.indices):
-        return tuple(i.name for i in expr.indices)
+        return diagonal_dims(tuple(i.name for i in expr.indices))
     return ordered(free_indices(expr), order)
+
+
+def diagonal_dims(indices: tuple[str, ...]) -> tuple[str, ...]:
+    """The dims of an access as its code has them: a repeated index (a diagonal, a[i, b, i]) is read with
+    `diagonal`, which drops both dims and appends one: (b, i)."""
+    while len(set(indices)) < len(indices):
+        index = next(i for i in indices if indices.count(i) > 1)
+        first = indices.index(index)
+        second = indices.index(index, first + 1)
+        indices = tuple(i for p, i in enumerate(indices) if p not in (first, second)) + (index,)
+    return indices
 
 
 def ordered(indices, order) -> tuple[str, ...]:

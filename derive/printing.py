@@ -96,6 +96,19 @@ def align(code: Code, want: tuple[str, ...]) -> Code:
     return Code(text, want[first:], level)
 
 
+def diagonal(code: Code) -> Code:
+    """An access that repeats an index, a[i, i], reads a diagonal: `a.diagonal(0, 0, 1)`, which has the
+    other dims, then i."""
+    while len(set(code.indices)) < len(code.indices):
+        index = next(i for i in code.indices if code.indices.count(i) > 1)
+        first = code.indices.index(index)
+        second = code.indices.index(index, first + 1)
+        dims = [_dim(p, len(code.indices), BATCH in code.indices) for p in (first, second)]
+        rest = tuple(i for p, i in enumerate(code.indices) if p not in (first, second))
+        code = Code(f"{code.atom()}.diagonal(0, {dims[0]}, {dims[1]})", rest + (index,))
+    return code
+
+
 def _permutation(have: tuple[str, ...], want: tuple[str, ...]) -> str:
     order = [have.index(i) for i in want]
     if len(order) == 2 and BATCH not in have:
@@ -141,7 +154,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     def _print_Indexed(self, expr):
         if all(isinstance(i, sympy.Idx) for i in expr.indices):
-            access = Code(expr.base.label.name, tuple(i.name for i in expr.indices))
+            access = diagonal(Code(expr.base.label.name, tuple(i.name for i in expr.indices)))
         else:
             access = self._gather(expr)
         return align(access, self.layout).text

@@ -165,6 +165,8 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
     if arguments > MAX_ARGUMENTS:
         raise locator.error(f"{arguments} inputs and params; the limit is {MAX_ARGUMENTS}", name, "inputs")
     inputs = [_parse_declaration(text, name, locator) for text in entry["inputs"]]
+    squares, square_sizes = _square_dims([t for t, _ in inputs], str(entry["equation"]))
+    inputs = [(square, extra) for square, (_, extra) in zip(squares, inputs)]
     names = [tensor.name for tensor, _ in inputs]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
@@ -173,7 +175,7 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
     integer, differentiable = _parse_roles(entry, names, name, locator)
     ranges = _parse_ranges(entry, names, name, locator)
     tensors = tuple(TensorInput(t.name, t.indices, t.name in differentiable, t.name in integer) for t, _ in inputs)
-    parser = _EquationParser(name, tensors, tuple(p.name for p in params), locator)
+    parser = _EquationParser(name, tensors, tuple(p.name for p in params), locator, sizes=dict(square_sizes))
     output, output_indices, rhs = parser.parse(entry["equation"])
     tensors = _check_equation(parser, tensors, params, output, rhs, name, locator)
     reference = _check_reference(entry["reference"], names, [p.name for p in params], name, locator)
@@ -372,11 +374,29 @@ def _parse_declaration(text: str, op: str, locator: _Locator):
         problem = naming.name_problem(item)
         if problem:
             raise locator.error(f"bad input declaration {text!r}: {problem}", op, "inputs")
-    if len(set(indices)) != len(indices):
-        raise locator.error(f"input '{name}' repeats an index; each dim needs its own index name", op, "inputs")
+    if BATCH in indices[1:]:
+        raise locator.error(f"bad input declaration {text!r}: '...' can only lead", op, "inputs")
     if len(indices) > MAX_RANK:
         raise locator.error(f"input '{name}' has {len(indices)} indices; the limit is {MAX_RANK}", op, "inputs")
     return TensorInput(name, indices, True), None
+
+
+def _square_dims(inputs: list[TensorInput], equation: str) -> tuple[list[TensorInput], dict[str, str]]:
+    """A declaration that repeats an index, `a[i, i]`, is a square input: each repeat is renamed apart
+    (`i_1`), and ranges over the first's size. Returns the inputs and {renamed index: index}."""
+    taken = {i for t in inputs for i in t.indices} | set(re.findall(r"\w+", equation))
+    renamed, result = {}, []
+    for tensor in inputs:
+        indices = []
+        for index in tensor.indices:
+            if index in indices:
+                fresh = next(f"{index}_{k}" for k in range(1, len(taken) + 2) if f"{index}_{k}" not in taken)
+                taken.add(fresh)
+                renamed[fresh] = index
+                index = fresh
+            indices.append(index)
+        result.append(TensorInput(tensor.name, tuple(indices), tensor.differentiable))
+    return result, renamed
 
 
 def _parse_python(source: str, mode: str) -> ast.AST:
@@ -437,6 +457,7 @@ class _EquationParser:
     reductions: int = 0     # reductions around the node being parsed
     normalized: int = 0     # softmax and logsumexp calls around it
     positions: int = 0      # > 0 inside a comparison of index positions (where(k <= t, ...))
+    merged: dict[str, str] = field(default_factory=dict)    # size -> the size a diagonal a[i, i] made it
 
     def error(self, message: str, node: ast.AST | None = None) -> SpecError:
         return self.locator.error(message, self.op, "equation", node)
@@ -468,6 +489,7 @@ class _EquationParser:
         statement = tree.body[0]
         output, output_indices = self._target(statement.targets[0])
         rhs, free = self._expr(statement.value)
+        rhs = rhs.xreplace({size_symbol(old): size_symbol(new) for old, new in self.merged.items()})
         missing = [index for index in output_indices if index not in free]
         if missing:
             raise self.error(f"index '{missing[0]}' on the left-hand side is not provided by any right-hand term",
@@ -582,9 +604,11 @@ class _EquationParser:
         if len(indices) != len(tensor.indices):
             raise self.error(f"input '{tensor.name}' is declared with {len(tensor.indices)} dim(s) "
                              f"[{', '.join(tensor.indices)}] but indexed with {len(indices)}", node)
-        if len(set(indices)) != len(indices):
-            raise self.error(f"'{tensor.name}' is indexed with a repeated index (diagonals are not supported)", node)
         for index, declared in zip(indices, tensor.indices):
+            if index != BATCH and indices.count(index) > 1 and index not in (t.name for t in self.inputs):
+                # a diagonal, a[i, i]: the dims it reads along must have one size
+                first = tensor.indices[indices.index(index)]
+                self._same_size(self.sizes[first], self.sizes[declared])
             if (index == BATCH) != (declared == BATCH):
                 raise self.error(f"'...' must stand where '{tensor.name}' declares it", node)
             if index in (t.name for t in self.inputs) or index in self.params:
@@ -595,6 +619,17 @@ class _EquationParser:
                                  f"'{size}' and '{self.sizes[declared]}' (dim of {tensor.name})", node)
         idx = [index_symbol(i, self.sizes[i]) for i in indices]
         return tensor_symbol(tensor.name)[tuple(idx)], set(indices)
+
+    def _same_size(self, kept: str, merged: str) -> None:
+        """Every index that ranges over the size `merged` ranges over `kept` from now on (and, once the
+        equation is parsed, before: `parse` renames the size in what it built)."""
+        if kept == merged:
+            return
+        self.merged[merged] = kept
+        for mapping in (self.sizes, self.value_ranges, self.merged):
+            for key, value in mapping.items():
+                if value == merged:
+                    mapping[key] = kept
 
     def _gather(self, node, tensor: TensorInput, elements, gathered):
         """`w[idx[n], d]`: positions indexed by the values of an integer input."""
@@ -857,7 +892,7 @@ REFERENCE_DENIED = {"load", "save", "from_file", "frombuffer", "hub", "ops", "ut
                     "backends", "cuda", "xpu", "mps", "distributed", "autograd", "classes", "package", "onnx",
                     "export", "fx", "importlib", "serialization", "storage", "untyped_storage", "threading",
                     "warnings", "futures", "fork", "wait", "seed", "initial_seed", "compiler", "profiler", "mode",
-                    "trace", "random", "testing", "overrides", "multiprocessing", "numpy", "tolist", "item",
+                    "random", "testing", "overrides", "multiprocessing", "numpy", "tolist", "item",
                     "tofile", "data_ptr", "register_hook", "backward", "grad_fn", "grad", "pin_memory",
                     "record_stream", "retain_grad"}
 REFERENCE_DENIED_PREFIXES = ("set_", "use_", "manual_", "get_", "import", "register", "sym_", "init_")
