@@ -73,6 +73,11 @@ class cumsum(Fused):  # noqa: N801 - named like the kernel
         return {self.args[1].name}
 
 
+class diag_embed(Fused):  # noqa: N801 - named like the kernel
+    """where(i == j, body[i], 0): body placed on the diagonal of the dims i and j (one size)."""
+    nargs = 3    # body, i, j
+
+
 @dataclass(frozen=True)
 class Kernel:
     """One fused PyTorch kernel: what it replaces, what it needs, how it prints."""
@@ -483,6 +488,49 @@ def _print_cumsum(printer, node, factor=sympy.S.One):
     return f"({total} - {operand})" if exclusive else total
 
 
+# Diagonals: where(i == j, f[i], 0) ----------------------------------------------------------------
+
+def _diagonal(terms: list[Term], found=(), like=None) -> list[Term]:
+    return [_on_diagonal(term) for term in terms]
+
+
+def _on_diagonal(term: Term) -> Term:
+    """where(i == j, v, 0) * f[i]  ->  diag_embed(v * f, i, j), for free indices i and j of one size and factors
+    that read i, not j: a diagonal's gradient (a[i, i] read) without the (i, j) mask of positions."""
+    for mask in term.factors:
+        if not (isinstance(mask, sympy.Piecewise) and len(mask.args) == 2 and mask.args[1] == (0, True)):
+            continue
+        value, condition = mask.args[0]
+        if not (isinstance(condition, sympy.Equality) and all(isinstance(a, sympy.Idx) for a in condition.args)):
+            continue
+        i, j = condition.args
+        factors = [f for f in term.factors if f is not mask] + list(sympy.Mul.make_args(value))
+        if i.upper != j.upper or {i, j} <= set(term.summed):
+            continue
+        if {i, j} & set(term.summed):      # sum over j of where(i == j, f[j], 0) is f[i]: j is summed away
+            j, i = (i, j) if i in term.summed else (j, i)
+            return Term(term.coefficient, tuple(f.xreplace({j: i}) for f in factors if f != 1),
+                        tuple(k for k in term.summed if k != j))
+        for i, j in ((i, j), (j, i)):
+            inside = [f for f in factors if free_indices(f) & {i.name, j.name}]
+            body = sympy.Mul(*inside)
+            if i.name in free_indices(body) and j.name not in free_indices(body):
+                rest = tuple(f for f in factors if not any(f is g for g in inside) and f != 1)
+                return Term(term.coefficient, rest + (diag_embed(body, i, j),), term.summed)
+    return term
+
+
+def _print_diag_embed(printer, node, factor=sympy.S.One):
+    """torch.diag_embed of the body laid out with i last, its diagonal placed at the dims of i and j."""
+    body, i, j = node.args
+    have = free_indices(body) | {j.name}
+    out = tuple(x for x in printer.layout if x in have)
+    inner = tuple(x for x in out if x not in (i.name, j.name)) + (i.name,)
+    text = printer.text(factor * body, inner)
+    dims = (out.index(i.name) - len(out), out.index(j.name) - len(out))
+    return printer.placed(f"torch.diag_embed({text}, 0, {dims[0]}, {dims[1]})", out)
+
+
 LOG_SOFTMAX_FORMULA = "_log_softmax_backward_data(g, y, dim) = g - exp(y) * sum(g, dim)"
 ONE_HOT_FORMULAS = (LOG_SOFTMAX_FORMULA,
                     "nll_loss_backward(v, y, t, reduction=2) = zeros like y, with -v at [i, t[i]]")
@@ -508,6 +556,9 @@ KERNELS: tuple[Kernel, ...] = (
            save=save_normalization),
     Kernel("cumsum", cumsum, _cumulative, _print_cumsum,
            ("cumsum(f, d)[t] = sum over s <= t of f[s]; f.flip(d).cumsum(d).flip(d)[t] = sum over s >= t of f[s]",),
+           sizes=lambda node, factor: set(), forward=True),
+    Kernel("diag_embed", diag_embed, _diagonal, _print_diag_embed,
+           ("diag_embed(f, 0, d1, d2)[..., i, j] = f[..., i] where i == j, else 0",),
            sizes=lambda node, factor: set(), forward=True),
 )
 KERNEL_OF.update({kernel.node: kernel for kernel in KERNELS})
