@@ -471,8 +471,13 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
 def positions_compared(expr: sympy.Expr) -> set[sympy.Idx]:
     """The indices whose positions the conditions in `expr` compare (where(k <= t, ...)), outside any access."""
-    return {i for relation in expr.atoms(sympy.core.relational.Relational)
-            for i in relation.free_symbols if isinstance(i, sympy.Idx)}
+    def positions(node) -> set[sympy.Idx]:
+        if isinstance(node, sympy.Idx):
+            return {node}
+        if isinstance(node, sympy.Indexed):
+            return set()
+        return set().union(*(positions(arg) for arg in node.args)) if node.args else set()
+    return {i for relation in expr.atoms(sympy.core.relational.Relational) for i in positions(relation)}
 
 
 class ScalarPrinter(PythonCodePrinter):
