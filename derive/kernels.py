@@ -449,28 +449,26 @@ def _cumulative(terms: list[Term], found=(), like=None) -> list[Term]:
 
 def _running_sum(term: Term) -> Term:
     """sum over s of where(s <= t, v, 0) * f[s]  ->  cumsum(v * f, s, t): the mask of positions s <= t is never
-    built. The summed index s and the free index t range over one size; f does not read t (nor v)."""
+    built. s is summed, s and t range over one size, and the factors that read s do not read t (t may be
+    summed too: then the running sum is read at each t and summed there)."""
     for mask in term.factors:
         if not (isinstance(mask, sympy.Piecewise) and len(mask.args) == 2 and mask.args[1] == (0, True)):
             continue
         value, condition = mask.args[0]
-        relation = type(condition)
-        if relation not in CUMULATIVE or not all(isinstance(side, sympy.Idx) for side in condition.args):
-            continue
-        s, t = condition.args
-        if s not in term.summed:
-            s, t, relation = t, s, type(condition.reversed)
-        if s not in term.summed or t in term.summed or s.upper != t.upper:
+        if type(condition) not in CUMULATIVE or not all(isinstance(side, sympy.Idx) for side in condition.args):
             continue
         factors = [f for f in term.factors if f is not mask] + list(sympy.Mul.make_args(value))
-        inside = [f for f in factors if s.name in free_indices(f)]
-        body = sympy.Mul(*inside)
-        if t.name in free_indices(body) or not inside:
-            continue
-        reverse, exclusive = CUMULATIVE[relation]
-        rest = tuple(f for f in factors if s.name not in free_indices(f) and f != 1)
-        call = cumsum(body, s, t, sympy.Integer(reverse), sympy.Integer(exclusive))
-        return Term(term.coefficient, rest + (call,), tuple(i for i in term.summed if i != s))
+        for s, t, relation in (*condition.args, type(condition)), (*condition.reversed.args, type(condition.reversed)):
+            if s not in term.summed or s.upper != t.upper:
+                continue
+            inside = [f for f in factors if s.name in free_indices(f)]
+            body = sympy.Mul(*inside)
+            if t.name in free_indices(body) or not inside:
+                continue
+            reverse, exclusive = CUMULATIVE[relation]
+            rest = tuple(f for f in factors if s.name not in free_indices(f) and f != 1)
+            call = cumsum(body, s, t, sympy.Integer(reverse), sympy.Integer(exclusive))
+            return Term(term.coefficient, rest + (call,), tuple(i for i in term.summed if i != s))
     return term
 
 
