@@ -510,9 +510,10 @@ def _on_diagonal(term: Term) -> Term:
             return Term(term.coefficient, tuple(f.xreplace({j: i}) for f in factors if f != 1),
                         tuple(k for k in term.summed if k != j))
         for i, j in ((i, j), (j, i)):
-            inside = [f for f in factors if free_indices(f) & {i.name, j.name}]
+            # the factors that read i (or, when none does, all: a trace's gradient is grad_y on the diagonal)
+            inside = [f for f in factors if free_indices(f) & {i.name, j.name}] or [f for f in factors if f != 1]
             body = sympy.Mul(*inside)
-            if i.name in free_indices(body) and j.name not in free_indices(body):
+            if j.name not in free_indices(body) and (i.name in free_indices(body) or BATCH not in free_indices(body)):
                 rest = tuple(f for f in factors if not any(f is g for g in inside) and f != 1)
                 return Term(term.coefficient, rest + (diag_embed(body, i, j),), term.summed)
     return term
@@ -521,10 +522,13 @@ def _on_diagonal(term: Term) -> Term:
 def _print_diag_embed(printer, node, factor=sympy.S.One):
     """torch.diag_embed of the body laid out with i last, its diagonal placed at the dims of i and j."""
     body, i, j = node.args
-    have = free_indices(body) | {j.name}
+    have = free_indices(body) | {i.name, j.name}
     out = tuple(x for x in printer.layout if x in have)
     inner = tuple(x for x in out if x not in (i.name, j.name)) + (i.name,)
     text = printer.text(factor * body, inner)
+    if i.name not in free_indices(body):     # the same value all along the diagonal (lined up, i has size 1)
+        operand = text if re.fullmatch(r"[\w.]+", text) else f"({text})"
+        text = f"{operand}.expand({', '.join(['-1'] * (len(inner) - 1) + [printer.text(i.upper + 1)])})"
     dims = (out.index(i.name) - len(out), out.index(j.name) - len(out))
     return printer.placed(f"torch.diag_embed({text}, 0, {dims[0]}, {dims[1]})", out)
 
@@ -557,6 +561,7 @@ KERNELS: tuple[Kernel, ...] = (
            sizes=lambda node, factor: set(), forward=True),
     Kernel("diag_embed", diag_embed, _diagonal, _print_diag_embed,
            ("diag_embed(f, 0, d1, d2)[..., i, j] = f[..., i] where i == j, else 0",),
-           sizes=lambda node, factor: set(), forward=True),
+           sizes=lambda node, factor: set() if node.args[1].name in free_indices(node.args[0])
+           else {node.args[1].upper + 1}, forward=True),
 )
 KERNEL_OF.update({kernel.node: kernel for kernel in KERNELS})

@@ -374,8 +374,6 @@ def _parse_declaration(text: str, op: str, locator: _Locator):
         problem = naming.name_problem(item)
         if problem:
             raise locator.error(f"bad input declaration {text!r}: {problem}", op, "inputs")
-    if BATCH in indices[1:]:
-        raise locator.error(f"bad input declaration {text!r}: '...' can only lead", op, "inputs")
     if len(indices) > MAX_RANK:
         raise locator.error(f"input '{name}' has {len(indices)} indices; the limit is {MAX_RANK}", op, "inputs")
     return TensorInput(name, indices, True), None
