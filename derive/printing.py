@@ -341,10 +341,13 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         for factor in factors:
             if factor.is_number:
                 continue
-            below = factor.is_Pow and factor.exp.is_number and factor.exp < 0 and factor.exp != -sympy.S.Half
+            # (x**-0.5 prints as rsqrt; a size's, as `/ size_d**0.5`: a size may be 0, and 0.0**-0.5 raises)
+            below = factor.is_Pow and factor.exp.is_number and factor.exp < 0 \
+                and (factor.exp != -sympy.S.Half or bool(factor.base.is_integer))
             base = factor.base ** -factor.exp if below else factor
             # a size may be 0 (an empty batch): divide a tensor by it, never a Python number
-            groups[(self._is_tensor(base) or (below and bool(base.is_integer)), below)].append(base)
+            size = bool(base.is_integer) or bool(base.is_Pow and base.base.is_integer)    # size_d, size_d**0.5
+            groups[(self._is_tensor(base) or (below and size), below)].append(base)
         if any(naming.is_zero_dim_tensor(f) for f in groups[(False, False)]):
             # the scalars already make a 0-d tensor (grad_loss): divide it by the sizes, before the
             # full-size tensor is touched, so that the tensor is scaled once

@@ -171,8 +171,9 @@ def test_matches_the_reference_at_every_size(generated, name, style, every=False
     _, op, module = generated(name, style)
     gradcheck_op(op, module)
     for case, sizes in size_cases(op, every).items():
-        check_gradients(op, module, sizes=sizes)
-        check_tangents(op, module, sizes=sizes)
+        empty = 0 in sizes.values()     # a division by size(d) = 0 is NaN, in the reference too
+        check_gradients(op, module, sizes=sizes, equal_nan=empty)
+        check_tangents(op, module, sizes=sizes, equal_nan=empty)
 
 
 @pytest.mark.slow
@@ -238,3 +239,13 @@ def test_masks_of_indices_of_two_sizes(generated):
     assert "cumsum" not in code_of(module, "mask_le_backward")
     _, op, _ = generated("run_le_st_last", "contraction")
     assert dict(op.index_sizes)["t"] == "s"
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_dividing_by_a_size_that_is_zero_is_nan_as_in_torch(generated, style):
+    """`/ sqrt(size(d))` with d of size 0 divides a tensor (NaN, as the reference), not a Python number (which
+    raised ZeroDivisionError: `size_d**-0.5`)."""
+    _, op, module = generated("attention_scores_by_size", style)
+    sizes = {size: 0 if size == "d" else 2 for size in sizes_for(op)}
+    check_gradients(op, module, sizes=sizes, equal_nan=True)
+    check_tangents(op, module, sizes=sizes, equal_nan=True)
