@@ -156,10 +156,11 @@ def generated(tmp_path_factory):
 
 def size_cases(op, every: bool = True) -> dict[str, dict[str, int]]:
     """Distinct sizes, every size equal, every size 1, and each size 0 in turn (the others 2); without
-    `every`, only the last index's size 0."""
+    `every`, distinct, equal and the last index's size 0."""
     representatives = sorted(sizes_for(op))
-    cases = {"distinct": dict(zip(representatives, (2, 4, 3, 5))), "equal": dict.fromkeys(representatives, 3),
-             "one": dict.fromkeys(representatives, 1)}
+    cases = {"distinct": dict(zip(representatives, (2, 4, 3, 5))), "equal": dict.fromkeys(representatives, 3)}
+    if every:
+        cases["one"] = dict.fromkeys(representatives, 1)
     for empty in representatives if every else representatives[-1:]:
         cases[f"{empty}=0"] = {size: 0 if size == empty else 2 for size in representatives}
     return cases
