@@ -94,7 +94,15 @@ def shape_checks(op_name: str, declared: list[Declared], sizes: dict[str, str],
                                        f"or {name}.dtype == torch.bool)",
                                 f"{op_name}: {name} has dtype {{{name}.dtype}} but is declared an integer "
                                 f"input (its values are indices)"))
-        for index in tensor.named:
+        for position_in, index in enumerate(tensor.named):
+            same = next((i for i in tensor.named[:position_in] if sizes.get(i, i) == sizes.get(index, index)), None)
+            if same is not None:     # a square input: a[i, j] read as a[i, i], or declared a[i, i]
+                checks.append(Check(guard, f"{tensor.size(index)} == {tensor.size(same)}",
+                                    f"{op_name}: {name} has size {{{tensor.size(index)}}} at dim {tensor.dim(index)} "
+                                    f"(index {index}) but {{{tensor.size(same)}}} at dim {tensor.dim(same)} (index "
+                                    f"{same}): the equation reads its diagonal", pair=(name, name)))
+                continue
+
             def has(t, index=index):
                 return any(sizes.get(i, i) == sizes.get(index, index) for i in t.named)
             # the backward's own tensors come together: grad_<out> stands for the inputs

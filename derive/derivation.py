@@ -142,6 +142,12 @@ def depends_on_tensor(expr: sympy.Expr, scalars: frozenset[sympy.Symbol]) -> boo
     return bool(expr.atoms(sympy.Indexed)) or bool(expr.free_symbols & scalars) or expr.has(in_range)
 
 
+def is_factor(expr: sympy.Expr, scalars: frozenset[sympy.Symbol]) -> bool:
+    """Whether `expr` is a factor of a term rather than part of its index-free coefficient: it reads a tensor,
+    holds a delta, or compares index positions (where(k <= t, 1, 0) is a mask over k and t)."""
+    return depends_on_tensor(expr, scalars) or expr.has(sympy.KroneckerDelta) or bool(expr.atoms(sympy.Idx))
+
+
 def derive(op: OpSpec) -> Derivation:
     scalars = tensor_symbols(op)
     forward = stabilize(op.rhs)
@@ -385,7 +391,7 @@ def _replaced(terms: list[Term], replacement: dict, scalars, distribute: bool = 
         for chosen in itertools.product(*choices):
             coefficient, factors = term.coefficient, []
             for part in (p for factor in chosen for p in sympy.Mul.make_args(factor)):
-                if depends_on_tensor(part, scalars) or part.has(sympy.KroneckerDelta):
+                if is_factor(part, scalars):
                     factors.append(part)
                 else:
                     coefficient *= part
@@ -544,7 +550,7 @@ def _atom(expr, scalars) -> Term:
         deltas, rest = _split_piecewise(expr)
         if deltas:   # SymPy folds products into Piecewise branches; the deltas must stay visible
             return Term(sympy.Integer(1), (*deltas, rest), ())
-    if depends_on_tensor(expr, scalars) or expr.has(sympy.KroneckerDelta):
+    if is_factor(expr, scalars):
         return Term(sympy.Integer(1), (expr,), ())
     return Term(expr, (), ())
 
@@ -607,8 +613,10 @@ def _eliminate_deltas(term: Term, op: OpSpec, name: str) -> Term | None:
             factors = [f.xreplace({delta: one_hot(value, position)}) for f in factors]
             continue
         else:
-            raise SpecError(f"the gradient of '{name}' keeps a Kronecker delta {delta} between two free indices",
-                            path=op.source, op=op.name)
+            # between two free indices (a diagonal a[i, i] read): a mask of the positions where they are equal
+            mask = sympy.Piecewise((1, sympy.Eq(a, b)), (0, True))
+            factors = [f.xreplace({delta: mask}) for f in factors]
+            continue
         summed.remove(old)
         replaced = []
         for factor in factors:

@@ -106,8 +106,19 @@ def _forward_context(derivation: Derivation, lowered: LoweredOp, signature: Sign
     if code in {t.name for t in op.inputs}:
         # an autograd.Function may not return an input as-is (its ctx could not tell them apart): a view
         code = f"{code}.view_as({code})"
+    elif _reads_a_diagonal(lowered.forward):
+        # a diagonal is a view of its input, which a custom op may not return
+        code = f"{code}.clone()"
     return dict(name=naming.forward(op.name), code=code, sizes=list(signature.forward_sizes),
                 shared=[(s.name, render(s.value).text) for s in lowered.forward_shared])
+
+
+def _reads_a_diagonal(expr) -> bool:
+    """Whether an expression is one access that repeats an index, y[i] = a[i, i]: its code is a view."""
+    if len(expr.terms) != 1 or not isinstance(expr.terms[0], Leaf) or expr.plan.scale != 1:
+        return False
+    access = expr.terms[0].expr
+    return isinstance(access, sympy.Indexed) and len(set(access.indices)) < len(access.indices)
 
 
 def _saving_context(derivation: Derivation, lowered: LoweredOp) -> dict | None:
@@ -238,7 +249,7 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
         (naming.BATCH in op.output_indices and len(batched) > 1)
     also = () if uses_output else op.output_indices
     sizes = size_bindings(op, exprs, sources, shared_leaves, also=also)
-    sized = set(sizes_used(op, exprs, shared_leaves)) | set(also)
+    sized = set(sizes_used(op, exprs, shared_leaves)) | {i if i == naming.BATCH else op.size_of(i) for i in also}
     reads |= {name for i in sized if i != naming.BATCH for name in size_readers(i, sources, op)}
     if naming.BATCH in sized:
         reads |= set(batched)

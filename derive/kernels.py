@@ -13,6 +13,7 @@ for any tensor g, `y * (g - sum(g * y))` a softmax's for any g and y.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -64,6 +65,19 @@ class layer_norm_backward(Fused):  # noqa: N801
         return {i.name for i in x.indices if i != index} if part == 1 else set()   # d/dw sums the batch away
 
 
+class cumsum(Fused):  # noqa: N801 - named like the kernel
+    """sum over s of body[s] where s REL t, at t: a running sum along s, read at t (same size)."""
+    nargs = 5    # body, s, t, reverse (1: s >= t), exclusive (1: strict)
+
+    def bound_index_names(self) -> set[str]:
+        return {self.args[1].name}
+
+
+class diag_embed(Fused):  # noqa: N801 - named like the kernel
+    """where(i == j, body[i], 0): body placed on the diagonal of the dims i and j (one size)."""
+    nargs = 3    # body, i, j
+
+
 @dataclass(frozen=True)
 class Kernel:
     """One fused PyTorch kernel: what it replaces, what it needs, how it prints."""
@@ -84,6 +98,7 @@ class Kernel:
     save: Callable[[list[Term], list[list[Term]]], Saving | None] | None = None
     # node, factor -> the size symbols its printed call reads (default: those of its one-hots)
     sizes: Callable[[Fused, sympy.Expr], set] | None = None
+    forward: bool = False         # it also rewrites the forward's terms (none of the others fuses a forward)
 
     def comment(self, node: Fused, factor: sympy.Expr = sympy.S.One) -> tuple[str, ...]:
         return self.comments(node, factor) if self.comments else self.formulas
@@ -103,6 +118,7 @@ def fuse(derivation: Derivation) -> Derivation:
     saved: list[SavedValue] = []
     for kernel in KERNELS:
         tangents = [kernel.fuse(terms, (), None) for terms in tangents]
+        forward = kernel.fuse(forward, (), None) if kernel.forward else forward
         saving = kernel.save(forward, gradients) if kernel.save else None
         reading_forward, reading = (saving.forward, saving.gradients) if saving else (forward, gradients)
         fused = [kernel.fuse(terms, saving.found if saving else (), like) for terms, like in zip(reading, likes)]
@@ -420,6 +436,103 @@ def _print_layer_norm(printer, node, factor=sympy.S.One):
     return printer.placed(text, layout if part == 0 else (index.name,))
 
 
+# Running sums: sum over s of f[s] where s <= t (or <, >=, >) ------------------------------------
+
+# (relation of s to t, as s REL t) -> (reverse, exclusive)
+CUMULATIVE = {sympy.LessThan: (0, 0), sympy.StrictLessThan: (0, 1), sympy.GreaterThan: (1, 0),
+              sympy.StrictGreaterThan: (1, 1)}
+
+
+def _cumulative(terms: list[Term], found=(), like=None) -> list[Term]:
+    return [_running_sum(term) for term in terms]
+
+
+def _running_sum(term: Term) -> Term:
+    """sum over s of where(s <= t, v, 0) * f[s]  ->  cumsum(v * f, s, t): the mask of positions s <= t is never
+    built. s is summed, s and t range over one size, and the factors that read s do not read t (t may be
+    summed too: then the running sum is read at each t and summed there)."""
+    for mask in term.factors:
+        if not (isinstance(mask, sympy.Piecewise) and len(mask.args) == 2 and mask.args[1] == (0, True)):
+            continue
+        value, condition = mask.args[0]
+        if type(condition) not in CUMULATIVE or not all(isinstance(side, sympy.Idx) for side in condition.args):
+            continue
+        factors = [f for f in term.factors if f is not mask] + list(sympy.Mul.make_args(value))
+        for s, t, relation in (*condition.args, type(condition)), (*condition.reversed.args, type(condition.reversed)):
+            if s not in term.summed or s.upper != t.upper:
+                continue
+            inside = [f for f in factors if s.name in free_indices(f)]
+            body = sympy.Mul(*inside)
+            if t.name in free_indices(body) or not inside:
+                continue
+            reverse, exclusive = CUMULATIVE[relation]
+            rest = tuple(f for f in factors if s.name not in free_indices(f) and f != 1)
+            call = cumsum(body, s, t, sympy.Integer(reverse), sympy.Integer(exclusive))
+            return Term(term.coefficient, rest + (call,), tuple(i for i in term.summed if i != s))
+    return term
+
+
+def _print_cumsum(printer, node, factor=sympy.S.One):
+    """torch.cumsum along the dim s, read as t (a reversed one flips before and after); a strict one
+    subtracts the body: sum over s < t of f[s] is cumsum(f)[t] - f[t]."""
+    body, s, t, reverse, exclusive = node.args
+    layout = tuple(s.name if i == t.name else i for i in printer.layout)
+    if t.name not in printer.layout:
+        raise ValueError(f"a running sum along {s} is read at {t}, which its layout {printer.layout} lacks")
+    dim = layout.index(s.name) - len(layout)     # from the end: leading dims the body lacks are not written
+    text = printer.text(factor * body, layout)
+    operand = text if re.fullmatch(r"[\w.]+", text) else f"({text})"
+    total = f"{operand}.flip({dim}).cumsum({dim}).flip({dim})" if reverse else f"torch.cumsum({text}, {dim})"
+    return f"({total} - {operand})" if exclusive else total
+
+
+# Diagonals: where(i == j, f[i], 0) ----------------------------------------------------------------
+
+def _diagonal(terms: list[Term], found=(), like=None) -> list[Term]:
+    return [_on_diagonal(term) for term in terms]
+
+
+def _on_diagonal(term: Term) -> Term:
+    """where(i == j, v, 0) * f[i]  ->  diag_embed(v * f, i, j), for free indices i and j of one size and factors
+    that read i, not j: a diagonal's gradient (a[i, i] read) without the (i, j) mask of positions."""
+    for mask in term.factors:
+        if not (isinstance(mask, sympy.Piecewise) and len(mask.args) == 2 and mask.args[1] == (0, True)):
+            continue
+        value, condition = mask.args[0]
+        if not (isinstance(condition, sympy.Equality) and all(isinstance(a, sympy.Idx) for a in condition.args)):
+            continue
+        i, j = condition.args
+        factors = [f for f in term.factors if f is not mask] + list(sympy.Mul.make_args(value))
+        if i.upper != j.upper or {i, j} <= set(term.summed):
+            continue
+        if {i, j} & set(term.summed):      # sum over j of where(i == j, f[j], 0) is f[i]: j is summed away
+            j, i = (i, j) if i in term.summed else (j, i)
+            return Term(term.coefficient, tuple(f.xreplace({j: i}) for f in factors if f != 1),
+                        tuple(k for k in term.summed if k != j))
+        for i, j in ((i, j), (j, i)):
+            # the factors that read i (or, when none does, all: a trace's gradient is grad_y on the diagonal)
+            inside = [f for f in factors if free_indices(f) & {i.name, j.name}] or [f for f in factors if f != 1]
+            body = sympy.Mul(*inside)
+            if j.name not in free_indices(body) and (i.name in free_indices(body) or BATCH not in free_indices(body)):
+                rest = tuple(f for f in factors if not any(f is g for g in inside) and f != 1)
+                return Term(term.coefficient, rest + (diag_embed(body, i, j),), term.summed)
+    return term
+
+
+def _print_diag_embed(printer, node, factor=sympy.S.One):
+    """torch.diag_embed of the body laid out with i last, its diagonal placed at the dims of i and j."""
+    body, i, j = node.args
+    have = free_indices(body) | {i.name, j.name}
+    out = tuple(x for x in printer.layout if x in have)
+    inner = tuple(x for x in out if x not in (i.name, j.name)) + (i.name,)
+    text = printer.text(factor * body, inner)
+    if i.name not in free_indices(body):     # the same value all along the diagonal (lined up, i has size 1)
+        operand = text if re.fullmatch(r"[\w.]+", text) else f"({text})"
+        text = f"{operand}.expand({', '.join(['-1'] * (len(inner) - 1) + [printer.text(i.upper + 1)])})"
+    dims = (out.index(i.name) - len(out), out.index(j.name) - len(out))
+    return printer.placed(f"torch.diag_embed({text}, 0, {dims[0]}, {dims[1]})", out)
+
+
 LOG_SOFTMAX_FORMULA = "_log_softmax_backward_data(g, y, dim) = g - exp(y) * sum(g, dim)"
 ONE_HOT_FORMULAS = (LOG_SOFTMAX_FORMULA,
                     "nll_loss_backward(v, y, t, reduction=2) = zeros like y, with -v at [i, t[i]]")
@@ -443,5 +556,12 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("native_layer_norm_backward", layer_norm_backward, _layer_norm_vjp, _print_layer_norm,
            LAYER_NORM_FORMULAS, comments=lambda node, factor: (LAYER_NORM_FORMULAS[node.args[0]],),
            save=save_normalization),
+    Kernel("cumsum", cumsum, _cumulative, _print_cumsum,
+           ("cumsum(f, d)[t] = sum over s <= t of f[s]; f.flip(d).cumsum(d).flip(d)[t] = sum over s >= t of f[s]",),
+           sizes=lambda node, factor: set(), forward=True),
+    Kernel("diag_embed", diag_embed, _diagonal, _print_diag_embed,
+           ("diag_embed(f, 0, d1, d2)[..., i, j] = f[..., i] where i == j, else 0",),
+           sizes=lambda node, factor: set() if node.args[1].name in free_indices(node.args[0])
+           else {node.args[1].upper + 1}, forward=True),
 )
 KERNEL_OF.update({kernel.node: kernel for kernel in KERNELS})

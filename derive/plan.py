@@ -224,10 +224,21 @@ def _own_order(expr: sympy.Expr, order) -> tuple[str, ...]:
     """A plain access keeps its tensor's dim order, a window the order its windows are cut in; an
     elementwise expression takes the op's order."""
     if isinstance(expr, sympy.Indexed) and all(isinstance(i, sympy.Idx) for i in expr.indices):
-        return tuple(i.name for i in expr.indices)
+        return diagonal_dims(tuple(i.name for i in expr.indices))
     if isinstance(expr, window):
         return window_dims(expr)
     return ordered(free_indices(expr), order)
+
+
+def diagonal_dims(indices: tuple[str, ...]) -> tuple[str, ...]:
+    """The dims of an access as its code has them: a repeated index (a diagonal, a[i, b, i]) is read with
+    `diagonal`, which drops both dims and appends one: (b, i)."""
+    while len(set(indices)) < len(indices):
+        index = next(i for i in indices if indices.count(i) > 1)
+        first = indices.index(index)
+        second = indices.index(index, first + 1)
+        indices = tuple(i for p, i in enumerate(indices) if p not in (first, second)) + (index,)
+    return indices
 
 
 def ordered(indices, order) -> tuple[str, ...]:
@@ -241,12 +252,34 @@ def _reading_position(expr, reading, scalars) -> int:
     return min((reading.get(n, len(reading)) for n in names), default=len(reading))
 
 
+def _narrow_mask(piece: sympy.Expr) -> list[sympy.Expr]:
+    """where(s < t, a[t, s] * v[s, d], 0) as where(s < t, a[t, s], 0) * v[s, d]: a mask of index positions keeps
+    only the smallest factor that spans its indices, so the others meet it in a contraction, not inside it."""
+    if not (isinstance(piece, sympy.Piecewise) and len(piece.args) == 2 and piece.args[1] == (0, True)):
+        return [piece]
+    value, condition = piece.args[0]
+    compared = {i.name for i in condition.free_symbols if isinstance(i, sympy.Idx)}
+    if not compared or condition.atoms(sympy.Indexed):
+        return [piece]
+    parts = sympy.Mul.make_args(value)
+    spanning = sorted((p for p in parts if compared <= free_indices(p)), key=lambda p: len(free_indices(p)))
+    if not spanning or len(parts) == 1:
+        return [piece]
+    kept = spanning[0]
+    return [sympy.Piecewise((kept, condition), (0, True))] + [p for p in parts if p is not kept]
+
+
 def _fold_piecewise(factors: list[sympy.Expr]) -> list[sympy.Expr]:
     """Multiply factors into a Piecewise they fit in, so grad * step(x) becomes one torch.where."""
+    factors = [part for f in factors for part in _narrow_mask(f)]
     pieces = [f for f in factors if isinstance(f, sympy.Piecewise)]
     if not pieces:
         return factors
     room = set().union(*(free_indices(p) for p in pieces))
+    if not any(p.atoms(sympy.Indexed) for p in pieces):
+        # a mask of index positions alone (where(k <= t, 1, 0)) has no tensor to take a dtype from: the
+        # factors go inside it
+        room |= set().union(*(free_indices(f) for f in factors))
     inside = [f for f in factors if free_indices(f) <= room]
     outside = [f for f in factors if not free_indices(f) <= room]
     # steps with a third value on the kink (a tie's 1/2) nest around the rest instead: folding them

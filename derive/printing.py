@@ -97,6 +97,19 @@ def align(code: Code, want: tuple[str, ...]) -> Code:
     return Code(text, want[first:], level)
 
 
+def diagonal(code: Code) -> Code:
+    """An access that repeats an index, a[i, i], reads a diagonal: `a.diagonal(0, 0, 1)`, which has the
+    other dims, then i."""
+    while len(set(code.indices)) < len(code.indices):
+        index = next(i for i in code.indices if code.indices.count(i) > 1)
+        first = code.indices.index(index)
+        second = code.indices.index(index, first + 1)
+        dims = [_dim(p, len(code.indices), BATCH in code.indices) for p in (first, second)]
+        rest = tuple(i for p, i in enumerate(code.indices) if p not in (first, second))
+        code = Code(f"{code.atom()}.diagonal(0, {dims[0]}, {dims[1]})", rest + (index,))
+    return code
+
+
 def _permutation(have: tuple[str, ...], want: tuple[str, ...]) -> str:
     order = [have.index(i) for i in want]
     if len(order) == 2 and BATCH not in have:
@@ -127,6 +140,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         super().__init__({"strict": True})
         self.layout = layout
         self.tensors = tensors      # symbols that stand for whole tensors (not scalars)
+        self.device_of = None       # a tensor whose device an arange of index positions takes
 
     def _print(self, expr, **kwargs):
         # a constant such as softplus(2) or sqrt(2): torch functions take tensors, so print its value
@@ -141,7 +155,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     def _print_Indexed(self, expr):
         if all(isinstance(i, sympy.Idx) for i in expr.indices):
-            access = Code(expr.base.label.name, tuple(i.name for i in expr.indices))
+            access = diagonal(Code(expr.base.label.name, tuple(i.name for i in expr.indices)))
         else:
             access = self._gather(expr)
         return align(access, self.layout).text
@@ -359,8 +373,17 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     def _print_log1p(self, expr):
         return f"torch.log1p({self._print(expr.args[0])})"
 
+    def _print_Idx(self, expr):
+        """An index's positions as values, for a where() condition between indices: an arange along its dim."""
+        if self.device_of is None:
+            raise ValueError(f"the positions of index {expr} are compared with no tensor to take a device from")
+        text = f"torch.arange({self._print(expr.upper + 1)}, device={self.device_of}.device)"
+        return align(Code(text, (expr.name,)), self.layout).text
+
     def _print_Piecewise(self, expr):
         (first, condition), rest = expr.args[0], expr.args[1:]
+        if self.device_of is None and positions_compared(expr):
+            self.device_of = self._like(expr)
         if rest and is_python_number(condition):
             # torch.where takes a tensor condition: one on params (a power's a == 0) is a Python bool
             otherwise = rest[0].expr if len(rest) == 1 and rest[0].cond == sympy.true else sympy.Piecewise(*rest)
@@ -429,10 +452,13 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         for factor in factors:
             if factor.is_number:
                 continue
-            below = factor.is_Pow and factor.exp.is_number and factor.exp < 0 and factor.exp != -sympy.S.Half
+            # (x**-0.5 prints as rsqrt; a size's, as `/ size_d**0.5`: a size may be 0, and 0.0**-0.5 raises)
+            below = factor.is_Pow and factor.exp.is_number and factor.exp < 0 \
+                and (factor.exp != -sympy.S.Half or bool(factor.base.is_integer))
             base = factor.base ** -factor.exp if below else factor
             # a size may be 0 (an empty batch): divide a tensor by it, never a Python number
-            groups[(self._is_tensor(base) or (below and bool(base.is_integer)), below)].append(base)
+            size = bool(base.is_integer) or bool(base.is_Pow and base.base.is_integer)    # size_d, size_d**0.5
+            groups[(self._is_tensor(base) or (below and size), below)].append(base)
         if any(naming.is_zero_dim_tensor(f) for f in groups[(False, False)]):
             # the scalars already make a 0-d tensor (grad_loss): divide it by the sizes, before the
             # full-size tensor is touched, so that the tensor is scaled once
@@ -551,7 +577,21 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         accesses = expr.atoms(sympy.Indexed)
         indices = {i for a in accesses for i in a.indices}
         names = sorted(a.base.label.name for a in accesses - indices)
-        return names[0] if names else sorted(s.name for s in expr.free_symbols if not is_python_number(s))[0]
+        scalars = sorted(s.name for s in expr.free_symbols if not is_python_number(s) and not isinstance(s, sympy.Idx))
+        if not names and not scalars:
+            raise ValueError(f"{expr} reads no tensor to take a dtype and device from")
+        return names[0] if names else scalars[0]
+
+
+def positions_compared(expr: sympy.Expr) -> set[sympy.Idx]:
+    """The indices whose positions the conditions in `expr` compare (where(k <= t, ...)), outside any access."""
+    def positions(node) -> set[sympy.Idx]:
+        if isinstance(node, sympy.Idx):
+            return {node}
+        if isinstance(node, sympy.Indexed):
+            return set()
+        return set().union(*(positions(arg) for arg in node.args)) if node.args else set()
+    return {i for relation in expr.atoms(sympy.core.relational.Relational) for i in positions(relation)}
 
 
 class ScalarPrinter(PythonCodePrinter):
@@ -1090,6 +1130,7 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
                 # windows are cut to the sizes of the indices of their subscripts
                 used |= {s for w in outside.atoms(window, in_range) for i in w.args[0].atoms(sympy.Idx)
                          for s in (i.upper + 1).free_symbols}
+                used |= {i.upper + 1 for i in positions_compared(outside)}    # an arange of each
             elif isinstance(node, Scaled):
                 used |= node.coefficient.free_symbols
             elif isinstance(node, Reduce):

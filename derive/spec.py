@@ -66,6 +66,8 @@ EXTREMUM_TIES = ("split", "first")
 NOT_DIFFERENTIABLE = {"floor", "ceil", "round", "sign", "trunc", "argmax", "argmin"}
 CONSTANTS = {"pi": sympy.pi}
 COMPARISONS = {ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge}
+# comparisons of index positions (where(k <= t, ...)): a constant mask, so equality is allowed too
+INDEX_COMPARISONS = COMPARISONS | {ast.Eq: sympy.Eq, ast.NotEq: sympy.Ne}
 
 
 def _not_float64(value: sympy.Expr) -> sympy.Expr | None:
@@ -166,6 +168,8 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
     if arguments > MAX_ARGUMENTS:
         raise locator.error(f"{arguments} inputs and params; the limit is {MAX_ARGUMENTS}", name, "inputs")
     inputs = [_parse_declaration(text, name, locator) for text in entry["inputs"]]
+    squares, square_sizes = _square_dims([t for t, _ in inputs], str(entry["equation"]))
+    inputs = [(square, extra) for square, (_, extra) in zip(squares, inputs)]
     names = [tensor.name for tensor, _ in inputs]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
@@ -176,7 +180,8 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
     tensors = tuple(TensorInput(t.name, t.indices, t.name in differentiable, t.name in integer) for t, _ in inputs)
     fixed = _parse_fixed_sizes(entry, tensors, name, locator)
     pads = _parse_pads(entry, tensors, name, locator)
-    parser = _EquationParser(name, tensors, tuple(p.name for p in params), locator, fixed=fixed)
+    parser = _EquationParser(name, tensors, tuple(p.name for p in params), locator, sizes=dict(square_sizes),
+                             fixed=fixed)
     output, output_indices, rhs = parser.parse(entry["equation"])
     tensors = _check_equation(parser, tensors, params, output, rhs, name, locator)
     unused = sorted(set(fixed) - {i.name for i in rhs.atoms(sympy.Idx)})
@@ -533,11 +538,27 @@ def _parse_declaration(text: str, op: str, locator: _Locator):
         problem = naming.name_problem(item)
         if problem:
             raise locator.error(f"bad input declaration {text!r}: {problem}", op, "inputs")
-    if len(set(indices)) != len(indices):
-        raise locator.error(f"input '{name}' repeats an index; each dim needs its own index name", op, "inputs")
     if len(indices) > MAX_RANK:
         raise locator.error(f"input '{name}' has {len(indices)} indices; the limit is {MAX_RANK}", op, "inputs")
     return TensorInput(name, indices, True), None
+
+
+def _square_dims(inputs: list[TensorInput], equation: str) -> tuple[list[TensorInput], dict[str, str]]:
+    """A declaration that repeats an index, `a[i, i]`, is a square input: each repeat is renamed apart
+    (`i_1`), and ranges over the first's size. Returns the inputs and {renamed index: index}."""
+    taken = {i for t in inputs for i in t.indices} | set(re.findall(r"\w+", equation))
+    renamed, result = {}, []
+    for tensor in inputs:
+        indices = []
+        for index in tensor.indices:
+            if index in indices:
+                fresh = next(f"{index}_{k}" for k in range(1, len(taken) + 2) if f"{index}_{k}" not in taken)
+                taken.add(fresh)
+                renamed[fresh] = index
+                index = fresh
+            indices.append(index)
+        result.append(TensorInput(tensor.name, tuple(indices), tensor.differentiable))
+    return result, renamed
 
 
 def _parse_python(source: str, mode: str) -> ast.AST:
@@ -602,6 +623,8 @@ class _EquationParser:
 
     def declared_of(self, name: str) -> tuple[str, ...]:
         return next(t.indices for t in self.inputs if t.name == name)
+    positions: int = 0      # > 0 inside a comparison of index positions (where(k <= t, ...))
+    merged: dict[str, str] = field(default_factory=dict)    # size -> the size a diagonal a[i, i] made it
 
     def error(self, message: str, node: ast.AST | None = None) -> SpecError:
         return self.locator.error(message, self.op, "equation", node)
@@ -635,6 +658,7 @@ class _EquationParser:
         statement = tree.body[0]
         output, output_indices = self._target(statement.targets[0])
         rhs, free = self._expr(statement.value)
+        rhs = rhs.xreplace({size_symbol(old): size_symbol(new) for old, new in self.merged.items()})
         missing = [index for index in output_indices if index not in free]
         if missing:
             raise self.error(f"index '{missing[0]}' on the left-hand side is not provided by any right-hand term",
@@ -696,6 +720,8 @@ class _EquationParser:
                 return param_symbol(node.id), set()
             if node.id in CONSTANTS and all(t.name != node.id for t in self.inputs):
                 return CONSTANTS[node.id], set()
+            if self.positions and node.id in self.sizes and all(t.name != node.id for t in self.inputs):
+                return index_symbol(node.id, self.sizes[node.id]), {node.id}
             tensor = self._tensor(node.id, node)
             if tensor.indices:
                 raise self.error(f"input '{node.id}' has {len(tensor.indices)} dim(s); index it as "
@@ -724,6 +750,10 @@ class _EquationParser:
                 return tensor
         if name in FUNCTIONS or name in REDUCTIONS:
             raise self.error(f"'{name}' is a function; call it as {name}(...)", node)
+        if name in self.sizes:
+            raise self.error(f"index '{name}' is a position, not a value: use it as a subscript, compare it with "
+                             f"another index in a where() condition (as in where(k <= t, ...)), or write its "
+                             f"size as size({name})", node)
         raise self.error(f"unknown name '{name}' (not an input, param or index)", node)
 
     def _access(self, node: ast.Subscript):
@@ -745,9 +775,11 @@ class _EquationParser:
         if len(indices) != len(tensor.indices):
             raise self.error(f"input '{tensor.name}' is declared with {len(tensor.indices)} dim(s) "
                              f"[{', '.join(tensor.indices)}] but indexed with {len(indices)}", node)
-        if len(set(indices)) != len(indices):
-            raise self.error(f"'{tensor.name}' is indexed with a repeated index (diagonals are not supported)", node)
         for index, declared in zip(indices, tensor.indices):
+            if index != BATCH and indices.count(index) > 1 and index not in (t.name for t in self.inputs):
+                # a diagonal, a[i, i]: the dims it reads along must have one size
+                first = tensor.indices[indices.index(index)]
+                self._same_size(self.sizes[first], self.sizes[declared])
             if (index == BATCH) != (declared == BATCH):
                 raise self.error(f"'...' must stand where '{tensor.name}' declares it", node)
             if index in (t.name for t in self.inputs) or index in self.params:
@@ -823,6 +855,16 @@ class _EquationParser:
         if any(c == 0 for c in value.as_coefficients_dict().values()):
             raise self.error(f"subscript {ast.unparse(element)!r} cancels an index", element)
         return value, {i.name for i in value.atoms(sympy.Idx)}
+    def _same_size(self, kept: str, merged: str) -> None:
+        """Every index that ranges over the size `merged` ranges over `kept` from now on (and, once the
+        equation is parsed, before: `parse` renames the size in what it built)."""
+        if kept == merged:
+            return
+        self.merged[merged] = kept
+        for mapping in (self.sizes, self.value_ranges, self.merged):
+            for key, value in mapping.items():
+                if value == merged:
+                    mapping[key] = kept
 
     def _gather(self, node, tensor: TensorInput, elements, gathered):
         """`w[idx[n], d]`: positions indexed by the values of an integer input."""
@@ -887,20 +929,22 @@ class _EquationParser:
         tie = self._tie(name, node)
         if name in REDUCTIONS:
             return self._reduction(name, node)
+        if name == "size":
+            return self._size(node)
         if name in ("where", "Max", "max", "Min", "min", "Abs", "abs"):
             self._count_branch("where" if name == "where" else "kink", node)
         if name == "where":
             if len(node.args) != 3:
                 raise self.error("where(condition, a, b) takes three arguments", node)
-            condition, condition_free = self._condition(node.args[0])
             a, a_free = self._expr(node.args[1])
             b, b_free = self._expr(node.args[2])
+            condition, condition_free = self._condition(node.args[0])
             return sympy.Piecewise((a, condition), (b, True)), condition_free | a_free | b_free
         if name in NOT_DIFFERENTIABLE:
             raise self.error(f"'{name}' is not differentiable (its derivative is zero almost everywhere "
                              f"and undefined at its jumps)", node)
         if name not in FUNCTIONS:
-            known = ", ".join(sorted(set(FUNCTIONS) | set(REDUCTIONS) | {"where"}))
+            known = ", ".join(sorted(set(FUNCTIONS) | set(REDUCTIONS) | {"where", "size"}))
             raise self.error(f"unknown function '{name}' (known: {known})", node)
         if not node.args:
             raise self.error(f"{name}() needs an argument", node)
@@ -952,8 +996,12 @@ class _EquationParser:
                              f"(the limit is {MAX_BRANCHES} per equation)", node)
 
     def _condition(self, node):
+        if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in INDEX_COMPARISONS \
+                and self._positions(node):
+            return self._index_condition(node)
         if not (isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in COMPARISONS):
-            raise self.error("a where() condition must be one comparison: <, <=, > or >=", node)
+            raise self.error("a where() condition must be one comparison: <, <=, > or >= (or, between "
+                             "indices, == and !=)", node)
         left, left_free = self._expr(node.left)
         right, right_free = self._expr(node.comparators[0])
         tensors = {t.name for t in self.inputs}
@@ -1014,6 +1062,52 @@ class _EquationParser:
         else:
             body = functions.EXTREMA[extremum, False](body, *indices)
         return body, free - {i.name for i in indices}
+    def _size(self, node: ast.Call):
+        """`size(d)`: the size of index d, a number (a constant for differentiation)."""
+        if len(node.args) != 1 or not isinstance(node.args[0], ast.Name) or node.args[0].id not in self.sizes \
+                or any(node.args[0].id == t.name for t in self.inputs):
+            raise self.error("size() takes one index name, as in size(d)", node)
+        return size_symbol(self.sizes[node.args[0].id]), set()
+
+    def _positions(self, node: ast.Compare) -> bool:
+        """Whether a comparison reads index positions (where(k <= t, ...)) rather than tensor values."""
+        tensors = {t.name for t in self.inputs} | set(self.params) | set(CONSTANTS)
+        names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+        return bool(names & set(self.sizes) - tensors) and not any(isinstance(n, ast.Subscript) for n in ast.walk(node))
+
+    def _index_condition(self, node: ast.Compare):
+        """`k <= t`, `s + 1 < t`, `i == j`: a comparison of positions, the same for every input value. An
+        index that nothing else gives a size (one only on the left and in conditions) ranges over the
+        size of the index it is compared with."""
+        sides = (node.left, node.comparators[0])
+        names = [[n for n in ast.walk(side) if isinstance(n, ast.Name) and n.id != "size"] for side in sides]
+        for side, other in ((0, 1), (1, 0)):
+            for name in names[side]:
+                if name.id in self.sizes or name.id in self.params or name.id in CONSTANTS:
+                    continue
+                if any(name.id == t.name for t in self.inputs):
+                    raise self.error(f"a where() condition compares either tensor values or index positions, "
+                                     f"not '{name.id}' with indices", name)
+                known = [n.id for n in names[other] if n.id in self.sizes]
+                if len(known) != 1 or not isinstance(sides[other], ast.Name):
+                    raise self.error(f"index '{name.id}' has no size: no input declares it and it is compared "
+                                     f"with no single index that has one (write it as an input's index, or "
+                                     f"compare it with one, as in where(k <= {name.id}, ...))", name)
+                self.sizes[name.id] = self.sizes[known[0]]
+        self.positions += 1
+        try:
+            left, left_free = self._expr(node.left)
+            right, right_free = self._expr(node.comparators[0])
+        finally:
+            self.positions -= 1
+        condition = INDEX_COMPARISONS[type(node.ops[0])](left, right)
+        if condition in (sympy.true, sympy.false):
+            raise self.error(f"the condition {ast.unparse(node)} is always {condition == sympy.true}: write the "
+                             f"branch it picks directly", node)
+        if not (left_free | right_free):
+            raise self.error("a where() condition must compare a tensor or indices: one on params and numbers "
+                             "alone is the same everywhere, so write the branch it picks directly", node)
+        return condition, left_free | right_free
 
     def _reduction(self, name: str, node: ast.Call):
         if len(node.args) < 2:
@@ -1086,7 +1180,7 @@ REFERENCE_DENIED = {"load", "save", "from_file", "frombuffer", "hub", "ops", "ut
                     "backends", "cuda", "xpu", "mps", "distributed", "autograd", "classes", "package", "onnx",
                     "export", "fx", "importlib", "serialization", "storage", "untyped_storage", "threading",
                     "warnings", "futures", "fork", "wait", "seed", "initial_seed", "compiler", "profiler", "mode",
-                    "trace", "random", "testing", "overrides", "multiprocessing", "numpy", "tolist", "item",
+                    "random", "testing", "overrides", "multiprocessing", "numpy", "tolist", "item",
                     "tofile", "data_ptr", "register_hook", "backward", "grad_fn", "grad", "pin_memory",
                     "record_stream", "retain_grad"}
 REFERENCE_DENIED_PREFIXES = ("set_", "use_", "manual_", "get_", "import", "register", "sym_", "init_")

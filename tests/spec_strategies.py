@@ -87,6 +87,9 @@ class Builder:
     kinks: int = 0
     wheres: int = 0
     in_condition: int = 0       # > 0 while a where() condition is drawn
+    # where() conditions between indices: (size token in the reference, t, s) for the one drawn, whose t takes
+    # s's size unless an input declares t (as derive gives it): the token is replaced once the spec is drawn
+    positions: list = field(default_factory=list)
     valued: set = field(default_factory=set)   # inputs the result depends on through a value, not a condition
 
     # --- leaves ---------------------------------------------------------------------------------
@@ -221,6 +224,7 @@ class Builder:
                     options += ["where"]
             if free:
                 options += ["softmax", "broadcast"]
+
         kind = self.draw(st.sampled_from(options))
         deeper = depth - 1
         if kind == "leaf":
@@ -257,6 +261,9 @@ class Builder:
                         inner.scalar)
         if kind == "power":
             return self.power(free, deeper)
+        if kind == "where" and not self.positions and set(free) - {BATCH} and set(INDICES) - set(free) \
+                and self.draw(st.integers(0, 2)) == 0:    # (drawn here: specs without where() stay as they were)
+            return self.index_where(free, deeper)
         if kind in ("reduction", "contraction"):
             return self.reduction(free, deeper, contraction=kind == "contraction")
         if kind == "softmax":
@@ -266,6 +273,29 @@ class Builder:
                 return inner
             return self.reduced(inner, "softmax", (index,))
         return self.kink(kind, free, deeper)
+
+    def index_where(self, free: tuple[str, ...], depth: int) -> Node:
+        """sum(where(s REL t, E, 0), s): a comparison of index positions (either order), summed over s; E reads
+        s and, half the time, not t (a running sum when t takes s's size). The reference masks E with aranges."""
+        self.wheres += 1
+        t = self.draw(st.sampled_from([i for i in free if i != BATCH]))
+        s = self.draw(st.sampled_from([i for i in INDICES if i not in free]))
+        without_t = self.draw(st.booleans())
+        inner = self.expression(tuple(i for i in free if not (without_t and i == t)) + (s,), depth)
+        relation = self.draw(st.sampled_from(["<", "<=", ">", ">=", "==", "!="]))
+        mirrored = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}[relation]
+        condition = f"{s} {relation} {t}" if self.draw(st.booleans()) else f"{t} {mirrored} {s}"
+        self.features[f"where over indices {relation}"] += 1
+        self.features["running sum" if without_t else "mask of index positions"] += 1
+        target = inner.dims + ((t,) if t not in inner.dims else ())
+        token = f"SIZE_OF_{t}_{len(self.positions)}"
+        self.positions.append((token, t, s))
+        shape = lambda index: "(" + ", ".join("-1" if d == index else "1" for d in target) + ",)"  # noqa: E731
+        function = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}[relation]
+        mask = (f"torch.{function}(torch.arange({self.sizes[s]}).reshape({shape(s)}), "
+                f"torch.arange({token}).reshape({shape(t)}))")
+        code = f"torch.where({mask}, {self.aligned(inner, target)}, 0).sum(dim={target.index(s)})"
+        return Node(f"sum(where({condition}, {inner.spec}, 0), {s})", code, tuple(d for d in target if d != s))
 
     def split(self, free: tuple[str, ...], parts: int) -> list[tuple[str, ...]]:
         """`parts` index tuples whose union is `free` (they may overlap, and some may be empty)."""
@@ -412,6 +442,11 @@ def fuzz_cases(draw, known_bugs: frozenset[str] = KNOWN_BUGS, place_kinks=None) 
         root = builder.combine("({} + {})", f"({root.spec} + {leaf.spec})", root, leaf)
     output = "y" + (f"[{', '.join(free)}]" if free else "")
     reference = builder.aligned(root, free) if root.dims else root.code
+    for token, t, s in builder.positions:   # t has its own size when an input declares it, else s's
+        declared = any(t in tensor.indices for tensor in builder.inputs.values())
+        if not declared:
+            sizes[t] = sizes[s]
+        reference = reference.replace(token, str(sizes[t]))
     if root.dims == () and free:   # a scalar expression on an indexed left side: not generated
         raise AssertionError("expression() returned fewer indices than asked")
     declarations = ", ".join(f'"{t.name}[{", ".join(t.indices)}]"' if t.indices else f'"{t.name}"'

@@ -33,7 +33,7 @@ def op(equation, inputs='["x[n, k]"]', extra="", name="bad", reference="x"):
 
 VALID = op("y[n, k] = tanh(x[n, k])", reference="torch.tanh(x)")
 KNOWN_FUNCTIONS = ("Abs, Max, Min, abs, cos, erf, exp, log, log1p, logsumexp, max, mean, min, sigmoid, sin, "
-                   "softmax, softplus, sqrt, sum, tanh, where")
+                   "size, softmax, softplus, sqrt, sum, tanh, where")
 DIFFERENTIABLE_HINT = "(its gradient would be zero everywhere); list only inputs that get a gradient in 'differentiable'"
 BALANCED = "x[n]"
 for _ in range(8):
@@ -133,8 +133,19 @@ CASES = [
      "bad.toml:3:33: op 'bad': input 'x' is declared with 2 dim(s) [n, k] but indexed with 1"),
     ("input-indexed-with-extra-dim", op("y[n, k] = x[n, k, j]"),
      "bad.toml:3:23: op 'bad': input 'x' is declared with 2 dim(s) [n, k] but indexed with 3"),
-    ("repeated-index", op("y[n] = x[n, n]"),
-     "bad.toml:3:20: op 'bad': 'x' is indexed with a repeated index (diagonals are not supported)"),
+    ("index-as-value", op("y[n, k] = x[n, k] * k"),
+     "bad.toml:3:33: op 'bad': index 'k' is a position, not a value: use it as a subscript, compare it with "
+     "another index in a where() condition (as in where(k <= t, ...)), or write its size as size(k)"),
+    ("index-compared-with-a-value", op("y[n, k] = where(x[n, k] > k, x[n, k], 0)"),
+     "bad.toml:3:39: op 'bad': index 'k' is a position, not a value: use it as a subscript, compare it with "
+     "another index in a where() condition (as in where(k <= t, ...)), or write its size as size(k)"),
+    ("index-without-size", op("y[n, k, t] = where(t <= k + 1, x[n, k], 0)"),
+     "bad.toml:3:32: op 'bad': index 't' has no size: no input declares it and it is compared with no single "
+     "index that has one (write it as an input's index, or compare it with one, as in where(k <= t, ...))"),
+    ("index-condition-always-true", op("y[n, k] = where(k <= k, x[n, k], 0)"),
+     "bad.toml:3:29: op 'bad': the condition k <= k is always True: write the branch it picks directly"),
+    ("size-of-a-tensor", op("y[n, k] = x[n, k] / size(x)"),
+     "bad.toml:3:33: op 'bad': size() takes one index name, as in size(d)"),
     ("batch-dims-mismatch", op("y[n] = x[..., n]", inputs='["x[n]"]'),
      "bad.toml:3:20: op 'bad': input 'x' is declared without batch dims '...' and must be indexed the same way"),
     ("reduction-over-absent-index", op("y[n] = sum(x[n, k], j)"),
@@ -160,7 +171,8 @@ CASES = [
      "bad.toml:3:29: op 'bad': a where() condition must compare a tensor: one on params and numbers alone "
      "is the same everywhere, so write the branch it picks directly"),
     ("where-condition-not-comparison", op("y[n, k] = where(x[n, k], 1, x[n, k])"),
-     "bad.toml:3:29: op 'bad': a where() condition must be one comparison: <, <=, > or >="),
+     "bad.toml:3:29: op 'bad': a where() condition must be one comparison: <, <=, > or >= (or, between "
+     "indices, == and !=)"),
     ("differentiable-input-unused", op("y[n, k] = x[n, k]", inputs='["x[n, k]", "w[k]"]'),
      f"bad.toml:3: op 'bad': input 'w' is differentiable but the equation does not use it {DIFFERENTIABLE_HINT}"),
     ("constant-result", op("y = sum(x[n, k], n, k) * 0"),
