@@ -26,7 +26,7 @@ import torch
 
 from . import naming
 from .model import OpSpec, param_symbol, scalar_symbol
-from .functions import _OverIndex
+from .functions import SPECIAL_POINTS, _OverIndex
 from .naming import BATCH
 from .spec import load_catalog
 
@@ -279,17 +279,19 @@ def gradcheck_op(op: OpSpec, module: ModuleType, sizes=None, seed: int = 0) -> N
 
 
 def has_kinks(op: OpSpec) -> bool:
-    """Whether the op's derivative jumps somewhere (a step, a sign or a Piecewise)."""
-    return any(g.vjp.has(sympy.Heaviside, sympy.sign, sympy.Piecewise) for g in built_op(op).derivation.gradients)
+    """Whether the op's derivative jumps somewhere (a step, a sign or a Piecewise) or takes torch's value at a
+    point where its formula is undefined (a power's at base 0, atan2's at (0, 0))."""
+    return any(g.vjp.has(sympy.Heaviside, sympy.sign, sympy.Piecewise, *SPECIAL_POINTS)
+               for g in built_op(op).derivation.gradients)
 
 
 @dataclass(frozen=True)
 class Kink:
     """Where an op's forward is not smooth: the points on which `left` equals `right`."""
 
-    left: sympy.Expr    # Max(a, b) -> (a, b); Abs(u) -> (u, 0); where(p < q, ...) -> (p, q)
+    left: sympy.Expr    # Max(a, b) -> (a, b); Abs(u), sign(u) -> (u, 0); where(p < q, ...) -> (p, q); atan2(a, b) -> (a, 0), (b, 0)
     right: sympy.Expr
-    function: str       # "Max", "Min", "Abs" or "where", for messages
+    function: str       # "Max", "Min", "Abs", "sign", "where" or "atan2", for messages
 
 
 @dataclass(frozen=True)
@@ -306,15 +308,19 @@ class KinkPlacement:
 
 
 def kinks(op: OpSpec) -> list[Kink]:
-    """Every kink of the op's forward, found in its equation: each pair of Max/Min arguments, each Abs
-    argument against 0, each where() condition's two sides."""
+    """Every kink of the op's forward, found in its equation: each pair of Max/Min arguments, each Abs and
+    sign argument against 0, each where() condition's two sides, and each argument of atan2 against 0 (the
+    branch cut a = 0, b < 0, and the point a = b = 0 where torch's gradient is 0)."""
     found: dict[tuple, Kink] = {}
     for node in sympy.preorder_traversal(op.rhs):
         if isinstance(node, (sympy.Max, sympy.Min)):
             for a, b in itertools.combinations(node.args, 2):
                 found.setdefault((a, b), Kink(a, b, type(node).__name__))
-        elif isinstance(node, sympy.Abs):
-            found.setdefault((node.args[0], sympy.S.Zero), Kink(node.args[0], sympy.S.Zero, "Abs"))
+        elif isinstance(node, (sympy.Abs, sympy.sign)):
+            found.setdefault((node.args[0], sympy.S.Zero), Kink(node.args[0], sympy.S.Zero, type(node).__name__))
+        elif isinstance(node, sympy.atan2):
+            for argument in node.args:
+                found.setdefault((argument, sympy.S.Zero), Kink(argument, sympy.S.Zero, "atan2"))
         elif isinstance(node, sympy.Piecewise):
             for _, condition in node.args:
                 if isinstance(condition, sympy.core.relational.Relational):
@@ -326,7 +332,10 @@ def kinks(op: OpSpec) -> list[Kink]:
 _TORCH_FUNCTIONS = {"exp": torch.exp, "log": torch.log, "log1p": torch.log1p, "sqrt": torch.sqrt,
                     "tanh": torch.tanh, "sigmoid": torch.sigmoid, "softplus": torch.nn.functional.softplus,
                     "erf": torch.erf, "sin": torch.sin, "cos": torch.cos, "asin": torch.asin, "acos": torch.acos,
-                    "atanh": torch.atanh, "Abs": torch.abs, "abs": torch.abs, "pi": torch.pi, "E": torch.e,
+                    "atanh": torch.atanh, "tan": torch.tan, "atan": torch.atan, "sinh": torch.sinh, "cosh": torch.cosh,
+                    "asinh": torch.asinh, "acosh": torch.acosh, "sign": torch.sign,
+                    "Abs": torch.abs, "abs": torch.abs, "pi": torch.pi, "E": torch.e,
+                    "atan2": lambda a, b: torch.atan2(torch.as_tensor(a), torch.as_tensor(b)),
                     "maximum": lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b)),
                     "minimum": lambda a, b: torch.minimum(torch.as_tensor(a), torch.as_tensor(b))}
 

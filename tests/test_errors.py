@@ -32,8 +32,8 @@ def op(equation, inputs='["x[n, k]"]', extra="", name="bad", reference="x"):
 
 
 VALID = op("y[n, k] = tanh(x[n, k])", reference="torch.tanh(x)")
-KNOWN_FUNCTIONS = ("Abs, Max, Min, abs, cos, erf, exp, log, log1p, logsumexp, max, mean, min, sigmoid, sin, "
-                   "softmax, softplus, sqrt, sum, tanh, where")
+KNOWN_FUNCTIONS = ("Abs, Max, Min, abs, acos, acosh, asin, asinh, atan, atan2, atanh, cos, cosh, erf, exp, log, log1p, "
+                   "logsumexp, max, mean, min, sigmoid, sign, sin, sinh, softmax, softplus, sqrt, sum, tan, tanh, where")
 DIFFERENTIABLE_HINT = "(its gradient would be zero everywhere); list only inputs that get a gradient in 'differentiable'"
 BALANCED = "x[n]"
 for _ in range(8):
