@@ -122,7 +122,8 @@ class power(sympy.Function):  # noqa: N801
         base, exponent = self.args
         if argindex == 1:
             return exponent * base ** (exponent - 1) if exponent.is_zero is False else power_slope(base, exponent)
-        return base ** exponent * sympy.log(base) if base.is_zero is False else power_log(base, exponent)
+        return base ** exponent * sympy.log(base) if base.is_zero is False \
+            else power_log(base, exponent, base ** exponent)
 
 
 class power_slope(sympy.Function):  # noqa: N801
@@ -138,12 +139,14 @@ class power_slope(sympy.Function):  # noqa: N801
 
 class power_log(sympy.Function):  # noqa: N801
     """d base**exponent / d exponent = base**exponent * log(base), but 0 at base 0 with exponent >= 0
-    (where 0 * log(0) is NaN), as torch's pow_backward_exponent."""
+    (where 0 * log(0) is NaN), as torch's pow_backward_exponent. The third argument is the power
+    base**exponent itself: where it is the op's result, the backward reads the result instead (as torch's)."""
 
+    nargs = 3
     is_real = True
 
-    def _eval_rewrite_as_Piecewise(self, base, exponent, **kwargs):
-        return sympy.Piecewise((0, sympy.Eq(base, 0) & (exponent >= 0)), (base ** exponent * sympy.log(base), True))
+    def _eval_rewrite_as_Piecewise(self, base, exponent, value, **kwargs):
+        return sympy.Piecewise((0, sympy.Eq(base, 0) & (exponent >= 0)), (value * sympy.log(base), True))
 
 
 class atan2(sympy.atan2):  # noqa: N801

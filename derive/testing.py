@@ -492,7 +492,8 @@ def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
     - float64 gradcheck of forward + generated backward;
     - forward and gradients against autograd of the reference, float64 and float32, exact shapes;
     - hyperparameters at their defaults and at other values;
-    - inputs exactly at 0 when the derivative has a step, and inputs exactly on every kink of the
+    - inputs exactly at 0 when the derivative has a step or a special point (NaN only where the
+      reference's gradient is NaN too), and inputs exactly on every kink of the
       forward wherever it lies (`kink_inputs`: x = lo for Max(x, lo), x = 1 for Max(0, 1 - x),
       pred = target ± delta for where(Abs(pred - target) < delta, ...), a = b for Max(a, b));
     - once with every index of the same size (a transposed gradient then has the right shape);
@@ -509,7 +510,9 @@ def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
     if op.params:
         check_gradients(op, module, params={p.name: 1.5 * p.default + 0.25 for p in op.params})
     if has_kinks(op):
-        check_gradients(op, module, torch.float64, kinks=True)
+        # at 0 torch's own gradient may be NaN (x ** p at x == 0 summed over exponents of both signs is
+        # inf - inf): the generated one must be NaN exactly there too
+        check_gradients(op, module, torch.float64, kinks=True, equal_nan=True)
     placed, placements = kink_inputs(op, make_inputs(op, dtype=torch.float64))
     if placements:
         check_gradients(op, module, torch.float64, inputs=placed)
