@@ -78,7 +78,8 @@ def sizes_for(op: OpSpec, sizes: dict[str, int] | None = None) -> dict[str, int]
 def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.float64, seed: int = 0,
                 kinks: bool = False, requires_grad: bool = False,
                 batch_shapes: dict[str, tuple[int, ...]] | None = None) -> list[torch.Tensor]:
-    """Random inputs; with `kinks`, a third of the entries are exactly 0 (where step functions jump).
+    """Random inputs; with `kinks`, a third of the entries are exactly 0 (where step functions jump), in the
+    inputs whose declared range holds 0 (outside it the op is not defined: acosh(0) is NaN).
 
     `batch_shapes` gives the dims `...` stands for in each input (default: one dim of
     the size chosen for `...`); they may differ as long as they broadcast.
@@ -102,7 +103,7 @@ def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.flo
         if tensor.name in ranges:
             low, high = ranges[tensor.name]
             value = low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
-        if kinks:
+        if kinks and (tensor.name not in ranges or ranges[tensor.name][0] <= 0 <= ranges[tensor.name][1]):
             value = torch.where(torch.rand(shape, generator=generator, dtype=torch.float64) < 1 / 3, 0.0, value)
         tensors.append(value.to(dtype).requires_grad_(requires_grad))
     return tensors
