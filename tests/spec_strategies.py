@@ -262,9 +262,14 @@ class Builder:
             inner = self.expression(free, deeper)
             return Node(f"{name}(tanh({inner.spec}))", f"{BOUNDED_FUNCTIONS[name]}(torch.tanh({inner.code}))",
                         inner.dims, inner.scalar)
-        if kind == "atan2":   # two operands over parts of `free` that together cover it: (0, 0) when both are
+        if kind == "atan2":
+            # two operands over parts of `free` that together cover it, the second one never 0 but on either
+            # side of the branch cut (a = 0, b < 0): at (0, 0) torch's forward mode is NaN where its backward,
+            # and derive's jvp, give 0 (tests/test_functions_more.py checks that point against the backward)
             parts = self.split(free, 2)
             left, right = (self.expression(p, deeper) for p in parts)
+            sign = self.draw(st.sampled_from(["", "-"]))
+            right = Node(f"{sign}exp({right.spec})", f"{sign}torch.exp({right.code})", right.dims, right.scalar)
             return self.combine("torch.atan2({}, {})", f"atan2({left.spec}, {right.spec})", left, right)
         if kind == "power":
             return self.power(free, deeper)

@@ -23,6 +23,8 @@ import torch
 
 import derive.build
 from derive import naming
+from derive.contracts import autocast_policies
+from derive.derivation import derive as derive_op
 from derive.naming import STYLE_DIRS
 from derive.spec import parse_catalog
 from derive.testing import (assert_matches, built_op, check_gradients, check_tangents, gradcheck_op, jvp_arguments, kink_inputs,
@@ -175,7 +177,8 @@ def generated(tmp_path_factory):
 def on_special_points(item: Case, op, seed: int, forward_mode: bool = False) -> list[torch.Tensor]:
     """Random inputs with each argument's entries moved onto its function's special values, each value once and
     then about half of the other entries (a first and a second argument independently: broadcasting pairs them
-    all, as atan2's (0, 0)). For `forward_mode`, only those where the derivative is finite."""
+    all, as atan2's (0, 0)). For `forward_mode`, only those where the derivative is finite, and the second
+    argument's in every entry (x ** p at x == 0 has an infinite derivative for a random p < 1)."""
     generator = torch.Generator().manual_seed(seed)
     inputs = dict(zip((t.name for t in op.inputs), make_inputs(op, seed=seed)))
     for function, first, second in item.arguments:
@@ -189,6 +192,8 @@ def on_special_points(item: Case, op, seed: int, forward_mode: bool = False) -> 
             order = torch.randperm(value.numel(), generator=generator).reshape(value.shape)
             chosen = torch.tensor(values, dtype=value.dtype)[order % len(values)]
             placed = (order < len(values)) | (torch.rand(value.shape, generator=generator) < 0.5)
+            if forward_mode and name == second:     # every entry: a first argument at 0 meets only these
+                placed = torch.ones_like(placed)
             inputs[name] = torch.where(placed, chosen, value)
     return list(inputs.values())
 
@@ -300,3 +305,16 @@ def test_an_infinite_gradient_may_reach_a_sum_as_inf_or_nan():
                   [float("inf"), float("nan"), 2.0]):
         with pytest.raises(AssertionError):
             assert_matches(torch.tensor(wrong), expected, infinite=True)
+
+
+@pytest.mark.parametrize("equation, cuda", [
+    ("y[n] = asin(x[n]) * p[n]", "float32"), ("y[n] = cosh(x[n]) + p[n]", "float32"),
+    ("y[n] = x[n] ** p[n]", "float32"), ("y[n] = 2 ** x[n] + p[n]", "float32"),
+    ("y[n] = atan2(x[n], p[n])", "promote"), ("y[n] = sign(x[n]) * x[n] ** 2 + p[n]", "promote"),
+])
+def test_autocast_follows_cuda_float32_list(equation, cuda):
+    """CUDA autocast runs asin, acos, sinh, cosh, tan and pow in float32 (atan2 promotes, sign keeps the
+    dtype); on the CPU none of them is listed."""
+    text = f'[ops.cast]\ninputs = ["x[n]", "p[n]"]\nequation = "{equation}"\nreference = "x"\n'
+    policies = {a.device: a.policy for a in autocast_policies(derive_op(parse_catalog(text, "cast.toml").op("cast")))}
+    assert policies == {"cpu": "promote", "cuda": cuda}
