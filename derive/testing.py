@@ -158,14 +158,16 @@ def autograd_gradients(function, inputs, grad_output, differentiable):
 
 def assert_matches(got: torch.Tensor, want: torch.Tensor, equal_nan: bool = False, infinite: bool = False,
                    msg=None) -> None:
-    """torch.testing.assert_close; with `infinite`, where `want` is infinite or NaN `got` may be any infinite
-    or NaN value: a derivative that is infinite there (asin's at 1, x ** 0.5's at 0) reaches a sum as inf or
-    as inf - inf = NaN, by the order of the operations, which generated code and torch need not share."""
+    """torch.testing.assert_close; with `infinite`, where `want` is infinite `got` may be any infinite or NaN
+    value, and where `want` is NaN any value: a derivative that is infinite there (asin's at 1, x ** 0.5's at
+    0) reaches a sum as inf or as inf - inf = NaN, and a where() branch that is not taken as 0 * inf = NaN or
+    as 0, by the order of the operations, which generated code and torch need not share."""
     if infinite and got.shape == want.shape:
-        undefined = ~torch.isfinite(want)
-        assert not torch.isfinite(got[undefined]).any(), \
-            msg("finite where the expected value is infinite or NaN") if msg else "finite where expected inf or NaN"
-        got, want = got[~undefined], want[~undefined]
+        infinite_there = torch.isinf(want)
+        assert not torch.isfinite(got[infinite_there]).any(), \
+            msg("finite where the expected value is infinite") if msg else "finite where expected inf"
+        defined = torch.isfinite(want)
+        got, want = got[defined], want[defined]
     torch.testing.assert_close(got, want, equal_nan=equal_nan, msg=msg)
 
 
@@ -444,7 +446,10 @@ def _place(op, kink, access, tensors, params, generator, fraction) -> KinkPlacem
         return None
     arguments = list(values)
     value = _torch_function(arguments, solution)(*values.values())
-    value = torch.broadcast_to(torch.as_tensor(value, dtype=target.dtype), target.shape)
+    value = torch.as_tensor(value, dtype=target.dtype)
+    if torch.broadcast_shapes(value.shape, target.shape) != target.shape:
+        return None     # the other inputs' batch dims are wider than this one's (they broadcast against it)
+    value = torch.broadcast_to(value, target.shape)
     chance = torch.rand(target.shape, generator=generator)
     mask = (chance < fraction) | (chance == chance.min())     # at least one entry
     # evaluate both sides as written and nudge by ulps until they agree exactly
@@ -506,8 +511,8 @@ def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
     - float64 gradcheck of forward + generated backward;
     - forward and gradients against autograd of the reference, float64 and float32, exact shapes;
     - hyperparameters at their defaults and at other values;
-    - inputs exactly at 0 when the derivative has a step or a special point (inf or NaN only where the
-      reference's gradient is inf or NaN too), and inputs exactly on every kink of the
+    - inputs exactly at 0 when the derivative has a step or a special point (inf or NaN where the
+      reference's gradient is inf, see `assert_matches`), and inputs exactly on every kink of the
       forward wherever it lies (`kink_inputs`: x = lo for Max(x, lo), x = 1 for Max(0, 1 - x),
       pred = target ± delta for where(Abs(pred - target) < delta, ...), a = b for Max(a, b));
     - once with every index of the same size (a transposed gradient then has the right shape);
@@ -525,7 +530,7 @@ def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
         check_gradients(op, module, params={p.name: 1.5 * p.default + 0.25 for p in op.params})
     if has_kinks(op):
         # at 0 torch's own gradient may be infinite (x ** p's for p < 1) or NaN (summed over exponents of both
-        # signs): the generated one must be infinite or NaN exactly there too
+        # signs): the generated one must be infinite or NaN where it is infinite
         check_gradients(op, module, torch.float64, kinks=True, infinite=True)
     placed, placements = kink_inputs(op, make_inputs(op, dtype=torch.float64))
     if placements:
