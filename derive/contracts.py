@@ -20,7 +20,7 @@ from typing import Callable
 import sympy
 
 from . import functions
-from .derivation import Derivation
+from .derivation import Derivation, tensor_symbols
 from .naming import BATCH
 
 
@@ -258,6 +258,17 @@ def _contracts(derivation: Derivation) -> bool:
 FLOAT32_ON_CUDA = (sympy.exp, sympy.log, functions.log1p, functions.softplus, functions.logsumexp,
                    functions.softmax, functions.log_softmax, sympy.Sum)
 
+# More of CUDA's float32 list: functions, and a power whose exponent is a tensor (printed `x**p`, torch.pow).
+FLOAT32_ON_CUDA_MORE = (sympy.asin, sympy.acos, sympy.sinh, sympy.cosh, sympy.tan)
+
+
+def _float32_on_cuda_more(derivation: Derivation) -> bool:
+    forward = derivation.forward
+    return forward.has(*FLOAT32_ON_CUDA_MORE) or any(
+        p.exp.atoms(sympy.Indexed) or p.exp.free_symbols & tensor_symbols(derivation.op)
+        for p in forward.atoms(sympy.Pow))
+
+
 # First rule that applies wins; no rule: "promote".
 AUTOCAST_RULES = (
     AutocastRule("float32", DEVICE_TYPES, lambda d: not d.op.output_indices,
@@ -266,6 +277,9 @@ AUTOCAST_RULES = (
                  "it contracts its inputs over an index, as matmul, linear and bmm"),
     AutocastRule("float32", ("cuda",), lambda d: d.forward.has(*FLOAT32_ON_CUDA),
                  "it computes exp, log, softmax or a sum, which CUDA autocast runs in float32"),
+    AutocastRule("float32", ("cuda",), _float32_on_cuda_more,
+                 "it computes asin, acos, sinh, cosh, tan or a power with a tensor exponent, which CUDA autocast "
+                 "runs in float32"),
 )
 
 

@@ -241,7 +241,9 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
     anchor = op.output if uses_output else next((n for n in differentiable if n in reads), differentiable[0])
     sources = sorted(inputs, key=lambda source: source[0] not in reads | {anchor})
     shared_leaves = tuple(s.value for s in lowered.tangent_shared)
-    exprs = list(lowered.tangents)
+    # a tangent that adds nothing (that of x to sign(x)) has no share
+    tangents = [(t, expr) for t, expr in zip(derivation.tangents, lowered.tangents) if expr.terms]
+    exprs = [expr for _, expr in tangents]
     batched = [name for name, dims in inputs if naming.BATCH in dims]
     # a share that lacks one of the output's dims, or batch dims that broadcast between inputs,
     # make the sum of the shares narrower than the output
@@ -257,7 +259,7 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
         reads.add(anchor)
     shape = f"{op.output}.shape" if uses_output else output_shape(op, sources)
     shares = []
-    for t, expr in zip(derivation.tangents, exprs):
+    for t, expr in tangents:
         position = positions.index(t.input)
         code = render_expr(expr)
         own = [s for s in lowered.tangent_shared if s.users == (position,)]
@@ -284,6 +286,7 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
         tangents=", ".join(naming.tangent(n) for n in differentiable),
         output=naming.tangent(op.output), output_access=output_access, uses_output=uses_output,
         sizes=sizes, common=common, shares=shares,
+        unused=[t.tangent for t, expr in zip(derivation.tangents, lowered.tangents) if not expr.terms],
         zeros=f"torch.zeros_like({op.output})" if uses_output else f"{anchor}.new_zeros({shape})",
         expand=expand,
         # the Function's jvp gets one tangent per argument of forward: None for integer inputs and params

@@ -126,7 +126,8 @@ class power(sympy.Function):  # noqa: N801
         base, exponent = self.args
         if argindex == 1:
             return exponent * base ** (exponent - 1) if exponent.is_zero is False else power_slope(base, exponent)
-        return base ** exponent * sympy.log(base) if base.is_zero is False else power_log(base, exponent)
+        return base ** exponent * sympy.log(base) if base.is_zero is False \
+            else power_log(base, exponent, base ** exponent)
 
 
 class power_slope(sympy.Function):  # noqa: N801
@@ -142,12 +143,57 @@ class power_slope(sympy.Function):  # noqa: N801
 
 class power_log(sympy.Function):  # noqa: N801
     """d base**exponent / d exponent = base**exponent * log(base), but 0 at base 0 with exponent >= 0
-    (where 0 * log(0) is NaN), as torch's pow_backward_exponent."""
+    (where 0 * log(0) is NaN), as torch's pow_backward_exponent. The third argument is the power
+    base**exponent itself: where it is the op's result, the backward reads the result instead (as torch's)."""
 
+    nargs = 3
     is_real = True
 
-    def _eval_rewrite_as_Piecewise(self, base, exponent, **kwargs):
-        return sympy.Piecewise((0, sympy.Eq(base, 0) & (exponent >= 0)), (base ** exponent * sympy.log(base), True))
+    def _eval_rewrite_as_Piecewise(self, base, exponent, value, **kwargs):
+        return sympy.Piecewise((0, sympy.Eq(base, 0) & (exponent >= 0)), (value * sympy.log(base), True))
+
+
+class atan2(sympy.atan2):  # noqa: N801
+    """atan2(a, b), the angle of the point (b, a), with torch's derivatives (atan2_backward):
+    d/da = b * atan2_scale(a, b) and d/db = -a * atan2_scale(a, b), which are 0 at a = b = 0 (where
+    SymPy's b / (a**2 + b**2) is NaN)."""
+
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        if argindex == 1:
+            return b * atan2_scale(a, b)
+        if argindex == 2:
+            return -a * atan2_scale(a, b)
+        raise sympy.ArgumentIndexError(self, argindex)
+
+
+class atan2_scale(sympy.Function):  # noqa: N801
+    """1 / (a**2 + b**2), but 0 where a**2 + b**2 is 0 (also where it underflows to 0), as torch's
+    atan2_backward masks the reciprocal. Written out whenever a or b is a nonzero number."""
+
+    nargs = 2
+    is_real = True
+
+    @classmethod
+    def eval(cls, a, b):
+        if (a.is_number and a.is_zero is False) or (b.is_number and b.is_zero is False):
+            return 1 / (a ** 2 + b ** 2)
+        return None
+
+    def _eval_rewrite_as_Piecewise(self, a, b, **kwargs):
+        squares = a ** 2 + b ** 2
+        return sympy.Piecewise((0, sympy.Eq(squares, 0)), (1 / squares, True))
+
+
+class sign(sympy.sign):  # noqa: N801
+    """sign(a) with torch's derivative: 0 everywhere, at a = 0 too (SymPy's is 2 * DiracDelta(a))."""
+
+    def _eval_derivative(self, symbol):
+        return sympy.S.Zero
+
+
+# Elementwise derivatives whose formula is undefined at some point, where they take torch's value instead.
+SPECIAL_POINTS = (power_slope, power_log, atan2_scale)
 
 
 def differentiable_powers(expr: sympy.Expr) -> sympy.Expr:

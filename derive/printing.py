@@ -363,6 +363,16 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         return self._print(expr.rewrite(sympy.Piecewise))
 
     _print_power_log = _print_power_slope
+    _print_atan2_scale = _print_power_slope
+
+    def _print_atan2(self, expr):
+        """torch.atan2 takes two tensors: a number argument is a 0-d tensor of the other's dtype and device."""
+        texts = [f"{self._like(expr)}.new_tensor({self._print(a)})" if is_python_number(a) else self._print(a)
+                 for a in expr.args]
+        return f"torch.atan2({', '.join(texts)})"
+
+    def _print_sign(self, expr):
+        return f"torch.sign({self._print(expr.args[0])})"
 
     def _print_sigmoid(self, expr):
         return f"torch.sigmoid({self._print(expr.args[0])})"

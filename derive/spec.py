@@ -55,6 +55,9 @@ REQUIRED_KEYS = ("inputs", "equation", "reference")
 FUNCTIONS = {
     "exp": sympy.exp, "log": sympy.log, "sqrt": sympy.sqrt, "tanh": sympy.tanh,
     "sin": sympy.sin, "cos": sympy.cos, "erf": sympy.erf,
+    "tan": sympy.tan, "atan": sympy.atan, "asin": sympy.asin, "acos": sympy.acos, "atan2": functions.atan2,
+    "sinh": sympy.sinh, "cosh": sympy.cosh, "asinh": sympy.asinh, "acosh": sympy.acosh, "atanh": sympy.atanh,
+    "sign": functions.sign,
     "sigmoid": functions.sigmoid, "softplus": functions.softplus, "log1p": functions.log1p,
     "Abs": sympy.Abs, "abs": sympy.Abs,
     "Max": sympy.Max, "max": sympy.Max, "Min": sympy.Min, "min": sympy.Min,
@@ -63,7 +66,8 @@ TIED = {"max": functions.max_tie, "min": functions.min_tie}    # Max/Min with ti
 REDUCTIONS = ("sum", "mean", "logsumexp", "softmax")
 EXTREMA = {"max": True, "Max": True, "min": False, "Min": False}    # max(expr, i, ...): a reduction; True: max
 EXTREMUM_TIES = ("split", "first")
-NOT_DIFFERENTIABLE = {"floor", "ceil", "round", "sign", "trunc", "argmax", "argmin"}
+NOT_DIFFERENTIABLE = {"floor", "ceil", "round", "trunc", "argmax", "argmin"}
+ARGUMENTS = {"atan2": 2}       # functions of more than one argument (Max and Min take any number from two)
 CONSTANTS = {"pi": sympy.pi}
 COMPARISONS = {ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge}
 # comparisons of index positions (where(k <= t, ...)): a constant mask, so equality is allowed too
@@ -913,8 +917,6 @@ class _EquationParser:
                 raise self.error("division by zero", node)
             return left / right, free
         if isinstance(node.op, ast.Pow):
-            if right_free:
-                raise self.error("an exponent must not depend on indices", node)
             if right.is_number and abs(right) > MAX_EXPONENT:
                 raise self.error(f"exponent {right} is too large (the limit is {MAX_EXPONENT})", node)
             return left ** right, free
@@ -954,8 +956,9 @@ class _EquationParser:
         if name in ("Max", "max", "Min", "min"):
             if len(values) < 2:
                 raise self.error(f"{name}() needs at least two arguments", node)
-        elif len(values) != 1:
-            raise self.error(f"{name}() takes one argument", node)
+        elif len(values) != ARGUMENTS.get(name, 1):
+            count = ARGUMENTS.get(name, 1)
+            raise self.error(f"{name}() takes {'one argument' if count == 1 else f'{count} arguments'}", node)
         try:
             if tie is not None:
                 return TIED[name.lower()](*values, tie), free
@@ -1186,7 +1189,11 @@ REFERENCE_DENIED = {"load", "save", "from_file", "frombuffer", "hub", "ops", "ut
 REFERENCE_DENIED_PREFIXES = ("set_", "use_", "manual_", "get_", "import", "register", "sym_", "init_")
 REFERENCE_NODES = (ast.Expression, ast.Call, ast.Name, ast.Attribute, ast.Load, ast.Constant, ast.BinOp,
                    ast.UnaryOp, ast.Tuple, ast.List, ast.keyword, ast.Subscript, ast.Slice,
-                   ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.MatMult, ast.USub, ast.UAdd)
+                   ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.MatMult, ast.USub, ast.UAdd,
+                   ast.Compare, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq)
+# torch.einsum's equation, the one string a reference may hold besides option names: subscript letters,
+# '...', commas, '->' and spaces
+EINSUM_EQUATION = re.compile(r"(?:[A-Za-z,\s]|\.\.\.)*(?:->(?:[A-Za-z\s]|\.\.\.)*)?")
 
 
 def _check_reference(source: str, inputs: list[str], params: list[str], op: str, locator: _Locator) -> str:
@@ -1245,9 +1252,20 @@ def _check_reference(source: str, inputs: list[str], params: list[str], op: str,
                             f"and method calls)", node)
         if isinstance(node, ast.Constant) and not isinstance(node.value, (int, float, str, type(None))):
             raise error(f"constant {node.value!r} is not allowed", node)
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and not node.value.isidentifier():
-            raise error(f"string {node.value!r} is not allowed (only option names such as 'sum')", node)
+        if isinstance(node, ast.Compare) and len(node.ops) > 1:
+            raise error("a chained comparison is not allowed (Python joins a < b < c with 'and', which a tensor "
+                        "of several elements refuses): write torch.logical_and(a < b, b < c)", node)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and not node.value.isidentifier() \
+                and not _einsum_equation(node, parent):
+            raise error(f"string {node.value!r} is not allowed (only option names such as 'sum', and the equation "
+                        f"of torch.einsum such as 'ij,jk->ik' as its first argument)", node)
     return ast.unparse(tree)
+
+
+def _einsum_equation(node: ast.Constant, parent: ast.AST | None) -> bool:
+    """Whether a string constant is the equation of torch.einsum: its first argument, in einsum's syntax."""
+    return isinstance(parent, ast.Call) and bool(parent.args) and parent.args[0] is node \
+        and _dotted(parent.func) == "torch.einsum" and EINSUM_EQUATION.fullmatch(node.value) is not None
 
 
 def _callable_name(name: str) -> bool:

@@ -26,7 +26,7 @@ import torch
 
 from . import naming
 from .model import OpSpec, param_symbol, scalar_symbol
-from .functions import Tied, _Extremum, _OverIndex, free_indices
+from .functions import SPECIAL_POINTS, Tied, _Extremum, _OverIndex, free_indices
 from .naming import BATCH
 from .spec import load_catalog
 
@@ -98,7 +98,8 @@ def _size_at(formula, chosen: dict[str, int]) -> int:
 def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.float64, seed: int = 0,
                 kinks: bool = False, requires_grad: bool = False,
                 batch_shapes: dict[str, tuple[int, ...]] | None = None) -> list[torch.Tensor]:
-    """Random inputs; with `kinks`, a third of the entries are exactly 0 (where step functions jump).
+    """Random inputs; with `kinks`, a third of the entries are exactly 0 (where step functions jump), in the
+    inputs whose declared range holds 0 (outside it the op is not defined: acosh(0) is NaN).
 
     `batch_shapes` gives the dims `...` stands for in each input (default: one dim of
     the size chosen for `...`); they may differ as long as they broadcast.
@@ -122,7 +123,7 @@ def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.flo
         if tensor.name in ranges:
             low, high = ranges[tensor.name]
             value = low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
-        if kinks:
+        if kinks and (tensor.name not in ranges or ranges[tensor.name][0] <= 0 <= ranges[tensor.name][1]):
             value = torch.where(torch.rand(shape, generator=generator, dtype=torch.float64) < 1 / 3, 0.0, value)
         tensors.append(value.to(dtype).requires_grad_(requires_grad))
     return tensors
@@ -182,12 +183,28 @@ def autograd_gradients(function, inputs, grad_output, differentiable):
     return [next(grads) if flag else None for flag in differentiable]
 
 
+def assert_matches(got: torch.Tensor, want: torch.Tensor, equal_nan: bool = False, infinite: bool = False,
+                   msg=None) -> None:
+    """torch.testing.assert_close; with `infinite`, where `want` is infinite `got` may be any infinite or NaN
+    value, and where `want` is NaN any value: a derivative that is infinite there (asin's at 1, x ** 0.5's at
+    0) reaches a sum as inf or as inf - inf = NaN, and a where() branch that is not taken as 0 * inf = NaN or
+    as 0, by the order of the operations, which generated code and torch need not share."""
+    if infinite and got.shape == want.shape:
+        infinite_there = torch.isinf(want)
+        assert not torch.isfinite(got[infinite_there]).any(), \
+            msg("finite where the expected value is infinite") if msg else "finite where expected inf"
+        defined = torch.isfinite(want)
+        got, want = got[defined], want[defined]
+    torch.testing.assert_close(got, want, equal_nan=equal_nan, msg=msg)
+
+
 def check_gradients(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=None, seed: int = 0,
                     kinks: bool = False, inputs: list[torch.Tensor] | None = None, equal_nan: bool = False,
-                    params: dict[str, float] | None = None) -> None:
+                    params: dict[str, float] | None = None, infinite: bool = False) -> None:
     """The generated backward equals autograd of the torch reference, with exactly each input's shape.
 
-    `inputs` overrides the random ones; `equal_nan` accepts NaN where the reference has NaN too;
+    `inputs` overrides the random ones; `equal_nan` accepts NaN where the reference has NaN too, `infinite`
+    any inf or NaN where it has inf or NaN (see `assert_matches`);
     `params` sets hyperparameters (default: their defaults).
     """
     params = params or {}
@@ -196,8 +213,8 @@ def check_gradients(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=N
         inputs = make_inputs(op, sizes, dtype, seed, kinks)
     expected_output = reference(op)(*inputs, **params)
     output = forward(*inputs, **params)
-    torch.testing.assert_close(output, expected_output, equal_nan=equal_nan,
-                               msg=lambda m: f"{op.name}: forward against the reference {op.reference!r}: {m}")
+    assert_matches(output, expected_output, equal_nan, infinite,
+                   msg=lambda m: f"{op.name}: forward against the reference {op.reference!r}: {m}")
     grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed + 1),
                               dtype=torch.float64).to(dtype)
     differentiable = [t.differentiable for t in op.inputs]
@@ -211,7 +228,7 @@ def check_gradients(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=N
         assert got.shape == want.shape, f"{op.name}: grad_{tensor.name} has shape {tuple(got.shape)}, " \
                                         f"expected {tuple(want.shape)}"
         assert got.dtype == dtype, f"{op.name}: grad_{tensor.name} is {got.dtype}, expected {dtype}"
-        torch.testing.assert_close(got, want, equal_nan=equal_nan, msg=lambda m: f"{op.name}: grad_{tensor.name}: {m}")
+        assert_matches(got, want, equal_nan, infinite, msg=lambda m: f"{op.name}: grad_{tensor.name}: {m}")
 
 
 # --- forward mode ---------------------------------------------------------------------------------
@@ -229,11 +246,12 @@ def jvp_arguments(op: OpSpec, module: ModuleType, inputs, tangents, **params) ->
 
 def check_tangents(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=None, seed: int = 0,
                    kinks: bool = False, inputs: list[torch.Tensor] | None = None, equal_nan: bool = False,
-                   params: dict[str, float] | None = None) -> None:
+                   params: dict[str, float] | None = None, infinite: bool = False) -> None:
     """Forward mode: torch.func.jvp through `<op>()` (its Function's generated jvp) equals torch.func.jvp of
     the torch reference (when the op has one) and of the generated forward, for random tangents on every
     differentiable input (with `kinks`, against the reference alone: it sets the convention there;
-    `equal_nan` accepts NaN where the oracle has NaN too, as a mean over an empty dim gives);
+    `equal_nan` accepts NaN where the oracle has NaN too, as a mean over an empty dim gives, `infinite` any inf
+    or NaN where it has inf or NaN);
     `<op>_jvp` called with one tangent at a time (the others None) gives that
     input's share, and with none a zero tangent, each exactly the result's shape and dtype."""
     params = params or {}
@@ -267,16 +285,14 @@ def check_tangents(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=No
         assert tangent.shape == expected.shape and tangent.dtype == expected.dtype, \
             f"{op.name}: tangent {tuple(tangent.shape)} {tangent.dtype}, " \
             f"expected {tuple(expected.shape)} {expected.dtype} (from {label})"
-        torch.testing.assert_close(tangent, expected, equal_nan=equal_nan,
-                                   msg=lambda m: f"{op.name}: jvp against {label}: {m}")
+        assert_matches(tangent, expected, equal_nan, infinite, msg=lambda m: f"{op.name}: jvp against {label}: {m}")
     jvp = getattr(module, naming.jvp(op.name))
     for p in positions:
         alone = [tangents[p] if q == p else None for q in range(len(inputs))]
         share = jvp(**jvp_arguments(op, module, inputs, alone, **params))
         _, expected = along(next(iter(oracles.values())), only=p)
         assert share.shape == expected.shape, f"{op.name}: share of {op.inputs[p].name} has shape {tuple(share.shape)}"
-        torch.testing.assert_close(share, expected, equal_nan=equal_nan,
-                                   msg=lambda m: f"{op.name}: share of {op.inputs[p].name}: {m}")
+        assert_matches(share, expected, equal_nan, infinite, msg=lambda m: f"{op.name}: share of {op.inputs[p].name}: {m}")
     none = jvp(**jvp_arguments(op, module, inputs, [None] * len(inputs), **params))
     assert none.shape == output.shape and none.dtype == output.dtype and not none.any(), \
         f"{op.name}: without tangents, {naming.jvp(op.name)} should give zeros shaped like the result"
@@ -306,17 +322,19 @@ def gradcheck_op(op: OpSpec, module: ModuleType, sizes=None, seed: int = 0) -> N
 
 
 def has_kinks(op: OpSpec) -> bool:
-    """Whether the op's derivative jumps somewhere (a step, a sign or a Piecewise)."""
-    return any(g.vjp.has(sympy.Heaviside, sympy.sign, sympy.Piecewise) for g in built_op(op).derivation.gradients)
+    """Whether the op's derivative jumps somewhere (a step, a sign or a Piecewise) or takes torch's value at a
+    point where its formula is undefined (a power's at base 0, atan2's at (0, 0))."""
+    return any(g.vjp.has(sympy.Heaviside, sympy.sign, sympy.Piecewise, *SPECIAL_POINTS)
+               for g in built_op(op).derivation.gradients)
 
 
 @dataclass(frozen=True)
 class Kink:
     """Where an op's forward is not smooth: the points on which `left` equals `right`."""
 
-    left: sympy.Expr    # Max(a, b) -> (a, b); Abs(u) -> (u, 0); where(p < q, ...) -> (p, q); max(u, c) -> (u, max)
+    left: sympy.Expr    # Max(a, b) -> (a, b); Abs(u), sign(u) -> (u, 0); where(p < q, ...) -> (p, q); atan2(a, b) -> (a, 0), (b, 0); max(u, c) -> (u, max)
     right: sympy.Expr
-    function: str       # "Max", "Min", "Abs", "where" or "max"/"min" (a reduction), for messages
+    function: str       # "Max", "Min", "Abs", "sign", "where", "atan2" or "max"/"min" (a reduction), for messages
 
 
 @dataclass(frozen=True)
@@ -333,9 +351,10 @@ class KinkPlacement:
 
 
 def kinks(op: OpSpec) -> list[Kink]:
-    """Every kink of the op's forward, found in its equation: each pair of Max/Min arguments, each Abs
-    argument against 0, each where() condition's two sides, each max or min reduction's operand against the
-    reduction (several positions that reach the max tie)."""
+    """Every kink of the op's forward, found in its equation: each pair of Max/Min arguments, each Abs and
+    sign argument against 0, each where() condition's two sides, each argument of atan2 against 0 (the
+    branch cut a = 0, b < 0, and the point a = b = 0 where torch's gradient is 0), and each max or min
+    reduction's operand against the reduction (several positions that reach the max tie)."""
     found: dict[tuple, Kink] = {}
     # Max(a, b, tie=t) has the value, and so the kinks, of Max(a, b): the convention only picks a derivative
     values = op.rhs.replace(lambda node: isinstance(node, Tied), lambda node: node.untied)
@@ -345,8 +364,11 @@ def kinks(op: OpSpec) -> list[Kink]:
         elif isinstance(node, (sympy.Max, sympy.Min)):
             for a, b in itertools.combinations(node.args, 2):
                 found.setdefault((a, b), Kink(a, b, type(node).__name__))
-        elif isinstance(node, sympy.Abs):
-            found.setdefault((node.args[0], sympy.S.Zero), Kink(node.args[0], sympy.S.Zero, "Abs"))
+        elif isinstance(node, (sympy.Abs, sympy.sign)):
+            found.setdefault((node.args[0], sympy.S.Zero), Kink(node.args[0], sympy.S.Zero, type(node).__name__))
+        elif isinstance(node, sympy.atan2):
+            for argument in node.args:
+                found.setdefault((argument, sympy.S.Zero), Kink(argument, sympy.S.Zero, "atan2"))
         elif isinstance(node, sympy.Piecewise):
             for _, condition in node.args:
                 if isinstance(condition, sympy.core.relational.Relational):
@@ -358,7 +380,10 @@ def kinks(op: OpSpec) -> list[Kink]:
 _TORCH_FUNCTIONS = {"exp": torch.exp, "log": torch.log, "log1p": torch.log1p, "sqrt": torch.sqrt,
                     "tanh": torch.tanh, "sigmoid": torch.sigmoid, "softplus": torch.nn.functional.softplus,
                     "erf": torch.erf, "sin": torch.sin, "cos": torch.cos, "asin": torch.asin, "acos": torch.acos,
-                    "atanh": torch.atanh, "Abs": torch.abs, "abs": torch.abs, "pi": torch.pi, "E": torch.e,
+                    "atanh": torch.atanh, "tan": torch.tan, "atan": torch.atan, "sinh": torch.sinh, "cosh": torch.cosh,
+                    "asinh": torch.asinh, "acosh": torch.acosh, "sign": torch.sign,
+                    "Abs": torch.abs, "abs": torch.abs, "pi": torch.pi, "E": torch.e,
+                    "atan2": lambda a, b: torch.atan2(torch.as_tensor(a), torch.as_tensor(b)),
                     "maximum": lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b)),
                     "minimum": lambda a, b: torch.minimum(torch.as_tensor(a), torch.as_tensor(b))}
 
@@ -497,7 +522,10 @@ def _place(op, kink, access, tensors, params, generator, fraction) -> KinkPlacem
         return None
     arguments = list(values)
     value = _torch_function(arguments, solution)(*values.values())
-    value = torch.broadcast_to(torch.as_tensor(value, dtype=target.dtype), target.shape)
+    value = torch.as_tensor(value, dtype=target.dtype)
+    if torch.broadcast_shapes(value.shape, target.shape) != target.shape:
+        return None     # the other inputs' batch dims are wider than this one's (they broadcast against it)
+    value = torch.broadcast_to(value, target.shape)
     chance = torch.rand(target.shape, generator=generator)
     mask = (chance < fraction) | (chance == chance.min())     # at least one entry
     # evaluate both sides as written and nudge by ulps until they agree exactly
@@ -559,7 +587,8 @@ def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
     - float64 gradcheck of forward + generated backward;
     - forward and gradients against autograd of the reference, float64 and float32, exact shapes;
     - hyperparameters at their defaults and at other values;
-    - inputs exactly at 0 when the derivative has a step, and inputs exactly on every kink of the
+    - inputs exactly at 0 when the derivative has a step or a special point (inf or NaN where the
+      reference's gradient is inf, see `assert_matches`), and inputs exactly on every kink of the
       forward wherever it lies (`kink_inputs`: x = lo for Max(x, lo), x = 1 for Max(0, 1 - x),
       pred = target ± delta for where(Abs(pred - target) < delta, ...), a = b for Max(a, b));
     - once with every index of the same size (a transposed gradient then has the right shape);
@@ -576,7 +605,9 @@ def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
     if op.params:
         check_gradients(op, module, params={p.name: 1.5 * p.default + 0.25 for p in op.params})
     if has_kinks(op):
-        check_gradients(op, module, torch.float64, kinks=True)
+        # at 0 torch's own gradient may be infinite (x ** p's for p < 1) or NaN (summed over exponents of both
+        # signs): the generated one must be infinite or NaN where it is infinite
+        check_gradients(op, module, torch.float64, kinks=True, infinite=True)
     placed, placements = kink_inputs(op, make_inputs(op, dtype=torch.float64))
     if placements:
         check_gradients(op, module, torch.float64, inputs=placed)

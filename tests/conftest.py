@@ -29,10 +29,13 @@ GENERATED = ROOT / "generated"
 CATALOG = load_catalog()
 OPS = [op.name for op in CATALOG.ops]
 STYLES = list(STYLE_DIRS)
-# Ops whose equation holds a kink (Max, Min, Abs, where, sign): read off the spec, so that collecting the tests
+# Ops whose equation holds a kink (Max, Min, Abs, where, sign, atan2, x ** p): read off the spec, so that collecting the tests
 # derives nothing; test_catalog checks that it agrees with derive.testing.has_kinks.
-KINKS = (sympy.Max, sympy.Min, sympy.Abs, sympy.Piecewise, sympy.sign, sympy.Heaviside, Tied)
-KINK_OPS = [op.name for op in CATALOG.ops if op.rhs.has(*KINKS)]
+# A power with a tensor exponent and atan2 count too: their gradients take torch's value where their formula is
+# undefined (x == 0, a == b == 0).
+KINKS = (sympy.Max, sympy.Min, sympy.Abs, sympy.Piecewise, sympy.sign, sympy.Heaviside, Tied, sympy.atan2)
+KINK_OPS = [op.name for op in CATALOG.ops
+            if op.rhs.has(*KINKS) or any(not power.exp.is_number for power in op.rhs.atoms(sympy.Pow))]
 
 
 # derive(op) and build_op(op) depend on the frozen OpSpec alone (test_determinism proves rendering pure):

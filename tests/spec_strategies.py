@@ -47,8 +47,11 @@ VOCABULARY = "v"                       # the size the values of integer inputs r
 FUNCTIONS = {                          # spec name -> torch reference, for functions defined everywhere
     "exp": "torch.exp", "tanh": "torch.tanh", "sigmoid": "torch.sigmoid",
     "softplus": "torch.nn.functional.softplus", "erf": "torch.erf", "sin": "torch.sin", "cos": "torch.cos",
+    "atan": "torch.atan", "sinh": "torch.sinh", "cosh": "torch.cosh", "asinh": "torch.asinh", "sign": "torch.sign",
 }
 POSITIVE_FUNCTIONS = {"log": "torch.log", "sqrt": "torch.sqrt"}   # need a positive argument
+# need an argument in (-1, 1) (tan: away from its poles), given as tanh(e); acosh: one above 1, given as 1 + e > 1
+BOUNDED_FUNCTIONS = {"asin": "torch.asin", "acos": "torch.acos", "atanh": "torch.atanh", "tan": "torch.tan"}
 MAX_DEPTH = 3
 MAX_KINKS = 4                           # Max/Min/Abs/where per equation (derive's limit is 6)
 MAX_WHERE = 2
@@ -217,7 +220,8 @@ class Builder:
         options = ["leaf"] * 2
         if depth > 0:
             options += ["binary", "binary", "function", "function", "power", "positive function", "reduction",
-                        "reduction", "contraction", "contraction", "contraction", "contraction"]
+                        "reduction", "contraction", "contraction", "contraction", "contraction",
+                        "bounded function", "atan2"]
             if self.kinks < MAX_KINKS:
                 options += ["Max/Min", "Abs", "Max/Min against a constant"]
                 if self.wheres < MAX_WHERE:
@@ -259,6 +263,24 @@ class Builder:
             inner = self.positive(free, deeper)
             return Node(f"{name}({inner.spec})", f"{POSITIVE_FUNCTIONS[name]}({inner.code})", inner.dims,
                         inner.scalar)
+        if kind == "bounded function":
+            name = self.draw(st.sampled_from(sorted(BOUNDED_FUNCTIONS) + ["acosh"]))
+            self.features[name] += 1
+            if name == "acosh":
+                inner = self.positive(free, deeper)
+                return Node(f"acosh(1 + {inner.spec})", f"torch.acosh(1 + {inner.code})", inner.dims, inner.scalar)
+            inner = self.expression(free, deeper)
+            return Node(f"{name}(tanh({inner.spec}))", f"{BOUNDED_FUNCTIONS[name]}(torch.tanh({inner.code}))",
+                        inner.dims, inner.scalar)
+        if kind == "atan2":
+            # two operands over parts of `free` that together cover it, the second one never 0 but on either
+            # side of the branch cut (a = 0, b < 0): at (0, 0) torch's forward mode is NaN where its backward,
+            # and derive's jvp, give 0 (tests/test_functions_more.py checks that point against the backward)
+            parts = self.split(free, 2)
+            left, right = (self.expression(p, deeper) for p in parts)
+            sign = self.draw(st.sampled_from(["", "-"]))
+            right = Node(f"{sign}exp({right.spec})", f"{sign}torch.exp({right.code})", right.dims, right.scalar)
+            return self.combine("torch.atan2({}, {})", f"atan2({left.spec}, {right.spec})", left, right)
         if kind == "power":
             return self.power(free, deeper)
         if kind == "where" and not self.positions and set(free) - {BATCH} and set(INDICES) - set(free) \
@@ -304,7 +326,9 @@ class Builder:
         return [tuple(i for i, o in zip(free, owners) if p in o) for p in range(parts)]
 
     def power(self, free: tuple[str, ...], depth: int) -> Node:
-        exponent = self.draw(st.sampled_from(["2", "3", "-1", "0.5", "1.5", "a"]))
+        exponent = self.draw(st.sampled_from(["2", "3", "-1", "0.5", "1.5", "a", "tensor"]))
+        if exponent == "tensor":
+            return self.tensor_power(free, depth)
         self.features[f"power {'a (param)' if exponent == 'a' else exponent}"] += 1
         if exponent in ("2", "3"):
             base = self.expression(free, depth)
@@ -320,6 +344,22 @@ class Builder:
         code_exponent = {"a": "a", "-1": "-1"}.get(exponent, exponent)
         return Node(f"({base.spec})**{exponent}", f"torch.pow({base.code}, {code_exponent})", base.dims,
                     base.scalar)
+
+    def tensor_power(self, free: tuple[str, ...], depth: int) -> Node:
+        """A power whose exponent is a tensor expression, the two over parts of `free` (broadcast): a base away
+        from 0 with any exponent, or a base from 0 with an exponent 1 + e**2 >= 1 (at 0 its gradients are
+        torch's: d/dx is 1 at p == 1, d/dp is 0; exponents below 1 would make them infinite there, which a
+        later sum turns into inf or NaN by its order of operations)."""
+        base_free, exponent_free = self.split(free, 2)
+        at_zero = self.draw(st.booleans())
+        base = self.positive_leaf(base_free, low=0.0 if at_zero else 0.5)
+        exponent = self.expression(exponent_free, depth)
+        if at_zero:
+            self.features["power with a tensor exponent at the base 0"] += 1
+            exponent = Node(f"(1 + ({exponent.spec})**2)", f"(1 + ({exponent.code}) ** 2)", exponent.dims,
+                            exponent.scalar)
+        self.features["power with a tensor exponent"] += 1
+        return self.combine("torch.pow({}, {})", f"({base.spec})**({exponent.spec})", base, exponent)
 
     def reduction(self, free: tuple[str, ...], depth: int, contraction: bool) -> Node:
         available = [i for i in INDICES if i not in free]

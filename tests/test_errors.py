@@ -32,8 +32,9 @@ def op(equation, inputs='["x[n, k]"]', extra="", name="bad", reference="x"):
 
 
 VALID = op("y[n, k] = tanh(x[n, k])", reference="torch.tanh(x)")
-KNOWN_FUNCTIONS = ("Abs, Max, Min, abs, cos, erf, exp, log, log1p, logsumexp, max, mean, min, sigmoid, sin, "
-                   "size, softmax, softplus, sqrt, sum, tanh, where")
+KNOWN_FUNCTIONS = ("Abs, Max, Min, abs, acos, acosh, asin, asinh, atan, atan2, atanh, cos, cosh, erf, exp, log, log1p, "
+                   "logsumexp, max, mean, min, sigmoid, sign, sin, sinh, size, softmax, softplus, sqrt, sum, tan, tanh, "
+                   "where")
 DIFFERENTIABLE_HINT = "(its gradient would be zero everywhere); list only inputs that get a gradient in 'differentiable'"
 BALANCED = "x[n]"
 for _ in range(8):
@@ -159,6 +160,13 @@ CASES = [
      "the result or reduce it with sum/mean (for a size-1 dim, declare pred without it: derive does not "
      "broadcast (N, 1) against (N))"),
     # non-differentiable constructs marked differentiable
+    ("atan2-one-argument", op("y[n, k] = atan2(x[n, k])"),
+     "bad.toml:3:23: op 'bad': atan2() takes 2 arguments"),
+    ("sign-two-arguments", op("y[n, k] = sign(x[n, k], x[n, k])"),
+     "bad.toml:3:23: op 'bad': sign() takes one argument"),
+    ("inverse-trig-outside-its-domain", op("y[n, k] = x[n, k] * asin(2)"),
+     "bad.toml:3:33: op 'bad': constant asin(2) in asin(2) is not a real number (generated code computes in real "
+     "floats)"),
     ("floor", op("y[n, k] = floor(x[n, k])"),
      "bad.toml:3:23: op 'bad': 'floor' is not differentiable (its derivative is zero almost everywhere and "
      "undefined at its jumps)"),
@@ -223,6 +231,17 @@ CASES = [
      "bad.toml:4:14: op 'bad': reference: unknown name 'numpy' (only inputs, params and torch)"),
     ("reference-denied-function", op("y[n, k] = x[n, k]", reference="torch.save(x, 'f')"),
      "bad.toml:4:14: op 'bad': reference: 'torch.save' is not an allowed torch function"),
+    ("reference-chained-comparison", op("y[n, k] = x[n, k]", reference="(0 < x < 1) * x"),
+     "bad.toml:4:15: op 'bad': reference: a chained comparison is not allowed (Python joins a < b < c with 'and', "
+     "which a tensor of several elements refuses): write torch.logical_and(a < b, b < c)"),
+    ("reference-identity-comparison", op("y[n, k] = x[n, k]", reference="(x is x) * x"),
+     "bad.toml:4: op 'bad': reference: 'Is' is not allowed"),
+    ("reference-einsum-bad-equation", op("y[n, k] = x[n, k]", reference="torch.einsum('nk;kn', x)"),
+     "bad.toml:4:27: op 'bad': reference: string 'nk;kn' is not allowed (only option names such as 'sum', and the "
+     "equation of torch.einsum such as 'ij,jk->ik' as its first argument)"),
+    ("reference-equation-string-elsewhere", op("y[n, k] = x[n, k]", reference="torch.relu(x, 'nk->kn')"),
+     "bad.toml:4:28: op 'bad': reference: string 'nk->kn' is not allowed (only option names such as 'sum', and "
+     "the equation of torch.einsum such as 'ij,jk->ik' as its first argument)"),
     # other keys
     ("step-at-zero-retired", op("y[n, k] = Max(x[n, k], 0)", extra="step_at_zero = 0\n"),
      "bad.toml:5: op 'bad': 'step_at_zero' is retired: a kink's value is set where it is written, as the first "
