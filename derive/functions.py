@@ -279,6 +279,32 @@ class one_hot(sympy.Function):  # noqa: N801
         return sympy.S.Zero
 
 
+class as_float(sympy.Function):  # noqa: N801
+    """The integer (or bool) input `value`, read as a number in the dtype of the tensor named `like`: generated
+    code casts it (`mask.to(grad_y.dtype)`), so that a bool mask subtracts and a function of an integer
+    computes in the inputs' precision. A comparison reads the integer as it is."""
+
+    nargs = 2
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return sympy.S.Zero
+
+
+def integers_as_float(expr: sympy.Expr, integers: frozenset[str], like: str) -> sympy.Expr:
+    """`expr` with every value read of an integer input (not a comparison's, nor a gather's or one-hot's
+    index) wrapped in as_float(., like)."""
+    if not integers:
+        return expr
+    if isinstance(expr, sympy.Indexed) and expr.base.label.name in integers or \
+            isinstance(expr, sympy.Symbol) and expr.name in integers:
+        return as_float(expr, sympy.Symbol(like, real=True))
+    if isinstance(expr, (sympy.Indexed, sympy.core.relational.Relational, one_hot, as_float)) or not expr.args:
+        return expr
+    args = [integers_as_float(a, integers, like) for a in expr.args]
+    return expr if all(a is b for a, b in zip(args, expr.args)) else expr.func(*args)
+
+
 STABLE_FUNCTIONS = (sigmoid, softplus, logsumexp, softmax, log_softmax, log1p)
 
 

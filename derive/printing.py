@@ -227,6 +227,10 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         """A call whose result has `dims`, lined up for this printer's layout."""
         return align(Code(text, tuple(dims)), self.layout).text
 
+    def _print_as_float(self, expr):
+        value, like = expr.args
+        return f"{self._print(value)}.to({like.name}.dtype)"
+
     def _print_one_hot(self, expr):
         value, position = expr.args
         size = self._print(position.upper + 1)
@@ -257,7 +261,8 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         if all(is_python_number(value) for value, _ in expr.args):
             # torch.where of two Python numbers is in torch's default dtype: one branch takes the dtype
             # (and device) of a tensor the condition reads
-            like = sorted(a.base.label.name for a in condition.atoms(sympy.Indexed))[0]
+            like = sorted([a.base.label.name for a in condition.atoms(sympy.Indexed)]
+                          + [s.name for s in condition.free_symbols if not is_python_number(s)])[0]
             rest = sympy.Piecewise(*expr.args[1:]) if len(expr.args) > 2 else expr.args[1].expr
             return f"torch.where({self._print(condition)}, {like}.new_tensor({self._print(first)}), {self._print(rest)})"
         return super()._print_Piecewise(expr)
@@ -800,6 +805,9 @@ class IndexNotationPrinter(PositiveFirst, sympy.printing.str.StrPrinter):
         return f"{expr.untied_function.__name__}({first}, {second}, tie={tie})"
 
     _print_min_tie = _print_max_tie
+
+    def _print_as_float(self, expr):
+        return f"float({self._print(expr.args[0])})"
 
 
 def index_notation(expr: sympy.Expr) -> str:

@@ -236,7 +236,7 @@ CASES = [
     ("ranges-reversed", op("y[n, k] = x[n, k]", extra="ranges = { x = [1, 0] }\n"),
      "bad.toml:5: op 'bad': 'ranges' entry 'x' must name an input and give finite [low, high] with low < high"),
     ("integer-input-unused", op("y[n, k] = x[n, k]", inputs='["x[n, k]", "i[n]"]', extra='integer = ["i"]\n'),
-     "bad.toml:5: op 'bad': integer input 'i' is never used as an index"),
+     "bad.toml:5: op 'bad': integer input 'i' is never used"),
     # limits on reading and on the size of what is accepted (bounded work)
     ("toml-nested-too-deeply", "a = " + "[" * 2000 + "]" * 2000 + "\n",
      "bad.toml: TOML nested too deeply (arrays or inline tables inside each other)"),
