@@ -604,8 +604,11 @@ def gather_layout(index: Code, dims: tuple[str, ...], tensor: str) -> GatherLayo
         raise ValueError(f"cannot gather {tensor} by {index.text}: it shares dims with {tensor}'s others and has "
                          f"more than one of its own")
     layout = dims[:position] + (tuple(own) or (GATHERED,)) + dims[position + 1:]
-    lined = align(index, layout)
-    text = lined.atom() + ".unsqueeze(0)" * (len(layout) - len(lined.indices))
+    without = tuple(i for i in layout if i != GATHERED)
+    lined = align(index, without)
+    text = lined.atom() + ".unsqueeze(0)" * (len(without) - len(lined.indices))
+    if not own:
+        text += f".unsqueeze({dim})"
     lacking = [p for p, i in enumerate(layout) if i not in index.indices and i != GATHERED]
     if lacking:
         if batched:
