@@ -538,9 +538,8 @@ def render(node: Node) -> Code:
                 if position < len(dims) - 1:
                     shape += f" + {node.like}.shape[{position + 1}:]"
             else:
-                shape = python_tuple([f"{node.like}.shape[{p}]" if i in node.indices else
-                                      f"{node.index}.shape[{node.rows.index(i)}]" if i in node.rows else "1"
-                                      for p, i in enumerate(gather.layout)])
+                shape = python_tuple([f"{node.like}.shape[{node.indices.index(i)}]" if i in node.indices else
+                                      f"{node.index}.shape[{node.rows.index(i)}]" for i in layout])
             if BATCH in dims and not (gather.select and position == 0):
                 raise ValueError(f"cannot expand the gradient of a gather by {node.index} with batch dims '...'")
             ones = isinstance(node.source, Leaf) and node.source.expr == 1

@@ -160,7 +160,8 @@ CASES = [
      "bad.toml:3:29: op 'bad': a where() condition must compare a tensor: one on params and numbers alone "
      "is the same everywhere, so write the branch it picks directly"),
     ("where-condition-not-comparison", op("y[n, k] = where(x[n, k], 1, x[n, k])"),
-     "bad.toml:3:29: op 'bad': a where() condition must be one comparison: <, <=, > or >="),
+     "bad.toml:3:29: op 'bad': a where() condition must be one comparison: <, <=, > or >=, "
+     "or an integer input (true where it is not 0)"),
     ("differentiable-input-unused", op("y[n, k] = x[n, k]", inputs='["x[n, k]", "w[k]"]'),
      f"bad.toml:3: op 'bad': input 'w' is differentiable but the equation does not use it {DIFFERENTIABLE_HINT}"),
     ("constant-result", op("y = sum(x[n, k], n, k) * 0"),
