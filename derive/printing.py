@@ -261,8 +261,9 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         if all(is_python_number(value) for value, _ in expr.args):
             # torch.where of two Python numbers is in torch's default dtype: one branch takes the dtype
             # (and device) of a tensor the condition reads
-            like = sorted([a.base.label.name for a in condition.atoms(sympy.Indexed)]
-                          + [s.name for s in condition.free_symbols if not is_python_number(s)])[0]
+            tensors = [a.base.label.name for a in condition.atoms(sympy.Indexed)] or \
+                [s.name for s in condition.free_symbols if not is_python_number(s)]   # a 0-d tensor
+            like = sorted(tensors)[0]
             rest = sympy.Piecewise(*expr.args[1:]) if len(expr.args) > 2 else expr.args[1].expr
             return f"torch.where({self._print(condition)}, {like}.new_tensor({self._print(first)}), {self._print(rest)})"
         return super()._print_Piecewise(expr)
