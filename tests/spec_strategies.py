@@ -114,10 +114,35 @@ class Builder:
             self.features["transposed declaration"] += 1
         return Node(f"{tensor.name}[{', '.join(indices)}]", tensor.name, indices)
 
+    def mask_leaf(self, free: tuple[str, ...]) -> Node:
+        """An integer input read as a value (a mask, here with values 0 to size_v - 1), over exactly `free`."""
+        rest = [i for i in free if i != BATCH]
+        indices = ((BATCH,) if BATCH in free else ()) + tuple(self.draw(st.permutations(rest)))
+        suffix = "".join("b" if i == BATCH else i for i in indices)
+        tensor = self.declared(f"mask_{suffix}" if suffix else "mask", indices, integer=True)
+        self.features["integer input as a value"] += 1
+        # the reference reads it in float64: torch.exp of an int64 tensor would compute in float32
+        code = f"{tensor.name}.to(torch.float64)"
+        return Node(f"{tensor.name}[{', '.join(indices)}]" if indices else tensor.name, code, indices)
+
     def gather_leaf(self, free: tuple[str, ...]) -> Node:
-        """A table entry chosen by an integer input, in the two forms derive supports: a row
-        `t[g[i], d]` (the leading dim, by an index of its own) or one entry per row `t[n, g[n]]`
-        (one dim, by a tensor over all the others)."""
+        """A table entry chosen by an integer input, in the forms derive supports: rows `t[g[i], d]` or
+        columns `t[d, g[i]]` (any dim, by an index of its own: index_select), one entry per row `t[n, g[n]]`
+        (one dim, by a tensor over all the others), or several per row `t[n, g[n, j]]` (torch.gather)."""
+        if len(free) > 1 and self.draw(st.booleans()):
+            own = self.draw(st.sampled_from(free))
+            shared = tuple(self.draw(st.permutations([i for i in free if i != own])))
+            position = self.draw(st.integers(0, len(shared)))
+            table_indices = shared[:position] + (VOCABULARY,) + shared[position:]
+            index_order = tuple(self.draw(st.permutations(free)))
+            table = self.declared("t_" + "".join(table_indices), table_indices)
+            index = self.declared("g_" + "".join(index_order), index_order, integer=True)
+            access = [f"{index.name}[{', '.join(index_order)}]" if i == VOCABULARY else i for i in table_indices]
+            layout = shared[:position] + (own,) + shared[position:]
+            chosen = self.aligned(Node("", index.name, index_order), layout)
+            self.features["gather of several entries per row"] += 1
+            return Node(f"{table.name}[{', '.join(access)}]", f"torch.gather({table.name}, {position}, {chosen})",
+                        layout)
         if len(free) > 1 and self.draw(st.booleans()):
             rest = tuple(self.draw(st.permutations(free)))
             position = self.draw(st.integers(0, len(rest)))
@@ -133,11 +158,14 @@ class Builder:
                         rest)
         gathered = self.draw(st.sampled_from(free))
         rest = tuple(self.draw(st.permutations([i for i in free if i != gathered])))
-        table = self.declared("t_" + "".join((VOCABULARY, *rest)), (VOCABULARY, *rest))
+        position = self.draw(st.integers(0, len(rest))) if self.draw(st.booleans()) else 0
+        table_indices = rest[:position] + (VOCABULARY,) + rest[position:]
+        table = self.declared("t_" + "".join(table_indices), table_indices)
         index = self.declared(f"g_{gathered}", (gathered,), integer=True)
-        self.features["gather of rows"] += 1
-        return Node(f"{table.name}[{', '.join((f'{index.name}[{gathered}]', *rest))}]",
-                    f"{table.name}.index_select(0, {index.name})", (gathered, *rest))
+        self.features["gather of rows" if position == 0 else "gather along a later dim"] += 1
+        access = [f"{index.name}[{gathered}]" if i == VOCABULARY else i for i in table_indices]
+        return Node(f"{table.name}[{', '.join(access)}]", f"{table.name}.index_select({position}, {index.name})",
+                    rest[:position] + (gathered,) + rest[position:])
 
     def positive_leaf(self, free: tuple[str, ...], low: float) -> Node:
         """An input with a declared range [low, 2]: low is 0 for power bases (a domain boundary), > 0 for log."""
@@ -222,6 +250,8 @@ class Builder:
                 return self.draw(st.sampled_from([self.scalar_leaf, lambda: self.tensor_leaf(())]))()
             if BATCH not in free and self.draw(st.integers(0, 4)) == 0:
                 return self.gather_leaf(free)
+            if self.draw(st.integers(0, 5)) == 0:
+                return self.mask_leaf(free)
             return self.tensor_leaf(free)
         self.features[kind] += 1
         if kind == "binary":
@@ -334,6 +364,14 @@ class Builder:
             comparison = self.draw(st.sampled_from(["<", ">", "<=", ">="]))
             # the condition compares a tensor over part of `free` with a constant or another expression
             part = self.split(free, 1)[0] if free else ()
+            if self.draw(st.integers(0, 4)) == 0:    # where(mask[i], a, b): true where the integer is not 0
+                self.in_condition += 1
+                mask = self.mask_leaf(part)
+                self.in_condition -= 1
+                self.features["where of a bare integer input"] += 1
+                then, otherwise = self.expression(free, depth), self.expression(free, depth)
+                return self.combine("torch.where(torch.ne({}, 0), {}, {})",
+                                    f"where({mask.spec}, {then.spec}, {otherwise.spec})", mask, then, otherwise)
             self.in_condition += 1
             left = self.tensor_leaf(part) if self.draw(st.booleans()) else self.expression(part, depth)
             if not left.dims and left.scalar:

@@ -26,7 +26,7 @@ from derive.testing import (call_backward, check_gradients, gradcheck_op, load_m
 # --- generated specs ------------------------------------------------------------------------------
 
 def _access(name: str, dims: tuple[str, ...]) -> str:
-    return f"{name}[{', '.join(dims)}]"
+    return f"{name}[{', '.join(dims)}]" if dims else name
 
 
 # role -> (inputs besides mask, equation right-hand side, result dims, reference), for the mask's dims D;
