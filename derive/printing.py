@@ -550,7 +550,7 @@ def render(node: Node) -> Code:
         if not gather.select:
             if GATHERED in gather.layout:
                 source = Code(f"{source.atom()}.unsqueeze({gather.dim})", gather.layout)
-            return Code(f"torch.zeros_like({node.like}).scatter_add({gather.dim}, {gather.index}, {source.text})",
+            return Code(f"torch.zeros_like({node.like}).scatter_add_({gather.dim}, {gather.index}, {source.text})",
                         node.indices)
         position = dims.index(GATHERED)
         if BATCH in layout:     # counted from the end: `...` stands for any number of dims
@@ -559,7 +559,7 @@ def render(node: Node) -> Code:
         # flatten, not reshape(-1, size): -1 is ambiguous when a size is 0
         rows = source.text if flat else f"{source.atom()}.flatten({position}, {position + len(node.rows) - 1})"
         index = node.index if flat else f"{node.index}.reshape(-1)"
-        return Code(f"torch.zeros_like({node.like}).index_add({gather.dim}, {index}, {rows})", node.indices)
+        return Code(f"torch.zeros_like({node.like}).index_add_({gather.dim}, {index}, {rows})", node.indices)
     if isinstance(node, Scaled):
         source = render(node.source)
         return Code(_scale(node.coefficient, source), source.indices, MUL)
