@@ -231,16 +231,27 @@ def test_gather_lowers_to_gather_and_scatter_add():
     """torch.gather's own pair, never a one-hot of the gathered dim."""
     source = (GENERATED / "gather.py").read_text()
     assert "return x.gather(1, idx)" in source
-    assert _backward_line("gather", "grad_x") == "grad_x = torch.zeros_like(x).scatter_add_(1, idx, grad_y)"
+    assert _backward_line("gather", "grad_x") == "grad_x = torch.zeros_like(x).scatter_add(1, idx, grad_y)"
     assert "torch.nn.functional.one_hot" not in source
 
 
-def test_embedding_2d_adds_rows_over_the_flattened_indices():
+def test_embedding_2d_adds_rows_with_the_embedding_backward():
+    """Rows of a 2-D table read by an index of any shape: torch's embedding backward adds them, commented."""
     source = (GENERATED / "embedding_2d.py").read_text()
     assert "return table[idx]" in source
     assert _backward_line("embedding_2d", "grad_table") == \
-        "grad_table = torch.zeros_like(table).index_add_(0, idx.reshape(-1), grad_y.flatten(0, 1))"
+        "grad_table = torch.ops.aten.embedding_dense_backward(grad_y, idx, table.shape[0], -1, False)"
+    assert "# embedding_dense_backward(g, idx, size_v, ...) = " in source
     assert "torch.nn.functional.one_hot" not in source
+
+
+def test_rows_of_a_wider_table_are_added_with_index_add(tmp_path):
+    """x[a, idx[j, k], b]: rows along dim 1 of a 3-D input, index_add over the flattened index."""
+    text, _ = gather_spec("select2", 3, 1)
+    _, op, modules = generate(tmp_path, text)
+    source = modules["contraction"].read_text()
+    assert "return x[:, idx]" in source
+    assert "grad_x = torch.zeros_like(x).index_add(1, idx.reshape(-1), grad_y.flatten(1, 2))" in source
 
 
 def test_a_gather_sharing_some_dims_expands_its_index(tmp_path):
@@ -249,7 +260,7 @@ def test_a_gather_sharing_some_dims_expands_its_index(tmp_path):
     _, op, modules = generate(tmp_path, text)
     source = modules["contraction"].read_text()
     assert "return x.gather(2, idx.unsqueeze(0).expand(x.shape[0], -1, -1))" in source
-    assert "grad_x = torch.zeros_like(x).scatter_add_(2, idx.unsqueeze(0).expand(x.shape[0], -1, -1), grad_y)" \
+    assert "grad_x = torch.zeros_like(x).scatter_add(2, idx.unsqueeze(0).expand(x.shape[0], -1, -1), grad_y)" \
         in source
 
 

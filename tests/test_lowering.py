@@ -509,7 +509,7 @@ def test_a_gathered_table_summed_along_another_dim_is_scattered_not_multiplied_b
         reference = "(t[g].permute(2, 1, 0).unsqueeze(2) * p.permute(2, 0, 1, 3)).sum(-1)"
     ''')
     code = render_expr(built(op).lowered["contraction"].gradients[0])
-    assert "index_add_(0, g," in code and "one_hot" not in code
+    assert "index_add(0, g," in code and "one_hot" not in code
     for sizes in ({"v": 3, "k": 2, "j": 2, "m": 3, "n": 4}, {"v": 1, "k": 2, "j": 1, "m": 0, "n": 2}):
         check_gradients(op, module, sizes=sizes)
 
@@ -574,7 +574,7 @@ def test_a_scatter_through_an_integer_input_never_multiplies_a_one_hot(tmp_path,
         reference = "{reference}"
     ''')
     code = render_expr(build_op(op).lowered["contraction"].gradients[0])
-    assert "index_add_(0, g" in code and "one_hot" not in code
+    assert ("embedding_dense_backward(" in code or "index_add(0, g" in code) and "one_hot" not in code
     for sizes in ({"v": 3, "d": 2, "n": 4, "k": 2, "m": 3}, {"v": 2, "d": 2, "n": 2, "k": 2, "m": 2},
                   {"v": 1, "d": 1, "n": 1, "k": 1, "m": 1}, {"v": 2, "d": 0, "n": 3, "k": 0, "m": 0}):
         check_gradients(op, module, sizes=sizes)
