@@ -550,8 +550,8 @@ def render(node: Node) -> Code:
         if not gather.select:
             if GATHERED in gather.layout:
                 source = Code(f"{source.atom()}.unsqueeze({gather.dim})", gather.layout)
-            return Code(f"torch.zeros_like({node.like}).scatter_add({gather.dim}, {gather.index}, {source.text})",
-                        node.indices)
+            return Code(f"{_zeros(node, source)}.scatter_add{_in_place(source)}({gather.dim}, {gather.index}, "
+                        f"{source.text})", node.indices)
         if adds_table_rows(node):
             # rows of a table, as an embedding reads them: torch's embedding backward adds them (far faster
             # on the CPU than index_add, which adds row by row)
@@ -564,7 +564,8 @@ def render(node: Node) -> Code:
         # flatten, not reshape(-1, size): -1 is ambiguous when a size is 0
         rows = source.text if flat else f"{source.atom()}.flatten({position}, {position + len(node.rows) - 1})"
         index = node.index if flat else f"{node.index}.reshape(-1)"
-        return Code(f"torch.zeros_like({node.like}).index_add({gather.dim}, {index}, {rows})", node.indices)
+        return Code(f"{_zeros(node, source)}.index_add{_in_place(source)}({gather.dim}, {index}, {rows})",
+                    node.indices)
     if isinstance(node, Scaled):
         source = render(node.source)
         return Code(_scale(node.coefficient, source), source.indices, MUL)
@@ -622,6 +623,17 @@ def gather_layout(index: Code, dims: tuple[str, ...], tensor: str) -> GatherLayo
         sizes = ["-1" if p not in lacking else f"{tensor}.shape[{p}]" for p in range(len(layout))]
         text += f".expand({', '.join(sizes)})"
     return GatherLayout(False, dim, layout, index=text)
+
+
+def _zeros(node: Scatter, source: Code) -> str:
+    """The zeros a scatter adds into: made from the source when it is a plain tensor (then added in place, one
+    allocation; under vmap they are batched as the source is, as autograd's own gather backward makes them)."""
+    return f"{source.text}.new_zeros({node.like}.shape)" if source.text.isidentifier() \
+        else f"torch.zeros_like({node.like})"
+
+
+def _in_place(source: Code) -> str:
+    return "_" if source.text.isidentifier() else ""
 
 
 def _arranged(code: Code, layout: tuple[str, ...]) -> Code:

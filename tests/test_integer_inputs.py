@@ -228,10 +228,11 @@ def _backward_line(op_name: str, target: str, style: str = "contraction") -> str
 
 
 def test_gather_lowers_to_gather_and_scatter_add():
-    """torch.gather's own pair, never a one-hot of the gathered dim."""
+    """torch.gather's own pair, never a one-hot of the gathered dim; the zeros come from grad_y and take its
+    batch dims under vmap, so the gradient is added in place (one allocation, as autograd's)."""
     source = (GENERATED / "gather.py").read_text()
     assert "return x.gather(1, idx)" in source
-    assert _backward_line("gather", "grad_x") == "grad_x = torch.zeros_like(x).scatter_add(1, idx, grad_y)"
+    assert _backward_line("gather", "grad_x") == "grad_x = grad_y.new_zeros(x.shape).scatter_add_(1, idx, grad_y)"
     assert "torch.nn.functional.one_hot" not in source
 
 
@@ -251,7 +252,7 @@ def test_rows_of_a_wider_table_are_added_with_index_add(tmp_path):
     _, op, modules = generate(tmp_path, text)
     source = modules["contraction"].read_text()
     assert "return x[:, idx]" in source
-    assert "grad_x = torch.zeros_like(x).index_add(1, idx.reshape(-1), grad_y.flatten(1, 2))" in source
+    assert "grad_x = grad_y.new_zeros(x.shape).index_add_(1, idx.reshape(-1), grad_y.flatten(1, 2))" in source
 
 
 def test_a_gather_sharing_some_dims_expands_its_index(tmp_path):
@@ -260,8 +261,8 @@ def test_a_gather_sharing_some_dims_expands_its_index(tmp_path):
     _, op, modules = generate(tmp_path, text)
     source = modules["contraction"].read_text()
     assert "return x.gather(2, idx.unsqueeze(0).expand(x.shape[0], -1, -1))" in source
-    assert "grad_x = torch.zeros_like(x).scatter_add(2, idx.unsqueeze(0).expand(x.shape[0], -1, -1), grad_y)" \
-        in source
+    assert "grad_x = grad_y.new_zeros(x.shape).scatter_add_(2, idx.unsqueeze(0).expand(x.shape[0], -1, -1), " \
+        "grad_y)" in source
 
 
 # --- inputs, contracts, refusals -------------------------------------------------------------------
