@@ -301,6 +301,13 @@ def integers_as_float(expr: sympy.Expr, integers: frozenset[str], like: str) -> 
         return as_float(expr, sympy.Symbol(like, real=True))
     if isinstance(expr, (sympy.Indexed, sympy.core.relational.Relational, one_hot, as_float)) or not expr.args:
         return expr
+    if isinstance(expr, sympy.Piecewise) and all(not v.atoms(sympy.Indexed) and not v.free_symbols & {
+            sympy.Symbol(n, real=True) for n in integers} for v, _ in expr.args):
+        # numbers chosen by a condition: a torch.where whose numbers take the dtype of `like`, not a mask's
+        named = {a.base.label.name for a in expr.atoms(sympy.Indexed)} | {s.name for s in expr.free_symbols}
+        if named & integers and not expr.atoms(sympy.Indexed) - {a for a in expr.atoms(sympy.Indexed)
+                                                                   if a.base.label.name in integers}:
+            return as_float(expr, sympy.Symbol(like, real=True))
     args = [integers_as_float(a, integers, like) for a in expr.args]
     return expr if all(a is b for a, b in zip(args, expr.args)) else expr.func(*args)
 

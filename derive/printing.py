@@ -19,7 +19,7 @@ from .torch_printer import TorchPrinter
 from .plan import free_indices
 from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, expands_batch, walk
 from .model import OpSpec, is_python_number, size_symbol
-from .functions import one_hot
+from .functions import as_float, one_hot
 from .kernels import Fused, comments, kernel_of
 from . import naming
 from .naming import BATCH, grad
@@ -229,6 +229,8 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     def _print_as_float(self, expr):
         value, like = expr.args
+        if isinstance(value, sympy.Piecewise):   # numbers chosen by a condition on integers: in like's dtype
+            return self._print_Piecewise(value, like.name)
         return f"{self._print(value)}.to({like.name}.dtype)"
 
     def _print_one_hot(self, expr):
@@ -252,7 +254,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     def _print_log1p(self, expr):
         return f"torch.log1p({self._print(expr.args[0])})"
 
-    def _print_Piecewise(self, expr):
+    def _print_Piecewise(self, expr, like: str | None = None):
         (first, condition), rest = expr.args[0], expr.args[1:]
         if rest and is_python_number(condition):
             # torch.where takes a tensor condition: one on params (a power's a == 0) is a Python bool
@@ -263,7 +265,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             # (and device) of a tensor the condition reads
             tensors = [a.base.label.name for a in condition.atoms(sympy.Indexed)] or \
                 [s.name for s in condition.free_symbols if not is_python_number(s)]   # a 0-d tensor
-            like = sorted(tensors)[0]
+            like = like or sorted(tensors)[0]
             rest = sympy.Piecewise(*expr.args[1:]) if len(expr.args) > 2 else expr.args[1].expr
             return f"torch.where({self._print(condition)}, {like}.new_tensor({self._print(first)}), {self._print(rest)})"
         return super()._print_Piecewise(expr)
@@ -443,6 +445,8 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     def _like(self, expr) -> str:
         """A tensor that `expr` reads, for a number to take its dtype and device (a value, not an index)."""
+        # an integer read as a float takes the dtype of the tensor it is cast like
+        expr = expr.replace(lambda e: isinstance(e, as_float), lambda e: e.args[1])
         accesses = expr.atoms(sympy.Indexed)
         indices = {i for a in accesses for i in a.indices}
         names = sorted(a.base.label.name for a in accesses - indices)

@@ -44,11 +44,14 @@ def _mask_role(role: str, dims: tuple[str, ...]):
         "compared_with_float": (["x"], f"where({x} > {m}, {x}, 0)", dims, "torch.where(x.gt(mask), x, 0)"),
         "sum": (["x"], f"sum({m} * {x}, {last})", rest, f"(mask * x).sum({len(dims) - 1})"),
         "count": (["x"], f"sum({m}, {last}) * {_access('w', rest)}", rest, f"mask.sum({len(dims) - 1}) * w"),
+        # a number beside the mask takes the float inputs' dtype, not the mask's (found by the fuzzer)
+        "bounded": (["x"], f"Max({m}, 0.5) * {x}", dims, "torch.clamp_min(mask.to(x.dtype), 0.5) * x"),
+        "numbers": (["x"], f"where({m} > 0, 2.5, -1) * {x}", dims, "torch.where(mask.gt(0), 2.5, -1.0).to(x.dtype) * x"),
     }[role]
 
 
 MASK_ROLES = ["factor", "where_compared", "where_bare", "complement", "function", "compared_with_float", "sum",
-              "count"]
+              "count", "bounded", "numbers"]
 MASK_DIMS = [("i",), ("n", "k"), ("...",)]
 
 
@@ -193,7 +196,7 @@ def check_gather_spec(tmp_path, kind, rank, dim):
         check_gradients(op, module, sizes=dict.fromkeys(sizes, 1))
 
 
-FAST_MASKS = [("factor", ("n", "k")), ("where_bare", ("...",)), ("complement", ("i",))]
+FAST_MASKS = [("factor", ("n", "k")), ("where_bare", ("...",)), ("complement", ("i",)), ("numbers", ("i",))]
 FAST_GATHERS = [("gather", 2, 1), ("select2", 3, 1)]
 
 
