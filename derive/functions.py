@@ -292,14 +292,19 @@ class as_float(sympy.Function):  # noqa: N801
 
 
 def integers_as_float(expr: sympy.Expr, integers: frozenset[str], like: str) -> sympy.Expr:
-    """`expr` with every value read of an integer input (not a comparison's, nor a gather's or one-hot's
-    index) wrapped in as_float(., like)."""
+    """`expr` with every value read of an integer input (not a gather's or one-hot's index, nor one side of a
+    comparison on its own) wrapped in as_float(., like)."""
     if not integers:
         return expr
     if isinstance(expr, sympy.Indexed) and expr.base.label.name in integers or \
             isinstance(expr, sympy.Symbol) and expr.name in integers:
         return as_float(expr, sympy.Symbol(like, real=True))
-    if isinstance(expr, (sympy.Indexed, sympy.core.relational.Relational, one_hot, as_float)) or not expr.args:
+    if isinstance(expr, sympy.core.relational.Relational):
+        # a side that is the integer itself is compared as it is (mask > 0); arithmetic on it is cast
+        # (q - mask > p: a bool mask does not subtract)
+        sides = [side if _is_read(side, integers) else integers_as_float(side, integers, like) for side in expr.args]
+        return expr if all(a is b for a, b in zip(sides, expr.args)) else expr.func(*sides)
+    if isinstance(expr, (sympy.Indexed, one_hot, as_float)) or not expr.args:
         return expr
     if isinstance(expr, sympy.Piecewise) and all(not v.atoms(sympy.Indexed) and not v.free_symbols & {
             sympy.Symbol(n, real=True) for n in integers} for v, _ in expr.args):
@@ -310,6 +315,12 @@ def integers_as_float(expr: sympy.Expr, integers: frozenset[str], like: str) -> 
             return as_float(expr, sympy.Symbol(like, real=True))
     args = [integers_as_float(a, integers, like) for a in expr.args]
     return expr if all(a is b for a, b in zip(args, expr.args)) else expr.func(*args)
+
+
+def _is_read(expr: sympy.Expr, integers: frozenset[str]) -> bool:
+    """Whether `expr` is an integer input read as it is."""
+    return isinstance(expr, sympy.Indexed) and expr.base.label.name in integers or \
+        isinstance(expr, sympy.Symbol) and expr.name in integers
 
 
 STABLE_FUNCTIONS = (sigmoid, softplus, logsumexp, softmax, log_softmax, log1p)

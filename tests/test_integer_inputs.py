@@ -46,12 +46,15 @@ def _mask_role(role: str, dims: tuple[str, ...]):
         "count": (["x"], f"sum({m}, {last}) * {_access('w', rest)}", rest, f"mask.sum({len(dims) - 1}) * w"),
         # a number beside the mask takes the float inputs' dtype, not the mask's (found by the fuzzer)
         "bounded": (["x"], f"Max({m}, 0.5) * {x}", dims, "torch.clamp_min(mask.to(x.dtype), 0.5) * x"),
+        # arithmetic on a mask inside a comparison is cast as well: a bool mask does not subtract
+        "compared_arithmetic": (["x"], f"where({x} > 1 - {m}, {x}, 0)", dims,
+                                "torch.where(x.gt(1 - mask.long()), x, 0)"),
         "numbers": (["x"], f"where({m} > 0, 2.5, -1) * {x}", dims, "torch.where(mask.gt(0), 2.5, -1.0).to(x.dtype) * x"),
     }[role]
 
 
 MASK_ROLES = ["factor", "where_compared", "where_bare", "complement", "function", "compared_with_float", "sum",
-              "count", "bounded", "numbers"]
+              "count", "bounded", "numbers", "compared_arithmetic"]
 MASK_DIMS = [("i",), ("n", "k"), ("...",)]
 
 
@@ -196,7 +199,7 @@ def check_gather_spec(tmp_path, kind, rank, dim):
         check_gradients(op, module, sizes=dict.fromkeys(sizes, 1))
 
 
-FAST_MASKS = [("factor", ("n", "k")), ("where_bare", ("...",)), ("complement", ("i",)), ("numbers", ("i",))]
+FAST_MASKS = [("factor", ("n", "k")), ("where_bare", ("...",)), ("numbers", ("i",)), ("compared_arithmetic", ("i",))]
 FAST_GATHERS = [("gather", 2, 1), ("select2", 3, 1)]
 
 
