@@ -556,11 +556,6 @@ def render(node: Node) -> Code:
                 source = Code(f"{source.atom()}.unsqueeze({gather.dim})", gather.layout)
             return Code(f"{_zeros(node, source)}.scatter_add{_in_place(source)}({gather.dim}, {gather.index}, "
                         f"{source.text})", node.indices)
-        if adds_table_rows(node):
-            # rows of a table, as an embedding reads them: torch's embedding backward adds them (far faster
-            # on the CPU than index_add, which adds row by row)
-            return Code(f"torch.ops.aten.embedding_dense_backward({source.text}, {node.index}, "
-                        f"{node.like}.shape[0], -1, False)", node.indices)
         position = dims.index(GATHERED)
         if BATCH in layout:     # counted from the end: `...` stands for any number of dims
             position -= len(layout)
@@ -720,20 +715,9 @@ def fused_calls(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> list
     return calls
 
 
-EMBEDDING_FORMULA = "embedding_dense_backward(g, idx, size_v, ...) = zeros (size_v, d), with g[i..., :] added at row idx[i...]"
-
-
-def adds_table_rows(node: Scatter) -> bool:
-    """Whether a scatter adds rows into a 2-D table along its first dim, as an embedding's gradient does."""
-    return len(node.indices) == 2 and (node.position or node.indices[0]) == node.indices[0] and \
-        not set(node.rows) & set(node.indices)
-
-
 def kernel_comments(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> tuple[str, ...]:
     """What each fused kernel call in the code computes, from the record that printed it."""
-    rows = any(isinstance(node, Scatter) and adds_table_rows(node)
-               for expr in exprs for root in expr.terms for node in walk(root))
-    return comments(fused_calls(exprs, shared)) + ((EMBEDDING_FORMULA,) if rows else ())
+    return comments(fused_calls(exprs, shared))
 
 
 def render_expr(lowered: LoweredExpr) -> str:
