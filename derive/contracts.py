@@ -33,6 +33,7 @@ class Declared:
     optional: bool               # may be None: a backward-only tensor in the forward, an input the Function
                                  # does not save in the backward
     integer: bool = False        # an integer input (its values index another input)
+    mask: bool = False           # an integer input read only as a value: a bool tensor is welcome too
     role: str = "input"          # "input"; "saved", a value the forward hands the backward; "result",
                                  # grad_<out> or <out>, whose batch dims are those the inputs broadcast to
 
@@ -89,7 +90,11 @@ def shape_checks(op_name: str, declared: list[Declared], sizes: dict[str, str],
             checks.append(Check(guard, f"{name}.dim() >= {rank}",
                                 f"{op_name}: {name} has shape {{tuple({name}.shape)}} but is declared "
                                 f"{tensor.declaration()} (at least {rank} dim{'s' if rank > 1 else ''})"))
-        if tensor.integer:
+        if tensor.mask:
+            checks.append(Check(guard, f"not ({name}.is_floating_point() or {name}.is_complex())",
+                                f"{op_name}: {name} has dtype {{{name}.dtype}} but is declared an integer "
+                                f"input (integer or bool values)"))
+        elif tensor.integer:
             checks.append(Check(guard, f"not ({name}.is_floating_point() or {name}.is_complex() "
                                        f"or {name}.dtype == torch.bool)",
                                 f"{op_name}: {name} has dtype {{{name}.dtype}} but is declared an integer "

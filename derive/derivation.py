@@ -137,6 +137,11 @@ def tensor_symbols(op: OpSpec) -> frozenset[sympy.Symbol]:
     return frozenset(scalar_symbol(n) for n in names)
 
 
+def integer_inputs(op: OpSpec) -> frozenset[str]:
+    """The op's integer inputs: indices and masks, never differentiated."""
+    return frozenset(t.name for t in op.inputs if t.integer)
+
+
 def depends_on_tensor(expr: sympy.Expr, scalars: frozenset[sympy.Symbol]) -> bool:
     """Whether `expr` varies along indices: it reads a tensor, or is an index range (in_range)."""
     return bool(expr.atoms(sympy.Indexed)) or bool(expr.free_symbols & scalars) or expr.has(in_range)
@@ -176,7 +181,7 @@ def _derive_input(op: OpSpec, forward: sympy.Expr, name: str, scalars) -> Gradie
         term = _eliminate_deltas(term, op, name)
         if term is not None:
             terms.append(_rename_primed(term, primed, op))
-    terms, kinks = settle_kinks(_combine(terms), scalars)
+    terms, kinks = settle_kinks(_combine(terms), scalars, integer_inputs(op))
     # a delta that SymPy had folded into a where() branch comes out when the branch is chosen
     terms = [t for t in (_eliminate_deltas(t, op, name) for t in terms) if t is not None]
     terms = [_reuse_output(t, op, forward) for t in terms if not _vanishes(t)]
@@ -211,7 +216,7 @@ def _derive_tangent(op: OpSpec, forward: sympy.Expr, gradient: GradientDerivatio
         term = _eliminate_deltas(term, op, gradient.input)
         if term is not None:
             terms.append(_unprime_sums(term, primed, op.output_indices))
-    terms, _ = settle_kinks(_combine(terms), scalars)
+    terms, _ = settle_kinks(_combine(terms), scalars, integer_inputs(op))
     terms = [t for t in (_eliminate_deltas(t, op, gradient.input) for t in terms) if t is not None]
     terms = [_reuse_output(t, op, forward) for t in terms if not _vanishes(t)]
     jvp = sympy.Add(*[t.to_expr() for t in terms])
@@ -323,7 +328,8 @@ def _is_zero(expr: sympy.Expr, scalars) -> bool:
     return not _combine(expand_terms(sympy.expand(expr), scalars))
 
 
-def settle_kinks(terms: list[Term], scalars) -> tuple[list[Term], tuple[Kink, ...]]:
+def settle_kinks(terms: list[Term], scalars, integers: frozenset[str] = frozenset()
+                 ) -> tuple[list[Term], tuple[Kink, ...]]:
     """The key rule: where a function is differentiable its gradient is the true derivative, whatever the
     conventions at its kinks. For each surface s = 0 that steps of this gradient jump on (the steps of
     Max(0, x) and Min(0, x), the sign of Abs(x), the condition of where(x > 0, ...) all lie on x = 0):
@@ -336,6 +342,8 @@ def settle_kinks(terms: list[Term], scalars) -> tuple[list[Term], tuple[Kink, ..
     """
     verdicts = {}
     for surface in _steps(_total(terms), scalars):
+        if not _names(surface, scalars) - integers:
+            continue    # a condition on integer inputs alone (where(mask[i] > 0, ...)): they do not vary, no kink
         steps = _steps_of(terms, surface, scalars)
         if not steps:
             continue
@@ -359,6 +367,11 @@ def settle_kinks(terms: list[Term], scalars) -> tuple[list[Term], tuple[Kink, ..
         steps = _steps_of(terms, surface, scalars)
         kinks.append(Kink(surface, *(_one_side(total, steps, side) for side in (1, -1, 0)), verdict))
     return terms, tuple(kinks)
+
+
+def _names(expr: sympy.Expr, scalars) -> set[str]:
+    """The tensors `expr` reads."""
+    return {a.base.label.name for a in expr.atoms(sympy.Indexed)} | {s.name for s in expr.free_symbols & scalars}
 
 
 def _total(terms: list[Term]) -> sympy.Expr:

@@ -195,7 +195,8 @@ def _contract(derivation: Derivation, lowered: LoweredOp, kept: list[str]) -> di
     if derivation.uses_output:
         extras.append(Declared(op.output, op.output_indices, optional=True, role="result"))
     extras += [Declared(v.name, v.indices, optional=True, role="saved") for v in lowered.plan.saved]
-    declared = [Declared(t.name, t.indices, optional=t.name not in kept, integer=t.integer) for t in op.inputs]
+    declared = [Declared(t.name, t.indices, optional=t.name not in kept, integer=t.integer,
+                         mask=t.integer and t.value_range is None) for t in op.inputs]
     reduced = {i.name for e in derivation.forward.atoms(functions._Extremum) for i in e.indices}
     checks = shape_checks(op.name, declared + extras, dict(op.index_sizes), tuple(sorted(reduced)))
     # the result's dims whose size is inferred must have that size

@@ -477,6 +477,18 @@ class in_range(sympy.Function):  # noqa: N801
         return sympy.S.Zero
 
 
+class as_float(sympy.Function):  # noqa: N801
+    """The integer (or bool) input `value`, read as a number in the dtype of the tensor named `like`: generated
+    code casts it (`mask.to(grad_y.dtype)`), so that a bool mask subtracts and a function of an integer
+    computes in the inputs' precision. A comparison reads the integer as it is."""
+
+    nargs = 2
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return sympy.S.Zero
+
+
 class window(sympy.Function):  # noqa: N801
     """A read with affine subscripts, `access`, as generated code takes it: the input padded with `front` and
     `back` zeros at each dim (negative: cropped), then windows cut out of each affine dim (`Tensor.unfold`),
@@ -503,6 +515,38 @@ def is_affine_read(expr) -> bool:
     """Whether `expr` is a read with an affine subscript (x[n, t + k]), as opposed to one by index names."""
     return isinstance(expr, sympy.Indexed) and any(
         not isinstance(i, sympy.Idx) and not i.atoms(sympy.Indexed) for i in expr.indices)
+
+
+def integers_as_float(expr: sympy.Expr, integers: frozenset[str], like: str) -> sympy.Expr:
+    """`expr` with every value read of an integer input (not a gather's or one-hot's index, nor one side of a
+    comparison on its own) wrapped in as_float(., like)."""
+    if not integers:
+        return expr
+    if isinstance(expr, sympy.Indexed) and expr.base.label.name in integers or \
+            isinstance(expr, sympy.Symbol) and expr.name in integers:
+        return as_float(expr, sympy.Symbol(like, real=True))
+    if isinstance(expr, sympy.core.relational.Relational):
+        # a side that is the integer itself is compared as it is (mask > 0); arithmetic on it is cast
+        # (q - mask > p: a bool mask does not subtract)
+        sides = [side if _is_read(side, integers) else integers_as_float(side, integers, like) for side in expr.args]
+        return expr if all(a is b for a, b in zip(sides, expr.args)) else expr.func(*sides)
+    if isinstance(expr, (sympy.Indexed, one_hot, as_float)) or not expr.args:
+        return expr
+    if isinstance(expr, sympy.Piecewise) and all(not v.atoms(sympy.Indexed) and not v.free_symbols & {
+            sympy.Symbol(n, real=True) for n in integers} for v, _ in expr.args):
+        # numbers chosen by a condition: a torch.where whose numbers take the dtype of `like`, not a mask's
+        named = {a.base.label.name for a in expr.atoms(sympy.Indexed)} | {s.name for s in expr.free_symbols}
+        if named & integers and not expr.atoms(sympy.Indexed) - {a for a in expr.atoms(sympy.Indexed)
+                                                                   if a.base.label.name in integers}:
+            return as_float(expr, sympy.Symbol(like, real=True))
+    args = [integers_as_float(a, integers, like) for a in expr.args]
+    return expr if all(a is b for a, b in zip(args, expr.args)) else expr.func(*args)
+
+
+def _is_read(expr: sympy.Expr, integers: frozenset[str]) -> bool:
+    """Whether `expr` is an integer input read as it is."""
+    return isinstance(expr, sympy.Indexed) and expr.base.label.name in integers or \
+        isinstance(expr, sympy.Symbol) and expr.name in integers
 
 
 STABLE_FUNCTIONS = (sigmoid, softplus, logsumexp, softmax, log_softmax, log1p)

@@ -82,14 +82,16 @@ class Einsum:
 
 @dataclass(frozen=True)
 class Scatter:
-    """Rows of `source` (dims rows + rest, or some of them: it is expanded) added into a zero tensor shaped like
-    `like` at the rows `index` names."""
+    """The gradient of a gather: `source` (lined up as the gather's result, or some of its dims: it is expanded)
+    added into a zero tensor shaped like `like` at the positions `index` names along the dim `position`
+    (`index_add` or `scatter_add`, by printing.gather_layout's rule)."""
 
     source: "Node"
-    index: str                     # integer input holding the row numbers, with dims `rows`
+    index: str                     # integer input holding the positions, with dims `rows`
     rows: tuple[str, ...]
     like: str                      # input whose shape (and dtype, device) the result has
-    indices: tuple[str, ...]       # the result's dims: the gathered dim first
+    indices: tuple[str, ...]       # the result's dims: like's
+    position: str = ""             # the dim of `indices` the index selects along (default: the first)
 
 
 @dataclass(frozen=True)
@@ -403,15 +405,20 @@ def _scatter(nodes: list[Node], summed: set[str], target: tuple[str, ...], like:
             continue
         value, position = node.expr.args
         rows = tuple(i.name for i in value.indices)
-        rest = tuple(i for i in target if i != position.name)
-        if target[:1] != (position.name,) or not set(rows) <= summed:
+        at = target.index(position.name) if position.name in target else None
+        # the index's dims the gradient keeps (shared with the input's other dims) and those it sums
+        own = tuple(i for i in rows if i not in target)
+        if at is None or not set(own) <= summed or any(i in summed for i in rows if i in target):
             continue
-        others = [n for n in nodes if n is not node] or [Leaf(sympy.S.One, ())]   # each row adds a 1
-        source, left = _contract(others, [i for i in summed if i not in rows], rows + rest, sizes)
-        if left:   # one operand left (the others merged into it): its sum is the scattered rows
+        if len(own) != len(rows) and len(own) > 1 or not own and len(nodes) == 1:
+            continue    # (a one-hot alone, unsummed, is added in place: _indexed_add)
+        layout = target[:at] + own + target[at + 1:]
+        others = [n for n in nodes if n is not node] or [Leaf(sympy.S.One, ())]   # each position adds a 1
+        source, left = _contract(others, [i for i in summed if i not in own], layout, sizes)
+        if left:   # one operand left (the others merged into it): its sum is what is scattered
             source = _sum(source, tuple(left), sizes)
-        # a source constant along some of the rows is expanded to them: each row still adds at its index
-        return Scatter(source, value.base.label.name, rows, like, target)
+        # a source constant along some dims is expanded to them: each position still adds at its index
+        return Scatter(source, value.base.label.name, rows, like, target, position.name)
     return None
 
 

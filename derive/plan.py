@@ -14,8 +14,9 @@ from dataclasses import dataclass, replace
 
 import sympy
 
-from .derivation import Derivation, Term, is_tied_step, step_as_sign, tensor_symbols
-from .functions import canonical, fold_piecewise, free_indices, in_range, is_affine_read, window, window_dims
+from .derivation import Derivation, Term, integer_inputs, is_tied_step, step_as_sign, tensor_symbols
+from .functions import (canonical, fold_piecewise, free_indices, in_range, integers_as_float, is_affine_read, window,
+                        window_dims)
 from . import naming
 from .model import OpSpec, scalar_symbol, size_symbol, tensor_symbol
 from .naming import BATCH
@@ -106,7 +107,9 @@ def _plan_expr(op, terms, target, like, indices, order, stand_in) -> ExprPlan:
     reading |= {naming.tangent(t.name): position for position, t in enumerate(op.inputs)}
     if stand_in is not None:
         reading[f"grad_{op.output}"] = reading[stand_in]
-    plans = [_plan_term(op, term, indices, order, scalars, reading) for term in terms]
+    # integer inputs read as values compute in the dtype of the gradient (backward) or of a float input
+    dtype_of = naming.grad(op.output) if stand_in is not None else next(t.name for t in op.inputs if not t.integer)
+    plans = [_plan_term(op, term, indices, order, scalars, reading, dtype_of) for term in terms]
     plans.sort(key=lambda t: min((_reading_position(o.expr, reading, scalars) for o in t.operands), default=0))
     unbroadcast = like is not None and BATCH in indices and \
         any(BATCH in t.indices for t in op.inputs if t.name != like)
@@ -158,8 +161,10 @@ def _factor_out(plans: list[TermPlan]) -> tuple[sympy.Expr, list[TermPlan]]:
     return coefficient * sympy.Mul(*[o.expr for o in sorted(scalars, key=lambda o: sympy.default_sort_key(o.expr))]), plans
 
 
-def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, reading) -> TermPlan:
-    factors = _fold_piecewise([as_windows(op, canonical(f), target) for f in term.factors])
+def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, reading, dtype_of: str) -> TermPlan:
+    integers = integer_inputs(op)
+    factors = _fold_piecewise([as_windows(op, integers_as_float(canonical(f), integers, dtype_of), target)
+                               for f in term.factors])
     # Elementwise operands take the target's dim order where they can, so that no transpose follows.
     preferred = tuple(target) + tuple(i for i in order if i not in target)
     preferred = tuple(sorted(preferred, key=lambda i: i != BATCH))     # batch dims always lead

@@ -20,7 +20,7 @@ from .plan import free_indices
 from .lower import (Convolution, Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter,
                     expands_batch, walk)
 from .model import OpSpec, is_python_number, size_symbol
-from .functions import in_range, one_hot, window
+from .functions import as_float, in_range, one_hot, window
 from .kernels import Fused, comments, kernel_of
 from . import naming
 from .naming import BATCH, grad
@@ -161,24 +161,24 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         return align(access, self.layout).text
 
     def _gather(self, expr) -> Code:
-        """`w[idx[n], d]` -> `w[idx]`;  `x[n, t[n]]` -> `x.gather(1, t.unsqueeze(1)).squeeze(1)`."""
+        """An input indexed at one dim by an integer input (the others by plain indices), by the rule of
+        `gather_layout`: `w[idx[n], d]` -> `w[idx]`, `x[n, idx[n, j]]` -> `x.gather(1, idx)`,
+        `x[n, t[n]]` -> `x.gather(1, t.unsqueeze(1)).squeeze(1)`."""
         name = expr.base.label.name
         positions = [p for p, i in enumerate(expr.indices) if not isinstance(i, sympy.Idx)]
-        plain = tuple(i.name for i in expr.indices if isinstance(i, sympy.Idx))
-        index_tensors = [expr.indices[p] for p in positions]
-        if positions == list(range(len(positions))) and len(positions) == 1:
-            value = index_tensors[0]
-            value_dims = tuple(i.name for i in value.indices)
-            if not set(value_dims) & set(plain):
-                return Code(f"{name}[{value.base.label.name}]", value_dims + plain)
-        if len(positions) == 1:
-            value = index_tensors[0]
-            if tuple(i.name for i in value.indices) == plain:
-                position = positions[0] - len(expr.indices) if BATCH in plain else positions[0]
-                return Code(f"{name}.gather({position}, {value.base.label.name}.unsqueeze({position}))"
-                            f".squeeze({position})", plain)
-        raise ValueError(f"unsupported gather pattern {expr}: index the leading dim (w[idx[n], d]) "
-                         f"or one dim by a tensor over the others (x[n, t[n]])")
+        value = expr.indices[positions[0]] if len(positions) == 1 else None
+        if not (isinstance(value, sympy.Indexed) and all(isinstance(i, sympy.Idx) for i in value.indices)):
+            raise ValueError(f"unsupported gather pattern {expr}: index one dim by an integer input indexed by "
+                             f"plain indices (x[n, idx[n, j]], w[idx[b, t], d])")
+        dims = tuple(i.name if isinstance(i, sympy.Idx) else GATHERED for i in expr.indices)
+        index = Code(value.base.label.name, tuple(i.name for i in value.indices))
+        gather = gather_layout(index, dims, name)
+        if gather.select:
+            return Code(f"{name}[{gather.subscript}]", gather.layout)
+        code = f"{name}.gather({gather.dim}, {gather.index})"
+        if GATHERED in gather.layout:
+            return Code(f"{code}.squeeze({gather.dim})", tuple(i for i in gather.layout if i != GATHERED))
+        return Code(code, gather.layout)
 
     def _print_window(self, expr):
         access, front, back, order = expr.args
@@ -352,6 +352,12 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         """A call whose result has `dims`, lined up for this printer's layout."""
         return align(Code(text, tuple(dims)), self.layout).text
 
+    def _print_as_float(self, expr):
+        value, like = expr.args
+        if isinstance(value, sympy.Piecewise):   # numbers chosen by a condition on integers: in like's dtype
+            return self._print_Piecewise(value, like.name)
+        return f"{self._print(value)}.to({like.name}.dtype)"
+
     def _print_one_hot(self, expr):
         value, position = expr.args
         size = self._print(position.upper + 1)
@@ -390,7 +396,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         text = f"torch.arange({self._print(expr.upper + 1)}, device={self.device_of}.device)"
         return align(Code(text, (expr.name,)), self.layout).text
 
-    def _print_Piecewise(self, expr):
+    def _print_Piecewise(self, expr, like: str | None = None):
         (first, condition), rest = expr.args[0], expr.args[1:]
         if self.device_of is None and positions_compared(expr):
             self.device_of = self._like(expr)
@@ -401,7 +407,9 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         if all(is_python_number(value) for value, _ in expr.args):
             # torch.where of two Python numbers is in torch's default dtype: one branch takes the dtype
             # (and device) of a tensor the condition reads
-            like = sorted(a.base.label.name for a in condition.atoms(sympy.Indexed))[0]
+            tensors = [a.base.label.name for a in condition.atoms(sympy.Indexed)] or \
+                [s.name for s in condition.free_symbols if not is_python_number(s)]   # a 0-d tensor
+            like = like or sorted(tensors)[0]
             rest = sympy.Piecewise(*expr.args[1:]) if len(expr.args) > 2 else expr.args[1].expr
             return f"torch.where({self._print(condition)}, {like}.new_tensor({self._print(first)}), {self._print(rest)})"
         return super()._print_Piecewise(expr)
@@ -584,6 +592,8 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     def _like(self, expr) -> str:
         """A tensor that `expr` reads, for a number to take its dtype and device (a value, not an index)."""
+        # an integer read as a float takes the dtype of the tensor it is cast like
+        expr = expr.replace(lambda e: isinstance(e, as_float), lambda e: e.args[1])
         accesses = expr.atoms(sympy.Indexed)
         indices = {i for a in accesses for i in a.indices}
         names = sorted(a.base.label.name for a in accesses - indices)
@@ -694,19 +704,41 @@ def render(node: Node) -> Code:
         spec += "->" + "".join(letters[i] for i in node.indices)
         return Code(f"torch.einsum(\"{spec}\", {', '.join(o.text for o in operands)})", node.indices)
     if isinstance(node, Scatter):
-        layout = node.rows + node.indices[1:]
+        dims = tuple(GATHERED if i == (node.position or node.indices[0]) else i for i in node.indices)
+        gather = gather_layout(Code(node.index, node.rows), dims, node.like)
+        layout = tuple(i for i in gather.layout if i != GATHERED)
         source = render(node.source)
-        if set(source.indices) != set(layout):   # constant along some rows or dims: expanded, each row still adds
-            shape = f"{node.index}.shape + {node.like}.shape[1:]"
+        if set(source.indices) != set(layout):   # constant along some dims: expanded, each position still adds
+            position = dims.index(GATHERED)
+            if gather.select:
+                shape = f"{node.index}.shape"
+                if position:
+                    shape = f"{node.like}.shape[:{position}] + {shape}"
+                if position < len(dims) - 1:
+                    shape += f" + {node.like}.shape[{position + 1}:]"
+            else:
+                shape = python_tuple([f"{node.like}.shape[{node.indices.index(i)}]" if i in node.indices else
+                                      f"{node.index}.shape[{node.rows.index(i)}]" for i in layout])
+            if BATCH in dims and not (gather.select and position == 0):
+                raise ValueError(f"cannot expand the gradient of a gather by {node.index} with batch dims '...'")
             ones = isinstance(node.source, Leaf) and node.source.expr == 1
             text = f"{node.like}.new_ones({shape})" if ones else f"{align(source, layout).atom()}.expand({shape})"
             source = Code(text, layout)
         source = _arranged(source, layout)
+        if not gather.select:
+            if GATHERED in gather.layout:
+                source = Code(f"{source.atom()}.unsqueeze({gather.dim})", gather.layout)
+            return Code(f"{_zeros(node, source)}.scatter_add{_in_place(source)}({gather.dim}, {gather.index}, "
+                        f"{source.text})", node.indices)
+        position = dims.index(GATHERED)
+        if BATCH in layout:     # counted from the end: `...` stands for any number of dims
+            position -= len(layout)
         flat = len(node.rows) == 1
         # flatten, not reshape(-1, size): -1 is ambiguous when a size is 0
-        rows = source.text if flat else f"{source.atom()}.flatten(0, {len(node.rows) - 1})"
+        rows = source.text if flat else f"{source.atom()}.flatten({position}, {position + len(node.rows) - 1})"
         index = node.index if flat else f"{node.index}.reshape(-1)"
-        return Code(f"torch.zeros_like({node.like}).index_add(0, {index}, {rows})", node.indices)
+        return Code(f"{_zeros(node, source)}.index_add{_in_place(source)}({gather.dim}, {index}, {rows})",
+                    node.indices)
     if isinstance(node, Scaled):
         source = render(node.source)
         return Code(_scale(node.coefficient, source), source.indices, MUL)
@@ -899,6 +931,70 @@ def _padded(tensor: str, front, back) -> str:
         return tensor
     pads = [SizePrinter().doprint(a) for f, b in reversed(amounts[first:]) for a in (f, b)]     # last dim first
     return f"torch.nn.functional.pad({tensor}, {python_tuple(pads)})"
+
+
+GATHERED = "<gathered>"   # the dim an integer input indexes, in gather_layout's dims
+
+
+@dataclass(frozen=True)
+class GatherLayout:
+    """How a tensor indexed at one dim by an integer input is read (gather) or its gradient added (scatter)."""
+
+    select: bool                # the index shares no dim with the others: advanced indexing / index_add
+    dim: str                    # the gathered dim, as a dim argument
+    layout: tuple[str, ...]     # dims of the result: the index's own dims take the gathered dim's place
+    index: str = ""             # gather / scatter_add: the index lined up in `layout` at full rank
+    subscript: str = ""         # select: the subscript that reads it, `:, idx` or `..., idx, :`
+
+
+def gather_layout(index: Code, dims: tuple[str, ...], tensor: str) -> GatherLayout:
+    """The one rule for `x[..., idx[...], ...]`, the input `tensor` with `dims` (GATHERED where `index` reads it).
+
+    An index whose dims none of x's other dims has selects: its dims stand where the gathered dim was
+    (`x[:, idx]`), and the gradient adds rows with `index_add`. An index that shares some dims with x's
+    others, with at most one dim of its own, is torch.gather's: lined up as x is (its own dim, or size 1,
+    at the gathered place; expanded along x's dims it lacks), and the gradient is `scatter_add`."""
+    position = dims.index(GATHERED)
+    plain = tuple(i for i in dims if i != GATHERED)
+    batched = BATCH in dims
+    dim = str(position - len(dims) if batched else position)
+    shared = [i for i in index.indices if i in plain]
+    own = [i for i in index.indices if i not in plain]
+    if not shared:
+        if BATCH in own and position:
+            raise ValueError(f"cannot gather with batch dims '...' at dim {position}: the batch dims must lead")
+        before = (["..."] if batched and position else []) + [":"] * (position - (1 if batched else 0))
+        after = [":"] * (len(dims) - position - 1) if batched and position else []
+        subscript = ", ".join(before + [index.text] + after)
+        return GatherLayout(True, dim, dims[:position] + index.indices + dims[position + 1:], subscript=subscript)
+    if len(own) > 1:
+        raise ValueError(f"cannot gather {tensor} by {index.text}: it shares dims with {tensor}'s others and has "
+                         f"more than one of its own")
+    layout = dims[:position] + (tuple(own) or (GATHERED,)) + dims[position + 1:]
+    without = tuple(i for i in layout if i != GATHERED)
+    lined = align(index, without)
+    text = lined.atom() + ".unsqueeze(0)" * (len(without) - len(lined.indices))
+    if not own:
+        text += f".unsqueeze({dim})"
+    lacking = [p for p, i in enumerate(layout) if i not in index.indices and i != GATHERED]
+    if lacking:
+        if batched:
+            raise ValueError(f"cannot gather {tensor} by {index.text}: with batch dims '...' the index must "
+                             f"have every other dim of {tensor}")
+        sizes = ["-1" if p not in lacking else f"{tensor}.shape[{p}]" for p in range(len(layout))]
+        text += f".expand({', '.join(sizes)})"
+    return GatherLayout(False, dim, layout, index=text)
+
+
+def _zeros(node: Scatter, source: Code) -> str:
+    """The zeros a scatter adds into: made from the source when it is a plain tensor (then added in place, one
+    allocation; under vmap they are batched as the source is, as autograd's own gather backward makes them)."""
+    return f"{source.text}.new_zeros({node.like}.shape)" if source.text.isidentifier() \
+        else f"torch.zeros_like({node.like})"
+
+
+def _in_place(source: Code) -> str:
+    return "_" if source.text.isidentifier() else ""
 
 
 def _arranged(code: Code, layout: tuple[str, ...]) -> Code:
@@ -1203,6 +1299,9 @@ class IndexNotationPrinter(PositiveFirst, sympy.printing.str.StrPrinter):
         return f"{self._print_amax(expr)[:-1]}, tie=\"first\")"
 
     _print_min_first = _print_max_first
+
+    def _print_as_float(self, expr):
+        return f"float({self._print(expr.args[0])})"
 
 
 def index_notation(expr: sympy.Expr) -> str:

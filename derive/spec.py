@@ -444,8 +444,8 @@ def _check_equation(parser: _EquationParser, tensors: tuple[TensorInput, ...], p
     """What the parsed equation must agree with in the declarations; the inputs with their value ranges."""
     names = [t.name for t in tensors]
     for tensor in tensors:
-        if tensor.integer and tensor.name not in parser.value_ranges:
-            raise locator.error(f"integer input '{tensor.name}' is never used as an index", name, "integer")
+        if tensor.integer and tensor.name not in parser.value_ranges and tensor.name not in parser.integer_values:
+            raise locator.error(f"integer input '{tensor.name}' is never used", name, "integer")
     tensors = tuple(TensorInput(t.name, t.indices, t.differentiable, t.integer, parser.value_ranges.get(t.name))
                     for t in tensors)
     if output in names or output in {p.name for p in params}:
@@ -619,6 +619,7 @@ class _EquationParser:
     locator: _Locator
     sizes: dict[str, str] = field(default_factory=dict)   # index -> declared index whose size it has
     value_ranges: dict[str, str] = field(default_factory=dict)  # integer input -> size its values index
+    integer_values: set[str] = field(default_factory=set)   # integer inputs read as values (mask[i] * x[i])
     branches: dict[str, int] = field(default_factory=dict)   # 'where' / 'kink' / 'normalized' -> how many
     reductions: int = 0     # reductions around the node being parsed
     normalized: int = 0     # softmax and logsumexp calls around it
@@ -730,12 +731,13 @@ class _EquationParser:
             if tensor.indices:
                 raise self.error(f"input '{node.id}' has {len(tensor.indices)} dim(s); index it as "
                                  f"{node.id}[{', '.join(tensor.indices)}]", node)
+            if tensor.integer:
+                self.integer_values.add(node.id)
             return scalar_symbol(node.id), set()
         if isinstance(node, ast.Subscript):
             access, free = self._access(node)
             if self._tensor(node.value.id, node).integer:
-                raise self.error(f"integer input '{node.value.id}' can only be used as an index, "
-                                 f"as in w[{node.value.id}[...], d]", node)
+                self.integer_values.add(node.value.id)
             return access, free
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             value, free = self._expr(node.operand)
@@ -1002,9 +1004,12 @@ class _EquationParser:
         if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in INDEX_COMPARISONS \
                 and self._positions(node):
             return self._index_condition(node)
+        if self._integer_access(node):   # where(mask[i], a, b): true where the integer or bool input is not 0
+            value, free = self._expr(node)
+            return sympy.Ne(value, 0), free
         if not (isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in COMPARISONS):
             raise self.error("a where() condition must be one comparison: <, <=, > or >= (or, between "
-                             "indices, == and !=)", node)
+                             "indices, == and !=), or an integer input (true where it is not 0)", node)
         left, left_free = self._expr(node.left)
         right, right_free = self._expr(node.comparators[0])
         tensors = {t.name for t in self.inputs}
@@ -1065,6 +1070,7 @@ class _EquationParser:
         else:
             body = functions.EXTREMA[extremum, False](body, *indices)
         return body, free - {i.name for i in indices}
+
     def _size(self, node: ast.Call):
         """`size(d)`: the size of index d, a number (a constant for differentiation)."""
         if len(node.args) != 1 or not isinstance(node.args[0], ast.Name) or node.args[0].id not in self.sizes \
@@ -1111,6 +1117,12 @@ class _EquationParser:
             raise self.error("a where() condition must compare a tensor or indices: one on params and numbers "
                              "alone is the same everywhere, so write the branch it picks directly", node)
         return condition, left_free | right_free
+
+    def _integer_access(self, node) -> bool:
+        """Whether `node` reads an integer input as it is: mask[i, j], or a 0-d one by its name."""
+        name = node.value.id if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) else \
+            node.id if isinstance(node, ast.Name) else None
+        return any(t.name == name and t.integer for t in self.inputs)
 
     def _reduction(self, name: str, node: ast.Call):
         if len(node.args) < 2:

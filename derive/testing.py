@@ -117,7 +117,9 @@ def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.flo
             else:
                 shape += (sizes[index_sizes[index]],)
         if tensor.integer:
-            tensors.append(torch.randint(0, sizes[tensor.value_range], shape, generator=generator))
+            # an index ranges over the dim it indexes; a value only (a mask) is 0 or 1
+            high = sizes[tensor.value_range] if tensor.value_range is not None else 2
+            tensors.append(torch.randint(0, high, shape, generator=generator))
             continue
         value = torch.randn(shape, generator=generator, dtype=torch.float64)
         if tensor.name in ranges:

@@ -180,7 +180,7 @@ CASES = [
      "is the same everywhere, so write the branch it picks directly"),
     ("where-condition-not-comparison", op("y[n, k] = where(x[n, k], 1, x[n, k])"),
      "bad.toml:3:29: op 'bad': a where() condition must be one comparison: <, <=, > or >= (or, between "
-     "indices, == and !=)"),
+     "indices, == and !=), or an integer input (true where it is not 0)"),
     ("differentiable-input-unused", op("y[n, k] = x[n, k]", inputs='["x[n, k]", "w[k]"]'),
      f"bad.toml:3: op 'bad': input 'w' is differentiable but the equation does not use it {DIFFERENTIABLE_HINT}"),
     ("constant-result", op("y = sum(x[n, k], n, k) * 0"),
@@ -267,7 +267,7 @@ CASES = [
     ("ranges-reversed", op("y[n, k] = x[n, k]", extra="ranges = { x = [1, 0] }\n"),
      "bad.toml:5: op 'bad': 'ranges' entry 'x' must name an input and give finite [low, high] with low < high"),
     ("integer-input-unused", op("y[n, k] = x[n, k]", inputs='["x[n, k]", "i[n]"]', extra='integer = ["i"]\n'),
-     "bad.toml:5: op 'bad': integer input 'i' is never used as an index"),
+     "bad.toml:5: op 'bad': integer input 'i' is never used"),
     # limits on reading and on the size of what is accepted (bounded work)
     ("toml-nested-too-deeply", "a = " + "[" * 2000 + "]" * 2000 + "\n",
      "bad.toml: TOML nested too deeply (arrays or inline tables inside each other)"),
