@@ -115,6 +115,25 @@ def shape_checks(op_name: str, declared: list[Declared], sizes: dict[str, str],
     return checks
 
 
+def range_checks(op_name: str, declared: list[Declared], conditions, sizes: dict[str, str]) -> list[Check]:
+    """The conditions range inference put on the sizes (an inferred size at least 1, an affine read within
+    its input and its padding), each size read off the first declared tensor with that dim; a condition
+    applies when the tensors it reads are given."""
+    from .printing import SizePrinter     # (printing imports the lowering, which needs nothing from here)
+    checks = []
+    for condition, message in conditions:
+        texts, readers = {}, []
+        for symbol in sorted(condition.free_symbols, key=str):
+            index = symbol.name.removeprefix("size_")
+            tensor = next(t for t in declared if any(sizes.get(i, i) == index for i in t.named))
+            texts[symbol] = sympy.Symbol(tensor.size(next(i for i in tensor.named if sizes.get(i, i) == index)))
+            readers.append(tensor)
+        shown = ", ".join(f"{s.name} = {{{t.name}}}" for s, t in texts.items())
+        checks.append(Check(_guard(*dict.fromkeys(readers)), SizePrinter().doprint(condition.xreplace(texts)),
+                            f"{op_name}: {message} ({shown})"))
+    return checks
+
+
 def _batch_checks(op_name: str, batched: list[Declared]) -> list[Check]:
     """Batch dims: those of the inputs and saved values broadcast together; those of a result
     (grad_<out>, <out>) equal the shape the inputs broadcast to."""

@@ -33,8 +33,8 @@ import sympy
 
 from . import naming
 from .model import OpSpec, SpecError, index_symbol, scalar_symbol, tensor_symbol
-from .functions import (Sum, as_pow, canonical, differentiable_powers, fresh_index, logsumexp, one_hot, renamed_match,
-                        softmax, stabilize)
+from .functions import (Sum, as_pow, canonical, differentiable_powers, fresh_index, in_range, logsumexp, one_hot,
+                        renamed_match, softmax, stabilize)
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,8 @@ def tensor_symbols(op: OpSpec) -> frozenset[sympy.Symbol]:
 
 
 def depends_on_tensor(expr: sympy.Expr, scalars: frozenset[sympy.Symbol]) -> bool:
-    return bool(expr.atoms(sympy.Indexed)) or bool(expr.free_symbols & scalars)
+    """Whether `expr` varies along indices: it reads a tensor, or is an index range (in_range)."""
+    return bool(expr.atoms(sympy.Indexed)) or bool(expr.free_symbols & scalars) or expr.has(in_range)
 
 
 def derive(op: OpSpec) -> Derivation:
@@ -582,6 +583,15 @@ def _eliminate_deltas(term: Term, op: OpSpec, name: str) -> Term | None:
         if delta is None:
             break
         a, b = delta.args[:2]
+        solved = _solve_affine(a, b, summed, factors) if a not in summed and b not in summed else None
+        if solved is not None:
+            old, new, guard = solved
+            summed.remove(old)
+            factors = [f.xreplace({delta: sympy.S.One}).xreplace({old: new}) for f in factors] + ([guard] if guard else [])
+            if any(f == 0 for f in factors):
+                return None
+            factors = [f for f in factors if f != 1]
+            continue
         if a in summed:
             old, new = a, b
         elif b in summed:
@@ -612,6 +622,28 @@ def _eliminate_deltas(term: Term, op: OpSpec, name: str) -> Term | None:
     if coefficient == 0:
         return None
     return Term(coefficient, tuple(tensor_factors), tuple(summed))
+
+
+def _solve_affine(a: sympy.Expr, b: sympy.Expr, summed: list, factors: list):
+    """delta(t + k, l) with k summed: (k, l - t, guard), solving for a summed index with coefficient +-1 (the
+    scatter of an affine read becomes a gather). The guard keeps k's range (in_range(l - t, size_k)) unless a
+    factor reads some tensor at k, which reads zero outside it; None: it is no such delta."""
+    difference = sympy.expand(a - b)
+    if not difference.atoms(sympy.Idx) or difference.atoms(sympy.Indexed):
+        return None
+    candidates = [i for i in summed if isinstance(i, sympy.Idx) and difference.coeff(i) in (1, -1)
+                  and not difference.coeff(i).atoms(sympy.Idx)]
+    if not candidates:
+        return None
+
+    def carried(index) -> bool:
+        return any(isinstance(part, sympy.Indexed) and index in part.indices
+                   for f in factors for part in sympy.Mul.make_args(f))
+
+    index = next((i for i in candidates if carried(i)), candidates[0])
+    value = sympy.expand(index - difference / difference.coeff(index))
+    guard = None if carried(index) else in_range(value, index.upper + 1)
+    return index, value, guard
 
 
 def _rename_primed(term: Term, primed: dict[str, sympy.Idx], op: OpSpec) -> Term:

@@ -9,13 +9,16 @@ from dataclasses import dataclass
 from functools import cache
 
 import jinja2
+import sympy
 
 from . import functions, naming
-from .contracts import POLICY_DTYPES, Declared, all_hold, autocast_policies, guarded_blocks, shape_checks
+from .contracts import (POLICY_DTYPES, Declared, all_hold, autocast_policies, guarded_blocks, range_checks,
+                        shape_checks)
 from .derivation import Derivation
+from .model import size_symbol
 from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, covered, tangent_reads, walk
 from .printing import (index_notation, kernel_comments, output_shape, python_tuple, render, render_expr,
-                       size_bindings, size_source, sizes_used, uses_math)
+                       size_bindings, size_readers, sizes_used, uses_math)
 from .signature import Signature, backward_signature
 from .stamp import templates_dir
 
@@ -184,6 +187,13 @@ def _contract(derivation: Derivation, lowered: LoweredOp, kept: list[str]) -> di
     declared = [Declared(t.name, t.indices, optional=t.name not in kept, integer=t.integer) for t in op.inputs]
     reduced = {i.name for e in derivation.forward.atoms(functions._Extremum) for i in e.indices}
     checks = shape_checks(op.name, declared + extras, dict(op.index_sizes), tuple(sorted(reduced)))
+    # the result's dims whose size is inferred must have that size
+    grad = extras[0]
+    inferred = [(sympy.Eq(size_symbol(index), size, evaluate=False),
+                 f"{grad.name} has size {{{grad.size(index)}}} at dim {grad.dim(index)} (index {index}) but the size "
+                 f"inferred for {index} is {index_notation(size)}")
+                for index, size in op.inferred_sizes if index in op.output_indices]
+    checks += range_checks(op.name, declared + extras, op.size_checks + tuple(inferred), dict(op.index_sizes))
     inputs = ", ".join(t.name for t in op.inputs)
     return dict(
         name=naming.check_shapes(op.name),
@@ -229,7 +239,7 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
     also = () if uses_output else op.output_indices
     sizes = size_bindings(op, exprs, sources, shared_leaves, also=also)
     sized = set(sizes_used(op, exprs, shared_leaves)) | set(also)
-    reads |= {size_source(i, sources)[0] for i in sized if i != naming.BATCH}
+    reads |= {name for i in sized if i != naming.BATCH for name in size_readers(i, sources, op)}
     if naming.BATCH in sized:
         reads |= set(batched)
     if not uses_output:

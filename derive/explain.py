@@ -31,7 +31,7 @@ from .pipeline import Built, build_op
 from .plan import TermPlan
 from .printing import Code, IndexNotationPrinter, align, print_leaf, render
 from .signature import Signature
-from .spec import load_catalog
+from .spec import index_text, load_catalog
 
 BATCH_DIMS = sympy.Symbol(BATCH)   # stands for the batch dims in a symbolic shape: (..., size_k)
 CODE_STYLES = ("broadcast", "contraction")   # the order the emitted lines are shown in: teaching form first
@@ -340,6 +340,13 @@ def _indices(op: OpSpec, known: _Sizes) -> tuple[IndexInfo, ...]:
                 places[index].append(f"{name} leading dims")
             else:
                 places[index].append(f"{name} dim {dim - len(indices) if BATCH in indices else dim}")
+    # range inference: the sizes no input's shape gives
+    for index, size in op.fixed_sizes:
+        places[index].append(f"its size set by sizes = {{ {index} = {size} }}")
+    for index, size in op.inferred_sizes:
+        reads = [index_text(r.access) for r in op.affine_reads if index in {i.name for i in r.access.atoms(sympy.Idx)}]
+        places[index].append(f"its size inferred from {' and '.join(reads)}: the largest for which every read "
+                             f"stays in range, {IndexNotationPrinter().doprint(size)}")
     order = list(op.index_order) + sorted(set(places) - set(op.index_order))
     return tuple(IndexInfo(index, known.text(index), known.latex(index), tuple(places[index]) or ("summed only",))
                  for index in order)

@@ -419,6 +419,46 @@ class one_hot(sympy.Function):  # noqa: N801
         return sympy.S.Zero
 
 
+class in_range(sympy.Function):  # noqa: N801
+    """1 where the affine subscript `value` lies in [0, size), else 0: the range of a summed index that a
+    Kronecker delta was solved for (k = l - 2*t), when no factor's read carries it. The planner adds a third
+    argument, a tensor whose dtype and device the generated mask takes."""
+
+    nargs = (2, 3)
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return sympy.S.Zero
+
+
+class window(sympy.Function):  # noqa: N801
+    """A read with affine subscripts, `access`, as generated code takes it: the input padded with `front` and
+    `back` zeros at each dim (negative: cropped), then windows cut out of each affine dim (`Tensor.unfold`),
+    so that every index of the subscripts is a dim. Reads outside the input are zero. The planner wraps each
+    affine read in one (plan.py): how far a read reaches depends on the input's dims, which the read alone
+    does not tell."""
+
+    nargs = 4       # access, front, back, and each subscript's indices in the order they are cut
+    is_real = True
+
+    @property
+    def access(self) -> sympy.Indexed:
+        return self.args[0]
+
+
+def window_dims(read: window) -> tuple[str, ...]:
+    """The dims of a window as generated code cuts it: each subscript's leading index at its place, the
+    further ones after all of them, in the order they are cut."""
+    order = read.args[3]
+    return tuple(cut[0].name for cut in order) + tuple(i.name for cut in order for i in cut[1:])
+
+
+def is_affine_read(expr) -> bool:
+    """Whether `expr` is a read with an affine subscript (x[n, t + k]), as opposed to one by index names."""
+    return isinstance(expr, sympy.Indexed) and any(
+        not isinstance(i, sympy.Idx) and not i.atoms(sympy.Indexed) for i in expr.indices)
+
+
 STABLE_FUNCTIONS = (sigmoid, softplus, logsumexp, softmax, log_softmax, log1p)
 
 

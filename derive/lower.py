@@ -21,7 +21,7 @@ import sympy
 
 from . import naming
 from .derivation import depends_on_tensor, tensor_symbols
-from .functions import one_hot, renamed_match
+from .functions import in_range, one_hot, renamed_match, window
 from .kernels import one_hot_by_rows
 from .naming import BATCH, STYLES
 from .plan import ExprPlan, OpPlan, TermPlan, free_indices, ordered
@@ -104,7 +104,33 @@ class Scaled:
         return self.source.indices
 
 
-Node = Union[Leaf, Product, Reduce, MatMul, Einsum, Scatter, Scaled]
+@dataclass(frozen=True)
+class Convolution:
+    """`torch.nn.functional.conv{1,2,3}d` of the padded input a window reads by the kernel another operand
+    reads: sum over channel c and kernel indices k of x[n, c, s*t + d*k + e] * w[o, c, k], for whichever
+    tensors stand in those roles (the forward's x and w, grad_w's x and grad_y, grad_x's grad_y and w,
+    flipped where d < 0). At most one batch, channel and out-channel index each."""
+
+    source: sympy.Expr                  # the window the convolution slides over: its padded input
+    kernel: sympy.Indexed               # the kernel's read, by index names
+    batch: tuple[str, ...]              # the source's dim that is the result's (conv's N), or none
+    channels: tuple[str, ...]           # the dim both read and the term sums (conv's C), or none
+    out: tuple[str, ...]                # the kernel's dim that is the result's (conv's out-channels), or none
+    spatial: tuple[tuple[str, str, int, int], ...]  # (t, k, s, d) of each affine subscript s*t + d*k + e
+    sizes: tuple[sympy.Expr, ...]       # the size of each t, to cut the result to where a stride may leave more
+    # how it is computed, when the kernel read is the upstream gradient (its taps would run over the
+    # output's length): "transposed", x[..., t - s*k + e], is conv_transpose of the gradient by x;
+    # "weight", x[..., d*t + s*k + e], is torch.nn.grad.conv_weight (a convolution's grad_w) of x and it;
+    # "input", g[..., t - d*k + e] by an input's kernel, is torch.nn.grad.conv_input (grad_x, padding e)
+    kind: str = "conv"
+
+    @property
+    def indices(self) -> tuple[str, ...]:
+        spatial = tuple(t for t, _, _, _ in self.spatial)
+        return self.batch + self.out + spatial if self.kind in ("conv", "input") else self.out + self.batch + spatial
+
+
+Node = Union[Leaf, Product, Reduce, MatMul, Einsum, Scatter, Scaled, Convolution]
 
 
 @dataclass(frozen=True)
@@ -298,6 +324,9 @@ def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None)
     scatter = _scatter(nodes, set(term.summed), target, like, sizes)
     if scatter is not None:
         return _finish(scatter, (), term)
+    convolution = _convolution(nodes, set(term.summed), target)
+    if convolution is not None:
+        return _finish(convolution, (), term)
     # Factors constant along every summed index multiply the sum, not each of its summands:
     # sum(g[d] * r, d) is r * g.sum(d), one small product instead of a full-size one.
     outside = [n for n in nodes if term.summed and not set(n.indices) & set(term.summed)]
@@ -381,6 +410,88 @@ def _scatter(nodes: list[Node], summed: set[str], target: tuple[str, ...], like:
         # a source constant along some of the rows is expanded to them: each row still adds at its index
         return Scatter(source, value.base.label.name, rows, like, target)
     return None
+
+
+def _convolution(nodes: list[Node], summed: set[str], target: tuple[str, ...]) -> Convolution | None:
+    """A product of a window read and a kernel read summed over their shared channel and kernel indices,
+    as one PyTorch convolution (see Convolution); None when the term is no such product."""
+    if len(nodes) != 2:
+        return None
+    for source, kernel in (nodes, nodes[::-1]):
+        spread = _spread(source, kernel, summed, target)
+        if spread is not None:
+            return spread
+        if not (isinstance(source, Leaf) and isinstance(source.expr, window) and isinstance(kernel, Leaf)
+                and isinstance(kernel.expr, sympy.Indexed)
+                and all(isinstance(i, sympy.Idx) for i in kernel.expr.indices)):
+            continue
+        kernel_dims = [i.name for i in kernel.expr.indices]
+        batch, channels, spatial, sizes = [], [], [], []
+        for subscript in source.expr.access.indices:
+            if isinstance(subscript, sympy.Idx):
+                shared, reduced = subscript.name in kernel_dims, subscript.name in summed
+                if shared != reduced:
+                    break
+                (channels if shared else batch).append(subscript.name)
+                continue
+            coefficients = {i: int(subscript.coeff(i)) for i in subscript.atoms(sympy.Idx)}
+            moving = [i for i, c in coefficients.items() if c > 0 and i.name not in kernel_dims and i.name not in summed]
+            taps = [i for i in coefficients if i.name in kernel_dims and i.name in summed]
+            if len(coefficients) != 2 or len(moving) != 1 or len(taps) != 1:
+                break
+            spatial.append((moving[0].name, taps[0].name, coefficients[moving[0]], coefficients[taps[0]]))
+            sizes.append(moving[0].upper + 1)
+        else:
+            out = tuple(i for i in kernel_dims if i not in summed)
+            taps = {k for _, k, _, _ in spatial}
+            if len(batch) <= 1 and len(channels) <= 1 and len(out) <= 1 and 1 <= len(spatial) <= 3 \
+                    and summed == set(channels) | taps and len(kernel_dims) == len(channels) + len(out) + len(taps) \
+                    and set(batch) | set(out) | {t for t, _, _, _ in spatial} <= set(target):
+                # the upstream gradient is never the kernel: its taps would run over the output's length
+                gradient = kernel.expr.base.label.name.startswith(naming.grad(""))
+                kind = "conv"
+                if gradient and all(s == 1 and d < 0 for _, _, s, d in spatial):
+                    kind = "transposed"
+                elif gradient and all(d > 0 for _, _, _, d in spatial) and len(batch) == len(channels) == len(out) == 1:
+                    kind = "weight"
+                elif _input_gradient(source.expr, kernel.expr, spatial) and len(batch) == len(channels) == len(out) == 1:
+                    kind = "input"
+                return Convolution(source.expr, kernel.expr, tuple(batch), tuple(channels), out, tuple(spatial),
+                                   tuple(sizes), kind)
+    return None
+
+
+def _input_gradient(source: window, kernel: sympy.Indexed, spatial: list) -> bool:
+    """Whether a window of the upstream gradient, g[..., t - d*k + e], taken by an input's kernel, is a
+    convolution's grad_x with padding e on both sides (its pads equal): torch.nn.grad.conv_input."""
+    access, front, back, _ = source.args
+    if not access.base.label.name.startswith(naming.grad("")) or kernel.base.label.name.startswith(naming.grad("")):
+        return False
+    affine = [p for p, i in enumerate(access.indices) if not isinstance(i, sympy.Idx)]
+    return all(s == 1 and d < 0 for _, _, s, d in spatial) and all(
+        front[p] == back[p] and access.indices[p].subs({i: 0 for i in access.indices[p].atoms(sympy.Idx)}) >= 0
+        for p in affine)
+
+
+def _spread(source: Node, kernel: Node, summed: set[str], target: tuple[str, ...]) -> Convolution | None:
+    """sum over t of g[..., t] * in_range(l - s*t + e, size_k): each entry of g spread over the size_k
+    positions from s*t (a pooling's gradient), a transposed convolution of g by ones."""
+    if not (isinstance(source, Leaf) and isinstance(source.expr, in_range) and len(source.expr.args) == 3
+            and isinstance(kernel, Leaf) and isinstance(kernel.expr, sympy.Indexed)
+            and all(isinstance(i, sympy.Idx) for i in kernel.expr.indices)):
+        return None
+    value = source.expr.args[0]
+    coefficients = {i: int(value.coeff(i)) for i in value.atoms(sympy.Idx)}
+    kernel_dims = [i.name for i in kernel.expr.indices]
+    moving = [i for i, c in coefficients.items() if c == 1 and i.name not in kernel_dims and i.name not in summed]
+    taps = [i for i, c in coefficients.items() if c < 0 and i.name in kernel_dims and i.name in summed]
+    out = tuple(i for i in kernel_dims if i not in summed)
+    if len(coefficients) != 2 or len(moving) != 1 or len(taps) != 1 or summed != {taps[0].name} \
+            or kernel_dims[-1] != taps[0].name or not set(out) | {moving[0].name} <= set(target):
+        return None
+    tap, position = taps[0], moving[0]
+    return Convolution(source.expr, kernel.expr, (), (), out, ((position.name, tap.name, 1, coefficients[tap]),),
+                       (position.upper + 1,), kind="transposed")
 
 
 def _contract(nodes: list[Node], summed: list[str], target: tuple[str, ...],
@@ -508,6 +619,8 @@ def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...]) -> set[
                     names |= {node.like, node.index}
                 elif isinstance(node, Reduce):
                     names |= {name for name, _ in node.expand_batch}
+                elif isinstance(node, Convolution):
+                    leaves += [Leaf(node.source, ()), Leaf(node.kernel, ())]
     for leaf in leaves:
         names |= {a.base.label.name for a in leaf.expr.atoms(sympy.Indexed)}
         names |= {s.name for s in leaf.expr.free_symbols}
@@ -560,6 +673,8 @@ def largest_intermediate_violations(lowered: LoweredOp) -> list[str]:
             # the plan knows each index's size, the derivation's copies (c_1 of c) included
             sizes = declared | dict(term_plan.sizes)
             for node in walk(term):
+                if isinstance(node, Leaf) and isinstance(node.expr, window):
+                    continue    # a window is a view of its (padded) input: Tensor.unfold allocates nothing
                 if not any(Counter(sizes[i] for i in node.indices) <= h for h in held):
                     problems.append(f"{expr.plan.target}: {type(node).__name__} over {node.indices}")
     return problems

@@ -53,6 +53,13 @@ class OpSpec:
     ranges: tuple[tuple[str, float, float], ...]  # input -> (low, high) where the op is defined, for test inputs
     source: str                        # "<file>" the op came from, for messages
     digest: str = ""                   # hash of the op's TOML table as written, for the stamp (stamp.py)
+    # affine subscripts (x[n, c, 2*t + k]): the sizes no input's shape gives, and what the reads may reach
+    fixed_sizes: tuple[tuple[str, int], ...] = ()       # index -> its size, from the spec's `sizes` table
+    inferred_sizes: tuple[tuple[str, sympy.Expr], ...] = ()  # index -> its size inferred from the affine reads,
+                                                        # in the sizes of declared and fixed indices
+    pads: tuple[tuple[str, str, int, int], ...] = ()    # (input, dim's index, zeros before, zeros after): `pad`
+    affine_reads: tuple["AffineRead", ...] = ()         # every read with an affine subscript, as written
+    size_checks: tuple[tuple[sympy.Expr, str], ...] = ()  # (condition on sizes, what breaks it): the contract
 
     @property
     def index_order(self) -> tuple[str, ...]:
@@ -69,8 +76,30 @@ class OpSpec:
         """The declared index whose size `index` (an index the spec names) has."""
         return dict(self.index_sizes)[index]
 
+    def size_value(self, index: str) -> sympy.Expr:
+        """The size of `index` in the sizes generated code reads off the inputs: size_l, 2, size_l - size_k + 1."""
+        representative = self.size_of(index)
+        fixed = dict(self.fixed_sizes).get(representative)
+        return sympy.Integer(fixed) if fixed else dict(self.inferred_sizes).get(representative) \
+            or size_symbol(representative)
+
+    def pad_of(self, name: str, index: str) -> tuple[int, int]:
+        """(zeros before, zeros after) that reads of input `name`'s dim `index` may reach."""
+        return next(((before, after) for tensor, dim, before, after in self.pads
+                     if (tensor, dim) == (name, index)), (0, 0))
+
     def input(self, name: str) -> TensorInput:
         return next(t for t in self.inputs if t.name == name)
+
+
+@dataclass(frozen=True)
+class AffineRead:
+    """A read the equation writes with an affine subscript: x[n, c, 2*t + k - 1]."""
+
+    access: sympy.Indexed        # the read itself
+    # the positions whose affine index alone gave the size of an index: padded as declared, they hold
+    # exactly that many windows
+    exact: tuple[int, ...]
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 import sympy
 
 from .derivation import Derivation, Term, is_tied_step, step_as_sign, tensor_symbols
-from .functions import canonical, fold_piecewise, free_indices
+from .functions import canonical, fold_piecewise, free_indices, in_range, is_affine_read, window, window_dims
 from . import naming
-from .model import OpSpec, size_symbol
+from .model import OpSpec, scalar_symbol, size_symbol, tensor_symbol
 from .naming import BATCH
 from .saving import SavedValue
 
@@ -159,7 +159,7 @@ def _factor_out(plans: list[TermPlan]) -> tuple[sympy.Expr, list[TermPlan]]:
 
 
 def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, reading) -> TermPlan:
-    factors = _fold_piecewise([canonical(f) for f in term.factors])
+    factors = _fold_piecewise([as_windows(op, canonical(f), target) for f in term.factors])
     # Elementwise operands take the target's dim order where they can, so that no transpose follows.
     preferred = tuple(target) + tuple(i for i in order if i not in target)
     preferred = tuple(sorted(preferred, key=lambda i: i != BATCH))     # batch dims always lead
@@ -178,10 +178,55 @@ def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, 
                     expand_batch=batch_inputs(op) if expand else ())
 
 
+def as_windows(op: OpSpec, expr: sympy.Expr, target: tuple[str, ...] = ()) -> sympy.Expr:
+    """`expr` with each read by affine subscripts wrapped in a `window` that says how generated code pads
+    its input and cuts it (see functions.window), and each in_range given a tensor for its dtype and device.
+    In each subscript the index with the largest step leads, then one of the result's (`target`): t of
+    x[n, c, t + k] in y[n, o, t], its windows x.unfold(2, size_k, 1)."""
+    reads = {a: _window(op, a, target) for a in expr.atoms(sympy.Indexed) if is_affine_read(a)}
+    ranges = {r: in_range(*r.args, scalar_symbol(naming.grad(op.output))) for r in expr.atoms(in_range)
+              if len(r.args) == 2}
+    return expr.xreplace(reads | ranges) if reads or ranges else expr
+
+
+def _window(op: OpSpec, access: sympy.Indexed, target: tuple[str, ...]) -> window:
+    """The padding of an affine read: front = -(its lowest reach), back so that the padded dim holds exactly
+    its reach; a read the spec writes whose subscript gave an index's size keeps the declared padding."""
+    name = access.base.label.name
+    output = {op.output, naming.grad(op.output), naming.tangent(op.output)}
+    dims = op.output_indices if name in output else \
+        op.input(name.removeprefix("tangent_") if name.startswith("tangent_") else name).indices
+    own = tensor_symbol(name.removeprefix("tangent_"))[access.indices] if name.startswith("tangent_") else access
+    declared = next((r for r in op.affine_reads if r.access == own), None)
+    front, back = [], []
+    for position, (subscript, dim) in enumerate(zip(access.indices, dims)):
+        if isinstance(subscript, sympy.Idx):
+            front.append(sympy.S.Zero)
+            back.append(sympy.S.Zero)
+            continue
+        coefficients = {i: subscript.coeff(i) for i in subscript.atoms(sympy.Idx)}
+        lowest = subscript.subs({i: (i.upper if c < 0 else 0) for i, c in coefficients.items()})
+        reach = sum((abs(c) * i.upper for i, c in coefficients.items()), sympy.S.One)
+        front.append(-lowest)
+        if declared is not None and position in declared.exact and all(c > 0 for c in coefficients.values()):
+            back.append(sympy.Integer(op.pad_of(own.base.label.name, dim)[1]))
+        else:
+            back.append(sympy.expand(lowest + reach - size_symbol(op.size_of(dim))))
+    # an inferred size without a floor (no stride) is its formula: the pads read size_k - 1, not size_l - size_t
+    exact = {size_symbol(i): size for i, size in op.inferred_sizes if not size.has(sympy.floor, sympy.Min)}
+    front, back = [sympy.expand(f.xreplace(exact)) for f in front], [sympy.expand(b.xreplace(exact)) for b in back]
+    order = [sympy.Tuple(*sorted(i.atoms(sympy.Idx), key=lambda j: (-abs(i.coeff(j)), j.name not in target, j.name)))
+             if not isinstance(i, sympy.Idx) else sympy.Tuple(i) for i in access.indices]
+    return window(access, sympy.Tuple(*front), sympy.Tuple(*back), sympy.Tuple(*order))
+
+
 def _own_order(expr: sympy.Expr, order) -> tuple[str, ...]:
-    """A plain access keeps its tensor's dim order; an elementwise expression takes the op's order."""
+    """A plain access keeps its tensor's dim order, a window the order its windows are cut in; an
+    elementwise expression takes the op's order."""
     if isinstance(expr, sympy.Indexed) and all(isinstance(i, sympy.Idx) for i in expr.indices):
         return tuple(i.name for i in expr.indices)
+    if isinstance(expr, window):
+        return window_dims(expr)
     return ordered(free_indices(expr), order)
 
 

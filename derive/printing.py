@@ -17,9 +17,10 @@ from sympy.printing.pycode import PythonCodePrinter
 from .torch_printer import TorchPrinter
 
 from .plan import free_indices
-from .lower import Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter, expands_batch, walk
+from .lower import (Convolution, Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter,
+                    expands_batch, walk)
 from .model import OpSpec, is_python_number, size_symbol
-from .functions import one_hot
+from .functions import in_range, one_hot, window
 from .kernels import Fused, comments, kernel_of
 from . import naming
 from .naming import BATCH, grad
@@ -164,6 +165,71 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
                             f".squeeze({position})", plain)
         raise ValueError(f"unsupported gather pattern {expr}: index the leading dim (w[idx[n], d]) "
                          f"or one dim by a tensor over the others (x[n, t[n]])")
+
+    def _print_window(self, expr):
+        access, front, back, order = expr.args
+        code = self._windows(access.base.label.name, access.indices, front, back, order)
+        return align(code, self.layout).text
+
+    def _print_in_range(self, expr):
+        """1 where value lies in [0, size): a window of ones, padded with zeros as a read of them would be."""
+        value, size, like = expr.args
+        lowest = value.subs({i: (i.upper if value.coeff(i) < 0 else 0) for i in value.atoms(sympy.Idx)})
+        reach = sum((abs(value.coeff(i)) * i.upper for i in value.atoms(sympy.Idx)), sympy.S.One)
+        ones = f"{like.name}.new_ones({SizePrinter().doprint(size)})"
+        order = sympy.Tuple(sympy.Tuple(*sorted(value.atoms(sympy.Idx), key=lambda i: (-abs(value.coeff(i)), i.name))))
+        code = self._windows(ones, (value,), (-lowest,), (sympy.expand(lowest + reach - size),), order)
+        return align(code, self.layout).text
+
+    def _windows(self, tensor: str, subscripts, front, back, order) -> Code:
+        """`tensor` read at affine subscripts, as a tensor with one dim per index: padded (F.pad) so that
+        each affine dim starts at its lowest reach and holds exactly its reach, then cut into windows
+        with `unfold(dim, size, step)` (a view), one more dim per further index, strided by its coefficient;
+        an index with a negative coefficient runs backwards (`flip`)."""
+        scalar = SizePrinter()
+        if any(not isinstance(i, sympy.Idx) and i.atoms(sympy.Indexed) for i in subscripts):
+            raise ValueError(f"unsupported read {tensor}{list(subscripts)}: a gather inside an affine subscript")
+        text, level = _padded(tensor, front, back), ATOM
+        dims: list[str] = []
+        flips: list[str] = []
+        for position, subscript in enumerate(subscripts):
+            if isinstance(subscript, sympy.Idx):
+                dims.append(subscript.name)
+                continue
+            coefficients = {i: int(subscript.coeff(i)) for i in subscript.atoms(sympy.Idx)}
+            flips += [i.name for i, c in coefficients.items() if c < 0]
+            # a forward-running index leads, then the one latest in the layout (t before k in t + k)
+            nesting = list(order[position])
+            dim = position
+            for number, index in enumerate(nesting):
+                step = abs(coefficients[index])
+                rest = nesting[number + 1:]
+                if rest:
+                    size = sum((abs(coefficients[i]) * i.upper for i in rest), sympy.S.One)
+                    text += f".unfold({dim}, {scalar.doprint(size)}, {step})"
+                elif step != 1:
+                    text += f"[{':, ' * dim}::{step}]" if dim >= 0 else f"[..., ::{step}]"
+                dims.append(index.name)
+                dim = -1
+            # the windows' dims were appended in nesting order after the ones so far
+        order = self._window_order(subscripts, dims)
+        if flips:
+            positions = [order.index(f) for f in flips]
+            text += f".flip({python_tuple([str(p) for p in positions])})"
+        return Code(text, tuple(order), level)
+
+    @staticmethod
+    def _window_order(subscripts, dims: list[str]) -> list[str]:
+        """The dims of the unfolded tensor: each subscript's first index at its place, the further ones
+        appended after all the tensor's dims, in the order they were cut."""
+        leading, appended = [], []
+        taken = iter(dims)
+        for subscript in subscripts:
+            count = 1 if isinstance(subscript, sympy.Idx) else len(subscript.atoms(sympy.Idx))
+            names = [next(taken) for _ in range(count)]
+            leading.append(names[0])
+            appended += names[1:]
+        return leading + appended
 
     def _sub(self, expr, layout: tuple[str, ...]) -> Code:
         """`expr` printed in its own layout, for a reduction or softmax to work on."""
@@ -504,6 +570,19 @@ class ScalarPrinter(PythonCodePrinter):
         return f"(max({self._print(argument)}, 0) + math.log1p(math.exp(-abs({self._print(argument)}))))"
 
 
+class SizePrinter(PositiveFirst, ScalarPrinter):
+    """Sizes and their arithmetic as Python ints: size_l - size_k + 1, (size_l - size_k) // 2 + 1."""
+
+    def _print_floor(self, expr):
+        numerator, denominator = sympy.fraction(sympy.together(expr.args[0]))
+        if denominator.is_Integer and denominator > 0:
+            return f"{self.parenthesize(numerator, MUL)} // {denominator}"
+        return super()._print_floor(expr)
+
+    def _print_Min(self, expr):
+        return f"min({', '.join(self._print(a) for a in expr.args)})"
+
+
 def exact_fraction(number: sympy.Rational) -> bool:
     """Whether a rational prints as int / int: both fit a float (5e-324 is 1 / 2**1074: a float literal)."""
     return max(abs(number.p), number.q) < 2 ** 1023
@@ -581,7 +660,188 @@ def render(node: Node) -> Code:
     if isinstance(node, Scaled):
         source = render(node.source)
         return Code(_scale(node.coefficient, source), source.indices, MUL)
+    if isinstance(node, Convolution):
+        return _convolution(node)
     raise TypeError(f"unknown node {node!r}")
+
+
+def _convolution(node: Convolution) -> Code:
+    """F.conv{1,2,3}d(input, weight, stride=, dilation=): the source padded and laid out (N, C, t...), the
+    kernel (out, C, k...), flipped along a k with a negative step; a missing N, C or out is a dim of 1."""
+    if node.kind == "transposed":
+        return _transposed_convolution(node)
+    if node.kind == "weight":
+        return _weight_gradient(node)
+    if node.kind == "input":
+        return _input_gradient(node)
+    access, front, back, _ = node.source.args
+    taps = {t: (k, stride, dilation) for t, k, stride, dilation in node.spatial}
+    padded = Code(_padded(access.base.label.name, front, back),
+                  tuple(i.name if isinstance(i, sympy.Idx) else next(t for t in taps if t in {a.name for a in i.atoms(sympy.Idx)})
+                        for i in access.indices))
+    source = _arranged(padded, node.batch + node.channels + tuple(taps))
+    text = source.text
+    if not node.batch:
+        text = f"{source.atom()}.unsqueeze(0)"
+    if not node.channels:
+        text = f"{text}.unsqueeze(1)"
+    kernel = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
+                       node.out + node.channels + tuple(k for k, _, _ in taps.values()))
+    weight = kernel.text
+    flipped = [str(2 + position) for position, (k, _, dilation) in enumerate(taps.values()) if dilation < 0]
+    if flipped:
+        weight = f"{kernel.atom()}.flip({python_tuple(flipped)})"
+    if not node.out:
+        weight = f"{weight}.unsqueeze(0)"
+    if not node.channels:
+        weight = f"{weight}.unsqueeze(1)"
+    options = ""
+    for keyword, values in (("stride", [s for _, s, _ in taps.values()]), ("dilation", [abs(d) for _, _, d in taps.values()])):
+        if any(v != 1 for v in values):
+            options += f", {keyword}={values[0] if len(values) == 1 else python_tuple([str(v) for v in values])}"
+    text = f"torch.nn.functional.conv{len(taps)}d({text}, {weight}{options})"
+    if not node.out:
+        text += ".squeeze(1)"
+    if not node.batch:
+        text += ".squeeze(0)"
+    # a stride or dilation other than 1 may leave room for one more step than the index's size
+    loose = [i for i, (_, stride, dilation) in enumerate(taps.values()) if stride != 1 or abs(dilation) != 1]
+    if loose:
+        leading = len(node.batch) + len(node.out)
+        cuts = [":"] * leading + [f":{SizePrinter().doprint(size)}" if i in loose else ":"
+                                  for i, size in enumerate(node.sizes)]
+        while cuts and cuts[-1] == ":":
+            cuts.pop()
+        text += f"[{', '.join(cuts)}]"
+    return Code(text, node.indices)
+
+
+def _input_gradient(node: Convolution) -> Code:
+    """torch.nn.grad.conv{1,2,3}d_input(shape, w, grad, padding=e, dilation=d): a convolution's grad_x, the
+    term summing grad[b, o, t - d*k + e] * w[o, c, k] over o and k (the kernel PyTorch's own backward runs)."""
+    access = node.source.args[0]
+    taps = {t: (k, -dilation) for t, k, _, dilation in node.spatial}
+    gradient = _arranged(Code(access_name(access), tuple(
+        i.name if isinstance(i, sympy.Idx) else next(t for t in taps if t in {a.name for a in i.atoms(sympy.Idx)})
+        for i in access.indices)), node.batch + node.channels + tuple(taps))
+    weight = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
+                       node.channels + node.out + tuple(k for k, _ in taps.values()))
+    sizes = {i.name: i.upper + 1 for a in (access, node.kernel) for i in a.atoms(sympy.Idx)}
+    shape = python_tuple([SizePrinter().doprint(sizes[i]) for i in node.batch + node.out + tuple(taps)])
+    offsets = [i.subs({a: 0 for a in i.atoms(sympy.Idx)}) for i in access.indices if not isinstance(i, sympy.Idx)]
+    options = ""
+    for keyword, values in (("padding", offsets), ("dilation", [d for _, d in taps.values()])):
+        if any(v != (0 if keyword == "padding" else 1) for v in values):
+            options += f", {keyword}={values[0] if len(values) == 1 else python_tuple([str(v) for v in values])}"
+    return Code(f"torch.nn.grad.conv{len(taps)}d_input({shape}, {weight.text}, {gradient.text}{options})",
+                node.indices)
+
+
+def _weight_gradient(node: Convolution) -> Code:
+    """torch.nn.grad.conv{1,2,3}d_weight(x, shape, grad): a convolution's grad_w, the term summing
+    x[b, c, d*t + s*k + e] * grad[b, o, k] over b and k (the kernel PyTorch's own backward runs)."""
+    access, front, back, _ = node.source.args
+    taps = {t: (k, stride, dilation) for t, k, stride, dilation in node.spatial}
+    padded = Code(_padded(access.base.label.name, front, back),
+                  tuple(i.name if isinstance(i, sympy.Idx) else next(t for t in taps if t in {a.name for a in i.atoms(sympy.Idx)})
+                        for i in access.indices))
+    source = _arranged(padded, node.channels + node.batch + tuple(taps))
+    gradient = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
+                         node.channels + node.out + tuple(k for k, _, _ in taps.values()))
+    sizes = {i.name: i.upper + 1 for a in (access, node.kernel) for i in a.atoms(sympy.Idx)}
+    shape = python_tuple([SizePrinter().doprint(sizes[i]) for i in node.out + node.batch + tuple(taps)])
+    options = ""
+    for keyword, values in (("stride", [d for _, _, d in taps.values()]), ("dilation", [s for _, s, _ in taps.values()])):
+        if any(v != 1 for v in values):
+            options += f", {keyword}={values[0] if len(values) == 1 else python_tuple([str(v) for v in values])}"
+    return Code(f"torch.nn.grad.conv{len(taps)}d_weight({source.text}, {shape}, {gradient.text}{options})",
+                node.indices)
+
+
+def _transposed_convolution(node: Convolution) -> Code:
+    """F.conv_transpose{1,2,3}d(grad, x, stride=): the term sums grad[b, c, k] * x[c, a, t - s*k + e] over c
+    and k, so each grad entry spreads x's taps from s*k; the result, s*(size_k - 1) + x's length long, is
+    cut (or padded) to t = 0 .. size_t - 1 (reads of x outside its range are zero)."""
+    if isinstance(node.source, in_range):
+        return _spread(node)
+    access, front, back, _ = node.source.args
+    taps = {t: (k, -dilation) for t, k, _, dilation in node.spatial}
+    gradient = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
+                         node.out + node.channels + tuple(k for k, _ in taps.values()))
+    weight = _arranged(Code(access_name(access), tuple(
+        i.name if isinstance(i, sympy.Idx) else next(t for t in taps if t in {a.name for a in i.atoms(sympy.Idx)})
+        for i in access.indices)), node.channels + node.batch + tuple(taps))
+    text, kernel = gradient.text, weight.text
+    if not node.out:
+        text = f"{gradient.atom()}.unsqueeze(0)"
+    if not node.channels:
+        text, kernel = f"{text}.unsqueeze(1)", f"{weight.atom()}.unsqueeze(0)"
+    if not node.batch:
+        kernel = f"{kernel}.unsqueeze(1)"
+    strides = [stride for _, stride in taps.values()]
+    options = "" if all(s == 1 for s in strides) else \
+        f", stride={strides[0] if len(strides) == 1 else python_tuple([str(s) for s in strides])}"
+    text = f"torch.nn.functional.conv_transpose{len(taps)}d({text}, {kernel}{options})"
+    # the full result starts at t = -e: pad (or crop) it to t = 0 .. size_t - 1
+    affine = [p for p, i in enumerate(access.indices) if not isinstance(i, sympy.Idx)]
+    k_sizes = [next(i for i in access.indices[p].atoms(sympy.Idx) if i.name == k).upper
+               for p, (k, _) in zip(affine, taps.values())]
+    amounts = [(front[p] - stride * reach, back[p] - stride * reach)
+               for p, stride, reach in zip(affine, strides, k_sizes)]
+    text = _padded(text, [sympy.S.Zero] * 2 + [f for f, _ in amounts], [sympy.S.Zero] * 2 + [b for _, b in amounts])
+    if not node.batch:
+        text += ".squeeze(1)"
+    if not node.out:
+        text += ".squeeze(0)"
+    return Code(text, node.indices)
+
+
+def _spread(node: Convolution) -> Code:
+    """F.conv_transpose1d(g, ones, stride=s, groups=C): each g[..., c, t] added at the size_k positions from
+    s*t, one group per channel c (the kernel's last free dim; the ones before it are rows); then cut (or
+    padded) to l = 0 .. size_l - 1."""
+    value, size, like = node.source.args
+    ((position, tap, _, step),) = node.spatial
+    gradient = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
+                         node.out + (tap,))
+    sizes = {i.name: SizePrinter().doprint(i.upper + 1) for i in node.kernel.indices}
+    width = SizePrinter().doprint(size)
+    if len(node.out) >= 2:
+        rows = gradient.atom() + (f".flatten(0, {len(node.out) - 2})" if len(node.out) > 2 else "")
+        channels = sizes[node.out[-1]]
+        ones, groups = f"{like.name}.new_ones({channels}, 1, {width})", f", groups={channels}"
+    else:
+        rows = f"{gradient.atom()}.unsqueeze(-2)" + (".unsqueeze(0)" if not node.out else "")
+        ones, groups = f"{like.name}.new_ones(1, 1, {width})", ""
+    stride = "" if step == -1 else f", stride={-step}"
+    text = f"torch.nn.functional.conv_transpose1d({rows}, {ones}{stride}{groups})"
+    index = next(i for i in value.atoms(sympy.Idx) if i.name == tap)
+    lowest = value.subs({i: (i.upper if value.coeff(i) < 0 else 0) for i in value.atoms(sympy.Idx)})
+    reach = sum((abs(value.coeff(i)) * i.upper for i in value.atoms(sympy.Idx)), sympy.S.One)
+    spread = -step * index.upper
+    text = _padded(text, [sympy.S.Zero] * 2 + [-lowest - spread],
+                   [sympy.S.Zero] * 2 + [sympy.expand(lowest + reach - size - spread)])
+    if len(node.out) > 2:
+        text += f".unflatten(0, {python_tuple([sizes[i] for i in node.out[:-1]])})"
+    elif len(node.out) == 1:
+        text += ".squeeze(-2)"
+    elif not node.out:
+        text += ".squeeze(0).squeeze(0)"
+    return Code(text, node.out + (position,))
+
+
+def access_name(access: sympy.Indexed) -> str:
+    return access.base.label.name
+
+
+def _padded(tensor: str, front, back) -> str:
+    """F.pad(tensor, ...) with `front` and `back` zeros at each dim (negative: cropped), or the tensor."""
+    amounts = list(zip(front, back))
+    first = min((p for p, (f, b) in enumerate(amounts) if f != 0 or b != 0), default=None)
+    if first is None:
+        return tensor
+    pads = [SizePrinter().doprint(a) for f, b in reversed(amounts[first:]) for a in (f, b)]     # last dim first
+    return f"torch.nn.functional.pad({tensor}, {python_tuple(pads)})"
 
 
 def _arranged(code: Code, layout: tuple[str, ...]) -> Code:
@@ -744,10 +1004,15 @@ def size_bindings(op: OpSpec, exprs: list[LoweredExpr],
     if sources is None:
         sources = [(t.name, t.indices) for t in op.inputs]
     used = set(sizes_used(op, exprs, shared)) | {op.size_of(i) for i in also if i != BATCH}
-    return [(size_symbol(index).name, _batch_size(sources, grad(op.output)) if index == BATCH else
+    # a size no source has is set by the spec (`sizes`) or inferred from the affine reads, in other sizes
+    computed = {index: op.size_value(index) for index in used
+                if index != BATCH and not any(index in dims for _, dims in sources)}
+    used |= {s.name.removeprefix(naming.size("")) for value in computed.values() for s in value.free_symbols}
+    read = [(size_symbol(index).name, _batch_size(sources, grad(op.output)) if index == BATCH else
              _shape_of(*size_source(index, sources), index))
             for index, representative in sorted(dict(op.index_sizes).items())
-            if index == representative and index in used]
+            if index == representative and index in used and index not in computed]
+    return read + [(size_symbol(index).name, SizePrinter().doprint(value)) for index, value in sorted(computed.items())]
 
 
 def output_shape(op: OpSpec, sources: list[tuple[str, tuple[str, ...]]]) -> str:
@@ -766,11 +1031,15 @@ def output_shape(op: OpSpec, sources: list[tuple[str, tuple[str, ...]]]) -> str:
     return python_tuple(dims) if dims else "()"
 
 
-def size_readers(index: str, sources: list[tuple[str, tuple[str, ...]]], grad_output: str) -> tuple[str, ...]:
-    """The tensors whose shapes the binding of `index`'s size reads, as `size_bindings` writes it."""
+def size_readers(index: str, sources: list[tuple[str, tuple[str, ...]]], op: OpSpec) -> tuple[str, ...]:
+    """The tensors whose shapes the binding of `index`'s size reads, as `size_bindings` writes it: a size
+    no source has is set by the spec (it reads nothing) or inferred from the sizes it is computed of."""
     if index == BATCH:
-        return tuple(name for name, _ in _batch_sources(sources, grad_output))
-    return (size_source(index, sources)[0],)
+        return tuple(name for name, _ in _batch_sources(sources, grad(op.output)))
+    if any(index in dims for _, dims in sources):
+        return (size_source(index, sources)[0],)
+    return tuple(name for s in sorted(op.size_value(index).free_symbols, key=str)
+                 for name in size_readers(s.name.removeprefix(naming.size("")), sources, op))
 
 
 def _batch_sources(sources: list[tuple[str, tuple[str, ...]]], grad_output: str) -> list[tuple[str, tuple[str, ...]]]:
@@ -811,10 +1080,30 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
             if isinstance(node, Leaf):
                 outside = node.expr.xreplace({call: sympy.S.Zero for call in node.expr.atoms(Fused)})
                 used |= node.expr.free_symbols | {h.args[1].upper + 1 for h in outside.atoms(one_hot)}
+                # windows are cut to the sizes of the indices of their subscripts
+                used |= {s for w in outside.atoms(window, in_range) for i in w.args[0].atoms(sympy.Idx)
+                         for s in (i.upper + 1).free_symbols}
             elif isinstance(node, Scaled):
                 used |= node.coefficient.free_symbols
             elif isinstance(node, Reduce):
                 used |= set().union(*(size.free_symbols for size in node.sizes))
+            elif isinstance(node, Convolution) and isinstance(node.source, in_range):
+                used |= node.source.free_symbols | {s for i in node.source.atoms(sympy.Idx) for s in i.upper.free_symbols}
+                if len(node.out) > 1:
+                    used |= {s for i in node.kernel.indices if i.name in node.out for s in i.upper.free_symbols}
+            elif isinstance(node, Convolution) and node.kind == "input":
+                used |= {s for a in (node.source.args[0], node.kernel) for i in a.atoms(sympy.Idx)
+                         if i.name in node.batch + node.out + tuple(t for t, _, _, _ in node.spatial)
+                         for s in i.upper.free_symbols}
+            elif isinstance(node, Convolution) and node.kind == "weight":
+                used |= node.source.args[1].free_symbols | node.source.args[2].free_symbols
+                used |= {s for a in (node.source.args[0], node.kernel) for i in a.atoms(sympy.Idx)
+                         if i.name in node.out + node.batch + tuple(t for t, _, _, _ in node.spatial)
+                         for s in i.upper.free_symbols}
+            elif isinstance(node, Convolution):
+                used |= node.source.args[1].free_symbols | node.source.args[2].free_symbols
+                used |= {s for (_, _, stride, dilation), size in zip(node.spatial, node.sizes)
+                         if stride != 1 or abs(dilation) != 1 for s in size.free_symbols}
     declared = [index for index, representative in sorted(dict(op.index_sizes).items()) if index == representative]
     # every size the code reads is bound from an input's shape: a renamed index (n_1) reads its original's
     unbound = sorted(s.name for s in used - {size_symbol(i) for i in declared}

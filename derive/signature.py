@@ -112,7 +112,7 @@ def _gradient(op: OpSpec, lowered: LoweredOp, name: str, expr: LoweredExpr, shar
 
 def _size_reads(op: OpSpec, indices: list[str], sources: list[tuple[str, tuple[str, ...]]]) -> set[str]:
     """The tensors the bindings of these indices' sizes read."""
-    return {name for i in indices for name in size_readers(i, sources, naming.grad(op.output))}
+    return {name for i in indices for name in size_readers(i, sources, op)}
 
 
 def _forward_tensors(op: OpSpec, lowered: LoweredOp, names: set[str]) -> tuple[str, ...]:

@@ -21,8 +21,8 @@ from pathlib import Path
 import sympy
 
 from . import functions, naming
-from .model import (Catalog, OpSpec, Param, SpecError, TensorInput, index_symbol, param_symbol, scalar_symbol,
-                    tensor_symbol)
+from .model import (AffineRead, Catalog, OpSpec, Param, SpecError, TensorInput, index_symbol, param_symbol,
+                    scalar_symbol, size_symbol, tensor_symbol)
 from .naming import BATCH, default_catalog_path
 from .reading import parse_toml, read_text, toml_error  # noqa: F401 (toml_error: spec.toml_error as before)
 from .stamp import spec_digest
@@ -41,7 +41,8 @@ MAX_OPS = 200                 # ops per catalog
 MAX_ARGUMENTS = 32            # inputs and params of one op: a custom op's schema allows 64 arguments in all
 MAX_RANK = 8                  # indices of one input or of the result (the batch '...' counts as one)
 
-OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "integer", "params", "ranges"}
+OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "integer", "params", "ranges", "sizes", "pad"}
+MAX_FIXED_SIZE = 1 << 20      # a size the spec sets (`sizes`), or zeros it pads with (`pad`)
 RETIRED_KEYS = {
     "step_at_zero": "'step_at_zero' is retired: a kink's value is set where it is written, as the first argument's "
                     "share of the gradient at a tie: Max(x[i], 0, tie=0) is relu (0 at 0), Max(x[i], lo, tie=1) "
@@ -173,9 +174,15 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
     integer, differentiable = _parse_roles(entry, names, name, locator)
     ranges = _parse_ranges(entry, names, name, locator)
     tensors = tuple(TensorInput(t.name, t.indices, t.name in differentiable, t.name in integer) for t, _ in inputs)
-    parser = _EquationParser(name, tensors, tuple(p.name for p in params), locator)
+    fixed = _parse_fixed_sizes(entry, tensors, name, locator)
+    pads = _parse_pads(entry, tensors, name, locator)
+    parser = _EquationParser(name, tensors, tuple(p.name for p in params), locator, fixed=fixed)
     output, output_indices, rhs = parser.parse(entry["equation"])
     tensors = _check_equation(parser, tensors, params, output, rhs, name, locator)
+    unused = sorted(set(fixed) - {i.name for i in rhs.atoms(sympy.Idx)})
+    if unused:
+        raise locator.error(f"'sizes' sets index '{unused[0]}', which the equation does not use", name, "sizes")
+    affine = _infer_ranges(parser, tensors, output, output_indices, fixed, pads, name, locator)
     reference = _check_reference(entry["reference"], names, [p.name for p in params], name, locator)
     return OpSpec(
         name=name,
@@ -191,6 +198,9 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
         ranges=tuple(sorted((k, float(v[0]), float(v[1])) for k, v in ranges.items())),
         source=locator.path,
         digest=spec_digest(name, entry),
+        fixed_sizes=tuple(sorted(fixed.items())),
+        pads=tuple(sorted((tensor, index, before, after) for (tensor, index), (before, after) in pads.items())),
+        **affine,
     )
 
 
@@ -267,6 +277,157 @@ def _parse_ranges(entry: dict, names: list[str], name: str, locator: _Locator) -
                                 f"low < high",
                                 name, "ranges")
     return ranges
+
+
+def _parse_fixed_sizes(entry: dict, tensors: tuple[TensorInput, ...], name: str, locator: _Locator) -> dict:
+    """The `sizes` table: index -> size, for an index whose size no input's shape gives (`k` of a pooling)."""
+    fixed = entry.get("sizes", {})
+    if not isinstance(fixed, dict):
+        raise locator.error("'sizes' must be a table of index = size, such as { k = 2 }", name, "sizes")
+    for index, size in fixed.items():
+        owner = next((t.name for t in tensors if index in t.indices), None)
+        if owner is not None:
+            raise locator.error(f"'sizes' sets index '{index}', a dim of input '{owner}': its size is read off "
+                                f"{owner}'s shape", name, "sizes")
+        if not (isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= MAX_FIXED_SIZE):
+            raise locator.error(f"'sizes' entry '{index}' must be a whole number from 1 to {MAX_FIXED_SIZE}",
+                                name, "sizes")
+    return dict(fixed)
+
+
+def _parse_pads(entry: dict, tensors: tuple[TensorInput, ...], name: str, locator: _Locator) -> dict:
+    """The `pad` table: { x = { l = 1 } } or { x = { l = [1, 2] } }: reads of x's dim l may reach that many
+    zeros before (and after) its range. (input, index) -> (before, after)."""
+    table = entry.get("pad", {})
+    shape = "'pad' must be a table of input = { index = zeros or [before, after] }, such as { x = { l = 1 } }"
+    if not isinstance(table, dict):
+        raise locator.error(shape, name, "pad")
+    pads = {}
+    for tensor_name, dims in table.items():
+        tensor = next((t for t in tensors if t.name == tensor_name), None)
+        if tensor is None:
+            raise locator.error(f"'pad' names '{tensor_name}', which is not an input", name, "pad")
+        if not isinstance(dims, dict):
+            raise locator.error(shape, name, "pad")
+        for index, amount in dims.items():
+            if index not in tensor.indices or index == BATCH:
+                raise locator.error(f"'pad' entry '{tensor_name}.{index}': '{index}' is not a dim of "
+                                    f"{tensor_name}[{', '.join(tensor.indices)}]", name, "pad")
+            amounts = amount if isinstance(amount, list) else [amount, amount]
+            if len(amounts) != 2 or not all(isinstance(a, int) and not isinstance(a, bool)
+                                            and 0 <= a <= MAX_FIXED_SIZE for a in amounts):
+                raise locator.error(f"'pad' entry '{tensor_name}.{index}' must be a number of zeros (0 to "
+                                    f"{MAX_FIXED_SIZE}) or [before, after]", name, "pad")
+            pads[(tensor_name, index)] = tuple(amounts)
+    return pads
+
+
+def _infer_ranges(parser: _EquationParser, tensors: tuple[TensorInput, ...], output: str,
+                  output_indices: tuple[str, ...], fixed: dict, pads: dict, name: str, locator: _Locator) -> dict:
+    """Range inference: the size of every index no input's shape gives and `sizes` does not set is the
+    largest for which every affine read that uses it stays within its input (and the zeros `pad` allows).
+    Then the conditions on the sizes the generated code checks: each inferred size is at least 1, and
+    each read whose sizes are all given stays in range."""
+    declared = {i for t in tensors for i in t.indices} | set(fixed)
+    value = {index: sympy.Integer(size) for index, size in fixed.items()}
+    reads = parser.affine_reads
+    padded = {(tensor, position): pads.get((tensor, parser.declared_of(tensor)[position]), (0, 0))
+              for tensor, access in reads for position in range(len(access.indices))}
+
+    def size(index: str) -> sympy.Expr:
+        representative = parser.sizes[index]
+        return value.get(representative, size_symbol(representative))
+
+    def extent(tensor: str, position: int) -> sympy.Expr:
+        return size(parser.declared_of(tensor)[position])
+
+    unknown = sorted({i.name for _, a in reads for e in a.indices for i in e.atoms(sympy.Idx)
+                      if parser.sizes[i.name] == i.name and i.name not in declared})
+    exact: dict[tuple[int, int], str] = {}
+    sources: dict[str, list[str]] = {}
+    while unknown:
+        progress = False
+        for index in list(unknown):
+            bounds = []
+            for number, (tensor, access) in enumerate(reads):
+                for position, element in enumerate(access.indices):
+                    coefficients = _coefficients(element)
+                    others = [i for i in coefficients if i.name != index]
+                    if coefficients.get(_idx_named(element, index), 0) <= 0 or any(
+                            parser.sizes[i.name] in unknown for i in others):
+                        continue
+                    a = coefficients[_idx_named(element, index)]
+                    offset = element.subs({i: 0 for i in element.atoms(sympy.Idx)})
+                    reach = sum((c * (size(i.name) - 1) for i, c in coefficients.items() if i.name != index and c > 0),
+                                sympy.Integer(0))
+                    after = padded[(tensor, position)][1]
+                    bounds.append((sympy.floor((extent(tensor, position) + after - 1 - offset - reach) / a) + 1,
+                                   (number, position), access))
+            if not bounds:
+                continue
+            value[index] = sympy.Min(*[b for b, _, _ in bounds])
+            if len(bounds) == 1:
+                exact[bounds[0][1]] = index
+            sources[index] = [index_text(access) for _, _, access in bounds]
+            unknown.remove(index)
+            progress = True
+        if not progress:
+            index = unknown[0]
+            raise locator.error(f"the size of index '{index}' cannot be inferred: no read x[..., a*{index} + ...] "
+                                f"with a positive a and the other indices' sizes known bounds it; set it with "
+                                f"sizes = {{ {index} = N }} or declare an input with it", name, "equation")
+    checks = []
+    for index in sorted(set(value) - set(fixed)):
+        checks.append((value[index] >= 1,
+                       f"the size of index {index} inferred from {' and '.join(sources[index])}, "
+                       f"{_size_text(value[index])}, is below 1: an input is too short for the reads"))
+    sized = {size_symbol(i): v for i, v in value.items()}
+    for number, (tensor, access) in enumerate(reads):
+        for position, element in enumerate(access.indices):
+            if isinstance(element, sympy.Idx):
+                continue
+            coefficients = _coefficients(element)
+            offset = element.subs({i: 0 for i in element.atoms(sympy.Idx)})
+            high = offset + sum((c * (size(i.name) - 1) for i, c in coefficients.items() if c > 0), sympy.Integer(0))
+            low = offset + sum((c * (size(i.name) - 1) for i, c in coefficients.items() if c < 0), sympy.Integer(0))
+            before, after = padded[(tensor, position)]
+            dim = parser.declared_of(tensor)[position]
+            sides = [(low >= -before, "below 0")]
+            if (number, position) not in exact:     # (the reads an index's size was inferred from reach its end)
+                sides.append((high <= extent(tensor, position) - 1 + after, f"past the end of dim {dim}"))
+            for condition, side in sides:
+                condition = condition.xreplace(sized)
+                if condition is sympy.false:
+                    raise locator.error(f"{index_text(access)} reads {side} of {tensor} (declare zeros there with "
+                                        f"pad = {{ {tensor} = {{ {dim} = [before, after] }} }})", name, "equation")
+                if condition is not sympy.true:
+                    checks.append((condition, f"{index_text(access)} would read {side} of {tensor}"))
+    return dict(
+        inferred_sizes=tuple((i, value[i]) for i in sorted(set(value) - set(fixed))),
+        affine_reads=tuple(AffineRead(access, tuple(sorted(p for (n, p) in exact if n == number)))
+                           for number, (_, access) in enumerate(reads)),
+        size_checks=tuple(checks),
+    )
+
+
+def _size_text(size: sympy.Expr) -> str:
+    """A size as a message shows it, positive terms first: size_l - size_k + 1."""
+    from .printing import index_notation     # (printing imports the stages that import this one)
+    return index_notation(size)
+
+
+def _coefficients(element: sympy.Expr) -> dict[sympy.Idx, int]:
+    """The integer coefficient of each index in an affine subscript."""
+    return {i: int(element.coeff(i)) for i in element.atoms(sympy.Idx)}
+
+
+def _idx_named(element: sympy.Expr, name: str):
+    return next((i for i in element.atoms(sympy.Idx) if i.name == name), None)
+
+
+def index_text(access: sympy.Indexed) -> str:
+    """x[n, c, 2*t + k]: a read as the spec writes it."""
+    return f"{access.base.label.name}[{', '.join(sympy.sstr(i) for i in access.indices)}]"
 
 
 def _check_equation(parser: _EquationParser, tensors: tuple[TensorInput, ...], params: list[Param], output: str,
@@ -436,6 +597,11 @@ class _EquationParser:
     branches: dict[str, int] = field(default_factory=dict)   # 'where' / 'kink' / 'normalized' -> how many
     reductions: int = 0     # reductions around the node being parsed
     normalized: int = 0     # softmax and logsumexp calls around it
+    fixed: dict[str, int] = field(default_factory=dict)    # index -> size the spec's `sizes` sets
+    affine_reads: list = field(default_factory=list)       # (input, access) of each read with an affine subscript
+
+    def declared_of(self, name: str) -> tuple[str, ...]:
+        return next(t.indices for t in self.inputs if t.name == name)
 
     def error(self, message: str, node: ast.AST | None = None) -> SpecError:
         return self.locator.error(message, self.op, "equation", node)
@@ -444,6 +610,8 @@ class _EquationParser:
         for tensor in self.inputs:
             for index in tensor.indices:
                 self.sizes.setdefault(index, index)
+        for index in self.fixed:
+            self.sizes.setdefault(index, index)
         if len(source) > MAX_SOURCE_CHARS:
             raise self.error(f"equation is {len(source)} characters long; the limit is {MAX_SOURCE_CHARS}")
         try:
@@ -566,6 +734,8 @@ class _EquationParser:
         gathered = {p: e for p, e in enumerate(elements) if isinstance(e, ast.Subscript)}
         if gathered:
             return self._gather(node, tensor, elements, gathered)
+        if any(not isinstance(e, (ast.Name, ast.Constant)) for e in elements):
+            return self._affine_access(node, tensor, elements)
         indices = _index_names(node)
         if indices is None:
             raise self.error(f"'{tensor.name}' must be indexed by index names (and a leading '...')", node)
@@ -588,6 +758,71 @@ class _EquationParser:
                                  f"'{size}' and '{self.sizes[declared]}' (dim of {tensor.name})", node)
         idx = [index_symbol(i, self.sizes[i]) for i in indices]
         return tensor_symbol(tensor.name)[tuple(idx)], set(indices)
+
+    def _affine_access(self, node, tensor: TensorInput, elements):
+        """`x[n, c, 2*t + k - 1]`: subscripts affine in index names with integer coefficients. An index that
+        no input declares and `sizes` does not set ranges over its own size, inferred later (_infer_ranges)."""
+        if BATCH in tensor.indices:
+            raise self.error(f"input '{tensor.name}' has batch dims '...': affine subscripts need its dims named",
+                             node)
+        if len(elements) != len(tensor.indices):
+            raise self.error(f"input '{tensor.name}' is declared with {len(tensor.indices)} dim(s) "
+                             f"[{', '.join(tensor.indices)}] but indexed with {len(elements)}", node)
+        subscripts, free, seen = [], set(), []
+        for element, declared in zip(elements, tensor.indices):
+            if isinstance(element, ast.Name):
+                value, names = self._affine_subscript(element, declared)
+            else:
+                value, names = self._affine_subscript(element, None)
+            seen += sorted(names)
+            subscripts.append(value)
+            free |= names
+        if len(set(seen)) != len(seen):
+            raise self.error(f"'{tensor.name}' uses an index in two of its subscripts (diagonals are not "
+                             f"supported)", node)
+        access = tensor_symbol(tensor.name)[tuple(subscripts)]
+        self.affine_reads.append((tensor.name, access))
+        return access, free
+
+    def _affine_subscript(self, element, declared: str | None) -> tuple[sympy.Expr, set[str]]:
+        """One subscript: a*i + b*j + c. A bare name at a dim ranges over that dim (`declared`)."""
+        names: set[str] = set()
+
+        def build(node) -> sympy.Expr:
+            if isinstance(node, ast.Name):
+                if node.id in (t.name for t in self.inputs) or node.id in self.params:
+                    raise self.error(f"'{node.id}' is a tensor or param: a subscript is affine in index names "
+                                     f"with whole-number coefficients, such as 2*t + k - 1", node)
+                problem = naming.name_problem(node.id)
+                if problem:
+                    raise self.error(f"bad index name: {problem}", node)
+                size = self.sizes.setdefault(node.id, self.sizes[declared] if declared else node.id)
+                if declared and size != self.sizes[declared]:
+                    raise self.error(f"index '{node.id}' is used with two different sizes", node)
+                names.add(node.id)
+                return index_symbol(node.id, size)
+            if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool) \
+                    and abs(node.value) <= MAX_FIXED_SIZE:
+                return sympy.Integer(node.value)
+            if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+                inner = build(node.operand)
+                return -inner if isinstance(node.op, ast.USub) else inner
+            if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult)):
+                left, right = build(node.left), build(node.right)
+                if isinstance(node.op, ast.Mult):
+                    if left.atoms(sympy.Idx) and right.atoms(sympy.Idx):
+                        raise self.error("a subscript must be affine: a product of two indices is not", node)
+                    return left * right
+                return left + right if isinstance(node.op, ast.Add) else left - right
+            raise self.error(f"a subscript is an index name or affine in index names with whole-number "
+                             f"coefficients (2*t + k - 1), not {ast.unparse(node)!r}", node)
+
+        value = sympy.expand(build(element))
+        if not value.atoms(sympy.Idx):
+            raise self.error(f"subscript {ast.unparse(element)!r} is a constant; a subscript needs an index", element)
+        if any(c == 0 for c in value.as_coefficients_dict().values()):
+            raise self.error(f"subscript {ast.unparse(element)!r} cancels an index", element)
+        return value, {i.name for i in value.atoms(sympy.Idx)}
 
     def _gather(self, node, tensor: TensorInput, elements, gathered):
         """`w[idx[n], d]`: positions indexed by the values of an integer input."""

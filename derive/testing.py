@@ -72,7 +72,27 @@ def sizes_for(op: OpSpec, sizes: dict[str, int] | None = None) -> dict[str, int]
     representatives = sorted(set(dict(op.index_sizes).values()))
     chosen = dict(zip(representatives, DEFAULT_SIZES * (1 + len(representatives) // len(DEFAULT_SIZES))))
     chosen.update(sizes or {})
+    chosen.update(op.fixed_sizes)
+    # an index whose size is inferred from affine reads gets at least 2: the dims it is read from grow
+    for index, formula in op.inferred_sizes:
+        for _ in range(64):
+            value = _size_at(formula, chosen)
+            if value >= 2:
+                break
+            # (a stride makes the size grow every few steps of the length)
+            grows = [s.name.removeprefix("size_") for s in sorted(formula.free_symbols, key=str)
+                     if _size_at(formula, chosen | {s.name.removeprefix("size_"): chosen[s.name.removeprefix("size_")] + 8})
+                     > value]
+            if not grows:
+                break
+            chosen[grows[0]] += 1
+        chosen[index] = max(int(_size_at(formula, chosen)), 0)
     return chosen
+
+
+def _size_at(formula, chosen: dict[str, int]) -> int:
+    """An inferred size's value at concrete sizes."""
+    return int(formula.xreplace({s: chosen[s.name.removeprefix("size_")] for s in formula.free_symbols}))
 
 
 def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.float64, seed: int = 0,
