@@ -20,7 +20,7 @@ from .plan import free_indices
 from .lower import (Convolution, Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter,
                     expands_batch, walk)
 from .model import OpSpec, is_python_number, size_symbol
-from .functions import in_range, one_hot, window
+from .functions import fold_window, in_range, one_hot, window
 from .kernels import Fused, comments, kernel_of
 from . import naming
 from .naming import BATCH, grad
@@ -170,6 +170,29 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         access, front, back, order = expr.args
         code = self._windows(access.base.label.name, access.indices, front, back, order)
         return align(code, self.layout).text
+
+    def _print_fold_window(self, expr):
+        """Values over the windows (dims ..., t, k) added back at the positions l = s*t + d*k + e they read: the
+        adjoint of `unfold(dim, reach of k, s)` then the crop or padding that the read's window took."""
+        value, subscript, position = expr.args
+        if BATCH in self.layout:
+            raise ValueError(f"unsupported fold of windows {subscript} with batch dims '...'")
+        outer, inner = expr.cut()
+        step, spacing = int(subscript.coeff(outer)), int(subscript.coeff(inner))
+        if spacing != 1:
+            raise ValueError(f"unsupported fold of windows {subscript}: the inner index must have step 1")
+        others = tuple(i for i in self._own_layout(value) if i not in (outer.name, inner.name))
+        inner_code = self._sub(value, others + (outer.name, inner.name))
+        sizes = {i.name: i.upper + 1 for i in value.atoms(sympy.Idx)}
+        scalar = SizePrinter()
+        lowest = subscript.subs({outer: 0, inner: 0})
+        reach = step * outer.upper + inner.upper + 1
+        shape = python_tuple([scalar.doprint(sizes[i]) for i in others] + [scalar.doprint(reach)])
+        text = (f"torch.ops.aten.unfold_backward({inner_code.text}, {shape}, {len(others)}, "
+                f"{scalar.doprint(inner.upper + 1)}, {step})")
+        text = _padded(text, [0] * len(others) + [lowest],
+                       [0] * len(others) + [sympy.expand(position.upper + 1 - lowest - reach)])
+        return align(Code(text, others + (position.name,)), self.layout).text
 
     def _print_in_range(self, expr):
         """1 where value lies in [0, size): a window of ones, padded with zeros as a read of them would be."""
