@@ -653,7 +653,12 @@ def _fold_window(delta, summed: list, factors: list):
                for f in moved for node in sympy.preorder_traversal(f)):
         return None
     value = sympy.Mul(*moved)
-    return rest + [fold_window(value, subscript, position)], [i for i in summed if i not in indices]
+    # the larger step leads; at equal steps the index a plain read carries (grad_y[n, c, t]) leads, so that
+    # the one the max looks along is cut as the window
+    carried = {i for f in moved for a in sympy.Mul.make_args(f) if isinstance(a, sympy.Indexed) for i in a.indices}
+    outer, inner = sorted(indices, key=lambda i: (-subscript.coeff(i), i not in carried, i.name))
+    return rest + [fold_window(value, subscript, position, sympy.Tuple(outer, inner))], \
+        [i for i in summed if i not in indices]
 
 
 def _solve_affine(a: sympy.Expr, b: sympy.Expr, summed: list, factors: list):

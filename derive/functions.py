@@ -453,7 +453,7 @@ class fold_window(sympy.Function):  # noqa: N801
     affine subscript (the share of a max over the window): generated code cuts the windows back with
     Tensor.unfold's adjoint (aten.unfold_backward), no Python loop and no one-hot."""
 
-    nargs = 3       # value, subscript, position
+    nargs = 4       # value, subscript, position, (outer, inner): the subscript's indices as the windows are cut
     is_real = True
 
     @property
@@ -461,10 +461,8 @@ class fold_window(sympy.Function):  # noqa: N801
         return self.args[0]
 
     def cut(self) -> tuple[sympy.Idx, sympy.Idx]:
-        """(outer, inner) of the subscript: the index with the larger step, then the one with step 1."""
-        subscript = self.args[1]
-        indices = sorted(subscript.atoms(sympy.Idx), key=lambda i: (-subscript.coeff(i), i.name))
-        return indices[0], indices[1]
+        """(outer, inner) of the subscript: the window's start (t), then the index along it with step 1 (k)."""
+        return self.args[3][0], self.args[3][1]
 
     def bound_index_names(self) -> set[str]:
         return {i.name for i in self.args[1].atoms(sympy.Idx)}

@@ -174,7 +174,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     def _print_fold_window(self, expr):
         """Values over the windows (dims ..., t, k) added back at the positions l = s*t + d*k + e they read: the
         adjoint of `unfold(dim, reach of k, s)` then the crop or padding that the read's window took."""
-        value, subscript, position = expr.args
+        value, subscript, position, _ = expr.args
         if BATCH in self.layout:
             raise ValueError(f"unsupported fold of windows {subscript} with batch dims '...'")
         outer, inner = expr.cut()
@@ -1106,6 +1106,8 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
                 # windows are cut to the sizes of the indices of their subscripts
                 used |= {s for w in outside.atoms(window, in_range) for i in w.args[0].atoms(sympy.Idx)
                          for s in (i.upper + 1).free_symbols}
+                # a fold of windows prints the sizes of the windows' dims and of the position they fold onto
+                used |= {s for f in outside.atoms(fold_window) for i in f.atoms(sympy.Idx) for s in i.upper.free_symbols}
             elif isinstance(node, Scaled):
                 used |= node.coefficient.free_symbols
             elif isinstance(node, Reduce):
