@@ -947,9 +947,17 @@ def fused_calls(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> list
     return calls
 
 
+# what a folded window (functions.fold_window) prints its call with computes
+FOLD_COMMENT = ("unfold_backward(g, shape, dim, K, s): each window's entries of g added back at the positions "
+                "they read, the adjoint of x.unfold(dim, K, s)")
+
+
 def kernel_comments(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> tuple[str, ...]:
     """What each fused kernel call in the code computes, from the record that printed it."""
-    return comments(fused_calls(exprs, shared))
+    leaves = [node.expr for root in [t for e in exprs for t in e.terms] + list(shared) for node in walk(root)
+              if isinstance(node, Leaf)]
+    folds = (FOLD_COMMENT,) if any(leaf.has(fold_window) for leaf in leaves) else ()
+    return comments(fused_calls(exprs, shared)) + folds
 
 
 def render_expr(lowered: LoweredExpr) -> str:
