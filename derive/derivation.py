@@ -583,7 +583,7 @@ def _eliminate_deltas(term: Term, op: OpSpec, name: str) -> Term | None:
         if delta is None:
             break
         a, b = delta.args[:2]
-        folded = _fold_window(delta, summed, factors)
+        folded = _fold_window(delta, summed, factors, op, name)
         if folded is not None:
             factors, summed = folded
             continue
@@ -633,25 +633,27 @@ def _eliminate_deltas(term: Term, op: OpSpec, name: str) -> Term | None:
 _POSITIONAL = (first_max, is_max, reaches, _OverIndex, _Extremum)
 
 
-def _fold_window(delta, summed: list, factors: list):
+def _fold_window(delta, summed: list, factors: list, op: OpSpec, name: str):
     """delta(l, 2*t + k) with t and k summed, where a factor looks along t or k as positions (the share of a
     max over the window): every factor that has t or k becomes the value of one fold_window (the window's
     adjoint) at l, instead of k being solved as l - 2*t. None: it is no such delta (one step-1 index, one
     other index, positive integer steps, l not summed)."""
     a, b = delta.args[:2]
     position, subscript = (a, b) if isinstance(a, sympy.Idx) and a not in summed else (b, a)
-    if not isinstance(position, sympy.Idx) or position in summed or subscript.atoms(sympy.Indexed):
+    if not isinstance(position, sympy.Idx) or position in summed or isinstance(subscript, sympy.Idx) \
+            or subscript.atoms(sympy.Indexed):
         return None
     indices = subscript.atoms(sympy.Idx)
-    coefficients = [subscript.coeff(i) for i in indices]
-    if len(indices) != 2 or not indices <= set(summed) or not all(c.is_Integer and c > 0 for c in coefficients) \
-            or 1 not in coefficients:
-        return None
     rest = [f for f in factors if not (f.atoms(sympy.Idx) & indices) and f != delta]
     moved = [f.xreplace({delta: sympy.S.One}) for f in factors if f.atoms(sympy.Idx) & indices]
-    if not any(isinstance(node, _POSITIONAL) and node.atoms(sympy.Idx) & indices
-               for f in moved for node in sympy.preorder_traversal(f)):
+    if not indices <= set(summed) or not any(isinstance(node, _POSITIONAL) and node.atoms(sympy.Idx) & indices
+                                             for f in moved for node in sympy.preorder_traversal(f)):
         return None
+    coefficients = [subscript.coeff(i) for i in indices]
+    if len(indices) != 2 or not all(c.is_Integer and c > 0 for c in coefficients) or 1 not in coefficients:
+        raise SpecError(f"the gradient of '{name}' folds a max or min over the windows {subscript} back onto "
+                        f"'{name}', which needs two indices, one with step 1 and both with positive steps "
+                        f"(2*t + k, t + 2*k)", path=op.source, op=op.name)
     value = sympy.Mul(*moved)
     # the larger step leads; at equal steps the index a plain read carries (grad_y[n, c, t]) leads, so that
     # the one the max looks along is cut as the window

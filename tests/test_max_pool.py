@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from derive.build import render_catalog
+from derive.errors import SpecError
 from derive.spec import parse_catalog
 from derive.testing import (autograd_gradients, check_gradients, check_tangents, gradcheck_op, kink_inputs,
                             load_module, make_inputs, reference, sizes_for)
@@ -39,7 +40,10 @@ SPECS = {
     "min_pool_k3_s1_split": pool(3, 1, "split", largest=False),     # overlapping windows
 }
 SLOW_SPECS = {f"{'max' if largest else 'min'}_pool_k{size}_s{stride}_{tie}": pool(size, stride, tie, largest)
-              for size in (1, 2, 3) for stride in (1, 2, 3) for tie in ("first", "split") for largest in (True, False)}
+              for size in (1, 2, 3) for stride in (1, 2, 3) for tie in ("first", "split") for largest in (True, False)} | {
+    "max_pool_k2_d2_first": 'inputs = ["x[n, c, l]"]\nsizes = { k = 2 }\n'
+                            'equation = "y[n, c, t] = max(x[n, c, t + 2*k], k, tie=\\"first\\")"\n'
+                            'reference = "torch.nn.functional.max_pool1d(x, 2, 1, dilation=2)"\n'}
 
 
 def parsed(name):
@@ -144,3 +148,11 @@ def test_every_kernel_and_stride(generated, name, style):
     check(op, module, sizes=dict.fromkeys(sizes_for(op), 1))
     for seed in (1, 2):
         check_gradients(op, module, inputs=[tied(op, seed=seed)[0]])
+
+
+def test_a_window_without_a_step_1_index_is_a_spec_error():
+    """max(x[n, c, 2*t + 2*k], k): no index of the window steps by 1, so no unfold cuts it."""
+    text = ('[ops.gapped]\ninputs = ["x[n, c, l]"]\nsizes = { k = 2 }\n'
+            'equation = "y[n, c, t] = max(x[n, c, 2*t + 2*k], k)"\nreference = "x[:, :, ::2].unfold(2, 2, 1).amax(-1)"\n')
+    with pytest.raises(SpecError, match=r"gapped.*the gradient of 'x' folds a max or min over the windows"):
+        render_catalog(parse_catalog(text, "gapped.toml"), ("contraction",), namespace="max_pool_gapped")
