@@ -121,7 +121,9 @@ def shape_checks(op_name: str, declared: list[Declared], sizes: dict[str, str],
                     pair=(name, other.name)))
     checks += _batch_checks(op_name, [t for t in declared if t.batched])
     for index in nonempty:
-        tensor = next(t for t in declared if t.role == "input" and index in t.named)
+        tensor = next((t for t in declared if t.role == "input" and index in t.named), None)
+        if tensor is None:      # a window's index, whose size the spec sets (sizes = { k = 2 })
+            continue
         checks.append(Check(_guard(tensor), f"{tensor.size(index)} > 0",
                             f"{op_name}: {tensor.name} has size 0 at dim {tensor.dim(index)} (index {index}), which "
                             f"a max or min reduces over: the max of nothing is undefined (torch.amax raises too)"))

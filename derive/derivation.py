@@ -33,8 +33,8 @@ import sympy
 
 from . import naming
 from .model import OpSpec, SpecError, index_symbol, scalar_symbol, tensor_symbol
-from .functions import (Sum, as_pow, canonical, differentiable_powers, fresh_index, in_range, logsumexp, one_hot,
-                        renamed_match, softmax, stabilize)
+from .functions import (Sum, _Extremum, _OverIndex, as_pow, canonical, differentiable_powers, first_max, fold_window,
+                        fresh_index, in_range, is_max, logsumexp, one_hot, reaches, renamed_match, softmax, stabilize)
 
 
 @dataclass(frozen=True)
@@ -602,6 +602,10 @@ def _eliminate_deltas(term: Term, op: OpSpec, name: str) -> Term | None:
         if delta is None:
             break
         a, b = delta.args[:2]
+        folded = _fold_window(delta, summed, factors, op, name)
+        if folded is not None:
+            factors, summed = folded
+            continue
         solved = _solve_affine(a, b, summed, factors) if a not in summed and b not in summed else None
         if solved is not None:
             old, new, guard = solved
@@ -648,6 +652,41 @@ def _eliminate_deltas(term: Term, op: OpSpec, name: str) -> Term | None:
     if coefficient == 0:
         return None
     return Term(coefficient, tuple(tensor_factors), tuple(summed))
+
+
+# factors that read an index as a position along which they look (the share of a max or min): an affine
+# value (l - 2*t) cannot stand in for it
+_POSITIONAL = (first_max, is_max, reaches, _OverIndex, _Extremum)
+
+
+def _fold_window(delta, summed: list, factors: list, op: OpSpec, name: str):
+    """delta(l, 2*t + k) with t and k summed, where a factor looks along t or k as positions (the share of a
+    max over the window): every factor that has t or k becomes the value of one fold_window (the window's
+    adjoint) at l, instead of k being solved as l - 2*t. None: it is no such delta (one step-1 index, one
+    other index, positive integer steps, l not summed)."""
+    a, b = delta.args[:2]
+    position, subscript = (a, b) if isinstance(a, sympy.Idx) and a not in summed else (b, a)
+    if not isinstance(position, sympy.Idx) or position in summed or isinstance(subscript, sympy.Idx) \
+            or subscript.atoms(sympy.Indexed):
+        return None
+    indices = subscript.atoms(sympy.Idx)
+    rest = [f for f in factors if not (f.atoms(sympy.Idx) & indices) and f != delta]
+    moved = [f.xreplace({delta: sympy.S.One}) for f in factors if f.atoms(sympy.Idx) & indices]
+    if not indices <= set(summed) or not any(isinstance(node, _POSITIONAL) and node.atoms(sympy.Idx) & indices
+                                             for f in moved for node in sympy.preorder_traversal(f)):
+        return None
+    coefficients = [subscript.coeff(i) for i in indices]
+    if len(indices) != 2 or not all(c.is_Integer and c > 0 for c in coefficients) or 1 not in coefficients:
+        raise SpecError(f"the gradient of '{name}' folds a max or min over the windows {subscript} back onto "
+                        f"'{name}', which needs two indices, one with step 1 and both with positive steps "
+                        f"(2*t + k, t + 2*k)", path=op.source, op=op.name)
+    value = sympy.Mul(*moved)
+    # the larger step leads; at equal steps the index a plain read carries (grad_y[n, c, t]) leads, so that
+    # the one the max looks along is cut as the window
+    carried = {i for f in moved for a in sympy.Mul.make_args(f) if isinstance(a, sympy.Indexed) for i in a.indices}
+    outer, inner = sorted(indices, key=lambda i: (-subscript.coeff(i), i not in carried, i.name))
+    return rest + [fold_window(value, subscript, position, sympy.Tuple(outer, inner))], \
+        [i for i in summed if i not in indices]
 
 
 def _solve_affine(a: sympy.Expr, b: sympy.Expr, summed: list, factors: list):

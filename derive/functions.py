@@ -504,6 +504,31 @@ class window(sympy.Function):  # noqa: N801
         return self.args[0]
 
 
+class fold_window(sympy.Function):  # noqa: N801
+    """The adjoint of a window read: `value`, a function of the two indices of the affine `subscript`
+    (2*t + k), added up at each position `position` = subscript (l) that it reaches; the two indices are
+    bound. What the gradient of a window read becomes when a factor cannot take the read's position as an
+    affine subscript (the share of a max over the window): generated code cuts the windows back with
+    Tensor.unfold's adjoint (aten.unfold_backward), no Python loop and no one-hot."""
+
+    nargs = 4       # value, subscript, position, (outer, inner): the subscript's indices as the windows are cut
+    is_real = True
+
+    @property
+    def value(self):
+        return self.args[0]
+
+    def cut(self) -> tuple[sympy.Idx, sympy.Idx]:
+        """(outer, inner) of the subscript: the window's start (t), then the index along it with step 1 (k)."""
+        return self.args[3][0], self.args[3][1]
+
+    def bound_index_names(self) -> set[str]:
+        return {i.name for i in self.args[1].atoms(sympy.Idx)}
+
+    def fdiff(self, argindex=1):
+        raise NotImplementedError("a folded window is the last step of a gradient, never differentiated")
+
+
 def window_dims(read: window) -> tuple[str, ...]:
     """The dims of a window as generated code cuts it: each subscript's leading index at its place, the
     further ones after all of them, in the order they are cut."""

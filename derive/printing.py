@@ -20,7 +20,7 @@ from .plan import free_indices
 from .lower import (Convolution, Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter,
                     expands_batch, walk)
 from .model import OpSpec, is_python_number, size_symbol
-from .functions import as_float, in_range, one_hot, window
+from .functions import as_float, first_max, fold_window, in_range, one_hot, window
 from .kernels import Fused, comments, kernel_of
 from . import naming
 from .naming import BATCH, grad
@@ -184,6 +184,40 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         access, front, back, order = expr.args
         code = self._windows(access.base.label.name, access.indices, front, back, order)
         return align(code, self.layout).text
+
+    def _print_fold_window(self, expr):
+        """Values over the windows (dims ..., t, k) added back at the positions l = s*t + d*k + e they read: the
+        adjoint of `unfold(dim, reach of k, s)` then the crop or padding that the read's window took."""
+        value, subscript, position, _ = expr.args
+        if BATCH in self.layout:
+            raise ValueError(f"unsupported fold of windows {subscript} with batch dims '...'")
+        outer, inner = expr.cut()
+        step, spacing = int(subscript.coeff(outer)), int(subscript.coeff(inner))
+        if spacing != 1:
+            raise ValueError(f"unsupported fold of windows {subscript}: the inner index must have step 1")
+        others = tuple(i for i in self._own_layout(value) if i not in (outer.name, inner.name))
+        inner_code = self._sub(value, others + (outer.name, inner.name))
+        sizes = {i.name: i.upper + 1 for i in value.atoms(sympy.Idx)}
+        scalar = SizePrinter()
+        lowest = subscript.subs({outer: 0, inner: 0})
+        reach = step * outer.upper + inner.upper + 1
+        shape = python_tuple([scalar.doprint(sizes[i]) for i in others] + [scalar.doprint(reach)])
+        first, rest = _first_share(expr)
+        if first is not None:
+            # the whole window's share at one position (tie="first"): g added at each window's argmax
+            # (scatter_add), never a K-times larger tensor of mostly zeros
+            windows = self._sub(first.body, others + (outer.name, inner.name))
+            pick = "argmax" if first.largest else "argmin"
+            moved = self._sub(rest, others + (outer.name,))
+            starts = f"torch.arange(0, {step} * {scalar.doprint(outer.upper + 1)}, {step}, device={moved.atom()}.device)"
+            text = (f"{moved.atom()}.new_zeros({shape}).scatter_add({len(others)}, {windows.atom()}.{pick}(-1) + "
+                    f"{starts}, {moved.text})")
+        else:
+            text = (f"torch.ops.aten.unfold_backward({inner_code.text}, {shape}, {len(others)}, "
+                    f"{scalar.doprint(inner.upper + 1)}, {step})")
+        text = _padded(text, [0] * len(others) + [lowest],
+                       [0] * len(others) + [sympy.expand(position.upper + 1 - lowest - reach)])
+        return align(Code(text, others + (position.name,)), self.layout).text
 
     def _print_in_range(self, expr):
         """1 where value lies in [0, size): a window of ones, padded with zeros as a read of them would be."""
@@ -1077,9 +1111,31 @@ def fused_calls(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> list
     return calls
 
 
+# what a folded window (functions.fold_window) prints its call with computes
+FOLD_COMMENT = ("unfold_backward(g, shape, dim, K, s): each window's entries of g added back at the positions "
+                "they read, the adjoint of x.unfold(dim, K, s)")
+SCATTER_COMMENT = "scatter_add: each window's g added at its first max (min), s * t + argmax"
+
+
+def _first_share(fold: fold_window):
+    """(first_max along the fold's inner index, the rest of its value without that index), or (None, None):
+    the whole share of each window at one position, which a scatter_add at the argmax folds back."""
+    outer, inner = fold.cut()
+    factors = sympy.Mul.make_args(fold.value)
+    first = [f for f in factors if isinstance(f, first_max) and f.index == inner]
+    rest = sympy.Mul(*[f for f in factors if f not in first])
+    if len(first) == 1 and inner.name not in free_indices(rest) and outer.name in free_indices(rest):
+        return first[0], rest
+    return None, None
+
+
 def kernel_comments(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> tuple[str, ...]:
     """What each fused kernel call in the code computes, from the record that printed it."""
-    return comments(fused_calls(exprs, shared))
+    leaves = [node.expr for root in [t for e in exprs for t in e.terms] + list(shared) for node in walk(root)
+              if isinstance(node, Leaf)]
+    folds = [f for leaf in leaves for f in leaf.atoms(fold_window)]
+    folds = tuple(dict.fromkeys(SCATTER_COMMENT if _first_share(f)[0] is not None else FOLD_COMMENT for f in folds))
+    return comments(fused_calls(exprs, shared)) + folds
 
 
 def render_expr(lowered: LoweredExpr) -> str:
@@ -1237,6 +1293,8 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
                 used |= {s for w in outside.atoms(window, in_range) for i in w.args[0].atoms(sympy.Idx)
                          for s in (i.upper + 1).free_symbols}
                 used |= {i.upper + 1 for i in positions_compared(outside)}    # an arange of each
+                # a fold of windows prints the sizes of the windows' dims and of the position they fold onto
+                used |= {s for f in outside.atoms(fold_window) for i in f.atoms(sympy.Idx) for s in i.upper.free_symbols}
             elif isinstance(node, Scaled):
                 used |= node.coefficient.free_symbols
             elif isinstance(node, Reduce):

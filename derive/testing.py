@@ -423,6 +423,11 @@ def kink_inputs(op: OpSpec, inputs: list[torch.Tensor], params: dict[str, float]
     ranged = {name for name, _, _ in op.ranges}
     placements = []
     for kink in kinks(op):
+        if isinstance(kink.right, _Extremum):
+            placement = _place_in_windows(op, kink, tensors, ranged, generator, fraction)
+            if placement is not None:
+                placements.append(placement)
+                continue
         for candidate in _solvable_accesses(op, kink, ranged):
             place = _place_on_extremum if isinstance(kink.right, _Extremum) else _place
             placement = place(op, kink, candidate, tensors, params, generator, fraction)
@@ -487,6 +492,57 @@ def _place_on_extremum(op, kink, access, tensors, params, generator, fraction) -
     if placement is None:
         return None
     return KinkPlacement(kink, name, placement.solution.xreplace({stand_in: extremum}), placement.mask)
+
+
+def _place_in_windows(op, kink, tensors, ranged, generator, fraction) -> KinkPlacement | None:
+    """Ties of a max or min over windows, max(x[n, c, s*t + d*k + e], k): window by window (t in order), a
+    `fraction` of its entries are set to the window's extremum, so that several positions of one window
+    reach it exactly. Where windows overlap (s < d*(K - 1) + 1), a later window may raise an entry an earlier
+    one shares and so undo that one's tie; the mask holds every entry set. None: the operand is no single
+    read with one affine subscript in the reduced index and one other index."""
+    extremum = kink.right
+    body = extremum.body
+    if not isinstance(body, sympy.Indexed) or len(extremum.indices) != 1 or body.base.name in ranged:
+        return None
+    affine = [p for p, i in enumerate(body.indices) if not isinstance(i, sympy.Idx)]
+    inputs = {t.name: t for t in op.inputs}
+    name = body.base.name
+    if len(affine) != 1 or name not in inputs or inputs[name].integer or BATCH in inputs[name].indices:
+        return None
+    position, subscript, index = affine[0], body.indices[affine[0]], extremum.indices[0]
+    others = subscript.atoms(sympy.Idx) - {index}
+    if subscript.atoms(sympy.Indexed) or index not in subscript.atoms(sympy.Idx) or len(others) != 1:
+        return None
+    start = others.pop()
+    index_sizes = dict(op.index_sizes)
+    chosen = {index_sizes[i]: size for t in op.inputs for i, size in zip(t.indices, tensors[t.name].shape)}
+    chosen |= dict(op.fixed_sizes)
+    for inferred, formula in op.inferred_sizes:
+        chosen[inferred] = max(_size_at(formula, chosen), 0)
+    windows, width = (chosen.get(index_sizes.get(i.name, i.name)) for i in (start, index))
+    target = tensors[name]
+    if not windows or not width or target.numel() == 0:
+        return None
+    moved = target.movedim(position, -1).clone()        # the affine dim last
+    placed = torch.zeros(moved.shape, dtype=torch.bool)
+    reach = torch.arange(width) * int(subscript.coeff(index)) + int(subscript.subs({start: 0, index: 0}))
+    for window in range(windows):
+        at = reach + window * int(subscript.coeff(start))
+        at = at[(at >= 0) & (at < moved.shape[-1])]       # positions outside read padding's zeros
+        if not len(at):
+            continue
+        values = moved[..., at]
+        padded = len(at) < width     # the zeros read outside take part in the extremum
+        reached = values.amax(-1, keepdim=True) if extremum.largest else values.amin(-1, keepdim=True)
+        if padded:
+            reached = reached.clamp_min(0) if extremum.largest else reached.clamp_max(0)
+        chosen_entries = torch.rand(values.shape, generator=generator) < fraction
+        moved[..., at] = torch.where(chosen_entries, reached, values)
+        placed[..., at] |= chosen_entries
+    if not placed.any():
+        return None
+    tensors[name] = moved.movedim(-1, position)
+    return KinkPlacement(kink, name, extremum, placed.movedim(-1, position))
 
 
 def _place(op, kink, access, tensors, params, generator, fraction) -> KinkPlacement | None:

@@ -223,8 +223,9 @@ def test_saved_value_of_a_wrong_shape_is_refused():
 
 # sizes the torch reference cannot take at 0: F.conv1d/conv2d refuse 0 out-channels and kernels of length 0
 # and give 0 out-channels for 0 in-channels (derive's result has o's size: zeros plus the bias),
-# F.avg_pool1d refuses 0 channels
-EMPTY_REFUSED_BY_TORCH = {"conv1d": {"c", "o", "q"}, "conv2d": {"c", "o", "p", "q"}, "avg_pool1d": {"c"}}
+# F.avg_pool1d refuses 0 channels, F.max_pool1d 0 channels and a length 0
+EMPTY_REFUSED_BY_TORCH = {"conv1d": {"c", "o", "q"}, "conv2d": {"c", "o", "p", "q"}, "avg_pool1d": {"c"},
+                          "max_pool1d": {"c", "l"}}
 
 
 def valid_sizes(op):
