@@ -142,6 +142,18 @@ def integer_inputs(op: OpSpec) -> frozenset[str]:
     return frozenset(t.name for t in op.inputs if t.integer)
 
 
+def reads_values(expr: sympy.Expr, op: OpSpec) -> bool:
+    """Whether `expr` reads a tensor's values: a condition on them is a kink; one on index positions alone
+    (k <= t, i == j) or on params is the same for every input value."""
+    return bool(expr.atoms(sympy.Indexed)) or bool(expr.free_symbols & tensor_symbols(op))
+
+
+def kinked(expr: sympy.Expr, op: OpSpec, jumps: tuple = ()) -> bool:
+    """Whether `expr` holds a kink: one of the functions `jumps`, or a Piecewise with a condition on values."""
+    return expr.has(*jumps) or any(reads_values(condition, op) for piecewise in expr.atoms(sympy.Piecewise)
+                                   for _, condition in piecewise.args)
+
+
 def depends_on_tensor(expr: sympy.Expr, scalars: frozenset[sympy.Symbol]) -> bool:
     """Whether `expr` varies along indices: it reads a tensor, or is an index range (in_range)."""
     return bool(expr.atoms(sympy.Indexed)) or bool(expr.free_symbols & scalars) or expr.has(in_range)

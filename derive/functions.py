@@ -455,6 +455,9 @@ def rewrite_log_softmax(expr: sympy.Expr, read) -> sympy.Expr:
     return expr.replace(lambda e: isinstance(e, sympy.Add), fused)
 
 
+TIE_SHARES = (reaches, is_max, first_max)    # a max or min reduction's share of the gradient: it jumps at ties
+
+
 class one_hot(sympy.Function):  # noqa: N801
     """1 where the integer tensor value `target` equals the index `position`, else 0 (a Kronecker delta)."""
 

@@ -24,7 +24,7 @@ from .derivation import Derivation, Term
 from .functions import free_indices, logsumexp, log_softmax, one_hot, rewrite_log_softmax
 from .naming import BATCH
 from .saving import Saving, SavedValue, save_forward_values, save_normalization, signs_out
-from .spec import tensor_symbol
+from .model import tensor_symbol
 
 
 class Fused(sympy.Function):

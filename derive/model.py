@@ -154,3 +154,20 @@ def is_python_number(expr: sympy.Expr) -> bool:
     """Whether generated code holds `expr` as a Python number: it reads only params and sizes."""
     return not expr.atoms(sympy.Indexed) and all(
         isinstance(s, ParamSymbol) or (s.is_integer and s.name.startswith(naming.size(""))) for s in expr.free_symbols)
+
+
+class PositiveFirst:
+    """Printer mixin: in a sum, a positive term leads (`x - saved_mean`, not `-saved_mean + x`)."""
+
+    def _print_Add(self, expr, order=None):
+        terms = sorted(self._as_ordered_terms(expr, order=order), key=lambda t: t.could_extract_minus_sign())
+        return super()._print_Add(sympy.Add(*terms, evaluate=False), order="none")
+
+
+class _SizeText(PositiveFirst, sympy.printing.str.StrPrinter):
+    pass
+
+
+def size_text(size: sympy.Expr) -> str:
+    """A size formula as messages and docs show it, positive terms first: size_l + 1 - size_k."""
+    return _SizeText().doprint(size)

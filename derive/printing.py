@@ -19,7 +19,7 @@ from .torch_printer import TorchPrinter
 from .plan import free_indices
 from .lower import (Convolution, Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter,
                     expands_batch, walk)
-from .model import OpSpec, is_python_number, size_symbol
+from .model import OpSpec, PositiveFirst, is_python_number, size_symbol
 from .functions import as_float, first_max, fold_window, in_range, one_hot, window
 from .kernels import Fused, comments, kernel_of
 from . import naming
@@ -123,14 +123,6 @@ def _permutation(have: tuple[str, ...], want: tuple[str, ...]) -> str:
         target = tuple(p - len(order) for p in range(1, len(order)))
         return f".movedim({source}, {target})"
     return f".permute({', '.join(map(str, order))})"
-
-
-class PositiveFirst:
-    """Printer mixin: in a sum, a positive term leads (`x - saved_mean`, not `-saved_mean + x`)."""
-
-    def _print_Add(self, expr, order=None):
-        terms = sorted(self._as_ordered_terms(expr, order=order), key=lambda t: t.could_extract_minus_sign())
-        return super()._print_Add(sympy.Add(*terms, evaluate=False), order="none")
 
 
 class TorchCodePrinter(PositiveFirst, TorchPrinter):

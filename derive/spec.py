@@ -22,7 +22,7 @@ import sympy
 
 from . import functions, naming
 from .model import (AffineRead, Catalog, OpSpec, Param, SpecError, TensorInput, index_symbol, param_symbol,
-                    scalar_symbol, size_symbol, tensor_symbol)
+                    scalar_symbol, size_symbol, size_text, tensor_symbol)
 from .naming import BATCH, default_catalog_path
 from .reading import parse_toml, read_text, toml_error  # noqa: F401 (toml_error: spec.toml_error as before)
 from .stamp import spec_digest
@@ -389,7 +389,7 @@ def _infer_ranges(parser: _EquationParser, tensors: tuple[TensorInput, ...], out
     for index in sorted(set(value) - set(fixed)):
         checks.append((value[index] >= 1,
                        f"the size of index {index} inferred from {' and '.join(sources[index])}, "
-                       f"{_size_text(value[index])}, is below 1: an input is too short for the reads"))
+                       f"{size_text(value[index])}, is below 1: an input is too short for the reads"))
     sized = {size_symbol(i): v for i, v in value.items()}
     for number, (tensor, access) in enumerate(reads):
         for position, element in enumerate(access.indices):
@@ -419,10 +419,6 @@ def _infer_ranges(parser: _EquationParser, tensors: tuple[TensorInput, ...], out
     )
 
 
-def _size_text(size: sympy.Expr) -> str:
-    """A size as a message shows it, positive terms first: size_l - size_k + 1."""
-    from .printing import index_notation     # (printing imports the stages that import this one)
-    return index_notation(size)
 
 
 def _coefficients(element: sympy.Expr) -> dict[sympy.Idx, int]:

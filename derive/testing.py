@@ -26,7 +26,8 @@ import torch
 
 from . import naming
 from .model import OpSpec, param_symbol, scalar_symbol
-from .functions import SPECIAL_POINTS, Tied, _Extremum, _OverIndex, free_indices
+from .functions import SPECIAL_POINTS, TIE_SHARES, Tied, _Extremum, _OverIndex, free_indices
+from .derivation import kinked
 from .naming import BATCH
 from .spec import load_catalog
 
@@ -325,8 +326,9 @@ def gradcheck_op(op: OpSpec, module: ModuleType, sizes=None, seed: int = 0) -> N
 
 def has_kinks(op: OpSpec) -> bool:
     """Whether the op's derivative jumps somewhere (a step, a sign or a Piecewise) or takes torch's value at a
-    point where its formula is undefined (a power's at base 0, atan2's at (0, 0))."""
-    return any(g.vjp.has(sympy.Heaviside, sympy.sign, sympy.Piecewise, *SPECIAL_POINTS)
+    point where its formula is undefined (a power's at base 0, atan2's at (0, 0)); a condition on index positions
+    alone (k <= t, i == j) is no kink: it is the same for every input value."""
+    return any(kinked(g.vjp, op, (sympy.Heaviside, sympy.sign, *SPECIAL_POINTS, *TIE_SHARES))
                for g in built_op(op).derivation.gradients)
 
 

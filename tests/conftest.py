@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import sympy
 
-from derive.derivation import derive as derive_op
-from derive.functions import Tied
+from derive.derivation import derive as derive_op, kinked
+from derive.functions import Tied, _Extremum
 from derive.naming import STYLE_DIRS
 from derive.pipeline import build_op
 from derive.spec import load_catalog
@@ -29,13 +29,13 @@ GENERATED = ROOT / "generated"
 CATALOG = load_catalog()
 OPS = [op.name for op in CATALOG.ops]
 STYLES = list(STYLE_DIRS)
-# Ops whose equation holds a kink (Max, Min, Abs, where, sign, atan2, x ** p): read off the spec, so that collecting the tests
-# derives nothing; test_catalog checks that it agrees with derive.testing.has_kinks.
-# A power with a tensor exponent and atan2 count too: their gradients take torch's value where their formula is
-# undefined (x == 0, a == b == 0).
-KINKS = (sympy.Max, sympy.Min, sympy.Abs, sympy.Piecewise, sympy.sign, sympy.Heaviside, Tied, sympy.atan2)
+# Ops whose equation holds a kink (Max, Min, Abs, sign, atan2, a max or min reduction, a where() on values, x ** p):
+# read off the spec, so that collecting the tests derives nothing; test_catalog checks that it agrees with
+# derive.testing.has_kinks. A power with a tensor exponent and atan2 count too: their gradients take torch's value
+# where their formula is undefined (x == 0, a == b == 0). A where() on index positions (k <= t) is no kink.
+KINKS = (sympy.Max, sympy.Min, sympy.Abs, sympy.sign, sympy.Heaviside, Tied, sympy.atan2, _Extremum)
 KINK_OPS = [op.name for op in CATALOG.ops
-            if op.rhs.has(*KINKS) or any(not power.exp.is_number for power in op.rhs.atoms(sympy.Pow))]
+            if kinked(op.rhs, op, KINKS) or any(not power.exp.is_number for power in op.rhs.atoms(sympy.Pow))]
 
 
 # derive(op) and build_op(op) depend on the frozen OpSpec alone (test_determinism proves rendering pure):
