@@ -69,9 +69,14 @@ def shared_builds():
 def first_by_default(params, count: int) -> list:
     """The first `count` of a generated family run by default; the rest are marked `slow` (CI runs them).
     For families where each case is a full derivation and the first cases already cover every shape."""
-    return [param if position < count else pytest.param(*param if isinstance(param, tuple) else (param,),
-                                                         marks=pytest.mark.slow)
-            for position, param in enumerate(params)]
+    return [param if position < count else _slow(param) for position, param in enumerate(params)]
+
+
+def _slow(param):
+    """`param` (a value, a tuple of values or a pytest.param) marked slow."""
+    if isinstance(param, type(pytest.param(None))):
+        return pytest.param(*param.values, marks=[*param.marks, pytest.mark.slow], id=param.id)
+    return pytest.param(*param if isinstance(param, tuple) else (param,), marks=pytest.mark.slow)
 
 
 # The catalog ops that the torch-integration sweeps (opcheck, torch.compile) take in the default run: one

@@ -88,8 +88,10 @@ def check(op, module, sizes=None):
     check_tangents(op, module, sizes=sizes)
 
 
-@pytest.mark.parametrize("style", ["contraction", "broadcast"])
-@pytest.mark.parametrize("name", SPECS)
+# Each spec in one style by default, the styles alternating; `-m slow` (CI) takes the other style too.
+@pytest.mark.parametrize("name, style", [
+    pytest.param(name, style, marks=[] if (position + number) % 2 == 0 else [pytest.mark.slow])
+    for position, name in enumerate(SPECS) for number, style in enumerate(["contraction", "broadcast"])])
 def test_matches_the_reference(generated, name, style):
     op, module = generated(name, style)
     gradcheck_op(op, module)

@@ -50,8 +50,9 @@ CONTRACTIONS = {
 # (first input's batch shape, second's): by rank, by size-1 dims, size 0, and equal
 # The default run takes one pair per way batch shapes differ (a size-1 dim expanded, a missing leading dim, a
 # size-0 broadcast shape); `-m slow` (CI) takes the rest.
-BATCHES = [((2, 1), (2, 5)), ((3, 4), (4,)), ((1, 1), (2, 0))] + [
-    pytest.param(pair, marks=pytest.mark.slow) for pair in [((1,), (2, 3)), ((3,), (1,)), ((3,), (3,))]]
+# Pairs of batch shapes for (x, s): a dim that broadcasts, ranks that differ, a size 0, and (slow) the rest.
+PAIRS = [((2, 1), (2, 5)), ((3, 4), (4,)), ((1, 1), (2, 0)), ((1,), (2, 3)), ((3,), (1,)), ((3,), (3,))]
+DEFAULT_PAIRS = 3
 STYLES = tuple(STYLE_DIRS)
 _WORK = Path(tempfile.mkdtemp(prefix="derive_batch_broadcast_"))
 
@@ -85,8 +86,16 @@ def _inputs(op, batches):
     return make_inputs(op, sizes={"n": 3, "k": 3}, batch_shapes=dict(zip(names, batches)), seed=len(op.name))
 
 
-@pytest.mark.parametrize("batches", BATCHES, ids=lambda b: f"{b[0]}x{b[1]}" if isinstance(b, tuple) else None)
-@pytest.mark.parametrize("name", sorted(SPECS))
+def cases():
+    """Every spec with every pair; the default run takes each spec with one of the first three pairs, in
+    turn (so each of those pairs meets a third of the specs), and `-m slow` (CI) the rest of the product."""
+    for position, name in enumerate(sorted(SPECS)):
+        for number, pair in enumerate(PAIRS):
+            marks = [] if number == position % DEFAULT_PAIRS else [pytest.mark.slow]
+            yield pytest.param(name, pair, marks=marks, id=f"{name}-{pair[0]}x{pair[1]}")
+
+
+@pytest.mark.parametrize("name, batches", list(cases()))
 def test_gradients_are_summed_back_to_each_input_shape(name, batches):
     op, modules = _modules(name)
     inputs = _inputs(op, batches)

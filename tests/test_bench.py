@@ -10,7 +10,7 @@ import torch
 from derive import bench
 from derive.spec import load_catalog
 
-from conftest import GENERATED, OPS, ROOT, STYLES, derivation, shared_builds
+from conftest import GENERATED, OPS, ROOT, STYLES, derivation, first_by_default, shared_builds
 
 QUICK = bench.SIZE_PRESETS["quick"]
 ROWS = [*OPS, bench.SEED_NETWORK, f"{bench.SEED_NETWORK}, {bench.HANDWRITTEN}"]
@@ -25,7 +25,8 @@ def each_op_derived_once(monkeypatch):
     monkeypatch.setattr(bench, "derive", derivation)
 
 
-@pytest.mark.parametrize("style", STYLES)
+# The broadcast style's whole quick bench runs in test_cli_bench_quick; here under `-m slow` (CI) too.
+@pytest.mark.parametrize("style", first_by_default(STYLES, 1))
 def test_quick_bench_has_a_row_per_op_and_the_seed_network(style, render_once):
     with shared_builds():     # its `derive generate` timing renders the catalog: from the session's builds
         report = bench.run_bench(quick=True, style=style, generated_dir=GENERATED)
@@ -49,7 +50,7 @@ def test_every_contender_computes_autograds_gradients(style):
 
 
 def test_verify_refuses_a_contender_that_computes_something_else():
-    case = bench.cases("contraction", QUICK, GENERATED)[-1]
+    case, = bench.cases("contraction", QUICK, GENERATED, only=[bench.SEED_NETWORK])
     generated = case.contenders[bench.GENERATED]
     wrong = dataclasses.replace(case, contenders={**case.contenders,
                                                   bench.GENERATED: lambda: [2 * g for g in generated()]})
@@ -60,7 +61,7 @@ def test_verify_refuses_a_contender_that_computes_something_else():
 
 def test_peak_memory_sees_the_broadcast_intermediate():
     def linear_peak(style):
-        case = next(c for c in bench.cases(style, QUICK, GENERATED) if c.name == "linear")
+        case, = bench.cases(style, QUICK, GENERATED, only=["linear"])
         return bench.peak_bytes(case.contenders[bench.GENERATED])
 
     n, k, m = QUICK["n"], QUICK["k"], QUICK["m"]

@@ -76,9 +76,12 @@ def test_output_does_not_depend_on_the_directory(tmp_path, derive_cli, render_on
     assert snapshot(deeper / "generated") == snapshot(GENERATED)
 
 
-def test_render_is_pure():
-    """Rendering the built-in catalog twice in one process gives the same text (no state carried between
-    runs). The first rendering is the session's shared one, which the command-line tests also use."""
-    catalog = load_catalog()
+@pytest.mark.parametrize("names", [pytest.param(FEW_OPS, id="three-ops"),
+                                   pytest.param(None, id="whole-catalog", marks=pytest.mark.slow)])
+def test_render_is_pure(names):
+    """Rendering a catalog twice in one process gives the same text (no state carried between runs). The
+    first rendering is the session's shared one, which the command-line tests also use; `-m slow` (CI)
+    renders the whole built-in catalog."""
+    catalog = load_catalog() if names is None else parse_catalog(catalog_of(names), str(default_catalog_path()))
     first = rendered(catalog)
     assert render_catalog(catalog) == first

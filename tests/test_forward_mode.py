@@ -13,7 +13,7 @@ from derive.build import STYLE_DIRS, render_catalog
 from derive.spec import load_catalog
 from derive.testing import check_tangents, load_module, make_inputs, nonempty_sizes, reference
 
-from conftest import CATALOG, KINK_OPS, OPS, generated_module
+from conftest import CATALOG, KINK_OPS, OPS, first_by_default, generated_module
 
 
 def differentiable_positions(op):
@@ -228,7 +228,8 @@ def invented(tmp_path_factory):
     return catalog, directory
 
 
-@pytest.mark.parametrize("style", list(STYLE_DIRS))
+# The broadcast style under `-m slow` (CI).
+@pytest.mark.parametrize("style", first_by_default(list(STYLE_DIRS), 1))
 @pytest.mark.parametrize("op_name", ["tanh_dense", "dense_transposed", "swap_scale", "squares_dense",
                                      "weighted_exp_total", "scaled_gather", "scalar_scale", "softmax_first_dim",
                                      "bilinear", "shift", "broadcast_sum"])

@@ -1,6 +1,7 @@
 """derive's modules import one another in one direction: the stages form a line, with no cycle."""
 
 import ast
+import functools
 import graphlib
 
 import pytest
@@ -10,6 +11,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "derive"
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     """Module -> the modules of derive/ it imports, anywhere in its text (inside functions and
     `if TYPE_CHECKING:` too: an import there is still a dependency)."""

@@ -76,9 +76,12 @@ def test_func_grad_and_vmap(op_name):
     torch.testing.assert_close(mapped, looped)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
-                         ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("op_name", OPS)
+# float32 and float64 for every op; the half-precision types for one op per kind of generated code by default,
+# for every op under `-m slow` (CI).
+@pytest.mark.parametrize("op_name, dtype", [
+    pytest.param(name, dtype, id=f"{name}-{str(dtype).removeprefix('torch.')}",
+                 marks=[] if dtype in (torch.float32, torch.float64) or name in REPRESENTATIVE_OPS else [pytest.mark.slow])
+    for name in OPS for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)])
 def test_gradients_keep_the_input_dtype(op_name, dtype):
     op = CATALOG.op(op_name)
     module = generated_module(op.name)

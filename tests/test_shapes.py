@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from derive.naming import BATCH
 from derive.testing import check_gradients, make_inputs, reference
 
-from conftest import CATALOG, OPS, generated_module
+from conftest import CATALOG, OPS, first_by_default, generated_module
 
 
 @st.composite
@@ -36,7 +36,8 @@ def reference_accepts(op, inputs):
         return False
 
 
-@pytest.mark.parametrize("style", ["contraction", "broadcast"])
+# The broadcast style of every op under `-m slow` (CI): the default run draws the contraction style's shapes.
+@pytest.mark.parametrize("style", first_by_default(["contraction", "broadcast"], 1))
 @pytest.mark.parametrize("op_name", OPS)
 def test_drawn_shapes_match_autograd(op_name, style):
     op = CATALOG.op(op_name)
