@@ -192,6 +192,18 @@ class sign(sympy.sign):  # noqa: N801
         return sympy.S.Zero
 
 
+class Abs(sympy.Abs):
+    """|a| as torch.abs differentiates it: SymPy rewrites |a| to a where it can prove a >= 0 (|Max(p, 0)| to
+    Max(p, 0)), which changes the derivative where a = 0 (torch: abs'(0) = 0, whatever a's own derivative). Kept
+    as |a| unless a > 0, where both agree."""
+
+    @classmethod
+    def eval(cls, arg):
+        if arg.is_extended_nonnegative and not arg.is_extended_positive and not arg.is_zero:
+            return None
+        return super().eval(arg)
+
+
 # Elementwise derivatives whose formula is undefined at some point, where they take torch's value instead.
 SPECIAL_POINTS = (power_slope, power_log, atan2_scale)
 

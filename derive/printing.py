@@ -406,6 +406,9 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     def _print_sign(self, expr):
         return f"torch.sign({self._print(expr.args[0])})"
 
+    def _print_Abs(self, expr):
+        return f"torch.abs({self._print(expr.args[0])})"
+
     def _print_sigmoid(self, expr):
         return f"torch.sigmoid({self._print(expr.args[0])})"
 

@@ -59,7 +59,7 @@ FUNCTIONS = {
     "sinh": sympy.sinh, "cosh": sympy.cosh, "asinh": sympy.asinh, "acosh": sympy.acosh, "atanh": sympy.atanh,
     "sign": functions.sign,
     "sigmoid": functions.sigmoid, "softplus": functions.softplus, "log1p": functions.log1p,
-    "Abs": sympy.Abs, "abs": sympy.Abs,
+    "Abs": functions.Abs, "abs": functions.Abs,
     "Max": sympy.Max, "max": sympy.Max, "Min": sympy.Min, "min": sympy.Min,
 }
 TIED = {"max": functions.max_tie, "min": functions.min_tie}    # Max/Min with tie=

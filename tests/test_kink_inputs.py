@@ -108,3 +108,21 @@ def test_verify_op_catches_a_wrong_gradient_on_a_kink_away_from_zero(tmp_path):
     spec, module = module_for(tmp_path, "hinge", SPECS["hinge"][0].replace("Max(1 - x[n], 0, tie=0)", "Max(0, 1 - x[n])"))
     with pytest.raises(AssertionError, match="grad_x"):
         verify_op(spec, "hinge", module)
+
+
+# |a| of an argument SymPy can prove >= 0 but that reaches 0: SymPy would rewrite |a| to a, whose derivative at
+# a = 0 is not torch.abs's 0 (|Max(p, 0)| at p = 0 took 1/2 of the gradient; the fuzzer found it).
+NONNEGATIVE = [("Max(p[n], 0)", "torch.clamp_min(p, 0)"), ("Max(p[n], 0, tie=1)", "torch.clamp_min(p, 0)"),
+               ("Max(p[n], 0) * q[n]**2", "torch.maximum(p, torch.zeros_like(p)) * q**2"),
+               ("Max(p[n], q[n]**2)", "torch.maximum(p, q**2)")]
+
+
+@pytest.mark.parametrize("argument, reference", NONNEGATIVE, ids=[a for a, _ in NONNEGATIVE])
+def test_the_absolute_value_of_a_nonnegative_argument_has_torchs_derivative_at_zero(tmp_path, argument, reference):
+    text = f'''
+        inputs = ["p[n]", "q[n]"]
+        equation = "y[n] = Abs({argument}) - p[n] * q[n]"
+        reference = "torch.abs({reference}) - p * q"
+    '''
+    spec, module = module_for(tmp_path, "abs_nonnegative", text)
+    verify_op(spec, "abs_nonnegative", module)
