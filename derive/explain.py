@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import jinja2
 import sympy
@@ -43,11 +43,25 @@ DERIVATIONS_TEMPLATE = "derivations.md.jinja"
 
 @dataclass(frozen=True)
 class Math:
-    """One formula, printed for each kind of output."""
+    """One formula, printed for each kind of output when that output first reads it (`derive generate`'s
+    DERIVATIONS.md reads only the LaTeX, a terminal only the drawing and the notation)."""
 
-    pretty: str      # SymPy's 2-D unicode drawing, for a terminal
-    latex: str       # LaTeX, for Markdown ($$...$$) and LaTeX output
-    notation: str    # the spec's own one-line index notation, as in the generated docstrings
+    expr: sympy.Expr
+
+    @cached_property
+    def pretty(self) -> str:
+        """SymPy's 2-D unicode drawing, for a terminal."""
+        return _pretty(self.expr)
+
+    @cached_property
+    def latex(self) -> str:
+        """LaTeX, for Markdown ($$...$$) and LaTeX output."""
+        return _LatexPrinter().doprint(self.expr)
+
+    @cached_property
+    def notation(self) -> str:
+        """The spec's own one-line index notation, as in the generated docstrings."""
+        return _notation(self.expr)
 
 
 @dataclass(frozen=True)
@@ -280,14 +294,14 @@ def explain(built: Built, inputs: tuple[str, ...] | None = None,
     kinked = any(g.kinks for g in built.derivation.gradients)
     return Explanation(
         op=op.name, doc=op.doc, equation=op.equation,
-        forward=_math(sympy.Eq(output_access, op.rhs, evaluate=False)),
+        forward=Math(sympy.Eq(output_access, op.rhs, evaluate=False)),
         output=op.output, grad_output=built.derivation.grad_output,
         indices=_indices(op, known),
         kinked=kinked,
         gradients=gradients,
         saved=by_style([(style, built.signatures[style].saved) for style in CODE_STYLES]),
         sizes=known.listed,
-        values=tuple((v.name, _math(v.expr)) for v in built.lowered["contraction"].plan.saved),
+        values=tuple((v.name, Math(v.expr)) for v in built.lowered["contraction"].plan.saved),
     )
 
 
@@ -365,10 +379,10 @@ def _explain_gradient(built: Built, g, output_access, known: _Sizes) -> Gradient
     code = tuple(_code_line(built.signatures[style], g.input) for style in CODE_STYLES)
     return GradientExplanation(
         input=g.input, target=target, access=_notation(lhs), shape=known.shape(g.indices),
-        partial=_math(sympy.Eq(sympy.Derivative(output_access, g.wrt), g.partial, evaluate=False)),
-        vjp_raw=_math(sympy.Eq(raw_lhs, g.vjp_raw, evaluate=False)),
-        vjp=_math(sympy.Eq(lhs, g.vjp, evaluate=False)),
-        kinked=_math(sympy.Eq(lhs, lowered_vjp, evaluate=False)) if g.vjp.has(sympy.Heaviside) else None,
+        partial=Math(sympy.Eq(sympy.Derivative(output_access, g.wrt), g.partial, evaluate=False)),
+        vjp_raw=Math(sympy.Eq(raw_lhs, g.vjp_raw, evaluate=False)),
+        vjp=Math(sympy.Eq(lhs, g.vjp, evaluate=False)),
+        kinked=Math(sympy.Eq(lhs, lowered_vjp, evaluate=False)) if g.vjp.has(sympy.Heaviside) else None,
         kinks=tuple(_explain_kink(kink, lhs) for kink in g.kinks),
         terms=tuple(_explain_term(op, term, node, broadcast.plan, known)
                     for term, node in zip(broadcast.plan.terms, broadcast.terms)),
@@ -383,7 +397,7 @@ def _explain_kink(kink: Kink, lhs: sympy.Expr) -> KinkExplanation:
     if kink.verdict == "smooth":
         regions = [(None, kink.above)]
     return KinkExplanation(
-        where=_math(kink.equation), verdict=KINK_VERDICTS[kink.verdict],
+        where=Math(kink.equation), verdict=KINK_VERDICTS[kink.verdict],
         sides=tuple((region if region is None else _notation(region),
                      _notation(sympy.Eq(lhs, value, evaluate=False)))
                     for region, value in regions))
@@ -429,7 +443,7 @@ def _explain_term(op: OpSpec, term: TermPlan, node, plan, known: _Sizes) -> Term
         product_code=" * ".join(codes),
         summed=term.summed, reduction=reduction,
         reduced=known.shape(reduced_indices), reduced_indices=reduced_indices,
-        scale=None if scale == 1 else _math(scale),
+        scale=None if scale == 1 else Math(scale),
         to_target=to_target, result=known.shape(target),
         diagram=_diagram(term.aligned, rows, product_indices, reduction, term.summed, reduced_indices, grad, known),
         legend=tuple(f"{r.label} = {r.notation}" for r in rows if r.label != _name_of(r.notation)),
@@ -488,10 +502,6 @@ def _code_line(signature: Signature, name: str) -> CodeLine:
 
 
 # --- printing math ---------------------------------------------------------------------------
-
-def _math(expr: sympy.Expr) -> Math:
-    return Math(pretty=_pretty(expr), latex=_LatexPrinter().doprint(expr), notation=_notation(expr))
-
 
 class _NotationPrinter(IndexNotationPrinter):
     """The spec's notation, with the spec's where() for a Piecewise."""

@@ -10,7 +10,7 @@ import torch
 from derive import bench
 from derive.spec import load_catalog
 
-from conftest import GENERATED, OPS, ROOT, STYLES, derivation, first_by_default, shared_builds
+from conftest import GENERATED, OPS, REPRESENTATIVE_OPS, ROOT, STYLES, derivation, first_by_default, shared_builds
 
 QUICK = bench.SIZE_PRESETS["quick"]
 ROWS = [*OPS, bench.SEED_NETWORK, f"{bench.SEED_NETWORK}, {bench.HANDWRITTEN}"]
@@ -25,15 +25,19 @@ def each_op_derived_once(monkeypatch):
     monkeypatch.setattr(bench, "derive", derivation)
 
 
-# The broadcast style's whole quick bench runs in test_cli_bench_quick; here under `-m slow` (CI) too.
-@pytest.mark.parametrize("style", first_by_default(STYLES, 1))
-def test_quick_bench_has_a_row_per_op_and_the_seed_network(style, render_once):
+# The whole quick bench in each style under `-m slow` (CI); by default the contraction style's bench of one
+# op per kind of generated code and the seed network (test_every_contender_computes_autograds_gradients
+# builds and checks every case, and test_cli_bench_quick runs the broadcast style's whole bench).
+@pytest.mark.parametrize("style, only", first_by_default(
+    [("contraction", (*REPRESENTATIVE_OPS, bench.SEED_NETWORK)), *((style, ()) for style in STYLES)], 1))
+def test_quick_bench_has_a_row_per_op_and_the_seed_network(style, only, render_once):
     with shared_builds():     # its `derive generate` timing renders the catalog: from the session's builds
-        report = bench.run_bench(quick=True, style=style, generated_dir=GENERATED)
-    assert [row.case for row in report.rows] == ROWS
+        report = bench.run_bench(quick=True, style=style, generated_dir=GENERATED, only=only)
+    rows = [row for row in ROWS if not only or row.split(",")[0] in only]
+    assert [row.case for row in report.rows] == rows
     assert all(row.seconds > 0 and row.autograd_seconds > 0 for row in report.rows)
     text = bench.format_report(report)
-    assert all(case in text for case in ROWS)
+    assert all(case in text for case in rows)
     assert "generated / hand-written" in text and "derive generate" in text
 
 

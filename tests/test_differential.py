@@ -43,7 +43,7 @@ from derive.spec import parse_catalog
 from derive.testing import autograd_gradients, built_op, call_backward, kink_inputs, load_module, reference
 from spec_strategies import KNOWN_BUGS, RECOGNIZED, FuzzCase, fuzz_cases
 
-EXAMPLES = int(os.environ.get("DERIVE_FUZZ_EXAMPLES", "6"))
+EXAMPLES = int(os.environ.get("DERIVE_FUZZ_EXAMPLES", "3"))
 # DERIVE_FUZZ_KNOWN_BUGS=include writes the spec shapes of the known bug classes too (spec_strategies.KNOWN_BUGS)
 EXCLUDED = frozenset() if os.environ.get("DERIVE_FUZZ_KNOWN_BUGS") == "include" else KNOWN_BUGS
 STYLES = tuple(STYLE_DIRS)
