@@ -26,6 +26,7 @@ with the deltas eliminated by the same rule (`_derive_tangent`).
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -589,7 +590,12 @@ def _multiply(a: Term, b: Term) -> Term:
 
 def _index_names(term: Term) -> set[str]:
     """Every index name a term mentions, free or bound."""
-    return {i.name for f in term.factors for i in f.atoms(sympy.Idx)} | {i.name for i in term.summed}
+    return set().union(*map(_factor_index_names, term.factors)) | {i.name for i in term.summed}
+
+
+@functools.lru_cache(maxsize=8192)    # a factor recurs in every product that expanding a sum forms
+def _factor_index_names(factor: sympy.Expr) -> frozenset[str]:
+    return frozenset(i.name for i in factor.atoms(sympy.Idx))
 
 
 def _rename_bound(term: Term, avoid: set[str], taken: set[str] | None = None) -> Term:

@@ -7,6 +7,7 @@ printer; the only strings built here are the tensor-method calls (`unsqueeze`,
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -1272,6 +1273,20 @@ def size_source(index: str, sources: list[tuple[str, tuple[str, ...]]]) -> tuple
     return next((name, dims) for name, dims in sources if index in dims)
 
 
+@functools.lru_cache(maxsize=4096)    # a leaf recurs in each gradient, style and emit that prints it
+def _leaf_sizes(expr: sympy.Expr) -> frozenset[sympy.Expr]:
+    """The sizes the printed code of one leaf mentions."""
+    outside = expr.xreplace({call: sympy.S.Zero for call in expr.atoms(Fused)})
+    used = expr.free_symbols | {h.args[1].upper + 1 for h in outside.atoms(one_hot)}
+    # windows are cut to the sizes of the indices of their subscripts
+    used |= {s for w in outside.atoms(window, in_range) for i in w.args[0].atoms(sympy.Idx)
+             for s in (i.upper + 1).free_symbols}
+    used |= {i.upper + 1 for i in positions_compared(outside)}    # an arange of each
+    # a fold of windows prints the sizes of the windows' dims and of the position they fold onto
+    used |= {s for f in outside.atoms(fold_window) for i in f.atoms(sympy.Idx) for s in i.upper.free_symbols}
+    return frozenset(used)
+
+
 def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = ()) -> list[str]:
     """The declared indices whose sizes the code of `exprs` (and of shared values) mentions."""
     used = set().union(*(expr.plan.scale.free_symbols for expr in exprs))
@@ -1282,14 +1297,7 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
     for root in roots:
         for node in walk(root):
             if isinstance(node, Leaf):
-                outside = node.expr.xreplace({call: sympy.S.Zero for call in node.expr.atoms(Fused)})
-                used |= node.expr.free_symbols | {h.args[1].upper + 1 for h in outside.atoms(one_hot)}
-                # windows are cut to the sizes of the indices of their subscripts
-                used |= {s for w in outside.atoms(window, in_range) for i in w.args[0].atoms(sympy.Idx)
-                         for s in (i.upper + 1).free_symbols}
-                used |= {i.upper + 1 for i in positions_compared(outside)}    # an arange of each
-                # a fold of windows prints the sizes of the windows' dims and of the position they fold onto
-                used |= {s for f in outside.atoms(fold_window) for i in f.atoms(sympy.Idx) for s in i.upper.free_symbols}
+                used |= _leaf_sizes(node.expr)
             elif isinstance(node, Scaled):
                 used |= node.coefficient.free_symbols
             elif isinstance(node, Reduce):
