@@ -25,7 +25,7 @@ import sympy
 import torch
 
 from . import naming
-from .model import OpSpec, param_symbol, scalar_symbol
+from .model import OpSpec, SpecError, param_symbol, scalar_symbol
 from .functions import SPECIAL_POINTS, TIE_SHARES, Tied, _Extremum, _OverIndex, free_indices
 from .derivation import kinked
 from .naming import BATCH
@@ -55,6 +55,9 @@ def reference(op: OpSpec):
     The expression was checked against a whitelist when the spec was parsed; it is
     compiled here without builtins.
     """
+    if not op.reference:
+        raise SpecError("no 'reference' to verify against: add a torch expression of the inputs, such as "
+                        "reference = \"torch.tanh(x)\"", path=op.source, op=op.name)
     code = compile(ast.parse(op.reference, mode="eval"), f"<reference of {op.name}>", "eval")
     names = [t.name for t in op.inputs]
     defaults = {p.name: p.default for p in op.params}
