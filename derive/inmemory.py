@@ -82,6 +82,11 @@ class Op:
         explanation = explain(self._built, tuple(inputs) if inputs else None, parse_shapes(shapes, self.op_spec))
         return explanation if format is None else render_explanation(explanation, format)
 
+    def verify(self) -> None:
+        """derive's checks of the op against autograd of its `reference` (`testing.verify_op`'s)."""
+        from .testing import verify_module
+        verify_module(self.op_spec, self.module)
+
     def __repr__(self) -> str:
         return f"<derive op {self.name}: {self.op_spec.equation}>"
 

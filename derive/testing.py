@@ -660,8 +660,11 @@ def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
     - forward mode: the Function's jvp and `<op>_jvp` against torch.func.jvp of the reference
       (`check_tangents`).
     """
-    op = load_catalog(spec).op(op_name)
-    module = load_module(module_path)
+    verify_module(load_catalog(spec).op(op_name), load_module(module_path))
+
+
+def verify_module(op: OpSpec, module: ModuleType) -> None:
+    """`verify_op`'s checks of `op` and a module rendered from it, already imported (`derive.op`'s, say)."""
     gradcheck_op(op, module)
     for dtype in (torch.float64, torch.float32):
         check_gradients(op, module, dtype)
