@@ -214,12 +214,16 @@ PROJECT = {
 }
 
 
+# the inner runs leave out the plugins of derive's own test suite (hypothesis's imports itself anew in each)
+QUIET = ("-p", "no:hypothesispytest", "-p", "no:xdist", "-p", "no:cacheprovider")
+
+
 def test_pytest_derive_collects_an_item_per_op_and_the_check(pytester):
     pytester.makefile(".toml", **{name.removesuffix(".toml"): text for name, text in PROJECT.items()})
-    result = pytester.runpytest_inprocess("--derive", "--collect-only", "-q", "-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("--derive", "--collect-only", "-q", *QUIET)
     assert result.stdout.lines[:3] == ["ops.toml::verify[clipped]", "ops.toml::verify[cube]", "ops.toml::check"]
     assert result.ret == 0
-    plain = pytester.runpytest_inprocess("--collect-only", "-q", "-p", "no:cacheprovider")
+    plain = pytester.runpytest_inprocess("--collect-only", "-q", *QUIET)
     assert "ops.toml" not in plain.stdout.str()    # without --derive, nothing
 
 
@@ -229,7 +233,7 @@ def test_pytest_derive_verifies_each_op_and_fails_the_check_on_a_stale_file(pyte
     assert derive_cli("generate", cwd=pytester.path).returncode == 0
     stale = pytester.path / "grads" / "cube.py"
     stale.write_text(stale.read_text() + "# edited by hand\n")
-    result = pytester.runpytest_inprocess("--derive", "-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("--derive", *QUIET)
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines([f"stale: {os.path.join('grads', 'cube.py')}",
                                  "derive: generated code is out of date; run `derive generate*"])
