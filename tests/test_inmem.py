@@ -108,6 +108,13 @@ def test_a_bad_spec_raises_a_one_line_spec_error_naming_the_op(call, message):
     assert text.startswith("<derive.op>: op '") and message in text and "\n" not in text, text
 
 
+@pytest.mark.slow
+def test_verify_runs_verify_ops_checks_on_the_op_in_memory(weighted):
+    """gradcheck, both dtypes, other params, inputs on the kink x = 0, equal sizes, the Function, the custom op
+    and forward mode, against the reference."""
+    weighted.verify()
+
+
 def test_verify_needs_a_reference(softsign):
     with pytest.raises(SpecError, match="op 'op': no 'reference' to verify against"):
         softsign.verify()
