@@ -129,11 +129,9 @@ def _derive(label: str, text: str, path: str) -> Mapping[str, Op]:
 
 
 def _build(op: OpSpec, catalog: Catalog, text: str, source: str, command: str, namespace: str) -> Op:
-    import torch    # noqa: F401 -- the module needs it; imported here so that `import derive` stays light
-
     built = build_op(op, budget=DEFAULT_BUDGET)     # every style: explain shows both
-    inputs = planned({op.name: op.digest for op in catalog.ops}, (STYLE,), source, command, namespace)
-    path, module_text = module_file(built, STYLE, source, command, namespace, inputs)
+    inputs = planned({other.name: other.digest for other in catalog.ops}, (STYLE,), source, command, namespace)
+    _, module_text = module_file(built, STYLE, source, command, namespace, inputs)
     return Op(built, _execute(module_text, f"{namespace}_{op.name}", f"<derive op {op.name} ({namespace})>"),
               text, module_text, command, namespace)
 
