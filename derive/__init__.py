@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it; imported on first use, so that `derive --help` loads no SymPy or torch
 _EXPORTS = {"build_op": "build", "render_catalog": "build", "load_catalog": "spec", "parse_catalog": "spec",
-            "SpecError": "errors"}
+            "SpecError": "errors", "op": "inmemory", "load": "inmemory"}
 
 __all__ = list(_EXPORTS)
 

@@ -12,7 +12,7 @@ from .emit import render_module
 from .explain import explain, render_derivations
 from .model import Catalog
 from .naming import DEFAULT_NAMESPACE, STYLE_DIRS, STYLES
-from .pipeline import DEFAULT_BUDGET, build_op, spec_errors, time_limit
+from .pipeline import DEFAULT_BUDGET, Built, build_op, spec_errors, time_limit
 from .stamp import header, planned, stamped
 
 
@@ -34,10 +34,7 @@ def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
             built = build_op(op, STYLES, None, stage)     # every style: the derivations document shows both
             stage[0] = "rendering the modules and the derivations document"
             for style in styles:
-                path = STYLE_DIRS[style] + naming.module_file(op.name)
-                files[path] = stamped(path, render_module(built.derivation, built.lowered[style], source, command,
-                                                          namespace, built.signatures[style]), inputs[path])
-                compile(files[path], path, "exec")    # a module that would not import is never written
+                path, files[path] = module_file(built, style, source, command, namespace, inputs)
             if "contraction" in styles:
                 explanations.append(explain(built))
     if explanations:    # beside the contraction-style modules, once per catalog
@@ -45,3 +42,13 @@ def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
         with spec_errors(None, catalog.path):
             files[document] = stamped(document, render_derivations(explanations, source, command), inputs[document])
     return files
+
+
+def module_file(built: Built, style: str, source: str, command: str, namespace: str,
+                inputs: dict[str, str]) -> tuple[str, str]:
+    """The relative path and stamped text of one op's module in one style (`inputs`: `planned`'s hashes)."""
+    path = STYLE_DIRS[style] + naming.module_file(built.op.name)
+    text = stamped(path, render_module(built.derivation, built.lowered[style], source, command, namespace,
+                                       built.signatures[style]), inputs[path])
+    compile(text, path, "exec")    # a module that would not import is never written
+    return path, text

@@ -88,6 +88,13 @@ def apply_config(args: argparse.Namespace, cwd: Path) -> None:
         setattr(args, key, value)
 
 
+def configured(command: str, cwd: Path) -> argparse.Namespace:
+    """The arguments of `derive <command>` run in `cwd` with no option given: [tool.derive]'s."""
+    args = _parser([command]).parse_args([command])
+    apply_config(args, cwd)
+    return args
+
+
 def load_config(cwd: Path) -> tuple[dict, Path]:
     """[tool.derive] of the nearest pyproject.toml at or above `cwd` (empty if none) and that file's directory."""
     for folder in (cwd, *cwd.parents):

@@ -35,7 +35,10 @@ from .spec import index_text, load_catalog
 
 BATCH_DIMS = sympy.Symbol(BATCH)   # stands for the batch dims in a symbolic shape: (..., size_k)
 CODE_STYLES = ("broadcast", "contraction")   # the order the emitted lines are shown in: teaching form first
-FORMATS = {"text": "explain.txt.jinja", "markdown": "explain.md.jinja", "latex": "explain.tex.jinja"}
+FORMATS = {"text": "explain.txt.jinja", "markdown": "explain.md.jinja", "latex": "explain.tex.jinja",
+           "html": "explain.html.jinja"}
+MATH_TEMPLATE = "explain.math.jinja"     # the formulas alone, for a notebook's LaTeX display
+MATHJAX = "https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-chtml.js"   # typesets the html format's formulas
 DERIVATIONS_TEMPLATE = "derivations.md.jinja"
 
 
@@ -229,6 +232,18 @@ class Explanation:
     saved: ByStyle                         # what the autograd.Function saves for the backward, per style
     sizes: tuple[tuple[str, str], ...]     # the concrete sizes given (size name, value such as 1000 or 4x3)
     values: tuple[tuple[str, Math], ...] = ()   # values the forward computes for the backward (contraction style)
+
+    def __str__(self) -> str:
+        return render_explanation(self, "text")
+
+    def __repr__(self) -> str:     # a terminal or a REPL shows the text
+        return str(self)
+
+    def _repr_markdown_(self) -> str:     # Jupyter: the Markdown document, formulas typeset
+        return render_explanation(self, "markdown")
+
+    def _repr_latex_(self) -> str:        # Jupyter, where LaTeX is preferred: the formulas alone
+        return _environment().get_template(MATH_TEMPLATE).render(x=self)
 
     @property
     def index_table(self) -> tuple[tuple[str, ...], ...]:
@@ -686,7 +701,7 @@ def _environment() -> jinja2.Environment:
 def render_explanation(explanation: Explanation, format: str = "text") -> str:
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {tuple(FORMATS)}")
-    return _environment().get_template(FORMATS[format]).render(x=explanation)
+    return _environment().get_template(FORMATS[format]).render(x=explanation, mathjax=MATHJAX)
 
 
 def render_derivations(explanations: list[Explanation], source: str, command: str) -> str:
@@ -710,7 +725,8 @@ def add_arguments(command) -> None:
     command.add_argument("--input", metavar="NAME", action="append",
                          help="explain only this input's gradient (repeatable; default: every differentiable input)")
     command.add_argument("--format", choices=tuple(FORMATS), default="text",
-                         help="text for a terminal (default), markdown or latex")
+                         help="text for a terminal (default), markdown, latex, or html (a page for a browser, "
+                                  "formulas typeset by MathJax)")
     command.add_argument("--shapes", metavar="SIZES",
                          help="concrete sizes for the shape plan, e.g. n=1000,k=784,m=50 (batch dims: ...=4x3)")
     command.add_argument("--debug", action="store_true", help="show tracebacks for errors")

@@ -124,6 +124,12 @@ def namespace_problem(namespace: str, builtin: bool = False) -> str | None:
     return None
 
 
+def in_memory_namespace(spec: str, text: str) -> str:
+    """The namespace of the ops `derive.op` and `derive.load` derive in a running process: one per spec (its name
+    and text), so that they replace neither a generated module's custom ops nor another spec's."""
+    return "derive_op_" + hashlib.sha256(f"{spec}\0{text}".encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
 _PLAIN_PART = re.compile(r"[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*")
 
 

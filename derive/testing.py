@@ -25,7 +25,7 @@ import sympy
 import torch
 
 from . import naming
-from .model import OpSpec, param_symbol, scalar_symbol
+from .model import OpSpec, SpecError, param_symbol, scalar_symbol
 from .functions import SPECIAL_POINTS, TIE_SHARES, Tied, _Extremum, _OverIndex, free_indices
 from .derivation import kinked
 from .naming import BATCH
@@ -55,6 +55,9 @@ def reference(op: OpSpec):
     The expression was checked against a whitelist when the spec was parsed; it is
     compiled here without builtins.
     """
+    if not op.reference:
+        raise SpecError("no 'reference' to verify against: add a torch expression of the inputs, such as "
+                        "reference = \"torch.tanh(x)\"", path=op.source, op=op.name)
     code = compile(ast.parse(op.reference, mode="eval"), f"<reference of {op.name}>", "eval")
     names = [t.name for t in op.inputs]
     defaults = {p.name: p.default for p in op.params}
@@ -657,8 +660,11 @@ def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
     - forward mode: the Function's jvp and `<op>_jvp` against torch.func.jvp of the reference
       (`check_tangents`).
     """
-    op = load_catalog(spec).op(op_name)
-    module = load_module(module_path)
+    verify_module(load_catalog(spec).op(op_name), load_module(module_path))
+
+
+def verify_module(op: OpSpec, module: ModuleType) -> None:
+    """`verify_op`'s checks of `op` and a module rendered from it, already imported (`derive.op`'s, say)."""
     gradcheck_op(op, module)
     for dtype in (torch.float64, torch.float32):
         check_gradients(op, module, dtype)

@@ -249,10 +249,15 @@ def explained(op_name):
 
 
 @pytest.mark.parametrize("op_name", OPS)
-@pytest.mark.parametrize("format", ["text", "markdown", "latex"])
+@pytest.mark.parametrize("format", ["text", "markdown", "latex", "html"])
 def test_every_op_explains_in_every_format(op_name, format):
     text = render_explanation(explained(op_name), format)
     assert text.endswith("\n") and not re.search(r"[ \t]+\n", text), "no trailing whitespace"
+    if format == "html":
+        from test_inmem import _Page
+        page = _Page()
+        page.feed(text)     # every element closed, in order
+        assert page.open == [] and text.startswith("<!DOCTYPE html>\n")
     if format == "latex":
         assert text.count("\\begin{") == text.count("\\end{")
         body = re.sub(r"\\begin\{verbatim\}.*?\\end\{verbatim\}", "", text, flags=re.S).replace("\\{", "").replace("\\}", "")
