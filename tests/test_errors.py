@@ -513,6 +513,6 @@ def test_a_reserved_namespace_is_refused_in_one_line(tmp_path, monkeypatch, caps
     assert not (tmp_path / "out").exists() and not (tmp_path / "generated").exists()
 
 
-def test_the_built_in_catalog_keeps_its_namespace(monkeypatch, capsys):
+def test_the_built_in_catalog_keeps_its_namespace(monkeypatch, capsys, render_once):
     monkeypatch.chdir(GENERATED.parent)
     assert main(["check", "--namespace", "derive"]) == 0
