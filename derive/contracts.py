@@ -19,7 +19,7 @@ from typing import Callable
 
 import sympy
 
-from . import functions
+from . import functions, naming
 from .derivation import Derivation, tensor_symbols
 from .naming import BATCH
 
@@ -139,7 +139,7 @@ def range_checks(op_name: str, declared: list[Declared], conditions, sizes: dict
     for condition, message in conditions:
         texts, readers = {}, []
         for symbol in sorted(condition.free_symbols, key=str):
-            index = symbol.name.removeprefix("size_")
+            index = naming.index_of_size(symbol.name)
             tensor = next(t for t in declared if any(sizes.get(i, i) == index for i in t.named))
             texts[symbol] = sympy.Symbol(tensor.size(next(i for i in tensor.named if sizes.get(i, i) == index)))
             readers.append(tensor)

@@ -35,6 +35,11 @@ def size(index: str) -> str:
     return "size_batch" if index == BATCH else f"size_{index}"
 
 
+def index_of_size(name: str) -> str:
+    """The index a named size (`size_n`) is the length of."""
+    return name.removeprefix("size_")
+
+
 SHARED_PREFIX = "shared_"   # values the backward computes once for several gradients: shared_0, shared_1, ...
 SAVED_PREFIX = "saved_"     # values the forward computes and hands to the backward: saved_log_softmax
 

@@ -1322,7 +1322,7 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
     declared = [index for index, representative in sorted(dict(op.index_sizes).items()) if index == representative]
     # every size the code reads is bound from an input's shape: a renamed index (n_1) reads its original's
     unbound = sorted(s.name for s in used - {size_symbol(i) for i in declared}
-                     if s == size_symbol(s.name.removeprefix("size_")))
+                     if s == size_symbol(naming.index_of_size(s.name)))
     if unbound:
         raise ValueError(f"the code reads {', '.join(unbound)}, which no input's shape binds")
     return [index for index in declared if size_symbol(index) in used]

@@ -24,7 +24,7 @@ from . import functions, naming
 from .model import (AffineRead, Catalog, OpSpec, Param, SpecError, TensorInput, index_symbol, param_symbol,
                     scalar_symbol, size_symbol, size_text, tensor_symbol)
 from .naming import BATCH, default_catalog_path
-from .reading import parse_toml, read_text, toml_error  # noqa: F401 (toml_error: spec.toml_error as before)
+from .reading import parse_toml, read_text
 from .stamp import spec_digest
 
 MAX_SOURCE_CHARS = 4000

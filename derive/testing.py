@@ -84,9 +84,8 @@ def sizes_for(op: OpSpec, sizes: dict[str, int] | None = None) -> dict[str, int]
             if value >= 2:
                 break
             # (a stride makes the size grow every few steps of the length)
-            grows = [s.name.removeprefix("size_") for s in sorted(formula.free_symbols, key=str)
-                     if _size_at(formula, chosen | {s.name.removeprefix("size_"): chosen[s.name.removeprefix("size_")] + 8})
-                     > value]
+            indices = [naming.index_of_size(s.name) for s in sorted(formula.free_symbols, key=str)]
+            grows = [i for i in indices if _size_at(formula, chosen | {i: chosen[i] + 8}) > value]
             if not grows:
                 break
             chosen[grows[0]] += 1
@@ -96,7 +95,7 @@ def sizes_for(op: OpSpec, sizes: dict[str, int] | None = None) -> dict[str, int]
 
 def _size_at(formula, chosen: dict[str, int]) -> int:
     """An inferred size's value at concrete sizes."""
-    return int(formula.xreplace({s: chosen[s.name.removeprefix("size_")] for s in formula.free_symbols}))
+    return int(formula.xreplace({s: chosen[naming.index_of_size(s.name)] for s in formula.free_symbols}))
 
 
 def make_inputs(op: OpSpec, sizes: dict[str, int] | None = None, dtype=torch.float64, seed: int = 0,
