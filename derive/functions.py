@@ -506,17 +506,21 @@ class as_float(sympy.Function):  # noqa: N801
 
 class window(sympy.Function):  # noqa: N801
     """A read with affine subscripts, `access`, as generated code takes it: the input padded with `front` and
-    `back` zeros at each dim (negative: cropped), then windows cut out of each affine dim (`Tensor.unfold`),
-    so that every index of the subscripts is a dim. Reads outside the input are zero. The planner wraps each
-    affine read in one (plan.py): how far a read reaches depends on the input's dims, which the read alone
-    does not tell."""
+    `back` entries of `value` at each dim (negative: cropped), then windows cut out of each affine dim
+    (`Tensor.unfold`), so that every index of the subscripts is a dim. Reads outside the input are `value`:
+    zero unless the spec's `pad_value` says (-inf for a max pool). The planner wraps each affine read in one
+    (plan.py): how far a read reaches depends on the input's dims, which the read alone does not tell."""
 
-    nargs = 4       # access, front, back, and each subscript's indices in the order they are cut
+    nargs = 5       # access, front, back, each subscript's indices in the order they are cut, and the padding value
     is_real = True
 
     @property
     def access(self) -> sympy.Indexed:
         return self.args[0]
+
+    @property
+    def value(self) -> sympy.Expr:
+        return self.args[4]
 
 
 class fold_window(sympy.Function):  # noqa: N801

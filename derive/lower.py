@@ -474,7 +474,7 @@ def _convolution(nodes: list[Node], summed: set[str], target: tuple[str, ...]) -
 def _input_gradient(source: window, kernel: sympy.Indexed, spatial: list) -> bool:
     """Whether a window of the upstream gradient, g[..., t - d*k + e], taken by an input's kernel, is a
     convolution's grad_x with padding e on both sides (its pads equal): torch.nn.grad.conv_input."""
-    access, front, back, _ = source.args
+    access, front, back, *_ = source.args
     if not access.base.label.name.startswith(naming.grad("")) or kernel.base.label.name.startswith(naming.grad("")):
         return False
     affine = [p for p, i in enumerate(access.indices) if not isinstance(i, sympy.Idx)]

@@ -58,6 +58,7 @@ class OpSpec:
     inferred_sizes: tuple[tuple[str, sympy.Expr], ...] = ()  # index -> its size inferred from the affine reads,
                                                         # in the sizes of declared and fixed indices
     pads: tuple[tuple[str, str, int, int], ...] = ()    # (input, dim's index, zeros before, zeros after): `pad`
+    pad_values: tuple[tuple[str, float], ...] = ()      # (input, the value its padding reads instead of 0): `pad_value`
     affine_reads: tuple["AffineRead", ...] = ()         # every read with an affine subscript, as written
     size_checks: tuple[tuple[sympy.Expr, str], ...] = ()  # (condition on sizes, what breaks it): the contract
 
@@ -87,6 +88,10 @@ class OpSpec:
         """(zeros before, zeros after) that reads of input `name`'s dim `index` may reach."""
         return next(((before, after) for tensor, dim, before, after in self.pads
                      if (tensor, dim) == (name, index)), (0, 0))
+
+    def pad_value_of(self, name: str) -> sympy.Expr:
+        """What a read of input `name` outside its range is: 0 unless `pad_value` says (-inf for a max pool)."""
+        return sympy.sympify(dict(self.pad_values).get(name, 0))
 
     def input(self, name: str) -> TensorInput:
         return next(t for t in self.inputs if t.name == name)

@@ -222,7 +222,10 @@ def _window(op: OpSpec, access: sympy.Indexed, target: tuple[str, ...]) -> windo
     front, back = [sympy.expand(f.xreplace(exact)) for f in front], [sympy.expand(b.xreplace(exact)) for b in back]
     order = [sympy.Tuple(*sorted(i.atoms(sympy.Idx), key=lambda j: (-abs(i.coeff(j)), j.name not in target, j.name)))
              if not isinstance(i, sympy.Idx) else sympy.Tuple(i) for i in access.indices]
-    return window(access, sympy.Tuple(*front), sympy.Tuple(*back), sympy.Tuple(*order))
+    # the padding of an input reads its pad_value; a gradient's or a tangent's reads zeros there (the padding
+    # is a constant: nothing flows back to it, and it has no tangent)
+    value = op.pad_value_of(name) if any(t.name == name for t in op.inputs) else sympy.S.Zero
+    return window(access, sympy.Tuple(*front), sympy.Tuple(*back), sympy.Tuple(*order), value)
 
 
 def _own_order(expr: sympy.Expr, order) -> tuple[str, ...]:

@@ -174,8 +174,8 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         return Code(code, gather.layout)
 
     def _print_window(self, expr):
-        access, front, back, order = expr.args
-        code = self._windows(access.base.label.name, access.indices, front, back, order)
+        access, front, back, order, value = expr.args
+        code = self._windows(access.base.label.name, access.indices, front, back, order, value)
         return align(code, self.layout).text
 
     def _print_fold_window(self, expr):
@@ -222,7 +222,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         code = self._windows(ones, (value,), (-lowest,), (sympy.expand(lowest + reach - size),), order)
         return align(code, self.layout).text
 
-    def _windows(self, tensor: str, subscripts, front, back, order) -> Code:
+    def _windows(self, tensor: str, subscripts, front, back, order, value=sympy.S.Zero) -> Code:
         """`tensor` read at affine subscripts, as a tensor with one dim per index: padded (F.pad) so that
         each affine dim starts at its lowest reach and holds exactly its reach, then cut into windows
         with `unfold(dim, size, step)` (a view), one more dim per further index, strided by its coefficient;
@@ -230,7 +230,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         scalar = SizePrinter()
         if any(not isinstance(i, sympy.Idx) and i.atoms(sympy.Indexed) for i in subscripts):
             raise ValueError(f"unsupported read {tensor}{list(subscripts)}: a gather inside an affine subscript")
-        text, level = _padded(tensor, front, back), ATOM
+        text, level = _padded(tensor, front, back, value), ATOM
         dims: list[str] = []
         flips: list[str] = []
         for position, subscript in enumerate(subscripts):
@@ -786,9 +786,9 @@ def _convolution(node: Convolution) -> Code:
         return _weight_gradient(node)
     if node.kind == "input":
         return _input_gradient(node)
-    access, front, back, _ = node.source.args
+    access, front, back, _, value = node.source.args
     taps = {t: (k, stride, dilation) for t, k, stride, dilation in node.spatial}
-    padded = Code(_padded(access.base.label.name, front, back),
+    padded = Code(_padded(access.base.label.name, front, back, value),
                   tuple(i.name if isinstance(i, sympy.Idx) else next(t for t in taps if t in {a.name for a in i.atoms(sympy.Idx)})
                         for i in access.indices))
     source = _arranged(padded, node.batch + node.channels + tuple(taps))
@@ -852,9 +852,9 @@ def _input_gradient(node: Convolution) -> Code:
 def _weight_gradient(node: Convolution) -> Code:
     """torch.nn.grad.conv{1,2,3}d_weight(x, shape, grad): a convolution's grad_w, the term summing
     x[b, c, d*t + s*k + e] * grad[b, o, k] over b and k (the kernel PyTorch's own backward runs)."""
-    access, front, back, _ = node.source.args
+    access, front, back, _, value = node.source.args
     taps = {t: (k, stride, dilation) for t, k, stride, dilation in node.spatial}
-    padded = Code(_padded(access.base.label.name, front, back),
+    padded = Code(_padded(access.base.label.name, front, back, value),
                   tuple(i.name if isinstance(i, sympy.Idx) else next(t for t in taps if t in {a.name for a in i.atoms(sympy.Idx)})
                         for i in access.indices))
     source = _arranged(padded, node.channels + node.batch + tuple(taps))
@@ -953,14 +953,23 @@ def access_name(access: sympy.Indexed) -> str:
     return access.base.label.name
 
 
-def _padded(tensor: str, front, back) -> str:
-    """F.pad(tensor, ...) with `front` and `back` zeros at each dim (negative: cropped), or the tensor."""
+def _padded(tensor: str, front, back, value=sympy.S.Zero) -> str:
+    """F.pad(tensor, ...) with `front` and `back` entries of `value` (zeros by default) at each dim (negative:
+    cropped), or the tensor."""
     amounts = list(zip(front, back))
     first = min((p for p, (f, b) in enumerate(amounts) if f != 0 or b != 0), default=None)
     if first is None:
         return tensor
     pads = [SizePrinter().doprint(a) for f, b in reversed(amounts[first:]) for a in (f, b)]     # last dim first
-    return f"torch.nn.functional.pad({tensor}, {python_tuple(pads)})"
+    filled = "" if value == 0 else f", value={_float_literal(value)}"
+    return f"torch.nn.functional.pad({tensor}, {python_tuple(pads)}{filled})"
+
+
+def _float_literal(value: sympy.Expr) -> str:
+    """A number as Python reads it back exactly: -math.inf, 1.5."""
+    if value.is_infinite:
+        return "-math.inf" if value.is_extended_negative else "math.inf"
+    return repr(float(value))
 
 
 GATHERED = "<gathered>"   # the dim an integer input indexes, in gather_layout's dims

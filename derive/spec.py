@@ -41,7 +41,8 @@ MAX_OPS = 200                 # ops per catalog
 MAX_ARGUMENTS = 32            # inputs and params of one op: a custom op's schema allows 64 arguments in all
 MAX_RANK = 8                  # indices of one input or of the result (the batch '...' counts as one)
 
-OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "integer", "params", "ranges", "sizes", "pad"}
+OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "integer", "params", "ranges", "sizes", "pad",
+           "pad_value"}
 MAX_FIXED_SIZE = 1 << 20      # a size the spec sets (`sizes`), or zeros it pads with (`pad`)
 RETIRED_KEYS = {
     "step_at_zero": "'step_at_zero' is retired: a kink's value is set where it is written, as the first argument's "
@@ -184,6 +185,7 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
     tensors = tuple(TensorInput(t.name, t.indices, t.name in differentiable, t.name in integer) for t, _ in inputs)
     fixed = _parse_fixed_sizes(entry, tensors, name, locator)
     pads = _parse_pads(entry, tensors, name, locator)
+    pad_values = _parse_pad_values(entry, tensors, pads, name, locator)
     parser = _EquationParser(name, tensors, tuple(p.name for p in params), locator, sizes=dict(square_sizes),
                              fixed=fixed)
     output, output_indices, rhs = parser.parse(entry["equation"])
@@ -210,6 +212,7 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
         digest=spec_digest(name, entry),
         fixed_sizes=tuple(sorted(fixed.items())),
         pads=tuple(sorted((tensor, index, before, after) for (tensor, index), (before, after) in pads.items())),
+        pad_values=tuple(sorted(pad_values.items())),
         **affine,
     )
 
@@ -330,6 +333,26 @@ def _parse_pads(entry: dict, tensors: tuple[TensorInput, ...], name: str, locato
                                     f"{MAX_FIXED_SIZE}) or [before, after]", name, "pad")
             pads[(tensor_name, index)] = tuple(amounts)
     return pads
+
+
+def _parse_pad_values(entry: dict, tensors: tuple[TensorInput, ...], pads: dict, name: str,
+                      locator: _Locator) -> dict[str, float]:
+    """The `pad_value` table: { x = -inf }: what reads of x in its padding are instead of zeros."""
+    table = entry.get("pad_value", {})
+    if not isinstance(table, dict):
+        raise locator.error("'pad_value' must be a table of input = number, such as { x = -inf }", name, "pad_value")
+    values = {}
+    for tensor_name, value in table.items():
+        tensor = next((t for t in tensors if t.name == tensor_name), None)
+        if tensor is None or tensor.integer:
+            raise locator.error(f"'pad_value' names '{tensor_name}', which is not a float input", name, "pad_value")
+        if not any(t == tensor_name for t, _ in pads):
+            raise locator.error(f"'pad_value' names '{tensor_name}', which 'pad' does not pad", name, "pad_value")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+            raise locator.error(f"'pad_value' entry '{tensor_name}' must be a number or -inf/inf", name, "pad_value")
+        if value != 0:
+            values[tensor_name] = float(value)
+    return values
 
 
 def _infer_ranges(parser: _EquationParser, tensors: tuple[TensorInput, ...], output: str,
