@@ -876,7 +876,7 @@ def _transposed_convolution(node: Convolution) -> Code:
     cut (or padded) to t = 0 .. size_t - 1 (reads of x outside its range are zero)."""
     if isinstance(node.source, in_range):
         return _spread(node)
-    access, front, back, _ = node.source.args
+    access, front, back, *_ = node.source.args
     taps = {t: (k, -dilation) for t, k, _, dilation in node.spatial}
     gradient = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
                          node.out + node.channels + tuple(k for k, _ in taps.values()))
