@@ -35,8 +35,10 @@ def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
             stage[0] = "rendering the modules and the derivations document"
             for style in styles:
                 path = STYLE_DIRS[style] + naming.module_file(op.name)
+                variants = tuple((absent, v.derivation, v.lowered[style], v.signatures[style])
+                                 for absent, v in built.variants)
                 files[path] = stamped(path, render_module(built.derivation, built.lowered[style], source, command,
-                                                          namespace, built.signatures[style]), inputs[path])
+                                                          namespace, built.signatures[style], variants), inputs[path])
                 compile(files[path], path, "exec")    # a module that would not import is never written
             if "contraction" in styles:
                 explanations.append(explain(built))
