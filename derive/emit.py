@@ -111,7 +111,7 @@ def _module_context(derivation: Derivation, lowered: LoweredOp, source: str, com
         or bool(op.layer and layer_context(op.layer, op.inputs, op.params, op.name)["uses_math"]),
         function=function, saving=saving, forward=forward, jvp=jvp, backward=backward,
         variant_only=False, optional=bool(op.optional),
-        variants=[_variant_view(op, absent, view, context_of_main=(saving, jvp)) for absent, view in views],
+        variants=[_variant_view(op, absent, view, (saving, jvp, signature.uses_output)) for absent, view in views],
         layer=layer_context(op.layer, op.inputs, op.params, op.name) if op.layer else None,
     )
     return context
@@ -119,12 +119,12 @@ def _module_context(derivation: Derivation, lowered: LoweredOp, source: str, com
 
 def _variant_view(op, absent: tuple[str, ...], view: dict, context_of_main: tuple) -> dict:
     """A variant's functions, renamed private, and the calls the op's own entry points hand None inputs to."""
-    saving, jvp = context_of_main
+    saving, jvp, uses_output = context_of_main
     variant = view["op"]
     names = {key: variant_name(view[key]["name"], absent) for key in ("forward", "backward", "jvp")}
     if view["saving"]:
         names["saving"] = variant_name(view["saving"]["name"], absent)
-    if bool(view["saving"]) != bool(saving) or (view["jvp"]["uses_output"] and not jvp["uses_output"]):
+    if bool(view["saving"]) != bool(saving):
         raise SpecError(f"with {condition(absent)} the op reuses other forward values than with it given; declare "
                         f"{', '.join(absent)} required", path=op.source, op=op.name)
     for key, name in names.items():
@@ -141,8 +141,12 @@ def _variant_view(op, absent: tuple[str, ...], view: dict, context_of_main: tupl
     flags = python_tuple([f"needs_input_grad[{positions.index(t)}]" for t in inputs])
     jvp_arguments = inputs + ([variant.output] if view["jvp"]["uses_output"] else []) \
         + [naming.tangent(t) for t in differentiable] + params
+    # the variant's gradients may reuse its result where the op's do not: the entry point computes it
+    result = f"{variant.output} = {names['forward']}({', '.join(inputs + params)})"
     return dict(
         condition=condition(absent), text=text.strip("\n"),
+        backward_result=result if view["uses_output"] and not uses_output else "",
+        jvp_result=result if view["jvp"]["uses_output"] and not jvp["uses_output"] else "",
         forward_call=f"{forward}({', '.join(inputs + params)})",
         backward_call=f"{names['backward']}({', '.join(a.split('=')[0] for a in backward)}, needs_input_grad={flags})",
         backward_unpack=_unpack([naming.grad(t.name) if t.differentiable else "_" for t in variant.inputs]),
@@ -365,7 +369,11 @@ def _autocast(derivation: Derivation, custom_op_name: str) -> dict:
     tensors = [t.name for t in derivation.op.inputs]
     namespace, registered = custom_op_name.split("::")
     required = [t for t in tensors if t not in derivation.op.optional_names]
-    return dict(policies=policies, dtypes=[(p, POLICY_DTYPES[p]) for p in dict.fromkeys(r.policy for r in policies)],
+    dtypes = [(p, POLICY_DTYPES[p]) for p in dict.fromkeys(r.policy for r in policies)]
+    if derivation.op.optional:    # an absent optional input is None: it has no dtype
+        dtypes = [(p, text.replace("if t.is_floating_point()", "if t is not None and t.is_floating_point()"))
+                  for p, text in dtypes]
+    return dict(policies=policies, dtypes=dtypes,
                 device_input=required[0], tensors=_unpack(tensors), tensor_args=", ".join(tensors),
                 namespace=namespace, op_name=registered,
                 dispatch_keys=python_tuple([f'"Autocast{r.device.upper()}"' for r in policies]))

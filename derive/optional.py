@@ -58,9 +58,10 @@ def without(op: OpSpec, absent: tuple[str, ...]) -> OpSpec:
 def keep_optional(op: OpSpec, signature: Signature, variants: list[Signature]) -> Signature:
     """The op's backward signature with the Function keeping each optional input (a reference, no copy: it
     is an input) and what the variants' backwards read: its backward then tells an absent input (None) from
-    one it does not read, and can hand the call on. A variant must reuse no forward value the op lacks."""
+    one it does not read, and can hand the call on. A variant must save the forward values the op saves
+    (its result, which the op's backward may lack, the entry point computes for it)."""
     for variant in variants:
-        extra = [name for name in variant.arguments if name not in signature.arguments]
+        extra = [name for name in variant.arguments if name not in signature.arguments and name != op.output]
         if extra or variant.values != signature.values:
             missing = extra[0] if extra else ", ".join(variant.values)
             raise SpecError(f"with an optional input None the backward reuses {missing}, which the op's own "

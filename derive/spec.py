@@ -236,15 +236,15 @@ def _parse_optional(entry: dict, tensors: tuple[TensorInput, ...], rhs: sympy.Ex
             raise locator.error(f"optional input '{item}' needs a finite number: the value None stands for",
                                 name, "optional")
     required = [t for t in tensors if t.name not in raw]
+    if not any(t.differentiable for t in required):
+        raise locator.error("every differentiable input is optional: with all of them None there is no "
+                            "backward", name, "optional")
     known = {sizes.get(i, i) for t in required for i in t.indices}
     for item in raw:
         unknown = next((i for i in by_name[item].indices if sizes.get(i, i) not in known), None)
         if unknown is not None:
             raise locator.error(f"optional input '{item}' has index '{unknown}', which no other input has: "
                                 f"without '{item}' its size would be unknown", name, "optional")
-    if not any(t.differentiable for t in required):
-        raise locator.error("every differentiable input is optional: with all of them None there is no "
-                            "backward", name, "optional")
     values = {item: float(value) for item, value in raw.items()}
     used = _value_names(substitute(rhs, values))
     lost = next((t.name for t in required if t.differentiable and t.name not in used), None)
