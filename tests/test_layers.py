@@ -279,3 +279,10 @@ def test_layer_errors(parameters, message):
     with pytest.raises(SpecError, match=message) as error:
         parse_catalog(LAYER_SPEC.format(parameters=parameters), "bad.toml")
     assert "layer:" in str(error.value) and "lin" in str(error.value)
+
+
+def test_custom_op_with_none_passes_opcheck():
+    module = generated_module("linear")
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(module.linear_op, (x, w, None))
