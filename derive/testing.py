@@ -695,7 +695,8 @@ def check_optional(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=No
     """Every set of optional inputs None at once gives what the op gives with each filled with its declared
     value (the rule of derive/optional.py): the forward through `<op>_forward`, `<op>()` and the custom op; the
     other inputs' gradients through `<op>_backward` (exact shapes and dtype, None for the absent inputs),
-    `<op>()` and the custom op; forward mode through `<op>()`; and float64 gradcheck of `<op>()`."""
+    `<op>()` and the custom op; forward mode through `<op>()`; and float64 gradcheck and gradgradcheck of
+    `<op>()`."""
     defaults = dict(op.optional)
     inputs = make_inputs(op, sizes, dtype, seed)
     function = getattr(module, op.name)
@@ -749,3 +750,5 @@ def check_optional(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=No
             leaves = tuple(inputs[p].detach().requires_grad_(True) for p in wanted)
             assert torch.autograd.gradcheck(lambda *values: with_present(function, *values), leaves), \
                 f"{label}: the autograd.Function fails gradcheck"
+            assert torch.autograd.gradgradcheck(lambda *values: with_present(function, *values), leaves), \
+                f"{label}: the autograd.Function fails gradgradcheck"

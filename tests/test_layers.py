@@ -32,7 +32,8 @@ def test_catalog_declares_optional_biases():
 @pytest.mark.parametrize("name, style", first_by_default([(n, s) for s in STYLES for n in OPTIONAL_OPS],
                                                          len(OPTIONAL_OPS)))
 def test_catalog_optional_inputs_stand_for_their_value(name, style):
-    check_optional(CATALOG.op(name), generated_module(name, style))
+    op = CATALOG.op(name)
+    check_optional(op, generated_module(name, style), sizes={size: 2 for _, size in op.index_sizes})
 
 
 @pytest.mark.parametrize("name", OPTIONAL_OPS)
@@ -120,9 +121,9 @@ def invented_dir(tmp_path_factory):
 def test_invented_optional_inputs(invented_dir, name, style):
     op, module = invented(name, style, invented_dir)
     check_optional(op, module)
-    # sizes 1 and equal sizes for different indices
-    check_optional(op, module, sizes={size: 1 for _, size in op.index_sizes})
-    check_optional(op, module, sizes={size: 3 for _, size in op.index_sizes})
+    # sizes 1 and 0, and equal sizes for different indices
+    for size in (1, 0, 3):
+        check_optional(op, module, sizes={index: size for _, index in op.index_sizes})
 
 
 def test_invented_gradient_depends_on_the_declared_value(invented_dir):
