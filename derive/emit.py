@@ -148,7 +148,8 @@ def _variant_view(op, absent: tuple[str, ...], view: dict, context_of_main: tupl
         backward_result=result if view["uses_output"] and not uses_output else "",
         jvp_result=result if view["jvp"]["uses_output"] and not jvp["uses_output"] else "",
         forward_call=f"{forward}({', '.join(inputs + params)})",
-        backward_call=f"{names['backward']}({', '.join(a.split('=')[0] for a in backward)}, needs_input_grad={flags})",
+        backward_callee=names["backward"],
+        backward_arguments=f"{', '.join(a.split('=')[0] for a in backward)}, needs_input_grad={flags}",
         backward_unpack=_unpack([naming.grad(t.name) if t.differentiable else "_" for t in variant.inputs]),
         backward_returns=python_tuple([naming.grad(t.name) if t.differentiable and t.name not in absent else "None"
                                        for t in op.inputs]),

@@ -62,6 +62,10 @@ UNIFORM_FAN_IN = '''def _uniform_fan_in(parameter, of):
 LAYER_KEYS = {"name", "args", "parameters"}
 PARAMETER_KEYS = {"input", "dims", "shape", "init", "when"}
 MODULE_ARGS = ("device", "dtype")     # every layer takes them last, as torch's do
+# names an argument or parameter may not take: the module's own, nn.Module's, and the generated module's globals
+TAKEN = frozenset({"self", "forward", "reset_parameters", "training", "state_dict", "parameters", "buffers",
+                   "modules", "children", "train", "eval", "to", "cpu", "cuda", "apply", "register_parameter",
+                   "register_buffer", "load_state_dict", "zero_grad", "requires_grad_", "AUTOCAST", "SPEC_DIGEST"})
 
 
 def parse_layer(entry: dict, tensors: tuple[TensorInput, ...], optional: tuple[tuple[str, float], ...], op: str, locator) -> Layer:
@@ -78,7 +82,7 @@ def parse_layer(entry: dict, tensors: tuple[TensorInput, ...], optional: tuple[t
         raise error(f"keys are {sorted(LAYER_KEYS)} (name and parameters required); got {sorted(raw)}")
     name = raw["name"]
     if not isinstance(name, str) or naming.name_problem(name) or name in naming.module_names(op) \
-            or name in {t.name for t in tensors}:
+            or name in {t.name for t in tensors} or name in TAKEN:
         raise error(f"name {name!r} must be a class name of its own, such as \"Linear\"")
     args = _parse_args(raw.get("args", []), error)
     by_input = {t.name: t for t in tensors}
@@ -93,9 +97,9 @@ def parse_layer(entry: dict, tensors: tuple[TensorInput, ...], optional: tuple[t
         raise error("two parameters are the same input")
     if all(t.name in inputs for t in tensors):
         raise error("every input is a parameter: the module's forward would take no tensor")
-    for a in args:
-        if a.name in MODULE_ARGS or a.name in {"self", "forward", "reset_parameters"}:
-            raise error(f"argument '{a.name}' has a name the module itself uses")
+    for item in [a.name for a in args] + [p.name for p in parameters]:
+        if item in MODULE_ARGS or item in TAKEN:
+            raise error(f"'{item}' is a name the module itself uses")
     sizes: dict[str, str] = {}
     for parameter in parameters:    # one index, one size, across the parameters
         for index, size in zip(parameter.dims, parameter.shape):

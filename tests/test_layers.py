@@ -275,6 +275,7 @@ args = ["i", "o", "bias=True"]
     ('parameters.bias = { input = "b", shape = ["o"], init = "uniform_fan_in(weight)" }', "reads a parameter declared before"),
     ('parameters.weight = { input = "w", shape = ["i", "o"], init = "ones" }\n'
      'parameters.bias = { input = "b", shape = ["i"], init = "zeros" }', "index 'm' has size o in one parameter and i"),
+    ('parameters.training = { input = "w", shape = ["i", "o"], init = "ones" }', "'training' is a name the module"),
 ])
 def test_layer_errors(parameters, message):
     with pytest.raises(SpecError, match=message) as error:
