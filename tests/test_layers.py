@@ -305,3 +305,51 @@ def test_autocast_with_none(name):
             got = call(*given)
             assert got.dtype == want.dtype
             torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.05)
+
+
+PERMUTED = """[ops.mix]
+inputs = ["x[n, c, q]", "w[c, q, o]", "s[o]"]
+params = { scale = 2.0 }
+equation = "y[n, o] = scale * sum(x[n, c, q] * w[c, q, o], c, q) * s[o]"
+reference = "scale * torch.einsum('ncq,cqo->no', x, w) * s"
+optional = { s = 1 }
+
+[ops.mix.layer]
+name = "Mix"
+args = ["channels", "outputs", "scale=0.5", "gain=False"]
+parameters.weight = { input = "w", dims = ["o", "c", "q"], shape = ["outputs", "channels", 3], init = "xavier_uniform(gain=sqrt(2))" }
+parameters.gain = { input = "s", shape = ["outputs"], init = "constant(val=-1.5)", when = "gain" }
+"""
+
+
+@functools.cache
+def _mix_module(directory: Path):
+    (op,) = parse_catalog(PERMUTED, "mix.toml").ops
+    built = build_op(op, ("contraction",))
+    variants = tuple((absent, v.derivation, v.lowered["contraction"], v.signatures["contraction"])
+                     for absent, v in built.variants)
+    path = directory / "mix.py"
+    path.write_text(render_module(built.derivation, built.lowered["contraction"], "mix.toml", "-",
+                                  "derive_layers_mix", built.signatures["contraction"], variants))
+    return load_module(path)
+
+
+@pytest.mark.parametrize("gain", [True, False])
+def test_invented_layer_with_a_permuted_parameter(invented_dir, gain):
+    """A parameter stored as (o, c, q) is passed permuted into w[c, q, o]; an integer size; an argument that sets
+    the op's param; an absent parameter passed as None to its optional input; inits with keyword arguments."""
+    module = _mix_module(invented_dir)
+    torch.manual_seed(3)
+    layer = module.Mix(4, 5, scale=0.75, gain=gain, dtype=torch.float64)
+    torch.manual_seed(3)
+    weight = torch.nn.init.xavier_uniform_(torch.empty(5, 4, 3, dtype=torch.float64), gain=2 ** 0.5)
+    assert torch.equal(layer.weight, weight)
+    assert (layer.gain is not None) == gain and (not gain or torch.equal(layer.gain, torch.full((5,), -1.5,
+                                                                                                dtype=torch.float64)))
+    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    want = 0.75 * torch.einsum("ncq,ocq->no", x, layer.weight) * (layer.gain if gain else 1)
+    got = layer(x)
+    torch.testing.assert_close(got, want)
+    leaves = [x] + list(layer.parameters())
+    for a, b in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), leaves), strict=True):
+        torch.testing.assert_close(a, b)
