@@ -5,6 +5,7 @@ Python decides every piece of math and code; the templates only lay it out.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from functools import cache
 
@@ -110,11 +111,22 @@ def _module_context(derivation: Derivation, lowered: LoweredOp, source: str, com
         uses_math=any(uses_math(text) for text in code) or any(view["uses_math"] for _, view in views)
         or bool(op.layer and layer_context(op.layer, op.inputs, op.params, op.name)["uses_math"]),
         function=function, saving=saving, forward=forward, jvp=jvp, backward=backward,
-        variant_only=False, optional=bool(op.optional),
+        variant_only=False, optional=bool(op.optional), optional_doc=_optional_doc(op),
         variants=[_variant_view(op, absent, view, (saving, jvp, signature.uses_output)) for absent, view in views],
         layer=layer_context(op.layer, op.inputs, op.params, op.name) if op.layer else None,
     )
     return context
+
+
+def _optional_doc(op) -> str:
+    """The module docstring's note on the optional inputs: what None stands for."""
+    if not op.optional:
+        return ""
+    values = ", ".join(f"{name} = {value:g}" for name, value in op.optional)
+    names = " and ".join(name for name, _ in op.optional)
+    return docstring_safe(textwrap.fill(f"{names} may be None, which stands for {values}: a call with None goes "
+                                        f"to the functions *_without_* below, derived from the equation with "
+                                        f"that value in its place.", width=100))
 
 
 def _variant_view(op, absent: tuple[str, ...], view: dict, context_of_main: tuple) -> dict:
