@@ -20,9 +20,12 @@ INITS, so with the same seed a layer that mirrors a torch module draws the same 
 from __future__ import annotations
 
 import ast
+import math
+import re
 from dataclasses import dataclass
 
 from . import naming
+from .errors import SpecError
 from .model import InitCall, Layer, LayerArg, LayerParameter, Param, TensorInput
 
 
@@ -71,9 +74,13 @@ TAKEN = frozenset({"self", "forward", "reset_parameters", "training", "state_dic
 def parse_layer(entry: dict, tensors: tuple[TensorInput, ...], optional: tuple[tuple[str, float], ...], op: str, locator) -> Layer:
     """The op's `layer` table, checked against its inputs; a SpecError (via `locator`) names what is wrong."""
     raw = entry["layer"]
+    header = re.compile(rf"^\s*\[\s*ops\s*\.\s*\"?{re.escape(op)}\"?\s*\.\s*layer\s*\]")
+    line = next((i + 1 for i, text in enumerate(locator.lines) if header.match(text)), None)
 
     def error(message: str):
-        return locator.error(f"layer: {message}", op, "layer")
+        if line is None:    # an inline table, layer = { ... }
+            return locator.error(f"layer: {message}", op, "layer")
+        return SpecError(f"layer: {message}", path=locator.path, line=line, op=op)
 
     if not isinstance(raw, dict):
         raise error("'layer' must be a table with name, args and parameters")
@@ -200,16 +207,20 @@ def _parse_init(attribute: str, text, earlier: list[LayerParameter], error) -> I
 
 def _value(node, attribute: str, error) -> str:
     """An init argument as Python: a number, -number, sqrt(number) (math.sqrt) or a string such as 'fan_in'."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool) \
+            and math.isfinite(node.value):
         return repr(node.value)
     if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
         return repr(node.value)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         return "-" + _value(node.operand, attribute, error)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "sqrt" \
-            and len(node.args) == 1 and not node.keywords:
-        return f"math.sqrt({_value(node.args[0], attribute, error)})"
-    raise error(f"parameter '{attribute}': an init argument must be a number, sqrt(number) or a name in quotes")
+            and len(node.args) == 1 and not node.keywords and isinstance(node.args[0], ast.Constant) \
+            and not isinstance(node.args[0].value, bool) and isinstance(node.args[0].value, (int, float)) \
+            and 0 <= node.args[0].value < math.inf:
+        return f"math.sqrt({node.args[0].value!r})"
+    raise error(f"parameter '{attribute}': an init argument must be a finite number, sqrt(number >= 0) or a name "
+                f"in quotes")
 
 
 # --- what the module template needs ---------------------------------------------------------------
