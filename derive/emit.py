@@ -16,7 +16,6 @@ from . import functions, naming
 from .contracts import (POLICY_DTYPES, Declared, all_hold, autocast_policies, guarded_blocks, range_checks,
                         shape_checks)
 from .derivation import Derivation
-from .errors import SpecError
 from .layers import layer_context
 from .optional import condition, variant_name
 from .model import size_symbol
@@ -94,6 +93,7 @@ def _module_context(derivation: Derivation, lowered: LoweredOp, source: str, com
         + [text for _, block in backward["shared"] for _, text in block] \
         + ([text for _, text, _ in saving["lines"]] if saving else [])
     params = [f"{p.name}={p.default!r}" for p in op.params]
+    layer = layer_context(op.layer, op.inputs, op.params, op.name) if op.layer else None
     context = dict(
         contract=_contract(derivation, lowered, [t for t in signature.kept if t not in op.optional_names]),
         autocast=_autocast(derivation, function["custom_op_name"]),
@@ -109,11 +109,11 @@ def _module_context(derivation: Derivation, lowered: LoweredOp, source: str, com
         output_access=_access(op.output, op.output_indices),
         uses_output=signature.uses_output,
         uses_math=any(uses_math(text) for text in code) or any(view["uses_math"] for _, view in views)
-        or bool(op.layer and layer_context(op.layer, op.inputs, op.params, op.name)["uses_math"]),
+        or bool(layer and layer["uses_math"]),
         function=function, saving=saving, forward=forward, jvp=jvp, backward=backward,
         variant_only=False, optional=bool(op.optional), optional_doc=_optional_doc(op),
-        variants=[_variant_view(op, absent, view, (saving, jvp, signature.uses_output)) for absent, view in views],
-        layer=layer_context(op.layer, op.inputs, op.params, op.name) if op.layer else None,
+        variants=[_variant_view(op, absent, view, (jvp, signature.uses_output)) for absent, view in views],
+        layer=layer, backward_arguments=list(signature.arguments),
     )
     return context
 
@@ -131,14 +131,11 @@ def _optional_doc(op) -> str:
 
 def _variant_view(op, absent: tuple[str, ...], view: dict, context_of_main: tuple) -> dict:
     """A variant's functions, renamed private, and the calls the op's own entry points hand None inputs to."""
-    saving, jvp, uses_output = context_of_main
+    jvp, uses_output = context_of_main
     variant = view["op"]
     names = {key: variant_name(view[key]["name"], absent) for key in ("forward", "backward", "jvp")}
     if view["saving"]:
         names["saving"] = variant_name(view["saving"]["name"], absent)
-    if bool(view["saving"]) != bool(saving):
-        raise SpecError(f"with {condition(absent)} the op reuses other forward values than with it given; declare "
-                        f"{', '.join(absent)} required", path=op.source, op=op.name)
     for key, name in names.items():
         view[key] = dict(view[key], name=name)
     view["contract"] = dict(view["contract"], forward_call="", backward_call="")
@@ -148,7 +145,6 @@ def _variant_view(op, absent: tuple[str, ...], view: dict, context_of_main: tupl
     inputs = [t.name for t in variant.inputs]
     positions = [t.name for t in op.inputs]
     forward = names["saving"] if view["saving"] else names["forward"]
-    backward = view["backward_signature"].split(", ")
     differentiable = [t.name for t in variant.inputs if t.differentiable]
     flags = python_tuple([f"needs_input_grad[{positions.index(t)}]" for t in inputs])
     jvp_arguments = inputs + ([variant.output] if view["jvp"]["uses_output"] else []) \
@@ -161,7 +157,7 @@ def _variant_view(op, absent: tuple[str, ...], view: dict, context_of_main: tupl
         jvp_result=result if view["jvp"]["uses_output"] and not jvp["uses_output"] else "",
         forward_call=f"{forward}({', '.join(inputs + params)})",
         backward_callee=names["backward"],
-        backward_arguments=f"{', '.join(a.split('=')[0] for a in backward)}, needs_input_grad={flags}",
+        backward_arguments=", ".join(view["backward_arguments"] + params + [f"needs_input_grad={flags}"]),
         backward_unpack=_unpack([naming.grad(t.name) if t.differentiable else "_" for t in variant.inputs]),
         backward_returns=python_tuple([naming.grad(t.name) if t.differentiable and t.name not in absent else "None"
                                        for t in op.inputs]),
