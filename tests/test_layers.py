@@ -19,7 +19,7 @@ from derive.emit import render_module
 from derive.pipeline import build_op
 from derive.errors import SpecError
 from derive.spec import parse_catalog
-from derive.testing import check_optional, load_module, make_inputs, reference
+from derive.testing import built_op, check_optional, load_module, make_inputs, reference
 
 OPTIONAL_OPS = [op.name for op in CATALOG.ops if op.optional]
 
@@ -355,3 +355,17 @@ def test_invented_layer_with_a_permuted_parameter(invented_dir, gain):
     leaves = [x] + list(layer.parameters())
     for a, b in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), leaves), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_variant_that_saves_other_forward_values_is_refused():
+    """The op with b None must hand its backward the forward values the op's Function saved (keep_optional)."""
+    import dataclasses
+    op = CATALOG.op("linear")
+    built = built_op(op)     # shared with the rest of the session
+    signature = built.signatures["contraction"]
+    (_, variant), = built.variants
+    other = dataclasses.replace(variant.signatures["contraction"], values=("saved_extra",),
+                                arguments=variant.signatures["contraction"].arguments + ("saved_extra",))
+    with pytest.raises(SpecError, match="with an optional input None the backward reuses saved_extra"):
+        optional.keep_optional(op, signature, [other])
+    assert optional.keep_optional(op, signature, [variant.signatures["contraction"]]).saved == ("x", "w", "b")
