@@ -71,7 +71,8 @@ TAKEN = frozenset({"self", "forward", "reset_parameters", "training", "state_dic
                    "register_buffer", "load_state_dict", "zero_grad", "requires_grad_", "AUTOCAST", "SPEC_DIGEST"})
 
 
-def parse_layer(entry: dict, tensors: tuple[TensorInput, ...], optional: tuple[tuple[str, float], ...], op: str, locator) -> Layer:
+def parse_layer(entry: dict, tensors: tuple[TensorInput, ...], optional: tuple[tuple[str, float], ...], op: str,
+                locator) -> Layer:
     """The op's `layer` table, checked against its inputs; a SpecError (via `locator`) names what is wrong."""
     raw = entry["layer"]
     header = re.compile(rf"^\s*\[\s*ops\s*\.\s*\"?{re.escape(op)}\"?\s*\.\s*layer\s*\]")

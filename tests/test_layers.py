@@ -265,7 +265,8 @@ args = ["i", "o", "bias=True"]
 
 
 @pytest.mark.parametrize("parameters, message", [
-    ('parameters.weight = { input = "w", shape = ["o", "i"], init = "kaiming(a=1)" }', "init 'kaiming\\(a=1\\)' is not one of"),
+    ('parameters.weight = { input = "w", shape = ["o", "i"], init = "kaiming(a=1)" }',
+     "init 'kaiming\\(a=1\\)' is not one of"),
     ('parameters.weight = { input = "w", shape = ["o"], init = "ones" }', "shape must give each of its 2 dims"),
     ('parameters.weight = { input = "w", shape = ["o", "q"], init = "ones" }', "shape must give each of its 2 dims"),
     ('parameters.weight = { input = "w", dims = ["m", "n"], shape = ["o", "i"], init = "ones" }', "dims must order"),
