@@ -48,7 +48,8 @@ def module_file(built: Built, style: str, source: str, command: str, namespace: 
                 inputs: dict[str, str]) -> tuple[str, str]:
     """The relative path and stamped text of one op's module in one style (`inputs`: `planned`'s hashes)."""
     path = STYLE_DIRS[style] + naming.module_file(built.op.name)
+    variants = tuple((absent, v.derivation, v.lowered[style], v.signatures[style]) for absent, v in built.variants)
     text = stamped(path, render_module(built.derivation, built.lowered[style], source, command, namespace,
-                                       built.signatures[style]), inputs[path])
+                                       built.signatures[style], variants), inputs[path])
     compile(text, path, "exec")    # a module that would not import is never written
     return path, text

@@ -5,6 +5,7 @@ Python decides every piece of math and code; the templates only lay it out.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from functools import cache
 
@@ -15,6 +16,8 @@ from . import functions, naming
 from .contracts import (POLICY_DTYPES, Declared, all_hold, autocast_policies, guarded_blocks, range_checks,
                         shape_checks)
 from .derivation import Derivation
+from .layers import layer_context
+from .optional import condition, variant_name
 from .model import size_symbol
 from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, covered, tangent_reads, walk
 from .printing import (index_notation, kernel_comments, output_shape, python_tuple, render, render_expr,
@@ -61,22 +64,38 @@ class GradientView:
     kernels: tuple[str, ...] = ()         # what each fused kernel call in the code computes, from its record
 
 
+Variant = tuple[tuple[str, ...], Derivation, LoweredOp, Signature]   # (absent inputs, the op without them)
+
+
 def render_module(derivation: Derivation, lowered: LoweredOp, source: str, command: str,
-                  namespace: str = "derive", signature: Signature | None = None) -> str:
-    """The module of one op in one style; `signature` is the backward's (computed here when not given)."""
+                  namespace: str = "derive", signature: Signature | None = None,
+                  variants: tuple[Variant, ...] = ()) -> str:
+    """The module of one op in one style; `signature` is the backward's (computed here when not given);
+    `variants` are the op with its optional inputs None (optional.py), whose functions the module holds too."""
+    context = _module_context(derivation, lowered, source, command, namespace, signature, variants)
+    return environment().get_template("module.py.jinja").render(context)
+
+
+def _module_context(derivation: Derivation, lowered: LoweredOp, source: str, command: str, namespace: str,
+                    signature: Signature | None, variants: tuple[Variant, ...] = ()) -> dict:
     op = derivation.op
     signature = signature or backward_signature(derivation, lowered)
     forward = _forward_context(derivation, lowered, signature)
     backward = _backward_context(derivation, lowered, signature)
     saving = _saving_context(derivation, lowered)
-    jvp = _jvp_context(derivation, lowered)
+    views = [(absent, _module_context(*variant, source, command, namespace, variant_signature))
+             for absent, *variant, variant_signature in variants]
+    # the Function keeps the optional inputs for its jvp too, and what the variants' jvps read
+    keep = set(op.optional_names) | {name for _, view in views for name in view["jvp"]["saved"]}
+    jvp = _jvp_context(derivation, lowered, keep)
     function = _function_context(derivation, lowered, signature, jvp, namespace)
     code = [forward["code"]] + [g.code for g in backward["gradients"]] + [text for _, text in forward["shared"]] \
         + [text for _, block in backward["shared"] for _, text in block] \
         + ([text for _, text, _ in saving["lines"]] if saving else [])
     params = [f"{p.name}={p.default!r}" for p in op.params]
+    layer = layer_context(op.layer, op.inputs, op.params, op.name) if op.layer else None
     context = dict(
-        contract=_contract(derivation, lowered, list(signature.kept)),
+        contract=_contract(derivation, lowered, [t for t in signature.kept if t not in op.optional_names]),
         autocast=_autocast(derivation, function["custom_op_name"]),
         source=comment_safe(source),
         command=comment_safe(command),
@@ -89,10 +108,61 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
         needs_default=python_tuple(["True"] * len(op.inputs)),
         output_access=_access(op.output, op.output_indices),
         uses_output=signature.uses_output,
-        uses_math=any(uses_math(text) for text in code),
+        uses_math=any(uses_math(text) for text in code) or any(view["uses_math"] for _, view in views)
+        or bool(layer and layer["uses_math"]),
         function=function, saving=saving, forward=forward, jvp=jvp, backward=backward,
+        variant_only=False, optional=bool(op.optional), optional_doc=_optional_doc(op),
+        variants=[_variant_view(op, absent, view, (jvp, signature.uses_output)) for absent, view in views],
+        layer=layer, backward_arguments=list(signature.arguments),
     )
-    return environment().get_template("module.py.jinja").render(context)
+    return context
+
+
+def _optional_doc(op) -> str:
+    """The module docstring's note on the optional inputs: what None stands for."""
+    if not op.optional:
+        return ""
+    values = ", ".join(f"{name} = {value:g}" for name, value in op.optional)
+    names = " and ".join(name for name, _ in op.optional)
+    return docstring_safe(textwrap.fill(f"{names} may be None, which stands for {values}: a call with None goes "
+                                        f"to the functions *_without_* below, derived from the equation with "
+                                        f"that value in its place.", width=100))
+
+
+def _variant_view(op, absent: tuple[str, ...], view: dict, context_of_main: tuple) -> dict:
+    """A variant's functions, renamed private, and the calls the op's own entry points hand None inputs to."""
+    jvp, uses_output = context_of_main
+    variant = view["op"]
+    names = {key: variant_name(view[key]["name"], absent) for key in ("forward", "backward", "jvp")}
+    if view["saving"]:
+        names["saving"] = variant_name(view["saving"]["name"], absent)
+    for key, name in names.items():
+        view[key] = dict(view[key], name=name)
+    view["contract"] = dict(view["contract"], forward_call="", backward_call="")
+    view["variant_only"] = True
+    text = environment().get_template("module.py.jinja").render(view)
+    params = [p.name for p in op.params]
+    inputs = [t.name for t in variant.inputs]
+    positions = [t.name for t in op.inputs]
+    forward = names["saving"] if view["saving"] else names["forward"]
+    differentiable = [t.name for t in variant.inputs if t.differentiable]
+    flags = python_tuple([f"needs_input_grad[{positions.index(t)}]" for t in inputs])
+    jvp_arguments = inputs + ([variant.output] if view["jvp"]["uses_output"] else []) \
+        + [naming.tangent(t) for t in differentiable] + params
+    # the variant's gradients may reuse its result where the op's do not: the entry point computes it
+    result = f"{variant.output} = {names['forward']}({', '.join(inputs + params)})"
+    return dict(
+        condition=condition(absent), text=text.strip("\n"),
+        backward_result=result if view["uses_output"] and not uses_output else "",
+        jvp_result=result if view["jvp"]["uses_output"] and not jvp["uses_output"] else "",
+        forward_call=f"{forward}({', '.join(inputs + params)})",
+        backward_callee=names["backward"],
+        backward_arguments=", ".join(view["backward_arguments"] + params + [f"needs_input_grad={flags}"]),
+        backward_unpack=_unpack([naming.grad(t.name) if t.differentiable else "_" for t in variant.inputs]),
+        backward_returns=python_tuple([naming.grad(t.name) if t.differentiable and t.name not in absent else "None"
+                                       for t in op.inputs]),
+        jvp_call=f"{names['jvp']}({', '.join(jvp_arguments)})",
+    )
 
 
 def _access(name: str, indices: tuple[str, ...]) -> str:
@@ -168,7 +238,8 @@ def _function_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
         spec_digest=op.digest,
         apply_name=op.name,
         forward_args=", ".join(tensor_args + params),
-        typed_args=", ".join([f"{t}: torch.Tensor" for t in tensor_args]
+        typed_args=", ".join([f"{t}: torch.Tensor | None" if t in op.optional_names else f"{t}: torch.Tensor"
+                              for t in tensor_args]
                              + [f"{p.name}: float = {p.default!r}" for p in op.params]),
         unpack_inputs=_unpack([t if t in saved or t in jvp["saved"] else "_" for t in tensor_args] + params),
         unpack_values=_unpack(["_"] + values) if values else "",
@@ -230,8 +301,8 @@ class TangentView:
     kernels: tuple[str, ...]              # what each fused kernel in the code computes
 
 
-def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
-    """What the template needs for `<op>_jvp` and the Function's `jvp`."""
+def _jvp_context(derivation: Derivation, lowered: LoweredOp, keep: set[str] = frozenset()) -> dict:
+    """What the template needs for `<op>_jvp` and the Function's `jvp`; the Function also keeps `keep`."""
     op = derivation.op
     positions = [t.name for t in op.inputs]
     reads = tangent_reads(lowered)
@@ -269,7 +340,7 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp) -> dict:
             shared=tuple((s.name, render(s.value).text) for s in own),
             kernels=kernel_comments([expr], tuple(s.value for s in own))))
     common = [(s.name, render(s.value).text) for s in lowered.tangent_shared if len(s.users) > 1]
-    kept = [name for name in positions if name in reads]
+    kept = [name for name in positions if name in reads or name in keep]
     saved = kept + ([op.output] if uses_output else [])
     arguments = [name if name in kept else "None" for name in positions] + ([op.output] if uses_output else [])
     output_access = f"{naming.tangent(op.output)}[{', '.join(op.output_indices)}]" if op.output_indices \
@@ -306,8 +377,13 @@ def _autocast(derivation: Derivation, custom_op_name: str) -> dict:
     policies = autocast_policies(derivation)
     tensors = [t.name for t in derivation.op.inputs]
     namespace, registered = custom_op_name.split("::")
-    return dict(policies=policies, dtypes=[(p, POLICY_DTYPES[p]) for p in dict.fromkeys(r.policy for r in policies)],
-                device_input=tensors[0], tensors=_unpack(tensors), tensor_args=", ".join(tensors),
+    required = [t for t in tensors if t not in derivation.op.optional_names]
+    dtypes = [(p, POLICY_DTYPES[p]) for p in dict.fromkeys(r.policy for r in policies)]
+    if derivation.op.optional:    # an absent optional input is None: it has no dtype
+        dtypes = [(p, text.replace("if t.is_floating_point()", "if t is not None and t.is_floating_point()"))
+                  for p, text in dtypes]
+    return dict(policies=policies, dtypes=dtypes,
+                device_input=required[0], tensors=_unpack(tensors), tensor_args=", ".join(tensors),
                 namespace=namespace, op_name=registered,
                 dispatch_keys=python_tuple([f'"Autocast{r.device.upper()}"' for r in policies]))
 

@@ -61,6 +61,9 @@ class OpSpec:
     pad_values: tuple[tuple[str, float], ...] = ()      # (input, the value its padding reads instead of 0): `pad_value`
     affine_reads: tuple["AffineRead", ...] = ()         # every read with an affine subscript, as written
     size_checks: tuple[tuple[sympy.Expr, str], ...] = ()  # (condition on sizes, what breaks it): the contract
+    # inputs that may be None, each with the value None stands for: `optional = { b = 0 }` (optional.py)
+    optional: tuple[tuple[str, float], ...] = ()
+    layer: "Layer | None" = None                        # the nn.Module the spec declares (layers.py)
 
     @property
     def index_order(self) -> tuple[str, ...]:
@@ -96,6 +99,12 @@ class OpSpec:
     def input(self, name: str) -> TensorInput:
         return next(t for t in self.inputs if t.name == name)
 
+    @property
+    def optional_names(self) -> tuple[str, ...]:
+        """The inputs that may be None, in input order."""
+        defaults = dict(self.optional)
+        return tuple(t.name for t in self.inputs if t.name in defaults)
+
 
 @dataclass(frozen=True)
 class AffineRead:
@@ -105,6 +114,46 @@ class AffineRead:
     # the positions whose affine index alone gave the size of an index: padded as declared, they hold
     # exactly that many windows
     exact: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerArg:
+    """One argument of a layer's constructor: `in_features`, or `bias=True` with its default."""
+
+    name: str
+    default: object = None       # a Python literal (bool, int, float); None: required
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class InitCall:
+    """How a parameter is initialized: an entry of layers.INITS with its keyword arguments."""
+
+    name: str                                # kaiming_uniform, uniform_fan_in, ones, ...
+    keywords: tuple[tuple[str, str], ...]    # (keyword, Python text of its value): ("a", "math.sqrt(5)")
+    of: str | None = None                    # the parameter whose fan-in it reads (uniform_fan_in(weight))
+
+
+@dataclass(frozen=True)
+class LayerParameter:
+    """One nn.Parameter of a layer: which input of the op it is, its stored layout and shape, its init."""
+
+    name: str                                # the attribute and state_dict key: weight
+    input: str                               # the op's input it is passed as: w
+    dims: tuple[str, ...]                    # the input's indices in the order the parameter stores them
+    shape: tuple[str, ...]                   # one entry per stored dim: a constructor argument or an integer
+    init: InitCall
+    when: tuple[str, ...] = ()               # boolean constructor arguments that must all be true for it to
+                                             # exist (else it is None, and so is the input: an optional one)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """The torch.nn.Module an op's spec declares (`[ops.<op>.layer]`)."""
+
+    name: str                                # the class: Linear
+    args: tuple[LayerArg, ...]               # the constructor's arguments, in order
+    parameters: tuple[LayerParameter, ...]   # in declaration order: the order they are created and initialized
 
 
 @dataclass(frozen=True)

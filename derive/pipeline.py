@@ -18,6 +18,7 @@ from .derivation import Derivation, derive
 from .kernels import fuse
 from .lower import STYLES, LoweredOp, lower
 from .model import OpSpec, SpecError
+from .optional import absent_sets, keep_optional, without
 from .plan import plan
 from .signature import Signature, backward_signature
 from .spec import line_of_op
@@ -30,6 +31,8 @@ class Built:
     derivation: Derivation
     lowered: dict[str, LoweredOp]     # style -> lowered op
     signatures: dict[str, Signature]  # style -> the backward's arguments, reads, saved tensors and sizes
+    # the op with optional inputs None, one per set of them (optional.py): (those inputs, the op without them)
+    variants: tuple[tuple[tuple[str, ...], "Built"], ...] = ()
 
     @property
     def op(self) -> OpSpec:
@@ -50,7 +53,14 @@ def build_op(op: OpSpec, styles=STYLES, budget: float | None = DEFAULT_BUDGET, s
         fused = fuse(derivation) if "contraction" in styles else None
         stage[0] = "planning and lowering"
         lowered = {style: lower(plan(fused if style == "contraction" else derivation), style) for style in styles}
-        return Built(derivation, lowered, {style: backward_signature(derivation, lowered[style]) for style in styles})
+        signatures = {style: backward_signature(derivation, lowered[style]) for style in styles}
+        variants = ()
+        if op.optional:
+            stage[0] = "deriving the op without its optional inputs"
+            variants = tuple((absent, build_op(without(op, absent), styles, None, stage)) for absent in absent_sets(op))
+            signatures = {style: keep_optional(op, signatures[style], [v.signatures[style] for _, v in variants])
+                          for style in styles}
+        return Built(derivation, lowered, signatures, variants)
 
 
 class _OutOfTime(BaseException):

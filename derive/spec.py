@@ -23,7 +23,9 @@ import sympy
 from . import functions, naming
 from .model import (AffineRead, Catalog, OpSpec, Param, SpecError, TensorInput, index_symbol, param_symbol,
                     scalar_symbol, size_symbol, size_text, tensor_symbol)
+from .layers import parse_layer
 from .naming import BATCH, default_catalog_path
+from .optional import substitute
 from .reading import parse_toml, read_text
 from .stamp import spec_digest
 
@@ -42,7 +44,7 @@ MAX_ARGUMENTS = 32            # inputs and params of one op: a custom op's schem
 MAX_RANK = 8                  # indices of one input or of the result (the batch '...' counts as one)
 
 OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "integer", "params", "ranges", "sizes", "pad",
-           "pad_value"}
+           "pad_value", "optional", "layer"}
 MAX_FIXED_SIZE = 1 << 20      # a size the spec sets (`sizes`), or zeros it pads with (`pad`)
 RETIRED_KEYS = {
     "step_at_zero": "'step_at_zero' is retired: a kink's value is set where it is written, as the first argument's "
@@ -196,6 +198,8 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
     affine = _infer_ranges(parser, tensors, output, output_indices, fixed, pads, name, locator)
     reference = _check_reference(entry["reference"], names, [p.name for p in params], name, locator) \
         if "reference" in entry else ""
+    optional = _parse_optional(entry, tensors, rhs, dict(parser.sizes), name, locator)
+    layer = parse_layer(entry, tensors, optional, name, locator) if "layer" in entry else None
     return OpSpec(
         name=name,
         doc=entry.get("doc", "").strip(),
@@ -213,8 +217,44 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
         fixed_sizes=tuple(sorted(fixed.items())),
         pads=tuple(sorted((tensor, index, before, after) for (tensor, index), (before, after) in pads.items())),
         pad_values=tuple(sorted(pad_values.items())),
+        optional=optional,
+        layer=layer,
         **affine,
     )
+
+
+def _parse_optional(entry: dict, tensors: tuple[TensorInput, ...], rhs: sympy.Expr, sizes: dict[str, str],
+                    name: str, locator: _Locator) -> tuple[tuple[str, float], ...]:
+    """The `optional` table: input -> the value None stands for (see optional.py). Every set of them may be
+    None at once, so each must leave the sizes of its indices known and every other gradient defined."""
+    raw = entry.get("optional", {})
+    if not isinstance(raw, dict):
+        raise locator.error("'optional' must be a table of input = the value None stands for, such as { b = 0 }",
+                            name, "optional")
+    by_name = {t.name: t for t in tensors}
+    for item, value in raw.items():
+        if item not in by_name or by_name[item].integer:
+            raise locator.error(f"'optional' names '{item}', which is not a floating input", name, "optional")
+        if not _is_finite_number(value):
+            raise locator.error(f"optional input '{item}' needs a finite number: the value None stands for",
+                                name, "optional")
+    required = [t for t in tensors if t.name not in raw]
+    if not any(t.differentiable for t in required):
+        raise locator.error("every differentiable input is optional: with all of them None there is no "
+                            "backward", name, "optional")
+    known = {sizes.get(i, i) for t in required for i in t.indices}
+    for item in raw:
+        unknown = next((i for i in by_name[item].indices if sizes.get(i, i) not in known), None)
+        if unknown is not None:
+            raise locator.error(f"optional input '{item}' has index '{unknown}', which no other input has: "
+                                f"without '{item}' its size would be unknown", name, "optional")
+    values = {item: float(value) for item, value in raw.items()}
+    used = _value_names(substitute(rhs, values))
+    lost = next((t.name for t in required if t.differentiable and t.name not in used), None)
+    if lost is not None:
+        raise locator.error(f"with {', '.join(f'{k} = {v:g}' for k, v in values.items())} for None the equation "
+                            f"no longer depends on '{lost}'", name, "optional")
+    return tuple((t.name, values[t.name]) for t in tensors if t.name in values)
 
 
 def _check_entry(name: str, entry, locator: _Locator) -> None:

@@ -28,6 +28,7 @@ from . import naming
 from .model import OpSpec, SpecError, param_symbol, scalar_symbol
 from .functions import SPECIAL_POINTS, TIE_SHARES, Tied, _Extremum, _OverIndex, free_indices
 from .derivation import kinked
+from .optional import absent_sets, condition as none_condition
 from .naming import BATCH
 from .spec import load_catalog
 
@@ -657,7 +658,8 @@ def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
     - the module's autograd.Function (gradcheck and gradgradcheck) and its custom op (gradients
       against the reference);
     - forward mode: the Function's jvp and `<op>_jvp` against torch.func.jvp of the reference
-      (`check_tangents`).
+      (`check_tangents`);
+    - optional inputs None, against the op with their declared values in their place (`check_optional`).
     """
     verify_module(load_catalog(spec).op(op_name), load_module(module_path))
 
@@ -690,3 +692,68 @@ def verify_module(op: OpSpec, module: ModuleType) -> None:
         if want is not None:
             torch.testing.assert_close(got, want, msg=lambda m: f"{op.name}: custom op gradient: {m}")
     check_tangents(op, module)
+    if op.optional:
+        check_optional(op, module)
+
+
+def check_optional(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=None, seed: int = 0) -> None:
+    """Every set of optional inputs None at once gives what the op gives with each filled with its declared
+    value (the rule of derive/optional.py): the forward through `<op>_forward`, `<op>()` and the custom op; the
+    other inputs' gradients through `<op>_backward` (exact shapes and dtype, None for the absent inputs),
+    `<op>()` and the custom op; forward mode through `<op>()`; and float64 gradcheck and gradgradcheck of
+    `<op>()`."""
+    defaults = dict(op.optional)
+    inputs = make_inputs(op, sizes, dtype, seed)
+    function = getattr(module, op.name)
+    forward = getattr(module, naming.forward(op.name))
+    custom_op = getattr(module, naming.custom_op(op.name))
+    for absent in absent_sets(op):
+        label = f"{op.name} with {none_condition(absent)}"
+        given = [None if t.name in absent else x for t, x in zip(op.inputs, inputs)]
+        filled = [torch.full_like(x, defaults[t.name]) if t.name in absent else x for t, x in zip(op.inputs, inputs)]
+        expected = forward(*filled)
+        for how, call in (("forward", forward), ("the Function", function), ("the custom op", custom_op)):
+            assert_matches(call(*given), expected, msg=lambda m: f"{label}: {how}: {m}")
+        grad_output = torch.randn(expected.shape, generator=torch.Generator().manual_seed(seed + 1),
+                                  dtype=torch.float64).to(dtype)
+        present = [t.differentiable and t.name not in absent for t in op.inputs]
+        want = autograd_gradients(forward, filled, grad_output, present)
+        got = call_backward(op, module, grad_output, given)
+        assert len(got) == len(op.inputs), f"{label}: backward returned {len(got)} values"
+        for tensor, flag, value, oracle in zip(op.inputs, present, got, want):
+            if not flag:
+                assert value is None, f"{label}: grad_{tensor.name} should be None"
+                continue
+            assert value.shape == oracle.shape and value.dtype == dtype, \
+                f"{label}: grad_{tensor.name} is {tuple(value.shape)} {value.dtype}, expected {tuple(oracle.shape)}"
+            assert_matches(value, oracle, msg=lambda m: f"{label}: grad_{tensor.name}: {m}")
+        wanted = [p for p, flag in enumerate(present) if flag]
+
+        def with_present(call, *values):
+            arguments = list(given)
+            for p, value in zip(wanted, values):
+                arguments[p] = value
+            return call(*arguments)
+        for how, call in (("the Function", function), ("the custom op", custom_op)):
+            leaves = [inputs[p].detach().requires_grad_(True) for p in wanted]
+            for value, oracle in zip(torch.autograd.grad(with_present(call, *leaves), leaves, grad_output),
+                                     [want[p] for p in wanted]):
+                assert_matches(value, oracle, msg=lambda m: f"{label}: gradient through {how}: {m}")
+        tangents = tuple(torch.randn_like(inputs[p]) for p in wanted)
+        _, tangent = torch.func.jvp(lambda *values: with_present(function, *values), tuple(inputs[p] for p in wanted),
+                                    tangents)
+        filled_present = [filled[p] for p in wanted]
+
+        def filled_forward(*values):
+            arguments = list(filled)
+            for p, value in zip(wanted, values):
+                arguments[p] = value
+            return forward(*arguments)
+        _, oracle = torch.func.jvp(filled_forward, tuple(filled_present), tangents)
+        assert_matches(tangent, oracle, msg=lambda m: f"{label}: jvp: {m}")
+        if dtype == torch.float64:
+            leaves = tuple(inputs[p].detach().requires_grad_(True) for p in wanted)
+            assert torch.autograd.gradcheck(lambda *values: with_present(function, *values), leaves), \
+                f"{label}: the autograd.Function fails gradcheck"
+            assert torch.autograd.gradgradcheck(lambda *values: with_present(function, *values), leaves), \
+                f"{label}: the autograd.Function fails gradgradcheck"

@@ -8,7 +8,6 @@ equal, size 1, a kernel as long as the input); an input too short for the reads 
 torch's is.
 """
 
-import textwrap
 
 import pytest
 import torch

@@ -22,8 +22,9 @@ def snapshot(folder):
 
 
 def tables(text: str) -> tuple[str, list[str]]:
-    """The catalog's leading comment and its [ops.*] tables, each ending in one blank line."""
-    head, *ops = re.split(r"(?m)^(?=\[ops\.)", text)
+    """The catalog's leading comment and its [ops.*] tables (an op's sub-tables, [ops.<op>.layer], with it),
+    each ending in one blank line."""
+    head, *ops = re.split(r"(?m)^(?=\[ops\.\w+\]$)", text)
     return head, [t if t.endswith("\n\n") else t.rstrip("\n") + "\n\n" for t in ops]
 
 

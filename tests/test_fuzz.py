@@ -15,7 +15,7 @@ from derive.model import SpecError
 from derive.spec import default_catalog_path, parse_catalog
 
 CATALOG_TEXT = default_catalog_path().read_text(encoding="utf-8")
-CATALOG_TABLES = re.split(r"(?m)^(?=\[ops\.)", CATALOG_TEXT)[1:]
+CATALOG_TABLES = re.split(r"(?m)^(?=\[ops\.\w+\]$)", CATALOG_TEXT)[1:]    # each with its [ops.<op>.layer]
 EQUATIONS = re.findall(r'(?m)^equation = "(.*)"$', CATALOG_TEXT)
 
 FAST = settings(max_examples=150, deadline=timedelta(seconds=2), suppress_health_check=[HealthCheck.too_slow])

@@ -15,13 +15,22 @@ from conftest import CATALOG, GENERATED, OPS
 
 def _backward_reads(module_text: str, op) -> set[str]:
     """The forward's tensors `<op>_backward` reads, from its text (the shape contract's call aside: it
-    takes every input, None where the Function does not keep it)."""
+    takes every input, None where the Function does not keep it; and the hand-over of a call with optional
+    inputs None to the op without them, `if b is None: ...`, which the Function keeps them for)."""
     function = next(node for node in ast.parse(module_text).body
                     if isinstance(node, ast.FunctionDef) and node.name == naming.backward(op.name))
     body = [statement for statement in function.body[1:]
             if not (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Call)
-                    and getattr(statement.value.func, "id", "") == naming.check_shapes(op.name))]
+                    and getattr(statement.value.func, "id", "") == naming.check_shapes(op.name))
+            and not (isinstance(statement, ast.If) and op.optional and _is_none_test(statement.test))]
     return {node.id for statement in body for node in ast.walk(statement) if isinstance(node, ast.Name)}
+
+
+def _is_none_test(test: ast.expr) -> bool:
+    """`b is None`, `w is None and b is None`."""
+    if isinstance(test, ast.BoolOp):
+        return all(_is_none_test(value) for value in test.values)
+    return isinstance(test, ast.Compare) and isinstance(test.ops[0], ast.Is)
 
 
 def _saved(module_text: str, output: str) -> tuple[str, ...]:
