@@ -1338,7 +1338,8 @@ class IndexNotationPrinter(PositiveFirst, sympy.printing.str.StrPrinter):
 
     def _print_max_tie(self, expr):
         first, second, tie = (self._print(a) for a in expr.args)
-        return f"{expr.untied_function.__name__}({first}, {second}, tie={tie})"
+        shown_tie = "" if expr.args[2] == sympy.S.Half else f", tie={tie}"     # a nest of the default split
+        return f"{expr.untied_function.__name__}({first}, {second}{shown_tie})"
 
     _print_min_tie = _print_max_tie
 

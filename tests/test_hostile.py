@@ -1,0 +1,73 @@
+"""Hostile inputs: exact ties of several arguments, non-finite upstream gradients, size-0 dims, infinities.
+
+Each test runs the differential fuzzer's own oracle (`test_differential.check`, through `check_by_hand`):
+forward, backward with exact shapes, double backward and JVP in both styles, against autograd of the spec's
+torch reference in float64, on inputs written by hand.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import first_by_default
+from test_differential import check_by_hand
+
+INF = float("inf")
+
+
+def _tensor(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _tied(count: int, size: int, seed: int) -> list[torch.Tensor]:
+    """`count` inputs of `size` entries that tie in every pattern: all equal, two of them equal, none."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(size, generator=generator, dtype=torch.float64) for _ in range(count)]
+    for position in range(size):
+        pattern = position % (count + 2)
+        if pattern == 0:                      # all tie
+            for t in tensors[1:]:
+                t[position] = tensors[0][position]
+        elif pattern <= count:                # all but one tie, the odd one above or below
+            odd = pattern - 1
+            for k, t in enumerate(tensors):
+                if k != odd:
+                    t[position] = tensors[(odd + 1) % count][position]
+    return tensors
+
+
+# (equation, torch reference, inputs): nests of Max/Min that SymPy would flatten (Max(Max(a, b), c) is
+# Max(a, b, c) to it) or absorb (Max(a, Min(a, b)) is a), and Max/Min of three arguments written at once
+NESTS = [
+    ("Max(Max(a[i], b[i]), c[i])", "torch.maximum(torch.maximum(a, b), c)", "abc"),
+    ("Max(a[i], Max(b[i], c[i]))", "torch.maximum(a, torch.maximum(b, c))", "abc"),
+    ("Min(Min(a[i], b[i]), c[i])", "torch.minimum(torch.minimum(a, b), c)", "abc"),
+    ("Max(a[i], b[i], c[i])", "torch.maximum(torch.maximum(a, b), c)", "abc"),
+    ("Min(c[i], Max(a[i], Min(b[i], c[i])))", "torch.minimum(c, torch.maximum(a, torch.minimum(b, c)))", "abc"),
+    ("Max(a[i], Min(a[i], b[i]))", "torch.maximum(a, torch.minimum(a, b))", "ab"),
+    # the fuzzer's example: a tie of q - r with p and q where r == 0
+    ("Max(q[i] - r[i], Max(p[i], q[i]))", "torch.maximum(q - r, torch.maximum(p, q))", "pqr"),
+    ("sin(Max(Max(a[i], 0), b[i]))", "torch.sin(torch.maximum(torch.maximum(a, torch.zeros_like(a)), b))", "ab"),
+]
+
+
+@pytest.mark.parametrize("equation, torch_reference, names", first_by_default(NESTS, 1), ids=[n[0] for n in NESTS])
+def test_nested_max_min_split_a_tie_at_each_level_as_torch_does(equation, torch_reference, names):
+    """nested_max_min_exact_ties: SymPy flattened Max(Max(a, b), c) into Max(a, b, c), whose derivative gives
+    every tied argument half the gradient (3/2 in all at a three-way tie) where torch.maximum's nest gives
+    a and b a quarter each and c a half. A Max/Min keeps the nesting it is written with; three arguments
+    nest from the left."""
+    toml = (f'[ops.fuzzed]\ninputs = [{", ".join(f"{chr(34)}{n}[i]{chr(34)}" for n in names)}]\n'
+            f'equation = "y[i] = {equation}"\nreference = "{torch_reference}"\n')
+    input_sets = [_tied(len(names), 12, 0), _tied(len(names), 1, 1), _tied(len(names), 0, 2)]
+    if "r" in names:     # the tie q - r == q where r == 0, and q == p
+        for inputs in input_sets:
+            p, q, r = inputs
+            r.zero_()
+            p.copy_(q)
+    if "a" in names and equation.startswith("sin"):     # a on 0 (the inner kink) and b == 0 too
+        for inputs in input_sets:
+            inputs[0][::2] = 0.0
+            inputs[1][::3] = 0.0
+    check_by_hand(toml, input_sets, placed="three-way ties")
