@@ -38,6 +38,9 @@ class Code:
     text: str
     indices: tuple[str, ...]
     precedence: int = ATOM      # how tightly its top-level operator binds: ATOM, Pow, MUL, MATMUL, ADD
+    # when the text only permutes the dims of another Code (`x.T`), that Code: a further permutation
+    # starts again from it (`x`, never `x.T.T`)
+    unpermuted: Code | None = None
 
     def atom(self) -> str:
         """The text, parenthesized if a method call or operator would bind into it."""
@@ -78,10 +81,12 @@ def align(code: Code, want: tuple[str, ...]) -> Code:
     if extra:
         raise ValueError(f"cannot line up dims {code.indices} in {want}")
     present = tuple(i for i in want if i in code.indices)
-    text, level = code.text, code.precedence
+    text, level, unpermuted = code.text, code.precedence, None
     if present != code.indices:
-        text = code.atom() + _permutation(code.indices, present)
-        level = ATOM
+        unpermuted = code.unpermuted or code       # permutations compose: x.T lined up as x's dims is x
+        text, level = unpermuted.text, unpermuted.precedence
+        if present != unpermuted.indices:
+            text, level = unpermuted.atom() + _permutation(unpermuted.indices, present), ATOM
     if not present:
         return Code(text, present, level)
     first = want.index(present[0])
@@ -94,7 +99,9 @@ def align(code: Code, want: tuple[str, ...]) -> Code:
     for dim in dims:
         text = (text if level >= ATOM else f"({text})") + f".unsqueeze({dim})"
         level = ATOM
-    return Code(text, want[first:], level)
+    if unpermuted is None or dims or text == unpermuted.text:
+        return Code(text, want[first:], level)
+    return Code(text, want[first:], level, unpermuted)
 
 
 def diagonal(code: Code) -> Code:
@@ -683,6 +690,10 @@ def uses_math(code: str) -> bool:
 
 
 def print_leaf(expr: sympy.Expr, layout: tuple[str, ...]) -> Code:
+    indices = tuple(i.name for i in getattr(expr, "indices", ()))
+    if isinstance(expr, sympy.Indexed) and all(isinstance(i, sympy.Idx) for i in expr.indices) \
+            and len(set(indices)) == len(indices):     # a plain access: lined up so that it can be again
+        return align(Code(expr.base.label.name, indices), layout)
     text = TorchCodePrinter(layout).doprint(expr)
     level = ATOM if isinstance(expr, (sympy.Indexed, sympy.Symbol, sympy.Function, sympy.Piecewise)) \
         else min(precedence(expr), MUL)
@@ -691,12 +702,20 @@ def print_leaf(expr: sympy.Expr, layout: tuple[str, ...]) -> Code:
     return Code(text, layout, level)
 
 
+def _render_in(node: Node, order: tuple[str, ...]) -> Code:
+    """`node` rendered for a broadcast in `order`: an elementwise leaf is printed in that order of its dims
+    (`x.T * y`'s factor, never `(f(x.T) * y.T).T`), anything else as it is."""
+    if isinstance(node, Leaf) and set(node.indices) <= set(order):
+        return print_leaf(node.expr, tuple(i for i in order if i in node.indices))
+    return render(node)
+
+
 def render(node: Node) -> Code:
     """Python source for one lowered node."""
     if isinstance(node, Leaf):
         return print_leaf(node.expr, node.indices)
     if isinstance(node, Product):
-        factors = [align(render(f), node.indices).operand("*", "right" if position else "left")
+        factors = [align(_render_in(f, node.indices), node.indices).operand("*", "right" if position else "left")
                    for position, f in enumerate(node.factors)]
         return Code(" * ".join(factors), node.indices, MUL)
     if isinstance(node, Reduce):
@@ -723,8 +742,8 @@ def render(node: Node) -> Code:
             text += f".sum_to_size({python_tuple([ScalarPrinter().doprint(size) for size in node.sizes])})"
         return Code(text, node.indices)
     if isinstance(node, MatMul):
-        left = _arranged(render(node.left), node.left_layout)
-        right = _arranged(render(node.right), node.right_layout)
+        left = _arranged(_render_in(node.left, node.left_layout), node.left_layout)
+        right = _arranged(_render_in(node.right, node.right_layout), node.right_layout)
         return Code(f"{left.operand('@')} @ {right.operand('@', 'right')}", node.indices, MATMUL)
     if isinstance(node, Einsum):
         operands = [render(o) for o in node.operands]
@@ -1029,7 +1048,10 @@ def _in_place(source: Code) -> str:
 def _arranged(code: Code, layout: tuple[str, ...]) -> Code:
     if code.indices == layout:
         return code
-    return Code(code.atom() + _permutation(code.indices, layout), layout)
+    unpermuted = code.unpermuted or code       # permutations compose, as in `align`
+    if unpermuted.indices == layout:
+        return unpermuted
+    return Code(unpermuted.atom() + _permutation(unpermuted.indices, layout), layout, ATOM, unpermuted)
 
 
 def _dim(position: int, ndim: int, batched: bool = False) -> str:

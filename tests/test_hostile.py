@@ -7,6 +7,9 @@ torch reference in float64, on inputs written by hand.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -71,3 +74,50 @@ def test_nested_max_min_split_a_tie_at_each_level_as_torch_does(equation, torch_
             inputs[0][::2] = 0.0
             inputs[1][::3] = 0.0
     check_by_hand(toml, input_sets, placed="three-way ties")
+
+
+# (spec, reference): the broadcast style lines up a shared value read transposed (`shared_0[k, n]`) and an
+# elementwise factor printed in its own order, both in the product's order
+TRANSPOSED_READS = [
+    ("y[n] = sum(exp(x[n, k]) * w[k], k)", "(torch.exp(x) * w).sum(1)", '"x[n, k]", "w[k]"'),
+    ("y[m, k] = sum(w[m, n] * tanh(x[n, k] * v[k]), n)", "w @ torch.tanh(x * v)", '"x[n, k]", "v[k]", "w[m, n]"'),
+]
+
+
+@pytest.mark.parametrize("equation, torch_reference, inputs", first_by_default(TRANSPOSED_READS, 1), ids=[t[0] for t in TRANSPOSED_READS])
+def test_a_double_transpose_cancels(equation, torch_reference, inputs):
+    """`.T.T`: a leaf printed transposed (`shared_0.T`, for the term's operand order) was transposed again to
+    line up in the product (`shared_0.T.T`), and an elementwise leaf printed as `f(x.T * v.unsqueeze(-1)).T`.
+    Permutations compose (`Code.unpermuted`), and a product's elementwise factors print in its own order."""
+    toml = f'[ops.fuzzed]\ninputs = [{inputs}]\nequation = "{equation}"\nreference = "{torch_reference}"\n'
+    shapes = {"x": (3, 3), "w": (3,) if "w[k]" in inputs else (3, 3), "v": (3,)}
+    generator = torch.Generator().manual_seed(0)
+    names = re.findall(r'"(\w+)\[', inputs)
+    _, modules = check_by_hand(toml, [[torch.randn(shapes[n], generator=generator, dtype=torch.float64)
+                                       for n in names]])
+    for module in modules.values():
+        code = Path(module.__file__).read_text()
+        assert not re.search(r"\.(T|mT)\.(T|mT)\b", code), code
+
+
+EMPTY_LOGSUMEXP = [
+    ("Max(logsumexp(x[n, k], k), w[n])", "torch.maximum(torch.logsumexp(x, 1), w)"),
+    ("exp(logsumexp(x[n, k], k)) * w[n]", "torch.exp(torch.logsumexp(x, 1)) * w"),
+    ("Max(logsumexp(x[n, k], k), 0) * w[n]", "torch.maximum(torch.logsumexp(x, 1), torch.zeros_like(w)) * w"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("equation, torch_reference", EMPTY_LOGSUMEXP, ids=[e[0] for e in EMPTY_LOGSUMEXP])
+def test_a_logsumexp_over_nothing_reaches_a_finite_output(equation, torch_reference):
+    """inf * 0 at size 0: a logsumexp over a size-0 dim is -inf, and Max/exp make the output finite again.
+    derive's gradients and tangents are autograd's (the empty sum's 0 for x, none of -inf's NaN); torch's
+    own forward mode is NaN there (its logsumexp jvp over nothing), so the oracle takes the tangent from
+    reverse mode where torch's forward mode is NaN (test_differential.check)."""
+    toml = (f'[ops.fuzzed]\ninputs = ["x[n, k]", "w[n]"]\nequation = "y[n] = {equation}"\n'
+            f'reference = "{torch_reference}"\n')
+    generator = torch.Generator().manual_seed(0)
+    input_sets = [[torch.zeros(n, 0, dtype=torch.float64), torch.randn(n, generator=generator, dtype=torch.float64)]
+                  for n in (3, 1, 0)]
+    input_sets.append([torch.randn(2, 2, generator=generator, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)])
+    check_by_hand(toml, input_sets, placed="a size-0 logsumexp")
