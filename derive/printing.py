@@ -1170,6 +1170,11 @@ def render_expr(lowered: LoweredExpr) -> str:
         text += f" {operator} " + align(render(positive if positive is not None else term),
                                         plan.indices).operand(operator, "right")
     atomic = len(parts) == 1 and parts[0].precedence >= ATOM
+    # the numbers scaling a gradient expanded to the batch shape go after the expansion, before the sum back
+    # to the input's shape: a mean's 1 / size is inf over a size-0 batch and must meet only the empty
+    # expanded tensor (torch's mean backward divides the expanded gradient), never a tensor that broadcasts
+    # into it or the empty sum's 0 (NaN)
+    deferred = sympy.S.One
     scaled = _kernel_factor(lowered)
     if scaled is not None:
         # a fused kernel is linear in its gradient: the scale goes into it
@@ -1180,10 +1185,18 @@ def render_expr(lowered: LoweredExpr) -> str:
     elif len(terms) == 1 and isinstance(terms[0], Scaled) and plan.scale != 1:
         # one scaled term: its coefficient joins the common scale, so the tensor is scaled once
         source = render(terms[0].source)
-        text, parts, atomic = _scale(plan.scale * terms[0].coefficient, source), [source], False
+        deferred = plan.scale * terms[0].coefficient
+        text, parts, atomic = source.text, [source], source.precedence >= ATOM
     elif plan.scale != 1:
-        text = _scale(plan.scale, Code(text, plan.indices, ADD if len(parts) > 1 else parts[0].precedence))
-        atomic = False
+        deferred = plan.scale
+    if deferred != 1:
+        factors = sympy.Mul.make_args(deferred)
+        now = sympy.Mul(*(f for f in factors if not (expands_batch(lowered) and is_python_number(f))))
+        deferred = deferred / now
+        if now != 1:
+            text = _scale(now, Code(text, plan.indices, ATOM if atomic else ADD if len(parts) > 1
+                                    else parts[0].precedence))
+            atomic = False
     if lowered.indexed is not None:
         # the scaled sum is a fresh tensor: add the one-hot term at one class per row, in place
         indexed = lowered.indexed
@@ -1200,6 +1213,8 @@ def render_expr(lowered: LoweredExpr) -> str:
     elif covered != set(plan.indices) and plan.like is not None:   # (forward mode expands the sum of its shares)
         text = (text if atomic else f"({text})") + f".expand_as({plan.like})"
         atomic = True
+    if deferred != 1:
+        text, atomic = _scale(deferred, Code(text, plan.indices, ATOM if atomic else ADD)), False
     if plan.unbroadcast:
         text = (text if atomic else f"({text})") + f".sum_to_size({plan.like}.shape)"
     return text

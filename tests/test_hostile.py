@@ -121,3 +121,16 @@ def test_a_logsumexp_over_nothing_reaches_a_finite_output(equation, torch_refere
                   for n in (3, 1, 0)]
     input_sets.append([torch.randn(2, 2, generator=generator, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)])
     check_by_hand(toml, input_sets, placed="a size-0 logsumexp")
+
+
+@pytest.mark.slow
+def test_a_mean_over_an_empty_broadcast_batch():
+    """mean over a size-0 `...` that broadcasts between inputs: 1 / size is inf there; it met the other input
+    before the expansion to the (empty) batch shape, or the empty sum's 0 after it (NaN in the gradient of
+    s and in the double backward, where autograd has 0). The numbers scale the expanded gradient now."""
+    toml = ('[ops.fuzzed]\ninputs = ["x[...]", "s[...]"]\nequation = "y = mean(x[...] * s[...], ...)"\n'
+            'reference = "(x * s).mean()"\n')
+    generator = torch.Generator().manual_seed(0)
+    shapes = [((0,), (1,)), ((2, 0), (2, 1)), ((0,), (0,)), ((3,), (1,)), ((1,), (1,))]
+    check_by_hand(toml, [[torch.randn(a, generator=generator, dtype=torch.float64),
+                          torch.randn(b, generator=generator, dtype=torch.float64)] for a, b in shapes])
