@@ -588,7 +588,8 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             share 1/2      torch.maximum(a, b)      (a number bound as a 0-d tensor: torch.maximum takes no number)
             share 1        torch.clamp_min(a, b)    (the gradient passes to a at the bound, none to b)
             share 0        torch.clamp_min(b, a); a tensor against a number bound lo: F.threshold(a, lo, lo)
-            other shares   torch.lerp between the two: the same value, the gradient split as the share says
+            other shares   t * passing + (1 - t) * blocking: the same value, the gradient split as the share
+                           says (not torch.lerp, whose end - start is inf - inf = NaN where both are ±inf)
         """
         numbers = [a for a in args if is_python_number(a)]
         tensors = [a for a in args if not is_python_number(a)]
@@ -624,7 +625,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             blocking = f"{clamp}({bound}, {text})"
         if share == 0:
             return blocking
-        return f"torch.lerp({passing}, {blocking}, {self._print(1 - share)})"
+        return f"({self._print(share)} * {passing} + {self._print(1 - share)} * {blocking})"
 
     def _like(self, expr) -> str:
         """A tensor that `expr` reads, for a number to take its dtype and device (a value, not an index)."""

@@ -134,3 +134,24 @@ def test_a_mean_over_an_empty_broadcast_batch():
     shapes = [((0,), (1,)), ((2, 0), (2, 1)), ((0,), (0,)), ((3,), (1,)), ((1,), (1,))]
     check_by_hand(toml, [[torch.randn(a, generator=generator, dtype=torch.float64),
                           torch.randn(b, generator=generator, dtype=torch.float64)] for a, b in shapes])
+
+
+# (spec, reference): a Max/Min whose tie share is neither 0, 1/2 nor 1, against a tensor and against a number
+SHARED_TIES = [
+    ("Max(a[i], b[i], tie=0.25)", "0.25 * torch.clamp_min(a, b) + 0.75 * torch.clamp_min(b, a)"),
+    ("Min(a[i], 0.5, tie=0.75) * b[i]",
+     "(0.75 * torch.clamp_max(a, 0.5) + 0.25 * torch.clamp_max(torch.full_like(a, 0.5), a)) * b"),
+]
+
+
+@pytest.mark.parametrize("equation, torch_reference", first_by_default(SHARED_TIES, 1), ids=[s[0] for s in SHARED_TIES])
+def test_a_shared_tie_is_infinite_where_its_arguments_are(equation, torch_reference):
+    """lerp at ±inf: Max(a, b, tie=t) was printed as torch.lerp(clamp_min(a, b), clamp_min(b, a), 1 - t), two
+    tensors of the same value whose difference is inf - inf = NaN where the max is ±inf: a NaN forward (and
+    gradient) where torch's ops give ±inf. It is their weighted sum now, whose autograd splits the same way."""
+    toml = (f'[ops.fuzzed]\ninputs = ["a[i]", "b[i]"]\nequation = "y[i] = {equation}"\n'
+            f'reference = "{torch_reference}"\n')
+    values = torch.tensor([INF, -INF, INF, -INF, 0.5, 1.0, 0.0, 0.5, 2.0], dtype=torch.float64)
+    others = torch.tensor([INF, -INF, -INF, INF, 0.5, 1.0, INF, -INF, 3.0], dtype=torch.float64)
+    check_by_hand(toml, [[values, others], [values[:1], others[:1]], [values[:0], others[:0]]],
+                  placed="ties and infinities")
