@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
@@ -20,7 +20,7 @@ from .plan import free_indices
 from .lower import (Convolution, Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter,
                     expands_batch, walk)
 from .model import OpSpec, PositiveFirst, is_python_number, size_symbol
-from .functions import as_float, first_max, fold_window, in_range, one_hot, window
+from .functions import as_float, first_max, fold_window, in_range, one_hot, power_slope, window
 from .kernels import Fused, comments, kernel_of
 from . import naming
 from .naming import BATCH, grad
@@ -482,6 +482,9 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     def _print_Mul(self, expr):
         """Scalars first, so that Python's left-to-right evaluation scales a tensor only once:
         `2 * grad_loss / size_n * (pred - target)`, not `2 * grad_loss * (pred - target) / size_n`."""
+        slope = masking_slope(expr)
+        if slope is not None:
+            return self._masked_product(expr, slope)
         number, groups = self._factor_groups(expr)
         sign, number = ("-" if number < 0 else ""), abs(number)
         if number.is_Rational and not groups[(False, False)] + groups[(False, True)] \
@@ -496,6 +499,14 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             else:
                 text = (text + " * " if text else "") + self.parenthesize(factor, MUL)
         return sign + text
+
+    def _masked_product(self, expr, slope: power_slope) -> str:
+        """A product with the slope of a tensor power, as torch's pow backward masks it: the whole product is
+        0 where the exponent is 0 (`torch.where(p == 0, 0, grad_y * p * x**(p - 1))`), so that a non-finite
+        factor beside the slope (an upstream gradient) gives 0 there, not inf * 0 = NaN."""
+        base, exponent = slope.args
+        unmasked = expr.xreplace({slope: exponent * base ** (exponent - 1)})
+        return f"torch.where({self._print(sympy.Eq(exponent, 0))}, 0, {self._print(unmasked)})"
 
     def _factor_groups(self, expr) -> tuple[sympy.Expr, dict[tuple[bool, bool], list[sympy.Expr]]]:
         """A product's number, and its other factors by (whether a tensor, whether a divisor): a divisor is
@@ -640,6 +651,14 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         return names[0] if names else scalars[0]
 
 
+def masking_slope(expr: sympy.Expr) -> power_slope | None:
+    """The slope of a power with a tensor exponent among the factors of the product `expr`, if any."""
+    for factor in sympy.Mul.make_args(expr):
+        if isinstance(factor, power_slope) and not is_python_number(factor.args[1]):
+            return factor
+    return None
+
+
 def positions_compared(expr: sympy.Expr) -> set[sympy.Idx]:
     """The indices whose positions the conditions in `expr` compare (where(k <= t, ...)), outside any access."""
     def positions(node) -> set[sympy.Idx]:
@@ -697,7 +716,7 @@ def print_leaf(expr: sympy.Expr, layout: tuple[str, ...]) -> Code:
         return align(Code(expr.base.label.name, indices), layout)
     text = TorchCodePrinter(layout).doprint(expr)
     level = ATOM if isinstance(expr, (sympy.Indexed, sympy.Symbol, sympy.Function, sympy.Piecewise)) \
-        else min(precedence(expr), MUL)
+        or masking_slope(expr) is not None else min(precedence(expr), MUL)     # (a masked product: a where)
     if isinstance(expr, sympy.Pow) and expr.exp not in (sympy.S.Half, -sympy.S.Half):
         level = MUL
     return Code(text, layout, level)
@@ -716,6 +735,15 @@ def render(node: Node) -> Code:
     if isinstance(node, Leaf):
         return print_leaf(node.expr, node.indices)
     if isinstance(node, Product):
+        masked = next((f for f in node.factors if isinstance(f, Leaf) and masking_slope(f.expr) is not None), None)
+        if masked is not None:
+            # as TorchCodePrinter._masked_product: the whole product is 0 where the power's exponent is 0
+            slope = masking_slope(masked.expr)
+            base, exponent = slope.args
+            unmasked = Leaf(masked.expr.xreplace({slope: exponent * base ** (exponent - 1)}), masked.indices)
+            inner = render(replace(node, factors=tuple(unmasked if f is masked else f for f in node.factors)))
+            condition = TorchCodePrinter(node.indices).doprint(sympy.Eq(exponent, 0))
+            return Code(f"torch.where({condition}, 0, {inner.text})", node.indices)
         factors = [align(_render_in(f, node.indices), node.indices).operand("*", "right" if position else "left")
                    for position, f in enumerate(node.factors)]
         return Code(" * ".join(factors), node.indices, MUL)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import first_by_default
+from derive.testing import autograd_gradients, call_backward, reference
 from test_differential import check_by_hand
 
 INF = float("inf")
@@ -155,3 +156,46 @@ def test_a_shared_tie_is_infinite_where_its_arguments_are(equation, torch_refere
     others = torch.tensor([INF, -INF, -INF, INF, 0.5, 1.0, INF, -INF, 3.0], dtype=torch.float64)
     check_by_hand(toml, [[values, others], [values[:1], others[:1]], [values[:0], others[:0]]],
                   placed="ties and infinities")
+
+
+# (spec, reference, declared inputs): a power with a tensor exponent, alone, beside other factors, in a
+# contraction and under a function
+TENSOR_POWERS = [
+    ("y[i] = x[i] ** p[i]", "torch.pow(x, p)", {"x": "i", "p": "i"}),
+    ("y[n] = sum(x[n, k] ** p[k] * w[k], k)", "(torch.pow(x, p) * w).sum(1)", {"x": "n, k", "p": "k", "w": "k"}),
+    ("y[m, k] = sum(w[m, n] * tanh(x[n, k] ** p[k]), n)", "w @ torch.tanh(torch.pow(x, p))",
+     {"x": "n, k", "p": "k", "w": "m, n"}),
+]
+
+
+@pytest.mark.parametrize("equation, torch_reference, declared", first_by_default(TENSOR_POWERS, 1),
+                         ids=[t[0] for t in TENSOR_POWERS])
+def test_a_tensor_power_masks_its_whole_product_where_the_exponent_is_0(equation, torch_reference, declared):
+    """pow at p == 0 with a non-finite upstream gradient: torch's pow backward is where(p == 0, 0, grad * p *
+    x**(p - 1)), 0 whatever grad is; derive wrote where(p == 0, 0, p * x**(p - 1)) * grad, NaN where grad is
+    ±inf or NaN. The whole product (and the tangent's) is masked now, in both styles."""
+    toml = "\n".join(["[ops.fuzzed]", "inputs = [" + ", ".join(f'"{n}[{i}]"' for n, i in declared.items()) + "]",
+                      f'equation = "{equation}"', f'reference = "{torch_reference}"', "ranges = { x = [0.0, 2.0] }", ""])
+    generator = torch.Generator().manual_seed(0)
+    sizes = {"i": 6, "n": 3, "k": 6, "m": 2}
+    inputs = [torch.rand(tuple(sizes[i] for i in indices.split(", ")), generator=generator, dtype=torch.float64)
+              for indices in declared.values()]
+    x, p = inputs[0], inputs[1]
+    p += 1                           # exponents below 1 have infinite slopes at 0, another matter
+    x.view(-1)[::2] = 0.0            # the base 0 and the exponent 0, together and apart
+    p.view(-1)[:4] = torch.tensor([0.0, 0.0, 1.0, 2.0])
+    op, modules = check_by_hand(toml, [inputs], placed="zeros in x and p")
+    ref = reference(op)
+    output = ref(*inputs)
+    hostile = torch.tensor([INF, float("nan"), -INF, 1.0], dtype=torch.float64).repeat(output.numel() + x.numel())
+    grad_y = hostile[:output.numel()].view(output.shape)
+    want = autograd_gradients(ref, inputs, grad_y, [True] * len(inputs))
+    tangents = [torch.zeros_like(t) for t in inputs]
+    tangents[0] = hostile[:x.numel()].view(x.shape)
+    _, want_tangent = torch.func.jvp(ref, tuple(inputs), tuple(tangents))
+    for module in modules.values():
+        got = call_backward(op, module, grad_y, inputs, output)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, equal_nan=True)
+        _, got_tangent = torch.func.jvp(getattr(module, op.name), tuple(inputs), tuple(tangents))
+        torch.testing.assert_close(got_tangent, want_tangent, equal_nan=True)
