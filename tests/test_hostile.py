@@ -2,7 +2,9 @@
 
 Each test runs the differential fuzzer's own oracle (`test_differential.check`, through `check_by_hand`):
 forward, backward with exact shapes, double backward and JVP in both styles, against autograd of the spec's
-torch reference in float64, on inputs written by hand.
+torch reference in float64, on inputs written by hand. The default run takes the first case of each family
+that is cheap to derive (the nested Max/Min tie, the double transpose, the masked tensor power); `-m slow`
+runs the rest (the shared tie at ±inf, the logsumexp and the mean over nothing).
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ SHARED_TIES = [
 ]
 
 
-@pytest.mark.parametrize("equation, torch_reference", first_by_default(SHARED_TIES, 1), ids=[s[0] for s in SHARED_TIES])
+@pytest.mark.parametrize("equation, torch_reference", first_by_default(SHARED_TIES, 0), ids=[s[0] for s in SHARED_TIES])
 def test_a_shared_tie_is_infinite_where_its_arguments_are(equation, torch_reference):
     """lerp at ±inf: Max(a, b, tie=t) was printed as torch.lerp(clamp_min(a, b), clamp_min(b, a), 1 - t), two
     tensors of the same value whose difference is inf - inf = NaN where the max is ±inf: a NaN forward (and
