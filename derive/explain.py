@@ -552,7 +552,8 @@ class _PrettyPrinter(PrettyPrinter):
 
     def _print_max_tie(self, expr):
         first, second, tie = expr.args
-        shown = sympy.Function(expr.untied_function.__name__)(first, second, sympy.Symbol(f"tie={tie}"))
+        shown_tie = () if tie == sympy.S.Half else (sympy.Symbol(f"tie={tie}"),)    # a nest of the default split
+        shown = sympy.Function(expr.untied_function.__name__)(first, second, *shown_tie)
         return self._print_Function(shown)
 
     _print_min_tie = _print_max_tie
@@ -626,7 +627,8 @@ class _LatexPrinter(LatexPrinter):
         """`exp`: LaTeXPrinter asks a function raised to a power to print the power itself."""
         first, second, tie = (self._print(a) for a in expr.args)
         name = expr.untied_function.__name__.lower()
-        call = rf"\{name}\left({first}, {second}; \mathrm{{tie}} = {tie}\right)"
+        shown_tie = "" if expr.args[2] == sympy.S.Half else rf"; \mathrm{{tie}} = {tie}"
+        call = rf"\{name}\left({first}, {second}{shown_tie}\right)"
         return call if exp is None else rf"{call}^{{{exp}}}"
 
     _print_min_tie = _print_max_tie

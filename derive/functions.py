@@ -231,8 +231,11 @@ class Tied(sympy.Function):
 
     @classmethod
     def eval(cls, first, second, tie):
-        if tie == sympy.S.Half or (first - second).is_number:    # the default split, or no tie at all
-            return cls.untied_function(first, second)
+        untied = cls.untied_function(first, second)
+        if (first - second).is_number:      # no tie at all, or the same argument twice (its shares add up to 1)
+            return untied
+        if tie == sympy.S.Half and not restructured(untied, first, second):
+            return untied
         return None
 
     @property
@@ -246,6 +249,18 @@ class Tied(sympy.Function):
         if argindex == 2:
             return sympy.Heaviside(self.sign * (second - first), 1 - tie)
         raise sympy.ArgumentIndexError(self, argindex)
+
+
+def restructured(untied: sympy.Expr, first: sympy.Expr, second: sympy.Expr) -> bool:
+    """Whether SymPy's Max/Min of two arguments changed the nesting that torch's pairwise maximum/minimum
+    follows at a tie: Max(Max(a, b), c) flattened to Max(a, b, c) (whose derivative gives each of three tied
+    arguments half the gradient, 3/2 in all, where torch.maximum's nest gives a and b a quarter, c a half), or
+    Max(a, Min(a, b)) absorbed into a (torch: a 3/4, b 1/4 at a == b). Only an argument that is itself a Max or
+    Min can be restructured so; any other rewrite (Max(x**2, 0) to x**2) proves one argument never below the
+    other, so at a tie their derivatives agree and any split of the gradient is the same."""
+    if isinstance(untied, (sympy.Max, sympy.Min)) and set(untied.args) == {first, second}:
+        return False
+    return any(argument.has(sympy.Max, sympy.Min) for argument in (first, second))
 
 
 class max_tie(Tied):  # noqa: N801

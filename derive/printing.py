@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
@@ -21,7 +21,7 @@ from .plan import free_indices
 from .lower import (Convolution, Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter,
                     expands_batch, walk)
 from .model import OpSpec, PositiveFirst, is_python_number, size_symbol
-from .functions import as_float, first_max, fold_window, in_range, one_hot, window
+from .functions import as_float, first_max, fold_window, in_range, one_hot, power_slope, window
 from .kernels import Fused, comments, kernel_of
 from . import naming
 from .naming import BATCH, grad
@@ -39,6 +39,9 @@ class Code:
     text: str
     indices: tuple[str, ...]
     precedence: int = ATOM      # how tightly its top-level operator binds: ATOM, Pow, MUL, MATMUL, ADD
+    # when the text only permutes the dims of another Code (`x.T`), that Code: a further permutation
+    # starts again from it (`x`, never `x.T.T`)
+    unpermuted: Code | None = None
 
     def atom(self) -> str:
         """The text, parenthesized if a method call or operator would bind into it."""
@@ -79,10 +82,12 @@ def align(code: Code, want: tuple[str, ...]) -> Code:
     if extra:
         raise ValueError(f"cannot line up dims {code.indices} in {want}")
     present = tuple(i for i in want if i in code.indices)
-    text, level = code.text, code.precedence
+    text, level, unpermuted = code.text, code.precedence, None
     if present != code.indices:
-        text = code.atom() + _permutation(code.indices, present)
-        level = ATOM
+        unpermuted = code.unpermuted or code       # permutations compose: x.T lined up as x's dims is x
+        text, level = unpermuted.text, unpermuted.precedence
+        if present != unpermuted.indices:
+            text, level = unpermuted.atom() + _permutation(unpermuted.indices, present), ATOM
     if not present:
         return Code(text, present, level)
     first = want.index(present[0])
@@ -95,7 +100,9 @@ def align(code: Code, want: tuple[str, ...]) -> Code:
     for dim in dims:
         text = (text if level >= ATOM else f"({text})") + f".unsqueeze({dim})"
         level = ATOM
-    return Code(text, want[first:], level)
+    if unpermuted is None or dims or text == unpermuted.text:
+        return Code(text, want[first:], level)
+    return Code(text, want[first:], level, unpermuted)
 
 
 def diagonal(code: Code) -> Code:
@@ -476,6 +483,9 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     def _print_Mul(self, expr):
         """Scalars first, so that Python's left-to-right evaluation scales a tensor only once:
         `2 * grad_loss / size_n * (pred - target)`, not `2 * grad_loss * (pred - target) / size_n`."""
+        slope = masking_slope(expr)
+        if slope is not None:
+            return self._masked_product(expr, slope)
         number, groups = self._factor_groups(expr)
         sign, number = ("-" if number < 0 else ""), abs(number)
         if number.is_Rational and not groups[(False, False)] + groups[(False, True)] \
@@ -490,6 +500,14 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             else:
                 text = (text + " * " if text else "") + self.parenthesize(factor, MUL)
         return sign + text
+
+    def _masked_product(self, expr, slope: power_slope) -> str:
+        """A product with the slope of a tensor power, as torch's pow backward masks it: the whole product is
+        0 where the exponent is 0 (`torch.where(p == 0, 0, grad_y * p * x**(p - 1))`), so that a non-finite
+        factor beside the slope (an upstream gradient) gives 0 there, not inf * 0 = NaN."""
+        base, exponent = slope.args
+        unmasked = expr.xreplace({slope: exponent * base ** (exponent - 1)})
+        return f"torch.where({self._print(sympy.Eq(exponent, 0))}, 0, {self._print(unmasked)})"
 
     def _factor_groups(self, expr) -> tuple[sympy.Expr, dict[tuple[bool, bool], list[sympy.Expr]]]:
         """A product's number, and its other factors by (whether a tensor, whether a divisor): a divisor is
@@ -582,7 +600,8 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             share 1/2      torch.maximum(a, b)      (a number bound as a 0-d tensor: torch.maximum takes no number)
             share 1        torch.clamp_min(a, b)    (the gradient passes to a at the bound, none to b)
             share 0        torch.clamp_min(b, a); a tensor against a number bound lo: F.threshold(a, lo, lo)
-            other shares   torch.lerp between the two: the same value, the gradient split as the share says
+            other shares   t * passing + (1 - t) * blocking: the same value, the gradient split as the share
+                           says (not torch.lerp, whose end - start is inf - inf = NaN where both are ±inf)
         """
         numbers = [a for a in args if is_python_number(a)]
         tensors = [a for a in args if not is_python_number(a)]
@@ -618,7 +637,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             blocking = f"{clamp}({bound}, {text})"
         if share == 0:
             return blocking
-        return f"torch.lerp({passing}, {blocking}, {self._print(1 - share)})"
+        return f"({self._print(share)} * {passing} + {self._print(1 - share)} * {blocking})"
 
     def _like(self, expr) -> str:
         """A tensor that `expr` reads, for a number to take its dtype and device (a value, not an index)."""
@@ -631,6 +650,14 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         if not names and not scalars:
             raise ValueError(f"{expr} reads no tensor to take a dtype and device from")
         return names[0] if names else scalars[0]
+
+
+def masking_slope(expr: sympy.Expr) -> power_slope | None:
+    """The slope of a power with a tensor exponent among the factors of the product `expr`, if any."""
+    for factor in sympy.Mul.make_args(expr):
+        if isinstance(factor, power_slope) and not is_python_number(factor.args[1]):
+            return factor
+    return None
 
 
 def positions_compared(expr: sympy.Expr) -> set[sympy.Idx]:
@@ -684,12 +711,24 @@ def uses_math(code: str) -> bool:
 
 
 def print_leaf(expr: sympy.Expr, layout: tuple[str, ...]) -> Code:
+    indices = tuple(i.name for i in getattr(expr, "indices", ()))
+    if isinstance(expr, sympy.Indexed) and all(isinstance(i, sympy.Idx) for i in expr.indices) \
+            and len(set(indices)) == len(indices):     # a plain access: lined up so that it can be again
+        return align(Code(expr.base.label.name, indices), layout)
     text = TorchCodePrinter(layout).doprint(expr)
     level = ATOM if isinstance(expr, (sympy.Indexed, sympy.Symbol, sympy.Function, sympy.Piecewise)) \
-        else min(precedence(expr), MUL)
+        or masking_slope(expr) is not None else min(precedence(expr), MUL)     # (a masked product: a where)
     if isinstance(expr, sympy.Pow) and expr.exp not in (sympy.S.Half, -sympy.S.Half):
         level = MUL
     return Code(text, layout, level)
+
+
+def _render_in(node: Node, order: tuple[str, ...]) -> Code:
+    """`node` rendered for a broadcast in `order`: an elementwise leaf is printed in that order of its dims
+    (`x.T * y`'s factor, never `(f(x.T) * y.T).T`), anything else as it is."""
+    if isinstance(node, Leaf) and set(node.indices) <= set(order):
+        return print_leaf(node.expr, tuple(i for i in order if i in node.indices))
+    return render(node)
 
 
 def render(node: Node) -> Code:
@@ -697,7 +736,16 @@ def render(node: Node) -> Code:
     if isinstance(node, Leaf):
         return print_leaf(node.expr, node.indices)
     if isinstance(node, Product):
-        factors = [align(render(f), node.indices).operand("*", "right" if position else "left")
+        masked = next((f for f in node.factors if isinstance(f, Leaf) and masking_slope(f.expr) is not None), None)
+        if masked is not None:
+            # as TorchCodePrinter._masked_product: the whole product is 0 where the power's exponent is 0
+            slope = masking_slope(masked.expr)
+            base, exponent = slope.args
+            unmasked = Leaf(masked.expr.xreplace({slope: exponent * base ** (exponent - 1)}), masked.indices)
+            inner = render(replace(node, factors=tuple(unmasked if f is masked else f for f in node.factors)))
+            condition = TorchCodePrinter(node.indices).doprint(sympy.Eq(exponent, 0))
+            return Code(f"torch.where({condition}, 0, {inner.text})", node.indices)
+        factors = [align(_render_in(f, node.indices), node.indices).operand("*", "right" if position else "left")
                    for position, f in enumerate(node.factors)]
         return Code(" * ".join(factors), node.indices, MUL)
     if isinstance(node, Reduce):
@@ -724,8 +772,8 @@ def render(node: Node) -> Code:
             text += f".sum_to_size({python_tuple([ScalarPrinter().doprint(size) for size in node.sizes])})"
         return Code(text, node.indices)
     if isinstance(node, MatMul):
-        left = _arranged(render(node.left), node.left_layout)
-        right = _arranged(render(node.right), node.right_layout)
+        left = _arranged(_render_in(node.left, node.left_layout), node.left_layout)
+        right = _arranged(_render_in(node.right, node.right_layout), node.right_layout)
         return Code(f"{left.operand('@')} @ {right.operand('@', 'right')}", node.indices, MATMUL)
     if isinstance(node, Einsum):
         operands = [render(o) for o in node.operands]
@@ -1039,7 +1087,10 @@ def _in_place(source: Code) -> str:
 def _arranged(code: Code, layout: tuple[str, ...]) -> Code:
     if code.indices == layout:
         return code
-    return Code(code.atom() + _permutation(code.indices, layout), layout)
+    unpermuted = code.unpermuted or code       # permutations compose, as in `align`
+    if unpermuted.indices == layout:
+        return unpermuted
+    return Code(unpermuted.atom() + _permutation(unpermuted.indices, layout), layout, ATOM, unpermuted)
 
 
 def _dim(position: int, ndim: int, batched: bool = False) -> str:
@@ -1158,6 +1209,11 @@ def render_expr(lowered: LoweredExpr) -> str:
         text += f" {operator} " + align(render(positive if positive is not None else term),
                                         plan.indices).operand(operator, "right")
     atomic = len(parts) == 1 and parts[0].precedence >= ATOM
+    # the numbers scaling a gradient expanded to the batch shape go after the expansion, before the sum back
+    # to the input's shape: a mean's 1 / size is inf over a size-0 batch and must meet only the empty
+    # expanded tensor (torch's mean backward divides the expanded gradient), never a tensor that broadcasts
+    # into it or the empty sum's 0 (NaN)
+    deferred = sympy.S.One
     scaled = _kernel_factor(lowered)
     if scaled is not None:
         # a fused kernel is linear in its gradient: the scale goes into it
@@ -1168,10 +1224,18 @@ def render_expr(lowered: LoweredExpr) -> str:
     elif len(terms) == 1 and isinstance(terms[0], Scaled) and plan.scale != 1:
         # one scaled term: its coefficient joins the common scale, so the tensor is scaled once
         source = render(terms[0].source)
-        text, parts, atomic = _scale(plan.scale * terms[0].coefficient, source), [source], False
+        deferred = plan.scale * terms[0].coefficient
+        text, parts, atomic = source.text, [source], source.precedence >= ATOM
     elif plan.scale != 1:
-        text = _scale(plan.scale, Code(text, plan.indices, ADD if len(parts) > 1 else parts[0].precedence))
-        atomic = False
+        deferred = plan.scale
+    if deferred != 1:
+        factors = sympy.Mul.make_args(deferred)
+        now = sympy.Mul(*(f for f in factors if not (expands_batch(lowered) and is_python_number(f))))
+        deferred = deferred / now
+        if now != 1:
+            text = _scale(now, Code(text, plan.indices, ATOM if atomic else ADD if len(parts) > 1
+                                    else parts[0].precedence))
+            atomic = False
     if lowered.indexed is not None:
         # the scaled sum is a fresh tensor: add the one-hot term at one class per row, in place
         indexed = lowered.indexed
@@ -1188,6 +1252,8 @@ def render_expr(lowered: LoweredExpr) -> str:
     elif covered != set(plan.indices) and plan.like is not None:   # (forward mode expands the sum of its shares)
         text = (text if atomic else f"({text})") + f".expand_as({plan.like})"
         atomic = True
+    if deferred != 1:
+        text, atomic = _scale(deferred, Code(text, plan.indices, ATOM if atomic else ADD)), False
     if plan.unbroadcast:
         text = (text if atomic else f"({text})") + f".sum_to_size({plan.like}.shape)"
     return text
@@ -1355,7 +1421,8 @@ class IndexNotationPrinter(PositiveFirst, sympy.printing.str.StrPrinter):
 
     def _print_max_tie(self, expr):
         first, second, tie = (self._print(a) for a in expr.args)
-        return f"{expr.untied_function.__name__}({first}, {second}, tie={tie})"
+        shown_tie = "" if expr.args[2] == sympy.S.Half else f", tie={tie}"     # a nest of the default split
+        return f"{expr.untied_function.__name__}({first}, {second}{shown_tie})"
 
     _print_min_tie = _print_max_tie
 

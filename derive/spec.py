@@ -8,6 +8,7 @@ checked against a whitelist and re-printed from their AST.
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import keyword
 import math
@@ -1024,6 +1025,8 @@ class _EquationParser:
         try:
             if tie is not None:
                 return TIED[name.lower()](*values, tie), free
+            if name in EXTREMA:     # pairwise from the left, as torch.maximum nests: a tie splits at each level
+                return functools.reduce(lambda a, b: TIED[name.lower()](a, b, sympy.S.Half), values), free
             return FUNCTIONS[name](*values), free
         except (TypeError, ValueError) as exc:   # SymPy refusing its arguments, e.g. values it cannot order
             raise self.error(f"{name}() cannot take these arguments: {exc}", node) from None

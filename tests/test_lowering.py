@@ -181,11 +181,14 @@ LOSSES = [op.name for op in CATALOG.ops if not op.output_indices and op.output =
 @pytest.mark.parametrize("op_name", LOSSES)
 def test_loss_gradients_scale_by_grad_loss_before_touching_a_tensor(op_name):
     """`2 * grad_loss / size_n * t`: the scalars make one 0-d tensor, which scales the full tensor once
-    (or, for a fused kernel, the gradient that goes into it)."""
+    (or, for a fused kernel, the gradient that goes into it). A gradient expanded to a broadcast batch shape
+    is divided by its size after the expansion, as torch's mean backward does (over a size-0 batch 1 / size
+    is inf and must meet only the empty expanded tensor): `((grad_loss * t).expand(...) / size_batch)`."""
     import re
     scaled = r"-?(\d+ \* )?grad_loss( / size_\w+)?"
+    expanded = r"\(-?\(+(\d+ \* )?grad_loss \* .*\)\.expand\(.*\) / size_\w+\)\.sum_to_size\("
     for target, line in code_lines(op_name, "contraction").items():
-        assert re.match(rf"\(?{scaled} \* ", line) or re.match(
+        assert re.match(rf"\(?{scaled} \* ", line) or re.match(expanded, line) or re.match(
             rf"torch\._\w+_backward_data\(({scaled} \* |torch\.ops\.aten\.nll_loss_backward\({scaled}, )",
             line), (target, line)
 

@@ -15,7 +15,7 @@ from derive import naming
 from derive.build import render_catalog
 from derive.lower import MatMul, Product, children, walk
 from derive.model import SpecError
-from derive.printing import Code, _arranged, align, render
+from derive.printing import Code, _arranged, _render_in, align, render
 from derive.spec import parse_catalog
 from derive.testing import autograd_gradients, call_backward, check_gradients, load_module, make_inputs
 
@@ -172,9 +172,10 @@ def parsed(code: str):
 def printed_children(node):
     """The code of each child as its parent lines it up before printing it in."""
     if isinstance(node, Product):
-        return [align(render(f), node.indices) for f in node.factors]
+        return [align(_render_in(f, node.indices), node.indices) for f in node.factors]
     if isinstance(node, MatMul):
-        return [_arranged(render(node.left), node.left_layout), _arranged(render(node.right), node.right_layout)]
+        return [_arranged(_render_in(node.left, node.left_layout), node.left_layout),
+                _arranged(_render_in(node.right, node.right_layout), node.right_layout)]
     return [render(child) for child in children(node)]
 
 
