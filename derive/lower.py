@@ -25,7 +25,7 @@ from .functions import in_range, one_hot, renamed_match, window
 from .kernels import one_hot_by_rows
 from .naming import BATCH, STYLES
 from .plan import ExprPlan, OpPlan, TermPlan, free_indices, ordered
-from .model import is_python_number, size_symbol, tensor_symbol
+from .model import exact_fraction, is_python_number, size_symbol, tensor_symbol
 
 
 @dataclass(frozen=True)
@@ -384,6 +384,8 @@ def _merge_elementwise(terms: list[Node]) -> list[Node]:
         return terms
     indices = mergeable[0].indices
     expr = sympy.Add(*[t.coefficient * t.source.expr if isinstance(t, Scaled) else t.expr for t in mergeable])
+    if not all(exact_fraction(number) for number in expr.atoms(sympy.Rational)):
+        return terms     # factoring decimals gathers them over one huge denominator: they stay floats
     factored = sympy.factor(expr)
     if sympy.count_ops(factored) >= sympy.count_ops(expr):
         return terms

@@ -18,7 +18,7 @@ from .derivation import Derivation, Term, integer_inputs, is_tied_step, step_as_
 from .functions import (canonical, fold_piecewise, free_indices, in_range, integers_as_float, is_affine_read, window,
                         window_dims)
 from . import naming
-from .model import OpSpec, scalar_symbol, size_symbol, tensor_symbol
+from .model import OpSpec, exact_fraction, scalar_symbol, size_symbol, tensor_symbol
 from .naming import BATCH
 from .saving import SavedValue
 
@@ -153,7 +153,10 @@ def _factor_out(plans: list[TermPlan]) -> tuple[sympy.Expr, list[TermPlan]]:
             [replace(term, coefficient=sympy.S.One, operands=rest)]
     if not plans:
         return sympy.S.One, plans
-    coefficient = functools.reduce(sympy.gcd, [t.coefficient for t in plans])
+    coefficients = [t.coefficient for t in plans]
+    # (decimals such as 0.044715 have no useful common divisor: it would gather them over 10**20)
+    small = all(exact_fraction(n) for c in coefficients for n in c.atoms(sympy.Rational))
+    coefficient = functools.reduce(sympy.gcd, coefficients) if small else sympy.S.One
     scalars = set.intersection(*[{o for o in t.operands if not o.indices} for t in plans])
     scalars = {o for o in scalars if all(len(t.operands) > len(scalars) for t in plans)}
     plans = [replace(t, coefficient=sympy.cancel(t.coefficient / coefficient),

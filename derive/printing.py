@@ -19,7 +19,7 @@ from .torch_printer import TorchPrinter
 from .plan import free_indices
 from .lower import (Convolution, Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter,
                     expands_batch, walk)
-from .model import OpSpec, PositiveFirst, is_python_number, size_symbol
+from .model import OpSpec, PositiveFirst, exact_fraction, is_python_number, size_symbol
 from .functions import as_float, first_max, fold_window, in_range, one_hot, window
 from .kernels import Fused, comments, kernel_of
 from . import naming
@@ -670,11 +670,6 @@ class SizePrinter(PositiveFirst, ScalarPrinter):
 
     def _print_Min(self, expr):
         return f"min({', '.join(self._print(a) for a in expr.args)})"
-
-
-def exact_fraction(number: sympy.Rational) -> bool:
-    """Whether a rational prints as int / int: both fit a float (5e-324 is 1 / 2**1074: a float literal)."""
-    return max(abs(number.p), number.q) < 2 ** 1023
 
 
 def uses_math(code: str) -> bool:
