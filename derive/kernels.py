@@ -23,7 +23,7 @@ from . import naming
 from .derivation import Derivation, Term
 from .functions import free_indices, logsumexp, log_softmax, one_hot, rewrite_log_softmax
 from .naming import BATCH
-from .saving import Saving, SavedValue, save_forward_values, save_normalization, signs_out
+from .saving import Saving, SavedValue, save_forward_values, save_normalization, save_statistics, signs_out
 from .model import tensor_symbol
 
 
@@ -83,7 +83,8 @@ class Kernel:
     """One fused PyTorch kernel: what it replaces, what it needs, how it prints."""
 
     name: str                     # PyTorch's name for it
-    node: type[Fused]             # the SymPy function that stands for its call in a term
+    node: type[Fused] | None      # the SymPy function that stands for its call in a term (None: a record that
+                                  # only saves forward values for the formulas to read)
     # a gradient's (or tangent's) terms -> the same with the kernel where it matches; `found` is what
     # `save` found (() for a tangent, or when nothing is saved), `like` (input, dims) of the gradient
     fuse: Callable[[list[Term], tuple, tuple | None], list[Term]]
@@ -556,6 +557,7 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("native_layer_norm_backward", layer_norm_backward, _layer_norm_vjp, _print_layer_norm,
            LAYER_NORM_FORMULAS, comments=lambda node, factor: (LAYER_NORM_FORMULAS[node.args[0]],),
            save=save_normalization),
+    Kernel("normalization statistics", None, lambda terms, found, like: terms, None, (), save=save_statistics),
     Kernel("cumsum", cumsum, _cumulative, _print_cumsum,
            ("cumsum(f, d)[t] = sum over s <= t of f[s]; f.flip(d).cumsum(d).flip(d)[t] = sum over s >= t of f[s]",),
            sizes=lambda node, factor: set(), forward=True),
@@ -564,4 +566,4 @@ KERNELS: tuple[Kernel, ...] = (
            sizes=lambda node, factor: set() if node.args[1].name in free_indices(node.args[0])
            else {node.args[1].upper + 1}, forward=True),
 )
-KERNEL_OF.update({kernel.node: kernel for kernel in KERNELS})
+KERNEL_OF.update({kernel.node: kernel for kernel in KERNELS if kernel.node is not None})

@@ -189,11 +189,67 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
             return LoweredExpr(expr_plan, tuple(terms))
         return _indexed_add(expr_plan, _merge_elementwise(terms))
 
-    gradients, shared = _share_common(op_plan, [lower_expr(g) for g in op_plan.gradients])
+    gradients = [lower_expr(g) for g in op_plan.gradients]
+    if style == "contraction":
+        gradients = _from_multiples(gradients)
+    gradients, shared = _share_common(op_plan, gradients)
     (forward,), forward_shared = _share_common(op_plan, [lower_expr(op_plan.forward)])
     tangents, tangent_shared = _share_common(op_plan, [lower_expr(t) for t in op_plan.tangents],
                                              owners=[g.input for g in op_plan.derivation.tangents])
     return LoweredOp(op_plan, style, forward, gradients, shared, forward_shared, tangents, tangent_shared)
+
+
+def _from_multiples(gradients: list[LoweredExpr]) -> list[LoweredExpr]:
+    """A gradient that is a number k times an earlier one of the same shape is computed from it: both become
+    one elementwise value (common-subexpression elimination then computes it once), the later one scaled by k.
+    A Huber loss's grad_target is -grad_pred: one torch.where, not two."""
+    totals = [_elementwise_total(g) for g in gradients]
+    for later, total in enumerate(totals):
+        for earlier in range(later):
+            base = totals[earlier]
+            if total is None or base is None or gradients[earlier].plan.indices != gradients[later].plan.indices:
+                continue
+            k = multiple(base, total)
+            if k is None:
+                continue
+            indices = gradients[earlier].plan.indices
+            gradients[earlier] = _as_one_leaf(gradients[earlier], Leaf(base, indices))
+            gradients[later] = _as_one_leaf(gradients[later], Leaf(base, indices) if k == 1 else
+                                            Scaled(k, Leaf(base, indices)))
+            totals[later] = None       # (a third multiple is taken from the earlier one)
+            break
+    return gradients
+
+
+def _as_one_leaf(expr: LoweredExpr, node: Node) -> LoweredExpr:
+    return replace(expr, plan=replace(expr.plan, scale=sympy.S.One), terms=(node,))
+
+
+def _elementwise_total(expr: LoweredExpr) -> sympy.Expr | None:
+    """The whole value of a gradient made of elementwise terms over all of its dims (scale included), else None."""
+    plan = expr.plan
+    if expr.indexed is not None or plan.unbroadcast or not expr.terms:
+        return None
+    total = []
+    for term in expr.terms:
+        coefficient, leaf = (term.coefficient, term.source) if isinstance(term, Scaled) else (sympy.S.One, term)
+        if not isinstance(leaf, Leaf) or set(leaf.indices) != set(plan.indices):
+            return None
+        total.append(coefficient * leaf.expr)
+    return plan.scale * sympy.Add(*total)
+
+
+def multiple(base: sympy.Expr, other: sympy.Expr) -> sympy.Expr | None:
+    """The nonzero number k with other == k * base, branch by branch for a where(), or None."""
+    ratio = sympy.piecewise_fold(other / base)
+    candidates = [value for value, _ in ratio.args] if isinstance(ratio, sympy.Piecewise) else [ratio]
+    for candidate in candidates:
+        k = sympy.cancel(candidate)
+        if k.is_number and k.is_finite and k != 0 and not k.has(sympy.nan):
+            difference = sympy.piecewise_fold(other - k * base)
+            values = [v for v, _ in difference.args] if isinstance(difference, sympy.Piecewise) else [difference]
+            return k if all(sympy.expand(v) == 0 for v in values) else None
+    return None
 
 
 def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[str] | None = None):

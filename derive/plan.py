@@ -299,4 +299,20 @@ def _fold_piecewise(factors: list[sympy.Expr]) -> list[sympy.Expr]:
     folded = fold_piecewise(sympy.Mul(*rest))
     for piece in reversed(nested):
         folded = sympy.Piecewise(*[(value * folded, condition) for value, condition in piece.args])
-    return [folded] + outside
+    return _scalars_out_of_branches(folded) + outside
+
+
+def _scalars_out_of_branches(piecewise: sympy.Expr) -> list[sympy.Expr]:
+    """where(c, g * a, g * b) -> [g, where(c, a, b)] for index-free factors g (a 0-d tensor, a param, a number)
+    that every branch shares (a branch of 0 shares any): the branches share g, which scales the result once."""
+    if not isinstance(piecewise, sympy.Piecewise):
+        return [piecewise]
+    branches = [set(sympy.Mul.make_args(value)) for value, _ in piecewise.args if value != 0]
+    common = set.intersection(*branches) if branches else set()
+    common = sorted((f for f in common if not free_indices(f) and f.free_symbols), key=sympy.default_sort_key)
+    if not common:
+        return [piecewise]
+    scale = sympy.Mul(*common)
+    rest = sympy.Piecewise(*[(value / scale, condition) for value, condition in piecewise.args])
+    # (a mask of index positions keeps its tensor, from which it takes a dtype)
+    return common + [rest] if any(v.atoms(sympy.Indexed) for v, _ in rest.args) else [piecewise]
