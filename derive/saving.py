@@ -163,7 +163,7 @@ def save_normalization(forward: list[Term], gradients: list[list[Term]]) -> Savi
     (`recompute=False`), so the fusion stage drops them again when it cannot fuse every reading.
     """
     found = _normalization(forward)
-    if found is None or found[3] is False or len(found[1]) != 1 or found[0].indices[-1] != found[1][0]:
+    if found is None or found[3] is False:
         return None
     return _saving(found, forward, gradients, recompute=False)
 
@@ -209,7 +209,7 @@ def _saving(found, forward: list[Term], gradients: list[list[Term]], recompute: 
         return [t for t in (reading(t) for t in terms) if t is not None]
 
     return Saving(tuple(values), read(forward), [read(terms) for terms in gradients],
-                  found=(body, dims[0], m, r) if len(dims) == 1 else ())
+                  found=(body, dims, m, r))
 
 
 def _sums_centered(term: Term, body, dims, m) -> bool:
