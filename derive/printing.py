@@ -1331,6 +1331,9 @@ class IndexNotationPrinter(PositiveFirst, sympy.printing.str.StrPrinter):
         indices = ", ".join(self._print(limit[0]) for limit in expr.limits)
         return f"sum({self._print(expr.function)}, {indices})"
 
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
     def _print_max_tie(self, expr):
         first, second, tie = (self._print(a) for a in expr.args)
         return f"{expr.untied_function.__name__}({first}, {second}, tie={tie})"
@@ -1353,4 +1356,13 @@ class IndexNotationPrinter(PositiveFirst, sympy.printing.str.StrPrinter):
 
 
 def index_notation(expr: sympy.Expr) -> str:
-    return IndexNotationPrinter().doprint(expr)
+    return IndexNotationPrinter().doprint(as_float_literals(expr))
+
+
+def as_float_literals(expr: sympy.Expr) -> sympy.Expr:
+    """`expr` with each rational that generated code prints as a float (see `exact_fraction`) a Float, which
+    the math notation prints as that same literal."""
+    if not isinstance(expr, sympy.Basic):
+        return expr
+    floats = {r: sympy.Float(r, 30) for r in expr.atoms(sympy.Rational) if not exact_fraction(r)}
+    return expr.xreplace(floats) if floats else expr
