@@ -207,8 +207,10 @@ def _from_multiples(gradients: list[LoweredExpr]) -> list[LoweredExpr]:
     for later, total in enumerate(totals):
         for earlier in range(later):
             base = totals[earlier]
-            if total is None or base is None or gradients[earlier].plan.indices != gradients[later].plan.indices:
-                continue
+            plans = gradients[earlier].plan, gradients[later].plan
+            if total is None or base is None or len({(p.indices, p.unbroadcast, p.batch_inputs, p.short_of_batch)
+                                                      for p in plans}) > 1:
+                continue      # (summed back to each input's batch shape alike, the multiple holds)
             k = multiple(base, total)
             if k is None:
                 continue
@@ -228,7 +230,7 @@ def _as_one_leaf(expr: LoweredExpr, node: Node) -> LoweredExpr:
 def _elementwise_total(expr: LoweredExpr) -> sympy.Expr | None:
     """The whole value of a gradient made of elementwise terms over all of its dims (scale included), else None."""
     plan = expr.plan
-    if expr.indexed is not None or plan.unbroadcast or not expr.terms:
+    if expr.indexed is not None or not expr.terms:
         return None
     total = []
     for term in expr.terms:

@@ -9,9 +9,10 @@ to the backward, as autograd saves its log_softmax output; the backward then rea
 fused `_log_softmax_backward_data`. Without such a gradient, an index-position log-softmax
 in the forward is still printed as one `torch.log_softmax` (see `kernels.fuse_log_softmax`).
 
-Likewise a forward that spells out a normalization along x's last dim, (x - m) * r with
-m = mean(x) and r = (e + mean((x - m)**2))**(-1/2), saves `saved_mean` and `saved_rstd`, and
-the VJP shapes of that normalization can become `native_layer_norm_backward` (`save_normalization`).
+Likewise a forward that spells out a normalization over any set of dims R, (x - m) * r with
+m = mean(x, R) and r = (e + mean((x - m)**2, R))**(-1/2), saves `saved_mean` and `saved_rstd`
+(an RMS norm, x * r with r = (e + mean(x**2, R))**(-1/2), `saved_rstd` alone): for a native
+kernel's VJP (`save_normalization`), or for the formulas (`save_statistics`).
 
 Each function here is the `save` of a record in `kernels.KERNELS`: only the contraction style saves
 (it fuses); the broadcast style keeps every formula.

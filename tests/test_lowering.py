@@ -10,7 +10,7 @@ from derive.build import render_catalog
 from derive.pipeline import build_op
 from derive.lower import Einsum, MatMul, largest_intermediate_violations, walk
 from derive.model import SpecError
-from derive.printing import render_expr
+from derive.printing import render, render_expr
 from derive.spec import parse_catalog
 from derive.testing import check_gradients, gradcheck_op, load_module, make_inputs
 
@@ -184,15 +184,28 @@ def test_loss_gradients_scale_by_grad_loss_before_touching_a_tensor(op_name):
     (or, for a fused kernel, the gradient that goes into it)."""
     import re
     scaled = r"-?(\d+ \* )?grad_loss( / size_\w+)?"
+    lowered = built(CATALOG.op(op_name)).lowered["contraction"]
+    shared = {s.name: render(s.value).text for s in lowered.shared}
     for target, line in code_lines(op_name, "contraction").items():
+        # a gradient computed from a multiple of another reads it from a shared value: that value is scaled
+        read = re.fullmatch(r"\(?-?(shared_\d+)\)?(\.sum_to_size\(\w+\.shape\))?", line)
+        line = shared[read.group(1)] if read else line
         assert re.match(rf"\(?{scaled} \* ", line) or re.match(
             rf"torch\._\w+_backward_data\(({scaled} \* |torch\.ops\.aten\.nll_loss_backward\({scaled}, )",
             line), (target, line)
 
 
 def test_shared_values_leave_the_upstream_scalar_out():
-    lowered = built(CATALOG.op("mse")).lowered["contraction"]
-    assert [str(s.value.expr) for s in lowered.shared] == ["pred[n] - target[n]"]
+    """(mse's gradients are one value and its negative, shared whole: see test_normalizations.py)"""
+    op = parse_catalog(textwrap.dedent('''
+        [ops.weighted_mse]
+        inputs = ["p[n]", "t[n]", "w[n]"]
+        differentiable = ["p", "w"]
+        equation = "loss = mean(w[n] * (p[n] - t[n])**2, n)"
+        reference = "(w * (p - t)**2).mean()"
+    '''), "test.toml").ops[0]
+    lowered = built(op).lowered["contraction"]
+    assert [str(s.value.expr) for s in lowered.shared] == ["p[n] - t[n]"]
 
 
 def test_a_one_hot_term_is_added_in_place(tmp_path):
