@@ -371,8 +371,9 @@ def test_a_normalization_without_weight_passes_none(tmp_path):
     assert torch.autograd.gradgradcheck(module.standardize, inputs)
 
 
-def test_statistics_read_outside_the_kernel_are_not_saved(tmp_path):
-    """A residual x + xhat has a fourth term in d/dx: no fused kernel, so the formulas stay."""
+def test_statistics_read_outside_the_kernel_are_saved_for_the_formulas(tmp_path):
+    """A residual x + xhat has a fourth term in d/dx: no fused kernel, so the formulas stay, reading the saved
+    statistics, which a double backward computes again from x."""
     op, module = spec_module(tmp_path, '''
         [ops.residual_norm]
         inputs = ["x[..., d]"]
@@ -380,9 +381,13 @@ def test_statistics_read_outside_the_kernel_are_not_saved(tmp_path):
         equation = "y[..., d] = x[..., d] + (x[..., d] - mean(x[..., d], d)) / sqrt(mean((x[..., d] - mean(x[..., d], d))**2, d) + eps)"
         reference = "x + torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)"
     ''')
-    assert not built(op).lowered["contraction"].plan.saved
+    saved = built(op).lowered["contraction"].plan.saved
+    assert [(v.name, v.recompute) for v in saved] == [("saved_mean", True), ("saved_rstd", True)]
+    assert "native_layer_norm_backward" not in render_expr(built(op).lowered["contraction"].gradients[0])
     gradcheck_op(op, module)
     check_gradients(op, module)
+    inputs = [t.requires_grad_() for t in make_inputs(op, {"...": 3, "d": 4}, torch.float64)]
+    assert torch.autograd.gradgradcheck(module.residual_norm, inputs)
 
 
 def test_two_log_softmaxes_of_one_input_get_two_saved_values(tmp_path):
