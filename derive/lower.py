@@ -265,6 +265,10 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
     scalars = tensor_symbols(op_plan.op)
     order = op_plan.op.index_order
     accesses, values = {}, []
+    seeded = set()
+    for repeated in _renamed_repeats([leaf.expr for _, leaf in leaves], scalars, order):
+        seeded.add(f"{naming.SHARED_PREFIX}{len(values)}")
+        values.append((f"{naming.SHARED_PREFIX}{len(values)}", repeated))
     for symbol, expr in replacements:
         expr = expr.xreplace(accesses)
         if isinstance(expr, sympy.logic.boolalg.Boolean) or \
@@ -291,20 +295,33 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
     patterns = {name: [next(j for j in value.expr.atoms(sympy.Idx) if j.name == i) for i in value.indices]
                 for name, value in values}
 
-    def use_shared(expr):
-        """expr with every occurrence of a shared value, under any index names, read from it."""
+    def use_shared(expr, own=None):
+        """expr with every occurrence of a shared value (but `own`), under any index names, read from it (a value
+        seeded before cse is also read where it stands under its own names)."""
         for name, value in values:
             pattern = patterns[name]
-            if not pattern:
+            if not pattern or name == own:
                 continue
-            found = lambda e: e != value.expr and renamed_match(value.expr, pattern, e) is not None  # noqa: E731
+            found = lambda e: (e != value.expr or name in seeded) and \
+                renamed_match(value.expr, pattern, e) is not None  # noqa: E731
             expr = expr.replace(found, lambda e: tensor_symbol(name)[renamed_match(value.expr, pattern, e)])
         return expr
 
-    values = [(name, Leaf(use_shared(value.expr), value.indices)) if position else (name, value)
+    values = [(name, Leaf(use_shared(value.expr, own=name), value.indices)) if position else (name, value)
               for position, (name, value) in enumerate(values)]
     rewritten = {id(leaf): Leaf(use_shared(expr.xreplace(accesses)), leaf.indices)
                  for (_, leaf), expr in zip(leaves, reduced)}
+    if seeded:      # a seeded value that cse's own values took apart is read nowhere: it goes
+        definitions = dict(values)
+        used, pending = set(), [leaf.expr for leaf in rewritten.values()]
+        while pending:
+            for name in _shared_names(pending.pop(), definitions):
+                if name not in used:
+                    used.add(name)
+                    pending.append(definitions[name].expr)
+        values = [(name, value) for name, value in values if name in used]
+        if not values:
+            return tuple(gradients), ()
     values, renaming = _in_dependency_order(values)
     rewritten = {key: Leaf(leaf.expr.xreplace(renaming), leaf.indices) for key, leaf in rewritten.items()}
     # Who needs each shared value: the gradients using it directly or through a later shared value.
@@ -321,6 +338,26 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
     gradients = [replace(g, terms=tuple(_replace_leaves(t, rewritten) for t in g.terms)) for g in gradients]
     shared = tuple(Shared(name, value, tuple(sorted(users[name]))) for name, value in values)
     return tuple(gradients), shared
+
+
+def _renamed_repeats(exprs: list[sympy.Expr], scalars, order) -> list[Leaf]:
+    """Sums of tensors (a centered input x - saved_mean) that occur under two index namings, x[n] - m and, inside
+    a sum, x[n_1] - m: common-subexpression elimination sees two expressions, and the value would be computed twice."""
+    candidates = list(dict.fromkeys(a for e in exprs for a in sympy.preorder_traversal(e)
+                                    if isinstance(a, sympy.Add) and a.atoms(sympy.Indexed) and free_indices(a)
+                                    and depends_on_tensor(a, scalars)))
+    def as_leaf(expr):
+        return Leaf(expr, tuple(i for i in ordered(free_indices(expr), order)))
+
+    found = []
+    for position, candidate in enumerate(candidates):
+        if any(_renamed_as(f, candidate) is not None for f in found):
+            continue
+        group = [candidate] + [other for other in candidates[position + 1:]
+                               if other != candidate and _renamed_as(as_leaf(candidate), other) is not None]
+        if len(group) > 1:      # named as the op names its dims where one of them is
+            found.append(as_leaf(next((e for e in group if free_indices(e) <= set(order)), candidate)))
+    return found
 
 
 def _renamed_as(value: Leaf, expr: sympy.Expr):
