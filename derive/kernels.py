@@ -111,6 +111,8 @@ class Kernel:
     forward: bool = False         # it also rewrites the forward's terms (none of the others fuses a forward)
     # a normalization kernel's weight dims, from (x's indices, normalized dims)
     weight_dims: Callable[[tuple, tuple], tuple] | None = None
+    # its saving stays only where a gradient calls it (else the saving is dropped and the next records try)
+    needs_call: bool = False
 
     def comment(self, node: Fused, factor: sympy.Expr = sympy.S.One) -> tuple[str, ...]:
         return self.comments(node, factor) if self.comments else self.formulas
@@ -134,9 +136,14 @@ def fuse(derivation: Derivation) -> Derivation:
         saving = kernel.save(forward, gradients) if kernel.save else None
         reading_forward, reading = (saving.forward, saving.gradients) if saving else (forward, gradients)
         fused = [kernel.fuse(terms, saving.found if saving else (), like) for terms, like in zip(reading, likes)]
-        if saving and _read_outside_kernels(fused, saving.values):
+        if saving and (_read_outside_kernels(fused, saving.values) or kernel.needs_call and not any(
+                f.atoms(kernel.node) for terms in fused for t in terms for f in t.factors)):
             fused = [kernel.fuse(terms, (), like) for terms, like in zip(gradients, likes)]
             saving, reading_forward = None, forward       # the formulas stay, reading no saved value
+        if saving and kernel.needs_call and not _read_outside_kernels(
+                fused, tuple(replace(v, recompute=False) for v in saving.values)):
+            # only the kernel reads them: a double backward needs them not again (nor the inputs to compute them)
+            saving = replace(saving, values=tuple(replace(v, recompute=False) for v in saving.values))
         forward, gradients = reading_forward, fused
         saved += saving.values if saving else ()
     return replace(derivation, forward_terms=tuple(forward), saved=tuple(saved),
@@ -478,15 +485,22 @@ def _layer_norm_call(printer, node, grad, weight, x, mean, rstd, dims, layout):
     # mean and rstd keep the normalized dims, as native_layer_norm returns them (vmap's rule needs it)
     name = x.base.label.name
     return (f"torch.ops.aten.native_layer_norm_backward({grad}, {name}, {name}.shape[-{len(dims)}:], "
-            f"{printer.text(mean, layout)}, {printer.text(rstd, layout)}, {weight}, None, [{_mask(node.args[0])}])"
-            f"[{node.args[0]}]")
+            f"{_detached(printer.text(mean, layout))}, {_detached(printer.text(rstd, layout))}, {weight}, None, "
+            f"[{_mask(node.args[0])}])[{node.args[0]}]")
+
+
+def _detached(text: str) -> str:
+    """A saved statistic as a kernel takes it: a double backward computes it again from x, with its graph, for
+    the formulas; the kernel's own derivative accounts for it (and refuses one that requires grad)."""
+    return f"{text}.detach()"
 
 
 def _batch_norm_call(printer, node, grad, weight, x, mean, rstd, dims, layout):
     # training mode reads the saved mean and rstd (eps is only read in eval mode)
     name = x.base.label.name
     return (f"torch.ops.aten.native_batch_norm_backward({grad}, {name}, {weight}, None, None, "
-            f"{mean.base.label.name}, {rstd.base.label.name}, True, 0.0, [{_mask(node.args[0])}])[{node.args[0]}]")
+            f"{_detached(mean.base.label.name)}, {_detached(rstd.base.label.name)}, True, 0.0, [{_mask(node.args[0])}])"
+            f"[{node.args[0]}]")
 
 
 def _renamings(dims, candidates):
@@ -624,11 +638,11 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("native_layer_norm_backward", layer_norm_backward, _normalization_vjp(LAYER, layer_norm_backward),
            _print_norm(_layer_norm_call), LAYER_NORM_FORMULAS,
            comments=lambda node, factor: (LAYER_NORM_FORMULAS[node.args[0]],), save=save_normalization,
-           weight_dims=LAYER.weight_dims),
+           weight_dims=LAYER.weight_dims, needs_call=True),
     Kernel("native_batch_norm_backward", batch_norm_backward, _normalization_vjp(BATCH_NORM, batch_norm_backward),
            _print_norm(_batch_norm_call), BATCH_NORM_FORMULAS,
            comments=lambda node, factor: (BATCH_NORM_FORMULAS[node.args[0]],), save=save_normalization,
-           weight_dims=BATCH_NORM.weight_dims),
+           weight_dims=BATCH_NORM.weight_dims, needs_call=True),
     Kernel("normalization statistics", None, lambda terms, found, like: terms, None, (), save=save_statistics),
     Kernel("cumsum", cumsum, _cumulative, _print_cumsum,
            ("cumsum(f, d)[t] = sum over s <= t of f[s]; f.flip(d).cumsum(d).flip(d)[t] = sum over s >= t of f[s]",),

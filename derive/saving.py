@@ -39,8 +39,8 @@ class SavedValue:
     indices: tuple[str, ...]     # its dims (those of the tensor it normalizes)
     # A double backward differentiates the backward. Where the backward reads a value through
     # plain tensor ops, the value must be computed again from the inputs so that the graph sees
-    # through it; where only fused kernels read it (layer norm's mean and rstd), their own
-    # double backward accounts for it, and the kernel refuses a mean that requires grad.
+    # through it; where only fused kernels read it, their own double backward accounts for it
+    # (a kernel that refuses a value that requires grad takes it detached).
     recompute: bool = True
 
 
@@ -155,18 +155,19 @@ def signs_out(term: Term) -> Term:
 # Normalization statistics ------------------------------------------------------------------------
 
 def save_normalization(forward: list[Term], gradients: list[list[Term]]) -> Saving | None:
-    """Mean and rstd of a layer norm (one normalized dim, the last) the forward spells out, saved for the
-    fused kernel only.
+    """Mean and rstd of a normalization the forward spells out, over any set of dims R, saved for a native kernel.
 
-    With m = sum(x[..., d], d) / D and r = (e + sum((x[..., d] - m)**2, d) / D)**(-1/2) in the forward
-    (e index-free), the forward computes `saved_mean` and `saved_rstd` once and reads them; the backward
-    reads them wherever the same sums occur (r**3 included). Only the fused kernel may read them
-    (`recompute=False`), so the fusion stage drops them again when it cannot fuse every reading.
+    With m = sum(x, R) / D and r = (e + sum((x - m)**2, R) / D)**(-1/2) in the forward (e index-free), the
+    forward computes `saved_mean` and `saved_rstd` once and reads them; the backward reads them wherever the
+    same sums occur (r**3 included). The kernel takes them detached, its own derivative accounting for them;
+    formulas that read them too (a weight gradient the kernel does not give) read them as plain tensors, so a
+    double backward computes them again from the inputs (`recompute=True`). The record drops the saving
+    when no gradient calls its kernel (`Kernel.needs_call`): the next records try.
     """
     found = _normalization(forward)
     if found is None or found[3] is False:
         return None
-    return _saving(found, forward, gradients, recompute=False)
+    return _saving(found, forward, gradients, recompute=True)
 
 
 def save_statistics(forward: list[Term], gradients: list[list[Term]]) -> Saving | None:

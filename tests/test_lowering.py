@@ -348,8 +348,9 @@ def test_layer_norm_saves_mean_and_rstd_and_uses_the_fused_kernel():
     assert [v.name for v in result.lowered["contraction"].plan.saved] == ["saved_mean", "saved_rstd"]
     lines = code_lines("layer_norm", "contraction")
     assert lines["grad_x"] == ("torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], "
-                               "saved_mean.unsqueeze(-1), saved_rstd.unsqueeze(-1), w, None, [True, False, False])[0]")
-    assert lines["grad_w"].endswith("saved_rstd.unsqueeze(-1), w, None, [False, True, False])[1]")
+                               "saved_mean.unsqueeze(-1).detach(), saved_rstd.unsqueeze(-1).detach(), w, None, "
+                               "[True, False, False])[0]")
+    assert lines["grad_w"].endswith("saved_rstd.unsqueeze(-1).detach(), w, None, [False, True, False])[1]")
     assert not result.lowered["broadcast"].plan.saved
     assert "native_layer_norm_backward" not in " ".join(code_lines("layer_norm", "broadcast").values())
 
@@ -363,8 +364,8 @@ def test_a_normalization_without_weight_passes_none(tmp_path):
         reference = "torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)"
     ''')
     (line,) = [render_expr(g) for g in built(op).lowered["contraction"].gradients]
-    assert line == ("torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean.unsqueeze(-1), "
-                    "saved_rstd.unsqueeze(-1), None, None, [True, False, False])[0]")
+    assert line == ("torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean.unsqueeze(-1).detach(), "
+                    "saved_rstd.unsqueeze(-1).detach(), None, None, [True, False, False])[0]")
     gradcheck_op(op, module)
     check_gradients(op, module)
     inputs = [t.requires_grad_() for t in make_inputs(op, {"...": 3, "d": 4}, torch.float64)]
