@@ -23,7 +23,7 @@ from . import naming
 from .derivation import Derivation, Term
 from .functions import free_indices, logsumexp, log_softmax, one_hot, rewrite_log_softmax
 from .naming import BATCH
-from .saving import Saving, SavedValue, save_forward_values, save_normalization, signs_out
+from .saving import Saving, SavedValue, save_forward_values, save_normalization, save_statistics, signs_out
 from .model import tensor_symbol
 
 
@@ -57,12 +57,21 @@ class one_hot_log_softmax_backward(Fused):  # noqa: N801
     nargs = 3    # -one_hot(t[n], c), y, c
 
 
-class layer_norm_backward(Fused):  # noqa: N801
-    nargs = 7    # part, grad_out, weight, x, mean, rstd, index
+class _normalization_backward(Fused):
+    """One output (part 0: d/dx, 1: d/dweight) of a native normalization backward; `dims` are the normalized ones."""
+    nargs = 7    # part, grad_out, weight, x, mean, rstd, dims (a Tuple)
 
     def bound_index_names(self) -> set[str]:
-        part, _, _, x, _, _, index = self.args
-        return {i.name for i in x.indices if i != index} if part == 1 else set()   # d/dw sums the batch away
+        part, _, _, x, _, _, dims = self.args
+        return set() if part == 0 else {i.name for i in x.indices} - {i.name for i in kernel_of(self).weight_dims(x.indices, tuple(dims))}
+
+
+class layer_norm_backward(_normalization_backward):  # noqa: N801 - named like the kernel
+    pass
+
+
+class batch_norm_backward(_normalization_backward):  # noqa: N801
+    pass
 
 
 class cumsum(Fused):  # noqa: N801 - named like the kernel
@@ -83,7 +92,8 @@ class Kernel:
     """One fused PyTorch kernel: what it replaces, what it needs, how it prints."""
 
     name: str                     # PyTorch's name for it
-    node: type[Fused]             # the SymPy function that stands for its call in a term
+    node: type[Fused] | None      # the SymPy function that stands for its call in a term (None: a record that
+                                  # only saves forward values for the formulas to read)
     # a gradient's (or tangent's) terms -> the same with the kernel where it matches; `found` is what
     # `save` found (() for a tangent, or when nothing is saved), `like` (input, dims) of the gradient
     fuse: Callable[[list[Term], tuple, tuple | None], list[Term]]
@@ -99,6 +109,10 @@ class Kernel:
     # node, factor -> the size symbols its printed call reads (default: those of its one-hots)
     sizes: Callable[[Fused, sympy.Expr], set] | None = None
     forward: bool = False         # it also rewrites the forward's terms (none of the others fuses a forward)
+    # a normalization kernel's weight dims, from (x's indices, normalized dims)
+    weight_dims: Callable[[tuple, tuple], tuple] | None = None
+    # its saving stays only where a gradient calls it (else the saving is dropped and the next records try)
+    needs_call: bool = False
 
     def comment(self, node: Fused, factor: sympy.Expr = sympy.S.One) -> tuple[str, ...]:
         return self.comments(node, factor) if self.comments else self.formulas
@@ -122,9 +136,14 @@ def fuse(derivation: Derivation) -> Derivation:
         saving = kernel.save(forward, gradients) if kernel.save else None
         reading_forward, reading = (saving.forward, saving.gradients) if saving else (forward, gradients)
         fused = [kernel.fuse(terms, saving.found if saving else (), like) for terms, like in zip(reading, likes)]
-        if saving and _read_outside_kernels(fused, saving.values):
+        if saving and (_read_outside_kernels(fused, saving.values) or kernel.needs_call and not any(
+                f.atoms(kernel.node) for terms in fused for t in terms for f in t.factors)):
             fused = [kernel.fuse(terms, (), like) for terms, like in zip(gradients, likes)]
             saving, reading_forward = None, forward       # the formulas stay, reading no saved value
+        if saving and kernel.needs_call and not _read_outside_kernels(
+                fused, tuple(replace(v, recompute=False) for v in saving.values)):
+            # only the kernel reads them: a double backward needs them not again (nor the inputs to compute them)
+            saving = replace(saving, values=tuple(replace(v, recompute=False) for v in saving.values))
         forward, gradients = reading_forward, fused
         saved += saving.values if saving else ()
     return replace(derivation, forward_terms=tuple(forward), saved=tuple(saved),
@@ -361,79 +380,139 @@ def _one_hot_sizes(node, factor):
     return set() if _written_by_rows(node, factor) is not None else {node.args[2].upper + 1}
 
 
-# Normalization: layer norm's backward from the saved mean and rstd -------------------------------
+# Normalizations: torch's native backward kernels from the saved mean and rstd ------------------------
 
-def _layer_norm_vjp(terms: list[Term], found: tuple, like) -> list[Term]:
-    """The VJP shapes of xhat = (x - m) * r along x's last dim d, with g any product over x's dims:
+@dataclass(frozen=True)
+class NormLayout:
+    """Where a native normalization kernel applies: which dims of x it normalizes and which its weight has."""
 
-        a * r * g[d] - a/D * sum(r * g[d1], d1) - a/D * sum(r**3 * c[d1] * c[d] * g[d1], d1)
-            ->  a * layer_norm_backward(0, g, ...)        (c[k] = x[..., k] - m)
-        a * sum over the batch of r * c[d] * h[..., d]    ->  a * layer_norm_backward(1, h, like, ...)
+    applies: Callable[[tuple, tuple], bool]           # (x's indices, normalized dims) -> whether the kernel fits
+    weight_dims: Callable[[tuple, tuple], tuple]      # (x's indices, normalized dims) -> the weight's dims
 
-    (the kernel wants a weight to give d/dw its shape: the input differentiated, `like`, has it).
-    """
-    if not found or like is None:
+
+# layer norm: the normalized dims trail x, the weight has them; batch norm: all dims but dim 1 (the channel, which
+# the weight has). (native_group_norm_backward has no derivative of its own: a double backward could not go
+# through it, so a group norm takes the formulas.)
+LAYER = NormLayout(lambda xs, dims: tuple(xs[-len(dims):]) == tuple(dims) and len(xs) > len(dims),
+                   lambda xs, dims: tuple(dims))
+BATCH_NORM = NormLayout(lambda xs, dims: len(xs) >= 2 and set(dims) == set(xs) - {xs[1]}, lambda xs, dims: (xs[1],))
+
+
+def _normalization_vjp(layout: NormLayout, node: type):
+    """The VJP shapes of xhat = (x - m) * r over the normalized dims R (|R| = D values), g any product over x's dims:
+
+        a * r * g - a/D * sum over R' of r * g[R'] - a/D * sum over R' of r**3 * c[R'] * c * g[R']
+            ->  a * node(0, g, ...)        (c = x - m; R' a copy of R)
+        a * sum over the dims the weight lacks of r * c * h  ->  a * node(1, h, like, ...)
+
+    where `layout` says the kernel applies to x's dims (the kernel wants a weight to give d/dw its shape:
+    the input differentiated, `like`, has it)."""
+    def fuse(terms: list[Term], found: tuple, like) -> list[Term]:
+        if not found or like is None:
+            return terms
+        body, dims, m, r = found
+        if m is None or not layout.applies(body.indices, dims):
+            return terms
+        size = sympy.Mul(*[i.upper + 1 for i in dims])
+        x = body.base
+        weight_dims = layout.weight_dims(body.indices, dims)
+        call_dims = sympy.Tuple(*dims)
+        if len(terms) == 1:
+            (term,) = terms
+            rest = list(term.factors)
+            centered = body - m
+            summed = {i.name for i in body.indices} - {i.name for i in weight_dims}
+            if {i.name for i in term.summed} == summed and r in rest and centered in rest:
+                rest.remove(r)
+                rest.remove(centered)
+                h = sympy.Mul(*rest)
+                name, wanted = like
+                if not h.has(x) and tuple(wanted) == tuple(i.name for i in weight_dims):
+                    weight = tensor_symbol(name)[tuple(weight_dims)]
+                    return [Term(term.coefficient, (node(1, h, weight, body, m, r, call_dims),), ())]
+            return terms
+        if len(terms) != 3:
+            return terms
+        plain = [t for t in terms if not t.summed]
+        if len(plain) != 1 or r not in plain[0].factors:
+            return terms
+        a = plain[0].coefficient
+        g = sympy.Mul(*[f for f in plain[0].factors if f != r])
+        if not set(dims) <= g.atoms(sympy.Idx) or g.has(x):
+            return terms
+        others = [t for t in terms if t is not plain[0]]
+        for first, second in (others, others[::-1]):
+            if first.coefficient != -a / size or second.coefficient != -a / size:
+                continue
+            for copy in _renamings(dims, list(first.summed)):
+                if len(first.summed) != len(dims) or sympy.Mul(*first.factors) != r * g.xreplace(copy):
+                    continue
+                for other in _renamings(dims, list(second.summed)):
+                    if len(second.summed) == len(dims) and sympy.Mul(*second.factors) == \
+                            r ** 3 * (body.xreplace(other) - m) * (body - m) * g.xreplace(other):
+                        return [Term(a, (node(0, g, sympy.S.One, body, m, r, call_dims),), ())]
         return terms
-    body, index, m, r = found
-    size = index.upper + 1
-    x = body.base
-
-    def centered(k):
-        return body.xreplace({index: k}) - m
-
-    if len(terms) == 1:
-        (term,) = terms
-        rows = {i.name for i in body.indices if i != index}     # the kernel sums d/dw over every row
-        rest = list(term.factors)
-        if term.summed and {i.name for i in term.summed} == rows and r in rest and centered(index) in rest:
-            rest.remove(r)
-            rest.remove(centered(index))
-            h = sympy.Mul(*rest)
-            name, dims = like
-            if h.has(index) and not h.has(x) and dims == (index.name,):
-                weight = tensor_symbol(name)[index]
-                return [Term(term.coefficient, (layer_norm_backward(1, h, weight, body, m, r, index),), ())]
-        return terms
-    if len(terms) != 3:
-        return terms
-    plain = [t for t in terms if not t.summed]
-    if len(plain) != 1 or r not in plain[0].factors:
-        return terms
-    a = plain[0].coefficient
-    g = sympy.Mul(*[f for f in plain[0].factors if f != r])
-    if not g.has(index) or g.has(x):
-        return terms
-    others = [t for t in terms if t is not plain[0]]
-    for first, second in (others, others[::-1]):
-        if len(first.summed) != 1 or len(second.summed) != 1:
-            continue
-        k1, k2 = first.summed[0], second.summed[0]
-        if k1.upper != index.upper or k2.upper != index.upper:
-            continue
-        if first.coefficient == -a / size and sympy.Mul(*first.factors) == r * g.xreplace({index: k1}) \
-                and second.coefficient == -a / size and sympy.Mul(*second.factors) == \
-                r ** 3 * centered(k2) * centered(index) * g.xreplace({index: k2}):
-            return [Term(a, (layer_norm_backward(0, g, sympy.S.One, body, m, r, index),), ())]
-    return terms
+    return fuse
 
 
-def _print_layer_norm(printer, node, factor=sympy.S.One):
-    """One output of native_layer_norm_backward. A weight over the normalized dim that multiplies
-    grad_out is passed as the kernel's weight instead of being multiplied in."""
-    part, grad, weight, x, mean, rstd, index = node.args
-    grad = factor * grad
-    if weight == 1:
-        weights = [f for f in sympy.Mul.make_args(grad) if isinstance(f, sympy.Indexed) and f.indices == (index,)]
-        weight = weights[0] if weights else None
-        grad = grad / weight if weight is not None else grad
-    layout = tuple(i.name for i in x.indices)
-    weight_text = "None" if weight is None else weight.base.label.name
-    mask = ", ".join(str(part == k) for k in range(3))
-    # mean and rstd keep the normalized dim, as native_layer_norm returns them (vmap's rule needs it)
-    text = (f"torch.ops.aten.native_layer_norm_backward({printer.text(grad, layout)}, {x.base.label.name}, "
-            f"{x.base.label.name}.shape[-1:], {printer.text(mean, layout)}, {printer.text(rstd, layout)}, "
-            f"{weight_text}, None, [{mask}])[{part}]")
-    return printer.placed(text, layout if part == 0 else (index.name,))
+def _weight_out(grad: sympy.Expr, weight_dims: tuple) -> tuple[sympy.Expr, sympy.Indexed | None]:
+    """A weight over `weight_dims` that multiplies grad_out is passed as the kernel's weight instead of being
+    multiplied in: (the rest, the weight or None)."""
+    weights = [f for f in sympy.Mul.make_args(grad) if isinstance(f, sympy.Indexed) and f.indices == tuple(weight_dims)]
+    return (grad / weights[0], weights[0]) if weights else (grad, None)
+
+
+def _print_norm(call):
+    """`call(printer, node, grad text, weight text, x, mean, rstd, dims)` -> one output of the kernel, in x's layout."""
+    def print_(printer, node, factor=sympy.S.One):
+        part, grad, weight, x, mean, rstd, dims = node.args
+        weight_dims = kernel_of(node).weight_dims(x.indices, tuple(dims))
+        grad = factor * grad
+        if weight == 1:
+            grad, weight = _weight_out(grad, weight_dims)
+        layout = tuple(i.name for i in x.indices)
+        text = call(printer, node, printer.text(grad, layout), "None" if weight is None else weight.base.label.name,
+                    x, mean, rstd, tuple(dims), layout)
+        return printer.placed(text, layout if part == 0 else tuple(i.name for i in weight_dims))
+    return print_
+
+
+def _mask(part) -> str:
+    return ", ".join(str(part == k) for k in range(3))
+
+
+def _layer_norm_call(printer, node, grad, weight, x, mean, rstd, dims, layout):
+    # mean and rstd keep the normalized dims, as native_layer_norm returns them (vmap's rule needs it)
+    name = x.base.label.name
+    return (f"torch.ops.aten.native_layer_norm_backward({grad}, {name}, {name}.shape[-{len(dims)}:], "
+            f"{_detached(printer.text(mean, layout))}, {_detached(printer.text(rstd, layout))}, {weight}, None, "
+            f"[{_mask(node.args[0])}])[{node.args[0]}]")
+
+
+def _detached(text: str) -> str:
+    """A saved statistic as a kernel takes it: a double backward computes it again from x, with its graph, for
+    the formulas; the kernel's own derivative accounts for it (and refuses one that requires grad)."""
+    return f"{text}.detach()"
+
+
+def _batch_norm_call(printer, node, grad, weight, x, mean, rstd, dims, layout):
+    # training mode reads the saved mean and rstd (eps is only read in eval mode)
+    name = x.base.label.name
+    return (f"torch.ops.aten.native_batch_norm_backward({grad}, {name}, {weight}, None, None, "
+            f"{_detached(mean.base.label.name)}, {_detached(rstd.base.label.name)}, True, 0.0, [{_mask(node.args[0])}])"
+            f"[{node.args[0]}]")
+
+
+def _renamings(dims, candidates):
+    """Each map of the dims to distinct `candidates` of the same sizes."""
+    if not dims:
+        yield {}
+        return
+    first, rest = dims[0], dims[1:]
+    for candidate in candidates:
+        if candidate.upper == first.upper:
+            for more in _renamings(rest, [c for c in candidates if c != candidate]):
+                yield {first: candidate, **more}
 
 
 # Running sums: sum over s of f[s] where s <= t (or <, >=, >) ------------------------------------
@@ -539,6 +618,9 @@ ONE_HOT_FORMULAS = (LOG_SOFTMAX_FORMULA,
 LAYER_NORM_FORMULAS = ("native_layer_norm_backward(g, x, ..., w)[0] = rstd * (g w - mean(g w) - "
                        "xhat * mean(g w xhat)), xhat = (x - mean) * rstd",
                        "native_layer_norm_backward(g, x, ...)[1] = sum over rows of g * xhat")
+BATCH_NORM_FORMULAS = ("native_batch_norm_backward(g, x, w, ...)[0] = rstd * (g w - mean(g w) - xhat * mean(g w xhat)) "
+                       "over all dims but 1, xhat = (x - mean) * rstd",
+                       "native_batch_norm_backward(g, x, ...)[1] = sum over all dims but 1 of g * xhat")
 
 KERNELS: tuple[Kernel, ...] = (
     Kernel("threshold_backward", threshold_backward, _step(_threshold),
@@ -553,9 +635,15 @@ KERNELS: tuple[Kernel, ...] = (
            _print_vjp("torch._log_softmax_backward_data"), (LOG_SOFTMAX_FORMULA,), save=save_forward_values),
     Kernel("nll_loss_backward", one_hot_log_softmax_backward, _scaled_pair(_one_hot_pair), _print_one_hot_vjp,
            ONE_HOT_FORMULAS, comments=_one_hot_comments, sizes=_one_hot_sizes),
-    Kernel("native_layer_norm_backward", layer_norm_backward, _layer_norm_vjp, _print_layer_norm,
-           LAYER_NORM_FORMULAS, comments=lambda node, factor: (LAYER_NORM_FORMULAS[node.args[0]],),
-           save=save_normalization),
+    Kernel("native_layer_norm_backward", layer_norm_backward, _normalization_vjp(LAYER, layer_norm_backward),
+           _print_norm(_layer_norm_call), LAYER_NORM_FORMULAS,
+           comments=lambda node, factor: (LAYER_NORM_FORMULAS[node.args[0]],), save=save_normalization,
+           weight_dims=LAYER.weight_dims, needs_call=True),
+    Kernel("native_batch_norm_backward", batch_norm_backward, _normalization_vjp(BATCH_NORM, batch_norm_backward),
+           _print_norm(_batch_norm_call), BATCH_NORM_FORMULAS,
+           comments=lambda node, factor: (BATCH_NORM_FORMULAS[node.args[0]],), save=save_normalization,
+           weight_dims=BATCH_NORM.weight_dims, needs_call=True),
+    Kernel("normalization statistics", None, lambda terms, found, like: terms, None, (), save=save_statistics),
     Kernel("cumsum", cumsum, _cumulative, _print_cumsum,
            ("cumsum(f, d)[t] = sum over s <= t of f[s]; f.flip(d).cumsum(d).flip(d)[t] = sum over s >= t of f[s]",),
            sizes=lambda node, factor: set(), forward=True),
@@ -564,4 +652,4 @@ KERNELS: tuple[Kernel, ...] = (
            sizes=lambda node, factor: set() if node.args[1].name in free_indices(node.args[0])
            else {node.args[1].upper + 1}, forward=True),
 )
-KERNEL_OF.update({kernel.node: kernel for kernel in KERNELS})
+KERNEL_OF.update({kernel.node: kernel for kernel in KERNELS if kernel.node is not None})

@@ -25,7 +25,7 @@ from .functions import in_range, one_hot, renamed_match, window
 from .kernels import one_hot_by_rows
 from .naming import BATCH, STYLES
 from .plan import ExprPlan, OpPlan, TermPlan, free_indices, ordered
-from .model import is_python_number, size_symbol, tensor_symbol
+from .model import exact_fraction, is_python_number, size_symbol, tensor_symbol
 
 
 @dataclass(frozen=True)
@@ -189,11 +189,69 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
             return LoweredExpr(expr_plan, tuple(terms))
         return _indexed_add(expr_plan, _merge_elementwise(terms))
 
-    gradients, shared = _share_common(op_plan, [lower_expr(g) for g in op_plan.gradients])
+    gradients = [lower_expr(g) for g in op_plan.gradients]
+    if style == "contraction":
+        gradients = _from_multiples(gradients)
+    gradients, shared = _share_common(op_plan, gradients)
     (forward,), forward_shared = _share_common(op_plan, [lower_expr(op_plan.forward)])
     tangents, tangent_shared = _share_common(op_plan, [lower_expr(t) for t in op_plan.tangents],
                                              owners=[g.input for g in op_plan.derivation.tangents])
     return LoweredOp(op_plan, style, forward, gradients, shared, forward_shared, tangents, tangent_shared)
+
+
+def _from_multiples(gradients: list[LoweredExpr]) -> list[LoweredExpr]:
+    """A gradient that is a number k times an earlier one of the same shape is computed from it: both become
+    one elementwise value (common-subexpression elimination then computes it once), the later one scaled by k.
+    A Huber loss's grad_target is -grad_pred: one torch.where, not two."""
+    totals = [_elementwise_total(g) for g in gradients]
+    for later, total in enumerate(totals):
+        for earlier in range(later):
+            base = totals[earlier]
+            plans = gradients[earlier].plan, gradients[later].plan
+            if total is None or base is None or len({(p.indices, p.unbroadcast, p.batch_inputs, p.short_of_batch)
+                                                      for p in plans}) > 1:
+                continue      # (summed back to each input's batch shape alike, the multiple holds)
+            k = multiple(base, total)
+            if k is None:
+                continue
+            indices = gradients[earlier].plan.indices
+            gradients[earlier] = _as_one_leaf(gradients[earlier], Leaf(base, indices))
+            gradients[later] = _as_one_leaf(gradients[later], Leaf(base, indices) if k == 1 else
+                                            Scaled(k, Leaf(base, indices)))
+            totals[later] = None       # (a third multiple is taken from the earlier one)
+            break
+    return gradients
+
+
+def _as_one_leaf(expr: LoweredExpr, node: Node) -> LoweredExpr:
+    return replace(expr, plan=replace(expr.plan, scale=sympy.S.One), terms=(node,))
+
+
+def _elementwise_total(expr: LoweredExpr) -> sympy.Expr | None:
+    """The whole value of a gradient made of elementwise terms over all of its dims (scale included), else None."""
+    plan = expr.plan
+    if expr.indexed is not None or not expr.terms:
+        return None
+    total = []
+    for term in expr.terms:
+        coefficient, leaf = (term.coefficient, term.source) if isinstance(term, Scaled) else (sympy.S.One, term)
+        if not isinstance(leaf, Leaf) or set(leaf.indices) != set(plan.indices):
+            return None
+        total.append(coefficient * leaf.expr)
+    return plan.scale * sympy.Add(*total)
+
+
+def multiple(base: sympy.Expr, other: sympy.Expr) -> sympy.Expr | None:
+    """The nonzero number k with other == k * base, branch by branch for a where(), or None."""
+    ratio = sympy.piecewise_fold(other / base)
+    candidates = [value for value, _ in ratio.args] if isinstance(ratio, sympy.Piecewise) else [ratio]
+    for candidate in candidates:
+        k = sympy.cancel(candidate)
+        if k.is_number and k.is_finite and k != 0 and not k.has(sympy.nan):
+            difference = sympy.piecewise_fold(other - k * base)
+            values = [v for v, _ in difference.args] if isinstance(difference, sympy.Piecewise) else [difference]
+            return k if all(sympy.expand(v) == 0 for v in values) else None
+    return None
 
 
 def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[str] | None = None):
@@ -207,6 +265,10 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
     scalars = tensor_symbols(op_plan.op)
     order = op_plan.op.index_order
     accesses, values = {}, []
+    seeded = set()
+    for repeated in _renamed_repeats([leaf.expr for _, leaf in leaves], scalars, order):
+        seeded.add(f"{naming.SHARED_PREFIX}{len(values)}")
+        values.append((f"{naming.SHARED_PREFIX}{len(values)}", repeated))
     for symbol, expr in replacements:
         expr = expr.xreplace(accesses)
         if isinstance(expr, sympy.logic.boolalg.Boolean) or \
@@ -233,20 +295,33 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
     patterns = {name: [next(j for j in value.expr.atoms(sympy.Idx) if j.name == i) for i in value.indices]
                 for name, value in values}
 
-    def use_shared(expr):
-        """expr with every occurrence of a shared value, under any index names, read from it."""
+    def use_shared(expr, own=None):
+        """expr with every occurrence of a shared value (but `own`), under any index names, read from it (a value
+        seeded before cse is also read where it stands under its own names)."""
         for name, value in values:
             pattern = patterns[name]
-            if not pattern:
+            if not pattern or name == own:
                 continue
-            found = lambda e: e != value.expr and renamed_match(value.expr, pattern, e) is not None  # noqa: E731
+            found = lambda e: (e != value.expr or name in seeded) and \
+                renamed_match(value.expr, pattern, e) is not None  # noqa: E731
             expr = expr.replace(found, lambda e: tensor_symbol(name)[renamed_match(value.expr, pattern, e)])
         return expr
 
-    values = [(name, Leaf(use_shared(value.expr), value.indices)) if position else (name, value)
+    values = [(name, Leaf(use_shared(value.expr, own=name), value.indices)) if position else (name, value)
               for position, (name, value) in enumerate(values)]
     rewritten = {id(leaf): Leaf(use_shared(expr.xreplace(accesses)), leaf.indices)
                  for (_, leaf), expr in zip(leaves, reduced)}
+    if seeded:      # a seeded value that cse's own values took apart is read nowhere: it goes
+        definitions = dict(values)
+        used, pending = set(), [leaf.expr for leaf in rewritten.values()]
+        while pending:
+            for name in _shared_names(pending.pop(), definitions):
+                if name not in used:
+                    used.add(name)
+                    pending.append(definitions[name].expr)
+        values = [(name, value) for name, value in values if name in used]
+        if not values:
+            return tuple(gradients), ()
     values, renaming = _in_dependency_order(values)
     rewritten = {key: Leaf(leaf.expr.xreplace(renaming), leaf.indices) for key, leaf in rewritten.items()}
     # Who needs each shared value: the gradients using it directly or through a later shared value.
@@ -263,6 +338,26 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
     gradients = [replace(g, terms=tuple(_replace_leaves(t, rewritten) for t in g.terms)) for g in gradients]
     shared = tuple(Shared(name, value, tuple(sorted(users[name]))) for name, value in values)
     return tuple(gradients), shared
+
+
+def _renamed_repeats(exprs: list[sympy.Expr], scalars, order) -> list[Leaf]:
+    """Sums of tensors (a centered input x - saved_mean) that occur under two index namings, x[n] - m and, inside
+    a sum, x[n_1] - m: common-subexpression elimination sees two expressions, and the value would be computed twice."""
+    candidates = list(dict.fromkeys(a for e in exprs for a in sympy.preorder_traversal(e)
+                                    if isinstance(a, sympy.Add) and a.atoms(sympy.Indexed) and free_indices(a)
+                                    and depends_on_tensor(a, scalars)))
+    def as_leaf(expr):
+        return Leaf(expr, tuple(i for i in ordered(free_indices(expr), order)))
+
+    found = []
+    for position, candidate in enumerate(candidates):
+        if any(_renamed_as(f, candidate) is not None for f in found):
+            continue
+        group = [candidate] + [other for other in candidates[position + 1:]
+                               if other != candidate and _renamed_as(as_leaf(candidate), other) is not None]
+        if len(group) > 1:      # named as the op names its dims where one of them is
+            found.append(as_leaf(next((e for e in group if free_indices(e) <= set(order)), candidate)))
+    return found
 
 
 def _renamed_as(value: Leaf, expr: sympy.Expr):
@@ -384,6 +479,8 @@ def _merge_elementwise(terms: list[Node]) -> list[Node]:
         return terms
     indices = mergeable[0].indices
     expr = sympy.Add(*[t.coefficient * t.source.expr if isinstance(t, Scaled) else t.expr for t in mergeable])
+    if not all(exact_fraction(number) for number in expr.atoms(sympy.Rational)):
+        return terms     # factoring decimals gathers them over one huge denominator: they stay floats
     factored = sympy.factor(expr)
     if sympy.count_ops(factored) >= sympy.count_ops(expr):
         return terms

@@ -225,3 +225,15 @@ class _SizeText(PositiveFirst, sympy.printing.str.StrPrinter):
 def size_text(size: sympy.Expr) -> str:
     """A size formula as messages and docs show it, positive terms first: size_l + 1 - size_k."""
     return _SizeText().doprint(size)
+
+
+SMALL_DENOMINATOR = 1000     # a fraction over a larger denominator (a decimal such as 0.044715) prints as a float
+
+
+def exact_fraction(number: sympy.Rational) -> bool:
+    """Whether a rational prints as int / int: an integer that fits a float, or a small fraction such as
+    1 / 2 or 2 / 3. Any other (a decimal of the spec, 0.044715, or a product of them) prints as its
+    float literal, repr-exact: `0.035677408136300125 * x`, not `1427096325452004339 / 40000000000000000000 * x`."""
+    if number.q == 1:
+        return abs(number.p) < 2 ** 1023
+    return number.q <= SMALL_DENOMINATOR and abs(number.p) < 2 ** 53

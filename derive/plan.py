@@ -18,7 +18,7 @@ from .derivation import Derivation, Term, integer_inputs, is_tied_step, step_as_
 from .functions import (canonical, fold_piecewise, free_indices, in_range, integers_as_float, is_affine_read, window,
                         window_dims)
 from . import naming
-from .model import OpSpec, scalar_symbol, size_symbol, tensor_symbol
+from .model import OpSpec, exact_fraction, scalar_symbol, size_symbol, tensor_symbol
 from .naming import BATCH
 from .saving import SavedValue
 
@@ -153,7 +153,10 @@ def _factor_out(plans: list[TermPlan]) -> tuple[sympy.Expr, list[TermPlan]]:
             [replace(term, coefficient=sympy.S.One, operands=rest)]
     if not plans:
         return sympy.S.One, plans
-    coefficient = functools.reduce(sympy.gcd, [t.coefficient for t in plans])
+    coefficients = [t.coefficient for t in plans]
+    # (decimals such as 0.044715 have no useful common divisor: it would gather them over 10**20)
+    small = all(exact_fraction(n) for c in coefficients for n in c.atoms(sympy.Rational))
+    coefficient = functools.reduce(sympy.gcd, coefficients) if small else sympy.S.One
     scalars = set.intersection(*[{o for o in t.operands if not o.indices} for t in plans])
     scalars = {o for o in scalars if all(len(t.operands) > len(scalars) for t in plans)}
     plans = [replace(t, coefficient=sympy.cancel(t.coefficient / coefficient),
@@ -299,4 +302,20 @@ def _fold_piecewise(factors: list[sympy.Expr]) -> list[sympy.Expr]:
     folded = fold_piecewise(sympy.Mul(*rest))
     for piece in reversed(nested):
         folded = sympy.Piecewise(*[(value * folded, condition) for value, condition in piece.args])
-    return [folded] + outside
+    return _scalars_out_of_branches(folded) + outside
+
+
+def _scalars_out_of_branches(piecewise: sympy.Expr) -> list[sympy.Expr]:
+    """where(c, g * a, g * b) -> [g, where(c, a, b)] for index-free factors g (a 0-d tensor, a param, a number)
+    that every branch shares (a branch of 0 shares any): the branches share g, which scales the result once."""
+    if not isinstance(piecewise, sympy.Piecewise):
+        return [piecewise]
+    branches = [set(sympy.Mul.make_args(value)) for value, _ in piecewise.args if value != 0]
+    common = set.intersection(*branches) if branches else set()
+    common = sorted((f for f in common if not free_indices(f) and f.free_symbols), key=sympy.default_sort_key)
+    if not common:
+        return [piecewise]
+    scale = sympy.Mul(*common)
+    rest = sympy.Piecewise(*[(value / scale, condition) for value, condition in piecewise.args])
+    # (a mask of index positions keeps its tensor, from which it takes a dtype)
+    return common + [rest] if any(v.atoms(sympy.Indexed) for v, _ in rest.args) else [piecewise]

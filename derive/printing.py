@@ -20,7 +20,7 @@ from .torch_printer import TorchPrinter
 from .plan import free_indices
 from .lower import (Convolution, Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter,
                     expands_batch, walk)
-from .model import OpSpec, PositiveFirst, is_python_number, size_symbol
+from .model import OpSpec, PositiveFirst, exact_fraction, is_python_number, size_symbol
 from .functions import as_float, first_max, fold_window, in_range, one_hot, power_slope, window
 from .kernels import Fused, comments, kernel_of
 from . import naming
@@ -698,11 +698,6 @@ class SizePrinter(PositiveFirst, ScalarPrinter):
 
     def _print_Min(self, expr):
         return f"min({', '.join(self._print(a) for a in expr.args)})"
-
-
-def exact_fraction(number: sympy.Rational) -> bool:
-    """Whether a rational prints as int / int: both fit a float (5e-324 is 1 / 2**1074: a float literal)."""
-    return max(abs(number.p), number.q) < 2 ** 1023
 
 
 def uses_math(code: str) -> bool:
@@ -1419,6 +1414,9 @@ class IndexNotationPrinter(PositiveFirst, sympy.printing.str.StrPrinter):
         indices = ", ".join(self._print(limit[0]) for limit in expr.limits)
         return f"sum({self._print(expr.function)}, {indices})"
 
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
     def _print_max_tie(self, expr):
         first, second, tie = (self._print(a) for a in expr.args)
         shown_tie = "" if expr.args[2] == sympy.S.Half else f", tie={tie}"     # a nest of the default split
@@ -1442,4 +1440,13 @@ class IndexNotationPrinter(PositiveFirst, sympy.printing.str.StrPrinter):
 
 
 def index_notation(expr: sympy.Expr) -> str:
-    return IndexNotationPrinter().doprint(expr)
+    return IndexNotationPrinter().doprint(as_float_literals(expr))
+
+
+def as_float_literals(expr: sympy.Expr) -> sympy.Expr:
+    """`expr` with each rational that generated code prints as a float (see `exact_fraction`) a Float, which
+    the math notation prints as that same literal."""
+    if not isinstance(expr, sympy.Basic):
+        return expr
+    floats = {r: sympy.Float(r, 30) for r in expr.atoms(sympy.Rational) if not exact_fraction(r)}
+    return expr.xreplace(floats) if floats else expr

@@ -9,9 +9,10 @@ to the backward, as autograd saves its log_softmax output; the backward then rea
 fused `_log_softmax_backward_data`. Without such a gradient, an index-position log-softmax
 in the forward is still printed as one `torch.log_softmax` (see `kernels.fuse_log_softmax`).
 
-Likewise a forward that spells out a normalization along x's last dim, (x - m) * r with
-m = mean(x) and r = (e + mean((x - m)**2))**(-1/2), saves `saved_mean` and `saved_rstd`, and
-the VJP shapes of that normalization can become `native_layer_norm_backward` (`save_normalization`).
+Likewise a forward that spells out a normalization over any set of dims R, (x - m) * r with
+m = mean(x, R) and r = (e + mean((x - m)**2, R))**(-1/2), saves `saved_mean` and `saved_rstd`
+(an RMS norm, x * r with r = (e + mean(x**2, R))**(-1/2), `saved_rstd` alone): for a native
+kernel's VJP (`save_normalization`), or for the formulas (`save_statistics`).
 
 Each function here is the `save` of a record in `kernels.KERNELS`: only the contraction style saves
 (it fuses); the broadcast style keeps every formula.
@@ -38,8 +39,8 @@ class SavedValue:
     indices: tuple[str, ...]     # its dims (those of the tensor it normalizes)
     # A double backward differentiates the backward. Where the backward reads a value through
     # plain tensor ops, the value must be computed again from the inputs so that the graph sees
-    # through it; where only fused kernels read it (layer norm's mean and rstd), their own
-    # double backward accounts for it, and the kernel refuses a mean that requires grad.
+    # through it; where only fused kernels read it, their own double backward accounts for it
+    # (a kernel that refuses a value that requires grad takes it detached).
     recompute: bool = True
 
 
@@ -154,72 +155,134 @@ def signs_out(term: Term) -> Term:
 # Normalization statistics ------------------------------------------------------------------------
 
 def save_normalization(forward: list[Term], gradients: list[list[Term]]) -> Saving | None:
-    """Mean and rstd of a normalization the forward spells out, saved.
+    """Mean and rstd of a normalization the forward spells out, over any set of dims R, saved for a native kernel.
 
-    With m = sum(x[..., d], d) / D and r = (e + sum((x[..., d] - m)**2, d) / D)**(-1/2) in the forward
-    (e index-free), the forward computes `saved_mean` and `saved_rstd` once and reads them; the backward
-    reads them wherever the same sums occur (r**3 included). Only the fused kernel may read them
-    (`recompute=False`), so the fusion stage drops them again when it cannot fuse every reading.
+    With m = sum(x, R) / D and r = (e + sum((x - m)**2, R) / D)**(-1/2) in the forward (e index-free), the
+    forward computes `saved_mean` and `saved_rstd` once and reads them; the backward reads them wherever the
+    same sums occur (r**3 included). The kernel takes them detached, its own derivative accounting for them;
+    formulas that read them too (a weight gradient the kernel does not give) read them as plain tensors, so a
+    double backward computes them again from the inputs (`recompute=True`). The record drops the saving
+    when no gradient calls its kernel (`Kernel.needs_call`): the next records try.
     """
     found = _normalization(forward)
-    if found is None:
+    if found is None or found[3] is False:
         return None
-    body, index, base = found
-    batch = tuple(i.name for i in body.indices if i != index)
-    mean = SavedValue(naming.SAVED_PREFIX + "mean", _mean_sum(body, index) / (index.upper + 1), batch, recompute=False)
-    rstd = SavedValue(naming.SAVED_PREFIX + "rstd", base ** sympy.Rational(-1, 2), batch, recompute=False)
-    m, r = (tensor_symbol(v.name)[tuple(i for i in body.indices if i != index)] for v in (mean, rstd))
-    rstd = replace(rstd, expr=_with_mean(rstd.expr, body, index, m))   # computed from the saved mean
+    return _saving(found, forward, gradients, recompute=True)
 
-    def reading(term: Term) -> Term:
+
+def save_statistics(forward: list[Term], gradients: list[list[Term]]) -> Saving | None:
+    """The statistics of any normalization the forward spells out, over any set of dims R, centered (x - m) or
+    not (RMS), saved for the backward's formulas: `saved_mean` (when centered) and `saved_rstd`, computed once;
+    the centered input is then one shared value of the backward, and every term holding a sum over R of the
+    centered input, which is identically 0, is dropped. The formulas read them as plain tensors, so a double
+    backward computes them again from the inputs (`recompute=True`)."""
+    found = _normalization(forward)
+    return None if found is None else _saving(found, forward, gradients, recompute=True)
+
+
+def _saving(found, forward: list[Term], gradients: list[list[Term]], recompute: bool) -> Saving:
+    body, dims, base, centered = found
+    kept = tuple(i for i in body.indices if i not in dims)
+    batch = tuple(i.name for i in kept)
+    size = sympy.Mul(*[i.upper + 1 for i in dims])
+    r = tensor_symbol(naming.SAVED_PREFIX + "rstd")[kept]
+    values = []
+    if centered:
+        mean = SavedValue(naming.SAVED_PREFIX + "mean", _mean_sum(body, dims) / size, batch, recompute=recompute)
+        m = tensor_symbol(mean.name)[kept]
+        values.append(mean)
+    else:
+        m = None
+    rstd = SavedValue(naming.SAVED_PREFIX + "rstd", _with_mean(base, body, dims, m) ** sympy.Rational(-1, 2), batch,
+                      recompute=recompute)
+    values.append(rstd)
+
+    def reading(term: Term) -> Term | None:
         factors = []
         for factor in term.factors:
-            factor = _with_mean(factor, body, index, m)
-            factor = factor.replace(lambda e: isinstance(e, sympy.Pow) and _same_base(e.base, base, body, index, m),
+            factor = _with_mean(factor, body, dims, m)
+            factor = factor.replace(lambda e: isinstance(e, sympy.Pow) and _same_base(e.base, base, body, dims, m),
                                     lambda e: r ** (-2 * e.exp))
             factors.append(factor)
-        return replace(term, factors=tuple(factors))
+        term = replace(term, factors=tuple(factors))
+        return None if centered and _sums_centered(term, body, dims, m) else term
 
-    return Saving((mean, rstd), [reading(t) for t in forward], [[reading(t) for t in terms] for terms in gradients],
-                  found=(body, index, m, r))
+    def read(terms: list[Term]) -> list[Term]:
+        return [t for t in (reading(t) for t in terms) if t is not None]
+
+    return Saving(tuple(values), read(forward), [read(terms) for terms in gradients],
+                  found=(body, dims, m, r))
+
+
+def _sums_centered(term: Term, body, dims, m) -> bool:
+    """Whether a factor of `term` is x - m over copies of the normalized dims that the term sums and no other
+    factor reads: its sum over them, sum(x) - D * m, is identically 0."""
+    for factor in term.factors:
+        others = set().union(*[f.atoms(sympy.Idx) for f in term.factors if f is not factor])
+        for copy in _renamings(dims, [i for i in term.summed if i not in others]):
+            if factor == body.xreplace(copy) - m:
+                return True
+    return False
+
+
+def _renamings(dims, candidates):
+    """Each map of the normalized dims to distinct `candidates` of the same sizes."""
+    if not dims:
+        yield {}
+        return
+    first, rest = dims[0], dims[1:]
+    for candidate in candidates:
+        if candidate.upper == first.upper:
+            for more in _renamings(rest, [c for c in candidates if c != candidate]):
+                yield {first: candidate, **more}
 
 
 def _normalization(forward: list[Term]):
-    """(x[..., d], d, variance base) for the first normalization in the forward, or None."""
+    """(x[...], normalized dims R, variance base, centered) for the first normalization in the forward, or None:
+    base = e + sum(s**2, R) / |R| with s = x - sum(x, R) / |R| (centered) or s = x (RMS), e index-free."""
     for factor in (f for t in forward for f in t.factors):
         for power in factor.atoms(sympy.Pow):
             if power.exp != -sympy.S.Half:
                 continue
             constant, variance = power.base.as_independent(sympy.Sum, as_Add=True)
             coefficient, total = variance.as_independent(sympy.Sum, as_Add=False)
-            if constant.atoms(sympy.Indexed) or not isinstance(total, sympy.Sum) or len(total.limits) != 1:
+            if constant.atoms(sympy.Indexed) or not isinstance(total, sympy.Sum):
                 continue
-            k = total.limits[0][0]
+            dims = tuple(limit[0] for limit in total.limits)
             square = total.function
-            if not (isinstance(square, sympy.Pow) and square.exp == 2):
+            size = sympy.Mul(*[i.upper + 1 for i in dims])
+            if not (isinstance(square, sympy.Pow) and square.exp == 2) or coefficient != 1 / size:
                 continue
-            sums = [s for s in square.base.atoms(sympy.Sum) if len(s.limits) == 1]
-            for inner in sums:
-                body_k = inner.function.xreplace({inner.limits[0][0]: k})
-                if isinstance(body_k, sympy.Indexed) and body_k.indices[-1] == k and len(body_k.indices) > 1 \
-                        and all(isinstance(i, sympy.Idx) for i in body_k.indices) \
-                        and coefficient == 1 / (k.upper + 1) \
-                        and sympy.expand(square.base - (body_k - inner / (k.upper + 1))) == 0:
-                    return body_k, k, power.base
+            if isinstance(square.base, sympy.Indexed) and set(dims) <= set(square.base.indices) \
+                    and len(square.base.indices) > len(dims) and all(isinstance(i, sympy.Idx) for i in square.base.indices):
+                return square.base, dims, power.base, False      # RMS: no centering
+            for inner in square.base.atoms(sympy.Sum):
+                for copy in _renamings(tuple(limit[0] for limit in inner.limits), list(dims)):
+                    body = inner.function.xreplace(copy)
+                    if isinstance(body, sympy.Indexed) and set(dims) <= set(body.indices) \
+                            and len(body.indices) > len(dims) and all(isinstance(i, sympy.Idx) for i in body.indices) \
+                            and sympy.expand(square.base - (body - _mean_sum(body, dims) / size)) == 0:
+                        return body, dims, power.base, True
     return None
 
 
-def _mean_sum(body: sympy.Indexed, index: sympy.Idx) -> sympy.Sum:
-    return Sum(body, (index, 0, index.upper))
+def _mean_sum(body: sympy.Indexed, dims) -> sympy.Sum:
+    return Sum(body, *[(i, 0, i.upper) for i in dims])
 
 
-def _with_mean(expr: sympy.Expr, body, index, m) -> sympy.Expr:
-    """Every sum(x[..., k], k) read as D * saved_mean."""
+def _with_mean(expr: sympy.Expr, body, dims, m) -> sympy.Expr:
+    """Every sum(x[...], R) read as |R| * saved_mean (nothing to read without a mean)."""
+    if m is None:
+        return expr
+    size = sympy.Mul(*[i.upper + 1 for i in dims])
+
     def is_mean_sum(e):
-        return isinstance(e, sympy.Sum) and len(e.limits) == 1 and \
-            e.function == body.xreplace({index: e.limits[0][0]}) and e.limits[0][0].upper == index.upper
-    return expr.replace(is_mean_sum, lambda e: (index.upper + 1) * m)
+        if not isinstance(e, sympy.Sum) or len(e.limits) != len(dims):
+            return False
+        bound = [limit[0] for limit in e.limits]
+        return any(e.function == body.xreplace(copy) for copy in _renamings(dims, bound))
+    return expr.replace(is_mean_sum, lambda e: size * m)
 
 
-def _same_base(candidate, base, body, index, m) -> bool:
-    return canonical(candidate) == canonical(_with_mean(base, body, index, m))
+def _same_base(candidate, base, body, dims, m) -> bool:
+    return canonical(candidate) == canonical(_with_mean(base, body, dims, m))

@@ -780,7 +780,8 @@ class _EquationParser:
             # (an int of 2**1024 or more cannot even be converted to a float to be checked)
             if isinstance(node.value, int) and abs(node.value) >= 2 ** 1024 or not math.isfinite(node.value):
                 raise self.error("number is too large for a float (it overflows to infinity)", node)
-            return sympy.nsimplify(node.value, rational=True), set()
+            # the decimal as written (repr): nsimplify would round 0.7978845608028654 to 15 digits
+            return sympy.Rational(repr(node.value)) if isinstance(node.value, float) else sympy.Integer(node.value), set()
         if isinstance(node, ast.Name):
             if node.id in self.params:
                 return param_symbol(node.id), set()

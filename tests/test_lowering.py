@@ -10,7 +10,7 @@ from derive.build import render_catalog
 from derive.pipeline import build_op
 from derive.lower import Einsum, MatMul, largest_intermediate_violations, walk
 from derive.model import SpecError
-from derive.printing import render_expr
+from derive.printing import render, render_expr
 from derive.spec import parse_catalog
 from derive.testing import check_gradients, gradcheck_op, load_module, make_inputs
 
@@ -187,15 +187,28 @@ def test_loss_gradients_scale_by_grad_loss_before_touching_a_tensor(op_name):
     import re
     scaled = r"-?(\d+ \* )?grad_loss( / size_\w+)?"
     expanded = r"\(-?\(+(\d+ \* )?grad_loss \* .*\)\.expand\(.*\) / size_\w+\)\.sum_to_size\("
+    lowered = built(CATALOG.op(op_name)).lowered["contraction"]
+    shared = {s.name: render(s.value).text for s in lowered.shared}
     for target, line in code_lines(op_name, "contraction").items():
+        # a gradient computed from a multiple of another reads it from a shared value: that value is scaled
+        read = re.fullmatch(r"\(?-?(shared_\d+)\)?(\.sum_to_size\(\w+\.shape\))?", line)
+        line = shared[read.group(1)] if read else line
         assert re.match(rf"\(?{scaled} \* ", line) or re.match(expanded, line) or re.match(
             rf"torch\._\w+_backward_data\(({scaled} \* |torch\.ops\.aten\.nll_loss_backward\({scaled}, )",
             line), (target, line)
 
 
 def test_shared_values_leave_the_upstream_scalar_out():
-    lowered = built(CATALOG.op("mse")).lowered["contraction"]
-    assert [str(s.value.expr) for s in lowered.shared] == ["pred[n] - target[n]"]
+    """(mse's gradients are one value and its negative, shared whole: see test_normalizations.py)"""
+    op = parse_catalog(textwrap.dedent('''
+        [ops.weighted_mse]
+        inputs = ["p[n]", "t[n]", "w[n]"]
+        differentiable = ["p", "w"]
+        equation = "loss = mean(w[n] * (p[n] - t[n])**2, n)"
+        reference = "(w * (p - t)**2).mean()"
+    '''), "test.toml").ops[0]
+    lowered = built(op).lowered["contraction"]
+    assert [str(s.value.expr) for s in lowered.shared] == ["p[n] - t[n]"]
 
 
 def test_a_one_hot_term_is_added_in_place(tmp_path):
@@ -338,8 +351,9 @@ def test_layer_norm_saves_mean_and_rstd_and_uses_the_fused_kernel():
     assert [v.name for v in result.lowered["contraction"].plan.saved] == ["saved_mean", "saved_rstd"]
     lines = code_lines("layer_norm", "contraction")
     assert lines["grad_x"] == ("torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], "
-                               "saved_mean.unsqueeze(-1), saved_rstd.unsqueeze(-1), w, None, [True, False, False])[0]")
-    assert lines["grad_w"].endswith("saved_rstd.unsqueeze(-1), w, None, [False, True, False])[1]")
+                               "saved_mean.unsqueeze(-1).detach(), saved_rstd.unsqueeze(-1).detach(), w, None, "
+                               "[True, False, False])[0]")
+    assert lines["grad_w"].endswith("saved_rstd.unsqueeze(-1).detach(), w, None, [False, True, False])[1]")
     assert not result.lowered["broadcast"].plan.saved
     assert "native_layer_norm_backward" not in " ".join(code_lines("layer_norm", "broadcast").values())
 
@@ -353,16 +367,17 @@ def test_a_normalization_without_weight_passes_none(tmp_path):
         reference = "torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)"
     ''')
     (line,) = [render_expr(g) for g in built(op).lowered["contraction"].gradients]
-    assert line == ("torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean.unsqueeze(-1), "
-                    "saved_rstd.unsqueeze(-1), None, None, [True, False, False])[0]")
+    assert line == ("torch.ops.aten.native_layer_norm_backward(grad_y, x, x.shape[-1:], saved_mean.unsqueeze(-1).detach(), "
+                    "saved_rstd.unsqueeze(-1).detach(), None, None, [True, False, False])[0]")
     gradcheck_op(op, module)
     check_gradients(op, module)
     inputs = [t.requires_grad_() for t in make_inputs(op, {"...": 3, "d": 4}, torch.float64)]
     assert torch.autograd.gradgradcheck(module.standardize, inputs)
 
 
-def test_statistics_read_outside_the_kernel_are_not_saved(tmp_path):
-    """A residual x + xhat has a fourth term in d/dx: no fused kernel, so the formulas stay."""
+def test_statistics_read_outside_the_kernel_are_saved_for_the_formulas(tmp_path):
+    """A residual x + xhat has a fourth term in d/dx: no fused kernel, so the formulas stay, reading the saved
+    statistics, which a double backward computes again from x."""
     op, module = spec_module(tmp_path, '''
         [ops.residual_norm]
         inputs = ["x[..., d]"]
@@ -370,9 +385,13 @@ def test_statistics_read_outside_the_kernel_are_not_saved(tmp_path):
         equation = "y[..., d] = x[..., d] + (x[..., d] - mean(x[..., d], d)) / sqrt(mean((x[..., d] - mean(x[..., d], d))**2, d) + eps)"
         reference = "x + torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)"
     ''')
-    assert not built(op).lowered["contraction"].plan.saved
+    saved = built(op).lowered["contraction"].plan.saved
+    assert [(v.name, v.recompute) for v in saved] == [("saved_mean", True), ("saved_rstd", True)]
+    assert "native_layer_norm_backward" not in render_expr(built(op).lowered["contraction"].gradients[0])
     gradcheck_op(op, module)
     check_gradients(op, module)
+    inputs = [t.requires_grad_() for t in make_inputs(op, {"...": 3, "d": 4}, torch.float64)]
+    assert torch.autograd.gradgradcheck(module.residual_norm, inputs)
 
 
 def test_two_log_softmaxes_of_one_input_get_two_saved_values(tmp_path):
