@@ -19,6 +19,7 @@ from .kernels import fuse
 from .lower import STYLES, LoweredOp, lower
 from .model import OpSpec, SpecError
 from .plan import plan
+from .saving import read_output
 from .signature import Signature, backward_signature
 from .spec import line_of_op
 
@@ -45,7 +46,7 @@ def build_op(op: OpSpec, styles=STYLES, budget: float | None = DEFAULT_BUDGET, s
     stage = ["deriving the gradients"] if stage is None else stage
     stage[0] = "deriving the gradients"
     with spec_errors(op), time_limit(op, budget, stage):
-        derivation = derive(op)
+        derivation = read_output(derive(op))
         stage[0] = "fusing kernels"
         fused = fuse(derivation) if "contraction" in styles else None
         stage[0] = "planning and lowering"

@@ -24,9 +24,10 @@ from dataclasses import dataclass, replace
 import sympy
 
 from . import naming
-from .derivation import Term
-from .functions import Sum, canonical, log_softmax, logsumexp, rewrite_log_softmax, softmax
-from .model import tensor_symbol
+from .derivation import Derivation, Term, tensor_symbols
+from .functions import (Sum, Tied, _Extremum, _OverIndex, canonical, log_softmax, logsumexp, rewrite_log_softmax,
+                        softmax)
+from .model import index_symbol, tensor_symbol
 
 
 @dataclass(frozen=True)
@@ -223,3 +224,157 @@ def _with_mean(expr: sympy.Expr, body, index, m) -> sympy.Expr:
 
 def _same_base(candidate, base, body, index, m) -> bool:
     return canonical(candidate) == canonical(_with_mean(base, body, index, m))
+
+
+# Reading the output instead of the inputs ---------------------------------------------------------
+
+def read_output(derivation: Derivation) -> Derivation:
+    """The gradients rewritten to read the forward's result instead of an input, where SymPy proves it equal
+    and the Function then saves less (or the same, with the output instead of an input: the next op, a linear
+    layer or another activation, usually saves that output too, so it is stored once, as autograd stores it).
+
+    Two rules, for a forward that is elementwise (it reads its inputs at the output's indices and sums nothing),
+    with y = F(s) where s is a subexpression holding every read of the inputs (the inputs themselves included):
+
+    - a value: where y = F(w) solves for w as a single c * y**k (no subtraction, no function: exact to rounding),
+      each occurrence of s in a gradient becomes that (`exp(x)` -> `y`, `tanh(3*x)` -> `y / 2` for y = 2*tanh(3*x));
+    - a kink: a step or comparison of a(s), whose surface a = 0 is the one real point w0, becomes the same of
+      y - F(w0) when SymPy proves both take the same value above, below and on it (`x > 0` -> `y > 0` for
+      y = relu(x), with relu's gradient at 0 unchanged; not for y = leaky_relu(x) with a symbolic slope).
+
+    Each rewrite is checked by substituting y = F(s) back (`_proved`). The op keeps its own gradients when no
+    rewrite frees an input, or when the output would join inputs that are still read (`_cheaper`).
+    """
+    op = derivation.op
+    reads = _elementwise_reads(derivation.forward, op)
+    if reads is None:
+        return derivation
+    output = tensor_symbol(op.output)[tuple(index_symbol(i, op.size_of(i)) for i in op.output_indices)]
+    rewrite = _OutputReader(derivation.forward, output, reads)
+    gradients = [replace(g, vjp=rewrite(g.vjp),
+                         terms=tuple(replace(t, factors=tuple(rewrite(f) for f in t.factors)) for t in g.terms))
+                 for g in derivation.gradients]
+    before, after = (_value_reads(gs, op) for gs in (derivation.gradients, gradients))
+    if not _cheaper(op, before, after):
+        return derivation
+    tangents = []
+    for tangent in derivation.tangents:
+        rewritten = replace(tangent, jvp=rewrite(tangent.jvp),
+                            terms=tuple(replace(t, factors=tuple(rewrite(f) for f in t.factors)) for t in tangent.terms))
+        freed = _value_reads([rewritten], op) <= after
+        tangents.append(rewritten if freed else tangent)
+    return replace(derivation, gradients=tuple(gradients), tangents=tuple(tangents))
+
+
+def _elementwise_reads(forward: sympy.Expr, op) -> frozenset | None:
+    """The input accesses of an elementwise forward (every one at the output's indices, nothing summed), or None."""
+    if not op.output_indices or forward.has(sympy.Sum, _OverIndex, _Extremum, sympy.KroneckerDelta):
+        return None
+    indices = tuple(index_symbol(i, op.size_of(i)) for i in op.output_indices)
+    accesses = forward.atoms(sympy.Indexed)
+    if not accesses or any(a.indices != indices for a in accesses) or forward.free_symbols & tensor_symbols(op):
+        return None
+    return frozenset(accesses)
+
+
+def _value_reads(gradients, op) -> frozenset[str]:
+    """The tensors whose values the gradients' terms read (the upstream gradient left out)."""
+    upstream = {naming.grad(op.output)} | {naming.tangent(t.name) for t in op.inputs}
+    return frozenset(a.base.label.name for g in gradients for t in g.terms for f in t.factors
+                     for a in f.atoms(sympy.Indexed)) - upstream
+
+
+def _cheaper(op, before: frozenset[str], after: frozenset[str]) -> bool:
+    """Whether the Function saves less reading `after` than `before`: an input is freed, and the output joins
+    only in place of an input at least its size."""
+    removed, added = before - after, after - before
+    if not removed or not added <= {op.output}:
+        return False
+    return not added or any(set(op.input(name).indices) >= set(op.output_indices) for name in removed)
+
+
+class _OutputReader:
+    """Rewrites an expression's reads of the inputs into reads of the output (see read_output)."""
+
+    def __init__(self, forward: sympy.Expr, output: sympy.Indexed, reads: frozenset):
+        self.forward = _untied(forward)
+        self.output = output
+        self.reads = reads
+        self.w = sympy.Dummy("w", real=True)
+        # every subexpression that holds all the reads, the largest first, with the forward as F(w) of it
+        self.cores = {}
+        for core in _subexpressions(self.forward):
+            outer = _replaced(self.forward, core, self.w)
+            if outer is not None and not outer.atoms(sympy.Indexed):
+                self.cores[core] = outer
+        # y = c * core: the core is y / c
+        self.values = {}
+        for core, outer in self.cores.items():
+            coefficient, rest = outer.as_independent(self.w, as_Add=False)
+            if rest == self.w and coefficient != 0 and not coefficient.atoms(sympy.Indexed) \
+                    and not coefficient.has(sympy.Function):
+                self.values[core] = output / coefficient
+
+    def __call__(self, expr: sympy.Expr) -> sympy.Expr:
+        if not expr.atoms(sympy.Indexed) & self.reads:
+            return expr
+        expr = expr.replace(lambda e: isinstance(e, (sympy.Heaviside, sympy.core.relational.Relational))
+                            and self._kink(e) is not None, lambda e: self._kink(e))
+        return expr.xreplace(self.values) if self.values else expr
+
+    def _kink(self, node):
+        """The step or comparison `node` of a(core), read as the same of y - F(w0); None when not proved."""
+        if not node.atoms(sympy.Indexed) & self.reads:
+            return None
+        argument = node.args[0] if isinstance(node, sympy.Heaviside) else node.lhs - node.rhs
+        for core, outer in self.cores.items():
+            a = _replaced(argument, core, self.w)
+            if a is None or a.atoms(sympy.Indexed) & self.reads:
+                continue
+            slope = a.diff(self.w)
+            if not slope.is_number or slope == 0 or a.diff(self.w, 2) != 0:
+                return None        # only a surface a = slope * (w - w0)
+            root = sympy.simplify(-a.xreplace({self.w: 0}) / slope)
+            surface = self.output - outer.xreplace({self.w: root})
+            if isinstance(node, sympy.Heaviside):
+                mine, read = sympy.Heaviside(a, *node.args[1:]), sympy.Heaviside(surface, *node.args[1:])
+            else:
+                mine, read = type(node)(a, 0), type(node)(surface, 0)
+            claim = read.xreplace({self.output: outer})
+            return read if _same_around(mine, claim, self.w, root) else None
+        return None
+
+
+def _replaced(expr: sympy.Expr, old: sympy.Expr, new: sympy.Expr):
+    """`expr` with `old` replaced by `new`, or None where that makes no expression (a condition replaced)."""
+    try:
+        return expr.xreplace({old: new})
+    except (TypeError, ValueError):
+        return None
+
+
+def _subexpressions(expr: sympy.Expr):
+    """`expr` and its subexpressions that read a tensor, outermost first (an access is one, not its indices)."""
+    if not expr.atoms(sympy.Indexed):
+        return
+    if isinstance(expr, sympy.Expr):
+        yield expr
+    if not isinstance(expr, sympy.Indexed):
+        for arg in expr.args:
+            yield from _subexpressions(arg)
+
+
+def _untied(expr: sympy.Expr) -> sympy.Expr:
+    """The forward's values, with Max/Min ties forgotten (they decide the gradient, not the value)."""
+    return expr.replace(lambda e: isinstance(e, Tied), lambda e: e.untied)
+
+
+def _same_around(mine: sympy.Expr, claim: sympy.Expr, w: sympy.Dummy, root: sympy.Expr) -> bool:
+    """Whether `mine` and `claim`, functions of w, provably take the same value at w = root, above and below it."""
+    p = sympy.Dummy("p", positive=True)
+    for point in (root, root + p, root - p):
+        a, b = mine.xreplace({w: point}), claim.xreplace({w: point})
+        if not (a in (sympy.true, sympy.false) or a.is_number) or a != b:
+            return False
+    return True
+
