@@ -231,7 +231,7 @@ def generated_seed_backward(modules, data, l1, l2, output, grad_loss) -> Gradien
     grad_prediction, _ = mse.mse_backward(grad_loss, prediction, data["target"], needs_input_grad=(True, False))
     grad_l2, grad_w2, grad_b2 = linear.linear_backward(grad_prediction.unsqueeze(-1), l2, data["w2"], data["b2"])
     del grad_prediction  # each gradient is freed once used, as autograd frees it: the peak should be
-    (grad_l1,) = relu.relu_backward(grad_l2, l1)   # the generated code's, not this glue's
+    (grad_l1,) = relu.relu_backward(grad_l2, l1, l2)   # the generated code's, not this glue's
     del grad_l2
     grad_input, grad_w1, grad_b1 = linear.linear_backward(grad_l1, data["input"], data["w1"], data["b1"])
     return grad_input, grad_w1, grad_b1, grad_w2, grad_b2

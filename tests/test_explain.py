@@ -225,8 +225,8 @@ def test_explain_relu_states_the_kink_value(capsys):
     assert "x[...] = 0: the gradient jumps" in out
     assert "x[...] = 0: grad_x[...] = 0" in out
     assert "θ(x[" in out
-    assert "grad_x = torch.ops.aten.threshold_backward(grad_y, x, 0)" in out
-    assert "saved from the forward: x" in out
+    assert "grad_x = torch.ops.aten.threshold_backward(grad_y, y, 0)" in out   # read off the saved output
+    assert "saved from the forward: y" in out
 
 
 def test_explain_one_input_with_markdown_math(capsys):
