@@ -76,7 +76,7 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
         + ([text for _, text, _ in saving["lines"]] if saving else [])
     params = [f"{p.name}={p.default!r}" for p in op.params]
     context = dict(
-        contract=_contract(derivation, lowered, list(signature.kept)),
+        contract=_contract(derivation, lowered, list(signature.kept + signature.shaped)),
         autocast=_autocast(derivation, function["custom_op_name"]),
         source=comment_safe(source),
         command=comment_safe(command),
@@ -170,7 +170,9 @@ def _function_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
         forward_args=", ".join(tensor_args + params),
         typed_args=", ".join([f"{t}: torch.Tensor" for t in tensor_args]
                              + [f"{p.name}: float = {p.default!r}" for p in op.params]),
-        unpack_inputs=_unpack([t if t in saved or t in jvp["saved"] else "_" for t in tensor_args] + params),
+        unpack_inputs=_unpack([t if t in saved or t in signature.shaped or t in jvp["saved"] else "_"
+                               for t in tensor_args] + params),
+        shaped=[(t, naming.shape_of(t)) for t in signature.shaped],
         unpack_values=_unpack(["_"] + values) if values else "",
         unpack_all=_unpack(tensor_args + params),
         unpack_recomputed=_unpack(["_"] + [v.name if v.recompute else "_" for v in lowered.plan.saved])
@@ -180,7 +182,8 @@ def _function_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
         saved_names=", ".join(saved),
         unpack_saved=_unpack(saved) if saved else "",
         params=params,
-        backward_call=", ".join([signature.grad_output] + [t if t in saved else "None" for t in tensor_args]
+        backward_call=", ".join([signature.grad_output] + [t if t in saved or t in signature.shaped else "None"
+                                                           for t in tensor_args]
                                 + output + values + [f"ctx.{p}" for p in params]),
         inputs_count=len(op.inputs),
     )

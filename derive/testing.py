@@ -17,6 +17,7 @@ import itertools
 import importlib.util
 import inspect
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -685,3 +686,29 @@ def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
         if want is not None:
             torch.testing.assert_close(got, want, msg=lambda m: f"{op.name}: custom op gradient: {m}")
     check_tangents(op, module)
+
+
+def saved_bytes(run: Callable[[], object]) -> int:
+    """Bytes the autograd graph built by `run()` holds for its backward: the distinct storages its nodes save
+    (torch.autograd.graph.saved_tensors_hooks sees every tensor a node or a Function's ctx saves; a tensor two
+    nodes save, or a view of one, is counted once). Shapes and numbers kept on a ctx are not tensors: 0 bytes."""
+    storages: dict[tuple, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[(storage.data_ptr(), str(tensor.device))] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = run()
+    del result      # the graph, and the storages it saved, lived until now
+    return sum(storages.values())
+
+
+def op_saved_bytes(op: OpSpec, module: ModuleType, inputs) -> tuple[int, int]:
+    """(bytes the generated `<op>()` saves, bytes autograd of the op's reference saves) for the same inputs,
+    each differentiable input a leaf that requires grad."""
+    def leaves():
+        return [t.detach().requires_grad_(spec.differentiable) for t, spec in zip(inputs, op.inputs)]
+    generated = getattr(module, op.name)
+    return saved_bytes(lambda: generated(*leaves())), saved_bytes(lambda: reference(op)(*leaves()))
