@@ -31,6 +31,17 @@ from .model import index_symbol, tensor_symbol
 
 
 @dataclass(frozen=True)
+class Adjoint:
+    """How the autograd.Function returns a saved value as a differentiable output of its own (as autograd saves
+    log_softmax's result, whose node a double backward goes through), so that it keeps no input to compute the
+    value again: the value's gradient and tangent, in terms of the value and the one input it is a function of."""
+
+    input: str       # the input the value is computed from: logits
+    vjp: str         # Python: that input's share of `grad_<value>`, a gradient reaching the value
+    tangent: str     # Python: the value's tangent, given `tangent_<input>` (not None) and the input
+
+
+@dataclass(frozen=True)
 class SavedValue:
     """A tensor the forward computes, returns alongside its result, and the backward reads."""
 
@@ -42,6 +53,7 @@ class SavedValue:
     # through it; where only fused kernels read it (layer norm's mean and rstd), their own
     # double backward accounts for it, and the kernel refuses a mean that requires grad.
     recompute: bool = True
+    adjoint: Adjoint | None = None   # the Function returns it as a differentiable output: it recomputes nothing
 
 
 @dataclass(frozen=True)
@@ -67,7 +79,8 @@ def save_forward_values(forward: list[Term], gradients: list[list[Term]]) -> Sav
         name = naming.SAVED_PREFIX + "log_softmax"
         if len(needed) > 1:      # one per input, and per dim when an input has two
             name += "_" + body.base.label.name + ("_" + index.name if labels.count(body.base.label.name) > 1 else "")
-        value = SavedValue(name, log_softmax(body, index), tuple(i.name for i in body.indices))
+        value = SavedValue(name, log_softmax(body, index), tuple(i.name for i in body.indices),
+                           adjoint=_log_softmax_adjoint(name, body, index))
         reading = _read_forward(forward, value, body, index)
         if reading == forward:      # the forward never forms x - logsumexp(x): nothing to save
             continue
@@ -75,6 +88,17 @@ def save_forward_values(forward: list[Term], gradients: list[list[Term]]) -> Sav
         gradients = [[_read_gradient(t, value, body, index) for t in terms] for terms in gradients]
         saved.append(value)
     return Saving(tuple(saved), forward, gradients) if saved else None
+
+
+def _log_softmax_adjoint(name: str, body: sympy.Indexed, index: sympy.Idx) -> Adjoint:
+    """log_softmax(x, dim)'s own derivatives, read off its result: g - exp(s) * sum(g, dim), t - sum(softmax(x) * t, dim)."""
+    position = list(body.indices).index(index)
+    batch_before = any(i.name == naming.BATCH for i in body.indices[:position])
+    dim = position - len(body.indices) if batch_before else position
+    source = body.base.label.name
+    tangent = naming.tangent(source)
+    return Adjoint(source, f"torch._log_softmax_backward_data({naming.grad(name)}, {name}, {dim}, {name}.dtype)",
+                   f"{tangent} - (torch.softmax({source}, {dim}) * {tangent}).sum({dim}, keepdim=True)")
 
 
 def _log_softmax_bodies(forward: list[Term]) -> list[tuple[sympy.Indexed, sympy.Idx]]:

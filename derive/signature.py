@@ -79,7 +79,7 @@ def backward_signature(derivation: Derivation, lowered: LoweredOp) -> Signature:
     reads = code_reads | _size_reads(op, sizes_used(op, exprs, shared_leaves), sources)
     values = tuple(v.name for v in lowered.plan.saved)
     # An op with values to compute again in a double backward keeps every input it computes them from.
-    recomputed = any(v.recompute for v in lowered.plan.saved)
+    recomputed = any(v.recompute and v.adjoint is None for v in lowered.plan.saved)
     values_read = reads_of(tuple(lowered.gradients), lowered.shared, shapes=False)
     kept = tuple(t.name for t in op.inputs
                  if recomputed or (t.name in reads and (t.integer or t.name in values_read)))

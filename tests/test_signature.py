@@ -26,7 +26,9 @@ def _backward_reads(module_text: str, op) -> set[str]:
 
 
 def _saved(module_text: str, output: str) -> tuple[str, ...]:
-    calls = [node for node in ast.walk(ast.parse(module_text)) if isinstance(node, ast.Call)
+    """What the autograd.Function's setup_context saves (the custom op may keep more: see its backward)."""
+    (function,) = [node for node in ast.parse(module_text).body if isinstance(node, ast.ClassDef)]
+    calls = [node for node in ast.walk(function) if isinstance(node, ast.Call)
              and isinstance(node.func, ast.Attribute) and node.func.attr == "save_for_backward"]
     return tuple(output if a.id == "output" else a.id for a in calls[0].args) if calls else ()
 
