@@ -60,6 +60,7 @@ class OpSpec:
     pads: tuple[tuple[str, str, int, int], ...] = ()    # (input, dim's index, zeros before, zeros after): `pad`
     affine_reads: tuple["AffineRead", ...] = ()         # every read with an affine subscript, as written
     size_checks: tuple[tuple[sympy.Expr, str], ...] = ()  # (condition on sizes, what breaks it): the contract
+    saving: str = "auto"               # which forward values the Function saves: one of saving.POLICIES
 
     @property
     def index_order(self) -> tuple[str, ...]:

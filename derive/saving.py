@@ -250,6 +250,32 @@ def _same_base(candidate, base, body, index, m) -> bool:
     return canonical(candidate) == canonical(_with_mean(base, body, index, m))
 
 
+# Save or recompute -------------------------------------------------------------------------------
+
+# The cost rule. A forward value that a kernel reads (a log-softmax, a normalization's statistics) is either saved
+# by the forward or recomputed by the backward from the inputs, which the Function then keeps instead. Its cost of
+# recomputing, in elementwise passes over the input it comes from (a reduction is a pass, an elementwise
+# function of it another):
+RECOMPUTE_PASSES = {
+    save_forward_values: 4,   # log_softmax(x): max over c, x - max, exp and its sum over c, log and subtract
+    save_normalization: 3,    # mean and rstd: a sum over d, the squares of x - mean and their sum, rsqrt
+}
+# and the line: "auto" saves a value that costs more than this many passes to recompute, as autograd saves
+# log_softmax's result and native_layer_norm's mean and rstd; one element-wise pass or two (a sigmoid, a product)
+# is recomputed, as the generated code always recomputes elementwise functions of the inputs (gelu's erf, silu's
+# sigmoid) instead of keeping them.
+SAVE_ABOVE_PASSES = 2
+
+
+def worth_saving(op, save) -> bool:
+    """Whether the op saves the values that `save` (a kernel's save function) finds, by the op's `saving` key:
+    "save" always, "recompute" never (the least memory where the values would be kept beside the inputs they come
+    from: layer norm's statistics), "auto" (the default) by the cost rule above."""
+    if op.saving == "auto":
+        return RECOMPUTE_PASSES.get(save, SAVE_ABOVE_PASSES + 1) > SAVE_ABOVE_PASSES
+    return op.saving == "save"
+
+
 # Reading the output instead of the inputs ---------------------------------------------------------
 
 def read_output(derivation: Derivation) -> Derivation:

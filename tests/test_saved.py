@@ -15,6 +15,7 @@ import torch
 from derive import bench
 from derive.emit import render_module
 from derive.pipeline import build_op
+from derive.model import SpecError
 from derive.spec import parse_catalog
 from derive.testing import (check_gradients, check_tangents, gradcheck_op, kink_inputs, load_module, make_inputs,
                             op_saved_bytes, reference, saved_bytes)
@@ -175,3 +176,36 @@ def test_cross_entropy_twice_differentiable_without_its_logits():
         assert torch.autograd.gradgradcheck(lambda x: call(x, target), (logits,))
     expected = torch.func.hessian(lambda x: torch.nn.functional.cross_entropy(x, target))(logits)
     torch.testing.assert_close(torch.func.hessian(lambda x: module.cross_entropy(x, target))(logits), expected)
+
+
+CROSS_ENTROPY = """
+[ops.ce]
+inputs = ["logits[n, c]", "target[n]"]
+integer = ["target"]
+equation = "loss = mean(logsumexp(logits[n, c], c) - logits[n, target[n]], n)"
+reference = "torch.nn.functional.cross_entropy(logits, target)"
+saving = "{policy}"
+"""
+
+
+@pytest.mark.parametrize("policy, saved", [("auto", ("target", "saved_log_softmax")), ("recompute", ("logits", "target")),
+                                           ("save", ("target", "saved_log_softmax"))])
+def test_the_saving_key_chooses_save_or_recompute(tmp_path, policy, saved):
+    """`saving`: "auto" saves the log-softmax (4 passes to recompute, over the cost rule's 2), "recompute" keeps the
+    logits and computes it again in the backward, "save" saves it; each gives autograd's gradients."""
+    op = parse_catalog(CROSS_ENTROPY.format(policy=policy), "ce.toml").op("ce")
+    built = build_op(op, ("contraction",))
+    text = render_module(built.derivation, built.lowered["contraction"], "ce.toml", "derive generate",
+                         namespace=f"test_saved_ce_{policy}")
+    (tmp_path / "ce.py").write_text(text)
+    module = load_module(tmp_path / "ce.py")
+    assert _saved_by_function(text, op.output) == saved
+    check_gradients(op, module, sizes={"n": 4, "c": 3})
+    inputs = make_inputs(op, {"n": 4, "c": 3}, torch.float64)
+    generated_bytes, autograd_bytes = op_saved_bytes(op, module, inputs)
+    assert generated_bytes <= autograd_bytes
+
+
+def test_an_unknown_saving_policy_is_a_spec_error():
+    with pytest.raises(SpecError, match=r"op 'ce': 'saving' is 'never'; expected one of auto, save, recompute"):
+        parse_catalog(CROSS_ENTROPY.format(policy="never"), "ce.toml")
