@@ -19,7 +19,7 @@ from .kernels import fuse
 from .lower import STYLES, LoweredOp, lower
 from .model import OpSpec, SpecError
 from .plan import plan
-from .saving import read_output
+from .saving import read_output, save_steps
 from .signature import Signature, backward_signature
 from .spec import line_of_op
 
@@ -48,7 +48,7 @@ def build_op(op: OpSpec, styles=STYLES, budget: float | None = DEFAULT_BUDGET, s
     with spec_errors(op), time_limit(op, budget, stage):
         derivation = read_output(derive(op))
         stage[0] = "fusing kernels"
-        fused = fuse(derivation) if "contraction" in styles else None
+        fused = save_steps(fuse(derivation)) if "contraction" in styles else None
         stage[0] = "planning and lowering"
         lowered = {style: lower(plan(fused if style == "contraction" else derivation), style) for style in styles}
         return Built(derivation, lowered, {style: backward_signature(derivation, lowered[style]) for style in styles})

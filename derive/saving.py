@@ -428,3 +428,55 @@ def _same_around(mine: sympy.Expr, claim: sympy.Expr, w: sympy.Dummy, root: symp
             return False
     return True
 
+
+
+# Steps instead of the inputs they read ------------------------------------------------------------
+
+def save_steps(derivation: Derivation) -> Derivation:
+    """Where the gradients read inputs only through steps (sign(pred - target), a where() mask of them), the
+    forward saves each step instead, as `saved_step` (or `saved_step_0`, ...), and the inputs are not kept.
+
+    A step is piecewise constant, so its derivative is 0: a double backward needs nothing computed again from
+    the inputs (`recompute=False`). It is saved only when that frees more inputs than it adds values, each
+    freed input having every dim of the step (l1_loss keeps sign(pred - target), not pred and target); an
+    input read for its shape (a sum back to a broadcast input's size) is then kept as its shape."""
+    op = derivation.op
+    inputs = {t.name for t in op.inputs}
+    steps: list[sympy.Expr] = []
+    for factor in (f for g in derivation.gradients for t in g.terms for f in t.factors):
+        for step in _steps(factor, inputs):
+            if step not in steps:
+                steps.append(step)
+    if not steps:
+        return derivation
+    names = [naming.SAVED_PREFIX + "step" + (f"_{k}" if len(steps) > 1 else "") for k in range(len(steps))]
+    values, reads = [], {}
+    for name, step in zip(names, steps):
+        indices = next(iter(step.atoms(sympy.Indexed))).indices
+        values.append(SavedValue(name, step, tuple(i.name for i in indices), recompute=False))
+        reads[step] = tensor_symbol(name)[indices]
+    gradients = [replace(g, terms=tuple(replace(t, factors=tuple(f.xreplace(reads) for f in t.factors))
+                                        for t in g.terms)) for g in derivation.gradients]
+    before, after = (_value_reads(gs, op) & inputs for gs in (derivation.gradients, gradients))
+    freed = before - after
+    dims = {i for v in values for i in v.indices}
+    if len(freed) <= len(values) or not all(set(op.input(name).indices) >= dims for name in freed):
+        return derivation
+    return replace(derivation, gradients=tuple(gradients), saved=derivation.saved + tuple(values))
+
+
+def _steps(expr: sympy.Expr, inputs: set[str]):
+    """The largest subexpressions of `expr` that read inputs, all at the same indices, and are piecewise
+    constant in them: sign(a), a step, a where() whose branches are numbers."""
+    accesses = {a for a in expr.atoms(sympy.Indexed) if a.base.label.name in inputs}
+    if not accesses:
+        return
+    constant = isinstance(expr, (sympy.sign, sympy.Heaviside)) or \
+        (isinstance(expr, sympy.Piecewise) and all(value.is_number for value, _ in expr.args))
+    if constant and len({a.indices for a in accesses}) == 1 and \
+            not (expr.atoms(sympy.Indexed) - accesses) and not expr.has(sympy.Sum, _OverIndex, _Extremum):
+        yield expr
+        return
+    for arg in expr.args:
+        if isinstance(arg, sympy.Expr):
+            yield from _steps(arg, inputs)

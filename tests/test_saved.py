@@ -2,7 +2,8 @@
 
 The rules (derive/saving.py): the gradients read the output instead of an input where SymPy proves it equal
 (`read_output`), an input whose shape alone the backward reads is kept as its shape, and a saved log-softmax
-is an output of the Function with its own VJP, so the logits are not kept beside it. Bytes are measured with
+is an output of the Function with its own VJP, so the logits are not kept beside it, and a step the gradients
+read their inputs through is saved instead of them (l1_loss's sign(pred - target)). Bytes are measured with
 `derive.testing.saved_bytes` (saved_tensors_hooks), at small shapes.
 """
 
@@ -23,14 +24,9 @@ from derive.testing import (check_gradients, check_tangents, gradcheck_op, kink_
 from conftest import CATALOG, GENERATED, OPS, first_by_default
 
 QUICK = bench.SIZE_PRESETS["quick"]
-# Over autograd still: l1_loss keeps pred and target where autograd keeps pred - target (a forward value
-# that only a saved intermediate, not an input or the output, could stand for).
-OVER = {"l1_loss"}
 
 
-@pytest.mark.parametrize("op_name", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="saves an "
-                                                  "input pair where autograd saves their difference"))
-                                     if name in OVER else name for name in OPS])
+@pytest.mark.parametrize("op_name", OPS)
 def test_the_function_saves_at_most_what_autograd_saves(op_name):
     op = CATALOG.op(op_name)
     module = load_module(GENERATED / f"{op_name}.py")
@@ -98,6 +94,11 @@ params = { slope = 0.1 }
 equation = "y[n] = where(x[n] > 0, x[n], slope * x[n])"
 reference = "torch.nn.functional.leaky_relu(x, slope)"
 
+[ops.abs_diff]
+inputs = ["a[n]", "b[n]"]
+equation = "loss = sum(2 * Abs(a[n] - b[n]), n)"
+reference = "2 * (a - b).abs().sum()"
+
 [ops.square]
 inputs = ["x[n]"]
 equation = "y[n] = x[n] ** 2"
@@ -115,6 +116,7 @@ SAVED = {
     "relu_tie_one": ("x",),       # the gradient at x == 0 is 1, where y == 0 cannot tell x == 0 from x < 0
     "leaky": ("x",),              # the slope's sign is unknown: y > 0 is not proved to be x > 0
     "square": ("x",),             # x is not a single multiple of y
+    "abs_diff": ("saved_step",),  # both gradients read a and b only through sign(a - b): saved instead
 }
 SIZES = [{"n": 5, "d": 3}, {"n": 1, "d": 1}, {"n": 0, "d": 2}, {"n": 4, "d": 4}]
 
