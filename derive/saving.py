@@ -39,6 +39,7 @@ class Adjoint:
     input: str       # the input the value is computed from: logits
     vjp: str         # Python: that input's share of `grad_<value>`, a gradient reaching the value
     tangent: str     # Python: the value's tangent, given `tangent_<input>` (not None) and the input
+    meaning: str     # what the vjp's kernel computes, for the comment above it
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ def _log_softmax_adjoint(name: str, body: sympy.Indexed, index: sympy.Idx) -> Ad
     source = body.base.label.name
     tangent = naming.tangent(source)
     return Adjoint(source, f"torch._log_softmax_backward_data({naming.grad(name)}, {name}, {dim}, {name}.dtype)",
-                   f"{tangent} - (torch.softmax({source}, {dim}) * {tangent}).sum({dim}, keepdim=True)")
+                   f"{tangent} - (torch.softmax({source}, {dim}) * {tangent}).sum({dim}, keepdim=True)",
+                   "_log_softmax_backward_data(g, y, dim) = g - exp(y) * sum(g, dim)")
 
 
 def _log_softmax_bodies(forward: list[Term]) -> list[tuple[sympy.Indexed, sympy.Idx]]:

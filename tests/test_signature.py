@@ -81,9 +81,11 @@ reference = "(x + s).mean()"
                                               ((2, 1), (2, 5))])
 def test_the_function_keeps_every_tensor_a_size_is_read_off(tmp_path, style, x_shape, s_shape):
     """The regression: size_batch is read off x and s (their batch dims may broadcast), and s is read for
-    nothing else; the Function kept only x, and its backward failed on s = None."""
+    nothing else; the Function kept only x, and its backward failed on s = None. Now both are read for their
+    shapes alone, which the Function keeps (x_shape, s_shape), and no tensor."""
     op, module = _one_op_module(tmp_path, SHIFTED_MEAN, style)
-    assert build_op(op).signatures[style].saved == ("x", "s")
+    signature = build_op(op).signatures[style]
+    assert (signature.saved, signature.shaped) == ((), ("x", "s"))
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(x_shape, generator=generator, dtype=torch.float64, requires_grad=True)
     s = torch.randn(s_shape, generator=generator, dtype=torch.float64)
