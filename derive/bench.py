@@ -32,7 +32,8 @@ Contract:
 - Saved bytes. What the forward leaves in the graph for the backward: the distinct storages the
   generated Function (`<op>()`, or the chain of them for the networks) saves, against those autograd's
   graph of the reference saves (`testing.saved_bytes`, through `saved_tensors_hooks`; a tensor two nodes
-  save counts once, a shape kept on a ctx counts nothing).
+  save counts once, a shape kept on a ctx counts nothing). For the two networks, the activations only: what
+  the forward computed, not the input, weights, biases and target both sides keep alike.
 - `derive generate` time: one in-process `render_catalog(load_catalog())` of the
   built-in catalog in both styles (rendering only, no files written, imports excluded).
 """
@@ -242,8 +243,9 @@ def seed_network_case(modules, preset: dict[str, int]) -> Case:
             return loss_of(second(hidden, fresh["w2"], fresh["b2"]).squeeze(-1), fresh["target"])
         return build
 
-    saved_generated = saved_bytes(through(linear.linear, relu.relu, linear.linear, mse.mse))
-    saved_autograd = saved_bytes(through(_torch_linear, torch.relu, _torch_linear, torch.nn.functional.mse_loss))
+    saved_generated = saved_bytes(through(linear.linear, relu.relu, linear.linear, mse.mse), activations=True)
+    saved_autograd = saved_bytes(through(_torch_linear, torch.relu, _torch_linear, torch.nn.functional.mse_loss),
+                                 activations=True)
     return Case(SEED_NETWORK, _shape({"n": n, "k": k, "m": m}), {
         GENERATED: lambda: generated_seed_backward(modules, **saved),
         HANDWRITTEN: lambda: seed_backward(**saved),
@@ -281,7 +283,7 @@ def mlp_case(modules, preset: dict[str, int]) -> Case:
         loss, leaves = build()
         contenders[name] = _autograd(loss, leaves, torch.ones_like(loss))
     return Case(MLP, _shape({"n": n, "k": k, "m": m, "classes": MLP_CLASSES}), contenders,
-                saved=(saved_bytes(generated), saved_bytes(autograd)))
+                saved=(saved_bytes(generated, activations=True), saved_bytes(autograd, activations=True)))
 
 
 def generated_seed_backward(modules, data, l1, l2, output, grad_loss) -> Gradients:

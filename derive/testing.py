@@ -688,15 +688,18 @@ def verify_op(spec: str | Path, op_name: str, module_path: str | Path) -> None:
     check_tangents(op, module)
 
 
-def saved_bytes(run: Callable[[], object]) -> int:
+def saved_bytes(run: Callable[[], object], activations: bool = False) -> int:
     """Bytes the autograd graph built by `run()` holds for its backward: the distinct storages its nodes save
     (torch.autograd.graph.saved_tensors_hooks sees every tensor a node or a Function's ctx saves; a tensor two
-    nodes save, or a view of one, is counted once). Shapes and numbers kept on a ctx are not tensors: 0 bytes."""
+    nodes save, or a view of one, is counted once). Shapes and numbers kept on a ctx are not tensors: 0 bytes.
+    `activations`: only the values the forward computed, not the leaves (inputs, weights) or views of them."""
     storages: dict[tuple, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        storages[(storage.data_ptr(), str(tensor.device))] = storage.nbytes()
+        base = tensor if tensor._base is None else tensor._base
+        if not (activations and base.is_leaf):
+            storages[(storage.data_ptr(), str(tensor.device))] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
