@@ -288,14 +288,16 @@ def read_output(derivation: Derivation) -> Derivation:
     Two rules, for a forward that is elementwise (it reads its inputs at the output's indices and sums nothing),
     with y = F(s) where s is a subexpression holding every read of the inputs (the inputs themselves included):
 
-    - a value: where y = F(w) solves for w as a single c * y**k (no subtraction, no function: exact to rounding),
-      each occurrence of s in a gradient becomes that (`exp(x)` -> `y`, `tanh(3*x)` -> `y / 2` for y = 2*tanh(3*x));
-    - a kink: a step or comparison of a(s), whose surface a = 0 is the one real point w0, becomes the same of
-      y - F(w0) when SymPy proves both take the same value above, below and on it (`x > 0` -> `y > 0` for
-      y = relu(x), with relu's gradient at 0 unchanged; not for y = leaky_relu(x) with a symbolic slope).
+    - a value: where F(w) = c * w (c a number or params), each occurrence of s in a gradient becomes y / c
+      (`exp(x)` -> `y`, `tanh(3*x)` -> `y / 2` for y = 2*tanh(3*x)); no inverse function is introduced (no log(y),
+      no atanh(y)), nor a subtraction, so nothing is lost to rounding;
+    - a kink: a step or comparison of a(s), linear in s with its surface at s = w0, becomes the same of
+      y - F(w0) when SymPy proves both take the same value at w0, and above and below it for every distance
+      (`x <= 0` -> `y <= 0` for y = relu(x), its gradient at 0 unchanged; not for Max(x, 0, tie=1), whose
+      gradient at 0 is 1 while y = 0 cannot tell x = 0 from x < 0, nor for a leaky relu of a symbolic slope).
 
-    Each rewrite is checked by substituting y = F(s) back (`_proved`). The op keeps its own gradients when no
-    rewrite frees an input, or when the output would join inputs that are still read (`_cheaper`).
+    The op keeps its own gradients when no rewrite frees an input, or when the output would join inputs that
+    are still read (`_cheaper`).
     """
     op = derivation.op
     reads = _elementwise_reads(derivation.forward, op)
