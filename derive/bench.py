@@ -2,8 +2,9 @@
 
 Contract:
 
-- Cases. Every op of the built-in catalog, and the seed article's network (linear
-  k -> m, ReLU, linear m -> 1, MSE on `output.squeeze(-1)`), at each size preset
+- Cases. Every op of the built-in catalog, the seed article's network (linear
+  k -> m, ReLU, linear m -> 1, MSE on `output.squeeze(-1)`), and a classifier MLP (linear k -> m,
+  ReLU, linear m -> 10 classes, cross-entropy) built from the generated Functions, at each size preset
   asked for. An op's inputs come from its own metadata, never from per-op code: each
   size an index ranges over gets the preset's value for that size's name (`n`, `k`,
   `m`); sizes with other names share the rest of an n * k * m budget that bounds
@@ -28,6 +29,11 @@ Contract:
   live before it (its results included). The raw events are read from
   `prof.profiler.kineto_results`, not a public attribute; `key_averages()` and
   `prof.events()` are not used: they fold allocations into per-op totals, not a peak.
+- Saved bytes. What the forward leaves in the graph for the backward: the distinct storages the
+  generated Function (`<op>()`, or the chain of them for the networks) saves, against those autograd's
+  graph of the reference saves (`testing.saved_bytes`, through `saved_tensors_hooks`; a tensor two nodes
+  save counts once, a shape kept on a ctx counts nothing). For the two networks, the activations only: what
+  the forward computed, not the input, weights, biases and target both sides keep alike.
 - `derive generate` time: one in-process `render_catalog(load_catalog())` of the
   built-in catalog in both styles (rendering only, no files written, imports excluded).
 """
@@ -56,7 +62,7 @@ from .build import STYLE_DIRS, render_catalog
 from .derivation import Derivation, derive
 from .model import OpSpec
 from .spec import load_catalog
-from .testing import backward_arguments, load_module, make_inputs, reference
+from .testing import backward_arguments, load_module, make_inputs, op_saved_bytes, reference, saved_bytes
 
 SIZE_PRESETS = {
     "quick": {"n": 16, "k": 12, "m": 8},
@@ -67,6 +73,8 @@ DEFAULT_SIZES = ("seed", "large")
 DEFAULT_ROUNDS, DEFAULT_WARMUP = 30, 3
 QUICK_ROUNDS, QUICK_WARMUP = 3, 1
 SEED_NETWORK = "seed network"
+MLP = "classifier MLP"
+MLP_CLASSES = 10
 AUTOGRAD, GENERATED, HANDWRITTEN = "autograd", "generated", "hand-written"
 CHECKS = "shape checks"
 DTYPE = torch.float32
@@ -87,6 +95,7 @@ class Case:
     shape: str
     contenders: dict[str, Callable[[], Gradients]]
     checks: Callable[[], None] | None = None
+    saved: tuple[int, int] | None = None     # bytes saved for the backward: (generated Functions, autograd)
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,11 @@ class Row:
     peak: int
     autograd_peak: int
     check_seconds: float | None = None
+    saved: tuple[int, int] | None = None     # bytes saved for the backward: (generated Functions, autograd)
+
+    @property
+    def saved_ratio(self) -> float | None:
+        return self.saved[0] / self.saved[1] if self.saved and self.saved[1] else None
 
     @property
     def time_ratio(self) -> float:
@@ -141,12 +155,14 @@ def run_bench(quick: bool = False, style: str = "contraction", sizes: Sequence[s
 
 
 def cases(style: str, preset: dict[str, int], generated_dir: Path, only: Sequence[str] = ()) -> list[Case]:
-    """One case per catalog op, then the seed network, at one size preset; only those named in `only` if given."""
+    """One case per catalog op, then the seed network and the MLP, at one size preset; only those named in
+    `only` if given."""
     ops = load_catalog().ops
     folder = generated_dir / STYLE_DIRS[style]
     modules = {op.name: load_module(folder / naming.module_file(op.name)) for op in ops}
-    wanted = set(only) or {op.name for op in ops} | {SEED_NETWORK}
+    wanted = set(only) or {op.name for op in ops} | {SEED_NETWORK, MLP}
     network = [seed_network_case(modules, preset)] if SEED_NETWORK in wanted else []
+    network += [mlp_case(modules, preset)] if MLP in wanted else []
     return [op_case(op, modules[op.name], preset) for op in ops if op.name in wanted] + network
 
 
@@ -186,7 +202,8 @@ def op_case(op: OpSpec, module, preset: dict[str, int]) -> Case:
         return [g for g in backward(grad_output, *arguments, needs_input_grad=flags) if g is not None]
 
     return Case(op.name, _shape(sizes), {GENERATED: generated, AUTOGRAD: _autograd(output, leaves, grad_output)},
-                checks=_recorded_checks(module, naming.check_shapes(op.name), generated))
+                checks=_recorded_checks(module, naming.check_shapes(op.name), generated),
+                saved=op_saved_bytes(op, module, inputs))
 
 
 def _recorded_checks(module, name: str, call: Callable[[], Gradients]) -> Callable[[], None]:
@@ -217,11 +234,56 @@ def seed_network_case(modules, preset: dict[str, int]) -> Case:
     grad_loss = torch.ones_like(loss)
     saved = dict(data=data, l1=l1.detach(), l2=l2.detach(), output=output.detach(), grad_loss=grad_loss)
     wanted = [leaves[name] for name in ("input", "w1", "b1", "w2", "b2")]
+    linear, relu, mse = (modules[name] for name in ("linear", "relu", "mse"))
+
+    def through(first, activation, second, loss_of):
+        def build():
+            fresh = {name: value.detach().requires_grad_(name != "target") for name, value in data.items()}
+            hidden = activation(first(fresh["input"], fresh["w1"], fresh["b1"]))
+            return loss_of(second(hidden, fresh["w2"], fresh["b2"]).squeeze(-1), fresh["target"])
+        return build
+
+    saved_generated = saved_bytes(through(linear.linear, relu.relu, linear.linear, mse.mse), activations=True)
+    saved_autograd = saved_bytes(through(_torch_linear, torch.relu, _torch_linear, torch.nn.functional.mse_loss),
+                                 activations=True)
     return Case(SEED_NETWORK, _shape({"n": n, "k": k, "m": m}), {
         GENERATED: lambda: generated_seed_backward(modules, **saved),
         HANDWRITTEN: lambda: seed_backward(**saved),
         AUTOGRAD: _autograd(loss, wanted, grad_loss),
-    })
+    }, saved=(saved_generated, saved_autograd))
+
+
+def _torch_linear(x, w, b):
+    return x @ w + b
+
+
+def mlp_case(modules, preset: dict[str, int]) -> Case:
+    """linear k -> m, relu, linear m -> MLP_CLASSES, cross-entropy against class indices: one graph built from
+    the generated Functions (`linear()`, `relu()`, `cross_entropy()`), one from torch ops, each differentiated
+    by torch.autograd.grad; gradients of the input and every weight and bias."""
+    n, k, m = preset["n"], preset["k"], preset["m"]
+    generator = torch.Generator().manual_seed(0)
+    data = dict(input=torch.randn(n, k, generator=generator),
+                w1=torch.randn(k, m, generator=generator) / k ** 0.5, b1=torch.zeros(m),
+                w2=torch.randn(m, MLP_CLASSES, generator=generator) / m ** 0.5, b2=torch.zeros(MLP_CLASSES))
+    target = torch.randint(0, MLP_CLASSES, (n,), generator=generator)
+    linear, relu, cross_entropy = (modules[name] for name in ("linear", "relu", "cross_entropy"))
+
+    def network(first, activation, second, loss_of):
+        def build():
+            leaves = {name: value.detach().requires_grad_() for name, value in data.items()}
+            hidden = activation(first(leaves["input"], leaves["w1"], leaves["b1"]))
+            return loss_of(second(hidden, leaves["w2"], leaves["b2"]), target), list(leaves.values())
+        return build
+
+    generated = network(linear.linear, relu.relu, linear.linear, cross_entropy.cross_entropy)
+    autograd = network(_torch_linear, torch.relu, _torch_linear, torch.nn.functional.cross_entropy)
+    contenders = {}
+    for name, build in ((GENERATED, generated), (AUTOGRAD, autograd)):
+        loss, leaves = build()
+        contenders[name] = _autograd(loss, leaves, torch.ones_like(loss))
+    return Case(MLP, _shape({"n": n, "k": k, "m": m, "classes": MLP_CLASSES}), contenders,
+                saved=(saved_bytes(generated, activations=True), saved_bytes(autograd, activations=True)))
 
 
 def generated_seed_backward(modules, data, l1, l2, output, grad_loss) -> Gradients:
@@ -231,7 +293,7 @@ def generated_seed_backward(modules, data, l1, l2, output, grad_loss) -> Gradien
     grad_prediction, _ = mse.mse_backward(grad_loss, prediction, data["target"], needs_input_grad=(True, False))
     grad_l2, grad_w2, grad_b2 = linear.linear_backward(grad_prediction.unsqueeze(-1), l2, data["w2"], data["b2"])
     del grad_prediction  # each gradient is freed once used, as autograd frees it: the peak should be
-    (grad_l1,) = relu.relu_backward(grad_l2, l1)   # the generated code's, not this glue's
+    (grad_l1,) = relu.relu_backward(grad_l2, l1, l2)   # the generated code's, not this glue's
     del grad_l2
     grad_input, grad_w1, grad_b1 = linear.linear_backward(grad_l1, data["input"], data["w1"], data["b1"])
     return grad_input, grad_w1, grad_b1, grad_w2, grad_b2
@@ -282,7 +344,7 @@ def measure(case: Case, rounds: int, warmup: int, rng: random.Random) -> list[Ro
     peaks = {name: peak_bytes(contender) for name, contender in case.contenders.items()}
     return [Row(case.name if name == GENERATED else f"{case.name}, {name}", case.shape,
                 seconds[name], seconds[AUTOGRAD], peaks[name], peaks[AUTOGRAD],
-                seconds.get(CHECKS) if name == GENERATED else None)
+                seconds.get(CHECKS) if name == GENERATED else None, case.saved if name == GENERATED else None)
             for name in case.contenders if name != AUTOGRAD]
 
 
@@ -337,7 +399,7 @@ def generate_seconds() -> float:
 
 def format_report(report: Report) -> str:
     header = ("case", "shape", "ms", "autograd ms", "time ratio", "peak MB", "autograd peak MB", "memory ratio",
-              "checks µs", "checks share")
+              "saved KB", "autograd saved KB", "saved ratio", "checks µs", "checks share")
     lines = [_row_cells(row) for row in report.rows]
     widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
 
@@ -348,7 +410,8 @@ def format_report(report: Report) -> str:
             f"{torch.get_num_threads()} threads; medians of {report.rounds} interleaved rounds after "
             f"{report.warmup} warm-up rounds",
             "ms: the generated backward, or the hand-written one on a 'hand-written' row; "
-            "ratios: that / autograd; checks: the shape-contract call that backward makes first, "
+            "ratios: that / autograd; saved: the bytes the forward's graph keeps for the backward (the generated "
+            "Functions against autograd of the reference); checks: the shape-contract call that backward makes first, "
             "timed alone in the same rounds, and its share of the backward's time",
             "", line(header), line(["-" * w for w in widths]), *map(line, lines), ""]
     text += _handwritten_lines(report.rows)
@@ -360,8 +423,14 @@ def format_report(report: Report) -> str:
 def _row_cells(row: Row) -> tuple[str, ...]:
     memory = "n/a" if row.memory_ratio is None else f"{row.memory_ratio:.2f}x"
     checks = ("-", "-") if row.check_seconds is None else (f"{row.check_seconds * 1e6:.1f}", f"{row.check_share:.1%}")
+    if row.saved is None:
+        saved = ("-", "-", "-")
+    else:
+        ratio = "n/a" if row.saved_ratio is None else f"{row.saved_ratio:.2f}x"
+        saved = (f"{row.saved[0] / 1e3:.1f}", f"{row.saved[1] / 1e3:.1f}", ratio)
     return (row.case, row.shape, f"{row.seconds * 1000:.3f}", f"{row.autograd_seconds * 1000:.3f}",
-            f"{row.time_ratio:.2f}x", f"{row.peak / 1e6:.2f}", f"{row.autograd_peak / 1e6:.2f}", memory, *checks)
+            f"{row.time_ratio:.2f}x", f"{row.peak / 1e6:.2f}", f"{row.autograd_peak / 1e6:.2f}", memory, *saved,
+            *checks)
 
 
 def _handwritten_lines(rows: Sequence[Row]) -> list[str]:
@@ -397,7 +466,7 @@ def _size_list(text: str) -> tuple[str, ...]:
 
 def _case_list(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(","))
-    known = [op.name for op in load_catalog().ops] + [SEED_NETWORK]
+    known = [op.name for op in load_catalog().ops] + [SEED_NETWORK, MLP]
     unknown = [name for name in names if name not in known]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown case {', '.join(map(repr, unknown))} (known: {', '.join(known)})")

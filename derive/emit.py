@@ -95,7 +95,8 @@ def _module_context(derivation: Derivation, lowered: LoweredOp, source: str, com
     params = [f"{p.name}={p.default!r}" for p in op.params]
     layer = layer_context(op.layer, op.inputs, op.params, op.name) if op.layer else None
     context = dict(
-        contract=_contract(derivation, lowered, [t for t in signature.kept if t not in op.optional_names]),
+        contract=_contract(derivation, lowered, [t for t in signature.kept + signature.shaped
+                                                 if t not in op.optional_names]),
         autocast=_autocast(derivation, function["custom_op_name"]),
         source=comment_safe(source),
         command=comment_safe(command),
@@ -230,8 +231,23 @@ def _function_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
     params = [p.name for p in op.params]
     saved, values = list(signature.saved), list(signature.values)
     output = [op.output] if signature.uses_output else []
-    recomputed = any(v.recompute for v in lowered.plan.saved)
+    recomputed = any(v.recompute and v.adjoint is None for v in lowered.plan.saved)
+    adjoints = [(v.name, naming.grad(v.name), v.adjoint, tensor_args.index(v.adjoint.input))
+                for v in lowered.plan.saved if v.adjoint is not None]
+    # the custom op returns the result alone: its backward computes every value again in a double backward
+    op_saved = tensor_args + output + values if adjoints else saved
     return dict(
+        adjoints=adjoints,
+        non_differentiable=", ".join(v.name for v in lowered.plan.saved if v.adjoint is None),
+        backward_grads=", ".join([signature.grad_output] + [naming.grad(v.name) if v.adjoint else "_"
+                                                            for v in lowered.plan.saved]),
+        # what the stand-in of an input whose shape alone is read is made from: a tensor the backward surely has
+        stand_in_from=values[0] if adjoints else signature.grad_output,
+        op_saved=", ".join("output" if name == op.output else name for name in op_saved),
+        op_unpack_saved=_unpack(op_saved),
+        op_unpack_recomputed=_unpack(["_"] + [v.name if v.recompute else "_" for v in lowered.plan.saved]),
+        op_backward_call=", ".join([signature.grad_output] + tensor_args + output + values
+                                   + [f"ctx.{p}" for p in params]),
         cls=naming.function_class(op.name),
         custom_op=naming.custom_op(op.name),
         custom_op_name=naming.custom_op_name(namespace, op.name, lowered.style),
@@ -241,7 +257,9 @@ def _function_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
         typed_args=", ".join([f"{t}: torch.Tensor | None" if t in op.optional_names else f"{t}: torch.Tensor"
                               for t in tensor_args]
                              + [f"{p.name}: float = {p.default!r}" for p in op.params]),
-        unpack_inputs=_unpack([t if t in saved or t in jvp["saved"] else "_" for t in tensor_args] + params),
+        unpack_inputs=_unpack([t if t in saved or t in signature.shaped or t in jvp["saved"] else "_"
+                               for t in tensor_args] + params),
+        shaped=[(t, naming.shape_of(t)) for t in signature.shaped],
         unpack_values=_unpack(["_"] + values) if values else "",
         unpack_all=_unpack(tensor_args + params),
         unpack_recomputed=_unpack(["_"] + [v.name if v.recompute else "_" for v in lowered.plan.saved])
@@ -251,7 +269,8 @@ def _function_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
         saved_names=", ".join(saved),
         unpack_saved=_unpack(saved) if saved else "",
         params=params,
-        backward_call=", ".join([signature.grad_output] + [t if t in saved else "None" for t in tensor_args]
+        backward_call=", ".join([signature.grad_output] + [t if t in saved or t in signature.shaped else "None"
+                                                           for t in tensor_args]
                                 + output + values + [f"ctx.{p}" for p in params]),
         inputs_count=len(op.inputs),
     )
@@ -340,6 +359,8 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp, keep: set[str] = fr
             shared=tuple((s.name, render(s.value).text) for s in own),
             kernels=kernel_comments([expr], tuple(s.value for s in own))))
     common = [(s.name, render(s.value).text) for s in lowered.tangent_shared if len(s.users) > 1]
+    adjoints = {v.name: v.adjoint for v in lowered.plan.saved if v.adjoint is not None}
+    reads |= {a.input for a in adjoints.values()}     # the values' tangents read their input
     kept = [name for name in positions if name in reads or name in keep]
     saved = kept + ([op.output] if uses_output else [])
     arguments = [name if name in kept else "None" for name in positions] + ([op.output] if uses_output else [])
@@ -367,9 +388,18 @@ def _jvp_context(derivation: Derivation, lowered: LoweredOp, keep: set[str] = fr
         # the Function's forward returns the values the backward reuses after the result, as outputs
         # without a tangent
         save_for_forward=", ".join(("output[0]" if saving else "output") if n == op.output else n for n in saved),
-        returns=", ".join([naming.tangent(op.output)] + ["None"] * len(lowered.plan.saved)) if saving else "",
+        returns=", ".join([naming.tangent(op.output)] + [_value_tangent(adjoints.get(v.name)) for v in lowered.plan.saved])
+        if saving else "",
         call=", ".join(arguments + [naming.tangent(n) for n in differentiable] + [f"ctx.{p.name}" for p in op.params]),
     )
+
+
+def _value_tangent(adjoint) -> str:
+    """A saved value's tangent as the Function's jvp returns it: None for a non-differentiable output."""
+    if adjoint is None:
+        return "None"
+    tangent = naming.tangent(adjoint.input)
+    return f"({adjoint.tangent} if {tangent} is not None else torch.zeros_like({adjoint.input}))"
 
 
 def _autocast(derivation: Derivation, custom_op_name: str) -> dict:

@@ -232,6 +232,7 @@ class Explanation:
     saved: ByStyle                         # what the autograd.Function saves for the backward, per style
     sizes: tuple[tuple[str, str], ...]     # the concrete sizes given (size name, value such as 1000 or 4x3)
     values: tuple[tuple[str, Math], ...] = ()   # values the forward computes for the backward (contraction style)
+    shaped: ByStyle = ()                   # inputs the Function keeps only the shape of, per style
 
     def __str__(self) -> str:
         return render_explanation(self, "text")
@@ -317,6 +318,7 @@ def explain(built: Built, inputs: tuple[str, ...] | None = None,
         saved=by_style([(style, built.signatures[style].saved) for style in CODE_STYLES]),
         sizes=known.listed,
         values=tuple((v.name, Math(v.expr)) for v in built.lowered["contraction"].plan.saved),
+        shaped=by_style([(style, built.signatures[style].shaped) for style in CODE_STYLES]),
     )
 
 

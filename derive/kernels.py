@@ -23,7 +23,8 @@ from . import naming
 from .derivation import Derivation, Term
 from .functions import free_indices, logsumexp, log_softmax, one_hot, rewrite_log_softmax
 from .naming import BATCH
-from .saving import Saving, SavedValue, save_forward_values, save_normalization, save_statistics, signs_out
+from .saving import (Saving, SavedValue, save_forward_values, save_normalization, save_statistics, signs_out,
+                     worth_saving)
 from .model import tensor_symbol
 
 
@@ -133,7 +134,7 @@ def fuse(derivation: Derivation) -> Derivation:
     for kernel in KERNELS:
         tangents = [kernel.fuse(terms, (), None) for terms in tangents]
         forward = kernel.fuse(forward, (), None) if kernel.forward else forward
-        saving = kernel.save(forward, gradients) if kernel.save else None
+        saving = kernel.save(forward, gradients) if kernel.save and worth_saving(derivation.op, kernel.save) else None
         reading_forward, reading = (saving.forward, saving.gradients) if saving else (forward, gradients)
         fused = [kernel.fuse(terms, saving.found if saving else (), like) for terms, like in zip(reading, likes)]
         if saving and (_read_outside_kernels(fused, saving.values) or kernel.needs_call and not any(

@@ -706,14 +706,16 @@ def tangent_reads(lowered: LoweredOp) -> set[str]:
     return reads_of(lowered.tangents, lowered.tangent_shared)
 
 
-def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...]) -> set[str]:
-    """Names of the tensors and symbols whose values or shapes the code of `exprs` and `shared` reads."""
+def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...], shapes: bool = True) -> set[str]:
+    """Names of the tensors and symbols whose values or shapes (`shapes=False`: values only) the code of
+    `exprs` and `shared` reads."""
     names: set[str] = set()
     leaves = [s.value for s in shared]
     for expr in exprs:
-        if expr.plan.unbroadcast or (expr.plan.like is not None and covered(expr) != set(expr.plan.indices)):
+        if shapes and (expr.plan.unbroadcast or (expr.plan.like is not None
+                                                 and covered(expr) != set(expr.plan.indices))):
             names.add(expr.plan.like)      # sum_to_size / expand_as / zeros_like
-        if expands_batch(expr):
+        if shapes and expands_batch(expr):
             names |= {name for name, _ in expr.plan.batch_inputs}
         names |= {s.name for s in expr.plan.scale.free_symbols}
         if expr.indexed is not None:
@@ -723,8 +725,8 @@ def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...]) -> set[
                 if isinstance(node, Leaf):
                     leaves.append(node)
                 elif isinstance(node, Scatter):
-                    names |= {node.like, node.index}
-                elif isinstance(node, Reduce):
+                    names |= {node.like, node.index} if shapes else {node.index}
+                elif isinstance(node, Reduce) and shapes:
                     names |= {name for name, _ in node.expand_batch}
                 elif isinstance(node, Convolution):
                     leaves += [Leaf(node.source, ()), Leaf(node.kernel, ())]

@@ -64,6 +64,7 @@ class OpSpec:
     # inputs that may be None, each with the value None stands for: `optional = { b = 0 }` (optional.py)
     optional: tuple[tuple[str, float], ...] = ()
     layer: "Layer | None" = None                        # the nn.Module the spec declares (layers.py)
+    saving: str = "auto"               # which forward values the Function saves: one of saving.POLICIES
 
     @property
     def index_order(self) -> tuple[str, ...]:

@@ -17,6 +17,11 @@ RESERVED = frozenset({"torch", "F", "math", "functools", "warnings", "ctx", "nee
     | frozenset(dir(builtins))
 
 
+def shape_of(name: str) -> str:
+    """The ctx attribute that keeps a tensor's shape where the backward reads nothing else of it: `x_shape`."""
+    return f"{name}_shape"
+
+
 def grad(name: str) -> str:
     """Gradient of a tensor: `grad_x` for `x`, `grad_y` for the upstream gradient of `y`."""
     return f"grad_{name}"

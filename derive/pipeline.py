@@ -20,6 +20,7 @@ from .lower import STYLES, LoweredOp, lower
 from .model import OpSpec, SpecError
 from .optional import absent_sets, keep_optional, without
 from .plan import plan
+from .saving import read_output, save_steps
 from .signature import Signature, backward_signature
 from .spec import line_of_op
 
@@ -48,9 +49,9 @@ def build_op(op: OpSpec, styles=STYLES, budget: float | None = DEFAULT_BUDGET, s
     stage = ["deriving the gradients"] if stage is None else stage
     stage[0] = "deriving the gradients"
     with spec_errors(op), time_limit(op, budget, stage):
-        derivation = derive(op)
+        derivation = read_output(derive(op))
         stage[0] = "fusing kernels"
-        fused = fuse(derivation) if "contraction" in styles else None
+        fused = save_steps(fuse(derivation)) if "contraction" in styles else None
         stage[0] = "planning and lowering"
         lowered = {style: lower(plan(fused if style == "contraction" else derivation), style) for style in styles}
         signatures = {style: backward_signature(derivation, lowered[style]) for style in styles}

@@ -25,9 +25,22 @@ from dataclasses import dataclass, replace
 import sympy
 
 from . import naming
-from .derivation import Term
-from .functions import Sum, canonical, log_softmax, logsumexp, rewrite_log_softmax, softmax
-from .model import tensor_symbol
+from .derivation import Derivation, Term, tensor_symbols
+from .functions import (Sum, Tied, _Extremum, _OverIndex, canonical, log_softmax, logsumexp, rewrite_log_softmax,
+                        softmax)
+from .model import index_symbol, tensor_symbol
+
+
+@dataclass(frozen=True)
+class Adjoint:
+    """How the autograd.Function returns a saved value as a differentiable output of its own (as autograd saves
+    log_softmax's result, whose node a double backward goes through), so that it keeps no input to compute the
+    value again: the value's gradient and tangent, in terms of the value and the one input it is a function of."""
+
+    input: str       # the input the value is computed from: logits
+    vjp: str         # Python: that input's share of `grad_<value>`, a gradient reaching the value
+    tangent: str     # Python: the value's tangent, given `tangent_<input>` (not None) and the input
+    meaning: str     # what the vjp's kernel computes, for the comment above it
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,7 @@ class SavedValue:
     # through it; where only fused kernels read it, their own double backward accounts for it
     # (a kernel that refuses a value that requires grad takes it detached).
     recompute: bool = True
+    adjoint: Adjoint | None = None   # the Function returns it as a differentiable output: it recomputes nothing
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,8 @@ def save_forward_values(forward: list[Term], gradients: list[list[Term]]) -> Sav
         name = naming.SAVED_PREFIX + "log_softmax"
         if len(needed) > 1:      # one per input, and per dim when an input has two
             name += "_" + body.base.label.name + ("_" + index.name if labels.count(body.base.label.name) > 1 else "")
-        value = SavedValue(name, log_softmax(body, index), tuple(i.name for i in body.indices))
+        value = SavedValue(name, log_softmax(body, index), tuple(i.name for i in body.indices),
+                           adjoint=_log_softmax_adjoint(name, body, index))
         reading = _read_forward(forward, value, body, index)
         if reading == forward:      # the forward never forms x - logsumexp(x): nothing to save
             continue
@@ -75,6 +90,18 @@ def save_forward_values(forward: list[Term], gradients: list[list[Term]]) -> Sav
         gradients = [[_read_gradient(t, value, body, index) for t in terms] for terms in gradients]
         saved.append(value)
     return Saving(tuple(saved), forward, gradients) if saved else None
+
+
+def _log_softmax_adjoint(name: str, body: sympy.Indexed, index: sympy.Idx) -> Adjoint:
+    """log_softmax(x, dim)'s own derivatives, read off its result: g - exp(s) * sum(g, dim), t - sum(softmax(x) * t, dim)."""
+    position = list(body.indices).index(index)
+    batch_before = any(i.name == naming.BATCH for i in body.indices[:position])
+    dim = position - len(body.indices) if batch_before else position
+    source = body.base.label.name
+    tangent = naming.tangent(source)
+    return Adjoint(source, f"torch._log_softmax_backward_data({naming.grad(name)}, {name}, {dim}, {name}.dtype)",
+                   f"{tangent} - (torch.softmax({source}, {dim}) * {tangent}).sum({dim}, keepdim=True)",
+                   "_log_softmax_backward_data(g, y, dim) = g - exp(y) * sum(g, dim)")
 
 
 def _log_softmax_bodies(forward: list[Term]) -> list[tuple[sympy.Indexed, sympy.Idx]]:
@@ -286,3 +313,237 @@ def _with_mean(expr: sympy.Expr, body, dims, m) -> sympy.Expr:
 
 def _same_base(candidate, base, body, dims, m) -> bool:
     return canonical(candidate) == canonical(_with_mean(base, body, dims, m))
+
+
+# Save or recompute -------------------------------------------------------------------------------
+
+# The cost rule. A forward value that a kernel reads (a log-softmax, a normalization's statistics) is either saved
+# by the forward or recomputed by the backward from the inputs, which the Function then keeps instead. Its cost of
+# recomputing, in elementwise passes over the input it comes from (a reduction is a pass, an elementwise
+# function of it another):
+RECOMPUTE_PASSES = {
+    save_forward_values: 4,   # log_softmax(x): max over c, x - max, exp and its sum over c, log and subtract
+    save_normalization: 3,    # mean and rstd: a sum over d, the squares of x - mean and their sum, rsqrt
+}
+# and the line: "auto" saves a value that costs more than this many passes to recompute, as autograd saves
+# log_softmax's result and native_layer_norm's mean and rstd; one element-wise pass or two (a sigmoid, a product)
+# is recomputed, as the generated code always recomputes elementwise functions of the inputs (gelu's erf, silu's
+# sigmoid) instead of keeping them.
+SAVE_ABOVE_PASSES = 2
+
+
+def worth_saving(op, save) -> bool:
+    """Whether the op saves the values that `save` (a kernel's save function) finds, by the op's `saving` key:
+    "save" always, "recompute" never (the least memory where the values would be kept beside the inputs they come
+    from: layer norm's statistics), "auto" (the default) by the cost rule above."""
+    if op.saving == "auto":
+        return RECOMPUTE_PASSES.get(save, SAVE_ABOVE_PASSES + 1) > SAVE_ABOVE_PASSES
+    return op.saving == "save"
+
+
+# Reading the output instead of the inputs ---------------------------------------------------------
+
+def read_output(derivation: Derivation) -> Derivation:
+    """The gradients rewritten to read the forward's result instead of an input, where SymPy proves it equal
+    and the Function then saves less (or the same, with the output instead of an input: the next op, a linear
+    layer or another activation, usually saves that output too, so it is stored once, as autograd stores it).
+
+    Two rules, for a forward that is elementwise (it reads its inputs at the output's indices and sums nothing),
+    with y = F(s) where s is a subexpression holding every read of the inputs (the inputs themselves included):
+
+    - a value: where F(w) = c * w (c a number or params), each occurrence of s in a gradient becomes y / c
+      (`exp(x)` -> `y`, `tanh(3*x)` -> `y / 2` for y = 2*tanh(3*x)); no inverse function is introduced (no log(y),
+      no atanh(y)), nor a subtraction, so nothing is lost to rounding;
+    - a kink: a step or comparison of a(s), linear in s with its surface at s = w0, becomes the same of
+      y - F(w0) when SymPy proves both take the same value at w0, and above and below it for every distance
+      (`x <= 0` -> `y <= 0` for y = relu(x), its gradient at 0 unchanged; not for Max(x, 0, tie=1), whose
+      gradient at 0 is 1 while y = 0 cannot tell x = 0 from x < 0, nor for a leaky relu of a symbolic slope).
+
+    The op keeps its own gradients when no rewrite frees an input, or when the output would join inputs that
+    are still read (`_cheaper`).
+    """
+    op = derivation.op
+    reads = _elementwise_reads(derivation.forward, op)
+    if reads is None:
+        return derivation
+    output = tensor_symbol(op.output)[tuple(index_symbol(i, op.size_of(i)) for i in op.output_indices)]
+    rewrite = _OutputReader(derivation.forward, output, reads)
+    gradients = [replace(g, vjp=rewrite(g.vjp),
+                         terms=tuple(replace(t, factors=tuple(rewrite(f) for f in t.factors)) for t in g.terms))
+                 for g in derivation.gradients]
+    before, after = (_value_reads(gs, op) for gs in (derivation.gradients, gradients))
+    if not _cheaper(op, before, after):
+        return derivation
+    tangents = []
+    for tangent in derivation.tangents:
+        rewritten = replace(tangent, jvp=rewrite(tangent.jvp),
+                            terms=tuple(replace(t, factors=tuple(rewrite(f) for f in t.factors)) for t in tangent.terms))
+        freed = _value_reads([rewritten], op) <= after
+        tangents.append(rewritten if freed else tangent)
+    return replace(derivation, gradients=tuple(gradients), tangents=tuple(tangents))
+
+
+def _elementwise_reads(forward: sympy.Expr, op) -> frozenset | None:
+    """The input accesses of an elementwise forward (every one at the output's indices, nothing summed), or None."""
+    if not op.output_indices or forward.has(sympy.Sum, _OverIndex, _Extremum, sympy.KroneckerDelta):
+        return None
+    indices = tuple(index_symbol(i, op.size_of(i)) for i in op.output_indices)
+    accesses = forward.atoms(sympy.Indexed)
+    if not accesses or any(a.indices != indices for a in accesses) or forward.free_symbols & tensor_symbols(op):
+        return None
+    return frozenset(accesses)
+
+
+def _value_reads(gradients, op) -> frozenset[str]:
+    """The tensors whose values the gradients' terms read (the upstream gradient left out)."""
+    upstream = {naming.grad(op.output)} | {naming.tangent(t.name) for t in op.inputs}
+    return frozenset(a.base.label.name for g in gradients for t in g.terms for f in t.factors
+                     for a in f.atoms(sympy.Indexed)) - upstream
+
+
+def _cheaper(op, before: frozenset[str], after: frozenset[str]) -> bool:
+    """Whether the Function saves less reading `after` than `before`: an input is freed, and the output joins
+    only in place of an input at least its size."""
+    removed, added = before - after, after - before
+    if not removed or not added <= {op.output}:
+        return False
+    return not added or any(set(op.input(name).indices) >= set(op.output_indices) for name in removed)
+
+
+class _OutputReader:
+    """Rewrites an expression's reads of the inputs into reads of the output (see read_output)."""
+
+    def __init__(self, forward: sympy.Expr, output: sympy.Indexed, reads: frozenset):
+        self.forward = _untied(forward)
+        self.output = output
+        self.reads = reads
+        self.w = sympy.Dummy("w", real=True)
+        # every subexpression that holds all the reads, the largest first, with the forward as F(w) of it
+        self.cores = {}
+        for core in _subexpressions(self.forward):
+            outer = _replaced(self.forward, core, self.w)
+            if outer is not None and not outer.atoms(sympy.Indexed):
+                self.cores[core] = outer
+        # y = c * core: the core is y / c
+        self.values = {}
+        for core, outer in self.cores.items():
+            coefficient, rest = outer.as_independent(self.w, as_Add=False)
+            if rest == self.w and coefficient != 0 and not coefficient.atoms(sympy.Indexed) \
+                    and not coefficient.has(sympy.Function):
+                self.values[core] = output / coefficient
+
+    def __call__(self, expr: sympy.Expr) -> sympy.Expr:
+        if not expr.atoms(sympy.Indexed) & self.reads:
+            return expr
+        expr = expr.replace(lambda e: isinstance(e, (sympy.Heaviside, sympy.core.relational.Relational))
+                            and self._kink(e) is not None, lambda e: self._kink(e))
+        return expr.xreplace(self.values) if self.values else expr
+
+    def _kink(self, node):
+        """The step or comparison `node` of a(core), read as the same of y - F(w0); None when not proved."""
+        if not node.atoms(sympy.Indexed) & self.reads:
+            return None
+        argument = node.args[0] if isinstance(node, sympy.Heaviside) else node.lhs - node.rhs
+        for core, outer in self.cores.items():
+            a = _replaced(argument, core, self.w)
+            if a is None or a.atoms(sympy.Indexed) & self.reads:
+                continue
+            slope = a.diff(self.w)
+            if not slope.is_number or slope == 0 or a.diff(self.w, 2) != 0:
+                return None        # only a surface a = slope * (w - w0)
+            root = sympy.simplify(-a.xreplace({self.w: 0}) / slope)
+            surface = self.output - outer.xreplace({self.w: root})
+            if isinstance(node, sympy.Heaviside):
+                mine, read = sympy.Heaviside(a, *node.args[1:]), sympy.Heaviside(surface, *node.args[1:])
+            else:
+                mine, read = type(node)(a, 0), type(node)(surface, 0)
+            claim = read.xreplace({self.output: outer})
+            return read if _same_around(mine, claim, self.w, root) else None
+        return None
+
+
+def _replaced(expr: sympy.Expr, old: sympy.Expr, new: sympy.Expr):
+    """`expr` with `old` replaced by `new`, or None where that makes no expression (a condition replaced)."""
+    try:
+        return expr.xreplace({old: new})
+    except (TypeError, ValueError):
+        return None
+
+
+def _subexpressions(expr: sympy.Expr):
+    """`expr` and its subexpressions that read a tensor, outermost first (an access is one, not its indices)."""
+    if not expr.atoms(sympy.Indexed):
+        return
+    if isinstance(expr, sympy.Expr):
+        yield expr
+    if not isinstance(expr, sympy.Indexed):
+        for arg in expr.args:
+            yield from _subexpressions(arg)
+
+
+def _untied(expr: sympy.Expr) -> sympy.Expr:
+    """The forward's values, with Max/Min ties forgotten (they decide the gradient, not the value)."""
+    return expr.replace(lambda e: isinstance(e, Tied), lambda e: e.untied)
+
+
+def _same_around(mine: sympy.Expr, claim: sympy.Expr, w: sympy.Dummy, root: sympy.Expr) -> bool:
+    """Whether `mine` and `claim`, functions of w, provably take the same value at w = root, above and below it."""
+    p = sympy.Dummy("p", positive=True)
+    for point in (root, root + p, root - p):
+        a, b = mine.xreplace({w: point}), claim.xreplace({w: point})
+        if not (a in (sympy.true, sympy.false) or a.is_number) or a != b:
+            return False
+    return True
+
+
+
+# Steps instead of the inputs they read ------------------------------------------------------------
+
+def save_steps(derivation: Derivation) -> Derivation:
+    """Where the gradients read inputs only through steps (sign(pred - target), a where() mask of them), the
+    forward saves each step instead, as `saved_step` (or `saved_step_0`, ...), and the inputs are not kept.
+
+    A step is piecewise constant, so its derivative is 0: a double backward needs nothing computed again from
+    the inputs (`recompute=False`). It is saved only when that frees more inputs than it adds values, each
+    freed input having every dim of the step (l1_loss keeps sign(pred - target), not pred and target); an
+    input read for its shape (a sum back to a broadcast input's size) is then kept as its shape."""
+    op = derivation.op
+    inputs = {t.name for t in op.inputs}
+    steps: list[sympy.Expr] = []
+    for factor in (f for g in derivation.gradients for t in g.terms for f in t.factors):
+        for step in _steps(factor, inputs):
+            if step not in steps:
+                steps.append(step)
+    if not steps:
+        return derivation
+    names = [naming.SAVED_PREFIX + "step" + (f"_{k}" if len(steps) > 1 else "") for k in range(len(steps))]
+    values, reads = [], {}
+    for name, step in zip(names, steps):
+        indices = next(iter(step.atoms(sympy.Indexed))).indices
+        values.append(SavedValue(name, step, tuple(i.name for i in indices), recompute=False))
+        reads[step] = tensor_symbol(name)[indices]
+    gradients = [replace(g, terms=tuple(replace(t, factors=tuple(f.xreplace(reads) for f in t.factors))
+                                        for t in g.terms)) for g in derivation.gradients]
+    before, after = (_value_reads(gs, op) & inputs for gs in (derivation.gradients, gradients))
+    freed = before - after
+    dims = {i for v in values for i in v.indices}
+    if len(freed) <= len(values) or not all(set(op.input(name).indices) >= dims for name in freed):
+        return derivation
+    return replace(derivation, gradients=tuple(gradients), saved=derivation.saved + tuple(values))
+
+
+def _steps(expr: sympy.Expr, inputs: set[str]):
+    """The largest subexpressions of `expr` that read inputs, all at the same indices, and are piecewise
+    constant in them: sign(a), a step, a where() whose branches are numbers."""
+    accesses = {a for a in expr.atoms(sympy.Indexed) if a.base.label.name in inputs}
+    if not accesses:
+        return
+    constant = isinstance(expr, (sympy.sign, sympy.Heaviside)) or \
+        (isinstance(expr, sympy.Piecewise) and all(value.is_number for value, _ in expr.args))
+    if constant and len({a.indices for a in accesses}) == 1 and \
+            not (expr.atoms(sympy.Indexed) - accesses) and not expr.has(sympy.Sum, _OverIndex, _Extremum):
+        yield expr
+        return
+    for arg in expr.args:
+        if isinstance(arg, sympy.Expr):
+            yield from _steps(arg, inputs)

@@ -59,6 +59,8 @@ class Signature:
     sizes: tuple[Binding, ...]          # the size bindings at the top of the backward
     reads: tuple[str, ...]              # forward tensors the backward reads, values or shapes, in op order
     kept: tuple[str, ...]               # the inputs the Function keeps for it
+    shaped: tuple[str, ...]             # the inputs whose shape alone the backward reads: the Function keeps
+                                        # the shape (ints), and hands the backward a stand-in holding no data
     saved: tuple[str, ...]              # what the Function saves: kept inputs, the output, the values
     shared: tuple[SharedValue, ...]     # values computed once, in dependency order
     gradients: tuple[GradientSignature, ...]   # one per differentiable input, in input order
@@ -77,8 +79,11 @@ def backward_signature(derivation: Derivation, lowered: LoweredOp) -> Signature:
     reads = code_reads | _size_reads(op, sizes_used(op, exprs, shared_leaves), sources)
     values = tuple(v.name for v in lowered.plan.saved)
     # An op with values to compute again in a double backward keeps every input it computes them from.
-    recomputed = any(v.recompute for v in lowered.plan.saved)
-    kept = tuple(t.name for t in op.inputs if recomputed or t.name in reads)
+    recomputed = any(v.recompute and v.adjoint is None for v in lowered.plan.saved)
+    values_read = reads_of(tuple(lowered.gradients), lowered.shared, shapes=False)
+    kept = tuple(t.name for t in op.inputs
+                 if recomputed or (t.name in reads and (t.integer or t.name in values_read)))
+    shaped = tuple(t.name for t in op.inputs if t.name in reads and t.name not in kept)
     output = (op.output,) if derivation.uses_output else ()
     sizes = tuple(size_bindings(op, exprs, sources, shared_leaves))
     forward_leaves = tuple(s.value for s in lowered.forward_shared) \
@@ -88,7 +93,7 @@ def backward_signature(derivation: Derivation, lowered: LoweredOp) -> Signature:
         style=lowered.style, grad_output=derivation.grad_output,
         arguments=(derivation.grad_output, *(t.name for t in op.inputs), *output, *values),
         values=values, uses_output=derivation.uses_output, sources=tuple(sources), sizes=sizes,
-        reads=_forward_tensors(op, lowered, reads), kept=kept, saved=kept + output + values,
+        reads=_forward_tensors(op, lowered, reads), kept=kept, shaped=shaped, saved=kept + output + values,
         shared=shared,
         gradients=tuple(_gradient(op, lowered, g.input, expr, shared, sources, sizes)
                         for g, expr in zip(derivation.gradients, lowered.gradients)),

@@ -45,7 +45,8 @@ MAX_ARGUMENTS = 32            # inputs and params of one op: a custom op's schem
 MAX_RANK = 8                  # indices of one input or of the result (the batch '...' counts as one)
 
 OP_KEYS = {"doc", "inputs", "equation", "reference", "differentiable", "integer", "params", "ranges", "sizes", "pad",
-           "pad_value", "optional", "layer"}
+           "pad_value", "optional", "layer", "saving"}
+SAVING_POLICIES = ("auto", "save", "recompute")   # the `saving` key: see derive/saving.py, worth_saving
 MAX_FIXED_SIZE = 1 << 20      # a size the spec sets (`sizes`), or zeros it pads with (`pad`)
 RETIRED_KEYS = {
     "step_at_zero": "'step_at_zero' is retired: a kink's value is set where it is written, as the first argument's "
@@ -220,6 +221,7 @@ def _parse_op(name: str, entry, locator: _Locator) -> OpSpec:
         pad_values=tuple(sorted(pad_values.items())),
         optional=optional,
         layer=layer,
+        saving=entry.get("saving", "auto"),
         **affine,
     )
 
@@ -277,6 +279,10 @@ def _check_entry(name: str, entry, locator: _Locator) -> None:
     _expect(entry, "doc", str, name, locator)
     _expect(entry, "equation", str, name, locator)
     _expect(entry, "reference", str, name, locator)
+    _expect(entry, "saving", str, name, locator)
+    if entry.get("saving", "auto") not in SAVING_POLICIES:
+        raise locator.error(f"'saving' is {entry['saving']!r}; expected one of {', '.join(SAVING_POLICIES)}",
+                            name, "saving")
     _check_text(entry, name, locator)
     if not isinstance(entry["inputs"], list) or not entry["inputs"] or not all(isinstance(s, str) for s in entry["inputs"]):
         raise locator.error("'inputs' must be a non-empty list of strings such as \"x[n, k]\"", name, "inputs")

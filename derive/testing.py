@@ -17,6 +17,7 @@ import itertools
 import importlib.util
 import inspect
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -757,3 +758,32 @@ def check_optional(op: OpSpec, module: ModuleType, dtype=torch.float64, sizes=No
                 f"{label}: the autograd.Function fails gradcheck"
             assert torch.autograd.gradgradcheck(lambda *values: with_present(function, *values), leaves), \
                 f"{label}: the autograd.Function fails gradgradcheck"
+
+
+def saved_bytes(run: Callable[[], object], activations: bool = False) -> int:
+    """Bytes the autograd graph built by `run()` holds for its backward: the distinct storages its nodes save
+    (torch.autograd.graph.saved_tensors_hooks sees every tensor a node or a Function's ctx saves; a tensor two
+    nodes save, or a view of one, is counted once). Shapes and numbers kept on a ctx are not tensors: 0 bytes.
+    `activations`: only the values the forward computed, not the leaves (inputs, weights) or views of them."""
+    storages: dict[tuple, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        base = tensor if tensor._base is None else tensor._base
+        if not (activations and base.is_leaf):
+            storages[(storage.data_ptr(), str(tensor.device))] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = run()
+    del result      # the graph, and the storages it saved, lived until now
+    return sum(storages.values())
+
+
+def op_saved_bytes(op: OpSpec, module: ModuleType, inputs) -> tuple[int, int]:
+    """(bytes the generated `<op>()` saves, bytes autograd of the op's reference saves) for the same inputs,
+    each differentiable input a leaf that requires grad."""
+    def leaves():
+        return [t.detach().requires_grad_(spec.differentiable) for t, spec in zip(inputs, op.inputs)]
+    generated = getattr(module, op.name)
+    return saved_bytes(lambda: generated(*leaves())), saved_bytes(lambda: reference(op)(*leaves()))

@@ -68,7 +68,7 @@ CASES = [
      "bad.toml:1: op 'bad': missing required key 'equation'"),
     ("unknown-op-key", VALID + "gradient = 1\n",
      "bad.toml:5: op 'bad': unknown key(s) ['gradient']; allowed: ['differentiable', 'doc', 'equation', "
-     "'inputs', 'integer', 'layer', 'optional', 'pad', 'pad_value', 'params', 'ranges', 'reference', 'sizes']"),
+     "'inputs', 'integer', 'layer', 'optional', 'pad', 'pad_value', 'params', 'ranges', 'reference', 'saving', 'sizes']"),
     ("inputs-not-a-list", '[ops.bad]\ninputs = "x[n]"\nequation = "y[n] = x[n]"\nreference = "x"\n',
      "bad.toml:2: op 'bad': 'inputs' must be a non-empty list of strings such as \"x[n, k]\""),
     ("control-character-in-doc", VALID + 'doc = "a\\u0000b"\n',

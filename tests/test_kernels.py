@@ -62,7 +62,7 @@ STEPS = {
         inputs = ["x[n]"]
         equation = "y[n] = 3 * Max(x[n], 0, tie=0)"
         reference = "3 * torch.relu(x)"
-    ''', "torch.ops.aten.threshold_backward(3 * grad_y, x, 0)"),
+    ''', "torch.ops.aten.threshold_backward(3 * grad_y, y, 0)"),
     "hinge": ('''
         inputs = ["x[n]"]
         equation = "loss = sum(Max(1 - x[n], 0, tie=0), n)"

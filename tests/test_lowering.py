@@ -52,7 +52,7 @@ def test_relu_kink_is_explicit_and_follows_torch():
     gradient = built(CATALOG.op("relu")).derivation.gradients[0]
     steps = gradient.partial.atoms(sympy.Heaviside)
     assert steps and all(step.args[1] == 0 for step in steps)
-    assert code_lines("relu", "contraction") == {"grad_x": "torch.ops.aten.threshold_backward(grad_y, x, 0)"}
+    assert code_lines("relu", "contraction") == {"grad_x": "torch.ops.aten.threshold_backward(grad_y, y, 0)"}
 
 
 def test_relu_backward_passes_the_gradient_where_x_is_nan():
@@ -60,7 +60,7 @@ def test_relu_backward_passes_the_gradient_where_x_is_nan():
     x = torch.tensor([float("nan"), 0.0, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
     grad_y = torch.arange(1.0, 5.0, dtype=torch.float64)
     (expected,) = torch.autograd.grad(torch.relu(x), x, grad_y)
-    (actual,) = module.relu_backward(grad_y, x.detach())
+    (actual,) = module.relu_backward(grad_y, x.detach(), torch.relu(x.detach()))
     torch.testing.assert_close(actual, expected, equal_nan=True)
 
 

@@ -38,7 +38,7 @@ def generated_gradients(data, style):
                                           needs_input_grad=(True, False))
     grad_output = grad_prediction.unsqueeze(-1)        # backward of the squeeze(-1)
     grad_l2, grad_w2, grad_b2 = linear.linear_backward(grad_output, l2, data["w2"], data["b2"])
-    (grad_l1,) = relu.relu_backward(grad_l2, l1)
+    (grad_l1,) = relu.relu_backward(grad_l2, l1, l2)
     grad_input, grad_w1, grad_b1 = linear.linear_backward(grad_l1, data["input"], data["w1"], data["b1"])
     return loss, dict(input=grad_input, w1=grad_w1, b1=grad_b1, w2=grad_w2, b2=grad_b2)
 

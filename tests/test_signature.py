@@ -1,6 +1,7 @@
 """The signature record: what the backward takes, reads and has saved, decided once per op and style."""
 
 import ast
+import re
 
 import pytest
 import torch
@@ -34,7 +35,9 @@ def _is_none_test(test: ast.expr) -> bool:
 
 
 def _saved(module_text: str, output: str) -> tuple[str, ...]:
-    calls = [node for node in ast.walk(ast.parse(module_text)) if isinstance(node, ast.Call)
+    """What the autograd.Function's setup_context saves (the custom op may keep more: see its backward)."""
+    (function,) = [node for node in ast.parse(module_text).body if isinstance(node, ast.ClassDef)]
+    calls = [node for node in ast.walk(function) if isinstance(node, ast.Call)
              and isinstance(node.func, ast.Attribute) and node.func.attr == "save_for_backward"]
     return tuple(output if a.id == "output" else a.id for a in calls[0].args) if calls else ()
 
@@ -50,7 +53,13 @@ def test_the_signature_is_what_the_module_does(op_name):
         forward_tensors = {t.name for t in op.inputs} | {op.output} | set(signature.values)
         assert set(signature.reads) == _backward_reads(text, op) & forward_tensors, style
         assert _saved(text, op.output) == signature.saved, style
-        assert set(signature.reads) <= set(signature.saved), style
+        assert set(signature.reads) <= set(signature.saved) | set(signature.shaped), style
+        for name in signature.shaped:      # kept as its shape: the backward's code reads nothing else of it
+            assert f"ctx.{naming.shape_of(name)} = {name}.shape" in text, style
+            body = text.split(f"def {naming.backward(op_name)}(", 1)[1].split("\ndef ", 1)[0].split('"""')[2]
+            code = [line for line in body.splitlines() if naming.check_shapes(op_name) not in line]
+            assert not any(re.search(rf"\b{name}\b(?!\.shape|\.numel\(\)|\.dim\(\))", line) for line in code), \
+                (style, name)
         assert set().union(*(g.reads for g in signature.gradients)) == set(signature.reads), style
         arguments = [a.arg for a in next(node for node in ast.parse(text).body if isinstance(node, ast.FunctionDef)
                                          and node.name == naming.backward(op_name)).args.args]
@@ -81,9 +90,11 @@ reference = "(x + s).mean()"
                                               ((2, 1), (2, 5))])
 def test_the_function_keeps_every_tensor_a_size_is_read_off(tmp_path, style, x_shape, s_shape):
     """The regression: size_batch is read off x and s (their batch dims may broadcast), and s is read for
-    nothing else; the Function kept only x, and its backward failed on s = None."""
+    nothing else; the Function kept only x, and its backward failed on s = None. Now both are read for their
+    shapes alone, which the Function keeps (x_shape, s_shape), and no tensor."""
     op, module = _one_op_module(tmp_path, SHIFTED_MEAN, style)
-    assert build_op(op).signatures[style].saved == ("x", "s")
+    signature = build_op(op).signatures[style]
+    assert (signature.saved, signature.shaped) == ((), ("x", "s"))
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(x_shape, generator=generator, dtype=torch.float64, requires_grad=True)
     s = torch.randn(s_shape, generator=generator, dtype=torch.float64)
