@@ -89,7 +89,8 @@ def _saved_by_function(module_text: str, output: str) -> tuple[str, ...]:
     """What the module's autograd.Function passes to ctx.save_for_backward (`output` for its result). The custom
     op's setup_context saves the same, or, where the Function returns its saved values as differentiable outputs,
     the inputs too (the op returns its result alone, so its double backward computes them again)."""
-    (function,) = [node for node in ast.parse(module_text).body if isinstance(node, ast.ClassDef)]
+    (function,) = [node for node in ast.parse(module_text).body if isinstance(node, ast.ClassDef)
+                   and any(ast.unparse(base) == "torch.autograd.Function" for base in node.bases)]
     calls = [node for node in ast.walk(function) if isinstance(node, ast.Call)
              and isinstance(node.func, ast.Attribute) and node.func.attr == "save_for_backward"]
     saved = {tuple(output if a.id == "output" else a.id for a in call.args) for call in calls}

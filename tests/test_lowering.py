@@ -191,7 +191,7 @@ def test_loss_gradients_scale_by_grad_loss_before_touching_a_tensor(op_name):
     shared = {s.name: render(s.value).text for s in lowered.shared}
     for target, line in code_lines(op_name, "contraction").items():
         # a gradient computed from a multiple of another reads it from a shared value: that value is scaled
-        read = re.fullmatch(r"\(?-?(shared_\d+)\)?(\.sum_to_size\(\w+\.shape\))?", line)
+        read = re.fullmatch(r"\(?-?(shared_\d+)\)?(\.expand\(.*\))?(\.sum_to_size\(\w+\.shape\))?", line)
         line = shared[read.group(1)] if read else line
         assert re.match(rf"\(?{scaled} \* ", line) or re.match(expanded, line) or re.match(
             rf"torch\._\w+_backward_data\(({scaled} \* |torch\.ops\.aten\.nll_loss_backward\({scaled}, )",

@@ -36,7 +36,8 @@ def _is_none_test(test: ast.expr) -> bool:
 
 def _saved(module_text: str, output: str) -> tuple[str, ...]:
     """What the autograd.Function's setup_context saves (the custom op may keep more: see its backward)."""
-    (function,) = [node for node in ast.parse(module_text).body if isinstance(node, ast.ClassDef)]
+    (function,) = [node for node in ast.parse(module_text).body if isinstance(node, ast.ClassDef)
+                   and any(ast.unparse(base) == "torch.autograd.Function" for base in node.bases)]
     calls = [node for node in ast.walk(function) if isinstance(node, ast.Call)
              and isinstance(node.func, ast.Attribute) and node.func.attr == "save_for_backward"]
     return tuple(output if a.id == "output" else a.id for a in calls[0].args) if calls else ()
