@@ -20,11 +20,11 @@ from typing import Union
 import sympy
 
 from . import naming
-from .derivation import depends_on_tensor, tensor_symbols
+from .derivation import depends_on_tensor, expand_terms, tensor_symbols
 from .functions import in_range, one_hot, renamed_match, window
 from .kernels import one_hot_by_rows
 from .naming import BATCH, STYLES
-from .plan import ExprPlan, OpPlan, TermPlan, free_indices, ordered
+from .plan import ExprPlan, OpPlan, TermPlan, contraction_plan, free_indices, ordered
 from .model import is_python_number, size_symbol, tensor_symbol
 
 
@@ -162,7 +162,8 @@ class Shared:
     """A subexpression the backward computes once and reuses (found by `sympy.cse`)."""
 
     name: str                  # variable holding it
-    value: Leaf                # what it computes, in terms of inputs and earlier shared values
+    value: Node                # what it computes, in terms of inputs and earlier shared values (a Leaf, or
+                               # the lowered term of a contraction bound by _bind_contractions)
     users: tuple[int, ...]     # positions (in the op's inputs) of the gradients that need it
 
 
@@ -189,19 +190,118 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
             return LoweredExpr(expr_plan, tuple(terms))
         return _indexed_add(expr_plan, _merge_elementwise(terms))
 
-    gradients, shared = _share_common(op_plan, [lower_expr(g) for g in op_plan.gradients])
-    (forward,), forward_shared = _share_common(op_plan, [lower_expr(op_plan.forward)])
-    tangents, tangent_shared = _share_common(op_plan, [lower_expr(t) for t in op_plan.tangents],
-                                             owners=[g.input for g in op_plan.derivation.tangents])
+    def lower_group(plans: tuple[ExprPlan, ...], owners: list[str] | None = None):
+        """Lower some expressions with the contractions inside their functions bound to named values
+        first, then the subexpressions they repeat shared."""
+        exprs, contracted = _bind_contractions(op_plan, [lower_expr(p) for p in plans], term)
+        exprs, shared, contracted = _share_common(op_plan, exprs, owners, contracted)
+        return exprs, _in_use_order(op_plan, contracted + list(shared), exprs, owners)
+
+    gradients, shared = lower_group(op_plan.gradients)
+    (forward,), forward_shared = lower_group((op_plan.forward,))
+    tangents, tangent_shared = lower_group(op_plan.tangents, owners=[g.input for g in op_plan.derivation.tangents])
     return LoweredOp(op_plan, style, forward, gradients, shared, forward_shared, tangents, tangent_shared)
 
 
-def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[str] | None = None):
+def is_contraction(expr: sympy.Expr, scalars) -> bool:
+    """Whether `expr` is a sum of a product of two or more tensors over an index (not over `...`), with
+    dims left: a contraction, which inside a function the printer would spell as the broadcast product
+    of all its operands."""
+    if not isinstance(expr, sympy.Sum) or not free_indices(expr) or \
+            any(limit[0].name == BATCH for limit in expr.limits):
+        return False
+    terms = expand_terms(expr, scalars)
+    return len(terms) == 1 and sum(bool(free_indices(f)) for f in terms[0].factors) >= 2
+
+
+def _bind_contractions(op_plan: OpPlan, exprs: list[LoweredExpr], term) -> tuple[list[LoweredExpr], list[Shared]]:
+    """Each contraction that stands inside an elementwise leaf (the argument of softmax, logsumexp, exp,
+    tanh, a fused kernel's g, ...) bound to a named value, `contracted_0 = q @ k.mT`, lowered as a term of
+    its own (by `term`: @ and einsum, or the broadcast style's product and sum); the leaf reads it. One
+    value per contraction, under any index names; contractions nested in a contraction's factors first."""
+    op = op_plan.op
+    scalars = tensor_symbols(op)
+    bound: list[tuple[sympy.Expr, tuple[sympy.Idx, ...], str]] = []    # (the sum, its dims, name)
+    values: list[Shared] = []
+
+    def bind(contraction: sympy.Sum) -> sympy.Expr:
+        for pattern, dims, name in bound:
+            chosen = renamed_match(pattern, dims, contraction)
+            if chosen is not None:
+                return tensor_symbol(name)[chosen]
+        free = free_indices(contraction)
+        found = {i.name: i for i in contraction.atoms(sympy.Idx) if i.name in free}
+        dims = tuple(found[i] for i in sorted(ordered(free, op.index_order), key=lambda i: i != BATCH))
+        name = f"{naming.CONTRACTED_PREFIX}{len(values)}"
+        (inner,) = expand_terms(contraction, scalars)
+        names = tuple(i.name for i in dims)
+        node = term(contraction_plan(inner, names, op.index_order), names, None)
+        bound.append((contraction, dims, name))
+        values.append(Shared(name, node, ()))
+        return tensor_symbol(name)[dims]
+
+    def rewrite(expr: sympy.Expr) -> sympy.Expr:
+        if not expr.args or isinstance(expr, (sympy.Indexed, sympy.Idx)):
+            return expr
+        args = [rewrite(a) for a in expr.args]
+        if any(a is not b for a, b in zip(args, expr.args)):
+            expr = expr.func(*args)
+        return bind(expr) if is_contraction(expr, scalars) else expr
+
+    def rewrite_node(node: Node) -> Node:
+        if isinstance(node, Leaf):
+            expr = rewrite(node.expr) if node.expr.has(sympy.Sum) else node.expr
+            return node if expr is node.expr else Leaf(expr, node.indices)
+        if isinstance(node, Product):
+            return replace(node, factors=tuple(rewrite_node(f) for f in node.factors))
+        if isinstance(node, Einsum):
+            return replace(node, operands=tuple(rewrite_node(o) for o in node.operands))
+        if isinstance(node, MatMul):
+            return replace(node, left=rewrite_node(node.left), right=rewrite_node(node.right))
+        if isinstance(node, (Reduce, Scaled, Scatter)):
+            return replace(node, source=rewrite_node(node.source))
+        return node
+
+    # (rewritten inside out: a contraction in another's factors is bound first, so each value comes after
+    # those it reads)
+    return [replace(e, terms=tuple(rewrite_node(t) for t in e.terms)) for e in exprs], values
+
+
+def _in_use_order(op_plan: OpPlan, values: list[Shared], exprs, owners: list[str] | None) -> tuple[Shared, ...]:
+    """Contracted and shared values each after the values it reads, with its users: the inputs whose
+    expressions read it, directly or through another value."""
+    positions = [t.name for t in op_plan.op.inputs]
+    users = {v.name: set(v.users) for v in values}
+    reads = {v.name: reads_of((), (v,)) & users.keys() - {v.name} for v in values}
+    for g, expr in enumerate(exprs):
+        owner = expr.plan.like if owners is None else owners[g]
+        for name in (reads_of((expr,), ()) & users.keys()) if owner is not None else ():
+            users[name].add(positions.index(owner))
+    changed = True
+    while changed:
+        changed = False
+        for value in values:
+            for name in reads[value.name]:
+                if not users[value.name] <= users[name]:
+                    users[name] |= users[value.name]
+                    changed = True
+    pending, done = list(values), []
+    while pending:
+        ready = next(v for v in pending if reads[v.name] <= {d.name for d in done})
+        pending.remove(ready)
+        done.append(replace(ready, users=tuple(sorted(users[ready.name]))))
+    return tuple(done)
+
+
+def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[str] | None = None,
+                  contracted: list[Shared] = ()):
     """Hoist subexpressions that occur more than once across the elementwise leaves of `gradients`
-    (the backward's, the forward alone, or the tangents' shares). A value's users are the inputs whose
-    expressions need it: by default the input each gradient is shaped like, else `owners`."""
+    (the backward's, the forward alone, or the tangents' shares) and of the `contracted` values they read.
+    A value's users are the inputs whose expressions need it: by default the input each gradient is shaped
+    like, else `owners`. Returns the gradients, the shared values and the contracted values, rewritten."""
     leaves = [(g, node) for g, expr in enumerate(gradients) for term in expr.terms
               for node in walk(term) if isinstance(node, Leaf)]
+    leaves += [(None, node) for value in contracted for node in walk(value.value) if isinstance(node, Leaf)]
     symbols = sympy.numbered_symbols("cse_", real=True)
     replacements, reduced = sympy.cse([leaf.expr for _, leaf in leaves], symbols=symbols, order="none")
     scalars = tensor_symbols(op_plan.op)
@@ -228,7 +328,7 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
         name, chosen = found
         accesses[symbol] = tensor_symbol(name)[chosen] if chosen else sympy.Symbol(name, real=True)
     if not values:
-        return tuple(gradients), ()
+        return tuple(gradients), (), list(contracted)
 
     patterns = {name: [next(j for j in value.expr.atoms(sympy.Idx) if j.name == i) for i in value.indices]
                 for name, value in values}
@@ -253,6 +353,8 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
     positions = [t.name for t in op_plan.op.inputs]
     users = {name: set() for name, _ in values}
     for g, leaf in leaves:
+        if g is None:     # a contracted value's leaf: _in_use_order gives its readers' users
+            continue
         owner = gradients[g].plan.like if owners is None else owners[g]
         for name in _shared_names(rewritten[id(leaf)].expr, users):
             if owner is not None:     # the forward has no needs_input_grad to consult
@@ -262,7 +364,8 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
             users[used] |= users[name]
     gradients = [replace(g, terms=tuple(_replace_leaves(t, rewritten) for t in g.terms)) for g in gradients]
     shared = tuple(Shared(name, value, tuple(sorted(users[name]))) for name, value in values)
-    return tuple(gradients), shared
+    contracted = [replace(v, value=_replace_leaves(v.value, rewritten)) for v in contracted]
+    return tuple(gradients), shared, contracted
 
 
 def _renamed_as(value: Leaf, expr: sympy.Expr):
@@ -519,13 +622,39 @@ def _contract(nodes: list[Node], summed: list[str], target: tuple[str, ...],
             summed = [i for i in summed if i not in alone]
     if len(nodes) == 1:
         return nodes[0], summed
+    summed = set(summed)
+    while len(nodes) > 2:
+        nodes, summed = _contract_pair(nodes, summed, target)
     # Contractions may produce any dim order: produce the target's, so no transpose follows.
     result = tuple(i for i in target if any(i in n.indices for n in nodes))
-    node = _pair(nodes[0], nodes[1], set(summed), result) if len(nodes) == 2 else Einsum(tuple(nodes), result)
-    if isinstance(node, (MatMul, Einsum)) and any(_one_hot(n) for n in nodes):
+    node = _pair(nodes[0], nodes[1], summed, result) if len(nodes) == 2 else nodes[0]
+    _no_one_hot(node, nodes)
+    return node, []
+
+
+def _contract_pair(nodes: list[Node], summed: set[str], target: tuple[str, ...]) -> tuple[list[Node], set[str]]:
+    """Three or more operands: contract the pair whose result has the fewest dims (summing what only they
+    have), so that no intermediate grows past its operands: tanh's gradient in tanh(x @ w) @ u is
+    (grad_y @ u.T) * (1 - t**2) @ w.T, never a four-operand einsum."""
+    def cost(pair):
+        a, b = pair
+        others = {i for n in nodes if n is not a and n is not b for i in n.indices}
+        keep = [i for i in dict.fromkeys(a.indices + b.indices) if i in target or i in others or i not in summed]
+        return len(keep), -(len(set(a.indices) | set(b.indices)) - len(keep)), keep
+
+    pairs = [(a, b) for p, a in enumerate(nodes) for b in nodes[p + 1:]]
+    a, b = min(pairs, key=lambda pair: cost(pair)[:2])
+    keep = cost((a, b))[2]
+    result = tuple(i for i in target if i in keep) + tuple(i for i in keep if i not in target)
+    node = _pair(a, b, summed - set(keep), result)
+    _no_one_hot(node, [a, b])
+    return [n for n in nodes if n is not a and n is not b] + [node], summed & set(keep)
+
+
+def _no_one_hot(node: Node, operands: list[Node]) -> None:
+    if isinstance(node, (MatMul, Einsum)) and any(_one_hot(n) for n in operands):
         # an int64 one-hot in a matrix product with float tensors is a dtype error: _scatter adds rows instead
         raise ValueError("a one-hot of an integer input would enter a matrix product")
-    return node, []
 
 
 def _one_hot(node: Node) -> bool:
@@ -612,7 +741,7 @@ def tangent_reads(lowered: LoweredOp) -> set[str]:
 def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...]) -> set[str]:
     """Names of the tensors and symbols whose values or shapes the code of `exprs` and `shared` reads."""
     names: set[str] = set()
-    leaves = [s.value for s in shared]
+    leaves = [node for s in shared for node in walk(s.value) if isinstance(node, Leaf)]
     for expr in exprs:
         if expr.plan.unbroadcast or (expr.plan.like is not None and covered(expr) != set(expr.plan.indices)):
             names.add(expr.plan.like)      # sum_to_size / expand_as / zeros_like
