@@ -622,39 +622,13 @@ def _contract(nodes: list[Node], summed: list[str], target: tuple[str, ...],
             summed = [i for i in summed if i not in alone]
     if len(nodes) == 1:
         return nodes[0], summed
-    summed = set(summed)
-    while len(nodes) > 2:
-        nodes, summed = _contract_pair(nodes, summed, target)
     # Contractions may produce any dim order: produce the target's, so no transpose follows.
     result = tuple(i for i in target if any(i in n.indices for n in nodes))
-    node = _pair(nodes[0], nodes[1], summed, result) if len(nodes) == 2 else nodes[0]
-    _no_one_hot(node, nodes)
-    return node, []
-
-
-def _contract_pair(nodes: list[Node], summed: set[str], target: tuple[str, ...]) -> tuple[list[Node], set[str]]:
-    """Three or more operands: contract the pair whose result has the fewest dims (summing what only they
-    have), so that no intermediate grows past its operands: tanh's gradient in tanh(x @ w) @ u is
-    (grad_y @ u.T) * (1 - t**2) @ w.T, never a four-operand einsum."""
-    def cost(pair):
-        a, b = pair
-        others = {i for n in nodes if n is not a and n is not b for i in n.indices}
-        keep = [i for i in dict.fromkeys(a.indices + b.indices) if i in target or i in others or i not in summed]
-        return len(keep), -(len(set(a.indices) | set(b.indices)) - len(keep)), keep
-
-    pairs = [(a, b) for p, a in enumerate(nodes) for b in nodes[p + 1:]]
-    a, b = min(pairs, key=lambda pair: cost(pair)[:2])
-    keep = cost((a, b))[2]
-    result = tuple(i for i in target if i in keep) + tuple(i for i in keep if i not in target)
-    node = _pair(a, b, summed - set(keep), result)
-    _no_one_hot(node, [a, b])
-    return [n for n in nodes if n is not a and n is not b] + [node], summed & set(keep)
-
-
-def _no_one_hot(node: Node, operands: list[Node]) -> None:
-    if isinstance(node, (MatMul, Einsum)) and any(_one_hot(n) for n in operands):
+    node = _pair(nodes[0], nodes[1], set(summed), result) if len(nodes) == 2 else Einsum(tuple(nodes), result)
+    if isinstance(node, (MatMul, Einsum)) and any(_one_hot(n) for n in nodes):
         # an int64 one-hot in a matrix product with float tensors is a dtype error: _scatter adds rows instead
         raise ValueError("a one-hot of an integer input would enter a matrix product")
+    return node, []
 
 
 def _one_hot(node: Node) -> bool:
