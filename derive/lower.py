@@ -195,7 +195,7 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
         first, then the subexpressions they repeat shared."""
         exprs, contracted = _bind_contractions(op_plan, [lower_expr(p) for p in plans], term)
         exprs, shared, contracted = _share_common(op_plan, exprs, owners, contracted)
-        return exprs, _in_use_order(op_plan, contracted + list(shared), exprs, owners)
+        return _numbered(exprs, _in_use_order(op_plan, contracted + list(shared), exprs, owners))
 
     gradients, shared = lower_group(op_plan.gradients)
     (forward,), forward_shared = lower_group((op_plan.forward,))
@@ -265,6 +265,23 @@ def _bind_contractions(op_plan: OpPlan, exprs: list[LoweredExpr], term) -> tuple
     # (rewritten inside out: a contraction in another's factors is bound first, so each value comes after
     # those it reads)
     return [replace(e, terms=tuple(rewrite_node(t) for t in e.terms)) for e in exprs], values
+
+
+def _numbered(exprs, values: tuple[Shared, ...]):
+    """The contracted values numbered in the order the code computes them: those several gradients use first
+    (a value can read only values with at least its users), then each gradient's own."""
+    values = tuple(sorted(values, key=lambda v: len(v.users) < 2))
+    contracted = [v.name for v in values if v.name.startswith(naming.CONTRACTED_PREFIX)]
+    names = {old: f"{naming.CONTRACTED_PREFIX}{position}" for position, old in enumerate(contracted)}
+    if all(old == new for old, new in names.items()):
+        return exprs, values
+    renaming = {tensor_symbol(old): tensor_symbol(new) for old, new in names.items()}
+    rewritten = {id(leaf): Leaf(leaf.expr.xreplace(renaming), leaf.indices)
+                 for root in [t for e in exprs for t in e.terms] + [v.value for v in values]
+                 for leaf in walk(root) if isinstance(leaf, Leaf)}
+    exprs = tuple(replace(e, terms=tuple(_replace_leaves(t, rewritten) for t in e.terms)) for e in exprs)
+    return exprs, tuple(replace(v, name=names.get(v.name, v.name), value=_replace_leaves(v.value, rewritten))
+                        for v in values)
 
 
 def _in_use_order(op_plan: OpPlan, values: list[Shared], exprs, owners: list[str] | None) -> tuple[Shared, ...]:
