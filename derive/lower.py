@@ -231,11 +231,12 @@ def _bind_contractions(op_plan: OpPlan, exprs: list[LoweredExpr], term) -> tuple
                 return tensor_symbol(name)[chosen]
         free = free_indices(contraction)
         found = {i.name: i for i in contraction.atoms(sympy.Idx) if i.name in free}
-        dims = tuple(found[i] for i in sorted(ordered(free, op.index_order), key=lambda i: i != BATCH))
+        names = tuple(sorted(ordered(free, op.index_order), key=lambda i: i != BATCH))
         name = f"{naming.CONTRACTED_PREFIX}{len(values)}"
         (inner,) = expand_terms(contraction, scalars)
-        names = tuple(i.name for i in dims)
         node = term(contraction_plan(inner, names, op.index_order), names, None)
+        # read in the dims the value comes out in (an operand the others nest in keeps its own order)
+        dims = tuple(found[i] for i in node.indices)
         bound.append((contraction, dims, name))
         values.append(Shared(name, node, ()))
         return tensor_symbol(name)[dims]

@@ -60,6 +60,11 @@ inputs = ["x[n, k]", "w[k, m]"]
 equation = "y[n] = logsumexp(sum(x[n, k] * w[k, m], k), m)"
 reference = "torch.logsumexp(x @ w, -1)"
 
+[ops.nested_operand]
+inputs = ["x[n]", "a[m, n, k]", "b[k]"]
+equation = "y[n, m] = x[n] * tanh(sum(a[m, n, k] * b[k], k))"
+reference = "x.unsqueeze(1) * torch.tanh(a @ b).T"
+
 [ops.softmax_matmul]
 inputs = ["x[n, k]", "w[k, m]"]
 equation = "y[n, m] = softmax(sum(x[n, k] * w[k, m], k), m)"
@@ -67,7 +72,7 @@ reference = "torch.softmax(x @ w, -1)"
 """
 
 OPS = ("attention", "attention_batched", "tanh_matmul", "tanh_layers", "exp_then_sum", "logsumexp_matmul",
-       "softmax_matmul")
+       "nested_operand", "softmax_matmul")
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +144,13 @@ def test_attention_is_matrix_products_and_the_fused_softmax_backward(generated):
     assert backward.count("_softmax_backward_data(") == 1 and backward.count("grad_o @ v.mT") == 1, backward
     assert re.search(r"grad_q = c \* \(shared_\d @ k\)", backward), backward
     assert re.search(r"grad_k = c \* \(shared_\d\.mT @ q\)", backward), backward
+
+
+def test_a_contracted_value_is_read_in_the_dims_it_comes_out_in(generated):
+    """sum(a[m, n, k] * b[k], k) comes out as (m, n), a's order, where the op's order is (n, m): the leaf reads
+    it so (the fuzzer found it reading (n, m) as a permuted access of an (m, n) tensor)."""
+    _, op, module = generated("nested_operand", "contraction")
+    check_gradients(op, module)
 
 
 @pytest.mark.slow
