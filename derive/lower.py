@@ -34,6 +34,9 @@ class Leaf:
 
     expr: sympy.Expr
     indices: tuple[str, ...]
+    # values it reads that are written where it reads them: a contraction read once (name, its lowered term),
+    # so that it is freed as soon as the leaf is computed
+    inline: tuple[tuple[str, "Node"], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,7 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
         first, then the subexpressions they repeat shared."""
         exprs, contracted = _bind_contractions(op_plan, [lower_expr(p) for p in plans], term)
         exprs, shared, contracted = _share_common(op_plan, exprs, owners, contracted)
-        return _numbered(exprs, _in_use_order(op_plan, contracted + list(shared), exprs, owners))
+        return _inline_once(*_numbered(exprs, _in_use_order(op_plan, contracted + list(shared), exprs, owners)))
 
     gradients, shared = lower_group(op_plan.gradients)
     (forward,), forward_shared = lower_group((op_plan.forward,))
@@ -283,6 +286,38 @@ def _numbered(exprs, values: tuple[Shared, ...]):
     exprs = tuple(replace(e, terms=tuple(_replace_leaves(t, rewritten) for t in e.terms)) for e in exprs)
     return exprs, tuple(replace(v, name=names.get(v.name, v.name), value=_replace_leaves(v.value, rewritten))
                         for v in values)
+
+
+def _inline_once(exprs, values: tuple[Shared, ...]):
+    """A contracted value that one access of one leaf reads is written there (`torch.softmax(c * (q @ k.mT),
+    dim=-1)`): computed once all the same, and freed as soon as that leaf is, not kept to the function's end."""
+    leaves = [leaf for root in [t for e in exprs for t in e.terms] + [v.value for v in values]
+              for leaf in walk(root) if isinstance(leaf, Leaf)]
+    readers = {}
+    for leaf in leaves:
+        for node in sympy.preorder_traversal(leaf.expr):
+            if isinstance(node, sympy.Indexed):
+                readers.setdefault(node.base.label.name, []).append(leaf)
+    once = {v.name: v.value for v in values if v.name.startswith(naming.CONTRACTED_PREFIX)
+            and len(readers.get(v.name, ())) == 1}
+    if not once:
+        return exprs, values
+    rewritten = {}
+    for leaf in leaves:
+        inline = tuple((name, value) for name, value in once.items() if readers[name][0] is leaf)
+        if inline:
+            rewritten[id(leaf)] = replace(leaf, inline=leaf.inline + inline)
+    # (a value inlined into a value it inlines: the inner one is in the outer's term, rewritten with it)
+    while True:
+        values = tuple(replace(v, value=_replace_leaves(v.value, rewritten)) for v in values)
+        moved = {name: next(v.value for v in values if v.name == name) for name in once}
+        updated = {key: replace(leaf, inline=tuple((n, moved.get(n, value)) for n, value in leaf.inline))
+                   for key, leaf in rewritten.items()}
+        if updated == rewritten:
+            break
+        rewritten = updated
+    exprs = tuple(replace(e, terms=tuple(_replace_leaves(t, rewritten) for t in e.terms)) for e in exprs)
+    return exprs, tuple(v for v in values if v.name not in once)
 
 
 def _in_use_order(op_plan: OpPlan, values: list[Shared], exprs, owners: list[str] | None) -> tuple[Shared, ...]:
@@ -778,6 +813,8 @@ def children(node: Node) -> tuple[Node, ...]:
         return node.left, node.right
     if isinstance(node, (Reduce, Scaled, Scatter)):
         return (node.source,)
+    if isinstance(node, Leaf):
+        return tuple(value for _, value in node.inline)
     return ()
 
 

@@ -128,10 +128,11 @@ def _permutation(have: tuple[str, ...], want: tuple[str, ...]) -> str:
 class TorchCodePrinter(PositiveFirst, TorchPrinter):
     """SymPy's PyTorch printer, with each tensor access lined up for one broadcast layout."""
 
-    def __init__(self, layout: tuple[str, ...], tensors: frozenset = frozenset()):
+    def __init__(self, layout: tuple[str, ...], tensors: frozenset = frozenset(), inline: dict | None = None):
         super().__init__({"strict": True})
         self.layout = layout
         self.tensors = tensors      # symbols that stand for whole tensors (not scalars)
+        self.inline = inline or {}  # name -> Code of a value written where it is read (lower.Leaf.inline)
         self.device_of = None       # a tensor whose device an arange of index positions takes
 
     def _print(self, expr, **kwargs):
@@ -146,11 +147,27 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         return super()._print(expr, **kwargs)
 
     def _print_Indexed(self, expr):
+        if self._inlined(expr) is not None:
+            return self._inlined(expr).text
         if all(isinstance(i, sympy.Idx) for i in expr.indices):
             access = diagonal(Code(expr.base.label.name, tuple(i.name for i in expr.indices)))
         else:
             access = self._gather(expr)
         return align(access, self.layout).text
+
+    def _inlined(self, expr) -> Code | None:
+        """The code of an access to a value written where it is read, lined up: read by its dims, in the order
+        it comes out in."""
+        value = self.inline.get(expr.base.label.name) if isinstance(expr, sympy.Indexed) else None
+        if value is None:
+            return None
+        return align(Code(value.text, tuple(i.name for i in expr.indices), value.precedence), self.layout)
+
+    def parenthesize(self, item, level, strict=False):
+        inlined = self._inlined(item)     # SymPy takes any access for an atom
+        if inlined is not None:
+            return inlined.atom()
+        return super().parenthesize(item, level, strict)
 
     def _gather(self, expr) -> Code:
         """An input indexed at one dim by an integer input (the others by plain indices), by the rule of
@@ -273,7 +290,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     def _sub(self, expr, layout: tuple[str, ...]) -> Code:
         """`expr` printed in its own layout, for a reduction or softmax to work on."""
-        return Code(TorchCodePrinter(layout)._print(expr), layout, precedence(expr))
+        return Code(TorchCodePrinter(layout, inline=self.inline)._print(expr), layout, precedence(expr))
 
     def _own_layout(self, expr, last: tuple[str, ...] = ()) -> tuple[str, ...]:
         free = free_indices(expr)
@@ -367,7 +384,8 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     # what a kernel record (kernels.KERNELS) prints its call with
     def text(self, expr, layout: tuple[str, ...] | None = None) -> str:
         """`expr` printed for this printer's layout, or for another one."""
-        return self._print(expr) if layout is None else TorchCodePrinter(layout, self.tensors)._print(expr)
+        return self._print(expr) if layout is None else \
+            TorchCodePrinter(layout, self.tensors, self.inline)._print(expr)
 
     @staticmethod
     def dim(index: str, layout: tuple[str, ...]) -> str:
@@ -682,8 +700,8 @@ def uses_math(code: str) -> bool:
     return re.search(r"(?<![\w.])math\.", code) is not None
 
 
-def print_leaf(expr: sympy.Expr, layout: tuple[str, ...]) -> Code:
-    text = TorchCodePrinter(layout).doprint(expr)
+def print_leaf(expr: sympy.Expr, layout: tuple[str, ...], inline: dict | None = None) -> Code:
+    text = TorchCodePrinter(layout, inline=inline).doprint(expr)
     level = ATOM if isinstance(expr, (sympy.Indexed, sympy.Symbol, sympy.Function, sympy.Piecewise)) \
         else min(precedence(expr), MUL)
     if isinstance(expr, sympy.Pow) and expr.exp not in (sympy.S.Half, -sympy.S.Half):
@@ -691,10 +709,15 @@ def print_leaf(expr: sympy.Expr, layout: tuple[str, ...]) -> Code:
     return Code(text, layout, level)
 
 
+def inline_codes(leaf: Leaf) -> dict[str, Code]:
+    """The code of each value a leaf reads where it stands."""
+    return {name: render(value) for name, value in leaf.inline}
+
+
 def render(node: Node) -> Code:
     """Python source for one lowered node."""
     if isinstance(node, Leaf):
-        return print_leaf(node.expr, node.indices)
+        return print_leaf(node.expr, node.indices, inline_codes(node))
     if isinstance(node, Product):
         factors = [align(render(f), node.indices).operand("*", "right" if position else "left")
                    for position, f in enumerate(node.factors)]
@@ -1152,7 +1175,7 @@ def render_expr(lowered: LoweredExpr) -> str:
     if scaled is not None:
         # a fused kernel is linear in its gradient: the scale goes into it
         factor, leaf = scaled
-        text = kernel_of(leaf.expr).print(TorchCodePrinter(leaf.indices), leaf.expr, factor)
+        text = kernel_of(leaf.expr).print(TorchCodePrinter(leaf.indices, inline=inline_codes(leaf)), leaf.expr, factor)
         text = align(Code(text, leaf.indices), plan.indices).text
         atomic = True
     elif len(terms) == 1 and isinstance(terms[0], Scaled) and plan.scale != 1:

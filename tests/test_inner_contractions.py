@@ -1,8 +1,8 @@
 """Contractions inside functions (issue 14, item 2): `softmax(sum(q * k, e) * c, s)`, `tanh(sum(x * w, k))`, ...
 
 A contraction that stands inside a function, in the forward or in a gradient, is bound to a named value
-(`contracted_0 = q @ k.mT`) and lowered as a term of its own, never spelled as the broadcast product of all
-its operands; a softmax VJP whose upstream side is a contraction (attention's `grad_o @ v.mT`) is regrouped
+(`contracted_0 = q @ k.mT`, written where it is read when one leaf reads it) and lowered as a term of its own,
+never spelled as the broadcast product of all its operands; a softmax VJP whose upstream side is a contraction (attention's `grad_o @ v.mT`) is regrouped
 so that the gradient is a contraction of the fused `_softmax_backward_data` with the other operand. The
 oracle is autograd of each op's torch reference (float64 gradcheck, float32, every index of one size, of size
 1 and of size 0, forward mode); the memory bound is read off the lowered plan: no intermediate of the
@@ -132,16 +132,17 @@ def test_no_intermediate_outgrows_the_operands(generated, name):
 
 def test_attention_is_matrix_products_and_the_fused_softmax_backward(generated):
     """The forward is `softmax(c * (q @ k.mT)) @ v`; the backward computes the scores and `grad_o @ v.mT` once
-    each, the softmax VJP once, by `_softmax_backward_data`, then one matrix product per gradient."""
+    each (written where they are read, so each is freed as soon as its reader is done), the softmax VJP once,
+    by `_softmax_backward_data`, then one matrix product per gradient."""
     _, _, module = generated("attention", "contraction")
     source = open(module.__file__).read()
     code = [line.strip() for line in source.splitlines() if not line.strip().startswith(("#", '"'))]
     body = "\n".join(code)
     assert "einsum" not in body and "unsqueeze" not in body, body
-    assert "contracted_0 = q @ k.mT" in code
-    assert "return torch.softmax(c * contracted_0, dim=-1) @ v" in code
+    assert "return torch.softmax(c * (q @ k.mT), dim=-1) @ v" in code
     backward = source[source.index("def attention_backward"):source.index("def attention_jvp")]
-    assert backward.count("_softmax_backward_data(") == 1 and backward.count("grad_o @ v.mT") == 1, backward
+    assert backward.count("_softmax_backward_data(grad_o @ v.mT, ") == 1, backward
+    assert backward.count("q @ k.mT") == 1, backward
     assert re.search(r"grad_q = c \* \(shared_\d @ k\)", backward), backward
     assert re.search(r"grad_k = c \* \(shared_\d\.mT @ q\)", backward), backward
 
