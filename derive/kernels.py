@@ -392,7 +392,7 @@ def _print_vjp(call: str):
         # the dtype the softmax was taken in: y's own, or that of a tensor it is computed from
         dtype = (y if isinstance(y, sympy.Indexed) else sorted(y.atoms(sympy.Indexed), key=sympy.default_sort_key)[0])
         text = f"{call}({grad_text}, {printer.text(y, layout)}, {printer.dim(index.name, layout)}, " \
-               f"{dtype.base.label.name}.dtype)"
+               f"{printer.named(dtype.base.label.name)}.dtype)"
         return printer.placed(text, layout)
     return print_
 

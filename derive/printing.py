@@ -133,6 +133,8 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         self.layout = layout
         self.tensors = tensors      # symbols that stand for whole tensors (not scalars)
         self.inline = inline or {}  # name -> Code of a value written where it is read (lower.Leaf.inline)
+        # name of such a value -> a tensor it is computed from, for a number to take its dtype and device
+        self.stand_in = {name: code.like for name, code in self.inline.items()}
         self.device_of = None       # a tensor whose device an arange of index positions takes
 
     def _print(self, expr, **kwargs):
@@ -162,6 +164,11 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         if value is None:
             return None
         return align(Code(value.text, tuple(i.name for i in expr.indices), value.precedence), self.layout)
+
+    def named(self, name: str) -> str:
+        """A tensor's name in the code, for its dtype and device: a value written where it is read has none,
+        one it is computed from stands in."""
+        return self.stand_in.get(name, name)
 
     def parenthesize(self, item, level, strict=False):
         inlined = self._inlined(item)     # SymPy takes any access for an atom
@@ -454,7 +461,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         if all(is_python_number(value) for value, _ in expr.args):
             # torch.where of two Python numbers is in torch's default dtype: one branch takes the dtype
             # (and device) of a tensor the condition reads
-            tensors = [a.base.label.name for a in condition.atoms(sympy.Indexed)] or \
+            tensors = [self.named(a.base.label.name) for a in condition.atoms(sympy.Indexed)] or \
                 [s.name for s in condition.free_symbols if not is_python_number(s)]   # a 0-d tensor
             like = like or sorted(tensors)[0]
             rest = sympy.Piecewise(*expr.args[1:]) if len(expr.args) > 2 else expr.args[1].expr
@@ -643,7 +650,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         expr = expr.replace(lambda e: isinstance(e, as_float), lambda e: e.args[1])
         accesses = expr.atoms(sympy.Indexed)
         indices = {i for a in accesses for i in a.indices}
-        names = sorted(a.base.label.name for a in accesses - indices)
+        names = sorted(self.named(a.base.label.name) for a in accesses - indices)
         scalars = sorted(s.name for s in expr.free_symbols if not is_python_number(s) and not isinstance(s, sympy.Idx))
         if not names and not scalars:
             raise ValueError(f"{expr} reads no tensor to take a dtype and device from")
@@ -709,9 +716,22 @@ def print_leaf(expr: sympy.Expr, layout: tuple[str, ...], inline: dict | None = 
     return Code(text, layout, level)
 
 
-def inline_codes(leaf: Leaf) -> dict[str, Code]:
+@dataclass(frozen=True)
+class InlineCode(Code):
+    """The code of a value written where it is read, and a tensor it is computed from (its dtype and device)."""
+
+    like: str = ""
+
+
+def inline_codes(leaf: Leaf) -> dict[str, InlineCode]:
     """The code of each value a leaf reads where it stands."""
-    return {name: render(value) for name, value in leaf.inline}
+    codes = {}
+    for name, value in leaf.inline:
+        code = render(value)
+        inner = [n for n in walk(value) if isinstance(n, Leaf) and n.expr.atoms(sympy.Indexed)]
+        like = TorchCodePrinter(inner[0].indices, inline=inline_codes(inner[0]))._like(inner[0].expr)
+        codes[name] = InlineCode(code.text, code.indices, code.precedence, like)
+    return codes
 
 
 def render(node: Node) -> Code:

@@ -65,6 +65,11 @@ inputs = ["x[n]", "a[m, n, k]", "b[k]"]
 equation = "y[n, m] = x[n] * tanh(sum(a[m, n, k] * b[k], k))"
 reference = "x.unsqueeze(1) * torch.tanh(a @ b).T"
 
+[ops.clamped_matmul]
+inputs = ["x[n, k]", "w[k, m]"]
+equation = "y[n, m] = Min(sum(x[n, k] * w[k, m], k), 0)"
+reference = "torch.minimum(x @ w, torch.zeros_like(x @ w))"
+
 [ops.softmax_matmul]
 inputs = ["x[n, k]", "w[k, m]"]
 equation = "y[n, m] = softmax(sum(x[n, k] * w[k, m], k), m)"
@@ -72,7 +77,7 @@ reference = "torch.softmax(x @ w, -1)"
 """
 
 OPS = ("attention", "attention_batched", "tanh_matmul", "tanh_layers", "exp_then_sum", "logsumexp_matmul",
-       "nested_operand", "softmax_matmul")
+       "nested_operand", "clamped_matmul", "softmax_matmul")
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +156,15 @@ def test_a_contracted_value_is_read_in_the_dims_it_comes_out_in(generated):
     """sum(a[m, n, k] * b[k], k) comes out as (m, n), a's order, where the op's order is (n, m): the leaf reads
     it so (the fuzzer found it reading (n, m) as a permuted access of an (m, n) tensor)."""
     _, op, module = generated("nested_operand", "contraction")
+    check_gradients(op, module)
+
+
+def test_a_value_written_where_it_is_read_lends_a_tensor_its_dtype(generated):
+    """Min(x @ w, 0) reads the product once, so it is written there: the 0 takes its dtype and device from x
+    (the fuzzer found `contracted_0.new_tensor(0)` with no contracted_0 defined)."""
+    _, op, module = generated("clamped_matmul", "contraction")
+    source = open(module.__file__).read()
+    assert "torch.minimum(x @ w, x.new_tensor(0))" in source, source
     check_gradients(op, module)
 
 
