@@ -728,10 +728,16 @@ def inline_codes(leaf: Leaf) -> dict[str, InlineCode]:
     codes = {}
     for name, value in leaf.inline:
         code = render(value)
-        inner = [n for n in walk(value) if isinstance(n, Leaf) and n.expr.atoms(sympy.Indexed)]
-        like = TorchCodePrinter(inner[0].indices, inline=inline_codes(inner[0]))._like(inner[0].expr)
-        codes[name] = InlineCode(code.text, code.indices, code.precedence, like)
+        codes[name] = InlineCode(code.text, code.indices, code.precedence, _like_of(value))
     return codes
+
+
+def _like_of(value: Node) -> str:
+    """A tensor a value is computed from (read by its first leaf that reads one), for its dtype and device."""
+    inner = next(n for n in walk(value) if isinstance(n, Leaf) and n.expr.atoms(sympy.Indexed))
+    printer = TorchCodePrinter(inner.indices)
+    printer.stand_in = {name: _like_of(nested) for name, nested in inner.inline}
+    return printer._like(inner.expr)
 
 
 def render(node: Node) -> Code:
