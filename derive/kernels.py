@@ -21,7 +21,7 @@ import sympy
 
 from . import naming
 from .derivation import Derivation, Term
-from .functions import free_indices, logsumexp, log_softmax, one_hot, rewrite_log_softmax
+from .functions import Sum, free_indices, fresh_index, logsumexp, log_softmax, one_hot, renamed_match, rewrite_log_softmax
 from .naming import BATCH
 from .saving import (Saving, SavedValue, save_forward_values, save_normalization, save_statistics, signs_out,
                      worth_saving)
@@ -152,6 +152,30 @@ def fuse(derivation: Derivation) -> Derivation:
                    tangents=tuple(replace(t, terms=tuple(terms)) for t, terms in zip(derivation.tangents, tangents)))
 
 
+def spell(derivation: Derivation) -> Derivation:
+    """The broadcast style's share of this stage: a softmax VJP whose upstream side is a contraction, or
+    that more factors multiply (attention's), regrouped as `fuse` would, with the call written out as its
+    formula y * (g - sum(g * y, c)): every product then spans one contraction's indices, not both sides'.
+    Any other formula stays as derived."""
+    def spelled(terms: tuple[Term, ...]) -> tuple[Term, ...]:
+        fused = _softmax_vjp(list(terms))
+        calls = [(t, f) for t in fused for f in t.factors if isinstance(f, softmax_backward)]
+        if not calls or any(isinstance(f.args[0], sympy.Indexed) and len(t.factors) == 1 for t, f in calls):
+            return terms
+        return tuple(replace(t, factors=tuple(_softmax_formula(f) if isinstance(f, softmax_backward) else f
+                                              for f in t.factors)) for t in fused)
+
+    return replace(derivation,
+                   gradients=tuple(replace(g, terms=spelled(g.terms)) for g in derivation.gradients),
+                   tangents=tuple(replace(t, terms=spelled(t.terms)) for t in derivation.tangents))
+
+
+def _softmax_formula(call: "softmax_backward") -> sympy.Expr:
+    g, y, c = call.args
+    other = fresh_index(c, {i.name for i in call.atoms(sympy.Idx)})
+    return y * (g - Sum(g.xreplace({c: other}) * y.xreplace({c: other}), (other, 0, other.upper)))
+
+
 def _read_outside_kernels(gradients: list[list[Term]], values: tuple[SavedValue, ...]) -> bool:
     """Whether a gradient reads a value only fused kernels may read (recompute=False) outside of one."""
     private = {v.name for v in values if not v.recompute}
@@ -229,25 +253,78 @@ def _print_step(call: str, *flags: str):
 # Softmax and log-softmax VJPs -------------------------------------------------------------------
 
 def _softmax_vjp(terms: list[Term], found=(), like=None) -> list[Term]:
-    """g[c] * y[c] - sum(y[c] * g[c1] * y[c1], c1)  ->  softmax_backward(g, y, c)."""
-    if len(terms) != 2:
-        return terms
-    plus, minus = sorted(terms, key=lambda t: t.coefficient == -1)
-    if plus.coefficient != 1 or minus.coefficient != -1 or plus.summed or len(minus.summed) != 1:
-        return terms
-    moved_index = minus.summed[0]
-    for g in plus.factors:
-        if not isinstance(g, sympy.Indexed):
-            continue
-        for position in g.indices:
-            moved = {position: moved_index}
-            rest = [f for f in plus.factors if f is not g]
-            if len(rest) == 1 and isinstance(rest[0], sympy.Indexed) and rest[0].indices == g.indices:
-                y = rest[0]
-                if sorted(minus.factors, key=sympy.default_sort_key) == sorted(
-                        [y, g.xreplace(moved), y.xreplace(moved)], key=sympy.default_sort_key):
-                    return [Term(sympy.S.One, (softmax_backward(g, y, position),), ())]
+    """Each pair of terms that is a softmax's VJP, with anything before and after it:
+
+        a * sum(y[c] * W[c] * U[c])  -  a * sum(y[c] * y[c1] * W[c1] * U[c], c1)
+            ->  a * sum(U[c] * softmax_backward(sum(W[c], w...), y, c))
+
+    y any expression (the output, or a softmax of the inputs), W the upstream side (its own sums w...
+    over indices only it has: for attention's q, sum(grad_o[t, d] * v[s, d], d), a contraction the
+    lowering computes once by @), U the rest (k[s, e]; sums over c and U's indices stay outside the call,
+    so the term is then a contraction of the call with U). The same pair is a softmax's JVP, so it fuses
+    tangents too."""
+    for minus in terms:
+        for plus in terms:
+            if plus is minus or plus.coefficient != -minus.coefficient:
+                continue
+            fused = _softmax_pair(plus, minus)
+            if fused is not None:
+                rest = [fused if t is plus else t for t in terms if t is not minus]
+                return _softmax_vjp(rest)
     return terms
+
+
+def _softmax_pair(plus: Term, minus: Term) -> Term | None:
+    """The fused term of one pair (see _softmax_vjp), or None."""
+    factors = list(minus.factors)
+    for inner, outer_y in ((a, b) for a in range(len(factors)) for b in range(len(factors)) if a != b):
+        y_inner, y = factors[inner], factors[outer_y]
+        for c_inner in minus.summed:
+            if c_inner.name not in free_indices(y_inner):
+                continue
+            for c in {i for i in y.atoms(sympy.Idx) if i.name in free_indices(y) and i != c_inner
+                      and i.upper == c_inner.upper and i.name not in free_indices(y_inner)}:
+                if y_inner.xreplace({c_inner: c}) != y:
+                    continue
+                fused = _softmax_sides(plus, minus, [f for p, f in enumerate(factors) if p not in (inner, outer_y)],
+                                       y, c, c_inner)
+                if fused is not None:
+                    return fused
+    return None
+
+
+def _softmax_sides(plus: Term, minus: Term, others: list, y, c: sympy.Idx, c_inner: sympy.Idx) -> Term | None:
+    rows = free_indices(y) - {c.name}
+    upstream = [f for f in others if c_inner.name in free_indices(f)]
+    rest = [f for f in others if c_inner.name not in free_indices(f)]
+    if not upstream or any(c.name in free_indices(f) for f in upstream):
+        return None
+    # the upstream side takes the factors tied to it by sums over indices no other side has
+    own = {i for i in minus.summed if i not in (c, c_inner) and i.name not in rows}
+    grown = True
+    while grown:
+        reach = {i for i in own if i.name in set().union(*(free_indices(f) for f in upstream))}
+        tied = [f for f in rest if {i.name for i in reach} & free_indices(f)]
+        grown = bool(tied)
+        upstream += tied
+        rest = [f for f in rest if f not in tied]
+    summed_inside = tuple(i for i in minus.summed if i in own and
+                          i.name in set().union(*(free_indices(f) for f in upstream)))
+    moved = sympy.Mul(*upstream).xreplace({c_inner: c})
+    g = Sum(moved, *[(i, 0, i.upper) for i in summed_inside]) if summed_inside else moved
+    if free_indices(g) != free_indices(y) or any(free_indices(f) & {i.name for i in summed_inside} for f in rest):
+        return None
+    outside = tuple(i for i in minus.summed if i != c_inner and i not in summed_inside)
+    expected = sympy.Mul(y, moved, *rest)
+    chosen = renamed_match(expected, outside + summed_inside, sympy.Mul(*plus.factors))
+    if chosen is None or set(chosen) != set(plus.summed) or len(chosen) != len(plus.summed):
+        return None
+    call = softmax_backward(g, y, c)
+    term = Term(plus.coefficient, tuple(rest) + (call,), outside)
+    # a summed c takes the name the upstream side summed: the same call in every gradient reads alike
+    return term if c not in outside else replace(
+        term, factors=tuple(f.xreplace({c: c_inner}) for f in term.factors),
+        summed=tuple(c_inner if i == c else i for i in outside))
 
 
 def _scaled_pair(match):
@@ -332,8 +409,10 @@ def _print_vjp(call: str):
         layout = tuple(i for i in printer.layout if i in free_indices(g))
         if grad_text is None:
             grad_text = printer.text(factor * g, layout)
+        # the dtype the softmax was taken in: y's own, or that of a tensor it is computed from
+        dtype = (y if isinstance(y, sympy.Indexed) else sorted(y.atoms(sympy.Indexed), key=sympy.default_sort_key)[0])
         text = f"{call}({grad_text}, {printer.text(y, layout)}, {printer.dim(index.name, layout)}, " \
-               f"{y.base.label.name}.dtype)"
+               f"{printer.named(dtype.base.label.name)}.dtype)"
         return printer.placed(text, layout)
     return print_
 

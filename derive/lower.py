@@ -20,11 +20,11 @@ from typing import Union
 import sympy
 
 from . import naming
-from .derivation import depends_on_tensor, tensor_symbols
+from .derivation import depends_on_tensor, expand_terms, tensor_symbols
 from .functions import in_range, one_hot, renamed_match, window
 from .kernels import one_hot_by_rows
 from .naming import BATCH, STYLES
-from .plan import ExprPlan, OpPlan, TermPlan, free_indices, ordered
+from .plan import ExprPlan, OpPlan, TermPlan, contraction_plan, free_indices, ordered
 from .model import exact_fraction, is_python_number, size_symbol, tensor_symbol
 
 
@@ -34,6 +34,9 @@ class Leaf:
 
     expr: sympy.Expr
     indices: tuple[str, ...]
+    # values it reads that are written where it reads them: a contraction read once (name, its lowered term),
+    # so that it is freed as soon as the leaf is computed
+    inline: tuple[tuple[str, "Node"], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,8 @@ class Shared:
     """A subexpression the backward computes once and reuses (found by `sympy.cse`)."""
 
     name: str                  # variable holding it
-    value: Leaf                # what it computes, in terms of inputs and earlier shared values
+    value: Node                # what it computes, in terms of inputs and earlier shared values (a Leaf, or
+                               # the lowered term of a contraction bound by _bind_contractions)
     users: tuple[int, ...]     # positions (in the op's inputs) of the gradients that need it
 
 
@@ -189,13 +193,19 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
             return LoweredExpr(expr_plan, tuple(terms))
         return _indexed_add(expr_plan, _merge_elementwise(terms))
 
-    gradients = [lower_expr(g) for g in op_plan.gradients]
-    if style == "contraction":
-        gradients = _from_multiples(gradients)
-    gradients, shared = _share_common(op_plan, gradients)
-    (forward,), forward_shared = _share_common(op_plan, [lower_expr(op_plan.forward)])
-    tangents, tangent_shared = _share_common(op_plan, [lower_expr(t) for t in op_plan.tangents],
-                                             owners=[g.input for g in op_plan.derivation.tangents])
+    def lower_group(plans: tuple[ExprPlan, ...], owners: list[str] | None = None, multiples: bool = False):
+        """Lower some expressions with the contractions inside their functions bound to named values
+        first, then (`multiples`) a gradient that is a multiple of another computed from it, then the
+        subexpressions they repeat shared."""
+        exprs, contracted = _bind_contractions(op_plan, [lower_expr(p) for p in plans], term)
+        if multiples:
+            exprs = _from_multiples(exprs)
+        exprs, shared, contracted = _share_common(op_plan, exprs, owners, contracted)
+        return _inline_once(*_numbered(exprs, _in_use_order(op_plan, contracted + list(shared), exprs, owners)))
+
+    gradients, shared = lower_group(op_plan.gradients, multiples=style == "contraction")
+    (forward,), forward_shared = lower_group((op_plan.forward,))
+    tangents, tangent_shared = lower_group(op_plan.tangents, owners=[g.input for g in op_plan.derivation.tangents])
     return LoweredOp(op_plan, style, forward, gradients, shared, forward_shared, tangents, tangent_shared)
 
 
@@ -254,12 +264,155 @@ def multiple(base: sympy.Expr, other: sympy.Expr) -> sympy.Expr | None:
     return None
 
 
-def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[str] | None = None):
+def is_contraction(expr: sympy.Expr, scalars) -> bool:
+    """Whether `expr` is a sum of a product of two or more tensors over an index (not over `...`), with
+    dims left: a contraction, which inside a function the printer would spell as the broadcast product
+    of all its operands."""
+    if not isinstance(expr, sympy.Sum) or not free_indices(expr) or \
+            any(limit[0].name == BATCH for limit in expr.limits):
+        return False
+    terms = expand_terms(expr, scalars)
+    return len(terms) == 1 and sum(bool(free_indices(f)) for f in terms[0].factors) >= 2
+
+
+def _bind_contractions(op_plan: OpPlan, exprs: list[LoweredExpr], term) -> tuple[list[LoweredExpr], list[Shared]]:
+    """Each contraction that stands inside an elementwise leaf (the argument of softmax, logsumexp, exp,
+    tanh, a fused kernel's g, ...) bound to a named value, `contracted_0 = q @ k.mT`, lowered as a term of
+    its own (by `term`: @ and einsum, or the broadcast style's product and sum); the leaf reads it. One
+    value per contraction, under any index names; contractions nested in a contraction's factors first."""
+    op = op_plan.op
+    scalars = tensor_symbols(op)
+    bound: list[tuple[sympy.Expr, tuple[sympy.Idx, ...], str]] = []    # (the sum, its dims, name)
+    values: list[Shared] = []
+
+    def bind(contraction: sympy.Sum) -> sympy.Expr:
+        for pattern, dims, name in bound:
+            chosen = renamed_match(pattern, dims, contraction)
+            if chosen is not None:
+                return tensor_symbol(name)[chosen]
+        free = free_indices(contraction)
+        found = {i.name: i for i in contraction.atoms(sympy.Idx) if i.name in free}
+        names = tuple(sorted(ordered(free, op.index_order), key=lambda i: i != BATCH))
+        name = f"{naming.CONTRACTED_PREFIX}{len(values)}"
+        (inner,) = expand_terms(contraction, scalars)
+        node = term(contraction_plan(inner, names, op.index_order), names, None)
+        # read in the dims the value comes out in (an operand the others nest in keeps its own order)
+        dims = tuple(found[i] for i in node.indices)
+        bound.append((contraction, dims, name))
+        values.append(Shared(name, node, ()))
+        return tensor_symbol(name)[dims]
+
+    def rewrite(expr: sympy.Expr) -> sympy.Expr:
+        if not expr.args or isinstance(expr, (sympy.Indexed, sympy.Idx)):
+            return expr
+        args = [rewrite(a) for a in expr.args]
+        if any(a is not b for a, b in zip(args, expr.args)):
+            expr = expr.func(*args)
+        return bind(expr) if is_contraction(expr, scalars) else expr
+
+    def rewrite_node(node: Node) -> Node:
+        if isinstance(node, Leaf):
+            expr = rewrite(node.expr) if node.expr.has(sympy.Sum) else node.expr
+            return node if expr is node.expr else Leaf(expr, node.indices)
+        if isinstance(node, Product):
+            return replace(node, factors=tuple(rewrite_node(f) for f in node.factors))
+        if isinstance(node, Einsum):
+            return replace(node, operands=tuple(rewrite_node(o) for o in node.operands))
+        if isinstance(node, MatMul):
+            return replace(node, left=rewrite_node(node.left), right=rewrite_node(node.right))
+        if isinstance(node, (Reduce, Scaled, Scatter)):
+            return replace(node, source=rewrite_node(node.source))
+        return node
+
+    # (rewritten inside out: a contraction in another's factors is bound first, so each value comes after
+    # those it reads)
+    return [replace(e, terms=tuple(rewrite_node(t) for t in e.terms)) for e in exprs], values
+
+
+def _numbered(exprs, values: tuple[Shared, ...]):
+    """The contracted values numbered in the order the code computes them: those several gradients use first
+    (a value can read only values with at least its users), then each gradient's own."""
+    values = tuple(sorted(values, key=lambda v: len(v.users) < 2))
+    contracted = [v.name for v in values if v.name.startswith(naming.CONTRACTED_PREFIX)]
+    names = {old: f"{naming.CONTRACTED_PREFIX}{position}" for position, old in enumerate(contracted)}
+    if all(old == new for old, new in names.items()):
+        return exprs, values
+    renaming = {tensor_symbol(old): tensor_symbol(new) for old, new in names.items()}
+    rewritten = {id(leaf): Leaf(leaf.expr.xreplace(renaming), leaf.indices)
+                 for root in [t for e in exprs for t in e.terms] + [v.value for v in values]
+                 for leaf in walk(root) if isinstance(leaf, Leaf)}
+    exprs = tuple(replace(e, terms=tuple(_replace_leaves(t, rewritten) for t in e.terms)) for e in exprs)
+    return exprs, tuple(replace(v, name=names.get(v.name, v.name), value=_replace_leaves(v.value, rewritten))
+                        for v in values)
+
+
+def _inline_once(exprs, values: tuple[Shared, ...]):
+    """A contracted value that one access of one leaf reads is written there (`torch.softmax(c * (q @ k.mT),
+    dim=-1)`): computed once all the same, and freed as soon as that leaf is, not kept to the function's end."""
+    leaves = [leaf for root in [t for e in exprs for t in e.terms] + [v.value for v in values]
+              for leaf in walk(root) if isinstance(leaf, Leaf)]
+    readers = {}
+    for leaf in leaves:
+        for node in sympy.preorder_traversal(leaf.expr):
+            if isinstance(node, sympy.Indexed):
+                readers.setdefault(node.base.label.name, []).append(leaf)
+    once = {v.name: v.value for v in values if v.name.startswith(naming.CONTRACTED_PREFIX)
+            and len(readers.get(v.name, ())) == 1}
+    if not once:
+        return exprs, values
+    rewritten = {}
+    for leaf in leaves:
+        inline = tuple((name, value) for name, value in once.items() if readers[name][0] is leaf)
+        if inline:
+            rewritten[id(leaf)] = replace(leaf, inline=leaf.inline + inline)
+    # (a value inlined into a value it inlines: the inner one is in the outer's term, rewritten with it)
+    while True:
+        values = tuple(replace(v, value=_replace_leaves(v.value, rewritten)) for v in values)
+        moved = {name: next(v.value for v in values if v.name == name) for name in once}
+        updated = {key: replace(leaf, inline=tuple((n, moved.get(n, value)) for n, value in leaf.inline))
+                   for key, leaf in rewritten.items()}
+        if updated == rewritten:
+            break
+        rewritten = updated
+    exprs = tuple(replace(e, terms=tuple(_replace_leaves(t, rewritten) for t in e.terms)) for e in exprs)
+    return exprs, tuple(v for v in values if v.name not in once)
+
+
+def _in_use_order(op_plan: OpPlan, values: list[Shared], exprs, owners: list[str] | None) -> tuple[Shared, ...]:
+    """Contracted and shared values each after the values it reads, with its users: the inputs whose
+    expressions read it, directly or through another value."""
+    positions = [t.name for t in op_plan.op.inputs]
+    users = {v.name: set(v.users) for v in values}
+    reads = {v.name: reads_of((), (v,)) & users.keys() - {v.name} for v in values}
+    for g, expr in enumerate(exprs):
+        owner = expr.plan.like if owners is None else owners[g]
+        for name in (reads_of((expr,), ()) & users.keys()) if owner is not None else ():
+            users[name].add(positions.index(owner))
+    changed = True
+    while changed:
+        changed = False
+        for value in values:
+            for name in reads[value.name]:
+                if not users[value.name] <= users[name]:
+                    users[name] |= users[value.name]
+                    changed = True
+    pending, done = list(values), []
+    while pending:
+        ready = next(v for v in pending if reads[v.name] <= {d.name for d in done})
+        pending.remove(ready)
+        done.append(replace(ready, users=tuple(sorted(users[ready.name]))))
+    return tuple(done)
+
+
+def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[str] | None = None,
+                  contracted: list[Shared] = ()):
     """Hoist subexpressions that occur more than once across the elementwise leaves of `gradients`
-    (the backward's, the forward alone, or the tangents' shares). A value's users are the inputs whose
-    expressions need it: by default the input each gradient is shaped like, else `owners`."""
+    (the backward's, the forward alone, or the tangents' shares) and of the `contracted` values they read.
+    A value's users are the inputs whose expressions need it: by default the input each gradient is shaped
+    like, else `owners`. Returns the gradients, the shared values and the contracted values, rewritten."""
     leaves = [(g, node) for g, expr in enumerate(gradients) for term in expr.terms
               for node in walk(term) if isinstance(node, Leaf)]
+    leaves += [(None, node) for value in contracted for node in walk(value.value) if isinstance(node, Leaf)]
     symbols = sympy.numbered_symbols("cse_", real=True)
     replacements, reduced = sympy.cse([leaf.expr for _, leaf in leaves], symbols=symbols, order="none")
     scalars = tensor_symbols(op_plan.op)
@@ -290,7 +443,7 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
         name, chosen = found
         accesses[symbol] = tensor_symbol(name)[chosen] if chosen else sympy.Symbol(name, real=True)
     if not values:
-        return tuple(gradients), ()
+        return tuple(gradients), (), list(contracted)
 
     patterns = {name: [next(j for j in value.expr.atoms(sympy.Idx) if j.name == i) for i in value.indices]
                 for name, value in values}
@@ -328,6 +481,8 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
     positions = [t.name for t in op_plan.op.inputs]
     users = {name: set() for name, _ in values}
     for g, leaf in leaves:
+        if g is None:     # a contracted value's leaf: _in_use_order gives its readers' users
+            continue
         owner = gradients[g].plan.like if owners is None else owners[g]
         for name in _shared_names(rewritten[id(leaf)].expr, users):
             if owner is not None:     # the forward has no needs_input_grad to consult
@@ -337,7 +492,8 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
             users[used] |= users[name]
     gradients = [replace(g, terms=tuple(_replace_leaves(t, rewritten) for t in g.terms)) for g in gradients]
     shared = tuple(Shared(name, value, tuple(sorted(users[name]))) for name, value in values)
-    return tuple(gradients), shared
+    contracted = [replace(v, value=_replace_leaves(v.value, rewritten)) for v in contracted]
+    return tuple(gradients), shared, contracted
 
 
 def _renamed_repeats(exprs: list[sympy.Expr], scalars, order) -> list[Leaf]:
@@ -710,7 +866,7 @@ def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...], shapes:
     """Names of the tensors and symbols whose values or shapes (`shapes=False`: values only) the code of
     `exprs` and `shared` reads."""
     names: set[str] = set()
-    leaves = [s.value for s in shared]
+    leaves = [node for s in shared for node in walk(s.value) if isinstance(node, Leaf)]
     for expr in exprs:
         if shapes and (expr.plan.unbroadcast or (expr.plan.like is not None
                                                  and covered(expr) != set(expr.plan.indices))):
@@ -756,6 +912,8 @@ def children(node: Node) -> tuple[Node, ...]:
         return node.left, node.right
     if isinstance(node, (Reduce, Scaled, Scatter)):
         return (node.source,)
+    if isinstance(node, Leaf):
+        return tuple(value for _, value in node.inline)
     return ()
 
 

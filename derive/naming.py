@@ -47,6 +47,8 @@ def index_of_size(name: str) -> str:
 
 SHARED_PREFIX = "shared_"   # values the backward computes once for several gradients: shared_0, shared_1, ...
 SAVED_PREFIX = "saved_"     # values the forward computes and hands to the backward: saved_log_softmax
+# a contraction inside a function (the scores of softmax(sum(q * k, e), s)), computed once by @ or einsum
+CONTRACTED_PREFIX = "contracted_"
 
 
 def is_zero_dim_tensor(expr) -> bool:
@@ -166,7 +168,7 @@ def default_catalog_path() -> Path:
 
 
 def is_generated_name(name: str) -> bool:
-    return name.startswith(("grad_", "tangent_", "size_", SHARED_PREFIX, SAVED_PREFIX)) \
+    return name.startswith(("grad_", "tangent_", "size_", SHARED_PREFIX, SAVED_PREFIX, CONTRACTED_PREFIX)) \
         or name.endswith(("_forward", "_backward", "_forward_saving", "_jvp"))
 
 

@@ -15,7 +15,7 @@ import sympy
 
 from . import functions
 from .derivation import Derivation, derive
-from .kernels import fuse
+from .kernels import fuse, spell
 from .lower import STYLES, LoweredOp, lower
 from .model import OpSpec, SpecError
 from .optional import absent_sets, keep_optional, without
@@ -53,7 +53,8 @@ def build_op(op: OpSpec, styles=STYLES, budget: float | None = DEFAULT_BUDGET, s
         stage[0] = "fusing kernels"
         fused = save_steps(fuse(derivation)) if "contraction" in styles else None
         stage[0] = "planning and lowering"
-        lowered = {style: lower(plan(fused if style == "contraction" else derivation), style) for style in styles}
+        spelled = spell(derivation) if "broadcast" in styles else None
+        lowered = {style: lower(plan(fused if style == "contraction" else spelled), style) for style in styles}
         signatures = {style: backward_signature(derivation, lowered[style]) for style in styles}
         variants = ()
         if op.optional:

@@ -186,6 +186,21 @@ def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, 
                     expand_batch=batch_inputs(op) if expand else ())
 
 
+def contraction_plan(term: Term, dims: tuple[str, ...], order) -> TermPlan:
+    """A contraction found inside a function (`sum(q[t, e] * k[s, e], e)` in a softmax), planned as a term of
+    its own whose value has `dims`: its factors are already as the plan reads them (windows, casts)."""
+    preferred = tuple(sorted(tuple(dims) + tuple(i for i in order if i not in dims), key=lambda i: i != BATCH))
+    operands = tuple(Operand(f, _own_order(f, preferred)) for f in term.factors)
+    present = {i for o in operands for i in o.indices}
+    sizes = {i.name: i.upper + 1 for f in term.factors for i in f.atoms(sympy.Idx)} | \
+        {i.name: i.upper + 1 for i in term.summed}
+    coefficient = term.coefficient * sympy.Mul(*[i.upper + 1 for i in term.summed if i.name not in present])
+    aligned = ordered(set(dims) | present, order)
+    return TermPlan(coefficient=coefficient, operands=operands, aligned=aligned,
+                    sizes=tuple((i, sizes[i]) for i in aligned if i in sizes),
+                    summed=tuple(i for i in aligned if i in {j.name for j in term.summed} & present))
+
+
 def as_windows(op: OpSpec, expr: sympy.Expr, target: tuple[str, ...] = ()) -> sympy.Expr:
     """`expr` with each read by affine subscripts wrapped in a `window` that says how generated code pads
     its input and cuts it (see functions.window), and each in_range given a tensor for its dtype and device.

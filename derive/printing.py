@@ -136,10 +136,13 @@ def _permutation(have: tuple[str, ...], want: tuple[str, ...]) -> str:
 class TorchCodePrinter(PositiveFirst, TorchPrinter):
     """SymPy's PyTorch printer, with each tensor access lined up for one broadcast layout."""
 
-    def __init__(self, layout: tuple[str, ...], tensors: frozenset = frozenset()):
+    def __init__(self, layout: tuple[str, ...], tensors: frozenset = frozenset(), inline: dict | None = None):
         super().__init__({"strict": True})
         self.layout = layout
         self.tensors = tensors      # symbols that stand for whole tensors (not scalars)
+        self.inline = inline or {}  # name -> Code of a value written where it is read (lower.Leaf.inline)
+        # name of such a value -> a tensor it is computed from, for a number to take its dtype and device
+        self.stand_in = {name: code.like for name, code in self.inline.items()}
         self.device_of = None       # a tensor whose device an arange of index positions takes
 
     def _print(self, expr, **kwargs):
@@ -154,11 +157,32 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         return super()._print(expr, **kwargs)
 
     def _print_Indexed(self, expr):
+        if self._inlined(expr) is not None:
+            return self._inlined(expr).text
         if all(isinstance(i, sympy.Idx) for i in expr.indices):
             access = diagonal(Code(expr.base.label.name, tuple(i.name for i in expr.indices)))
         else:
             access = self._gather(expr)
         return align(access, self.layout).text
+
+    def _inlined(self, expr) -> Code | None:
+        """The code of an access to a value written where it is read, lined up: read by its dims, in the order
+        it comes out in."""
+        value = self.inline.get(expr.base.label.name) if isinstance(expr, sympy.Indexed) else None
+        if value is None:
+            return None
+        return align(Code(value.text, tuple(i.name for i in expr.indices), value.precedence), self.layout)
+
+    def named(self, name: str) -> str:
+        """A tensor's name in the code, for its dtype and device: a value written where it is read has none,
+        one it is computed from stands in."""
+        return self.stand_in.get(name, name)
+
+    def parenthesize(self, item, level, strict=False):
+        inlined = self._inlined(item)     # SymPy takes any access for an atom
+        if inlined is not None:
+            return inlined.atom()
+        return super().parenthesize(item, level, strict)
 
     def _gather(self, expr) -> Code:
         """An input indexed at one dim by an integer input (the others by plain indices), by the rule of
@@ -281,7 +305,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     def _sub(self, expr, layout: tuple[str, ...]) -> Code:
         """`expr` printed in its own layout, for a reduction or softmax to work on."""
-        return Code(TorchCodePrinter(layout)._print(expr), layout, precedence(expr))
+        return Code(TorchCodePrinter(layout, inline=self.inline)._print(expr), layout, precedence(expr))
 
     def _own_layout(self, expr, last: tuple[str, ...] = ()) -> tuple[str, ...]:
         free = free_indices(expr)
@@ -375,7 +399,8 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     # what a kernel record (kernels.KERNELS) prints its call with
     def text(self, expr, layout: tuple[str, ...] | None = None) -> str:
         """`expr` printed for this printer's layout, or for another one."""
-        return self._print(expr) if layout is None else TorchCodePrinter(layout, self.tensors)._print(expr)
+        return self._print(expr) if layout is None else \
+            TorchCodePrinter(layout, self.tensors, self.inline)._print(expr)
 
     @staticmethod
     def dim(index: str, layout: tuple[str, ...]) -> str:
@@ -444,7 +469,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         if all(is_python_number(value) for value, _ in expr.args):
             # torch.where of two Python numbers is in torch's default dtype: one branch takes the dtype
             # (and device) of a tensor the condition reads
-            tensors = [a.base.label.name for a in condition.atoms(sympy.Indexed)] or \
+            tensors = [self.named(a.base.label.name) for a in condition.atoms(sympy.Indexed)] or \
                 [s.name for s in condition.free_symbols if not is_python_number(s)]   # a 0-d tensor
             like = like or sorted(tensors)[0]
             rest = sympy.Piecewise(*expr.args[1:]) if len(expr.args) > 2 else expr.args[1].expr
@@ -645,7 +670,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         expr = expr.replace(lambda e: isinstance(e, as_float), lambda e: e.args[1])
         accesses = expr.atoms(sympy.Indexed)
         indices = {i for a in accesses for i in a.indices}
-        names = sorted(a.base.label.name for a in accesses - indices)
+        names = sorted(self.named(a.base.label.name) for a in accesses - indices)
         scalars = sorted(s.name for s in expr.free_symbols if not is_python_number(s) and not isinstance(s, sympy.Idx))
         if not names and not scalars:
             raise ValueError(f"{expr} reads no tensor to take a dtype and device from")
@@ -705,12 +730,12 @@ def uses_math(code: str) -> bool:
     return re.search(r"(?<![\w.])math\.", code) is not None
 
 
-def print_leaf(expr: sympy.Expr, layout: tuple[str, ...]) -> Code:
+def print_leaf(expr: sympy.Expr, layout: tuple[str, ...], inline: dict | None = None) -> Code:
     indices = tuple(i.name for i in getattr(expr, "indices", ()))
     if isinstance(expr, sympy.Indexed) and all(isinstance(i, sympy.Idx) for i in expr.indices) \
-            and len(set(indices)) == len(indices):     # a plain access: lined up so that it can be again
-        return align(Code(expr.base.label.name, indices), layout)
-    text = TorchCodePrinter(layout).doprint(expr)
+            and len(set(indices)) == len(indices) and expr.base.label.name not in (inline or {}):
+        return align(Code(expr.base.label.name, indices), layout)    # a plain access: lined up so that it can be again
+    text = TorchCodePrinter(layout, inline=inline).doprint(expr)
     level = ATOM if isinstance(expr, (sympy.Indexed, sympy.Symbol, sympy.Function, sympy.Piecewise)) \
         or masking_slope(expr) is not None else min(precedence(expr), MUL)     # (a masked product: a where)
     if isinstance(expr, sympy.Pow) and expr.exp not in (sympy.S.Half, -sympy.S.Half):
@@ -722,14 +747,38 @@ def _render_in(node: Node, order: tuple[str, ...]) -> Code:
     """`node` rendered for a broadcast in `order`: an elementwise leaf is printed in that order of its dims
     (`x.T * y`'s factor, never `(f(x.T) * y.T).T`), anything else as it is."""
     if isinstance(node, Leaf) and set(node.indices) <= set(order):
-        return print_leaf(node.expr, tuple(i for i in order if i in node.indices))
+        return print_leaf(node.expr, tuple(i for i in order if i in node.indices), inline_codes(node))
     return render(node)
+
+
+@dataclass(frozen=True)
+class InlineCode(Code):
+    """The code of a value written where it is read, and a tensor it is computed from (its dtype and device)."""
+
+    like: str = ""
+
+
+def inline_codes(leaf: Leaf) -> dict[str, InlineCode]:
+    """The code of each value a leaf reads where it stands."""
+    codes = {}
+    for name, value in leaf.inline:
+        code = render(value)
+        codes[name] = InlineCode(code.text, code.indices, code.precedence, _like_of(value))
+    return codes
+
+
+def _like_of(value: Node) -> str:
+    """A tensor a value is computed from (read by its first leaf that reads one), for its dtype and device."""
+    inner = next(n for n in walk(value) if isinstance(n, Leaf) and n.expr.atoms(sympy.Indexed))
+    printer = TorchCodePrinter(inner.indices)
+    printer.stand_in = {name: _like_of(nested) for name, nested in inner.inline}
+    return printer._like(inner.expr)
 
 
 def render(node: Node) -> Code:
     """Python source for one lowered node."""
     if isinstance(node, Leaf):
-        return print_leaf(node.expr, node.indices)
+        return print_leaf(node.expr, node.indices, inline_codes(node))
     if isinstance(node, Product):
         masked = next((f for f in node.factors if isinstance(f, Leaf) and masking_slope(f.expr) is not None), None)
         if masked is not None:
@@ -1213,7 +1262,7 @@ def render_expr(lowered: LoweredExpr) -> str:
     if scaled is not None:
         # a fused kernel is linear in its gradient: the scale goes into it
         factor, leaf = scaled
-        text = kernel_of(leaf.expr).print(TorchCodePrinter(leaf.indices), leaf.expr, factor)
+        text = kernel_of(leaf.expr).print(TorchCodePrinter(leaf.indices, inline=inline_codes(leaf)), leaf.expr, factor)
         text = align(Code(text, leaf.indices), plan.indices).text
         atomic = True
     elif len(terms) == 1 and isinstance(terms[0], Scaled) and plan.scale != 1:
