@@ -763,7 +763,7 @@ def inline_codes(leaf: Leaf) -> dict[str, InlineCode]:
     codes = {}
     for name, value in leaf.inline:
         code = render(value)
-        codes[name] = InlineCode(code.text, code.indices, code.precedence, _like_of(value))
+        codes[name] = InlineCode(code.text, code.indices, code.precedence, like=_like_of(value))
     return codes
 
 
