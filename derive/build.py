@@ -11,12 +11,12 @@ from . import naming
 from .emit import render_module
 from .explain import explain, render_derivations
 from .model import Catalog
-from .naming import DEFAULT_NAMESPACE, STYLE_DIRS, STYLES
+from .naming import ALL_STYLES, DEFAULT_NAMESPACE, MODULE_STYLES, STYLE_DIRS, STYLES  # noqa: F401 (STYLE_DIRS: re-exported)
 from .pipeline import DEFAULT_BUDGET, build_op, spec_errors, time_limit
 from .stamp import header, planned, stamped
 
 
-def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
+def render_catalog(catalog: Catalog, styles=ALL_STYLES, spec_arg: str | None = None,
                    out_arg: str = "generated", namespace: str = DEFAULT_NAMESPACE,
                    budget: float | None = DEFAULT_BUDGET,
                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, str]:
@@ -33,10 +33,11 @@ def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
         with spec_errors(op), time_limit(op, budget, stage):
             built = build_op(op, STYLES, None, stage)     # every style: the derivations document shows both
             stage[0] = "rendering the modules and the derivations document"
-            for style in styles:
-                path = STYLE_DIRS[style] + naming.module_file(op.name)
-                files[path] = stamped(path, render_module(built.derivation, built.lowered[style], source, command,
-                                                          namespace, built.signatures[style]), inputs[path])
+            for style in map(MODULE_STYLES.get, styles):
+                path = style.directory + naming.module_file(op.name)
+                files[path] = stamped(path, render_module(built.derivation, built.lowered[style.lowering], source,
+                                                          command, namespace, built.signatures[style.lowering],
+                                                          style), inputs[path])
                 compile(files[path], path, "exec")    # a module that would not import is never written
             if "contraction" in styles:
                 explanations.append(explain(built))

@@ -62,15 +62,19 @@ class GradientView:
 
 
 def render_module(derivation: Derivation, lowered: LoweredOp, source: str, command: str,
-                  namespace: str = "derive", signature: Signature | None = None) -> str:
-    """The module of one op in one style; `signature` is the backward's (computed here when not given)."""
+                  namespace: str = "derive", signature: Signature | None = None,
+                  style: naming.Style | None = None) -> str:
+    """The module of one op in one style; `signature` is the backward's (computed here when not given);
+    `style` is the module's, which prints `lowered` (by default the style of that name)."""
     op = derivation.op
+    style = style or naming.MODULE_STYLES[lowered.style]
+    assert style.lowering == lowered.style, (style, lowered.style)
     signature = signature or backward_signature(derivation, lowered)
     forward = _forward_context(derivation, lowered, signature)
     backward = _backward_context(derivation, lowered, signature)
     saving = _saving_context(derivation, lowered)
     jvp = _jvp_context(derivation, lowered)
-    function = _function_context(derivation, lowered, signature, jvp, namespace)
+    function = _function_context(derivation, lowered, signature, jvp, namespace, style.name)
     code = [forward["code"]] + [g.code for g in backward["gradients"]] + [text for _, text in forward["shared"]] \
         + [text for _, block in backward["shared"] for _, text in block] \
         + ([text for _, text, _ in saving["lines"]] if saving else [])
@@ -90,7 +94,7 @@ def render_module(derivation: Derivation, lowered: LoweredOp, source: str, comma
         output_access=_access(op.output, op.output_indices),
         uses_output=signature.uses_output,
         uses_math=any(uses_math(text) for text in code),
-        function=function, saving=saving, forward=forward, jvp=jvp, backward=backward,
+        function=function, saving=saving, forward=forward, jvp=jvp, backward=backward, style=style,
     )
     return environment().get_template("module.py.jinja").render(context)
 
@@ -153,7 +157,7 @@ def _backward_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
 
 
 def _function_context(derivation: Derivation, lowered: LoweredOp, signature: Signature, jvp: dict,
-                      namespace: str) -> dict:
+                      namespace: str, style: str) -> dict:
     """The autograd.Function and the custom op: what they save, unpack and pass on."""
     op = derivation.op
     tensor_args = [t.name for t in op.inputs]
@@ -164,7 +168,7 @@ def _function_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
     return dict(
         cls=naming.function_class(op.name),
         custom_op=naming.custom_op(op.name),
-        custom_op_name=naming.custom_op_name(namespace, op.name, lowered.style),
+        custom_op_name=naming.custom_op_name(namespace, op.name, style),
         spec_digest=op.digest,
         apply_name=op.name,
         forward_args=", ".join(tensor_args + params),
