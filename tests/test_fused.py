@@ -77,3 +77,40 @@ def test_the_fused_module_prints_the_contraction_code():
         body = contraction_text.split(f"\ndef {naming.forward(op_name)}(")[1].split("\nclass ")[0]
         assert body in fused_text.replace("@_fused\n", "")
         assert fused_text.count("@_fused\n") == 2 + ("_forward_saving(" in body)
+
+
+# --- derive bench --composite --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_composite_sizes_and_native_kernels_name_the_specs_ops_and_indices():
+    from derive import composite
+    from derive.spec import load_catalog
+    ops = {op.name: op for op in load_catalog(composite.SPEC).ops}
+    assert len(ops) >= 8 and set(composite.SIZES) == set(ops) and set(composite.NATIVE) <= set(ops)
+    for name, sizes in composite.SIZES.items():
+        assert set(sizes) == set(dict(ops[name].index_sizes).values()), name
+
+
+def test_saved_bytes_counts_each_saved_storage_once():
+    from derive.composite import saved_bytes
+    a, b = (torch.randn(1000, requires_grad=True) for _ in range(2))
+    assert saved_bytes(lambda x: torch.exp(x), [a]) == 4000            # exp saves its result
+    assert saved_bytes(lambda x: x * x, [a]) == 4000                   # both operands are x: one storage
+    assert saved_bytes(lambda x, y: x * y, [a, b]) == 8000
+    assert saved_bytes(lambda x, y: x + y, [a, b]) == 0
+
+
+@pytest.mark.slow
+def test_quick_composite_bench_checks_and_reports_every_op():
+    """Every contender's gradients match torch eager's (run_composite verifies before timing), and the table
+    has a row per op with the native column where torch has a kernel."""
+    from derive import composite
+    rows = composite.run_composite(quick=True, rounds=1)
+    assert [row.op for row in rows] == list(composite.SIZES)
+    for row in rows:
+        expected = {composite.EAGER, composite.COMPILED, composite.DERIVE, composite.FUSED} \
+            | ({composite.NATIVE_KERNEL} if row.op in composite.NATIVE else set())
+        assert set(row.seconds) == set(row.saved) == expected
+        assert all(value > 0 for value in row.seconds.values()) and row.saved[composite.EAGER] > 0
+    text = composite.format_composite(rows)
+    assert all(row.op in text for row in rows) and "fused/compiled" in text
