@@ -381,10 +381,6 @@ def add_arguments(command) -> None:
                          help=f"comma-separated presets from {', '.join(SIZE_PRESETS)} (default: seed,large)")
     command.add_argument("--rounds", type=_positive, help=f"timed rounds per case (default: {DEFAULT_ROUNDS}, "
                                                     f"{QUICK_ROUNDS} with --quick)")
-    command.add_argument("--composite", action="store_true",
-                         help="instead, one training step of the user-style ops in derive/catalog/composite.toml "
-                              "against torch eager, torch.compile and torch's native kernels (contraction and "
-                              "fused styles)")
     command.add_argument("--ops", type=_case_list, default=(),
                          help=f"comma-separated cases to run, catalog op names or {SEED_NETWORK!r} (default: all)")
     command.set_defaults(handler=_command, debug=False)
@@ -415,9 +411,5 @@ def _positive(text: str) -> int:
 
 
 def _command(args) -> int:
-    if args.composite:
-        from .composite import format_composite, run_composite
-        print(format_composite(run_composite(args.quick, args.rounds)))
-        return 0
     print(format_report(run_bench(args.quick, args.style, args.sizes, args.rounds, only=args.ops)))
     return 0

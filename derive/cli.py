@@ -162,7 +162,8 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
 # Subcommands whose modules import SymPy or torch: name -> (module, help). `derive --help` lists them from
 # here; the module adds its arguments and handler only when its command is the one given.
 LAZY_COMMANDS = {
-    "bench": ("bench", "time the generated backward code against torch.autograd"),
+    "bench": ("composite", "time the generated backward code against torch.autograd (--composite: user-style "
+                           "ops against torch eager, torch.compile and native kernels)"),
     "explain": ("explain", "show every step of an op's derivation, from its equation to the emitted code"),
 }
 

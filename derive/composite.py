@@ -11,7 +11,8 @@ Contract:
   ops) under autograd; "torch compiled", `torch.compile` of that reference; "native", torch's own kernel
   where one exists (NATIVE); "derive", the contraction-style module's op; "derive fused", the fused one's.
 - Checked first: every contender's gradients equal torch eager's (bench.verify); that first call also
-  compiles what is compiled, outside the timing.
+  compiles what is compiled, outside the timing; then COMPILED_WARMUP more calls of each (a compiled
+  function's next calls still take milliseconds), before the rounds' own warm-up.
 - Measured: median seconds in interleaved shuffled rounds (bench.median_seconds), peak bytes of one call
   (bench.peak_bytes), and saved bytes: what the forward hands its backward, every tensor that reaches
   `torch.autograd.graph.saved_tensors_hooks`, counted once per storage (inputs included, for every contender).
@@ -38,6 +39,7 @@ from .testing import load_module, make_inputs
 
 SPEC = Path(__file__).parent / "catalog" / "composite.toml"
 EAGER, COMPILED, NATIVE_KERNEL, DERIVE, FUSED = "torch eager", "torch compiled", "native", "derive", "derive fused"
+COMPILED_WARMUP = 3     # calls of each contender after the check, before the timed rounds' own warm-up
 
 # The length of each index at the real sizes (about a million elements per input).
 SIZES = {
@@ -49,7 +51,7 @@ SIZES = {
     "group_norm": {"n": 32, "g": 8, "c": 8, "l": 512},
     "huber": {"...": 1 << 20},
     "log_cosh": {"...": 1 << 20},
-    "attention": {"b": 4, "h": 8, "t": 256, "s": 256, "d": 64, "e": 64},
+    "attention": {"b": 4, "h": 8, "t": 128, "s": 128, "d": 32, "e": 32},
 }
 
 # torch's own kernel for an op, where one exists, on the spec's inputs and params.
@@ -157,6 +159,9 @@ def run_composite(quick: bool = False, rounds: int | None = None, seed: int = 0,
         shape = " ".join(f"{index}={size}" for index, size in sizes.items())
         # the reference is torch eager: every other contender's gradients must equal its
         bench.verify(bench.Case(op.name, shape, {bench.AUTOGRAD: steps[EAGER], **steps}))
+        for step in steps.values():     # a compiled function's first calls after compiling still load and tune
+            for _ in range(COMPILED_WARMUP):
+                step()
         seconds = bench.median_seconds(steps, rounds, warmup, rng)
         peaks = {name: bench.peak_bytes(step) for name, step in steps.items()}
         rows.append(CompositeRow(op.name, shape, seconds, peaks, {name: count() for name, count in saved.items()}))
@@ -189,3 +194,20 @@ def format_composite(rows: list[CompositeRow]) -> str:
         "autograd); fused/compiled: derive fused / torch.compile of that forward; fused/native: derive fused / "
         "torch's own kernel; fused saved: derive fused's saved bytes / torch eager's",
         "", line(header), line(["-" * w for w in widths]), *map(line, lines)])
+
+
+def add_arguments(command) -> None:
+    """`derive bench`'s arguments (bench.add_arguments), and --composite, which runs this section instead."""
+    bench.add_arguments(command)
+    command.add_argument("--composite", action="store_true",
+                         help="instead, one training step of the user-style ops in derive/catalog/composite.toml "
+                              "against torch eager, torch.compile and torch's native kernels (contraction and "
+                              "fused styles; --quick and --rounds apply)")
+    command.set_defaults(handler=_command)
+
+
+def _command(args) -> int:
+    if not args.composite:
+        return bench._command(args)
+    print(format_composite(run_composite(args.quick, args.rounds)))
+    return 0
