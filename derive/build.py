@@ -11,7 +11,8 @@ from . import naming
 from .emit import render_module
 from .explain import explain, render_derivations
 from .model import Catalog
-from .naming import ALL_STYLES, DEFAULT_NAMESPACE, MODULE_STYLES, STYLE_DIRS, STYLES  # noqa: F401 (STYLE_DIRS: re-exported)
+from .naming import STYLE_DIRS  # noqa: F401 (re-exported: callers import it from here)
+from .naming import ALL_STYLES, DEFAULT_NAMESPACE, MODULE_STYLES, STYLES
 from .pipeline import DEFAULT_BUDGET, build_op, spec_errors, time_limit
 from .stamp import header, planned, stamped
 

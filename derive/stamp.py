@@ -186,7 +186,7 @@ def survey(out: Path, spec: Path, styles, source: str, command: str, namespace: 
             return None
         if not matches(relative, data, expected):
             (status.stale if owner.claims(relative, data.split(b"\n", 1)[0]) else status.foreign).append(relative)
-    status.extra = [path for path in owned_files(out, [naming.MODULE_STYLES[style].directory for style in styles], owner)
-                    if path not in inputs]
+    scopes = [naming.MODULE_STYLES[style].directory for style in styles]
+    status.extra = [path for path in owned_files(out, scopes, owner) if path not in inputs]
     files = {naming.MODULE_STYLES[style].directory + naming.module_file(name): name for name in ops for style in styles}
     return Survey({path: files.get(path, "") for path in inputs}, status)
