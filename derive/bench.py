@@ -58,7 +58,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from . import naming
-from .build import STYLE_DIRS, render_catalog
+from .build import render_catalog
 from .derivation import Derivation, derive
 from .model import OpSpec
 from .spec import load_catalog
@@ -158,7 +158,7 @@ def cases(style: str, preset: dict[str, int], generated_dir: Path, only: Sequenc
     """One case per catalog op, then the seed network and the MLP, at one size preset; only those named in
     `only` if given."""
     ops = load_catalog().ops
-    folder = generated_dir / STYLE_DIRS[style]
+    folder = generated_dir / naming.MODULE_STYLES[style].directory
     modules = {op.name: load_module(folder / naming.module_file(op.name)) for op in ops}
     wanted = set(only) or {op.name for op in ops} | {SEED_NETWORK, MLP}
     network = [seed_network_case(modules, preset)] if SEED_NETWORK in wanted else []
@@ -444,7 +444,7 @@ def _handwritten_lines(rows: Sequence[Row]) -> list[str]:
 def add_arguments(command) -> None:
     """The `derive bench` subcommand's arguments and handler, on its parser (the CLI names it and its help)."""
     command.add_argument("--quick", action="store_true", help="tiny sizes and few rounds: a smoke run")
-    command.add_argument("--style", choices=tuple(STYLE_DIRS), default="contraction",
+    command.add_argument("--style", choices=naming.ALL_STYLES, default="contraction",
                          help="which generated modules to time (default: contraction)")
     command.add_argument("--sizes", type=_size_list, default=DEFAULT_SIZES,
                          help=f"comma-separated presets from {', '.join(SIZE_PRESETS)} (default: seed,large)")

@@ -11,12 +11,13 @@ from . import naming
 from .emit import render_module
 from .explain import explain, render_derivations
 from .model import Catalog
-from .naming import DEFAULT_NAMESPACE, STYLE_DIRS, STYLES
+from .naming import STYLE_DIRS  # noqa: F401 (re-exported: callers import it from here)
+from .naming import ALL_STYLES, DEFAULT_NAMESPACE, MODULE_STYLES, STYLES
 from .pipeline import DEFAULT_BUDGET, Built, build_op, spec_errors, time_limit
 from .stamp import header, planned, stamped
 
 
-def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
+def render_catalog(catalog: Catalog, styles=ALL_STYLES, spec_arg: str | None = None,
                    out_arg: str = "generated", namespace: str = DEFAULT_NAMESPACE,
                    budget: float | None = DEFAULT_BUDGET,
                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, str]:
@@ -47,9 +48,11 @@ def render_catalog(catalog: Catalog, styles=STYLES, spec_arg: str | None = None,
 def module_file(built: Built, style: str, source: str, command: str, namespace: str,
                 inputs: dict[str, str]) -> tuple[str, str]:
     """The relative path and stamped text of one op's module in one style (`inputs`: `planned`'s hashes)."""
-    path = STYLE_DIRS[style] + naming.module_file(built.op.name)
-    variants = tuple((absent, v.derivation, v.lowered[style], v.signatures[style]) for absent, v in built.variants)
-    text = stamped(path, render_module(built.derivation, built.lowered[style], source, command, namespace,
-                                       built.signatures[style], variants), inputs[path])
+    printed = MODULE_STYLES[style]      # (the fused style prints the contraction style's lowering)
+    path = printed.directory + naming.module_file(built.op.name)
+    lowering = printed.lowering
+    variants = tuple((absent, v.derivation, v.lowered[lowering], v.signatures[lowering]) for absent, v in built.variants)
+    text = stamped(path, render_module(built.derivation, built.lowered[lowering], source, command, namespace,
+                                       built.signatures[lowering], variants, printed), inputs[path])
     compile(text, path, "exec")    # a module that would not import is never written
     return path, text

@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__
 from .errors import SpecError
 from .files import compare, is_temporary, refuse_foreign, write_tree
-from .naming import (DEFAULT_NAMESPACE, STYLE_DIRS, STYLES, default_catalog_path, namespace_problem,
+from .naming import (ALL_STYLES, DEFAULT_NAMESPACE, MODULE_STYLES, default_catalog_path, namespace_problem,
                      spec_namespace)
 from .reading import parse_toml, read_text
 from .stamp import Owner, Survey, header, survey
@@ -116,8 +116,8 @@ def load_config(cwd: Path) -> tuple[dict, Path]:
                 raise SpecError("[tool.derive]: 'budget' must be a positive number of seconds", path=shown)
         elif not isinstance(value, str) or not value:
             raise SpecError(f"[tool.derive]: '{key}' must be a non-empty string", path=shown)
-    if table.get("style", "all") not in ("all", *STYLES):
-        raise SpecError(f"[tool.derive]: style must be one of {', '.join(('all', *STYLES))}", path=shown)
+    if table.get("style", "all") not in ("all", *ALL_STYLES):
+        raise SpecError(f"[tool.derive]: style must be one of {', '.join(('all', *ALL_STYLES))}", path=shown)
     if not table.get("namespace", "derive").isidentifier():
         raise SpecError("[tool.derive]: namespace must be a Python identifier", path=shown)
     if "namespace" in table and namespace_problem(table["namespace"], builtin="spec" not in table):
@@ -145,9 +145,10 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
                                                "2 on a spec error", _check)):
         command = catalog_command(name, help_text, handler)
         command.add_argument("--out", metavar="DIR", type=_directory, help="output directory (default: generated)")
-        command.add_argument("--style", choices=("all", *STYLES),
-                             help="contraction (matrix products, into DIR) or broadcast (the seed's "
-                                  "unsqueeze/sum form, into DIR/broadcast); default: all, both")
+        command.add_argument("--style", choices=("all", *ALL_STYLES),
+                             help="contraction (matrix products, into DIR), broadcast (the seed's "
+                                  "unsqueeze/sum form, into DIR/broadcast) or fused (the contraction code run as "
+                                  "kernels torch.compile fuses, into DIR/fused); default: all, every one")
         command.add_argument("--namespace", metavar="NAME",
                              help=f"torch.library namespace of the generated custom ops (default: {DEFAULT_NAMESPACE})")
         command.add_argument("--budget", metavar="SECONDS", type=_seconds,
@@ -168,7 +169,8 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
 # Subcommands whose modules import SymPy or torch: name -> (module, help). `derive --help` lists them from
 # here; the module adds its arguments and handler only when its command is the one given.
 LAZY_COMMANDS = {
-    "bench": ("bench", "time the generated backward code against torch.autograd"),
+    "bench": ("composite", "time the generated backward code against torch.autograd (--composite: user-style "
+                           "ops against torch eager, torch.compile and native kernels)"),
     "explain": ("explain", "show every step of an op's derivation, from its equation to the emitted code"),
 }
 
@@ -190,7 +192,7 @@ def _directory(text: str) -> str:
 
 
 def _styles(args) -> tuple[str, ...]:
-    return STYLES if args.style == "all" else (args.style,)
+    return ALL_STYLES if args.style == "all" else (args.style,)
 
 
 def render_catalog(*args, **kwargs) -> dict[str, str]:
@@ -210,7 +212,7 @@ def _render(args, only: list[str] | None = None):
     budget = {} if args.budget is None else {"budget": float(args.budget)}
     files = render_catalog(catalog, styles, spec_arg=args.spec_label, out_arg=args.out_label,
                            namespace=args.namespace, progress=Progress(sys.stderr), **budget)
-    return files, [STYLE_DIRS[s] for s in styles]
+    return files, [MODULE_STYLES[s].directory for s in styles]
 
 
 class Progress:

@@ -69,26 +69,30 @@ Variant = tuple[tuple[str, ...], Derivation, LoweredOp, Signature]   # (absent i
 
 def render_module(derivation: Derivation, lowered: LoweredOp, source: str, command: str,
                   namespace: str = "derive", signature: Signature | None = None,
-                  variants: tuple[Variant, ...] = ()) -> str:
+                  variants: tuple[Variant, ...] = (), style: naming.Style | None = None) -> str:
     """The module of one op in one style; `signature` is the backward's (computed here when not given);
-    `variants` are the op with its optional inputs None (optional.py), whose functions the module holds too."""
-    context = _module_context(derivation, lowered, source, command, namespace, signature, variants)
+    `variants` are the op with its optional inputs None (optional.py), whose functions the module holds too;
+    `style` is the module's, which prints `lowered` (by default the style of that name)."""
+    context = _module_context(derivation, lowered, source, command, namespace, signature, variants, style)
     return environment().get_template("module.py.jinja").render(context)
 
 
 def _module_context(derivation: Derivation, lowered: LoweredOp, source: str, command: str, namespace: str,
-                    signature: Signature | None, variants: tuple[Variant, ...] = ()) -> dict:
+                    signature: Signature | None, variants: tuple[Variant, ...] = (),
+                    style: naming.Style | None = None) -> dict:
     op = derivation.op
+    style = style or naming.MODULE_STYLES[lowered.style]
+    assert style.lowering == lowered.style, (style, lowered.style)
     signature = signature or backward_signature(derivation, lowered)
     forward = _forward_context(derivation, lowered, signature)
     backward = _backward_context(derivation, lowered, signature)
     saving = _saving_context(derivation, lowered)
-    views = [(absent, _module_context(*variant, source, command, namespace, variant_signature))
+    views = [(absent, _module_context(*variant, source, command, namespace, variant_signature, (), style))
              for absent, *variant, variant_signature in variants]
     # the Function keeps the optional inputs for its jvp too, and what the variants' jvps read
     keep = set(op.optional_names) | {name for _, view in views for name in view["jvp"]["saved"]}
     jvp = _jvp_context(derivation, lowered, keep)
-    function = _function_context(derivation, lowered, signature, jvp, namespace)
+    function = _function_context(derivation, lowered, signature, jvp, namespace, style.name)
     code = [forward["code"]] + [g.code for g in backward["gradients"]] + [text for _, text in forward["shared"]] \
         + [text for _, block in backward["shared"] for _, text in block] \
         + ([text for _, text, _ in saving["lines"]] if saving else [])
@@ -111,7 +115,7 @@ def _module_context(derivation: Derivation, lowered: LoweredOp, source: str, com
         uses_output=signature.uses_output,
         uses_math=any(uses_math(text) for text in code) or any(view["uses_math"] for _, view in views)
         or bool(layer and layer["uses_math"]),
-        function=function, saving=saving, forward=forward, jvp=jvp, backward=backward,
+        function=function, saving=saving, forward=forward, jvp=jvp, backward=backward, style=style,
         variant_only=False, optional=bool(op.optional), optional_doc=_optional_doc(op),
         variants=[_variant_view(op, absent, view, (jvp, signature.uses_output)) for absent, view in views],
         layer=layer, backward_arguments=list(signature.arguments),
@@ -224,7 +228,7 @@ def _backward_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
 
 
 def _function_context(derivation: Derivation, lowered: LoweredOp, signature: Signature, jvp: dict,
-                      namespace: str) -> dict:
+                      namespace: str, style: str) -> dict:
     """The autograd.Function and the custom op: what they save, unpack and pass on."""
     op = derivation.op
     tensor_args = [t.name for t in op.inputs]
@@ -250,7 +254,7 @@ def _function_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
                                    + [f"ctx.{p}" for p in params]),
         cls=naming.function_class(op.name),
         custom_op=naming.custom_op(op.name),
-        custom_op_name=naming.custom_op_name(namespace, op.name, lowered.style),
+        custom_op_name=naming.custom_op_name(namespace, op.name, style),
         spec_digest=op.digest,
         apply_name=op.name,
         forward_args=", ".join(tensor_args + params),

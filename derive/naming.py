@@ -7,6 +7,7 @@ import hashlib
 import keyword
 import re
 import unicodedata
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
@@ -81,7 +82,7 @@ def custom_op(op: str) -> str:
 
 
 def custom_op_name(namespace: str, op: str, style: str) -> str:
-    """The registered name: `derive::linear`, `derive::linear_broadcast` for the broadcast style."""
+    """The registered name: `derive::linear`, `derive::linear_broadcast` for the broadcast style (and so on)."""
     return f"{namespace}::{op}" if style == "contraction" else f"{namespace}::{op}_{style}"
 
 
@@ -99,9 +100,27 @@ def module_file(op: str) -> str:
     return f"{op}.py"
 
 
+@dataclass(frozen=True)
+class Style:
+    """One style of generated module: the code it prints, where it goes, and how its Function runs it."""
+
+    name: str
+    directory: str      # its modules' folder in the output directory ("": the directory itself)
+    lowering: str       # the lowered code it prints (derive.lower: contraction or broadcast)
+    compiled: bool      # forward and backward run as kernels torch.compile fuses, compiled on their first call
+
+
 # The layout of an output directory: one module per op and style, and the catalog's derivations document.
-STYLES = ("contraction", "broadcast")
-STYLE_DIRS = {"contraction": "", "broadcast": "broadcast/"}
+MODULE_STYLES = {style.name: style for style in (
+    Style("contraction", "", "contraction", compiled=False),
+    Style("broadcast", "broadcast/", "broadcast", compiled=False),
+    Style("fused", "fused/", "contraction", compiled=True),
+)}
+ALL_STYLES = tuple(MODULE_STYLES)     # what `derive generate --style all` writes
+# The eager styles, one per lowering: what derive.lower prints and the tests sweep (the fused style prints the
+# contraction style's code; its compiled kernels are tested on their own, tests/test_fused.py).
+STYLES = tuple(name for name, style in MODULE_STYLES.items() if not style.compiled)
+STYLE_DIRS = {name: MODULE_STYLES[name].directory for name in STYLES}
 DERIVATIONS_FILE = "DERIVATIONS.md"
 DEFAULT_NAMESPACE = "derive"   # torch.library namespace of the generated custom ops: the built-in catalog's only
 

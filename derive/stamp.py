@@ -80,7 +80,7 @@ def planned(digests: dict[str, str], styles, source: str, command: str, namespac
     files = {}
     for name, digest in sorted(digests.items()):
         for style in styles:
-            files[naming.STYLE_DIRS[style] + naming.module_file(name)] = inputs_hash(
+            files[naming.MODULE_STYLES[style].directory + naming.module_file(name)] = inputs_hash(
                 "module", digest, style, namespace, source, command)
     if "contraction" in styles:    # beside the contraction-style modules, once per catalog
         files[naming.derivations_file(namespace)] = inputs_hash("derivations", sorted(digests.items()), source, command)
@@ -186,7 +186,7 @@ def survey(out: Path, spec: Path, styles, source: str, command: str, namespace: 
             return None
         if not matches(relative, data, expected):
             (status.stale if owner.claims(relative, data.split(b"\n", 1)[0]) else status.foreign).append(relative)
-    status.extra = [path for path in owned_files(out, [naming.STYLE_DIRS[style] for style in styles], owner)
-                    if path not in inputs]
-    files = {naming.STYLE_DIRS[style] + naming.module_file(name): name for name in ops for style in styles}
+    scopes = [naming.MODULE_STYLES[style].directory for style in styles]
+    status.extra = [path for path in owned_files(out, scopes, owner) if path not in inputs]
+    files = {naming.MODULE_STYLES[style].directory + naming.module_file(name): name for name in ops for style in styles}
     return Survey({path: files.get(path, "") for path in inputs}, status)

@@ -9,7 +9,7 @@ import sympy
 
 from derive.derivation import derive as derive_op, kinked
 from derive.functions import Tied, _Extremum
-from derive.naming import STYLE_DIRS
+from derive.naming import MODULE_STYLES, STYLE_DIRS
 from derive.pipeline import build_op
 from derive.spec import load_catalog
 
@@ -93,7 +93,7 @@ def representative(names) -> list:
 
 def generated_module(op_name: str, style: str = "contraction"):
     from derive.testing import load_module
-    return load_module(GENERATED / STYLE_DIRS[style] / f"{op_name}.py")
+    return load_module(GENERATED / MODULE_STYLES[style].directory / f"{op_name}.py")
 
 
 @pytest.fixture(params=OPS)

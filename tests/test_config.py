@@ -107,7 +107,7 @@ def test_the_nearest_pyproject_wins(project, monkeypatch):
      "pyproject.toml: [tool.derive]: unknown key 'specs' (known: spec, out, style, namespace, budget)"),
     ('[tool.derive]\nout = 3\n', "pyproject.toml: [tool.derive]: 'out' must be a non-empty string"),
     ('[tool.derive]\nstyle = "fast"\n',
-     "pyproject.toml: [tool.derive]: style must be one of all, contraction, broadcast"),
+     "pyproject.toml: [tool.derive]: style must be one of all, contraction, broadcast, fused"),
     ('[tool.derive]\nnamespace = "my-ns"\n', "pyproject.toml: [tool.derive]: namespace must be a Python identifier"),
     ('[tool]\nderive = 1\n', "pyproject.toml: [tool.derive] must be a table"),
     ('[tool.derive\n', "pyproject.toml:1:13: TOML syntax error: Expected ']' at the end of a table declaration"),

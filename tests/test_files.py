@@ -238,7 +238,7 @@ def test_specs_sharing_an_output_directory_keep_each_others_files(tmp_path, monk
     assert capsys.readouterr().err.splitlines()[:2] == ["stale: out/DERIVATIONS.ops.md", "extra: out/second.py"]
     assert main(["generate", "--spec", "ops.toml", "--out", "out"]) == 0
     after = snapshot(tmp_path / "out")
-    assert set(everything) - set(after) == {"second.py", "broadcast/second.py"}
+    assert set(everything) - set(after) == {"second.py", "broadcast/second.py", "fused/second.py"}
     assert all(after[name] == everything[name] for name in after if "third" in name or "fourth" in name)
     assert main(["check", "--spec", "other.toml", "--out", "out"]) == 0
 

@@ -31,7 +31,8 @@ SPEC = textwrap.dedent('''
     equation = "y[a] = sum(u[a, b] * v[a, b], b)"
     reference = "(u * v).sum(-1)"
 ''')
-FILES = ["DERIVATIONS.ops.md", "broadcast/row_dot.py", "broadcast/scaled_pow.py", "row_dot.py", "scaled_pow.py"]
+FILES = ["DERIVATIONS.ops.md", "broadcast/row_dot.py", "broadcast/scaled_pow.py", "fused/row_dot.py",
+         "fused/scaled_pow.py", "row_dot.py", "scaled_pow.py"]
 HEAVY = ("sympy", "torch", "jinja2")
 
 
@@ -70,9 +71,9 @@ def stale_files(err: str) -> list[str]:
 def test_an_unchanged_tree_is_checked_and_generated_without_deriving(project, derivations, capsys):
     before = {name: (project / "out" / name).read_bytes() for name in FILES}
     code, output = check(capsys)
-    assert (code, output.out) == (0, "out: 5 files up to date\n")
+    assert (code, output.out) == (0, "out: 7 files up to date\n")
     assert run("generate", "--spec", "ops.toml", "--out", "out") == 0
-    assert capsys.readouterr().out == "out: 5 files up to date\n"
+    assert capsys.readouterr().out == "out: 7 files up to date\n"
     assert derivations == []
     assert {name: (project / "out" / name).read_bytes() for name in FILES} == before
 
@@ -134,7 +135,8 @@ def test_a_changed_spec_is_stale_for_its_op_and_the_derivations(project, derivat
     (project / "ops.toml").write_text(SPEC.replace(old, new))
     code, output = check(capsys)
     assert code == 1
-    assert stale_files(output.err) == ["DERIVATIONS.ops.md", "broadcast/scaled_pow.py", "scaled_pow.py"]
+    assert stale_files(output.err) == ["DERIVATIONS.ops.md", "broadcast/scaled_pow.py", "fused/scaled_pow.py",
+                                       "scaled_pow.py"]
     assert derivations == ["scaled_pow"]     # row_dot's stamps match: it is not derived again
 
 
@@ -259,6 +261,6 @@ def test_without_torch_every_command_but_bench_works(tmp_path):
     '''), tmp_path)
     (help_code, help_text), generate, check, listed, explained, bench = results
     assert help_code == 0 and "explain" in help_text and "bench" not in help_text
-    assert generate[0] == 0 and check == [0, "out: 3 files up to date\n"]
+    assert generate[0] == 0 and check == [0, "out: 4 files up to date\n"]
     assert listed[0] == explained[0] == 0 and "scaled_pow" in listed[1] and "scaled_pow" in explained[1]
     assert bench[0] == 2 and "invalid choice: 'bench'" in bench[1]
