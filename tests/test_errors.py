@@ -299,7 +299,7 @@ CASES = [
      "bad.toml:3:33: op 'bad': constant 1.00e+400 in 10 ** 400 is not a finite float64 (generated code computes "
      "in floats)"),
     ("constant-quotient-overflows", op("y[n, k] = x[n, k] / 5e-324"),
-     "bad.toml:3:23: op 'bad': constant 2.02e+323 in x[n, k] / 5e-324 is not a finite float64 (generated code "
+     "bad.toml:3:23: op 'bad': constant 2.00e+323 in x[n, k] / 5e-324 is not a finite float64 (generated code "
      "computes in floats)"),
     ("integer-beyond-float", op(f"y[n, k] = x[n, k] * {2 ** 1030}"),
      "bad.toml:3:33: op 'bad': number is too large for a float (it overflows to infinity)"),
