@@ -10,7 +10,7 @@ import torch
 from derive import bench
 from derive.spec import load_catalog
 
-from conftest import GENERATED, OPS, REPRESENTATIVE_OPS, ROOT, STYLES, derivation, first_by_default, shared_builds
+from conftest import GENERATED, OPS, ROOT, STYLES, derivation, first_by_default, shared_builds
 
 QUICK = bench.SIZE_PRESETS["quick"]
 ROWS = [*OPS, bench.SEED_NETWORK, f"{bench.SEED_NETWORK}, {bench.HANDWRITTEN}", bench.MLP]
@@ -25,11 +25,11 @@ def each_op_derived_once(monkeypatch):
     monkeypatch.setattr(bench, "derive", derivation)
 
 
-# The whole quick bench in each style under `-m slow` (CI); by default the contraction style's bench of one
-# op per kind of generated code and the seed network (test_every_contender_computes_autograds_gradients
-# builds and checks every case, and test_cli_bench_quick runs the broadcast style's whole bench).
+# The whole quick bench in each style under `-m slow` (CI); by default the contraction style's bench of a
+# kink, a fused loss kernel and the seed network (test_every_contender_computes_autograds_gradients builds and
+# checks every case, and test_cli_bench_quick runs the broadcast style's whole bench).
 @pytest.mark.parametrize("style, only", first_by_default(
-    [("contraction", (*REPRESENTATIVE_OPS, bench.SEED_NETWORK)), *((style, ()) for style in STYLES)], 1))
+    [("contraction", ("relu", "cross_entropy", bench.SEED_NETWORK)), *((style, ()) for style in STYLES)], 1))
 def test_quick_bench_has_a_row_per_op_and_the_seed_network(style, only, render_once):
     with shared_builds():     # its `derive generate` timing renders the catalog: from the session's builds
         report = bench.run_bench(quick=True, style=style, generated_dir=GENERATED, only=only)
