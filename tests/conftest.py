@@ -72,6 +72,12 @@ def first_by_default(params, count: int) -> list:
     return [param if position < count else _slow(param) for position, param in enumerate(params)]
 
 
+def half_by_default(params) -> list:
+    """Every other case of a family run by default (the first, the third, ...), the others marked `slow` (CI runs
+    them): for sweeps over many ops or cases where neighbours exercise the same code."""
+    return [param if position % 2 == 0 else _slow(param) for position, param in enumerate(params)]
+
+
 def _slow(param):
     """`param` (a value, a tuple of values or a pytest.param) marked slow."""
     if isinstance(param, type(pytest.param(None))):

@@ -24,6 +24,8 @@ from derive.emit import render_module
 from derive.spec import parse_catalog
 from derive.testing import autograd_gradients, call_backward, check_tangents, load_module, make_inputs, reference
 
+from conftest import half_by_default
+
 # elementwise bodies of two batched inputs x[...] and s[...], with their torch reference
 BODIES = {
     "sum": ("x[...] + s[...]", "(x + s)"),
@@ -95,7 +97,7 @@ def cases():
             yield pytest.param(name, pair, marks=marks, id=f"{name}-{pair[0]}x{pair[1]}")
 
 
-@pytest.mark.parametrize("name, batches", list(cases()))
+@pytest.mark.parametrize("name, batches", half_by_default(list(cases())))     # every other spec; all under -m slow
 def test_gradients_are_summed_back_to_each_input_shape(name, batches):
     op, modules = _modules(name)
     inputs = _inputs(op, batches)

@@ -27,7 +27,7 @@ from derive.printing import render_expr, size_bindings
 from derive.spec import parse_catalog
 from derive.testing import make_inputs, sizes_for
 
-from conftest import CATALOG, GENERATED, OPS, ROOT, built, rendered, shared_builds
+from conftest import CATALOG, GENERATED, OPS, ROOT, built, half_by_default, rendered, shared_builds
 
 SNAPSHOTS = ROOT / "tests" / "snapshots"
 
@@ -126,7 +126,7 @@ def _assert_explains_the_module(explanation, op, modules: dict[str, str]):
             assert reads.get(style, reads.get(None)) == code.reads
 
 
-@pytest.mark.parametrize("op_name", OPS)
+@pytest.mark.parametrize("op_name", half_by_default(OPS))
 def test_explain_shows_only_lines_of_the_module(op_name):
     """For every catalog op, input and style (the regression: linear_batched's grad_b read size_m off w in
     explain, off grad_y in the module)."""

@@ -6,7 +6,7 @@ import torch
 from derive import naming
 from derive.testing import autograd_gradients, call_backward, make_inputs, reference
 
-from conftest import CATALOG, OPS, REPRESENTATIVE_OPS, generated_module, representative
+from conftest import CATALOG, OPS, REPRESENTATIVE_OPS, generated_module, half_by_default, representative
 
 SMALL = {"...": 2}
 
@@ -24,7 +24,7 @@ def custom_op(op):
     return getattr(generated_module(op.name), naming.custom_op(op.name))
 
 
-@pytest.mark.parametrize("op_name", OPS)
+@pytest.mark.parametrize("op_name", half_by_default(OPS))
 def test_function_gradcheck_and_gradgradcheck(op_name):
     op = CATALOG.op(op_name)
     inputs = differentiable_inputs(op)

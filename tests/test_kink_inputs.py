@@ -10,6 +10,8 @@ from derive.build import render_catalog
 from derive.spec import parse_catalog
 from derive.testing import kink_inputs, kinks, make_inputs, verify_op
 
+from conftest import half_by_default
+
 SPECS = {
     "floor": ('''
         inputs = ["x[n, k]"]
@@ -117,7 +119,7 @@ NONNEGATIVE = [("Max(p[n], 0)", "torch.clamp_min(p, 0)"), ("Max(p[n], 0, tie=1)"
                ("Max(p[n], q[n]**2)", "torch.maximum(p, q**2)")]
 
 
-@pytest.mark.parametrize("argument, reference", NONNEGATIVE, ids=[a for a, _ in NONNEGATIVE])
+@pytest.mark.parametrize("argument, reference", half_by_default(NONNEGATIVE), ids=[a for a, _ in NONNEGATIVE])
 def test_the_absolute_value_of_a_nonnegative_argument_has_torchs_derivative_at_zero(tmp_path, argument, reference):
     text = f'''
         inputs = ["p[n]", "q[n]"]

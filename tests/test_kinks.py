@@ -23,7 +23,7 @@ from derive.explain import explain_op, render_explanation
 from derive.spec import parse_catalog
 from derive.testing import autograd_gradients, call_backward, check_gradients, load_module
 
-from conftest import first_by_default
+from conftest import first_by_default, half_by_default
 
 NAMESPACES = itertools.count()
 DECLARED = {"x": "x[n, k]", "a": "a[n, k]", "c": "c[n]", "s": "s[n]", "w": "w[k]"}
@@ -204,7 +204,7 @@ TORCH_CONVENTIONS = [
 ]
 
 
-@pytest.mark.parametrize("equation, inputs, reference, values", TORCH_CONVENTIONS,
+@pytest.mark.parametrize("equation, inputs, reference, values", half_by_default(TORCH_CONVENTIONS),
                          ids=[case[0] for case in TORCH_CONVENTIONS])
 def test_kinks_follow_torch_and_the_spec(tmp_path, equation, inputs, reference, values):
     op, module = generate(tmp_path, equation, inputs, reference)

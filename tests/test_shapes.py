@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from derive.naming import BATCH
 from derive.testing import check_gradients, make_inputs, reference
 
-from conftest import CATALOG, OPS, first_by_default, generated_module
+from conftest import CATALOG, OPS, first_by_default, generated_module, half_by_default
 
 
 @st.composite
@@ -38,7 +38,7 @@ def reference_accepts(op, inputs):
 
 # The broadcast style of every op under `-m slow` (CI): the default run draws the contraction style's shapes.
 @pytest.mark.parametrize("style", first_by_default(["contraction", "broadcast"], 1))
-@pytest.mark.parametrize("op_name", OPS)
+@pytest.mark.parametrize("op_name", half_by_default(OPS))
 def test_drawn_shapes_match_autograd(op_name, style):
     op = CATALOG.op(op_name)
     module = generated_module(op_name, style)

@@ -11,7 +11,7 @@ from derive.build import STYLE_DIRS, build_op, render_catalog
 from derive.spec import parse_catalog
 from derive.testing import autograd_gradients, check_tangents, gradcheck_op, load_module, reference
 
-from conftest import CATALOG, GENERATED, OPS
+from conftest import CATALOG, GENERATED, OPS, half_by_default
 
 
 def _backward_reads(module_text: str, op) -> set[str]:
@@ -43,7 +43,7 @@ def _saved(module_text: str, output: str) -> tuple[str, ...]:
     return tuple(output if a.id == "output" else a.id for a in calls[0].args) if calls else ()
 
 
-@pytest.mark.parametrize("op_name", OPS)
+@pytest.mark.parametrize("op_name", half_by_default(OPS))
 def test_the_signature_is_what_the_module_does(op_name):
     """What the signature says the backward reads is what its code reads; the Function saves what the
     signature says, which holds every tensor the backward reads; its arguments are the backward's."""
