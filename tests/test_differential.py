@@ -43,6 +43,8 @@ from derive.spec import parse_catalog
 from derive.testing import autograd_gradients, built_op, call_backward, kink_inputs, load_module, reference
 from spec_strategies import KNOWN_BUGS, RECOGNIZED, FuzzCase, fuzz_cases
 
+from conftest import half_by_default
+
 EXAMPLES = int(os.environ.get("DERIVE_FUZZ_EXAMPLES", "2"))
 # DERIVE_FUZZ_KNOWN_BUGS=include writes the spec shapes of the known bug classes too (spec_strategies.KNOWN_BUGS)
 EXCLUDED = frozenset() if os.environ.get("DERIVE_FUZZ_KNOWN_BUGS") == "include" else KNOWN_BUGS
@@ -418,7 +420,7 @@ DELTAS_IN_BRANCHES = [
 ]
 
 
-@pytest.mark.parametrize("equation, torch_reference, declared, size_sets", DELTAS_IN_BRANCHES,
+@pytest.mark.parametrize("equation, torch_reference, declared, size_sets", half_by_default(DELTAS_IN_BRANCHES),
                          ids=[case[0] for case in DELTAS_IN_BRANCHES])
 def test_deltas_inside_where_branches_are_summed_away(equation, torch_reference, declared, size_sets):
     """delta_inside_where and uncompilable_module: a Kronecker delta inside a where() branch was printed as
