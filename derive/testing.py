@@ -485,6 +485,8 @@ def _place_on_extremum(op, kink, access, tensors, params, generator, fraction) -
     operand = body.xreplace({**stand_ins, **scalar_symbols, **param_symbols})
     grid = torch.broadcast_to(torch.as_tensor(_torch_function(list(values), operand)(*values.values()),
                                               dtype=target.dtype), target.shape)
+    if any(i.name not in names for i in extremum.indices):
+        return None     # a reduced index the access does not carry (read under another name): no row to tie
     dims = [names.index(i.name) for i in extremum.indices]
     if any(target.shape[d] == 0 for d in dims):
         return None

@@ -75,10 +75,14 @@ _COUNTER = itertools.count()
 
 
 # Known bugs that show as a refusal of a valid spec (see generate()), and those that show in the code.
-KNOWN_REFUSALS = {"cannot_line_up_dims": r"cannot line up dims"}
+KNOWN_REFUSALS = {"cannot_line_up_dims": r"cannot line up dims",
+                  "batch_dims_cannot_lead_after_a_sum_over_the_batch": r"batch dims '\.\.\.' must lead: cannot permute"}
 
 
-SIGNATURES: dict = {}
+SIGNATURES: dict = {
+    "batch_contract_after_a_sum_over_the_batch": lambda text, error: isinstance(error, RuntimeError)
+    and "(index ...) but the ..." in str(error) and "broadcast to (0," in str(error),
+}
 assert set(SIGNATURES) | set(KNOWN_REFUSALS) == RECOGNIZED
 
 
