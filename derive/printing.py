@@ -304,8 +304,11 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         return leading + appended
 
     def _sub(self, expr, layout: tuple[str, ...]) -> Code:
-        """`expr` printed in its own layout, for a reduction or softmax to work on."""
-        return Code(TorchCodePrinter(layout, inline=self.inline)._print(expr), layout, precedence(expr))
+        """`expr` printed in its own layout, for a reduction or softmax to work on (a value written where it is
+        read binds as its code does: `(a @ b).amax(0)`)."""
+        value = self.inline.get(expr.base.label.name) if isinstance(expr, sympy.Indexed) else None
+        level = precedence(expr) if value is None else min(precedence(expr), value.precedence)
+        return Code(TorchCodePrinter(layout, inline=self.inline)._print(expr), layout, level)
 
     def _own_layout(self, expr, last: tuple[str, ...] = ()) -> tuple[str, ...]:
         free = free_indices(expr)

@@ -48,6 +48,10 @@ RECOGNIZED = {
     # a sum over `...` and m nested in a sum over k, beside gathers, refused with "batch dims '...' must lead:
     # cannot permute ('n', 'k', '...') into ('...', 'n', 'k')" (seed 43 of the CI campaign)
     "batch_dims_cannot_lead_after_a_sum_over_the_batch",
+    # a sum over an index the output also has, nested in a function: the generated code and the reference
+    # disagree (before the contraction binding: the forward's values; after: the code fails to run):
+    # y[j, m] = sum(sign(...) * cos(sum((q[n, k] / r[k, n]) * sum(atan(q[m, k, n, j]) * sin(p[m, j]), n) * erf(q[k]), n, m)), k)
+    "sum_over_an_output_index",
 }
 KNOWN_BUGS: frozenset[str] = frozenset(AVOIDED | RECOGNIZED)
 

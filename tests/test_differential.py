@@ -79,7 +79,18 @@ KNOWN_REFUSALS = {"cannot_line_up_dims": r"cannot line up dims",
                   "batch_dims_cannot_lead_after_a_sum_over_the_batch": r"batch dims '\.\.\.' must lead: cannot permute"}
 
 
+def _sums_over_an_output_index(text: str, error: Exception) -> bool:
+    """The forward's equation sums over an index the output also has (`y[j, m] = sum(cos(sum(..., n, m)), k)`)."""
+    line = re.search(r"forward: (\w+)\[([\w, ]+)\] = (.*)", text)
+    if line is None:
+        return False
+    output = {i.strip() for i in line.group(2).split(",")}
+    bound = {i.strip() for group in re.findall(r", ((?:[a-z]\w*, )*[a-z]\w*)\)", line.group(3)) for i in group.split(",")}
+    return bool(output & bound)
+
+
 SIGNATURES: dict = {
+    "sum_over_an_output_index": _sums_over_an_output_index,
     "batch_contract_after_a_sum_over_the_batch": lambda text, error: isinstance(error, RuntimeError)
     and "(index ...) but the ..." in str(error) and "broadcast to (0," in str(error),
 }

@@ -70,6 +70,11 @@ inputs = ["x[n, k]", "w[k, m]"]
 equation = "y[n, m] = Min(sum(x[n, k] * w[k, m], k), 0)"
 reference = "torch.minimum(x @ w, torch.zeros_like(x @ w))"
 
+[ops.max_of_matmul]
+inputs = ["q[k]", "r[k, j]", "p[m, k]"]
+equation = "y = max(sum(erf(q[k]) * sigmoid(r[k, j]) * sigmoid(p[m, k]), k, m), j)"
+reference = "torch.amax((torch.erf(q)[:, None, None] * torch.sigmoid(r)[:, :, None] * torch.sigmoid(p).T[:, None, :]).sum(dim=(0, 2)), dim=0)"
+
 [ops.softmax_matmul]
 inputs = ["x[n, k]", "w[k, m]"]
 equation = "y[n, m] = softmax(sum(x[n, k] * w[k, m], k), m)"
@@ -157,6 +162,16 @@ def test_a_contracted_value_is_read_in_the_dims_it_comes_out_in(generated):
     it so (the fuzzer found it reading (n, m) as a permuted access of an (m, n) tensor)."""
     _, op, module = generated("nested_operand", "contraction")
     check_gradients(op, module)
+
+
+def test_a_reduction_of_a_value_written_where_it_is_read_binds_to_all_of_it(generated):
+    """max over j of a contraction written in place: `(a @ b).amax(0)`, never `a @ b.amax(0)` (the CI fuzz campaign
+    found the forward reducing one operand)."""
+    _, op, module = generated("max_of_matmul", "contraction")
+    source = open(module.__file__).read()
+    assert ").amax(0)" in source and "@ torch.sigmoid(r).amax(0)" not in source, source
+    check_gradients(op, module)
+    check_tangents(op, module)
 
 
 def test_a_value_written_where_it_is_read_lends_a_tensor_its_dtype(generated):
