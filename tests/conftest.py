@@ -118,10 +118,12 @@ _RENDERED: dict[tuple, dict[str, str]] = {}
 
 
 def rendered(*args, **kwargs) -> dict[str, str]:
-    """render_catalog(*args, **kwargs), computed once per session for each distinct set of arguments."""
+    """render_catalog(*args, **kwargs), computed once per session for each distinct set of arguments (the
+    progress callback, which each command makes anew, is left out)."""
     from derive.build import render_catalog
     call = inspect.signature(render_catalog).bind(*args, **kwargs)
     call.apply_defaults()
+    call.arguments["progress"] = None       # a callback for the terminal: no part of what is rendered
     key = tuple(call.arguments.items())
     if key not in _RENDERED:
         with shared_builds():

@@ -241,10 +241,9 @@ def test_explain_one_input_with_markdown_math(capsys):
     assert "$$\n\\mathrm{grad}_{w}[k, m] = \\sum_{n} \\mathrm{grad}_{y}[n, m] \\cdot x[n, k]\n$$" in out
 
 
-@functools.cache
 def built_op(op_name):
-    """build_op of a catalog op, once for every test that explains it."""
-    return build_op(CATALOG.op(op_name))
+    """build_op of a catalog op, shared with every other test of the session that builds it."""
+    return built(CATALOG.op(op_name))
 
 
 @functools.cache
@@ -253,8 +252,14 @@ def explained(op_name):
     return explain(built_op(op_name))
 
 
-@pytest.mark.parametrize("op_name", OPS)
-@pytest.mark.parametrize("format", ["text", "markdown", "latex", "html"])
+# Every op in every format under `-m slow` (CI); by default every op in one format, the formats taken in turn.
+FORMATS = ["text", "markdown", "latex", "html"]
+
+
+@pytest.mark.parametrize("op_name, format", [
+    pytest.param(op_name, format, id=f"{format}-{op_name}",
+                 marks=[] if (number - FORMATS.index(format)) % len(FORMATS) == 0 else [pytest.mark.slow])
+    for number, op_name in enumerate(OPS) for format in FORMATS])
 def test_every_op_explains_in_every_format(op_name, format):
     text = render_explanation(explained(op_name), format)
     assert text.endswith("\n") and not re.search(r"[ \t]+\n", text), "no trailing whitespace"
