@@ -121,7 +121,7 @@ class Derivation:
     def grad_output(self) -> str:
         return naming.grad(self.op.output)
 
-    @property
+    @functools.cached_property    # (a frozen record: computed once)
     def uses_output(self) -> bool:
         """Whether some gradient reuses the forward's result."""
         output = self.op.output

@@ -23,6 +23,7 @@ import functools
 
 import sympy
 from sympy.codegen.cfunctions import log1p
+from sympy.core.cache import cacheit
 
 
 class Sum(sympy.Sum):
@@ -36,6 +37,7 @@ class Sum(sympy.Sum):
     Sum with its own class (diff, xreplace, expand), so every sum derive makes or derives keeps the rule.
     """
 
+    @cacheit    # (derivation and planning build the same sums many times over)
     def __new__(cls, function, *limits, **assumptions):
         function = sympy.sympify(function)
         masks = _pinned_piecewise(function)
@@ -632,6 +634,7 @@ def free_indices(expr: sympy.Expr) -> set[str]:
     return inner - bound_indices(expr)
 
 
+@functools.lru_cache(maxsize=4096)
 def canonical(expr: sympy.Expr, depth: int = 0) -> sympy.Expr:
     """Rename every bound index by how many binders it encloses (`_h_k`), so that expressions equal up
     to renaming compare equal, and so does a reduction wherever it stands (mean(x) alone or inside a

@@ -1491,6 +1491,7 @@ class IndexNotationPrinter(PositiveFirst, sympy.printing.str.StrPrinter):
         return f"float({self._print(expr.args[0])})"
 
 
+@functools.lru_cache(maxsize=4096)    # docstrings and the derivations document print the same math
 def index_notation(expr: sympy.Expr) -> str:
     return IndexNotationPrinter().doprint(as_float_literals(expr))
 
