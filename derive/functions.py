@@ -45,7 +45,15 @@ class Sum(sympy.Sum):
         if masks and isinstance(total, sympy.Sum):
             unmasked = total.function.xreplace({mask: piece for piece, mask in masks.items()})
             total._args = (unmasked, *total.limits)
+            total.__dict__.pop("_free_symbols", None)
         return total
+
+    @property
+    def free_symbols(self) -> set[sympy.Symbol]:
+        """SymPy's, computed once per sum (SymPy asks for it again at each `is_number`); a copy, as SymPy's is."""
+        if "_free_symbols" not in self.__dict__:
+            self.__dict__["_free_symbols"] = frozenset(super().free_symbols)
+        return set(self.__dict__["_free_symbols"])
 
 
 def fold_piecewise(expr: sympy.Expr) -> sympy.Expr:
@@ -611,6 +619,13 @@ def _is_read(expr: sympy.Expr, integers: frozenset[str]) -> bool:
 
 
 STABLE_FUNCTIONS = (sigmoid, softplus, logsumexp, softmax, log_softmax, log1p)
+
+
+@functools.lru_cache(maxsize=8192)
+def atoms_of(expr: sympy.Basic, *types: type) -> frozenset:
+    """`expr.atoms(*types)`, computed once per expression: the planner, the lowering and the printers ask
+    the same expressions for their accesses and kernel calls many times over."""
+    return frozenset(expr.atoms(*types))
 
 
 def bound_indices(expr) -> set[str]:
