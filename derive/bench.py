@@ -35,7 +35,8 @@ Contract:
   save counts once, a shape kept on a ctx counts nothing). For the two networks, the activations only: what
   the forward computed, not the input, weights, biases and target both sides keep alike.
 - `derive generate` time: one in-process `render_catalog(load_catalog())` of the
-  built-in catalog in both styles (rendering only, no files written, imports excluded).
+  built-in catalog in every style (rendering only, no files written, imports excluded), in this process
+  alone: torch is imported, so no worker processes are forked (build._processes).
 """
 
 from __future__ import annotations
@@ -415,8 +416,8 @@ def format_report(report: Report) -> str:
             "timed alone in the same rounds, and its share of the backward's time",
             "", line(header), line(["-" * w for w in widths]), *map(line, lines), ""]
     text += _handwritten_lines(report.rows)
-    text.append(f"derive generate, whole built-in catalog, both styles: {report.generate_seconds * 1000:.0f} ms "
-                "(in-process render_catalog(load_catalog()), no files written)")
+    text.append(f"derive generate, whole built-in catalog, every style: {report.generate_seconds * 1000:.0f} ms "
+                "(in-process render_catalog(load_catalog()), one process, no files written)")
     return "\n".join(text)
 
 

@@ -153,6 +153,9 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
                              help=f"torch.library namespace of the generated custom ops (default: {DEFAULT_NAMESPACE})")
         command.add_argument("--budget", metavar="SECONDS", type=_seconds,
                              help="stop when one op's derivation takes longer (default: 60)")
+        command.add_argument("--jobs", metavar="N", type=_jobs,
+                             help="render ops in N processes at once (default: $DERIVE_JOBS, else one per CPU; "
+                                  "--debug renders in this one)")
         if name == "check":
             command.add_argument("--diff", action="store_true", help="also print a unified diff of what would change")
     catalog_command("list", "list the ops of a catalog", _list)
@@ -185,6 +188,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _jobs(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of processes")
+    return int(text)
+
+
 def _directory(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("the output directory must not be empty (use . for this one)")
@@ -210,15 +219,16 @@ def _render(args, only: list[str] | None = None):
         catalog = Catalog(catalog.path, tuple(op for op in catalog.ops if op.name in only))
     styles = _styles(args)
     budget = {} if args.budget is None else {"budget": float(args.budget)}
+    jobs = 1 if args.debug or args.debug_anywhere else args.jobs    # a traceback from this process
     files = render_catalog(catalog, styles, spec_arg=args.spec_label, out_arg=args.out_label,
-                           namespace=args.namespace, progress=Progress(sys.stderr), **budget)
+                           namespace=args.namespace, progress=Progress(sys.stderr), jobs=jobs, **budget)
     return files, [MODULE_STYLES[s].directory for s in styles]
 
 
 class Progress:
     """One line per op on `stream` as it begins: from the first when the stream is a terminal, otherwise once
     deriving has taken SLOW seconds of CPU time since the first began (CPU time, as the budget counts: a fast
-    run on a loaded CI machine or in a test prints nothing)."""
+    run on a loaded CI machine or in a test prints nothing). Each process that renders ops counts its own."""
 
     SLOW = 2.0
 

@@ -34,8 +34,9 @@ import sympy
 
 from . import naming
 from .model import OpSpec, SpecError, index_symbol, scalar_symbol, tensor_symbol
-from .functions import (Sum, _Extremum, _OverIndex, as_pow, canonical, differentiable_powers, first_max, fold_window,
-                        fresh_index, in_range, is_max, logsumexp, one_hot, reaches, renamed_match, softmax, stabilize)
+from .functions import (Sum, _Extremum, _OverIndex, as_pow, atoms_of, canonical, differentiable_powers, first_max,
+                        fold_window, fresh_index, in_range, is_max, logsumexp, one_hot, reaches, renamed_match, softmax,
+                        stabilize)
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class Derivation:
     def grad_output(self) -> str:
         return naming.grad(self.op.output)
 
-    @property
+    @functools.cached_property    # (a frozen record: computed once)
     def uses_output(self) -> bool:
         """Whether some gradient reuses the forward's result."""
         output = self.op.output
@@ -157,7 +158,7 @@ def kinked(expr: sympy.Expr, op: OpSpec, jumps: tuple = ()) -> bool:
 
 def depends_on_tensor(expr: sympy.Expr, scalars: frozenset[sympy.Symbol]) -> bool:
     """Whether `expr` varies along indices: it reads a tensor, or is an index range (in_range)."""
-    return bool(expr.atoms(sympy.Indexed)) or bool(expr.free_symbols & scalars) or expr.has(in_range)
+    return bool(atoms_of(expr, sympy.Indexed)) or bool(expr.free_symbols & scalars) or expr.has(in_range)
 
 
 def is_factor(expr: sympy.Expr, scalars: frozenset[sympy.Symbol]) -> bool:

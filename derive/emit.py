@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import jinja2
 import sympy
@@ -91,7 +91,7 @@ def _module_context(derivation: Derivation, lowered: LoweredOp, source: str, com
              for absent, *variant, variant_signature in variants]
     # the Function keeps the optional inputs for its jvp too, and what the variants' jvps read
     keep = set(op.optional_names) | {name for _, view in views for name in view["jvp"]["saved"]}
-    jvp = _jvp_context(derivation, lowered, keep)
+    jvp = _jvp_context(derivation, lowered, frozenset(keep))
     function = _function_context(derivation, lowered, signature, jvp, namespace, style.name)
     code = [forward["code"]] + [g.code for g in backward["gradients"]] + [text for _, text in forward["shared"]] \
         + [text for _, block in backward["shared"] for _, text in block] \
@@ -99,8 +99,8 @@ def _module_context(derivation: Derivation, lowered: LoweredOp, source: str, com
     params = [f"{p.name}={p.default!r}" for p in op.params]
     layer = layer_context(op.layer, op.inputs, op.params, op.name) if op.layer else None
     context = dict(
-        contract=_contract(derivation, lowered, [t for t in signature.kept + signature.shaped
-                                                 if t not in op.optional_names]),
+        contract=_contract(derivation, lowered, tuple(t for t in signature.kept + signature.shaped
+                                                      if t not in op.optional_names)),
         autocast=_autocast(derivation, function["custom_op_name"]),
         source=comment_safe(source),
         command=comment_safe(command),
@@ -175,6 +175,12 @@ def _access(name: str, indices: tuple[str, ...]) -> str:
     return f"{name}[{', '.join(indices)}]" if indices else name
 
 
+# The parts of a module that depend on the lowering alone, not on the style that prints it: the contraction and
+# fused modules of an op share one computation (the arguments are frozen records, hashed by value).
+_per_lowering = lru_cache(maxsize=64)
+
+
+@_per_lowering
 def _forward_context(derivation: Derivation, lowered: LoweredOp, signature: Signature) -> dict:
     op = derivation.op
     code = render_expr(lowered.forward)
@@ -196,6 +202,7 @@ def _reads_a_diagonal(expr) -> bool:
     return isinstance(access, sympy.Indexed) and len(set(access.indices)) < len(access.indices)
 
 
+@_per_lowering
 def _saving_context(derivation: Derivation, lowered: LoweredOp) -> dict | None:
     """`<op>_forward_saving`, when the forward hands values to the backward; else None."""
     op = derivation.op
@@ -207,6 +214,7 @@ def _saving_context(derivation: Derivation, lowered: LoweredOp) -> dict | None:
                 lines=lines)
 
 
+@_per_lowering
 def _backward_context(derivation: Derivation, lowered: LoweredOp, signature: Signature) -> dict:
     op = derivation.op
     gradients = []
@@ -280,7 +288,8 @@ def _function_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
     )
 
 
-def _contract(derivation: Derivation, lowered: LoweredOp, kept: list[str]) -> dict:
+@_per_lowering
+def _contract(derivation: Derivation, lowered: LoweredOp, kept: tuple[str, ...]) -> dict:
     """The shape contract's helper: its signature, the calls the forward and backward make, its checks.
     Inputs the Function does not save reach the backward as None; the backward's own tensors are
     None in the forward."""
@@ -324,6 +333,7 @@ class TangentView:
     kernels: tuple[str, ...]              # what each fused kernel in the code computes
 
 
+@_per_lowering
 def _jvp_context(derivation: Derivation, lowered: LoweredOp, keep: set[str] = frozenset()) -> dict:
     """What the template needs for `<op>_jvp` and the Function's `jvp`; the Function also keeps `keep`."""
     op = derivation.op

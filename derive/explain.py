@@ -40,6 +40,7 @@ FORMATS = {"text": "explain.txt.jinja", "markdown": "explain.md.jinja", "latex":
 MATH_TEMPLATE = "explain.math.jinja"     # the formulas alone, for a notebook's LaTeX display
 MATHJAX = "https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-chtml.js"   # typesets the html format's formulas
 DERIVATIONS_TEMPLATE = "derivations.md.jinja"
+SECTION_TEMPLATE = "derivation_section.md.jinja"
 
 
 # --- the record ------------------------------------------------------------------------------
@@ -708,11 +709,27 @@ def render_explanation(explanation: Explanation, format: str = "text") -> str:
     return _environment().get_template(FORMATS[format]).render(x=explanation, mathjax=MATHJAX)
 
 
-def render_derivations(explanations: list[Explanation], source: str, command: str) -> str:
-    """The catalog's DERIVATIONS.md: every op's explanation, with symbolic sizes."""
+@dataclass(frozen=True)
+class Section:
+    """One op's section of DERIVATIONS.md, rendered (text alone: the sections of a catalog may be rendered
+    in other processes, build.py)."""
+
+    op: str
+    equation: str
+    text: str
+
+
+def derivation_section(explanation: Explanation) -> Section:
+    """An op's section of the catalog's DERIVATIONS.md, with symbolic sizes."""
+    text = _environment().get_template(SECTION_TEMPLATE).render(x=explanation,
+                                                                module=naming.module_file(explanation.op))
+    return Section(explanation.op, explanation.equation, text)
+
+
+def render_derivations(sections: list[Section], source: str, command: str) -> str:
+    """The catalog's DERIVATIONS.md: every op's section, in catalog order."""
     return _environment().get_template(DERIVATIONS_TEMPLATE).render(
-        explanations=explanations, modules={x.op: naming.module_file(x.op) for x in explanations},
-        source=_html_comment_safe(source), command=_html_comment_safe(command))
+        explanations=sections, source=_html_comment_safe(source), command=_html_comment_safe(command))
 
 
 def _html_comment_safe(text: str) -> str:

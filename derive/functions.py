@@ -23,6 +23,7 @@ import functools
 
 import sympy
 from sympy.codegen.cfunctions import log1p
+from sympy.core.cache import cacheit
 
 
 class Sum(sympy.Sum):
@@ -36,6 +37,7 @@ class Sum(sympy.Sum):
     Sum with its own class (diff, xreplace, expand), so every sum derive makes or derives keeps the rule.
     """
 
+    @cacheit    # (derivation and planning build the same sums many times over)
     def __new__(cls, function, *limits, **assumptions):
         function = sympy.sympify(function)
         masks = _pinned_piecewise(function)
@@ -43,7 +45,15 @@ class Sum(sympy.Sum):
         if masks and isinstance(total, sympy.Sum):
             unmasked = total.function.xreplace({mask: piece for piece, mask in masks.items()})
             total._args = (unmasked, *total.limits)
+            total.__dict__.pop("_free_symbols", None)
         return total
+
+    @property
+    def free_symbols(self) -> set[sympy.Symbol]:
+        """SymPy's, computed once per sum (SymPy asks for it again at each `is_number`); a copy, as SymPy's is."""
+        if "_free_symbols" not in self.__dict__:
+            self.__dict__["_free_symbols"] = frozenset(super().free_symbols)
+        return set(self.__dict__["_free_symbols"])
 
 
 def fold_piecewise(expr: sympy.Expr) -> sympy.Expr:
@@ -611,6 +621,13 @@ def _is_read(expr: sympy.Expr, integers: frozenset[str]) -> bool:
 STABLE_FUNCTIONS = (sigmoid, softplus, logsumexp, softmax, log_softmax, log1p)
 
 
+@functools.lru_cache(maxsize=8192)
+def atoms_of(expr: sympy.Basic, *types: type) -> frozenset:
+    """`expr.atoms(*types)`, computed once per expression: the planner, the lowering and the printers ask
+    the same expressions for their accesses and kernel calls many times over."""
+    return frozenset(expr.atoms(*types))
+
+
 def bound_indices(expr) -> set[str]:
     if isinstance(expr, sympy.Sum):
         return {limit[0].name for limit in expr.limits}
@@ -632,6 +649,7 @@ def free_indices(expr: sympy.Expr) -> set[str]:
     return inner - bound_indices(expr)
 
 
+@functools.lru_cache(maxsize=4096)
 def canonical(expr: sympy.Expr, depth: int = 0) -> sympy.Expr:
     """Rename every bound index by how many binders it encloses (`_h_k`), so that expressions equal up
     to renaming compare equal, and so does a reduction wherever it stands (mean(x) alone or inside a

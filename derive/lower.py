@@ -21,7 +21,7 @@ import sympy
 
 from . import naming
 from .derivation import depends_on_tensor, expand_terms, tensor_symbols
-from .functions import in_range, one_hot, renamed_match, window
+from .functions import atoms_of, in_range, one_hot, renamed_match, window
 from .kernels import one_hot_by_rows
 from .naming import BATCH, STYLES
 from .plan import ExprPlan, OpPlan, TermPlan, contraction_plan, free_indices, ordered
@@ -887,7 +887,7 @@ def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...], shapes:
                 elif isinstance(node, Convolution):
                     leaves += [Leaf(node.source, ()), Leaf(node.kernel, ())]
     for leaf in leaves:
-        names |= {a.base.label.name for a in leaf.expr.atoms(sympy.Indexed)}
+        names |= {a.base.label.name for a in atoms_of(leaf.expr, sympy.Indexed)}
         names |= {s.name for s in leaf.expr.free_symbols}
     return names
 

@@ -7,6 +7,7 @@ Every value here is frozen; later stages read it and never change it.
 from __future__ import annotations
 
 import difflib
+import functools
 
 from dataclasses import dataclass
 
@@ -187,6 +188,7 @@ def index_symbol(index: str, size_index: str | None = None) -> sympy.Idx:
     return sympy.Idx(index, size_symbol(size_index or index))
 
 
+@functools.lru_cache(maxsize=4096)    # (each stage names the same tensors)
 def tensor_symbol(name: str) -> sympy.IndexedBase:
     """A real tensor with at least one dim, accessed as `x[n, k]`."""
     return sympy.IndexedBase(name, real=True)

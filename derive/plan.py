@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 import sympy
 
 from .derivation import Derivation, Term, integer_inputs, is_tied_step, step_as_sign, tensor_symbols
-from .functions import (canonical, fold_piecewise, free_indices, in_range, integers_as_float, is_affine_read, window,
-                        window_dims)
+from .functions import (atoms_of, canonical, fold_piecewise, free_indices, in_range, integers_as_float, is_affine_read,
+                        window, window_dims)
 from . import naming
 from .model import OpSpec, exact_fraction, scalar_symbol, size_symbol, tensor_symbol
 from .naming import BATCH
@@ -206,8 +206,8 @@ def as_windows(op: OpSpec, expr: sympy.Expr, target: tuple[str, ...] = ()) -> sy
     its input and cuts it (see functions.window), and each in_range given a tensor for its dtype and device.
     In each subscript the index with the largest step leads, then one of the result's (`target`): t of
     x[n, c, t + k] in y[n, o, t], its windows x.unfold(2, size_k, 1)."""
-    reads = {a: _window(op, a, target) for a in expr.atoms(sympy.Indexed) if is_affine_read(a)}
-    ranges = {r: in_range(*r.args, scalar_symbol(naming.grad(op.output))) for r in expr.atoms(in_range)
+    reads = {a: _window(op, a, target) for a in atoms_of(expr, sympy.Indexed) if is_affine_read(a)}
+    ranges = {r: in_range(*r.args, scalar_symbol(naming.grad(op.output))) for r in atoms_of(expr, in_range)
               if len(r.args) == 2}
     return expr.xreplace(reads | ranges) if reads or ranges else expr
 
@@ -274,7 +274,7 @@ def ordered(indices, order) -> tuple[str, ...]:
 
 
 def _reading_position(expr, reading, scalars) -> int:
-    names = [a.base.label.name for a in expr.atoms(sympy.Indexed)] + [s.name for s in expr.free_symbols & scalars]
+    names = [a.base.label.name for a in atoms_of(expr, sympy.Indexed)] + [s.name for s in expr.free_symbols & scalars]
     return min((reading.get(n, len(reading)) for n in names), default=len(reading))
 
 

@@ -21,7 +21,7 @@ from .plan import free_indices
 from .lower import (Convolution, Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter,
                     expands_batch, walk)
 from .model import OpSpec, PositiveFirst, exact_fraction, is_python_number, size_symbol
-from .functions import as_float, first_max, fold_window, in_range, one_hot, power_slope, window
+from .functions import as_float, atoms_of, first_max, fold_window, in_range, one_hot, power_slope, window
 from .kernels import Fused, comments, kernel_of
 from . import naming
 from .naming import BATCH, grad
@@ -589,7 +589,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         return tensors
 
     def _is_tensor(self, expr) -> bool:
-        return bool(expr.atoms(sympy.Indexed)) or bool(expr.free_symbols & self.tensors)
+        return bool(atoms_of(expr, sympy.Indexed)) or bool(expr.free_symbols & self.tensors)
 
     def _print_Rational(self, expr):
         return super()._print_Rational(expr) if exact_fraction(expr) else self._print_irrational(expr)
@@ -1206,11 +1206,12 @@ def fused_calls(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> list
             for node in walk(root):
                 if isinstance(node, Leaf):
                     calls += [(call, scaled[0] if scaled is not None and call == scaled[1].expr else sympy.S.One)
-                              for call in sorted(node.expr.atoms(Fused), key=sympy.default_sort_key)]
+                              for call in sorted(atoms_of(node.expr, Fused), key=sympy.default_sort_key)]
     for root in shared:
         for node in walk(root):
             if isinstance(node, Leaf):
-                calls += [(call, sympy.S.One) for call in sorted(node.expr.atoms(Fused), key=sympy.default_sort_key)]
+                calls += [(call, sympy.S.One)
+                          for call in sorted(atoms_of(node.expr, Fused), key=sympy.default_sort_key)]
     return calls
 
 
@@ -1491,6 +1492,7 @@ class IndexNotationPrinter(PositiveFirst, sympy.printing.str.StrPrinter):
         return f"float({self._print(expr.args[0])})"
 
 
+@functools.lru_cache(maxsize=4096)    # docstrings and the derivations document print the same math
 def index_notation(expr: sympy.Expr) -> str:
     return IndexNotationPrinter().doprint(as_float_literals(expr))
 
