@@ -202,7 +202,7 @@ def _saving_context(derivation: Derivation, lowered: LoweredOp) -> dict | None:
     values = [v.name for v in lowered.plan.saved]
     if not values:
         return None
-    lines = [(v.name, render(Leaf(v.expr, v.indices)).text, index_notation(v.expr)) for v in lowered.plan.saved]
+    lines = [(v.name, render(node).text, index_notation(v.expr)) for v, node in zip(lowered.plan.saved, lowered.saved)]
     return dict(name=naming.forward_saving(op.name), names=values, returns=", ".join([op.output] + values),
                 lines=lines)
 

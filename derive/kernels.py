@@ -23,8 +23,8 @@ from . import naming
 from .derivation import Derivation, Term
 from .functions import Sum, free_indices, fresh_index, logsumexp, log_softmax, one_hot, renamed_match, rewrite_log_softmax
 from .naming import BATCH
-from .saving import (Saving, SavedValue, save_forward_values, save_normalization, save_statistics, signs_out,
-                     worth_saving)
+from .saving import (Saving, SavedValue, save_forward_values, save_normalization, save_reduced_values, save_statistics,
+                     signs_out, worth_saving)
 from .model import tensor_symbol
 
 
@@ -709,6 +709,7 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("leaky_relu_backward", leaky_relu_backward, _step(_leaky_relu),
            _print_step("torch.ops.aten.leaky_relu_backward", "False"),
            ("leaky_relu_backward(g, x, s, False) = where(x > 0, g, s * g)",)),
+    Kernel("values costly to recompute", None, lambda terms, found, like: terms, None, (), save=save_reduced_values),
     Kernel("_softmax_backward_data", softmax_backward, _softmax_vjp, _print_vjp("torch._softmax_backward_data"),
            ("_softmax_backward_data(g, y, dim) = y * (g - sum(g * y, dim))",)),
     Kernel("_log_softmax_backward_data", log_softmax_backward, _log_softmax_vjp,
