@@ -78,6 +78,8 @@ def test_a_value_costly_to_recompute_is_saved_by_the_forward(tmp_path, op_name):
     gradcheck_op(op, module)
     check_tangents(op, module)
     inputs = [t.requires_grad_() for t in make_inputs(op, dtype=torch.float64)]
+    # the Function itself, with an undefined gradient reaching it too (gradcheck's check_undefined_grad)
+    assert torch.autograd.gradcheck(getattr(module, op_name), inputs)
     assert torch.autograd.gradgradcheck(getattr(module, op_name), inputs)
     generated_bytes, autograd_bytes = op_saved_bytes(op, module, make_inputs(op, dtype=torch.float32))
     assert generated_bytes <= autograd_bytes
