@@ -107,3 +107,64 @@ def test_attention_peaks_at_most_where_autograd_does(tmp_path):
 
     reference = lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, -1) @ v  # noqa: E731
     assert bench.peak_bytes(step(module.attention)) <= bench.peak_bytes(step(reference))
+
+
+NORMALIZATIONS = """
+[ops.channel_norm]
+inputs = ["x[n, c, l]", "w[c]", "b[c]"]
+params = { eps = 1e-5 }
+equation = "y[n, c, l] = (x[n, c, l] - mean(x[n, c, l], n, l)) / sqrt(mean((x[n, c, l] - mean(x[n, c, l], n, l))**2, n, l) + eps) * w[c] + b[c]"
+reference = "torch.nn.functional.batch_norm(x, None, None, w, b, training=True, eps=eps)"
+
+[ops.feature_norm]
+inputs = ["x[n, c]"]
+params = { eps = 1e-3 }
+equation = "y[n, c] = (x[n, c] - mean(x[n, c], n)) / sqrt(mean((x[n, c] - mean(x[n, c], n))**2, n) + eps)"
+reference = "torch.nn.functional.batch_norm(x, None, None, training=True, eps=eps)"
+
+[ops.plane_norm]
+inputs = ["x[n, h, v]", "w[h, v]"]
+params = { eps = 1e-5 }
+equation = "y[n, h, v] = (x[n, h, v] - mean(x[n, h, v], h, v)) / sqrt(mean((x[n, h, v] - mean(x[n, h, v], h, v))**2, h, v) + eps) * w[h, v]"
+reference = "torch.nn.functional.layer_norm(x, x.shape[1:], w, None, eps)"
+
+[ops.group_norm]
+inputs = ["x[n, g, c, l]", "w[g, c]", "b[g, c]"]
+params = { eps = 1e-5 }
+equation = "y[n, g, c, l] = (x[n, g, c, l] - mean(x[n, g, c, l], c, l)) / sqrt(mean((x[n, g, c, l] - mean(x[n, g, c, l], c, l))**2, c, l) + eps) * w[g, c] + b[g, c]"
+reference = "torch.nn.functional.group_norm(x.flatten(1, 2), x.shape[1], w.flatten(), b.flatten(), eps).view_as(x)"
+"""
+
+# the native kernel each forward is computed by (None: no native layout fits its weight, the formulas stay)
+NATIVE_FORWARD = {"channel_norm": "torch.native_batch_norm(x, w, b, None, None, True, 0.0, eps)",
+                  "feature_norm": "torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)",
+                  "plane_norm": "torch.native_layer_norm(x, x.shape[-2:], w, None, eps)",
+                  "group_norm": None}
+
+
+@pytest.mark.slow      # 3-12 s each; by default the catalog's layer_norm runs its native forward in test_catalog
+@pytest.mark.parametrize("op_name", NATIVE_FORWARD)
+def test_a_normalization_forward_is_one_native_kernel_where_a_layout_fits(tmp_path, op_name):
+    """A normalization over any dims, with or without weight and bias, whose layout a native kernel fits (batch
+    norm: all dims but dim 1, layer norm: trailing dims with the weight over them) computes its result, mean and
+    rstd in one native call; the rest keep the formulas. Gradients, gradcheck and the Function's double backward
+    are autograd's, at sizes equal and 1 too."""
+    op = parse_catalog(textwrap.dedent(NORMALIZATIONS), "norms.toml").op(op_name)
+    built = build_op(op, ("contraction",))
+    text = render_module(built.derivation, built.lowered["contraction"], "norms.toml", "derive generate",
+                         namespace=f"test_perf_{op_name}")
+    (tmp_path / f"{op_name}.py").write_text(text)
+    module = load_module(tmp_path / f"{op_name}.py")
+    forward = _function_body(text, f"{op_name}_forward_saving")
+    if NATIVE_FORWARD[op_name] is None:
+        assert "torch.native_" not in forward
+    else:
+        assert NATIVE_FORWARD[op_name] in forward and ".sum(" not in forward
+    sizes = [{"n": 4, "c": 3, "l": 5, "h": 2, "v": 3, "g": 2}, dict.fromkeys("nclhvg", 3),
+             {"n": 2, "c": 1, "l": 1, "h": 1, "v": 1, "g": 1}]
+    for chosen in sizes:
+        check_gradients(op, module, sizes={k: v for k, v in chosen.items() if k in dict(op.index_sizes)})
+    gradcheck_op(op, module)
+    inputs = [t.requires_grad_() for t in make_inputs(op, dtype=torch.float64)]
+    assert torch.autograd.gradcheck(getattr(module, op_name), inputs)
+    assert torch.autograd.gradgradcheck(getattr(module, op_name), inputs)
