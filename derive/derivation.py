@@ -117,6 +117,9 @@ class Derivation:
     # forward values the forward computes once and the backward reads, which the fused kernels
     # (kernels.fuse) need: empty as derived, each a saving.SavedValue after fusion
     saved: tuple = ()
+    # a native kernel's call that computes the whole forward and its saved values at once
+    # (kernels.NativeForward: a normalization's native_batch_norm / native_layer_norm), or None
+    native_forward: object = None
 
     @property
     def grad_output(self) -> str:

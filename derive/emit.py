@@ -209,9 +209,22 @@ def _saving_context(derivation: Derivation, lowered: LoweredOp) -> dict | None:
     values = [v.name for v in lowered.plan.saved]
     if not values:
         return None
-    lines = [(v.name, render(Leaf(v.expr, v.indices)).text, index_notation(v.expr)) for v in lowered.plan.saved]
+    lines = [(v.name, render(node).text, index_notation(v.expr)) for v, node in zip(lowered.plan.saved, lowered.saved)]
     return dict(name=naming.forward_saving(op.name), names=values, returns=", ".join([op.output] + values),
-                lines=lines)
+                lines=lines, native=_native_forward(derivation, lowered, values))
+
+
+def _native_forward(derivation: Derivation, lowered: LoweredOp, values: list[str]) -> dict | None:
+    """The forward as one native call returning the result and the saved values (kernels.NativeForward), in the
+    contraction style: the call, the names it is unpacked into ("" when returned as it is), what is returned."""
+    native = lowered.plan.derivation.native_forward
+    if native is None or lowered.style == "broadcast":
+        return None
+    call = native.call(lambda expr: render(Leaf(expr, ())).text)
+    if not native.view:
+        return dict(call=call, targets="", returns=call)
+    return dict(call=call, targets=", ".join([derivation.op.output] + values),
+                returns=", ".join([derivation.op.output] + [name + native.view for name in values]))
 
 
 @_per_lowering

@@ -23,8 +23,8 @@ from . import naming
 from .derivation import Derivation, Term
 from .functions import Sum, free_indices, fresh_index, logsumexp, log_softmax, one_hot, renamed_match, rewrite_log_softmax
 from .naming import BATCH
-from .saving import (Saving, SavedValue, save_forward_values, save_normalization, save_statistics, signs_out,
-                     worth_saving)
+from .saving import (Saving, SavedValue, save_forward_values, save_normalization, save_reduced_values, save_statistics,
+                     signs_out, worth_saving)
 from .model import tensor_symbol
 
 
@@ -114,6 +114,9 @@ class Kernel:
     weight_dims: Callable[[tuple, tuple], tuple] | None = None
     # its saving stays only where a gradient calls it (else the saving is dropped and the next records try)
     needs_call: bool = False
+    # (op, forward terms reading the saved values, the saving) -> a native call computing the forward and the
+    # saved values at once (NativeForward), or None
+    native_forward: Callable | None = None
 
     def comment(self, node: Fused, factor: sympy.Expr = sympy.S.One) -> tuple[str, ...]:
         return self.comments(node, factor) if self.comments else self.formulas
@@ -131,6 +134,7 @@ def fuse(derivation: Derivation) -> Derivation:
     tangents = [list(t.terms) for t in derivation.tangents]
     likes = [(g.input, g.indices) for g in derivation.gradients]
     saved: list[SavedValue] = []
+    native = native_terms = None
     for kernel in KERNELS:
         tangents = [kernel.fuse(terms, (), None) for terms in tangents]
         forward = kernel.fuse(forward, (), None) if kernel.forward else forward
@@ -147,7 +151,12 @@ def fuse(derivation: Derivation) -> Derivation:
             saving = replace(saving, values=tuple(replace(v, recompute=False) for v in saving.values))
         forward, gradients = reading_forward, fused
         saved += saving.values if saving else ()
-    return replace(derivation, forward_terms=tuple(forward), saved=tuple(saved),
+        if saving and kernel.native_forward and native is None and len(saved) == len(saving.values):
+            native = kernel.native_forward(derivation.op, forward, saving)
+            native_terms = forward
+    if native is not None and (forward != native_terms or len(saved) != 2):
+        native = None       # a later record rewrote the forward, or saved more
+    return replace(derivation, forward_terms=tuple(forward), saved=tuple(saved), native_forward=native,
                    gradients=tuple(replace(g, terms=tuple(terms)) for g, terms in zip(derivation.gradients, gradients)),
                    tangents=tuple(replace(t, terms=tuple(terms)) for t, terms in zip(derivation.tangents, tangents)))
 
@@ -468,14 +477,89 @@ class NormLayout:
 
     applies: Callable[[tuple, tuple], bool]           # (x's indices, normalized dims) -> whether the kernel fits
     weight_dims: Callable[[tuple, tuple], tuple]      # (x's indices, normalized dims) -> the weight's dims
+    # (x, weight or "None", bias or "None", eps, number of normalized dims) -> the forward's native call, which
+    # returns (y, mean, rstd), mean and rstd over the kept dims of x, in x's order ...
+    forward_call: Callable[[str, str, str, str, int], str] | None = None
+    # ... once viewed as (x, number of normalized dims) -> this suffix says ("": as they come)
+    statistics_view: Callable[[str, int], str] = lambda x, k: ""
 
 
 # layer norm: the normalized dims trail x, the weight has them; batch norm: all dims but dim 1 (the channel, which
 # the weight has). (native_group_norm_backward has no derivative of its own: a double backward could not go
 # through it, so a group norm takes the formulas.)
 LAYER = NormLayout(lambda xs, dims: tuple(xs[-len(dims):]) == tuple(dims) and len(xs) > len(dims),
-                   lambda xs, dims: tuple(dims))
-BATCH_NORM = NormLayout(lambda xs, dims: len(xs) >= 2 and set(dims) == set(xs) - {xs[1]}, lambda xs, dims: (xs[1],))
+                   lambda xs, dims: tuple(dims),
+                   lambda x, w, b, eps, k: f"torch.native_layer_norm({x}, {x}.shape[-{k}:], {w}, {b}, {eps})",
+                   # native_layer_norm keeps the normalized dims in mean and rstd, as 1s: viewed without them
+                   lambda x, k: f".view({x}.shape[:-{k}])")
+BATCH_NORM = NormLayout(lambda xs, dims: len(xs) >= 2 and BATCH not in xs and set(dims) == set(xs) - {xs[1]},
+                        lambda xs, dims: (xs[1],),
+                        # training mode: the batch statistics, returned as mean and 1 / sqrt(var + eps)
+                        lambda x, w, b, eps, k: f"torch.native_batch_norm({x}, {w}, {b}, None, None, True, 0.0, {eps})")
+
+
+@dataclass(frozen=True)
+class NativeForward:
+    """A normalization's forward, r * (x - m) * w + b (w and b over the kernel's weight dims, each optional),
+    computed with its saved mean and rstd by one native kernel (`NormLayout.forward_call`)."""
+
+    layout: NormLayout
+    x: str                       # the input normalized
+    weight: str | None
+    bias: str | None
+    eps: sympy.Expr              # index-free: the constant added to the variance
+    dims: int                    # how many dims are normalized
+
+    def call(self, text: Callable[[sympy.Expr], str]) -> str:
+        """The call, given the printer of an index-free expression (eps)."""
+        return self.layout.forward_call(self.x, self.weight or "None", self.bias or "None", text(self.eps), self.dims)
+
+    @property
+    def view(self) -> str:
+        """What the call's mean and rstd are viewed as to be the saved values ("" for as they come)."""
+        return self.layout.statistics_view(self.x, self.dims)
+
+
+def _native_forward(layout: NormLayout):
+    """The NativeForward of a forward whose terms are those of a normalization that `layout` fits, or None."""
+    def match(op, forward: list[Term], saving: Saving) -> NativeForward | None:
+        body, dims, m, r = saving.found
+        if m is None or layout.forward_call is None or not layout.applies(body.indices, dims) \
+                or any(v.recompute for v in saving.values):
+            return None        # a formula reads the statistics: a double backward needs their graph
+        x = body.base.label.name
+        # (an optional input is given on this path: None takes the op's variant without it)
+        if tuple(i.name for i in body.indices) != tuple(op.input(x).indices) or len(set(body.indices)) != len(body.indices):
+            return None
+        weight_dims = tuple(layout.weight_dims(body.indices, dims))
+        names = {t.name for t in op.inputs if not t.integer}
+
+        def affine(factor) -> str | None:
+            if isinstance(factor, sympy.Indexed) and factor.indices == weight_dims and factor.base.label.name in names \
+                    and factor.base.label.name != x and tuple(op.input(factor.base.label.name).indices) == \
+                    tuple(i.name for i in weight_dims):
+                return factor.base.label.name
+            return None
+
+        scaled = [t for t in forward if len(t.factors) > 1 or t.factors and t.factors[0] in (r, body - m)]
+        shifted = [t for t in forward if t not in scaled]
+        if len(scaled) != 1 or len(shifted) > 1 or any(t.coefficient != 1 or t.summed for t in forward):
+            return None
+        rest = list(scaled[0].factors)
+        if r not in rest or body - m not in rest:
+            return None
+        rest.remove(r)
+        rest.remove(body - m)
+        weight = affine(rest[0]) if len(rest) == 1 else None
+        bias = affine(shifted[0].factors[0]) if shifted and len(shifted[0].factors) == 1 else None
+        if (rest and weight is None) or len(rest) > 1 or (shifted and bias is None):
+            return None
+        rstd = next(v for v in saving.values if v.name == r.base.label.name)
+        eps = rstd.expr.base.as_independent(sympy.Sum, as_Add=True)[0]
+        if eps.atoms(sympy.Indexed) or free_indices(eps):
+            return None
+        return NativeForward(layout, x, weight, bias, eps, len(dims))
+    return match
 
 
 def _normalization_vjp(layout: NormLayout, node: type):
@@ -709,6 +793,7 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("leaky_relu_backward", leaky_relu_backward, _step(_leaky_relu),
            _print_step("torch.ops.aten.leaky_relu_backward", "False"),
            ("leaky_relu_backward(g, x, s, False) = where(x > 0, g, s * g)",)),
+    Kernel("values costly to recompute", None, lambda terms, found, like: terms, None, (), save=save_reduced_values),
     Kernel("_softmax_backward_data", softmax_backward, _softmax_vjp, _print_vjp("torch._softmax_backward_data"),
            ("_softmax_backward_data(g, y, dim) = y * (g - sum(g * y, dim))",)),
     Kernel("_log_softmax_backward_data", log_softmax_backward, _log_softmax_vjp,
@@ -718,11 +803,11 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("native_layer_norm_backward", layer_norm_backward, _normalization_vjp(LAYER, layer_norm_backward),
            _print_norm(_layer_norm_call), LAYER_NORM_FORMULAS,
            comments=lambda node, factor: (LAYER_NORM_FORMULAS[node.args[0]],), save=save_normalization,
-           weight_dims=LAYER.weight_dims, needs_call=True),
+           weight_dims=LAYER.weight_dims, needs_call=True, native_forward=_native_forward(LAYER)),
     Kernel("native_batch_norm_backward", batch_norm_backward, _normalization_vjp(BATCH_NORM, batch_norm_backward),
            _print_norm(_batch_norm_call), BATCH_NORM_FORMULAS,
            comments=lambda node, factor: (BATCH_NORM_FORMULAS[node.args[0]],), save=save_normalization,
-           weight_dims=BATCH_NORM.weight_dims, needs_call=True),
+           weight_dims=BATCH_NORM.weight_dims, needs_call=True, native_forward=_native_forward(BATCH_NORM)),
     Kernel("normalization statistics", None, lambda terms, found, like: terms, None, (), save=save_statistics),
     Kernel("cumsum", cumsum, _cumulative, _print_cumsum,
            ("cumsum(f, d)[t] = sum over s <= t of f[s]; f.flip(d).cumsum(d).flip(d)[t] = sum over s >= t of f[s]",),

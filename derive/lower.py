@@ -180,6 +180,7 @@ class LoweredOp:
     forward_shared: tuple[Shared, ...] = ()   # the same for the forward (users left empty)
     tangents: tuple[LoweredExpr, ...] = ()    # forward mode: each differentiable input's share of tangent_y
     tangent_shared: tuple[Shared, ...] = ()   # the same for the tangents (users: positions of the inputs)
+    saved: tuple[Node, ...] = ()       # each value the forward saves (plan.saved), its contractions lowered
 
 
 def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
@@ -206,7 +207,20 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
     gradients, shared = lower_group(op_plan.gradients, multiples=style == "contraction")
     (forward,), forward_shared = lower_group((op_plan.forward,))
     tangents, tangent_shared = lower_group(op_plan.tangents, owners=[g.input for g in op_plan.derivation.tangents])
-    return LoweredOp(op_plan, style, forward, gradients, shared, forward_shared, tangents, tangent_shared)
+    return LoweredOp(op_plan, style, forward, gradients, shared, forward_shared, tangents, tangent_shared,
+                     _saved_values(op_plan, term))
+
+
+def _saved_values(op_plan: OpPlan, term) -> tuple[Node, ...]:
+    """Each saved value as one leaf, a contraction inside its function (attention's softmax of q @ k.mT) lowered
+    by `term` and written where the leaf reads it; a value that would read a contraction twice stays a leaf."""
+    values = []
+    for value in op_plan.saved:
+        leaf = Leaf(value.expr, value.indices)
+        (expr,), contracted = _bind_contractions(op_plan, [LoweredExpr(op_plan.forward, (leaf,))], term)
+        (expr,), left = _inline_once((expr,), tuple(contracted))
+        values.append(leaf if left else expr.terms[0])
+    return tuple(values)
 
 
 def _from_multiples(gradients: list[LoweredExpr]) -> list[LoweredExpr]:

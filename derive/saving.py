@@ -26,8 +26,8 @@ import sympy
 
 from . import naming
 from .derivation import Derivation, Term, tensor_symbols
-from .functions import (Sum, Tied, _Extremum, _OverIndex, canonical, log_softmax, logsumexp, rewrite_log_softmax,
-                        softmax)
+from .functions import (Sum, Tied, _Extremum, _OverIndex, canonical, free_indices, log_softmax, logsumexp,
+                        renamed_match, rewrite_log_softmax, softmax)
 from .model import index_symbol, tensor_symbol
 
 
@@ -315,6 +315,89 @@ def _same_base(candidate, base, body, dims, m) -> bool:
     return canonical(candidate) == canonical(_with_mean(base, body, dims, m))
 
 
+# Values that cost a contraction or a reduction to recompute ---------------------------------------
+
+def save_reduced_values(forward: list[Term], gradients: list[list[Term]]) -> Saving | None:
+    """Each forward value that a gradient reads again and whose recompute needs a contraction or a reduction over
+    a function (`_costly`), saved by the forward: attention's P = softmax(sum(q * k, d) * s, s), tanh(sum(x * w, k)).
+
+    A value is the largest subexpression of a forward factor that applies a function (softmax, tanh, exp, ...) to
+    such a reduction and that a gradient reads, under any names of its free indices (softmax's index last in its
+    dims, as the kernels read it). The forward and the gradients then read `saved_<function>` instead. Plain
+    formulas read it, so a double backward computes it again from the inputs (`recompute=True`). A value that is
+    the whole forward (the result itself) is not saved beside it."""
+    found: list[tuple[sympy.Expr, tuple[sympy.Idx, ...]]] = []
+    for factor in (f for t in forward for f in t.factors):
+        for value in _reduced_values(factor, gradients):
+            if not any(_renaming(known, dims, value) is not None for known, dims in found):
+                found.append((value, _value_dims(value)))
+    if not found:
+        return None
+    values, reads = [], []
+    for k, (value, dims) in enumerate(found):
+        stem = naming.SAVED_PREFIX + type(value).__name__.lower()
+        name = stem if [type(v) for v, _ in found].count(type(value)) == 1 else f"{stem}_{k}"
+        values.append(SavedValue(name, value, tuple(i.name for i in dims)))
+        reads.append((value, dims, tensor_symbol(name)))
+
+    def read(expr: sympy.Expr) -> sympy.Expr:
+        for value, dims, saved in reads:
+            expr = expr.replace(lambda e: _renaming(value, dims, e) is not None,
+                                lambda e: saved[_renaming(value, dims, e)])
+        return expr
+
+    def reading(terms: list[Term]) -> list[Term]:
+        return [replace(t, factors=tuple(read(f) for f in t.factors)) for t in terms]
+
+    read_forward = reading(forward)
+    if len(read_forward) == 1 and not read_forward[0].summed and len(read_forward[0].factors) == 1 \
+            and read_forward[0].factors[0].func == sympy.Indexed \
+            and read_forward[0].factors[0].base.label.name in {v.name for v in values}:
+        return None
+    return Saving(tuple(values), read_forward, [reading(terms) for terms in gradients])
+
+
+def _reduced_values(expr: sympy.Expr, gradients: list[list[Term]]):
+    """The largest subexpressions of `expr` that apply a function to a costly reduction and that a gradient reads."""
+    if isinstance(expr, sympy.Function) and not isinstance(expr, (sympy.Sum, _Extremum)) and _costly(expr):
+        dims = _value_dims(expr)
+        if any(_renaming(expr, dims, e) is not None for terms in gradients for t in terms for f in t.factors
+               for e in sympy.preorder_traversal(f) if isinstance(e, sympy.Basic) and e.func == expr.func):
+            yield expr
+            return
+    for arg in expr.args:
+        if isinstance(arg, sympy.Expr) and not isinstance(arg, sympy.Indexed):
+            yield from _reduced_values(arg, gradients)
+
+
+def _costly(expr: sympy.Expr) -> bool:
+    """Whether `expr` holds a reduction whose body is more than one tensor access: a contraction (sum(q * k, d)) or
+    a reduction over a function (softmax's exp and sum of a scaled score)."""
+    for node in sympy.preorder_traversal(expr):
+        if isinstance(node, (sympy.Sum, _OverIndex, _Extremum)) and node.args[0].atoms(sympy.Indexed) \
+                and not isinstance(node.args[0], sympy.Indexed):
+            return True
+    return False
+
+
+def _value_dims(value: sympy.Expr) -> tuple[sympy.Idx, ...]:
+    """A value's free indices, in the order its accesses read them, the index a softmax is along last."""
+    free = free_indices(value)
+    dims = []
+    for access in sorted(value.atoms(sympy.Indexed), key=sympy.default_sort_key):
+        dims += [i for i in access.indices if isinstance(i, sympy.Idx) and i.name in free and i not in dims]
+    if isinstance(value, _OverIndex) and value.index in dims:
+        dims = [i for i in dims if i != value.index] + [value.index]
+    return tuple(dims)
+
+
+def _renaming(value: sympy.Expr, dims: tuple, candidate: sympy.Expr):
+    """The indices of `candidate` that `value`'s dims are renamed to for the two to be equal, or None."""
+    if not isinstance(candidate, sympy.Expr) or candidate.func != value.func:
+        return None
+    return renamed_match(value, dims, candidate)
+
+
 # Save or recompute -------------------------------------------------------------------------------
 
 # The cost rule. A forward value that a kernel reads (a log-softmax, a normalization's statistics) is either saved
@@ -324,6 +407,9 @@ def _same_base(candidate, base, body, dims, m) -> bool:
 RECOMPUTE_PASSES = {
     save_forward_values: 4,   # log_softmax(x): max over c, x - max, exp and its sum over c, log and subtract
     save_normalization: 3,    # mean and rstd: a sum over d, the squares of x - mean and their sum, rsqrt
+    # a function of a contraction (a matrix product, as many multiply-adds per element as the contracted dims hold)
+    # or of a reduction over a function (softmax of scores: 4 passes, after the function's own)
+    save_reduced_values: 5,
 }
 # and the line: "auto" saves a value that costs more than this many passes to recompute, as autograd saves
 # log_softmax's result and native_layer_norm's mean and rstd; one element-wise pass or two (a sigmoid, a product)
