@@ -19,6 +19,7 @@ from .derivation import Derivation
 from .layers import layer_context
 from .optional import condition, variant_name
 from .model import size_symbol
+from .plan import as_windows
 from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, covered, tangent_reads, walk
 from .printing import (index_notation, kernel_comments, output_shape, python_tuple, render, render_expr,
                        size_bindings, size_readers, sizes_used, uses_math)
@@ -202,7 +203,9 @@ def _saving_context(derivation: Derivation, lowered: LoweredOp) -> dict | None:
     values = [v.name for v in lowered.plan.saved]
     if not values:
         return None
-    lines = [(v.name, render(Leaf(v.expr, v.indices)).text, index_notation(v.expr)) for v in lowered.plan.saved]
+    # a value read through affine subscripts reads its input's windows as the forward does
+    lines = [(v.name, render(Leaf(as_windows(op, v.expr, v.indices), v.indices)).text, index_notation(v.expr))
+             for v in lowered.plan.saved]
     return dict(name=naming.forward_saving(op.name), names=values, returns=", ".join([op.output] + values),
                 lines=lines)
 
