@@ -872,9 +872,7 @@ def render(node: Node) -> Code:
         position = dims.index(GATHERED)
         if BATCH in layout:     # counted from the end: `...` stands for any number of dims
             position -= len(layout)
-        if position == 0 and len(layout) == len(node.rows) + 1 and BATCH not in layout:
-            # rows of a 2-D table picked by an index of any dims (an embedding's lookup): torch's own embedding
-            # backward adds them up, sorted by row, whatever the index's dims
+        if _embedding_rows(node):
             return Code(f"torch.ops.aten.embedding_dense_backward({source.text}, {node.index}, "
                         f"{node.like}.shape[0], -1, False)", node.indices)
         flat = len(node.rows) == 1
@@ -1128,6 +1126,14 @@ def gather_layout(index: Code, dims: tuple[str, ...], tensor: str) -> GatherLayo
     return GatherLayout(False, dim, layout, index=text)
 
 
+def _embedding_rows(node: Scatter) -> bool:
+    """Whether a scatter adds rows of a 2-D table picked by an index of any dims (an embedding's lookup): torch's
+    own embedding backward adds them up, sorted by row, without flattening the index."""
+    dims = tuple(GATHERED if i == (node.position or node.indices[0]) else i for i in node.indices)
+    return len(dims) == 2 and dims[0] == GATHERED and BATCH not in node.indices + node.rows and \
+        gather_layout(Code(node.index, node.rows), dims, node.like).select
+
+
 def _zeros(node: Scatter, source: Code) -> str:
     """The zeros a scatter adds into: made from the source when it is a plain tensor (then added in place, one
     allocation; under vmap they are batched as the source is, as autograd's own gather backward makes them)."""
@@ -1226,6 +1232,11 @@ def fused_calls(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> list
 FOLD_COMMENT = ("unfold_backward(g, shape, dim, K, s): each window's entries of g added back at the positions "
                 "they read, the adjoint of x.unfold(dim, K, s)")
 SCATTER_COMMENT = "scatter_add: each window's g added at its first max (min), s * t + argmax"
+# what the calls that lower.py's nodes print compute, beside the kernel records' and the folds'
+SPREAD_COMMENT = ("unfold_backward(g.unsqueeze(-1).expand(..., K), shape, dim, K, s): each g[..., t] added at the K "
+                  "positions from s * t")
+EMBEDDING_COMMENT = ("embedding_dense_backward(g, idx, V, -1, False): row r of the result is the sum of g's rows "
+                     "where idx == r")
 
 
 def _first_share(fold: fold_window):
@@ -1247,7 +1258,11 @@ def kernel_comments(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> 
               if isinstance(node, Leaf)]
     folds = [f for leaf in leaves for f in leaf.atoms(fold_window)]
     folds = tuple(dict.fromkeys(SCATTER_COMMENT if _first_share(f)[0] is not None else FOLD_COMMENT for f in folds))
-    return comments(fused_calls(exprs, shared)) + folds
+    nodes = [node for root in [t for e in exprs for t in e.terms] + list(shared) for node in walk(root)]
+    calls = tuple(dict.fromkeys(
+        [SPREAD_COMMENT for n in nodes if isinstance(n, Convolution) and isinstance(n.source, in_range)] +
+        [EMBEDDING_COMMENT for n in nodes if isinstance(n, Scatter) and _embedding_rows(n)]))
+    return comments(fused_calls(exprs, shared)) + folds + calls
 
 
 def render_expr(lowered: LoweredExpr) -> str:
