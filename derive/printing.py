@@ -238,7 +238,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
                 picked = f"{windows.atom()}.{'argmax' if first.largest else 'argmin'}(-1)"
             moved = self._sub(rest, others + (outer.name,))
             starts = f"torch.arange(0, {step} * {scalar.doprint(outer.upper + 1)}, {step}, device={moved.atom()}.device)"
-            text = (f"{moved.atom()}.new_zeros({shape}).scatter_add({len(others)}, {picked} + "
+            text = (f"{moved.atom()}.new_zeros({shape}).scatter_add{_in_place(moved)}({len(others)}, {picked} + "
                     f"{starts}, {moved.text})")
         else:
             text = (f"torch.ops.aten.unfold_backward({inner_code.text}, {shape}, {len(others)}, "
