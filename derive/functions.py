@@ -473,6 +473,37 @@ class first_min(first_max):  # noqa: N801
     largest = False
 
 
+class first_position(sympy.Function):  # noqa: N801
+    """The first position along `index` where `body` is largest (an integer, as torch.argmax gives it); `index`
+    is bound: first_max(body, index) is one_hot(first_position(body, index), index). What the forward of a
+    max(..., tie="first") hands to its backward (saving.save_first_positions), as autograd saves torch.max's
+    indices."""
+
+    nargs = 2
+    is_real = True
+    largest = True
+
+    @property
+    def body(self):
+        return self.args[0]
+
+    @property
+    def index(self):
+        return self.args[1]
+
+    def bound_index_names(self) -> set[str]:
+        return {self.index.name}
+
+    def fdiff(self, argindex=1):
+        return sympy.S.Zero
+
+
+class first_min_position(first_position):  # noqa: N801
+    """The first position along `index` where `body` is smallest (torch.argmin)."""
+
+    largest = False
+
+
 def rewrite_log_softmax(expr: sympy.Expr, read) -> sympy.Expr:
     """Every `a * (x[..., p] - logsumexp(x[..., c], c))` inside `expr` (two summands of one sum, any
     signs) becomes `a * read(lse, x[..., p])`, where `read` gives a value for that pair (or None: no match)."""

@@ -23,8 +23,8 @@ from . import naming
 from .derivation import Derivation, Term
 from .functions import Sum, free_indices, fresh_index, logsumexp, log_softmax, one_hot, renamed_match, rewrite_log_softmax
 from .naming import BATCH
-from .saving import (Saving, SavedValue, save_forward_values, save_normalization, save_reduced_values, save_statistics,
-                     signs_out, worth_saving)
+from .saving import (Saving, SavedValue, save_first_positions, save_forward_values, save_normalization,
+                     save_reduced_values, save_statistics, signs_out, worth_saving)
 from .model import tensor_symbol
 
 
@@ -809,6 +809,7 @@ KERNELS: tuple[Kernel, ...] = (
            comments=lambda node, factor: (BATCH_NORM_FORMULAS[node.args[0]],), save=save_normalization,
            weight_dims=BATCH_NORM.weight_dims, needs_call=True, native_forward=_native_forward(BATCH_NORM)),
     Kernel("normalization statistics", None, lambda terms, found, like: terms, None, (), save=save_statistics),
+    Kernel("first extremum positions", None, lambda terms, found, like: terms, None, (), save=save_first_positions),
     Kernel("cumsum", cumsum, _cumulative, _print_cumsum,
            ("cumsum(f, d)[t] = sum over s <= t of f[s]; f.flip(d).cumsum(d).flip(d)[t] = sum over s >= t of f[s]",),
            sizes=lambda node, factor: set(), forward=True),

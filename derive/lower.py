@@ -24,7 +24,7 @@ from .derivation import depends_on_tensor, expand_terms, tensor_symbols
 from .functions import atoms_of, in_range, one_hot, renamed_match, window
 from .kernels import one_hot_by_rows
 from .naming import BATCH, STYLES
-from .plan import ExprPlan, OpPlan, TermPlan, contraction_plan, free_indices, ordered
+from .plan import ExprPlan, OpPlan, TermPlan, as_windows, contraction_plan, free_indices, ordered
 from .model import exact_fraction, is_python_number, size_symbol, tensor_symbol
 
 
@@ -215,8 +215,8 @@ def _saved_values(op_plan: OpPlan, term) -> tuple[Node, ...]:
     """Each saved value as one leaf, a contraction inside its function (attention's softmax of q @ k.mT) lowered
     by `term` and written where the leaf reads it; a value that would read a contraction twice stays a leaf."""
     values = []
-    for value in op_plan.saved:
-        leaf = Leaf(value.expr, value.indices)
+    for value in op_plan.saved:     # a value read through affine subscripts reads its input's windows as the forward does
+        leaf = Leaf(as_windows(op_plan.derivation.op, value.expr, value.indices), value.indices)
         (expr,), contracted = _bind_contractions(op_plan, [LoweredExpr(op_plan.forward, (leaf,))], term)
         (expr,), left = _inline_once((expr,), tuple(contracted))
         values.append(leaf if left else expr.terms[0])

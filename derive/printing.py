@@ -229,12 +229,16 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         first, rest = _first_share(expr)
         if first is not None:
             # the whole window's share at one position (tie="first"): g added at each window's argmax
-            # (scatter_add), never a K-times larger tensor of mostly zeros
-            windows = self._sub(first.body, others + (outer.name, inner.name))
-            pick = "argmax" if first.largest else "argmin"
+            # (scatter_add), never a K-times larger tensor of mostly zeros; the positions the forward saved
+            # (one_hot(saved_argmax, k)), or the windows' argmax
+            if isinstance(first, one_hot):
+                picked = self._sub(first.args[0], others + (outer.name,)).atom()
+            else:
+                windows = self._sub(first.body, others + (outer.name, inner.name))
+                picked = f"{windows.atom()}.{'argmax' if first.largest else 'argmin'}(-1)"
             moved = self._sub(rest, others + (outer.name,))
             starts = f"torch.arange(0, {step} * {scalar.doprint(outer.upper + 1)}, {step}, device={moved.atom()}.device)"
-            text = (f"{moved.atom()}.new_zeros({shape}).scatter_add({len(others)}, {windows.atom()}.{pick}(-1) + "
+            text = (f"{moved.atom()}.new_zeros({shape}).scatter_add{_in_place(moved)}({len(others)}, {picked} + "
                     f"{starts}, {moved.text})")
         else:
             text = (f"torch.ops.aten.unfold_backward({inner_code.text}, {shape}, {len(others)}, "
@@ -398,6 +402,16 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         return align(Code(text, layout), self.layout).text
 
     _print_first_min = _print_first_max
+
+    def _print_first_position(self, expr):
+        """The first max (min) position along the index: torch.argmax, which picks the first, as torch.max(x, dim)."""
+        kept = self._own_layout(expr)
+        layout = self._own_layout(expr.body, (expr.index.name,))
+        inner = self._sub(expr.body, layout)
+        pick = "argmax" if expr.largest else "argmin"
+        return align(Code(f"{inner.atom()}.{pick}(-1)", kept), self.layout).text
+
+    _print_first_min_position = _print_first_position
 
     # what a kernel record (kernels.KERNELS) prints its call with
     def text(self, expr, layout: tuple[str, ...] | None = None) -> str:
@@ -858,6 +872,9 @@ def render(node: Node) -> Code:
         position = dims.index(GATHERED)
         if BATCH in layout:     # counted from the end: `...` stands for any number of dims
             position -= len(layout)
+        if _embedding_rows(node):
+            return Code(f"torch.ops.aten.embedding_dense_backward({source.text}, {node.index}, "
+                        f"{node.like}.shape[0], -1, False)", node.indices)
         flat = len(node.rows) == 1
         # flatten, not reshape(-1, size): -1 is ambiguous when a size is 0
         rows = source.text if flat else f"{source.atom()}.flatten({position}, {position + len(node.rows) - 1})"
@@ -1004,43 +1021,32 @@ def _transposed_convolution(node: Convolution) -> Code:
 
 
 def _spread(node: Convolution) -> Code:
-    """F.conv_transpose1d(g, ones, stride=s, groups=C): each g[..., c, t] added at the size_k positions from
-    s*t, one group per channel c (the kernel's last free dim; the ones before it are rows); then cut (or
-    padded) to l = 0 .. size_l - 1."""
+    """aten.unfold_backward of g read through a stride-0 view along the window, (..., t, size_k): each g[..., t]
+    added at the size_k positions from s*t, the adjoint of x.unfold(dim, size_k, s), with nothing size_k times
+    larger built (a transposed convolution by ones would build its columns); a mean's 1 / size_k scales the fresh
+    result in place; then cut (or padded) to l = 0 .. size_l - 1."""
     value, size, like = node.source.args
     ((position, tap, _, step),) = node.spatial
     gradient = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
                          node.out + (tap,))
-    sizes = {i.name: SizePrinter().doprint(i.upper + 1) for i in node.kernel.indices}
-    width = SizePrinter().doprint(size)
-    if len(node.out) >= 2:
-        rows = gradient.atom() + (f".flatten(0, {len(node.out) - 2})" if len(node.out) > 2 else "")
-        channels = sizes[node.out[-1]]
-        shape, groups = f"({channels}, 1, {width})", f", groups={channels}"
-    else:
-        rows = f"{gradient.atom()}.unsqueeze(-2)" + (".unsqueeze(0)" if not node.out else "")
-        shape, groups = f"(1, 1, {width})", ""
-    # the kernel holds the scale (a mean's 1 / size_k), so no full-size product follows
-    ones = f"{like.name}.new_ones{shape}" if node.scale == 1 else \
-        f"{like.name}.new_full({shape}, {SizePrinter().doprint(node.scale)})"
+    scalar = SizePrinter()
+    sizes = [scalar.doprint(i.upper + 1) for i in node.kernel.indices if i.name in node.out]
     index = next(i for i in value.atoms(sympy.Idx) if i.name == tap)
     lowest = value.subs({i: (i.upper if value.coeff(i) < 0 else 0) for i in value.atoms(sympy.Idx)})
     reach = sum((abs(value.coeff(i)) * i.upper for i in value.atoms(sympy.Idx)), sympy.S.One)
     spread = -step * index.upper
     front, back = -lowest - spread, sympy.expand(lowest + reach - size - spread)
-    options = ("" if step == -1 else f", stride={-step}")
-    if front == 0 and back != 0:
-        # the windows start at 0: the rest of the length (less than a stride) is output_padding, no copy
-        options += f", output_padding={SizePrinter().doprint(back)}"
-    text = f"torch.nn.functional.conv_transpose1d({rows}, {ones}{options}{groups})"
+    # the windows' reach; when they start at 0, the rest of the length (less than a stride) is zeros the
+    # kernel leaves, no copy
+    length = spread + size + (back if front == 0 else 0)
+    windows = f"{gradient.atom()}.unsqueeze(-1).expand({', '.join(['-1'] * (len(node.out) + 1))}, {scalar.doprint(size)})"
+    text = (f"torch.ops.aten.unfold_backward({windows}, {python_tuple(sizes + [scalar.doprint(length)])}, "
+            f"{len(node.out)}, {scalar.doprint(size)}, {-step})")
+    if node.scale != 1:
+        numerator, denominator = node.scale.as_numer_denom()
+        text += f".div_({scalar.doprint(denominator)})" if numerator == 1 else f".mul_({scalar.doprint(node.scale)})"
     if front != 0:
-        text = _padded(text, [sympy.S.Zero] * 2 + [front], [sympy.S.Zero] * 2 + [back])
-    if len(node.out) > 2:
-        text += f".unflatten(0, {python_tuple([sizes[i] for i in node.out[:-1]])})"
-    elif len(node.out) == 1:
-        text += ".squeeze(-2)"
-    elif not node.out:
-        text += ".squeeze(0).squeeze(0)"
+        text = _padded(text, [sympy.S.Zero] * len(node.out) + [front], [sympy.S.Zero] * len(node.out) + [back])
     return Code(text, node.out + (position,))
 
 
@@ -1118,6 +1124,14 @@ def gather_layout(index: Code, dims: tuple[str, ...], tensor: str) -> GatherLayo
         sizes = ["-1" if p not in lacking else f"{tensor}.shape[{p}]" for p in range(len(layout))]
         text += f".expand({', '.join(sizes)})"
     return GatherLayout(False, dim, layout, index=text)
+
+
+def _embedding_rows(node: Scatter) -> bool:
+    """Whether a scatter adds rows of a 2-D table picked by an index of any dims (an embedding's lookup): torch's
+    own embedding backward adds them up, sorted by row, without flattening the index."""
+    dims = tuple(GATHERED if i == (node.position or node.indices[0]) else i for i in node.indices)
+    return len(dims) == 2 and dims[0] == GATHERED and BATCH not in node.indices + node.rows and \
+        gather_layout(Code(node.index, node.rows), dims, node.like).select
 
 
 def _zeros(node: Scatter, source: Code) -> str:
@@ -1219,6 +1233,11 @@ def fused_calls(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> list
 FOLD_COMMENT = ("unfold_backward(g, shape, dim, K, s): each window's entries of g added back at the positions "
                 "they read, the adjoint of x.unfold(dim, K, s)")
 SCATTER_COMMENT = "scatter_add: each window's g added at its first max (min), s * t + argmax"
+# what the calls that lower.py's nodes print compute, beside the kernel records' and the folds'
+SPREAD_COMMENT = ("unfold_backward(g.unsqueeze(-1).expand(..., K), shape, dim, K, s): each g[..., t] added at the K "
+                  "positions from s * t")
+EMBEDDING_COMMENT = ("embedding_dense_backward(g, idx, V, -1, False): row r of the result is the sum of g's rows "
+                     "where idx == r")
 
 
 def _first_share(fold: fold_window):
@@ -1226,7 +1245,8 @@ def _first_share(fold: fold_window):
     the whole share of each window at one position, which a scatter_add at the argmax folds back."""
     outer, inner = fold.cut()
     factors = sympy.Mul.make_args(fold.value)
-    first = [f for f in factors if isinstance(f, first_max) and f.index == inner]
+    first = [f for f in factors if isinstance(f, first_max) and f.index == inner
+             or isinstance(f, one_hot) and f.args[1] == inner and inner.name not in free_indices(f.args[0])]
     rest = sympy.Mul(*[f for f in factors if f not in first])
     if len(first) == 1 and inner.name not in free_indices(rest) and outer.name in free_indices(rest):
         return first[0], rest
@@ -1239,7 +1259,11 @@ def kernel_comments(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> 
               if isinstance(node, Leaf)]
     folds = [f for leaf in leaves for f in leaf.atoms(fold_window)]
     folds = tuple(dict.fromkeys(SCATTER_COMMENT if _first_share(f)[0] is not None else FOLD_COMMENT for f in folds))
-    return comments(fused_calls(exprs, shared)) + folds
+    nodes = [node for root in [t for e in exprs for t in e.terms] + list(shared) for node in walk(root)]
+    calls = tuple(dict.fromkeys(
+        [SPREAD_COMMENT for n in nodes if isinstance(n, Convolution) and isinstance(n.source, in_range)] +
+        [EMBEDDING_COMMENT for n in nodes if isinstance(n, Scatter) and _embedding_rows(n)]))
+    return comments(fused_calls(exprs, shared)) + folds + calls
 
 
 def render_expr(lowered: LoweredExpr) -> str:

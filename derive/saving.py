@@ -26,8 +26,9 @@ import sympy
 
 from . import naming
 from .derivation import Derivation, Term, tensor_symbols
-from .functions import (Sum, Tied, _Extremum, _OverIndex, canonical, free_indices, log_softmax, logsumexp,
-                        renamed_match, rewrite_log_softmax, softmax)
+from .functions import (Sum, Tied, _Extremum, _OverIndex, canonical, first_max, first_min_position, first_position,
+                        fold_window, free_indices, log_softmax, logsumexp, one_hot, renamed_match, rewrite_log_softmax,
+                        softmax)
 from .model import index_symbol, tensor_symbol
 
 
@@ -398,6 +399,73 @@ def _renaming(value: sympy.Expr, dims: tuple, candidate: sympy.Expr):
     return renamed_match(value, dims, candidate)
 
 
+# Positions of a max(..., tie="first") -----------------------------------------------------------------
+
+def save_first_positions(forward: list[Term], gradients: list[list[Term]]) -> Saving | None:
+    """Where each max (min) with tie="first" of the forward is reached, saved for the backward, as autograd saves
+    the indices of torch.max(x, dim) and of max pooling.
+
+    For m = max(body, k, tie="first") in the forward over a window (a pool, max(x[n, c, s*t + k], k)), the share
+    first_max(body, k') (1 at the first maximal position along k', the same body under any name of k) of a
+    gradient folded back onto the input (fold_window) reads `saved_argmax`, the forward's first_position(body,
+    k), as one_hot(saved_argmax[...], k'): the windows are then never cut and reduced again, and the gradient is
+    one scatter_add at the saved positions. A share outside a window's fold (torch.max(x, dim)'s) keeps its
+    formula, one argmax of the input the backward has. The positions are integers: no gradient
+    flows through them, and a double backward computes them again from the inputs (`recompute=True`)."""
+    extrema = []
+    for factor in (f for t in forward for f in t.factors):
+        for extremum in sorted(factor.atoms(_Extremum), key=sympy.default_sort_key):
+            if extremum.first and extremum not in extrema:
+                extrema.append(extremum)
+    values, reads = [], []
+    for extremum in extrema:
+        index = extremum.indices[0]
+        position = (first_position if extremum.largest else first_min_position)(extremum.body, index)
+        kept = _first_appearance(extremum.body, free_indices(position))
+        if not kept:
+            continue     # a window always keeps its start (t)
+        name = naming.SAVED_PREFIX + ("argmax" if extremum.largest else "argmin")
+        if len(extrema) > 1:
+            name += f"_{len(values)}"
+        value = SavedValue(name, position, tuple(i.name for i in kept))
+        reads.append((extremum, tensor_symbol(name)[kept]))
+        values.append(value)
+
+    def saved(share):
+        for extremum, access in reads:
+            if share.largest == extremum.largest and \
+                    share.body == extremum.body.xreplace({extremum.indices[0]: share.index}):
+                return one_hot(access, share.index)
+        return share
+
+    def read(expr: sympy.Expr) -> sympy.Expr:
+        return expr.replace(lambda e: isinstance(e, fold_window), lambda fold: fold.func(
+            fold.value.replace(lambda e: isinstance(e, first_max), saved), *fold.args[1:]))
+
+    def reading(term: Term) -> Term:
+        # a term with the shares of two extrema (a max over two indices, nested) keeps its formulas: the
+        # scatter_add of a window reads one saved position
+        shares = [s for f in term.factors for s in f.atoms(first_max)]
+        return term if len(shares) > 1 else replace(term, factors=tuple(read(f) for f in term.factors))
+
+    rewritten = [[reading(t) for t in terms] for terms in gradients]
+    used = {a.base.label.name for terms in rewritten for t in terms for f in t.factors for a in f.atoms(sympy.Indexed)}
+    values = [v for v in values if v.name in used]
+    return Saving(tuple(values), forward, rewritten) if values else None
+
+
+def _first_appearance(body: sympy.Expr, names: set[str]) -> tuple[sympy.Idx, ...]:
+    """The indices of `body` named in `names`, in the order its reads carry them (within an affine subscript,
+    the one with the largest step first: t before k in 2*t + k)."""
+    found: list[sympy.Idx] = []
+    for access in sorted(body.atoms(sympy.Indexed), key=sympy.default_sort_key):
+        for subscript in access.indices:
+            for index in sorted(subscript.atoms(sympy.Idx), key=lambda i: (-abs(subscript.coeff(i)), i.name)):
+                if index.name in names and index not in found:
+                    found.append(index)
+    return tuple(found)
+
+
 # Save or recompute -------------------------------------------------------------------------------
 
 # The cost rule. A forward value that a kernel reads (a log-softmax, a normalization's statistics) is either saved
@@ -410,6 +478,9 @@ RECOMPUTE_PASSES = {
     # a function of a contraction (a matrix product, as many multiply-adds per element as the contracted dims hold)
     # or of a reduction over a function (softmax of scores: 4 passes, after the function's own)
     save_reduced_values: 5,
+    # argmax along k: one reduction, but over strided windows (a pool's) a slow one (3x autograd's whole max pool
+    # backward on CPU, which reads the indices its forward saved)
+    save_first_positions: 3,
 }
 # and the line: "auto" saves a value that costs more than this many passes to recompute, as autograd saves
 # log_softmax's result and native_layer_norm's mean and rstd; one element-wise pass or two (a sigmoid, a product)

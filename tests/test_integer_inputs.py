@@ -242,12 +242,13 @@ def test_gather_lowers_to_gather_and_scatter_add():
     assert "torch.nn.functional.one_hot" not in source
 
 
-def test_embedding_2d_adds_rows_over_the_flattened_indices():
-    """Rows of a 2-D table read by a (B, T) index: index_add_ of the flattened rows into zeros made from grad_y."""
+def test_embedding_2d_adds_rows_with_torchs_embedding_backward():
+    """Rows of a 2-D table read by a (B, T) index: torch's own embedding backward adds them up (index_add_ of the
+    flattened rows took 1.7x its time)."""
     source = (GENERATED / "embedding_2d.py").read_text()
     assert "return table[idx]" in source
     assert _backward_line("embedding_2d", "grad_table") == \
-        "grad_table = grad_y.new_zeros(table.shape).index_add_(0, idx.reshape(-1), grad_y.flatten(0, 1))"
+        "grad_table = torch.ops.aten.embedding_dense_backward(grad_y, idx, table.shape[0], -1, False)"
     assert "torch.nn.functional.one_hot" not in source
 
 

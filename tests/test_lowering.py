@@ -596,7 +596,7 @@ def test_a_scatter_through_an_integer_input_never_multiplies_a_one_hot(tmp_path,
         reference = "{reference}"
     ''')
     code = render_expr(build_op(op).lowered["contraction"].gradients[0])
-    assert "index_add" in code and "one_hot" not in code
+    assert ("index_add" in code or "embedding_dense_backward" in code) and "one_hot" not in code
     for sizes in ({"v": 3, "d": 2, "n": 4, "k": 2, "m": 3}, {"v": 2, "d": 2, "n": 2, "k": 2, "m": 2},
                   {"v": 1, "d": 1, "n": 1, "k": 1, "m": 1}, {"v": 2, "d": 0, "n": 3, "k": 0, "m": 0}):
         check_gradients(op, module, sizes=sizes)

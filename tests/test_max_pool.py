@@ -129,12 +129,15 @@ def test_double_backward_through_the_function(generated, name, style):
 def test_gradient_goes_to_the_first_maximum_as_max_pool1d():
     x = torch.tensor([[[1.0, 1.0, 2.0, 2.0, 0.0, 3.0, 3.0]]], dtype=torch.float64)
     module = load_module(Path(__file__).parent.parent / "generated" / "max_pool1d.py")   # the catalog's op
-    max_pool1d_forward, max_pool1d_backward = module.max_pool1d_forward, module.max_pool1d_backward
     grad_y = torch.arange(1.0, 4.0, dtype=torch.float64).view(1, 1, 3)
     want = x.clone().requires_grad_()
     torch.nn.functional.max_pool1d(want, 2).backward(grad_y)
-    torch.testing.assert_close(max_pool1d_forward(x), torch.nn.functional.max_pool1d(x, 2))
-    (grad_x,) = max_pool1d_backward(grad_y, x)
+    torch.testing.assert_close(module.max_pool1d_forward(x), torch.nn.functional.max_pool1d(x, 2))
+    # the forward hands the backward each window's first maximal position, as max_pool1d's indices
+    y, saved_argmax = module.max_pool1d_forward_saving(x)
+    torch.testing.assert_close(saved_argmax, torch.nn.functional.max_pool1d(x, 2, return_indices=True)[1] % 2,
+                               rtol=0, atol=0)
+    (grad_x,) = module.max_pool1d_backward(grad_y, x, saved_argmax)
     torch.testing.assert_close(grad_x, want.grad)
 
 
