@@ -41,7 +41,7 @@ from derive.model import SpecError
 from derive.pipeline import build_op
 from derive.spec import parse_catalog
 from derive.testing import autograd_gradients, built_op, call_backward, kink_inputs, load_module, reference
-from spec_strategies import KNOWN_BUGS, RECOGNIZED, FuzzCase, fuzz_cases
+from spec_strategies import KNOWN_BUGS, RECOGNIZED, FuzzCase, fuzz_cases, index_cases
 
 from conftest import half_by_default
 
@@ -330,6 +330,40 @@ def test_generated_gradients_equal_autograd_on_random_specs():
     for family in ("contraction", "function", "sum", "gather", "size 0", "size 1",
                    "equal sizes for different indices"):
         assert any(f.startswith(family) for f in covered), f"the fuzzer never generated {family!r}\n{summary()}"
+
+
+# The index families (spec_strategies.index_cases: windows with strides, dilations, pads and pad values, convolutions,
+# diagonals, size(d) as a value, index comparisons), as many specs as the campaign's third: one by default.
+INDEX_FUZZ = settings(FUZZ, max_examples=max(1, EXAMPLES // 3))
+
+
+@seed(SEED)
+@INDEX_FUZZ
+@given(index_cases(place_kinks=place_kinks))
+def fuzz_index_family(case):
+    REPORT["outcomes"]["specs generated"] += 1
+    for feature in case.features:
+        event(feature)
+        REPORT["features"][feature] += 1
+    built = generate(case)
+    if isinstance(built, str):
+        REPORT["refusals"][built] += 1
+        event(f"refused: {built}")
+        return
+    op, modules = built
+    for style, module in modules.items():
+        check(case, op, module, style)
+    REPORT["outcomes"]["specs checked"] += 1
+
+
+def test_index_families_on_random_specs():
+    for counter in REPORT.values():
+        counter.clear()
+    try:
+        fuzz_index_family()
+    finally:
+        print(summary())
+    assert REPORT["outcomes"]["specs checked"] == REPORT["outcomes"]["specs generated"], summary()
 
 
 # --- regressions: the classes the fuzzer found, each on its example and on variants -------------------
