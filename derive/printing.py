@@ -1029,12 +1029,10 @@ def _spread(node: Convolution) -> Code:
     spread = -step * index.upper
     front, back = -lowest - spread, sympy.expand(lowest + reach - size - spread)
     options = ("" if step == -1 else f", stride={-step}")
-    if front == 0 and back != 0:
-        # the windows start at 0: the rest of the length (less than a stride) is output_padding, no copy
-        options += f", output_padding={SizePrinter().doprint(back)}"
     text = f"torch.nn.functional.conv_transpose1d({rows}, {ones}{options}{groups})"
-    if front != 0:
-        text = _padded(text, [sympy.S.Zero] * 2 + [front], [sympy.S.Zero] * 2 + [back])
+    # the rest of the length is padded, or cropped where the windows reach into a `pad` after the input or end
+    # short of a length another input sets (output_padding takes neither a negative nor one of a stride or more)
+    text = _padded(text, [sympy.S.Zero] * 2 + [front], [sympy.S.Zero] * 2 + [back])
     if len(node.out) > 2:
         text += f".unflatten(0, {python_tuple([sizes[i] for i in node.out[:-1]])})"
     elif len(node.out) == 1:

@@ -1,0 +1,38 @@
+"""Regressions the hunt for wrong gradients on ops outside the catalog found (tests/spec_strategies.index_cases
+and ops written by hand), each on the spec that showed it and on variants with equal sizes, size 1 and a length
+another input sets. Every case runs the differential fuzzer's oracle (`check_by_hand`): forward, backward, double
+backward and JVP against autograd of the reference, in both styles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_differential import check_by_hand
+
+
+def _random(*shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# The gradient of a pooling spreads grad_y over the windows with conv_transpose1d, whose result was fitted to the
+# input's length with output_padding: negative where the windows reach into a `pad` after the input, a stride or
+# more where another input sets the number of windows (torch refuses both). It is padded or cropped now.
+SPREADS = {
+    "windows into the pad after the input": (
+        '[ops.fuzzed]\ninputs = ["x[n, l]"]\nequation = "y[n, t] = mean(x[n, 2*t + k], k)"\n'
+        'reference = "torch.nn.functional.pad(x, (1, 2))[:, 1:].unfold(1, 1, 2).mean(-1)"\n'
+        'sizes = { k = 1 }\npad = { x = { l = [1, 2] } }\n',
+        [[_random(2, 1)], [_random(3, 4, seed=1)], [_random(1, 2, seed=2)]]),
+    "fewer windows than the input holds": (
+        '[ops.fuzzed]\ninputs = ["x[n, l]", "z[n, t]"]\nequation = "y[n, t] = mean(x[n, 2*t + k], k) + z[n, t]"\n'
+        'reference = "x[:, :2 * z.shape[1]].unfold(1, 2, 2).mean(-1) + z"\nsizes = { k = 2 }\n',
+        [[_random(2, 7), _random(2, 2, seed=1)], [_random(3, 3, seed=2), _random(3, 1, seed=3)],
+         [_random(1, 4, seed=4), _random(1, 2, seed=5)]]),
+}
+
+
+@pytest.mark.parametrize("name", SPREADS)
+def test_a_pooling_gradient_fits_the_input_length(name):
+    toml, input_sets = SPREADS[name]
+    check_by_hand(toml, input_sets)
