@@ -36,3 +36,16 @@ SPREADS = {
 def test_a_pooling_gradient_fits_the_input_length(name):
     toml, input_sets = SPREADS[name]
     check_by_hand(toml, input_sets)
+
+
+def test_a_failure_only_on_kinks_names_the_tie_convention():
+    """Max(x, 0) beside the reference torch.clamp_min(x, 0) differs only where x is exactly 0 (Max splits the
+    tie, clamp_min passes it; the same for Max(x @ w, 0), where x @ w is 0 at rows of zeros): verify_op says
+    where the inputs were and how to state the convention (tie=1)."""
+    import derive
+    from derive.testing import verify_module
+
+    split = derive.op("y[n] = Max(x[n], 0) * s[n]", inputs=["x[n]", "s[n]"],
+                      reference="torch.clamp_min(x, 0) * s", name="split")
+    with pytest.raises(AssertionError, match=r"(?s)with inputs (a third|on the kinks).*\(random inputs agree\).*tie=1\) is torch\.clamp_min"):
+        verify_module(split._built.op, split.module)
