@@ -772,7 +772,9 @@ def inline_codes(leaf: Leaf) -> dict[str, InlineCode]:
 
 def _like_of(value: Node) -> str:
     """A tensor a value is computed from (read by its first leaf that reads one), for its dtype and device."""
-    inner = next(n for n in walk(value) if isinstance(n, Leaf) and n.expr.atoms(sympy.Indexed))
+    inner = next((n for n in walk(value) if isinstance(n, Leaf) and n.expr.atoms(sympy.Indexed)), None)
+    if inner is None:   # a convolution reads its kernel by name (`tanh(conv1d(x, w))` inlined): that tensor
+        return access_name(next(n for n in walk(value) if isinstance(n, Convolution)).kernel)
     printer = TorchCodePrinter(inner.indices)
     printer.stand_in = {name: _like_of(nested) for name, nested in inner.inline}
     return printer._like(inner.expr)

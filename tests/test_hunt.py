@@ -49,3 +49,14 @@ def test_a_failure_only_on_kinks_names_the_tie_convention():
                       reference="torch.clamp_min(x, 0) * s", name="split")
     with pytest.raises(AssertionError, match=r"(?s)with inputs (a third|on the kinks).*\(random inputs agree\).*tie=1\) is torch\.clamp_min"):
         verify_module(split._built.op, split.module)
+
+
+def test_a_function_of_a_padded_convolution():
+    """tanh(conv1d(x, w, padding=1)): the gradient reads the convolution inside tanh's derivative, where
+    lowering looked for leaves in it (it has none: it reads x and w by name) and printing for a tensor to take a
+    dtype from (its kernel): internal errors, for every activation after a convolution with padding."""
+    toml = ('[ops.fuzzed]\ninputs = ["x[n, c, l]", "w[o, c, k]"]\n'
+            'equation = "y[n, o, t] = tanh(sum(x[n, c, t + k - 1] * w[o, c, k], c, k))"\n'
+            'pad = { x = { l = 1 } }\nreference = "torch.tanh(torch.nn.functional.conv1d(x, w, padding=1))"\n')
+    check_by_hand(toml, [[_random(2, 3, 3), _random(3, 3, 3, seed=1)], [_random(1, 1, 1, seed=2), _random(1, 1, 1, seed=3)],
+                         [_random(2, 2, 4, seed=4), _random(3, 2, 2, seed=5)]])
