@@ -897,7 +897,8 @@ def _convolution(node: Convolution) -> Code:
     kernel = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
                        node.out + node.channels + tuple(k for k, _, _ in taps.values()))
     weight = kernel.text
-    flipped = [str(2 + position) for position, (k, _, dilation) in enumerate(taps.values()) if dilation < 0]
+    # counted from the end: the kernel's taps are its last dims, before and after a missing out or C is added
+    flipped = [str(position - len(taps)) for position, (k, _, dilation) in enumerate(taps.values()) if dilation < 0]
     if flipped:
         weight = f"{kernel.atom()}.flip({python_tuple(flipped)})"
     if not node.out:

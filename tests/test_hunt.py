@@ -60,3 +60,21 @@ def test_a_function_of_a_padded_convolution():
             'pad = { x = { l = 1 } }\nreference = "torch.tanh(torch.nn.functional.conv1d(x, w, padding=1))"\n')
     check_by_hand(toml, [[_random(2, 3, 3), _random(3, 3, 3, seed=1)], [_random(1, 1, 1, seed=2), _random(1, 1, 1, seed=3)],
                          [_random(2, 2, 4, seed=4), _random(3, 2, 2, seed=5)]])
+
+
+# A subscript with a negative coefficient reads its kernel backwards: the kernel is flipped along its taps, which
+# were counted as if the kernel had its out and channel dims already (`w.flip((2,))` of a 1-d w: IndexError).
+FLIPPED = {
+    "no channels": ('["x[n, l]", "w[k]"]', "y[n, t] = sum(x[n, t - k + 2] * w[k], k)",
+                    "torch.nn.functional.conv1d(x.unsqueeze(1), w.flip(0).view(1, 1, -1)).squeeze(1)",
+                    [[_random(2, 6), _random(3, seed=1)], [_random(1, 3, seed=2), _random(3, seed=3)]]),
+    "channels": ('["x[n, c, l]", "w[o, c, k]"]', "y[n, o, t] = sum(x[n, c, t - k + 2] * w[o, c, k], c, k)",
+                 "torch.nn.functional.conv1d(x, w.flip(2))",
+                 [[_random(2, 3, 5), _random(3, 3, 3, seed=1)], [_random(1, 1, 3, seed=2), _random(1, 1, 3, seed=3)]]),
+}
+
+
+@pytest.mark.parametrize("name", ["no channels", pytest.param("channels", marks=pytest.mark.slow)])
+def test_a_kernel_read_backwards(name):
+    inputs, equation, reference, input_sets = FLIPPED[name]
+    check_by_hand(f'[ops.fuzzed]\ninputs = {inputs}\nequation = "{equation}"\nreference = "{reference}"\n', input_sets)
