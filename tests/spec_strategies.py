@@ -36,10 +36,11 @@ from derive.naming import BATCH
 # code or error has the class's signature as a known bug (`RECOGNIZED`). Remove a name once its fix is
 # merged; DERIVE_FUZZ_KNOWN_BUGS=include runs with none of them.
 AVOIDED: set[str] = {
-    # a convolution over a channel dim of size 0 (x of shape (2, 0, 5), w of (2, 0, 3)): the contraction style
-    # calls F.conv1d, which gives no out-channels ((2, 0, 3)) where the empty sum is zeros of (2, 2, 3)
-    # (tests/spec_strategies.index_cases draws no empty channel dim while this is listed)
-    "convolution_of_no_channels",
+    # a convolution with a channel or out-channel dim of size 0: the contraction style calls F.conv1d, which
+    # gives no out-channels for no channels (x of shape (2, 0, 5), w of (2, 0, 3): (2, 0, 3) where the empty sum
+    # is zeros of (2, 2, 3)) and raises for no out-channels ("expected weight to be at least 1 at dimension 0")
+    # (tests/spec_strategies.index_cases draws neither while this is listed)
+    "convolution_of_an_empty_channel_dim",
 }
 RECOGNIZED = {
     # a valid spec with gathers refused with "cannot line up dims ('v', 'j', '_0_0') in ('v', 'j')":
@@ -708,8 +709,8 @@ def index_cases(draw, known_bugs: frozenset[str] = KNOWN_BUGS, place_kinks=None)
             extra.append(f"sizes = {{ k = {width} }}")
         else:
             c, o = size(), size()
-            if c == 0 and "convolution_of_no_channels" in known_bugs:
-                c = 1
+            if "convolution_of_an_empty_channel_dim" in known_bugs:
+                c, o = max(c, 1), max(o, 1)
             inputs = {"x": ("n, c, l", (n, c, length)), "w": ("o, c, k", (o, c, width))}
             bias = draw(st.booleans())
             equation = f"y[n, o, t] = sum({function}x[n, c, {subscript}]{')' if name else ''} * w[o, c, k], c, k)"
