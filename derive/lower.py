@@ -570,6 +570,8 @@ def _replace_leaves(node: Node, rewritten: dict[int, Leaf]) -> Node:
         return replace(node, operands=tuple(_replace_leaves(o, rewritten) for o in node.operands))
     if isinstance(node, MatMul):
         return replace(node, left=_replace_leaves(node.left, rewritten), right=_replace_leaves(node.right, rewritten))
+    if isinstance(node, Convolution):   # reads its window and kernel by index names: it holds no leaf
+        return node
     return replace(node, source=_replace_leaves(node.source, rewritten))  # Reduce, Scaled, Scatter
 
 

@@ -786,7 +786,9 @@ def inline_codes(leaf: Leaf) -> dict[str, InlineCode]:
 
 def _like_of(value: Node) -> str:
     """A tensor a value is computed from (read by its first leaf that reads one), for its dtype and device."""
-    inner = next(n for n in walk(value) if isinstance(n, Leaf) and n.expr.atoms(sympy.Indexed))
+    inner = next((n for n in walk(value) if isinstance(n, Leaf) and n.expr.atoms(sympy.Indexed)), None)
+    if inner is None:   # a convolution reads its kernel by name (`tanh(conv1d(x, w))` inlined): that tensor
+        return access_name(next(n for n in walk(value) if isinstance(n, Convolution)).kernel)
     printer = TorchCodePrinter(inner.indices)
     printer.stand_in = {name: _like_of(nested) for name, nested in inner.inline}
     return printer._like(inner.expr)
@@ -912,7 +914,8 @@ def _convolution(node: Convolution) -> Code:
     kernel = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
                        node.out + node.channels + tuple(k for k, _, _ in taps.values()))
     weight = kernel.text
-    flipped = [str(2 + position) for position, (k, _, dilation) in enumerate(taps.values()) if dilation < 0]
+    # counted from the end: the kernel's taps are its last dims, before and after a missing out or C is added
+    flipped = [str(position - len(taps)) for position, (k, _, dilation) in enumerate(taps.values()) if dilation < 0]
     if flipped:
         weight = f"{kernel.atom()}.flip({python_tuple(flipped)})"
     if not node.out:

@@ -35,7 +35,13 @@ from derive.naming import BATCH
 # does not write the spec shape (`AVOIDED`), or tests/test_differential.py counts a failure whose generated
 # code or error has the class's signature as a known bug (`RECOGNIZED`). Remove a name once its fix is
 # merged; DERIVE_FUZZ_KNOWN_BUGS=include runs with none of them.
-AVOIDED: set[str] = set()
+AVOIDED: set[str] = {
+    # a convolution with a channel or out-channel dim of size 0: the contraction style calls F.conv1d, which
+    # gives no out-channels for no channels (x of shape (2, 0, 5), w of (2, 0, 3): (2, 0, 3) where the empty sum
+    # is zeros of (2, 2, 3)) and raises for no out-channels ("expected weight to be at least 1 at dimension 0")
+    # (tests/spec_strategies.index_cases draws neither while this is listed)
+    "convolution_of_an_empty_channel_dim",
+}
 RECOGNIZED = {
     # a valid spec with gathers refused with "cannot line up dims ('v', 'j', '_0_0') in ('v', 'j')":
     # y[j] = sum(where(p[j] > t[g[j]], p[j], q[j]) * u[g[j], n] * exp(Min(w[h[n], j], 1)), n)
@@ -52,6 +58,11 @@ RECOGNIZED = {
     # disagree (before the contraction binding: the forward's values; after: the code fails to run):
     # y[j, m] = sum(sign(...) * cos(sum((q[n, k] / r[k, n]) * sum(atan(q[m, k, n, j]) * sin(p[m, j]), n) * erf(q[k]), n, m)), k)
     "sum_over_an_output_index",
+    # an affine read whose windows all lie in the pad before the input (a stride over a length-1 input): the read
+    # pads and crops in one F.pad, F.pad(x, (2, -2)), which torch refuses ("narrow(): length must be
+    # non-negative") as it crops the input before it pads: y[n, t] = min(x[n, 3*t + k - 2], k) with k = 1,
+    # pad = { x = { l = [2, 0] } } and x of length 1 (tests/spec_strategies.index_cases)
+    "windows_only_in_the_pad_before",
 }
 KNOWN_BUGS: frozenset[str] = frozenset(AVOIDED | RECOGNIZED)
 
@@ -622,3 +633,162 @@ def draw_values(draw, builder: Builder, place_kinks, toml: str):
         ordered, placed = place_kinks(toml, ordered, generator)
         placements.extend(placed)
     return ordered, placements
+
+
+# --- index families: affine reads, diagonals, size(d), index comparisons --------------------------------
+# Specs the expression builder above does not write, each drawn with its parameters (strides, dilations,
+# offsets, pads and pad values, window sizes, tie conventions) and an elementwise function of the read,
+# written beside a torch reference built from F.pad / unfold / conv1d / diagonal / arange masks.
+
+WINDOW_FUNCTIONS = {"": "", **{name: code for name, code in FUNCTIONS.items() if name != "sign"}}
+
+
+def _window_read(draw):
+    """The subscript `s*t + d*k + e` of a window read (one of s and d is 1), its pad (before, after) and the
+    torch slice of the padded input that `unfold` cuts the windows from."""
+    stride, dilation = draw(st.sampled_from([(1, 1), (2, 1), (1, 2), (3, 1)]))
+    before, after = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    offset = draw(st.integers(-before, 1))
+    terms = [f"{stride}*t" if stride > 1 else "t", f"{dilation}*k" if dilation > 1 else "k"]
+    if draw(st.booleans()):
+        terms.reverse()
+    subscript = " + ".join(terms) + (f" + {offset}" if offset > 0 else f" - {-offset}" if offset < 0 else "")
+    return stride, dilation, before, after, offset, subscript
+
+
+@st.composite
+def index_cases(draw, known_bugs: frozenset[str] = KNOWN_BUGS, place_kinks=None) -> FuzzCase:
+    """A spec of one index family (`family` feature), with equal sizes, 1 and 0 drawn on purpose, and its
+    inputs (zeros, ties, and with `place_kinks` as in `fuzz_cases`, kinks placed exactly)."""
+    family = draw(st.sampled_from(["window reduction", "convolution", "diagonal", "size(d) as a value",
+                                   "index comparison"]))
+    features = {family}
+    base = draw(st.sampled_from([1, 2, 3]))
+    size = lambda: draw(st.sampled_from([base, base, 0, 1, 2, 3]))   # noqa: E731
+    name = draw(st.sampled_from(sorted(WINDOW_FUNCTIONS)))
+    function, torch_function = f"{name}(" if name else "", WINDOW_FUNCTIONS[name]
+    features.add(f"function {name or 'none'}")
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    extra, placements = [], []
+    pad_value = None
+
+    def values(input_name, shape):
+        value = torch.randn(shape, generator=generator, dtype=torch.float64)
+        choice = draw(st.sampled_from(["none", "zeros", "round"]))
+        if choice == "zeros":
+            value = torch.where(torch.rand(shape, generator=generator) < 0.3, 0.0, value)
+            placements.append(f"zeros in {input_name}")
+        elif choice == "round":     # ties in windows and on the diagonal
+            value = torch.round(value)
+            placements.append(f"{input_name} rounded to integers")
+        return value
+
+    wrap = (lambda code: f"{torch_function}({code})") if torch_function else (lambda code: code)   # noqa: E731
+    if family in ("window reduction", "convolution"):
+        stride, dilation, before, after, offset, subscript = _window_read(draw)
+        width = draw(st.integers(1, 3))
+        n = size()
+        span = dilation * (width - 1) + 1
+        windows = draw(st.integers(1, 3))
+        length = max(offset + span + stride * (windows - 1) - after, 1)   # at least one window, up to `windows`
+        if family == "window reduction":
+            kind = draw(st.sampled_from(["sum", "mean", "max", "min"]))
+            tie = ', tie=\\"first\\"' if kind in ("max", "min") and draw(st.booleans()) else ""
+            if kind in ("max", "min") and not name and draw(st.booleans()):    # (cos(-inf) is NaN)
+                pad_value = draw(st.sampled_from(["-inf", "inf", "1.5"]))
+            features.add(f"{kind} over windows" + (" tie=first" if tie else ""))
+            inputs = {"x": ("n, l", (n, length))}
+            equation = f"y[n, t] = {kind}({function}x[n, {subscript}]{')' if name else ''}, k{tie})"
+            fill = {"-inf": "-torch.inf", "inf": "torch.inf"}.get(pad_value, pad_value or "0.0")
+            windows_code = (f"{wrap(f'torch.nn.functional.pad(x, ({before}, {after}), value={fill})')}"
+                            f"[:, {offset + before}:].unfold(1, {span}, {stride})[:, :, ::{dilation}]")
+            reduce = {"sum": ".sum(-1)", "mean": ".mean(-1)", "max": ".amax(-1)", "min": ".amin(-1)"}[kind]
+            if tie:
+                reduce = {"max": ".max(-1)[0]", "min": ".min(-1)[0]"}[kind]
+            reference = windows_code + reduce
+            extra.append(f"sizes = {{ k = {width} }}")
+        else:
+            c, o = size(), size()
+            if "convolution_of_an_empty_channel_dim" in known_bugs:
+                c, o = max(c, 1), max(o, 1)
+            inputs = {"x": ("n, c, l", (n, c, length)), "w": ("o, c, k", (o, c, width))}
+            bias = draw(st.booleans())
+            equation = f"y[n, o, t] = sum({function}x[n, c, {subscript}]{')' if name else ''} * w[o, c, k], c, k)"
+            padded = wrap(f"torch.nn.functional.pad(x, ({before}, {after}))") + f"[:, :, {offset + before}:]"
+            # (torch's conv1d of no channels is not the empty sum: the einsum of the windows is)
+            reference = (f'torch.einsum(\\"nctk,ock->not\\", {padded}.unfold(2, {span}, {stride})[:, :, :, ::{dilation}], w)')
+            if bias:
+                inputs["b"] = ("o", (o,))
+                equation += " + b[o]"
+                reference += " + b.unsqueeze(-1)"
+                features.add("convolution with a bias")
+            outer = draw(st.sampled_from(sorted(WINDOW_FUNCTIONS)))
+            if outer:   # an activation after the convolution (its gradient reads the convolution)
+                features.add("function of a convolution")
+                equation = equation.replace("= ", f"= {outer}(", 1) + ")"
+                reference = f"{WINDOW_FUNCTIONS[outer]}({reference})"
+        if before or after:
+            extra.append(f"pad = {{ x = {{ l = [{before}, {after}] }} }}")
+            features.add("pad")
+        if pad_value is not None and (before or after):
+            extra.append(f"pad_value = {{ x = {pad_value} }}")
+            features.add("pad_value")
+        features.add(f"stride {stride}, dilation {dilation}")
+    elif family == "diagonal":
+        i, j = size(), size()
+        form = draw(st.sampled_from(["elementwise", "trace", "mixed"]))
+        features.add(f"diagonal {form}")
+        if form == "elementwise":   # y[i, j] = f(a[i, i]) * b[i, j]
+            inputs = {"a": ("i, i", (i, i)), "b": ("i, j", (i, j))}
+            equation = f"y[i, j] = {function}a[i, i]{')' if name else ''} * b[i, j]"
+            reference = f"{wrap('torch.diagonal(a)')}.unsqueeze(1) * b"
+        elif form == "trace":       # y[j] = sum(f(a[i, j, i]) * b[i], i)
+            inputs = {"a": ("i, j, i", (i, j, i)), "b": ("i", (i,))}
+            equation = f"y[j] = sum({function}a[i, j, i]{')' if name else ''} * b[i], i)"
+            reference = f"({wrap('torch.diagonal(a, 0, 0, 2)')} * b).sum(-1)"
+        else:                       # the diagonal and the whole matrix in one equation
+            inputs = {"a": ("i, i", (i, i))}
+            equation = f"y[i, j] = {function}a[i, i]{')' if name else ''} - a[i, j] * a[j, i]"
+            reference = f"{wrap('torch.diagonal(a)')}.unsqueeze(1) - a * a.T"
+    elif family == "size(d) as a value":
+        n, d = size(), size()
+        form = draw(st.sampled_from(["mean", "scale", "centre"]))
+        features.add(f"size(d) {form}")
+        inputs = {"x": ("n, d", (n, d))}
+        if form == "mean":
+            equation = f"y[n] = sum({function}x[n, d]{')' if name else ''}, d) / size(d)"
+            reference = f"{wrap('x')}.sum(1) / {d}"
+        elif form == "scale":
+            equation = f"y[n, d] = {function}x[n, d]{')' if name else ''} * sqrt(size(d)) / (1 + size(n))"
+            reference = f"{wrap('x')} * {d ** 0.5!r} / {1 + n}"
+        else:
+            equation = f"y[n, d] = x[n, d] - sum({function}x[n, e]{')' if name else ''}, e) / size(e)"
+            inputs = {"x": ("n, d", (n, d))}
+            reference = f"x - {wrap('x')}.sum(1, keepdim=True) / {d}"
+    else:   # index comparison: a causal (or anti-causal) masked sum, an offset in the condition
+        n, t = size(), size()
+        relation = draw(st.sampled_from(["<", "<=", ">", ">=", "==", "!="]))
+        shift = draw(st.integers(-1, 1))
+        left = f"k + {shift}" if shift > 0 else f"k - {-shift}" if shift < 0 else "k"
+        features.add(f"index comparison {relation}")
+        inputs = {"q": ("n, t", (n, t)), "v": ("n, t", (n, t))}
+        equation = (f"y[n, t] = sum(where({left} {relation} t, {function}q[n, k]{')' if name else ''} * v[n, t], 0)"
+                    ", k)")
+        function_name = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}[relation]
+        mask = f"torch.{function_name}(torch.arange({t}).unsqueeze(0) + {shift}, torch.arange({t}).unsqueeze(1))"
+        # mask[t, k]: y[n, t] = v[n, t] * sum_k mask[t, k] * f(q[n, k])
+        reference = f"v * ({wrap('q')} @ {mask}.to(torch.float64).T)"
+    declarations = ", ".join(f'"{input_name}[{indices}]"' for input_name, (indices, _) in inputs.items())
+    lines = ["[ops.fuzzed]", f"inputs = [{declarations}]", f'equation = "{equation}"', f'reference = "{reference}"',
+             *(e for e in extra if e)]
+    toml = "\n".join(lines) + "\n"
+    tensors = [values(input_name, shape) for input_name, (_, shape) in inputs.items()]
+    if place_kinks is not None and draw(st.booleans()):
+        tensors, placed = place_kinks(toml, tensors, generator)
+        placements.extend(placed)
+    shapes = [s for _, shape in inputs.values() for s in shape]
+    if 0 in shapes:
+        features.add("size 0")
+    if 1 in shapes:
+        features.add("size 1")
+    return FuzzCase(toml, "fuzzed", tuple(tensors), {}, frozenset(features), tuple(placements))

@@ -41,7 +41,7 @@ from derive.model import SpecError
 from derive.pipeline import build_op
 from derive.spec import parse_catalog
 from derive.testing import autograd_gradients, built_op, call_backward, kink_inputs, load_module, reference
-from spec_strategies import KNOWN_BUGS, RECOGNIZED, FuzzCase, fuzz_cases
+from spec_strategies import KNOWN_BUGS, RECOGNIZED, FuzzCase, fuzz_cases, index_cases
 
 from conftest import half_by_default
 
@@ -93,6 +93,8 @@ SIGNATURES: dict = {
     "sum_over_an_output_index": _sums_over_an_output_index,
     "batch_contract_after_a_sum_over_the_batch": lambda text, error: isinstance(error, RuntimeError)
     and "(index ...) but the ..." in str(error) and "broadcast to (0," in str(error),
+    "windows_only_in_the_pad_before": lambda text, error: isinstance(error, RuntimeError)
+    and "narrow(): length must be non-negative" in str(error) and "torch.nn.functional.pad(" in text,
 }
 assert set(SIGNATURES) | set(KNOWN_REFUSALS) == RECOGNIZED
 
@@ -330,6 +332,50 @@ def test_generated_gradients_equal_autograd_on_random_specs():
     for family in ("contraction", "function", "sum", "gather", "size 0", "size 1",
                    "equal sizes for different indices"):
         assert any(f.startswith(family) for f in covered), f"the fuzzer never generated {family!r}\n{summary()}"
+
+
+# The index families (spec_strategies.index_cases: windows with strides, dilations, pads and pad values, convolutions,
+# diagonals, size(d) as a value, index comparisons), as many specs as the campaign's third: one by default.
+INDEX_FUZZ = settings(FUZZ, max_examples=max(1, EXAMPLES // 3))
+
+
+@seed(SEED)
+@INDEX_FUZZ
+@given(index_cases(known_bugs=EXCLUDED, place_kinks=place_kinks))
+def fuzz_index_family(case):
+    REPORT["outcomes"]["specs generated"] += 1
+    for feature in case.features:
+        event(feature)
+        REPORT["features"][feature] += 1
+    built = generate(case)
+    if isinstance(built, str):
+        REPORT["refusals"][built] += 1
+        event(f"refused: {built}")
+        return
+    op, modules = built
+    try:
+        for style, module in modules.items():
+            check(case, op, module, style)
+    except Exception as error:
+        bug = known_bug(modules, error)
+        if bug is None:
+            raise
+        REPORT["known bugs found"][bug] += 1
+        EXAMPLES_FOUND.setdefault(bug, case.toml)
+        event(f"known bug: {bug}")
+        return
+    REPORT["outcomes"]["specs checked"] += 1
+
+
+def test_index_families_on_random_specs():
+    for counter in REPORT.values():
+        counter.clear()
+    try:
+        fuzz_index_family()
+    finally:
+        print(summary())
+    reached = REPORT["outcomes"]["specs checked"] + sum(REPORT["known bugs found"].values())
+    assert reached + sum(REPORT["refusals"].values()) == REPORT["outcomes"]["specs generated"], summary()
 
 
 # --- regressions: the classes the fuzzer found, each on its example and on variants -------------------

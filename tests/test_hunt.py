@@ -1,0 +1,80 @@
+"""Regressions the hunt for wrong gradients on ops outside the catalog found (tests/spec_strategies.index_cases
+and ops written by hand), each on the spec that showed it and on variants with equal sizes, size 1 and a length
+another input sets. Every case runs the differential fuzzer's oracle (`check_by_hand`): forward, backward, double
+backward and JVP against autograd of the reference, in both styles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_differential import check_by_hand
+
+
+def _random(*shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# The gradient of a pooling spreads grad_y over the windows with conv_transpose1d, whose result was fitted to the
+# input's length with output_padding: negative where the windows reach into a `pad` after the input, a stride or
+# more where another input sets the number of windows (torch refuses both). It is padded or cropped now.
+SPREADS = {
+    "windows into the pad after the input": (
+        '[ops.fuzzed]\ninputs = ["x[n, l]"]\nequation = "y[n, t] = mean(x[n, 2*t + k], k)"\n'
+        'reference = "torch.nn.functional.pad(x, (1, 2))[:, 1:].unfold(1, 1, 2).mean(-1)"\n'
+        'sizes = { k = 1 }\npad = { x = { l = [1, 2] } }\n',
+        [[_random(2, 1)], [_random(3, 4, seed=1)], [_random(1, 2, seed=2)]]),
+    "fewer windows than the input holds": (
+        '[ops.fuzzed]\ninputs = ["x[n, l]", "z[n, t]"]\nequation = "y[n, t] = mean(x[n, 2*t + k], k) + z[n, t]"\n'
+        'reference = "x[:, :2 * z.shape[1]].unfold(1, 2, 2).mean(-1) + z"\nsizes = { k = 2 }\n',
+        [[_random(2, 7), _random(2, 2, seed=1)], [_random(3, 3, seed=2), _random(3, 1, seed=3)],
+         [_random(1, 4, seed=4), _random(1, 2, seed=5)]]),
+}
+
+
+@pytest.mark.parametrize("name", SPREADS)
+def test_a_pooling_gradient_fits_the_input_length(name):
+    toml, input_sets = SPREADS[name]
+    check_by_hand(toml, input_sets)
+
+
+def test_a_failure_only_on_kinks_names_the_tie_convention():
+    """Max(x, 0) beside the reference torch.clamp_min(x, 0) differs only where x is exactly 0 (Max splits the
+    tie, clamp_min passes it; the same for Max(x @ w, 0), where x @ w is 0 at rows of zeros): verify_op says
+    where the inputs were and how to state the convention (tie=1)."""
+    import derive
+    from derive.testing import verify_module
+
+    split = derive.op("y[n] = Max(x[n], 0) * s[n]", inputs=["x[n]", "s[n]"],
+                      reference="torch.clamp_min(x, 0) * s", name="split")
+    with pytest.raises(AssertionError, match=r"(?s)with inputs (a third|on the kinks).*\(random inputs agree\).*tie=1\) is torch\.clamp_min"):
+        verify_module(split._built.op, split.module)
+
+
+def test_a_function_of_a_padded_convolution():
+    """tanh(conv1d(x, w, padding=1)): the gradient reads the convolution inside tanh's derivative, where
+    lowering looked for leaves in it (it has none: it reads x and w by name) and printing for a tensor to take a
+    dtype from (its kernel): internal errors, for every activation after a convolution with padding."""
+    toml = ('[ops.fuzzed]\ninputs = ["x[n, c, l]", "w[o, c, k]"]\n'
+            'equation = "y[n, o, t] = tanh(sum(x[n, c, t + k - 1] * w[o, c, k], c, k))"\n'
+            'pad = { x = { l = 1 } }\nreference = "torch.tanh(torch.nn.functional.conv1d(x, w, padding=1))"\n')
+    check_by_hand(toml, [[_random(2, 3, 3), _random(3, 3, 3, seed=1)], [_random(1, 1, 1, seed=2), _random(1, 1, 1, seed=3)],
+                         [_random(2, 2, 4, seed=4), _random(3, 2, 2, seed=5)]])
+
+
+# A subscript with a negative coefficient reads its kernel backwards: the kernel is flipped along its taps, which
+# were counted as if the kernel had its out and channel dims already (`w.flip((2,))` of a 1-d w: IndexError).
+FLIPPED = {
+    "no channels": ('["x[n, l]", "w[k]"]', "y[n, t] = sum(x[n, t - k + 2] * w[k], k)",
+                    "torch.nn.functional.conv1d(x.unsqueeze(1), w.flip(0).view(1, 1, -1)).squeeze(1)",
+                    [[_random(2, 6), _random(3, seed=1)], [_random(1, 3, seed=2), _random(3, seed=3)]]),
+    "channels": ('["x[n, c, l]", "w[o, c, k]"]', "y[n, o, t] = sum(x[n, c, t - k + 2] * w[o, c, k], c, k)",
+                 "torch.nn.functional.conv1d(x, w.flip(2))",
+                 [[_random(2, 3, 5), _random(3, 3, 3, seed=1)], [_random(1, 1, 3, seed=2), _random(1, 1, 3, seed=3)]]),
+}
+
+
+@pytest.mark.parametrize("name", ["no channels", pytest.param("channels", marks=pytest.mark.slow)])
+def test_a_kernel_read_backwards(name):
+    inputs, equation, reference, input_sets = FLIPPED[name]
+    check_by_hand(f'[ops.fuzzed]\ninputs = {inputs}\nequation = "{equation}"\nreference = "{reference}"\n', input_sets)
