@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -112,7 +113,7 @@ def _rendered_ops(work: _Work, processes: int):
     global _WORK
     _WORK = work
     try:
-        with multiprocessing.get_context("fork").Pool(processes) as pool:
+        with multiprocessing.get_context("fork").Pool(processes, initializer=_leave_interrupts_to_parent) as pool:
             for outcome in pool.imap(_render_in_worker, range(len(work.ops))):
                 if isinstance(outcome, _Failure):
                     raise outcome.error()
@@ -131,6 +132,11 @@ class _Failure:
     def error(self) -> SpecError:
         fields = dict(self.fields)
         return SpecError(fields.pop("message"), **fields)
+
+
+def _leave_interrupts_to_parent():
+    """Ctrl-C interrupts the parent, which stops the workers: one KeyboardInterrupt, not one per process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _render_in_worker(number: int):
