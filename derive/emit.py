@@ -322,6 +322,10 @@ def _contract(derivation: Derivation, lowered: LoweredOp, kept: tuple[str, ...])
                  f"inferred for {index} is {index_notation(size)}")
                 for index, size in op.inferred_sizes if index in op.output_indices]
     checks += range_checks(op.name, declared + extras, op.size_checks + tuple(inferred), dict(op.index_sizes))
+    # a saved value is compared last: a wrong grad_<out> is named as such, not as a saved value that disagrees with it
+    saved = {v.name for v in lowered.plan.saved}
+    checks = [c for c in checks if c.pair[:1] and c.pair[0] not in saved or not c.pair] + \
+        [c for c in checks if c.pair[:1] and c.pair[0] in saved]
     inputs = ", ".join(t.name for t in op.inputs)
     return dict(
         name=naming.check_shapes(op.name),

@@ -474,12 +474,13 @@ class first_min(first_max):  # noqa: N801
 
 
 class first_position(sympy.Function):  # noqa: N801
-    """The first position along `index` where `body` is largest (an integer, as torch.argmax gives it); `index`
-    is bound: first_max(body, index) is one_hot(first_position(body, index), index). What the forward of a
-    max(..., tie="first") hands to its backward (saving.save_first_positions), as autograd saves torch.max's
-    indices."""
+    """`start` plus the first position along `index` where `body` is largest (an integer, as torch.argmax gives
+    it): where the body's read puts that position in its input (2*t + argmax for x[n, c, 2*t + k]); `index` is
+    bound: first_max(body, index) is one_hot(first_position(body, index, start) - start, index). What the forward
+    of a max(..., tie="first") hands to its backward (saving.save_first_positions), as autograd saves the input
+    positions of max pooling's maxima."""
 
-    nargs = 2
+    nargs = 3
     is_real = True
     largest = True
 
@@ -490,6 +491,10 @@ class first_position(sympy.Function):  # noqa: N801
     @property
     def index(self):
         return self.args[1]
+
+    @property
+    def start(self):
+        return self.args[2]
 
     def bound_index_names(self) -> set[str]:
         return {self.index.name}

@@ -220,7 +220,6 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         if spacing != 1:
             raise ValueError(f"unsupported fold of windows {subscript}: the inner index must have step 1")
         others = tuple(i for i in self._own_layout(value) if i not in (outer.name, inner.name))
-        inner_code = self._sub(value, others + (outer.name, inner.name))
         sizes = {i.name: i.upper + 1 for i in value.atoms(sympy.Idx)}
         scalar = SizePrinter()
         lowest = subscript.subs({outer: 0, inner: 0})
@@ -231,16 +230,28 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             # the whole window's share at one position (tie="first"): g added at each window's argmax
             # (scatter_add), never a K-times larger tensor of mostly zeros; the positions the forward saved
             # (one_hot(saved_argmax, k)), or the windows' argmax
+            moved = self._sub(rest, others + (outer.name,))
             if isinstance(first, one_hot):
-                picked = self._sub(first.args[0], others + (outer.name,)).atom()
+                # the positions the forward saved, in the input (saving.save_first_positions): no window is cut again
+                picked = self._sub(sympy.expand(first.args[0] + subscript.subs(inner, 0) - lowest),
+                                   others + (outer.name,)).text
+                if lowest == 0:
+                    # the windows start at 0: zeros as long as the input (or the windows' reach, when a padding
+                    # at the end makes it longer), no copy to pad or crop
+                    whole = scalar.doprint(position.upper + 1)
+                    shape = python_tuple([scalar.doprint(sizes[i]) for i in others] +
+                                         [f"max({whole}, {scalar.doprint(reach)})"])
+                    text = (f"{moved.atom()}.new_zeros({shape}).scatter_add{_in_place(moved)}({len(others)}, "
+                            f"{picked}, {moved.text}).narrow({len(others)}, 0, {whole})")
+                    return align(Code(text, others + (position.name,)), self.layout).text
             else:
                 windows = self._sub(first.body, others + (outer.name, inner.name))
-                picked = f"{windows.atom()}.{'argmax' if first.largest else 'argmin'}(-1)"
-            moved = self._sub(rest, others + (outer.name,))
-            starts = f"torch.arange(0, {step} * {scalar.doprint(outer.upper + 1)}, {step}, device={moved.atom()}.device)"
-            text = (f"{moved.atom()}.new_zeros({shape}).scatter_add{_in_place(moved)}({len(others)}, {picked} + "
-                    f"{starts}, {moved.text})")
+                picked = (f"{windows.atom()}.{'argmax' if first.largest else 'argmin'}(-1) + torch.arange(0, {step} * "
+                          f"{scalar.doprint(outer.upper + 1)}, {step}, device={moved.atom()}.device)")
+            text = (f"{moved.atom()}.new_zeros({shape}).scatter_add{_in_place(moved)}({len(others)}, {picked}, "
+                    f"{moved.text})")
         else:
+            inner_code = self._sub(value, others + (outer.name, inner.name))
             text = (f"torch.ops.aten.unfold_backward({inner_code.text}, {shape}, {len(others)}, "
                     f"{scalar.doprint(inner.upper + 1)}, {step})")
         text = _padded(text, [0] * len(others) + [lowest],
@@ -405,11 +416,21 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     def _print_first_position(self, expr):
         """The first max (min) position along the index: torch.argmax, which picks the first, as torch.max(x, dim)."""
-        kept = self._own_layout(expr)
         layout = self._own_layout(expr.body, (expr.index.name,))
+        kept = layout[:-1]
         inner = self._sub(expr.body, layout)
         pick = "argmax" if expr.largest else "argmin"
-        return align(Code(f"{inner.atom()}.{pick}(-1)", kept), self.layout).text
+        text = f"{inner.atom()}.{pick}(-1)"
+        if expr.start != 0:
+            # counted in the input: each window's start s*t + e added (in place, into the fresh positions)
+            (outer,) = expr.start.atoms(sympy.Idx)
+            step, lowest = int(expr.start.coeff(outer)), expr.start.subs(outer, 0)
+            scalar = SizePrinter()
+            device = self.named(next(iter(expr.body.atoms(sympy.Indexed))).base.label.name)
+            starts = Code(f"torch.arange({scalar.doprint(lowest)}, {scalar.doprint(lowest + step * (outer.upper + 1))}, "
+                          f"{step}, device={device}.device)", (outer.name,))
+            text += f".add_({align(starts, kept).text})"
+        return align(Code(text, kept), self.layout).text
 
     _print_first_min_position = _print_first_position
 
@@ -1236,6 +1257,7 @@ def fused_calls(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> list
 FOLD_COMMENT = ("unfold_backward(g, shape, dim, K, s): each window's entries of g added back at the positions "
                 "they read, the adjoint of x.unfold(dim, K, s)")
 SCATTER_COMMENT = "scatter_add: each window's g added at its first max (min), s * t + argmax"
+SAVED_SCATTER_COMMENT = "scatter_add_: each window's g added at its first max (min), the input position the forward saved"
 # what the calls that lower.py's nodes print compute, beside the kernel records' and the folds'
 SPREAD_COMMENT = ("unfold_backward(g.unsqueeze(-1).expand(..., K), shape, dim, K, s): each g[..., t] added at the K "
                   "positions from s * t")
@@ -1261,7 +1283,8 @@ def kernel_comments(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> 
     leaves = [node.expr for root in [t for e in exprs for t in e.terms] + list(shared) for node in walk(root)
               if isinstance(node, Leaf)]
     folds = [f for leaf in leaves for f in leaf.atoms(fold_window)]
-    folds = tuple(dict.fromkeys(SCATTER_COMMENT if _first_share(f)[0] is not None else FOLD_COMMENT for f in folds))
+    folds = tuple(dict.fromkeys(FOLD_COMMENT if _first_share(f)[0] is None else SAVED_SCATTER_COMMENT
+                                if isinstance(_first_share(f)[0], one_hot) else SCATTER_COMMENT for f in folds))
     nodes = [node for root in [t for e in exprs for t in e.terms] + list(shared) for node in walk(root)]
     calls = tuple(dict.fromkeys(
         [SPREAD_COMMENT for n in nodes if isinstance(n, Convolution) and isinstance(n.source, in_range)] +

@@ -408,8 +408,9 @@ def save_first_positions(forward: list[Term], gradients: list[list[Term]]) -> Sa
     For m = max(body, k, tie="first") in the forward over a window (a pool, max(x[n, c, s*t + k], k)), the share
     first_max(body, k') (1 at the first maximal position along k', the same body under any name of k) of a
     gradient folded back onto the input (fold_window) reads `saved_argmax`, the forward's first_position(body,
-    k), as one_hot(saved_argmax[...], k'): the windows are then never cut and reduced again, and the gradient is
-    one scatter_add at the saved positions. A share outside a window's fold (torch.max(x, dim)'s) keeps its
+    k, s*t + e), each window's first maximum as a position of the input, as one_hot(saved_argmax[...] - s*t - e,
+    k'): the windows are then never cut and reduced again, and the gradient is one scatter_add at the saved
+    positions. A share outside a window's fold (torch.max(x, dim)'s) keeps its
     formula, one argmax of the input the backward has. The positions are integers: no gradient
     flows through them, and a double backward computes them again from the inputs (`recompute=True`)."""
     extrema = []
@@ -420,7 +421,8 @@ def save_first_positions(forward: list[Term], gradients: list[list[Term]]) -> Sa
     values, reads = [], []
     for extremum in extrema:
         index = extremum.indices[0]
-        position = (first_position if extremum.largest else first_min_position)(extremum.body, index)
+        start = _start(extremum.body, index)
+        position = (first_position if extremum.largest else first_min_position)(extremum.body, index, start)
         kept = _first_appearance(extremum.body, free_indices(position))
         if not kept:
             continue     # a window always keeps its start (t)
@@ -428,7 +430,7 @@ def save_first_positions(forward: list[Term], gradients: list[list[Term]]) -> Sa
         if len(extrema) > 1:
             name += f"_{len(values)}"
         value = SavedValue(name, position, tuple(i.name for i in kept))
-        reads.append((extremum, tensor_symbol(name)[kept]))
+        reads.append((extremum, tensor_symbol(name)[kept] - start))
         values.append(value)
 
     def saved(share):
@@ -452,6 +454,19 @@ def save_first_positions(forward: list[Term], gradients: list[list[Term]]) -> Sa
     used = {a.base.label.name for terms in rewritten for t in terms for f in t.factors for a in f.atoms(sympy.Indexed)}
     values = [v for v in values if v.name in used]
     return Saving(tuple(values), forward, rewritten) if values else None
+
+
+def _start(body: sympy.Expr, index: sympy.Idx) -> sympy.Expr:
+    """Where the window along `index` starts in the input its read reads, s*t + e of x[n, c, s*t + k + e] (one
+    other index, k's step 1), or 0: the positions are then counted from the window's start."""
+    subscripts = {i for a in body.atoms(sympy.Indexed) for i in a.indices if index in i.atoms(sympy.Idx)}
+    if len(subscripts) != 1:
+        return sympy.S.Zero
+    (subscript,) = subscripts
+    start = subscript.subs(index, 0)
+    if subscript.coeff(index) != 1 or len(start.atoms(sympy.Idx)) != 1:
+        return sympy.S.Zero
+    return start
 
 
 def _first_appearance(body: sympy.Expr, names: set[str]) -> tuple[sympy.Idx, ...]:
