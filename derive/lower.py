@@ -129,6 +129,7 @@ class Convolution:
     # "input", g[..., t - d*k + e] by an input's kernel, is torch.nn.grad.conv_input (grad_x, padding e)
     kind: str = "conv"
     scale: sympy.Expr = sympy.S.One     # a pooling's 1 / size_k, taken into its kernel of ones
+    known: tuple[tuple[sympy.Symbol, sympy.Expr], ...] = ()    # the term's fixed and inferred sizes (TermPlan.known)
 
     @property
     def indices(self) -> tuple[str, ...]:
@@ -596,7 +597,7 @@ def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None)
         return _finish(scatter, (), term)
     convolution = _convolution(nodes, set(term.summed), target)
     if convolution is not None and isinstance(convolution.source, in_range) and is_python_number(term.coefficient):
-        return replace(convolution, scale=term.coefficient)    # the kernel of ones is the scale instead
+        return replace(convolution, scale=term.coefficient, known=term.known)   # the kernel of ones is the scale instead
     if convolution is not None:
         return _finish(convolution, (), term)
     # Factors constant along every summed index multiply the sum, not each of its summands:

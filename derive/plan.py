@@ -43,6 +43,9 @@ class TermPlan:
     # when it sums over `...` and its operands may span fewer batch positions than the batch shape
     # the inputs' `...` broadcast to: those inputs (name, dims), whose shapes the sum expands to first
     expand_batch: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # the value of each size the spec fixes or the shape checks infer from others (size_t = size_l // 2 for a
+    # pooling): what the lowering may assume of it
+    known: tuple[tuple[sympy.Symbol, sympy.Expr], ...] = ()
 
     @property
     def indices(self) -> tuple[str, ...]:
@@ -183,7 +186,13 @@ def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, 
     return TermPlan(coefficient=coefficient, operands=tuple(operands), aligned=aligned,
                     sizes=tuple((i, sizes[i]) for i in aligned if i in sizes),
                     summed=tuple(i for i in aligned if i in summed),
-                    expand_batch=batch_inputs(op) if expand else ())
+                    expand_batch=batch_inputs(op) if expand else (), known=_known_sizes(op))
+
+
+def _known_sizes(op: OpSpec) -> tuple[tuple[sympy.Symbol, sympy.Expr], ...]:
+    """(size symbol, its value) of each size the spec fixes or the shape checks infer from the others."""
+    return tuple((size_symbol(index), op.size_value(index)) for index, representative in sorted(dict(op.index_sizes).items())
+                 if index == representative and op.size_value(index) != size_symbol(index))
 
 
 def contraction_plan(term: Term, dims: tuple[str, ...], order) -> TermPlan:

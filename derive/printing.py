@@ -1060,18 +1060,30 @@ def _spread(node: Convolution) -> Code:
     reach = sum((abs(value.coeff(i)) * i.upper for i in value.atoms(sympy.Idx)), sympy.S.One)
     spread = -step * index.upper
     front, back = -lowest - spread, sympy.expand(lowest + reach - size - spread)
-    # the windows' reach; when they start at 0, the rest of the length (less than a stride) is zeros the
-    # kernel leaves, no copy
-    length = spread + size + (back if front == 0 else 0)
+    # the windows reach R = s * (size_t - 1) + size_k from where they start. Where the input ends less than a
+    # stride after them (its length gives the number of windows), the rest is zeros the kernel leaves, no copy;
+    # else (windows into a `pad` after the input, or as many as another input sets) R long, cropped or padded
+    length = spread + size
+    fits = front == 0 and _less_than_a_stride(back.subs(dict(node.known)), -step)
     windows = f"{gradient.atom()}.unsqueeze(-1).expand({', '.join(['-1'] * (len(node.out) + 1))}, {scalar.doprint(size)})"
-    text = (f"torch.ops.aten.unfold_backward({windows}, {python_tuple(sizes + [scalar.doprint(length)])}, "
+    text = (f"torch.ops.aten.unfold_backward({windows}, {python_tuple(sizes + [scalar.doprint(length + (back if fits else 0))])}, "
             f"{len(node.out)}, {scalar.doprint(size)}, {-step})")
     if node.scale != 1:
         numerator, denominator = node.scale.as_numer_denom()
         text += f".div_({scalar.doprint(denominator)})" if numerator == 1 else f".mul_({scalar.doprint(node.scale)})"
-    if front != 0:
+    if not fits:
         text = _padded(text, [sympy.S.Zero] * len(node.out) + [front], [sympy.S.Zero] * len(node.out) + [back])
     return Code(text, node.out + (position,))
+
+
+def _less_than_a_stride(rest: sympy.Expr, stride: int) -> bool:
+    """Whether 0 <= rest < stride for every size, where `rest` is linear in sizes and in their floors (an
+    inferred number of windows, size_l // 2): floor(u) lies in (u - 1, u], so `rest` in its two bounds."""
+    floors = sorted(rest.atoms(sympy.floor), key=sympy.default_sort_key)
+    low = rest.subs({f: f.args[0] if rest.coeff(f) < 0 else f.args[0] - 1 for f in floors})
+    high = rest.subs({f: f.args[0] - 1 if rest.coeff(f) < 0 else f.args[0] for f in floors})
+    low, high = sympy.expand(low), sympy.expand(high)
+    return bool(low.is_number and high.is_number and low >= 0 and (high <= stride if floors else high < stride))
 
 
 def access_name(access: sympy.Indexed) -> str:
@@ -1477,8 +1489,7 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
                 used |= set().union(*(size.free_symbols for size in node.sizes))
             elif isinstance(node, Convolution) and isinstance(node.source, in_range):
                 used |= node.source.free_symbols | {s for i in node.source.atoms(sympy.Idx) for s in i.upper.free_symbols}
-                if len(node.out) > 1:
-                    used |= {s for i in node.kernel.indices if i.name in node.out for s in i.upper.free_symbols}
+                used |= {s for i in node.kernel.indices if i.name in node.out for s in i.upper.free_symbols}
             elif isinstance(node, Convolution) and node.kind == "input":
                 used |= {s for a in (node.source.args[0], node.kernel) for i in a.atoms(sympy.Idx)
                          if i.name in node.batch + node.out + tuple(t for t, _, _, _ in node.spatial)
