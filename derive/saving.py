@@ -26,9 +26,9 @@ import sympy
 
 from . import naming
 from .derivation import Derivation, Term, tensor_symbols
-from .functions import (Sum, Tied, _Extremum, _OverIndex, canonical, first_max, first_min_position, first_position,
-                        fold_window, free_indices, log_softmax, logsumexp, one_hot, renamed_match, rewrite_log_softmax,
-                        softmax)
+from .functions import (Sum, Tied, _Extremum, _OverIndex, bound_indices, canonical, first_max, first_min_position,
+                        first_position, fold_window, free_indices, log_softmax, logsumexp, one_hot, renamed_match,
+                        rewrite_log_softmax, softmax)
 from .model import index_symbol, tensor_symbol
 
 
@@ -360,7 +360,8 @@ def save_reduced_values(forward: list[Term], gradients: list[list[Term]]) -> Sav
 
 def _reduced_values(expr: sympy.Expr, gradients: list[list[Term]]):
     """The largest subexpressions of `expr` that apply a function to a costly reduction and that a gradient reads."""
-    if isinstance(expr, sympy.Function) and not isinstance(expr, (sympy.Sum, _Extremum)) and _costly(expr):
+    if isinstance(expr, sympy.Function) and not isinstance(expr, (sympy.Sum, _Extremum)) and _costly(expr) \
+            and not _sums_the_batch(expr):
         dims = _value_dims(expr)
         if any(_renaming(expr, dims, e) is not None for terms in gradients for t in terms for f in t.factors
                for e in sympy.preorder_traversal(f) if isinstance(e, sympy.Basic) and e.func == expr.func):
@@ -381,12 +382,21 @@ def _costly(expr: sympy.Expr) -> bool:
     return False
 
 
+def _sums_the_batch(expr: sympy.Expr) -> bool:
+    """Whether a reduction inside `expr` binds the batch dims `...`: such a value is left to the formulas, which
+    read it where the batch dims lead (a saved value of its own dims would hold them in the middle)."""
+    return any(naming.BATCH in bound_indices(node) for node in sympy.preorder_traversal(expr)
+               if isinstance(node, (sympy.Sum, _OverIndex, _Extremum)))
+
+
 def _value_dims(value: sympy.Expr) -> tuple[sympy.Idx, ...]:
-    """A value's free indices, in the order its accesses read them, the index a softmax is along last."""
+    """A value's free indices, in the order its accesses read them, the batch dims first (they must lead) and
+    the index a softmax is along last."""
     free = free_indices(value)
     dims = []
     for access in sorted(value.atoms(sympy.Indexed), key=sympy.default_sort_key):
         dims += [i for i in access.indices if isinstance(i, sympy.Idx) and i.name in free and i not in dims]
+    dims.sort(key=lambda i: i.name != naming.BATCH)
     if isinstance(value, _OverIndex) and value.index in dims:
         dims = [i for i in dims if i != value.index] + [value.index]
     return tuple(dims)

@@ -141,18 +141,20 @@ def test_no_intermediate_outgrows_the_operands(generated, name):
 
 
 def test_attention_is_matrix_products_and_the_fused_softmax_backward(generated):
-    """The forward is `softmax(c * (q @ k.mT)) @ v`; the backward computes the scores and `grad_o @ v.mT` once
-    each (written where they are read, so each is freed as soon as its reader is done), the softmax VJP once,
-    by `_softmax_backward_data`, then one matrix product per gradient."""
+    """The forward computes P = `softmax(c * (q @ k.mT))` once, saves it (saving.save_reduced_values) and returns
+    `P @ v`; the backward computes `grad_o @ v.mT` once (written where it is read, so it is freed as soon as its
+    reader is done), the softmax VJP once from P, by `_softmax_backward_data`, then one matrix product per
+    gradient, and never the scores again."""
     _, _, module = generated("attention", "contraction")
     source = open(module.__file__).read()
     code = [line.strip() for line in source.splitlines() if not line.strip().startswith(("#", '"'))]
     body = "\n".join(code)
     assert "einsum" not in body and "unsqueeze" not in body, body
-    assert "return torch.softmax(c * (q @ k.mT), dim=-1) @ v" in code
+    assert "saved_softmax = torch.softmax(c * (q @ k.mT), dim=-1)" in code
+    assert "return saved_softmax @ v, saved_softmax" in code
     backward = source[source.index("def attention_backward"):source.index("def attention_jvp")]
-    assert backward.count("_softmax_backward_data(grad_o @ v.mT, ") == 1, backward
-    assert backward.count("q @ k.mT") == 1, backward
+    assert backward.count("_softmax_backward_data(grad_o @ v.mT, saved_softmax") == 1, backward
+    assert backward.count("q @ k.mT") == 0, backward
     assert re.search(r"grad_q = c \* \(shared_\d @ k\)", backward), backward
     assert re.search(r"grad_k = c \* \(shared_\d\.mT @ q\)", backward), backward
 

@@ -58,8 +58,17 @@ def _function_body(text: str, name: str) -> str:
     return ast.unparse(function)
 
 
-@pytest.mark.parametrize("op_name", [pytest.param(name, marks=[pytest.mark.slow] * (name != "hidden_tanh"))
-                                     for name in SAVED])
+def test_the_hidden_activations_are_saved(tmp_path):
+    """The default run's share of the test below: tanh(x @ w) is saved by the forward, read by the backward,
+    and the gradients are autograd's."""
+    op, module, text = _module(tmp_path, "hidden_tanh")
+    backward = _function_body(text, "hidden_tanh_backward")
+    assert "saved_tanh" in backward and "torch.tanh" not in backward
+    check_gradients(op, module)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op_name", SAVED)
 def test_a_value_costly_to_recompute_is_saved_by_the_forward(tmp_path, op_name):
     """The forward computes the value once and the backward reads it, computing no softmax or tanh of its own;
     gradients, tangents and gradcheck are autograd's at sizes equal, 1 and 0; saved bytes <= autograd's."""
