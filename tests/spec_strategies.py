@@ -736,7 +736,7 @@ def index_cases(draw, known_bugs: frozenset[str] = KNOWN_BUGS, place_kinks=None)
         features.add(f"stride {stride}, dilation {dilation}")
     elif family == "diagonal":
         i, j = size(), size()
-        form = draw(st.sampled_from(["elementwise", "trace", "mixed"]))
+        form = draw(st.sampled_from(["elementwise", "trace", "mixed", "three times"]))
         features.add(f"diagonal {form}")
         if form == "elementwise":   # y[i, j] = f(a[i, i]) * b[i, j]
             inputs = {"a": ("i, i", (i, i)), "b": ("i, j", (i, j))}
@@ -746,6 +746,11 @@ def index_cases(draw, known_bugs: frozenset[str] = KNOWN_BUGS, place_kinks=None)
             inputs = {"a": ("i, j, i", (i, j, i)), "b": ("i", (i,))}
             equation = f"y[j] = sum({function}a[i, j, i]{')' if name else ''} * b[i], i)"
             reference = f"({wrap('torch.diagonal(a, 0, 0, 2)')} * b).sum(-1)"
+        elif form == "three times":  # y[j] = f(a[j, j, j]) * b[j] + sum(a[i, i, i], i)
+            inputs = {"a": ("i, i, i", (i, i, i)), "b": ("i", (i,))}
+            equation = f"y[j] = {function}a[j, j, j]{')' if name else ''} * b[j] + sum(a[i, i, i], i)"
+            diagonal = "a.diagonal().diagonal(0, 0, 1)"
+            reference = f"{wrap(diagonal)} * b + {diagonal}.sum()"
         else:                       # the diagonal and the whole matrix in one equation
             inputs = {"a": ("i, i", (i, i))}
             equation = f"y[i, j] = {function}a[i, i]{')' if name else ''} - a[i, j] * a[j, i]"

@@ -78,3 +78,13 @@ FLIPPED = {
 def test_a_kernel_read_backwards(name):
     inputs, equation, reference, input_sets = FLIPPED[name]
     check_by_hand(f'[ops.fuzzed]\ninputs = {inputs}\nequation = "{equation}"\nreference = "{reference}"\n', input_sets)
+
+
+def test_an_index_repeated_three_times():
+    """a[i, i, i]: the gradient has two masks of positions, where(i == j) and where(i == k); the first was placed
+    with the second inside it as its value (a mask that reads no tensor: an internal error). Each is placed in
+    turn now, one diag_embed around the other; at sizes 3, 1 and 0."""
+    toml = ('[ops.fuzzed]\ninputs = ["a[i, i, i]", "b[i]"]\nequation = "y[i] = exp(a[i, i, i]) * b[i] + sum(a[j, j, j], j)"\n'
+            'reference = "torch.exp(a.diagonal().diagonal(0, 0, 1)) * b + a.diagonal().diagonal(0, 0, 1).sum()"\n')
+    check_by_hand(toml, [[_random(3, 3, 3), _random(3, seed=1)], [_random(1, 1, 1, seed=2), _random(1, seed=3)],
+                         [_random(0, 0, 0), _random(0)]])
