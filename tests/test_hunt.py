@@ -88,3 +88,19 @@ def test_an_index_repeated_three_times():
             'reference = "torch.exp(a.diagonal().diagonal(0, 0, 1)) * b + a.diagonal().diagonal(0, 0, 1).sum()"\n')
     check_by_hand(toml, [[_random(3, 3, 3), _random(3, seed=1)], [_random(1, 1, 1, seed=2), _random(1, seed=3)],
                          [_random(0, 0, 0), _random(0)]])
+
+
+def test_a_gather_through_a_window_is_refused_in_one_line():
+    """e[idx[n, t + k], d]: a gather whose index is read through a window (an embedding then a convolution) was
+    an internal error (the scatter read the window's indices); it is a one-line refusal naming the op now."""
+    from derive.model import SpecError
+    from derive.pipeline import build_op
+    from derive.spec import parse_catalog
+
+    toml = ('[ops.embed_conv]\ninputs = ["e[v, d]", "idx[n, l]", "w[o, d, k]"]\ninteger = ["idx"]\n'
+            'equation = "y[n, o, t] = sum(e[idx[n, t + k], d] * w[o, d, k], d, k)"\n')
+    with pytest.raises(SpecError) as refused:
+        build_op(parse_catalog(toml, "s.toml").ops[0])
+    message = str(refused.value)
+    assert message.startswith("s.toml:") and "op 'embed_conv'" in message and "\n" not in message
+    assert "internal error" not in message, message
