@@ -38,8 +38,9 @@ from derive.naming import BATCH
 AVOIDED: set[str] = {
     # a convolution with a channel or out-channel dim of size 0: the contraction style calls F.conv1d, which
     # gives no out-channels for no channels (x of shape (2, 0, 5), w of (2, 0, 3): (2, 0, 3) where the empty sum
-    # is zeros of (2, 2, 3)) and raises for no out-channels ("expected weight to be at least 1 at dimension 0")
-    # (tests/spec_strategies.index_cases draws neither while this is listed)
+    # is zeros of (2, 2, 3)) and raises for no out-channels ("expected weight to be at least 1 at dimension 0");
+    # a pooling's gradient over no channels, `mean(x[n, c, 2*t + k - 1], k)` with c = 0, raises "non-positive
+    # groups" (tests/spec_strategies.index_cases draws none of them while this is listed)
     "convolution_of_an_empty_channel_dim",
 }
 RECOGNIZED = {
