@@ -104,3 +104,14 @@ def test_a_gather_through_a_window_is_refused_in_one_line():
     message = str(refused.value)
     assert message.startswith("s.toml:") and "op 'embed_conv'" in message and "\n" not in message
     assert "internal error" not in message, message
+
+
+def test_abs_of_a_value_sympy_cannot_prove_real():
+    """|asin(tanh(p))|: SymPy cannot prove asin(tanh(p)) real, so it differentiated |a| in its complex form,
+    (re(a) re(a)' + im(a) im(a)') / |a|, which is 0 / 0 = NaN at a = 0 where torch's gradient is 0 (CI fuzz seed
+    99). Every value of a spec is real: d|a| = sign(a) a'. At p == 0 exactly, at sizes 3, 1 and 0."""
+    toml = ('[ops.fuzzed]\ninputs = ["p[..., j]"]\nequation = "y[..., j] = ((1 + (Abs(asin(tanh(p[..., j]))))**2))**0.5"\n'
+            'reference = "torch.pow((1 + (torch.abs(torch.asin(torch.tanh(p)))) ** 2), 0.5)"\n')
+    on_zero = _random(3, 2)
+    on_zero[1] = 0.0
+    check_by_hand(toml, [[on_zero], [torch.zeros(1, 1, dtype=torch.float64)], [_random(0, 2)]])
