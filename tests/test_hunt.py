@@ -115,3 +115,19 @@ def test_abs_of_a_value_sympy_cannot_prove_real():
     on_zero = _random(3, 2)
     on_zero[1] = 0.0
     check_by_hand(toml, [[on_zero], [torch.zeros(1, 1, dtype=torch.float64)], [_random(0, 2)]])
+
+
+def test_kink_inputs_solve_no_kink_through_a_max_reduction():
+    """Max(min(x[n, k], k) - b[n], 0): solved for b, the kink's solution is min(x[n, k], k), a reduction that the
+    elementwise evaluation of a solution cannot compute (verify_op raised NameError: name 'amin'). Such a kink is
+    left out, as one through a sum is; the others of the op (ties of the min, c = 1) are still placed."""
+    from derive.spec import parse_catalog
+    from derive.testing import kink_inputs, make_inputs
+
+    toml = ('[ops.shifted]\ninputs = ["x[n, k]", "b[n]", "c[n]"]\n'
+            'equation = "y[n] = Max(min(x[n, k], k) - b[n], 0, tie=0) + Abs(c[n] - 1)"\n')
+    op = parse_catalog(toml, "s.toml").ops[0]
+    placed, placements = kink_inputs(op, make_inputs(op))
+    assert sorted(p.input for p in placements) == ["c", "x"]     # c = 1, and ties of x's min over k
+    (on_abs,) = [p for p in placements if p.input == "c"]
+    assert (placed[2][on_abs.mask] == 1).all()
