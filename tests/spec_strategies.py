@@ -601,6 +601,10 @@ def draw_values(draw, builder: Builder, place_kinks, toml: str):
         shape = sum(((own if i == BATCH else (sizes[i],)) for i in tensor.indices), ())
         if tensor.integer:   # small ranges repeat indices: the scatter must accumulate
             tensors[tensor.name] = torch.randint(0, sizes[VOCABULARY], shape, generator=generator)
+            # a mask read only as a value may be bool (README "integer"): half of those with values 0 and 1
+            if tensor.name.startswith("mask") and sizes[VOCABULARY] <= 2 and torch.rand((), generator=generator) < 0.5:
+                tensors[tensor.name] = tensors[tensor.name].bool()
+                placements.append(f"{tensor.name} bool")
             continue
         if tensor.low is not None:
             value = tensor.low + (tensor.high - tensor.low) * torch.rand(shape, generator=generator,
