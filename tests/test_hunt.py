@@ -32,7 +32,8 @@ SPREADS = {
 }
 
 
-@pytest.mark.parametrize("name", SPREADS)
+@pytest.mark.parametrize("name", ["fewer windows than the input holds",
+                                  pytest.param("windows into the pad after the input", marks=pytest.mark.slow)])
 def test_a_pooling_gradient_fits_the_input_length(name):
     toml, input_sets = SPREADS[name]
     check_by_hand(toml, input_sets)
@@ -51,6 +52,7 @@ def test_a_failure_only_on_kinks_names_the_tie_convention():
         verify_module(split._built.op, split.module)
 
 
+@pytest.mark.slow
 def test_a_function_of_a_padded_convolution():
     """tanh(conv1d(x, w, padding=1)): the gradient reads the convolution inside tanh's derivative, where
     lowering looked for leaves in it (it has none: it reads x and w by name) and printing for a tensor to take a
@@ -109,12 +111,12 @@ def test_a_gather_through_a_window_is_refused_in_one_line():
 def test_abs_of_a_value_sympy_cannot_prove_real():
     """|asin(tanh(p))|: SymPy cannot prove asin(tanh(p)) real, so it differentiated |a| in its complex form,
     (re(a) re(a)' + im(a) im(a)') / |a|, which is 0 / 0 = NaN at a = 0 where torch's gradient is 0 (CI fuzz seed
-    99). Every value of a spec is real: d|a| = sign(a) a'. At p == 0 exactly, at sizes 3, 1 and 0."""
-    toml = ('[ops.fuzzed]\ninputs = ["p[..., j]"]\nequation = "y[..., j] = ((1 + (Abs(asin(tanh(p[..., j]))))**2))**0.5"\n'
+    99, with p[..., j]). Every value of a spec is real: d|a| = sign(a) a'. At p == 0 exactly, at sizes 3 and 1."""
+    toml = ('[ops.fuzzed]\ninputs = ["p[j]"]\nequation = "y[j] = ((1 + (Abs(asin(tanh(p[j]))))**2))**0.5"\n'
             'reference = "torch.pow((1 + (torch.abs(torch.asin(torch.tanh(p)))) ** 2), 0.5)"\n')
-    on_zero = _random(3, 2)
+    on_zero = _random(3)
     on_zero[1] = 0.0
-    check_by_hand(toml, [[on_zero], [torch.zeros(1, 1, dtype=torch.float64)], [_random(0, 2)]])
+    check_by_hand(toml, [[on_zero], [torch.zeros(1, dtype=torch.float64)]])
 
 
 def test_kink_inputs_solve_no_kink_through_a_max_reduction():
