@@ -213,6 +213,11 @@ class Abs(sympy.Abs):
             return None
         return super().eval(arg)
 
+    def _eval_derivative(self, symbol):
+        # every value of a spec is real (asin(tanh(x)) too, which SymPy cannot prove): sign(a) * a', never SymPy's
+        # complex form (re(a) re(a)' + im(a) im(a)') / |a|, which is 0 / 0 at a = 0
+        return sympy.Derivative(self.args[0], symbol, evaluate=True) * sympy.sign(self.args[0])
+
 
 # Elementwise derivatives whose formula is undefined at some point, where they take torch's value instead.
 SPECIAL_POINTS = (power_slope, power_log, atan2_scale)

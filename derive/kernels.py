@@ -732,18 +732,23 @@ def _print_cumsum(printer, node, factor=sympy.S.One):
 # Diagonals: where(i == j, f[i], 0) ----------------------------------------------------------------
 
 def _diagonal(terms: list[Term], found=(), like=None) -> list[Term]:
-    return [_on_diagonal(term) for term in terms]
+    return [_on_diagonals(term) for term in terms]
+
+
+def _on_diagonals(term: Term) -> Term:
+    """`_on_diagonal` until no mask is left to place: a[i, i, i]'s gradient has two, where(i == j) and where(i == k)."""
+    while (placed := _on_diagonal(term)) != term:
+        term = placed
+    return term
 
 
 def _on_diagonal(term: Term) -> Term:
     """where(i == j, v, 0) * f[i]  ->  diag_embed(v * f, i, j), for free indices i and j of one size and factors
     that read i, not j: a diagonal's gradient (a[i, i] read) without the (i, j) mask of positions."""
     for mask in term.factors:
-        if not (isinstance(mask, sympy.Piecewise) and len(mask.args) == 2 and mask.args[1] == (0, True)):
+        if not _index_mask(mask):
             continue
         value, condition = mask.args[0]
-        if not (isinstance(condition, sympy.Equality) and all(isinstance(a, sympy.Idx) for a in condition.args)):
-            continue
         i, j = condition.args
         factors = [f for f in term.factors if f is not mask] + list(sympy.Mul.make_args(value))
         if i.upper != j.upper or {i, j} <= set(term.summed):
@@ -754,12 +759,20 @@ def _on_diagonal(term: Term) -> Term:
                         tuple(k for k in term.summed if k != j))
         for i, j in ((i, j), (j, i)):
             # the factors that read i (or, when none does, all: a trace's gradient is grad_y on the diagonal)
-            inside = [f for f in factors if free_indices(f) & {i.name, j.name}] or [f for f in factors if f != 1]
+            # (another mask of positions is placed next, around this one: a[i, i, i]'s gradient has two)
+            values = [f for f in factors if not _index_mask(f)]
+            inside = [f for f in values if free_indices(f) & {i.name, j.name}] or [f for f in values if f != 1]
             body = sympy.Mul(*inside)
             if j.name not in free_indices(body) and (i.name in free_indices(body) or BATCH not in free_indices(body)):
                 rest = tuple(f for f in factors if not any(f is g for g in inside) and f != 1)
                 return Term(term.coefficient, rest + (diag_embed(body, i, j),), term.summed)
     return term
+
+
+def _index_mask(factor) -> bool:
+    """where(i == j, v, 0): a mask of index positions (a diagonal's), with any value v."""
+    return isinstance(factor, sympy.Piecewise) and len(factor.args) == 2 and factor.args[1] == (0, True) \
+        and isinstance(factor.args[0][1], sympy.Equality) and all(isinstance(a, sympy.Idx) for a in factor.args[0][1].args)
 
 
 def _print_diag_embed(printer, node, factor=sympy.S.One):

@@ -674,6 +674,8 @@ def _scatter(nodes: list[Node], summed: set[str], target: tuple[str, ...], like:
         if not (isinstance(node.expr, one_hot) and like is not None):
             continue
         value, position = node.expr.args
+        if not isinstance(value, sympy.Indexed):
+            continue    # an index read through a window (idx[n, t + k]): its one-hot is contracted as it is
         rows = tuple(i.name for i in value.indices)
         at = target.index(position.name) if position.name in target else None
         # the index's dims the gradient keeps (shared with the input's other dims) and those it sums

@@ -568,7 +568,7 @@ def _place(op, kink, access, tensors, params, generator, fraction) -> KinkPlacem
     scalar_symbols = {scalar_symbol(t.name): sympy.Dummy(t.name, real=True)
                       for t in op.inputs if not t.indices and scalar_symbol(t.name) != access}
     replaced = difference_atoms.xreplace({access: unknown, **stand_ins, **param_symbols, **scalar_symbols})
-    if replaced.has(sympy.Sum, _OverIndex, sympy.Indexed, sympy.Piecewise):
+    if replaced.has(sympy.Sum, _OverIndex, _Extremum, sympy.Indexed, sympy.Piecewise):   # (not elementwise)
         return None
     try:
         solutions = sympy.solve(replaced, unknown)

@@ -38,8 +38,9 @@ from derive.naming import BATCH
 AVOIDED: set[str] = {
     # a convolution with a channel or out-channel dim of size 0: the contraction style calls F.conv1d, which
     # gives no out-channels for no channels (x of shape (2, 0, 5), w of (2, 0, 3): (2, 0, 3) where the empty sum
-    # is zeros of (2, 2, 3)) and raises for no out-channels ("expected weight to be at least 1 at dimension 0")
-    # (tests/spec_strategies.index_cases draws neither while this is listed)
+    # is zeros of (2, 2, 3)) and raises for no out-channels ("expected weight to be at least 1 at dimension 0");
+    # a pooling's gradient over no channels, `mean(x[n, c, 2*t + k - 1], k)` with c = 0, raises "non-positive
+    # groups" (tests/spec_strategies.index_cases draws none of them while this is listed)
     "convolution_of_an_empty_channel_dim",
 }
 RECOGNIZED = {
@@ -600,6 +601,10 @@ def draw_values(draw, builder: Builder, place_kinks, toml: str):
         shape = sum(((own if i == BATCH else (sizes[i],)) for i in tensor.indices), ())
         if tensor.integer:   # small ranges repeat indices: the scatter must accumulate
             tensors[tensor.name] = torch.randint(0, sizes[VOCABULARY], shape, generator=generator)
+            # a mask read only as a value may be bool (README "integer"): half of those with values 0 and 1
+            if tensor.name.startswith("mask") and sizes[VOCABULARY] <= 2 and torch.rand((), generator=generator) < 0.5:
+                tensors[tensor.name] = tensors[tensor.name].bool()
+                placements.append(f"{tensor.name} bool")
             continue
         if tensor.low is not None:
             value = tensor.low + (tensor.high - tensor.low) * torch.rand(shape, generator=generator,
@@ -736,7 +741,7 @@ def index_cases(draw, known_bugs: frozenset[str] = KNOWN_BUGS, place_kinks=None)
         features.add(f"stride {stride}, dilation {dilation}")
     elif family == "diagonal":
         i, j = size(), size()
-        form = draw(st.sampled_from(["elementwise", "trace", "mixed"]))
+        form = draw(st.sampled_from(["elementwise", "trace", "mixed", "three times"]))
         features.add(f"diagonal {form}")
         if form == "elementwise":   # y[i, j] = f(a[i, i]) * b[i, j]
             inputs = {"a": ("i, i", (i, i)), "b": ("i, j", (i, j))}
@@ -746,6 +751,11 @@ def index_cases(draw, known_bugs: frozenset[str] = KNOWN_BUGS, place_kinks=None)
             inputs = {"a": ("i, j, i", (i, j, i)), "b": ("i", (i,))}
             equation = f"y[j] = sum({function}a[i, j, i]{')' if name else ''} * b[i], i)"
             reference = f"({wrap('torch.diagonal(a, 0, 0, 2)')} * b).sum(-1)"
+        elif form == "three times":  # y[j] = f(a[j, j, j]) * b[j] + sum(a[i, i, i], i)
+            inputs = {"a": ("i, i, i", (i, i, i)), "b": ("i", (i,))}
+            equation = f"y[j] = {function}a[j, j, j]{')' if name else ''} * b[j] + sum(a[i, i, i], i)"
+            diagonal = "a.diagonal().diagonal(0, 0, 1)"
+            reference = f"{wrap(diagonal)} * b + {diagonal}.sum()"
         else:                       # the diagonal and the whole matrix in one equation
             inputs = {"a": ("i, i", (i, i))}
             equation = f"y[i, j] = {function}a[i, i]{')' if name else ''} - a[i, j] * a[j, i]"

@@ -271,10 +271,8 @@ FUZZ = settings(max_examples=EXAMPLES, database=None, deadline=None, print_blob=
 SEED = int(os.environ.get("DERIVE_FUZZ_SEED", "43"))
 
 
-@seed(SEED)
-@FUZZ
-@given(fuzz_cases(known_bugs=EXCLUDED, place_kinks=place_kinks))
-def fuzz_one(case):
+def run_case(case) -> None:
+    """Generate a drawn spec and check it in every style, counting what came up in REPORT."""
     REPORT["outcomes"]["specs generated"] += 1
     for feature in case.features:
         event(feature)
@@ -304,6 +302,13 @@ def fuzz_one(case):
         event(f"known bug: {bug}")
         return
     REPORT["outcomes"]["specs checked"] += 1
+
+
+@seed(SEED)
+@FUZZ
+@given(fuzz_cases(known_bugs=EXCLUDED, place_kinks=place_kinks))
+def fuzz_one(case):
+    run_case(case)
 
 
 def summary() -> str:
@@ -343,28 +348,7 @@ INDEX_FUZZ = settings(FUZZ, max_examples=max(1, EXAMPLES // 3))
 @INDEX_FUZZ
 @given(index_cases(known_bugs=EXCLUDED, place_kinks=place_kinks))
 def fuzz_index_family(case):
-    REPORT["outcomes"]["specs generated"] += 1
-    for feature in case.features:
-        event(feature)
-        REPORT["features"][feature] += 1
-    built = generate(case)
-    if isinstance(built, str):
-        REPORT["refusals"][built] += 1
-        event(f"refused: {built}")
-        return
-    op, modules = built
-    try:
-        for style, module in modules.items():
-            check(case, op, module, style)
-    except Exception as error:
-        bug = known_bug(modules, error)
-        if bug is None:
-            raise
-        REPORT["known bugs found"][bug] += 1
-        EXAMPLES_FOUND.setdefault(bug, case.toml)
-        event(f"known bug: {bug}")
-        return
-    REPORT["outcomes"]["specs checked"] += 1
+    run_case(case)
 
 
 def test_index_families_on_random_specs():
