@@ -110,9 +110,10 @@ def test_quick_composite_bench_checks_and_reports_every_op():
     rows = composite.run_composite(quick=True, rounds=1)
     assert [row.op for row in rows] == sorted(composite.SIZES)     # the catalog's order
     for row in rows:
-        expected = {composite.EAGER, composite.COMPILED, composite.DERIVE, composite.FUSED} \
+        expected = {composite.EAGER, composite.COMPILED, composite.COMPILED_DYNAMIC, composite.DERIVE,
+                    composite.FUSED} \
             | ({composite.NATIVE_KERNEL} if row.op in composite.NATIVE else set())
         assert set(row.seconds) == set(row.saved) == expected
         assert all(value > 0 for value in row.seconds.values()) and row.saved[composite.EAGER] > 0
     text = composite.format_composite(rows)
-    assert all(row.op in text for row in rows) and "fused/compiled" in text
+    assert all(row.op in text for row in rows) and "fused/compiled" in text and "fused/dynamic" in text
