@@ -9,6 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from derive.build import render_catalog
+from derive import naming
 from derive.naming import BATCH
 from derive.spec import parse_catalog
 from derive.testing import load_module, make_inputs
@@ -62,9 +63,15 @@ def test_the_batch_is_the_dots_else_the_results_first_index_else_the_first_input
 
 
 def step(op, module, sizes, seed=0):
+    """The result and gradients from the fused op, checked against autograd of its eager formula."""
     leaves = [t.requires_grad_() for t in make_inputs(op, sizes, torch.float32, seed=seed)]
     output = getattr(module, op.name)(*leaves)
-    return torch.autograd.grad(output, leaves, torch.ones_like(output))
+    got = [output, *torch.autograd.grad(output, leaves, torch.ones_like(output))]
+    formula = getattr(module, naming.forward(op.name)).__wrapped__(*leaves)
+    want = [formula, *torch.autograd.grad(formula, leaves, torch.ones_like(formula))]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    return got
 
 
 def compiled() -> tuple[int, int]:
