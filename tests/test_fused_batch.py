@@ -91,3 +91,20 @@ def test_only_the_batch_is_dynamic(modules):
     assert compiled() == before
     step(op, module, {n: 9, k: 5})
     assert compiled()[0] > before[0]
+
+
+@pytest.mark.slow
+def test_a_first_batch_of_1_compiles_once_more_then_never(modules):
+    """torch specializes a size of 1: after a first call with batch 1, the next batch size compiles once more
+    (the batch symbolic from then on, torch's automatic dynamic shapes), and later ones nothing, also one equal
+    to d's."""
+    op, module = modules["scaled"]
+    d = op.size_of("d")
+    step(op, module, {BATCH: 1, d: 3})
+    first = compiled()
+    step(op, module, {BATCH: 9, d: 3})
+    second = compiled()
+    assert second[0] > first[0]
+    for size in (17, 3):
+        step(op, module, {BATCH: size, d: 3}, seed=size)
+    assert compiled() == second
