@@ -83,13 +83,13 @@ def test_only_the_batch_is_dynamic(modules):
     """A new batch size (the named batch n, equal to k on the first call) reuses the compiled forward and
     backward; a new size of any other index compiles them again, for that size."""
     op, module = modules["project"]
-    n, k = op.size_of("n"), op.size_of("k")
-    step(op, module, {n: 4, k: 4})
+    n, k, m = op.size_of("n"), op.size_of("k"), op.size_of("m")
+    step(op, module, {n: 4, k: 4, m: 3})
     before = compiled()
     for size in (9, 17):
-        step(op, module, {n: size, k: 4}, seed=size)
+        step(op, module, {n: size, k: 4, m: 3}, seed=size)
     assert compiled() == before
-    step(op, module, {n: 9, k: 5})
+    step(op, module, {n: 9, k: 5, m: 3})
     assert compiled()[0] > before[0]
 
 
