@@ -8,7 +8,9 @@ Contract:
   takes at most 8 per index and 64 for `...`. float32, the threads torch has.
 - Contenders, each the forward and the backward of one step (`torch.autograd.grad` of the result, given a
   fixed random upstream gradient): "torch eager", the spec's `reference` (the same forward written in torch
-  ops) under autograd; "torch compiled", `torch.compile` of that reference; "native", torch's own kernel
+  ops) under autograd; "torch compiled", `torch.compile` of that reference (compiled for the sizes it is called
+  with: every size static); "torch compiled, dynamic", the same with `dynamic=True` (every size a symbol; the
+  fused style keeps only its batch dims symbolic); "native", torch's own kernel
   where one exists (NATIVE); "derive", the contraction-style module's op; "derive fused", the fused one's.
 - Checked first: every contender's gradients equal torch eager's (bench.verify); that first call also
   compiles what is compiled, outside the timing; then COMPILED_WARMUP more calls of each (a compiled
@@ -16,8 +18,8 @@ Contract:
 - Measured: median seconds in interleaved shuffled rounds (bench.median_seconds), peak bytes of one call
   (bench.peak_bytes), and saved bytes: what the forward hands its backward, every tensor that reaches
   `torch.autograd.graph.saved_tensors_hooks`, counted once per storage (inputs included, for every contender).
-- Reported: each contender's figures and the ratios derive / torch eager, derive fused / torch compiled and
-  derive fused / native.
+- Reported: each contender's figures and the ratios derive / torch eager, derive fused / torch compiled (static
+  and dynamic) and derive fused / native.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .testing import load_module, make_inputs
 
 SPEC = Path(__file__).parent / "catalog" / "composite.toml"
 EAGER, COMPILED, NATIVE_KERNEL, DERIVE, FUSED = "torch eager", "torch compiled", "native", "derive", "derive fused"
+COMPILED_DYNAMIC = "torch compiled, dynamic"
 COMPILED_WARMUP = 3     # calls of each contender after the check, before the timed rounds' own warm-up
 
 # The length of each index at the real sizes (about a million elements per input).
@@ -111,7 +114,8 @@ def contenders(op: OpSpec, sizes: dict[str, int]) -> dict[str, Callable[[], tupl
     eager = torch_forward(op)
     output = eager(*leaves)
     grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(1), dtype=output.dtype)
-    forwards = {EAGER: eager, COMPILED: torch.compile(eager), DERIVE: getattr(contraction, op.name),
+    forwards = {EAGER: eager, COMPILED: torch.compile(eager), COMPILED_DYNAMIC: torch.compile(eager, dynamic=True),
+                DERIVE: getattr(contraction, op.name),
                 FUSED: getattr(fused, op.name)}
     if op.name in NATIVE:
         forwards[NATIVE_KERNEL] = NATIVE[op.name]
@@ -170,7 +174,7 @@ def run_composite(quick: bool = False, rounds: int | None = None, seed: int = 0,
 
 def format_composite(rows: list[CompositeRow]) -> str:
     header = ("op", "shape", "eager ms", "derive ms", "time", "peak", "saved", "compiled ms", "fused ms",
-              "fused/compiled", "native ms", "fused/native", "fused saved")
+              "fused/compiled", "fused/dynamic", "native ms", "fused/native", "fused saved")
     lines = []
     for row in rows:
         def ratio(a, b, figure="seconds"):
@@ -180,7 +184,8 @@ def format_composite(rows: list[CompositeRow]) -> str:
         lines.append((row.op, row.shape, f"{row.seconds[EAGER] * 1e3:.3f}", f"{row.seconds[DERIVE] * 1e3:.3f}",
                       ratio(DERIVE, EAGER), ratio(DERIVE, EAGER, "peak"), ratio(DERIVE, EAGER, "saved"),
                       f"{row.seconds[COMPILED] * 1e3:.3f}", f"{row.seconds[FUSED] * 1e3:.3f}",
-                      ratio(FUSED, COMPILED), "-" if native is None else f"{native * 1e3:.3f}",
+                      ratio(FUSED, COMPILED), ratio(FUSED, COMPILED_DYNAMIC),
+                      "-" if native is None else f"{native * 1e3:.3f}",
                       ratio(FUSED, NATIVE_KERNEL), ratio(FUSED, EAGER, "saved")))
     widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
 
@@ -191,7 +196,8 @@ def format_composite(rows: list[CompositeRow]) -> str:
         f"derive bench --composite: one training step (forward + backward) of user-style ops "
         f"({SPEC.name}), {bench.DTYPE}, {torch.get_num_threads()} threads; medians of interleaved rounds",
         "time, peak, saved: derive (contraction style, eager) / torch eager (the same forward in torch ops, "
-        "autograd); fused/compiled: derive fused / torch.compile of that forward; fused/native: derive fused / "
+        "autograd); fused/compiled: derive fused / torch.compile of that forward (static sizes; fused/dynamic: "
+        "with dynamic=True); fused/native: derive fused / "
         "torch's own kernel; fused saved: derive fused's saved bytes / torch eager's",
         "", line(header), line(["-" * w for w in widths]), *map(line, lines)])
 

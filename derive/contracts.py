@@ -60,6 +60,16 @@ class Declared:
         """Source for the batch dims' shape."""
         return f"{self.name}.shape[:-{len(self.named)}]" if self.named else f"{self.name}.shape"
 
+    def dims_of(self, index: str) -> str | None:
+        """Source for a slice of this tensor's dims that `index` spans (BATCH: the leading dims, however many);
+        None when the tensor does not carry it."""
+        if index not in self.indices:
+            return None
+        if index == BATCH:
+            return f"slice(0, -{len(self.named)})" if self.named else "slice(0, None)"
+        position = self.indices.index(index)
+        return f"slice({position}, {position + 1})"
+
 
 @dataclass(frozen=True)
 class Check:

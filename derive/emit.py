@@ -120,6 +120,13 @@ def _module_context(derivation: Derivation, lowered: LoweredOp, source: str, com
         variants=[_variant_view(op, absent, view, (jvp, signature.uses_output)) for absent, view in views],
         layer=layer, backward_arguments=list(signature.arguments),
     )
+    # one table for the module: a variant's arguments carry the indices the op's do (its batch too, unless the
+    # absent input was the one that declared it)
+    context["batch_dims"] = dict(context["contract"]["batch_dims"] + tuple(
+        item for _, view in views if view["op"].batch_index == op.batch_index
+        for item in view["contract"]["batch_dims"]))
+    batch = op.batch_index
+    context["batch_doc"] = "the `...` dims" if batch == naming.BATCH else f"index {batch}" if batch else "none"
     return context
 
 
@@ -327,8 +334,11 @@ def _contract(derivation: Derivation, lowered: LoweredOp, kept: tuple[str, ...])
     checks = [c for c in checks if c.pair[:1] and c.pair[0] not in saved or not c.pair] + \
         [c for c in checks if c.pair[:1] and c.pair[0] in saved]
     inputs = ", ".join(t.name for t in op.inputs)
+    batch = op.batch_index
     return dict(
         name=naming.check_shapes(op.name),
+        # the fused style's dynamic dims: those of the op's batch (OpSpec.batch_index) in every tensor argument
+        batch_dims=tuple((t.name, t.dims_of(batch)) for t in declared + extras if batch and t.dims_of(batch)),
         signature=", ".join([inputs, "*"] + [f"{t.name}=None" for t in extras]),
         declarations=", ".join(t.declaration() for t in declared + extras),
         forward_call=f"{naming.check_shapes(op.name)}({inputs})",

@@ -68,6 +68,14 @@ class OpSpec:
     saving: str = "auto"               # which forward values the Function saves: one of saving.POLICIES
 
     @property
+    def batch_index(self) -> str | None:
+        """The op's batch, whose sizes the fused style compiles as symbols: the `...` dims when the spec
+        declares them, else the result's first index, else (a scalar result) the first input's first index."""
+        if any(BATCH in t.indices for t in self.inputs) or BATCH in self.output_indices:
+            return BATCH
+        return next(iter(self.output_indices or [i for t in self.inputs for i in t.indices]), None)
+
+    @property
     def index_order(self) -> tuple[str, ...]:
         """Every index in order of first appearance: inputs, then output."""
         seen: dict[str, None] = {}

@@ -44,14 +44,13 @@ def test_fused_matches_the_contraction_style(op_name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("op_name", ["layer_norm", "cross_entropy", "linear"])
+@pytest.mark.parametrize("op_name", ["layer_norm", "cross_entropy", "linear", "embedding"])
 def test_a_new_batch_size_compiles_nothing(op_name):
-    """After the first call, calls that change only the batch (the `...` dims, or the first index's size) reuse
-    the compiled forward and backward: no graph is compiled again."""
+    """After the first call, calls that change only the batch (OpSpec.batch_index: the `...` dims, or the
+    result's first index) reuse the compiled forward and backward: no graph is compiled again."""
     op = CATALOG.op(op_name)
     module = generated_module(op_name, "fused")
-    first = op.size_of(op.index_order[0])
-    batch = naming.BATCH if any(naming.BATCH in t.indices for t in op.inputs) else first
+    batch = naming.BATCH if op.batch_index == naming.BATCH else op.size_of(op.batch_index)
     forward_and_gradients(op, module, make_inputs(op, {batch: 6}, torch.float32))
     graphs, frames = compiled_graphs(), counters["frames"]["ok"]
     for size in (9, 17, 40):
@@ -111,9 +110,10 @@ def test_quick_composite_bench_checks_and_reports_every_op():
     rows = composite.run_composite(quick=True, rounds=1)
     assert [row.op for row in rows] == sorted(composite.SIZES)     # the catalog's order
     for row in rows:
-        expected = {composite.EAGER, composite.COMPILED, composite.DERIVE, composite.FUSED} \
+        expected = {composite.EAGER, composite.COMPILED, composite.COMPILED_DYNAMIC, composite.DERIVE,
+                    composite.FUSED} \
             | ({composite.NATIVE_KERNEL} if row.op in composite.NATIVE else set())
         assert set(row.seconds) == set(row.saved) == expected
         assert all(value > 0 for value in row.seconds.values()) and row.saved[composite.EAGER] > 0
     text = composite.format_composite(rows)
-    assert all(row.op in text for row in rows) and "fused/compiled" in text
+    assert all(row.op in text for row in rows) and "fused/compiled" in text and "fused/dynamic" in text
