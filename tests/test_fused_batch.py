@@ -2,7 +2,6 @@
 names the batch (the `...` dims, else the result's first index, else the first input's first index), and each
 fused module's _BATCH_DIMS table lists the dims of every tensor argument that carry it."""
 
-import textwrap
 
 import pytest
 import torch

@@ -12,7 +12,6 @@ windows, sizes 1 and every size equal; the whole sweep with verify_op in both st
 """
 
 import inspect
-import textwrap
 
 import pytest
 import torch
