@@ -450,8 +450,16 @@ def save_first_positions(forward: list[Term], gradients: list[list[Term]]) -> Sa
                 return one_hot(access, share.index)
         return share
 
+    def separable(fold: fold_window) -> bool:
+        # the scatter_add at the saved positions adds what multiplies the share once per window: a value that
+        # also varies along the window (a function's derivative at each position, min(sigmoid(x[..]), k))
+        # keeps its formulas
+        inner = fold.cut()[1]
+        rest = [f for f in sympy.Mul.make_args(fold.value) if not isinstance(f, first_max)]
+        return all(inner.name not in free_indices(f) for f in rest)
+
     def read(expr: sympy.Expr) -> sympy.Expr:
-        return expr.replace(lambda e: isinstance(e, fold_window), lambda fold: fold.func(
+        return expr.replace(lambda e: isinstance(e, fold_window) and separable(e), lambda fold: fold.func(
             fold.value.replace(lambda e: isinstance(e, first_max), saved), *fold.args[1:]))
 
     def reading(term: Term) -> Term:

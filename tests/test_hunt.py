@@ -133,3 +133,14 @@ def test_kink_inputs_solve_no_kink_through_a_max_reduction():
     assert sorted(p.input for p in placements) == ["c", "x"]     # c = 1, and ties of x's min over k
     (on_abs,) = [p for p in placements if p.input == "c"]
     assert (placed[2][on_abs.mask] == 1).all()
+
+
+def test_a_window_extremum_of_a_function_keeps_its_formulas():
+    """min(sigmoid(x[n, 2*t + k + 1]), k, tie="first") over a padded input (found by the CI fuzz campaign, seed
+    43): what multiplies the share varies along the window (sigmoid's derivative at each position), so no
+    scatter_add at the saved positions adds it; the share keeps its formula (an internal error before)."""
+    toml = ('[ops.fuzzed]\ninputs = ["x[n, l]"]\nequation = "y[n, t] = min(sigmoid(x[n, 2*t + k + 1]), k, tie=\\"first\\")"\n'
+            'reference = "torch.sigmoid(torch.nn.functional.pad(x, (1, 0)))[:, 2:].unfold(1, 2, 2).min(-1)[0]"\n'
+            'sizes = { k = 2 }\npad = { x = { l = [1, 0] } }\n')
+    tied = torch.tensor([[0.5, 0.5, 0.5, -1.0, -1.0], [2.0, 2.0, -0.5, 0.0, 0.0]], dtype=torch.float64)
+    check_by_hand(toml, [[_random(2, 5)], [tied], [_random(1, 6, seed=3)]])
