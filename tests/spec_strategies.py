@@ -64,6 +64,11 @@ RECOGNIZED = {
     # non-negative") as it crops the input before it pads: y[n, t] = min(x[n, 3*t + k - 2], k) with k = 1,
     # pad = { x = { l = [2, 0] } } and x of length 1 (tests/spec_strategies.index_cases)
     "windows_only_in_the_pad_before",
+    # torch's limitation, not derive's formula: rows of a table picked by an empty index (t_vk[g_m[m], k] with no
+    # m) add up through aten.embedding_dense_backward, whose own derivative reshapes the 0 picked rows to
+    # [0, -1] and raises ("cannot reshape tensor of 0 elements"), in the double backward only; torch's
+    # F.embedding fails the same way (seed 1043 of the CI campaign)
+    "embedding_double_backward_of_an_empty_index",
 }
 KNOWN_BUGS: frozenset[str] = frozenset(AVOIDED | RECOGNIZED)
 

@@ -95,6 +95,9 @@ SIGNATURES: dict = {
     and "(index ...) but the ..." in str(error) and "broadcast to (0," in str(error),
     "windows_only_in_the_pad_before": lambda text, error: isinstance(error, RuntimeError)
     and "narrow(): length must be non-negative" in str(error) and "torch.nn.functional.pad(" in text,
+    "embedding_double_backward_of_an_empty_index": lambda text, error: isinstance(error, RuntimeError)
+    and "cannot reshape tensor of 0 elements into shape [0, -1]" in str(error)
+    and "torch.ops.aten.embedding_dense_backward(" in text,
 }
 assert set(SIGNATURES) | set(KNOWN_REFUSALS) == RECOGNIZED
 
