@@ -191,22 +191,21 @@ _per_lowering = lru_cache(maxsize=64)
 def _forward_context(derivation: Derivation, lowered: LoweredOp, signature: Signature) -> dict:
     op = derivation.op
     code = render_expr(lowered.forward)
-    if code in {t.name for t in op.inputs}:
-        # an autograd.Function may not return an input as-is (its ctx could not tell them apart): a view
-        code = f"{code}.view_as({code})"
-    elif _reads_a_diagonal(lowered.forward):
-        # a diagonal is a view of its input, which a custom op may not return
+    if _reads_an_input(lowered.forward):
+        # the input itself or a view of it (y = x, a transpose, a diagonal): neither an autograd.Function nor a
+        # custom op may return an input or a view of one
         code = f"{code}.clone()"
     return dict(name=naming.forward(op.name), code=code, sizes=list(signature.forward_sizes),
                 shared=[(s.name, render(s.value).text) for s in lowered.forward_shared])
 
 
-def _reads_a_diagonal(expr) -> bool:
-    """Whether an expression is one access that repeats an index, y[i] = a[i, i]: its code is a view."""
+def _reads_an_input(expr) -> bool:
+    """Whether an expression is one read of a tensor at index positions, y[i, j] = x[j, i], y[i] = a[i, i] or
+    y[n, t] = x[n, t + 1]: its code is the tensor or a view of it (a gather, x[n, idx[n, j]], makes a new one)."""
     if len(expr.terms) != 1 or not isinstance(expr.terms[0], Leaf) or expr.plan.scale != 1:
         return False
     access = expr.terms[0].expr
-    return isinstance(access, sympy.Indexed) and len(set(access.indices)) < len(access.indices)
+    return isinstance(access, sympy.Indexed) and not any(i.atoms(sympy.Indexed) for i in access.indices)
 
 
 @_per_lowering

@@ -144,3 +144,19 @@ def test_a_window_extremum_of_a_function_keeps_its_formulas():
             'sizes = { k = 2 }\npad = { x = { l = [1, 0] } }\n')
     tied = torch.tensor([[0.5, 0.5, 0.5, -1.0, -1.0], [2.0, 2.0, -0.5, 0.0, 0.0]], dtype=torch.float64)
     check_by_hand(toml, [[_random(2, 5)], [tied], [_random(1, 6, seed=3)]])
+
+
+@pytest.mark.parametrize("equation, inputs, reference", [
+    ("y[n, f] = x[n, f]", ["x[n, f]"], "x.clone()"),
+    ("y[i, j] = x[j, i]", ["x[j, i]"], "x.T.clone()"),
+    pytest.param("y[n, f] = x[n, f] * s[f] + b[f]", ["x[n, f]", "s[f]", "b[f]"], "x * s + b", marks=pytest.mark.slow),
+])
+def test_a_forward_that_reads_one_input_returns_a_copy(equation, inputs, reference):
+    """The identity, a transpose and an op whose variant without its optional inputs is y = x: the forward's code
+    is the input or a view of it, which a custom op may not return ("may not alias any inputs"; only a
+    diagonal was copied before): verify_op runs the custom op, opcheck and every variant."""
+    import derive
+    optional = {"optional": {"s": 1, "b": 0}} if "s[f]" in equation else {}
+    op = derive.op(equation, inputs=inputs, reference=reference, **optional)
+    assert ".clone()" in op.source
+    op.verify()
