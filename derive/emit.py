@@ -290,7 +290,8 @@ def _function_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
                              + [f"{p.name}: float = {p.default!r}" for p in op.params]),
         unpack_inputs=_unpack([t if t in saved or t in signature.shaped or t in jvp["saved"] else "_"
                                for t in tensor_args] + params),
-        shaped=[(t, naming.shape_of(t)) for t in signature.shaped],
+        # (input, ctx attribute, whether it may be None: then the attribute is None where the input is)
+        shaped=[(t, naming.shape_of(t), t in op.optional_names) for t in signature.shaped],
         unpack_values=_unpack(["_"] + values) if values else "",
         unpack_all=_unpack(tensor_args + params),
         unpack_recomputed=_unpack(["_"] + [v.name if v.recompute else "_" for v in lowered.plan.saved])

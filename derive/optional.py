@@ -56,10 +56,12 @@ def without(op: OpSpec, absent: tuple[str, ...]) -> OpSpec:
 
 
 def keep_optional(op: OpSpec, signature: Signature, variants: list[Signature]) -> Signature:
-    """The op's backward signature with the Function keeping each optional input (a reference, no copy: it
-    is an input) and what the variants' backwards read: its backward then tells an absent input (None) from
-    one it does not read, and can hand the call on. A variant must save the forward values the op saves
-    (its result, which the op's backward may lack, the entry point computes for it)."""
+    """The op's backward signature with the Function keeping what the variants' backwards read too, so that it
+    can hand a call with None inputs on. An optional input none of them reads the values of is not kept: the
+    backward reads it only to tell it from None (and for its shape, in its shape contract), so the Function
+    keeps its shape, None when it is absent, and hands the backward a stand-in of that shape holding no data
+    (or None). A variant must save the forward values the op saves (its result, which the op's backward may
+    lack, the entry point computes for it)."""
     for variant in variants:
         extra = [name for name in variant.arguments if name not in signature.arguments and name != op.output]
         if extra or variant.values != signature.values:
@@ -67,9 +69,11 @@ def keep_optional(op: OpSpec, signature: Signature, variants: list[Signature]) -
             raise SpecError(f"with an optional input None the backward reuses {missing}, which the op's own "
                             f"backward does not: declare the input required, or write the equation so that "
                             f"both reuse the same forward values", path=op.source, op=op.name)
-    wanted = set(signature.kept) | set(op.optional_names) | {name for v in variants for name in v.kept}
+    wanted = set(signature.kept) | {name for v in variants for name in v.kept}
+    shapes = set(signature.shaped) | set(op.optional_names) | {name for v in variants for name in v.shaped}
     kept = tuple(t.name for t in op.inputs if t.name in wanted)
-    return replace(signature, kept=kept, saved=kept + signature.saved[len(signature.kept):])
+    shaped = tuple(t.name for t in op.inputs if t.name in shapes and t.name not in wanted)
+    return replace(signature, kept=kept, shaped=shaped, saved=kept + signature.saved[len(signature.kept):])
 
 
 def variant_name(function: str, absent: tuple[str, ...]) -> str:

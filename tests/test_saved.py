@@ -26,14 +26,7 @@ from conftest import CATALOG, GENERATED, OPS, first_by_default
 QUICK = bench.SIZE_PRESETS["quick"]
 
 
-# The Function keeps an optional input it was given (a reference to linear's and conv1d's bias) only to tell it from
-# None in its backward and jvp: a flag on ctx would do. Not done yet: those two save the bias's bytes beyond autograd.
-KEEPS_AN_OPTIONAL_INPUT = pytest.mark.xfail(strict=True, reason="the Function keeps the optional bias to tell it from "
-                                            "None (a flag on ctx would do)")
-
-
-@pytest.mark.parametrize("op_name", [pytest.param(name, marks=[KEEPS_AN_OPTIONAL_INPUT] * (name in ("linear", "conv1d")))
-                                     for name in OPS])
+@pytest.mark.parametrize("op_name", OPS)
 def test_the_function_saves_at_most_what_autograd_saves(op_name):
     op = CATALOG.op(op_name)
     module = load_module(GENERATED / f"{op_name}.py")

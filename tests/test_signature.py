@@ -56,11 +56,12 @@ def test_the_signature_is_what_the_module_does(op_name):
         assert _saved(text, op.output) == signature.saved, style
         assert set(signature.reads) <= set(signature.saved) | set(signature.shaped), style
         for name in signature.shaped:      # kept as its shape: the backward's code reads nothing else of it
-            assert f"ctx.{naming.shape_of(name)} = {name}.shape" in text, style
+            absent = f"None if {name} is None else " if name in op.optional_names else ""   # or whether it is None
+            assert f"ctx.{naming.shape_of(name)} = {absent}{name}.shape" in text, style
             body = text.split(f"def {naming.backward(op_name)}(", 1)[1].split("\ndef ", 1)[0].split('"""')[2]
             code = [line for line in body.splitlines() if naming.check_shapes(op_name) not in line]
-            assert not any(re.search(rf"\b{name}\b(?!\.shape|\.numel\(\)|\.dim\(\))", line) for line in code), \
-                (style, name)
+            assert not any(re.search(rf"\b{name}\b(?!\.shape|\.numel\(\)|\.dim\(\)| is None)", line)
+                           for line in code), (style, name)
         assert set().union(*(g.reads for g in signature.gradients)) == set(signature.reads), style
         arguments = [a.arg for a in next(node for node in ast.parse(text).body if isinstance(node, ast.FunctionDef)
                                          and node.name == naming.backward(op_name)).args.args]
