@@ -211,19 +211,18 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     def _print_fold_window(self, expr):
         """Values over the windows (dims ..., t, k) added back at the positions l = s*t + d*k + e they read: the
-        adjoint of `unfold(dim, reach of k, s)` then the crop or padding that the read's window took."""
+        adjoint of `unfold(dim, d*(K - 1) + 1, s)[..., ::d]` then the crop or padding that the read's window took."""
         value, subscript, position, _ = expr.args
         if BATCH in self.layout:
             raise ValueError(f"unsupported fold of windows {subscript} with batch dims '...'")
         outer, inner = expr.cut()
         step, spacing = int(subscript.coeff(outer)), int(subscript.coeff(inner))
-        if spacing != 1:
-            raise ValueError(f"unsupported fold of windows {subscript}: the inner index must have step 1")
         others = tuple(i for i in self._own_layout(value) if i not in (outer.name, inner.name))
         sizes = {i.name: i.upper + 1 for i in value.atoms(sympy.Idx)}
         scalar = SizePrinter()
         lowest = subscript.subs({outer: 0, inner: 0})
-        reach = step * outer.upper + inner.upper + 1
+        span = spacing * inner.upper + 1     # what one window reaches, its dilation's gaps included
+        reach = step * outer.upper + span
         shape = python_tuple([scalar.doprint(sizes[i]) for i in others] + [scalar.doprint(reach)])
         first, rest = _first_share(expr)
         if first is not None:
@@ -233,8 +232,13 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             moved = self._sub(rest, others + (outer.name,))
             if isinstance(first, one_hot):
                 # the positions the forward saved, in the input (saving.save_first_positions): no window is cut again
-                picked = self._sub(sympy.expand(first.args[0] + subscript.subs(inner, 0) - lowest),
-                                   others + (outer.name,)).text
+                if spacing == 1:
+                    picked = self._sub(sympy.expand(first.args[0] + subscript.subs(inner, 0) - lowest),
+                                       others + (outer.name,)).text
+                else:
+                    # the saved positions count taps along each window (saving._start): d apart, from s*t
+                    picked = (f"{self._sub(first.args[0], others + (outer.name,)).atom()} * {spacing} + torch.arange("
+                              f"0, {step} * {scalar.doprint(outer.upper + 1)}, {step}, device={moved.atom()}.device)")
                 if lowest == 0:
                     # the windows start at 0: zeros as long as the input (or the windows' reach, when a padding
                     # at the end makes it longer), no copy to pad or crop
@@ -246,14 +250,19 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
                     return align(Code(text, others + (position.name,)), self.layout).text
             else:
                 windows = self._sub(first.body, others + (outer.name, inner.name))
-                picked = (f"{windows.atom()}.{'argmax' if first.largest else 'argmin'}(-1) + torch.arange(0, {step} * "
+                dilated = "" if spacing == 1 else f" * {spacing}"
+                picked = (f"{windows.atom()}.{'argmax' if first.largest else 'argmin'}(-1){dilated} + torch.arange(0, {step} * "
                           f"{scalar.doprint(outer.upper + 1)}, {step}, device={moved.atom()}.device)")
             text = (f"{moved.atom()}.new_zeros({shape}).scatter_add{_in_place(moved)}({len(others)}, {picked}, "
                     f"{moved.text})")
         else:
             inner_code = self._sub(value, others + (outer.name, inner.name))
-            text = (f"torch.ops.aten.unfold_backward({inner_code.text}, {shape}, {len(others)}, "
-                    f"{scalar.doprint(inner.upper + 1)}, {step})")
+            inner_code = inner_code.text if spacing == 1 else (
+                # the taps d apart: d - 1 zeros after each, cut to the window's span
+                f"torch.nn.functional.pad({inner_code.atom()}.unsqueeze(-1), (0, {spacing - 1}))"
+                f".flatten(-2)[..., :{scalar.doprint(span)}]")
+            text = (f"torch.ops.aten.unfold_backward({inner_code}, {shape}, {len(others)}, "
+                    f"{scalar.doprint(span)}, {step})")
         text = _padded(text, [0] * len(others) + [lowest],
                        [0] * len(others) + [sympy.expand(position.upper + 1 - lowest - reach)])
         return align(Code(text, others + (position.name,)), self.layout).text
