@@ -930,6 +930,8 @@ def _convolution(node: Convolution) -> Code:
         return _weight_gradient(node)
     if node.kind == "input":
         return _input_gradient(node)
+    if node.kind == "folded":
+        return _folded_input(node)
     access, front, back, _, value = node.source.args
     taps = {t: (k, stride, dilation) for t, k, stride, dilation in node.spatial}
     padded = Code(_padded(access.base.label.name, front, back, value),
@@ -992,6 +994,31 @@ def _input_gradient(node: Convolution) -> Code:
             options += f", {keyword}={values[0] if len(values) == 1 else python_tuple([str(v) for v in values])}"
     return Code(f"torch.nn.grad.conv{len(taps)}d_input({shape}, {weight.text}, {gradient.text}{options})",
                 node.indices)
+
+
+def _folded_input(node: Convolution) -> Code:
+    """torch.nn.grad.conv1d_input(shape, w, grad, stride=s, dilation=d): a convolution's grad_x where no step
+    is 1, the fold of grad[b, o, t] * w[o, c, k] at l = s*t + d*k + e summed over o, computed as long as the
+    windows reach, then cropped or padded to l's size as the read took."""
+    fold = node.source
+    subscript, position = fold.args[1], fold.args[2]
+    ((_, k_name, stride, dilation),) = node.spatial
+    gradient = next(r for r in sympy.Mul.make_args(fold.value) if r != node.kernel)
+    (t,) = [i for i in subscript.atoms(sympy.Idx) if i.name != k_name]
+    (k,) = [i for i in subscript.atoms(sympy.Idx) if i.name == k_name]
+    arranged = _arranged(Code(access_name(gradient), tuple(i.name for i in gradient.indices)),
+                         node.batch + node.channels + (t.name,))
+    weight = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
+                       node.channels + node.out + (k.name,))
+    sizes = {i.name: i.upper + 1 for a in (gradient, node.kernel) for i in a.atoms(sympy.Idx)}
+    scalar = SizePrinter()
+    lowest = subscript.subs({t: 0, k: 0})
+    reach = stride * t.upper + dilation * k.upper + 1
+    shape = python_tuple([scalar.doprint(sizes[i]) for i in node.batch + node.out] + [scalar.doprint(reach)])
+    text = (f"torch.nn.grad.conv1d_input({shape}, {weight.text}, {arranged.text}, stride={stride}, "
+            f"dilation={dilation})")
+    text = _padded(text, [0, 0, lowest], [0, 0, sympy.expand(position.upper + 1 - lowest - reach)])
+    return Code(text, node.indices)
 
 
 def _weight_gradient(node: Convolution) -> Code:
@@ -1499,6 +1526,8 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
             elif isinstance(node, Convolution) and isinstance(node.source, in_range):
                 used |= node.source.free_symbols | {s for i in node.source.atoms(sympy.Idx) for s in i.upper.free_symbols}
                 used |= {s for i in node.kernel.indices if i.name in node.out for s in i.upper.free_symbols}
+            elif isinstance(node, Convolution) and node.kind == "folded":
+                used |= {s for i in node.source.atoms(sympy.Idx) for s in i.upper.free_symbols}
             elif isinstance(node, Convolution) and node.kind == "input":
                 used |= {s for a in (node.source.args[0], node.kernel) for i in a.atoms(sympy.Idx)
                          if i.name in node.batch + node.out + tuple(t for t, _, _, _ in node.spatial)
