@@ -116,3 +116,14 @@ def test_double_backward_through_the_function(generated):
     inputs = [torch.randn(1, 2, 8, dtype=torch.float64, requires_grad=True),
               torch.randn(2, 2, 2, dtype=torch.float64, requires_grad=True)]
     assert torch.autograd.gradgradcheck(getattr(module, op.name), inputs)
+
+
+def test_grad_x_is_pytorchs_input_gradient_in_the_contraction_style(generated):
+    """The fold of grad_y * w summed over o is conv1d_input with the stride and the dilation, no (N, C, O, T, K)
+    product; the broadcast style keeps the readable fold."""
+    import inspect
+    op, module = generated("conv1d_s2_d2")
+    assert "torch.nn.grad.conv1d_input((size_n, size_c, " in inspect.getsource(module)
+    assert "stride=2, dilation=2)" in inspect.getsource(module)
+    _, broadcast = generated("conv1d_s2_d2", "broadcast")
+    assert "unfold_backward" in inspect.getsource(broadcast)
