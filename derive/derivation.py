@@ -643,6 +643,12 @@ def _eliminate_deltas(term: Term, op: OpSpec, name: str) -> Term | None:
             old, new = b, a
         elif not (a - b).atoms(sympy.Indexed) and len((a - b).atoms(sympy.Idx)) > 1 and \
                 any(not isinstance(i, sympy.Idx) for i in (a, b)):
+            # no summed index with step 1 or -1 (a stride and a dilation both above 1, 2*t + 2*k): the
+            # factors are folded back onto the positions the windows read, as a max's share is
+            folded = _fold_window(delta, summed, factors, op, name, positional=False)
+            if folded is not None:
+                factors, summed = folded
+                continue
             raise SpecError(f"the gradient of '{name}' needs the delta {delta} solved for a summed index, and "
                             f"no summed index has the coefficient 1 or -1 there: a stride and a dilation both "
                             f"above 1 (2*t + 2*k, 3*t + 2*k) are not supported", path=op.source, op=op.name)
@@ -681,11 +687,12 @@ def _eliminate_deltas(term: Term, op: OpSpec, name: str) -> Term | None:
 _POSITIONAL = (first_max, is_max, reaches, _OverIndex, _Extremum)
 
 
-def _fold_window(delta, summed: list, factors: list, op: OpSpec, name: str):
+def _fold_window(delta, summed: list, factors: list, op: OpSpec, name: str, positional: bool = True):
     """delta(l, 2*t + k) with t and k summed, where a factor looks along t or k as positions (the share of a
     max over the window): every factor that has t or k becomes the value of one fold_window (the window's
-    adjoint) at l, instead of k being solved as l - 2*t. None: it is no such delta (one step-1 index, one
-    other index, positive integer steps, l not summed)."""
+    adjoint) at l, instead of k being solved as l - 2*t. With `positional` False, whatever the factors are: the
+    delta no summed index solves (2*t + 2*k, a stride and a dilation both above 1). None: it is no such delta
+    (two summed indices with positive integer steps, l not summed)."""
     a, b = delta.args[:2]
     position, subscript = (a, b) if isinstance(a, sympy.Idx) and a not in summed else (b, a)
     if not isinstance(position, sympy.Idx) or position in summed or isinstance(subscript, sympy.Idx) \
@@ -694,14 +701,17 @@ def _fold_window(delta, summed: list, factors: list, op: OpSpec, name: str):
     indices = subscript.atoms(sympy.Idx)
     rest = [f for f in factors if not (f.atoms(sympy.Idx) & indices) and f != delta]
     moved = [f.xreplace({delta: sympy.S.One}) for f in factors if f.atoms(sympy.Idx) & indices]
-    if not indices <= set(summed) or not any(isinstance(node, _POSITIONAL) and node.atoms(sympy.Idx) & indices
-                                             for f in moved for node in sympy.preorder_traversal(f)):
+    if not indices <= set(summed) or positional and not any(
+            isinstance(node, _POSITIONAL) and node.atoms(sympy.Idx) & indices
+            for f in moved for node in sympy.preorder_traversal(f)):
         return None
     coefficients = [subscript.coeff(i) for i in indices]
-    if len(indices) != 2 or not all(c.is_Integer and c > 0 for c in coefficients) or 1 not in coefficients:
+    if len(indices) != 2 or not all(c.is_Integer and c > 0 for c in coefficients):
+        if not positional:
+            return None
         raise SpecError(f"the gradient of '{name}' folds a max or min over the windows {subscript} back onto "
-                        f"'{name}', which needs two indices, one with step 1 and both with positive steps "
-                        f"(2*t + k, t + 2*k)", path=op.source, op=op.name)
+                        f"'{name}', which needs two indices, both with positive steps (2*t + k, t + 2*k, "
+                        f"2*t + 2*k)", path=op.source, op=op.name)
     value = sympy.Mul(*moved)
     # the larger step leads; at equal steps the index a plain read carries (grad_y[n, c, t]) leads, so that
     # the one the max looks along is cut as the window

@@ -21,7 +21,7 @@ import sympy
 
 from . import naming
 from .derivation import depends_on_tensor, expand_terms, tensor_symbols
-from .functions import atoms_of, in_range, one_hot, renamed_match, window
+from .functions import atoms_of, fold_window, in_range, one_hot, renamed_match, window
 from .kernels import one_hot_by_rows
 from .naming import BATCH, STYLES
 from .plan import ExprPlan, OpPlan, TermPlan, as_windows, contraction_plan, free_indices, ordered
@@ -126,7 +126,9 @@ class Convolution:
     # how it is computed, when the kernel read is the upstream gradient (its taps would run over the
     # output's length): "transposed", x[..., t - s*k + e], is conv_transpose of the gradient by x;
     # "weight", x[..., d*t + s*k + e], is torch.nn.grad.conv_weight (a convolution's grad_w) of x and it;
-    # "input", g[..., t - d*k + e] by an input's kernel, is torch.nn.grad.conv_input (grad_x, padding e)
+    # "input", g[..., t - d*k + e] by an input's kernel, is torch.nn.grad.conv_input (grad_x, padding e);
+    # "folded", g[..., t] * w[..., k] folded back at l = s*t + d*k + e (source: the fold_window, spatial
+    # (l, k, s, d)), is torch.nn.grad.conv1d_input with stride s and dilation d
     kind: str = "conv"
     scale: sympy.Expr = sympy.S.One     # a pooling's 1 / size_k, taken into its kernel of ones
     known: tuple[tuple[sympy.Symbol, sympy.Expr], ...] = ()    # the term's fixed and inferred sizes (TermPlan.known)
@@ -134,7 +136,7 @@ class Convolution:
     @property
     def indices(self) -> tuple[str, ...]:
         spatial = tuple(t for t, _, _, _ in self.spatial)
-        return self.batch + self.out + spatial if self.kind in ("conv", "input") else self.out + self.batch + spatial
+        return self.batch + self.out + spatial if self.kind in ("conv", "input", "folded") else self.out + self.batch + spatial
 
 
 Node = Union[Leaf, Product, Reduce, MatMul, Einsum, Scatter, Scaled, Convolution]
@@ -595,7 +597,7 @@ def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None)
     scatter = _scatter(nodes, set(term.summed), target, like, sizes)
     if scatter is not None:
         return _finish(scatter, (), term)
-    convolution = _convolution(nodes, set(term.summed), target)
+    convolution = _convolution(nodes, set(term.summed), target) or _folded_input(nodes, set(term.summed), target)
     if convolution is not None and isinstance(convolution.source, in_range) and is_python_number(term.coefficient):
         return replace(convolution, scale=term.coefficient, known=term.known)   # the kernel of ones is the scale instead
     if convolution is not None:
@@ -741,6 +743,37 @@ def _convolution(nodes: list[Node], summed: set[str], target: tuple[str, ...]) -
                 return Convolution(source.expr, kernel.expr, tuple(batch), tuple(channels), out, tuple(spatial),
                                    tuple(sizes), kind)
     return None
+
+
+def _folded_input(nodes: list[Node], summed: set[str], target: tuple[str, ...]) -> Convolution | None:
+    """grad_y[b, o, t] * w[o, c, k] folded back at l = s*t + d*k + e (fold_window: no step is 1) and summed over
+    o: a convolution's grad_x with a stride and a dilation both above 1, torch.nn.grad.conv1d_input (kind
+    "folded"); None when the term is no such fold."""
+    if len(nodes) != 1 or not isinstance(nodes[0], Leaf) or not isinstance(nodes[0].expr, fold_window):
+        return None
+    fold = nodes[0].expr
+    reads = sympy.Mul.make_args(fold.value)
+    if len(reads) != 2 or not all(isinstance(r, sympy.Indexed) and all(isinstance(i, sympy.Idx) for i in r.indices)
+                                  for r in reads):
+        return None
+    gradient, kernel = sorted(reads, key=lambda r: not r.base.label.name.startswith(naming.grad("")))
+    if not gradient.base.label.name.startswith(naming.grad("")) or kernel.base.label.name.startswith(naming.grad("")):
+        return None
+    subscript, position = fold.args[1], fold.args[2]
+    taps = [i for i in subscript.atoms(sympy.Idx) if i in kernel.indices and i not in gradient.indices]
+    moving = [i for i in subscript.atoms(sympy.Idx) if i in gradient.indices and i not in kernel.indices]
+    if len(taps) != 1 or len(moving) != 1:
+        return None
+    channels = tuple(i.name for i in gradient.indices if i in kernel.indices)
+    batch = tuple(i.name for i in gradient.indices if i not in kernel.indices and i != moving[0])
+    out = tuple(i.name for i in kernel.indices if i not in gradient.indices and i != taps[0])
+    if len(batch) != 1 or len(channels) != 1 or len(out) != 1 or summed != set(channels) \
+            or not set(batch + out + (position.name,)) <= set(target):
+        return None
+    t, k = moving[0], taps[0]
+    return Convolution(fold, kernel, batch, channels, out, ((position.name, k.name, int(subscript.coeff(t)),
+                                                             int(subscript.coeff(k))),),
+                       (position.upper + 1,), kind="folded")
 
 
 def _input_gradient(source: window, kernel: sympy.Indexed, spatial: list) -> bool:

@@ -211,19 +211,18 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     def _print_fold_window(self, expr):
         """Values over the windows (dims ..., t, k) added back at the positions l = s*t + d*k + e they read: the
-        adjoint of `unfold(dim, reach of k, s)` then the crop or padding that the read's window took."""
+        adjoint of `unfold(dim, d*(K - 1) + 1, s)[..., ::d]` then the crop or padding that the read's window took."""
         value, subscript, position, _ = expr.args
         if BATCH in self.layout:
             raise ValueError(f"unsupported fold of windows {subscript} with batch dims '...'")
         outer, inner = expr.cut()
         step, spacing = int(subscript.coeff(outer)), int(subscript.coeff(inner))
-        if spacing != 1:
-            raise ValueError(f"unsupported fold of windows {subscript}: the inner index must have step 1")
         others = tuple(i for i in self._own_layout(value) if i not in (outer.name, inner.name))
         sizes = {i.name: i.upper + 1 for i in value.atoms(sympy.Idx)}
         scalar = SizePrinter()
         lowest = subscript.subs({outer: 0, inner: 0})
-        reach = step * outer.upper + inner.upper + 1
+        span = spacing * inner.upper + 1     # what one window reaches, its dilation's gaps included
+        reach = step * outer.upper + span
         shape = python_tuple([scalar.doprint(sizes[i]) for i in others] + [scalar.doprint(reach)])
         first, rest = _first_share(expr)
         if first is not None:
@@ -233,8 +232,13 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             moved = self._sub(rest, others + (outer.name,))
             if isinstance(first, one_hot):
                 # the positions the forward saved, in the input (saving.save_first_positions): no window is cut again
-                picked = self._sub(sympy.expand(first.args[0] + subscript.subs(inner, 0) - lowest),
-                                   others + (outer.name,)).text
+                if spacing == 1:
+                    picked = self._sub(sympy.expand(first.args[0] + subscript.subs(inner, 0) - lowest),
+                                       others + (outer.name,)).text
+                else:
+                    # the saved positions count taps along each window (saving._start): d apart, from s*t
+                    picked = (f"{self._sub(first.args[0], others + (outer.name,)).atom()} * {spacing} + torch.arange("
+                              f"0, {step} * {scalar.doprint(outer.upper + 1)}, {step}, device={moved.atom()}.device)")
                 if lowest == 0:
                     # the windows start at 0: zeros as long as the input (or the windows' reach, when a padding
                     # at the end makes it longer), no copy to pad or crop
@@ -246,14 +250,19 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
                     return align(Code(text, others + (position.name,)), self.layout).text
             else:
                 windows = self._sub(first.body, others + (outer.name, inner.name))
-                picked = (f"{windows.atom()}.{'argmax' if first.largest else 'argmin'}(-1) + torch.arange(0, {step} * "
+                dilated = "" if spacing == 1 else f" * {spacing}"
+                picked = (f"{windows.atom()}.{'argmax' if first.largest else 'argmin'}(-1){dilated} + torch.arange(0, {step} * "
                           f"{scalar.doprint(outer.upper + 1)}, {step}, device={moved.atom()}.device)")
             text = (f"{moved.atom()}.new_zeros({shape}).scatter_add{_in_place(moved)}({len(others)}, {picked}, "
                     f"{moved.text})")
         else:
             inner_code = self._sub(value, others + (outer.name, inner.name))
-            text = (f"torch.ops.aten.unfold_backward({inner_code.text}, {shape}, {len(others)}, "
-                    f"{scalar.doprint(inner.upper + 1)}, {step})")
+            inner_code = inner_code.text if spacing == 1 else (
+                # the taps d apart: d - 1 zeros after each, cut to the window's span
+                f"torch.nn.functional.pad({inner_code.atom()}.unsqueeze(-1), (0, {spacing - 1}))"
+                f".flatten(-2)[..., :{scalar.doprint(span)}]")
+            text = (f"torch.ops.aten.unfold_backward({inner_code}, {shape}, {len(others)}, "
+                    f"{scalar.doprint(span)}, {step})")
         text = _padded(text, [0] * len(others) + [lowest],
                        [0] * len(others) + [sympy.expand(position.upper + 1 - lowest - reach)])
         return align(Code(text, others + (position.name,)), self.layout).text
@@ -921,6 +930,8 @@ def _convolution(node: Convolution) -> Code:
         return _weight_gradient(node)
     if node.kind == "input":
         return _input_gradient(node)
+    if node.kind == "folded":
+        return _folded_input(node)
     access, front, back, _, value = node.source.args
     taps = {t: (k, stride, dilation) for t, k, stride, dilation in node.spatial}
     padded = Code(_padded(access.base.label.name, front, back, value),
@@ -983,6 +994,31 @@ def _input_gradient(node: Convolution) -> Code:
             options += f", {keyword}={values[0] if len(values) == 1 else python_tuple([str(v) for v in values])}"
     return Code(f"torch.nn.grad.conv{len(taps)}d_input({shape}, {weight.text}, {gradient.text}{options})",
                 node.indices)
+
+
+def _folded_input(node: Convolution) -> Code:
+    """torch.nn.grad.conv1d_input(shape, w, grad, stride=s, dilation=d): a convolution's grad_x where no step
+    is 1, the fold of grad[b, o, t] * w[o, c, k] at l = s*t + d*k + e summed over o, computed as long as the
+    windows reach, then cropped or padded to l's size as the read took."""
+    fold = node.source
+    subscript, position = fold.args[1], fold.args[2]
+    ((_, k_name, stride, dilation),) = node.spatial
+    gradient = next(r for r in sympy.Mul.make_args(fold.value) if r != node.kernel)
+    (t,) = [i for i in subscript.atoms(sympy.Idx) if i.name != k_name]
+    (k,) = [i for i in subscript.atoms(sympy.Idx) if i.name == k_name]
+    arranged = _arranged(Code(access_name(gradient), tuple(i.name for i in gradient.indices)),
+                         node.batch + node.channels + (t.name,))
+    weight = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
+                       node.channels + node.out + (k.name,))
+    sizes = {i.name: i.upper + 1 for a in (gradient, node.kernel) for i in a.atoms(sympy.Idx)}
+    scalar = SizePrinter()
+    lowest = subscript.subs({t: 0, k: 0})
+    reach = stride * t.upper + dilation * k.upper + 1
+    shape = python_tuple([scalar.doprint(sizes[i]) for i in node.batch + node.out] + [scalar.doprint(reach)])
+    text = (f"torch.nn.grad.conv1d_input({shape}, {weight.text}, {arranged.text}, stride={stride}, "
+            f"dilation={dilation})")
+    text = _padded(text, [0, 0, lowest], [0, 0, sympy.expand(position.upper + 1 - lowest - reach)])
+    return Code(text, node.indices)
 
 
 def _weight_gradient(node: Convolution) -> Code:
@@ -1490,6 +1526,8 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
             elif isinstance(node, Convolution) and isinstance(node.source, in_range):
                 used |= node.source.free_symbols | {s for i in node.source.atoms(sympy.Idx) for s in i.upper.free_symbols}
                 used |= {s for i in node.kernel.indices if i.name in node.out for s in i.upper.free_symbols}
+            elif isinstance(node, Convolution) and node.kind == "folded":
+                used |= {s for i in node.source.atoms(sympy.Idx) for s in i.upper.free_symbols}
             elif isinstance(node, Convolution) and node.kind == "input":
                 used |= {s for a in (node.source.args[0], node.kernel) for i in a.atoms(sympy.Idx)
                          if i.name in node.batch + node.out + tuple(t for t, _, _, _ in node.spatial)
