@@ -191,7 +191,7 @@ _per_lowering = lru_cache(maxsize=64)
 def _forward_context(derivation: Derivation, lowered: LoweredOp, signature: Signature) -> dict:
     op = derivation.op
     code = render_expr(lowered.forward)
-    if _reads_an_input(lowered.forward):
+    if code in {t.name for t in op.inputs} or _reads_an_input(lowered.forward):
         # the input itself or a view of it (y = x, a transpose, a diagonal): neither an autograd.Function nor a
         # custom op may return an input or a view of one
         code = f"{code}.clone()"

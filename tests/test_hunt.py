@@ -148,6 +148,7 @@ def test_a_window_extremum_of_a_function_keeps_its_formulas():
 
 @pytest.mark.parametrize("equation, inputs, reference", [
     ("y[n, f] = x[n, f]", ["x[n, f]"], "x.clone()"),
+    pytest.param("y = p", ["p"], "p.clone()", marks=pytest.mark.slow),
     ("y[i, j] = x[j, i]", ["x[j, i]"], "x.T.clone()"),
     pytest.param("y[n, f] = x[n, f] * s[f] + b[f]", ["x[n, f]", "s[f]", "b[f]"], "x * s + b", marks=pytest.mark.slow),
 ])
