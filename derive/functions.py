@@ -452,11 +452,10 @@ class is_min(is_max):  # noqa: N801
     largest = False
 
 
-class first_max(sympy.Function):  # noqa: N801
-    """1 at the first position along `index` where `body` is largest, else 0; `index` stays free, as in
-    softmax(body, index)."""
+class _FirstAlong(sympy.Function):
+    """A function of where `body` (its first argument) first reaches its extremum along `index` (its second):
+    piecewise constant, so its derivative is 0."""
 
-    nargs = 2
     is_real = True
     largest = True
 
@@ -470,6 +469,13 @@ class first_max(sympy.Function):  # noqa: N801
 
     def fdiff(self, argindex=1):
         return sympy.S.Zero
+
+
+class first_max(_FirstAlong):  # noqa: N801
+    """1 at the first position along `index` where `body` is largest, else 0; `index` stays free, as in
+    softmax(body, index)."""
+
+    nargs = 2
 
 
 class first_min(first_max):  # noqa: N801
@@ -478,7 +484,7 @@ class first_min(first_max):  # noqa: N801
     largest = False
 
 
-class first_position(sympy.Function):  # noqa: N801
+class first_position(_FirstAlong):  # noqa: N801
     """`start` plus the first position along `index` where `body` is largest (an integer, as torch.argmax gives
     it): where the body's read puts that position in its input (2*t + argmax for x[n, c, 2*t + k]); `index` is
     bound: first_max(body, index) is one_hot(first_position(body, index, start) - start, index). What the forward
@@ -486,16 +492,6 @@ class first_position(sympy.Function):  # noqa: N801
     positions of max pooling's maxima."""
 
     nargs = 3
-    is_real = True
-    largest = True
-
-    @property
-    def body(self):
-        return self.args[0]
-
-    @property
-    def index(self):
-        return self.args[1]
 
     @property
     def start(self):
@@ -503,9 +499,6 @@ class first_position(sympy.Function):  # noqa: N801
 
     def bound_index_names(self) -> set[str]:
         return {self.index.name}
-
-    def fdiff(self, argindex=1):
-        return sympy.S.Zero
 
 
 class first_min_position(first_position):  # noqa: N801

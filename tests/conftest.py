@@ -167,3 +167,24 @@ def derive_cli(capsys, monkeypatch):
         return Completed(code, captured.out, captured.err)
 
     return run
+
+
+def written_specs(directory: Path, specs: dict[str, str], namespace: str):
+    """written(name, style) -> (op, module, path) of the spec body `specs[name]` as op `name`, derived and
+    written under `directory` once in both styles (the custom ops in namespace `<namespace>_<name>`)."""
+    from derive.build import render_catalog
+    from derive.spec import parse_catalog
+    from derive.testing import load_module
+    made = {}
+
+    def written(name, style="contraction"):
+        if name not in made:
+            catalog = parse_catalog(f"[ops.{name}]\n{specs[name]}", f"{name}.toml")
+            for path, source in render_catalog(catalog, ("contraction", "broadcast"),
+                                               namespace=f"{namespace}_{name}").items():
+                (directory / path).parent.mkdir(parents=True, exist_ok=True)
+                (directory / path).write_text(source)
+            made[name] = catalog.op(name)
+        path = directory / (f"{name}.py" if style == "contraction" else f"broadcast/{name}.py")
+        return made[name], load_module(path), path
+    return written

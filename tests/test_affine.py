@@ -12,10 +12,11 @@ torch's is.
 import pytest
 import torch
 
-from derive.build import render_catalog
 from derive.errors import SpecError
 from derive.spec import parse_catalog
-from derive.testing import check_gradients, check_tangents, gradcheck_op, load_module, sizes_for
+from derive.testing import check_gradients, check_tangents, gradcheck_op, sizes_for
+
+from conftest import written_specs
 
 
 def conv1d(stride: int, dilation: int, padding: int, bias: bool = False) -> str:
@@ -65,21 +66,8 @@ SLOW_SPECS = {"conv1d_dilation2": conv1d(1, 2, 0), "conv2d_strided_padded": CONV
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     """generated(name, style) -> (op, module), each spec derived and written once."""
-    directory = tmp_path_factory.mktemp("affine")
-    made = {}
-
-    def op_and_module(name, style="contraction"):
-        if name not in made:
-            text = f"[ops.{name}]\n{(SPECS | SLOW_SPECS)[name]}"
-            catalog = parse_catalog(text, f"{name}.toml")
-            for path, source in render_catalog(catalog, ("contraction", "broadcast"),
-                                               namespace=f"affine_{name}").items():
-                (directory / path).parent.mkdir(parents=True, exist_ok=True)
-                (directory / path).write_text(source)
-            made[name] = catalog.op(name)
-        path = directory / (f"{name}.py" if style == "contraction" else f"broadcast/{name}.py")
-        return made[name], load_module(path)
-    return op_and_module
+    written = written_specs(tmp_path_factory.mktemp("affine"), SPECS | SLOW_SPECS, "affine")
+    return lambda name, style="contraction": written(name, style)[:2]
 
 
 def check(op, module, sizes=None):

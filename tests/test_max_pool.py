@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from derive.build import render_catalog
 from derive.spec import parse_catalog
 from derive.testing import (autograd_gradients, check_gradients, check_tangents, gradcheck_op, kink_inputs,
                             load_module, make_inputs, reference, sizes_for)
+
+from conftest import written_specs
 
 
 def pool(size: int, stride: int, tie: str, largest: bool = True) -> str:
@@ -52,21 +53,8 @@ def parsed(name):
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     """generated(name, style) -> (op, module), each spec derived and written once."""
-    directory = tmp_path_factory.mktemp("max_pool")
-    made = {}
-
-    def op_and_module(name, style="contraction"):
-        if name not in made:
-            text = f"[ops.{name}]\n{(SPECS | SLOW_SPECS)[name]}"
-            catalog = parse_catalog(text, f"{name}.toml")
-            for path, source in render_catalog(catalog, ("contraction", "broadcast"),
-                                               namespace=f"max_pool_{name}").items():
-                (directory / path).parent.mkdir(parents=True, exist_ok=True)
-                (directory / path).write_text(source)
-            made[name] = catalog.op(name)
-        path = directory / (f"{name}.py" if style == "contraction" else f"broadcast/{name}.py")
-        return made[name], load_module(path)
-    return op_and_module
+    written = written_specs(tmp_path_factory.mktemp("max_pool"), SPECS | SLOW_SPECS, "max_pool")
+    return lambda name, style="contraction": written(name, style)[:2]
 
 
 def tied(op, sizes=None, seed=0):

@@ -18,9 +18,9 @@ import torch
 
 from derive import naming
 from derive.bench import peak_bytes
-from derive.build import render_catalog
-from derive.spec import parse_catalog
-from derive.testing import check_gradients, kink_inputs, load_module, make_inputs, verify_op
+from derive.testing import check_gradients, kink_inputs, make_inputs, verify_op
+
+from conftest import written_specs
 
 
 def pool(function: str, size: int, stride: int) -> str:
@@ -54,20 +54,7 @@ SPECS = POOLS | SLOW_POOLS | MEANS | SLOW_MEANS | {"embedding_3d": EMBEDDING_3D}
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     """generated(name, style) -> (op, module, path), each spec derived and written once."""
-    directory = tmp_path_factory.mktemp("pool")
-    made = {}
-
-    def op_and_module(name, style="contraction"):
-        if name not in made:
-            catalog = parse_catalog(f"[ops.{name}]\n{SPECS[name]}", f"{name}.toml")
-            for path, source in render_catalog(catalog, ("contraction", "broadcast"),
-                                               namespace=f"pool_{name}").items():
-                (directory / path).parent.mkdir(parents=True, exist_ok=True)
-                (directory / path).write_text(source)
-            made[name] = catalog.op(name)
-        path = directory / (f"{name}.py" if style == "contraction" else f"broadcast/{name}.py")
-        return made[name], load_module(path), path
-    return op_and_module
+    return written_specs(tmp_path_factory.mktemp("pool"), SPECS, "pool")
 
 
 def window(op) -> tuple[int, int]:

@@ -9,10 +9,10 @@ both styles, on lengths the windows fill exactly and not, every index one size, 
 import pytest
 import torch
 
-from derive.build import render_catalog
-from derive.spec import parse_catalog
-from derive.testing import (check_gradients, check_tangents, gradcheck_op, kink_inputs, load_module, make_inputs,
+from derive.testing import (check_gradients, check_tangents, gradcheck_op, kink_inputs, make_inputs,
                             sizes_for)
+
+from conftest import written_specs
 
 
 def conv1d(stride: int, dilation: int) -> str:
@@ -49,20 +49,8 @@ SLOW_SPECS = {"conv2d_s21_d12": CONV2D, "conv2d_s23_d2": CONV2D_BOTH} | {
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     """generated(name, style) -> (op, module), each spec derived and written once."""
-    directory = tmp_path_factory.mktemp("stride")
-    made = {}
-
-    def op_and_module(name, style="contraction"):
-        if name not in made:
-            catalog = parse_catalog(f"[ops.{name}]\n{(SPECS | SLOW_SPECS)[name]}", f"{name}.toml")
-            for path, source in render_catalog(catalog, ("contraction", "broadcast"),
-                                               namespace=f"stride_{name}").items():
-                (directory / path).parent.mkdir(parents=True, exist_ok=True)
-                (directory / path).write_text(source)
-            made[name] = catalog.op(name)
-        path = directory / (f"{name}.py" if style == "contraction" else f"broadcast/{name}.py")
-        return made[name], load_module(path)
-    return op_and_module
+    written = written_specs(tmp_path_factory.mktemp("stride"), SPECS | SLOW_SPECS, "stride")
+    return lambda name, style="contraction": written(name, style)[:2]
 
 
 def check(op, module, sizes=None):
