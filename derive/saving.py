@@ -723,14 +723,16 @@ def save_steps(derivation: Derivation) -> Derivation:
 
 
 def _steps(expr: sympy.Expr, inputs: set[str]):
-    """The largest subexpressions of `expr` that read inputs, all at the same indices, and are piecewise
-    constant in them: sign(a), a step, a where() whose branches are numbers."""
+    """The largest subexpressions of `expr` that read inputs, all at the same plain indices (a saved step is a
+    tensor over them: not an affine read's s*t + k), and are piecewise constant in them: sign(a), a step, a
+    where() whose branches are numbers."""
     accesses = {a for a in expr.atoms(sympy.Indexed) if a.base.label.name in inputs}
     if not accesses:
         return
     constant = isinstance(expr, (sympy.sign, sympy.Heaviside)) or \
         (isinstance(expr, sympy.Piecewise) and all(value.is_number for value, _ in expr.args))
-    if constant and len({a.indices for a in accesses}) == 1 and \
+    plain = all(isinstance(i, sympy.Idx) for a in accesses for i in a.indices)
+    if constant and plain and len({a.indices for a in accesses}) == 1 and \
             not (expr.atoms(sympy.Indexed) - accesses) and not expr.has(sympy.Sum, _OverIndex, _Extremum):
         yield expr
         return

@@ -161,3 +161,14 @@ def test_a_forward_that_reads_one_input_returns_a_copy(equation, inputs, referen
     op = derive.op(equation, inputs=inputs, reference=reference, **optional)
     assert ".clone()" in op.source
     op.verify()
+
+
+def test_a_step_read_through_windows_is_not_saved_as_a_tensor():
+    """|x| read through strided dilated windows, then convolved: the gradient reads sign(x[n, c, 2*t + 2*k]), a
+    step that save_steps would save as a tensor over plain indices (an internal error before: an affine read has
+    none); it keeps its formula. Inputs on the kink (zeros) and with ties (whole numbers), sizes equal."""
+    toml = ('[ops.fuzzed]\ninputs = ["x[n, c, l]", "w[o, c, k]"]\n'
+            'equation = "y[n, o, t] = tanh(sum(Abs(x[n, c, 2*t + 2*k]) * w[o, c, k], c, k))"\n'
+            'reference = "torch.tanh(torch.nn.functional.conv1d(x.abs(), w, stride=2, dilation=2))"\n')
+    on_kinks = torch.tensor([[[0.0, 1.0, -1.0, 0.0, 2.0, 0.0, -2.0, 1.0]] * 2] * 2, dtype=torch.float64)
+    check_by_hand(toml, [[_random(2, 2, 8), _random(2, 2, 2, seed=1)], [on_kinks, _random(2, 2, 2, seed=2)]])
