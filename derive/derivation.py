@@ -35,8 +35,8 @@ import sympy
 from . import naming
 from .model import OpSpec, SpecError, index_symbol, scalar_symbol, tensor_symbol
 from .functions import (Sum, _Extremum, _OverIndex, as_pow, atoms_of, canonical, differentiable_powers, first_max,
-                        fold_window, fresh_index, in_range, is_max, logsumexp, one_hot, reaches, renamed_match, softmax,
-                        stabilize)
+                        fold_window, fresh_index, in_range, is_max, logsumexp, one_hot, reaches, renamed_match, replace_index,
+                        softmax, stabilize)
 
 
 @dataclass(frozen=True)
@@ -665,7 +665,7 @@ def _eliminate_deltas(term: Term, op: OpSpec, name: str) -> Term | None:
         summed.remove(old)
         replaced = []
         for factor in factors:
-            factor = factor.xreplace({old: new})
+            factor = replace_index(factor, old, new) if isinstance(new, sympy.Idx) else factor.xreplace({old: new})
             if factor == 0:
                 return None
             replaced.append(factor)

@@ -622,6 +622,9 @@ class _LatexPrinter(LatexPrinter):
     def _print_Symbol(self, expr, style="plain"):
         return _latex_name(expr.name)
 
+    def _print_Infinity(self, expr, style="plain"):
+        return r"\infty"
+
     def _hprint_Function(self, func: str) -> str:
         """A function SymPy has no LaTeX name for, e.g. one_hot, upright and whole."""
         return func if len(func) == 1 else r"\operatorname{" + func.replace("_", r"\_") + "}"

@@ -452,6 +452,34 @@ class is_min(is_max):  # noqa: N801
     largest = False
 
 
+def replace_index(expr: sympy.Expr, old: sympy.Idx, new: sympy.Idx) -> sympy.Expr:
+    """`expr` with the index `old` replaced by `new`, where a function that looks along one of them as
+    positions (is_max(body, k), softmax(body, k): k is both a position and the axis compared along) and whose
+    body reads the other is first written with the axis bound: is_max(body, t) with body reading t_1 becomes
+    reaches(body, amax(body[t -> t_2], t_2)), so that t_1 -> t makes the diagonal of the comparison, not a
+    comparison along the diagonal."""
+    def captures(node) -> bool:
+        positions = set(node.indices) if isinstance(node, is_max) else {node.index}
+        reads = node.body.atoms(sympy.Idx)
+        return bool(positions & {old, new}) and bool(reads & ({old, new} - positions))
+
+    def bound(node):
+        taken = _index_names(node, old, new)
+        if isinstance(node, is_max):
+            fresh = []
+            for index in node.indices:
+                fresh.append(fresh_index(index, taken))
+                taken.add(fresh[-1].name)
+            moved = node.body.xreplace(dict(zip(node.indices, fresh)))
+            return reaches(node.body, (amax if node.largest else amin)(moved, *fresh))
+        other = fresh_index(node.index, taken)
+        lse = logsumexp(node.body.xreplace({node.index: other}), other)
+        return sympy.exp(node.body - lse) if isinstance(node, softmax) else node.body - lse
+
+    unfolded = expr.replace(lambda e: isinstance(e, (is_max, softmax, log_softmax)) and captures(e), bound)
+    return unfolded.xreplace({old: new})
+
+
 class _FirstAlong(sympy.Function):
     """A function of where `body` (its first argument) first reaches its extremum along `index` (its second):
     piecewise constant, so its derivative is 0."""

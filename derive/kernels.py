@@ -21,7 +21,8 @@ import sympy
 
 from . import naming
 from .derivation import Derivation, Term
-from .functions import Sum, free_indices, fresh_index, logsumexp, log_softmax, one_hot, renamed_match, rewrite_log_softmax
+from .functions import (Sum, free_indices, fresh_index, logsumexp, log_softmax, one_hot, renamed_match, replace_index,
+                        rewrite_log_softmax)
 from .naming import BATCH
 from .saving import (Saving, SavedValue, save_first_positions, save_forward_values, save_normalization,
                      save_reduced_values, save_statistics, signs_out, worth_saving)
@@ -755,7 +756,7 @@ def _on_diagonal(term: Term) -> Term:
             continue
         if {i, j} & set(term.summed):      # sum over j of where(i == j, f[j], 0) is f[i]: j is summed away
             j, i = (i, j) if i in term.summed else (j, i)
-            return Term(term.coefficient, tuple(f.xreplace({j: i}) for f in factors if f != 1),
+            return Term(term.coefficient, tuple(replace_index(f, j, i) for f in factors if f != 1),
                         tuple(k for k in term.summed if k != j))
         for i, j in ((i, j), (j, i)):
             # the factors that read i (or, when none does, all: a trace's gradient is grad_y on the diagonal)

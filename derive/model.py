@@ -215,10 +215,19 @@ def param_symbol(name: str) -> ParamSymbol:
     return ParamSymbol(name, real=True)
 
 
+class Infinity(sympy.Symbol):
+    """The float `inf` of an equation, as in `where(s <= t, score, -inf)`: a Python number in generated code
+    (`torch.inf`). A symbol, not SymPy's `oo`, so that derivation never folds `0 * oo` or `oo - oo` into NaN:
+    what it meets is computed by torch at run time, as torch computes the same expression."""
+
+
+INFINITY = Infinity("inf", positive=True)
+
+
 def is_python_number(expr: sympy.Expr) -> bool:
     """Whether generated code holds `expr` as a Python number: it reads only params and sizes."""
     return not expr.atoms(sympy.Indexed) and all(
-        isinstance(s, ParamSymbol) or (s.is_integer and s.name.startswith(naming.size(""))) for s in expr.free_symbols)
+        isinstance(s, (ParamSymbol, Infinity)) or (s.is_integer and s.name.startswith(naming.size(""))) for s in expr.free_symbols)
 
 
 class PositiveFirst:

@@ -647,6 +647,9 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     _print_NumberSymbol = _print_irrational
 
+    def _print_Infinity(self, expr):
+        return "torch.inf"
+
     def _print_max_tie(self, expr):
         """Max(a, b, tie=t): the same value as Max(a, b), written so that autograd through it (a double
         backward differentiates the generated backward) gives a the share t at a tie, as its derivative does."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import sympy
 
 from . import functions, naming
-from .model import (AffineRead, Catalog, OpSpec, Param, SpecError, TensorInput, index_symbol, param_symbol,
+from .model import (INFINITY, AffineRead, Catalog, OpSpec, Param, SpecError, TensorInput, index_symbol, param_symbol,
                     scalar_symbol, size_symbol, size_text, tensor_symbol)
 from .layers import parse_layer
 from .naming import BATCH, default_catalog_path
@@ -73,7 +73,7 @@ EXTREMA = {"max": True, "Max": True, "min": False, "Min": False}    # max(expr, 
 EXTREMUM_TIES = ("split", "first")
 NOT_DIFFERENTIABLE = {"floor", "ceil", "round", "trunc", "argmax", "argmin"}
 ARGUMENTS = {"atan2": 2}       # functions of more than one argument (Max and Min take any number from two)
-CONSTANTS = {"pi": sympy.pi}
+CONSTANTS = {"pi": sympy.pi, "inf": INFINITY}    # inf: masks, where(s <= t, a, -inf)
 COMPARISONS = {ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge}
 # comparisons of index positions (where(k <= t, ...)): a constant mask, so equality is allowed too
 INDEX_COMPARISONS = COMPARISONS | {ast.Eq: sympy.Eq, ast.NotEq: sympy.Ne}
@@ -996,7 +996,7 @@ class _EquationParser:
         if not isinstance(node.func, ast.Name):
             raise self.error("only plain function names can be called (no attributes or methods)", node)
         name = node.func.id
-        if name in EXTREMA and len(node.args) >= 2 and any(self._is_index(a) for a in node.args[1:]):
+        if name in EXTREMA and len(node.args) >= 2 and any(self._is_index(a, node.args[0]) for a in node.args[1:]):
             return self._extremum(name, node)
         tie = self._tie(name, node)
         if name in REDUCTIONS:
@@ -1089,12 +1089,16 @@ class _EquationParser:
                              "is the same everywhere, so write the branch it picks directly", node)
         return COMPARISONS[type(node.ops[0])](left, right), left_free | right_free
 
-    def _is_index(self, node) -> bool:
-        """Whether `node` names an index (or the batch `...`): the second argument of a max or min reduction."""
+    def _is_index(self, node, body) -> bool:
+        """Whether `node` names an index (or the batch `...`): the second argument of a max or min reduction.
+        An index no input declares is one where `body` reads an input at it (max(x[n, s], s) of x[n, t])."""
         if isinstance(node, ast.Constant) and node.value is Ellipsis:
             return True
-        return isinstance(node, ast.Name) and node.id in self.sizes and node.id not in self.params \
-            and all(t.name != node.id for t in self.inputs)
+        if not isinstance(node, ast.Name) or node.id in self.params or any(t.name == node.id for t in self.inputs):
+            return False
+        read = {name.id for access in ast.walk(body) if isinstance(access, ast.Subscript)
+                for name in ast.walk(access.slice) if isinstance(name, ast.Name)}
+        return node.id in self.sizes or node.id in read
 
     def _extremum(self, name: str, node: ast.Call):
         """max(expression, i, ...) / min(expression, i, ...): the largest (smallest) value over the indices, with
@@ -1112,7 +1116,7 @@ class _EquationParser:
                                  f"torch.max(x, dim))", value)
             first = value.value == "first"
         for arg in node.args[1:]:
-            if not self._is_index(arg):
+            if not self._is_index(arg, node.args[0]):
                 raise self.error(f"{name}(expression, index, ...) reduces over index names; {ast.unparse(arg)} is not "
                                  f"one (to compare values elementwise, write {name}(a, b) of values alone)", arg)
         if any(isinstance(a, ast.Constant) for a in node.args[1:]):
