@@ -109,6 +109,10 @@ def shape_checks(op_name: str, declared: list[Declared], sizes: dict[str, str],
                                        f"or {name}.dtype == torch.bool)",
                                 f"{op_name}: {name} has dtype {{{name}.dtype}} but is declared an integer "
                                 f"input (its values are indices)"))
+        elif tensor.role == "input":    # the op computes in floats: an integer tensor would compute otherwise
+            checks.append(Check(guard, f"{name}.is_floating_point()",
+                                f"{op_name}: {name} has dtype {{{name}.dtype}} but is a floating-point input "
+                                f"(list it in the spec's `integer` to read integer values)"))
         for position_in, index in enumerate(tensor.named):
             same = next((i for i in tensor.named[:position_in] if sizes.get(i, i) == sizes.get(index, index)), None)
             if same is not None:     # a square input: a[i, j] read as a[i, i], or declared a[i, i]

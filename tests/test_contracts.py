@@ -19,7 +19,7 @@ from derive.naming import BATCH
 from derive.spec import parse_catalog
 from derive.testing import backward_arguments, load_module, make_inputs, nonempty_sizes, reference, sizes_for
 
-from conftest import CATALOG, generated_module
+from conftest import CATALOG, first_by_default, generated_module
 
 # Ops of our own: three inputs sharing indices, batch dims shared by two inputs next to a plain
 # one, a two-dim gather, a loss with a per-class weight.
@@ -207,6 +207,18 @@ def test_float_for_an_integer_input_is_refused(kind, op, invented_modules):
             inputs[position] = inputs[position].to(torch.float32)
             message = f"{op.name}: {tensor.name} has dtype torch.float32 but is declared an integer input"
             raises_everywhere(op, module, inputs, position, message)
+
+
+@pytest.mark.parametrize("kind, op", first_by_default(cases(lambda op: any(not t.integer for t in op.inputs)), 3))
+def test_an_integer_tensor_for_a_floating_input_is_refused(kind, op, invented_modules):
+    """An int64 tensor where the spec declares a float input: the forward would compute (torch promotes it) and
+    the backward fail inside a matmul, so every entry point refuses it first, naming the op and the input."""
+    module = module_of(kind, op, invented_modules)
+    position = next(p for p, tensor in enumerate(op.inputs) if not tensor.integer)
+    inputs = make_inputs(op, dtype=torch.float64)
+    inputs[position] = torch.ones_like(inputs[position], dtype=torch.int64)
+    message = f"{op.name}: {op.inputs[position].name} has dtype torch.int64 but is a floating-point input"
+    raises_everywhere(op, module, inputs, position, message)
 
 
 def test_saved_value_of_a_wrong_shape_is_refused():
