@@ -128,3 +128,14 @@ def test_the_absolute_value_of_a_nonnegative_argument_has_torchs_derivative_at_z
     '''
     spec, module = module_for(tmp_path, "abs_nonnegative", text)
     verify_op(spec, "abs_nonnegative", module)
+
+
+def test_a_kink_on_a_special_point_is_checked_as_torch_gives_it():
+    """|x| ** p with x moved onto Abs's kink, 0, and exponents of both signs: the gradient there is inf or NaN in
+    torch too (0 ** -1 is inf); verify_op accepts the generated code's NaN where the reference's is NaN, as it
+    does at zeros, instead of calling matching NaNs a mismatch."""
+    import derive
+    from derive.testing import verify_module
+
+    power = derive.op("y[i] = Abs(x[i]) ** p[i]", inputs=["x[i]", "p[i]"], reference="x.abs() ** p", name="power")
+    verify_module(power._built.op, power.module)
