@@ -106,14 +106,9 @@ def double_backward(op, module, sizes):
     assert torch.autograd.gradgradcheck(getattr(module, op.name), inputs)
 
 
-# By default the three specs of the issue in the contraction style, on one size each (the slow run: every spec,
-# both styles, every size, gradcheck, jvp and double backward).
-@pytest.mark.parametrize("name", SPECS)
-def test_matches_the_builtin(generated, name):
-    op, module = generated(name)
-    check_gradients(op, module, sizes=size_cases(op)[1])
-
-
+# By default two specs in the contraction style: the one call, its results against autograd of the builtin on one
+# length the windows do not fill, with only some gradients asked for, and twice differentiated (the slow run: every
+# spec, both styles, every size, gradcheck and jvp).
 def test_one_convolution_backward_for_every_gradient(generated):
     """The gradients of x, w and b come from one convolution_backward call with stride, padding and dilation,
     asked for each by its needs_input_grad flag; no per-input kernel, no product of windows; the forward
@@ -126,30 +121,25 @@ def test_one_convolution_backward_for_every_gradient(generated):
     forward = inspect.getsource(getattr(module, f"{op.name}_forward"))
     assert "torch.nn.functional.conv1d(x, w, b, stride=2, padding=2, dilation=2)" in forward
     assert "pad(" not in forward
+    check_gradients(op, module, sizes={"l": 10})
+    some_inputs_need_a_gradient(op, module, {"l": 10})
+    double_backward(op, module, {"n": 1, "c": 2, "o": 2, "k": 2, "l": 7})
     _, broadcast = generated("conv1d_s2_d2_p2", "broadcast")
     assert "convolution_backward" not in inspect.getsource(broadcast)
 
 
 def test_a_stride_and_a_dilation_in_both_dims_is_one_call(generated):
+    """Not the fold of grad_y * w over the windows (an N*C*O*T*K product in the second dim)."""
     op, module = generated("conv2d_s2_d2")
     source = inspect.getsource(getattr(module, f"{op.name}_backward"))
     assert "convolution_backward(grad_y, x, w, None, [2, 2], [0, 0], [2, 2]" in source
     assert "unfold_backward" not in source
-
-
-def test_only_the_gradients_asked_for(generated):
-    op, module = generated("conv1d_s2_d2_p2")
-    some_inputs_need_a_gradient(op, module, {"l": 10})
-
-
-def test_double_backward(generated):
-    op, module = generated("conv1d_s2_d2_p2")
-    double_backward(op, module, {"n": 1, "c": 2, "o": 2, "k": 2, "l": 7})
+    check_gradients(op, module, sizes={"h": 10, "v": 9})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("style", ["contraction", "broadcast"])
-@pytest.mark.parametrize("name", list(SPECS) + list(SLOW_SPECS))
+@pytest.mark.parametrize("name", list(SPECS | SLOW_SPECS))
 def test_every_size(generated, name, style):
     op, module = generated(name, style)
     for sizes in size_cases(op):
