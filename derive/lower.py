@@ -160,11 +160,13 @@ class ConvolutionBackward:
 
 @dataclass(frozen=True)
 class Picked:
-    """Output `part` of a shared tuple value `name` (a ConvolutionBackward), with dims `indices`."""
+    """Output `part` of a shared tuple value `name` (a ConvolutionBackward), with dims `indices`, its dims
+    `squeezed` dropped (those the call was given as dims of 1)."""
 
     name: str
     part: int
     indices: tuple[str, ...]
+    squeezed: tuple[int, ...] = ()
 
 
 Node = Union[Leaf, Product, Reduce, MatMul, Einsum, Scatter, Scaled, Convolution, ConvolutionBackward, Picked]
@@ -246,7 +248,7 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
         rest, shared = lower_group(tuple(g for g in op_plan.gradients if g.like not in parts), multiples=True)
         rest = iter(rest)
         gradients = tuple(LoweredExpr(replace(g, terms=(), scale=sympy.S.One), (Picked(
-            naming.CONVOLUTION_BACKWARD, parts[g.like], joint.dims[parts[g.like]]),))
+            naming.CONVOLUTION_BACKWARD, parts[g.like], joint.dims[parts[g.like]], _squeezed(joint.forward, parts[g.like])),))
                           if g.like in parts else next(rest) for g in op_plan.gradients)
         shared = (Shared(naming.CONVOLUTION_BACKWARD, joint, tuple(sorted(p for p in joint.wanted if p is not None))),
                   *shared)
@@ -807,8 +809,7 @@ def _with_bias(plan: ExprPlan, terms: list[Node]) -> tuple[ExprPlan, list[Node]]
 def _joint_convolution(op_plan: OpPlan, forward: LoweredExpr) -> ConvolutionBackward | None:
     """The rule for a forward term that is one convolution: F.conv(x, w, b) (its lowered Convolution of kind
     "conv", unscaled, the bias taken in or none) whose input x and kernel w are distinct floating inputs, each
-    read nowhere else in the forward (nor b), at most one batch, channel and out-channel index each, every step
-    positive, and zero padding that torch's conv takes: the same p on both sides of a dim, with the size of its
+    read nowhere else in the forward (nor b), every step positive, and zero padding that torch's conv takes: the same p on both sides of a dim, with the size of its
     result's dim torch's, floor((L + 2p - d*(K - 1) - 1) / s) + 1. Then every gradient of x, w and b is that
     convolution's (the op is linear in each), computed by one torch.ops.aten.convolution_backward as autograd
     does; None when the forward has no such term."""
@@ -818,7 +819,7 @@ def _joint_convolution(op_plan: OpPlan, forward: LoweredExpr) -> ConvolutionBack
         return None
     for conv in forward.terms:
         if not (isinstance(conv, Convolution) and conv.kind == "conv" and isinstance(conv.source, window)
-                and conv.scale == 1 and len(conv.batch) == len(conv.channels) == len(conv.out) == 1):
+                and conv.scale == 1):
             continue
         access, front, back, _, value = conv.source.args
         names = (access.base.label.name, conv.kernel.base.label.name) + \
@@ -852,6 +853,12 @@ def _names_read(nodes: list[Node]) -> set[str]:
         if isinstance(node, Scatter):
             names |= {node.index, node.like}
     return names
+
+
+def _squeezed(conv: Convolution, part: int) -> tuple[int, ...]:
+    """The dims of 1 a convolution's backward output has for a missing batch, channel or out-channel index."""
+    leading = ((conv.batch, conv.channels), (conv.out, conv.channels), (conv.out,))[part]
+    return tuple(position for position, dims in enumerate(leading) if not dims)
 
 
 def _picked_dims(op, conv: Convolution) -> tuple[tuple[str, ...], ...]:

@@ -921,7 +921,8 @@ def render(node: Node) -> Code:
     if isinstance(node, ConvolutionBackward):
         return _convolution_backward(node)
     if isinstance(node, Picked):
-        return Code(f"{node.name}[{node.part}]", node.indices)
+        squeezed = "" if not node.squeezed else f".squeeze({node.squeezed[0] if len(node.squeezed) == 1 else python_tuple([str(d) for d in node.squeezed])})"
+        return Code(f"{node.name}[{node.part}]{squeezed}", node.indices)
     raise TypeError(f"unknown node {node!r}")
 
 
@@ -929,6 +930,15 @@ def _window_layout(access: sympy.Indexed, spatial) -> tuple[str, ...]:
     """The dims of a window read's input, an affine subscript named by the index it moves along (its t)."""
     return tuple(i.name if isinstance(i, sympy.Idx) else next(t for t, *_ in spatial if t in {a.name for a in i.atoms(sympy.Idx)})
                  for i in access.indices)
+
+
+def _unsqueezed(code: Code, leading: tuple[tuple[str, ...], ...]) -> Code:
+    """`code` with a dim of 1 where each leading dim (N and C of an input, say) is missing."""
+    text = code.atom() if not all(leading) else code.text
+    for position, dims in enumerate(leading):
+        if not dims:
+            text += f".unsqueeze({position})"
+    return Code(text, code.indices)
 
 
 def _steps(values: list) -> str:
@@ -948,8 +958,11 @@ def _convolution_backward(node: ConvolutionBackward) -> Code:
                   conv.out + conv.channels + tuple(k for _, k, _, _ in conv.spatial))
     name, dims = node.gradient
     gradient = _arranged(Code(name, dims), conv.batch + conv.out + spatial)
-    out = next(i for i in conv.kernel.indices if i.name in conv.out)
-    bias = f"[{SizePrinter().doprint(out.upper + 1)}]" if conv.bias is not None else "None"
+    # a missing batch, channel or out-channel index is a dim of 1
+    x, w, gradient = (_unsqueezed(code, leading) for code, leading in (
+        (x, (conv.batch, conv.channels)), (w, (conv.out, conv.channels)), (gradient, (conv.batch, conv.out))))
+    bias = "None" if conv.bias is None else \
+        f"[{SizePrinter().doprint(next(i for i in conv.kernel.indices if i.name in conv.out).upper + 1)}]"
     mask = _steps(["False" if p is None else f"needs_input_grad[{p}]" for p in node.wanted])
     return Code(f"torch.ops.aten.convolution_backward({gradient.text}, {x.text}, {w.text}, {bias}, "
                 f"{_steps([s for _, _, s, _ in conv.spatial])}, {_steps(node.padding)}, "

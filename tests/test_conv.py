@@ -60,6 +60,16 @@ reference = "torch.nn.functional.conv3d(x, w, b, stride=2, padding=1, dilation=2
 equation = "y[n, t, o] = sum(x[n, t + k, c] * w[k, c, o], c, k) + b[o]"
 reference = "torch.nn.functional.conv1d(x.transpose(1, 2), w.permute(2, 1, 0), b).transpose(1, 2)"
 ''',
+    # no channel and no out-channel index, a stride and a dilation in both dims: dims of 1 in the call
+    "conv2d_one_channel_s2_d2": '''inputs = ["x[n, h, v]", "w[p, q]"]
+equation = "y[n, i, j] = sum(x[n, 2*i + 2*p, 2*j + 2*q] * w[p, q], p, q)"
+reference = "torch.nn.functional.conv2d(x.unsqueeze(1), w[None, None], stride=2, dilation=2).squeeze(1)"
+''',
+    # no batch index: torch's unbatched conv
+    "conv1d_unbatched": '''inputs = ["x[c, l]", "w[o, c, k]", "b[o]"]
+equation = "y[o, t] = sum(x[c, 3*t + k] * w[o, c, k], c, k) + b[o]"
+reference = "torch.nn.functional.conv1d(x, w, b, stride=3)"
+''',
     # zeros after the input only: no padding torch's conv takes, so the gradients stay the per-input kernels
     "conv1d_pad_after": '''inputs = ["x[n, c, l]", "w[o, c, k]"]
 pad = { x = { l = [0, 2] } }
