@@ -11,7 +11,8 @@ import inspect
 import pytest
 import torch
 
-from derive.testing import check_gradients, check_tangents, gradcheck_op, make_inputs, reference, sizes_for
+from derive.testing import (check_gradients, check_tangents, gradcheck_op, make_inputs, op_saved_bytes, reference,
+                            sizes_for)
 
 from conftest import written_specs
 
@@ -160,3 +161,6 @@ def test_every_size(generated, name, style):
     double_backward(op, module, small)
     if len(op.inputs) == 3:
         some_inputs_need_a_gradient(op, module, small)
+    if style == "contraction":      # the forward saves what autograd's does, no padded copy of x
+        saved, autograd_saved = op_saved_bytes(op, module, make_inputs(op, small))
+        assert saved <= autograd_saved, (saved, autograd_saved)
