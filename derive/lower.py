@@ -876,34 +876,43 @@ def _picked_dims(op, conv: Convolution) -> tuple[tuple[str, ...], ...]:
 
 
 def _folded_input(nodes: list[Node], summed: set[str], target: tuple[str, ...]) -> Convolution | None:
-    """grad_y[b, o, t] * w[o, c, k] folded back at l = s*t + d*k + e (fold_window: no step is 1) and summed over
-    o: a convolution's grad_x with a stride and a dilation both above 1, torch.nn.grad.conv1d_input (kind
-    "folded"); None when the term is no such fold."""
+    """grad_y[b, o, t...] * w[o, c, k...] folded back at l = s*t + d*k + e in each spatial dim (nested
+    fold_windows: no step is 1) and summed over o: a convolution's grad_x with a stride and a dilation both
+    above 1, torch.nn.grad.conv{1,2,3}d_input (kind "folded"); None when the term is no such fold."""
     if len(nodes) != 1 or not isinstance(nodes[0], Leaf) or not isinstance(nodes[0].expr, fold_window):
         return None
-    fold = nodes[0].expr
-    reads = sympy.Mul.make_args(fold.value)
+    folds, value = [], nodes[0].expr
+    while isinstance(value, fold_window):
+        folds.append(value)
+        value = value.value
+    reads = sympy.Mul.make_args(value)
     if len(reads) != 2 or not all(isinstance(r, sympy.Indexed) and all(isinstance(i, sympy.Idx) for i in r.indices)
                                   for r in reads):
         return None
     gradient, kernel = sorted(reads, key=lambda r: not r.base.label.name.startswith(naming.grad("")))
     if not gradient.base.label.name.startswith(naming.grad("")) or kernel.base.label.name.startswith(naming.grad("")):
         return None
-    subscript, position = fold.args[1], fold.args[2]
-    taps = [i for i in subscript.atoms(sympy.Idx) if i in kernel.indices and i not in gradient.indices]
-    moving = [i for i in subscript.atoms(sympy.Idx) if i in gradient.indices and i not in kernel.indices]
-    if len(taps) != 1 or len(moving) != 1:
-        return None
+    spatial, moving = [], []
+    for fold in folds:
+        subscript, position = fold.args[1], fold.args[2]
+        taps = [i for i in subscript.atoms(sympy.Idx) if i in kernel.indices and i not in gradient.indices]
+        starts = [i for i in subscript.atoms(sympy.Idx) if i in gradient.indices and i not in kernel.indices]
+        if len(taps) != 1 or len(starts) != 1 or len(subscript.atoms(sympy.Idx)) != 2:
+            return None
+        t, k = starts[0], taps[0]
+        spatial.append(((position.name, k.name, int(subscript.coeff(t)), int(subscript.coeff(k))), position.upper + 1))
+        moving.append(t)
+    # the spatial dims in the order the gradient has them (each fold's start index is one of its dims)
+    order = sorted(range(len(folds)), key=lambda f: list(gradient.indices).index(moving[f]))
     channels = tuple(i.name for i in gradient.indices if i in kernel.indices)
-    batch = tuple(i.name for i in gradient.indices if i not in kernel.indices and i != moving[0])
-    out = tuple(i.name for i in kernel.indices if i not in gradient.indices and i != taps[0])
-    if len(batch) != 1 or len(channels) != 1 or len(out) != 1 or summed != set(channels) \
-            or not set(batch + out + (position.name,)) <= set(target):
+    batch = tuple(i.name for i in gradient.indices if i not in kernel.indices and i not in moving)
+    out = tuple(i.name for i in kernel.indices if i not in gradient.indices and i.name not in
+                {k for (_, k, _, _), _ in spatial})
+    if len(batch) != 1 or len(channels) != 1 or len(out) != 1 or summed != set(channels) or len(folds) > 3 \
+            or not set(batch + out + tuple(p for (p, _, _, _), _ in spatial)) <= set(target):
         return None
-    t, k = moving[0], taps[0]
-    return Convolution(fold, kernel, batch, channels, out, ((position.name, k.name, int(subscript.coeff(t)),
-                                                             int(subscript.coeff(k))),),
-                       (position.upper + 1,), kind="folded")
+    return Convolution(nodes[0].expr, kernel, batch, channels, out, tuple(spatial[f][0] for f in order),
+                       tuple(spatial[f][1] for f in order), kind="folded")
 
 
 def _input_gradient(source: window, kernel: sympy.Indexed, spatial: list) -> bool:

@@ -1049,27 +1049,37 @@ def _input_gradient(node: Convolution) -> Code:
 
 
 def _folded_input(node: Convolution) -> Code:
-    """torch.nn.grad.conv1d_input(shape, w, grad, stride=s, dilation=d): a convolution's grad_x where no step
-    is 1, the fold of grad[b, o, t] * w[o, c, k] at l = s*t + d*k + e summed over o, computed as long as the
-    windows reach, then cropped or padded to l's size as the read took."""
-    fold = node.source
-    subscript, position = fold.args[1], fold.args[2]
-    ((_, k_name, stride, dilation),) = node.spatial
-    gradient = next(r for r in sympy.Mul.make_args(fold.value) if r != node.kernel)
-    (t,) = [i for i in subscript.atoms(sympy.Idx) if i.name != k_name]
-    (k,) = [i for i in subscript.atoms(sympy.Idx) if i.name == k_name]
-    arranged = _arranged(Code(access_name(gradient), tuple(i.name for i in gradient.indices)),
-                         node.batch + node.channels + (t.name,))
-    weight = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
-                       node.channels + node.out + (k.name,))
-    sizes = {i.name: i.upper + 1 for a in (gradient, node.kernel) for i in a.atoms(sympy.Idx)}
+    """torch.nn.grad.conv{1,2,3}d_input(shape, w, grad, stride=s, dilation=d): a convolution's grad_x where no step
+    is 1, the fold of grad[b, o, t...] * w[o, c, k...] at l = s*t + d*k + e in each spatial dim summed over o,
+    computed as long as the windows reach, then cropped or padded to l's size as the read took."""
+    folds, value = {}, node.source
+    while isinstance(value, fold_window):
+        folds[value.args[2].name] = value
+        value = value.value
+    gradient = next(r for r in sympy.Mul.make_args(value) if r != node.kernel)
     scalar = SizePrinter()
-    lowest = subscript.subs({t: 0, k: 0})
-    reach = stride * t.upper + dilation * k.upper + 1
-    shape = python_tuple([scalar.doprint(sizes[i]) for i in node.batch + node.out] + [scalar.doprint(reach)])
-    text = (f"torch.nn.grad.conv1d_input({shape}, {weight.text}, {arranged.text}, stride={stride}, "
-            f"dilation={dilation})")
-    text = _padded(text, [0, 0, lowest], [0, 0, sympy.expand(position.upper + 1 - lowest - reach)])
+    starts, reaches, front, back = [], [], [], []
+    for position, k_name, stride, dilation in node.spatial:
+        subscript, at = folds[position].args[1], folds[position].args[2]
+        (t,) = [i for i in subscript.atoms(sympy.Idx) if i.name != k_name]
+        (k,) = [i for i in subscript.atoms(sympy.Idx) if i.name == k_name]
+        lowest = subscript.subs({t: 0, k: 0})
+        reach = stride * t.upper + dilation * k.upper + 1
+        starts.append(t.name)
+        reaches.append(scalar.doprint(reach))
+        front.append(lowest)
+        back.append(sympy.expand(at.upper + 1 - lowest - reach))
+    arranged = _arranged(Code(access_name(gradient), tuple(i.name for i in gradient.indices)),
+                         node.batch + node.channels + tuple(starts))
+    weight = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
+                       node.channels + node.out + tuple(k for _, k, _, _ in node.spatial))
+    sizes = {i.name: i.upper + 1 for a in (gradient, node.kernel) for i in a.atoms(sympy.Idx)}
+    shape = python_tuple([scalar.doprint(sizes[i]) for i in node.batch + node.out] + reaches)
+    steps = {keyword: values[0] if len(values) == 1 else python_tuple([str(v) for v in values]) for keyword, values in
+             (("stride", [s for _, _, s, _ in node.spatial]), ("dilation", [d for _, _, _, d in node.spatial]))}
+    text = (f"torch.nn.grad.conv{len(node.spatial)}d_input({shape}, {weight.text}, {arranged.text}, "
+            f"stride={steps['stride']}, dilation={steps['dilation']})")
+    text = _padded(text, [0, 0] + front, [0, 0] + back)
     return Code(text, node.indices)
 
 

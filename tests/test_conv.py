@@ -71,6 +71,12 @@ reference = "torch.nn.functional.conv2d(x.unsqueeze(1), w[None, None], stride=2,
 equation = "y[o, t] = sum(x[c, 3*t + k] * w[o, c, k], c, k) + b[o]"
 reference = "torch.nn.functional.conv1d(x, w, b, stride=3)"
 ''',
+    # a stride and a dilation in both dims, zeros after the input only: grad_x is conv2d_input, not folds
+    "conv2d_s2_d2_pad_after": '''inputs = ["x[n, c, h, v]", "w[o, c, p, q]"]
+pad = { x = { h = [0, 1], v = [0, 1] } }
+equation = "y[n, o, i, j] = sum(x[n, c, 2*i + 2*p, 2*j + 2*q] * w[o, c, p, q], c, p, q)"
+reference = "torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), w, stride=2, dilation=2)"
+''',
     # zeros after the input only: no padding torch's conv takes, so the gradients stay the per-input kernels
     "conv1d_pad_after": '''inputs = ["x[n, c, l]", "w[o, c, k]"]
 pad = { x = { l = [0, 2] } }
@@ -146,6 +152,16 @@ def test_a_stride_and_a_dilation_in_both_dims_is_one_call(generated):
     assert "convolution_backward(grad_y, x, w, None, [2, 2], [0, 0], [2, 2]" in source
     assert "unfold_backward" not in source
     check_gradients(op, module, sizes={"h": 10, "v": 9})
+
+
+@pytest.mark.slow
+def test_a_fold_in_both_dims_is_the_input_gradient_kernel(generated):
+    """Where no one call applies (zeros after x only), grad_x of a stride and a dilation both above 1 in both
+    dims is torch.nn.grad.conv2d_input, cropped or padded, not two folds of an (N, C, O, ...) product."""
+    op, module = generated("conv2d_s2_d2_pad_after")
+    source = inspect.getsource(getattr(module, f"{op.name}_backward"))
+    assert "torch.nn.grad.conv2d_input(" in source and "stride=(2, 2), dilation=(2, 2))" in source
+    assert "unfold_backward" not in source and "convolution_backward" not in source
 
 
 @pytest.mark.slow
