@@ -248,8 +248,8 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
         rest, shared = lower_group(tuple(g for g in op_plan.gradients if g.like not in parts), multiples=True)
         rest = iter(rest)
         gradients = tuple(LoweredExpr(replace(g, terms=(), scale=sympy.S.One), (Picked(
-            naming.CONVOLUTION_BACKWARD, parts[g.like], joint.dims[parts[g.like]], _squeezed(joint.forward, parts[g.like])),))
-                          if g.like in parts else next(rest) for g in op_plan.gradients)
+            naming.CONVOLUTION_BACKWARD, parts[g.like], joint.dims[parts[g.like]],
+            _squeezed(joint.forward, parts[g.like])),)) if g.like in parts else next(rest) for g in op_plan.gradients)
         shared = (Shared(naming.CONVOLUTION_BACKWARD, joint, tuple(sorted(p for p in joint.wanted if p is not None))),
                   *shared)
     tangents, tangent_shared = lower_group(op_plan.tangents, owners=[g.input for g in op_plan.derivation.tangents])
@@ -807,12 +807,12 @@ def _with_bias(plan: ExprPlan, terms: list[Node]) -> tuple[ExprPlan, list[Node]]
 
 
 def _joint_convolution(op_plan: OpPlan, forward: LoweredExpr) -> ConvolutionBackward | None:
-    """The rule for a forward term that is one convolution: F.conv(x, w, b) (its lowered Convolution of kind
-    "conv", unscaled, the bias taken in or none) whose input x and kernel w are distinct floating inputs, each
-    read nowhere else in the forward (nor b), every step positive, and zero padding that torch's conv takes: the same p on both sides of a dim, with the size of its
-    result's dim torch's, floor((L + 2p - d*(K - 1) - 1) / s) + 1. Then every gradient of x, w and b is that
-    convolution's (the op is linear in each), computed by one torch.ops.aten.convolution_backward as autograd
-    does; None when the forward has no such term."""
+    """The rule for a forward term that is one convolution, F.conv(x, w, b): its lowered Convolution of kind
+    "conv", unscaled, the bias taken in or none, whose input x and kernel w are distinct floating inputs, each
+    read nowhere else in the forward (nor b), every step positive, and the zeros its reads reach torch's
+    padding: the same p on both sides of a dim, the result's size there torch's, floor((L + 2p - d*(K - 1) - 1)
+    / s) + 1. Then every gradient of x, w and b is that convolution's (the op is linear in each), computed by
+    one torch.ops.aten.convolution_backward as autograd does; None when the forward has no such term."""
     plan, op = forward.plan, op_plan.op
     inputs = {t.name: position for position, t in enumerate(op.inputs) if not t.integer}
     if plan.scale != 1 or plan.unbroadcast or BATCH in plan.indices:
@@ -829,15 +829,17 @@ def _joint_convolution(op_plan: OpPlan, forward: LoweredExpr) -> ConvolutionBack
                 or set(names) & _names_read(others) or set(conv.indices) != set(plan.indices) \
                 or any(s <= 0 or d <= 0 for _, _, s, d in conv.spatial):
             continue
-        known = {size: value for term in op_plan.forward.terms for size, value in term.known}
+        known = {size: formula for term in op_plan.forward.terms for size, formula in term.known}
         affine = [p for p, i in enumerate(access.indices) if not isinstance(i, sympy.Idx)]
         padding = [-access.indices[p].subs({i: 0 for i in access.indices[p].atoms(sympy.Idx)}) for p in affine]
-        # torch's output is one longer than the result's where the reads stop a stride or more before the pad ends
+        # torch's result is one longer where the reads stop a stride or more before the zeros after x end
         left = [sympy.expand((pad - back[p]).subs(known)) for p, pad in zip(affine, padding)]
         if not all(pad.is_Integer and pad >= 0 and front[p] == pad and rest.is_Integer and 0 <= rest < s
                    for p, pad, rest, (_, _, s, _) in zip(affine, padding, left, conv.spatial)):
             continue
         wanted = tuple(inputs[name] if op.inputs[inputs[name]].differentiable else None for name in names)
+        if all(position is None for position in wanted):
+            return None
         return ConvolutionBackward(conv, (naming.grad(op.output), plan.indices), tuple(int(p) for p in padding),
                                    wanted + (None,) * (3 - len(wanted)), _picked_dims(op, conv))
     return None

@@ -921,15 +921,16 @@ def render(node: Node) -> Code:
     if isinstance(node, ConvolutionBackward):
         return _convolution_backward(node)
     if isinstance(node, Picked):
-        squeezed = "" if not node.squeezed else f".squeeze({node.squeezed[0] if len(node.squeezed) == 1 else python_tuple([str(d) for d in node.squeezed])})"
+        dims = [str(d) for d in node.squeezed]
+        squeezed = "" if not dims else f".squeeze({dims[0] if len(dims) == 1 else python_tuple(dims)})"
         return Code(f"{node.name}[{node.part}]{squeezed}", node.indices)
     raise TypeError(f"unknown node {node!r}")
 
 
 def _window_layout(access: sympy.Indexed, spatial) -> tuple[str, ...]:
     """The dims of a window read's input, an affine subscript named by the index it moves along (its t)."""
-    return tuple(i.name if isinstance(i, sympy.Idx) else next(t for t, *_ in spatial if t in {a.name for a in i.atoms(sympy.Idx)})
-                 for i in access.indices)
+    return tuple(i.name if isinstance(i, sympy.Idx) else
+                 next(t for t, *_ in spatial if t in {a.name for a in i.atoms(sympy.Idx)}) for i in access.indices)
 
 
 def _unsqueezed(code: Code, leading: tuple[tuple[str, ...], ...]) -> Code:
@@ -1592,7 +1593,8 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
                 used |= node.source.free_symbols | {s for i in node.source.atoms(sympy.Idx) for s in i.upper.free_symbols}
                 used |= {s for i in node.kernel.indices if i.name in node.out for s in i.upper.free_symbols}
             elif isinstance(node, ConvolutionBackward) and node.forward.bias is not None:
-                used |= {s for i in node.forward.kernel.indices if i.name in node.forward.out for s in i.upper.free_symbols}
+                used |= {s for i in node.forward.kernel.indices if i.name in node.forward.out
+                         for s in i.upper.free_symbols}
             elif isinstance(node, Convolution) and node.kind == "folded":
                 used |= {s for i in node.source.atoms(sympy.Idx) for s in i.upper.free_symbols}
             elif isinstance(node, Convolution) and node.kind == "input":
