@@ -94,7 +94,7 @@ def _module_context(derivation: Derivation, lowered: LoweredOp, source: str, com
     jvp = _jvp_context(derivation, lowered, frozenset(keep))
     function = _function_context(derivation, lowered, signature, jvp, namespace, style.name)
     code = [forward["code"]] + [g.code for g in backward["gradients"]] + [text for _, text in forward["shared"]] \
-        + [text for _, block in backward["shared"] for _, text in block] \
+        + [text for _, block in backward["shared"] for _, text, _ in block] \
         + ([text for _, text, _ in saving["lines"]] if saving else [])
     params = [f"{p.name}={p.default!r}" for p in op.params]
     layer = layer_context(op.layer, op.inputs, op.params, op.name) if op.layer else None
@@ -250,7 +250,7 @@ def _backward_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
     returns = [naming.grad(t.name) if t.differentiable else "None" for t in op.inputs]
     return dict(name=naming.backward(op.name), grad_output=signature.grad_output, sizes=list(signature.sizes),
                 none_line=" = ".join(outputs) + " = None",
-                shared=_shared_blocks(signature), gradients=gradients, returns=python_tuple(returns),
+                shared=_shared_blocks(signature, lowered), gradients=gradients, returns=python_tuple(returns),
                 computed=_cheap_first(gradients, list(lowered.gradients)))
 
 
@@ -468,16 +468,17 @@ def _cheap_first(gradients: list[GradientView], exprs: list[LoweredExpr]) -> lis
     return [view for view, _ in sorted(zip(gradients, exprs), key=lambda pair: contracts(pair[1]))]
 
 
-def _shared_blocks(signature: Signature) -> list[tuple[str, list[tuple[str, str]]]]:
-    """Values several gradients use, grouped under the condition that any of them is needed."""
-    blocks: list[tuple[str, list[tuple[str, str]]]] = []
-    for shared in signature.shared:
+def _shared_blocks(signature: Signature, lowered: LoweredOp) -> list[tuple[str, list[tuple[str, str, tuple]]]]:
+    """Values several gradients use, grouped under the condition that any of them is needed; each with what
+    the fused kernel calls in it compute."""
+    blocks: list[tuple[str, list[tuple[str, str, tuple]]]] = []
+    for shared, value in zip(signature.shared, lowered.shared):
         if len(shared.users) < 2:
             continue
         condition = " or ".join(f"needs_input_grad[{u}]" for u in shared.users)
         if not blocks or blocks[-1][0] != condition:
             blocks.append((condition, []))
-        blocks[-1][1].append((shared.name, shared.code))
+        blocks[-1][1].append((shared.name, shared.code, kernel_comments([], (value.value,))))
     return blocks
 
 

@@ -132,6 +132,7 @@ class Convolution:
     kind: str = "conv"
     scale: sympy.Expr = sympy.S.One     # a pooling's 1 / size_k, taken into its kernel of ones
     known: tuple[tuple[sympy.Symbol, sympy.Expr], ...] = ()    # the term's fixed and inferred sizes (TermPlan.known)
+    bias: sympy.Indexed | None = None   # a term b[o] added along the out-channel, taken into the call (kind "conv")
 
     @property
     def indices(self) -> tuple[str, ...]:
@@ -139,7 +140,36 @@ class Convolution:
         return self.batch + self.out + spatial if self.kind in ("conv", "input", "folded") else self.out + self.batch + spatial
 
 
-Node = Union[Leaf, Product, Reduce, MatMul, Einsum, Scatter, Scaled, Convolution]
+@dataclass(frozen=True)
+class ConvolutionBackward:
+    """torch.ops.aten.convolution_backward: the gradients of one convolution of the forward, of its input, its
+    kernel and its bias, from one native call as autograd's, whose output mask asks for those needed. What the
+    backward computes for a forward term that is a Convolution (kind "conv") of one input's window by another
+    input, with zero padding torch's conv takes (the same on both sides), plus the bias that convolution took
+    in; each of those inputs read nowhere else in the forward (see _joint_convolution)."""
+
+    forward: Convolution                # the forward's term, its bias included
+    gradient: tuple[str, tuple[str, ...]]   # the upstream gradient and its dims (the output's)
+    padding: tuple[int, ...]            # the zeros each spatial dim's reads reach on both sides
+    # the position among the op's inputs of the tensor each output (input, kernel, bias) is the gradient of,
+    # or None where it is not wanted (no bias; an input without a gradient): the output mask's flags
+    wanted: tuple[int | None, int | None, int | None]
+    dims: tuple[tuple[str, ...], ...]   # each output's dims, by its tensor's declared names (_picked_dims)
+    indices: tuple[str, ...] = ()       # a tuple of tensors, no dims
+
+
+@dataclass(frozen=True)
+class Picked:
+    """Output `part` of a shared tuple value `name` (a ConvolutionBackward), with dims `indices`, its dims
+    `squeezed` dropped (those the call was given as dims of 1)."""
+
+    name: str
+    part: int
+    indices: tuple[str, ...]
+    squeezed: tuple[int, ...] = ()
+
+
+Node = Union[Leaf, Product, Reduce, MatMul, Einsum, Scatter, Scaled, Convolution, ConvolutionBackward, Picked]
 
 
 @dataclass(frozen=True)
@@ -195,6 +225,7 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
         terms = [term(t, expr_plan.indices, expr_plan.like) for t in expr_plan.terms]
         if style == "broadcast":
             return LoweredExpr(expr_plan, tuple(terms))
+        expr_plan, terms = _with_bias(expr_plan, terms)
         return _indexed_add(expr_plan, _merge_elementwise(terms))
 
     def lower_group(plans: tuple[ExprPlan, ...], owners: list[str] | None = None, multiples: bool = False):
@@ -207,8 +238,20 @@ def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
         exprs, shared, contracted = _share_common(op_plan, exprs, owners, contracted)
         return _inline_once(*_numbered(exprs, _in_use_order(op_plan, contracted + list(shared), exprs, owners)))
 
-    gradients, shared = lower_group(op_plan.gradients, multiples=style == "contraction")
     (forward,), forward_shared = lower_group((op_plan.forward,))
+    joint = _joint_convolution(op_plan, forward) if style == "contraction" else None
+    if joint is None:
+        gradients, shared = lower_group(op_plan.gradients, multiples=style == "contraction")
+    else:    # the convolution's gradients from one call, the other inputs' as any
+        parts = {op_plan.op.inputs[position].name: part for part, position in enumerate(joint.wanted)
+                 if position is not None}
+        rest, shared = lower_group(tuple(g for g in op_plan.gradients if g.like not in parts), multiples=True)
+        rest = iter(rest)
+        gradients = tuple(LoweredExpr(replace(g, terms=(), scale=sympy.S.One), (Picked(
+            naming.CONVOLUTION_BACKWARD, parts[g.like], joint.dims[parts[g.like]],
+            _squeezed(joint.forward, parts[g.like])),)) if g.like in parts else next(rest) for g in op_plan.gradients)
+        shared = (Shared(naming.CONVOLUTION_BACKWARD, joint, tuple(sorted(p for p in joint.wanted if p is not None))),
+                  *shared)
     tangents, tangent_shared = lower_group(op_plan.tangents, owners=[g.input for g in op_plan.derivation.tangents])
     return LoweredOp(op_plan, style, forward, gradients, shared, forward_shared, tangents, tangent_shared,
                      _saved_values(op_plan, term))
@@ -573,7 +616,7 @@ def _replace_leaves(node: Node, rewritten: dict[int, Leaf]) -> Node:
         return replace(node, operands=tuple(_replace_leaves(o, rewritten) for o in node.operands))
     if isinstance(node, MatMul):
         return replace(node, left=_replace_leaves(node.left, rewritten), right=_replace_leaves(node.right, rewritten))
-    if isinstance(node, Convolution):   # reads its window and kernel by index names: it holds no leaf
+    if isinstance(node, (Convolution, ConvolutionBackward, Picked)):   # read tensors by index names: no leaf
         return node
     return replace(node, source=_replace_leaves(node.source, rewritten))  # Reduce, Scaled, Scatter
 
@@ -745,35 +788,133 @@ def _convolution(nodes: list[Node], summed: set[str], target: tuple[str, ...]) -
     return None
 
 
+def _with_bias(plan: ExprPlan, terms: list[Node]) -> tuple[ExprPlan, list[Node]]:
+    """A convolution plus a term that reads one tensor at its out-channel alone, b[o], both unscaled: the
+    convolution takes the bias in (F.conv1d(x, w, b): no second tensor of the output's size); the plan
+    drops the bias's term with it."""
+    for position, conv in enumerate(terms):
+        if not (isinstance(conv, Convolution) and conv.kind == "conv" and isinstance(conv.source, window)
+                and len(conv.out) == 1 and conv.bias is None):
+            continue
+        for other, bias in enumerate(terms):
+            if isinstance(bias, Leaf) and isinstance(bias.expr, sympy.Indexed) and bias.indices == conv.out \
+                    and tuple(i.name for i in bias.expr.indices) == conv.out \
+                    and all(isinstance(i, sympy.Idx) for i in bias.expr.indices):
+                kept = [t for p, t in enumerate(terms) if p != other]
+                kept[kept.index(conv)] = replace(conv, bias=bias.expr)
+                return replace(plan, terms=tuple(t for p, t in enumerate(plan.terms) if p != other)), kept
+    return plan, terms
+
+
+def _joint_convolution(op_plan: OpPlan, forward: LoweredExpr) -> ConvolutionBackward | None:
+    """The rule for a forward term that is one convolution, F.conv(x, w, b): its lowered Convolution of kind
+    "conv", unscaled, the bias taken in or none, whose input x and kernel w are distinct floating inputs, each
+    read nowhere else in the forward (nor b), every step positive, and the zeros its reads reach torch's
+    padding: the same p on both sides of a dim, the result's size there torch's, floor((L + 2p - d*(K - 1) - 1)
+    / s) + 1. Then every gradient of x, w and b is that convolution's (the op is linear in each), computed by
+    one torch.ops.aten.convolution_backward as autograd does; None when the forward has no such term."""
+    plan, op = forward.plan, op_plan.op
+    inputs = {t.name: position for position, t in enumerate(op.inputs) if not t.integer}
+    if plan.scale != 1 or plan.unbroadcast or BATCH in plan.indices:
+        return None
+    for conv in forward.terms:
+        if not (isinstance(conv, Convolution) and conv.kind == "conv" and isinstance(conv.source, window)
+                and conv.scale == 1):
+            continue
+        access, front, back, _, value = conv.source.args
+        names = (access.base.label.name, conv.kernel.base.label.name) + \
+            ((conv.bias.base.label.name,) if conv.bias is not None else ())
+        others = [t for t in forward.terms if t is not conv]
+        if len(set(names)) != len(names) or not set(names) <= set(inputs) or value != 0 \
+                or set(names) & _names_read(others) or set(conv.indices) != set(plan.indices) \
+                or any(s <= 0 or d <= 0 for _, _, s, d in conv.spatial):
+            continue
+        known = {size: formula for term in op_plan.forward.terms for size, formula in term.known}
+        affine = [p for p, i in enumerate(access.indices) if not isinstance(i, sympy.Idx)]
+        padding = [-access.indices[p].subs({i: 0 for i in access.indices[p].atoms(sympy.Idx)}) for p in affine]
+        # torch's result is one longer where the reads stop a stride or more before the zeros after x end
+        left = [sympy.expand((pad - back[p]).subs(known)) for p, pad in zip(affine, padding)]
+        if not all(pad.is_Integer and pad >= 0 and front[p] == pad and rest.is_Integer and 0 <= rest < s
+                   for p, pad, rest, (_, _, s, _) in zip(affine, padding, left, conv.spatial)):
+            continue
+        wanted = tuple(inputs[name] if op.inputs[inputs[name]].differentiable else None for name in names)
+        if all(position is None for position in wanted):
+            return None
+        return ConvolutionBackward(conv, (naming.grad(op.output), plan.indices), tuple(int(p) for p in padding),
+                                   wanted + (None,) * (3 - len(wanted)), _picked_dims(op, conv))
+    return None
+
+
+def _names_read(nodes: list[Node]) -> set[str]:
+    """The tensors lowered nodes read."""
+    names = set()
+    for node in (n for root in nodes for n in walk(root)):
+        exprs = [node.expr] if isinstance(node, Leaf) else [node.source, node.kernel] + (
+            [node.bias] if node.bias is not None else []) if isinstance(node, Convolution) else []
+        names |= {a.base.label.name for e in exprs for a in atoms_of(e, sympy.Indexed)}
+        if isinstance(node, Scatter):
+            names |= {node.index, node.like}
+    return names
+
+
+def _squeezed(conv: Convolution, part: int) -> tuple[int, ...]:
+    """The dims of 1 a convolution's backward output has for a missing batch, channel or out-channel index."""
+    leading = ((conv.batch, conv.channels), (conv.out, conv.channels), (conv.out,))[part]
+    return tuple(position for position, dims in enumerate(leading) if not dims)
+
+
+def _picked_dims(op, conv: Convolution) -> tuple[tuple[str, ...], ...]:
+    """The dims of each output of a convolution's backward, by the names its tensor declares: the input's
+    (N, C, L...), the kernel's (O, C, K...), the bias's (O,)."""
+    def arranged(access: sympy.Indexed, order: tuple[str, ...]) -> tuple[str, ...]:
+        labels = [i.name if isinstance(i, sympy.Idx) else next(t for t, _, _, _ in conv.spatial if t in {
+            a.name for a in i.atoms(sympy.Idx)}) for i in access.indices]
+        declared = op.input(access.base.label.name).indices
+        return tuple(declared[labels.index(label)] for label in order)
+    spatial = tuple(t for t, _, _, _ in conv.spatial)
+    dims = (arranged(conv.source.args[0], conv.batch + conv.channels + spatial),
+            arranged(conv.kernel, conv.out + conv.channels + tuple(k for _, k, _, _ in conv.spatial)))
+    return dims + ((arranged(conv.bias, conv.out),) if conv.bias is not None else ())
+
+
 def _folded_input(nodes: list[Node], summed: set[str], target: tuple[str, ...]) -> Convolution | None:
-    """grad_y[b, o, t] * w[o, c, k] folded back at l = s*t + d*k + e (fold_window: no step is 1) and summed over
-    o: a convolution's grad_x with a stride and a dilation both above 1, torch.nn.grad.conv1d_input (kind
-    "folded"); None when the term is no such fold."""
+    """grad_y[b, o, t...] * w[o, c, k...] folded back at l = s*t + d*k + e in each spatial dim (nested
+    fold_windows: no step is 1) and summed over o: a convolution's grad_x with a stride and a dilation both
+    above 1, torch.nn.grad.conv{1,2,3}d_input (kind "folded"); None when the term is no such fold."""
     if len(nodes) != 1 or not isinstance(nodes[0], Leaf) or not isinstance(nodes[0].expr, fold_window):
         return None
-    fold = nodes[0].expr
-    reads = sympy.Mul.make_args(fold.value)
+    folds, value = [], nodes[0].expr
+    while isinstance(value, fold_window):
+        folds.append(value)
+        value = value.value
+    reads = sympy.Mul.make_args(value)
     if len(reads) != 2 or not all(isinstance(r, sympy.Indexed) and all(isinstance(i, sympy.Idx) for i in r.indices)
                                   for r in reads):
         return None
     gradient, kernel = sorted(reads, key=lambda r: not r.base.label.name.startswith(naming.grad("")))
     if not gradient.base.label.name.startswith(naming.grad("")) or kernel.base.label.name.startswith(naming.grad("")):
         return None
-    subscript, position = fold.args[1], fold.args[2]
-    taps = [i for i in subscript.atoms(sympy.Idx) if i in kernel.indices and i not in gradient.indices]
-    moving = [i for i in subscript.atoms(sympy.Idx) if i in gradient.indices and i not in kernel.indices]
-    if len(taps) != 1 or len(moving) != 1:
-        return None
+    spatial, moving = [], []
+    for fold in folds:
+        subscript, position = fold.args[1], fold.args[2]
+        taps = [i for i in subscript.atoms(sympy.Idx) if i in kernel.indices and i not in gradient.indices]
+        starts = [i for i in subscript.atoms(sympy.Idx) if i in gradient.indices and i not in kernel.indices]
+        if len(taps) != 1 or len(starts) != 1 or len(subscript.atoms(sympy.Idx)) != 2:
+            return None
+        t, k = starts[0], taps[0]
+        spatial.append(((position.name, k.name, int(subscript.coeff(t)), int(subscript.coeff(k))), position.upper + 1))
+        moving.append(t)
+    # the spatial dims in the order the gradient has them (each fold's start index is one of its dims)
+    order = sorted(range(len(folds)), key=lambda f: list(gradient.indices).index(moving[f]))
     channels = tuple(i.name for i in gradient.indices if i in kernel.indices)
-    batch = tuple(i.name for i in gradient.indices if i not in kernel.indices and i != moving[0])
-    out = tuple(i.name for i in kernel.indices if i not in gradient.indices and i != taps[0])
-    if len(batch) != 1 or len(channels) != 1 or len(out) != 1 or summed != set(channels) \
-            or not set(batch + out + (position.name,)) <= set(target):
+    batch = tuple(i.name for i in gradient.indices if i not in kernel.indices and i not in moving)
+    out = tuple(i.name for i in kernel.indices if i not in gradient.indices and i.name not in
+                {k for (_, k, _, _), _ in spatial})
+    if len(batch) != 1 or len(channels) != 1 or len(out) != 1 or summed != set(channels) or len(folds) > 3 \
+            or not set(batch + out + tuple(p for (p, _, _, _), _ in spatial)) <= set(target):
         return None
-    t, k = moving[0], taps[0]
-    return Convolution(fold, kernel, batch, channels, out, ((position.name, k.name, int(subscript.coeff(t)),
-                                                             int(subscript.coeff(k))),),
-                       (position.upper + 1,), kind="folded")
+    return Convolution(nodes[0].expr, kernel, batch, channels, out, tuple(spatial[f][0] for f in order),
+                       tuple(spatial[f][1] for f in order), kind="folded")
 
 
 def _input_gradient(source: window, kernel: sympy.Indexed, spatial: list) -> bool:
@@ -919,6 +1060,9 @@ def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...], shapes:
     `exprs` and `shared` reads."""
     names: set[str] = set()
     leaves = [node for s in shared for node in walk(s.value) if isinstance(node, Leaf)]
+    for joint in (s.value for s in shared if isinstance(s.value, ConvolutionBackward)):
+        conv = joint.forward      # reads its input and kernel (the bias's size is the kernel's out-channels)
+        names |= {joint.gradient[0], conv.source.args[0].base.label.name, conv.kernel.base.label.name}
     for expr in exprs:
         if shapes and (expr.plan.unbroadcast or (expr.plan.like is not None
                                                  and covered(expr) != set(expr.plan.indices))):
@@ -937,7 +1081,10 @@ def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...], shapes:
                 elif isinstance(node, Reduce) and shapes:
                     names |= {name for name, _ in node.expand_batch}
                 elif isinstance(node, Convolution):
-                    leaves += [Leaf(node.source, ()), Leaf(node.kernel, ())]
+                    leaves += [Leaf(node.source, ()), Leaf(node.kernel, ())] + \
+                        ([Leaf(node.bias, ())] if node.bias is not None else [])
+                elif isinstance(node, Picked):
+                    names.add(node.name)
     for leaf in leaves:
         names |= {a.base.label.name for a in atoms_of(leaf.expr, sympy.Indexed)}
         names |= {s.name for s in leaf.expr.free_symbols}

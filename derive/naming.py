@@ -50,6 +50,8 @@ SHARED_PREFIX = "shared_"   # values the backward computes once for several grad
 SAVED_PREFIX = "saved_"     # values the forward computes and hands to the backward: saved_log_softmax
 # a contraction inside a function (the scores of softmax(sum(q * k, e), s)), computed once by @ or einsum
 CONTRACTED_PREFIX = "contracted_"
+# the gradients of a convolution, (grad_input, grad_weight, grad_bias), from one torch.ops.aten.convolution_backward
+CONVOLUTION_BACKWARD = SHARED_PREFIX + "convolution_backward"
 
 
 def is_zero_dim_tensor(expr) -> bool:

@@ -18,8 +18,8 @@ from sympy.printing.pycode import PythonCodePrinter
 from .torch_printer import TorchPrinter
 
 from .plan import free_indices
-from .lower import (Convolution, Einsum, Leaf, LoweredExpr, MatMul, Node, Product, Reduce, Scaled, Scatter,
-                    expands_batch, walk)
+from .lower import (Convolution, ConvolutionBackward, Einsum, Leaf, LoweredExpr, MatMul, Node, Picked, Product,
+                    Reduce, Scaled, Scatter, expands_batch, walk)
 from .model import OpSpec, PositiveFirst, exact_fraction, is_python_number, size_symbol
 from .functions import as_float, atoms_of, first_max, fold_window, in_range, one_hot, power_slope, window
 from .kernels import Fused, comments, kernel_of
@@ -921,7 +921,56 @@ def render(node: Node) -> Code:
         return Code(_scale(node.coefficient, source), source.indices, MUL)
     if isinstance(node, Convolution):
         return _convolution(node)
+    if isinstance(node, ConvolutionBackward):
+        return _convolution_backward(node)
+    if isinstance(node, Picked):
+        dims = [str(d) for d in node.squeezed]
+        squeezed = "" if not dims else f".squeeze({dims[0] if len(dims) == 1 else python_tuple(dims)})"
+        return Code(f"{node.name}[{node.part}]{squeezed}", node.indices)
     raise TypeError(f"unknown node {node!r}")
+
+
+def _window_layout(access: sympy.Indexed, spatial) -> tuple[str, ...]:
+    """The dims of a window read's input, an affine subscript named by the index it moves along (its t)."""
+    return tuple(i.name if isinstance(i, sympy.Idx) else
+                 next(t for t, *_ in spatial if t in {a.name for a in i.atoms(sympy.Idx)}) for i in access.indices)
+
+
+def _unsqueezed(code: Code, leading: tuple[tuple[str, ...], ...]) -> Code:
+    """`code` with a dim of 1 where each leading dim (N and C of an input, say) is missing."""
+    text = code.atom() if not all(leading) else code.text
+    for position, dims in enumerate(leading):
+        if not dims:
+            text += f".unsqueeze({position})"
+    return Code(text, code.indices)
+
+
+def _steps(values: list) -> str:
+    """A convolution's stride, padding or dilation: one number per spatial dim, a list (aten takes lists)."""
+    return f"[{', '.join(str(v) for v in values)}]"
+
+
+def _convolution_backward(node: ConvolutionBackward) -> Code:
+    """torch.ops.aten.convolution_backward(grad, x, w, bias_sizes, stride, padding, dilation, False, output_padding,
+    groups, output_mask): the (grad_x, grad_w, grad_b) of x's convolution by w, each where its input's
+    needs_input_grad flag asks (None where not), x and grad laid out (N, C, L...), w (O, C, K...)."""
+    conv = node.forward
+    access = conv.source.args[0]
+    spatial = tuple(t for t, *_ in conv.spatial)
+    x = _arranged(Code(access_name(access), _window_layout(access, conv.spatial)), conv.batch + conv.channels + spatial)
+    w = _arranged(Code(access_name(conv.kernel), tuple(i.name for i in conv.kernel.indices)),
+                  conv.out + conv.channels + tuple(k for _, k, _, _ in conv.spatial))
+    name, dims = node.gradient
+    gradient = _arranged(Code(name, dims), conv.batch + conv.out + spatial)
+    # a missing batch, channel or out-channel index is a dim of 1
+    x, w, gradient = (_unsqueezed(code, leading) for code, leading in (
+        (x, (conv.batch, conv.channels)), (w, (conv.out, conv.channels)), (gradient, (conv.batch, conv.out))))
+    bias = "None" if conv.bias is None else \
+        f"[{SizePrinter().doprint(next(i for i in conv.kernel.indices if i.name in conv.out).upper + 1)}]"
+    mask = _steps(["False" if p is None else f"needs_input_grad[{p}]" for p in node.wanted])
+    return Code(f"torch.ops.aten.convolution_backward({gradient.text}, {x.text}, {w.text}, {bias}, "
+                f"{_steps([s for _, _, s, _ in conv.spatial])}, {_steps(node.padding)}, "
+                f"{_steps([d for _, _, _, d in conv.spatial])}, False, {_steps([0] * len(spatial))}, 1, {mask})", ())
 
 
 def _convolution(node: Convolution) -> Code:
@@ -937,9 +986,10 @@ def _convolution(node: Convolution) -> Code:
         return _folded_input(node)
     access, front, back, _, value = node.source.args
     taps = {t: (k, stride, dilation) for t, k, stride, dilation in node.spatial}
-    padded = Code(_padded(access.base.label.name, front, back, value),
-                  tuple(i.name if isinstance(i, sympy.Idx) else next(t for t in taps if t in {a.name for a in i.atoms(sympy.Idx)})
-                        for i in access.indices))
+    # zeros as many on both sides of a dim are the conv's padding, not a padded copy of the input
+    padding = [f if value == 0 and f == b and f.is_Integer and f > 0 else sympy.S.Zero for f, b in zip(front, back)]
+    padded = Code(_padded(access.base.label.name, [f - p for f, p in zip(front, padding)],
+                          [b - p for b, p in zip(back, padding)], value), _window_layout(access, node.spatial))
     source = _arranged(padded, node.batch + node.channels + tuple(taps))
     text = source.text
     if not node.batch:
@@ -957,9 +1007,12 @@ def _convolution(node: Convolution) -> Code:
         weight = f"{weight}.unsqueeze(0)"
     if not node.channels:
         weight = f"{weight}.unsqueeze(1)"
-    options = ""
-    for keyword, values in (("stride", [s for _, s, _ in taps.values()]), ("dilation", [abs(d) for _, _, d in taps.values()])):
-        if any(v != 1 for v in values):
+    options = f", {access_name(node.bias)}" if node.bias is not None else ""
+    pads = [p for p, i in zip(padding, access.indices) if not isinstance(i, sympy.Idx)]
+    for keyword, values, default in (("stride", [s for _, s, _ in taps.values()], 1),
+                                     ("padding", pads, 0),
+                                     ("dilation", [abs(d) for _, _, d in taps.values()], 1)):
+        if any(v != default for v in values):
             options += f", {keyword}={values[0] if len(values) == 1 else python_tuple([str(v) for v in values])}"
     text = f"torch.nn.functional.conv{len(taps)}d({text}, {weight}{options})"
     if not node.out:
@@ -1000,27 +1053,37 @@ def _input_gradient(node: Convolution) -> Code:
 
 
 def _folded_input(node: Convolution) -> Code:
-    """torch.nn.grad.conv1d_input(shape, w, grad, stride=s, dilation=d): a convolution's grad_x where no step
-    is 1, the fold of grad[b, o, t] * w[o, c, k] at l = s*t + d*k + e summed over o, computed as long as the
-    windows reach, then cropped or padded to l's size as the read took."""
-    fold = node.source
-    subscript, position = fold.args[1], fold.args[2]
-    ((_, k_name, stride, dilation),) = node.spatial
-    gradient = next(r for r in sympy.Mul.make_args(fold.value) if r != node.kernel)
-    (t,) = [i for i in subscript.atoms(sympy.Idx) if i.name != k_name]
-    (k,) = [i for i in subscript.atoms(sympy.Idx) if i.name == k_name]
-    arranged = _arranged(Code(access_name(gradient), tuple(i.name for i in gradient.indices)),
-                         node.batch + node.channels + (t.name,))
-    weight = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
-                       node.channels + node.out + (k.name,))
-    sizes = {i.name: i.upper + 1 for a in (gradient, node.kernel) for i in a.atoms(sympy.Idx)}
+    """torch.nn.grad.conv{1,2,3}d_input(shape, w, grad, stride=s, dilation=d): a convolution's grad_x where no step
+    is 1, the fold of grad[b, o, t...] * w[o, c, k...] at l = s*t + d*k + e in each spatial dim summed over o,
+    computed as long as the windows reach, then cropped or padded to l's size as the read took."""
+    folds, value = {}, node.source
+    while isinstance(value, fold_window):
+        folds[value.args[2].name] = value
+        value = value.value
+    gradient = next(r for r in sympy.Mul.make_args(value) if r != node.kernel)
     scalar = SizePrinter()
-    lowest = subscript.subs({t: 0, k: 0})
-    reach = stride * t.upper + dilation * k.upper + 1
-    shape = python_tuple([scalar.doprint(sizes[i]) for i in node.batch + node.out] + [scalar.doprint(reach)])
-    text = (f"torch.nn.grad.conv1d_input({shape}, {weight.text}, {arranged.text}, stride={stride}, "
-            f"dilation={dilation})")
-    text = _padded(text, [0, 0, lowest], [0, 0, sympy.expand(position.upper + 1 - lowest - reach)])
+    starts, reaches, front, back = [], [], [], []
+    for position, k_name, stride, dilation in node.spatial:
+        subscript, at = folds[position].args[1], folds[position].args[2]
+        (t,) = [i for i in subscript.atoms(sympy.Idx) if i.name != k_name]
+        (k,) = [i for i in subscript.atoms(sympy.Idx) if i.name == k_name]
+        lowest = subscript.subs({t: 0, k: 0})
+        reach = stride * t.upper + dilation * k.upper + 1
+        starts.append(t.name)
+        reaches.append(scalar.doprint(reach))
+        front.append(lowest)
+        back.append(sympy.expand(at.upper + 1 - lowest - reach))
+    arranged = _arranged(Code(access_name(gradient), tuple(i.name for i in gradient.indices)),
+                         node.batch + node.channels + tuple(starts))
+    weight = _arranged(Code(access_name(node.kernel), tuple(i.name for i in node.kernel.indices)),
+                       node.channels + node.out + tuple(k for _, k, _, _ in node.spatial))
+    sizes = {i.name: i.upper + 1 for a in (gradient, node.kernel) for i in a.atoms(sympy.Idx)}
+    shape = python_tuple([scalar.doprint(sizes[i]) for i in node.batch + node.out] + reaches)
+    steps = {keyword: values[0] if len(values) == 1 else python_tuple([str(v) for v in values]) for keyword, values in
+             (("stride", [s for _, _, s, _ in node.spatial]), ("dilation", [d for _, _, _, d in node.spatial]))}
+    text = (f"torch.nn.grad.conv{len(node.spatial)}d_input({shape}, {weight.text}, {arranged.text}, "
+            f"stride={steps['stride']}, dilation={steps['dilation']})")
+    text = _padded(text, [0, 0] + front, [0, 0] + back)
     return Code(text, node.indices)
 
 
@@ -1314,6 +1377,8 @@ SPREAD_COMMENT = ("unfold_backward(g.unsqueeze(-1).expand(..., K), shape, dim, K
                   "positions from s * t")
 EMBEDDING_COMMENT = ("embedding_dense_backward(g, idx, V, -1, False): row r of the result is the sum of g's rows "
                      "where idx == r")
+CONVOLUTION_BACKWARD_COMMENT = ("convolution_backward(g, x, w, ...): (grad_x, grad_w, grad_b) of y = conv(x, w) + b "
+                                "in one call, as autograd's, each where its needs_input_grad flag asks")
 
 
 def _first_share(fold: fold_window):
@@ -1339,7 +1404,8 @@ def kernel_comments(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> 
     nodes = [node for root in [t for e in exprs for t in e.terms] + list(shared) for node in walk(root)]
     calls = tuple(dict.fromkeys(
         [SPREAD_COMMENT for n in nodes if isinstance(n, Convolution) and isinstance(n.source, in_range)] +
-        [EMBEDDING_COMMENT for n in nodes if isinstance(n, Scatter) and _embedding_rows(n)]))
+        [EMBEDDING_COMMENT for n in nodes if isinstance(n, Scatter) and _embedding_rows(n)] +
+        [CONVOLUTION_BACKWARD_COMMENT for n in nodes if isinstance(n, ConvolutionBackward)]))
     return comments(fused_calls(exprs, shared)) + folds + calls
 
 
@@ -1529,6 +1595,9 @@ def sizes_used(op: OpSpec, exprs: list[LoweredExpr], shared: tuple[Leaf, ...] = 
             elif isinstance(node, Convolution) and isinstance(node.source, in_range):
                 used |= node.source.free_symbols | {s for i in node.source.atoms(sympy.Idx) for s in i.upper.free_symbols}
                 used |= {s for i in node.kernel.indices if i.name in node.out for s in i.upper.free_symbols}
+            elif isinstance(node, ConvolutionBackward) and node.forward.bias is not None:
+                used |= {s for i in node.forward.kernel.indices if i.name in node.forward.out
+                         for s in i.upper.free_symbols}
             elif isinstance(node, Convolution) and node.kind == "folded":
                 used |= {s for i in node.source.atoms(sympy.Idx) for s in i.upper.free_symbols}
             elif isinstance(node, Convolution) and node.kind == "input":

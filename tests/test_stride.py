@@ -36,7 +36,10 @@ equation = "y[n, o, i, j] = sum(x[n, c, 2*i + 2*p, 3*j + 2*q] * w[o, c, p, q], c
 reference = "torch.nn.functional.conv2d(x, w, stride=(2, 3), dilation=2)"
 '''
 
-SPECS = {"conv1d_s2_d2": conv1d(2, 2), "max_pool1d_k2_s2_d2": max_pool1d(2, 2, 2)}
+# zeros after x only, which torch's conv cannot pad: no one convolution_backward (test_conv.py), each gradient its own
+PAD_AFTER = conv1d(2, 2).replace("conv1d(x, w,", "conv1d(torch.nn.functional.pad(x, (0, 1)), w,") + \
+    "pad = { x = { l = [0, 1] } }\n"
+SPECS = {"conv1d_s2_d2": conv1d(2, 2), "max_pool1d_k2_s2_d2": max_pool1d(2, 2, 2), "conv1d_s2_d2_pad_after": PAD_AFTER}
 SLOW_SPECS = {"conv2d_s21_d12": CONV2D, "conv2d_s23_d2": CONV2D_BOTH} | {
     f"conv1d_s{s}_d{d}": conv1d(s, d) for s in (2, 3) for d in (2, 3)} | {
     f"max_pool1d_k{k}_s{s}_d{d}": max_pool1d(k, s, d) for k in (1, 2, 3) for s in (2, 3) for d in (2, 3)} | {
@@ -106,12 +109,14 @@ def test_double_backward_through_the_function(generated):
     assert torch.autograd.gradgradcheck(getattr(module, op.name), inputs)
 
 
+@pytest.mark.slow    # (a convolution torch's conv can pad is one convolution_backward: test_conv.py, by default)
 def test_grad_x_is_pytorchs_input_gradient_in_the_contraction_style(generated):
     """The fold of grad_y * w summed over o is conv1d_input with the stride and the dilation, no (N, C, O, T, K)
     product; the broadcast style keeps the readable fold."""
     import inspect
-    op, module = generated("conv1d_s2_d2")
+    op, module = generated("conv1d_s2_d2_pad_after")
     assert "torch.nn.grad.conv1d_input((size_n, size_c, " in inspect.getsource(module)
     assert "stride=2, dilation=2)" in inspect.getsource(module)
+    check_gradients(op, module, sizes={"l": 10})
     _, broadcast = generated("conv1d_s2_d2", "broadcast")
     assert "unfold_backward" in inspect.getsource(broadcast)
