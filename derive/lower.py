@@ -597,7 +597,10 @@ def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None)
     scatter = _scatter(nodes, set(term.summed), target, like, sizes)
     if scatter is not None:
         return _finish(scatter, (), term)
-    convolution = _convolution(nodes, set(term.summed), target) or _folded_input(nodes, set(term.summed), target)
+    # torch's convolutions take one batch dim: windows with batch dims '...' stay products of views
+    batched = any(BATCH in node.indices for node in nodes)
+    convolution = None if batched else (_convolution(nodes, set(term.summed), target)
+                                        or _folded_input(nodes, set(term.summed), target))
     if convolution is not None and isinstance(convolution.source, in_range) and is_python_number(term.coefficient):
         return replace(convolution, scale=term.coefficient, known=term.known)   # the kernel of ones is the scale instead
     if convolution is not None:

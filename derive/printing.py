@@ -213,8 +213,6 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         """Values over the windows (dims ..., t, k) added back at the positions l = s*t + d*k + e they read: the
         adjoint of `unfold(dim, d*(K - 1) + 1, s)[..., ::d]` then the crop or padding that the read's window took."""
         value, subscript, position, _ = expr.args
-        if BATCH in self.layout:
-            raise ValueError(f"unsupported fold of windows {subscript} with batch dims '...'")
         outer, inner = expr.cut()
         step, spacing = int(subscript.coeff(outer)), int(subscript.coeff(inner))
         others = tuple(i for i in self._own_layout(value) if i not in (outer.name, inner.name))
@@ -223,7 +221,23 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         lowest = subscript.subs({outer: 0, inner: 0})
         span = spacing * inner.upper + 1     # what one window reaches, its dilation's gaps included
         reach = step * outer.upper + span
-        shape = python_tuple([scalar.doprint(sizes[i]) for i in others] + [scalar.doprint(reach)])
+        # the folded dim, last: counted from the end when batch dims '...' (as many as they are) lead
+        folded = -1 if BATCH in others else len(others)
+
+        def shaped(last) -> str:
+            """The shape of the fold: the dims of `value` but its windows', then `last`; the batch dims '...' those
+            of a tensor `value` reads with them (the upstream gradient first)."""
+            named = [scalar.doprint(sizes[i]) for i in others if i != BATCH] + [last]
+            if BATCH not in others:
+                return python_tuple(named)
+            reads = sorted((r for r in value.atoms(sympy.Indexed) if r.indices[0] == sympy.Idx(BATCH, r.indices[0].upper + 1)
+                            and all(isinstance(i, sympy.Idx) for i in r.indices)),
+                           key=lambda r: (not r.base.label.name.startswith(naming.grad("")), r.base.label.name))
+            if not reads:
+                raise ValueError(f"unsupported fold of windows {subscript} with batch dims '...' read by no tensor")
+            read = reads[0]
+            return python_tuple([f"*{read.base.label.name}.shape[:{1 - len(read.indices)}]"] + named)
+
         first, rest = _first_share(expr)
         if first is not None:
             # the whole window's share at one position (tie="first"): g added at each window's argmax
@@ -243,25 +257,25 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
                     # the windows start at 0: zeros as long as the input (or the windows' reach, when a padding
                     # at the end makes it longer), no copy to pad or crop
                     whole = scalar.doprint(position.upper + 1)
-                    shape = python_tuple([scalar.doprint(sizes[i]) for i in others] +
-                                         [f"max({whole}, {scalar.doprint(reach)})"])
-                    text = (f"{moved.atom()}.new_zeros({shape}).scatter_add{_in_place(moved)}({len(others)}, "
-                            f"{picked}, {moved.text}).narrow({len(others)}, 0, {whole})")
+                    shape = shaped(f"max({whole}, {scalar.doprint(reach)})")
+                    text = (f"{moved.atom()}.new_zeros({shape}).scatter_add{_in_place(moved)}({folded}, "
+                            f"{picked}, {moved.text}).narrow({folded}, 0, {whole})")
                     return align(Code(text, others + (position.name,)), self.layout).text
             else:
                 windows = self._sub(first.body, others + (outer.name, inner.name))
                 dilated = "" if spacing == 1 else f" * {spacing}"
                 picked = (f"{windows.atom()}.{'argmax' if first.largest else 'argmin'}(-1){dilated} + torch.arange(0, {step} * "
                           f"{scalar.doprint(outer.upper + 1)}, {step}, device={moved.atom()}.device)")
-            text = (f"{moved.atom()}.new_zeros({shape}).scatter_add{_in_place(moved)}({len(others)}, {picked}, "
-                    f"{moved.text})")
+            text = (f"{moved.atom()}.new_zeros({shaped(scalar.doprint(reach))}).scatter_add{_in_place(moved)}("
+                    f"{folded}, {picked}, {moved.text})")
         else:
             inner_code = self._sub(value, others + (outer.name, inner.name))
+            shape = shaped(scalar.doprint(reach))
             inner_code = inner_code.text if spacing == 1 else (
                 # the taps d apart: d - 1 zeros after each, cut to the window's span
                 f"torch.nn.functional.pad({inner_code.atom()}.unsqueeze(-1), (0, {spacing - 1}))"
                 f".flatten(-2)[..., :{scalar.doprint(span)}]")
-            text = (f"torch.ops.aten.unfold_backward({inner_code}, {shape}, {len(others)}, "
+            text = (f"torch.ops.aten.unfold_backward({inner_code}, {shape}, {folded}, "
                     f"{scalar.doprint(span)}, {step})")
         text = _padded(text, [0] * len(others) + [lowest],
                        [0] * len(others) + [sympy.expand(position.upper + 1 - lowest - reach)])
@@ -288,6 +302,8 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         text, level = _padded(tensor, front, back, value), ATOM
         dims: list[str] = []
         flips: list[str] = []
+        # batch dims '...' lead, as many as they are: the named dims are counted from the end
+        batched = any(isinstance(i, sympy.Idx) and i.name == BATCH for i in subscripts)
         for position, subscript in enumerate(subscripts):
             if isinstance(subscript, sympy.Idx):
                 dims.append(subscript.name)
@@ -296,7 +312,8 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             flips += [i.name for i, c in coefficients.items() if c < 0]
             # a forward-running index leads, then the one latest in the layout (t before k in t + k)
             nesting = list(order[position])
-            dim = position
+            # (each unfold so far appended a dim at the end)
+            dim = position - len(subscripts) - (len(dims) - position) if batched else position
             for number, index in enumerate(nesting):
                 step = abs(coefficients[index])
                 rest = nesting[number + 1:]
@@ -304,13 +321,13 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
                     size = sum((abs(coefficients[i]) * i.upper for i in rest), sympy.S.One)
                     text += f".unfold({dim}, {scalar.doprint(size)}, {step})"
                 elif step != 1:
-                    text += f"[{':, ' * dim}::{step}]" if dim >= 0 else f"[..., ::{step}]"
+                    text += f"[{':, ' * dim}::{step}]" if dim >= 0 else f"[..., ::{step}{', :' * (-dim - 1)}]"
                 dims.append(index.name)
                 dim = -1
             # the windows' dims were appended in nesting order after the ones so far
         order = self._window_order(subscripts, dims)
         if flips:
-            positions = [order.index(f) for f in flips]
+            positions = [order.index(f) - (len(order) if batched else 0) for f in flips]
             text += f".flip({python_tuple([str(p) for p in positions])})"
         return Code(text, tuple(order), level)
 
