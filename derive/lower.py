@@ -687,7 +687,7 @@ def _scatter(nodes: list[Node], summed: set[str], target: tuple[str, ...], like:
         own = tuple(i for i in rows if i not in target)
         if at is None or not set(own) <= summed or any(i in summed for i in rows if i in target):
             continue
-        if len(own) != len(rows) and len(own) > 1 or not own and len(nodes) == 1:
+        if not own and len(nodes) == 1:
             continue    # (a one-hot alone, unsummed, is added in place: _indexed_add)
         layout = target[:at] + own + target[at + 1:]
         others = [n for n in nodes if n is not node] or [Leaf(sympy.S.One, ())]   # each position adds a 1

@@ -186,7 +186,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     def _gather(self, expr) -> Code:
         """An input indexed at one dim by an integer input (the others by plain indices), by the rule of
-        `gather_layout`: `w[idx[n], d]` -> `w[idx]`, `x[n, idx[n, j]]` -> `x.gather(1, idx)`,
+        `gather_layout`: `w[idx[n], d]` -> `w.index_select(0, idx)`, `x[n, idx[n, j]]` -> `x.gather(1, idx)`,
         `x[n, t[n]]` -> `x.gather(1, t.unsqueeze(1)).squeeze(1)`."""
         name = expr.base.label.name
         positions = [p for p, i in enumerate(expr.indices) if not isinstance(i, sympy.Idx)]
@@ -198,8 +198,15 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         index = Code(value.base.label.name, tuple(i.name for i in value.indices))
         gather = gather_layout(index, dims, name)
         if gather.select:
-            return Code(f"{name}[{gather.subscript}]", gather.layout)
-        code = f"{name}.gather({gather.dim}, {gather.index})"
+            # index_select, as F.embedding reads rows: an index outside [0, size) is an error (a subscript,
+            # x[:, idx], would read a negative one from the end, where the gradient adds nothing)
+            if len(index.indices) == 1 and BATCH not in index.indices:
+                return Code(f"{name}.index_select({gather.dim}, {index.text})", gather.layout)
+            return Code(f"{name}.index_select({gather.dim}, {index.text}.flatten()).unflatten({gather.dim}, "
+                        f"{index.text}.shape)", gather.layout)
+        code = f"{gather.source}.gather({gather.dim}, {gather.index})"
+        if gather.unflatten:
+            code += f".unflatten({gather.dim}, {gather.unflatten})"
         if GATHERED in gather.layout:
             return Code(f"{code}.squeeze({gather.dim})", tuple(i for i in gather.layout if i != GATHERED))
         return Code(code, gather.layout)
@@ -904,10 +911,12 @@ def render(node: Node) -> Code:
                     shape = f"{node.like}.shape[:{position}] + {shape}"
                 if position < len(dims) - 1:
                     shape += f" + {node.like}.shape[{position + 1}:]"
+            elif gather.shape:
+                shape = gather.shape
             else:
                 shape = python_tuple([f"{node.like}.shape[{node.indices.index(i)}]" if i in node.indices else
                                       f"{node.index}.shape[{node.rows.index(i)}]" for i in layout])
-            if BATCH in dims and not (gather.select and position == 0):
+            if BATCH in dims and gather.select and position != 0:
                 raise ValueError(f"cannot expand the gradient of a gather by {node.index} with batch dims '...'")
             ones = isinstance(node.source, Leaf) and node.source.expr == 1
             text = f"{node.like}.new_ones({shape})" if ones else f"{align(source, layout).atom()}.expand({shape})"
@@ -916,6 +925,14 @@ def render(node: Node) -> Code:
         if not gather.select:
             if GATHERED in gather.layout:
                 source = Code(f"{source.atom()}.unsqueeze({gather.dim})", gather.layout)
+            if gather.own:
+                first, last = gather.own
+                flattened = f".flatten({first})" if last == -1 else f".flatten({first}, {last})"
+                source = Code(f"{source.atom()}{flattened}", source.indices)
+            if gather.batch:
+                # zeros of the batch shape x was read with (x's may be fewer: the plan sums them back to it)
+                zeros = f"{source.atom()}.new_zeros({gather.batch} + {node.like}.shape[{-len(dims) + 1}:])"
+                return Code(f"{zeros}.scatter_add_({gather.dim}, {gather.index}, {source.text})", node.indices)
             return Code(f"{_zeros(node, source)}.scatter_add{_in_place(source)}({gather.dim}, {gather.index}, "
                         f"{source.text})", node.indices)
         position = dims.index(GATHERED)
@@ -1172,17 +1189,24 @@ class GatherLayout:
     select: bool                # the index shares no dim with the others: advanced indexing / index_add
     dim: str                    # the gathered dim, as a dim argument
     layout: tuple[str, ...]     # dims of the result: the index's own dims take the gathered dim's place
-    index: str = ""             # gather / scatter_add: the index lined up in `layout` at full rank
-    subscript: str = ""         # select: the subscript that reads it, `:, idx` or `..., idx, :`
+    index: str = ""             # gather / scatter_add: the index lined up in `layout` at full rank, its own
+                                # dims flattened into one
+    source: str = ""            # gather: the tensor read, expanded to the batch shape it and the index span
+    own: tuple[int, int] | None = None  # gather: the first and last dim of the index's own dims in `layout`
+                                # (a dim argument each), when there are several: flattened into one
+    unflatten: str = ""         # gather: the sizes of those own dims, `idx.shape[1:]`
+    shape: str = ""             # gather with batch dims: the shape of the result, the batch broadcast
+    batch: str = ""             # gather with a batched index: the batch shape x and the index broadcast to
 
 
 def gather_layout(index: Code, dims: tuple[str, ...], tensor: str) -> GatherLayout:
     """The one rule for `x[..., idx[...], ...]`, the input `tensor` with `dims` (GATHERED where `index` reads it).
 
     An index whose dims none of x's other dims has selects: its dims stand where the gathered dim was
-    (`x[:, idx]`), and the gradient adds rows with `index_add`. An index that shares some dims with x's
-    others, with at most one dim of its own, is torch.gather's: lined up as x is (its own dim, or size 1,
-    at the gathered place; expanded along x's dims it lacks), and the gradient is `scatter_add`."""
+    (`x.index_select(1, idx)`), and the gradient adds rows with `index_add`. An index that shares some dims with x's
+    others is torch.gather's: lined up as x is (its own dims, flattened into one, or size 1, at the gathered
+    place; expanded along x's dims it lacks, and to the batch shape x and the index broadcast to), the result
+    unflattened back into the own dims, and the gradient is `scatter_add`."""
     position = dims.index(GATHERED)
     plain = tuple(i for i in dims if i != GATHERED)
     batched = BATCH in dims
@@ -1192,27 +1216,57 @@ def gather_layout(index: Code, dims: tuple[str, ...], tensor: str) -> GatherLayo
     if not shared:
         if BATCH in own and position:
             raise ValueError(f"cannot gather with batch dims '...' at dim {position}: the batch dims must lead")
-        before = (["..."] if batched and position else []) + [":"] * (position - (1 if batched else 0))
-        after = [":"] * (len(dims) - position - 1) if batched and position else []
-        subscript = ", ".join(before + [index.text] + after)
-        return GatherLayout(True, dim, dims[:position] + index.indices + dims[position + 1:], subscript=subscript)
-    if len(own) > 1:
-        raise ValueError(f"cannot gather {tensor} by {index.text}: it shares dims with {tensor}'s others and has "
-                         f"more than one of its own")
+        return GatherLayout(True, dim, dims[:position] + index.indices + dims[position + 1:])
+    if BATCH in own:
+        raise ValueError(f"cannot gather {tensor} by {index.text}: the index has batch dims '...' and {tensor} "
+                         f"has none")
     layout = dims[:position] + (tuple(own) or (GATHERED,)) + dims[position + 1:]
     without = tuple(i for i in layout if i != GATHERED)
     lined = align(index, without)
-    text = lined.atom() + ".unsqueeze(0)" * (len(without) - len(lined.indices))
+    # missing leading dims as 1s (batch dims '...' it lacks are added by the expand below)
+    text = lined.atom() + ".unsqueeze(0)" * len([i for i in without if i != BATCH and i not in lined.indices])
     if not own:
         text += f".unsqueeze({dim})"
-    lacking = [p for p, i in enumerate(layout) if i not in index.indices and i != GATHERED]
-    if lacking:
-        if batched:
-            raise ValueError(f"cannot gather {tensor} by {index.text}: with batch dims '...' the index must "
-                             f"have every other dim of {tensor}")
-        sizes = ["-1" if p not in lacking else f"{tensor}.shape[{p}]" for p in range(len(layout))]
+    # several own dims: flattened into the gathered dim, as torch.gather reads one (counted from the end: a
+    # missing leading dim is added after)
+    first = without.index(own[0]) - len(without) if own else 0
+    spans = (first, first + len(own) - 1) if len(own) > 1 else None
+    if spans:
+        text += f".flatten({spans[0]})" if spans[1] == -1 else f".flatten({spans[0]}, {spans[1]})"
+    held = [p - (len(index.indices) if BATCH in index.indices else 0) for p, i in enumerate(index.indices)
+            if i in own]
+    unflatten = ""
+    if spans:
+        consecutive = held == list(range(held[0], held[0] + len(held)))
+        unflatten = (f"{index.text}.shape[{held[0]}:{'' if held[-1] == -1 else held[-1] + 1}]" if consecutive else
+                     python_tuple([f"{index.text}.shape[{p}]" for p in held]))
+    flat = [i for i in layout if i not in own[1:]]     # x's rank: one dim for the own dims
+    lacking = [p for p, i in enumerate(flat) if i not in index.indices and i != GATHERED and i not in own]
+    named = len(dims) - 1 if batched else len(dims)
+    batch = shape = ""
+    source = tensor
+    if batched:
+        batch = f"{tensor}.shape[:{-named}]" if named else f"{tensor}.shape"
+        if BATCH in index.indices:
+            # the batch dims of x and of the index broadcast together: both are expanded to that shape
+            rest = len(index.indices) - 1
+            batch = f"torch.broadcast_shapes({batch}, {index.text}.shape[:{-rest}])" if rest else \
+                f"torch.broadcast_shapes({batch}, {index.text}.shape)"
+            source = f"{tensor}.expand({', '.join(['*' + batch] + ['-1'] * named)})"
+        sizes = ["*" + batch] + ["-1" if i not in lacking else f"{tensor}.shape[{p - len(flat)}]"
+                                 for p, i in enumerate(flat) if i != BATCH]
         text += f".expand({', '.join(sizes)})"
-    return GatherLayout(False, dim, layout, index=text)
+        shape = python_tuple(["*" + batch] + [
+            f"{tensor}.shape[{dims.index(i) - len(dims)}]" if i in dims else
+            f"{index.text}.shape[{index.indices.index(i) - (len(index.indices) if BATCH in index.indices else 0)}]"
+            for i in layout if i not in (BATCH, GATHERED)])
+        if BATCH not in index.indices:
+            batch = ""    # x alone has them: nothing broadcasts
+    elif lacking:
+        sizes = ["-1" if p not in lacking else f"{tensor}.shape[{p}]" for p in range(len(flat))]
+        text += f".expand({', '.join(sizes)})"
+    return GatherLayout(False, dim, layout, index=text, source=source, own=spans, unflatten=unflatten, shape=shape,
+                        batch=batch)
 
 
 def _embedding_rows(node: Scatter) -> bool:

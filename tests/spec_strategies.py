@@ -671,7 +671,7 @@ def index_cases(draw, known_bugs: frozenset[str] = KNOWN_BUGS, place_kinks=None)
     """A spec of one index family (`family` feature), with equal sizes, 1 and 0 drawn on purpose, and its
     inputs (zeros, ties, and with `place_kinks` as in `fuzz_cases`, kinks placed exactly)."""
     family = draw(st.sampled_from(["window reduction", "convolution", "diagonal", "size(d) as a value",
-                                   "index comparison"]))
+                                   "index comparison", "gather", "windows over batch dims"]))
     features = {family}
     base = draw(st.sampled_from([1, 2, 3]))
     size = lambda: draw(st.sampled_from([base, base, 0, 1, 2, 3]))   # noqa: E731
@@ -694,7 +694,65 @@ def index_cases(draw, known_bugs: frozenset[str] = KNOWN_BUGS, place_kinks=None)
         return value
 
     wrap = (lambda code: f"{torch_function}({code})") if torch_function else (lambda code: code)   # noqa: E731
-    if family in ("window reduction", "convolution"):
+    integers = {}   # integer inputs: name -> their values
+    if family == "gather":
+        # x read at one dim through idx, over some of x's other dims (shared: torch.gather) or none
+        # (index_select), with one or two dims of its own; the reference indexes x with aranges
+        rank = draw(st.integers(1, 3))
+        names = ("a", "b", "c")[:rank]
+        position = draw(st.integers(0, rank - 1))
+        others = tuple(n for p, n in enumerate(names) if p != position)
+        shared = tuple(draw(st.permutations(others)))[:draw(st.sampled_from([len(others), 1, 0]))]
+        own = ("i", "j")[:draw(st.integers(1, 2))]
+        index_dims = tuple(draw(st.permutations(shared + own)))
+        x_dims = tuple(n if p != position else "v" for p, n in enumerate(names))
+        layout = others[:position] + own + others[position:]
+        sizes = {n: size() for n in names + own}
+        sizes["v"] = draw(st.integers(1, 3))    # fewer values than positions: indices repeat
+        inputs = {"x": (", ".join(x_dims), tuple(sizes[n] for n in x_dims))}
+        index_shape = tuple(sizes[n] for n in index_dims)
+        integers["idx"] = (", ".join(index_dims), torch.randint(0, sizes["v"], index_shape, generator=generator))
+        read = ", ".join(f"idx[{', '.join(index_dims)}]" if n == "v" else n for n in x_dims)
+        equation = f"y[{', '.join(layout)}] = {function}x[{read}]{')' if name else ''}"
+
+        def spread(code, dims):     # `code` (with dims) moved and shaped to broadcast over the result's layout
+            order = sorted(dims, key=layout.index)
+            moved = f"{code}.permute({', '.join(str(dims.index(d)) for d in order)})" if len(order) > 1 else code
+            shape = ", ".join(str(sizes[d]) if d in dims else "1" for d in layout)
+            return f"{moved}.reshape({shape}{',' if len(layout) == 1 else ''})"
+
+        subscripts = [spread("idx", index_dims) if n == "v" else spread(f"torch.arange({sizes[n]})", (n,))
+                      for n in x_dims]
+        reference = wrap(f"x[{', '.join(subscripts)}]")
+        features.add("gather " + ("sharing dims" if shared else "selecting") + f", {len(own)} own dims")
+    elif family == "windows over batch dims":
+        # a window reduction or a 1-D filter along the last dim of an input with any number of batch dims
+        stride, dilation, before, after, offset, subscript = _window_read(draw)
+        width = draw(st.integers(1, 3))
+        span = dilation * (width - 1) + 1
+        length = max(offset + span + stride * (draw(st.integers(1, 3)) - 1) - after, 1)
+        batch = tuple(draw(st.sampled_from([(), (2,), (2, 3), (0,), (1, 2)])))
+        kind = draw(st.sampled_from(["sum", "mean", "max", "filter"]))
+        features.add(f"{kind} over windows of batch dims {len(batch)}")
+        inputs = {"x": ("..., l", batch + (length,))}
+        padded = wrap(f"torch.nn.functional.pad(x, ({before}, {after}))")
+        # (a reference has no '...': narrow and a unfold of size 1 slice the last dim)
+        start = offset + before
+        windows_code = (f"{padded}.narrow(-1, {start}, {length + before + after - start}).unfold(-1, {span}, {stride})"
+                        f".unfold(-1, 1, {dilation}).squeeze(-1)")
+        read = f"{function}x[..., {subscript}]{')' if name else ''}"
+        if kind == "filter":
+            inputs["w"] = ("k", (width,))
+            equation = f"y[..., t] = sum({read} * w[k], k)"
+            reference = f"({windows_code} * w).sum(-1)"
+        else:
+            equation = f"y[..., t] = {kind}({read}, k)"
+            reference = windows_code + {"sum": ".sum(-1)", "mean": ".mean(-1)", "max": ".amax(-1)"}[kind]
+            extra.append(f"sizes = {{ k = {width} }}")
+        if before or after:
+            extra.append(f"pad = {{ x = {{ l = [{before}, {after}] }} }}")
+            features.add("pad")
+    elif family in ("window reduction", "convolution"):
         stride, dilation, before, after, offset, subscript = _window_read(draw)
         width = draw(st.integers(1, 3))
         n = size()
@@ -793,15 +851,19 @@ def index_cases(draw, known_bugs: frozenset[str] = KNOWN_BUGS, place_kinks=None)
         mask = f"torch.{function_name}(torch.arange({t}).unsqueeze(0) + {shift}, torch.arange({t}).unsqueeze(1))"
         # mask[t, k]: y[n, t] = v[n, t] * sum_k mask[t, k] * f(q[n, k])
         reference = f"v * ({wrap('q')} @ {mask}.to(torch.float64).T)"
-    declarations = ", ".join(f'"{input_name}[{indices}]"' for input_name, (indices, _) in inputs.items())
+    declarations = ", ".join(f'"{input_name}[{indices}]"'
+                             for input_name, (indices, _) in [*inputs.items(), *integers.items()])
+    if integers:
+        extra.append(f"integer = [{', '.join(repr(n) for n in integers)}]".replace("'", '"'))
     lines = ["[ops.fuzzed]", f"inputs = [{declarations}]", f'equation = "{equation}"', f'reference = "{reference}"',
              *(e for e in extra if e)]
     toml = "\n".join(lines) + "\n"
     tensors = [values(input_name, shape) for input_name, (_, shape) in inputs.items()]
+    tensors += [value for _, value in integers.values()]
     if place_kinks is not None and draw(st.booleans()):
         tensors, placed = place_kinks(toml, tensors, generator)
         placements.extend(placed)
-    shapes = [s for _, shape in inputs.values() for s in shape]
+    shapes = [s for _, shape in inputs.values() for s in shape] + [s for _, v in integers.values() for s in v.shape]
     if 0 in shapes:
         features.add("size 0")
     if 1 in shapes:
