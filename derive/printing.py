@@ -1253,7 +1253,7 @@ def gather_layout(index: Code, dims: tuple[str, ...], tensor: str) -> GatherLayo
             batch = f"torch.broadcast_shapes({batch}, {index.text}.shape[:{-rest}])" if rest else \
                 f"torch.broadcast_shapes({batch}, {index.text}.shape)"
             source = f"{tensor}.expand({', '.join(['*' + batch] + ['-1'] * named)})"
-        sizes = ["*" + batch] + ["-1" if i not in lacking else f"{tensor}.shape[{p - len(flat)}]"
+        sizes = ["*" + batch] + ["-1" if p not in lacking else f"{tensor}.shape[{p - len(flat)}]"
                                  for p, i in enumerate(flat) if i != BATCH]
         text += f".expand({', '.join(sizes)})"
         shape = python_tuple(["*" + batch] + [

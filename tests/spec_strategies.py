@@ -697,7 +697,8 @@ def index_cases(draw, known_bugs: frozenset[str] = KNOWN_BUGS, place_kinks=None)
     integers = {}   # integer inputs: name -> their values
     if family == "gather":
         # x read at one dim through idx, over some of x's other dims (shared: torch.gather) or none
-        # (index_select), with one or two dims of its own; the reference indexes x with aranges
+        # (index_select), with one or two dims of its own, under batch dims '...' of x (and maybe of idx,
+        # broadcasting); the reference indexes x with aranges
         rank = draw(st.integers(1, 3))
         names = ("a", "b", "c")[:rank]
         position = draw(st.integers(0, rank - 1))
@@ -706,25 +707,35 @@ def index_cases(draw, known_bugs: frozenset[str] = KNOWN_BUGS, place_kinks=None)
         own = ("i", "j")[:draw(st.integers(1, 2))]
         index_dims = tuple(draw(st.permutations(shared + own)))
         x_dims = tuple(n if p != position else "v" for p, n in enumerate(names))
-        layout = others[:position] + own + others[position:]
         sizes = {n: size() for n in names + own}
         sizes["v"] = draw(st.integers(1, 3))    # fewer values than positions: indices repeat
-        inputs = {"x": (", ".join(x_dims), tuple(sizes[n] for n in x_dims))}
-        index_shape = tuple(sizes[n] for n in index_dims)
-        integers["idx"] = (", ".join(index_dims), torch.randint(0, sizes["v"], index_shape, generator=generator))
-        read = ", ".join(f"idx[{', '.join(index_dims)}]" if n == "v" else n for n in x_dims)
-        equation = f"y[{', '.join(layout)}] = {function}x[{read}]{')' if name else ''}"
+        batch = tuple(draw(st.sampled_from([(), (), (2,), (2, 3), (0, 2)])))
+        batch_names = tuple(f"batch{q}" for q in range(len(batch)))
+        sizes.update(zip(batch_names, batch))
+        # the index has x's batch dims, the last ones or all, some of size 1 (broadcast), or none
+        index_batch = batch_names[draw(st.integers(0, len(batch))):] if batch and draw(st.integers(0, 2)) else ()
+        index_sizes = {**sizes, **{n: 1 for n in index_batch if draw(st.booleans())}}
+        layout = batch_names + others[:position] + own + others[position:]
+        dotted = lambda dims, batched: ", ".join((("...",) if batched else ()) + dims)   # noqa: E731
+        inputs = {"x": (dotted(x_dims, bool(batch)), batch + tuple(sizes[n] for n in x_dims))}
+        index_shape = tuple(index_sizes[n] for n in index_batch + index_dims)
+        integers["idx"] = (dotted(index_dims, bool(index_batch)),
+                           torch.randint(0, sizes["v"], index_shape, generator=generator))
+        read = ", ".join(f"idx[{dotted(index_dims, bool(index_batch))}]" if n == "v" else n for n in x_dims)
+        result = dotted(others[:position] + own + others[position:], bool(batch))
+        equation = f"y[{result}] = {function}x[{'..., ' if batch else ''}{read}]{')' if name else ''}"
 
-        def spread(code, dims):     # `code` (with dims) moved and shaped to broadcast over the result's layout
+        def spread(code, dims, shape):   # `code` (with dims) moved and shaped to broadcast over the result's layout
             order = sorted(dims, key=layout.index)
             moved = f"{code}.permute({', '.join(str(dims.index(d)) for d in order)})" if len(order) > 1 else code
-            shape = ", ".join(str(sizes[d]) if d in dims else "1" for d in layout)
-            return f"{moved}.reshape({shape}{',' if len(layout) == 1 else ''})"
+            shaped = ", ".join(str(shape[d]) if d in dims else "1" for d in layout)
+            return f"{moved}.reshape({shaped}{',' if len(layout) == 1 else ''})"
 
-        subscripts = [spread("idx", index_dims) if n == "v" else spread(f"torch.arange({sizes[n]})", (n,))
-                      for n in x_dims]
+        subscripts = [spread("idx", index_batch + index_dims, index_sizes) if n == "v" else
+                      spread(f"torch.arange({sizes[n]})", (n,), sizes) for n in batch_names + x_dims]
         reference = wrap(f"x[{', '.join(subscripts)}]")
-        features.add("gather " + ("sharing dims" if shared else "selecting") + f", {len(own)} own dims")
+        features.add("gather " + ("sharing dims" if shared else "selecting") + f", {len(own)} own dims"
+                     + (f", batch dims {len(batch)} (index {len(index_batch)})" if batch else ""))
     elif family == "windows over batch dims":
         # a window reduction or a 1-D filter along the last dim of an input with any number of batch dims
         stride, dilation, before, after, offset, subscript = _window_read(draw)
