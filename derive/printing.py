@@ -1238,7 +1238,8 @@ def gather_layout(index: Code, dims: tuple[str, ...], tensor: str) -> GatherLayo
     unflatten = ""
     if spans:
         consecutive = held == list(range(held[0], held[0] + len(held)))
-        unflatten = (f"{index.text}.shape[{held[0]}:{'' if held[-1] == -1 else held[-1] + 1}]" if consecutive else
+        last = held[-1] in (-1, len(index.indices) - 1)
+        unflatten = (f"{index.text}.shape[{held[0]}:{'' if last else held[-1] + 1}]" if consecutive else
                      python_tuple([f"{index.text}.shape[{p}]" for p in held]))
     flat = [i for i in layout if i not in own[1:]]     # x's rank: one dim for the own dims
     lacking = [p for p, i in enumerate(flat) if i not in index.indices and i != GATHERED and i not in own]
