@@ -163,7 +163,7 @@ WINDOWS = {
     "conv2d_strided": (["x[..., h, l]", "w[p, q]"], "y[..., i, j] = sum(x[..., 2*i + p, j + q] * w[p, q], p, q)", "",
                        lambda x, w: (x.unfold(-2, 2, 2).unfold(-2, 2, 1) * w).sum((-1, -2)), [(5, 4), (2, 2)]),
     "flipped": (["x[..., l, c]", "w[k, c]"], "y[..., t, c] = sum(x[..., 6 - t - 2*k, c] * w[k, c], k)",
-                "sizes = { t = 4 }", lambda x, w: (x.flip(-2)[..., 2:, :].unfold(-2, 3, 1)[..., ::2] * w.T).sum(-1),
+                "sizes = { t = 4 }", lambda x, w: (x[..., torch.tensor([[6 - t - 2 * k for k in range(2)] for t in range(4)]), :] * w).sum(-2),
                 [(9, 2), (2, 2)]),
     "same_filter": (["x[..., l]", "w[k]"], "y[..., l] = sum(x[..., l + k - 1] * w[k], k)", "pad = { x = { l = 1 } }",
                     lambda x, w: (torch.nn.functional.pad(x, (1, 1)).unfold(-1, 3, 1) * w).sum(-1), [(6,), (3,)]),
