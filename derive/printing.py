@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass, replace
+import dataclasses
+from dataclasses import dataclass, fields, replace
 
 import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
@@ -907,21 +908,29 @@ def render(node: Node) -> Code:
             position = dims.index(GATHERED)
             if gather.select:
                 shape = f"{node.index}.shape"
+                # x's dims before and after the gathered one (counted from the end after batch dims '...')
+                before = position - len(dims) if BATCH in dims and position else position
                 if position:
-                    shape = f"{node.like}.shape[:{position}] + {shape}"
+                    shape = f"{node.like}.shape[:{before}] + {shape}"
                 if position < len(dims) - 1:
-                    shape += f" + {node.like}.shape[{position + 1}:]"
+                    shape += f" + {node.like}.shape[{before + 1}:]"
             elif gather.shape:
                 shape = gather.shape
             else:
                 shape = python_tuple([f"{node.like}.shape[{node.indices.index(i)}]" if i in node.indices else
                                       f"{node.index}.shape[{node.rows.index(i)}]" for i in layout])
-            if BATCH in dims and gather.select and position != 0:
-                raise ValueError(f"cannot expand the gradient of a gather by {node.index} with batch dims '...'")
             ones = isinstance(node.source, Leaf) and node.source.expr == 1
             text = f"{node.like}.new_ones({shape})" if ones else f"{align(source, layout).atom()}.expand({shape})"
             source = Code(text, layout)
         source = _arranged(source, layout)
+        # with batch dims '...', the gradient of x is added up at the batch shape the source has (the shape x, the
+        # index and the other inputs broadcast to; x's may be fewer: the plan sums them back to it)
+        batch = _batch_shape(node.source) or (
+            f"{source.atom()}.shape[:{-len(layout) + 1}]" if len(layout) > 1 else f"{source.atom()}.shape")
+        zeros = f"{source.atom() if source.text.isidentifier() else node.like}.new_zeros({batch} + " \
+                f"{node.like}.shape[{-len(dims) + 1}:])"
+        if not gather.select and BATCH in dims:
+            gather = gather_layout(Code(node.index, node.rows), dims, node.like, batch=batch)
         if not gather.select:
             if GATHERED in gather.layout:
                 source = Code(f"{source.atom()}.unsqueeze({gather.dim})", gather.layout)
@@ -929,9 +938,7 @@ def render(node: Node) -> Code:
                 first, last = gather.own
                 flattened = f".flatten({first})" if last == -1 else f".flatten({first}, {last})"
                 source = Code(f"{source.atom()}{flattened}", source.indices)
-            if gather.batch:
-                # zeros of the batch shape x was read with (x's may be fewer: the plan sums them back to it)
-                zeros = f"{source.atom()}.new_zeros({gather.batch} + {node.like}.shape[{-len(dims) + 1}:])"
+            if BATCH in dims:
                 return Code(f"{zeros}.scatter_add_({gather.dim}, {gather.index}, {source.text})", node.indices)
             return Code(f"{_zeros(node, source)}.scatter_add{_in_place(source)}({gather.dim}, {gather.index}, "
                         f"{source.text})", node.indices)
@@ -945,6 +952,8 @@ def render(node: Node) -> Code:
         # flatten, not reshape(-1, size): -1 is ambiguous when a size is 0
         rows = source.text if flat else f"{source.atom()}.flatten({position}, {position + len(node.rows) - 1})"
         index = node.index if flat else f"{node.index}.reshape(-1)"
+        if BATCH in dims and dims.index(GATHERED):
+            return Code(f"{zeros}.index_add_({gather.dim}, {index}, {rows})", node.indices)
         return Code(f"{_zeros(node, source)}.index_add{_in_place(source)}({gather.dim}, {index}, {rows})",
                     node.indices)
     if isinstance(node, Scaled):
@@ -1196,17 +1205,17 @@ class GatherLayout:
                                 # (a dim argument each), when there are several: flattened into one
     unflatten: str = ""         # gather: the sizes of those own dims, `idx.shape[1:]`
     shape: str = ""             # gather with batch dims: the shape of the result, the batch broadcast
-    batch: str = ""             # gather with a batched index: the batch shape x and the index broadcast to
 
 
-def gather_layout(index: Code, dims: tuple[str, ...], tensor: str) -> GatherLayout:
+def gather_layout(index: Code, dims: tuple[str, ...], tensor: str, batch: str = "") -> GatherLayout:
     """The one rule for `x[..., idx[...], ...]`, the input `tensor` with `dims` (GATHERED where `index` reads it).
 
     An index whose dims none of x's other dims has selects: its dims stand where the gathered dim was
     (`x.index_select(1, idx)`), and the gradient adds rows with `index_add`. An index that shares some dims with x's
     others is torch.gather's: lined up as x is (its own dims, flattened into one, or size 1, at the gathered
     place; expanded along x's dims it lacks, and to the batch shape x and the index broadcast to), the result
-    unflattened back into the own dims, and the gradient is `scatter_add`."""
+    unflattened back into the own dims, and the gradient is `scatter_add`. `batch`, when given, is the batch
+    shape to expand the index to (a gradient's, which may be wider than x's)."""
     position = dims.index(GATHERED)
     plain = tuple(i for i in dims if i != GATHERED)
     batched = BATCH in dims
@@ -1244,11 +1253,11 @@ def gather_layout(index: Code, dims: tuple[str, ...], tensor: str) -> GatherLayo
     flat = [i for i in layout if i not in own[1:]]     # x's rank: one dim for the own dims
     lacking = [p for p, i in enumerate(flat) if i not in index.indices and i != GATHERED and i not in own]
     named = len(dims) - 1 if batched else len(dims)
-    batch = shape = ""
+    given, shape = batch, ""
     source = tensor
     if batched:
-        batch = f"{tensor}.shape[:{-named}]" if named else f"{tensor}.shape"
-        if BATCH in index.indices:
+        batch = given or (f"{tensor}.shape[:{-named}]" if named else f"{tensor}.shape")
+        if BATCH in index.indices and not given:
             # the batch dims of x and of the index broadcast together: both are expanded to that shape
             rest = len(index.indices) - 1
             batch = f"torch.broadcast_shapes({batch}, {index.text}.shape[:{-rest}])" if rest else \
@@ -1261,13 +1270,31 @@ def gather_layout(index: Code, dims: tuple[str, ...], tensor: str) -> GatherLayo
             f"{tensor}.shape[{dims.index(i) - len(dims)}]" if i in dims else
             f"{index.text}.shape[{index.indices.index(i) - (len(index.indices) if BATCH in index.indices else 0)}]"
             for i in layout if i not in (BATCH, GATHERED)])
-        if BATCH not in index.indices:
-            batch = ""    # x alone has them: nothing broadcasts
     elif lacking:
         sizes = ["-1" if p not in lacking else f"{tensor}.shape[{p}]" for p in range(len(flat))]
         text += f".expand({', '.join(sizes)})"
-    return GatherLayout(False, dim, layout, index=text, source=source, own=spans, unflatten=unflatten, shape=shape,
-                        batch=batch)
+    return GatherLayout(False, dim, layout, index=text, source=source, own=spans, unflatten=unflatten, shape=shape)
+
+
+def _batch_shape(node: Node) -> str:
+    """Source for the batch shape of a value a lowered node computes, read off the upstream gradient it reads
+    with batch dims '...' (the shape every input's batch dims broadcast to); "" when it reads none."""
+    reads = []
+    for child in [node] if isinstance(node, Leaf) else [getattr(node, f.name) for f in fields(node)]:
+        if isinstance(child, Leaf):
+            reads += [r for r in sympy.sympify(child.expr).atoms(sympy.Indexed)
+                      if r.base.label.name.startswith(naming.grad("")) and isinstance(r.indices[0], sympy.Idx)
+                      and r.indices[0].name == BATCH and all(isinstance(i, sympy.Idx) for i in r.indices)]
+        elif isinstance(child, (tuple, list)) or dataclasses.is_dataclass(child):
+            for item in child if isinstance(child, (tuple, list)) else [child]:
+                shape = _batch_shape(item) if dataclasses.is_dataclass(item) else ""
+                if shape:
+                    return shape
+    if not reads:
+        return ""
+    read = min(reads, key=lambda r: r.base.label.name)
+    name = read.base.label.name
+    return f"{name}.shape[:{1 - len(read.indices)}]" if len(read.indices) > 1 else f"{name}.shape"
 
 
 def _embedding_rows(node: Scatter) -> bool:

@@ -230,3 +230,38 @@ def test_windows_under_batch_dims_pass_verify_op(tmp_path, name):
     spec, op, modules = generate(tmp_path, _spec(name, inputs, equation, REFERENCES[name], extra=extra))
     for path in modules.values():
         verify_op(spec, op.name, path)
+
+
+BATCHED_PRODUCTS = {
+    # (inputs, equation, reference, x's named shape, the index's shape)
+    "summed_select": (["x[..., n, v]", "idx[j]"], "y[..., n] = sum(x[..., n, idx[j]], j)",
+                      lambda x, idx: x.index_select(-1, idx).sum(-1), (2, 4), (5,)),
+    "select_times": (["x[..., v]", "idx[j]", "z[..., j]"], "y[..., j] = x[..., idx[j]] * z[..., j]",
+                     lambda x, idx, z: x.index_select(-1, idx) * z, (4,), (5,)),
+    "pick_times": (["x[..., n, v]", "idx[n]", "z[..., n]"], "y[..., n] = x[..., n, idx[n]] * z[..., n]",
+                   lambda x, idx, z: torch.gather(x, -1, idx.unsqueeze(-1).expand(x.shape[:-1] + (1,))).squeeze(-1) * z,
+                   (2, 4), (2,)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BATCHED_PRODUCTS))
+def test_a_gathers_gradient_takes_the_batch_shape_every_input_broadcasts_to(tmp_path, name):
+    """x's batch dims fewer than another input's: the gradient is added up at the broadcast batch shape (the
+    zeros of x's alone were too small for scatter_add / index_add), then summed back to x's; in both styles."""
+    inputs, equation, reference, x_shape, index_shape = BATCHED_PRODUCTS[name]
+    _, _, modules = generate(tmp_path, _spec(name, inputs, equation))
+    for path in modules.values():
+        function = getattr(load_module(path), name)
+        for x_batch, z_batch in [((1,), (3,)), ((3,), (1,)), ((2, 3), (3,)), ((), (2,)), ((0,), (1,))]:
+            x = torch.randn(*x_batch, *x_shape, dtype=torch.float64, requires_grad=True)
+            idx = torch.randint(0, x_shape[-1], index_shape)
+            values = [x] + ([torch.randn(*z_batch, index_shape[0], dtype=torch.float64, requires_grad=True)]
+                            if len(inputs) == 3 else [])
+            y, want = function(x, idx, *values[1:]), reference(x, idx, *values[1:])
+            torch.testing.assert_close(y, want)
+            grad = torch.randn_like(y)
+            for got, expected, value in zip(torch.autograd.grad(y, values, grad),
+                                            torch.autograd.grad(want, values, grad), values):
+                assert got.shape == value.shape
+                torch.testing.assert_close(got, expected)
