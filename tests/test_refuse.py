@@ -17,10 +17,27 @@ import textwrap
 import pytest
 import torch
 
-from test_integer_inputs import generate
+from conftest import shared_builds
+from derive.build import STYLE_DIRS, render_catalog
+from derive.spec import parse_catalog
 from derive.testing import check_gradients, gradcheck_op, load_module, make_inputs, sizes_for, verify_op
 
 BATCHES = [(), (3,), (2, 3), (0, 2)]
+
+
+def generate(tmp_path, text: str, styles=tuple(STYLE_DIRS)):
+    """The op of `text` written as a spec file and generated in `styles`: (spec path, op, {style: module})."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text(text)
+    catalog = parse_catalog(text, str(spec))
+    with shared_builds():
+        files = render_catalog(catalog, tuple(styles), namespace=f"test_{tmp_path.name}".replace("-", "_"))
+    modules = {}
+    for style in styles:
+        path = f"{STYLE_DIRS[style]}{catalog.ops[0].name}.py"
+        modules[style] = tmp_path / path.replace("/", "_")
+        modules[style].write_text(files[path])
+    return spec, catalog.ops[0], modules
 
 
 def _spec(name: str, inputs: list[str], equation: str, reference: str = "", extra: str = "") -> str:
@@ -73,7 +90,7 @@ def check_gather(tmp_path, name, styles=("contraction", "broadcast"), verify=Tru
     """Repeats, sizes 0, 1 and equal against autograd of the reference, gradcheck; with `verify`, verify_op
     (float32, the Function's double backward, its custom op) too."""
     inputs, equation, reference = GATHERS[name]
-    spec, op, modules = generate(tmp_path, _spec(name, inputs, equation, reference))
+    spec, op, modules = generate(tmp_path, _spec(name, inputs, equation, reference), styles)
     for style in styles:
         if verify:
             verify_op(spec, op.name, modules[style])
@@ -109,7 +126,7 @@ def test_a_batched_gather_broadcasts_the_batch_dims_of_input_and_index(tmp_path,
     sub-block where the sizes differ): both are expanded to the shape they broadcast to, and the gradient is
     summed back to x's."""
     text = _spec("batched_gather", ["x[..., v]", "idx[..., j]"], "y[..., j] = x[..., idx[..., j]]")
-    _, _, modules = generate(tmp_path, text)
+    _, _, modules = generate(tmp_path, text, (style,))
     module = load_module(modules[style])
     for x_batch, idx_batch in [((3,), (1,)), ((1,), (3,)), ((), (2, 3)), ((2, 3), ()), ((0,), (1,))]:
         x = torch.randn(*x_batch, 4, dtype=torch.float64, requires_grad=True)
@@ -174,7 +191,7 @@ def check_windows(tmp_path, name, styles=("contraction", "broadcast")):
     """The op against its reference with batch dims (), (3,), (2, 3) and (0, 2): forward, gradients of every
     input with exact shapes, float64 gradcheck and gradgradcheck; and verify_op on the spec as written."""
     inputs, equation, extra, reference, shapes = WINDOWS[name]
-    spec, op, modules = generate(tmp_path, _spec(name, inputs, equation, extra=extra))
+    spec, op, modules = generate(tmp_path, _spec(name, inputs, equation, extra=extra), styles)
     for style in styles:
         function = getattr(load_module(modules[style]), name)
         for batch in BATCHES:
