@@ -640,7 +640,10 @@ def _contraction_term(term: TermPlan, target: tuple[str, ...], like: str | None)
     scatter = _scatter(nodes, set(term.summed), target, like, sizes)
     if scatter is not None:
         return _finish(scatter, (), term)
-    convolution = _convolution(nodes, set(term.summed), target) or _folded_input(nodes, set(term.summed), target)
+    # torch's convolutions take one batch dim: windows with batch dims '...' stay products of views
+    batched = any(BATCH in node.indices for node in nodes)
+    convolution = None if batched else (_convolution(nodes, set(term.summed), target)
+                                        or _folded_input(nodes, set(term.summed), target))
     if convolution is not None and isinstance(convolution.source, in_range) and is_python_number(term.coefficient):
         return replace(convolution, scale=term.coefficient, known=term.known)   # the kernel of ones is the scale instead
     if convolution is not None:
@@ -727,7 +730,7 @@ def _scatter(nodes: list[Node], summed: set[str], target: tuple[str, ...], like:
         own = tuple(i for i in rows if i not in target)
         if at is None or not set(own) <= summed or any(i in summed for i in rows if i in target):
             continue
-        if len(own) != len(rows) and len(own) > 1 or not own and len(nodes) == 1:
+        if not own and len(nodes) == 1:
             continue    # (a one-hot alone, unsummed, is added in place: _indexed_add)
         layout = target[:at] + own + target[at + 1:]
         others = [n for n in nodes if n is not node] or [Leaf(sympy.S.One, ())]   # each position adds a 1

@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass, replace
+import dataclasses
+from dataclasses import dataclass, fields, replace
 
 import sympy
 from sympy.printing.precedence import PRECEDENCE, precedence
@@ -186,7 +187,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     def _gather(self, expr) -> Code:
         """An input indexed at one dim by an integer input (the others by plain indices), by the rule of
-        `gather_layout`: `w[idx[n], d]` -> `w[idx]`, `x[n, idx[n, j]]` -> `x.gather(1, idx)`,
+        `gather_layout`: `w[idx[n], d]` -> `w.index_select(0, idx)`, `x[n, idx[n, j]]` -> `x.gather(1, idx)`,
         `x[n, t[n]]` -> `x.gather(1, t.unsqueeze(1)).squeeze(1)`."""
         name = expr.base.label.name
         positions = [p for p, i in enumerate(expr.indices) if not isinstance(i, sympy.Idx)]
@@ -198,8 +199,15 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         index = Code(value.base.label.name, tuple(i.name for i in value.indices))
         gather = gather_layout(index, dims, name)
         if gather.select:
-            return Code(f"{name}[{gather.subscript}]", gather.layout)
-        code = f"{name}.gather({gather.dim}, {gather.index})"
+            # index_select, as F.embedding reads rows: an index outside [0, size) is an error (a subscript,
+            # x[:, idx], would read a negative one from the end, where the gradient adds nothing)
+            if len(index.indices) == 1 and BATCH not in index.indices:
+                return Code(f"{name}.index_select({gather.dim}, {index.text})", gather.layout)
+            return Code(f"{name}.index_select({gather.dim}, {index.text}.flatten()).unflatten({gather.dim}, "
+                        f"{index.text}.shape)", gather.layout)
+        code = f"{gather.source}.gather({gather.dim}, {gather.index})"
+        if gather.unflatten:
+            code += f".unflatten({gather.dim}, {gather.unflatten})"
         if GATHERED in gather.layout:
             return Code(f"{code}.squeeze({gather.dim})", tuple(i for i in gather.layout if i != GATHERED))
         return Code(code, gather.layout)
@@ -213,8 +221,6 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         """Values over the windows (dims ..., t, k) added back at the positions l = s*t + d*k + e they read: the
         adjoint of `unfold(dim, d*(K - 1) + 1, s)[..., ::d]` then the crop or padding that the read's window took."""
         value, subscript, position, _ = expr.args
-        if BATCH in self.layout:
-            raise ValueError(f"unsupported fold of windows {subscript} with batch dims '...'")
         outer, inner = expr.cut()
         step, spacing = int(subscript.coeff(outer)), int(subscript.coeff(inner))
         others = tuple(i for i in self._own_layout(value) if i not in (outer.name, inner.name))
@@ -223,7 +229,23 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         lowest = subscript.subs({outer: 0, inner: 0})
         span = spacing * inner.upper + 1     # what one window reaches, its dilation's gaps included
         reach = step * outer.upper + span
-        shape = python_tuple([scalar.doprint(sizes[i]) for i in others] + [scalar.doprint(reach)])
+        # the folded dim, last: counted from the end when batch dims '...' (as many as they are) lead
+        folded = -1 if BATCH in others else len(others)
+
+        def shaped(last) -> str:
+            """The shape of the fold: the dims of `value` but its windows', then `last`; the batch dims '...' those
+            of a tensor `value` reads with them (the upstream gradient first)."""
+            named = [scalar.doprint(sizes[i]) for i in others if i != BATCH] + [last]
+            if BATCH not in others:
+                return python_tuple(named)
+            reads = sorted((r for r in value.atoms(sympy.Indexed) if r.indices[0] == sympy.Idx(BATCH, r.indices[0].upper + 1)
+                            and all(isinstance(i, sympy.Idx) for i in r.indices)),
+                           key=lambda r: (not r.base.label.name.startswith(naming.grad("")), r.base.label.name))
+            if not reads:
+                raise ValueError(f"unsupported fold of windows {subscript} with batch dims '...' read by no tensor")
+            read = reads[0]
+            return python_tuple([f"*{read.base.label.name}.shape[:{1 - len(read.indices)}]"] + named)
+
         first, rest = _first_share(expr)
         if first is not None:
             # the whole window's share at one position (tie="first"): g added at each window's argmax
@@ -243,25 +265,25 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
                     # the windows start at 0: zeros as long as the input (or the windows' reach, when a padding
                     # at the end makes it longer), no copy to pad or crop
                     whole = scalar.doprint(position.upper + 1)
-                    shape = python_tuple([scalar.doprint(sizes[i]) for i in others] +
-                                         [f"max({whole}, {scalar.doprint(reach)})"])
-                    text = (f"{moved.atom()}.new_zeros({shape}).scatter_add{_in_place(moved)}({len(others)}, "
-                            f"{picked}, {moved.text}).narrow({len(others)}, 0, {whole})")
+                    shape = shaped(f"max({whole}, {scalar.doprint(reach)})")
+                    text = (f"{moved.atom()}.new_zeros({shape}).scatter_add{_in_place(moved)}({folded}, "
+                            f"{picked}, {moved.text}).narrow({folded}, 0, {whole})")
                     return align(Code(text, others + (position.name,)), self.layout).text
             else:
                 windows = self._sub(first.body, others + (outer.name, inner.name))
                 dilated = "" if spacing == 1 else f" * {spacing}"
                 picked = (f"{windows.atom()}.{'argmax' if first.largest else 'argmin'}(-1){dilated} + torch.arange(0, {step} * "
                           f"{scalar.doprint(outer.upper + 1)}, {step}, device={moved.atom()}.device)")
-            text = (f"{moved.atom()}.new_zeros({shape}).scatter_add{_in_place(moved)}({len(others)}, {picked}, "
-                    f"{moved.text})")
+            text = (f"{moved.atom()}.new_zeros({shaped(scalar.doprint(reach))}).scatter_add{_in_place(moved)}("
+                    f"{folded}, {picked}, {moved.text})")
         else:
             inner_code = self._sub(value, others + (outer.name, inner.name))
+            shape = shaped(scalar.doprint(reach))
             inner_code = inner_code.text if spacing == 1 else (
                 # the taps d apart: d - 1 zeros after each, cut to the window's span
                 f"torch.nn.functional.pad({inner_code.atom()}.unsqueeze(-1), (0, {spacing - 1}))"
                 f".flatten(-2)[..., :{scalar.doprint(span)}]")
-            text = (f"torch.ops.aten.unfold_backward({inner_code}, {shape}, {len(others)}, "
+            text = (f"torch.ops.aten.unfold_backward({inner_code}, {shape}, {folded}, "
                     f"{scalar.doprint(span)}, {step})")
         text = _padded(text, [0] * len(others) + [lowest],
                        [0] * len(others) + [sympy.expand(position.upper + 1 - lowest - reach)])
@@ -288,6 +310,8 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         text, level = _padded(tensor, front, back, value), ATOM
         dims: list[str] = []
         flips: list[str] = []
+        # batch dims '...' lead, as many as they are: the named dims are counted from the end
+        batched = any(isinstance(i, sympy.Idx) and i.name == BATCH for i in subscripts)
         for position, subscript in enumerate(subscripts):
             if isinstance(subscript, sympy.Idx):
                 dims.append(subscript.name)
@@ -296,7 +320,8 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             flips += [i.name for i, c in coefficients.items() if c < 0]
             # a forward-running index leads, then the one latest in the layout (t before k in t + k)
             nesting = list(order[position])
-            dim = position
+            # (each unfold so far appended a dim at the end)
+            dim = position - len(subscripts) - (len(dims) - position) if batched else position
             for number, index in enumerate(nesting):
                 step = abs(coefficients[index])
                 rest = nesting[number + 1:]
@@ -304,13 +329,13 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
                     size = sum((abs(coefficients[i]) * i.upper for i in rest), sympy.S.One)
                     text += f".unfold({dim}, {scalar.doprint(size)}, {step})"
                 elif step != 1:
-                    text += f"[{':, ' * dim}::{step}]" if dim >= 0 else f"[..., ::{step}]"
+                    text += f"[{':, ' * dim}::{step}]" if dim >= 0 else f"[..., ::{step}{', :' * (-dim - 1)}]"
                 dims.append(index.name)
                 dim = -1
             # the windows' dims were appended in nesting order after the ones so far
         order = self._window_order(subscripts, dims)
         if flips:
-            positions = [order.index(f) for f in flips]
+            positions = [order.index(f) - (len(order) if batched else 0) for f in flips]
             text += f".flip({python_tuple([str(p) for p in positions])})"
         return Code(text, tuple(order), level)
 
@@ -886,22 +911,38 @@ def render(node: Node) -> Code:
             position = dims.index(GATHERED)
             if gather.select:
                 shape = f"{node.index}.shape"
+                # x's dims before and after the gathered one (counted from the end after batch dims '...')
+                before = position - len(dims) if BATCH in dims and position else position
                 if position:
-                    shape = f"{node.like}.shape[:{position}] + {shape}"
+                    shape = f"{node.like}.shape[:{before}] + {shape}"
                 if position < len(dims) - 1:
-                    shape += f" + {node.like}.shape[{position + 1}:]"
+                    shape += f" + {node.like}.shape[{before + 1}:]"
+            elif gather.shape:
+                shape = gather.shape
             else:
                 shape = python_tuple([f"{node.like}.shape[{node.indices.index(i)}]" if i in node.indices else
                                       f"{node.index}.shape[{node.rows.index(i)}]" for i in layout])
-            if BATCH in dims and not (gather.select and position == 0):
-                raise ValueError(f"cannot expand the gradient of a gather by {node.index} with batch dims '...'")
             ones = isinstance(node.source, Leaf) and node.source.expr == 1
             text = f"{node.like}.new_ones({shape})" if ones else f"{align(source, layout).atom()}.expand({shape})"
             source = Code(text, layout)
         source = _arranged(source, layout)
+        # with batch dims '...', the gradient of x is added up at the batch shape the source has (the shape x, the
+        # index and the other inputs broadcast to; x's may be fewer: the plan sums them back to it)
+        batch = _batch_shape(node.source) or (
+            f"{source.atom()}.shape[:{-len(layout) + 1}]" if len(layout) > 1 else f"{source.atom()}.shape")
+        zeros = f"{source.atom() if source.text.isidentifier() else node.like}.new_zeros({batch} + " \
+                f"{node.like}.shape[{-len(dims) + 1}:])"
+        if not gather.select and BATCH in dims:
+            gather = gather_layout(Code(node.index, node.rows), dims, node.like, batch=batch)
         if not gather.select:
             if GATHERED in gather.layout:
                 source = Code(f"{source.atom()}.unsqueeze({gather.dim})", gather.layout)
+            if gather.own:
+                first, last = gather.own
+                flattened = f".flatten({first})" if last == -1 else f".flatten({first}, {last})"
+                source = Code(f"{source.atom()}{flattened}", source.indices)
+            if BATCH in dims:
+                return Code(f"{zeros}.scatter_add_({gather.dim}, {gather.index}, {source.text})", node.indices)
             return Code(f"{_zeros(node, source)}.scatter_add{_in_place(source)}({gather.dim}, {gather.index}, "
                         f"{source.text})", node.indices)
         position = dims.index(GATHERED)
@@ -914,6 +955,8 @@ def render(node: Node) -> Code:
         # flatten, not reshape(-1, size): -1 is ambiguous when a size is 0
         rows = source.text if flat else f"{source.atom()}.flatten({position}, {position + len(node.rows) - 1})"
         index = node.index if flat else f"{node.index}.reshape(-1)"
+        if BATCH in dims and dims.index(GATHERED):
+            return Code(f"{zeros}.index_add_({gather.dim}, {index}, {rows})", node.indices)
         return Code(f"{_zeros(node, source)}.index_add{_in_place(source)}({gather.dim}, {index}, {rows})",
                     node.indices)
     if isinstance(node, Scaled):
@@ -1221,17 +1264,24 @@ class GatherLayout:
     select: bool                # the index shares no dim with the others: advanced indexing / index_add
     dim: str                    # the gathered dim, as a dim argument
     layout: tuple[str, ...]     # dims of the result: the index's own dims take the gathered dim's place
-    index: str = ""             # gather / scatter_add: the index lined up in `layout` at full rank
-    subscript: str = ""         # select: the subscript that reads it, `:, idx` or `..., idx, :`
+    index: str = ""             # gather / scatter_add: the index lined up in `layout` at full rank, its own
+                                # dims flattened into one
+    source: str = ""            # gather: the tensor read, expanded to the batch shape it and the index span
+    own: tuple[int, int] | None = None  # gather: the first and last dim of the index's own dims in `layout`
+                                # (a dim argument each), when there are several: flattened into one
+    unflatten: str = ""         # gather: the sizes of those own dims, `idx.shape[1:]`
+    shape: str = ""             # gather with batch dims: the shape of the result, the batch broadcast
 
 
-def gather_layout(index: Code, dims: tuple[str, ...], tensor: str) -> GatherLayout:
+def gather_layout(index: Code, dims: tuple[str, ...], tensor: str, batch: str = "") -> GatherLayout:
     """The one rule for `x[..., idx[...], ...]`, the input `tensor` with `dims` (GATHERED where `index` reads it).
 
     An index whose dims none of x's other dims has selects: its dims stand where the gathered dim was
-    (`x[:, idx]`), and the gradient adds rows with `index_add`. An index that shares some dims with x's
-    others, with at most one dim of its own, is torch.gather's: lined up as x is (its own dim, or size 1,
-    at the gathered place; expanded along x's dims it lacks), and the gradient is `scatter_add`."""
+    (`x.index_select(1, idx)`), and the gradient adds rows with `index_add`. An index that shares some dims with x's
+    others is torch.gather's: lined up as x is (its own dims, flattened into one, or size 1, at the gathered
+    place; expanded along x's dims it lacks, and to the batch shape x and the index broadcast to), the result
+    unflattened back into the own dims, and the gradient is `scatter_add`. `batch`, when given, is the batch
+    shape to expand the index to (a gradient's, which may be wider than x's)."""
     position = dims.index(GATHERED)
     plain = tuple(i for i in dims if i != GATHERED)
     batched = BATCH in dims
@@ -1241,27 +1291,76 @@ def gather_layout(index: Code, dims: tuple[str, ...], tensor: str) -> GatherLayo
     if not shared:
         if BATCH in own and position:
             raise ValueError(f"cannot gather with batch dims '...' at dim {position}: the batch dims must lead")
-        before = (["..."] if batched and position else []) + [":"] * (position - (1 if batched else 0))
-        after = [":"] * (len(dims) - position - 1) if batched and position else []
-        subscript = ", ".join(before + [index.text] + after)
-        return GatherLayout(True, dim, dims[:position] + index.indices + dims[position + 1:], subscript=subscript)
-    if len(own) > 1:
-        raise ValueError(f"cannot gather {tensor} by {index.text}: it shares dims with {tensor}'s others and has "
-                         f"more than one of its own")
+        return GatherLayout(True, dim, dims[:position] + index.indices + dims[position + 1:])
+    if BATCH in own:
+        raise ValueError(f"cannot gather {tensor} by {index.text}: the index has batch dims '...' and {tensor} "
+                         f"has none")
     layout = dims[:position] + (tuple(own) or (GATHERED,)) + dims[position + 1:]
     without = tuple(i for i in layout if i != GATHERED)
     lined = align(index, without)
-    text = lined.atom() + ".unsqueeze(0)" * (len(without) - len(lined.indices))
+    # missing leading dims as 1s (batch dims '...' it lacks are added by the expand below)
+    text = lined.atom() + ".unsqueeze(0)" * len([i for i in without if i != BATCH and i not in lined.indices])
     if not own:
         text += f".unsqueeze({dim})"
-    lacking = [p for p, i in enumerate(layout) if i not in index.indices and i != GATHERED]
-    if lacking:
-        if batched:
-            raise ValueError(f"cannot gather {tensor} by {index.text}: with batch dims '...' the index must "
-                             f"have every other dim of {tensor}")
-        sizes = ["-1" if p not in lacking else f"{tensor}.shape[{p}]" for p in range(len(layout))]
+    # several own dims: flattened into the gathered dim, as torch.gather reads one (counted from the end: a
+    # missing leading dim is added after)
+    first = without.index(own[0]) - len(without) if own else 0
+    spans = (first, first + len(own) - 1) if len(own) > 1 else None
+    if spans:
+        text += f".flatten({spans[0]})" if spans[1] == -1 else f".flatten({spans[0]}, {spans[1]})"
+    held = [p - (len(index.indices) if BATCH in index.indices else 0) for p, i in enumerate(index.indices)
+            if i in own]
+    unflatten = ""
+    if spans:
+        consecutive = held == list(range(held[0], held[0] + len(held)))
+        last = held[-1] in (-1, len(index.indices) - 1)
+        unflatten = (f"{index.text}.shape[{held[0]}:{'' if last else held[-1] + 1}]" if consecutive else
+                     python_tuple([f"{index.text}.shape[{p}]" for p in held]))
+    flat = [i for i in layout if i not in own[1:]]     # x's rank: one dim for the own dims
+    lacking = [p for p, i in enumerate(flat) if i not in index.indices and i != GATHERED and i not in own]
+    named = len(dims) - 1 if batched else len(dims)
+    given, shape = batch, ""
+    source = tensor
+    if batched:
+        batch = given or (f"{tensor}.shape[:{-named}]" if named else f"{tensor}.shape")
+        if BATCH in index.indices and not given:
+            # the batch dims of x and of the index broadcast together: both are expanded to that shape
+            rest = len(index.indices) - 1
+            batch = f"torch.broadcast_shapes({batch}, {index.text}.shape[:{-rest}])" if rest else \
+                f"torch.broadcast_shapes({batch}, {index.text}.shape)"
+            source = f"{tensor}.expand({', '.join(['*' + batch] + ['-1'] * named)})"
+        sizes = ["*" + batch] + ["-1" if p not in lacking else f"{tensor}.shape[{p - len(flat)}]"
+                                 for p, i in enumerate(flat) if i != BATCH]
         text += f".expand({', '.join(sizes)})"
-    return GatherLayout(False, dim, layout, index=text)
+        shape = python_tuple(["*" + batch] + [
+            f"{tensor}.shape[{dims.index(i) - len(dims)}]" if i in dims else
+            f"{index.text}.shape[{index.indices.index(i) - (len(index.indices) if BATCH in index.indices else 0)}]"
+            for i in layout if i not in (BATCH, GATHERED)])
+    elif lacking:
+        sizes = ["-1" if p not in lacking else f"{tensor}.shape[{p}]" for p in range(len(flat))]
+        text += f".expand({', '.join(sizes)})"
+    return GatherLayout(False, dim, layout, index=text, source=source, own=spans, unflatten=unflatten, shape=shape)
+
+
+def _batch_shape(node: Node) -> str:
+    """Source for the batch shape of a value a lowered node computes, read off the upstream gradient it reads
+    with batch dims '...' (the shape every input's batch dims broadcast to); "" when it reads none."""
+    reads = []
+    for child in [node] if isinstance(node, Leaf) else [getattr(node, f.name) for f in fields(node)]:
+        if isinstance(child, Leaf):
+            reads += [r for r in sympy.sympify(child.expr).atoms(sympy.Indexed)
+                      if r.base.label.name.startswith(naming.grad("")) and isinstance(r.indices[0], sympy.Idx)
+                      and r.indices[0].name == BATCH and all(isinstance(i, sympy.Idx) for i in r.indices)]
+        elif isinstance(child, (tuple, list)) or dataclasses.is_dataclass(child):
+            for item in child if isinstance(child, (tuple, list)) else [child]:
+                shape = _batch_shape(item) if dataclasses.is_dataclass(item) else ""
+                if shape:
+                    return shape
+    if not reads:
+        return ""
+    read = min(reads, key=lambda r: r.base.label.name)
+    name = read.base.label.name
+    return f"{name}.shape[:{1 - len(read.indices)}]" if len(read.indices) > 1 else f"{name}.shape"
 
 
 def _embedding_rows(node: Scatter) -> bool:

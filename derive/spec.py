@@ -868,15 +868,16 @@ class _EquationParser:
     def _affine_access(self, node, tensor: TensorInput, elements):
         """`x[n, c, 2*t + k - 1]`: subscripts affine in index names with integer coefficients. An index that
         no input declares and `sizes` does not set ranges over its own size, inferred later (_infer_ranges)."""
-        if BATCH in tensor.indices:
-            raise self.error(f"input '{tensor.name}' has batch dims '...': affine subscripts need its dims named",
-                             node)
         if len(elements) != len(tensor.indices):
             raise self.error(f"input '{tensor.name}' is declared with {len(tensor.indices)} dim(s) "
                              f"[{', '.join(tensor.indices)}] but indexed with {len(elements)}", node)
         subscripts, free, seen = [], set(), []
         for element, declared in zip(elements, tensor.indices):
-            if isinstance(element, ast.Name):
+            if (declared == BATCH) != (isinstance(element, ast.Constant) and element.value is Ellipsis):
+                raise self.error(f"'...' must stand where '{tensor.name}' declares it", node)
+            if declared == BATCH:    # the batch dims, read as they are: an affine read of the named dims after them
+                value, names = index_symbol(BATCH, self.sizes[BATCH]), {BATCH}
+            elif isinstance(element, ast.Name):
                 value, names = self._affine_subscript(element, declared)
             else:
                 value, names = self._affine_subscript(element, None)

@@ -676,7 +676,7 @@ def index_cases(draw, known_bugs: frozenset[str] = KNOWN_BUGS, place_kinks=None)
     """A spec of one index family (`family` feature), with equal sizes, 1 and 0 drawn on purpose, and its
     inputs (zeros, ties, and with `place_kinks` as in `fuzz_cases`, kinks placed exactly)."""
     family = draw(st.sampled_from(["window reduction", "convolution", "diagonal", "size(d) as a value",
-                                   "index comparison"]))
+                                   "index comparison", "gather", "windows over batch dims"]))
     features = {family}
     base = draw(st.sampled_from([1, 2, 3]))
     size = lambda: draw(st.sampled_from([base, base, 0, 1, 2, 3]))   # noqa: E731
@@ -699,7 +699,76 @@ def index_cases(draw, known_bugs: frozenset[str] = KNOWN_BUGS, place_kinks=None)
         return value
 
     wrap = (lambda code: f"{torch_function}({code})") if torch_function else (lambda code: code)   # noqa: E731
-    if family in ("window reduction", "convolution"):
+    integers = {}   # integer inputs: name -> their values
+    if family == "gather":
+        # x read at one dim through idx, over some of x's other dims (shared: torch.gather) or none
+        # (index_select), with one or two dims of its own, under batch dims '...' of x (and maybe of idx,
+        # broadcasting); the reference indexes x with aranges
+        rank = draw(st.integers(1, 3))
+        names = ("a", "b", "c")[:rank]
+        position = draw(st.integers(0, rank - 1))
+        others = tuple(n for p, n in enumerate(names) if p != position)
+        shared = tuple(draw(st.permutations(others)))[:draw(st.sampled_from([len(others), 1, 0]))]
+        own = ("i", "j")[:draw(st.integers(1, 2))]
+        index_dims = tuple(draw(st.permutations(shared + own)))
+        x_dims = tuple(n if p != position else "v" for p, n in enumerate(names))
+        sizes = {n: size() for n in names + own}
+        sizes["v"] = draw(st.integers(1, 3))    # fewer values than positions: indices repeat
+        batch = tuple(draw(st.sampled_from([(), (), (2,), (2, 3), (0, 2)])))
+        batch_names = tuple(f"batch{q}" for q in range(len(batch)))
+        sizes.update(zip(batch_names, batch))
+        # the index has x's batch dims, the last ones or all, some of size 1 (broadcast), or none
+        index_batch = batch_names[draw(st.integers(0, len(batch))):] if batch and draw(st.integers(0, 2)) else ()
+        index_sizes = {**sizes, **{n: 1 for n in index_batch if draw(st.booleans())}}
+        layout = batch_names + others[:position] + own + others[position:]
+        dotted = lambda dims, batched: ", ".join((("...",) if batched else ()) + dims)   # noqa: E731
+        inputs = {"x": (dotted(x_dims, bool(batch)), batch + tuple(sizes[n] for n in x_dims))}
+        index_shape = tuple(index_sizes[n] for n in index_batch + index_dims)
+        integers["idx"] = (dotted(index_dims, bool(index_batch)),
+                           torch.randint(0, sizes["v"], index_shape, generator=generator))
+        read = ", ".join(f"idx[{dotted(index_dims, bool(index_batch))}]" if n == "v" else n for n in x_dims)
+        result = dotted(others[:position] + own + others[position:], bool(batch))
+        equation = f"y[{result}] = {function}x[{'..., ' if batch else ''}{read}]{')' if name else ''}"
+
+        def spread(code, dims, shape):   # `code` (with dims) moved and shaped to broadcast over the result's layout
+            order = sorted(dims, key=layout.index)
+            moved = f"{code}.permute({', '.join(str(dims.index(d)) for d in order)})" if len(order) > 1 else code
+            shaped = ", ".join(str(shape[d]) if d in dims else "1" for d in layout)
+            return f"{moved}.reshape({shaped}{',' if len(layout) == 1 else ''})"
+
+        subscripts = [spread("idx", index_batch + index_dims, index_sizes) if n == "v" else
+                      spread(f"torch.arange({sizes[n]})", (n,), sizes) for n in batch_names + x_dims]
+        reference = wrap(f"x[{', '.join(subscripts)}]")
+        features.add("gather " + ("sharing dims" if shared else "selecting") + f", {len(own)} own dims"
+                     + (f", batch dims {len(batch)} (index {len(index_batch)})" if batch else ""))
+    elif family == "windows over batch dims":
+        # a window reduction or a 1-D filter along the last dim of an input with any number of batch dims
+        stride, dilation, before, after, offset, subscript = _window_read(draw)
+        width = draw(st.integers(1, 3))
+        span = dilation * (width - 1) + 1
+        length = max(offset + span + stride * (draw(st.integers(1, 3)) - 1) - after, 1)
+        batch = tuple(draw(st.sampled_from([(), (2,), (2, 3), (0,), (1, 2)])))
+        kind = draw(st.sampled_from(["sum", "mean", "max", "filter"]))
+        features.add(f"{kind} over windows of batch dims {len(batch)}")
+        inputs = {"x": ("..., l", batch + (length,))}
+        padded = wrap(f"torch.nn.functional.pad(x, ({before}, {after}))")
+        # (a reference has no '...': narrow and a unfold of size 1 slice the last dim)
+        start = offset + before
+        windows_code = (f"{padded}.narrow(-1, {start}, {length + before + after - start}).unfold(-1, {span}, {stride})"
+                        f".unfold(-1, 1, {dilation}).squeeze(-1)")
+        read = f"{function}x[..., {subscript}]{')' if name else ''}"
+        if kind == "filter":
+            inputs["w"] = ("k", (width,))
+            equation = f"y[..., t] = sum({read} * w[k], k)"
+            reference = f"({windows_code} * w).sum(-1)"
+        else:
+            equation = f"y[..., t] = {kind}({read}, k)"
+            reference = windows_code + {"sum": ".sum(-1)", "mean": ".mean(-1)", "max": ".amax(-1)"}[kind]
+            extra.append(f"sizes = {{ k = {width} }}")
+        if before or after:
+            extra.append(f"pad = {{ x = {{ l = [{before}, {after}] }} }}")
+            features.add("pad")
+    elif family in ("window reduction", "convolution"):
         stride, dilation, before, after, offset, subscript = _window_read(draw)
         width = draw(st.integers(1, 3))
         n = size()
@@ -817,15 +886,19 @@ def index_cases(draw, known_bugs: frozenset[str] = KNOWN_BUGS, place_kinks=None)
             else:
                 equation = f"y[n, t] = {masked}({body}, k)"
                 reference = f"{scores}.{ {'logsumexp': 'logsumexp', 'max': 'amax', 'min': 'amin'}[masked] }(2)"
-    declarations = ", ".join(f'"{input_name}[{indices}]"' for input_name, (indices, _) in inputs.items())
+    declarations = ", ".join(f'"{input_name}[{indices}]"'
+                             for input_name, (indices, _) in [*inputs.items(), *integers.items()])
+    if integers:
+        extra.append(f"integer = [{', '.join(repr(n) for n in integers)}]".replace("'", '"'))
     lines = ["[ops.fuzzed]", f"inputs = [{declarations}]", f'equation = "{equation}"', f'reference = "{reference}"',
              *(e for e in extra if e)]
     toml = "\n".join(lines) + "\n"
     tensors = [values(input_name, shape) for input_name, (_, shape) in inputs.items()]
+    tensors += [value for _, value in integers.values()]
     if place_kinks is not None and draw(st.booleans()):
         tensors, placed = place_kinks(toml, tensors, generator)
         placements.extend(placed)
-    shapes = [s for _, shape in inputs.values() for s in shape]
+    shapes = [s for _, shape in inputs.values() for s in shape] + [s for _, v in integers.values() for s in v.shape]
     if 0 in shapes:
         features.add("size 0")
     if 1 in shapes:

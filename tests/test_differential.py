@@ -343,6 +343,7 @@ def test_generated_gradients_equal_autograd_on_random_specs():
 
 
 # The index families (spec_strategies.index_cases: windows with strides, dilations, pads and pad values, convolutions,
+# gathers of every form (several own dims, batch dims that broadcast), windows over any number of batch dims,
 # diagonals, size(d) as a value, index comparisons), as many specs as the campaign's third: one by default.
 INDEX_FUZZ = settings(FUZZ, max_examples=max(1, EXAMPLES // 3))
 
