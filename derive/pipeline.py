@@ -18,9 +18,10 @@ from .derivation import Derivation, derive
 from .kernels import fuse, spell
 from .lower import STYLES, LoweredOp, lower
 from .model import OpSpec, SpecError
+from .naming import FUSED
 from .optional import absent_sets, keep_optional, without
 from .plan import plan
-from .saving import read_output, save_steps
+from .saving import read_output, save_function_values, save_steps
 from .signature import Signature, backward_signature
 from .spec import line_of_op
 
@@ -30,7 +31,9 @@ class Built:
     """One op carried through every stage, kept for code, docs, explain and bench alike."""
 
     derivation: Derivation
-    lowered: dict[str, LoweredOp]     # style -> lowered op
+    # style -> lowered op: one per lowering (contraction, broadcast), and the fused style's (the contraction
+    # lowering of what it saves, saving.save_function_values; the contraction style's where it saves the same)
+    lowered: dict[str, LoweredOp]
     signatures: dict[str, Signature]  # style -> the backward's arguments, reads, saved tensors and sizes
     # the op with optional inputs None, one per set of them (optional.py): (those inputs, the op without them)
     variants: tuple[tuple[tuple[str, ...], "Built"], ...] = ()
@@ -55,13 +58,16 @@ def build_op(op: OpSpec, styles=STYLES, budget: float | None = DEFAULT_BUDGET, s
         stage[0] = "planning and lowering"
         spelled = spell(derivation) if "broadcast" in styles else None
         lowered = {style: lower(plan(fused if style == "contraction" else spelled), style) for style in styles}
-        signatures = {style: backward_signature(derivation, lowered[style]) for style in styles}
+        if "contraction" in styles:
+            compiled = save_function_values(fused)
+            lowered[FUSED] = lowered["contraction"] if compiled is fused else lower(plan(compiled), "contraction")
+        signatures = {style: backward_signature(derivation, lowered[style]) for style in lowered}
         variants = ()
         if op.optional:
             stage[0] = "deriving the op without its optional inputs"
             variants = tuple((absent, build_op(without(op, absent), styles, None, stage)) for absent in absent_sets(op))
             signatures = {style: keep_optional(op, signatures[style], [v.signatures[style] for _, v in variants])
-                          for style in styles}
+                          for style in lowered}
         return Built(derivation, lowered, signatures, variants)
 
 
