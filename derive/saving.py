@@ -433,12 +433,16 @@ def save_function_values(derivation: Derivation) -> Derivation:
     and reads inputs at plain indices, and that a gradient reads under any names of its free indices; not the
     whole result (`read_output` reads that). Plain formulas read it, so a double backward computes it again
     from the inputs (`recompute=True`). The contraction style recomputes them: an eager backward pays a few
-    kernels for them, and keeps half the memory (README, "Composite ops")."""
+    kernels for them, and keeps half the memory (README, "Composite ops"). The op's `saving` key: "recompute"
+    saves none, "save" every such value of one function or more."""
+    above = {"auto": FUSED_SAVE_ABOVE_FUNCTIONS, "save": 0}.get(derivation.op.saving)
+    if above is None:
+        return derivation
     forward = list(derivation.forward_terms)
     gradients = [list(g.terms) for g in derivation.gradients]
     found: list[tuple[sympy.Expr, tuple[sympy.Idx, ...]]] = []
     for factor in (f for t in forward for f in t.factors):
-        for value in _function_chains(factor, gradients):
+        for value in _function_chains(factor, gradients, above):
             if not any(_renaming(known, dims, value) is not None for known, dims in found) and \
                     not any(_renaming(v.expr, _value_dims(v.expr), value) is not None for v in derivation.saved):
                 found.append((value, _value_dims(value)))
@@ -469,11 +473,11 @@ def save_function_values(derivation: Derivation) -> Derivation:
                    gradients=tuple(replace(g, terms=reading(g.terms)) for g in derivation.gradients))
 
 
-def _function_chains(expr: sympy.Expr, gradients: list[list[Term]]):
-    """The largest subexpressions of `expr` that evaluate more than FUSED_SAVE_ABOVE_FUNCTIONS transcendental
-    functions elementwise and that a gradient reads."""
+def _function_chains(expr: sympy.Expr, gradients: list[list[Term]], above: int):
+    """The largest subexpressions of `expr` that evaluate more than `above` transcendental functions
+    elementwise and that a gradient reads."""
     if isinstance(expr, TRANSCENDENTAL) and _elementwise(expr) and \
-            sum(isinstance(n, TRANSCENDENTAL) for n in sympy.preorder_traversal(expr)) > FUSED_SAVE_ABOVE_FUNCTIONS:
+            sum(isinstance(n, TRANSCENDENTAL) for n in sympy.preorder_traversal(expr)) > above:
         dims = _value_dims(expr)
         if any(_renaming(expr, dims, e) is not None for terms in gradients for t in terms for f in t.factors
                for e in sympy.preorder_traversal(f) if isinstance(e, sympy.Basic) and e.func == expr.func):
@@ -481,7 +485,7 @@ def _function_chains(expr: sympy.Expr, gradients: list[list[Term]]):
             return
     for arg in expr.args:
         if isinstance(arg, sympy.Expr) and not isinstance(arg, sympy.Indexed):
-            yield from _function_chains(arg, gradients)
+            yield from _function_chains(arg, gradients, above)
 
 
 def _elementwise(expr: sympy.Expr) -> bool:

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")    # Inductor's o
 # only, beside a one-function factor of the input (saved over d, the sigmoid recomputed); one function alone
 # (nothing saved: cheaper recomputed); a chain that is the whole result (read from the output instead); two
 # chains of the same function at different arguments (two values, numbered); a chain inside a reduction's
-# body, whose gradient reads it at the input's indices.
+# body, whose gradient reads it at the input's indices; the `saving` key: "save" saves one function too,
+# "recompute" nothing.
 SPECS = """
 [ops.mish_like]
 inputs = ["x[...]"]
@@ -41,13 +42,24 @@ equation = "y[...] = tanh(exp(x[...]))"
 inputs = ["a[n, d]", "b[n, d]"]
 equation = "y[n, d] = a[n, d] * tanh(exp(a[n, d])) + b[n, d] * tanh(exp(2 * b[n, d]))"
 
+[ops.one_function_saved]
+inputs = ["a[...]", "b[...]"]
+saving = "save"
+equation = "y[...] = a[...] * erf(a[...]) * b[...]"
+
+[ops.chain_recomputed]
+inputs = ["x[...]"]
+saving = "recompute"
+equation = "y[...] = x[...] * tanh(softplus(x[...]))"
+
 [ops.summed_chain]
 inputs = ["x[n, d]"]
 equation = "loss[n] = sum(x[n, d] * log(1 + exp(cos(x[n, d]))), d)"
 """
 
 SAVED = {"mish_like": ["saved_tanh"], "gated_weight": ["saved_exp"], "one_function": [], "whole_chain": [],
-         "two_chains": ["saved_tanh_0", "saved_tanh_1"], "summed_chain": ["saved_softplus"]}
+         "two_chains": ["saved_tanh_0", "saved_tanh_1"], "summed_chain": ["saved_softplus"],
+         "one_function_saved": ["saved_erf"], "chain_recomputed": []}
 
 
 # Rendered by default (each op's derivation costs about a second of CPU); the rest under -m slow.
