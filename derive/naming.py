@@ -116,7 +116,6 @@ MODULE_STYLES = {style.name: style for style in (
     Style("broadcast", "broadcast/", "broadcast", compiled=False),
     Style("fused", "fused/", "contraction", compiled=True),
 )}
-FUSED = "fused"     # the compiled style, whose lowering saves more (pipeline.Built.lowered keeps it apart)
 ALL_STYLES = tuple(MODULE_STYLES)     # what `derive generate --style all` writes
 # The eager styles, one per lowering: what derive.lower prints and the tests sweep (the fused style prints the
 # contraction style's code; its compiled kernels are tested on their own, tests/test_fused.py).
