@@ -445,7 +445,7 @@ def save_function_values(derivation: Derivation) -> Derivation:
         for value in _function_chains(factor, gradients, above):
             if not any(_renaming(known, dims, value) is not None for known, dims in found) and \
                     not any(_renaming(v.expr, _value_dims(v.expr), value) is not None for v in derivation.saved):
-                found.append((value, _value_dims(value)))
+                found.append((value, _chain_dims(value)))
     if not found:
         return derivation
     taken = {v.name for v in derivation.saved}
@@ -486,6 +486,18 @@ def _function_chains(expr: sympy.Expr, gradients: list[list[Term]], above: int):
     for arg in expr.args:
         if isinstance(arg, sympy.Expr) and not isinstance(arg, sympy.Indexed):
             yield from _function_chains(arg, gradients, above)
+
+
+def _chain_dims(value: sympy.Expr) -> tuple[sympy.Idx, ...]:
+    """A chain's free indices in the order of its widest read (x[n, d] in tanh(x[n, d] + b[d])), where the
+    forward's broadcast computes it, the batch dims first."""
+    free = free_indices(value)
+    accesses = sorted(value.atoms(sympy.Indexed), key=lambda a: (-len({i.name for i in a.indices} & free),
+                                                                 sympy.default_sort_key(a)))
+    dims: list[sympy.Idx] = []
+    for access in accesses:
+        dims += [i for i in access.indices if i.name in free and i not in dims]
+    return tuple(sorted(dims, key=lambda i: i.name != naming.BATCH))
 
 
 def _elementwise(expr: sympy.Expr) -> bool:

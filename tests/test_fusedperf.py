@@ -20,7 +20,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")    # Inductor's o
 # (nothing saved: cheaper recomputed); a chain that is the whole result (read from the output instead); two
 # chains of the same function at different arguments (two values, numbered); a chain inside a reduction's
 # body, whose gradient reads it at the input's indices; the `saving` key: "save" saves one function too,
-# "recompute" nothing.
+# "recompute" nothing; a chain over a broadcast bias (an optional input), and one over a transposed read: saved
+# in the layout of its widest read, where the forward computes it.
 SPECS = """
 [ops.mish_like]
 inputs = ["x[...]"]
@@ -52,6 +53,15 @@ inputs = ["x[...]"]
 saving = "recompute"
 equation = "y[...] = x[...] * tanh(softplus(x[...]))"
 
+[ops.chain_with_bias]
+inputs = ["x[n, d]", "b[d]"]
+optional = { b = 0 }
+equation = "y[n, d] = (x[n, d] + b[d]) * tanh(softplus(x[n, d] + b[d]))"
+
+[ops.chain_transposed]
+inputs = ["x[n, d]", "z[d, n]"]
+equation = "y[n, d] = x[n, d] * tanh(exp(x[n, d] * z[d, n]))"
+
 [ops.summed_chain]
 inputs = ["x[n, d]"]
 equation = "loss[n] = sum(x[n, d] * log(1 + exp(cos(x[n, d]))), d)"
@@ -59,7 +69,8 @@ equation = "loss[n] = sum(x[n, d] * log(1 + exp(cos(x[n, d]))), d)"
 
 SAVED = {"mish_like": ["saved_tanh"], "gated_weight": ["saved_exp"], "one_function": [], "whole_chain": [],
          "two_chains": ["saved_tanh_0", "saved_tanh_1"], "summed_chain": ["saved_softplus"],
-         "one_function_saved": ["saved_erf"], "chain_recomputed": []}
+         "one_function_saved": ["saved_erf"], "chain_recomputed": [],
+         "chain_with_bias": ["saved_tanh"], "chain_transposed": ["saved_tanh"]}
 
 
 # Rendered by default (each op's derivation costs about a second of CPU); the rest under -m slow.
