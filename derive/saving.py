@@ -15,7 +15,8 @@ m = mean(x, R) and r = (e + mean((x - m)**2, R))**(-1/2), saves `saved_mean` and
 kernel's VJP (`save_normalization`), or for the formulas (`save_statistics`).
 
 Each function here is the `save` of a record in `kernels.KERNELS`: only the contraction style saves
-(it fuses); the broadcast style keeps every formula.
+(it fuses); the broadcast style keeps every formula. The fused style saves also the chains of transcendental
+functions its compiled backward would evaluate again (`save_function_values`, applied by pipeline.build_op).
 """
 
 from __future__ import annotations
