@@ -88,7 +88,7 @@ def modules(request, tmp_path_factory):
                            namespace=f"fusedperf_{folder.name}".replace("-", "_"))
     made = {}
     for op in catalog.ops:
-        for style, path in (("contraction", f"{op.name}.py"), ("fused", f"fused/{op.name}.py")):
+        for path in (f"{op.name}.py", f"fused/{op.name}.py"):
             (folder / path).parent.mkdir(exist_ok=True)
             (folder / path).write_text(files[path])
         made[op.name] = (op, load_module(folder / f"{op.name}.py"), load_module(folder / f"fused/{op.name}.py"))
