@@ -151,9 +151,9 @@ def module_file(built: Built, style: str, source: str, command: str, namespace: 
     """The relative path and stamped text of one op's module in one style (`inputs`: `planned`'s hashes)."""
     printed = MODULE_STYLES[style]      # (the fused style prints the contraction style's lowering)
     path = printed.directory + naming.module_file(built.op.name)
-    lowering = printed.lowering
-    variants = tuple((absent, v.derivation, v.lowered[lowering], v.signatures[lowering]) for absent, v in built.variants)
-    text = stamped(path, render_module(built.derivation, built.lowered[lowering], source, command, namespace,
-                                       built.signatures[lowering], variants, printed), inputs[path])
+    lowered, signature = built.printed(printed)    # the fused style's own, where it saves more
+    variants = tuple((absent, v.derivation, *v.printed(printed)) for absent, v in built.variants)
+    text = stamped(path, render_module(built.derivation, lowered, source, command, namespace,
+                                       signature, variants, printed), inputs[path])
     compile(text, path, "exec")    # a module that would not import is never written
     return path, text

@@ -18,9 +18,10 @@ from .derivation import Derivation, derive
 from .kernels import fuse, spell
 from .lower import STYLES, LoweredOp, lower
 from .model import OpSpec, SpecError
+from .naming import MODULE_STYLES, Style
 from .optional import absent_sets, keep_optional, without
 from .plan import plan
-from .saving import read_output, save_steps
+from .saving import read_output, save_function_values, save_steps
 from .signature import Signature, backward_signature
 from .spec import line_of_op
 
@@ -34,12 +35,22 @@ class Built:
     signatures: dict[str, Signature]  # style -> the backward's arguments, reads, saved tensors and sizes
     # the op with optional inputs None, one per set of them (optional.py): (those inputs, the op without them)
     variants: tuple[tuple[tuple[str, ...], "Built"], ...] = ()
+    # the compiled style's own lowering and signature, where it saves more than the contraction style
+    # (saving.save_function_values); None: it prints the contraction style's
+    fused: tuple[LoweredOp, Signature] | None = None
 
     @property
     def op(self) -> OpSpec:
         return self.derivation.op
 
+    def printed(self, style: Style) -> tuple[LoweredOp, Signature]:
+        """The lowered op and backward signature that a module style prints."""
+        if style.compiled and self.fused is not None:
+            return self.fused
+        return self.lowered[style.lowering], self.signatures[style.lowering]
 
+
+FUSED_STYLE = MODULE_STYLES["fused"]
 DEFAULT_BUDGET = 60.0    # CPU seconds of derivation per op; the spec limits keep every accepted spec well inside
 
 
@@ -62,7 +73,14 @@ def build_op(op: OpSpec, styles=STYLES, budget: float | None = DEFAULT_BUDGET, s
             variants = tuple((absent, build_op(without(op, absent), styles, None, stage)) for absent in absent_sets(op))
             signatures = {style: keep_optional(op, signatures[style], [v.signatures[style] for _, v in variants])
                           for style in styles}
-        return Built(derivation, lowered, signatures, variants)
+        compiled = save_function_values(fused) if "contraction" in styles else fused
+        if compiled is fused and not any(v.fused for _, v in variants):
+            return Built(derivation, lowered, signatures, variants)
+        fused_lowered = lowered["contraction"] if compiled is fused else lower(plan(compiled), "contraction")
+        signature = backward_signature(derivation, fused_lowered)
+        if variants:
+            signature = keep_optional(op, signature, [v.printed(FUSED_STYLE)[1] for _, v in variants])
+        return Built(derivation, lowered, signatures, variants, (fused_lowered, signature))
 
 
 class _OutOfTime(BaseException):

@@ -15,7 +15,8 @@ m = mean(x, R) and r = (e + mean((x - m)**2, R))**(-1/2), saves `saved_mean` and
 kernel's VJP (`save_normalization`), or for the formulas (`save_statistics`).
 
 Each function here is the `save` of a record in `kernels.KERNELS`: only the contraction style saves
-(it fuses); the broadcast style keeps every formula.
+(it fuses); the broadcast style keeps every formula. The fused style saves also the chains of transcendental
+functions its compiled backward would evaluate again (`save_function_values`, applied by pipeline.build_op).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from . import naming
 from .derivation import Derivation, Term, tensor_symbols
 from .functions import (Sum, Tied, _Extremum, _OverIndex, bound_indices, canonical, first_max, first_min_position,
                         first_position, fold_window, free_indices, log_softmax, logsumexp, one_hot, renamed_match,
-                        rewrite_log_softmax, softmax)
+                        rewrite_log_softmax, sigmoid, softmax, softplus)
 from .model import index_symbol, tensor_symbol
 
 
@@ -407,6 +408,109 @@ def _renaming(value: sympy.Expr, dims: tuple, candidate: sympy.Expr):
     if not isinstance(candidate, sympy.Expr) or candidate.func != value.func:
         return None
     return renamed_match(value, dims, candidate)
+
+
+# Chains of elementwise functions, for the fused style -----------------------------------------------
+
+# The functions whose evaluation is a transcendental kernel (a polynomial or rational approximation, tens of
+# flops an element): what a backward recomputing a forward value pays for, where its loads and stores are a
+# few bytes an element.
+TRANSCENDENTAL = (sympy.exp, sympy.log, sympy.erf, sympy.functions.elementary.hyperbolic.HyperbolicFunction,
+                  sympy.functions.elementary.trigonometric.TrigonometricFunction,
+                  sympy.functions.elementary.trigonometric.InverseTrigonometricFunction, sigmoid, softplus)
+# The fused style saves a value whose recompute evaluates more than this many of them: its backward is one
+# compiled loop whose loads cost little beside them (mish's tanh(softplus(x)), measured: the backward without
+# the chain is 0.7x torch.compile's step, which recomputes it), while one function (gelu's erf, silu's
+# sigmoid) is cheaper recomputed than stored and loaded (see README, "The fused style").
+FUSED_SAVE_ABOVE_FUNCTIONS = 1
+
+
+def save_function_values(derivation: Derivation) -> Derivation:
+    """The fused style's derivation: each forward value that a gradient reads again and whose recompute
+    evaluates a chain of more than FUSED_SAVE_ABOVE_FUNCTIONS transcendental functions of the inputs,
+    elementwise (mish's tanh(softplus(x))), saved by the forward as `saved_<function>` and read by both.
+
+    A value is the largest subexpression of a forward factor that applies such a function, holds no reduction
+    and reads inputs at plain indices, and that a gradient reads under any names of its free indices; not the
+    whole result (`read_output` reads that). Plain formulas read it, so a double backward computes it again
+    from the inputs (`recompute=True`). The contraction style recomputes them: an eager backward pays a few
+    kernels for them, and keeps half the memory (README, "Composite ops"). The op's `saving` key: "recompute"
+    saves none, "save" every such value of one function or more."""
+    above = {"auto": FUSED_SAVE_ABOVE_FUNCTIONS, "save": 0}.get(derivation.op.saving)
+    if above is None:
+        return derivation
+    forward = list(derivation.forward_terms)
+    gradients = [list(g.terms) for g in derivation.gradients]
+    found: list[tuple[sympy.Expr, tuple[sympy.Idx, ...]]] = []
+    for factor in (f for t in forward for f in t.factors):
+        for value in _function_chains(factor, gradients, above):
+            if not any(_renaming(known, dims, value) is not None for known, dims in found) and \
+                    not any(_renaming(v.expr, _value_dims(v.expr), value) is not None for v in derivation.saved):
+                found.append((value, _chain_dims(value)))
+    if not found:
+        return derivation
+    taken = {v.name for v in derivation.saved}
+    values, reads = [], []
+    for k, (value, dims) in enumerate(found):
+        stem = naming.SAVED_PREFIX + type(value).__name__.lower()
+        name = stem if [type(v) for v, _ in found].count(type(value)) == 1 and stem not in taken else f"{stem}_{k}"
+        values.append(SavedValue(name, value, tuple(i.name for i in dims)))
+        reads.append((value, dims, tensor_symbol(name)))
+
+    def read(expr: sympy.Expr) -> sympy.Expr:
+        for value, dims, saved in reads:
+            expr = expr.replace(lambda e: _renaming(value, dims, e) is not None,
+                                lambda e: saved[_renaming(value, dims, e)])
+        return expr
+
+    def reading(terms) -> tuple[Term, ...]:
+        return tuple(replace(t, factors=tuple(read(f) for f in t.factors)) for t in terms)
+
+    read_forward = reading(forward)
+    if len(read_forward) == 1 and not read_forward[0].summed and len(read_forward[0].factors) == 1 \
+            and read_forward[0].factors[0].func == sympy.Indexed:
+        return derivation      # the value is the result itself
+    return replace(derivation, forward_terms=read_forward, saved=derivation.saved + tuple(values),
+                   gradients=tuple(replace(g, terms=reading(g.terms)) for g in derivation.gradients))
+
+
+def _function_chains(expr: sympy.Expr, gradients: list[list[Term]], above: int):
+    """The largest subexpressions of `expr` that evaluate more than `above` transcendental functions
+    elementwise and that a gradient reads."""
+    if isinstance(expr, TRANSCENDENTAL) and _elementwise(expr) and \
+            sum(isinstance(n, TRANSCENDENTAL) for n in sympy.preorder_traversal(expr)) > above:
+        dims = _value_dims(expr)
+        if any(_renaming(expr, dims, e) is not None for terms in gradients for t in terms for f in t.factors
+               for e in sympy.preorder_traversal(f) if isinstance(e, sympy.Basic) and e.func == expr.func):
+            yield expr
+            return
+    for arg in expr.args:
+        if isinstance(arg, sympy.Expr) and not isinstance(arg, sympy.Indexed):
+            yield from _function_chains(arg, gradients, above)
+
+
+def _chain_dims(value: sympy.Expr) -> tuple[sympy.Idx, ...]:
+    """A chain's free indices in the order of its widest read (x[n, d] in tanh(x[n, d] + b[d])), where the
+    forward's broadcast computes it, the batch dims first."""
+    free = free_indices(value)
+    accesses = sorted(value.atoms(sympy.Indexed), key=lambda a: (-len({i.name for i in a.indices} & free),
+                                                                 sympy.default_sort_key(a)))
+    dims: list[sympy.Idx] = []
+    for access in accesses:
+        dims += [i for i in access.indices if i.name in free and i not in dims]
+    return tuple(sorted(dims, key=lambda i: i.name != naming.BATCH))
+
+
+def _elementwise(expr: sympy.Expr) -> bool:
+    """Whether `expr` is numbers, sums, products and powers of plain reads (every index a plain one) and of the
+    TRANSCENDENTAL functions: one loop over its dims computes it."""
+    for node in sympy.preorder_traversal(expr):
+        if isinstance(node, sympy.Indexed):
+            if not all(isinstance(i, sympy.Idx) for i in node.indices):
+                return False
+        elif isinstance(node, sympy.Function) and not isinstance(node, TRANSCENDENTAL):
+            return False
+    return True
 
 
 # Positions of a max(..., tie="first") -----------------------------------------------------------------
