@@ -174,7 +174,9 @@ def backward_arguments(op: OpSpec, module: ModuleType, inputs, output=None, **pa
     if saving is not None:
         output_again, *saved = saving(*inputs, **params)
         output = output_again if output is None else output
-    signature = next(s for s in built_op(op).signatures.values() if len(s.values) == len(saved))
+    built = built_op(op)
+    candidates = [*built.signatures.values(), *([built.fused[1]] if built.fused is not None else [])]
+    signature = next(s for s in candidates if len(s.values) == len(saved))
     values = {t.name: value for t, value in zip(op.inputs, inputs)} | dict(zip(signature.values, saved))
     if signature.uses_output:
         values[op.output] = output if output is not None else \

@@ -153,3 +153,20 @@ def test_compiled_the_saved_chain_gives_the_contraction_styles_gradients_and_a_n
     for size in (9, 30):
         step(fused, make_inputs(op, {"...": size}, torch.float64, seed=size))
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_derive_testing_finds_the_fused_styles_backward_arguments(modules):
+    """verify_op hands `<op>_backward` what `<op>_forward_saving` returns, by the signature that saves as many
+    values: the fused style's own (a saved chain) is one of them, as the other styles' are."""
+    from types import SimpleNamespace
+
+    from derive.testing import backward_arguments
+
+    name, (op, _, fused) = next((n, m) for n, m in modules.items() if saved_values(m[2], m[0]))
+    uncompiled = SimpleNamespace(**{f"{name}_forward_saving": getattr(fused, f"{name}_forward_saving").__wrapped__,
+                                    f"{name}_forward": getattr(fused, f"{name}_forward").__wrapped__})
+    inputs = make_inputs(op, {}, torch.float64)
+    arguments = backward_arguments(op, uncompiled, inputs)
+    parameters = [p for p in inspect.signature(getattr(fused, f"{name}_backward").__wrapped__).parameters
+                  if p != "needs_input_grad"]
+    assert len(arguments) == len(parameters) - 1     # all but grad_<out>
