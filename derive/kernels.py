@@ -59,7 +59,9 @@ class one_hot_log_softmax_backward(Fused):  # noqa: N801
 
 
 class _normalization_backward(Fused):
-    """One output (part 0: d/dx, 1: d/dweight) of a native normalization backward; `dims` are the normalized ones."""
+    """One output (part 0: d/dx, 1: d/dweight, 2: d/dbias) of a native normalization backward; `dims` are the
+    normalized ones. `weight` is 1 for part 0 (a weight in grad_out is passed to the kernel), the input
+    differentiated for parts 1 and 2 (the kernel gives its output that input's shape)."""
     nargs = 7    # part, grad_out, weight, x, mean, rstd, dims (a Tuple)
 
     def bound_index_names(self) -> set[str]:
@@ -117,6 +119,9 @@ class Kernel:
     # (op, forward terms reading the saved values, the saving) -> a native call computing the forward and the
     # saved values at once (NativeForward), or None
     native_forward: Callable | None = None
+    # a kernel with several outputs: (printer, grad_out text, weight, bias, x, mean, rstd, dims, layout, mask text)
+    # -> the call that returns them all, those the mask asks for (emit joins the gradients that are its outputs)
+    joint: Callable | None = None
 
     def comment(self, node: Fused, factor: sympy.Expr = sympy.S.One) -> tuple[str, ...]:
         return self.comments(node, factor) if self.comments else self.formulas
@@ -586,11 +591,18 @@ def _normalization_vjp(layout: NormLayout, node: type):
             rest = list(term.factors)
             centered = body - m
             summed = {i.name for i in body.indices} - {i.name for i in weight_dims}
+            name, wanted = like
+            h = sympy.Mul(*rest)
+            if {i.name for i in term.summed} == summed and not h.has(x) and not h.has(r.base) \
+                    and free_indices(h) == {i.name for i in body.indices} \
+                    and tuple(wanted) == tuple(i.name for i in weight_dims):
+                # a bias's gradient, sum of g over the dims the weight lacks: the kernel's third output
+                bias = tensor_symbol(name)[tuple(weight_dims)]
+                return [Term(term.coefficient, (node(2, h, bias, body, m, r, call_dims),), ())]
             if {i.name for i in term.summed} == summed and r in rest and centered in rest:
                 rest.remove(r)
                 rest.remove(centered)
                 h = sympy.Mul(*rest)
-                name, wanted = like
                 if not h.has(x) and tuple(wanted) == tuple(i.name for i in weight_dims):
                     weight = tensor_symbol(name)[tuple(weight_dims)]
                     return [Term(term.coefficient, (node(1, h, weight, body, m, r, call_dims),), ())]
@@ -635,22 +647,55 @@ def _print_norm(call):
         if weight == 1:
             grad, weight = _weight_out(grad, weight_dims)
         layout = tuple(i.name for i in x.indices)
-        text = call(printer, node, printer.text(grad, layout), "None" if weight is None else weight.base.label.name,
-                    x, mean, rstd, tuple(dims), layout)
-        return printer.placed(text, layout if part == 0 else tuple(i.name for i in weight_dims))
+        weights = ("None" if weight is None else weight.base.label.name, "None") if part != 2 \
+            else ("None", weight.base.label.name)
+        text = call(printer, printer.text(grad, layout), *weights, x, mean, rstd, tuple(dims), layout, _mask(part))
+        return printer.placed(f"{text}[{part}]", layout if part == 0 else tuple(i.name for i in weight_dims))
     return print_
 
 
 def _mask(part) -> str:
-    return ", ".join(str(part == k) for k in range(3))
+    return "[" + ", ".join(str(part == k) for k in range(3)) + "]"
 
 
-def _layer_norm_call(printer, node, grad, weight, x, mean, rstd, dims, layout):
+def joint_key(node: Fused, factor: sympy.Expr = sympy.S.One) -> tuple | None:
+    """What makes two outputs of a normalization kernel one call (the kernel, its grad_out, x, mean, rstd, dims),
+    or None for another kernel; with `joint_weights`, the weight and bias the call passes."""
+    if not isinstance(node, _normalization_backward):
+        return None
+    part, grad, weight, x, mean, rstd, dims = node.args
+    if part == 0 and weight == 1:
+        grad, _ = _weight_out(factor * grad, kernel_of(node).weight_dims(x.indices, tuple(dims)))
+    else:
+        grad = factor * grad
+    return type(node), grad, x, mean, rstd, dims
+
+
+def joint_weights(node: Fused, factor: sympy.Expr = sympy.S.One) -> tuple[int, sympy.Expr | None, sympy.Expr | None]:
+    """(part, the weight it passes or None, the bias it passes or None) of one output's call."""
+    part, grad, weight, x, _, _, dims = node.args
+    if part == 0:
+        return 0, _weight_out(factor * grad, kernel_of(node).weight_dims(x.indices, tuple(dims)))[1] \
+            if weight == 1 else weight, None
+    return (1, weight, None) if part == 1 else (2, None, weight)
+
+
+def joint_call(printer, node: Fused, factor: sympy.Expr, weight, bias, mask: str) -> str:
+    """The kernel's call that returns all its outputs (those `mask`, a list's text, asks for), for `node`'s arguments."""
+    part, grad, _, x, mean, rstd, dims = node.args
+    key = joint_key(node, factor)
+    layout = tuple(i.name for i in x.indices)
+    name = lambda t: "None" if t is None else t.base.label.name  # noqa: E731
+    return kernel_of(node).joint(printer, printer.text(key[1], layout), name(weight), name(bias), x, mean, rstd,
+                                 tuple(dims), layout, mask)
+
+
+def _layer_norm_call(printer, grad, weight, bias, x, mean, rstd, dims, layout, mask):
     # mean and rstd keep the normalized dims, as native_layer_norm returns them (vmap's rule needs it)
     name = x.base.label.name
     return (f"torch.ops.aten.native_layer_norm_backward({grad}, {name}, {name}.shape[-{len(dims)}:], "
-            f"{_detached(printer.text(mean, layout))}, {_detached(printer.text(rstd, layout))}, {weight}, None, "
-            f"[{_mask(node.args[0])}])[{node.args[0]}]")
+            f"{_detached(printer.text(mean, layout))}, {_detached(printer.text(rstd, layout))}, {weight}, {bias}, "
+            f"{mask})")
 
 
 def _detached(text: str) -> str:
@@ -659,12 +704,11 @@ def _detached(text: str) -> str:
     return f"{text}.detach()"
 
 
-def _batch_norm_call(printer, node, grad, weight, x, mean, rstd, dims, layout):
-    # training mode reads the saved mean and rstd (eps is only read in eval mode)
+def _batch_norm_call(printer, grad, weight, bias, x, mean, rstd, dims, layout, mask):
+    # training mode reads the saved mean and rstd (eps is only read in eval mode); the bias's gradient needs no bias
     name = x.base.label.name
     return (f"torch.ops.aten.native_batch_norm_backward({grad}, {name}, {weight}, None, None, "
-            f"{_detached(mean.base.label.name)}, {_detached(rstd.base.label.name)}, True, 0.0, [{_mask(node.args[0])}])"
-            f"[{node.args[0]}]")
+            f"{_detached(mean.base.label.name)}, {_detached(rstd.base.label.name)}, True, 0.0, {mask})")
 
 
 def _renamings(dims, candidates):
@@ -794,10 +838,12 @@ ONE_HOT_FORMULAS = (LOG_SOFTMAX_FORMULA,
                     "nll_loss_backward(v, y, t, reduction=2) = zeros like y, with -v at [i, t[i]]")
 LAYER_NORM_FORMULAS = ("native_layer_norm_backward(g, x, ..., w)[0] = rstd * (g w - mean(g w) - "
                        "xhat * mean(g w xhat)), xhat = (x - mean) * rstd",
-                       "native_layer_norm_backward(g, x, ...)[1] = sum over rows of g * xhat")
+                       "native_layer_norm_backward(g, x, ...)[1] = sum over rows of g * xhat",
+                       "native_layer_norm_backward(g, x, ...)[2] = sum over rows of g")
 BATCH_NORM_FORMULAS = ("native_batch_norm_backward(g, x, w, ...)[0] = rstd * (g w - mean(g w) - xhat * mean(g w xhat)) "
                        "over all dims but 1, xhat = (x - mean) * rstd",
-                       "native_batch_norm_backward(g, x, ...)[1] = sum over all dims but 1 of g * xhat")
+                       "native_batch_norm_backward(g, x, ...)[1] = sum over all dims but 1 of g * xhat",
+                       "native_batch_norm_backward(g, x, ...)[2] = sum over all dims but 1 of g")
 
 KERNELS: tuple[Kernel, ...] = (
     Kernel("threshold_backward", threshold_backward, _step(_threshold),
@@ -814,11 +860,11 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("nll_loss_backward", one_hot_log_softmax_backward, _scaled_pair(_one_hot_pair), _print_one_hot_vjp,
            ONE_HOT_FORMULAS, comments=_one_hot_comments, sizes=_one_hot_sizes),
     Kernel("native_layer_norm_backward", layer_norm_backward, _normalization_vjp(LAYER, layer_norm_backward),
-           _print_norm(_layer_norm_call), LAYER_NORM_FORMULAS,
+           _print_norm(_layer_norm_call), LAYER_NORM_FORMULAS, joint=_layer_norm_call,
            comments=lambda node, factor: (LAYER_NORM_FORMULAS[node.args[0]],), save=save_normalization,
            weight_dims=LAYER.weight_dims, needs_call=True, native_forward=_native_forward(LAYER)),
     Kernel("native_batch_norm_backward", batch_norm_backward, _normalization_vjp(BATCH_NORM, batch_norm_backward),
-           _print_norm(_batch_norm_call), BATCH_NORM_FORMULAS,
+           _print_norm(_batch_norm_call), BATCH_NORM_FORMULAS, joint=_batch_norm_call,
            comments=lambda node, factor: (BATCH_NORM_FORMULAS[node.args[0]],), save=save_normalization,
            weight_dims=BATCH_NORM.weight_dims, needs_call=True, native_forward=_native_forward(BATCH_NORM)),
     Kernel("normalization statistics", None, lambda terms, found, like: terms, None, (), save=save_statistics),
