@@ -20,7 +20,8 @@ from .layers import layer_context
 from .optional import condition, variant_name
 from .model import size_symbol
 from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, covered, tangent_reads, walk
-from .printing import (index_notation, joint_calls, kernel_comments, output_shape, python_tuple, render, render_expr,
+from .kernels import kernel_of
+from .printing import (fused_calls, index_notation, joint_calls, kernel_comments, output_shape, python_tuple, render, render_expr,
                        size_bindings, size_readers, sizes_used, uses_math)
 from .signature import Signature, backward_signature
 from .stamp import templates_dir
@@ -259,8 +260,15 @@ def _backward_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
         joined |= set(call.gradients)
     computed = [view for view in _cheap_first(gradients, list(lowered.gradients))
                 if gradients.index(view) not in joined]
+    fallback = None
+    if lowered.fallback is not None:
+        fallback = _backward_context(derivation, lowered.fallback, backward_signature(derivation, lowered.fallback))
+        names = sorted({kernel_of(call).name for call, _ in fused_calls(list(lowered.gradients))
+                        if not kernel_of(call).differentiable})
+        fallback = dict(fallback, sizes=[s for s in fallback["sizes"] if s not in signature.sizes],
+                        kernels=" and ".join(names) + (" have" if len(names) > 1 else " has"))
     return dict(name=naming.backward(op.name), grad_output=signature.grad_output, sizes=list(signature.sizes),
-                none_line=" = ".join(outputs) + " = None", joint=joint,
+                none_line=" = ".join(outputs) + " = None", joint=joint, fallback=fallback,
                 shared=_shared_blocks(signature), gradients=gradients, returns=python_tuple(returns),
                 computed=computed)
 

@@ -77,6 +77,10 @@ class batch_norm_backward(_normalization_backward):  # noqa: N801
     pass
 
 
+class group_norm_backward(_normalization_backward):  # noqa: N801
+    pass
+
+
 class cumsum(Fused):  # noqa: N801 - named like the kernel
     """sum over s of body[s] where s REL t, at t: a running sum along s, read at t (same size)."""
     nargs = 5    # body, s, t, reverse (1: s >= t), exclusive (1: strict)
@@ -122,6 +126,12 @@ class Kernel:
     # a kernel with several outputs: (printer, grad_out text, weight, bias, x, mean, rstd, dims, layout, mask text)
     # -> the call that returns them all, those the mask asks for (emit joins the gradients that are its outputs)
     joint: Callable | None = None
+    # False: the kernel has no derivative of its own (native_group_norm_backward). The backward calls it only where
+    # no graph is recorded (not torch.is_grad_enabled(), as torch's derivatives.yaml does for native_group_norm);
+    # a double backward takes the fallback, the gradients that the table without such records gives
+    differentiable: bool = True
+    # its saving stays only where the forward is its native call, with a weight (else the next records try)
+    native_only: bool = False
 
     def comment(self, node: Fused, factor: sympy.Expr = sympy.S.One) -> tuple[str, ...]:
         return self.comments(node, factor) if self.comments else self.formulas
@@ -132,8 +142,9 @@ class Kernel:
         return {hot.args[1].upper + 1 for hot in node.atoms(one_hot)}
 
 
-def fuse(derivation: Derivation) -> Derivation:
-    """The derivation with every match of the table's kernels fused, and the forward values they read saved."""
+def fuse(derivation: Derivation, differentiable_only: bool = False) -> Derivation:
+    """The derivation with every match of the table's kernels fused, and the forward values they read saved;
+    `differentiable_only` leaves out the records of kernels without a derivative (the fallback of their calls)."""
     forward = list(derivation.forward_terms)
     gradients = [list(g.terms) for g in derivation.gradients]
     tangents = [list(t.terms) for t in derivation.tangents]
@@ -141,13 +152,16 @@ def fuse(derivation: Derivation) -> Derivation:
     saved: list[SavedValue] = []
     native = native_terms = None
     for kernel in KERNELS:
+        if differentiable_only and not kernel.differentiable:
+            continue
         tangents = [kernel.fuse(terms, (), None) for terms in tangents]
         forward = kernel.fuse(forward, (), None) if kernel.forward else forward
         saving = kernel.save(forward, gradients) if kernel.save and worth_saving(derivation.op, kernel.save) else None
         reading_forward, reading = (saving.forward, saving.gradients) if saving else (forward, gradients)
         fused = [kernel.fuse(terms, saving.found if saving else (), like) for terms, like in zip(reading, likes)]
         if saving and (_read_outside_kernels(fused, saving.values) or kernel.needs_call and not any(
-                f.atoms(kernel.node) for terms in fused for t in terms for f in t.factors)):
+                f.atoms(kernel.node) for terms in fused for t in terms for f in t.factors)
+                or kernel.native_only and not _weighted_native(kernel, derivation.op, reading_forward, saving, saved)):
             fused = [kernel.fuse(terms, (), like) for terms, like in zip(gradients, likes)]
             saving, reading_forward = None, forward       # the formulas stay, reading no saved value
         if saving and kernel.needs_call and not _read_outside_kernels(
@@ -164,6 +178,23 @@ def fuse(derivation: Derivation) -> Derivation:
     return replace(derivation, forward_terms=tuple(forward), saved=tuple(saved), native_forward=native,
                    gradients=tuple(replace(g, terms=tuple(terms)) for g, terms in zip(derivation.gradients, gradients)),
                    tangents=tuple(replace(t, terms=tuple(terms)) for t, terms in zip(derivation.tangents, tangents)))
+
+
+def undifferentiable(derivation: Derivation) -> bool:
+    """Whether a gradient calls a kernel without a derivative of its own (`Kernel.differentiable`)."""
+    return any(not kernel_of(call).differentiable for g in derivation.gradients for t in g.terms
+               for f in t.factors for call in f.atoms(Fused))
+
+
+def with_fallback(fused: Derivation, fallback: Derivation) -> Derivation | None:
+    """`fused`, whose calls of kernels without a derivative need `fallback` in a double backward, with each saved
+    value the fallback's formulas read marked to be computed again there (a native forward then computes it, with
+    its graph: native_group_norm's mean and rstd have one); None when the fallback saves a value `fused` lacks."""
+    mine = {v.name: v for v in fused.saved}
+    if any(v.name not in mine or replace(mine[v.name], recompute=v.recompute) != v for v in fallback.saved):
+        return None
+    again = {v.name for v in fallback.saved if v.recompute}
+    return replace(fused, saved=tuple(replace(v, recompute=v.recompute or v.name in again) for v in fused.saved))
 
 
 def spell(derivation: Derivation) -> Derivation:
@@ -188,6 +219,13 @@ def _softmax_formula(call: "softmax_backward") -> sympy.Expr:
     g, y, c = call.args
     other = fresh_index(c, {i.name for i in call.atoms(sympy.Idx)})
     return y * (g - Sum(g.xreplace({c: other}) * y.xreplace({c: other}), (other, 0, other.upper)))
+
+
+def _weighted_native(kernel: "Kernel", op, forward: list[Term], saving: Saving, saved: list) -> bool:
+    """Whether the forward is the record's native call with a weight, and saves nothing else."""
+    native = None if saved else kernel.native_forward(op, forward, replace(
+        saving, values=tuple(replace(v, recompute=False) for v in saving.values)))
+    return native is not None and native.weight is not None
 
 
 def _read_outside_kernels(gradients: list[list[Term]], values: tuple[SavedValue, ...]) -> bool:
@@ -482,9 +520,9 @@ class NormLayout:
 
     applies: Callable[[tuple, tuple], bool]           # (x's indices, normalized dims) -> whether the kernel fits
     weight_dims: Callable[[tuple, tuple], tuple]      # (x's indices, normalized dims) -> the weight's dims
-    # (x, weight or "None", bias or "None", eps, number of normalized dims) -> the forward's native call, which
-    # returns (y, mean, rstd), mean and rstd over the kept dims of x, in x's order ...
-    forward_call: Callable[[str, str, str, str, int], str] | None = None
+    # (x, weight or "None", bias or "None", eps, number of normalized dims, x's rank) -> the forward's native call,
+    # which returns (y, mean, rstd), mean and rstd over the kept dims of x, in x's order ...
+    forward_call: Callable[[str, str, str, str, int, int], str] | None = None
     # ... once viewed as (x, number of normalized dims) -> this suffix says ("": as they come)
     statistics_view: Callable[[str, int], str] = lambda x, k: ""
 
@@ -494,13 +532,35 @@ class NormLayout:
 # through it, so a group norm takes the formulas.)
 LAYER = NormLayout(lambda xs, dims: tuple(xs[-len(dims):]) == tuple(dims) and len(xs) > len(dims),
                    lambda xs, dims: tuple(dims),
-                   lambda x, w, b, eps, k: f"torch.native_layer_norm({x}, {x}.shape[-{k}:], {w}, {b}, {eps})",
+                   lambda x, w, b, eps, k, rank: f"torch.native_layer_norm({x}, {x}.shape[-{k}:], {w}, {b}, {eps})",
                    # native_layer_norm keeps the normalized dims in mean and rstd, as 1s: viewed without them
                    lambda x, k: f".view({x}.shape[:-{k}])")
 BATCH_NORM = NormLayout(lambda xs, dims: len(xs) >= 2 and BATCH not in xs and set(dims) == set(xs) - {xs[1]},
                         lambda xs, dims: (xs[1],),
                         # training mode: the batch statistics, returned as mean and 1 / sqrt(var + eps)
-                        lambda x, w, b, eps, k: f"torch.native_batch_norm({x}, {w}, {b}, None, None, True, 0.0, {eps})")
+                        lambda x, w, b, eps, k, rank: f"torch.native_batch_norm({x}, {w}, {b}, None, None, True, 0.0, {eps})")
+
+
+def _group_sizes(x: str, k: int, rank: int) -> tuple[str, str, str, str]:
+    """native_group_norm's N, C, HxW and group of x[*lead, g, c, *rest] normalized over its last k dims (c, *rest):
+    x seen as (N, G*C, HxW), which it is in memory."""
+    lead = rank - k - 1
+    n = "1" if lead == 0 else f"{x}.shape[0]" if lead == 1 else f"{x}.shape[:{lead}].numel()"
+    rest = "1" if k == 1 else f"{x}.shape[{lead + 2}]" if k == 2 else f"{x}.shape[{lead + 2}:].numel()"
+    return n, f"{x}.shape[{lead}] * {x}.shape[{lead + 1}]", rest, f"{x}.shape[{lead}]"
+
+
+# group norm: x[*lead, g, c, *rest] over (c, *rest), the weight over (g, c): torch's group norm of x seen as
+# (N, G*C, HxW) with the weight flattened. Its forward returns mean and rstd over (N, G), viewed as x's lead and g.
+GROUP = NormLayout(lambda xs, dims: len(xs) >= len(dims) + 1 and BATCH not in xs and tuple(xs[-len(dims):]) == tuple(dims),
+                   lambda xs, dims: (xs[-len(dims) - 1], xs[-len(dims)]),
+                   lambda x, w, b, eps, k, rank: (
+                       f"torch.native_group_norm({x}, {_flat(w)}, {_flat(b)}, {', '.join(_group_sizes(x, k, rank))}, {eps})"),
+                   lambda x, k: f".view({x}.shape[:-{k}])")
+
+
+def _flat(name: str) -> str:
+    return name if name == "None" else f"{name}.flatten()"
 
 
 @dataclass(frozen=True)
@@ -514,10 +574,12 @@ class NativeForward:
     bias: str | None
     eps: sympy.Expr              # index-free: the constant added to the variance
     dims: int                    # how many dims are normalized
+    rank: int                    # how many x has
 
     def call(self, text: Callable[[sympy.Expr], str]) -> str:
         """The call, given the printer of an index-free expression (eps)."""
-        return self.layout.forward_call(self.x, self.weight or "None", self.bias or "None", text(self.eps), self.dims)
+        return self.layout.forward_call(self.x, self.weight or "None", self.bias or "None", text(self.eps), self.dims,
+                                        self.rank)
 
     @property
     def view(self) -> str:
@@ -563,7 +625,7 @@ def _native_forward(layout: NormLayout):
         eps = rstd.expr.base.as_independent(sympy.Sum, as_Add=True)[0]
         if eps.atoms(sympy.Indexed) or free_indices(eps):
             return None
-        return NativeForward(layout, x, weight, bias, eps, len(dims))
+        return NativeForward(layout, x, weight, bias, eps, len(dims), len(body.indices))
     return match
 
 
@@ -711,6 +773,17 @@ def _batch_norm_call(printer, grad, weight, bias, x, mean, rstd, dims, layout, m
             f"{_detached(mean.base.label.name)}, {_detached(rstd.base.label.name)}, True, 0.0, {mask})")
 
 
+def _group_norm_call(printer, grad, weight, bias, x, mean, rstd, dims, layout, mask):
+    # the weight as it is, (g, c): the kernel gives d/dweight and d/dbias that shape (and needs it for either)
+    name = x.base.label.name
+    weight = bias if weight == "None" else weight    # d/dbias alone: the kernel reads only its shape, (g, c)
+    sizes = ", ".join(_group_sizes(name, len(dims), len(layout)))
+    lead = len(layout) - len(dims) - 1
+    flat = "" if lead == 1 else ".reshape(1, -1)" if lead == 0 else f".flatten(0, {lead - 1})"
+    return (f"torch.ops.aten.native_group_norm_backward({grad}, {name}, {_detached(mean.base.label.name + flat)}, "
+            f"{_detached(rstd.base.label.name + flat)}, {weight}, {sizes}, {mask})")
+
+
 def _renamings(dims, candidates):
     """Each map of the dims to distinct `candidates` of the same sizes."""
     if not dims:
@@ -845,6 +918,11 @@ BATCH_NORM_FORMULAS = ("native_batch_norm_backward(g, x, w, ...)[0] = rstd * (g 
                        "native_batch_norm_backward(g, x, ...)[1] = sum over all dims but 1 of g * xhat",
                        "native_batch_norm_backward(g, x, ...)[2] = sum over all dims but 1 of g")
 
+GROUP_NORM_FORMULAS = ("native_group_norm_backward(g, x, ..., w)[0] = rstd * (g w - mean(g w) - xhat * mean(g w xhat)) "
+                       "over each group, xhat = (x - mean) * rstd",
+                       "native_group_norm_backward(g, x, ...)[1] = sum over all dims but (g, c) of g * xhat",
+                       "native_group_norm_backward(g, x, ...)[2] = sum over all dims but (g, c) of g")
+
 KERNELS: tuple[Kernel, ...] = (
     Kernel("threshold_backward", threshold_backward, _step(_threshold),
            _print_step("torch.ops.aten.threshold_backward"),
@@ -859,6 +937,11 @@ KERNELS: tuple[Kernel, ...] = (
            _print_vjp("torch._log_softmax_backward_data"), (LOG_SOFTMAX_FORMULA,), save=save_forward_values),
     Kernel("nll_loss_backward", one_hot_log_softmax_backward, _scaled_pair(_one_hot_pair), _print_one_hot_vjp,
            ONE_HOT_FORMULAS, comments=_one_hot_comments, sizes=_one_hot_sizes),
+    Kernel("native_group_norm_backward", group_norm_backward, _normalization_vjp(GROUP, group_norm_backward),
+           _print_norm(_group_norm_call), GROUP_NORM_FORMULAS, joint=_group_norm_call,
+           comments=lambda node, factor: (GROUP_NORM_FORMULAS[node.args[0]],), save=save_normalization,
+           weight_dims=GROUP.weight_dims, needs_call=True, native_forward=_native_forward(GROUP),
+           differentiable=False, native_only=True),
     Kernel("native_layer_norm_backward", layer_norm_backward, _normalization_vjp(LAYER, layer_norm_backward),
            _print_norm(_layer_norm_call), LAYER_NORM_FORMULAS, joint=_layer_norm_call,
            comments=lambda node, factor: (LAYER_NORM_FORMULAS[node.args[0]],), save=save_normalization,

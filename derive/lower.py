@@ -184,6 +184,8 @@ class LoweredOp:
     tangents: tuple[LoweredExpr, ...] = ()    # forward mode: each differentiable input's share of tangent_y
     tangent_shared: tuple[Shared, ...] = ()   # the same for the tangents (users: positions of the inputs)
     saved: tuple[Node, ...] = ()       # each value the forward saves (plan.saved), its contractions lowered
+    # the gradients where a graph is recorded (a double backward), when these call a kernel without a derivative
+    fallback: "LoweredOp | None" = None
 
 
 def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
