@@ -37,6 +37,10 @@ class Fused(sympy.Function):
         """Indices the call sums away (its free indices leave them out)."""
         return set()
 
+    def shape_only(self) -> set[sympy.Indexed]:
+        """Arguments the call reads for their shape alone (a Function keeps their shapes, not them)."""
+        return set()
+
 
 class threshold_backward(Fused):  # noqa: N801 - named like the kernel
     nargs = 3    # g, x, threshold
@@ -63,6 +67,9 @@ class _normalization_backward(Fused):
     normalized ones. `weight` is 1 for part 0 (a weight in grad_out is passed to the kernel), the input
     differentiated for parts 1 and 2 (the kernel gives its output that input's shape)."""
     nargs = 7    # part, grad_out, weight, x, mean, rstd, dims (a Tuple)
+
+    def shape_only(self) -> set[sympy.Indexed]:
+        return {self.args[2]} if self.args[0] == 2 else set()     # d/dbias: the kernel makes it the bias's shape
 
     def bound_index_names(self) -> set[str]:
         part, _, _, x, _, _, dims = self.args

@@ -22,7 +22,7 @@ import sympy
 from . import naming
 from .derivation import depends_on_tensor, expand_terms, tensor_symbols
 from .functions import atoms_of, fold_window, in_range, one_hot, renamed_match, window
-from .kernels import one_hot_by_rows
+from .kernels import Fused, one_hot_by_rows
 from .naming import BATCH, STYLES
 from .plan import ExprPlan, OpPlan, TermPlan, as_windows, contraction_plan, free_indices, ordered
 from .model import exact_fraction, is_python_number, size_symbol, tensor_symbol
@@ -941,8 +941,11 @@ def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...], shapes:
                 elif isinstance(node, Convolution):
                     leaves += [Leaf(node.source, ()), Leaf(node.kernel, ())]
     for leaf in leaves:
-        names |= {a.base.label.name for a in atoms_of(leaf.expr, sympy.Indexed)}
-        names |= {s.name for s in leaf.expr.free_symbols}
+        expr = leaf.expr if shapes else leaf.expr.xreplace(
+            {call: call.func(*[sympy.S.Zero if a in call.shape_only() else a for a in call.args])
+             for call in atoms_of(leaf.expr, Fused) if call.shape_only()})
+        names |= {a.base.label.name for a in atoms_of(expr, sympy.Indexed)}
+        names |= {s.name for s in expr.free_symbols}
     return names
 
 
