@@ -166,6 +166,7 @@ def fuse(derivation: Derivation, differentiable_only: bool = False) -> Derivatio
         saving = kernel.save(forward, gradients) if kernel.save and worth_saving(derivation.op, kernel.save) else None
         reading_forward, reading = (saving.forward, saving.gradients) if saving else (forward, gradients)
         fused = [kernel.fuse(terms, saving.found if saving else (), like) for terms, like in zip(reading, likes)]
+        fused = [_bias_with_weight(terms, unfused, fused) for terms, unfused in zip(fused, reading)]
         if saving and (_read_outside_kernels(fused, saving.values) or kernel.needs_call and not any(
                 f.atoms(kernel.node) for terms in fused for t in terms for f in t.factors)
                 or kernel.native_only and not _weighted_native(kernel, derivation.op, reading_forward, saving, saved)):
@@ -226,6 +227,17 @@ def _softmax_formula(call: "softmax_backward") -> sympy.Expr:
     g, y, c = call.args
     other = fresh_index(c, {i.name for i in call.atoms(sympy.Idx)})
     return y * (g - Sum(g.xreplace({c: other}) * y.xreplace({c: other}), (other, 0, other.upper)))
+
+
+def _bias_with_weight(terms: list[Term], unfused: list[Term], gradients: list[list[Term]]) -> list[Term]:
+    """A normalization kernel's d/dbias stays a kernel output only where its call has a weight (from d/dx's g, or
+    the weight's own gradient): without one, torch's double backward of the kernel drops the bias's share."""
+    calls = [f for t in terms for f in t.factors if isinstance(f, _normalization_backward) and f.args[0] == 2]
+    if not calls:
+        return terms
+    weights = [joint_weights(f)[1] for g in gradients for t in g for f in t.factors
+               if isinstance(f, _normalization_backward) and f.args[0] != 2]
+    return terms if any(w is not None for w in weights) else unfused
 
 
 def _weighted_native(kernel: "Kernel", op, forward: list[Term], saving: Saving, saved: list) -> bool:
