@@ -228,10 +228,10 @@ def _native_forward(derivation: Derivation, lowered: LoweredOp, values: list[str
     if native is None or lowered.style == "broadcast":
         return None
     call = native.call(lambda expr: render(Leaf(expr, ())).text)
-    if not native.view:
+    if not native.view and not native.output_view:
         return dict(call=call, targets="", returns=call)
     return dict(call=call, targets=", ".join([derivation.op.output] + values),
-                returns=", ".join([derivation.op.output] + [name + native.view for name in values]))
+                returns=", ".join([derivation.op.output + native.output_view] + [name + native.view for name in values]))
 
 
 @_per_lowering
@@ -256,6 +256,8 @@ def _backward_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
         joint.append(dict(condition=" or ".join(f"needs_input_grad[{view.position}]" for view in members),
                           comments=call.comments, shared=[s for view in members for s in view.shared],
                           targets=", ".join(targets.get(k, "_") for k in range(max(call.outputs) + 1)),
+                          views=[(view.position, view.target, view.target + suffix)
+                                 for view, suffix in zip(members, call.views) if suffix],
                           call=call.call if max(call.outputs) == 2 else f"{call.call}[:{max(call.outputs) + 1}]"))
         joined |= set(call.gradients)
     computed = [view for view in _cheap_first(gradients, list(lowered.gradients))

@@ -137,6 +137,8 @@ class Kernel:
     # no graph is recorded (not torch.is_grad_enabled(), as torch's derivatives.yaml does for native_group_norm);
     # a double backward takes the fallback, the gradients that the table without such records gives
     differentiable: bool = True
+    # (output, x, normalized dims) -> the suffix that views that output of a joint kernel as its gradient ("": none)
+    output_view: Callable[[int, sympy.Indexed, tuple], str] = lambda part, x, dims: ""
     # its saving stays only where the forward is its native call, with a weight (else the next records try)
     native_only: bool = False
 
@@ -544,6 +546,8 @@ class NormLayout:
     forward_call: Callable[[str, str, str, str, int, int], str] | None = None
     # ... once viewed as (x, number of normalized dims) -> this suffix says ("": as they come)
     statistics_view: Callable[[str, int], str] = lambda x, k: ""
+    # and its result viewed as x's shape, x -> this suffix ("": it has it)
+    output_view: Callable[[str], str] = lambda x: ""
 
 
 # layer norm: the normalized dims trail x, the weight has them; batch norm: all dims but dim 1 (the channel, which
@@ -574,12 +578,22 @@ def _group_sizes(x: str, k: int, rank: int) -> tuple[str, str, str, str]:
 GROUP = NormLayout(lambda xs, dims: len(xs) >= len(dims) + 1 and BATCH not in xs and tuple(xs[-len(dims):]) == tuple(dims),
                    lambda xs, dims: (xs[-len(dims) - 1], xs[-len(dims)]),
                    lambda x, w, b, eps, k, rank: (
-                       f"torch.native_group_norm({x}, {_flat(w)}, {_flat(b)}, {', '.join(_group_sizes(x, k, rank))}, {eps})"),
-                   lambda x, k: f".view({x}.shape[:-{k}])")
+                       f"torch.native_group_norm({_channels(x, k, rank)}, {_flat(w)}, {_flat(b)}, "
+                       f"{', '.join(_group_sizes(x, k, rank))}, {eps})"),
+                   lambda x, k: f".view({x}.shape[:-{k}])",
+                   lambda x: f".view({x}.shape)")
 
 
 def _flat(name: str) -> str:
+    """A weight over (g, c) as the kernels take it, over g * c channels (torch.compile's shape rules insist)."""
     return name if name == "None" else f"{name}.flatten()"
+
+
+def _channels(x: str, k: int, rank: int) -> str:
+    """x[*lead, g, c, *rest] as (N, G*C, *rest), the layout whose dim 1 torch.compile's native_group_norm wants."""
+    lead = rank - k - 1
+    merged = f"{x}.flatten({lead}, {lead + 1})"
+    return merged if lead == 1 else f"{merged}.unsqueeze(0)" if lead == 0 else f"{merged}.flatten(0, {lead - 1})"
 
 
 @dataclass(frozen=True)
@@ -604,6 +618,11 @@ class NativeForward:
     def view(self) -> str:
         """What the call's mean and rstd are viewed as to be the saved values ("" for as they come)."""
         return self.layout.statistics_view(self.x, self.dims)
+
+    @property
+    def output_view(self) -> str:
+        """What the call's result is viewed as to be the op's ("" for as it comes)."""
+        return self.layout.output_view(self.x)
 
 
 def _native_forward(layout: NormLayout):
@@ -731,7 +750,8 @@ def _print_norm(call):
         weights = ("None" if weight is None else weight.base.label.name, "None") if part != 2 \
             else ("None", weight.base.label.name)
         text = call(printer, printer.text(grad, layout), *weights, x, mean, rstd, tuple(dims), layout, _mask(part))
-        return printer.placed(f"{text}[{part}]", layout if part == 0 else tuple(i.name for i in weight_dims))
+        text = f"{text}[{part}]{kernel_of(node).output_view(part, x, tuple(dims))}"
+        return printer.placed(text, layout if part == 0 else tuple(i.name for i in weight_dims))
     return print_
 
 
@@ -793,14 +813,20 @@ def _batch_norm_call(printer, grad, weight, bias, x, mean, rstd, dims, layout, m
 
 
 def _group_norm_call(printer, grad, weight, bias, x, mean, rstd, dims, layout, mask):
-    # the weight as it is, (g, c): the kernel gives d/dweight and d/dbias that shape (and needs it for either)
+    # the kernel gives d/dweight and d/dbias the weight's shape, over g * c (and needs the weight for either)
     name = x.base.label.name
-    weight = bias if weight == "None" else weight    # d/dbias alone: the kernel reads only its shape, (g, c)
+    weight = _flat(bias if weight == "None" else weight)    # d/dbias alone: the kernel reads only its shape
     sizes = ", ".join(_group_sizes(name, len(dims), len(layout)))
     lead = len(layout) - len(dims) - 1
     flat = "" if lead == 1 else ".reshape(1, -1)" if lead == 0 else f".flatten(0, {lead - 1})"
     return (f"torch.ops.aten.native_group_norm_backward({grad}, {name}, {_detached(mean.base.label.name + flat)}, "
             f"{_detached(rstd.base.label.name + flat)}, {weight}, {sizes}, {mask})")
+
+
+def _group_weight_view(part: int, x: sympy.Indexed, dims: tuple) -> str:
+    """d/dweight and d/dbias of native_group_norm_backward, over g * c, viewed as (g, c)."""
+    lead = len(x.indices) - len(dims) - 1
+    return "" if part == 0 else f".view({x.base.label.name}.shape[{lead}:{lead + 2}])"
 
 
 def _renamings(dims, candidates):
@@ -960,7 +986,7 @@ KERNELS: tuple[Kernel, ...] = (
            _print_norm(_group_norm_call), GROUP_NORM_FORMULAS, joint=_group_norm_call,
            comments=lambda node, factor: (GROUP_NORM_FORMULAS[node.args[0]],), save=save_normalization,
            weight_dims=GROUP.weight_dims, needs_call=True, native_forward=_native_forward(GROUP),
-           differentiable=False, native_only=True),
+           differentiable=False, native_only=True, output_view=_group_weight_view),
     Kernel("native_layer_norm_backward", layer_norm_backward, _normalization_vjp(LAYER, layer_norm_backward),
            _print_norm(_layer_norm_call), LAYER_NORM_FORMULAS, joint=_layer_norm_call,
            comments=lambda node, factor: (LAYER_NORM_FORMULAS[node.args[0]],), save=save_normalization,

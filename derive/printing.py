@@ -1289,6 +1289,7 @@ class JointCall:
     gradients: tuple[int, ...]     # the gradients' places in the list given, in the order of ...
     outputs: tuple[int, ...]       # ... the kernel output each is
     call: str                      # the call, with a mask of the outputs wanted from the needs_input_grad flags
+    views: tuple[str, ...]         # what views each output as its gradient ("": none)
     comments: tuple[str, ...]      # what each of those outputs is, from the record
 
 
@@ -1310,7 +1311,7 @@ def joint_calls(exprs: list[LoweredExpr], flags: list[int]) -> list[JointCall]:
         part, weight, bias = joint_weights(leaf.expr, factor)
         mask = "[" + ", ".join(str(k == part) for k in range(3)) + "]"
         alone = joint_call(printer, leaf.expr, factor, weight, bias, mask)
-        if render_expr(expr) != f"{alone}[{part}]":
+        if render_expr(expr) != f"{alone}[{part}]{kernel_of(leaf.expr).output_view(part, leaf.expr.args[3], tuple(leaf.expr.args[6]))}":
             continue        # the output is placed or reshaped on its way to the gradient
         groups.setdefault(key, []).append((position, leaf.expr, factor, leaf))
     joint = []
@@ -1325,6 +1326,8 @@ def joint_calls(exprs: list[LoweredExpr], flags: list[int]) -> list[JointCall]:
         mask = "[" + ", ".join(f"needs_input_grad[{flags[parts[k][0]]}]" if k in parts else "False" for k in range(3)) + "]"
         joint.append(JointCall(tuple(parts[k][0] for k in sorted(parts)), tuple(sorted(parts)),
                                joint_call(printer, node, factor, next(iter(weights), None), bias, mask),
+                               tuple(kernel_of(node).output_view(k, node.args[3], tuple(node.args[6]))
+                                     for k in sorted(parts)),
                                comments([(parts[k][1], parts[k][2]) for k in sorted(parts)])))
     return joint
 
