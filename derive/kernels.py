@@ -551,8 +551,7 @@ class NormLayout:
 
 
 # layer norm: the normalized dims trail x, the weight has them; batch norm: all dims but dim 1 (the channel, which
-# the weight has). (native_group_norm_backward has no derivative of its own: a double backward could not go
-# through it, so a group norm takes the formulas.)
+# the weight has). (A group norm, GROUP below, comes first in the table: its x also has trailing normalized dims.)
 LAYER = NormLayout(lambda xs, dims: tuple(xs[-len(dims):]) == tuple(dims) and len(xs) > len(dims),
                    lambda xs, dims: tuple(dims),
                    lambda x, w, b, eps, k, rank: f"torch.native_layer_norm({x}, {x}.shape[-{k}:], {w}, {b}, {eps})",
@@ -783,7 +782,7 @@ def joint_weights(node: Fused, factor: sympy.Expr = sympy.S.One) -> tuple[int, s
 
 def joint_call(printer, node: Fused, factor: sympy.Expr, weight, bias, mask: str) -> str:
     """The kernel's call that returns all its outputs (those `mask`, a list's text, asks for), for `node`'s arguments."""
-    part, grad, _, x, mean, rstd, dims = node.args
+    _, _, _, x, mean, rstd, dims = node.args
     key = joint_key(node, factor)
     layout = tuple(i.name for i in x.indices)
     name = lambda t: "None" if t is None else t.base.label.name  # noqa: E731
