@@ -110,7 +110,7 @@ def test_a_batch_norm_backward_is_one_native_call_for_all_three_gradients():
 
 def test_a_group_norm_runs_native_group_norm_and_falls_back_in_a_double_backward():
     op = spec("norm_group", "x[n, g, c, l]", "c, l", "w[g, c]", "b[g, c]")
-    assert "torch.native_group_norm(x, w.flatten(), b.flatten()" in op.source
+    assert "torch.native_group_norm(x.flatten(1, 2), w.flatten(), b.flatten()" in op.source
     text = backward_text(op)
     native, fallback = text.split("return (grad_x, grad_w, grad_b)", 1)
     assert "if not torch.is_grad_enabled():" in native
@@ -201,3 +201,28 @@ def test_other_normalizations_still_derive_right(x, dims, weight, axes, waxes):
     shape = (2, 3, 2, 2)[:rank]
     wshape = shape[1:] if waxes is None else tuple(shape[k] for k in waxes)
     check(op, reference, [shape, wshape], constant=True)
+
+
+@pytest.mark.slow
+def test_the_fused_style_compiles_a_group_norm_and_matches(tmp_path):
+    """torch.compile's shape rules for native_group_norm want x as (N, G*C, *rest) and a flat weight."""
+    from derive.build import render_catalog
+    from derive.spec import parse_catalog
+    from derive.testing import load_module
+    right = normalized("x[n, g, c, l]", "c, l") + " * w[g, c] + b[g, c]"
+    catalog = parse_catalog(f'[ops.gn_fused]\ninputs = ["x[n, g, c, l]", "w[g, c]", "b[g, c]"]\n'
+                            f'params = {{ eps = 1e-5 }}\nequation = "y[n, g, c, l] = {right}"\n', "gn_fused.toml")
+    modules = {}
+    for path, text in render_catalog(catalog, ("contraction", "fused"), namespace="norm_native_fused", jobs=1).items():
+        if path.endswith("gn_fused.py"):
+            target = tmp_path / path.replace("/", "_")
+            target.write_text(text)
+            modules["fused" if path.startswith("fused/") else "contraction"] = load_module(target).gn_fused
+    for n in (3, 5):     # another batch size: no recompilation needed, same results
+        inputs = [torch.randn(*s).requires_grad_() for s in ((n, 2, 3, 4), (2, 3), (2, 3))]
+        grad_y = torch.randn(n, 2, 3, 4)
+        want = torch.autograd.grad(group_norm(*inputs), inputs, grad_y)
+        for style, forward in modules.items():
+            torch.testing.assert_close(forward(*inputs), group_norm(*inputs), rtol=1e-4, atol=1e-4)
+            for got, expected in zip(torch.autograd.grad(forward(*inputs), inputs, grad_y), want):
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
