@@ -20,7 +20,8 @@ from .layers import layer_context
 from .optional import condition, variant_name
 from .model import size_symbol
 from .lower import Einsum, Leaf, LoweredExpr, LoweredOp, MatMul, covered, tangent_reads, walk
-from .printing import (index_notation, kernel_comments, output_shape, python_tuple, render, render_expr,
+from .kernels import kernel_of
+from .printing import (fused_calls, index_notation, joint_calls, kernel_comments, output_shape, python_tuple, render, render_expr,
                        size_bindings, size_readers, sizes_used, uses_math)
 from .signature import Signature, backward_signature
 from .stamp import templates_dir
@@ -227,10 +228,10 @@ def _native_forward(derivation: Derivation, lowered: LoweredOp, values: list[str
     if native is None or lowered.style == "broadcast":
         return None
     call = native.call(lambda expr: render(Leaf(expr, ())).text)
-    if not native.view:
+    if not native.view and not native.output_view:
         return dict(call=call, targets="", returns=call)
     return dict(call=call, targets=", ".join([derivation.op.output] + values),
-                returns=", ".join([derivation.op.output] + [name + native.view for name in values]))
+                returns=", ".join([derivation.op.output + native.output_view] + [name + native.view for name in values]))
 
 
 @_per_lowering
@@ -248,10 +249,30 @@ def _backward_context(derivation: Derivation, lowered: LoweredOp, signature: Sig
             kernels=kernel_comments([expr], own)))
     outputs = [naming.grad(t.name) for t in op.inputs if t.differentiable]
     returns = [naming.grad(t.name) if t.differentiable else "None" for t in op.inputs]
+    joint, joined = [], set()
+    for call in joint_calls(list(lowered.gradients), [g.position for g in gradients]):
+        members = [gradients[k] for k in call.gradients]
+        targets = {output: view.target for output, view in zip(call.outputs, members)}
+        joint.append(dict(condition=" or ".join(f"needs_input_grad[{view.position}]" for view in members),
+                          comments=call.comments, shared=[s for view in members for s in view.shared],
+                          targets=", ".join(targets.get(k, "_") for k in range(max(call.outputs) + 1)),
+                          views=[(view.position, view.target, view.target + suffix)
+                                 for view, suffix in zip(members, call.views) if suffix],
+                          call=call.call if max(call.outputs) == 2 else f"{call.call}[:{max(call.outputs) + 1}]"))
+        joined |= set(call.gradients)
+    computed = [view for view in _cheap_first(gradients, list(lowered.gradients))
+                if gradients.index(view) not in joined]
+    fallback = None
+    if lowered.fallback is not None:
+        fallback = _backward_context(derivation, lowered.fallback, backward_signature(derivation, lowered.fallback))
+        names = sorted({kernel_of(call).name for call, _ in fused_calls(list(lowered.gradients))
+                        if not kernel_of(call).differentiable})
+        fallback = dict(fallback, sizes=[s for s in fallback["sizes"] if s not in signature.sizes],
+                        kernels=" and ".join(names) + (" have" if len(names) > 1 else " has"))
     return dict(name=naming.backward(op.name), grad_output=signature.grad_output, sizes=list(signature.sizes),
-                none_line=" = ".join(outputs) + " = None",
+                none_line=" = ".join(outputs) + " = None", joint=joint, fallback=fallback,
                 shared=_shared_blocks(signature, lowered), gradients=gradients, returns=python_tuple(returns),
-                computed=_cheap_first(gradients, list(lowered.gradients)))
+                computed=computed)
 
 
 def _function_context(derivation: Derivation, lowered: LoweredOp, signature: Signature, jvp: dict,

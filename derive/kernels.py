@@ -38,6 +38,10 @@ class Fused(sympy.Function):
         """Indices the call sums away (its free indices leave them out)."""
         return set()
 
+    def shape_only(self) -> set[sympy.Indexed]:
+        """Arguments the call reads for their shape alone (a Function keeps their shapes, not them)."""
+        return set()
+
 
 class threshold_backward(Fused):  # noqa: N801 - named like the kernel
     nargs = 3    # g, x, threshold
@@ -60,8 +64,13 @@ class one_hot_log_softmax_backward(Fused):  # noqa: N801
 
 
 class _normalization_backward(Fused):
-    """One output (part 0: d/dx, 1: d/dweight) of a native normalization backward; `dims` are the normalized ones."""
+    """One output (part 0: d/dx, 1: d/dweight, 2: d/dbias) of a native normalization backward; `dims` are the
+    normalized ones. `weight` is 1 for part 0 (a weight in grad_out is passed to the kernel), the input
+    differentiated for parts 1 and 2 (the kernel gives its output that input's shape)."""
     nargs = 7    # part, grad_out, weight, x, mean, rstd, dims (a Tuple)
+
+    def shape_only(self) -> set[sympy.Indexed]:
+        return {self.args[2]} if self.args[0] == 2 else set()     # d/dbias: the kernel makes it the bias's shape
 
     def bound_index_names(self) -> set[str]:
         part, _, _, x, _, _, dims = self.args
@@ -73,6 +82,10 @@ class layer_norm_backward(_normalization_backward):  # noqa: N801 - named like t
 
 
 class batch_norm_backward(_normalization_backward):  # noqa: N801
+    pass
+
+
+class group_norm_backward(_normalization_backward):  # noqa: N801
     pass
 
 
@@ -118,6 +131,17 @@ class Kernel:
     # (op, forward terms reading the saved values, the saving) -> a native call computing the forward and the
     # saved values at once (NativeForward), or None
     native_forward: Callable | None = None
+    # a kernel with several outputs: (printer, grad_out text, weight, bias, x, mean, rstd, dims, layout, mask text)
+    # -> the call that returns them all, those the mask asks for (emit joins the gradients that are its outputs)
+    joint: Callable | None = None
+    # False: the kernel has no derivative of its own (native_group_norm_backward). The backward calls it only where
+    # no graph is recorded (not torch.is_grad_enabled(), as torch's derivatives.yaml does for native_group_norm);
+    # a double backward takes the fallback, the gradients that the table without such records gives
+    differentiable: bool = True
+    # (output, x, normalized dims) -> the suffix that views that output of a joint kernel as its gradient ("": none)
+    output_view: Callable[[int, sympy.Indexed, tuple], str] = lambda part, x, dims: ""
+    # its saving stays only where the forward is its native call, with a weight (else the next records try)
+    native_only: bool = False
 
     def comment(self, node: Fused, factor: sympy.Expr = sympy.S.One) -> tuple[str, ...]:
         return self.comments(node, factor) if self.comments else self.formulas
@@ -128,8 +152,9 @@ class Kernel:
         return {hot.args[1].upper + 1 for hot in node.atoms(one_hot)}
 
 
-def fuse(derivation: Derivation) -> Derivation:
-    """The derivation with every match of the table's kernels fused, and the forward values they read saved."""
+def fuse(derivation: Derivation, differentiable_only: bool = False) -> Derivation:
+    """The derivation with every match of the table's kernels fused, and the forward values they read saved;
+    `differentiable_only` leaves out the records of kernels without a derivative (the fallback of their calls)."""
     forward = list(derivation.forward_terms)
     gradients = [list(g.terms) for g in derivation.gradients]
     tangents = [list(t.terms) for t in derivation.tangents]
@@ -137,13 +162,17 @@ def fuse(derivation: Derivation) -> Derivation:
     saved: list[SavedValue] = []
     native = native_terms = None
     for kernel in KERNELS:
+        if differentiable_only and not kernel.differentiable:
+            continue
         tangents = [kernel.fuse(terms, (), None) for terms in tangents]
         forward = kernel.fuse(forward, (), None) if kernel.forward else forward
         saving = kernel.save(forward, gradients) if kernel.save and worth_saving(derivation.op, kernel.save) else None
         reading_forward, reading = (saving.forward, saving.gradients) if saving else (forward, gradients)
         fused = [kernel.fuse(terms, saving.found if saving else (), like) for terms, like in zip(reading, likes)]
+        fused = [_bias_with_weight(terms, unfused, fused) for terms, unfused in zip(fused, reading)]
         if saving and (_read_outside_kernels(fused, saving.values) or kernel.needs_call and not any(
-                f.atoms(kernel.node) for terms in fused for t in terms for f in t.factors)):
+                f.atoms(kernel.node) for terms in fused for t in terms for f in t.factors)
+                or kernel.native_only and not _weighted_native(kernel, derivation.op, reading_forward, saving, saved)):
             fused = [kernel.fuse(terms, (), like) for terms, like in zip(gradients, likes)]
             saving, reading_forward = None, forward       # the formulas stay, reading no saved value
         if saving and kernel.needs_call and not _read_outside_kernels(
@@ -160,6 +189,23 @@ def fuse(derivation: Derivation) -> Derivation:
     return replace(derivation, forward_terms=tuple(forward), saved=tuple(saved), native_forward=native,
                    gradients=tuple(replace(g, terms=tuple(terms)) for g, terms in zip(derivation.gradients, gradients)),
                    tangents=tuple(replace(t, terms=tuple(terms)) for t, terms in zip(derivation.tangents, tangents)))
+
+
+def undifferentiable(derivation: Derivation) -> bool:
+    """Whether a gradient calls a kernel without a derivative of its own (`Kernel.differentiable`)."""
+    return any(not kernel_of(call).differentiable for g in derivation.gradients for t in g.terms
+               for f in t.factors for call in f.atoms(Fused))
+
+
+def with_fallback(fused: Derivation, fallback: Derivation) -> Derivation | None:
+    """`fused`, whose calls of kernels without a derivative need `fallback` in a double backward, with each saved
+    value the fallback's formulas read marked to be computed again there (a native forward then computes it, with
+    its graph: native_group_norm's mean and rstd have one); None when the fallback saves a value `fused` lacks."""
+    mine = {v.name: v for v in fused.saved}
+    if any(v.name not in mine or replace(mine[v.name], recompute=v.recompute) != v for v in fallback.saved):
+        return None
+    again = {v.name for v in fallback.saved if v.recompute}
+    return replace(fused, saved=tuple(replace(v, recompute=v.recompute or v.name in again) for v in fused.saved))
 
 
 def spell(derivation: Derivation) -> Derivation:
@@ -184,6 +230,24 @@ def _softmax_formula(call: "softmax_backward") -> sympy.Expr:
     g, y, c = call.args
     other = fresh_index(c, {i.name for i in call.atoms(sympy.Idx)})
     return y * (g - Sum(g.xreplace({c: other}) * y.xreplace({c: other}), (other, 0, other.upper)))
+
+
+def _bias_with_weight(terms: list[Term], unfused: list[Term], gradients: list[list[Term]]) -> list[Term]:
+    """A normalization kernel's d/dbias stays a kernel output only where its call has a weight (from d/dx's g, or
+    the weight's own gradient): without one, torch's double backward of the kernel drops the bias's share."""
+    calls = [f for t in terms for f in t.factors if isinstance(f, _normalization_backward) and f.args[0] == 2]
+    if not calls:
+        return terms
+    weights = [joint_weights(f)[1] for g in gradients for t in g for f in t.factors
+               if isinstance(f, _normalization_backward) and f.args[0] != 2]
+    return terms if any(w is not None for w in weights) else unfused
+
+
+def _weighted_native(kernel: "Kernel", op, forward: list[Term], saving: Saving, saved: list) -> bool:
+    """Whether the forward is the record's native call with a weight, and saves nothing else."""
+    native = None if saved else kernel.native_forward(op, forward, replace(
+        saving, values=tuple(replace(v, recompute=False) for v in saving.values)))
+    return native is not None and native.weight is not None
 
 
 def _read_outside_kernels(gradients: list[list[Term]], values: tuple[SavedValue, ...]) -> bool:
@@ -478,25 +542,58 @@ class NormLayout:
 
     applies: Callable[[tuple, tuple], bool]           # (x's indices, normalized dims) -> whether the kernel fits
     weight_dims: Callable[[tuple, tuple], tuple]      # (x's indices, normalized dims) -> the weight's dims
-    # (x, weight or "None", bias or "None", eps, number of normalized dims) -> the forward's native call, which
-    # returns (y, mean, rstd), mean and rstd over the kept dims of x, in x's order ...
-    forward_call: Callable[[str, str, str, str, int], str] | None = None
+    # (x, weight or "None", bias or "None", eps, number of normalized dims, x's rank) -> the forward's native call,
+    # which returns (y, mean, rstd), mean and rstd over the kept dims of x, in x's order ...
+    forward_call: Callable[[str, str, str, str, int, int], str] | None = None
     # ... once viewed as (x, number of normalized dims) -> this suffix says ("": as they come)
     statistics_view: Callable[[str, int], str] = lambda x, k: ""
+    # and its result viewed as x's shape, x -> this suffix ("": it has it)
+    output_view: Callable[[str], str] = lambda x: ""
 
 
 # layer norm: the normalized dims trail x, the weight has them; batch norm: all dims but dim 1 (the channel, which
-# the weight has). (native_group_norm_backward has no derivative of its own: a double backward could not go
-# through it, so a group norm takes the formulas.)
+# the weight has). (A group norm, GROUP below, comes first in the table: its x also has trailing normalized dims.)
 LAYER = NormLayout(lambda xs, dims: tuple(xs[-len(dims):]) == tuple(dims) and len(xs) > len(dims),
                    lambda xs, dims: tuple(dims),
-                   lambda x, w, b, eps, k: f"torch.native_layer_norm({x}, {x}.shape[-{k}:], {w}, {b}, {eps})",
+                   lambda x, w, b, eps, k, rank: f"torch.native_layer_norm({x}, {x}.shape[-{k}:], {w}, {b}, {eps})",
                    # native_layer_norm keeps the normalized dims in mean and rstd, as 1s: viewed without them
                    lambda x, k: f".view({x}.shape[:-{k}])")
 BATCH_NORM = NormLayout(lambda xs, dims: len(xs) >= 2 and BATCH not in xs and set(dims) == set(xs) - {xs[1]},
                         lambda xs, dims: (xs[1],),
                         # training mode: the batch statistics, returned as mean and 1 / sqrt(var + eps)
-                        lambda x, w, b, eps, k: f"torch.native_batch_norm({x}, {w}, {b}, None, None, True, 0.0, {eps})")
+                        lambda x, w, b, eps, k, rank: f"torch.native_batch_norm({x}, {w}, {b}, None, None, True, 0.0, {eps})")
+
+
+def _group_sizes(x: str, k: int, rank: int) -> tuple[str, str, str, str]:
+    """native_group_norm's N, C, HxW and group of x[*lead, g, c, *rest] normalized over its last k dims (c, *rest):
+    x seen as (N, G*C, HxW), which it is in memory."""
+    lead = rank - k - 1
+    n = "1" if lead == 0 else f"{x}.shape[0]" if lead == 1 else f"{x}.shape[:{lead}].numel()"
+    rest = "1" if k == 1 else f"{x}.shape[{lead + 2}]" if k == 2 else f"{x}.shape[{lead + 2}:].numel()"
+    return n, f"{x}.shape[{lead}] * {x}.shape[{lead + 1}]", rest, f"{x}.shape[{lead}]"
+
+
+# group norm: x[*lead, g, c, *rest] over (c, *rest), the weight over (g, c): torch's group norm of x seen as
+# (N, G*C, HxW) with the weight flattened. Its forward returns mean and rstd over (N, G), viewed as x's lead and g.
+GROUP = NormLayout(lambda xs, dims: len(xs) >= len(dims) + 1 and BATCH not in xs and tuple(xs[-len(dims):]) == tuple(dims),
+                   lambda xs, dims: (xs[-len(dims) - 1], xs[-len(dims)]),
+                   lambda x, w, b, eps, k, rank: (
+                       f"torch.native_group_norm({_channels(x, k, rank)}, {_flat(w)}, {_flat(b)}, "
+                       f"{', '.join(_group_sizes(x, k, rank))}, {eps})"),
+                   lambda x, k: f".view({x}.shape[:-{k}])",
+                   lambda x: f".view({x}.shape)")
+
+
+def _flat(name: str) -> str:
+    """A weight over (g, c) as the kernels take it, over g * c channels (torch.compile's shape rules insist)."""
+    return name if name == "None" else f"{name}.flatten()"
+
+
+def _channels(x: str, k: int, rank: int) -> str:
+    """x[*lead, g, c, *rest] as (N, G*C, *rest), the layout whose dim 1 torch.compile's native_group_norm wants."""
+    lead = rank - k - 1
+    merged = f"{x}.flatten({lead}, {lead + 1})"
+    return merged if lead == 1 else f"{merged}.unsqueeze(0)" if lead == 0 else f"{merged}.flatten(0, {lead - 1})"
 
 
 @dataclass(frozen=True)
@@ -510,15 +607,22 @@ class NativeForward:
     bias: str | None
     eps: sympy.Expr              # index-free: the constant added to the variance
     dims: int                    # how many dims are normalized
+    rank: int                    # how many x has
 
     def call(self, text: Callable[[sympy.Expr], str]) -> str:
         """The call, given the printer of an index-free expression (eps)."""
-        return self.layout.forward_call(self.x, self.weight or "None", self.bias or "None", text(self.eps), self.dims)
+        return self.layout.forward_call(self.x, self.weight or "None", self.bias or "None", text(self.eps), self.dims,
+                                        self.rank)
 
     @property
     def view(self) -> str:
         """What the call's mean and rstd are viewed as to be the saved values ("" for as they come)."""
         return self.layout.statistics_view(self.x, self.dims)
+
+    @property
+    def output_view(self) -> str:
+        """What the call's result is viewed as to be the op's ("" for as it comes)."""
+        return self.layout.output_view(self.x)
 
 
 def _native_forward(layout: NormLayout):
@@ -559,7 +663,7 @@ def _native_forward(layout: NormLayout):
         eps = rstd.expr.base.as_independent(sympy.Sum, as_Add=True)[0]
         if eps.atoms(sympy.Indexed) or free_indices(eps):
             return None
-        return NativeForward(layout, x, weight, bias, eps, len(dims))
+        return NativeForward(layout, x, weight, bias, eps, len(dims), len(body.indices))
     return match
 
 
@@ -587,11 +691,18 @@ def _normalization_vjp(layout: NormLayout, node: type):
             rest = list(term.factors)
             centered = body - m
             summed = {i.name for i in body.indices} - {i.name for i in weight_dims}
+            name, wanted = like
+            h = sympy.Mul(*rest)
+            if {i.name for i in term.summed} == summed and not h.has(x) and not h.has(r.base) \
+                    and free_indices(h) == {i.name for i in body.indices} \
+                    and tuple(wanted) == tuple(i.name for i in weight_dims):
+                # a bias's gradient, sum of g over the dims the weight lacks: the kernel's third output
+                bias = tensor_symbol(name)[tuple(weight_dims)]
+                return [Term(term.coefficient, (node(2, h, bias, body, m, r, call_dims),), ())]
             if {i.name for i in term.summed} == summed and r in rest and centered in rest:
                 rest.remove(r)
                 rest.remove(centered)
                 h = sympy.Mul(*rest)
-                name, wanted = like
                 if not h.has(x) and tuple(wanted) == tuple(i.name for i in weight_dims):
                     weight = tensor_symbol(name)[tuple(weight_dims)]
                     return [Term(term.coefficient, (node(1, h, weight, body, m, r, call_dims),), ())]
@@ -636,22 +747,56 @@ def _print_norm(call):
         if weight == 1:
             grad, weight = _weight_out(grad, weight_dims)
         layout = tuple(i.name for i in x.indices)
-        text = call(printer, node, printer.text(grad, layout), "None" if weight is None else weight.base.label.name,
-                    x, mean, rstd, tuple(dims), layout)
+        weights = ("None" if weight is None else weight.base.label.name, "None") if part != 2 \
+            else ("None", weight.base.label.name)
+        text = call(printer, printer.text(grad, layout), *weights, x, mean, rstd, tuple(dims), layout, _mask(part))
+        text = f"{text}[{part}]{kernel_of(node).output_view(part, x, tuple(dims))}"
         return printer.placed(text, layout if part == 0 else tuple(i.name for i in weight_dims))
     return print_
 
 
 def _mask(part) -> str:
-    return ", ".join(str(part == k) for k in range(3))
+    return "[" + ", ".join(str(part == k) for k in range(3)) + "]"
 
 
-def _layer_norm_call(printer, node, grad, weight, x, mean, rstd, dims, layout):
+def joint_key(node: Fused, factor: sympy.Expr = sympy.S.One) -> tuple | None:
+    """What makes two outputs of a normalization kernel one call (the kernel, its grad_out, x, mean, rstd, dims),
+    or None for another kernel; with `joint_weights`, the weight and bias the call passes."""
+    if not isinstance(node, _normalization_backward):
+        return None
+    part, grad, weight, x, mean, rstd, dims = node.args
+    if part == 0 and weight == 1:
+        grad, _ = _weight_out(factor * grad, kernel_of(node).weight_dims(x.indices, tuple(dims)))
+    else:
+        grad = factor * grad
+    return type(node), grad, x, mean, rstd, dims
+
+
+def joint_weights(node: Fused, factor: sympy.Expr = sympy.S.One) -> tuple[int, sympy.Expr | None, sympy.Expr | None]:
+    """(part, the weight it passes or None, the bias it passes or None) of one output's call."""
+    part, grad, weight, x, _, _, dims = node.args
+    if part == 0:
+        return 0, _weight_out(factor * grad, kernel_of(node).weight_dims(x.indices, tuple(dims)))[1] \
+            if weight == 1 else weight, None
+    return (1, weight, None) if part == 1 else (2, None, weight)
+
+
+def joint_call(printer, node: Fused, factor: sympy.Expr, weight, bias, mask: str) -> str:
+    """The kernel's call that returns all its outputs (those `mask`, a list's text, asks for), for `node`'s arguments."""
+    _, _, _, x, mean, rstd, dims = node.args
+    key = joint_key(node, factor)
+    layout = tuple(i.name for i in x.indices)
+    name = lambda t: "None" if t is None else t.base.label.name  # noqa: E731
+    return kernel_of(node).joint(printer, printer.text(key[1], layout), name(weight), name(bias), x, mean, rstd,
+                                 tuple(dims), layout, mask)
+
+
+def _layer_norm_call(printer, grad, weight, bias, x, mean, rstd, dims, layout, mask):
     # mean and rstd keep the normalized dims, as native_layer_norm returns them (vmap's rule needs it)
     name = x.base.label.name
     return (f"torch.ops.aten.native_layer_norm_backward({grad}, {name}, {name}.shape[-{len(dims)}:], "
-            f"{_detached(printer.text(mean, layout))}, {_detached(printer.text(rstd, layout))}, {weight}, None, "
-            f"[{_mask(node.args[0])}])[{node.args[0]}]")
+            f"{_detached(printer.text(mean, layout))}, {_detached(printer.text(rstd, layout))}, {weight}, {bias}, "
+            f"{mask})")
 
 
 def _detached(text: str) -> str:
@@ -660,12 +805,28 @@ def _detached(text: str) -> str:
     return f"{text}.detach()"
 
 
-def _batch_norm_call(printer, node, grad, weight, x, mean, rstd, dims, layout):
-    # training mode reads the saved mean and rstd (eps is only read in eval mode)
+def _batch_norm_call(printer, grad, weight, bias, x, mean, rstd, dims, layout, mask):
+    # training mode reads the saved mean and rstd (eps is only read in eval mode); the bias's gradient needs no bias
     name = x.base.label.name
     return (f"torch.ops.aten.native_batch_norm_backward({grad}, {name}, {weight}, None, None, "
-            f"{_detached(mean.base.label.name)}, {_detached(rstd.base.label.name)}, True, 0.0, [{_mask(node.args[0])}])"
-            f"[{node.args[0]}]")
+            f"{_detached(mean.base.label.name)}, {_detached(rstd.base.label.name)}, True, 0.0, {mask})")
+
+
+def _group_norm_call(printer, grad, weight, bias, x, mean, rstd, dims, layout, mask):
+    # the kernel gives d/dweight and d/dbias the weight's shape, over g * c (and needs the weight for either)
+    name = x.base.label.name
+    weight = _flat(bias if weight == "None" else weight)    # d/dbias alone: the kernel reads only its shape
+    sizes = ", ".join(_group_sizes(name, len(dims), len(layout)))
+    lead = len(layout) - len(dims) - 1
+    flat = "" if lead == 1 else ".reshape(1, -1)" if lead == 0 else f".flatten(0, {lead - 1})"
+    return (f"torch.ops.aten.native_group_norm_backward({grad}, {name}, {_detached(mean.base.label.name + flat)}, "
+            f"{_detached(rstd.base.label.name + flat)}, {weight}, {sizes}, {mask})")
+
+
+def _group_weight_view(part: int, x: sympy.Indexed, dims: tuple) -> str:
+    """d/dweight and d/dbias of native_group_norm_backward, over g * c, viewed as (g, c)."""
+    lead = len(x.indices) - len(dims) - 1
+    return "" if part == 0 else f".view({x.base.label.name}.shape[{lead}:{lead + 2}])"
 
 
 def _renamings(dims, candidates):
@@ -795,10 +956,17 @@ ONE_HOT_FORMULAS = (LOG_SOFTMAX_FORMULA,
                     "nll_loss_backward(v, y, t, reduction=2) = zeros like y, with -v at [i, t[i]]")
 LAYER_NORM_FORMULAS = ("native_layer_norm_backward(g, x, ..., w)[0] = rstd * (g w - mean(g w) - "
                        "xhat * mean(g w xhat)), xhat = (x - mean) * rstd",
-                       "native_layer_norm_backward(g, x, ...)[1] = sum over rows of g * xhat")
+                       "native_layer_norm_backward(g, x, ...)[1] = sum over rows of g * xhat",
+                       "native_layer_norm_backward(g, x, ...)[2] = sum over rows of g")
 BATCH_NORM_FORMULAS = ("native_batch_norm_backward(g, x, w, ...)[0] = rstd * (g w - mean(g w) - xhat * mean(g w xhat)) "
                        "over all dims but 1, xhat = (x - mean) * rstd",
-                       "native_batch_norm_backward(g, x, ...)[1] = sum over all dims but 1 of g * xhat")
+                       "native_batch_norm_backward(g, x, ...)[1] = sum over all dims but 1 of g * xhat",
+                       "native_batch_norm_backward(g, x, ...)[2] = sum over all dims but 1 of g")
+
+GROUP_NORM_FORMULAS = ("native_group_norm_backward(g, x, ..., w)[0] = rstd * (g w - mean(g w) - xhat * mean(g w xhat)) "
+                       "over each group, xhat = (x - mean) * rstd",
+                       "native_group_norm_backward(g, x, ...)[1] = sum over all dims but (g, c) of g * xhat",
+                       "native_group_norm_backward(g, x, ...)[2] = sum over all dims but (g, c) of g")
 
 KERNELS: tuple[Kernel, ...] = (
     Kernel("threshold_backward", threshold_backward, _step(_threshold),
@@ -814,12 +982,17 @@ KERNELS: tuple[Kernel, ...] = (
            _print_vjp("torch._log_softmax_backward_data"), (LOG_SOFTMAX_FORMULA,), save=save_forward_values),
     Kernel("nll_loss_backward", one_hot_log_softmax_backward, _scaled_pair(_one_hot_pair), _print_one_hot_vjp,
            ONE_HOT_FORMULAS, comments=_one_hot_comments, sizes=_one_hot_sizes),
+    Kernel("native_group_norm_backward", group_norm_backward, _normalization_vjp(GROUP, group_norm_backward),
+           _print_norm(_group_norm_call), GROUP_NORM_FORMULAS, joint=_group_norm_call,
+           comments=lambda node, factor: (GROUP_NORM_FORMULAS[node.args[0]],), save=save_normalization,
+           weight_dims=GROUP.weight_dims, needs_call=True, native_forward=_native_forward(GROUP),
+           differentiable=False, native_only=True, output_view=_group_weight_view),
     Kernel("native_layer_norm_backward", layer_norm_backward, _normalization_vjp(LAYER, layer_norm_backward),
-           _print_norm(_layer_norm_call), LAYER_NORM_FORMULAS,
+           _print_norm(_layer_norm_call), LAYER_NORM_FORMULAS, joint=_layer_norm_call,
            comments=lambda node, factor: (LAYER_NORM_FORMULAS[node.args[0]],), save=save_normalization,
            weight_dims=LAYER.weight_dims, needs_call=True, native_forward=_native_forward(LAYER)),
     Kernel("native_batch_norm_backward", batch_norm_backward, _normalization_vjp(BATCH_NORM, batch_norm_backward),
-           _print_norm(_batch_norm_call), BATCH_NORM_FORMULAS,
+           _print_norm(_batch_norm_call), BATCH_NORM_FORMULAS, joint=_batch_norm_call,
            comments=lambda node, factor: (BATCH_NORM_FORMULAS[node.args[0]],), save=save_normalization,
            weight_dims=BATCH_NORM.weight_dims, needs_call=True, native_forward=_native_forward(BATCH_NORM)),
     Kernel("normalization statistics", None, lambda terms, found, like: terms, None, (), save=save_statistics),

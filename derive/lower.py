@@ -22,7 +22,7 @@ import sympy
 from . import naming
 from .derivation import depends_on_tensor, expand_terms, tensor_symbols
 from .functions import atoms_of, fold_window, in_range, one_hot, renamed_match, window
-from .kernels import one_hot_by_rows
+from .kernels import Fused, one_hot_by_rows
 from .naming import BATCH, STYLES
 from .plan import ExprPlan, OpPlan, TermPlan, as_windows, contraction_plan, free_indices, ordered
 from .model import exact_fraction, is_python_number, size_symbol, tensor_symbol
@@ -214,6 +214,8 @@ class LoweredOp:
     tangents: tuple[LoweredExpr, ...] = ()    # forward mode: each differentiable input's share of tangent_y
     tangent_shared: tuple[Shared, ...] = ()   # the same for the tangents (users: positions of the inputs)
     saved: tuple[Node, ...] = ()       # each value the forward saves (plan.saved), its contractions lowered
+    # the gradients where a graph is recorded (a double backward), when these call a kernel without a derivative
+    fallback: "LoweredOp | None" = None
 
 
 def lower(op_plan: OpPlan, style: str = "contraction") -> LoweredOp:
@@ -1089,8 +1091,11 @@ def reads_of(exprs: tuple[LoweredExpr, ...], shared: tuple[Shared, ...], shapes:
                 elif isinstance(node, Picked):
                     names.add(node.name)
     for leaf in leaves:
-        names |= {a.base.label.name for a in atoms_of(leaf.expr, sympy.Indexed)}
-        names |= {s.name for s in leaf.expr.free_symbols}
+        expr = leaf.expr if shapes else leaf.expr.xreplace(
+            {call: call.func(*[sympy.S.Zero if a in call.shape_only() else a for a in call.args])
+             for call in atoms_of(leaf.expr, Fused) if call.shape_only()})
+        names |= {a.base.label.name for a in atoms_of(expr, sympy.Indexed)}
+        names |= {s.name for s in expr.free_symbols}
     return names
 
 

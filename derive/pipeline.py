@@ -9,13 +9,13 @@ from __future__ import annotations
 import signal
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 
 from . import functions
 from .derivation import Derivation, derive
-from .kernels import fuse, spell
+from .kernels import fuse, spell, undifferentiable, with_fallback
 from .lower import STYLES, LoweredOp, lower
 from .model import OpSpec, SpecError
 from .naming import MODULE_STYLES, Style
@@ -63,10 +63,23 @@ def build_op(op: OpSpec, styles=STYLES, budget: float | None = DEFAULT_BUDGET, s
         derivation = read_output(derive(op))
         stage[0] = "fusing kernels"
         fused = save_steps(fuse(derivation)) if "contraction" in styles else None
+        fallback = save_steps(fuse(derivation, differentiable_only=True)) \
+            if fused is not None and undifferentiable(fused) else None
+        if fallback is not None:
+            fused = with_fallback(fused, fallback) or fallback
         stage[0] = "planning and lowering"
         spelled = spell(derivation) if "broadcast" in styles else None
         lowered = {style: lower(plan(fused if style == "contraction" else spelled), style) for style in styles}
         signatures = {style: backward_signature(derivation, lowered[style]) for style in styles}
+        if fallback is not None and fused is not fallback:
+            # the backward calls the kernel without a derivative where no graph is recorded, else the fallback,
+            # with the same arguments (those of the call, when the fallback reads no more)
+            below = lower(plan(fallback), "contraction")
+            if set(backward_signature(derivation, below).arguments) <= set(signatures["contraction"].arguments):
+                lowered["contraction"] = replace(lowered["contraction"], fallback=below)
+            else:
+                lowered["contraction"] = below
+                signatures["contraction"] = backward_signature(derivation, below)
         variants = ()
         if op.optional:
             stage[0] = "deriving the op without its optional inputs"

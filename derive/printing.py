@@ -23,7 +23,7 @@ from .lower import (Convolution, ConvolutionBackward, Einsum, Leaf, LoweredExpr,
                     Reduce, Scaled, Scatter, expands_batch, walk)
 from .model import OpSpec, PositiveFirst, exact_fraction, is_python_number, size_symbol
 from .functions import as_float, atoms_of, first_max, fold_window, in_range, one_hot, power_slope, window
-from .kernels import Fused, comments, kernel_of
+from .kernels import Fused, comments, joint_call, joint_key, joint_weights, kernel_of
 from . import naming
 from .naming import BATCH, grad
 
@@ -1445,6 +1445,56 @@ def _kernel_factor(lowered: LoweredExpr) -> tuple[sympy.Expr, Leaf] | None:
     if fused is not None and (lowered.plan.scale != 1 or fused[0] != 1):
         return lowered.plan.scale * fused[0], fused[1]
     return None
+
+
+@dataclass(frozen=True)
+class JointCall:
+    """Gradients that are each one output of the same kernel call, computed by one call of it."""
+
+    gradients: tuple[int, ...]     # the gradients' places in the list given, in the order of ...
+    outputs: tuple[int, ...]       # ... the kernel output each is
+    call: str                      # the call, with a mask of the outputs wanted from the needs_input_grad flags
+    views: tuple[str, ...]         # what views each output as its gradient ("": none)
+    comments: tuple[str, ...]      # what each of those outputs is, from the record
+
+
+def joint_calls(exprs: list[LoweredExpr], flags: list[int]) -> list[JointCall]:
+    """The groups of two or more of `exprs` that are each exactly one output of one call of a kernel with a
+    `joint` printer (native_batch_norm_backward's d/dx, d/dw and d/db): one call computes them, asking for the
+    outputs needed (an output mask, as autograd's own call does); `flags` are the gradients' needs_input_grad
+    positions."""
+    groups: dict[tuple, list[tuple[int, Fused, sympy.Expr, Leaf]]] = {}
+    for position, expr in enumerate(exprs):
+        whole = _kernel_factor(expr) or (_fused_term(expr.terms[0]) if len(expr.terms) == 1 else None)
+        if whole is None:
+            continue
+        factor, leaf = whole
+        key = joint_key(leaf.expr, factor)
+        if key is None or kernel_of(leaf.expr).joint is None:
+            continue
+        printer = TorchCodePrinter(leaf.indices, inline=inline_codes(leaf))
+        part, weight, bias = joint_weights(leaf.expr, factor)
+        mask = "[" + ", ".join(str(k == part) for k in range(3)) + "]"
+        alone = joint_call(printer, leaf.expr, factor, weight, bias, mask)
+        if render_expr(expr) != f"{alone}[{part}]{kernel_of(leaf.expr).output_view(part, leaf.expr.args[3], tuple(leaf.expr.args[6]))}":
+            continue        # the output is placed or reshaped on its way to the gradient
+        groups.setdefault(key, []).append((position, leaf.expr, factor, leaf))
+    joint = []
+    for members in groups.values():
+        parts = {joint_weights(node, factor)[0]: (position, node, factor, leaf) for position, node, factor, leaf in members}
+        weights = {joint_weights(node, factor)[1] for _, node, factor, _ in members} - {None}
+        if len(members) < 2 or len(parts) != len(members) or len(weights) > 1:
+            continue
+        bias = next((joint_weights(n, f)[2] for _, n, f, _ in members if joint_weights(n, f)[0] == 2), None)
+        position, node, factor, leaf = members[0]
+        printer = TorchCodePrinter(leaf.indices, inline=inline_codes(leaf))
+        mask = "[" + ", ".join(f"needs_input_grad[{flags[parts[k][0]]}]" if k in parts else "False" for k in range(3)) + "]"
+        joint.append(JointCall(tuple(parts[k][0] for k in sorted(parts)), tuple(sorted(parts)),
+                               joint_call(printer, node, factor, next(iter(weights), None), bias, mask),
+                               tuple(kernel_of(node).output_view(k, node.args[3], tuple(node.args[6]))
+                                     for k in sorted(parts)),
+                               comments([(parts[k][1], parts[k][2]) for k in sorted(parts)])))
+    return joint
 
 
 def fused_calls(exprs: list[LoweredExpr], shared: tuple[Node, ...] = ()) -> list[tuple[Fused, sympy.Expr]]:

@@ -63,7 +63,7 @@ NORMALIZATIONS = {
     "per_group": (["x[n, g, k, l]", "w[g, k]", "b[g, k]"],
                   norm("k, l", " * w[g, k] + b[g, k]", "x[n, g, k, l]"),
                   "(x - x.mean((2, 3), keepdim=True)) / torch.sqrt(x.var((2, 3), correction=0, keepdim=True) + eps)"
-                  " * w.unsqueeze(-1) + b.unsqueeze(-1)", None),
+                  " * w.unsqueeze(-1) + b.unsqueeze(-1)", "native_group_norm_backward"),
     # over dims no native kernel normalizes: the batch alone, the middle dim with a weight over it
     "over_batch": (["x[n, c, l]"], norm("n"), ref("(0,)"), None),
     "middle_weighted": (["x[n, c, l]", "w[c]"], norm("c", " * w[c]"), ref("(1,)", " * w.unsqueeze(-1)"), None),
