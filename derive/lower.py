@@ -514,10 +514,13 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
 
 
 def _renamed_repeats(exprs: list[sympy.Expr], scalars, order) -> list[Leaf]:
-    """Sums of tensors (a centered input x - saved_mean) that occur under two index namings, x[n] - m and, inside
-    a sum, x[n_1] - m: common-subexpression elimination sees two expressions, and the value would be computed twice."""
+    """Values of tensors that occur under two index namings, as a sum's summand and outside it: a centered input,
+    x[n] - m and x[n_1] - m, or the mask of a max's ties, reaches(x[n, c], y[n]) and reaches(x[n, c_2], y[n])
+    in the count that divides it. Common-subexpression elimination sees two expressions, and the value would be
+    computed twice. A value is a sum of terms, a power or a function of tensors; a product is not (its
+    factors are shared on their own, and a product inside a sum is a contraction, which stays one)."""
     candidates = list(dict.fromkeys(a for e in exprs for a in sympy.preorder_traversal(e)
-                                    if isinstance(a, sympy.Add) and a.atoms(sympy.Indexed) and free_indices(a)
+                                    if _is_renamable_value(a) and a.atoms(sympy.Indexed) and free_indices(a)
                                     and depends_on_tensor(a, scalars)))
     def as_leaf(expr):
         return Leaf(expr, tuple(i for i in ordered(free_indices(expr), order)))
@@ -531,6 +534,13 @@ def _renamed_repeats(exprs: list[sympy.Expr], scalars, order) -> list[Leaf]:
         if len(group) > 1:      # named as the op names its dims where one of them is
             found.append(as_leaf(next((e for e in group if free_indices(e) <= set(order)), candidate)))
     return found
+
+
+def _is_renamable_value(expr: sympy.Basic) -> bool:
+    """Whether `expr` is worth a name of its own when it recurs under other index names (see _renamed_repeats)."""
+    if isinstance(expr, (sympy.Add, sympy.Pow)):
+        return True
+    return isinstance(expr, sympy.Function) and not isinstance(expr, (sympy.Sum, sympy.Indexed))
 
 
 def _renamed_as(value: Leaf, expr: sympy.Expr):
