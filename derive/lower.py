@@ -430,15 +430,19 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
     leaves = [(g, node) for g, expr in enumerate(gradients) for term in expr.terms
               for node in walk(term) if isinstance(node, Leaf)]
     leaves += [(None, node) for value in contracted for node in walk(value.value) if isinstance(node, Leaf)]
-    symbols = sympy.numbered_symbols("cse_", real=True)
-    replacements, reduced = sympy.cse([leaf.expr for _, leaf in leaves], symbols=symbols, order="none")
     scalars = tensor_symbols(op_plan.op)
     order = op_plan.op.index_order
-    accesses, values = {}, []
-    seeded = set()
-    for repeated in _renamed_repeats([leaf.expr for _, leaf in leaves], scalars, order):
-        seeded.add(f"{naming.SHARED_PREFIX}{len(values)}")
-        values.append((f"{naming.SHARED_PREFIX}{len(values)}", repeated))
+    # values that recur under other index names are read from a name of their own before cse runs, so that cse
+    # shares their parts with the rest alike (exp(x) in the mask of max(exp(x[n, c]), c) and beside it)
+    seeds = [(f"{naming.SHARED_PREFIX}{position}", repeated) for position, repeated
+             in enumerate(_renamed_repeats([leaf.expr for _, leaf in leaves], scalars, order))]
+    seeded = {name for name, _ in seeds}
+    exprs = [_read_seeds(leaf.expr, seeds) for _, leaf in leaves]
+    exprs += [_read_seeds(seed.expr, seeds, own=name) for name, seed in seeds]
+    symbols = sympy.numbered_symbols("cse_", real=True)
+    replacements, reduced = sympy.cse(exprs, symbols=symbols, order="none")
+    reduced, seed_exprs = reduced[:len(leaves)], reduced[len(leaves):]
+    accesses, values = {}, list(seeds)
     for symbol, expr in replacements:
         expr = expr.xreplace(accesses)
         if isinstance(expr, sympy.logic.boolalg.Boolean) or \
@@ -461,19 +465,19 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
         accesses[symbol] = tensor_symbol(name)[chosen] if chosen else sympy.Symbol(name, real=True)
     if not values:
         return tuple(gradients), (), list(contracted)
+    values = [(name, Leaf(expr.xreplace(accesses), seed.indices))
+              for (name, seed), expr in zip(seeds, seed_exprs)] + values[len(seeds):]
 
     patterns = {name: [next(j for j in value.expr.atoms(sympy.Idx) if j.name == i) for i in value.indices]
                 for name, value in values}
 
     def use_shared(expr, own=None):
-        """expr with every occurrence of a shared value (but `own`), under any index names, read from it (a value
-        seeded before cse is also read where it stands under its own names)."""
+        """expr with every occurrence of a shared value (but `own`), under any index names, read from it."""
         for name, value in values:
             pattern = patterns[name]
             if not pattern or name == own:
                 continue
-            found = lambda e: (e != value.expr or name in seeded) and \
-                renamed_match(value.expr, pattern, e) is not None  # noqa: E731
+            found = lambda e: e != value.expr and renamed_match(value.expr, pattern, e) is not None  # noqa: E731
             expr = expr.replace(found, lambda e: tensor_symbol(name)[renamed_match(value.expr, pattern, e)])
         return expr
 
@@ -491,7 +495,7 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
                     pending.append(definitions[name].expr)
         values = [(name, value) for name, value in values if name in used]
         if not values:
-            return tuple(gradients), ()
+            return tuple(gradients), (), list(contracted)
     values, renaming = _in_dependency_order(values)
     rewritten = {key: Leaf(leaf.expr.xreplace(renaming), leaf.indices) for key, leaf in rewritten.items()}
     # Who needs each shared value: the gradients using it directly or through a later shared value.
@@ -534,6 +538,18 @@ def _renamed_repeats(exprs: list[sympy.Expr], scalars, order) -> list[Leaf]:
         if len(group) > 1:      # named as the op names its dims where one of them is
             found.append(as_leaf(next((e for e in group if free_indices(e) <= set(order)), candidate)))
     return found
+
+
+def _read_seeds(expr: sympy.Expr, seeds: list[tuple[str, Leaf]], own: str | None = None) -> sympy.Expr:
+    """`expr` with each occurrence of a seeded value (but `own`), under any index names, read from its name; the
+    largest values first, so that one holding another is found whole."""
+    for name, seed in sorted(seeds, key=lambda s: -sympy.count_ops(s[1].expr)):
+        if name == own:
+            continue
+        pattern = [next(j for j in seed.expr.atoms(sympy.Idx) if j.name == i) for i in seed.indices]
+        expr = expr.replace(lambda e: renamed_match(seed.expr, pattern, e) is not None,
+                            lambda e: tensor_symbol(name)[renamed_match(seed.expr, pattern, e)])
+    return expr
 
 
 def _is_renamable_value(expr: sympy.Basic) -> bool:
