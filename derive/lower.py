@@ -609,6 +609,17 @@ def _broadcast_term(term: TermPlan, target: tuple[str, ...], like: str | None) -
         return _constant(term)
     leaves = [Leaf(o.expr, o.indices) for o in term.operands]
     used = {i for leaf in leaves for i in leaf.indices}
+    if BATCH in used and any(i.startswith(BATCH) and i != BATCH for i in term.summed):
+        # a sum over a copy of the batch dims (..._1) beside the batch dims themselves: one tensor cannot hold
+        # both, however many dims each is; the factors constant along the sum multiply it instead
+        outside = [leaf for leaf in leaves if not set(leaf.indices) & set(term.summed)]
+        inside = [leaf for leaf in leaves if set(leaf.indices) & set(term.summed)]
+        inner = sorted((i for i in term.aligned if any(i in leaf.indices for leaf in inside)),
+                       key=lambda i: not i.startswith(BATCH))      # the copy leads, as the batch does
+        node, coefficient = _reduce(inside[0] if len(inside) == 1 else Product(tuple(inside), tuple(inner)),
+                                    term.summed, term)
+        product = Product(tuple(outside) + (node,), tuple(i for i in term.aligned if i in used - set(term.summed)))
+        return product if coefficient == 1 else Scaled(coefficient, product)
     node = leaves[0] if len(leaves) == 1 else Product(tuple(leaves), tuple(i for i in term.aligned if i in used))
     return _finish(node, term.summed, term)
 
@@ -926,7 +937,7 @@ def _sum(node: Node, summed: tuple[str, ...], sizes: dict[str, sympy.Expr], mean
          expand_batch: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> Reduce:
     """`node` reduced over `summed`; a sum over the batch dims names the size of each dim it keeps
     (the plan's: a renamed index such as n_1 has n's size)."""
-    kept = tuple(sizes[i] for i in node.indices if i not in summed) if BATCH in summed else ()
+    kept = tuple(sizes[i] for i in node.indices if i not in summed) if any(i.startswith(BATCH) for i in summed) else ()
     return Reduce(node, summed, mean, kept, expand_batch)
 
 

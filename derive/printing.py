@@ -887,14 +887,15 @@ def render(node: Node) -> Code:
             text += f".expand({'*' + shape + ', ' + ', '.join(['-1'] * len(rest)) if rest else shape})"
         if set(node.summed) == set(source.indices):
             return Code(f"{text}.{method}()", node.indices)
-        named = [i for i in node.summed if i != BATCH]
+        # (a copy of the batch dims under another name, ..._1, which a max over `...` binds, is the batch too)
+        named = [i for i in node.summed if not i.startswith(BATCH)]
         if named:
             batched = BATCH in source.indices
             dims = [_dim(source.indices.index(i), len(source.indices), batched) for i in named]
             dim = dims[0] if len(dims) == 1 else f"({', '.join(dims)})"
             argument = dim if isinstance(node.source, Leaf) else f"dim={dim}"
             text += f".{method}({argument})"
-        if BATCH in node.summed:
+        if len(named) < len(node.summed):
             if node.mean:
                 raise ValueError("a mean over the batch dims '...' together with other dims is not supported")
             # sum_to_size reduces however many leading dims the batch has, none included
