@@ -937,7 +937,8 @@ def _sum(node: Node, summed: tuple[str, ...], sizes: dict[str, sympy.Expr], mean
          expand_batch: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> Reduce:
     """`node` reduced over `summed`; a sum over the batch dims names the size of each dim it keeps
     (the plan's: a renamed index such as n_1 has n's size)."""
-    kept = tuple(sizes[i] for i in node.indices if i not in summed) if any(i.startswith(BATCH) for i in summed) else ()
+    batch = BATCH in summed or bool(node.indices) and node.indices[0].startswith(BATCH) and node.indices[0] in summed
+    kept = tuple(sizes[i] for i in node.indices if i not in summed) if batch else ()
     return Reduce(node, summed, mean, kept, expand_batch)
 
 

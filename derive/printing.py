@@ -887,8 +887,9 @@ def render(node: Node) -> Code:
             text += f".expand({'*' + shape + ', ' + ', '.join(['-1'] * len(rest)) if rest else shape})"
         if set(node.summed) == set(source.indices):
             return Code(f"{text}.{method}()", node.indices)
-        # (a copy of the batch dims under another name, ..._1, which a max over `...` binds, is the batch too)
-        named = [i for i in node.summed if not i.startswith(BATCH)]
+        # (a copy of the batch dims under another name, ..._1, which a max over `...` binds, leading its source,
+        # is summed as the batch is)
+        named = [i for i in node.summed if not (i == BATCH or i.startswith(BATCH) and source.indices[0] == i)]
         if named:
             batched = BATCH in source.indices
             dims = [_dim(source.indices.index(i), len(source.indices), batched) for i in named]
