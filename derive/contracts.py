@@ -135,6 +135,13 @@ def shape_checks(op_name: str, declared: list[Declared], sizes: dict[str, str],
                     pair=(name, other.name)))
     checks += _batch_checks(op_name, [t for t in declared if t.batched])
     for index in nonempty:
+        if index == BATCH:      # max(x[..., c], ...): every batch dim, however many, must hold entries
+            tensor = next((t for t in declared if t.role == "input" and t.batched), None)
+            checks += [Check(_guard(tensor), f"{tensor.batch()}.numel() > 0",
+                             f"{op_name}: {tensor.name} has batch dims {{tuple({tensor.batch()})}} (index ...), with no "
+                             f"entries, which a max or min reduces over: the max of nothing is undefined (torch.amax "
+                             f"raises too)")] if tensor else []
+            continue
         tensor = next((t for t in declared if t.role == "input" and index in t.named), None)
         if tensor is None:      # a window's index, whose size the spec sets (sizes = { k = 2 })
             continue

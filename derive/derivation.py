@@ -118,7 +118,8 @@ class Derivation:
     # (kernels.fuse) need: empty as derived, each a saving.SavedValue after fusion
     saved: tuple = ()
     # a native kernel's call that computes the whole forward and its saved values at once
-    # (kernels.NativeForward: a normalization's native_batch_norm / native_layer_norm), or None
+    # (kernels.NativeForward: a normalization's native_batch_norm / native_layer_norm; kernels.NativePool: a max
+    # pool's max_pool1d_with_indices), or None
     native_forward: object = None
 
     @property

@@ -229,8 +229,8 @@ def _native_forward(derivation: Derivation, lowered: LoweredOp, values: list[str
         return None
     call = native.call(lambda expr: render(Leaf(expr, ())).text)
     if not native.view and not native.output_view:
-        return dict(call=call, targets="", returns=call)
-    return dict(call=call, targets=", ".join([derivation.op.output] + values),
+        return dict(call=call, targets="", returns=call, comment=native.comment)
+    return dict(call=call, targets=", ".join([derivation.op.output] + values), comment=native.comment,
                 returns=", ".join([derivation.op.output + native.output_view] + [name + native.view for name in values]))
 
 

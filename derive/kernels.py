@@ -21,8 +21,8 @@ import sympy
 
 from . import naming
 from .derivation import Derivation, Term
-from .functions import (Sum, free_indices, fresh_index, logsumexp, log_softmax, one_hot, renamed_match, replace_index,
-                        rewrite_log_softmax)
+from .functions import (Sum, _Extremum, free_indices, fresh_index, logsumexp, log_softmax, one_hot, renamed_match,
+                        replace_index, rewrite_log_softmax)
 from .naming import BATCH
 from .saving import (Saving, SavedValue, save_first_positions, save_forward_values, save_normalization,
                      save_reduced_values, save_statistics, signs_out, worth_saving)
@@ -161,6 +161,7 @@ def fuse(derivation: Derivation, differentiable_only: bool = False) -> Derivatio
     likes = [(g.input, g.indices) for g in derivation.gradients]
     saved: list[SavedValue] = []
     native = native_terms = None
+    native_saved = 0        # how many values the native call computes: all that are saved
     for kernel in KERNELS:
         if differentiable_only and not kernel.differentiable:
             continue
@@ -183,8 +184,8 @@ def fuse(derivation: Derivation, differentiable_only: bool = False) -> Derivatio
         saved += saving.values if saving else ()
         if saving and kernel.native_forward and native is None and len(saved) == len(saving.values):
             native = kernel.native_forward(derivation.op, forward, saving)
-            native_terms = forward
-    if native is not None and (forward != native_terms or len(saved) != 2):
+            native_terms, native_saved = forward, len(saved)
+    if native is not None and (forward != native_terms or len(saved) != native_saved):
         native = None       # a later record rewrote the forward, or saved more
     return replace(derivation, forward_terms=tuple(forward), saved=tuple(saved), native_forward=native,
                    gradients=tuple(replace(g, terms=tuple(terms)) for g, terms in zip(derivation.gradients, gradients)),
@@ -597,6 +598,63 @@ def _channels(x: str, k: int, rank: int) -> str:
 
 
 @dataclass(frozen=True)
+class NativePool:
+    """A window max with tie="first", y[..., t] = max(x[..., s*t + k - p], k, tie="first") over a whole read of x
+    (the window along its last dim), and the input position of each window's first maximum (the
+    saved argmax), both from torch's max pooling kernel in one call: its padding reads -inf (`pad_value`)."""
+
+    x: str
+    output: str
+    size: int                    # the window's size (k's, from `sizes`)
+    stride: int
+    padding: int                 # before and after alike: the window starts at s*t - padding
+    comment = "the window maxima and their first positions in one native kernel, each row of x a batch entry"
+
+    def call(self, text: Callable[[sympy.Expr], str]) -> str:
+        # (rows as the batch: torch's kernel refuses an empty channel dim, and takes 2 or 3 dims only)
+        return (f"torch.max_pool1d_with_indices({self.x}.flatten(0, -2).unsqueeze(1), {self.size}, {self.stride}"
+                + (f", {self.padding}" if self.padding else "") + ")")
+
+    @property
+    def view(self) -> str:
+        """What the call's values and positions are viewed as: x's leading dims, then the windows."""
+        return f".view({self.x}.shape[:-1] + {self.output}.shape[-1:])"
+
+    output_view = view
+
+
+def _native_pool(op, forward: list[Term], saving: Saving) -> NativePool | None:
+    """The NativePool of a forward that is one window max with tie="first" of an input read as it is (the same
+    dims before the window's, in the same order in the result), or None. torch's kernel picks the
+    first maximum of a window as tie="first" does (and the NaN it meets last, where argmax picks the first)."""
+    if len(forward) != 1 or len(saving.values) != 1:
+        return None
+    (term,) = forward
+    if term.coefficient != 1 or term.summed or len(term.factors) != 1:
+        return None
+    (pool,) = term.factors
+    if not (isinstance(pool, _Extremum) and pool.first and pool.largest and isinstance(pool.body, sympy.Indexed)):
+        return None
+    x, (k,), (value,) = pool.body.base.label.name, pool.indices, saving.values
+    declared, read = op.input(x), pool.body.indices
+    if len(read) < 2 or declared.integer or tuple(op.output_indices) != value.indices or \
+            any(not isinstance(i, sympy.Idx) or i.name != d for i, d in zip(read[:-1], declared.indices[:-1])):
+        return None
+    subscript, t = read[-1], next((i for i in read[-1].atoms(sympy.Idx) if i != k), None)
+    size = dict(op.fixed_sizes).get(k.name)
+    if t is None or size is None or tuple(op.output_indices) != tuple(declared.indices[:-1]) + (t.name,):
+        return None
+    stride, start = subscript.coeff(t), subscript.subs({t: 0, k: 0})
+    before, after = op.pad_of(x, declared.indices[-1])
+    padded = (before or after) and op.pad_value_of(x) != -sympy.oo
+    if subscript != stride * t + k + start or not (stride.is_Integer and stride > 0 and start.is_Integer) or \
+            before != after or before != -start or padded or 2 * before > size or \
+            value.expr.start != stride * t + start:
+        return None
+    return NativePool(x, op.output, size, int(stride), int(before))
+
+
+@dataclass(frozen=True)
 class NativeForward:
     """A normalization's forward, r * (x - m) * w + b (w and b over the kernel's weight dims, each optional),
     computed with its saved mean and rstd by one native kernel (`NormLayout.forward_call`)."""
@@ -608,6 +666,7 @@ class NativeForward:
     eps: sympy.Expr              # index-free: the constant added to the variance
     dims: int                    # how many dims are normalized
     rank: int                    # how many x has
+    comment = "the normalization and its statistics in one native kernel"
 
     def call(self, text: Callable[[sympy.Expr], str]) -> str:
         """The call, given the printer of an index-free expression (eps)."""
@@ -996,7 +1055,8 @@ KERNELS: tuple[Kernel, ...] = (
            comments=lambda node, factor: (BATCH_NORM_FORMULAS[node.args[0]],), save=save_normalization,
            weight_dims=BATCH_NORM.weight_dims, needs_call=True, native_forward=_native_forward(BATCH_NORM)),
     Kernel("normalization statistics", None, lambda terms, found, like: terms, None, (), save=save_statistics),
-    Kernel("first extremum positions", None, lambda terms, found, like: terms, None, (), save=save_first_positions),
+    Kernel("first extremum positions", None, lambda terms, found, like: terms, None, (), save=save_first_positions,
+           native_forward=_native_pool),
     Kernel("cumsum", cumsum, _cumulative, _print_cumsum,
            ("cumsum(f, d)[t] = sum over s <= t of f[s]; f.flip(d).cumsum(d).flip(d)[t] = sum over s >= t of f[s]",),
            sizes=lambda node, factor: set(), forward=True),

@@ -475,15 +475,19 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
     leaves = [(g, node) for g, expr in enumerate(gradients) for term in expr.terms
               for node in walk(term) if isinstance(node, Leaf)]
     leaves += [(None, node) for value in contracted for node in walk(value.value) if isinstance(node, Leaf)]
-    symbols = sympy.numbered_symbols("cse_", real=True)
-    replacements, reduced = sympy.cse([leaf.expr for _, leaf in leaves], symbols=symbols, order="none")
     scalars = tensor_symbols(op_plan.op)
     order = op_plan.op.index_order
-    accesses, values = {}, []
-    seeded = set()
-    for repeated in _renamed_repeats([leaf.expr for _, leaf in leaves], scalars, order):
-        seeded.add(f"{naming.SHARED_PREFIX}{len(values)}")
-        values.append((f"{naming.SHARED_PREFIX}{len(values)}", repeated))
+    # values that recur under other index names are read from a name of their own before cse runs, so that cse
+    # shares their parts with the rest alike (exp(x) in the mask of max(exp(x[n, c]), c) and beside it)
+    seeds = [(f"{naming.SHARED_PREFIX}{position}", repeated) for position, repeated
+             in enumerate(_renamed_repeats([leaf.expr for _, leaf in leaves], scalars, order))]
+    seeded = {name for name, _ in seeds}
+    exprs = [_read_seeds(leaf.expr, seeds) for _, leaf in leaves]
+    exprs += [_read_seeds(seed.expr, seeds, own=name) for name, seed in seeds]
+    symbols = sympy.numbered_symbols("cse_", real=True)
+    replacements, reduced = sympy.cse(exprs, symbols=symbols, order="none")
+    reduced, seed_exprs = reduced[:len(leaves)], reduced[len(leaves):]
+    accesses, values = {}, list(seeds)
     for symbol, expr in replacements:
         expr = expr.xreplace(accesses)
         if isinstance(expr, sympy.logic.boolalg.Boolean) or \
@@ -506,19 +510,19 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
         accesses[symbol] = tensor_symbol(name)[chosen] if chosen else sympy.Symbol(name, real=True)
     if not values:
         return tuple(gradients), (), list(contracted)
+    values = [(name, Leaf(expr.xreplace(accesses), seed.indices))
+              for (name, seed), expr in zip(seeds, seed_exprs)] + values[len(seeds):]
 
     patterns = {name: [next(j for j in value.expr.atoms(sympy.Idx) if j.name == i) for i in value.indices]
                 for name, value in values}
 
     def use_shared(expr, own=None):
-        """expr with every occurrence of a shared value (but `own`), under any index names, read from it (a value
-        seeded before cse is also read where it stands under its own names)."""
+        """expr with every occurrence of a shared value (but `own`), under any index names, read from it."""
         for name, value in values:
             pattern = patterns[name]
             if not pattern or name == own:
                 continue
-            found = lambda e: (e != value.expr or name in seeded) and \
-                renamed_match(value.expr, pattern, e) is not None  # noqa: E731
+            found = lambda e: e != value.expr and renamed_match(value.expr, pattern, e) is not None  # noqa: E731
             expr = expr.replace(found, lambda e: tensor_symbol(name)[renamed_match(value.expr, pattern, e)])
         return expr
 
@@ -536,7 +540,7 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
                     pending.append(definitions[name].expr)
         values = [(name, value) for name, value in values if name in used]
         if not values:
-            return tuple(gradients), ()
+            return tuple(gradients), (), list(contracted)
     values, renaming = _in_dependency_order(values)
     rewritten = {key: Leaf(leaf.expr.xreplace(renaming), leaf.indices) for key, leaf in rewritten.items()}
     # Who needs each shared value: the gradients using it directly or through a later shared value.
@@ -559,10 +563,13 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
 
 
 def _renamed_repeats(exprs: list[sympy.Expr], scalars, order) -> list[Leaf]:
-    """Sums of tensors (a centered input x - saved_mean) that occur under two index namings, x[n] - m and, inside
-    a sum, x[n_1] - m: common-subexpression elimination sees two expressions, and the value would be computed twice."""
+    """Values of tensors that occur under two index namings, as a sum's summand and outside it: a centered input,
+    x[n] - m and x[n_1] - m, or the mask of a max's ties, reaches(x[n, c], y[n]) and reaches(x[n, c_2], y[n])
+    in the count that divides it. Common-subexpression elimination sees two expressions, and the value would be
+    computed twice. A value is a sum of terms, a power or a function of tensors; a product is not (its
+    factors are shared on their own, and a product inside a sum is a contraction, which stays one)."""
     candidates = list(dict.fromkeys(a for e in exprs for a in sympy.preorder_traversal(e)
-                                    if isinstance(a, sympy.Add) and a.atoms(sympy.Indexed) and free_indices(a)
+                                    if _is_renamable_value(a) and a.atoms(sympy.Indexed) and free_indices(a)
                                     and depends_on_tensor(a, scalars)))
     def as_leaf(expr):
         return Leaf(expr, tuple(i for i in ordered(free_indices(expr), order)))
@@ -576,6 +583,25 @@ def _renamed_repeats(exprs: list[sympy.Expr], scalars, order) -> list[Leaf]:
         if len(group) > 1:      # named as the op names its dims where one of them is
             found.append(as_leaf(next((e for e in group if free_indices(e) <= set(order)), candidate)))
     return found
+
+
+def _read_seeds(expr: sympy.Expr, seeds: list[tuple[str, Leaf]], own: str | None = None) -> sympy.Expr:
+    """`expr` with each occurrence of a seeded value (but `own`), under any index names, read from its name; the
+    largest values first, so that one holding another is found whole."""
+    for name, seed in sorted(seeds, key=lambda s: -sympy.count_ops(s[1].expr)):
+        if name == own:
+            continue
+        pattern = [next(j for j in seed.expr.atoms(sympy.Idx) if j.name == i) for i in seed.indices]
+        expr = expr.replace(lambda e: renamed_match(seed.expr, pattern, e) is not None,
+                            lambda e: tensor_symbol(name)[renamed_match(seed.expr, pattern, e)])
+    return expr
+
+
+def _is_renamable_value(expr: sympy.Basic) -> bool:
+    """Whether `expr` is worth a name of its own when it recurs under other index names (see _renamed_repeats)."""
+    if isinstance(expr, (sympy.Add, sympy.Pow)):
+        return True
+    return isinstance(expr, sympy.Function) and not isinstance(expr, (sympy.Sum, sympy.Indexed))
 
 
 def _renamed_as(value: Leaf, expr: sympy.Expr):
@@ -628,6 +654,17 @@ def _broadcast_term(term: TermPlan, target: tuple[str, ...], like: str | None) -
         return _constant(term)
     leaves = [Leaf(o.expr, o.indices) for o in term.operands]
     used = {i for leaf in leaves for i in leaf.indices}
+    if BATCH in used and any(i.startswith(BATCH) and i != BATCH for i in term.summed):
+        # a sum over a copy of the batch dims (..._1) beside the batch dims themselves: one tensor cannot hold
+        # both, however many dims each is; the factors constant along the sum multiply it instead
+        outside = [leaf for leaf in leaves if not set(leaf.indices) & set(term.summed)]
+        inside = [leaf for leaf in leaves if set(leaf.indices) & set(term.summed)]
+        inner = sorted((i for i in term.aligned if any(i in leaf.indices for leaf in inside)),
+                       key=lambda i: not i.startswith(BATCH))      # the copy leads, as the batch does
+        node, coefficient = _reduce(inside[0] if len(inside) == 1 else Product(tuple(inside), tuple(inner)),
+                                    term.summed, term)
+        product = Product(tuple(outside) + (node,), tuple(i for i in term.aligned if i in used - set(term.summed)))
+        return product if coefficient == 1 else Scaled(coefficient, product)
     node = leaves[0] if len(leaves) == 1 else Product(tuple(leaves), tuple(i for i in term.aligned if i in used))
     return _finish(node, term.summed, term)
 
@@ -1046,7 +1083,8 @@ def _sum(node: Node, summed: tuple[str, ...], sizes: dict[str, sympy.Expr], mean
          expand_batch: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> Reduce:
     """`node` reduced over `summed`; a sum over the batch dims names the size of each dim it keeps
     (the plan's: a renamed index such as n_1 has n's size)."""
-    kept = tuple(sizes[i] for i in node.indices if i not in summed) if BATCH in summed else ()
+    batch = BATCH in summed or bool(node.indices) and node.indices[0].startswith(BATCH) and node.indices[0] in summed
+    kept = tuple(sizes[i] for i in node.indices if i not in summed) if batch else ()
     return Reduce(node, summed, mean, kept, expand_batch)
 
 

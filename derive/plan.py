@@ -168,6 +168,7 @@ def _factor_out(plans: list[TermPlan]) -> tuple[sympy.Expr, list[TermPlan]]:
 
 
 def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, reading, dtype_of: str) -> TermPlan:
+    term = _batch_named(term)
     integers = integer_inputs(op)
     factors = _fold_piecewise([as_windows(op, integers_as_float(canonical(f), integers, dtype_of), target)
                                for f in term.factors])
@@ -187,6 +188,19 @@ def _plan_term(op: OpSpec, term: Term, target: tuple[str, ...], order, scalars, 
                     sizes=tuple((i, sizes[i]) for i in aligned if i in sizes),
                     summed=tuple(i for i in aligned if i in summed),
                     expand_batch=batch_inputs(op) if expand else (), known=_known_sizes(op))
+
+
+def _batch_named(term: Term) -> Term:
+    """A term that sums a copy of the batch dims under another name (`..._1`, which the derivative of a max over
+    `...` binds) and reads no `...` of its own sums over `...`: the batch dims, however many, lead and are
+    reduced as the batch (sum_to_size), never laid out as one named dim."""
+    copies = [i for i in term.summed if i.name != BATCH and i.upper + 1 == size_symbol(BATCH)]
+    if len(copies) != 1 or any(i.name == BATCH for f in term.factors for i in f.atoms(sympy.Idx)):
+        return term
+    batch = sympy.Idx(BATCH, size_symbol(BATCH))
+    renaming = {copies[0]: batch}
+    return replace(term, factors=tuple(f.xreplace(renaming) for f in term.factors),
+                   summed=tuple(renaming.get(i, i) for i in term.summed))
 
 
 def _known_sizes(op: OpSpec) -> tuple[tuple[sympy.Symbol, sympy.Expr], ...]:

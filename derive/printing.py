@@ -363,7 +363,22 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         free = free_indices(expr)
         return tuple(i for i in self.layout if i in free and i not in last) + last
 
+    def _batch_reduced(self, body, bound: tuple[str, ...], batch: str) -> tuple[Code, str, tuple[str, ...], list[str]]:
+        """`body` laid out to be reduced over `bound`, which holds `batch`, the batch `...` under some name: (its
+        code, the same with the batch dims, however many, none included, flattened into one leading dim, that
+        layout, the dims of `bound` there)."""
+        others = tuple(i for i in bound if i != batch)
+        layout = (batch,) + tuple(i for i in self._own_layout(body, others) if i != batch)
+        inner = self._sub(body, layout)
+        flat = f"{inner.atom()}.unsqueeze(0).flatten(0, {-len(layout)})"
+        return inner, flat, layout, [_dim(layout.index(i), len(layout), True) for i in bound]
+
     def _reduced(self, body, bound: tuple[str, ...], method: str, keep: tuple[str, ...]) -> str:
+        batch = _batch_of(body, bound)
+        if batch and method != "torch.logsumexp":
+            inner, flat, layout, dims = self._batch_reduced(body, bound, batch)
+            text = f"{inner.atom()}.{method}()" if len(bound) == len(layout) else f"{flat}.{method}({_dims_argument(dims)})"
+            return align(Code(text, keep), self.layout).text
         layout = self._own_layout(body, bound)
         inner = self._sub(body, layout)
         text = f"{inner.atom()}.{method}" if method != "torch.logsumexp" else ""
@@ -372,7 +387,7 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         batched = BATCH in layout
         dims = [_dim(layout.index(i), len(layout), batched) for i in bound]
         if BATCH in bound:
-            raise ValueError("a reduction over the batch dims '...' inside another expression is not supported")
+            raise ValueError("a logsumexp over the batch dims '...' is not supported")
         dim = dims[0] if len(dims) == 1 else f"({', '.join(dims)})"
         result = f"torch.logsumexp({inner.text}, dim={dim})" if method == "torch.logsumexp" else f"{text}({dim})"
         return align(Code(result, keep), self.layout).text
@@ -407,13 +422,20 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
         """max(body, c, ...) -> body.amax(dim) (min: amin): autograd through it splits a tie evenly, as the
         derivative does; with tie="first", body.max(dim).values, whose autograd picks the first maximum."""
         bound = tuple(i.name for i in expr.indices)
-        layout = self._own_layout(expr.body, bound)
-        inner = self._sub(expr.body, layout)
-        dims = [_dim(layout.index(i), len(layout), BATCH in layout) for i in bound]
-        if expr.first:
-            text = f"{inner.atom()}.{'max' if expr.largest else 'min'}({dims[0]}).values"
+        batch = _batch_of(expr.body, bound)
+        if batch:     # over `...`: the batch dims flattened into one (over every dim: all of them at once)
+            inner, reduced, layout, dims = self._batch_reduced(expr.body, bound, batch)
+            if len(bound) == len(layout) and not expr.first:
+                reduced, dims = inner.atom(), []
         else:
-            text = f"{inner.atom()}.{'amax' if expr.largest else 'amin'}({dims[0] if len(dims) == 1 else python_tuple(dims)})"
+            layout = self._own_layout(expr.body, bound)
+            inner = self._sub(expr.body, layout)
+            reduced = inner.atom()
+            dims = [_dim(layout.index(i), len(layout), BATCH in layout) for i in bound]
+        if expr.first:
+            text = f"{reduced}.{'max' if expr.largest else 'min'}({dims[0]}).values"
+        else:
+            text = f"{reduced}.{'amax' if expr.largest else 'amin'}({_dims_argument(dims) if dims else ''})"
         return align(Code(text, tuple(i for i in layout if i not in bound)), self.layout).text
 
     _print_amin = _print_max_first = _print_min_first = _print_amax
@@ -427,11 +449,20 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
     def _print_is_max(self, expr):
         """1 where an expression reaches its max (min) along the indices: compared with its own max, both
         from the one printed expression, so that the values compared are the same floats."""
+        method = "amax" if expr.largest else "amin"
+        bound = tuple(i.name for i in expr.indices)
+        batch = _batch_of(expr.body, bound)
+        if batch:
+            # the extremum over the flattened batch dims, lined up with the body (the batch leads: broadcast)
+            inner, flat, layout, dims = self._batch_reduced(expr.body, bound, batch)
+            extremum = align(Code(f"{flat}.{method}({_dims_argument(dims)})", tuple(i for i in layout if i not in bound)),
+                             layout)
+            text = f"({inner.text} == {extremum.text}).to({self._like(expr)}.dtype)"
+            return align(Code(text, layout), self.layout).text
         layout = self._own_layout(expr.body)
         inner = self._sub(expr.body, layout)
-        dims = [_dim(layout.index(i.name), len(layout), BATCH in layout) for i in expr.indices]
-        method = "amax" if expr.largest else "amin"
-        text = (f"({inner.text} == {inner.atom()}.{method}({dims[0] if len(dims) == 1 else python_tuple(dims)}, "
+        dims = [_dim(layout.index(i), len(layout), BATCH in layout) for i in bound]
+        text = (f"({inner.text} == {inner.atom()}.{method}({_dims_argument(dims)}, "
                 f"keepdim=True)).to({self._like(expr)}.dtype)")
         return align(Code(text, layout), self.layout).text
 
@@ -439,10 +470,15 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     def _print_first_max(self, expr):
         """1 at the first max (min) along the index, else 0: torch.argmax picks the first, as torch.max(x, dim)."""
+        pick = "argmax" if expr.largest else "argmin"
+        if _batch_of(expr.body, (expr.index.name,)):     # in the batch dims flattened into one, then back
+            inner, flat, layout, (dim,) = self._batch_reduced(expr.body, (expr.index.name,), expr.index.name)
+            text = (f"torch.zeros_like({flat}).scatter({dim}, {flat}.{pick}({dim}, keepdim=True), 1)"
+                    f".view_as({inner.atom()})")
+            return align(Code(text, layout), self.layout).text
         layout = self._own_layout(expr.body)
         inner = self._sub(expr.body, layout)
         dim = _dim(layout.index(expr.index.name), len(layout), BATCH in layout)
-        pick = "argmax" if expr.largest else "argmin"
         text = f"torch.zeros_like({inner.text}).scatter({dim}, {inner.atom()}.{pick}({dim}, keepdim=True), 1)"
         return align(Code(text, layout), self.layout).text
 
@@ -879,14 +915,16 @@ def render(node: Node) -> Code:
             text += f".expand({'*' + shape + ', ' + ', '.join(['-1'] * len(rest)) if rest else shape})"
         if set(node.summed) == set(source.indices):
             return Code(f"{text}.{method}()", node.indices)
-        named = [i for i in node.summed if i != BATCH]
+        # (a copy of the batch dims under another name, ..._1, which a max over `...` binds, leading its source,
+        # is summed as the batch is)
+        named = [i for i in node.summed if not (i == BATCH or i.startswith(BATCH) and source.indices[0] == i)]
         if named:
             batched = BATCH in source.indices
             dims = [_dim(source.indices.index(i), len(source.indices), batched) for i in named]
             dim = dims[0] if len(dims) == 1 else f"({', '.join(dims)})"
             argument = dim if isinstance(node.source, Leaf) else f"dim={dim}"
             text += f".{method}({argument})"
-        if BATCH in node.summed:
+        if len(named) < len(node.summed):
             if node.mean:
                 raise ValueError("a mean over the batch dims '...' together with other dims is not supported")
             # sum_to_size reduces however many leading dims the batch has, none included
@@ -1395,6 +1433,18 @@ def _dim(position: int, ndim: int, batched: bool = False) -> str:
     if batched:
         return str(position - ndim)
     return "-1" if position == ndim - 1 and ndim > 1 else str(position)
+
+
+def _batch_of(body: sympy.Expr, bound: tuple[str, ...]) -> str | None:
+    """The name under which a reduction over `bound` reduces the batch dims `...` of `body` (a sum or max binds
+    it as a fresh index of the batch's size), or None."""
+    return next((i.name for i in body.atoms(sympy.Idx) if i.name in bound
+                 and (i.name == BATCH or i.upper + 1 == size_symbol(BATCH))), None)
+
+
+def _dims_argument(dims: list[str]) -> str:
+    """The dim argument of a reduction over `dims`: one dim, or a tuple of them."""
+    return dims[0] if len(dims) == 1 else python_tuple(dims)
 
 
 def python_tuple(items: list[str] | tuple[str, ...]) -> str:

@@ -1120,9 +1120,6 @@ class _EquationParser:
             if not self._is_index(arg, node.args[0]):
                 raise self.error(f"{name}(expression, index, ...) reduces over index names; {ast.unparse(arg)} is not "
                                  f"one (to compare values elementwise, write {name}(a, b) of values alone)", arg)
-        if any(isinstance(a, ast.Constant) for a in node.args[1:]):
-            raise self.error(f"{name}() over the batch dims '...' is not supported; reduce over named indices",
-                             node)
         if self.reductions == MAX_NESTED_REDUCTIONS:
             raise self.error(f"reductions are nested too deeply (sum, mean, logsumexp, softmax, max and min inside "
                              f"each other: the limit is {MAX_NESTED_REDUCTIONS})", node)
@@ -1133,11 +1130,13 @@ class _EquationParser:
             self.reductions -= 1
         indices = []
         for arg in node.args[1:]:
-            if arg.id not in free:
-                raise self.error(f"{name}() over index '{arg.id}', which its operand does not use", arg)
-            if arg.id in {i.name for i in indices}:
-                raise self.error(f"{name}() lists index '{arg.id}' twice", arg)
-            indices.append(index_symbol(arg.id, self.sizes[arg.id]))
+            index = BATCH if isinstance(arg, ast.Constant) else arg.id      # `...`: all the batch dims
+            if index not in free:
+                what = "the batch dims '...'" if index == BATCH else f"index '{index}'"
+                raise self.error(f"{name}() over {what}, which its operand does not use", arg)
+            if index in {i.name for i in indices}:
+                raise self.error(f"{name}() lists index '{index}' twice", arg)
+            indices.append(index_symbol(index, self.sizes[index]))
         extremum = EXTREMA[name]
         if first:   # the first position in the listed order: the last index innermost
             for index in reversed(indices):

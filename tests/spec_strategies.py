@@ -438,8 +438,8 @@ class Builder:
         kind = "sum" if contraction else self.draw(st.sampled_from(["sum", "mean", "logsumexp", "max", "min"]))
         if kind == "logsumexp" and summed == (BATCH,):
             kind = "sum"
-        if kind in ("max", "min") and (BATCH in summed or any(self.sizes[i] == 0 for i in summed)):
-            kind = "sum"     # a max over `...` is refused, one over nothing raises (in torch.amax too)
+        if kind in ("max", "min") and any(self.sizes[i] == 0 for i in summed):
+            kind = "sum"     # a max over nothing raises (in torch.amax too)
         wider = tuple(free) + summed
         if BATCH in summed:   # `...` leads
             wider = (BATCH, *(i for i in wider if i != BATCH))
