@@ -24,6 +24,7 @@ import functools
 import sympy
 from sympy.codegen.cfunctions import log1p
 from sympy.core.cache import cacheit
+from .naming import BATCH
 
 
 class Sum(sympy.Sum):
@@ -318,7 +319,11 @@ class logsumexp(_OverIndex):  # noqa: N801
     """log(sum(exp(body), index)): `index` is bound."""
 
     def _eval_derivative(self, symbol):
-        return Sum(softmax(self.body, self.index) * self.body.diff(symbol), (self.index, 0, self.index.upper))
+        share = softmax(self.body, self.index)
+        if self.index.name.startswith(BATCH):    # over the batch dims, however many: no softmax kernel takes them
+            other = fresh_index(self.index, _index_names(self, symbol))
+            share = sympy.exp(self.body - logsumexp(self.body.xreplace({self.index: other}), other))
+        return Sum(share * self.body.diff(symbol), (self.index, 0, self.index.upper))
 
 
 class softmax(_OverIndex):  # noqa: N801
@@ -541,7 +546,7 @@ def rewrite_log_softmax(expr: sympy.Expr, read) -> sympy.Expr:
     def fused(add):
         for lse in add.args:
             sign, core = lse.as_coeff_Mul()
-            if not (isinstance(core, logsumexp) and sign in (1, -1)):
+            if not (isinstance(core, logsumexp) and sign in (1, -1)) or core.index.name.startswith(BATCH):
                 continue
             for other in add.args:
                 other_sign, access = other.as_coeff_Mul()
@@ -873,6 +878,8 @@ def _softmax_in_product(product: sympy.Mul) -> sympy.Expr:
                     and isinstance(base.function, sympy.exp)):
                 continue
             bound = base.limits[0][0]
+            if bound.name.startswith(BATCH):     # over the batch dims: no softmax kernel, the sum as it is
+                continue
             for other_position, other in enumerate(factors):
                 if not isinstance(other, sympy.exp):
                     continue

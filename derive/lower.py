@@ -510,8 +510,10 @@ def _share_common(op_plan: OpPlan, gradients: list[LoweredExpr], owners: list[st
         accesses[symbol] = tensor_symbol(name)[chosen] if chosen else sympy.Symbol(name, real=True)
     if not values:
         return tuple(gradients), (), list(contracted)
-    values = [(name, Leaf(expr.xreplace(accesses), seed.indices))
-              for (name, seed), expr in zip(seeds, seed_exprs)] + values[len(seeds):]
+    # a seed that cse found whole elsewhere (sqrt(x) inside x**(-1/2)) reduces to a read of itself: it keeps
+    # its expression as it was read before cse
+    values = [(name, Leaf(_unless_itself(name, expr.xreplace(accesses), before), seed.indices))
+              for (name, seed), expr, before in zip(seeds, seed_exprs, exprs[len(leaves):])] + values[len(seeds):]
 
     patterns = {name: [next(j for j in value.expr.atoms(sympy.Idx) if j.name == i) for i in value.indices]
                 for name, value in values}
@@ -583,6 +585,13 @@ def _renamed_repeats(exprs: list[sympy.Expr], scalars, order) -> list[Leaf]:
         if len(group) > 1:      # named as the op names its dims where one of them is
             found.append(as_leaf(next((e for e in group if free_indices(e) <= set(order)), candidate)))
     return found
+
+
+def _unless_itself(name: str, value: sympy.Expr, before: sympy.Expr) -> sympy.Expr:
+    """`value`, the expression cse left for the shared value `name`, or `before` where that reads `name` itself."""
+    reads_itself = any(a.base.label.name == name for a in value.atoms(sympy.Indexed)) or \
+        sympy.Symbol(name, real=True) in value.free_symbols
+    return before if reads_itself else value
 
 
 def _read_seeds(expr: sympy.Expr, seeds: list[tuple[str, Leaf]], own: str | None = None) -> sympy.Expr:

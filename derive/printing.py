@@ -375,9 +375,13 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
 
     def _reduced(self, body, bound: tuple[str, ...], method: str, keep: tuple[str, ...]) -> str:
         batch = _batch_of(body, bound)
-        if batch and method != "torch.logsumexp":
+        if batch:
             inner, flat, layout, dims = self._batch_reduced(body, bound, batch)
-            text = f"{inner.atom()}.{method}()" if len(bound) == len(layout) else f"{flat}.{method}({_dims_argument(dims)})"
+            if method == "torch.logsumexp":
+                text = f"torch.logsumexp({flat}, dim={_dims_argument(dims)})"
+            else:
+                text = f"{inner.atom()}.{method}()" if len(bound) == len(layout) else \
+                    f"{flat}.{method}({_dims_argument(dims)})"
             return align(Code(text, keep), self.layout).text
         layout = self._own_layout(body, bound)
         inner = self._sub(body, layout)
@@ -386,8 +390,6 @@ class TorchCodePrinter(PositiveFirst, TorchPrinter):
             return align(Code(f"{text}()", ()), self.layout).text
         batched = BATCH in layout
         dims = [_dim(layout.index(i), len(layout), batched) for i in bound]
-        if BATCH in bound:
-            raise ValueError("a logsumexp over the batch dims '...' is not supported")
         dim = dims[0] if len(dims) == 1 else f"({', '.join(dims)})"
         result = f"torch.logsumexp({inner.text}, dim={dim})" if method == "torch.logsumexp" else f"{text}({dim})"
         return align(Code(result, keep), self.layout).text

@@ -477,7 +477,8 @@ def save_function_values(derivation: Derivation) -> Derivation:
 def _function_chains(expr: sympy.Expr, gradients: list[list[Term]], above: int):
     """The largest subexpressions of `expr` that evaluate more than `above` transcendental functions
     elementwise and that a gradient reads."""
-    if isinstance(expr, TRANSCENDENTAL) and _elementwise(expr) and \
+    # (a chain with no dims, of constants or 0-d tensors, costs a few scalar evaluations: never saved)
+    if isinstance(expr, TRANSCENDENTAL) and _elementwise(expr) and free_indices(expr) and \
             sum(isinstance(n, TRANSCENDENTAL) for n in sympy.preorder_traversal(expr)) > above:
         dims = _value_dims(expr)
         if any(_renaming(expr, dims, e) is not None for terms in gradients for t in terms for f in t.factors

@@ -1232,6 +1232,9 @@ class _EquationParser:
             if len(limits) != 1:
                 raise self.error(f"{name}() takes an expression and exactly one index", node)
             index = limits[0][0]
+            if name == "softmax" and index.name == BATCH:
+                raise self.error("softmax() over the batch dims '...' is not supported (their number varies); "
+                                 "name the index it normalizes over", node)
             if name == "softmax":
                 return functions.softmax(body, index), free | {index.name}
             return functions.logsumexp(body, index), free

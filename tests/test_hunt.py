@@ -172,3 +172,47 @@ def test_a_step_read_through_windows_is_not_saved_as_a_tensor():
             'reference = "torch.tanh(torch.nn.functional.conv1d(x.abs(), w, stride=2, dilation=2))"\n')
     on_kinks = torch.tensor([[[0.0, 1.0, -1.0, 0.0, 2.0, 0.0, -2.0, 1.0]] * 2] * 2, dtype=torch.float64)
     check_by_hand(toml, [[_random(2, 2, 8), _random(2, 2, 2, seed=1)], [on_kinks, _random(2, 2, 2, seed=2)]])
+
+
+@pytest.mark.parametrize("equation, reference", [
+    ("y[c] = log(sum(exp(x[..., c]), ...))", "torch.logsumexp(x.reshape(-1, x.shape[-1]), 0)"),
+    pytest.param("y[..., c] = exp(x[..., c]) / sum(exp(x[..., c]), ...)",
+                 "torch.exp(x) / torch.exp(x).reshape(-1, x.shape[-1]).sum(0)", marks=pytest.mark.slow)])
+def test_a_logsumexp_or_softmax_over_the_batch_dims_takes_all_of_them(equation, reference):
+    """logsumexp over `...` printed as one dim (`torch.logsumexp(x.T, dim=-1)`, its gradient
+    `torch.softmax(x, dim=-2)`) and exp / sum(exp) over `...` rewritten to that softmax: wrong with no batch dim or
+    two. The batch dims are flattened into one, and a softmax over them stays exp(a - logsumexp(a))."""
+    toml = f'[ops.fuzzed]\ninputs = ["x[..., c]"]\nequation = "{equation}"\nreference = "{reference}"\n'
+    check_by_hand(toml, [[_random(3)], [_random(2, 4, 3, seed=1)], [_random(2, 1, seed=2)]])
+
+
+def test_softmax_over_the_batch_dims_is_refused_in_one_line():
+    from derive.spec import parse_catalog
+    from derive.errors import SpecError
+    with pytest.raises(SpecError, match=r"softmax\(\) over the batch dims '\.\.\.' is not supported"):
+        parse_catalog('[ops.a]\ninputs = ["x[..., c]"]\nequation = "y[..., c] = softmax(x[..., c], ...)"\n')
+
+
+def test_a_shared_value_that_cse_finds_inside_a_power_is_still_computed():
+    """sqrt(rp[m]) recurs under other index names (so it is named before cse) and rp[m] ** (-1/2) holds it too:
+    cse took the named value whole and left its definition reading itself, `shared_1 = shared_1` in the JVP
+    (UnboundLocalError; seed 1043 of the CI campaign)."""
+    toml = ('[ops.fuzzed]\ninputs = ["t[v, m]", "g[m, n]", "p[n]", "rp[m]", "q[m]"]\n'
+            'equation = "y = sum((cos(atan2(t[g[m, n], m], exp(p[n]))) * sqrt(rp[m]) * sinh(softmax(q[m], m))), m, n)"\n'
+            'reference = "(torch.cos(torch.atan2(torch.gather(t, 0, g.T), torch.exp(p).unsqueeze(1))) * '
+            'torch.sqrt(rp).unsqueeze(0) * torch.sinh(torch.softmax(q, dim=0)).unsqueeze(0)).sum()"\n'
+            'integer = ["g"]\nranges = { rp = [0.5, 2.0] }\n')
+    index = torch.tensor([[0, 2], [1, 1], [2, 0]])
+    check_by_hand(toml, [[_random(3, 3), index, _random(2, seed=1), _random(3, seed=2).abs() + 0.5,
+                          _random(3, seed=3)]])
+
+
+def test_a_chain_of_functions_of_constants_is_not_saved():
+    """exp(sqrt(exp(pi))) inside an op: the fused style saved every chain of more than one function that a
+    gradient reads again, this one too, as a tensor with no dims (an internal error, 'Indexed needs at least one
+    index'; seed 43 of the CI campaign). A chain without dims costs a few scalar evaluations: it is never saved."""
+    toml = ('[ops.fuzzed]\ninputs = ["x[n, k]", "z[n]"]\n'
+            'equation = "y[n] = sinh(z[n]) * asinh(atan2(logsumexp(x[n, k], k), exp(sqrt(exp(pi)))))"\n'
+            'reference = "torch.sinh(z) * torch.asinh(torch.atan2(torch.logsumexp(x, 1), '
+            'torch.exp(torch.sqrt(torch.exp(torch.tensor(torch.pi, dtype=torch.float64))))))"\n')
+    check_by_hand(toml, [[_random(4, 2), _random(4, seed=2)], [_random(1, 3, seed=1), _random(1, seed=3)]])
