@@ -335,18 +335,7 @@ def save_reduced_values(forward: list[Term], gradients: list[list[Term]]) -> Sav
                 found.append((value, _value_dims(value)))
     if not found:
         return None
-    values, reads = [], []
-    for k, (value, dims) in enumerate(found):
-        stem = naming.SAVED_PREFIX + type(value).__name__.lower()
-        name = stem if [type(v) for v, _ in found].count(type(value)) == 1 else f"{stem}_{k}"
-        values.append(SavedValue(name, value, tuple(i.name for i in dims)))
-        reads.append((value, dims, tensor_symbol(name)))
-
-    def read(expr: sympy.Expr) -> sympy.Expr:
-        for value, dims, saved in reads:
-            expr = expr.replace(lambda e: _renaming(value, dims, e) is not None,
-                                lambda e: saved[_renaming(value, dims, e)])
-        return expr
+    values, read = _saved_reads(found)
 
     def reading(terms: list[Term]) -> list[Term]:
         return [replace(t, factors=tuple(read(f) for f in t.factors)) for t in terms]
@@ -425,6 +414,25 @@ TRANSCENDENTAL = (sympy.exp, sympy.log, sympy.erf, sympy.functions.elementary.hy
 FUSED_SAVE_ABOVE_FUNCTIONS = 1
 
 
+def _saved_reads(found: list[tuple[sympy.Expr, tuple[sympy.Idx, ...]]], taken: set[str] = frozenset()):
+    """The SavedValues of `found` (value, its dims), each named for the function it applies (`saved_tanh`;
+    `saved_tanh_<k>` where several apply it or the name is `taken`), and `read`: an expression with every
+    occurrence of one of them, under any names of its indices, read from its saved name."""
+    values, reads = [], []
+    for k, (value, dims) in enumerate(found):
+        stem = naming.SAVED_PREFIX + type(value).__name__.lower()
+        name = stem if [type(v) for v, _ in found].count(type(value)) == 1 and stem not in taken else f"{stem}_{k}"
+        values.append(SavedValue(name, value, tuple(i.name for i in dims)))
+        reads.append((value, dims, tensor_symbol(name)))
+
+    def read(expr: sympy.Expr) -> sympy.Expr:
+        for value, dims, saved in reads:
+            expr = expr.replace(lambda e: _renaming(value, dims, e) is not None,
+                                lambda e: saved[_renaming(value, dims, e)])
+        return expr
+    return values, read
+
+
 def save_function_values(derivation: Derivation) -> Derivation:
     """The fused style's derivation: each forward value that a gradient reads again and whose recompute
     evaluates a chain of more than FUSED_SAVE_ABOVE_FUNCTIONS transcendental functions of the inputs,
@@ -449,19 +457,7 @@ def save_function_values(derivation: Derivation) -> Derivation:
                 found.append((value, _chain_dims(value)))
     if not found:
         return derivation
-    taken = {v.name for v in derivation.saved}
-    values, reads = [], []
-    for k, (value, dims) in enumerate(found):
-        stem = naming.SAVED_PREFIX + type(value).__name__.lower()
-        name = stem if [type(v) for v, _ in found].count(type(value)) == 1 and stem not in taken else f"{stem}_{k}"
-        values.append(SavedValue(name, value, tuple(i.name for i in dims)))
-        reads.append((value, dims, tensor_symbol(name)))
-
-    def read(expr: sympy.Expr) -> sympy.Expr:
-        for value, dims, saved in reads:
-            expr = expr.replace(lambda e: _renaming(value, dims, e) is not None,
-                                lambda e: saved[_renaming(value, dims, e)])
-        return expr
+    values, read = _saved_reads(found, {v.name for v in derivation.saved})
 
     def reading(terms) -> tuple[Term, ...]:
         return tuple(replace(t, factors=tuple(read(f) for f in t.factors)) for t in terms)
