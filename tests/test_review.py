@@ -1,0 +1,32 @@
+"""Regressions a review of today's features (masks with inf, joint convolution backward, gathers, max over
+`...`, normalizations) found, each on the smallest spec that shows it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import derive
+from derive.testing import check_gradients, sizes_for
+
+
+def test_a_reference_may_read_the_values_of_torch_max():
+    """README writes tie="first" as `torch.max(x, 1).values`; a reference spelled so was refused ("attribute
+    'values' is not allowed"), so a user had to write `torch.max(x, 1)[0]`."""
+    op = derive.op("y[n] = max(x[n, c], c, tie='first')", inputs=["x[n, c]"],
+                   reference="torch.max(x, 1).values", name="first_max")
+    x = torch.tensor([[1.0, 3.0, 3.0], [2.0, 2.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    op(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64))
+    check_gradients(op._built.op, op.module)
+
+
+@pytest.mark.xfail(strict=True, reason="verify_op's equal-size check (sizes_for(op) all 3) ignores the reach of an "
+                   "affine read when another input sets the window count: x[n, c, t + k] with b[o, t] gets l = t = k = "
+                   "3, and the forward's shape contract refuses it (would read past the end of dim l), so a correct "
+                   "op fails verify_op")
+def test_equal_sizes_respect_an_affine_read_whose_window_count_an_input_sets():
+    op = derive.op("y[n, o, t] = sum(x[n, c, t + k] * w[o, c, k], c, k) + b[o, t]",
+                   inputs=["x[n, c, l]", "w[o, c, k]", "b[o, t]"],
+                   reference="torch.nn.functional.conv1d(x, w) + b", name="conv_bias_nt")
+    check_gradients(op._built.op, op.module, sizes=dict.fromkeys(sizes_for(op._built.op), 3))
