@@ -30,3 +30,20 @@ def test_equal_sizes_respect_an_affine_read_whose_window_count_an_input_sets():
                    inputs=["x[n, c, l]", "w[o, c, k]", "b[o, t]"],
                    reference="torch.nn.functional.conv1d(x, w) + b", name="conv_bias_nt")
     check_gradients(op._built.op, op.module, sizes=dict.fromkeys(sizes_for(op._built.op), 3))
+
+
+def test_a_row_masked_whole_with_minus_inf_has_a_zero_gradient():
+    """logsumexp(where(x > 0, 2 x, -inf), c) over a row with no x > 0 is -inf, its softmax NaN; the masked
+    entries' gradient is 0 (as through masked_fill). The step where(x > 0, g, 0) was fused into
+    leaky_relu_backward(g, x, 0), whose 0 * NaN is NaN: the whole row's gradient was NaN."""
+    op = derive.op("y[n] = logsumexp(where(x[n, c] > 0, 2 * x[n, c], -inf), c)", inputs=["x[n, c]"],
+                   reference="torch.logsumexp((2 * x).masked_fill(x <= 0, -torch.inf), 1)", name="masked_lse")
+    x = torch.tensor([[0.0, -1.0, 0.0], [0.5, 0.0, -2.0]], dtype=torch.float64)
+    leaf = x.clone().requires_grad_()
+    got, = torch.autograd.grad(op(leaf).sum(), leaf)
+    leaf = x.clone().requires_grad_()
+    want, = torch.autograd.grad(torch.logsumexp((2 * leaf).masked_fill(leaf <= 0, -torch.inf), 1).sum(), leaf)
+    torch.testing.assert_close(got, want)
+    # forward mode: the same share, 0 on the masked row (torch's own forward mode gives NaN there: 0 * NaN)
+    tangent = torch.ones_like(x)
+    torch.testing.assert_close(op.jvp(x, tangent), (want * tangent).sum(1))
