@@ -47,3 +47,25 @@ def test_a_row_masked_whole_with_minus_inf_has_a_zero_gradient():
     # forward mode: the same share, 0 on the masked row (torch's own forward mode gives NaN there: 0 * NaN)
     tangent = torch.ones_like(x)
     torch.testing.assert_close(op.jvp(x, tangent), (want * tangent).sum(1))
+
+
+def _random(*shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("equation, reference", [
+    ("y[c] = mean(x[..., c], ...)", "x.reshape(-1, x.shape[-1]).mean(0)"),
+    pytest.param("y[c] = mean(x[..., c, k] * w[k], ..., k)", "(x * w).mean(-1).reshape(-1, x.shape[-2]).mean(0)",
+                 marks=pytest.mark.slow),
+])
+def test_a_mean_over_the_batch_dims_alone_keeps_the_named_dims(equation, reference):
+    """README: mean(expr, i, ...) over `...` too. A mean over the batch dims of a value with named dims kept
+    (a batch norm over all dims but the channel, x[..., c]) was refused: "a mean over the batch dims '...'
+    together with other dims is not supported". Batch dims: none, one, two (equal sizes)."""
+    from test_differential import check_by_hand
+    inputs = '"x[..., c]"' if "k" not in equation else '"x[..., c, k]", "w[k]"'
+    toml = f'[ops.fuzzed]\ninputs = [{inputs}]\nequation = "{equation}"\nreference = "{reference}"\n'
+    tail = [] if "k" not in equation else [_random(2, seed=9)]
+    shapes = [(3, 3), (2, 3, 3)] if "k" not in equation else [(3, 2), (2, 3, 2)]
+    check_by_hand(toml, [[_random(*shapes[0][-1:] if "k" not in equation else shapes[0]), *tail],
+                         [_random(*shapes[0], seed=1), *tail], [_random(*shapes[1], seed=2), *tail]])
