@@ -308,9 +308,11 @@ def _threshold(value, condition, otherwise):
 
 
 def _leaky_relu(value, condition, otherwise):
-    """where(x > 0, g, s * g) -> leaky_relu_backward(g, x, s), for a slope s that is not a tensor."""
+    """where(x > 0, g, s * g) -> leaky_relu_backward(g, x, s), for a slope s that is not a tensor and not 0:
+    where(x > 0, g, 0) is 0 where x <= 0 even where g is inf or NaN (a row of a softmax masked whole with
+    -inf), where leaky_relu_backward's 0 * g is NaN."""
     if isinstance(condition, sympy.StrictGreaterThan) and condition.rhs == 0 and value.atoms(sympy.Indexed) \
-            and value != condition.lhs:
+            and value != condition.lhs and otherwise != 0:
         slope = sympy.cancel(otherwise / value)
         if not slope.atoms(sympy.Indexed):
             return leaky_relu_backward(value, condition.lhs, slope)

@@ -928,7 +928,12 @@ def render(node: Node) -> Code:
             text += f".{method}({argument})"
         if len(named) < len(node.summed):
             if node.mean:
-                raise ValueError("a mean over the batch dims '...' together with other dims is not supported")
+                kept = [i for i in source.indices if i not in named]
+                if not kept[0].startswith(BATCH) or len(named) + 1 < len(node.summed):
+                    raise ValueError("a mean over the batch dims '...' of a value whose layout does not lead with "
+                                     "them is not supported")
+                # the batch dims, however many (none included), flattened into one leading dim and averaged
+                return Code(f"{text}.unsqueeze(0).flatten(0, {-len(kept)}).mean(0)", node.indices)
             # sum_to_size reduces however many leading dims the batch has, none included
             text += f".sum_to_size({python_tuple([ScalarPrinter().doprint(size) for size in node.sizes])})"
         return Code(text, node.indices)

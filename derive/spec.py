@@ -1263,8 +1263,8 @@ REFERENCE_NAMESPACES = ("torch", "torch.nn.functional", "torch.special", "torch.
 # torch values (not functions) a reference may name.
 REFERENCE_VALUES = {f"torch.{name}" for name in ("pi", "e", "inf", "nan", "float16", "bfloat16", "float32", "float64",
                                                  "half", "float", "double", "int32", "int64", "int", "long", "bool")}
-# Tensor attributes that are values rather than methods.
-TENSOR_PROPERTIES = {"T", "mT", "H", "mH", "shape", "ndim", "dtype"}
+# Tensor attributes that are values rather than methods, and the fields of what torch.max(x, 1) returns.
+TENSOR_PROPERTIES = {"T", "mT", "H", "mH", "shape", "ndim", "dtype", "values", "indices"}
 # Functions and methods that touch files, processes or global state, or lead from a tensor to another kind of
 # object (a numpy array, a storage, a module): never allowed. So are classes (capitalized), in-place methods
 # (trailing '_') and the prefixes below.
