@@ -610,11 +610,13 @@ class NativePool:
     size: int                    # the window's size (k's, from `sizes`)
     stride: int
     padding: int                 # before and after alike: the window starts at s*t - padding
+    batched: bool = False        # x has batch dims `...`, however many: none too (a leading dim of 1 is added)
     comment = "the window maxima and their first positions in one native kernel, each row of x a batch entry"
 
     def call(self, text: Callable[[sympy.Expr], str]) -> str:
         # (rows as the batch: torch's kernel refuses an empty channel dim, and takes 2 or 3 dims only)
-        return (f"torch.max_pool1d_with_indices({self.x}.flatten(0, -2).unsqueeze(1), {self.size}, {self.stride}"
+        rows = f"{self.x}{'.unsqueeze(0)' if self.batched else ''}.flatten(0, -2).unsqueeze(1)"
+        return (f"torch.max_pool1d_with_indices({rows}, {self.size}, {self.stride}"
                 + (f", {self.padding}" if self.padding else "") + ")")
 
     @property
@@ -653,7 +655,7 @@ def _native_pool(op, forward: list[Term], saving: Saving) -> NativePool | None:
             before != after or before != -start or padded or 2 * before > size or \
             value.expr.start != stride * t + start:
         return None
-    return NativePool(x, op.output, size, int(stride), int(before))
+    return NativePool(x, op.output, size, int(stride), int(before), BATCH in declared.indices)
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,9 @@ reference = "torch.nn.functional.group_norm(x.flatten(1, 2), x.shape[1], w.flatt
 NATIVE_FORWARD = {"channel_norm": "torch.native_batch_norm(x, w, b, None, None, True, 0.0, eps)",
                   "feature_norm": "torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)",
                   "plane_norm": "torch.native_layer_norm(x, x.shape[-2:], w, None, eps)",
-                  "group_norm": None}
+                  # group norm: x seen as (N, G*C, L), the weight over g * c channels (tests/test_norm_native.py)
+                  "group_norm": "torch.native_group_norm(x.flatten(1, 2), w.flatten(), b.flatten(), x.shape[0], "
+                                "x.shape[1] * x.shape[2], x.shape[3], x.shape[1], eps)"}
 
 
 @pytest.mark.slow      # 3-12 s each; by default the catalog's layer_norm runs its native forward in test_catalog
