@@ -348,10 +348,10 @@ def save_reduced_values(forward: list[Term], gradients: list[list[Term]]) -> Sav
     return Saving(tuple(values), read_forward, [reading(terms) for terms in gradients])
 
 
-def _reduced_values(expr: sympy.Expr, gradients: list[list[Term]]):
-    """The largest subexpressions of `expr` that apply a function to a costly reduction and that a gradient reads."""
-    if isinstance(expr, sympy.Function) and not isinstance(expr, (sympy.Sum, _Extremum)) and _costly(expr) \
-            and not _sums_the_batch(expr):
+def _largest_read(expr: sympy.Expr, gradients: list[list[Term]], wanted):
+    """The largest subexpressions of `expr` for which `wanted` holds and that a gradient reads, under any names
+    of their indices."""
+    if wanted(expr):
         dims = _value_dims(expr)
         if any(_renaming(expr, dims, e) is not None for terms in gradients for t in terms for f in t.factors
                for e in sympy.preorder_traversal(f) if isinstance(e, sympy.Basic) and e.func == expr.func):
@@ -359,7 +359,13 @@ def _reduced_values(expr: sympy.Expr, gradients: list[list[Term]]):
             return
     for arg in expr.args:
         if isinstance(arg, sympy.Expr) and not isinstance(arg, sympy.Indexed):
-            yield from _reduced_values(arg, gradients)
+            yield from _largest_read(arg, gradients, wanted)
+
+
+def _reduced_values(expr: sympy.Expr, gradients: list[list[Term]]):
+    """The largest subexpressions of `expr` that apply a function to a costly reduction and that a gradient reads."""
+    return _largest_read(expr, gradients, lambda e: isinstance(e, sympy.Function) and not isinstance(
+        e, (sympy.Sum, _Extremum)) and _costly(e) and not _sums_the_batch(e))
 
 
 def _costly(expr: sympy.Expr) -> bool:
@@ -474,16 +480,8 @@ def _function_chains(expr: sympy.Expr, gradients: list[list[Term]], above: int):
     """The largest subexpressions of `expr` that evaluate more than `above` transcendental functions
     elementwise and that a gradient reads."""
     # (a chain with no dims, of constants or 0-d tensors, costs a few scalar evaluations: never saved)
-    if isinstance(expr, TRANSCENDENTAL) and _elementwise(expr) and free_indices(expr) and \
-            sum(isinstance(n, TRANSCENDENTAL) for n in sympy.preorder_traversal(expr)) > above:
-        dims = _value_dims(expr)
-        if any(_renaming(expr, dims, e) is not None for terms in gradients for t in terms for f in t.factors
-               for e in sympy.preorder_traversal(f) if isinstance(e, sympy.Basic) and e.func == expr.func):
-            yield expr
-            return
-    for arg in expr.args:
-        if isinstance(arg, sympy.Expr) and not isinstance(arg, sympy.Indexed):
-            yield from _function_chains(arg, gradients, above)
+    return _largest_read(expr, gradients, lambda e: isinstance(e, TRANSCENDENTAL) and _elementwise(e) and free_indices(
+        e) and sum(isinstance(n, TRANSCENDENTAL) for n in sympy.preorder_traversal(e)) > above)
 
 
 def _chain_dims(value: sympy.Expr) -> tuple[sympy.Idx, ...]:
